@@ -1,0 +1,104 @@
+"""Who may send to whom on a receiving host: local recipients only, never an open relay.
+
+An unauthenticated client (the `smtp` listener, MX traffic) may only hand us mail
+for our own domains and for addresses that exist there. Every answer is a
+`Reply` value; the server layer only writes it.
+
+The address tricks that made old MTAs open relays are refused outright rather
+than interpreted (RFC 5321 3.6.1 lets a host refuse source routes; RFC 5321
+2.3.11 leaves the local part to the receiving host, which may refuse
+"interesting" ones):
+
+- `user%other.example@local`   the "percent hack" (pre-RFC 1123 relaying)
+- `other!user@local`           UUCP bang paths
+- `"user@other.example"@local` a quoted local part that hides an address
+- `@local:user@other.example`  source routes (the core strips the route; what is
+                               left is then judged on its own domain)
+Trailing dots and letter case in the domain are normalised before the check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from postroom.protocol.replies import Reply
+
+# Characters that, in a local part, ask a host to route the mail onwards.
+ROUTING_CHARACTERS = frozenset("%!@")
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientDecision:
+    """The outcome of one RCPT: the reply, and the local mailboxes it reaches."""
+
+    reply: Reply
+    mailboxes: tuple[str, ...] = ()
+
+    @property
+    def accepted(self) -> bool:
+        return self.reply.is_positive
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """Split at the last "@" (a quoted local part may hold one); no "@" -> ("x", "")."""
+    local, sep, domain = address.rpartition("@")
+    if not sep:
+        return address, ""
+    return local, domain
+
+
+def normalise_domain(domain: str) -> str:
+    """Lower-case, one trailing root dot removed (`Corp.Example.` == `corp.example`)."""
+    domain = domain.strip().lower()
+    if domain.endswith(".") and not domain.endswith(".."):
+        domain = domain[:-1]
+    return domain
+
+
+class RecipientPolicy:
+    """RCPT checks for mail arriving from the outside world (no AUTH).
+
+    `is_local_domain(domain)` answers for the config's and the directory's domains;
+    `resolve(address)` maps a local address to its mailboxes (aliases and
+    subaddresses followed) or None when no such user or alias exists.
+    """
+
+    def __init__(
+        self,
+        is_local_domain: Callable[[str], bool],
+        resolve: Callable[[str], list[str] | None],
+        primary_domain: str = "localhost",
+    ) -> None:
+        self._is_local_domain = is_local_domain
+        self._resolve = resolve
+        self._primary_domain = primary_domain
+
+    def check_recipient(self, address: str) -> RecipientDecision:
+        if not address:
+            # RCPT TO:<> is a syntax error the core catches; keep a defence here.
+            return RecipientDecision(Reply(501, "5.1.3", "Empty recipient address"))
+        if address.lower() == "postmaster":
+            # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted.
+            address = "postmaster@" + self._primary_domain
+        local, domain = split_address(address)
+        domain = normalise_domain(domain)
+        shown = f"<{address}>"
+        if not domain or not self._is_local_domain(domain):
+            return RecipientDecision(relay_denied(shown))
+        if local.startswith('"') or any(ch in ROUTING_CHARACTERS for ch in local):
+            # The address names our domain but asks us to route it further.
+            return RecipientDecision(relay_denied(shown))
+        if not local:
+            return RecipientDecision(Reply(501, "5.1.3", f"{shown}: empty local part"))
+        mailboxes = self._resolve(f"{local}@{domain}")
+        if not mailboxes:
+            return RecipientDecision(
+                Reply(550, "5.1.1", f"{shown}: Recipient address rejected: no such user here")
+            )
+        return RecipientDecision(Reply(250, "2.1.5", "Ok"), tuple(mailboxes))
+
+
+def relay_denied(shown: str) -> Reply:
+    """RFC 5321 3.6.2: a host that does not relay says so with 550/554 and 5.7.1."""
+    return Reply(554, "5.7.1", f"{shown}: Relay access denied")

@@ -1,0 +1,208 @@
+"""`postroom serve`: builds the service graph from a Config, binds listeners, runs until SIGTERM.
+
+Start-up problems a person can fix (a port already in use, an unreadable
+certificate) become one-line `ConfigError`s naming the config key; the CLI
+prints them without a traceback. SIGTERM and SIGINT stop accepting new
+connections, let transactions in progress finish (up to a grace period), tell
+idle clients 421 and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from postroom.config import Config, ConfigError
+from postroom.policy.relay import RecipientPolicy
+from postroom.protocol.smtp_server import SMTPServerConfig
+from postroom.server.limits import ConnectionLimiter
+from postroom.server.smtp import SMTPService, SMTPSession
+from postroom.store.maildir import MailStore
+from postroom.store.users import open_directory
+from postroom.tlscert import ensure_certificate, server_context
+
+log = logging.getLogger("postroom.master")
+
+# The kernel's accept queue: smtp-source style bursts open many sessions at once,
+# and a short queue turns them into SYN retransmits (seconds of delay each).
+LISTEN_BACKLOG = 1024
+
+# How long SIGTERM waits for transactions in progress before closing them.
+DRAIN_GRACE_SECONDS = 30.0
+
+# Listeners this version serves. The config may name the others (they are part
+# of the config's contract); they are reported at start and left unbound.
+SERVED_LISTENERS = ("smtp",)
+
+
+def setup_logging() -> None:
+    """One line per event on standard error, Postfix-like: time, program, text."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(name)s[%(process)d]: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger("postroom")
+    root.handlers[:] = [handler]
+    root.setLevel(os.environ.get("POSTROOM_LOG_LEVEL", "INFO").upper())
+    root.propagate = False
+
+
+def install_event_loop_policy() -> str:
+    """uvloop when installed: the same asyncio API on libuv, noticeably faster."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def build_smtp_service(config: Config, tls_context: ssl.SSLContext | None) -> SMTPService:
+    directory = open_directory(config.users_db)
+    config_domains = {d.lower() for d in config.domains}
+
+    def is_local_domain(domain: str) -> bool:
+        return domain in config_domains or directory.has_domain(domain)
+
+    smtp = config.smtp
+    primary = config.domains[0] if config.domains else config.hostname
+    policy = RecipientPolicy(is_local_domain, directory.resolve, primary_domain=primary)
+    core_config = SMTPServerConfig(
+        hostname=config.hostname,
+        max_message_size=smtp.max_message_size,
+        max_recipients=smtp.max_recipients,
+        max_errors=smtp.max_errors,
+        bare_newline=smtp.bare_newline,
+        starttls=tls_context is not None,
+    )
+    return SMTPService(
+        name="smtp",
+        hostname=config.hostname,
+        core_config=core_config,
+        policy=policy,
+        store=MailStore(config.mail_dir),
+        limiter=ConnectionLimiter(smtp.max_connections, smtp.max_connections_per_client),
+        tls_context=tls_context,
+        command_timeout=smtp.command_timeout,
+        data_timeout=smtp.data_timeout,
+        max_received=smtp.max_received_headers,
+    )
+
+
+def bind(host: str, port: int, key: str, config: Config) -> socket.socket:
+    """A listening socket, or a ConfigError that names the key (port in use, bad address)."""
+    where = str(config.config_path) if config.config_path else "(built-in defaults)"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{where}: listen.{key}: cannot resolve {host!r}: {exc}") from exc
+    family, kind, proto, _name, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            reason = "address already in use (is another server running?)"
+        elif exc.errno == errno.EACCES:
+            reason = "permission denied (ports below 1024 need root)"
+        else:
+            reason = exc.strerror or str(exc)
+        raise ConfigError(f"{where}: listen.{key}: cannot listen on {host}:{port}: {reason}") \
+            from exc
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(config: Config) -> int:
+    tls_context: ssl.SSLContext | None = None
+    cert, key = config.tls.cert, config.tls.key
+    if ensure_certificate(cert, key, config.hostname):
+        log.info("made a self-signed certificate for %s in %s", config.hostname, cert)
+    try:
+        tls_context = server_context(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        where = str(config.config_path) if config.config_path else "(built-in defaults)"
+        raise ConfigError(f"{where}: tls.cert: cannot load {cert} / {key}: {exc}") from exc
+
+    listen = config.listen_endpoints()
+    sockets: list[tuple[str, socket.socket]] = []
+    try:
+        for key_name, endpoint in listen.items():
+            if key_name not in SERVED_LISTENERS:
+                log.warning("listen.%s (%s:%d) is configured but not served by this version",
+                            key_name, endpoint.host, endpoint.port)
+                continue
+            sockets.append((key_name, bind(endpoint.host, endpoint.port, key_name, config)))
+    except ConfigError:
+        for _name, sock in sockets:
+            sock.close()
+        raise
+
+    smtp_service = build_smtp_service(config, tls_context)
+    servers: list[asyncio.base_events.Server] = []
+    for key_name, sock in sockets:
+        if key_name == "smtp":
+            handler = _session_factory(smtp_service)
+            servers.append(await asyncio.start_server(handler, sock=sock,
+                                                      limit=1024 * 1024))
+        log.info("listening for %s on %s:%d", key_name, *sock.getsockname()[:2])
+    if not servers:
+        log.error("no listener to serve: set listen.smtp in the config")
+        return 1
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("postroom ready: hostname=%s, data=%s", config.hostname, config.data_dir)
+    await stop.wait()
+
+    log.info("stopping: no new connections; waiting for transactions in progress")
+    for server in servers:
+        server.close()
+    await drain(smtp_service)
+    for server in servers:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 5)
+    log.info("stopped")
+    return 0
+
+
+def _session_factory(service: SMTPService) -> Callable[..., Any]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await SMTPSession(service, reader, writer).run()
+
+    return handle
+
+
+async def drain(service: SMTPService, grace: float = DRAIN_GRACE_SECONDS) -> None:
+    """Let transactions finish, then say 421 to whoever is left and close them."""
+    service.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while any(s.busy for s in service.sessions) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    for session in list(service.sessions):
+        session.close_for_shutdown()
+    while service.sessions and loop.time() < deadline + 5:
+        await asyncio.sleep(0.05)
+
+
+def run(config: Config) -> int:
+    """Entry point of `postroom serve`."""
+    setup_logging()
+    flavour = install_event_loop_policy()
+    log.info("starting postroom (event loop: %s)", flavour)
+    return asyncio.run(serve(config))

@@ -1,0 +1,391 @@
+"""One SMTP connection: moves bytes between a socket and the sans-IO core, asks policy, stores mail.
+
+The core (`postroom.protocol.smtp_server`) decides what the client said and
+what the protocol requires; this module supplies what the core cannot know:
+the clock (timeouts), TLS, who the recipients are, and where the message goes.
+A message is on disk, fsynced, in every recipient's Maildir before the 250
+reply that acknowledges it (RFC 5321 6.1: once we say 250 we are responsible).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from postroom.ids import new_queue_id
+from postroom.policy.relay import RecipientPolicy
+from postroom.protocol import smtp_server as core
+from postroom.protocol.replies import Reply
+from postroom.server.limits import ConnectionLimiter
+from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
+from postroom.store.maildir import MailStore
+
+log = logging.getLogger("postroom.smtpd")
+
+READ_SIZE = 256 * 1024
+
+
+@dataclass
+class SMTPService:
+    """What every session of one listener shares."""
+
+    name: str  # listener name from the config, for logs: "smtp"
+    hostname: str
+    core_config: core.SMTPServerConfig
+    policy: RecipientPolicy
+    store: MailStore
+    limiter: ConnectionLimiter
+    tls_context: ssl.SSLContext | None
+    command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
+    data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes after end of data...
+    max_received: int = DEFAULT_MAX_RECEIVED
+    sessions: set[SMTPSession] = field(default_factory=set)
+    draining: bool = False
+
+
+@dataclass
+class Transaction:
+    """The envelope and spool of the message being received (RFC 5321 3.3)."""
+
+    queue_id: str
+    sender: str
+    started: float
+    size_declared: int | None = None
+    smtputf8: bool = False
+    body: str | None = None
+    ret: str | None = None
+    envid: str | None = None
+    recipients: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    writer: Any = None  # store.maildir.MessageWriter while DATA is in progress
+    hops: HopCounter | None = None
+
+    def mailboxes(self) -> list[str]:
+        """Each local mailbox once, however many recipients (aliases) lead to it."""
+        seen: dict[str, None] = {}
+        for _rcpt, boxes in self.recipients:
+            for box in boxes:
+                seen.setdefault(box, None)
+        return list(seen)
+
+
+class SMTPSession:
+    """Drives one connection from the banner to the close."""
+
+    def __init__(
+        self,
+        service: SMTPService,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.service = service
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername") or ("unknown", 0)
+        self.client_ip: str = str(peer[0])
+        self.client_port: int = int(peer[1]) if len(peer) > 1 else 0
+        self.conn = core.SMTPServer(service.core_config)
+        self.helo = ""
+        self.esmtp = False
+        self.tls: tuple[str, str] | None = self._tls_info()
+        self.txn: Transaction | None = None
+        self.in_data = False
+        self.busy = False  # inside a transaction: SIGTERM waits for it to end
+
+    def _tls_info(self) -> tuple[str, str] | None:
+        obj = self.writer.get_extra_info("ssl_object")
+        if obj is None:
+            return None
+        cipher = obj.cipher()
+        return (str(obj.version()), str(cipher[0]) if cipher else "unknown")
+
+    # -- the loop ---------------------------------------------------------
+
+    async def run(self) -> None:
+        svc = self.service
+        client = f"[{self.client_ip}]:{self.client_port}"
+        if not svc.limiter.acquire(self.client_ip):
+            log.warning("%s: connection refused from %s: too many connections", svc.name, client)
+            self.conn.send(Reply(421, "4.7.0", f"{svc.hostname} Too many connections, try later",
+                                 close=True))
+            await self._flush()
+            self._close()
+            return
+        svc.sessions.add(self)
+        log.info("%s: connect from %s", svc.name, client)
+        try:
+            if svc.draining:
+                self.conn.shutdown(f"{svc.hostname} Service shutting down")
+            else:
+                self.conn.send(Reply(220, None, f"{svc.hostname} ESMTP postroom"))
+            await self._loop()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+            log.info("%s: lost connection from %s: %s", svc.name, client, exc)
+        finally:
+            self._abort_transaction("connection closed")
+            svc.sessions.discard(self)
+            svc.limiter.release(self.client_ip)
+            self._close()
+            log.info("%s: disconnect from %s", svc.name, client)
+
+    async def _loop(self) -> None:
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is core.NEED_DATA:
+                if not await self._flush() or conn.closing:
+                    return
+                if not await self._read():
+                    return
+                continue
+            if event is core.PAUSED:  # pragma: no cover - we answer every event
+                raise RuntimeError("SMTP core paused with no pending reply")
+            await self._handle(event)
+            if conn.closing:
+                await self._flush()
+                return
+
+    async def _read(self) -> bool:
+        """Feed the core; False when the connection must end (timeout, EOF handled by core)."""
+        timeout = self.service.data_timeout if self.in_data else self.service.command_timeout
+        try:
+            data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
+        except TimeoutError:
+            log.info("%s: timeout after %s from [%s]", self.service.name,
+                     self.conn.state, self.client_ip)
+            self.conn.timeout()
+            await self._flush()
+            return False
+        self.conn.receive_data(data)
+        return True
+
+    async def _flush(self) -> bool:
+        out = self.conn.data_to_send()
+        if not out:
+            return True
+        try:
+            self.writer.write(out)
+            await self.writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            return False
+        return True
+
+    def _close(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.close()
+
+    # -- events -------------------------------------------------------------
+
+    async def _handle(self, event: object) -> None:
+        conn = self.conn
+        if isinstance(event, core.MessageData):
+            self._write(event.data)
+        elif isinstance(event, core.Hello):
+            self.helo = event.domain
+            self.esmtp = event.command == "EHLO"
+            self._abort_transaction("new greeting")
+            conn.send(Reply(250, None, f"{self.service.hostname} Hello {event.domain}"
+                                       f" [{self.client_ip}]"))
+        elif isinstance(event, core.MailFrom):
+            self._mail_from(event)
+        elif isinstance(event, core.RcptTo):
+            self._rcpt_to(event)
+        elif isinstance(event, core.DataStart):
+            self._data_start(event)
+        elif isinstance(event, core.MessageEnd):
+            await self._message_end()
+        elif isinstance(event, core.MessageAborted):
+            self._abort_transaction(f"refused: {event.reply}")
+        elif isinstance(event, core.StartTLS):
+            await self._starttls()
+        elif isinstance(event, core.AuthStart | core.AuthResponse):
+            # The MX listener offers no AUTH; the core only emits these when a
+            # listener configures mechanisms, which this service never does.
+            conn.send(Reply(504, "5.5.4", "Authentication not available here"))
+        elif isinstance(event, core.Reset):
+            self._abort_transaction("reset")
+        elif isinstance(event, core.Quit | core.ConnectionClosed):
+            self._abort_transaction("client left")
+
+    def _mail_from(self, event: core.MailFrom) -> None:
+        svc = self.service
+        if svc.draining:
+            self.conn.send(Reply(421, "4.3.2", f"{svc.hostname} Service shutting down",
+                                 close=True))
+            return
+        self._abort_transaction("new transaction")
+        txn = Transaction(
+            queue_id=new_queue_id(),
+            sender=event.address,
+            started=time.time(),
+            size_declared=event.size,
+            smtputf8=event.smtputf8,
+            body=event.body,
+            ret=event.ret,
+            envid=event.envid,
+        )
+        self.txn = txn
+        self.busy = True
+        log.info("%s: %s: client=[%s], helo=%s, from=<%s>%s", svc.name, txn.queue_id,
+                 self.client_ip, self.helo, txn.sender,
+                 f", size={txn.size_declared}" if txn.size_declared is not None else "")
+        self.conn.send(Reply(250, "2.1.0", "Sender ok"))
+
+    def _rcpt_to(self, event: core.RcptTo) -> None:
+        txn = self.txn
+        assert txn is not None, "the core emits RcptTo only inside a transaction"
+        decision = self.service.policy.check_recipient(event.address)
+        if decision.accepted:
+            txn.recipients.append((event.address, decision.mailboxes))
+        else:
+            log.info("%s: %s: reject: RCPT from [%s]: %s; from=<%s> to=<%s>",
+                     self.service.name, txn.queue_id, self.client_ip, decision.reply,
+                     txn.sender, event.address)
+        self.conn.send(decision.reply)
+
+    def _data_start(self, event: core.DataStart) -> None:
+        txn = self.txn
+        assert txn is not None, "the core emits DataStart only inside a transaction"
+        try:
+            txn.writer = self.service.store.open_writer()
+        except OSError as exc:
+            log.error("%s: %s: cannot open spool file: %s", self.service.name,
+                      txn.queue_id, exc)
+            if not event.chunking:
+                self.conn.send(Reply(451, "4.3.0", "Local error in processing, try later"))
+            return
+        txn.hops = HopCounter()
+        single = txn.recipients[0][0] if len(txn.recipients) == 1 else None
+        info = TraceInfo(
+            helo=self.helo,
+            client_ip=self.client_ip,
+            client_name=None,
+            hostname=self.service.hostname,
+            queue_id=txn.queue_id,
+            esmtp=self.esmtp,
+            tls_version=self.tls[0] if self.tls else None,
+            tls_cipher=self.tls[1] if self.tls else None,
+            authenticated=False,
+            smtputf8=txn.smtputf8,
+            recipient=single,
+        )
+        txn.writer.write(received_header(info, txn.started))
+        self.in_data = True
+        if not event.chunking:
+            self.conn.send(Reply(354, None, "End data with <CR><LF>.<CR><LF>"))
+
+    def _write(self, data: bytes) -> None:
+        txn = self.txn
+        if txn is None or txn.writer is None:
+            return  # spool could not be opened; the error is reported at the end
+        if txn.hops is not None and not txn.hops.done:
+            txn.hops.feed(data)
+        try:
+            txn.writer.write(data)
+        except OSError as exc:
+            log.error("%s: %s: write to spool failed: %s", self.service.name, txn.queue_id, exc)
+            txn.writer.abort()
+            txn.writer = None
+
+    async def _message_end(self) -> None:
+        svc = self.service
+        txn = self.txn
+        self.in_data = False
+        assert txn is not None, "the core emits MessageEnd only inside a transaction"
+        if txn.writer is None:
+            self.conn.send(Reply(451, "4.3.0", "Local error in processing, try later"))
+            self._finish_transaction()
+            return
+        if txn.hops is not None and txn.hops.count > svc.max_received:
+            reply = Reply(554, "5.4.6", f"Too many hops ({txn.hops.count} Received headers): "
+                                        "mail loop?")
+            log.info("%s: %s: reject: %s", svc.name, txn.queue_id, reply)
+            txn.writer.abort()
+            self.conn.send(reply)
+            self._finish_transaction()
+            return
+        # From here the commit owns the spool file: a shutdown must not abort it.
+        writer, txn.writer = txn.writer, None
+        size = writer.size
+        targets = [svc.store.maildir_for(box) for box in txn.mailboxes()]
+        loop = asyncio.get_running_loop()
+        try:
+            paths = await loop.run_in_executor(None, writer.commit, targets)
+        except OSError as exc:
+            log.error("%s: %s: delivery to maildir failed: %s", svc.name, txn.queue_id, exc)
+            writer.abort()
+            self._reply(Reply(451, "4.3.0", "Local error in processing, try later"))
+            self._finish_transaction()
+            return
+        delay = time.time() - txn.started
+        log.info("%s: %s: from=<%s>, size=%d, nrcpt=%d", svc.name, txn.queue_id, txn.sender,
+                 size, len(txn.recipients))
+        by_box = dict(zip(txn.mailboxes(), paths, strict=True))
+        for rcpt, boxes in txn.recipients:
+            for box in boxes:
+                orig = f", orig_to=<{rcpt}>" if box != rcpt else ""
+                log.info("%s: %s: to=<%s>%s, relay=local, delay=%.2f, dsn=2.0.0, "
+                         "status=sent (delivered to maildir %s)", svc.name, txn.queue_id, box,
+                         orig, delay, Path(by_box[box]).name)
+        self._reply(Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"))
+        self._finish_transaction()
+
+    def _reply(self, reply: Reply) -> None:
+        """Answer the pending event, unless a shutdown closed the session meanwhile."""
+        if not self.conn.closing:
+            self.conn.send(reply)
+
+    async def _starttls(self) -> None:
+        svc = self.service
+        if svc.tls_context is None or self.tls is not None:
+            self.conn.send(Reply(454, "4.7.0", "TLS not available"))
+            return
+        self.conn.send(Reply(220, "2.0.0", "Ready to start TLS"))
+        if not await self._flush():
+            return
+        try:
+            await asyncio.wait_for(
+                self.writer.start_tls(svc.tls_context), svc.command_timeout
+            )
+        except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
+            log.info("%s: TLS handshake failed with [%s]: %s", svc.name, self.client_ip, exc)
+            raise ConnectionResetError("TLS handshake failed") from exc
+        self.tls = self._tls_info()
+        self.helo = ""
+        self.conn.tls_started()
+        if self.tls:
+            log.info("%s: TLS established with [%s]: %s %s", svc.name, self.client_ip, *self.tls)
+
+    # -- transaction bookkeeping --------------------------------------------
+
+    def _abort_transaction(self, why: str) -> None:
+        txn = self.txn
+        if txn is None:
+            return
+        if txn.writer is not None:
+            txn.writer.abort()
+            txn.writer = None
+            log.info("%s: %s: message discarded: %s", self.service.name, txn.queue_id, why)
+        self._finish_transaction()
+
+    def _finish_transaction(self) -> None:
+        self.txn = None
+        self.in_data = False
+        self.busy = False
+        if self.service.draining and not self.conn.closing:
+            # The transaction we waited for is over: say goodbye after its reply.
+            self.conn.shutdown(f"{self.service.hostname} Service shutting down")
+
+    def close_for_shutdown(self) -> None:
+        """SIGTERM, grace period over: tell the client 421 and close (RFC 5321 3.8)."""
+        self._abort_transaction("server shutting down")
+        if not self.conn.closing:
+            self.conn.shutdown(f"{self.service.hostname} Service shutting down")
+        out = self.conn.data_to_send()
+        if out and not self.writer.is_closing():
+            self.writer.write(out)
+        self._close()

@@ -1,0 +1,79 @@
+"""The receiving host's recipient policy: local users only, no relay by any address trick."""
+
+import pytest
+
+from postroom.policy.relay import RecipientPolicy, normalise_domain
+
+USERS = {"boss@corp.example": ["boss@corp.example"], "sales@corp.example": ["boss@corp.example"]}
+
+
+def resolve(address: str) -> list[str] | None:
+    local, _, domain = address.rpartition("@")
+    if "+" in local and address not in USERS:
+        address = local.split("+", 1)[0] + "@" + domain
+    return USERS.get(address.lower())
+
+
+@pytest.fixture
+def policy() -> RecipientPolicy:
+    return RecipientPolicy(lambda d: d == "corp.example", resolve, primary_domain="corp.example")
+
+
+def test_local_user_accepted(policy: RecipientPolicy) -> None:
+    d = policy.check_recipient("boss@corp.example")
+    assert (d.reply.code, d.reply.enhanced) == (250, "2.1.5")
+    assert d.mailboxes == ("boss@corp.example",)
+
+
+def test_alias_and_subaddress_reach_the_mailbox(policy: RecipientPolicy) -> None:
+    assert policy.check_recipient("sales@corp.example").mailboxes == ("boss@corp.example",)
+    assert policy.check_recipient("boss+reports@corp.example").mailboxes == (
+        "boss@corp.example",
+    )
+
+
+def test_unknown_local_user_is_550_511(policy: RecipientPolicy) -> None:
+    d = policy.check_recipient("nobody@corp.example")
+    assert (d.reply.code, d.reply.enhanced) == (550, "5.1.1")
+    assert not d.accepted
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "user@other.example",
+        "user%other.example@corp.example",
+        "other.example!user@corp.example",
+        '"user@other.example"@corp.example',
+        '"boss"@corp.example',
+        "user@other.example.",
+        "user@corp.example.other.example",
+        "user@CORP.EXAMPLE.evil.example",
+        "boss@[127.0.0.1]",
+        "boss",
+    ],
+)
+def test_relay_tricks_are_refused_554_571(policy: RecipientPolicy, address: str) -> None:
+    d = policy.check_recipient(address)
+    assert (d.reply.code, d.reply.enhanced) == (554, "5.7.1"), address
+    assert d.mailboxes == ()
+
+
+@pytest.mark.parametrize("address", ["BOSS@Corp.Example", "boss@corp.example."])
+def test_case_and_trailing_dot_are_normalised(policy: RecipientPolicy, address: str) -> None:
+    assert policy.check_recipient(address).accepted
+
+
+def test_bare_postmaster_is_accepted(policy: RecipientPolicy) -> None:
+    # RFC 5321 4.5.1: <Postmaster> with no domain must be accepted...
+    p = RecipientPolicy(
+        lambda d: d == "corp.example",
+        lambda a: [a] if a == "postmaster@corp.example" else None,
+        primary_domain="corp.example",
+    )
+    assert p.check_recipient("Postmaster").accepted
+
+
+def test_normalise_domain() -> None:
+    assert normalise_domain("Corp.Example.") == "corp.example"
+    assert normalise_domain("corp.example..") == "corp.example.."
