@@ -1,0 +1,73 @@
+"""Suite-wide fixtures: `require_peer`, which skips (or, in CI, fails) when a peer is missing.
+
+Nothing here imports postroom: tests of one layer must still collect while
+other layers are missing or broken.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+# Debian puts mail servers and their tools (postfix, smtp-source, dovecot) in
+# sbin folders, which an unprivileged user's PATH often lacks.
+_SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def in_ci() -> bool:
+    """True when the environment says this is a CI run (CI=true), where skips hide breakage."""
+    return os.environ.get("CI", "").strip().lower() == "true"
+
+
+def find_program(name: str) -> str | None:
+    """The full path of program `name`, searching PATH and then the sbin folders."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in _SBIN_DIRS:
+        candidate = Path(folder) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def peer_missing(reason: str) -> None:
+    """Stop the current test because a peer cannot run: fail in CI, skip elsewhere."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true, so a missing peer is a failure)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_peer(name: str, *, module: bool = False) -> str:
+    """Make sure a third-party peer is available; return its path (or the module name).
+
+    `name` is a program looked up on PATH (and in sbin folders) unless
+    `module=True`, in which case it is an importable Python module. When the
+    peer is missing the test is skipped, or failed when CI is "true".
+    """
+    if module:
+        if importlib.util.find_spec(name) is None:
+            peer_missing(f"Python module {name!r} is not installed")
+        return name
+    path = find_program(name)
+    if path is None:
+        peer_missing(f"program {name!r} is not installed")
+        raise AssertionError("unreachable")  # pytest.skip/fail raise
+    return path
+
+
+@pytest.fixture(name="require_peer", scope="session")
+def require_peer_fixture() -> Callable[..., str]:
+    """The `require_peer(name, module=False)` function, for tests that prefer a fixture."""
+    return require_peer
+
+
+@pytest.fixture(name="peer_missing", scope="session")
+def peer_missing_fixture() -> Callable[[str], None]:
+    """The `peer_missing(reason)` function: skip, or fail when CI is "true"."""
+    return peer_missing

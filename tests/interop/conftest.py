@@ -1,0 +1,119 @@
+"""Fixtures that start postroom and a private Postfix on loopback for interop tests.
+
+`postroom` is one server per test module (tests tell their messages apart by a
+token); `postroom_factory` makes servers of a test's own; `private_postfix`
+makes Postfix instances. Every process is stopped by PID at teardown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mailharness import HarnessError, Postroom, PrivatePostfix
+
+HOSTNAME = "mx.corp.example"
+DOMAIN = "corp.example"
+USERS = {
+    "boss@corp.example": "boss-secret",
+    "alice@corp.example": "alice-secret",
+}
+ALIASES = {"team@corp.example": ["boss@corp.example", "alice@corp.example"]}
+
+
+def _postroom_importable() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("postroom") is None and not (
+        Path(__file__).resolve().parents[2] / "src" / "postroom"
+    ).is_dir():
+        pytest.fail("postroom is neither installed nor found in src/")
+
+
+class _Servers:
+    """Starts servers and remembers them, so teardown can stop every one."""
+
+    def __init__(self, base: Path, peer_missing: Callable[[str], None]) -> None:
+        self.base = base
+        self.peer_missing = peer_missing
+        self.postrooms: list[Postroom] = []
+        self.postfixes: list[PrivatePostfix] = []
+
+    def postroom(self, *, start: bool = True, **options: Any) -> Postroom:
+        _postroom_importable()
+        options.setdefault("hostname", HOSTNAME)
+        options.setdefault("domains", [DOMAIN])
+        options.setdefault("users", dict(USERS))
+        options.setdefault("aliases", dict(ALIASES))
+        root = self.base / f"postroom{len(self.postrooms)}"
+        root.mkdir()
+        server = Postroom(root, **options)
+        self.postrooms.append(server)
+        if start:
+            try:
+                server.start()
+            except HarnessError as exc:
+                pytest.fail(f"postroom did not start: {exc}", pytrace=False)
+        return server
+
+    def postfix(self, **options: Any) -> PrivatePostfix:
+        reason = PrivatePostfix.unavailable_reason()
+        if reason is not None:
+            self.peer_missing(reason)
+        root = self.base / f"postfix{len(self.postfixes)}"
+        root.mkdir()
+        instance = PrivatePostfix(root, **options)
+        self.postfixes.append(instance)
+        try:
+            instance.start()
+        except HarnessError as exc:
+            pytest.fail(f"private postfix did not start: {exc}", pytrace=False)
+        return instance
+
+    def close(self) -> None:
+        for server in self.postrooms:
+            server.stop()
+        for instance in self.postfixes:
+            instance.stop()
+
+
+@pytest.fixture(scope="module")
+def _module_servers(
+    tmp_path_factory: pytest.TempPathFactory, peer_missing: Callable[[str], None]
+) -> Iterator[_Servers]:
+    servers = _Servers(tmp_path_factory.mktemp("interop-module"), peer_missing)
+    yield servers
+    servers.close()
+
+
+@pytest.fixture
+def _test_servers(tmp_path: Path, peer_missing: Callable[[str], None]) -> Iterator[_Servers]:
+    servers = _Servers(tmp_path, peer_missing)
+    yield servers
+    servers.close()
+
+
+@pytest.fixture(scope="module")
+def postroom(_module_servers: _Servers) -> Postroom:
+    """A running postroom (SMTP listener only) shared by the tests of one module.
+
+    Domain corp.example, users boss@ and alice@, alias team@ -> both.
+    """
+    return _module_servers.postroom()
+
+
+@pytest.fixture
+def postroom_factory(_test_servers: _Servers) -> Callable[..., Postroom]:
+    """Make postroom servers of this test's own: `postroom_factory(start=True, **Postroom args)`."""
+    return _test_servers.postroom
+
+
+@pytest.fixture
+def private_postfix(_test_servers: _Servers) -> Callable[..., PrivatePostfix]:
+    """Start a private Postfix: `private_postfix(relayhost=(host, port), tls_level=...)`.
+
+    Skips (fails in CI) when Postfix or root is missing.
+    """
+    return _test_servers.postfix

@@ -1,0 +1,519 @@
+"""Run real mail servers on loopback for interop tests and benchmarks: postroom and Postfix.
+
+Both run as child processes on free high ports of 127.0.0.1, each in a folder
+of its own, and are stopped by PID (postroom) or by `postfix -c DIR stop`. No
+system configuration is read or changed. The module depends on nothing but the
+standard library so that `bench/` can use it outside pytest.
+"""
+
+from __future__ import annotations
+
+import mailbox
+import os
+import pwd
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+REPO = Path(__file__).resolve().parents[2]
+
+# Debian installs postfix, postconf and smtp-source in sbin folders, which an
+# unprivileged PATH often lacks.
+_SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+class HarnessError(RuntimeError):
+    """A server could not be set up, started or stopped; the message carries its logs."""
+
+
+def find_program(name: str) -> str | None:
+    """The full path of program `name`, searching PATH and then the sbin folders."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in _SBIN_DIRS:
+        candidate = Path(folder) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports of 127.0.0.1 that were free a moment ago."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((LOOPBACK, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def smtp_banner(port: int, timeout: float = 2.0) -> bytes | None:
+    """The first line a server on `port` sends, or None when nothing answers."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+            data = b""
+            while b"\n" not in data:
+                chunk = sock.recv(512)
+                if not chunk:
+                    break
+                data += chunk
+            return data or None
+    except OSError:
+        return None
+
+
+def maildir_files(folder: Path) -> list[Path]:
+    """The message files of a Maildir's new/ and cur/ (tmp/ holds unfinished writes)."""
+    files: list[Path] = []
+    for sub in ("new", "cur"):
+        part = folder / sub
+        if part.is_dir():
+            files.extend(p for p in part.iterdir() if not p.name.startswith("."))
+    return sorted(files)
+
+
+def count_new(folder: Path) -> int:
+    """How many files a Maildir's new/ holds (0 while the folder does not exist)."""
+    try:
+        return sum(1 for name in os.listdir(folder / "new") if not name.startswith("."))
+    except FileNotFoundError:
+        return 0
+
+
+def _tail(path: Path, limit: int = 6000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"({path} unreadable)"
+    return text[-limit:]
+
+
+def _toml_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+class Postroom:
+    """One postroom server: a data folder, a config, users, and the `serve` process.
+
+    `listeners` names the listeners to enable (smtp, submission, submissions,
+    pop3, pop3s); each gets a free port, found in `ports`. Users are added with
+    the CLI by `setup()`, which `start()` calls the first time.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        hostname: str = "mx.corp.example",
+        domains: Sequence[str] = ("corp.example",),
+        users: Mapping[str, str] | None = None,
+        aliases: Mapping[str, Sequence[str]] | None = None,
+        listeners: Sequence[str] = ("smtp",),
+        max_message_size: str = "50M",
+        extra_toml: str = "",
+    ) -> None:
+        self.root = Path(root)
+        self.data = self.root / "data"
+        self.hostname = hostname
+        self.domains = list(domains)
+        self.users = dict(users or {})
+        self.aliases = {k: list(v) for k, v in (aliases or {}).items()}
+        self.ports = dict(zip(listeners, free_ports(len(listeners)), strict=True))
+        self.max_message_size = max_message_size
+        self.extra_toml = extra_toml
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = self.root / "server.log"
+        self._is_set_up = False
+        self.starts = 0
+
+    # -- setup ---------------------------------------------------------------
+
+    @property
+    def smtp_port(self) -> int:
+        return self.ports["smtp"]
+
+    @property
+    def config_path(self) -> Path:
+        return self.data / "postroom.toml"
+
+    def env(self) -> dict[str, str]:
+        """The environment for postroom processes: unbuffered, with src/ importable."""
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop("POSTROOM_DATA", None)
+        src = REPO / "src"
+        if (src / "postroom").is_dir():
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(src), *filter(None, [env.get("PYTHONPATH")])]
+            )
+        return env
+
+    def write_config(self) -> None:
+        lines = [f"hostname = {_toml_string(self.hostname)}", "", "[listen]"]
+        lines += [f'{name} = "{LOOPBACK}:{port}"' for name, port in self.ports.items()]
+        lines += [
+            "",
+            "[tls]",
+            'cert = "tls/cert.pem"',
+            'key = "tls/key.pem"',
+            "",
+            "[smtp]",
+            f"max_message_size = {_toml_string(self.max_message_size)}",
+            "",
+        ]
+        if self.extra_toml:
+            lines.append(self.extra_toml)
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def cli(
+        self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `python -m postroom --data DATA ARGS...`; raise HarnessError if check fails."""
+        command = [sys.executable, "-m", "postroom", "--data", str(self.data), *args]
+        result = subprocess.run(
+            command,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=timeout,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise HarnessError(
+                f"{' '.join(command[2:])} exited {result.returncode}\n"
+                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+            )
+        return result
+
+    def add_user(self, address: str, password: str, *, check: bool = True) -> bool:
+        """Add a user with the CLI; with check=False return whether it worked."""
+        result = self.cli("user", "add", address, "--password-stdin",
+                          stdin=password + "\n", check=check)
+        if result.returncode == 0:
+            self.users[address] = password
+            return True
+        return False
+
+    def setup(self) -> None:
+        """Write the config, then add domains, users and aliases with the CLI."""
+        self.write_config()
+        for domain in self.domains:
+            self.cli("domain", "add", domain)
+        for address, password in list(self.users.items()):
+            self.add_user(address, password)
+        for source, targets in self.aliases.items():
+            self.cli("alias", "add", source, *targets)
+        self._is_set_up = True
+
+    # -- process -------------------------------------------------------------
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start `serve` and wait until the SMTP port shows a 220 banner."""
+        if not self._is_set_up:
+            self.setup()
+        if self.process is not None and self.process.poll() is None:
+            raise HarnessError("postroom is already running")
+        self.starts += 1
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- start {self.starts} ---\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "postroom", "--data", str(self.data), "serve"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env(),
+                cwd=self.root,
+            )
+        deadline = time.monotonic() + timeout
+        port = self.ports.get("smtp") or next(iter(self.ports.values()))
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise HarnessError(
+                    f"postroom serve exited {self.process.returncode} while starting\n"
+                    f"{self.output()}"
+                )
+            banner = smtp_banner(port, timeout=1.0)
+            if banner is not None and banner.startswith(b"220"):
+                return
+            time.sleep(0.05)
+        self.kill()
+        raise HarnessError(
+            f"postroom did not answer on port {port} within {timeout}s\n{self.output()}"
+        )
+
+    @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise HarnessError("postroom is not running")
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM (drain), then SIGKILL if it lingers; return the exit status."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: no draining, no cleanup (the crash test's power cut)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def output(self) -> str:
+        """The server's combined stdout/stderr so far (its tail)."""
+        return _tail(self.log_path)
+
+    # -- mailboxes -----------------------------------------------------------
+
+    def maildir(self, address: str) -> Path:
+        """The Maildir folder of a local address: DATA/mail/<domain>/<localpart>."""
+        localpart, _, domain = address.rpartition("@")
+        return self.data / "mail" / domain.lower() / localpart
+
+    def mailbox(self, address: str) -> mailbox.Maildir:
+        return mailbox.Maildir(self.maildir(address), factory=None, create=False)
+
+    def messages(self, address: str) -> list[bytes]:
+        """Every message in the address's Maildir (new/ and cur/), as stored bytes."""
+        folder = self.maildir(address)
+        if not (folder / "new").is_dir():
+            return []
+        box = self.mailbox(address)
+        return [box.get_bytes(key) for key in sorted(box.keys())]
+
+    def wait_for_messages(self, address: str, count: int = 1, timeout: float = 30.0) -> list[bytes]:
+        """Poll until the Maildir holds at least `count` messages; return them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.messages(address)
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+    def wait_for_message(self, address: str, needle: bytes, timeout: float = 15.0) -> list[bytes]:
+        """Poll until a message containing `needle` is stored; return all that contain it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [m for m in self.messages(address) if needle in m]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+
+class PrivatePostfix:
+    """A Postfix instance in a folder of its own, leaving /etc/postfix alone.
+
+    Two roles: with `relayhost` it relays everything it accepts to that host
+    (mydestination empty, so no local delivery); with `mailbox_domain` it
+    delivers mail for the listed `mailbox_users` to Maildirs under
+    `vmail/<domain>/<user>/` through its virtual(8) agent, which fsyncs each
+    file before renaming it into new/, as Postfix does by default. Needs root:
+    the master process binds ports and switches to the postfix user.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        myhostname: str = "relay.test",
+        relayhost: tuple[str, int] | None = None,
+        tls_level: str = "none",
+        mailbox_domain: str | None = None,
+        mailbox_users: Iterable[str] = (),
+    ) -> None:
+        self.root = Path(root)
+        self.config_dir = self.root / "etc"
+        self.queue_dir = self.root / "queue"
+        self.data_dir = self.root / "data"
+        self.vmail = self.root / "vmail"
+        self.log_path = self.root / "postfix.log"
+        self.port = free_ports(1)[0]
+        self.myhostname = myhostname
+        self.relayhost = relayhost
+        self.tls_level = tls_level
+        self.mailbox_domain = mailbox_domain
+        self.mailbox_users = list(mailbox_users)
+        self.started = False
+        self.postfix = find_program("postfix")
+        self.postconf = find_program("postconf")
+
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        """Why a private Postfix cannot run here, or None when it can."""
+        if find_program("postfix") is None or find_program("postconf") is None:
+            return "postfix is not installed"
+        if not Path("/etc/postfix/master.cf").is_file():
+            return "/etc/postfix/master.cf (the template) is missing"
+        if os.geteuid() != 0:
+            return "a private Postfix instance needs root"
+        try:
+            pwd.getpwnam("postfix")
+        except KeyError:
+            return "the postfix user does not exist"
+        return None
+
+    def mailbox_path(self, user: str) -> Path:
+        """The Maildir of `user` in mailbox_domain."""
+        assert self.mailbox_domain is not None
+        return self.vmail / self.mailbox_domain / user
+
+    def _main_cf(self) -> str:
+        settings = {
+            "compatibility_level": "3.6",
+            "queue_directory": str(self.queue_dir),
+            "data_directory": str(self.data_dir),
+            "maillog_file": str(self.log_path),
+            "maillog_file_prefixes": str(self.root),
+            "alias_maps": "",
+            "alias_database": "",
+            "inet_interfaces": LOOPBACK,
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "myhostname": self.myhostname,
+            "mydomain": self.myhostname,
+            "myorigin": self.myhostname,
+            "mydestination": "",
+            "local_recipient_maps": "",
+            "local_transport": "error:5.1.1 local delivery is disabled",
+            "smtp_dns_support_level": "disabled",
+            "smtp_tls_security_level": self.tls_level,
+            "biff": "no",
+            # Retry soon when the next hop defers, so a test sees the message.
+            "queue_run_delay": "1s",
+            "minimal_backoff_time": "1s",
+            "maximal_backoff_time": "2s",
+            "smtpd_banner": "$myhostname ESMTP",
+        }
+        if self.relayhost is not None:
+            host, port = self.relayhost
+            settings["relayhost"] = f"[{host}]:{port}"
+        if self.mailbox_domain is not None:
+            users = ", ".join(
+                f"{{{u}@{self.mailbox_domain}={self.mailbox_domain}/{u}/}}"
+                for u in self.mailbox_users
+            )
+            nobody = pwd.getpwnam("nobody")
+            settings.update(
+                {
+                    "virtual_mailbox_domains": self.mailbox_domain,
+                    "virtual_mailbox_base": str(self.vmail),
+                    # A trailing "/" in the map's value selects Maildir delivery.
+                    "virtual_mailbox_maps": f"inline:{{ {users} }}",
+                    "virtual_uid_maps": f"static:{nobody.pw_uid}",
+                    "virtual_gid_maps": f"static:{nobody.pw_gid}",
+                    "virtual_mailbox_limit": "0",
+                    "message_size_limit": "0",
+                }
+            )
+        return "".join(f"{key} = {value}\n" for key, value in settings.items())
+
+    def _master_cf(self) -> str:
+        template = Path("/etc/postfix/master.cf").read_text()
+        smtp_line = re.compile(r"^smtp\s+inet\s.*$", re.MULTILINE)
+        if not smtp_line.search(template):
+            raise HarnessError("no 'smtp inet' line in the system master.cf")
+        # The master process listens with a backlog of the service's process
+        # limit (default_process_limit, 100): above any session count used here.
+        return smtp_line.sub(f"{LOOPBACK}:{self.port} inet n - n - - smtpd", template, count=1)
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(list(args), capture_output=True, text=True, timeout=60,
+                                check=False)
+        if check and result.returncode != 0:
+            raise HarnessError(
+                f"{' '.join(args)} exited {result.returncode}\n{result.stdout}{result.stderr}\n"
+                f"postfix.log:\n{_tail(self.log_path)}"
+            )
+        return result
+
+    def start(self, timeout: float = 20.0) -> None:
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise HarnessError(reason)
+        assert self.postfix is not None and self.postconf is not None
+        for folder in (self.config_dir, self.queue_dir, self.data_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        shutil.chown(self.data_dir, user="postfix")
+        if self.mailbox_domain is not None:
+            self.vmail.mkdir(exist_ok=True)
+            shutil.chown(self.vmail, user="nobody", group=pwd.getpwnam("nobody").pw_gid)
+        (self.config_dir / "main.cf").write_text(self._main_cf())
+        (self.config_dir / "master.cf").write_text(self._master_cf())
+        # No chroot: a chroot would need copies of /etc files inside the queue.
+        self._run(self.postconf, "-c", str(self.config_dir), "-F", "*/*/chroot = n")
+        self._run(self.postfix, "-c", str(self.config_dir), "check")
+        self._run(self.postfix, "-c", str(self.config_dir), "start")
+        self.started = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            banner = smtp_banner(self.port, timeout=1.0)
+            if banner is not None and banner.startswith(b"220"):
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise HarnessError(
+            f"private postfix did not answer on port {self.port}\n{_tail(self.log_path)}"
+        )
+
+    def master_pid(self) -> int | None:
+        try:
+            return int((self.queue_dir / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """`postfix stop`; if the master lingers, SIGKILL it by its PID."""
+        if not self.started:
+            return
+        self.started = False
+        assert self.postfix is not None
+        pid = self.master_pid()
+        self._run(self.postfix, "-c", str(self.config_dir), "stop", check=False)
+        if pid is None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def log(self) -> str:
+        return _tail(self.log_path)
+
+    def send(self, sender: str, recipients: Sequence[str], message: bytes) -> None:
+        """Submit a message to this Postfix with smtplib."""
+        with smtplib.SMTP(LOOPBACK, self.port, timeout=30) as client:
+            client.sendmail(sender, list(recipients), message)
