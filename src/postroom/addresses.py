@@ -1,0 +1,160 @@
+"""Mail addresses: split them, check them, and reduce them to one canonical spelling.
+
+The canonical form keeps the local part as written (RFC 5321 2.4: only the
+destination host may interpret it), except that a needlessly quoted local part
+such as ``"john"`` loses its quotes (RFC 5321 4.1.2: they are the same
+mailbox). The domain is lower-cased, loses one trailing dot, and is written as
+ASCII: internationalized labels become their A-labels (``xn--...``,
+RFC 5890 2.3.2.1). ASCII is the form DNS, routes, the user directory and
+Maildir folder names all agree on; `display_domain` turns it back into
+U-labels for people.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+try:  # IDNA 2008 with UTS 46 mapping when the `idna` package is present ...
+    import idna as _idna
+except ImportError:  # pragma: no cover - ... else Python's own IDNA 2003 codec
+    _idna = None  # type: ignore[assignment]
+
+# RFC 5321 4.1.2: Atom = 1*atext (RFC 5322 3.2.3); Dot-string = Atom *("." Atom).
+# RFC 6531 3.3 adds UTF-8 characters to atext for SMTPUTF8.
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff"
+_DOT_STRING = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
+# RFC 5321 4.1.2: Let-dig [Ldh-str]; labels of at most 63 octets (RFC 1035 2.3.4).
+_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
+MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2
+
+
+def split(address: str) -> tuple[str, str]:
+    """Split ``local@domain`` at the last "@" that is not inside a quoted string.
+
+    The parts come back exactly as written. ValueError when there is no such
+    "@" or a quoted string is left open.
+    """
+    at = -1
+    quoted = False
+    escaped = False
+    for i, ch in enumerate(address):
+        if escaped:
+            escaped = False
+        elif quoted and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "@" and not quoted:
+            at = i
+    if quoted:
+        raise ValueError(f"unbalanced quotes in address: {address!r}")
+    if at < 0:
+        raise ValueError(f"no @ in address: {address!r}")
+    return address[:at], address[at + 1 :]
+
+
+def is_dot_string(local: str) -> bool:
+    """True when `local` needs no quotes (RFC 5321 Dot-string, UTF-8 allowed)."""
+    return _DOT_STRING.fullmatch(local) is not None
+
+
+def _canonical_local(local: str, address: str) -> str:
+    if not local:
+        raise ValueError(f"empty local part in address: {address!r}")
+    if is_dot_string(local):
+        return local
+    if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
+        inner = re.sub(r"\\(.)", r"\1", local[1:-1])
+        if any(ch in "\r\n\0" for ch in inner):
+            raise ValueError(f"control characters in address: {address!r}")
+        # RFC 5321 4.1.2: a quoted string whose content is a Dot-string names the
+        # same mailbox as the unquoted form, so only one spelling is kept.
+        return inner if is_dot_string(inner) else local
+    raise ValueError(f"local part must be a dot-atom or a quoted string: {address!r}")
+
+
+def _canonical_literal(domain: str) -> str:
+    # RFC 5321 4.1.3 address literals: [1.2.3.4] and [IPv6:...].
+    inner = domain[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
+        return f"[{ipaddress.IPv4Address(inner)}]"
+    except ValueError:
+        raise ValueError(f"not an address literal: {domain!r}") from None
+
+
+def _to_ascii(domain: str) -> str:
+    if _idna is not None:
+        try:
+            return str(_idna.encode(domain, uts46=True).decode("ascii"))
+        except _idna.IDNAError as e:
+            raise ValueError(f"not a valid domain name: {domain!r} ({e})") from None
+    try:  # pragma: no cover - only without the idna package
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError as e:  # pragma: no cover
+        raise ValueError(f"not a valid domain name: {domain!r} ({e})") from None
+
+
+def canonical_domain(domain: str) -> str:
+    """Lower-case ASCII form of a domain (A-labels), one trailing dot removed.
+
+    Address literals are kept as literals with a normalized IP address.
+    ValueError when the name is not a valid domain.
+    """
+    if domain.startswith("[") and domain.endswith("]"):
+        return _canonical_literal(domain)
+    name = domain[:-1] if domain.endswith(".") else domain
+    if not name:
+        raise ValueError(f"empty domain: {domain!r}")
+    if not name.isascii():
+        name = _to_ascii(name)
+    name = name.lower()
+    labels = name.split(".")
+    for label in labels:
+        if not _LDH_LABEL.fullmatch(label):
+            raise ValueError(f"not a valid domain name: {domain!r}")
+        if label.startswith("xn--"):
+            # An A-label must decode; a bogus one would name a domain nobody can own.
+            try:
+                display_domain(label)
+            except ValueError:
+                raise ValueError(f"not a valid domain name: {domain!r}") from None
+    if len(name) > MAX_DOMAIN:
+        raise ValueError(f"domain longer than {MAX_DOMAIN} octets: {domain!r}")
+    return name
+
+
+def display_domain(domain: str) -> str:
+    """The U-label (Unicode) form of a canonical domain, for people to read."""
+    if domain.startswith("["):
+        return domain
+    if _idna is not None:
+        try:
+            return str(_idna.decode(domain))
+        except _idna.IDNAError as e:
+            raise ValueError(f"not a valid domain name: {domain!r} ({e})") from None
+    try:  # pragma: no cover
+        return domain.encode("ascii").decode("idna")
+    except UnicodeError as e:  # pragma: no cover
+        raise ValueError(f"not a valid domain name: {domain!r} ({e})") from None
+
+
+def canonical(address: str) -> str:
+    """The canonical spelling of ``local@domain`` (see the module docstring).
+
+    ValueError when the address is not a valid mailbox.
+    """
+    local, domain = split(address)
+    local = _canonical_local(local, address)
+    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
+        raise ValueError(f"local part longer than {MAX_LOCAL_PART} octets: {address!r}")
+    return f"{local}@{canonical_domain(domain)}"
+
+
+def domain_of(address: str) -> str:
+    """The canonical domain of an address."""
+    return canonical_domain(split(address)[1])

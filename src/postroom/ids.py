@@ -1,0 +1,68 @@
+"""Queue IDs: short, unique, roughly time-sorted names that tag every log line about a message."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+
+# Crockford's base32 alphabet: upper-case, no I/L/O/U, and in ASCII order, so that
+# IDs sort like the numbers they encode (RFC 4648's alphabet puts digits after letters).
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+QUEUE_ID_LENGTH = 12  # 60 bits: 34 of seconds (good until the year 2514) + 26 of sequence
+_SEQ_BITS = 26
+_SEQ_MASK = (1 << _SEQ_BITS) - 1
+
+_lock = threading.Lock()
+_seq = secrets.randbits(_SEQ_BITS)
+
+
+def _reseed() -> None:
+    # A forked child must not replay its parent's sequence.
+    global _seq
+    _seq = secrets.randbits(_SEQ_BITS)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed)
+
+
+def _encode(value: int, length: int) -> str:
+    chars = []
+    for _ in range(length):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """Return a new 12-character queue ID such as ``"1KX9T3E0M4QZ"``.
+
+    The leading 34 bits are the Unix time in seconds, so IDs made later sort
+    later; the trailing 26 bits are a per-process counter that starts at a
+    random point. One process never repeats an ID (it would need 67 million IDs
+    in one second); two processes collide only if their random windows overlap
+    within the same second, which is rare — stores still create queue files
+    exclusively, so a collision is detected, never silent.
+    """
+    global _seq
+    seconds = int(time.time() if now is None else now) & ((1 << 34) - 1)
+    with _lock:
+        _seq = (_seq + 1) & _SEQ_MASK
+        seq = _seq
+    return _encode((seconds << _SEQ_BITS) | seq, QUEUE_ID_LENGTH)
+
+
+def queue_id_time(queue_id: str) -> int:
+    """The Unix time (seconds) a queue ID was made at; ValueError if it is not one."""
+    if len(queue_id) != QUEUE_ID_LENGTH:
+        raise ValueError(f"not a queue ID: {queue_id!r}")
+    value = 0
+    for ch in queue_id.upper():
+        digit = _ALPHABET.find(ch)
+        if digit < 0:
+            raise ValueError(f"not a queue ID: {queue_id!r}")
+        value = (value << 5) | digit
+    return value >> _SEQ_BITS

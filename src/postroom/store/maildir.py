@@ -1,0 +1,392 @@
+"""Maildir mailboxes: where each local mailbox lives, durable delivery into it, and listing it.
+
+A mailbox is the Maildir DATA/mail/<domain>/<localpart>/ with its cur/ new/
+tmp/ folders, the layout Dovecot, mutt and Python's `mailbox.Maildir` read.
+Delivery never shows a reader half a message: the message is written and
+fsynced in a spool file first, then hard-linked into each recipient's new/
+(link(2) makes the whole file appear at once), then new/ is fsynced before the
+caller acknowledges anything.
+
+File names follow the Maildir convention (time.unique.host) in Dovecot's
+spelling, ``<secs>.M<usecs>P<pid>Q<count>R<random>.<host>,S=<size>,W=<size>``,
+where S= is the exact octet count of the stored file, so a POP3 server can
+answer LIST and STAT (RFC 1939 5) without opening a single message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import secrets
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from postroom.addresses import canonical_domain, split
+from postroom.store.atomic import fsync_dir
+
+SPOOL = ".spool"  # under the mail dir: same filesystem as every maildir, so link(2) works
+STALE_AFTER = 36 * 3600  # a tmp file this old is abandoned (the classic Maildir rule)
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+_LINK_FALLBACK_ERRNOS = {
+    errno.EXDEV,  # another filesystem (a maildir symlinked elsewhere)
+    errno.EMLINK,  # too many links to one inode
+    errno.EPERM,  # filesystems without hard links
+    getattr(errno, "ENOTSUP", errno.EOPNOTSUPP),
+    errno.EOPNOTSUPP,
+}
+
+_counter_lock = threading.Lock()
+_counter = 0
+
+
+def _reset_counter() -> None:
+    # A forked child has a new pid; restarting Q keeps names short and still unique.
+    global _counter
+    _counter = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_counter)
+
+
+def escape_hostname(hostname: str) -> str:
+    r"""Hostname as it may appear in a Maildir file name.
+
+    "/" would split the path and ":" starts the info part, so they become
+    "\057" and "\072" (Dovecot's spelling); "," starts the S=/W= fields and
+    becomes "\054" by the same rule.
+    """
+    return hostname.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
+
+
+def unique_name(hostname: str, size: int | None = None) -> str:
+    """A new Maildir base name, unique across processes and restarts.
+
+    Time with microseconds, the pid and a per-process counter make it unique on
+    this host; the random part guards against a pid reused within the same
+    microsecond (containers restarting) and clock steps backwards.
+    """
+    global _counter
+    now = time.time_ns()
+    secs, usecs = divmod(now // 1000, 1_000_000)
+    with _counter_lock:
+        _counter += 1
+        count = _counter
+    name = (
+        f"{secs}.M{usecs}P{os.getpid()}Q{count}R{secrets.token_hex(8)}"
+        f".{escape_hostname(hostname)}"
+    )
+    if size is not None:
+        # W= is the size with CRLF line ends; messages are stored with CRLF, so W = S.
+        name += f",S={size},W={size}"
+    return name
+
+
+@dataclass(frozen=True)
+class MaildirName:
+    """The parts of a Maildir file name."""
+
+    name: str  # the whole file name
+    base: str  # the name without the ":2,<flags>" info (stays when flags change)
+    unique: str  # the part before the first "," or ":" (stable; for UIDL)
+    size: int | None  # S=: octets of the stored file
+    vsize: int | None  # W=: octets with CRLF line ends
+    info: str | None  # what follows ":" (e.g. "2,S"), None in new/
+    flags: str  # the flags of a "2," info, e.g. "RS"
+    time: int | None  # the delivery time (seconds) at the start of the name
+    usecs: int | None  # the M<usecs> part, when the name has one
+
+
+_FIELD = re.compile(r",([A-Za-z])=([0-9]+)")
+_TIME = re.compile(r"([0-9]+)\.(?:M([0-9]+))?")
+
+
+def parse_maildir_name(name: str) -> MaildirName:
+    """Split a Maildir file name into its parts (works for other MDAs' names too)."""
+    base, sep, info = name.partition(":")
+    unique = re.split(r"[,:]", name, maxsplit=1)[0]
+    fields = {key.upper(): int(value) for key, value in _FIELD.findall(base)}
+    flags = ""
+    if sep and info.startswith("2,"):
+        flags = info[2:]
+    m = _TIME.match(name)
+    return MaildirName(
+        name=name,
+        base=base,
+        unique=unique,
+        size=fields.get("S"),
+        vsize=fields.get("W"),
+        info=info if sep else None,
+        flags=flags,
+        time=int(m.group(1)) if m else None,
+        usecs=int(m.group(2)) if m and m.group(2) else None,
+    )
+
+
+@dataclass(frozen=True)
+class MaildirEntry:
+    """One message of a maildir as a POP3 server sees it."""
+
+    path: Path
+    size: int  # exact octets on disk (from S= when present)
+    uid_base_name: str  # the stable unique part of the name: a basis for UIDL
+    flags: str = ""  # Maildir flags ("S" seen, "T" trashed, ...) from cur/ names
+
+
+def list_messages(maildir: Path) -> list[MaildirEntry]:
+    """The messages in new/ and cur/, oldest delivery first.
+
+    Sizes come from the S= field, or from stat(2) for names without one. A file
+    that vanishes while listing (another reader moved or deleted it) is skipped.
+    """
+    found: list[tuple[tuple[int, int, str], MaildirEntry]] = []
+    for sub in ("new", "cur"):
+        folder = maildir / sub
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name.startswith("."):
+                continue  # RFC-less but universal: dot files are not messages
+            parsed = parse_maildir_name(name)
+            path = folder / name
+            size = parsed.size
+            when = parsed.time
+            if size is None or when is None:
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                size = st.st_size if size is None else size
+                when = int(st.st_mtime) if when is None else when
+            entry = MaildirEntry(path, size, parsed.unique, parsed.flags)
+            found.append(((when, parsed.usecs or 0, name), entry))
+    found.sort(key=lambda item: item[0])
+    return [entry for _, entry in found]
+
+
+def ensure_maildir(maildir: Path) -> bool:
+    """Create `maildir` with cur/ new/ tmp/ (mode 0700) unless present; True if made.
+
+    Every directory made is fsynced into its parent, so a message linked into
+    a fresh maildir survives a crash along with the folders that hold it.
+    """
+    if (maildir / "new").is_dir() and (maildir / "cur").is_dir() and (maildir / "tmp").is_dir():
+        return False
+    created: list[Path] = []
+    missing = []
+    p = maildir
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=DIR_MODE)
+            created.append(d)
+    for sub in ("tmp", "new", "cur"):
+        with contextlib.suppress(FileExistsError):
+            (maildir / sub).mkdir(mode=DIR_MODE)
+            created.append(maildir / sub)
+    for d in {c.parent for c in created}:
+        fsync_dir(d)
+    return bool(created)
+
+
+def _check_local_part(local: str, address: str) -> None:
+    if (
+        not local
+        or "/" in local
+        or "\\" in local
+        or "\0" in local
+        or local.startswith(".")
+        or local in (".", "..")
+    ):
+        raise ValueError(f"not usable as a mailbox folder name: {address!r}")
+
+
+class MessageWriter:
+    """A message being received: appended to a spool file, then committed to maildirs.
+
+    `write` runs on the event loop (plain buffered writes); `commit` blocks
+    on fsync and belongs in a worker thread. Used as a context manager, the
+    writer aborts unless it was committed.
+    """
+
+    def __init__(self, store: MailStore) -> None:
+        self._store = store
+        spool = store.spool_dir
+        spool.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        while True:
+            path = spool / unique_name(store.hostname)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+                break
+            except FileExistsError:  # pragma: no cover - needs a clash of unique names
+                continue
+        self._path: Path | None = path
+        self._file = os.fdopen(fd, "wb", buffering=64 * 1024)
+        self._size = 0
+        self._committed = False
+
+    @property
+    def size(self) -> int:
+        """Octets written so far."""
+        return self._size
+
+    @property
+    def spool_path(self) -> Path | None:
+        """The spool file (None once committed or aborted)."""
+        return self._path
+
+    def write(self, data: bytes) -> None:
+        """Append `data` (CRLF line ends, exactly as they should be stored)."""
+        if self._path is None:
+            raise ValueError("write after commit or abort")
+        self._file.write(data)
+        self._size += len(data)
+
+    def commit(self, maildirs: list[Path]) -> list[Path]:
+        """Deliver the message into each maildir's new/; return the final paths.
+
+        BLOCKING (fsync). The list returned is parallel to `maildirs`; a maildir
+        named twice receives one copy and both positions name it. All or
+        nothing: if any delivery fails, the copies already made are removed and
+        the error propagates, so a retry cannot duplicate mail.
+        """
+        if self._path is None:
+            raise ValueError("commit after commit or abort")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        size = os.fstat(self._file.fileno()).st_size
+        self._file.close()
+        spool_path = self._path
+        delivered: dict[Path, Path] = {}
+        try:
+            for maildir in maildirs:
+                if maildir not in delivered:
+                    delivered[maildir] = self._deliver_one(spool_path, maildir, size)
+            for new_dir in {p.parent for p in delivered.values()}:
+                fsync_dir(new_dir)
+        except BaseException:
+            for final in delivered.values():
+                with contextlib.suppress(OSError):
+                    final.unlink()
+            raise
+        self._committed = True
+        self._path = None
+        with contextlib.suppress(FileNotFoundError):
+            spool_path.unlink()
+        return [delivered[m] for m in maildirs]
+
+    def _deliver_one(self, spool_path: Path, maildir: Path, size: int) -> Path:
+        ensure_maildir(maildir)
+        while True:
+            name = unique_name(self._store.hostname, size)
+            final = maildir / "new" / name
+            try:
+                os.link(spool_path, final)
+                return final
+            except FileExistsError:  # pragma: no cover - needs a clash of unique names
+                continue
+            except OSError as e:
+                if e.errno not in _LINK_FALLBACK_ERRNOS:
+                    raise
+            return self._copy_in(spool_path, maildir, name)
+
+    @staticmethod
+    def _copy_in(spool_path: Path, maildir: Path, name: str) -> Path:
+        # Without hard links: the classic Maildir path, tmp/ then rename into new/.
+        tmp = maildir / "tmp" / name
+        try:
+            with open(spool_path, "rb") as src, open(
+                os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb"
+            ) as dst:
+                shutil.copyfileobj(src, dst, 1024 * 1024)
+                dst.flush()
+                os.fsync(dst.fileno())
+            final = maildir / "new" / name
+            os.rename(tmp, final)
+            return final
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def abort(self) -> None:
+        """Throw the message away. Safe to call twice and after commit."""
+        if self._path is None:
+            return
+        path, self._path = self._path, None
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def __enter__(self) -> MessageWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
+
+
+class MailStore:
+    """All local mailboxes under one mail directory (DATA/mail)."""
+
+    def __init__(self, mail_dir: Path, hostname: str | None = None) -> None:
+        self.mail_dir = Path(mail_dir)
+        self.hostname = hostname or socket.gethostname() or "localhost"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.mail_dir / SPOOL
+
+    def maildir_for(self, address: str) -> Path:
+        """The maildir of a canonical local mailbox address (no folders are made).
+
+        ValueError for an address that is not canonical (the domain must be
+        lower-case ASCII as `addresses.canonical` writes it) or whose local part
+        could escape its folder: "/", "\\", NUL, "..", or a leading ".".
+        """
+        local, domain = split(address)
+        _check_local_part(local, address)
+        try:
+            canon = canonical_domain(domain)
+        except ValueError:
+            raise ValueError(f"not a mailbox address: {address!r}") from None
+        if canon != domain or domain.startswith("["):
+            raise ValueError(f"domain is not in canonical form: {address!r}")
+        return self.mail_dir / domain / local
+
+    def open_writer(self) -> MessageWriter:
+        """Start receiving a message (see MessageWriter)."""
+        return MessageWriter(self)
+
+    def clean_spool(self, older_than: float = STALE_AFTER) -> int:
+        """Remove spool files abandoned by a crash; return how many were removed."""
+        removed = 0
+        cutoff = time.time() - older_than
+        try:
+            entries = list(os.scandir(self.spool_dir))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
