@@ -51,12 +51,15 @@ class _Servers:
         root.mkdir()
         server = Postroom(root, **options)
         self.postrooms.append(server)
-        if start:
-            try:
-                server.start()
-            except HarnessError as exc:
-                pytest.fail(f"postroom did not start: {exc}", pytrace=False)
-        return server
+        if not start:
+            return server
+        try:
+            server.start()
+        except HarnessError as exc:
+            problem = str(exc)
+        else:
+            return server
+        pytest.fail(f"postroom did not start: {problem}", pytrace=False)
 
     def postfix(self, **options: Any) -> PrivatePostfix:
         reason = PrivatePostfix.unavailable_reason()
@@ -69,8 +72,10 @@ class _Servers:
         try:
             instance.start()
         except HarnessError as exc:
-            pytest.fail(f"private postfix did not start: {exc}", pytrace=False)
-        return instance
+            problem = str(exc)
+        else:
+            return instance
+        pytest.fail(f"private postfix did not start: {problem}", pytrace=False)
 
     def close(self) -> None:
         for server in self.postrooms:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -327,6 +328,19 @@ class Postroom:
             time.sleep(0.05)
 
 
+def _let_others_traverse(folder: Path) -> None:
+    """Add search (x) permission for others to `folder` and its ancestors.
+
+    Postfix's daemons run as the postfix user and its virtual agent as nobody;
+    both must reach files under `folder`, but temp folders (pytest's, mkdtemp's)
+    are made 0700. Only traversal is granted, never listing or reading.
+    """
+    for path in (folder, *folder.parents):
+        mode = path.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            path.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
 class PrivatePostfix:
     """A Postfix instance in a folder of its own, leaving /etc/postfix alone.
 
@@ -404,6 +418,7 @@ class PrivatePostfix:
             "local_transport": "error:5.1.1 local delivery is disabled",
             "smtp_dns_support_level": "disabled",
             "smtp_tls_security_level": self.tls_level,
+            "smtp_tls_loglevel": "1",  # log each TLS handshake, for failing tests
             "biff": "no",
             # Retry soon when the next hop defers, so a test sees the message.
             "queue_run_delay": "1s",
@@ -460,6 +475,7 @@ class PrivatePostfix:
         assert self.postfix is not None and self.postconf is not None
         for folder in (self.config_dir, self.queue_dir, self.data_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        _let_others_traverse(self.root)
         shutil.chown(self.data_dir, user="postfix")
         if self.mailbox_domain is not None:
             self.vmail.mkdir(exist_ok=True)

@@ -125,7 +125,9 @@ def test_swaks(
     token = new_token()
     message = make_message(token, sender=SENDER, recipient=RCPT)
     eml = tmp_path / "message.eml"
-    eml.write_bytes(message)
+    # swaks ends DATA with its own CRLF "." CRLF, adding an empty line, unless
+    # the data already ends with the closing dot, which it then sends as is.
+    eml.write_bytes(message + b".\r\n")
     command = [
         swaks,
         "--server", f"{LOOPBACK}:{postroom.smtp_port}",

@@ -1,0 +1,383 @@
+"""SMTP receive benchmark: postroom beside Postfix and aiosmtpd's Sink, all fed by smtp-source.
+
+One run starts, in turn, on free loopback ports:
+  (a) postroom, its SMTP listener delivering to a Maildir;
+  (b) a private Postfix instance delivering to a Maildir on the same disk
+      (virtual(8), which fsyncs each file, as Postfix does by default);
+  (c) aiosmtpd's Sink handler, which stores nothing (a Python upper bound).
+Each gets the same smtp-source load (Postfix's own load generator). For (a) and
+(b) the clock stops when the last message is in the Maildir's new/, for (c)
+when smtp-source exits. Then a fresh postroom receives one large message while
+its resident memory is watched (VmRSS/VmHWM from /proc/PID/status).
+
+Run from the repository root, as root (Postfix's master needs it):
+    python bench/smtp_bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import smtplib
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "interop"))
+
+from mailharness import (  # noqa: E402 (the path above makes the harness importable)
+    LOOPBACK,
+    HarnessError,
+    Postroom,
+    PrivatePostfix,
+    count_new,
+    find_program,
+    free_ports,
+    smtp_banner,
+)
+
+DOMAIN = "bench.example"
+USER = "user"
+RCPT = f"{USER}@{DOMAIN}"
+SENDER = "load@source.example"
+MIB = 1024 * 1024
+
+
+@dataclass
+class Throughput:
+    name: str
+    messages: int
+    seconds: float
+    delivered: int
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class MemoryGrowth:
+    message_octets: int
+    rss_before_kib: int
+    hwm_after_kib: int
+    sampled_peak_kib: int
+    hwm_was_reset: bool
+    seconds: float
+    children: int = 0
+    peak_kib: int = field(init=False)
+    growth_kib: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        # VmHWM counts only after clear_refs reset it; else it may be a startup peak.
+        self.peak_kib = max(self.sampled_peak_kib,
+                            self.hwm_after_kib if self.hwm_was_reset else 0)
+        self.growth_kib = max(0, self.peak_kib - self.rss_before_kib)
+
+
+def smtp_source_command(args: argparse.Namespace, port: int) -> list[str]:
+    program = find_program("smtp-source")
+    if program is None:
+        raise SystemExit("smtp-source (from the postfix package) is not installed")
+    return [
+        program,
+        "-s", str(args.sessions),
+        "-m", str(args.messages),
+        "-l", str(args.size),
+        "-f", SENDER,
+        "-t", RCPT,
+        f"{LOOPBACK}:{port}",
+    ]
+
+
+def drive(
+    name: str, args: argparse.Namespace, port: int, maildir: Path | None, timeout: float
+) -> Throughput:
+    """Run smtp-source against `port`; stop the clock when `maildir` holds every message
+    (or, without a Maildir, when smtp-source exits)."""
+    command = smtp_source_command(args, port)
+    already = count_new(maildir) if maildir is not None else 0
+    target = already + args.messages
+    start = time.monotonic()
+    source = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    finished_at: float | None = None
+    deadline = start + timeout
+    while time.monotonic() < deadline:
+        if maildir is None:
+            if source.poll() is not None:
+                finished_at = time.monotonic()
+                break
+        elif count_new(maildir) >= target:
+            finished_at = time.monotonic()
+            break
+        elif source.poll() is not None and source.returncode != 0:
+            break
+        time.sleep(0.005)
+    try:
+        _, err = source.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        source.kill()
+        _, err = source.communicate()
+    if source.returncode != 0:
+        raise HarnessError(f"{name}: smtp-source exited {source.returncode}: {err.decode()}")
+    delivered = (count_new(maildir) - already) if maildir is not None else args.messages
+    if finished_at is None:
+        raise HarnessError(
+            f"{name}: only {delivered} of {args.messages} messages arrived within {timeout}s"
+        )
+    note = err.decode(errors="replace").strip().splitlines()
+    return Throughput(name, args.messages, finished_at - start, delivered,
+                      note=note[-1] if note else "")
+
+
+def bench_postroom(args: argparse.Namespace, base: Path) -> Throughput:
+    server = Postroom(base / "postroom", hostname=f"mx.{DOMAIN}", domains=[DOMAIN],
+                      users={RCPT: "bench-password"}, aliases={}, max_message_size="64M")
+    server.start()
+    try:
+        return drive("postroom", args, server.smtp_port, server.maildir(RCPT), args.timeout)
+    finally:
+        server.stop()
+
+
+def bench_postfix(args: argparse.Namespace, base: Path) -> Throughput:
+    reason = PrivatePostfix.unavailable_reason()
+    if reason is not None:
+        raise SystemExit(f"cannot run the Postfix leg: {reason}")
+    postfix = PrivatePostfix(base / "postfix", myhostname=f"postfix.{DOMAIN}",
+                             mailbox_domain=DOMAIN, mailbox_users=[USER])
+    postfix.start()
+    try:
+        return drive("postfix", args, postfix.port, postfix.mailbox_path(USER), args.timeout)
+    finally:
+        postfix.stop()
+
+
+def bench_sink(args: argparse.Namespace, base: Path) -> Throughput:
+    port = free_ports(1)[0]
+    log = open(base / "aiosmtpd.log", "wb")  # noqa: SIM115 (closed in finally)
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"{LOOPBACK}:{port}",
+         "-c", "aiosmtpd.handlers.Sink"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while smtp_banner(port, timeout=1.0) is None:
+            if sink.poll() is not None or time.monotonic() > deadline:
+                raise HarnessError(f"aiosmtpd did not start: {(base / 'aiosmtpd.log').read_text()}")
+            time.sleep(0.05)
+        return drive("aiosmtpd", args, port, None, args.timeout)
+    finally:
+        sink.terminate()
+        try:
+            sink.wait(10)
+        except subprocess.TimeoutExpired:
+            sink.kill()
+            sink.wait()
+        log.close()
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    """A "VmRSS:   1234 kB"-style value from /proc/PID/status, in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def child_count(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += len((task / "children").read_text().split())
+        except OSError:
+            pass
+    return total
+
+
+def big_message(octets: int) -> bytes:
+    head = (
+        f"From: <{SENDER}>\r\nTo: <{RCPT}>\r\nSubject: big\r\n"
+        "Message-ID: <big@source.example>\r\n\r\n"
+    ).encode()
+    line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_0123456789ab\r\n"
+    body = line * ((octets - len(head)) // len(line) + 1)
+    return head + body[: octets - len(head)]
+
+
+def bench_memory(args: argparse.Namespace, base: Path) -> MemoryGrowth:
+    server = Postroom(base / "postroom-memory", hostname=f"mx.{DOMAIN}", domains=[DOMAIN],
+                      users={RCPT: "bench-password"}, aliases={}, max_message_size="64M")
+    server.start()
+    try:
+        # Warm up every code path once with a small message, so the measurement
+        # shows what the large message costs, not first-use imports.
+        with smtplib.SMTP(LOOPBACK, server.smtp_port, timeout=60) as client:
+            client.sendmail(SENDER, [RCPT], big_message(64 * 1024))
+        server.wait_for_messages(RCPT, 1, timeout=30)
+        message = big_message(args.big_mb * 1_000_000)
+        pid = server.pid
+        time.sleep(0.5)
+        rss_before = proc_status_kib(pid, "VmRSS")
+        # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+            hwm_reset = True
+        except OSError:
+            hwm_reset = False
+        peak = [rss_before]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                try:
+                    peak[0] = max(peak[0], proc_status_kib(pid, "VmRSS"))
+                except (OSError, KeyError):
+                    return
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        start = time.monotonic()
+        with smtplib.SMTP(LOOPBACK, server.smtp_port, timeout=300) as client:
+            client.sendmail(SENDER, [RCPT], message)
+        if len(server.wait_for_messages(RCPT, 2, timeout=120)) < 2:
+            raise HarnessError("the large message was not delivered")
+        seconds = time.monotonic() - start
+        done.set()
+        sampler.join()
+        return MemoryGrowth(
+            message_octets=len(message),
+            rss_before_kib=rss_before,
+            hwm_after_kib=proc_status_kib(pid, "VmHWM"),
+            sampled_peak_kib=peak[0],
+            hwm_was_reset=hwm_reset,
+            seconds=seconds,
+            children=child_count(pid),
+        )
+    finally:
+        server.stop()
+
+
+THROUGHPUT_LEGS = {
+    "postroom": bench_postroom,
+    "postfix": bench_postfix,
+    "aiosmtpd": bench_sink,
+}
+LEGS = (*THROUGHPUT_LEGS, "memory")
+
+
+def environment() -> dict[str, str]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    postconf = find_program("postconf")
+    postfix_version = ""
+    if postconf:
+        result = subprocess.run([postconf, "-d", "-h", "mail_version"], capture_output=True,
+                                text=True, check=False)
+        postfix_version = result.stdout.strip()
+    return {
+        "cpu": cpu,
+        "cpus": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postfix": postfix_version,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=20, help="smtp-source -s (default 20)")
+    parser.add_argument("--messages", type=int, default=2000, help="smtp-source -m (default 2000)")
+    parser.add_argument("--size", type=int, default=4096, help="smtp-source -l (default 4096)")
+    parser.add_argument("--big-mb", type=int, default=50, help="large message size in MB")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per leg")
+    parser.add_argument("--workdir", type=Path, help="folder for data (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--legs", default=",".join(LEGS),
+                        help=f"comma-separated subset of {','.join(LEGS)} (default: all)")
+    args = parser.parse_args(argv)
+    legs = [leg.strip() for leg in args.legs.split(",") if leg.strip()]
+    unknown = set(legs) - set(LEGS)
+    if unknown:
+        parser.error(f"unknown legs: {', '.join(sorted(unknown))}")
+
+    base = Path(tempfile.mkdtemp(prefix="postroom-bench-", dir=args.workdir))
+    env = environment()
+    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    print(f"load: smtp-source -s {args.sessions} -m {args.messages} -l {args.size}")
+    results: list[Throughput] = []
+    memory: MemoryGrowth | None = None
+    try:
+        for leg in legs:
+            if leg == "memory":
+                memory = bench_memory(args, base)
+            else:
+                results.append(THROUGHPUT_LEGS[leg](args, base))
+    except HarnessError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        print(f"work folder kept: {base}", file=sys.stderr)
+        return 1
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+
+    print()
+    print(f"{'server':<16}{'messages':>10}{'seconds':>10}{'msg/s':>10}")
+    for r in results:
+        print(f"{r.name:<16}{r.messages:>10}{r.seconds:>10.2f}{r.rate:>10.1f}")
+    rates = {r.name: r.rate for r in results}
+    ratios = {
+        f"postroom/{other}": rates["postroom"] / rates[other]
+        for other in ("postfix", "aiosmtpd")
+        if "postroom" in rates and rates.get(other)
+    }
+    if ratios:
+        print()
+    for label, value in ratios.items():
+        print(f"{label}: {value:.2f}")
+    if memory is not None:
+        growth_mib = memory.growth_kib / 1024
+        print()
+        print(
+            f"memory: one {memory.message_octets / 1e6:.0f} MB message: RSS grew "
+            f"{growth_mib:.1f} MiB (before {memory.rss_before_kib / 1024:.1f} MiB, "
+            f"peak {memory.peak_kib / 1024:.1f} MiB"
+            f"{'' if memory.hwm_was_reset else ', VmHWM not reset: sampled peak only'}) "
+            f"in {memory.seconds:.1f}s; target < 16 MiB: "
+            f"{'met' if growth_mib < 16 else 'NOT met'}"
+        )
+        if memory.children:
+            print(f"note: the server had {memory.children} child process(es), not measured")
+    if args.json:
+        args.json.write_text(json.dumps(
+            {
+                "environment": env,
+                "load": {"sessions": args.sessions, "messages": args.messages,
+                         "size": args.size},
+                "throughput": [{**asdict(r), "rate": r.rate} for r in results],
+                "ratios": ratios,
+                "memory": asdict(memory) if memory is not None else None,
+            },
+            indent=2,
+        ))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
