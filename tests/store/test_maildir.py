@@ -1,0 +1,329 @@
+"""Maildir delivery: unique names, exact S= sizes, atomic and durable commits, readers agree."""
+
+from __future__ import annotations
+
+import errno
+import mailbox
+import multiprocessing
+import os
+import re
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from postroom.store import maildir as md
+from postroom.store.maildir import (
+    MailStore,
+    MessageWriter,
+    ensure_maildir,
+    escape_hostname,
+    list_messages,
+    parse_maildir_name,
+    unique_name,
+)
+
+MESSAGE = (
+    b"From: Alice <alice@example.org>\r\n"
+    b"To: Boss <boss@corp.example>\r\n"
+    b"Subject: quarterly numbers\r\n"
+    b"Message-ID: <1@example.org>\r\n"
+    b"\r\n"
+    b"Line one.\r\n"
+    b"\r\n"
+    b".. a line that was dot-stuffed on the wire\r\n"
+    b"Last line without trailing text\r\n"
+)
+
+NAME_RE = re.compile(
+    r"(?P<secs>\d+)\.M(?P<usec>\d+)P(?P<pid>\d+)Q(?P<q>\d+)R(?P<r>[0-9a-f]+)"
+    r"\.(?P<host>[^,:/]+),S=(?P<s>\d+),W=(?P<w>\d+)"
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> MailStore:
+    return MailStore(tmp_path / "mail", hostname="mx.corp.example")
+
+
+def deliver(store: MailStore, data: bytes, *addresses: str) -> list[Path]:
+    with store.open_writer() as writer:
+        for i in range(0, len(data), 7):  # several writes, as the server makes them
+            writer.write(data[i : i + 7])
+        assert writer.size == len(data)
+        return writer.commit([store.maildir_for(a) for a in addresses])
+
+
+# -- names -----------------------------------------------------------------------
+
+
+def test_unique_name_format_and_hostname_escaping() -> None:
+    name = unique_name("odd/host:name,x", size=123)
+    m = NAME_RE.fullmatch(name)
+    assert m, name
+    assert m["host"] == r"odd\057host\072name\054x"
+    assert m["pid"] == str(os.getpid())
+    assert m["s"] == m["w"] == "123"
+    assert abs(int(m["secs"]) - time.time()) < 60
+    assert escape_hostname("a/b:c") == r"a\057b\072c"
+
+
+def test_unique_names_within_a_process() -> None:
+    names = [unique_name("h") for _ in range(5000)]
+    assert len(set(names)) == len(names)
+
+
+def _names_in_child(queue: multiprocessing.Queue[list[str]]) -> None:
+    queue.put([unique_name("h") for _ in range(200)])
+
+
+def test_unique_names_across_processes() -> None:
+    ctx = multiprocessing.get_context("fork")
+    queue: multiprocessing.Queue[list[str]] = ctx.Queue()
+    procs = [ctx.Process(target=_names_in_child, args=(queue,)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    names = [name for _ in procs for name in queue.get(timeout=30)]
+    for p in procs:
+        p.join(timeout=30)
+    names += [unique_name("h") for _ in range(200)]
+    assert len(set(names)) == len(names) == 800
+
+
+def test_parse_maildir_name() -> None:
+    parsed = parse_maildir_name(r"1700000000.M12345P99Q3Rab12.mx\072x,S=1234,W=1260:2,RS")
+    assert parsed.size == 1234
+    assert parsed.vsize == 1260
+    assert parsed.info == "2,RS"
+    assert parsed.flags == "RS"
+    assert parsed.base == r"1700000000.M12345P99Q3Rab12.mx\072x,S=1234,W=1260"
+    assert parsed.unique == r"1700000000.M12345P99Q3Rab12.mx\072x"
+    assert parsed.time == 1700000000
+    assert parsed.usecs == 12345
+    foreign = parse_maildir_name("1234.5678_1.host")
+    assert (foreign.size, foreign.info, foreign.flags, foreign.time) == (None, None, "", 1234)
+    assert foreign.unique == "1234.5678_1.host"
+
+
+# -- locations and path tricks -------------------------------------------------------
+
+
+def test_maildir_location(store: MailStore) -> None:
+    assert store.maildir_for("boss@corp.example") == store.mail_dir / "corp.example" / "boss"
+    assert store.maildir_for("Boss.Man@corp.example").name == "Boss.Man"
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "../evil@corp.example",
+        "a/b@corp.example",
+        "..@corp.example",
+        ".hidden@corp.example",
+        "a\\b@corp.example",
+        "a\0b@corp.example",
+        "@corp.example",
+        "boss@Corp.Example",
+        "boss@corp.example.",
+        "boss@../../etc",
+        "boss@corp/example",
+        "boss@[127.0.0.1]",
+        "no-at-sign",
+    ],
+)
+def test_path_tricks_refused(store: MailStore, address: str) -> None:
+    with pytest.raises(ValueError):
+        store.maildir_for(address)
+
+
+def test_ensure_maildir_makes_private_folders(tmp_path: Path) -> None:
+    box = tmp_path / "mail" / "corp.example" / "boss"
+    assert ensure_maildir(box) is True
+    for sub in ("cur", "new", "tmp"):
+        assert stat.S_IMODE((box / sub).stat().st_mode) == 0o700
+    assert stat.S_IMODE(box.stat().st_mode) == 0o700
+    assert ensure_maildir(box) is False
+
+
+# -- delivery --------------------------------------------------------------------
+
+
+def test_commit_stores_exact_bytes_and_size(store: MailStore) -> None:
+    (path,) = deliver(store, MESSAGE, "boss@corp.example")
+    assert path.parent == store.mail_dir / "corp.example" / "boss" / "new"
+    assert path.read_bytes() == MESSAGE
+    m = NAME_RE.fullmatch(path.name)
+    assert m, path.name
+    assert int(m["s"]) == len(MESSAGE) == path.stat().st_size
+    assert m["host"] == "mx.corp.example"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert list(store.spool_dir.iterdir()) == []
+
+
+def test_python_mailbox_reads_message_back(store: MailStore) -> None:
+    deliver(store, MESSAGE, "boss@corp.example")
+    box = mailbox.Maildir(store.maildir_for("boss@corp.example"), factory=None, create=False)
+    keys = box.keys()
+    assert len(keys) == 1
+    assert box.get_bytes(keys[0]) == MESSAGE
+    msg = box[keys[0]]
+    assert msg["Subject"] == "quarterly numbers"
+    assert msg.get_subdir() == "new"
+
+
+def test_new_never_sees_a_partial_file(store: MailStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    box = store.maildir_for("boss@corp.example")
+    events: list[str] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
+        real_fsync(fd)
+
+    def link(src: str, dst: str) -> None:
+        # At the moment the name appears in new/, the file must be complete on disk.
+        assert Path(src).read_bytes() == MESSAGE
+        assert "fsync-file" in events
+        events.append("link")
+        real_link(src, dst)
+
+    writer = store.open_writer()
+    writer.write(MESSAGE[:20])
+    assert not (box / "new").exists() or list((box / "new").iterdir()) == []
+    writer.write(MESSAGE[20:])
+    monkeypatch.setattr(md.os, "fsync", fsync)
+    monkeypatch.setattr(md.os, "link", link)
+    (path,) = writer.commit([box])
+    # The file is synced before it is linked, and new/ after: only then may 250 be sent.
+    link_at = events.index("link")
+    assert events.index("fsync-file") < link_at
+    assert "fsync-dir" in events[link_at:]
+    assert path.read_bytes() == MESSAGE
+
+
+def test_several_recipients_share_one_inode(store: MailStore) -> None:
+    paths = deliver(store, MESSAGE, "a@corp.example", "b@corp.example", "c@other.example")
+    assert len({p.parent for p in paths}) == 3
+    inodes = {p.stat().st_ino for p in paths}
+    assert len(inodes) == 1
+    assert paths[0].stat().st_nlink == 3  # the spool file is gone; three names remain
+    assert all(p.read_bytes() == MESSAGE for p in paths)
+
+
+def test_same_maildir_twice_gets_one_copy(store: MailStore) -> None:
+    paths = deliver(store, MESSAGE, "a@corp.example", "a@corp.example")
+    assert paths[0] == paths[1]
+    assert len(list(paths[0].parent.iterdir())) == 1
+
+
+def test_copy_fallback_when_links_fail(store: MailStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_link(src: str, dst: str) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(md.os, "link", no_link)
+    paths = deliver(store, MESSAGE, "a@corp.example", "b@corp.example")
+    for p in paths:
+        assert p.parent.name == "new"
+        assert p.read_bytes() == MESSAGE
+        assert list((p.parent.parent / "tmp").iterdir()) == []
+    assert paths[0].stat().st_ino != paths[1].stat().st_ino
+    assert list(store.spool_dir.iterdir()) == []
+
+
+def test_failed_commit_removes_partial_deliveries(
+    store: MailStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_link = os.link
+    calls = []
+
+    def flaky(src: str, dst: str) -> None:
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_link(src, dst)
+
+    monkeypatch.setattr(md.os, "link", flaky)
+    writer = store.open_writer()
+    writer.write(MESSAGE)
+    boxes = [store.maildir_for("a@corp.example"), store.maildir_for("b@corp.example")]
+    with pytest.raises(OSError):
+        writer.commit(boxes)
+    assert list((boxes[0] / "new").iterdir()) == []  # all or nothing: no duplicate on retry
+    writer.abort()
+    assert list(store.spool_dir.iterdir()) == []
+
+
+def test_abort_cleans_up_and_is_idempotent(store: MailStore) -> None:
+    writer = store.open_writer()
+    writer.write(MESSAGE)
+    spool_file = writer.spool_path
+    assert spool_file is not None and spool_file.exists()
+    writer.abort()
+    writer.abort()
+    assert not spool_file.exists()
+    with pytest.raises(ValueError):
+        writer.write(b"more")
+    with pytest.raises(ValueError):
+        writer.commit([store.maildir_for("a@corp.example")])
+
+
+def test_abort_after_commit_keeps_the_message(store: MailStore) -> None:
+    writer = store.open_writer()
+    writer.write(MESSAGE)
+    (path,) = writer.commit([store.maildir_for("a@corp.example")])
+    writer.abort()
+    assert path.read_bytes() == MESSAGE
+
+
+def test_context_manager_aborts_on_error(store: MailStore) -> None:
+    with pytest.raises(RuntimeError), store.open_writer() as writer:
+        writer.write(MESSAGE)
+        raise RuntimeError("connection lost")
+    assert list(store.spool_dir.iterdir()) == []
+
+
+def test_writer_is_on_the_same_filesystem(store: MailStore) -> None:
+    writer = MessageWriter(store)
+    try:
+        assert writer.spool_path is not None
+        assert writer.spool_path.parent.parent == store.mail_dir
+    finally:
+        writer.abort()
+
+
+def test_clean_spool_removes_only_stale_files(store: MailStore) -> None:
+    store.spool_dir.mkdir(parents=True)
+    old = store.spool_dir / "old"
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 40 * 3600,) * 2)
+    fresh = store.spool_dir / "fresh"
+    fresh.write_bytes(b"x")
+    assert store.clean_spool() == 1
+    assert not old.exists() and fresh.exists()
+
+
+# -- listing for POP3 --------------------------------------------------------------
+
+
+def test_list_messages(store: MailStore) -> None:
+    box = store.maildir_for("boss@corp.example")
+    first = deliver(store, b"A: 1\r\n\r\none\r\n", "boss@corp.example")[0]
+    second = deliver(store, b"A: 2\r\n\r\ntwo two\r\n", "boss@corp.example")[0]
+    # A message another program moved to cur/ with flags, and one with a foreign name.
+    seen = box / "cur" / (second.name + ":2,S")
+    second.rename(seen)
+    foreign = box / "new" / "1.foreign.host"
+    foreign.write_bytes(b"X: y\r\n\r\n")
+    (box / "new" / ".hidden").write_bytes(b"not a message")
+
+    entries = list_messages(box)
+    assert [e.path for e in entries] == [foreign, first, seen]
+    sizes = {e.path: e.size for e in entries}
+    assert sizes[first] == first.stat().st_size
+    assert sizes[seen] == seen.stat().st_size
+    assert sizes[foreign] == 8
+    by_path = {e.path: e for e in entries}
+    assert by_path[seen].flags == "S"
+    assert by_path[seen].uid_base_name == second.name.split(",")[0]
+    assert list_messages(store.maildir_for("nobody@corp.example")) == []

@@ -1,0 +1,350 @@
+"""The SQLite user directory: domains, argon2id passwords, aliases, subaddresses, resolution."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import threading
+import unicodedata
+from contextlib import closing
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from argon2 import PasswordHasher
+
+from postroom.store.users import (
+    MAX_ALIAS_DEPTH,
+    DirectoryError,
+    SQLiteUserDirectory,
+    UnknownDomainError,
+    UserDirectory,
+    local_domains,
+)
+
+# Tests use tiny argon2 parameters; one test checks the real defaults.
+CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> SQLiteUserDirectory:
+    directory = SQLiteUserDirectory(tmp_path / "users.sqlite3", hasher=CHEAP)
+    directory.add_domain("corp.example")
+    return directory
+
+
+def stored_hash(db: SQLiteUserDirectory, address: str) -> str:
+    with closing(sqlite3.connect(db.path)) as conn:
+        row = conn.execute("SELECT password FROM users WHERE address = ?", (address,)).fetchone()
+    return str(row[0])
+
+
+def test_is_a_user_directory(db: SQLiteUserDirectory) -> None:
+    directory: UserDirectory = db  # the Protocol is satisfied structurally
+    assert directory.has_domain("corp.example")
+
+
+# -- domains ---------------------------------------------------------------------
+
+
+def test_domains(db: SQLiteUserDirectory) -> None:
+    db.add_domain("Other.Example.")
+    assert db.list_domains() == ["corp.example", "other.example"]
+    assert db.has_domain("OTHER.example")
+    assert not db.has_domain("nope.example")
+    assert not db.has_domain("not a domain")
+    with pytest.raises(DirectoryError, match="already exists"):
+        db.add_domain("other.example")
+    db.remove_domain("other.example")
+    assert db.list_domains() == ["corp.example"]
+    with pytest.raises(UnknownDomainError, match="no such domain"):
+        db.remove_domain("other.example")
+    with pytest.raises(DirectoryError):
+        db.add_domain("bad_domain!")
+
+
+def test_idn_domains_are_stored_as_a_labels(db: SQLiteUserDirectory) -> None:
+    db.add_domain("bücher.example")
+    assert "xn--bcher-kva.example" in db.list_domains()
+    assert db.has_domain("BÜCHER.example")
+
+
+def test_remove_domain_refused_while_it_has_users(db: SQLiteUserDirectory) -> None:
+    db.add_user("boss@corp.example", "pw")
+    with pytest.raises(DirectoryError) as e:
+        db.remove_domain("corp.example")
+    assert "still has 1 user" in str(e.value)
+    assert "postroom user del boss@corp.example" in str(e.value)
+    db.remove_user("boss@corp.example")
+    db.add_alias("info@corp.example", ["x@elsewhere.example"])
+    with pytest.raises(DirectoryError, match="alias"):
+        db.remove_domain("corp.example")
+    db.remove_alias("info@corp.example")
+    db.remove_domain("corp.example")
+
+
+def test_static_domains_from_the_config(tmp_path: Path) -> None:
+    db = SQLiteUserDirectory(tmp_path / "u.db", static_domains=["Static.Example"], hasher=CHEAP)
+    assert db.has_domain("static.example")
+    assert db.list_domains() == ["static.example"]
+    db.add_user("a@static.example", "pw")  # allowed without `domain add`
+    with pytest.raises(DirectoryError, match="config file"):
+        db.remove_domain("static.example")
+    config = SimpleNamespace(domains=("localhost",))
+    db.add_domain("db.example")
+    assert local_domains(config, db) == {"localhost", "static.example", "db.example"}  # type: ignore[arg-type]
+
+
+# -- users and passwords -----------------------------------------------------------
+
+
+def test_unknown_domain_says_what_to_do(db: SQLiteUserDirectory) -> None:
+    with pytest.raises(UnknownDomainError) as e:
+        db.add_user("x@nope.example", "pw")
+    assert "add the domain first: postroom domain add nope.example" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_argon2id_hash_is_stored(tmp_path: Path) -> None:
+    db = SQLiteUserDirectory(tmp_path / "u.db")  # the real default parameters
+    db.add_domain("corp.example")
+    db.add_user("boss@corp.example", "correct horse")
+    value = stored_hash(db, "boss@corp.example")
+    assert value.startswith("$argon2id$")
+    assert "correct horse" not in value
+    assert db.verify_password("boss@corp.example", "correct horse")
+    assert not db.verify_password("boss@corp.example", "wrong")
+
+
+def test_database_file_is_private(db: SQLiteUserDirectory) -> None:
+    assert stat.S_IMODE(db.path.stat().st_mode) == 0o600
+
+
+def test_verify_password(db: SQLiteUserDirectory) -> None:
+    db.add_user("boss@corp.example", "s3cret")
+    assert db.verify_password("boss@corp.example", "s3cret")
+    assert db.verify_password("boss@corp.example", b"s3cret")
+    assert not db.verify_password("boss@corp.example", "s3cret ")
+    assert not db.verify_password("boss@corp.example", b"\xff\xfe")
+    assert not db.verify_password("nobody@corp.example", "s3cret")
+    assert not db.verify_password("not an address", "s3cret")
+
+
+class CountingHasher(PasswordHasher):
+    calls = 0
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> bool:
+        CountingHasher.calls += 1
+        return super().verify(hash, password)
+
+
+def test_unknown_users_cost_a_hash_too(tmp_path: Path) -> None:
+    db = SQLiteUserDirectory(
+        tmp_path / "u.db", hasher=CountingHasher(time_cost=1, memory_cost=8, parallelism=1)
+    )
+    db.add_domain("corp.example")
+    CountingHasher.calls = 0
+    assert not db.verify_password("nobody@corp.example", "x")
+    assert not db.verify_password("nobody@elsewhere.example", "x")
+    assert not db.verify_password("not an address", "x")
+    assert CountingHasher.calls == 3
+
+
+def test_rehash_when_parameters_change(db: SQLiteUserDirectory) -> None:
+    db.add_user("boss@corp.example", "pw")
+    old = stored_hash(db, "boss@corp.example")
+    stronger = SQLiteUserDirectory(
+        db.path, hasher=PasswordHasher(time_cost=2, memory_cost=16, parallelism=1)
+    )
+    assert stronger.verify_password("boss@corp.example", "pw")
+    new = stored_hash(db, "boss@corp.example")
+    assert new != old and "m=16,t=2" in new
+    assert stronger.verify_password("boss@corp.example", "pw")
+    assert stored_hash(db, "boss@corp.example") == new  # no rehash when nothing changed
+
+
+def test_set_password_and_remove(db: SQLiteUserDirectory) -> None:
+    db.add_user("boss@corp.example", "one")
+    db.set_password("BOSS@corp.example", "two")
+    assert not db.verify_password("boss@corp.example", "one")
+    assert db.verify_password("boss@corp.example", "two")
+    db.remove_user("boss@corp.example")
+    assert db.list_users() == []
+    with pytest.raises(DirectoryError, match="no such user"):
+        db.remove_user("boss@corp.example")
+    with pytest.raises(DirectoryError, match="no such user"):
+        db.set_password("boss@corp.example", "x")
+
+
+def test_duplicate_user(db: SQLiteUserDirectory) -> None:
+    db.add_user("boss@corp.example", "pw")
+    with pytest.raises(DirectoryError, match="already exists"):
+        db.add_user("Boss@Corp.Example", "pw")
+
+
+@pytest.mark.parametrize("password", ["", "a\0b", "line\nbreak", "cr\rhere", "x" * 1025])
+def test_bad_passwords(db: SQLiteUserDirectory, password: str) -> None:
+    with pytest.raises(DirectoryError):
+        db.add_user("boss@corp.example", password)
+
+
+@pytest.mark.parametrize(
+    "address", ['"quoted user"@corp.example', "a/b@corp.example", "noat", "a@@corp.example"]
+)
+def test_bad_user_names(db: SQLiteUserDirectory, address: str) -> None:
+    with pytest.raises(DirectoryError):
+        db.add_user(address, "pw")
+
+
+def test_case_handling(db: SQLiteUserDirectory) -> None:
+    db.add_user("Boss.Man@CORP.Example", "pw")
+    assert db.list_users() == ["boss.man@corp.example"]
+    assert db.has_user("BOSS.MAN@corp.example")
+    assert db.verify_password("bOSS.mAN@Corp.Example.", "pw")
+    assert db.resolve("BOSS.MAN@CORP.EXAMPLE") == ["boss.man@corp.example"]
+
+
+def test_password_normalization(db: SQLiteUserDirectory) -> None:
+    # RFC 8265 OpaqueString: composed and decomposed forms are the same password,
+    # and a no-break space counts as a space.
+    db.add_user("boss@corp.example", "caf\u00e9 au\u00a0lait")
+    assert db.verify_password("boss@corp.example", unicodedata.normalize("NFD", "café au lait"))
+
+
+def test_list_users_by_domain(db: SQLiteUserDirectory) -> None:
+    db.add_domain("other.example")
+    for address in ("b@corp.example", "a@corp.example", "z@other.example"):
+        db.add_user(address, "pw")
+    assert db.list_users() == ["a@corp.example", "b@corp.example", "z@other.example"]
+    assert db.list_users("Other.Example") == ["z@other.example"]
+
+
+# -- aliases and resolution ------------------------------------------------------------
+
+
+def test_resolve_user_and_unknown(db: SQLiteUserDirectory) -> None:
+    db.add_user("boss@corp.example", "pw")
+    assert db.resolve("boss@corp.example") == ["boss@corp.example"]
+    assert db.resolve("nobody@corp.example") is None
+    assert db.resolve("boss@elsewhere.example") is None  # not a local domain
+    assert db.resolve("garbage") is None
+
+
+def test_aliases(db: SQLiteUserDirectory) -> None:
+    db.add_user("boss@corp.example", "pw")
+    db.add_user("deputy@corp.example", "pw")
+    db.add_alias("Sales@corp.example", ["boss@corp.example", "Partner@Elsewhere.Example"])
+    db.add_alias("sales@corp.example", ["DEPUTY@corp.example", "boss@corp.example"])
+    assert db.list_aliases() == {
+        "sales@corp.example": [
+            "boss@corp.example",
+            "Partner@elsewhere.example",  # a remote local part keeps its case
+            "deputy@corp.example",
+        ]
+    }
+    assert db.resolve("SALES@corp.example") == [
+        "boss@corp.example",
+        "deputy@corp.example",
+        "Partner@elsewhere.example",
+    ]
+    db.remove_alias("sales@corp.example", ["Partner@elsewhere.example"])
+    assert db.resolve("sales@corp.example") == ["boss@corp.example", "deputy@corp.example"]
+    with pytest.raises(DirectoryError, match="has no target"):
+        db.remove_alias("sales@corp.example", ["nobody@corp.example"])
+    db.remove_alias("sales@corp.example")
+    assert db.resolve("sales@corp.example") is None
+    with pytest.raises(DirectoryError, match="no such alias"):
+        db.remove_alias("sales@corp.example")
+
+
+def test_alias_needs_a_local_source_and_valid_targets(db: SQLiteUserDirectory) -> None:
+    with pytest.raises(UnknownDomainError, match="postroom domain add elsewhere.example"):
+        db.add_alias("x@elsewhere.example", ["boss@corp.example"])
+    with pytest.raises(DirectoryError):
+        db.add_alias("x@corp.example", ["not an address"])
+    with pytest.raises(DirectoryError):
+        db.add_alias("x@corp.example", [])
+
+
+def test_nested_aliases(db: SQLiteUserDirectory) -> None:
+    db.add_user("boss@corp.example", "pw")
+    db.add_alias("all@corp.example", ["team@corp.example", "ext@far.example"])
+    db.add_alias("team@corp.example", ["boss@corp.example", "ext@far.example"])
+    assert db.resolve("all@corp.example") == ["boss@corp.example", "ext@far.example"]
+
+
+def test_alias_cycles_terminate(db: SQLiteUserDirectory) -> None:
+    db.add_alias("a@corp.example", ["b@corp.example"])
+    db.add_alias("b@corp.example", ["a@corp.example"])
+    assert db.resolve("a@corp.example") is None  # nothing deliverable
+    db.add_alias("b@corp.example", ["out@far.example"])
+    assert db.resolve("a@corp.example") == ["out@far.example"]
+
+
+def test_alias_keeping_a_copy(db: SQLiteUserDirectory) -> None:
+    # The usual "forward and keep a copy": the user is a target of its own alias.
+    db.add_user("boss@corp.example", "pw")
+    db.add_alias("boss@corp.example", ["boss@corp.example", "boss@home.example"])
+    assert db.resolve("boss@corp.example") == ["boss@corp.example", "boss@home.example"]
+
+
+def test_alias_depth_limit(db: SQLiteUserDirectory) -> None:
+    db.add_user("end@corp.example", "pw")
+    chain = [f"hop{i}@corp.example" for i in range(MAX_ALIAS_DEPTH + 2)]
+    for source, target in zip(chain, [*chain[1:], "end@corp.example"], strict=True):
+        db.add_alias(source, [target])
+    assert db.resolve(chain[-3]) == ["end@corp.example"]
+    assert db.resolve(chain[0]) is None
+    expansion = db.expand(chain[0])
+    assert expansion is not None and expansion.unknown
+
+
+def test_alias_to_unknown_local_target(db: SQLiteUserDirectory) -> None:
+    db.add_user("boss@corp.example", "pw")
+    db.add_alias("info@corp.example", ["boss@corp.example", "gone@corp.example"])
+    assert db.resolve("info@corp.example") == ["boss@corp.example"]
+    expansion = db.expand("info@corp.example")
+    assert expansion is not None
+    assert expansion.mailboxes == ("boss@corp.example",)
+    assert expansion.unknown == ("gone@corp.example",)
+
+
+def test_subaddress(db: SQLiteUserDirectory) -> None:
+    db.add_user("boss@corp.example", "pw")
+    db.add_alias("sales@corp.example", ["boss@corp.example", "ext@far.example"])
+    assert db.resolve("boss+lists@corp.example") == ["boss@corp.example"]
+    assert db.resolve("Boss+Lists+More@corp.example") == ["boss@corp.example"]
+    assert db.resolve("sales+q3@corp.example") == ["boss@corp.example", "ext@far.example"]
+    assert db.resolve("nobody+x@corp.example") is None
+    assert db.resolve("+x@corp.example") is None
+    # An address that exists with the "+" wins over the subaddress rule.
+    db.add_alias("boss+private@corp.example", ["ext@far.example"])
+    assert db.resolve("boss+private@corp.example") == ["ext@far.example"]
+
+
+# -- concurrency ---------------------------------------------------------------------
+
+
+def test_a_second_process_sees_changes(db: SQLiteUserDirectory) -> None:
+    server = SQLiteUserDirectory(db.path, hasher=CHEAP)  # as a long-running server would
+    assert server.resolve("new@corp.example") is None
+    db.add_user("new@corp.example", "pw")  # as the CLI would, in its own connection
+    assert server.resolve("new@corp.example") == ["new@corp.example"]
+    with closing(sqlite3.connect(db.path)) as conn:
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+    assert mode == "wal"
+
+
+def test_usable_from_worker_threads(db: SQLiteUserDirectory) -> None:
+    db.add_user("boss@corp.example", "pw")
+    results: list[bool] = []
+
+    def check() -> None:
+        results.append(db.verify_password("boss@corp.example", "pw"))
+
+    threads = [threading.Thread(target=check) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 4
