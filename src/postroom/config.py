@@ -240,6 +240,12 @@ def parse_endpoint(text: str, default_port: int | None = None) -> Endpoint:
             raise bad("brackets hold an IPv6 address") from None
     else:
         if text.count(":") > 1:
+            if default_port is not None:
+                # Without a port, a bare IPv6 address is unambiguous.
+                try:
+                    return Endpoint(str(ipaddress.IPv6Address(text)), default_port)
+                except ValueError:
+                    pass
             raise bad("write IPv6 addresses in brackets: [::1]:25")
         host, sep, port_text_ = text.partition(":")
         port_text = port_text_ if sep else None
