@@ -26,6 +26,7 @@ from postroom.addresses import canonical_domain
 
 CONFIG_NAME = "postroom.toml"
 DEFAULT_DATA_DIR = Path("var")
+DEFAULT_SOURCE = "<default config>"  # names the embedded default in errors
 LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s")
 
 
@@ -139,6 +140,11 @@ class Config:
     # Where the settings came from (None: the embedded default); not part of
     # the configuration's value, so a file with default content equals no file.
     config_path: Path | None = field(default=None, compare=False)
+
+    @property
+    def source(self) -> str:
+        """The config file's path, or "<default config>": the prefix of ConfigError messages."""
+        return str(self.config_path) if self.config_path is not None else DEFAULT_SOURCE
 
     @property
     def users_db(self) -> Path:
@@ -704,7 +710,7 @@ def load_config(data_dir: Path | str = DEFAULT_DATA_DIR, config_file: Path | Non
     path = Path(config_file).expanduser() if config_file is not None else given_dir / CONFIG_NAME
     shown = str(path)
     if config_file is None and not path.exists():
-        return _Loader(data, "<default config>").load({})
+        return _Loader(data, DEFAULT_SOURCE).load({})
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -723,7 +729,7 @@ def load_config(data_dir: Path | str = DEFAULT_DATA_DIR, config_file: Path | Non
 
 def default_config(data_dir: Path | str = DEFAULT_DATA_DIR) -> Config:
     """The embedded default Config for a data directory (what no file means)."""
-    return _Loader(Path(data_dir).expanduser().absolute(), "<default config>").load({})
+    return _Loader(Path(data_dir).expanduser().absolute(), DEFAULT_SOURCE).load({})
 
 
 # -- rendering the commented default file ---------------------------------------
