@@ -250,6 +250,9 @@ def test_failed_commit_removes_partial_deliveries(
     with pytest.raises(OSError):
         writer.commit(boxes)
     assert list((boxes[0] / "new").iterdir()) == []  # all or nothing: no duplicate on retry
+    paths = writer.commit(boxes)  # the retry delivers once to each
+    assert [len(list((b / "new").iterdir())) for b in boxes] == [1, 1]
+    assert all(p.read_bytes() == MESSAGE for p in paths)
     writer.abort()
     assert list(store.spool_dir.iterdir()) == []
 

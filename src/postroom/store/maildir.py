@@ -261,15 +261,17 @@ class MessageWriter:
         BLOCKING (fsync). The list returned is parallel to `maildirs`; a maildir
         named twice receives one copy and both positions name it. All or
         nothing: if any delivery fails, the copies already made are removed and
-        the error propagates, so a retry cannot duplicate mail.
+        the error propagates, so a retry (calling commit again) cannot duplicate
+        mail.
         """
         if self._path is None:
             raise ValueError("commit after commit or abort")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        size = os.fstat(self._file.fileno()).st_size
-        self._file.close()
         spool_path = self._path
+        if not self._file.closed:  # closed already when an earlier commit failed
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        size = spool_path.stat().st_size
         delivered: dict[Path, Path] = {}
         try:
             for maildir in maildirs:
