@@ -76,4 +76,5 @@ def test_bare_postmaster_is_accepted(policy: RecipientPolicy) -> None:
 
 def test_normalise_domain() -> None:
     assert normalise_domain("Corp.Example.") == "corp.example"
-    assert normalise_domain("corp.example..") == "corp.example.."
+    assert normalise_domain("corp.example..") == ""
+    assert normalise_domain("Bücher.Example") == "xn--bcher-kva.example"

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from postroom.addresses import canonical_domain
 from postroom.protocol.replies import Reply
 
 # Characters that, in a local part, ask a host to route the mail onwards.
@@ -49,11 +50,12 @@ def split_address(address: str) -> tuple[str, str]:
 
 
 def normalise_domain(domain: str) -> str:
-    """Lower-case, one trailing root dot removed (`Corp.Example.` == `corp.example`)."""
-    domain = domain.strip().lower()
-    if domain.endswith(".") and not domain.endswith(".."):
-        domain = domain[:-1]
-    return domain
+    """The canonical spelling (lower-case A-labels, one trailing root dot removed),
+    or "" for something that is no domain at all."""
+    try:
+        return canonical_domain(domain)
+    except ValueError:
+        return ""
 
 
 class RecipientPolicy:

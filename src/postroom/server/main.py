@@ -27,7 +27,7 @@ from postroom.protocol.smtp_server import SMTPServerConfig
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.smtp import SMTPService, SMTPSession
 from postroom.store.maildir import MailStore
-from postroom.store.users import open_directory
+from postroom.store.users import local_domains, open_user_directory
 from postroom.tlscert import ensure_certificate, server_context
 
 log = logging.getLogger("postroom.master")
@@ -67,10 +67,12 @@ def install_event_loop_policy() -> str:
 
 
 def build_smtp_service(config: Config, tls_context: ssl.SSLContext | None) -> SMTPService:
-    directory = open_directory(config.users_db)
-    config_domains = {d.lower() for d in config.domains}
+    directory = open_user_directory(config)
+    config_domains = local_domains(config, directory) - set(directory.list_domains())
 
     def is_local_domain(domain: str) -> bool:
+        # The directory is asked afresh each time: `postroom domain add` works
+        # without a restart.
         return domain in config_domains or directory.has_domain(domain)
 
     smtp = config.smtp
@@ -89,7 +91,7 @@ def build_smtp_service(config: Config, tls_context: ssl.SSLContext | None) -> SM
         hostname=config.hostname,
         core_config=core_config,
         policy=policy,
-        store=MailStore(config.mail_dir),
+        store=MailStore(config.mail_dir, hostname=config.hostname),
         limiter=ConnectionLimiter(smtp.max_connections, smtp.max_connections_per_client),
         tls_context=tls_context,
         command_timeout=smtp.command_timeout,
@@ -100,7 +102,7 @@ def build_smtp_service(config: Config, tls_context: ssl.SSLContext | None) -> SM
 
 def bind(host: str, port: int, key: str, config: Config) -> socket.socket:
     """A listening socket, or a ConfigError that names the key (port in use, bad address)."""
-    where = str(config.config_path) if config.config_path else "(built-in defaults)"
+    where = config.source
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -133,10 +135,9 @@ async def serve(config: Config) -> int:
     try:
         tls_context = server_context(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        where = str(config.config_path) if config.config_path else "(built-in defaults)"
-        raise ConfigError(f"{where}: tls.cert: cannot load {cert} / {key}: {exc}") from exc
+        raise ConfigError(f"{config.source}: tls.cert: cannot load {cert} / {key}: {exc}") from exc
 
-    listen = config.listen_endpoints()
+    listen = config.listen.enabled()
     sockets: list[tuple[str, socket.socket]] = []
     try:
         for key_name, endpoint in listen.items():
