@@ -760,6 +760,9 @@ def test_app_misuse_raises_protocol_error() -> None:
     core = POP3Server(PLAIN)
     with pytest.raises(POP3ProtocolError, match="GREETING"):
         core.ok()
+    with pytest.raises(POP3ProtocolError, match="one line"):
+        core.greeting("two\nlines")
+    assert core.state is State.GREETING  # a refused call changes nothing
     core.greeting()
     with pytest.raises(POP3ProtocolError, match="tls_started"):
         core.tls_started()
@@ -776,6 +779,8 @@ def test_app_misuse_raises_protocol_error() -> None:
         core.err("two\r\nlines")
     with pytest.raises(POP3ProtocolError):
         core.err("bad code", "NOT A CODE")
+    with pytest.raises(POP3ProtocolError):
+        core.ok("two\r\nlines")
     core.ok()
     assert core.next_event() is NEED_DATA
     core.receive_data(b"")

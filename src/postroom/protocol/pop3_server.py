@@ -28,7 +28,9 @@ Use it like h11:
 
 Every event that needs an answer (User, Pass, Apop, AuthStart, AuthResponse,
 StartTLS, Retrieve, Top, Update) pauses the core until the app gives it;
-AuthCancelled and ConnectionClosed need none. Calling an answer that does not
+AuthCancelled and ConnectionClosed need none. Pipelined commands wait in the
+core's buffer meanwhile, so the server layer should stop reading while
+next_event() returns PAUSED. Calling an answer that does not
 fit the pending event raises POP3ProtocolError, the only exception the core
 raises; the client can never make it raise.
 
@@ -528,8 +530,9 @@ class POP3Server:
         parts = [text or f"{self._config.implementation} POP3 server ready"]
         if self._config.apop_timestamp:
             parts.append(self._config.apop_timestamp)
+        reply = Pop3Reply(True, " ".join(parts))  # a bad text raises before any change
         self._move("greeting")
-        self._reply(True, " ".join(parts))
+        self._out.append(reply.to_bytes())
 
     def tls_started(self) -> None:
         """The TLS handshake after STLS succeeded: back to a fresh AUTHORIZATION."""
@@ -551,12 +554,13 @@ class POP3Server:
     def ok(self, text: str = "") -> None:
         """Accept a User (ask for PASS) or a StartTLS (then start the handshake)."""
         event = self._expect("ok", (User, StartTLS))
+        is_user = isinstance(event, User)
+        reply = Pop3Reply(True, text or ("send PASS" if is_user else "Begin TLS negotiation"))
         self._pending = None
+        self._out.append(reply.to_bytes())
         if isinstance(event, User):
             self._user = event.name
-            self._reply(True, text or "send PASS")
         else:
-            self._reply(True, text or "Begin TLS negotiation")
             self._move("stls")
             self._buffer.clear()
 
@@ -588,18 +592,21 @@ class POP3Server:
         """Credentials are good and the maildrop is locked: enter TRANSACTION with this
         snapshot (RFC 1939 4)."""
         event = self._expect("login_succeeded", _LOGIN_EVENTS)
-        self._pending = None
-        self._sizes = [m.size for m in maildrop.messages]
-        self._uids = [m.uid for m in maildrop.messages]
-        self._deleted = set()
-        self._live_count = len(self._sizes)
-        self._live_octets = sum(self._sizes)
+        sizes = [m.size for m in maildrop.messages]
         if text is None:
             owner = f"{event.name}'s " if isinstance(event, (Pass, Apop)) else ""
-            text = f"{owner}maildrop has {self._drop_summary()}"
+            summary = f"{_plural(len(sizes), 'message')} ({sum(sizes)} octets)"
+            text = f"{owner}maildrop has {summary}"
+        reply = Pop3Reply(True, text)
+        self._pending = None
+        self._sizes = sizes
+        self._uids = [m.uid for m in maildrop.messages]
+        self._deleted = set()
+        self._live_count = len(sizes)
+        self._live_octets = sum(sizes)
         self._user = None
         self._move("login")
-        self._reply(True, text)
+        self._out.append(reply.to_bytes())
 
     def auth_challenge(self, challenge: bytes = b"") -> None:
         """Send a SASL challenge ("+ " base64, RFC 5034 4); the next line answers it."""
@@ -635,7 +642,6 @@ class POP3Server:
     def update_done(self, ok: bool = True, text: str | None = None) -> None:
         """The app has removed the messages of the pending Update (RFC 1939 6)."""
         self._expect("update_done", (Update,))
-        self._pending = None
         if text is None:
             if ok:
                 left = self._live_count
@@ -643,7 +649,9 @@ class POP3Server:
                 text = f"{self._config.implementation} POP3 server signing off ({rest})"
             else:
                 text = "some deleted messages not removed"
-        self._reply(ok, text)
+        reply = Pop3Reply(ok, text)
+        self._pending = None
+        self._out.append(reply.to_bytes())
         self._move("update_done")
         self._closed = ConnectionClosed("quit")
 
@@ -993,7 +1001,7 @@ class POP3Server:
             writer = _MessageWriter(event.lines)
         else:
             assert isinstance(event, Retrieve)
-            self._reply(True, f"{self._sizes[event.msg_number - 1]} octets")
+            self._out.append(b"+OK %d octets\r\n" % self._sizes[event.msg_number - 1])
             writer = _MessageWriter(None)
         self._writer = writer
         return writer
