@@ -1,0 +1,352 @@
+"""CRLF framing shared by the SMTP and POP3 cores: command lines, dot-terminated data.
+
+Three pieces, all working on whole buffers with `bytes.find`/`replace`/`count`
+(never a Python loop per byte), so that a large message costs a few C-level
+passes per chunk:
+
+- `LineBuffer` cuts command lines out of the received bytes, keeping at most
+  `max_length` octets of an unfinished line (a longer one is skipped to its end
+  and reported once as too long).
+- `DataReader` reads dot-terminated content (SMTP DATA, RFC 5321 4.5.2; POP3
+  multi-line responses, RFC 1939 3): it finds the end of data, removes the
+  transparency dots and checks lines, while holding only a partial line.
+- `DotStuffer` / `dot_stuff` do the reverse for a sender.
+
+The end of data is `<CRLF>.<CRLF>` and nothing else. A bare LF or a bare CR
+never ends the data (that difference between receivers is what SMTP smuggling
+exploits); depending on the `bare_newline` mode such content is refused
+("reject") or its bare line ends are turned into CRLF ("normalize").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+MAX_TEXT_LINE = 1000  # RFC 5321 4.5.3.1.6: a text line, including its CRLF
+END_OF_DATA = b".\r\n"  # what a sender writes after the (CRLF-ended) content
+
+BareNewline = Literal["reject", "normalize"]
+BARE_NEWLINE_MODES: tuple[BareNewline, ...] = ("reject", "normalize")
+
+# Problems a DataReader can find in content (the first one found is kept).
+BARE_LF = "bare_lf"
+BARE_CR = "bare_cr"
+LONG_LINE = "long_line"
+TOO_BIG = "too_big"
+
+_MARK = b"\r\n.\r\n"  # the end of data when the data already started
+_LONE_DOT_LINE = b"\r\n.\r\n"  # only possible inside content after normalizing
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One line cut by `LineBuffer`.
+
+    `text` has no line terminator. `length` counts the octets on the wire,
+    terminator included (what the RFC limits count). `bare_lf` says the line
+    ended with LF alone. A `too_long` line went over the buffer's limit: its
+    text was dropped and must not be interpreted.
+    """
+
+    text: bytes
+    length: int
+    bare_lf: bool = False
+    too_long: bool = False
+
+
+class LineBuffer:
+    """Received bytes, handed out as lines ending in LF (CRLF or a bare LF).
+
+    The buffer never holds more than `max_length` octets of an unfinished line:
+    past that the line is dropped, the rest of it is skipped as it arrives, and
+    `next_line` returns one `Line(too_long=True)` when its end comes. Bytes can
+    also be taken raw (`take`, `take_all`) for DATA, BDAT chunks or TLS.
+    """
+
+    __slots__ = ("_buf", "_skipped", "max_length")
+
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+        self._buf = bytearray()
+        self._skipped = 0  # octets dropped from an over-long line, 0 = not skipping
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_line(self) -> Line | None:
+        """The next complete line, or None if none is complete yet."""
+        buf = self._buf
+        nl = buf.find(b"\n")
+        if nl < 0:
+            if len(buf) > self.max_length:
+                # Keep memory bounded: drop what we have and skip to the line end.
+                self._skipped += len(buf)
+                del buf[:]
+            return None
+        bare_lf = nl == 0 or buf[nl - 1] != 0x0D
+        length = nl + 1
+        if self._skipped:
+            length += self._skipped
+            self._skipped = 0
+            del buf[: nl + 1]
+            return Line(b"", length, bare_lf, too_long=True)
+        if length > self.max_length:
+            del buf[: nl + 1]
+            return Line(b"", length, bare_lf, too_long=True)
+        text = bytes(buf[: nl if bare_lf else nl - 1])
+        del buf[: nl + 1]
+        return Line(text, length, bare_lf)
+
+    def take(self, limit: int) -> bytes:
+        """Up to `limit` raw octets from the front of the buffer."""
+        data = bytes(self._buf[:limit])
+        del self._buf[:limit]
+        return data
+
+    def take_all(self) -> bytes:
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front (what followed the end of a DATA block)."""
+        if data:
+            self._buf[:0] = data
+
+    def clear(self) -> None:
+        """Forget everything buffered, also a line being skipped."""
+        self._buf.clear()
+        self._skipped = 0
+
+
+class DataReader:
+    """Dot-terminated content: finds its end, un-stuffs dots, checks lines.
+
+    Feed it the bytes that follow the DATA command (or a POP3 "+OK" line);
+    `feed` returns the content that is complete so far: transparency dots
+    removed (RFC 5321 4.5.2), CRLF line ends kept, the final CRLF included and
+    the terminating ".CRLF" left out. When the end has been seen, `done` is set
+    and `leftover` holds the bytes that came after it (pipelined commands).
+
+    Between calls it holds at most one partial line (under `max_line` octets)
+    or a CR whose LF has not arrived. A line that grows past `max_line` is
+    consumed as it arrives and marks the content as having a long line.
+
+    `problem` names the first reason to refuse the content (`BARE_LF`,
+    `BARE_CR`, `LONG_LINE`, `TOO_BIG`); once set, content is no longer
+    returned (the reader only looks for the end). `size` counts the content
+    octets returned or discarded up to then (RFC 1870 counts after removing
+    the transparency dots).
+
+    `after_crlf` says the command that started the data ended with CRLF, so
+    that a first line of "." ends an empty message.
+    """
+
+    __slots__ = (
+        "_check_lines",
+        "_normalize",
+        "_partial",
+        "_prev_crlf",
+        "_tail",
+        "done",
+        "leftover",
+        "max_line",
+        "max_size",
+        "problem",
+        "size",
+    )
+
+    def __init__(
+        self,
+        *,
+        bare_newline: BareNewline = "reject",
+        max_line: int = MAX_TEXT_LINE,
+        max_size: int = 0,
+        after_crlf: bool = True,
+        check_lines: bool = True,
+    ) -> None:
+        if bare_newline not in BARE_NEWLINE_MODES:
+            raise ValueError(f"bare_newline must be one of {BARE_NEWLINE_MODES}")
+        self._normalize = bare_newline == "normalize"
+        self._check_lines = check_lines
+        self.max_line = max_line
+        self.max_size = max_size
+        self._tail = b""  # unconsumed: a partial line, or a lone trailing CR
+        self._prev_crlf = after_crlf  # consumed content ends with a real CRLF
+        self._partial = 0  # octets of the current line already consumed
+        self.done = False
+        self.leftover = b""
+        self.problem: str | None = None
+        self.size = 0
+
+    @property
+    def buffered(self) -> int:
+        """Octets held back (a partial line at most)."""
+        return len(self._tail)
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            raise ValueError("DataReader.feed() after the end of data")
+        buf = self._tail + data if self._tail else data
+        self._tail = b""
+        if self._prev_crlf:
+            # The CRLF before the dot ended the previous line (or the command).
+            if buf[:3] == END_OF_DATA:
+                self._finish(buf[3:])
+                return b""
+            if len(buf) < 3 and END_OF_DATA.startswith(buf):
+                self._tail = buf
+                return b""
+        # Every end marker and every stuffed dot inside the buffer starts with
+        # CRLF "."; one search usually rules both out for a whole chunk.
+        dot = buf.find(b"\r\n.")
+        end = buf.find(_MARK, dot) if dot >= 0 else -1
+        if end >= 0:
+            out = self._content(buf[: end + 2], ends_line=True, dots=True)
+            self._finish(buf[end + 5 :])
+            return out
+        # Consume up to the last line end: the last LF, or the last CR that is
+        # not the final octet (a final CR may be the first half of a CRLF).
+        cut = max(buf.rfind(b"\n"), buf.rfind(b"\r", 0, len(buf) - 1))
+        out = b""
+        if cut >= 0:
+            segment = buf[: cut + 1]
+            buf = buf[cut + 1 :]
+            out = self._content(segment, ends_line=True, dots=dot >= 0)
+            self._prev_crlf = segment.endswith(b"\r\n")
+        if self._partial + len(buf) >= self.max_line:
+            # No line end in sight and the line is already too long: consume it
+            # now so that memory stays bounded (keep a final CR for its LF).
+            keep = 1 if buf.endswith(b"\r") else 0
+            segment = buf[: len(buf) - keep]
+            buf = buf[len(buf) - keep :]
+            if segment:
+                out += self._content(segment, ends_line=False, dots=False)
+                self._prev_crlf = False
+        self._tail = buf
+        return out
+
+    def _finish(self, leftover: bytes) -> None:
+        self.done = True
+        self.leftover = leftover
+
+    def _content(self, segment: bytes, *, ends_line: bool, dots: bool) -> bytes:
+        """Check and un-stuff one consumed segment of raw content.
+
+        A segment ending a line ends with LF or with a bare CR; any other
+        segment holds no line end at all (part of an over-long line). `dots`
+        False says the segment holds no CRLF "." (found by the caller).
+        """
+        already = self._partial  # octets of this line consumed before the segment
+        self._partial = 0 if ends_line else already + len(segment)
+        if self.problem is not None:
+            return b""
+        # Clean content has exactly one CR and one LF per CRLF pair.
+        crlf = segment.count(b"\r\n")
+        if len(segment) - len(segment.translate(None, b"\r\n")) != 2 * crlf:
+            if not self._normalize:
+                self.problem = BARE_LF if segment.count(b"\n") != crlf else BARE_CR
+                return b""
+            segment = segment.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            segment = segment.replace(b"\n", b"\r\n")
+            dots = True
+        if self._check_lines and self._has_long_line(segment, already):
+            self.problem = LONG_LINE
+            return b""
+        segment = self._unstuff(segment, at_line_start=already == 0, dots=dots)
+        self.size += len(segment)
+        if self.max_size and self.size > self.max_size:
+            self.problem = TOO_BIG
+            return b""
+        return segment
+
+    def _has_long_line(self, segment: bytes, already: int) -> bool:
+        """Whether a line of `segment` (the first one continuing `already`
+        consumed octets) is longer than `max_line`, terminator included."""
+        limit = self.max_line
+        first = segment.find(b"\n")
+        if first < 0:
+            # Part of a line without its end: it is consumed only once it is
+            # `max_line` octets long, so it is too long whatever ends it.
+            return already + len(segment) >= limit
+        if already + first + 1 > limit:
+            return True
+        # Jump from a line start to the last LF within `limit` octets; a window
+        # without any LF holds a line longer than the limit.
+        pos = first + 1
+        size = len(segment)
+        while size - pos > limit:
+            nl = segment.rfind(b"\n", pos, pos + limit)
+            if nl < 0:
+                return True
+            pos = nl + 1
+        return False
+
+    @staticmethod
+    def _unstuff(segment: bytes, *, at_line_start: bool, dots: bool) -> bytes:
+        # RFC 5321 4.5.2: a line that starts with a period and has other
+        # characters loses that first period. A line of a lone "." inside the
+        # content only exists after normalizing bare line ends; it stays.
+        if at_line_start and segment[:1] == b"." and segment[:3] != b".\r\n":
+            segment = segment[1:]
+        if not dots or b"\r\n." not in segment:
+            return segment
+        if _LONE_DOT_LINE not in segment:
+            return segment.replace(b"\r\n.", b"\r\n")
+        lines = segment.split(b"\r\n")
+        for i in range(1, len(lines)):
+            line = lines[i]
+            if len(line) > 1 and line[:1] == b".":
+                lines[i] = line[1:]
+        return b"\r\n".join(lines)
+
+
+class DotStuffer:
+    """Message bytes to DATA wire form, piece by piece (RFC 5321 4.5.2).
+
+    Line ends become CRLF (a bare LF or CR is never sent: receivers disagree
+    on them, which is what SMTP smuggling exploits), and every line starting
+    with a period gets one more. `end()` returns the bytes that close the
+    data: a CRLF if the content did not end with one, then ".CRLF".
+    """
+
+    __slots__ = ("_held_cr", "_line_start")
+
+    def __init__(self) -> None:
+        self._line_start = True
+        self._held_cr = False  # a final CR whose LF may come with the next piece
+
+    def feed(self, data: bytes) -> bytes:
+        if self._held_cr:
+            data = b"\r" + data
+            self._held_cr = False
+        if data.endswith(b"\r"):
+            self._held_cr = True
+            data = data[:-1]
+        if not data:
+            return b""
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        data = data.replace(b"\n", b"\r\n")
+        data = data.replace(b"\r\n.", b"\r\n..")
+        if self._line_start and data[:1] == b".":
+            data = b"." + data
+        self._line_start = data.endswith(b"\n")
+        return data
+
+    def end(self) -> bytes:
+        """The closing bytes; the stuffer is ready for a new message after it."""
+        out = b"" if self._line_start and not self._held_cr else b"\r\n"
+        self._line_start = True
+        self._held_cr = False
+        return out + END_OF_DATA
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """A whole message in DATA wire form, ending with CRLF, without END_OF_DATA."""
+    stuffer = DotStuffer()
+    return stuffer.feed(data) + stuffer.end()[: -len(END_OF_DATA)]
