@@ -247,7 +247,7 @@ ERRORS = [
     ("[pop3]\nfrobnicate = 1\n", "pop3.frobnicate", "unknown key"),
     ("smtp = 5\n", "smtp", "expected a table [smtp]"),
     ('[listen]\nsmtp = "127.0.0.1:99999"\n', "listen.smtp",
-     '"127.0.0.1:99999" is not HOST:PORT (port must be 1-65535)'),
+     '"127.0.0.1:99999" is not HOST:PORT (port must be 0-65535)'),
     ('[listen]\nsmtp = "127.0.0.1"\n', "listen.smtp", "the port is missing"),
     ('[listen]\nsmtp = "::1:25"\n', "listen.smtp", "write IPv6 addresses in brackets"),
     ('[listen]\nsmtp = "[nonsense]:25"\n', "listen.smtp", "IPv6"),
@@ -304,7 +304,7 @@ def test_exact_port_message(tmp_path: Path) -> None:
         load_config(tmp_path)
     assert str(e.value) == (
         f'{tmp_path}/postroom.toml: listen.smtp: "127.0.0.1:99999" is not HOST:PORT '
-        "(port must be 1-65535)"
+        "(port must be 0-65535)"
     )
 
 

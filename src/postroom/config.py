@@ -221,8 +221,13 @@ def _check_host(host: str) -> str:
     return host.lower().rstrip(".")
 
 
-def parse_endpoint(text: str, default_port: int | None = None) -> Endpoint:
+def parse_endpoint(
+    text: str, default_port: int | None = None, *, any_port: bool = False
+) -> Endpoint:
     """Parse "HOST:PORT" or "[IPv6]:PORT" (the port may be left out if there is a default).
+
+    With `any_port` (listeners), port 0 asks the kernel for any free port, which
+    tests and `postroom demo` use.
 
     ValueError with a message such as
     ``"127.0.0.1:99999" is not HOST:PORT (port must be 1-65535)``.
@@ -265,15 +270,16 @@ def parse_endpoint(text: str, default_port: int | None = None) -> Endpoint:
         if default_port is None:
             raise bad("the port is missing")
         return Endpoint(host, default_port)
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise bad("port must be 1-65535")
+    lowest = 0 if any_port else 1
+    if not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
+        raise bad(f"port must be {lowest}-65535")
     return Endpoint(host, int(port_text))
 
 
 def _endpoint(value: object) -> Endpoint:
     _expect(value, str, 'a string "HOST:PORT"')
     try:
-        return parse_endpoint(str(value))
+        return parse_endpoint(str(value), any_port=True)
     except ValueError as e:
         raise _Invalid(str(e)) from None
 

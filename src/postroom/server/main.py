@@ -10,7 +10,6 @@ idle clients 421 and exit 0.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -19,6 +18,7 @@ import socket
 import ssl
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from postroom.config import Config, ConfigError
@@ -42,6 +42,9 @@ DRAIN_GRACE_SECONDS = 30.0
 # Listeners this version serves. The config may name the others (they are part
 # of the config's contract); they are reported at start and left unbound.
 SERVED_LISTENERS = ("smtp",)
+
+# StreamReader buffer limit; reads are capped by the session's own READ_SIZE.
+READ_LIMIT = 1024 * 1024
 
 
 def setup_logging() -> None:
@@ -127,20 +130,42 @@ def bind(host: str, port: int, key: str, config: Config) -> socket.socket:
     return sock
 
 
-async def serve(config: Config) -> int:
-    tls_context: ssl.SSLContext | None = None
+@dataclass
+class Running:
+    """A started postroom: its listening servers and the services behind them."""
+
+    config: Config
+    servers: dict[str, asyncio.base_events.Server]
+    smtp: SMTPService
+
+    def address(self, listener: str) -> tuple[str, int]:
+        """The bound (host, port) of a listener: tests bind port 0 and ask here."""
+        sock = self.servers[listener].sockets[0]
+        host, port = sock.getsockname()[:2]
+        return str(host), int(port)
+
+    async def stop(self, grace: float = DRAIN_GRACE_SECONDS) -> None:
+        """Stop accepting, let transactions finish (up to `grace`), close the rest."""
+        log.info("stopping: no new connections; waiting for transactions in progress")
+        for server in self.servers.values():
+            server.close()
+        await drain(self.smtp, grace)
+        log.info("stopped")
+
+
+async def start(config: Config) -> Running:
+    """Bind every listener this version serves and start accepting connections."""
     cert, key = config.tls.cert, config.tls.key
-    if ensure_certificate(cert, key, config.hostname):
+    if config.tls.generate and ensure_certificate(cert, key, config.hostname):
         log.info("made a self-signed certificate for %s in %s", config.hostname, cert)
     try:
         tls_context = server_context(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"{config.source}: tls.cert: cannot load {cert} / {key}: {exc}") from exc
 
-    listen = config.listen.enabled()
     sockets: list[tuple[str, socket.socket]] = []
     try:
-        for key_name, endpoint in listen.items():
+        for key_name, endpoint in config.listen.enabled().items():
             if key_name not in SERVED_LISTENERS:
                 log.warning("listen.%s (%s:%d) is configured but not served by this version",
                             key_name, endpoint.host, endpoint.port)
@@ -150,34 +175,31 @@ async def serve(config: Config) -> int:
         for _name, sock in sockets:
             sock.close()
         raise
+    if not sockets:
+        raise ConfigError(f"{config.source}: listen.smtp: no listener to serve; set listen.smtp")
 
     smtp_service = build_smtp_service(config, tls_context)
-    servers: list[asyncio.base_events.Server] = []
+    # Spool files left by a crash mid-DATA were never acknowledged: remove them.
+    removed = smtp_service.store.clean_spool()
+    if removed:
+        log.info("removed %d unacknowledged spool file(s) left by an earlier run", removed)
+    servers: dict[str, asyncio.base_events.Server] = {}
     for key_name, sock in sockets:
-        if key_name == "smtp":
-            handler = _session_factory(smtp_service)
-            servers.append(await asyncio.start_server(handler, sock=sock,
-                                                      limit=1024 * 1024))
+        handler = _session_factory(smtp_service)
+        servers[key_name] = await asyncio.start_server(handler, sock=sock, limit=READ_LIMIT)
         log.info("listening for %s on %s:%d", key_name, *sock.getsockname()[:2])
-    if not servers:
-        log.error("no listener to serve: set listen.smtp in the config")
-        return 1
+    return Running(config, servers, smtp_service)
 
+
+async def serve(config: Config) -> int:
+    running = await start(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("postroom ready: hostname=%s, data=%s", config.hostname, config.data_dir)
     await stop.wait()
-
-    log.info("stopping: no new connections; waiting for transactions in progress")
-    for server in servers:
-        server.close()
-    await drain(smtp_service)
-    for server in servers:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.wait_closed(), 5)
-    log.info("stopped")
+    await running.stop()
     return 0
 
 
@@ -206,4 +228,7 @@ def run(config: Config) -> int:
     setup_logging()
     flavour = install_event_loop_policy()
     log.info("starting postroom (event loop: %s)", flavour)
-    return asyncio.run(serve(config))
+    try:
+        return asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,270 @@
+"""The asyncio SMTP server on real loopback sockets: delivery, TLS, limits, loops, shutdown.
+
+The server runs in the test's event loop; clients are smtplib (in a thread)
+or raw asyncio streams when a test must misbehave on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import mailbox
+import smtplib
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postroom.config import load_config
+from postroom.server.main import Running, start
+from postroom.store.users import open_user_directory
+
+MESSAGE = (
+    b"From: Smith <smith@isp.example>\r\n"
+    b"To: Boss <boss@corp.example>\r\n"
+    b"Subject: report\r\n"
+    b"\r\n"
+    b"The report is attached in spirit.\r\n"
+    b".leading dot survives\r\n"
+)
+
+
+def write_config(data: Path, **smtp: Any) -> None:
+    lines = [
+        'hostname = "mx.corp.example"',
+        'domains = ["corp.example"]',
+        "[listen]",
+        'smtp = "127.0.0.1:0"',
+        "[smtp]",
+    ]
+    for key, value in smtp.items():
+        lines.append(f"{key} = {value!r}".replace("'", '"'))
+    (data / "postroom.toml").write_text("\n".join(lines) + "\n")
+
+
+@asynccontextmanager
+async def running_server(tmp_path: Path, **smtp: Any) -> AsyncIterator[Running]:
+    write_config(tmp_path, **smtp)
+    config = load_config(tmp_path)
+    directory = open_user_directory(config)
+    directory.add_user("boss@corp.example", "boss-secret")
+    directory.add_user("alice@corp.example", "alice-secret")
+    directory.add_alias("team@corp.example", ["boss@corp.example", "alice@corp.example"])
+    running = await start(config)
+    try:
+        yield running
+    finally:
+        await running.stop(grace=2)
+
+
+def new_messages(tmp_path: Path, user: str = "boss") -> list[Path]:
+    folder = tmp_path / "mail" / "corp.example" / user / "new"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def run(coro_fn: Callable[[], Any]) -> Any:
+    return asyncio.run(coro_fn())
+
+
+def test_delivers_to_maildir_with_received_header(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            host, port = server.address("smtp")
+
+            def send() -> tuple[int, bytes]:
+                with smtplib.SMTP(host, port, timeout=10) as client:
+                    client.ehlo("client.example")
+                    client.mail("smith@isp.example")
+                    client.rcpt("boss@corp.example")
+                    return client.data(MESSAGE)
+
+            code, text = await asyncio.to_thread(send)
+            assert code == 250 and b"queued as" in text
+
+    run(scenario)
+    files = new_messages(tmp_path)
+    assert len(files) == 1
+    raw = files[0].read_bytes()
+    assert raw.endswith(MESSAGE)
+    assert raw.startswith(b"Received: from client.example ([127.0.0.1])")
+    assert f",S={len(raw)}" in files[0].name
+    box = mailbox.Maildir(tmp_path / "mail" / "corp.example" / "boss", factory=None)
+    (msg,) = list(box)
+    assert msg["Subject"] == "report"
+
+
+def test_alias_delivers_one_copy_per_mailbox(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            host, port = server.address("smtp")
+
+            def send() -> dict[str, tuple[int, bytes]]:
+                with smtplib.SMTP(host, port, timeout=10) as client:
+                    return client.sendmail(
+                        "smith@isp.example",
+                        ["team@corp.example", "boss@corp.example", "Boss+x@Corp.Example"],
+                        MESSAGE,
+                    )
+
+            assert await asyncio.to_thread(send) == {}
+
+    run(scenario)
+    assert len(new_messages(tmp_path, "boss")) == 1
+    assert len(new_messages(tmp_path, "alice")) == 1
+
+
+def test_starttls_then_delivery_says_esmtps(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            host, port = server.address("smtp")
+
+            def send() -> None:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                with smtplib.SMTP(host, port, timeout=10) as client:
+                    client.starttls(context=context)
+                    client.sendmail("smith@isp.example", ["boss@corp.example"], MESSAGE)
+
+            await asyncio.to_thread(send)
+
+    run(scenario)
+    (path,) = new_messages(tmp_path)
+    received = email.message_from_bytes(path.read_bytes())["Received"]
+    assert "with ESMTPS id" in received and "using TLSv1." in received
+
+
+async def raw_session(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(host, port)
+    banner = await reader.readline()
+    assert banner.startswith(b"220 ")
+    return reader, writer
+
+
+async def read_reply(reader: asyncio.StreamReader) -> bytes:
+    lines = []
+    while True:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        lines.append(line)
+        if not line or line[3:4] != b"-":
+            return b"".join(lines)
+
+
+def test_client_vanishing_mid_data_leaves_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            reader, writer = await raw_session(*server.address("smtp"))
+            for command in (b"EHLO c\r\n", b"MAIL FROM:<a@b.example>\r\n",
+                            b"RCPT TO:<boss@corp.example>\r\n", b"DATA\r\n"):
+                writer.write(command)
+                await read_reply(reader)
+            writer.write(b"Subject: half\r\n\r\n" + b"x" * 100_000)
+            await writer.drain()
+            writer.transport.abort()
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if not server.smtp.sessions:
+                    break
+            assert not server.smtp.sessions
+
+    run(scenario)
+    assert new_messages(tmp_path) == []
+    leftovers = [p for p in (tmp_path / "mail").rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+def test_mail_loop_is_refused_554_546(tmp_path: Path) -> None:
+    looped = b"".join(b"Received: from hop%d by x; date\r\n" % i for i in range(51)) + MESSAGE
+
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            host, port = server.address("smtp")
+
+            def send() -> None:
+                with smtplib.SMTP(host, port, timeout=10) as client:
+                    with pytest.raises(smtplib.SMTPDataError) as info:
+                        client.sendmail("smith@isp.example", ["boss@corp.example"], looped)
+                    assert info.value.smtp_code == 554
+                    assert info.value.smtp_error.startswith(b"5.4.6")
+
+            await asyncio.to_thread(send)
+
+    run(scenario)
+    assert new_messages(tmp_path) == []
+
+
+def test_per_client_connection_limit_says_421(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path, max_connections_per_client=2) as server:
+            host, port = server.address("smtp")
+            first = await raw_session(host, port)
+            second = await raw_session(host, port)
+            reader, writer = await asyncio.open_connection(host, port)
+            refused = await read_reply(reader)
+            # RFC 2034 3: the greeting carries no enhanced status code.
+            assert refused.startswith(b"421 ") and b"Too many connections" in refused
+            assert await reader.read() == b""
+            for _r, w in (first, second, (reader, writer)):
+                w.close()
+
+    run(scenario)
+
+
+def test_idle_client_times_out_with_421(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path, command_timeout="1s") as server:
+            reader, writer = await raw_session(*server.address("smtp"))
+            reply = await asyncio.wait_for(read_reply(reader), 10)
+            assert reply.startswith(b"421 4.4.2")
+            writer.close()
+
+    run(scenario)
+
+
+def test_shutdown_lets_a_transaction_finish_then_closes(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        write_config(tmp_path)
+        config = load_config(tmp_path)
+        open_user_directory(config).add_user("boss@corp.example", "pw")
+        server = await start(config)
+        reader, writer = await raw_session(*server.address("smtp"))
+        for command in (b"EHLO c\r\n", b"MAIL FROM:<a@b.example>\r\n",
+                        b"RCPT TO:<boss@corp.example>\r\n", b"DATA\r\n"):
+            writer.write(command)
+            await read_reply(reader)
+        idle_reader, idle_writer = await raw_session(*server.address("smtp"))
+        stopping = asyncio.create_task(server.stop(grace=10))
+        await asyncio.sleep(0.2)
+        assert not stopping.done()
+        writer.write(b"Subject: in flight\r\n\r\nbody\r\n.\r\n")
+        assert (await read_reply(reader)).startswith(b"250 2.0.0")
+        assert (await read_reply(reader)).startswith(b"421 4.3.2")
+        assert (await read_reply(idle_reader)).startswith(b"421 4.3.2")
+        await asyncio.wait_for(stopping, 10)
+        writer.close()
+        idle_writer.close()
+
+    run(scenario)
+    assert len(new_messages(tmp_path)) == 1
+
+
+def test_port_in_use_is_a_config_error(tmp_path: Path) -> None:
+    from postroom.config import ConfigError
+
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            host, port = server.address("smtp")
+            other = tmp_path / "other"
+            other.mkdir()
+            (other / "postroom.toml").write_text(
+                f'domains = ["corp.example"]\n[listen]\nsmtp = "{host}:{port}"\n'
+            )
+            with pytest.raises(ConfigError) as info:
+                await start(load_config(other))
+            assert "listen.smtp" in str(info.value) and "in use" in str(info.value)
+
+    run(scenario)
