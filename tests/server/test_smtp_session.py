@@ -66,8 +66,29 @@ def new_messages(tmp_path: Path, user: str = "boss") -> list[Path]:
     return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+try:
+    import uvloop
+
+    LOOPS["uvloop"] = uvloop.new_event_loop
+except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+    pass
+
+
+@pytest.fixture(params=sorted(LOOPS), autouse=True)
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    """Every test runs on asyncio's own loop and on uvloop, which `serve` uses."""
+    global _LOOP
+    _LOOP = request.param
+    return str(request.param)
+
+
+_LOOP = "asyncio"
+
+
 def run(coro_fn: Callable[[], Any]) -> Any:
-    return asyncio.run(coro_fn())
+    with asyncio.Runner(loop_factory=LOOPS[_LOOP]) as runner:
+        return runner.run(coro_fn())
 
 
 def test_delivers_to_maildir_with_received_header(tmp_path: Path) -> None:
@@ -268,3 +289,104 @@ def test_port_in_use_is_a_config_error(tmp_path: Path) -> None:
             assert "listen.smtp" in str(info.value) and "in use" in str(info.value)
 
     run(scenario)
+
+
+def test_plaintext_pipelined_after_starttls_is_discarded(tmp_path: Path) -> None:
+    """RFC 3207 4.2: a MAIL smuggled behind STARTTLS must not survive the handshake."""
+
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            host, port = server.address("smtp")
+
+            def client() -> bytes:
+                import socket
+
+                with socket.create_connection((host, port), timeout=10) as raw:
+                    reader = raw.makefile("rb")
+                    reader.readline()
+                    raw.sendall(b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<evil@x.example>\r\n")
+                    while not reader.readline().startswith(b"220 "):
+                        pass
+                    context = ssl.create_default_context()
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                    with context.wrap_socket(raw) as tls:
+                        tls_reader = tls.makefile("rb")
+                        tls.sendall(b"EHLO c\r\n")
+                        while tls_reader.readline()[3:4] != b" ":
+                            pass
+                        tls.sendall(b"RCPT TO:<boss@corp.example>\r\n")
+                        return tls_reader.readline()
+
+            reply = await asyncio.to_thread(client)
+            assert reply.startswith(b"503 5.5.1"), reply
+
+    run(scenario)
+
+
+def test_client_hello_right_after_220_is_not_lost(tmp_path: Path) -> None:
+    """The ClientHello may arrive the instant the 220 is out; the handshake must see it."""
+
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            host, port = server.address("smtp")
+
+            def client() -> bytes:
+                import socket
+
+                incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                tls = context.wrap_bio(incoming, outgoing)
+                with suppress_want_read():
+                    tls.do_handshake()
+                hello = outgoing.read()
+                with socket.create_connection((host, port), timeout=10) as raw:
+                    reader = raw.makefile("rb")
+                    reader.readline()
+                    raw.sendall(b"EHLO c\r\n")
+                    while reader.readline()[3:4] != b" ":
+                        pass
+                    raw.sendall(b"STARTTLS\r\n")
+                    # Read the 220 byte by byte and send the hello in the same instant.
+                    line = b""
+                    while not line.endswith(b"\r\n"):
+                        line += raw.recv(1)
+                    raw.sendall(hello)
+                    assert line.startswith(b"220 ")
+                    for _ in range(20):
+                        data = raw.recv(65536)
+                        if not data:
+                            break
+                        incoming.write(data)
+                        try:
+                            tls.do_handshake()
+                        except ssl.SSLWantReadError:
+                            pending = outgoing.read()
+                            if pending:
+                                raw.sendall(pending)
+                            continue
+                        raw.sendall(outgoing.read())
+                        tls.write(b"NOOP\r\n")
+                        raw.sendall(outgoing.read())
+                        while True:
+                            incoming.write(raw.recv(65536))
+                            try:
+                                return tls.read()
+                            except ssl.SSLWantReadError:
+                                continue
+                    return b"handshake never finished"
+
+            reply = await asyncio.to_thread(client)
+            assert reply.startswith(b"250 2.0.0"), reply
+
+    run(scenario)
+
+
+class suppress_want_read:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, value: object, tb: object) -> bool:
+        return kind is ssl.SSLWantReadError

@@ -19,13 +19,13 @@ import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from postroom.config import Config, ConfigError
 from postroom.policy.relay import RecipientPolicy
 from postroom.protocol.smtp_server import SMTPServerConfig
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.smtp import SMTPService, SMTPSession
+from postroom.server.stream import Stream
 from postroom.store.maildir import MailStore
 from postroom.store.users import local_domains, open_user_directory
 from postroom.tlscert import ensure_certificate, server_context
@@ -43,8 +43,6 @@ DRAIN_GRACE_SECONDS = 30.0
 # of the config's contract); they are reported at start and left unbound.
 SERVED_LISTENERS = ("smtp",)
 
-# StreamReader buffer limit; reads are capped by the session's own READ_SIZE.
-READ_LIMIT = 1024 * 1024
 
 
 def setup_logging() -> None:
@@ -184,9 +182,10 @@ async def start(config: Config) -> Running:
     if removed:
         log.info("removed %d unacknowledged spool file(s) left by an earlier run", removed)
     servers: dict[str, asyncio.base_events.Server] = {}
+    loop = asyncio.get_running_loop()
     for key_name, sock in sockets:
-        handler = _session_factory(smtp_service)
-        servers[key_name] = await asyncio.start_server(handler, sock=sock, limit=READ_LIMIT)
+        factory = _session_factory(smtp_service)
+        servers[key_name] = await loop.create_server(factory, sock=sock)
         log.info("listening for %s on %s:%d", key_name, *sock.getsockname()[:2])
     return Running(config, servers, smtp_service)
 
@@ -203,11 +202,24 @@ async def serve(config: Config) -> int:
     return 0
 
 
-def _session_factory(service: SMTPService) -> Callable[..., Any]:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await SMTPSession(service, reader, writer).run()
+class _SessionStream(Stream):
+    """A Stream that starts its session's task as soon as the connection is made."""
 
-    return handle
+    def __init__(self, service: SMTPService, tasks: set[asyncio.Task[None]]) -> None:
+        super().__init__()
+        self._service = service
+        self._tasks = tasks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        task = asyncio.get_running_loop().create_task(SMTPSession(self._service, self).run())
+        self._tasks.add(task)  # a strong reference, or the task may vanish mid-run
+        task.add_done_callback(self._tasks.discard)
+
+
+def _session_factory(service: SMTPService) -> Callable[[], Stream]:
+    tasks: set[asyncio.Task[None]] = set()
+    return lambda: _SessionStream(service, tasks)
 
 
 async def drain(service: SMTPService, grace: float = DRAIN_GRACE_SECONDS) -> None:

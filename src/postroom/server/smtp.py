@@ -23,11 +23,10 @@ from postroom.protocol import smtp_server as core
 from postroom.protocol.replies import Reply
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
+from postroom.server.stream import Stream
 from postroom.store.maildir import MailStore
 
 log = logging.getLogger("postroom.smtpd")
-
-READ_SIZE = 256 * 1024
 
 
 @dataclass
@@ -76,16 +75,10 @@ class Transaction:
 class SMTPSession:
     """Drives one connection from the banner to the close."""
 
-    def __init__(
-        self,
-        service: SMTPService,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
+    def __init__(self, service: SMTPService, stream: Stream) -> None:
         self.service = service
-        self.reader = reader
-        self.writer = writer
-        peer = writer.get_extra_info("peername") or ("unknown", 0)
+        self.stream = stream
+        peer = stream.get_extra_info("peername") or ("unknown", 0)
         self.client_ip: str = str(peer[0])
         self.client_port: int = int(peer[1]) if len(peer) > 1 else 0
         self.conn = core.SMTPServer(service.core_config)
@@ -97,7 +90,7 @@ class SMTPSession:
         self.busy = False  # inside a transaction: SIGTERM waits for it to end
 
     def _tls_info(self) -> tuple[str, str] | None:
-        obj = self.writer.get_extra_info("ssl_object")
+        obj = self.stream.get_extra_info("ssl_object")
         if obj is None:
             return None
         cipher = obj.cipher()
@@ -123,7 +116,7 @@ class SMTPSession:
             else:
                 self.conn.send(Reply(220, None, f"{svc.hostname} ESMTP postroom"))
             await self._loop()
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+        except (ConnectionError, ssl.SSLError) as exc:
             log.info("%s: lost connection from %s: %s", svc.name, client, exc)
         finally:
             self._abort_transaction("connection closed")
@@ -153,7 +146,7 @@ class SMTPSession:
         """Feed the core; False when the connection must end (timeout, EOF handled by core)."""
         timeout = self.service.data_timeout if self.in_data else self.service.command_timeout
         try:
-            data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
+            data = await asyncio.wait_for(self.stream.read(), timeout)
         except TimeoutError:
             log.info("%s: timeout after %s from [%s]", self.service.name,
                      self.conn.state, self.client_ip)
@@ -168,15 +161,14 @@ class SMTPSession:
         if not out:
             return True
         try:
-            self.writer.write(out)
-            await self.writer.drain()
+            self.stream.write(out)
+            await self.stream.drain()
         except (ConnectionError, ssl.SSLError):
             return False
         return True
 
     def _close(self) -> None:
-        if not self.writer.is_closing():
-            self.writer.close()
+        self.stream.close()
 
     # -- events -------------------------------------------------------------
 
@@ -344,13 +336,14 @@ class SMTPSession:
         if svc.tls_context is None or self.tls is not None:
             self.conn.send(Reply(454, "4.7.0", "TLS not available"))
             return
+        # Stop reading before the 220 goes out: the client's ClientHello must
+        # reach the TLS layer, not a plaintext buffer (see server/stream.py).
+        self.stream.pause_reading()
         self.conn.send(Reply(220, "2.0.0", "Ready to start TLS"))
         if not await self._flush():
             return
         try:
-            await asyncio.wait_for(
-                self.writer.start_tls(svc.tls_context), svc.command_timeout
-            )
+            await self.stream.start_tls(svc.tls_context, svc.command_timeout)
         except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
             log.info("%s: TLS handshake failed with [%s]: %s", svc.name, self.client_ip, exc)
             raise ConnectionResetError("TLS handshake failed") from exc
@@ -386,6 +379,6 @@ class SMTPSession:
         if not self.conn.closing:
             self.conn.shutdown(f"{self.service.hostname} Service shutting down")
         out = self.conn.data_to_send()
-        if out and not self.writer.is_closing():
-            self.writer.write(out)
+        if out and not self.stream.is_closing():
+            self.stream.write(out)
         self._close()

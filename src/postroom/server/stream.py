@@ -1,0 +1,154 @@
+"""A byte stream over an asyncio transport that sessions `await`, with an honest STARTTLS.
+
+asyncio's StreamReader is not used because STARTTLS needs two things it does
+not offer. First, reading must stop *before* the 220 reply to STARTTLS goes
+out: a fast client sends its TLS ClientHello the moment it sees the 220, and
+if those bytes land in a plaintext read buffer the handshake never starts.
+Second, plaintext that arrived after the STARTTLS command must be thrown away,
+never read after the handshake (RFC 3207 4.2, RFC 2595 4: the command
+injection of CVE-2011-0411). Here both are explicit: `pause_reading()` before
+the reply, then `start_tls()` drops whatever plaintext is buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from typing import Any, cast
+
+# Stop reading from the socket when this much is buffered and not yet consumed
+# by the session (back-pressure for a client that sends faster than we store).
+HIGH_WATER = 1024 * 1024
+
+
+class Stream(asyncio.Protocol):
+    """The protocol object of one connection, and the session's handle on it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._lost: BaseException | None = None
+        self._closed = False
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._reading_paused = False
+
+    # -- asyncio.Protocol callbacks ------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER and not self._reading_paused and self.transport:
+            self.transport.pause_reading()
+            self._reading_paused = True
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        return False  # close the transport: half-open sessions are of no use
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._closed = True
+        self._lost = exc
+        self._wake_reader()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(exc or ConnectionResetError("connection lost"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- what sessions use ----------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default) if self.transport else default
+
+    async def read(self) -> bytes:
+        """Everything buffered, waiting for some if there is none; b"" at EOF."""
+        while not self._chunks:
+            if self._eof:
+                return b""
+            waiter = asyncio.get_running_loop().create_future()
+            self._read_waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._read_waiter = None
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        self._resume_if_paused()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._closed:
+            raise ConnectionResetError("connection lost")
+        if not self._write_paused:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._drain_waiter = None
+
+    def pause_reading(self) -> None:
+        """Leave further bytes in the kernel (call before answering STARTTLS)."""
+        if self.transport is not None and not self._reading_paused:
+            self.transport.pause_reading()
+            self._reading_paused = True
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        """Handshake as the server; plaintext already buffered is discarded."""
+        assert self.transport is not None
+        self._chunks.clear()
+        self._buffered = 0
+        loop = asyncio.get_running_loop()
+        new_transport = await loop.start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+        )
+        if new_transport is None:  # pragma: no cover - only when the transport closed
+            raise ConnectionResetError("connection closed during the TLS handshake")
+        self.transport = cast(asyncio.Transport, new_transport)
+        # loop.start_tls resumes reading on the raw transport itself.
+        self._reading_paused = False
+
+    def is_closing(self) -> bool:
+        return self._closed or self.transport is None or self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- internals -------------------------------------------------------------
+
+    def _wake_reader(self) -> None:
+        if self._read_waiter is not None and not self._read_waiter.done():
+            self._read_waiter.set_result(None)
+
+    def _resume_if_paused(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self.transport.resume_reading()
+            self._reading_paused = False
