@@ -187,7 +187,7 @@ def test_config_option_and_config_errors(capsys: pytest.CaptureFixture[str], in_
     assert code == 2
     assert one_error_line(err) == (
         'postroom: error: bad.toml: listen.smtp: "127.0.0.1:99999" is not HOST:PORT '
-        "(port must be 1-65535)"
+        "(port must be 0-65535)"
     )
     code, _, err = run(capsys, "domain", "list", "--config", "missing.toml")
     assert code == 2 and "no such file" in one_error_line(err)

@@ -127,7 +127,7 @@ class Stream(asyncio.Protocol):
         )
         if new_transport is None:  # pragma: no cover - only when the transport closed
             raise ConnectionResetError("connection closed during the TLS handshake")
-        self.transport = cast(asyncio.Transport, new_transport)
+        self.transport = new_transport
         # loop.start_tls resumes reading on the raw transport itself.
         self._reading_paused = False
 
