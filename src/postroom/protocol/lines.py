@@ -29,11 +29,14 @@ END_OF_DATA = b".\r\n"  # what a sender writes after the (CRLF-ended) content
 BareNewline = Literal["reject", "normalize"]
 BARE_NEWLINE_MODES: tuple[BareNewline, ...] = ("reject", "normalize")
 
-# Problems a DataReader can find in content (the first one found is kept).
+# Problems a DataReader can find in content, from the gravest. The reader
+# reports the gravest one present anywhere in the content, so that the answer
+# does not depend on how the bytes were split into pieces.
 BARE_LF = "bare_lf"
 BARE_CR = "bare_cr"
 LONG_LINE = "long_line"
 TOO_BIG = "too_big"
+_RANK = {None: 0, TOO_BIG: 1, LONG_LINE: 2, BARE_CR: 3, BARE_LF: 4}
 
 _MARK = b"\r\n.\r\n"  # the end of data when the data already started
 _LONE_DOT_LINE = b"\r\n.\r\n"  # only possible inside content after normalizing
@@ -136,11 +139,12 @@ class DataReader:
     or a CR whose LF has not arrived. A line that grows past `max_line` is
     consumed as it arrives and marks the content as having a long line.
 
-    `problem` names the first reason to refuse the content (`BARE_LF`,
-    `BARE_CR`, `LONG_LINE`, `TOO_BIG`); once set, content is no longer
-    returned (the reader only looks for the end). `size` counts the content
-    octets returned or discarded up to then (RFC 1870 counts after removing
-    the transparency dots).
+    `problem` names the reason to refuse the content: the gravest of
+    `BARE_LF`, `BARE_CR`, `LONG_LINE`, `TOO_BIG` found in it (in that order).
+    Once one is found, content is no longer returned; the reader still looks
+    for graver problems and for the end. `size` counts the content octets
+    after removing the transparency dots (as RFC 1870 counts), until a bare
+    line end or a long line stops the counting.
 
     `after_crlf` says the command that started the data ended with CRLF, so
     that a first line of "." ends an empty message.
@@ -243,26 +247,34 @@ class DataReader:
         """
         already = self._partial  # octets of this line consumed before the segment
         self._partial = 0 if ends_line else already + len(segment)
-        if self.problem is not None:
-            return b""
+        if self.problem == BARE_LF:
+            return b""  # nothing graver can turn up
         # Clean content has exactly one CR and one LF per CRLF pair.
         crlf = segment.count(b"\r\n")
         if len(segment) - len(segment.translate(None, b"\r\n")) != 2 * crlf:
             if not self._normalize:
-                self.problem = BARE_LF if segment.count(b"\n") != crlf else BARE_CR
+                if segment.count(b"\r") != crlf:
+                    self._found(BARE_CR)
+                if segment.count(b"\n") != crlf:
+                    self._found(BARE_LF)
                 return b""
             segment = segment.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
             segment = segment.replace(b"\n", b"\r\n")
             dots = True
+        if _RANK[self.problem] >= _RANK[LONG_LINE]:
+            return b""
         if self._check_lines and self._has_long_line(segment, already):
-            self.problem = LONG_LINE
+            self._found(LONG_LINE)
             return b""
         segment = self._unstuff(segment, at_line_start=already == 0, dots=dots)
         self.size += len(segment)
         if self.max_size and self.size > self.max_size:
-            self.problem = TOO_BIG
-            return b""
-        return segment
+            self._found(TOO_BIG)
+        return b"" if self.problem is not None else segment
+
+    def _found(self, problem: str) -> None:
+        if _RANK[problem] > _RANK[self.problem]:
+            self.problem = problem
 
     def _has_long_line(self, segment: bytes, already: int) -> bool:
         """Whether a line of `segment` (the first one continuing `already`
