@@ -7,6 +7,8 @@ makes Postfix instances. Every process is stopped by PID at teardown.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ class _Servers:
         self.peer_missing = peer_missing
         self.postrooms: list[Postroom] = []
         self.postfixes: list[PrivatePostfix] = []
+        self.cleanup: list[Path] = []
 
     def postroom(self, *, start: bool = True, **options: Any) -> Postroom:
         _postroom_importable()
@@ -65,8 +68,11 @@ class _Servers:
         reason = PrivatePostfix.unavailable_reason()
         if reason is not None:
             self.peer_missing(reason)
-        root = self.base / f"postfix{len(self.postfixes)}"
-        root.mkdir()
+        # Not under pytest's temp folder: every pytest run (another one in
+        # parallel, too) makes that 0700 again, which locks out the postfix user.
+        root = Path(tempfile.mkdtemp(prefix="postroom-postfix-"))
+        self.cleanup.append(root)
+        (self.base / f"postfix{len(self.postfixes)}").symlink_to(root)
         instance = PrivatePostfix(root, **options)
         self.postfixes.append(instance)
         try:
@@ -82,6 +88,8 @@ class _Servers:
             server.stop()
         for instance in self.postfixes:
             instance.stop()
+        for folder in self.cleanup:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -149,4 +149,9 @@ def test_kill_9_loses_no_acknowledged_message(
         f"{sorted(missing)[:5]}\nserver output:\n{server.output()}"
     )
     assert set(stored) <= sent
+    print(
+        f"sent {len(sent)}, acknowledged {len(acknowledged)}, in new/ at the kill "
+        f"{len(before_restart)}, after restart {len(stored)}, "
+        f"stored twice {sum(1 for n in stored.values() if n > 1)}"
+    )
     assert server.stop() is not None

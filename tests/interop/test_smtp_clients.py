@@ -43,7 +43,7 @@ def _delivered(server: Postroom, address: str, token: str) -> bytes:
 
 
 def _run(command: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    result = subprocess.run(command, input=stdin, capture_output=True, timeout=60, check=False)
+    result = subprocess.run(command, input=stdin, capture_output=True, timeout=30, check=False)
     assert result.returncode == 0, (
         f"{command[0]} exited {result.returncode}\n"
         f"stdout:\n{result.stdout.decode(errors='replace')}\n"
@@ -135,7 +135,7 @@ def test_swaks(
         "--from", SENDER,
         "--to", RCPT,
         "--data", f"@{eml}",
-        "--timeout", "30",
+        "--timeout", "15",
     ]
     if tls:
         command.append("-tls")  # STARTTLS required: swaks fails if it cannot start it
@@ -153,7 +153,7 @@ def test_curl(postroom: Postroom, require_peer: Callable[..., str], tmp_path: Pa
     eml.write_bytes(message)
     _run(
         [
-            curl, "--silent", "--show-error", "--max-time", "30",
+            curl, "--silent", "--show-error", "--max-time", "15",
             # The URL's path is the EHLO name curl announces.
             f"smtp://{LOOPBACK}:{postroom.smtp_port}/client.example",
             "--mail-from", SENDER,
@@ -179,7 +179,7 @@ def test_msmtp_starttls(postroom: Postroom, require_peer: Callable[..., str]) ->
             "--tls-starttls=on",
             "--tls-certcheck=off",
             "--auth=off",
-            "--timeout=30",
+            "--timeout=15",
             f"--from={SENDER}",
             RCPT,
         ],
