@@ -122,6 +122,7 @@ class POP3Config:
     idle_timeout: float  # RFC 1939 3: an autologout timer of at least 10 minutes
     max_connections: int
     max_connections_per_client: int
+    auth_failure_delay: float  # seconds before a failed login is answered (doubling)
 
 
 @dataclass(frozen=True)
@@ -574,6 +575,11 @@ _SPEC: dict[str, dict[str, _Key]] = {
         "max_connections_per_client": _Key(
             50, _int(1), "Simultaneous POP3 sessions from one IP address.",
         ),
+        "auth_failure_delay": _Key(
+            "2s", _duration,
+            "Wait before answering a failed login; doubles with each recent failure from "
+            "the same address or for the same account, up to 15s. 0 turns it off.",
+        ),
     },
 }
 
@@ -648,7 +654,7 @@ class _Loader:
                 # all five run on their defaults.
                 endpoint = self.value(f"listen.{key}", spec, listen_raw.get(key, spec.default))
                 for other, seen in endpoints.items():
-                    if seen == endpoint:
+                    if seen == endpoint and endpoint.port != 0:  # port 0: any free port
                         raise self.error(f"listen.{key}", f"{endpoint} is also listen.{other}")
                 endpoints[key] = endpoint
 

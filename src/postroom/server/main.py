@@ -21,13 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from postroom.config import Config, ConfigError
+from postroom.policy.auth import AuthThrottle
 from postroom.policy.relay import RecipientPolicy
 from postroom.protocol.smtp_server import SMTPServerConfig
 from postroom.server.limits import ConnectionLimiter
+from postroom.server.pop3 import POP3Service, POP3Session
 from postroom.server.smtp import SMTPService, SMTPSession
 from postroom.server.stream import Stream
 from postroom.store.maildir import MailStore
-from postroom.store.users import local_domains, open_user_directory
+from postroom.store.users import UserDirectory, local_domains, open_user_directory
 from postroom.tlscert import ensure_certificate, server_context
 
 log = logging.getLogger("postroom.master")
@@ -39,9 +41,10 @@ LISTEN_BACKLOG = 1024
 # How long SIGTERM waits for transactions in progress before closing them.
 DRAIN_GRACE_SECONDS = 30.0
 
-# Listeners this version serves. The config may name the others (they are part
-# of the config's contract); they are reported at start and left unbound.
-SERVED_LISTENERS = ("smtp",)
+# Listeners this version serves. The config may name the submission ones (they
+# are part of the config's contract); they are reported at start and left unbound.
+SERVED_LISTENERS = ("smtp", "pop3", "pop3s")
+IMPLICIT_TLS = ("pop3s",)  # RFC 8314: TLS from the first byte
 
 
 
@@ -67,8 +70,12 @@ def install_event_loop_policy() -> str:
     return "uvloop"
 
 
-def build_smtp_service(config: Config, tls_context: ssl.SSLContext | None) -> SMTPService:
-    directory = open_user_directory(config)
+def build_smtp_service(
+    config: Config,
+    tls_context: ssl.SSLContext | None,
+    directory: UserDirectory,
+    store: MailStore,
+) -> SMTPService:
     config_domains = local_domains(config, directory) - set(directory.list_domains())
 
     def is_local_domain(domain: str) -> bool:
@@ -92,7 +99,7 @@ def build_smtp_service(config: Config, tls_context: ssl.SSLContext | None) -> SM
         hostname=config.hostname,
         core_config=core_config,
         policy=policy,
-        store=MailStore(config.mail_dir, hostname=config.hostname),
+        store=store,
         limiter=ConnectionLimiter(smtp.max_connections, smtp.max_connections_per_client),
         tls_context=tls_context,
         command_timeout=smtp.command_timeout,
@@ -128,13 +135,23 @@ def bind(host: str, port: int, key: str, config: Config) -> socket.socket:
     return sock
 
 
+# Anything with these is a service `drain` can stop: SMTPService, POP3Service.
+AnyService = SMTPService | POP3Service
+
+
 @dataclass
 class Running:
     """A started postroom: its listening servers and the services behind them."""
 
     config: Config
     servers: dict[str, asyncio.base_events.Server]
-    smtp: SMTPService
+    services: dict[str, AnyService]
+
+    @property
+    def smtp(self) -> SMTPService:
+        service = self.services["smtp"]
+        assert isinstance(service, SMTPService)
+        return service
 
     def address(self, listener: str) -> tuple[str, int]:
         """The bound (host, port) of a listener: tests bind port 0 and ask here."""
@@ -147,12 +164,12 @@ class Running:
         log.info("stopping: no new connections; waiting for transactions in progress")
         for server in self.servers.values():
             server.close()
-        await drain(self.smtp, grace)
+        await asyncio.gather(*(drain(service, grace) for service in self.services.values()))
         log.info("stopped")
 
 
 async def start(config: Config) -> Running:
-    """Bind every listener this version serves and start accepting connections."""
+    """Bind every configured listener and start accepting connections."""
     cert, key = config.tls.cert, config.tls.key
     if config.tls.generate and ensure_certificate(cert, key, config.hostname):
         log.info("made a self-signed certificate for %s in %s", config.hostname, cert)
@@ -165,7 +182,7 @@ async def start(config: Config) -> Running:
     try:
         for key_name, endpoint in config.listen.enabled().items():
             if key_name not in SERVED_LISTENERS:
-                log.warning("listen.%s (%s:%d) is configured but not served by this version",
+                log.warning("listen.%s (%s:%d): submission is not served by this version yet",
                             key_name, endpoint.host, endpoint.port)
                 continue
             sockets.append((key_name, bind(endpoint.host, endpoint.port, key_name, config)))
@@ -174,20 +191,47 @@ async def start(config: Config) -> Running:
             sock.close()
         raise
     if not sockets:
-        raise ConfigError(f"{config.source}: listen.smtp: no listener to serve; set listen.smtp")
+        raise ConfigError(f"{config.source}: listen: no listener to serve; set listen.smtp")
 
-    smtp_service = build_smtp_service(config, tls_context)
+    directory = open_user_directory(config)
+    store = MailStore(config.mail_dir, hostname=config.hostname)
     # Spool files left by a crash mid-DATA were never acknowledged: remove them.
-    removed = smtp_service.store.clean_spool()
+    removed = store.clean_spool()
     if removed:
         log.info("removed %d unacknowledged spool file(s) left by an earlier run", removed)
+    pop3_limiter = ConnectionLimiter(
+        config.pop3.max_connections, config.pop3.max_connections_per_client
+    )
+    throttle = AuthThrottle(first_delay=config.pop3.auth_failure_delay)
+    services: dict[str, AnyService] = {}
     servers: dict[str, asyncio.base_events.Server] = {}
     loop = asyncio.get_running_loop()
     for key_name, sock in sockets:
-        factory = _session_factory(smtp_service)
-        servers[key_name] = await loop.create_server(factory, sock=sock)
-        log.info("listening for %s on %s:%d", key_name, *sock.getsockname()[:2])
-    return Running(config, servers, smtp_service)
+        service: AnyService
+        if key_name == "smtp":
+            service = build_smtp_service(config, tls_context, directory, store)
+        else:
+            service = POP3Service(
+                name=key_name,
+                hostname=config.hostname,
+                directory=directory,
+                store=store,
+                limiter=pop3_limiter,  # one budget for both POP3 listeners
+                throttle=throttle,
+                tls_context=tls_context,
+                implicit_tls=key_name == "pop3s",
+                allow_plaintext_auth=config.pop3.allow_plaintext_auth,
+                idle_timeout=config.pop3.idle_timeout,
+            )
+        services[key_name] = service
+        implicit = tls_context if key_name in IMPLICIT_TLS else None
+        servers[key_name] = await loop.create_server(
+            _session_factory(service), sock=sock, ssl=implicit,
+            ssl_handshake_timeout=60.0 if implicit else None,
+        )
+        log.info("listening for %s on %s:%d%s", key_name, *sock.getsockname()[:2],
+                 " (implicit TLS)" if implicit else "")
+    return Running(config, servers, services)
 
 
 async def serve(config: Config) -> int:
@@ -205,31 +249,37 @@ async def serve(config: Config) -> int:
 class _SessionStream(Stream):
     """A Stream that starts its session's task as soon as the connection is made."""
 
-    def __init__(self, service: SMTPService, tasks: set[asyncio.Task[None]]) -> None:
+    def __init__(self, service: AnyService, tasks: set[asyncio.Task[None]]) -> None:
         super().__init__()
         self._service = service
         self._tasks = tasks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        task = asyncio.get_running_loop().create_task(SMTPSession(self._service, self).run())
+        session: SMTPSession | POP3Session
+        if isinstance(self._service, SMTPService):
+            session = SMTPSession(self._service, self)
+        else:
+            session = POP3Session(self._service, self)
+        task = asyncio.get_running_loop().create_task(session.run())
         self._tasks.add(task)  # a strong reference, or the task may vanish mid-run
         task.add_done_callback(self._tasks.discard)
 
 
-def _session_factory(service: SMTPService) -> Callable[[], Stream]:
+def _session_factory(service: AnyService) -> Callable[[], Stream]:
     tasks: set[asyncio.Task[None]] = set()
     return lambda: _SessionStream(service, tasks)
 
 
-async def drain(service: SMTPService, grace: float = DRAIN_GRACE_SECONDS) -> None:
-    """Let transactions finish, then say 421 to whoever is left and close them."""
+async def drain(service: AnyService, grace: float = DRAIN_GRACE_SECONDS) -> None:
+    """Let transactions (SMTP) and Update states (POP3) finish, then close the rest."""
     service.draining = True
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     while any(s.busy for s in service.sessions) and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    for session in list(service.sessions):
+    sessions: list[SMTPSession | POP3Session] = list(service.sessions)
+    for session in sessions:
         session.close_for_shutdown()
     while service.sessions and loop.time() < deadline + 5:
         await asyncio.sleep(0.05)

@@ -1,0 +1,312 @@
+"""One POP3 connection: the sans-IO core on a socket, logins against the directory, the maildrop.
+
+The core (`postroom.protocol.pop3_server`) owns the RFC 1939 states; this
+module supplies what it cannot know: passwords, the Maildir, the clock, TLS.
+A session deletes mail only when the core emits `Update` (QUIT in the
+Transaction state); a dropped connection or a timeout deletes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import ssl
+from dataclasses import dataclass, field
+
+from postroom.policy.auth import AuthThrottle
+from postroom.protocol import pop3_server as core
+from postroom.server.limits import ConnectionLimiter
+from postroom.server.stream import Stream
+from postroom.store.maildir import MailStore
+from postroom.store.maildrop import Maildrop, MaildropBusy
+from postroom.store.users import UserDirectory, local_address
+
+log = logging.getLogger("postroom.pop3d")
+
+# Messages above this size are read from disk in a worker thread, not the loop.
+THREAD_READ_ABOVE = 1024 * 1024
+
+
+@dataclass
+class POP3Service:
+    """What every session of one POP3 listener shares."""
+
+    name: str  # "pop3" or "pop3s"
+    hostname: str
+    directory: UserDirectory
+    store: MailStore
+    limiter: ConnectionLimiter
+    throttle: AuthThrottle
+    tls_context: ssl.SSLContext | None
+    implicit_tls: bool
+    allow_plaintext_auth: bool
+    idle_timeout: float = 600.0  # RFC 1939 3: at least 10 minutes
+    sessions: set[POP3Session] = field(default_factory=set)
+    draining: bool = False
+
+    def core_config(self) -> core.POP3ServerConfig:
+        return core.POP3ServerConfig(
+            implementation="postroom",
+            stls=self.tls_context is not None and not self.implicit_tls,
+            tls_active=self.implicit_tls,
+            allow_plaintext_auth=self.allow_plaintext_auth,
+            sasl_mechanisms=("PLAIN", "LOGIN"),
+        )
+
+
+class POP3Session:
+    """Drives one connection from the greeting to the close."""
+
+    def __init__(self, service: POP3Service, stream: Stream) -> None:
+        self.service = service
+        self.stream = stream
+        peer = stream.get_extra_info("peername") or ("unknown", 0)
+        self.client_ip = str(peer[0])
+        self.client = f"[{self.client_ip}]:{peer[1] if len(peer) > 1 else 0}"
+        self.conn = core.POP3Server(service.core_config())
+        self.user: str | None = None
+        self.maildrop: Maildrop | None = None
+        self.busy = False  # in the Update state: shutdown waits for it
+        self._sasl: tuple[str, str | None] | None = None  # LOGIN: (step, username)
+
+    async def run(self) -> None:
+        svc = self.service
+        if not svc.limiter.acquire(self.client_ip):
+            log.warning("%s: connection refused from %s: too many connections",
+                        svc.name, self.client)
+            self.conn.err("Too many connections, try again later", "IN-USE", close=True)
+            await self._flush()
+            self.stream.close()
+            return
+        svc.sessions.add(self)
+        log.info("%s: connect from %s", svc.name, self.client)
+        try:
+            self.conn.greeting(f"{svc.hostname} POP3 server ready")
+            await self._loop()
+        except (ConnectionError, ssl.SSLError) as exc:
+            log.info("%s: lost connection from %s: %s", svc.name, self.client, exc)
+        finally:
+            if self.maildrop is not None:
+                self.maildrop.close()
+                self.maildrop = None
+            svc.sessions.discard(self)
+            svc.limiter.release(self.client_ip)
+            self.stream.close()
+            log.info("%s: disconnect from %s%s", svc.name, self.client,
+                     f" user={self.user}" if self.user else "")
+
+    async def _loop(self) -> None:
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is core.NEED_DATA:
+                if not await self._flush():
+                    return
+                try:
+                    data = await asyncio.wait_for(self.stream.read(), self.service.idle_timeout)
+                except TimeoutError:
+                    log.info("%s: idle timeout for %s", self.service.name, self.client)
+                    conn.timeout()
+                    continue
+                conn.receive_data(data)
+            elif isinstance(event, core.ConnectionClosed):
+                await self._flush()
+                return
+            elif event is core.PAUSED:  # pragma: no cover - every event is answered
+                raise RuntimeError(f"POP3 core paused in state {conn.state}")
+            else:
+                await self._handle(event)
+
+    async def _flush(self) -> bool:
+        out = self.conn.data_to_send()
+        if not out:
+            return True
+        try:
+            self.stream.write(out)
+            await self.stream.drain()
+        except (ConnectionError, ssl.SSLError):
+            return False
+        return True
+
+    async def _handle(self, event: object) -> None:
+        conn = self.conn
+        if isinstance(event, core.Retrieve | core.Top):
+            await self._retrieve(event)
+        elif isinstance(event, core.User):
+            conn.ok()  # RFC 1939 7: USER may be accepted for any name; PASS decides
+        elif isinstance(event, core.Pass):
+            await self._login(event.name, event.password)
+        elif isinstance(event, core.AuthStart):
+            self._sasl = None
+            await self._auth_start(event.mechanism, event.initial_response)
+        elif isinstance(event, core.AuthResponse):
+            await self._auth_step(event.data)
+        elif isinstance(event, core.AuthCancelled):
+            self._sasl = None
+        elif isinstance(event, core.Apop):
+            # The greeting carries no timestamp, so the core never accepts APOP.
+            conn.err("APOP is not enabled on this server", "AUTH")
+        elif isinstance(event, core.StartTLS):
+            await self._starttls()
+        elif isinstance(event, core.Update):
+            await self._update([number for number, _uid in event.deleted])
+
+    # -- Authentication state -------------------------------------------------
+
+    async def _auth_start(self, mechanism: str, initial: bytes | None) -> None:
+        mechanism = mechanism.upper()
+        if mechanism == "PLAIN":
+            if initial is None:
+                self._sasl = ("PLAIN", None)
+                self.conn.auth_challenge(b"")
+                return
+            await self._plain(initial)
+        elif mechanism == "LOGIN":
+            if initial is not None:
+                self._sasl = ("LOGIN-PASSWORD", self._text(initial))
+                self.conn.auth_challenge(b"Password:")
+            else:
+                self._sasl = ("LOGIN-USER", None)
+                self.conn.auth_challenge(b"Username:")
+        else:
+            self.conn.err(f"Unsupported SASL mechanism {mechanism}")
+
+    async def _auth_step(self, data: bytes) -> None:
+        step = self._sasl
+        self._sasl = None
+        if step is None:
+            self.conn.err("Unexpected authentication response", "AUTH")
+        elif step[0] == "PLAIN":
+            await self._plain(data)
+        elif step[0] == "LOGIN-USER":
+            self._sasl = ("LOGIN-PASSWORD", self._text(data))
+            self.conn.auth_challenge(b"Password:")
+        else:
+            await self._login(step[1] or "", self._text(data))
+
+    async def _plain(self, message: bytes) -> None:
+        # RFC 4616 2: [authzid] NUL authcid NUL passwd
+        parts = message.split(b"\x00")
+        if len(parts) != 3:
+            self.conn.err("Malformed PLAIN response", "AUTH")
+            return
+        authzid, authcid, password = (self._text(p) for p in parts)
+        if authzid and authzid.lower() != authcid.lower():
+            self.conn.err("Acting as another user is not allowed", "AUTH")
+            return
+        await self._login(authcid, password)
+
+    @staticmethod
+    def _text(data: bytes) -> str:
+        try:
+            return data.decode("utf-8")
+        except (UnicodeDecodeError, binascii.Error):
+            return data.decode("latin-1")
+
+    async def _login(self, name: str, password: str) -> None:
+        svc = self.service
+        loop = asyncio.get_running_loop()
+        try:
+            address = local_address(name)
+        except ValueError:
+            address = None
+        good = address is not None and await loop.run_in_executor(
+            None, svc.directory.verify_password, address, password
+        )
+        if not good or address is None:
+            delay = svc.throttle.failed(self.client_ip, name)
+            log.warning("%s: authentication failed for %r from %s (answer delayed %.1fs)",
+                        svc.name, name, self.client, delay)
+            await asyncio.sleep(delay)
+            self.conn.err("Authentication failed: wrong user name or password", "AUTH")
+            return
+        svc.throttle.succeeded(self.client_ip, address)
+        try:
+            maildir = svc.store.maildir_for(address)
+            drop = await loop.run_in_executor(None, Maildrop.open, maildir)
+        except MaildropBusy:
+            log.info("%s: %s: maildrop in use, login refused from %s", svc.name, address,
+                     self.client)
+            self.conn.err("Your maildrop is in use by another session; try again later",
+                          "IN-USE")
+            return
+        except (OSError, ValueError) as exc:
+            log.error("%s: %s: cannot open maildrop: %s", svc.name, address, exc)
+            self.conn.err("Cannot open your maildrop just now; try again later", "SYS/TEMP")
+            return
+        self.user = address
+        self.maildrop = drop
+        snapshot = core.Snapshot.of((m.size, m.uid) for m in drop.messages)
+        total = sum(m.size for m in drop.messages)
+        log.info("%s: login user=%s from %s%s: %d messages, %d octets", svc.name, address,
+                 self.client, " (TLS)" if self.conn.tls_active else "", len(drop.messages), total)
+        self.conn.login_succeeded(snapshot)
+
+    async def _starttls(self) -> None:
+        svc = self.service
+        if svc.tls_context is None:  # pragma: no cover - STLS is only offered with a context
+            self.conn.err("TLS is not available")
+            return
+        # As for SMTP: stop reading before "+OK", or a quick ClientHello could land in
+        # the plaintext buffer (see server/stream.py); buffered plaintext is dropped.
+        self.stream.pause_reading()
+        self.conn.ok()
+        if not await self._flush():
+            return
+        try:
+            await self.stream.start_tls(svc.tls_context, svc.idle_timeout)
+        except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
+            log.info("%s: TLS handshake failed with %s: %s", svc.name, self.client, exc)
+            raise ConnectionResetError("TLS handshake failed") from exc
+        self.conn.tls_started()
+
+    # -- Transaction state --------------------------------------------------
+
+    async def _retrieve(self, event: core.Retrieve | core.Top) -> None:
+        drop = self.maildrop
+        assert drop is not None, "the core emits Retrieve/Top only after login"
+        number = event.msg_number
+        size = drop.messages[number - 1].size
+        if size > THREAD_READ_ABOVE:
+            chunks = await asyncio.get_running_loop().run_in_executor(
+                None, drop.read_chunks, number
+            )
+        else:
+            chunks = drop.read_chunks(number)
+        if chunks is None:
+            self.conn.err(f"message {number} was removed by another program", "SYS/PERM")
+            return
+        for chunk in chunks:
+            self.conn.send_message_chunk(chunk)
+            if not self.conn.wants_more:
+                break
+            if len(chunk) >= 64 * 1024 and not await self._flush():
+                return
+        self.conn.end_message()
+
+    # -- Update state -----------------------------------------------------------
+
+    async def _update(self, numbers: list[int]) -> None:
+        drop = self.maildrop
+        assert drop is not None, "the core emits Update only after login"
+        self.busy = True
+        try:
+            failures = await asyncio.get_running_loop().run_in_executor(
+                None, drop.update, numbers
+            )
+        except OSError as exc:
+            log.error("%s: %s: update failed: %s", self.service.name, self.user, exc)
+            failures = len(numbers)
+        finally:
+            self.busy = False
+        log.info("%s: logout user=%s: deleted=%d, failed=%d", self.service.name, self.user,
+                 len(numbers) - failures, failures)
+        self.conn.update_done(ok=failures == 0)
+
+    def close_for_shutdown(self) -> None:
+        """Server stopping: close without Update, so nothing is deleted (RFC 1939 6).
+
+        POP3 has no unsolicited "closing" reply like SMTP's 421; the client sees the
+        connection end and its marks are forgotten, as after a network failure."""
+        self.stream.close()

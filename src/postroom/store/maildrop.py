@@ -1,0 +1,131 @@
+"""A POP3 maildrop over a Maildir: the exclusive lock, the login snapshot, the Update state.
+
+RFC 1939 8 lets a server lock the maildrop for the session; we do, with
+flock(2) on a lock file inside the Maildir. The kernel drops an flock when the
+process dies, so a crashed server never leaves a user locked out.
+
+Deletion is crash-safe because every step is one atomic directory operation:
+a message is unlinked (gone whole) or not (there whole); a message that was
+read moves from new/ to cur/ by rename(2), keeping its unique name and so its
+UIDL (Maildir: the part of the name before ":" is the message's identity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from postroom.store.atomic import fsync_dir
+from postroom.store.maildir import list_messages
+
+LOCK_NAME = "postroom-pop3.lock"  # a dot-less name would be listed as mail by some readers
+MAX_UID = 70  # RFC 1939 7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E
+
+
+class MaildropBusy(Exception):
+    """Another session holds this maildrop (answered with -ERR [IN-USE], RFC 2449 8.1.2)."""
+
+
+def uid_for(base_name: str) -> str:
+    """The UIDL of a Maildir message: its base name when that fits RFC 1939 7, or a
+    digest of it (long host names make long Maildir names)."""
+    if len(base_name) <= MAX_UID and all(0x21 <= ord(c) <= 0x7E for c in base_name):
+        return base_name
+    return hashlib.sha256(base_name.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+@dataclass
+class DropMessage:
+    path: Path
+    size: int
+    uid: str
+    retrieved: bool = False
+
+
+@dataclass
+class Maildrop:
+    """One locked session's view of a Maildir."""
+
+    root: Path
+    messages: list[DropMessage] = field(default_factory=list)
+    _lock_fd: int | None = None
+
+    @classmethod
+    def open(cls, root: Path) -> Maildrop:
+        """Lock the maildrop and take the snapshot (BLOCKING: run in a thread).
+
+        Raises MaildropBusy when another session has it, OSError on storage faults.
+        """
+        for sub in ("new", "cur", "tmp"):
+            (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MaildropBusy(str(root)) from None
+        except OSError:
+            os.close(fd)
+            raise
+        drop = cls(root, _lock_fd=fd)
+        try:
+            drop.messages = [
+                DropMessage(entry.path, entry.size, uid_for(entry.uid_base_name))
+                for entry in list_messages(root)
+            ]
+        except OSError:
+            drop.close()
+            raise
+        return drop
+
+    def read_chunks(self, number: int, chunk_size: int = 256 * 1024) -> list[bytes] | None:
+        """The message's bytes in pieces (BLOCKING for large files), or None if it is gone."""
+        msg = self.messages[number - 1]
+        try:
+            with open(msg.path, "rb") as f:
+                chunks = []
+                while True:
+                    chunk = f.read(chunk_size)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+        except FileNotFoundError:
+            return None
+        msg.retrieved = True
+        return chunks
+
+    def update(self, deleted_numbers: list[int]) -> int:
+        """RFC 1939 6, the Update state: delete the marked messages, file the read ones
+        in cur/ as seen. Returns how many deletions failed. BLOCKING."""
+        failures = 0
+        deleted = set(deleted_numbers)
+        touched: set[Path] = set()
+        for number, msg in enumerate(self.messages, start=1):
+            if number in deleted:
+                try:
+                    os.unlink(msg.path)
+                except FileNotFoundError:
+                    pass  # already gone: what QUIT asked for is true
+                except OSError:
+                    failures += 1
+                    continue
+                touched.add(msg.path.parent)
+            elif msg.retrieved and msg.path.parent.name == "new":
+                target = self.root / "cur" / f"{msg.path.name}:2,S"
+                with contextlib.suppress(OSError):  # a failed move loses nothing
+                    os.rename(msg.path, target)
+                    touched.update((msg.path.parent, target.parent))
+        for folder in touched:
+            with contextlib.suppress(OSError):
+                fsync_dir(folder)
+        return failures
+
+    def close(self) -> None:
+        """Release the lock (also released by the kernel if the process dies)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -1,0 +1,292 @@
+"""The asyncio POP3 server on real loopback sockets, with poplib as the client.
+
+Mail reaches the maildrop the way it does in life: through postroom's SMTP
+listener. The POP3 server runs in the test's event loop; poplib runs in a
+thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import poplib
+import smtplib
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postroom.config import load_config
+from postroom.server.main import Running, start
+from postroom.store.users import open_user_directory
+
+
+def write_config(data: Path, **pop3: Any) -> None:
+    lines = [
+        'hostname = "mx.corp.example"',
+        'domains = ["corp.example"]',
+        "[listen]",
+        'smtp = "127.0.0.1:0"',
+        'pop3 = "127.0.0.1:0"',
+        'pop3s = "127.0.0.1:0"',
+        "[pop3]",
+    ]
+    for key, value in pop3.items():
+        lines.append(f"{key} = {value!r}".replace("'", '"').replace("True", "true"))
+    (data / "postroom.toml").write_text("\n".join(lines) + "\n")
+
+
+@asynccontextmanager
+async def running_server(tmp_path: Path, **pop3: Any) -> AsyncIterator[Running]:
+    pop3.setdefault("auth_failure_delay", "0.3s")
+    write_config(tmp_path, **pop3)
+    config = load_config(tmp_path)
+    open_user_directory(config).add_user("boss@corp.example", "boss-secret")
+    running = await start(config)
+    try:
+        yield running
+    finally:
+        await running.stop(grace=2)
+
+
+def unverified() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def message(n: int) -> bytes:
+    return (
+        f"From: smith@isp.example\r\nTo: boss@corp.example\r\nSubject: report {n}\r\n\r\n"
+        f"line one of {n}\r\n.a line that starts with a dot\r\n..two dots\r\nend\r\n"
+    ).encode()
+
+
+def deliver(server: Running, count: int) -> None:
+    host, port = server.address("smtp")
+    with smtplib.SMTP(host, port, timeout=10) as client:
+        for n in range(count):
+            client.sendmail("smith@isp.example", ["boss@corp.example"], message(n))
+
+
+def maildir(tmp_path: Path) -> Path:
+    return tmp_path / "mail" / "corp.example" / "boss"
+
+
+def stored(tmp_path: Path) -> list[bytes]:
+    files = [*(maildir(tmp_path) / "new").iterdir(), *(maildir(tmp_path) / "cur").iterdir()]
+    return sorted(p.read_bytes() for p in files)
+
+
+def run(scenario: Callable[[], Any]) -> Any:
+    return asyncio.run(scenario())
+
+
+def login(server: Running, *, tls: str = "stls") -> poplib.POP3:
+    if tls == "pop3s":
+        client: poplib.POP3 = poplib.POP3_SSL(*server.address("pop3s"), timeout=10,
+                                              context=unverified())
+    else:
+        client = poplib.POP3(*server.address("pop3"), timeout=10)
+        if tls == "stls":
+            client.stls(context=unverified())
+    client.user("boss@corp.example")
+    client.pass_("boss-secret")
+    return client
+
+
+@pytest.mark.parametrize("tls", ["stls", "pop3s"])
+def test_list_retrieve_delete_quit(tmp_path: Path, tls: str) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            await asyncio.to_thread(deliver, server, 3)
+            files = stored(tmp_path)
+
+            def session() -> None:
+                client = login(server, tls=tls)
+                count, octets = client.stat()
+                assert count == 3 and octets == sum(len(f) for f in files)
+                sizes = sorted(int(line.split()[1]) for line in client.list()[1])
+                assert sizes == sorted(len(f) for f in files)
+                got = []
+                for n in (1, 2, 3):
+                    lines = client.retr(n)[1]
+                    got.append(b"\r\n".join(lines) + b"\r\n")
+                assert sorted(got) == files  # poplib un-stuffs; byte for byte
+                top = client.top(1, 1)[1]
+                assert top[-1].startswith(b"line one of") and b"" in top
+                client.dele(1)
+                client.dele(2)
+                assert client.stat()[0] == 1
+                client.quit()
+
+            await asyncio.to_thread(session)
+
+    run(scenario)
+    assert len(stored(tmp_path)) == 1
+
+
+def test_uidl_is_stable_when_read_mail_moves_to_cur(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            await asyncio.to_thread(deliver, server, 2)
+
+            def uidls(retrieve: bool) -> list[bytes]:
+                client = login(server)
+                listing = sorted(client.uidl()[1])
+                if retrieve:
+                    client.retr(1)
+                    client.retr(2)
+                client.quit()
+                return listing
+
+            before = await asyncio.to_thread(uidls, True)
+            assert len(list((maildir(tmp_path) / "cur").iterdir())) == 2
+            assert list((maildir(tmp_path) / "new").iterdir()) == []
+            after = await asyncio.to_thread(uidls, False)
+            assert before == after and len(set(before)) == 2
+
+    run(scenario)
+
+
+def test_dropped_session_deletes_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            await asyncio.to_thread(deliver, server, 2)
+
+            def session() -> None:
+                client = login(server)
+                client.dele(1)
+                client.dele(2)
+                client.sock.close()  # no QUIT: the Update state never comes
+
+            await asyncio.to_thread(session)
+            await asyncio.sleep(0.2)
+            second = await asyncio.to_thread(login, server)
+            assert (await asyncio.to_thread(second.stat))[0] == 2
+            await asyncio.to_thread(second.quit)
+
+    run(scenario)
+    assert len(stored(tmp_path)) == 2
+
+
+def test_second_login_gets_in_use(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            first = await asyncio.to_thread(login, server)
+            with pytest.raises(poplib.error_proto) as info:
+                await asyncio.to_thread(login, server)
+            assert info.value.args[0].startswith(b"-ERR [IN-USE]")
+            await asyncio.to_thread(first.quit)
+            third = await asyncio.to_thread(login, server)  # the lock went with the session
+            await asyncio.to_thread(third.quit)
+
+    run(scenario)
+
+
+def test_wrong_password_is_slowed_and_says_auth(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path, auth_failure_delay="0.3s") as server:
+
+            def attempt() -> tuple[bytes, float]:
+                client = poplib.POP3(*server.address("pop3"), timeout=10)
+                client.stls(context=unverified())
+                client.user("boss@corp.example")
+                began = time.monotonic()
+                try:
+                    client.pass_("wrong")
+                except poplib.error_proto as exc:
+                    return exc.args[0], time.monotonic() - began
+                finally:
+                    client.close()
+                raise AssertionError("a wrong password was accepted")
+
+            first_reply, first_wait = await asyncio.to_thread(attempt)
+            second_reply, second_wait = await asyncio.to_thread(attempt)
+            assert first_reply.startswith(b"-ERR [AUTH]")
+            assert second_reply.startswith(b"-ERR [AUTH]")
+            # Behaviour, not speed: the second failure waits longer (0.3 s, then 0.6 s).
+            assert first_wait >= 0.3 and second_wait >= 0.6
+
+    run(scenario)
+
+
+def test_plaintext_login_refused_before_tls_unless_allowed(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+
+            def attempt() -> bytes:
+                client = poplib.POP3(*server.address("pop3"), timeout=10)
+                try:
+                    client.user("boss@corp.example")
+                    client.pass_("boss-secret")
+                except poplib.error_proto as exc:
+                    return exc.args[0]
+                finally:
+                    client.close()
+                return b"accepted"
+
+            assert (await asyncio.to_thread(attempt)).startswith(b"-ERR [AUTH]")
+
+    run(scenario)
+
+    async def allowed() -> None:
+        async with running_server(tmp_path / "x", allow_plaintext_auth=True) as server:
+            client = await asyncio.to_thread(login, server, tls="none")
+            await asyncio.to_thread(client.quit)
+
+    (tmp_path / "x").mkdir()
+    run(allowed)
+
+
+def test_auth_plain_and_login_over_tls(tmp_path: Path) -> None:
+    import base64
+
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+
+            def session(mechanism: str) -> bytes:
+                client = poplib.POP3(*server.address("pop3"), timeout=10)
+                client.stls(context=unverified())
+                if mechanism == "PLAIN":
+                    token = base64.b64encode(b"\0boss@corp.example\0boss-secret").decode()
+                    reply = client._shortcmd(f"AUTH PLAIN {token}")
+                else:
+                    client._putcmd("AUTH LOGIN")
+                    assert client._getline()[0].startswith(b"+ ")
+                    client._putcmd(base64.b64encode(b"boss@corp.example").decode())
+                    assert client._getline()[0].startswith(b"+ ")
+                    reply = client._shortcmd(base64.b64encode(b"boss-secret").decode())
+                client.quit()
+                return reply
+
+            assert (await asyncio.to_thread(session, "PLAIN")).startswith(b"+OK")
+            assert (await asyncio.to_thread(session, "LOGIN")).startswith(b"+OK")
+
+    run(scenario)
+
+
+def test_capa_before_and_after_stls(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+
+            def capas() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+                client = poplib.POP3(*server.address("pop3"), timeout=10)
+                before = client.capa()
+                client.stls(context=unverified())
+                after = client.capa()
+                client.quit()
+                return before, after
+
+            before, after = await asyncio.to_thread(capas)
+            assert "STLS" in before and "USER" not in before
+            assert "STLS" not in after and "USER" in after
+            assert after["SASL"] == ["PLAIN", "LOGIN"]
+            for cap in ("TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"):
+                assert cap in after
+
+    run(scenario)
