@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import mailbox
 import os
+import poplib
 import pwd
 import re
 import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -533,3 +535,297 @@ class PrivatePostfix:
         """Submit a message to this Postfix with smtplib."""
         with smtplib.SMTP(LOOPBACK, self.port, timeout=30) as client:
             client.sendmail(sender, list(recipients), message)
+
+
+# -- POP3: clients of postroom's listeners, and Dovecot as a second server ----
+
+CRLF = b"\r\n"
+
+
+def unverified_tls_context() -> ssl.SSLContext:
+    """A client TLS context that accepts any certificate (servers here are self-signed)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def pop3_banner(port: int, *, implicit_tls: bool = False, timeout: float = 2.0) -> bytes | None:
+    """The greeting a POP3 server on `port` sends (over TLS first for pop3s), or None."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout) as raw:
+            sock: socket.socket = raw
+            if implicit_tls:
+                sock = unverified_tls_context().wrap_socket(raw, server_hostname=LOOPBACK)
+            data = b""
+            while b"\n" not in data:
+                chunk = sock.recv(512)
+                if not chunk:
+                    break
+                data += chunk
+            return data or None
+    except (OSError, ssl.SSLError):
+        return None
+
+
+def wait_for_pop3(port: int, *, implicit_tls: bool = False, timeout: float = 20.0) -> bytes:
+    """Poll until the POP3 server on `port` greets with +OK; return the greeting."""
+    deadline = time.monotonic() + timeout
+    while True:
+        banner = pop3_banner(port, implicit_tls=implicit_tls, timeout=1.0)
+        if banner is not None and banner.startswith(b"+OK"):
+            return banner
+        if time.monotonic() > deadline:
+            raise HarnessError(f"no POP3 greeting on port {port} within {timeout}s: {banner!r}")
+        time.sleep(0.05)
+
+
+def pop3_session(
+    port: int,
+    *,
+    security: str = "plain",
+    user: str | None = None,
+    password: str | None = None,
+    timeout: float = 10.0,
+) -> poplib.POP3:
+    """A poplib client of 127.0.0.1:`port`, logged in with USER/PASS when `user` is given.
+
+    `security` is "plain" (no TLS), "stls" (STLS, RFC 2595, before logging in)
+    or "pop3s" (implicit TLS, RFC 8314). Certificates are not checked.
+    """
+    client: poplib.POP3
+    if security == "pop3s":
+        client = poplib.POP3_SSL(LOOPBACK, port, timeout=timeout,
+                                 context=unverified_tls_context())
+    else:
+        client = poplib.POP3(LOOPBACK, port, timeout=timeout)
+        if security == "stls":
+            client.stls(unverified_tls_context())
+        elif security != "plain":
+            raise ValueError(f"unknown POP3 security {security!r}")
+    if user is not None:
+        client.user(user)
+        client.pass_(password or "")
+    return client
+
+
+def pop3_message(client: poplib.POP3, number: int) -> bytes:
+    """RETR `number`, rebuilt as the octets the server sent (dot-unstuffed, CRLF line ends).
+
+    poplib strips each line's CRLF; every message here ends with CRLF (RFC 5322
+    2.1), so joining the lines with CRLF and ending with one gives the bytes back.
+    """
+    _, lines, _ = client.retr(number)
+    return b"".join(line + CRLF for line in lines)
+
+
+def pop3_listing(client: poplib.POP3) -> dict[int, int]:
+    """LIST as {message number: size in octets}."""
+    _, lines, _ = client.list()
+    sizes: dict[int, int] = {}
+    for line in lines:
+        number, size = line.split()
+        sizes[int(number)] = int(size)
+    return sizes
+
+
+def pop3_uidls(client: poplib.POP3) -> dict[int, str]:
+    """UIDL as {message number: unique id}."""
+    _, lines, _ = client.uidl()
+    uids: dict[int, str] = {}
+    for line in lines:
+        number, uid = line.split()
+        uids[int(number)] = uid.decode("ascii")
+    return uids
+
+
+class PrivateDovecot:
+    """A Dovecot POP3 server in a folder of its own, serving one existing Maildir to one user.
+
+    Nothing under /etc/dovecot is read: `dovecot -c FILE` gets a config whose
+    base, state and log paths are under `root`, a passwd-file passdb and userdb
+    holding the one user, and `mail_location` naming `maildir` directly. With
+    `cert`/`key` it offers STLS on the same port.
+
+    Dovecot refuses mail access as root (uid or gid 0), so the mail process
+    runs as `mail_user` and `start()` hands the Maildir to that user (chown -R)
+    and lets others traverse its parents. Its auth process runs as the dovecot
+    user and reads the passwd file under `root`: neither `root` nor `maildir`
+    may live in a 0700 folder another run can lock again (pytest's temp root).
+    Needs root. Dovecot writes its index and dovecot-uidlist files into the
+    Maildir's top folder and renames the files it reads into cur/ with flags.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        maildir: Path,
+        user: str,
+        password: str,
+        cert: Path | None = None,
+        key: Path | None = None,
+        mail_user: str = "nobody",
+    ) -> None:
+        self.root = Path(root)
+        self.maildir = Path(maildir)
+        self.user = user
+        self.password = password
+        self.cert = cert
+        self.key = key
+        self.mail_user = mail_user
+        self.port = free_ports(1)[0]
+        self.config_path = self.root / "dovecot.conf"
+        self.passwd_path = self.root / "passwd"
+        self.base_dir = self.root / "run"
+        self.state_dir = self.root / "state"
+        self.log_path = self.root / "dovecot.log"
+        self.started = False
+        self.dovecot = find_program("dovecot")
+        self.doveadm = find_program("doveadm")
+
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        """Why a private Dovecot POP3 server cannot run here, or None when it can."""
+        if find_program("dovecot") is None or find_program("doveadm") is None:
+            return "dovecot (dovecot-core) is not installed"
+        if not any(Path(d, "pop3").is_file() for d in ("/usr/lib/dovecot", "/usr/libexec/dovecot")):
+            return "dovecot's pop3 service (dovecot-pop3d) is not installed"
+        if os.geteuid() != 0:
+            return "a private Dovecot instance needs root"
+        for name in ("dovecot", "dovenull", "nobody"):
+            try:
+                pwd.getpwnam(name)
+            except KeyError:
+                return f"the {name} user does not exist"
+        return None
+
+    def _config(self) -> str:
+        account = pwd.getpwnam(self.mail_user)
+        lines = [
+            "protocols = pop3",
+            f"listen = {LOOPBACK}",
+            f"base_dir = {self.base_dir}",
+            f"state_dir = {self.state_dir}",
+            f"log_path = {self.log_path}",
+            "disable_plaintext_auth = no",
+            "auth_mechanisms = plain login",
+            f"mail_location = maildir:{self.maildir}",
+            f"mail_uid = {self.mail_user}",
+            f"mail_gid = {account.pw_gid}",
+            # Dovecot's floor for mail uids/gids (default 500): let a system user through.
+            f"first_valid_uid = {account.pw_uid}",
+            f"first_valid_gid = {account.pw_gid}",
+            "passdb {",
+            "  driver = passwd-file",
+            f"  args = scheme=PLAIN username_format=%u {self.passwd_path}",
+            "}",
+            "userdb {",
+            "  driver = passwd-file",
+            f"  args = username_format=%u {self.passwd_path}",
+            "}",
+            "service pop3-login {",
+            "  inet_listener pop3 {",
+            f"    address = {LOOPBACK}",
+            f"    port = {self.port}",
+            "  }",
+            "  inet_listener pop3s {",
+            "    port = 0",
+            "  }",
+            "}",
+            # anvil chroots to an empty folder by default; none is made here.
+            "service anvil {",
+            "  chroot =",
+            "}",
+        ]
+        if self.cert is not None and self.key is not None:
+            lines += ["ssl = yes", f"ssl_cert = <{self.cert}", f"ssl_key = <{self.key}"]
+        else:
+            lines.append("ssl = no")
+        return "\n".join(lines) + "\n"
+
+    def start(self, timeout: float = 20.0) -> None:
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise HarnessError(reason)
+        assert self.dovecot is not None
+        for folder in (self.root, self.base_dir, self.state_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        _let_others_traverse(self.root)
+        account = pwd.getpwnam(self.mail_user)
+        for path in (self.maildir, *self.maildir.rglob("*")):
+            os.chown(path, account.pw_uid, account.pw_gid)
+        _let_others_traverse(self.maildir.parent)
+        # user:password:uid:gid:gecos:home:shell — uid/gid come from mail_uid/mail_gid.
+        self.passwd_path.write_text(f"{self.user}:{{PLAIN}}{self.password}::::::\n")
+        self.passwd_path.chmod(0o644)
+        self.config_path.write_text(self._config())
+        # The master daemonizes with the standard streams inherited: pipes would
+        # stay open as long as it runs, so its start-up errors go to a file.
+        output = self.root / "start.out"
+        with open(output, "wb") as out:
+            result = subprocess.run([self.dovecot, "-c", str(self.config_path)],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    timeout=60, check=False)
+        if result.returncode != 0:
+            raise HarnessError(
+                f"dovecot exited {result.returncode}\n{_tail(output)}\n{self.log()}"
+            )
+        self.started = True
+        try:
+            wait_for_pop3(self.port, timeout=timeout)
+        except HarnessError as exc:
+            self.stop()
+            raise HarnessError(f"{exc}\n{self.log()}") from None
+
+    def master_pid(self) -> int | None:
+        try:
+            return int((self.base_dir / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """`doveadm stop`; if the master lingers, SIGKILL it by its PID."""
+        if not self.started:
+            return
+        self.started = False
+        assert self.doveadm is not None
+        pid = self.master_pid()
+        subprocess.run([self.doveadm, "-c", str(self.config_path), "stop"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=60, check=False)
+        if pid is None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def log(self) -> str:
+        return _tail(self.log_path)
+
+
+def smtp_send(port: int, sender: str, recipient: str, messages: Iterable[bytes]) -> None:
+    """Send each message to `recipient` over one smtplib connection to 127.0.0.1:`port`."""
+    with smtplib.SMTP(LOOPBACK, port, timeout=30) as client:
+        for message in messages:
+            client.sendmail(sender, [recipient], message)
+
+
+def stored_by_token(folder: Path, tokens: Iterable[str]) -> dict[str, bytes]:
+    """{token: the bytes of the one file in the Maildir's new/ or cur/ that contains it}."""
+    files = [path.read_bytes() for path in maildir_files(folder)]
+    found: dict[str, bytes] = {}
+    for token in tokens:
+        holders = [data for data in files if token.encode() in data]
+        if len(holders) != 1:
+            raise HarnessError(f"{len(holders)} files in {folder} hold token {token}")
+        found[token] = holders[0]
+    return found

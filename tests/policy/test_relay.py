@@ -3,15 +3,19 @@
 import pytest
 
 from postroom.policy.relay import RecipientPolicy, normalise_domain
+from postroom.store.users import Expansion
 
 USERS = {"boss@corp.example": ["boss@corp.example"], "sales@corp.example": ["boss@corp.example"]}
 
 
-def resolve(address: str) -> list[str] | None:
+def resolve(address: str) -> Expansion | None:
+    if address == "forward@corp.example":
+        return Expansion(("boss@corp.example",), ("friend@other.example",), ())
     local, _, domain = address.rpartition("@")
     if "+" in local and address not in USERS:
         address = local.split("+", 1)[0] + "@" + domain
-    return USERS.get(address.lower())
+    boxes = USERS.get(address.lower())
+    return Expansion(tuple(boxes), (), ()) if boxes else None
 
 
 @pytest.fixture
@@ -68,7 +72,7 @@ def test_bare_postmaster_is_accepted(policy: RecipientPolicy) -> None:
     # RFC 5321 4.5.1: <Postmaster> with no domain must be accepted...
     p = RecipientPolicy(
         lambda d: d == "corp.example",
-        lambda a: [a] if a == "postmaster@corp.example" else None,
+        lambda a: Expansion((a,), (), ()) if a == "postmaster@corp.example" else None,
         primary_domain="corp.example",
     )
     assert p.check_recipient("Postmaster").accepted
@@ -78,3 +82,9 @@ def test_normalise_domain() -> None:
     assert normalise_domain("Corp.Example.") == "corp.example"
     assert normalise_domain("corp.example..") == ""
     assert normalise_domain("Bücher.Example") == "xn--bcher-kva.example"
+
+
+def test_alias_forwarding_off_host_is_refused_not_half_delivered(policy: RecipientPolicy) -> None:
+    d = policy.check_recipient("forward@corp.example")
+    assert (d.reply.code, d.reply.enhanced) == (550, "5.7.1")
+    assert d.mailboxes == ()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from postroom.addresses import canonical_domain
 from postroom.protocol.replies import Reply
+from postroom.store.users import Expansion
 
 # Characters that, in a local part, ask a host to route the mail onwards.
 ROUTING_CHARACTERS = frozenset("%!@")
@@ -62,18 +63,18 @@ class RecipientPolicy:
     """RCPT checks for mail arriving from the outside world (no AUTH).
 
     `is_local_domain(domain)` answers for the config's and the directory's domains;
-    `resolve(address)` maps a local address to its mailboxes (aliases and
+    `expand(address)` maps a local address to its mailboxes (aliases and
     subaddresses followed) or None when no such user or alias exists.
     """
 
     def __init__(
         self,
         is_local_domain: Callable[[str], bool],
-        resolve: Callable[[str], list[str] | None],
+        expand: Callable[[str], Expansion | None],
         primary_domain: str = "localhost",
     ) -> None:
         self._is_local_domain = is_local_domain
-        self._resolve = resolve
+        self._expand = expand
         self._primary_domain = primary_domain
 
     def check_recipient(self, address: str) -> RecipientDecision:
@@ -93,12 +94,19 @@ class RecipientPolicy:
             return RecipientDecision(relay_denied(shown))
         if not local:
             return RecipientDecision(Reply(501, "5.1.3", f"{shown}: empty local part"))
-        mailboxes = self._resolve(f"{local}@{domain}")
-        if not mailboxes:
+        expansion = self._expand(f"{local}@{domain}")
+        if expansion is None or not (expansion.mailboxes or expansion.remote):
             return RecipientDecision(
                 Reply(550, "5.1.1", f"{shown}: Recipient address rejected: no such user here")
             )
-        return RecipientDecision(Reply(250, "2.1.5", "Ok"), tuple(mailboxes))
+        if expansion.remote:
+            # An alias that forwards off this host needs the relay queue; taking the
+            # mail and filing only the local copies would silently lose the rest.
+            return RecipientDecision(
+                Reply(550, "5.7.1", f"{shown}: alias forwards to remote addresses and "
+                                    "this host is not configured to relay")
+            )
+        return RecipientDecision(Reply(250, "2.1.5", "Ok"), expansion.mailboxes)
 
 
 def relay_denied(shown: str) -> Reply:

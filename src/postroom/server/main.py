@@ -28,6 +28,7 @@ from postroom.server.limits import ConnectionLimiter
 from postroom.server.pop3 import POP3Service, POP3Session
 from postroom.server.smtp import SMTPService, SMTPSession
 from postroom.server.stream import Stream
+from postroom.store.cache import CachedLookups
 from postroom.store.maildir import MailStore
 from postroom.store.users import UserDirectory, local_domains, open_user_directory
 from postroom.tlscert import ensure_certificate, server_context
@@ -77,15 +78,15 @@ def build_smtp_service(
     store: MailStore,
 ) -> SMTPService:
     config_domains = local_domains(config, directory) - set(directory.list_domains())
+    # Cached until the database changes: `postroom domain add` works without a restart.
+    lookups = CachedLookups(directory, config.users_db)
 
     def is_local_domain(domain: str) -> bool:
-        # The directory is asked afresh each time: `postroom domain add` works
-        # without a restart.
-        return domain in config_domains or directory.has_domain(domain)
+        return domain in config_domains or lookups.has_domain(domain)
 
     smtp = config.smtp
     primary = config.domains[0] if config.domains else config.hostname
-    policy = RecipientPolicy(is_local_domain, directory.resolve, primary_domain=primary)
+    policy = RecipientPolicy(is_local_domain, lookups.expand, primary_domain=primary)
     core_config = SMTPServerConfig(
         hostname=config.hostname,
         max_message_size=smtp.max_message_size,

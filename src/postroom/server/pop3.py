@@ -104,7 +104,7 @@ class POP3Session:
                 if not await self._flush():
                     return
                 try:
-                    data = await asyncio.wait_for(self.stream.read(), self.service.idle_timeout)
+                    data = await self.stream.read(self.service.idle_timeout)
                 except TimeoutError:
                     log.info("%s: idle timeout for %s", self.service.name, self.client)
                     conn.timeout()

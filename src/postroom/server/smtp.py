@@ -15,7 +15,6 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from postroom.ids import new_queue_id
 from postroom.policy.relay import RecipientPolicy
@@ -24,9 +23,54 @@ from postroom.protocol.replies import Reply
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
 from postroom.server.stream import Stream
-from postroom.store.maildir import MailStore
+from postroom.store.maildir import MailStore, MessageWriter
 
 log = logging.getLogger("postroom.smtpd")
+
+# A message is held in memory until it is this large, then goes to a spool file.
+# Small messages thus touch the disk only inside the commit, in a worker thread:
+# creating a file on the event loop can block it for milliseconds while the
+# filesystem journal commits other sessions' fsyncs.
+SPILL_AT = 512 * 1024
+
+
+class Spool:
+    """The message being received: in memory while small, in a spool file past SPILL_AT."""
+
+    __slots__ = ("_store", "_chunks", "_writer", "size")
+
+    def __init__(self, store: MailStore) -> None:
+        self._store = store
+        self._chunks: list[bytes] = []
+        self._writer: MessageWriter | None = None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._writer is not None:
+            self._writer.write(data)
+            return
+        self._chunks.append(data)
+        if self.size > SPILL_AT:
+            self._spill()
+
+    def _spill(self) -> None:
+        writer = self._writer = self._store.open_writer()
+        for chunk in self._chunks:
+            writer.write(chunk)
+        self._chunks.clear()
+
+    def commit(self, maildirs: list[Path]) -> list[Path]:
+        """Store in every maildir, durably (BLOCKING: run in a worker thread)."""
+        if self._writer is None:
+            self._spill()
+        assert self._writer is not None
+        return self._writer.commit(maildirs)
+
+    def abort(self) -> None:
+        self._chunks.clear()
+        if self._writer is not None:
+            self._writer.abort()
 
 
 @dataclass
@@ -60,7 +104,7 @@ class Transaction:
     ret: str | None = None
     envid: str | None = None
     recipients: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
-    writer: Any = None  # store.maildir.MessageWriter while DATA is in progress
+    writer: Spool | None = None  # while DATA is in progress
     hops: HopCounter | None = None
 
     def mailboxes(self) -> list[str]:
@@ -146,7 +190,7 @@ class SMTPSession:
         """Feed the core; False when the connection must end (timeout, EOF handled by core)."""
         timeout = self.service.data_timeout if self.in_data else self.service.command_timeout
         try:
-            data = await asyncio.wait_for(self.stream.read(), timeout)
+            data = await self.stream.read(timeout)
         except TimeoutError:
             log.info("%s: timeout after %s from [%s]", self.service.name,
                      self.conn.state, self.client_ip)
@@ -242,14 +286,7 @@ class SMTPSession:
     def _data_start(self, event: core.DataStart) -> None:
         txn = self.txn
         assert txn is not None, "the core emits DataStart only inside a transaction"
-        try:
-            txn.writer = self.service.store.open_writer()
-        except OSError as exc:
-            log.error("%s: %s: cannot open spool file: %s", self.service.name,
-                      txn.queue_id, exc)
-            if not event.chunking:
-                self.conn.send(Reply(451, "4.3.0", "Local error in processing, try later"))
-            return
+        txn.writer = Spool(self.service.store)
         txn.hops = HopCounter()
         single = txn.recipients[0][0] if len(txn.recipients) == 1 else None
         info = TraceInfo(

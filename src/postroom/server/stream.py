@@ -77,17 +77,26 @@ class Stream(asyncio.Protocol):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.transport.get_extra_info(name, default) if self.transport else default
 
-    async def read(self) -> bytes:
-        """Everything buffered, waiting for some if there is none; b"" at EOF."""
+    async def read(self, timeout: float | None = None) -> bytes:
+        """Everything buffered, waiting for some if there is none; b"" at EOF.
+
+        TimeoutError when nothing came for `timeout` seconds. (A timer handle per
+        wait, not asyncio.wait_for: that makes a task per read, which costs more
+        than the read itself at thousands of commands a second.)
+        """
         while not self._chunks:
             if self._eof:
                 return b""
-            waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
             self._read_waiter = waiter
+            timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
             try:
                 await waiter
             finally:
                 self._read_waiter = None
+                if timer is not None:
+                    timer.cancel()
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
@@ -152,3 +161,8 @@ class Stream(asyncio.Protocol):
         if self._reading_paused and self.transport is not None:
             self.transport.resume_reading()
             self._reading_paused = False
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
