@@ -31,6 +31,7 @@ with no event awaiting it, a reply code that does not fit the event) raises
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -366,6 +367,7 @@ class SMTPServerConfig:
                 raise ValueError(f"invalid SASL mechanism name {mech!r}")
 
 
+@functools.lru_cache(maxsize=1024)  # replies are frozen values, most of them constants
 def _encode_reply(reply: Reply) -> bytes:
     """Wire form of a reply (RFC 5321 4.2): each line at most 512 octets.
 
@@ -381,6 +383,19 @@ def _encode_reply(reply: Reply) -> bytes:
             line = line[: MAX_REPLY_LINE - 2].decode("utf-8", "ignore").encode()
         out.append(line + b"\r\n")
     return b"".join(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _reply_problem(reply: Reply) -> str | None:
+    """Why an application's reply cannot go on the wire, or None."""
+    if _REPLY_TEXT_BAD_RE.search(reply.text):
+        return f"control character in reply text {reply.text!r}"
+    if reply.enhanced is not None:
+        m = _ENHANCED_RE.fullmatch(reply.enhanced)
+        if m is None or m.group(1) != str(reply.code)[0]:
+            # RFC 3463 2: the class digit matches the reply code's.
+            return f"enhanced code {reply.enhanced!r} does not fit reply {reply.code}"
+    return None
 
 
 class SMTPServer:
@@ -592,15 +607,9 @@ class SMTPServer:
     def _check_reply(self, reply: Reply) -> None:
         if not isinstance(reply, Reply):
             raise SMTPProtocolError(f"expected a Reply, got {type(reply).__name__}")
-        if _REPLY_TEXT_BAD_RE.search(reply.text):
-            raise SMTPProtocolError(f"control character in reply text {reply.text!r}")
-        if reply.enhanced is not None:
-            m = _ENHANCED_RE.fullmatch(reply.enhanced)
-            if m is None or m.group(1) != str(reply.code)[0]:
-                # RFC 3463 2: the class digit matches the reply code's.
-                raise SMTPProtocolError(
-                    f"enhanced code {reply.enhanced!r} does not fit reply {reply.code}"
-                )
+        problem = _reply_problem(reply)
+        if problem is not None:
+            raise SMTPProtocolError(problem)
 
     def _take_pending(self, reply: Reply) -> Event:
         if self._state == CLOSED:
