@@ -36,6 +36,7 @@ class RecipientDecision:
 
     reply: Reply
     mailboxes: tuple[str, ...] = ()
+    remote: str | None = None  # an address to relay to (authenticated submission only)
 
     @property
     def accepted(self) -> bool:

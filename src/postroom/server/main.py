@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from postroom.config import Config, ConfigError
 from postroom.policy.auth import AuthThrottle
 from postroom.policy.relay import RecipientPolicy
+from postroom.policy.submission import SubmissionPolicy
+from postroom.protocol.sasl import SUPPORTED_MECHANISMS
 from postroom.protocol.smtp_server import SMTPServerConfig
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.pop3 import POP3Service, POP3Session
-from postroom.server.smtp import SMTPService, SMTPSession
+from postroom.server.smtp import Outbound, SMTPService, SMTPSession
 from postroom.server.stream import Stream
 from postroom.store.cache import CachedLookups
 from postroom.store.maildir import MailStore
@@ -42,11 +44,8 @@ LISTEN_BACKLOG = 1024
 # How long SIGTERM waits for transactions in progress before closing them.
 DRAIN_GRACE_SECONDS = 30.0
 
-# Listeners this version serves. The config may name the submission ones (they
-# are part of the config's contract); they are reported at start and left unbound.
-SERVED_LISTENERS = ("smtp", "pop3", "pop3s")
-IMPLICIT_TLS = ("pop3s",)  # RFC 8314: TLS from the first byte
-
+SUBMISSION_LISTENERS = ("submission", "submissions")  # RFC 6409: AUTH, then relay
+IMPLICIT_TLS = ("submissions", "pop3s")  # RFC 8314: TLS from the first byte
 
 
 def setup_logging() -> None:
@@ -72,11 +71,16 @@ def install_event_loop_policy() -> str:
 
 
 def build_smtp_service(
+    name: str,
     config: Config,
     tls_context: ssl.SSLContext | None,
     directory: UserDirectory,
     store: MailStore,
+    limiter: ConnectionLimiter,
+    throttle: AuthThrottle,
+    outbound: Outbound | None = None,
 ) -> SMTPService:
+    """The `smtp` listener (MX: local recipients only) or a submission one (AUTH, relay)."""
     config_domains = local_domains(config, directory) - set(directory.list_domains())
     # Cached until the database changes: `postroom domain add` works without a restart.
     lookups = CachedLookups(directory, config.users_db)
@@ -87,25 +91,36 @@ def build_smtp_service(
     smtp = config.smtp
     primary = config.domains[0] if config.domains else config.hostname
     policy = RecipientPolicy(is_local_domain, lookups.expand, primary_domain=primary)
+    submission = name in SUBMISSION_LISTENERS
     core_config = SMTPServerConfig(
         hostname=config.hostname,
         max_message_size=smtp.max_message_size,
         max_recipients=smtp.max_recipients,
         max_errors=smtp.max_errors,
         bare_newline=smtp.bare_newline,
-        starttls=tls_context is not None,
+        starttls=tls_context is not None and name not in IMPLICIT_TLS,
+        tls_active=name in IMPLICIT_TLS,
+        # RFC 4954 4 and RFC 6409 4.3: submission requires AUTH, offered under TLS.
+        auth_mechanisms=SUPPORTED_MECHANISMS if submission else (),
+        auth_plaintext=smtp.allow_plaintext_auth,
+        auth_required=submission,
     )
     return SMTPService(
-        name="smtp",
+        name=name,
         hostname=config.hostname,
         core_config=core_config,
         policy=policy,
         store=store,
-        limiter=ConnectionLimiter(smtp.max_connections, smtp.max_connections_per_client),
+        limiter=limiter,
         tls_context=tls_context,
         command_timeout=smtp.command_timeout,
         data_timeout=smtp.data_timeout,
         max_received=smtp.max_received_headers,
+        submission=SubmissionPolicy(policy, is_local_domain, lookups.expand,
+                                    smtp.check_from_header) if submission else None,
+        verify_password=directory.verify_password if submission else None,
+        throttle=throttle,
+        outbound=outbound if submission else None,
     )
 
 
@@ -182,10 +197,6 @@ async def start(config: Config) -> Running:
     sockets: list[tuple[str, socket.socket]] = []
     try:
         for key_name, endpoint in config.listen.enabled().items():
-            if key_name not in SERVED_LISTENERS:
-                log.warning("listen.%s (%s:%d): submission is not served by this version yet",
-                            key_name, endpoint.host, endpoint.port)
-                continue
             sockets.append((key_name, bind(endpoint.host, endpoint.port, key_name, config)))
     except ConfigError:
         for _name, sock in sockets:
@@ -204,13 +215,18 @@ async def start(config: Config) -> Running:
         config.pop3.max_connections, config.pop3.max_connections_per_client
     )
     throttle = AuthThrottle(first_delay=config.pop3.auth_failure_delay)
+    smtp_limiter = ConnectionLimiter(
+        config.smtp.max_connections, config.smtp.max_connections_per_client
+    )
+    outbound: Outbound | None = None
     services: dict[str, AnyService] = {}
     servers: dict[str, asyncio.base_events.Server] = {}
     loop = asyncio.get_running_loop()
     for key_name, sock in sockets:
         service: AnyService
-        if key_name == "smtp":
-            service = build_smtp_service(config, tls_context, directory, store)
+        if key_name in ("smtp", *SUBMISSION_LISTENERS):
+            service = build_smtp_service(key_name, config, tls_context, directory, store,
+                                         smtp_limiter, throttle, outbound)
         else:
             service = POP3Service(
                 name=key_name,

@@ -13,77 +13,56 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from postroom.ids import new_queue_id
-from postroom.policy.relay import RecipientPolicy
+from postroom.policy.auth import AuthThrottle
+from postroom.policy.relay import RecipientDecision, RecipientPolicy
+from postroom.policy.submission import SubmissionPolicy
+from postroom.protocol import sasl
 from postroom.protocol import smtp_server as core
 from postroom.protocol.replies import Reply
+from postroom.queue.envelope import Envelope, Recipient
+from postroom.server.headers import HeaderCapture, missing_headers
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
+from postroom.server.spool import Spool
 from postroom.server.stream import Stream
-from postroom.store.maildir import MailStore, MessageWriter
+from postroom.store.maildir import MailStore
+from postroom.store.users import local_address
 
 log = logging.getLogger("postroom.smtpd")
 
-# A message is held in memory until it is this large, then goes to a spool file.
-# Small messages thus touch the disk only inside the commit, in a worker thread:
-# creating a file on the event loop can block it for milliseconds while the
-# filesystem journal commits other sessions' fsyncs.
-SPILL_AT = 512 * 1024
+class Outbound(Protocol):
+    """Where mail for other hosts goes: the durable queue (see postroom.queue)."""
 
+    def add(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
+        """Store durably (BLOCKING: runs in a worker thread)."""
 
-class Spool:
-    """The message being received: in memory while small, in a spool file past SPILL_AT."""
-
-    __slots__ = ("_store", "_chunks", "_writer", "size")
-
-    def __init__(self, store: MailStore) -> None:
-        self._store = store
-        self._chunks: list[bytes] = []
-        self._writer: MessageWriter | None = None
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self._writer is not None:
-            self._writer.write(data)
-            return
-        self._chunks.append(data)
-        if self.size > SPILL_AT:
-            self._spill()
-
-    def _spill(self) -> None:
-        writer = self._writer = self._store.open_writer()
-        for chunk in self._chunks:
-            writer.write(chunk)
-        self._chunks.clear()
-
-    def commit(self, maildirs: list[Path]) -> list[Path]:
-        """Store in every maildir, durably (BLOCKING: run in a worker thread)."""
-        if self._writer is None:
-            self._spill()
-        assert self._writer is not None
-        return self._writer.commit(maildirs)
-
-    def abort(self) -> None:
-        self._chunks.clear()
-        if self._writer is not None:
-            self._writer.abort()
+    def wake(self, queue_id: str) -> None:
+        """Try it now."""
 
 
 @dataclass
 class SMTPService:
     """What every session of one listener shares."""
 
-    name: str  # listener name from the config, for logs: "smtp"
+    name: str  # listener name from the config: "smtp", "submission", "submissions"
     hostname: str
     core_config: core.SMTPServerConfig
     policy: RecipientPolicy
     store: MailStore
     limiter: ConnectionLimiter
     tls_context: ssl.SSLContext | None
+    # Submission only (RFC 6409): authenticated users, their sender checks, and the
+    # queue that relays their mail to other hosts.
+    submission: SubmissionPolicy | None = None
+    verify_password: Callable[[str, str], bool] | None = None
+    throttle: AuthThrottle | None = None
+    outbound: Outbound | None = None
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes after end of data...
     max_received: int = DEFAULT_MAX_RECEIVED
@@ -104,8 +83,11 @@ class Transaction:
     ret: str | None = None
     envid: str | None = None
     recipients: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    remote: list[Recipient] = field(default_factory=list)  # to relay (submission)
     writer: Spool | None = None  # while DATA is in progress
     hops: HopCounter | None = None
+    headers: HeaderCapture | None = None  # submission: the fields we check and complete
+    refusal: Reply | None = None  # decided while streaming, answered at the end
 
     def mailboxes(self) -> list[str]:
         """Each local mailbox once, however many recipients (aliases) lead to it."""
@@ -132,6 +114,8 @@ class SMTPSession:
         self.txn: Transaction | None = None
         self.in_data = False
         self.busy = False  # inside a transaction: SIGTERM waits for it to end
+        self.user: str | None = None  # the authenticated identity (submission)
+        self.sasl: sasl.ServerExchange | None = None
 
     def _tls_info(self) -> tuple[str, str] | None:
         obj = self.stream.get_extra_info("ssl_object")
@@ -239,9 +223,7 @@ class SMTPSession:
         elif isinstance(event, core.StartTLS):
             await self._starttls()
         elif isinstance(event, core.AuthStart | core.AuthResponse):
-            # The MX listener offers no AUTH; the core only emits these when a
-            # listener configures mechanisms, which this service never does.
-            conn.send(Reply(504, "5.5.4", "Authentication not available here"))
+            await self._auth(event)
         elif isinstance(event, core.Reset):
             self._abort_transaction("reset")
         elif isinstance(event, core.Quit | core.ConnectionClosed):
@@ -254,6 +236,13 @@ class SMTPSession:
                                  close=True))
             return
         self._abort_transaction("new transaction")
+        if svc.submission is not None and self.user is not None:
+            refusal = svc.submission.check_sender(self.user, event.address)
+            if refusal is not None:
+                log.info("%s: reject: MAIL from [%s]: %s; user=%s", svc.name, self.client_ip,
+                         refusal, self.user)
+                self.conn.send(refusal)
+                return
         txn = Transaction(
             queue_id=new_queue_id(),
             sender=event.address,
@@ -274,8 +263,10 @@ class SMTPSession:
     def _rcpt_to(self, event: core.RcptTo) -> None:
         txn = self.txn
         assert txn is not None, "the core emits RcptTo only inside a transaction"
-        decision = self.service.policy.check_recipient(event.address)
-        if decision.accepted:
+        decision = self._recipient_decision(event.address)
+        if decision.accepted and decision.remote is not None:
+            txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
+        elif decision.accepted:
             txn.recipients.append((event.address, decision.mailboxes))
         else:
             log.info("%s: %s: reject: RCPT from [%s]: %s; from=<%s> to=<%s>",
@@ -283,12 +274,23 @@ class SMTPSession:
                      txn.sender, event.address)
         self.conn.send(decision.reply)
 
+    def _recipient_decision(self, address: str) -> RecipientDecision:
+        svc = self.service
+        if svc.submission is not None and self.user is not None:
+            decision = svc.submission.check_recipient(address)
+            if decision.remote is not None and svc.outbound is None:
+                return RecipientDecision(Reply(451, "4.3.0", "Relay queue unavailable"))
+            return decision
+        return svc.policy.check_recipient(address)
+
     def _data_start(self, event: core.DataStart) -> None:
         txn = self.txn
         assert txn is not None, "the core emits DataStart only inside a transaction"
         txn.writer = Spool(self.service.store)
         txn.hops = HopCounter()
-        single = txn.recipients[0][0] if len(txn.recipients) == 1 else None
+        if self.service.submission is not None:
+            txn.headers = HeaderCapture()
+        everyone = [rcpt for rcpt, _boxes in txn.recipients] + [r.address for r in txn.remote]
         info = TraceInfo(
             helo=self.helo,
             client_ip=self.client_ip,
@@ -298,9 +300,9 @@ class SMTPSession:
             esmtp=self.esmtp,
             tls_version=self.tls[0] if self.tls else None,
             tls_cipher=self.tls[1] if self.tls else None,
-            authenticated=False,
+            authenticated=self.user is not None,
             smtputf8=txn.smtputf8,
-            recipient=single,
+            recipient=everyone[0] if len(everyone) == 1 else None,
         )
         txn.writer.write(received_header(info, txn.started))
         self.in_data = True
@@ -319,6 +321,20 @@ class SMTPSession:
             log.error("%s: %s: write to spool failed: %s", self.service.name, txn.queue_id, exc)
             txn.writer.abort()
             txn.writer = None
+            return
+        if txn.headers is not None and txn.headers.feed(data):
+            self._submission_headers(txn)
+
+    def _submission_headers(self, txn: Transaction) -> None:
+        """RFC 6409 8: check From against the user, add Message-ID and Date if missing."""
+        assert txn.headers is not None and txn.writer is not None
+        svc = self.service
+        fields = txn.headers.message()
+        if svc.submission is not None and self.user is not None:
+            txn.refusal = svc.submission.check_from(self.user, fields.get_all("From") or [])
+        extra = missing_headers(fields, svc.hostname, txn.started)
+        if extra and not txn.writer.insert_head(extra):
+            log.warning("%s: %s: header section too large to complete", svc.name, txn.queue_id)
 
     async def _message_end(self) -> None:
         svc = self.service
@@ -329,30 +345,34 @@ class SMTPSession:
             self.conn.send(Reply(451, "4.3.0", "Local error in processing, try later"))
             self._finish_transaction()
             return
+        refusal = txn.refusal
         if txn.hops is not None and txn.hops.count > svc.max_received:
-            reply = Reply(554, "5.4.6", f"Too many hops ({txn.hops.count} Received headers): "
-                                        "mail loop?")
-            log.info("%s: %s: reject: %s", svc.name, txn.queue_id, reply)
+            refusal = Reply(554, "5.4.6", f"Too many hops ({txn.hops.count} Received headers): "
+                                          "mail loop?")
+        if refusal is not None:
+            log.info("%s: %s: reject: %s", svc.name, txn.queue_id, refusal)
             txn.writer.abort()
-            self.conn.send(reply)
+            self.conn.send(refusal)
             self._finish_transaction()
             return
-        # From here the commit owns the spool file: a shutdown must not abort it.
-        writer, txn.writer = txn.writer, None
-        size = writer.size
+        # From here the commit owns the spool: a shutdown must not abort it.
+        spool, txn.writer = txn.writer, None
+        size = spool.size
         targets = [svc.store.maildir_for(box) for box in txn.mailboxes()]
+        envelope = self._envelope(txn, size) if txn.remote else None
         loop = asyncio.get_running_loop()
         try:
-            paths = await loop.run_in_executor(None, writer.commit, targets)
+            paths = await loop.run_in_executor(None, self._commit, spool, targets, envelope)
         except OSError as exc:
-            log.error("%s: %s: delivery to maildir failed: %s", svc.name, txn.queue_id, exc)
-            writer.abort()
+            log.error("%s: %s: storing the message failed: %s", svc.name, txn.queue_id, exc)
+            spool.abort()
             self._reply(Reply(451, "4.3.0", "Local error in processing, try later"))
             self._finish_transaction()
             return
         delay = time.time() - txn.started
-        log.info("%s: %s: from=<%s>, size=%d, nrcpt=%d", svc.name, txn.queue_id, txn.sender,
-                 size, len(txn.recipients))
+        log.info("%s: %s: from=<%s>, size=%d, nrcpt=%d%s", svc.name, txn.queue_id, txn.sender,
+                 size, len(txn.recipients) + len(txn.remote),
+                 f", sasl_username={self.user}" if self.user else "")
         by_box = dict(zip(txn.mailboxes(), paths, strict=True))
         for rcpt, boxes in txn.recipients:
             for box in boxes:
@@ -360,8 +380,81 @@ class SMTPSession:
                 log.info("%s: %s: to=<%s>%s, relay=local, delay=%.2f, dsn=2.0.0, "
                          "status=sent (delivered to maildir %s)", svc.name, txn.queue_id, box,
                          orig, delay, Path(by_box[box]).name)
+        if envelope is not None and svc.outbound is not None:
+            for r in envelope.recipients:
+                log.info("%s: %s: to=<%s>, status=queued (for relay)", svc.name,
+                         txn.queue_id, r.address)
+            svc.outbound.wake(txn.queue_id)
         self._reply(Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"))
         self._finish_transaction()
+
+    def _envelope(self, txn: Transaction, size: int) -> Envelope:
+        return Envelope(
+            queue_id=txn.queue_id,
+            sender=txn.sender,
+            recipients=list(txn.remote),
+            created=time.time(),
+            size=size,
+            ret=txn.ret,
+            envid=txn.envid,
+            smtputf8=txn.smtputf8,
+            body=txn.body,
+            auth_user=self.user,
+            client=f"[{self.client_ip}]",
+        )
+
+    def _commit(self, spool: Spool, maildirs: list[Path], envelope: Envelope | None) -> list[Path]:
+        """BLOCKING (worker thread): queue the relayed part, then file the local copies.
+
+        Both are durable before the 250. Queue first: if filing locally then fails,
+        the client retries and the relayed recipients may get the message twice,
+        which is the safe way round (RFC 5321 6.1: duplicates over losses).
+        """
+        if envelope is not None and self.service.outbound is not None:
+            self.service.outbound.add(envelope, spool.chunks())
+        if not maildirs:
+            spool.abort()
+            return []
+        return spool.commit(maildirs)
+
+    async def _auth(self, event: core.AuthStart | core.AuthResponse) -> None:
+        """RFC 4954: SASL PLAIN or LOGIN, then a password check against the directory."""
+        svc = self.service
+        try:
+            if isinstance(event, core.AuthStart):
+                self.sasl = sasl.ServerExchange(event.mechanism)
+                step = self.sasl.start(event.initial_response)
+            else:
+                assert self.sasl is not None, "the core emits AuthResponse only inside AUTH"
+                step = self.sasl.respond(event.data)
+        except sasl.SASLError as exc:
+            self.sasl = None
+            self.conn.send(exc.reply)
+            return
+        if isinstance(step, Reply):
+            self.conn.send(step)  # the next 334 challenge
+            return
+        self.sasl = None
+        name = step.authcid
+        good = False
+        if svc.verify_password is not None and (not step.authzid or step.authzid == name):
+            good = await asyncio.get_running_loop().run_in_executor(
+                None, svc.verify_password, name, step.password
+            )
+        if not good:
+            delay = svc.throttle.failed(self.client_ip, name) if svc.throttle else 0.0
+            log.warning("%s: authentication failed for %r from [%s] (answer delayed %.1fs)",
+                        svc.name, name, self.client_ip, delay)
+            await asyncio.sleep(delay)
+            self._reply(sasl.AUTH_FAILED)
+            return
+        user = local_address(name)
+        if svc.throttle is not None:
+            svc.throttle.succeeded(self.client_ip, user)
+        self.user = user
+        log.info("%s: [%s] authenticated as %s (%s)", svc.name, self.client_ip, user,
+                 event.mechanism if isinstance(event, core.AuthStart) else "SASL")
+        self.conn.auth_succeeded(user, sasl.AUTH_SUCCEEDED)
 
     def _reply(self, reply: Reply) -> None:
         """Answer the pending event, unless a shutdown closed the session meanwhile."""

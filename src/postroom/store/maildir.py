@@ -24,6 +24,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -323,6 +324,16 @@ class MessageWriter:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+
+    def read_back(self, chunk_size: int = 256 * 1024) -> Iterator[bytes]:
+        """The bytes written so far, from the spool file (BLOCKING). Used to hand a
+        large message to the queue as well as to maildirs."""
+        if self._path is None:
+            raise ValueError("read_back after commit or abort")
+        self._file.flush()
+        with open(self._path, "rb") as f:
+            while chunk := f.read(chunk_size):
+                yield chunk
 
     def abort(self) -> None:
         """Throw the message away. Safe to call twice and after commit."""

@@ -1,0 +1,1 @@
+"""The durable mail queue: envelopes and messages on disk, the scheduler, bounces."""
