@@ -123,6 +123,7 @@ class POP3Config:
     max_connections: int
     max_connections_per_client: int
     auth_failure_delay: float  # seconds before a failed login is answered (doubling)
+    apop: bool  # RFC 1939 7: greeting timestamp; users opt in with their own secret
 
 
 @dataclass(frozen=True)
@@ -574,6 +575,11 @@ _SPEC: dict[str, dict[str, _Key]] = {
         "max_connections": _Key(500, _int(1), "Simultaneous POP3 sessions, all listeners."),
         "max_connections_per_client": _Key(
             50, _int(1), "Simultaneous POP3 sessions from one IP address.",
+        ),
+        "apop": _Key(
+            False, _bool,
+            "Offer APOP (RFC 1939 7): the greeting then carries a timestamp. Only users "
+            "given an APOP secret (postroom user apop ADDRESS on) can use it.",
         ),
         "auth_failure_delay": _Key(
             "2s", _duration,

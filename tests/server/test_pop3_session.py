@@ -290,3 +290,42 @@ def test_capa_before_and_after_stls(tmp_path: Path) -> None:
                 assert cap in after
 
     run(scenario)
+
+
+def test_apop_is_opt_in_per_user_and_greeting_has_timestamp_only_when_on(tmp_path: Path) -> None:
+    async def off() -> None:
+        async with running_server(tmp_path / "off") as server:
+            client = await asyncio.to_thread(poplib.POP3, *server.address("pop3"), timeout=10)
+            assert b"<" not in client.getwelcome()
+            await asyncio.to_thread(client.quit)
+
+    (tmp_path / "off").mkdir()
+    run(off)
+
+    async def on() -> None:
+        async with running_server(tmp_path, apop=True) as server:
+            config = load_config(tmp_path)
+            directory = open_user_directory(config)
+            directory.add_user("jones@corp.example", "jones-secret")
+            directory.set_apop_secret("boss@corp.example", "tanstaaf")
+
+            def session(user: str, secret: str) -> bytes:
+                client = poplib.POP3(*server.address("pop3"), timeout=10)
+                assert b"@mx.corp.example>" in client.getwelcome()
+                try:
+                    return client.apop(user, secret)
+                except poplib.error_proto as exc:
+                    return exc.args[0]
+                finally:
+                    client.close()
+
+            assert (await asyncio.to_thread(session, "boss@corp.example", "tanstaaf")).startswith(
+                b"+OK"
+            )
+            wrong = await asyncio.to_thread(session, "boss@corp.example", "boss-secret")
+            assert wrong.startswith(b"-ERR [AUTH]")
+            # A user who did not opt in cannot use APOP, even with the right password.
+            other = await asyncio.to_thread(session, "jones@corp.example", "jones-secret")
+            assert other.startswith(b"-ERR [AUTH]")
+
+    run(on)

@@ -239,6 +239,7 @@ async def start(config: Config) -> Running:
                 implicit_tls=key_name == "pop3s",
                 allow_plaintext_auth=config.pop3.allow_plaintext_auth,
                 idle_timeout=config.pop3.idle_timeout,
+                apop=config.pop3.apop,
             )
         services[key_name] = service
         implicit = tls_context if key_name in IMPLICIT_TLS else None

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import hashlib
+import hmac
 import logging
+import os
+import secrets
 import ssl
+import time
 from dataclasses import dataclass, field
 
 from postroom.policy.auth import AuthThrottle
@@ -42,17 +47,25 @@ class POP3Service:
     implicit_tls: bool
     allow_plaintext_auth: bool
     idle_timeout: float = 600.0  # RFC 1939 3: at least 10 minutes
+    apop: bool = False  # greet with a timestamp; users with an APOP secret may use it
     sessions: set[POP3Session] = field(default_factory=set)
     draining: bool = False
 
-    def core_config(self) -> core.POP3ServerConfig:
+    def core_config(self, timestamp: str | None) -> core.POP3ServerConfig:
         return core.POP3ServerConfig(
             implementation="postroom",
             stls=self.tls_context is not None and not self.implicit_tls,
             tls_active=self.implicit_tls,
             allow_plaintext_auth=self.allow_plaintext_auth,
             sasl_mechanisms=("PLAIN", "LOGIN"),
+            apop_timestamp=timestamp,
         )
+
+
+def apop_timestamp(hostname: str) -> str:
+    """RFC 1939 7: a msg-id unique to this greeting, "<process-ID.clock@hostname>"; a
+    random part makes it unpredictable as well."""
+    return f"<{os.getpid()}.{time.time_ns()}.{secrets.token_hex(4)}@{hostname}>"
 
 
 class POP3Session:
@@ -64,7 +77,8 @@ class POP3Session:
         peer = stream.get_extra_info("peername") or ("unknown", 0)
         self.client_ip = str(peer[0])
         self.client = f"[{self.client_ip}]:{peer[1] if len(peer) > 1 else 0}"
-        self.conn = core.POP3Server(service.core_config())
+        self.timestamp = apop_timestamp(service.hostname) if service.apop else None
+        self.conn = core.POP3Server(service.core_config(self.timestamp))
         self.user: str | None = None
         self.maildrop: Maildrop | None = None
         self.busy = False  # in the Update state: shutdown waits for it
@@ -145,8 +159,7 @@ class POP3Session:
         elif isinstance(event, core.AuthCancelled):
             self._sasl = None
         elif isinstance(event, core.Apop):
-            # The greeting carries no timestamp, so the core never accepts APOP.
-            conn.err("APOP is not enabled on this server", "AUTH")
+            await self._apop(event.name, event.digest)
         elif isinstance(event, core.StartTLS):
             await self._starttls()
         elif isinstance(event, core.Update):
@@ -204,16 +217,33 @@ class POP3Session:
         except (UnicodeDecodeError, binascii.Error):
             return data.decode("latin-1")
 
+    async def _apop(self, name: str, digest: str) -> None:
+        """RFC 1939 7: MD5(timestamp + secret) in hex, for users who opted in."""
+        secret = self.service.directory.apop_secret(name) if self.timestamp else None
+        good = False
+        if secret is not None and self.timestamp is not None:
+            expected = hashlib.md5((self.timestamp + secret).encode("utf-8")).hexdigest()
+            good = hmac.compare_digest(expected, digest.lower())
+        await self._open_maildrop_or_fail(name, good)
+
     async def _login(self, name: str, password: str) -> None:
-        svc = self.service
-        loop = asyncio.get_running_loop()
         try:
             address = local_address(name)
         except ValueError:
             address = None
-        good = address is not None and await loop.run_in_executor(
-            None, svc.directory.verify_password, address, password
+        good = address is not None and await asyncio.get_running_loop().run_in_executor(
+            None, self.service.directory.verify_password, address, password
         )
+        await self._open_maildrop_or_fail(name, good)
+
+    async def _open_maildrop_or_fail(self, name: str, good: bool) -> None:
+        """After a credential check: slow failures down, or lock and snapshot the maildrop."""
+        svc = self.service
+        loop = asyncio.get_running_loop()
+        try:
+            address: str | None = local_address(name)
+        except ValueError:
+            address = None
         if not good or address is None:
             delay = svc.throttle.failed(self.client_ip, name)
             log.warning("%s: authentication failed for %r from %s (answer delayed %.1fs)",

@@ -35,7 +35,7 @@ SUBADDRESS_DELIMITER = "+"  # RFC 5233 subaddress: user+detail@domain
 MAX_PASSWORD = 1024  # octets; argon2 takes more, but nothing sane needs more
 BUSY_TIMEOUT_MS = 10_000  # wait this long for another process's write transaction
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS domains (
     name     TEXT PRIMARY KEY,
@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS aliases (
     position INTEGER NOT NULL,       -- keeps targets in the order they were given
     target   TEXT NOT NULL,
     PRIMARY KEY (source, target)
+);
+CREATE TABLE IF NOT EXISTS apop_secrets (
+    address  TEXT PRIMARY KEY,       -- a user who opted in to POP3 APOP
+    secret   TEXT NOT NULL           -- readable on purpose: APOP (RFC 1939 7) needs it
 );
 """
 
@@ -87,6 +91,8 @@ class UserDirectory(Protocol):
     def list_aliases(self) -> dict[str, list[str]]: ...
     def resolve(self, address: str) -> list[str] | None: ...
     def expand(self, address: str) -> Expansion | None: ...
+    def set_apop_secret(self, address: str, secret: str | None) -> None: ...
+    def apop_secret(self, address: str) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -335,6 +341,41 @@ class SQLiteUserDirectory:
             cur = conn.execute("DELETE FROM users WHERE address = ?", (key,))
             if cur.rowcount == 0:
                 raise DirectoryError(f"no such user: {key}")
+            conn.execute("DELETE FROM apop_secrets WHERE address = ?", (key,))
+
+    # -- APOP (opt-in) --------------------------------------------------------
+
+    def set_apop_secret(self, address: str, secret: str | None) -> None:
+        """Turn APOP on for a user with its own shared secret, or off (None).
+
+        APOP (RFC 1939 7) proves the client knows a secret by an MD5 digest of
+        the server's greeting timestamp and the secret, so the server must be
+        able to read the secret: it is stored as given, NOT hashed. It is
+        therefore a second secret, never the login password (whose hash stays
+        the only copy of that one).
+        """
+        key = self._existing_key(address)
+        with self._write() as conn:
+            if not conn.execute("SELECT 1 FROM users WHERE address = ?", (key,)).fetchone():
+                raise DirectoryError(f"no such user: {key}")
+            if secret is None:
+                conn.execute("DELETE FROM apop_secrets WHERE address = ?", (key,))
+                return
+            conn.execute(
+                "INSERT OR REPLACE INTO apop_secrets (address, secret) VALUES (?, ?)",
+                (key, normalize_password(_check_password(secret))),
+            )
+
+    def apop_secret(self, address: str) -> str | None:
+        """The user's APOP secret when the user opted in, else None."""
+        try:
+            key = local_address(address)
+        except ValueError:
+            return None
+        row = self._connect().execute(
+            "SELECT secret FROM apop_secrets WHERE address = ?", (key,)
+        ).fetchone()
+        return str(row[0]) if row else None
 
     def _existing_key(self, address: str) -> str:
         try:
