@@ -1,0 +1,380 @@
+"""Next-hop lookup for a recipient domain: local, a static route, MX records, or a failure.
+
+RFC 5321 5.1 is the recipe: look up the domain's MX records, try them in
+order of preference (randomizing those of equal preference), each MX host's
+addresses in turn; with no MX records the domain's own A/AAAA records are an
+"implicit MX" of preference 0. RFC 7505 adds the null MX (a single "." MX of
+preference 0): the domain takes no mail at all. A static route from the
+configuration's [routes] replaces the MX lookup for its domain, and a domain
+literal ([192.0.2.1], RFC 5321 4.1.3) names its one host directly.
+
+The router never connects anywhere; it returns the hops to try and leaves
+connecting to the remote courier. DNS answers are cached for their TTL, capped
+at a few minutes, so a queue run over many messages to one domain asks once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from postroom.addresses import canonical_domain
+from postroom.delivery.smtp_out import Hop
+
+if TYPE_CHECKING:
+    from postroom.config import Config
+
+MAX_HOPS = 10  # addresses tried per delivery attempt; the queue retries the rest later
+MAX_CACHE_TTL = 300.0  # seconds: DNS changes (a new MX) take effect within five minutes
+DNS_LIFETIME = 10.0  # seconds for one lookup, all retries included
+# RFC 6761 6.3: "localhost" names the loopback host; it is never sent to DNS.
+LOCALHOST_ADDRESSES = ("127.0.0.1", "::1")
+
+
+# -- what a lookup can return --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Local:
+    """The domain is one of ours: the local courier delivers its mail."""
+
+
+@dataclass(frozen=True)
+class Hops:
+    """The hosts to try, in order; the first that takes the message ends the attempt."""
+
+    hops: list[Hop]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """No hop to try: permanent (bounce now) or temporary (the queue tries again)."""
+
+    permanent: bool
+    dsn_status: str  # RFC 3463
+    text: str
+
+
+RouteResult = Local | Hops | Failure
+
+
+class RouteTarget(Protocol):
+    """A static next hop: config.Route, or a StaticRoute that also says how to log in."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class StaticRoute:
+    """A static route to a smarthost that may insist on TLS and take a login (RFC 4954)."""
+
+    host: str
+    port: int = 25
+    tls: str = "opportunistic"  # "opportunistic" | "required" | "none"
+    auth: tuple[str, str] | None = None  # (user, password)
+
+
+# -- the DNS side -----------------------------------------------------------------
+
+
+class _CappedCache(dns.resolver.Cache):
+    """dnspython's TTL-honouring cache, with every entry's life capped at MAX_CACHE_TTL.
+
+    dnspython keeps positive answers for their TTL and negative ones (no such
+    name, no such record) for the SOA minimum (RFC 2308 5); the cap keeps a
+    zone's week-long TTL from pinning a stale MX in a long-running server.
+    """
+
+    def __init__(self, max_ttl: float) -> None:
+        super().__init__()
+        self.max_ttl = max_ttl
+
+    def put(self, key: Any, value: dns.resolver.Answer) -> None:
+        value.expiration = min(value.expiration, time.time() + self.max_ttl)
+        super().put(key, value)
+
+
+class _DNSTrouble(Exception):
+    """A lookup that may succeed later: timeout, SERVFAIL, REFUSED, no server reachable."""
+
+
+def _no_nameservers_text(error: dns.resolver.NoNameservers) -> str:
+    # Each entry is (server, tcp, port, error or rcode text, response).
+    reasons = []
+    for entry in error.kwargs.get("errors") or []:
+        problem = entry[3]
+        reasons.append(problem if isinstance(problem, str) else type(problem).__name__)
+    return ", ".join(dict.fromkeys(reasons)) or "no nameserver answered"
+
+
+def make_resolver(
+    nameservers: Sequence[Any], *, lifetime: float = DNS_LIFETIME,
+    max_cache_ttl: float = MAX_CACHE_TTL,
+) -> dns.asyncresolver.Resolver:
+    """An async resolver for the configured servers (objects with .host and .port).
+
+    No servers: the system's (/etc/resolv.conf); dnspython raises
+    NoResolverConfiguration when there is none.
+    """
+    if nameservers:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [
+            dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in nameservers
+        ]
+    else:
+        resolver = dns.asyncresolver.Resolver(configure=True)
+    resolver.lifetime = lifetime
+    resolver.timeout = min(lifetime, 2.0)  # per try; lifetime bounds the retries
+    resolver.cache = _CappedCache(max_cache_ttl)
+    return resolver
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+# -- the router --------------------------------------------------------------------
+
+
+class Router:
+    """Finds where mail for a domain goes (see the module docstring)."""
+
+    def __init__(
+        self,
+        config_routes: Mapping[str, RouteTarget],
+        nameservers: Sequence[Any],
+        mx_port: int,
+        local_domains: Callable[[str], bool],
+        *,
+        own_hostname: str | None = None,
+        own_endpoints: Collection[tuple[str, int]] = (),
+        max_hops: int = MAX_HOPS,
+        dns_lifetime: float = DNS_LIFETIME,
+        max_cache_ttl: float = MAX_CACHE_TTL,
+        rng: random.Random | None = None,
+        resolver: dns.asyncresolver.Resolver | None = None,
+    ) -> None:
+        self._routes = {canonical_domain(d): target for d, target in config_routes.items()}
+        self._mx_port = mx_port
+        self._is_local = local_domains
+        # RFC 5321 5.1: a relay that finds itself in a domain's MX list must
+        # drop that record and every one with the same or a higher preference.
+        self._own_name = own_hostname.lower().rstrip(".") if own_hostname else None
+        self._own_endpoints = {(str(ipaddress.ip_address(h)), p) for h, p in own_endpoints}
+        self._max_hops = max_hops
+        self._rng = rng if rng is not None else random.Random()
+        self._resolver: dns.asyncresolver.Resolver | None = resolver
+        self._resolver_error: str | None = None
+        if resolver is None:
+            try:
+                self._resolver = make_resolver(
+                    nameservers, lifetime=dns_lifetime, max_cache_ttl=max_cache_ttl
+                )
+            except dns.exception.DNSException as e:
+                # No /etc/resolv.conf: start anyway; remote mail waits in the queue.
+                self._resolver_error = f"no DNS resolver configured ({e})"
+
+    @classmethod
+    def from_config(cls, config: Config, local_domains: Callable[[str], bool]) -> Router:
+        """A router for a loaded Config: its routes, DNS servers, MX port and own name.
+
+        Its own SMTP listener counts as itself for loop detection (RFC 5321 5.1).
+        """
+        own = [(config.listen.smtp.host, config.listen.smtp.port)] if config.listen.smtp else []
+        return cls(
+            config.routes, config.dns.nameservers, config.relay.mx_port, local_domains,
+            own_hostname=config.hostname, own_endpoints=own,
+        )
+
+    async def route(self, domain: str) -> RouteResult:
+        """Where mail for `domain` goes now: Local(), Hops([...]) or Failure(...)."""
+        try:
+            domain = canonical_domain(domain)
+        except ValueError:
+            return Failure(True, "5.1.2", f"{domain!r} is not a valid domain name")
+        if self._is_local(domain):
+            return Local()
+        static = self._routes.get(domain)
+        if static is not None:
+            return await self._static(domain, static)
+        if domain.startswith("["):
+            # RFC 5321 4.1.3: [192.0.2.1] or [IPv6:2001:db8::1] names the host itself.
+            inner = domain[1:-1]
+            address = inner[5:] if inner[:5].lower() == "ipv6:" else inner
+            return Hops([Hop(host=address, port=self._mx_port, name=address)])
+        return await self._mx(domain)
+
+    # -- static routes
+
+    async def _static(self, domain: str, target: RouteTarget) -> RouteResult:
+        tls = getattr(target, "tls", "opportunistic")
+        auth = getattr(target, "auth", None)
+        host = target.host.lower().rstrip(".")
+        if _is_ip(host):
+            return Hops([Hop(host=host, port=target.port, name=host, tls=tls, auth=auth)])
+        if host == "localhost" or host.endswith(".localhost"):
+            addresses: list[str] = list(LOCALHOST_ADDRESSES)
+        else:
+            addresses, trouble = await self._addresses(host)
+            if not addresses:
+                # A route the administrator wrote is worth waiting for, never a bounce.
+                why = trouble or "it has no A or AAAA record"
+                return Failure(
+                    False, "4.4.3", f"static route for {domain}: cannot resolve {host}: {why}"
+                )
+        hops = [Hop(host=a, port=target.port, name=host, tls=tls, auth=auth) for a in addresses]
+        return Hops(hops[: self._max_hops])
+
+    # -- MX lookup
+
+    async def _mx(self, domain: str) -> RouteResult:
+        if self._resolver_error is not None:
+            return Failure(False, "4.4.3", self._resolver_error)
+        try:
+            records = await self._query(domain, "MX")
+        except dns.resolver.NXDOMAIN:
+            return Failure(True, "5.1.2", f"domain {domain} does not exist (DNS: NXDOMAIN)")
+        except _DNSTrouble as e:
+            return Failure(False, "4.4.3", f"DNS lookup of MX records for {domain} failed: {e}")
+        if not records:
+            return await self._implicit_mx(domain)
+        mxs = sorted((int(r.preference), r.exchange) for r in records)
+        if len(mxs) == 1 and mxs[0][0] == 0 and mxs[0][1] == dns.name.root:
+            # RFC 7505 3, 4.1: the domain says it accepts no mail; 556 5.1.10 is the reply
+            # a client reports for it (RFC 7505 4.3, RFC 7504).
+            return Failure(
+                True, "5.1.10", f"556 5.1.10 {domain} does not accept mail (null MX, RFC 7505)"
+            )
+        # A "." among other MX records names no host (RFC 7505 3: it must stand alone).
+        ordered = self._order([(p, x) for p, x in mxs if x != dns.name.root])
+        names = [(pref, x.to_text(omit_final_dot=True).lower()) for pref, x in ordered]
+        looked_up = await asyncio.gather(*(self._addresses(name) for _, name in names))
+
+        # RFC 5321 5.1: discard ourselves and every MX not better than us.
+        own_pref = min(
+            (
+                pref for (pref, name), (addrs, _) in zip(names, looked_up, strict=True)
+                if self._is_own(name, addrs)
+            ),
+            default=None,
+        )
+        hops: list[Hop] = []
+        seen: set[str] = set()  # two MX names for one address: one try is enough
+        unusable: list[str] = []
+        for (pref, name), (addrs, trouble) in zip(names, looked_up, strict=True):
+            if own_pref is not None and pref >= own_pref:
+                continue
+            if not addrs:
+                unusable.append(f"{name}: {trouble or 'no address'}")
+            hops.extend(
+                Hop(host=a, port=self._mx_port, name=name) for a in addrs if a not in seen
+            )
+            seen.update(addrs)
+        if not hops:
+            if own_pref is not None:
+                return Failure(
+                    True, "5.4.6", f"mail for {domain} loops back to myself (best MX is this host)"
+                )
+            # RFC 5321 5.1: MX records without a usable host are an error; addresses
+            # may appear later (a zone being fixed), so the queue tries again.
+            return Failure(
+                False, "4.4.3",
+                f"no MX host of {domain} has an address ({'; '.join(unusable)})",
+            )
+        return Hops(hops[: self._max_hops])
+
+    async def _implicit_mx(self, domain: str) -> RouteResult:
+        # RFC 5321 5.1: no MX records: the domain's own address, as if an MX of
+        # preference 0 pointed at it.
+        addresses, trouble = await self._addresses(domain)
+        if not addresses:
+            if trouble:
+                return Failure(False, "4.4.3", f"DNS lookup of {domain} failed: {trouble}")
+            return Failure(
+                True, "5.1.2", f"domain {domain} has no MX and no A/AAAA record: it takes no mail"
+            )
+        if self._is_own(domain, addresses):
+            return Failure(True, "5.4.6", f"mail for {domain} loops back to myself")
+        hops = [Hop(host=a, port=self._mx_port, name=domain) for a in addresses]
+        return Hops(hops[: self._max_hops])
+
+    def _order(self, mxs: list[tuple[int, dns.name.Name]]) -> list[tuple[int, dns.name.Name]]:
+        """Preference order, with equal preferences shuffled (RFC 5321 5.1, to spread load)."""
+        ordered: list[tuple[int, dns.name.Name]] = []
+        i = 0
+        while i < len(mxs):
+            j = i
+            while j < len(mxs) and mxs[j][0] == mxs[i][0]:
+                j += 1
+            group = mxs[i:j]
+            self._rng.shuffle(group)
+            ordered.extend(group)
+            i = j
+        return ordered
+
+    def _is_own(self, name: str, addresses: list[str]) -> bool:
+        if self._own_name is not None and name == self._own_name:
+            return True
+        return any((a, self._mx_port) in self._own_endpoints for a in addresses)
+
+    async def _addresses(self, host: str) -> tuple[list[str], str | None]:
+        """The IPv4 then IPv6 addresses of `host`, and what went wrong if a lookup failed.
+
+        Both lookups run at once; one family answering is enough.
+        """
+        results = await asyncio.gather(
+            self._query(host, "A"), self._query(host, "AAAA"), return_exceptions=True
+        )
+        addresses: list[str] = []
+        trouble: str | None = None
+        for result in results:
+            if isinstance(result, dns.resolver.NXDOMAIN):
+                continue
+            if isinstance(result, _DNSTrouble):
+                trouble = str(result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                addresses.extend(r.address for r in result)
+        return addresses, trouble
+
+    async def _query(self, name: str, rdtype: str) -> list[Any]:
+        """The records of one type ([] when the name has none); NXDOMAIN or _DNSTrouble."""
+        if self._resolver is None:
+            raise _DNSTrouble(self._resolver_error or "no DNS resolver")
+        qname = dns.name.from_text(name)  # absolute: never a search-list suffix
+        try:
+            answer = await self._resolver.resolve(
+                qname, dns.rdatatype.from_text(rdtype), search=False, raise_on_no_answer=False
+            )
+        except dns.resolver.NXDOMAIN:
+            raise
+        except dns.exception.Timeout:
+            raise _DNSTrouble(f"{rdtype} lookup of {name} timed out") from None
+        except dns.resolver.NoNameservers as e:
+            raise _DNSTrouble(f"{rdtype} lookup of {name}: {_no_nameservers_text(e)}") from None
+        except dns.exception.DNSException as e:
+            raise _DNSTrouble(f"{rdtype} lookup of {name}: {e}") from None
+        # A CNAME chain ends in records of the asked type, or in none.
+        if answer.rrset is None:
+            return []
+        return list(answer.rrset)
