@@ -21,6 +21,7 @@ from postroom.store.users import Expansion, UserDirectory
 
 MAX_ENTRIES = 50_000  # a bound on memory for a flood of distinct addresses
 MAX_AGE = 1.0  # seconds: the longest a change can go unseen
+RECHECK_AFTER = 0.05  # seconds between looks at the files: stat(2) is not free either
 
 
 class CachedLookups:
@@ -31,12 +32,16 @@ class CachedLookups:
         self._files = (str(db_path), str(db_path) + "-wal")
         self._stamp: tuple[tuple[int, int], ...] | None = None
         self._since = 0.0
+        self._checked = -1.0
         self._domains: dict[str, bool] = {}
         self._expansions: dict[str, Expansion | None] = {}
 
     def _fresh(self) -> None:
-        stamp = tuple(self._stat(name) for name in self._files)
         now = time.monotonic()
+        if now - self._checked < RECHECK_AFTER:
+            return
+        self._checked = now
+        stamp = tuple(self._stat(name) for name in self._files)
         if stamp != self._stamp or now - self._since > MAX_AGE or (
             len(self._expansions) > MAX_ENTRIES
         ):
