@@ -583,8 +583,9 @@ _SPEC: dict[str, dict[str, _Key]] = {
         ),
         "auth_failure_delay": _Key(
             "2s", _duration,
-            "Wait before answering a failed login; doubles with each recent failure from "
-            "the same address or for the same account, up to 15s. 0 turns it off.",
+            "Wait before answering a failed login (POP3 and submission AUTH); doubles with "
+            "each recent failure from the same address or for the same account, up to 15s. "
+            "0 turns it off.",
         ),
     },
 }
