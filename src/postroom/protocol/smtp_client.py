@@ -1,0 +1,750 @@
+"""The SMTP client protocol core (RFC 5321 and its extensions): commands out, replies in.
+
+`SMTPClient` does no I/O. The driver calls a method per command (`ehlo`,
+`mail`, `rcpt`, `data`, ...), writes `data_to_send()` to the server, feeds
+what the server sent to `receive_data` (`b""` at EOF) and takes each reply,
+paired with the command it answers, from `next_event()`:
+
+    client = SMTPClient()
+    # the greeting is awaited from the start
+    while (event := client.next_event()) is NEED_DATA:
+        client.receive_data(await read())
+    client.ehlo("relay.example")
+    ...
+    client.mail("a@x.example"); client.rcpt("b@y.example"); client.data()
+    write(client.data_to_send())        # one write: PIPELINING (RFC 2920 3.1)
+    ... three Response events later, on 354:
+    client.send_data(chunk) ... client.end_data()
+
+Commands may be sent before earlier ones are answered when the server offered
+PIPELINING and the earlier command may be followed in a group (RFC 2920 3.1);
+replies come back in order and each `Response` names its command. The
+message content goes through `lines.DotStuffer`: line ends become CRLF, lines
+starting with "." get another, and the end is always CRLF "." CRLF.
+
+`ReplyParser` cuts multi-line replies (RFC 5321 4.2) out of bytes and, once
+ENHANCEDSTATUSCODES was offered, takes the RFC 3463 code off each line into
+`Reply.enhanced`. Anything from the server that breaks the protocol (a
+malformed reply, a reply no command awaits, a code that cannot answer its
+command, bytes after the 220 to STARTTLS) raises `ReplyError` from
+`next_event`; the core is closed after that. Calling the core out of turn
+raises `ClientStateError`; an argument that cannot be sent (a control
+character, a parameter whose extension was not offered) raises ValueError.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from postroom.protocol import address
+from postroom.protocol.address import AddressError, ParameterError
+from postroom.protocol.lines import DotStuffer, LineBuffer
+from postroom.protocol.replies import Reply
+
+# --- Limits ----------------------------------------------------------------
+MAX_REPLY_LINE = 512  # RFC 5321 4.5.3.1.5: what a server may send, CRLF included
+# Servers do send longer lines (long URLs in refusals); accept them up to a
+# bound that keeps a hostile server from filling memory.
+MAX_REPLY_LINE_ACCEPTED = 8192
+MAX_REPLY_OCTETS = 64 * 1024  # one whole multi-line reply (EHLO lists are the longest)
+
+
+class ReplyError(Exception):
+    """The server broke the protocol: a malformed or unexpected reply (see module doc)."""
+
+
+class ClientStateError(Exception):
+    """The application called the core out of turn; the message names state and command."""
+
+
+# --- Commands (what a Response answers) --------------------------------------
+GREETING = "greeting"  # the server's opening reply, awaited from the start
+EHLO = "EHLO"
+HELO = "HELO"
+MAIL = "MAIL"
+RCPT = "RCPT"
+DATA = "DATA"
+END_DATA = "."  # the content's final CRLF "." CRLF
+BDAT = "BDAT"
+BDAT_LAST = "BDAT LAST"
+STARTTLS = "STARTTLS"
+AUTH = "AUTH"
+AUTH_RESPONSE = "AUTH response"  # a line answering a 334 challenge
+RSET = "RSET"
+NOOP = "NOOP"
+QUIT = "QUIT"
+
+
+# --- Events ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A reply and the command it answers.
+
+    `argument` is the address for MAIL and RCPT, the name for EHLO/HELO, the
+    chunk size for BDAT, "" otherwise. `command` is "" for a 421 that came
+    when no command awaited a reply (a server closing on its own).
+    """
+
+    command: str
+    reply: Reply
+    argument: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The session is over: QUIT answered, a 421, EOF, or a protocol error.
+
+    `unanswered` lists the commands still awaiting a reply when it ended.
+    """
+
+    unanswered: tuple[str, ...] = ()
+
+
+class _Sentinel(type):
+    def __repr__(cls) -> str:
+        return cls.__name__
+
+
+class NEED_DATA(metaclass=_Sentinel):
+    """`next_event` result: feed more bytes with `receive_data`."""
+
+
+Event = Response | ConnectionClosed
+
+# --- Replies -------------------------------------------------------------------
+
+_ENHANCED_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")  # RFC 3463 2
+
+
+class ReplyParser:
+    """Replies cut out of received bytes (RFC 5321 4.2).
+
+    A reply is one or more lines "CODE-text" ending with "CODE text" (or
+    "CODE" alone); every line carries the same code. Lines may end with CRLF
+    or a bare LF (servers are forgiven that). With `enhanced` set (the server
+    offered ENHANCEDSTATUSCODES, RFC 2034), a leading "class.subject.detail"
+    code whose class matches the reply's is taken off each line into
+    `Reply.enhanced`. A 421 reply has `close=True`: the server closes the
+    channel after it (RFC 5321 3.8).
+    """
+
+    __slots__ = ("_code", "_lines", "_octets", "_texts", "enhanced")
+
+    def __init__(self, *, enhanced: bool = False) -> None:
+        self.enhanced = enhanced
+        self._lines = LineBuffer(MAX_REPLY_LINE_ACCEPTED)
+        self._code = 0  # the code of the reply being read, 0 between replies
+        self._texts: list[bytes] = []
+        self._octets = 0
+
+    def __len__(self) -> int:
+        """Octets received and not yet part of a returned reply."""
+        return len(self._lines) + self._octets
+
+    def feed(self, data: bytes) -> None:
+        self._lines.feed(data)
+
+    def clear(self) -> None:
+        self._lines.clear()
+        self._code = 0
+        self._texts = []
+        self._octets = 0
+
+    def next_reply(self) -> Reply | None:
+        """The next complete reply, or None; raises ReplyError on a malformed one."""
+        while True:
+            line = self._lines.next_line()
+            if line is None:
+                return None
+            if line.too_long:
+                raise ReplyError(f"reply line longer than {MAX_REPLY_LINE_ACCEPTED} octets")
+            text = line.text
+            head = text[:3]
+            if len(head) < 3 or not head.isdigit() or head[:1] not in b"2345":
+                raise ReplyError(f"malformed reply line {_shown(text)}")
+            code = int(head)
+            if self._code and code != self._code:
+                # RFC 5321 4.2.1: all lines of a multi-line reply share the code.
+                raise ReplyError(f"reply lines with codes {self._code} and {code}")
+            sep = text[3:4]
+            if sep not in (b"-", b" ", b""):
+                raise ReplyError(f"malformed reply line {_shown(text)}")
+            self._octets += line.length
+            if self._octets > MAX_REPLY_OCTETS:
+                raise ReplyError(f"reply longer than {MAX_REPLY_OCTETS} octets")
+            self._code = code
+            self._texts.append(text[4:])
+            if sep == b"-":
+                continue
+            texts = [t.decode("utf-8", "replace") for t in self._texts]
+            self._code = 0
+            self._texts = []
+            self._octets = 0
+            return self._reply(code, texts)
+
+    def _reply(self, code: int, texts: list[str]) -> Reply:
+        enhanced = None
+        if self.enhanced:
+            m = _ENHANCED_RE.match(texts[0])
+            if m is not None and m.group(1) == str(code)[0]:
+                prefix = enhanced = m.group(0).rstrip(" ")
+                # RFC 2034 4: each line carries the code; keep lines that do not.
+                texts = [
+                    t[len(prefix) :].removeprefix(" ") if _starts_with_code(t, prefix) else t
+                    for t in texts
+                ]
+        return Reply(code, enhanced, "\n".join(texts), close=code == 421)
+
+
+def _starts_with_code(text: str, prefix: str) -> bool:
+    return text.startswith(prefix) and text[len(prefix) : len(prefix) + 1] in ("", " ")
+
+
+def _shown(data: bytes) -> str:
+    """Server text safe for an error message: printable ASCII, bounded."""
+    clean = "".join(chr(b) if 0x20 <= b <= 0x7E else "?" for b in data[:60])
+    return repr(clean)
+
+
+def parse_reply(data: bytes, *, enhanced: bool = False) -> Reply:
+    """Exactly one whole reply from `data`; ReplyError if malformed, incomplete or more."""
+    parser = ReplyParser(enhanced=enhanced)
+    parser.feed(data)
+    reply = parser.next_reply()
+    if reply is None:
+        raise ReplyError("incomplete reply")
+    if len(parser):
+        raise ReplyError("data after the reply")
+    return reply
+
+
+# --- EHLO keywords -------------------------------------------------------------
+
+_KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")  # RFC 5321 4.1.1.1 ehlo-keyword
+
+
+@dataclass(frozen=True, slots=True)
+class Extensions:
+    """What the server's EHLO reply offered: keyword (upper case) -> its parameters.
+
+    Empty after HELO, before EHLO, and after STARTTLS until the next EHLO.
+    """
+
+    keywords: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_ehlo(cls, reply: Reply) -> Extensions:
+        """Parse the lines after the first (RFC 5321 4.1.1.1); junk lines are skipped."""
+        keywords: dict[str, str] = {}
+        for line in reply.text.split("\n")[1:]:
+            word, _, params = line.strip().partition(" ")
+            if word.upper().startswith("AUTH="):
+                # Old servers write "AUTH=LOGIN PLAIN" for clients of a draft.
+                word, params = "AUTH", f"{word[5:]} {params}"
+            if not _KEYWORD_RE.fullmatch(word):
+                continue
+            word = word.upper()
+            params = " ".join(params.split())
+            if word in keywords and params:
+                params = f"{keywords[word]} {params}".strip()
+            keywords[word] = params
+        return cls(keywords)
+
+    def __contains__(self, keyword: object) -> bool:
+        return isinstance(keyword, str) and keyword.upper() in self.keywords
+
+    def get(self, keyword: str) -> str | None:
+        return self.keywords.get(keyword.upper())
+
+    @property
+    def size_limit(self) -> int | None:
+        """SIZE's fixed maximum (RFC 1870 4); None when absent or 0 (no fixed limit)."""
+        value = self.keywords.get("SIZE", "").split(" ")[0]
+        if not (value.isascii() and value.isdigit()) or int(value) == 0:
+            return None
+        return int(value)
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.keywords  # RFC 2920
+
+    @property
+    def starttls(self) -> bool:
+        return "STARTTLS" in self.keywords  # RFC 3207
+
+    @property
+    def eightbitmime(self) -> bool:
+        return "8BITMIME" in self.keywords  # RFC 6152
+
+    @property
+    def smtputf8(self) -> bool:
+        return "SMTPUTF8" in self.keywords  # RFC 6531
+
+    @property
+    def dsn(self) -> bool:
+        return "DSN" in self.keywords  # RFC 3461
+
+    @property
+    def chunking(self) -> bool:
+        return "CHUNKING" in self.keywords  # RFC 3030
+
+    @property
+    def enhanced_status_codes(self) -> bool:
+        return "ENHANCEDSTATUSCODES" in self.keywords  # RFC 2034
+
+    @property
+    def auth_mechanisms(self) -> tuple[str, ...]:
+        """SASL mechanisms offered with AUTH (RFC 4954 3), upper case."""
+        return tuple(dict.fromkeys(self.keywords.get("AUTH", "").upper().split()))
+
+
+# --- States ----------------------------------------------------------------------
+CONNECTED = "connected"  # awaiting the greeting
+GREETED = "greeted"  # 220 greeting (or TLS started): EHLO/HELO next
+REFUSED = "refused"  # 554 greeting: only QUIT (RFC 5321 3.1)
+READY = "ready"  # greeted, no transaction
+IN_MAIL = "mail"  # MAIL accepted, no recipient yet
+IN_RCPT = "rcpt"  # at least one recipient accepted
+IN_DATA = "data"  # 354 received: content, then end_data()
+CHUNKING = "chunking"  # between BDAT chunks
+IN_AUTH = "auth"  # 334 received: a SASL response next
+TLS_WAIT = "tls"  # 220 to STARTTLS: handshake, then tls_started()
+CLOSED = "closed"
+
+# Two tables drive the client. _SEND says which commands may be sent in a
+# state and the state they lead to if they succeed; it is checked against the
+# state the session will be in once every command sent so far succeeded (so
+# pipelined RCPTs may follow an unanswered MAIL). _ON_REPLY moves the state
+# the replies confirm: (state, command) -> (after 2xx, after 3xx, after
+# 4xx/5xx); None marks a class that cannot answer the command. A pair absent
+# from _ON_REPLY (a pipelined RCPT after its MAIL failed) leaves the state
+# as it is. A 421 closes from anywhere (RFC 5321 3.8).
+_SEND: dict[tuple[str, str], str] = {
+    (GREETED, EHLO): READY,
+    (GREETED, HELO): READY,
+    (READY, EHLO): READY,
+    (READY, HELO): READY,
+    (READY, MAIL): IN_MAIL,
+    (READY, STARTTLS): TLS_WAIT,
+    (READY, AUTH): IN_AUTH,
+    (IN_AUTH, AUTH_RESPONSE): IN_AUTH,
+    (IN_MAIL, RCPT): IN_RCPT,
+    (IN_RCPT, RCPT): IN_RCPT,
+    (IN_RCPT, DATA): IN_DATA,
+    (IN_DATA, END_DATA): READY,
+    (IN_RCPT, BDAT): CHUNKING,
+    (CHUNKING, BDAT): CHUNKING,
+    (IN_RCPT, BDAT_LAST): READY,
+    (CHUNKING, BDAT_LAST): READY,
+    (GREETED, RSET): GREETED,
+    **{(s, RSET): READY for s in (READY, IN_MAIL, IN_RCPT, CHUNKING)},
+    **{(s, NOOP): s for s in (GREETED, READY, IN_MAIL, IN_RCPT, CHUNKING)},
+    **{(s, QUIT): CLOSED for s in (GREETED, REFUSED, READY, IN_MAIL, IN_RCPT, CHUNKING)},
+}
+_ON_REPLY: dict[tuple[str, str], tuple[str | None, str | None, str]] = {
+    (CONNECTED, GREETING): (GREETED, None, REFUSED),
+    (GREETED, EHLO): (READY, None, GREETED),
+    (GREETED, HELO): (READY, None, GREETED),
+    (READY, EHLO): (READY, None, GREETED),
+    (READY, HELO): (READY, None, GREETED),
+    (READY, MAIL): (IN_MAIL, None, READY),
+    (IN_MAIL, RCPT): (IN_RCPT, None, IN_MAIL),
+    (IN_RCPT, RCPT): (IN_RCPT, None, IN_RCPT),
+    (READY, DATA): (None, IN_DATA, READY),
+    (IN_MAIL, DATA): (None, IN_DATA, IN_MAIL),
+    (IN_RCPT, DATA): (None, IN_DATA, IN_RCPT),
+    (IN_DATA, END_DATA): (READY, None, READY),
+    # RFC 3030 3: after a failed chunk the transaction is void; send RSET.
+    (IN_RCPT, BDAT): (CHUNKING, None, READY),
+    (CHUNKING, BDAT): (CHUNKING, None, READY),
+    (IN_RCPT, BDAT_LAST): (READY, None, READY),
+    (CHUNKING, BDAT_LAST): (READY, None, READY),
+    (READY, STARTTLS): (TLS_WAIT, None, READY),
+    (READY, AUTH): (READY, IN_AUTH, READY),
+    (IN_AUTH, AUTH_RESPONSE): (READY, IN_AUTH, READY),
+    (GREETED, RSET): (GREETED, None, GREETED),
+    **{(s, RSET): (READY, None, s) for s in (READY, IN_MAIL, IN_RCPT, CHUNKING)},
+    **{
+        (s, QUIT): (CLOSED, None, CLOSED)
+        for s in (GREETED, REFUSED, READY, IN_MAIL, IN_RCPT, CHUNKING)
+    },
+}
+# RFC 2920 3.1: these end a group; nothing may be sent until they are answered
+# (STARTTLS and AUTH change the session; the greeting comes before anything).
+_ENDS_GROUP = frozenset({GREETING, EHLO, HELO, DATA, STARTTLS, AUTH, AUTH_RESPONSE, NOOP, QUIT})
+# Commands that continue an exchange after an intermediate reply: they need
+# that reply first, even with PIPELINING.
+_CONTINUATIONS = frozenset({END_DATA, AUTH_RESPONSE})
+
+BODY_TYPES = frozenset({"7BIT", "8BITMIME"})  # RFC 6152 (BINARYMIME is not sent)
+_QCHAR_EXCLUDED = frozenset("+=\\")  # RFC 6533 3: not QCHAR
+
+
+def encode_orcpt(value: str) -> str:
+    """An ORCPT value for the wire (RFC 3461 4.2): "addr-type;xtext".
+
+    `value` is "type;address" as decoded (what the server core's `RcptTo`
+    carries) or a bare address (taken as rfc822). A non-ASCII address uses
+    the "utf-8" type with \\x{HEX} escapes (RFC 6533 3), which needs no
+    SMTPUTF8 session.
+    """
+    addr_type, sep, addr = value.partition(";")
+    if not sep:
+        addr_type, addr = "rfc822", value
+    if addr.isascii() and addr_type.lower() != "utf-8":
+        return f"{addr_type};{address.xtext_encode(addr)}"
+    if addr_type.lower() not in ("rfc822", "utf-8"):
+        raise ValueError(f"ORCPT address of type {addr_type!r} must be ASCII")
+    escaped = "".join(
+        c if 0x21 <= ord(c) <= 0x7E and c not in _QCHAR_EXCLUDED else f"\\x{{{ord(c):X}}}"
+        for c in addr
+    )
+    return f"utf-8;{escaped}"
+
+
+def _check_text(value: str, what: str) -> None:
+    # A CR or LF in an argument would end the command early: the rest would be
+    # read as a command of its own (SMTP command injection).
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError(f"control character in {what}: {value!r}")
+
+
+class SMTPClient:
+    """One SMTP session, client side. See the module docstring."""
+
+    def __init__(self) -> None:
+        self._state = CONNECTED  # what the replies so far confirm
+        self._projected = CONNECTED  # once every pending command succeeds
+        self._pending: deque[tuple[str, str]] = deque([(GREETING, "")])
+        self._parser = ReplyParser()
+        self._out = bytearray()
+        self._eof = False
+        self._violation: str | None = None
+        self._extensions = Extensions()
+        self._esmtp = False
+        self._tls = False
+        self._authenticated = False
+        self._utf8 = False  # the transaction was opened with SMTPUTF8
+        self._stuffer = DotStuffer()
+
+    # --- Properties -------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """The state the replies so far confirm."""
+        return self._state
+
+    @property
+    def closing(self) -> bool:
+        return self._state == CLOSED
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """Commands sent and not yet answered, oldest first."""
+        return tuple(command for command, _ in self._pending)
+
+    @property
+    def extensions(self) -> Extensions:
+        return self._extensions
+
+    @property
+    def esmtp(self) -> bool:
+        """The server accepted EHLO (since the last STARTTLS)."""
+        return self._esmtp
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls
+
+    @property
+    def authenticated(self) -> bool:
+        return self._authenticated
+
+    # --- Input ------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the server; b"" means it closed its side (EOF)."""
+        if self._state == CLOSED:
+            return
+        if not data:
+            self._eof = True
+        elif self._state == TLS_WAIT:
+            self._violation = "the server sent data before the TLS handshake (RFC 3207 4.2)"
+        else:
+            self._parser.feed(data)
+
+    def next_event(self) -> Event | type[NEED_DATA]:
+        """The next reply with its command, NEED_DATA, or ConnectionClosed when over."""
+        if self._state == CLOSED:
+            return ConnectionClosed(self._close())
+        if self._violation is not None:
+            self._fail(self._violation)
+        try:
+            reply = self._parser.next_reply()
+        except ReplyError:
+            self._close()
+            raise
+        if reply is None:
+            if self._eof:
+                return ConnectionClosed(self._close())
+            return NEED_DATA
+        return self._answer(reply)
+
+    def _answer(self, reply: Reply) -> Response:
+        if not self._pending:
+            if reply.code == 421:
+                self._close()
+                return Response("", reply)
+            self._fail(f"reply {reply.code} with no command awaiting one")
+        command, argument = self._pending.popleft()
+        state = self._state
+        if reply.code == 421:
+            self._close()
+            return Response(command, reply, argument)
+        after = _ON_REPLY.get((state, command), (state, None, state))
+        cls = reply.code // 100
+        nxt = after[0] if cls == 2 else after[1] if cls == 3 else after[2]
+        if nxt is None:
+            self._fail(f"reply {reply.code} cannot answer {command} (in state {state})")
+        self._state = nxt
+        if cls == 2 and command in (EHLO, HELO):
+            self._esmtp = command == EHLO
+            self._extensions = Extensions.from_ehlo(reply) if self._esmtp else Extensions()
+            self._parser.enhanced = self._extensions.enhanced_status_codes
+        elif cls == 2 and command in (AUTH, AUTH_RESPONSE):
+            self._authenticated = True
+        elif nxt == TLS_WAIT and len(self._parser):
+            # Bytes behind the 220 would be read as if they came over TLS
+            # (STARTTLS response injection).
+            self._fail("the server sent data after its 220 reply to STARTTLS (RFC 3207 4.2)")
+        elif nxt == CLOSED:
+            self._close()
+        if not self._pending:
+            self._projected = self._state
+        return Response(command, reply, argument)
+
+    def _fail(self, why: str) -> NoReturn:
+        self._close()
+        raise ReplyError(why)
+
+    def _close(self) -> tuple[str, ...]:
+        unanswered = self.pending
+        self._state = self._projected = CLOSED
+        self._pending.clear()
+        self._parser.clear()
+        self._violation = None
+        return unanswered
+
+    # --- Output -----------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    def _command(self, command: str, line: str | None, argument: str = "") -> None:
+        """Queue a command line (None: no line, for the end of data) and await its reply."""
+        projected = self._projected
+        nxt = _SEND.get((projected, command))
+        if nxt is None:
+            raise ClientStateError(f"cannot send {command} in state {projected}")
+        if self._pending:
+            last = self._pending[-1][0]
+            if command in _CONTINUATIONS or last in _ENDS_GROUP:
+                raise ClientStateError(f"cannot send {command} before {last} is answered")
+            if not self._extensions.pipelining:
+                raise ClientStateError(
+                    f"cannot send {command} before {last} is answered: no PIPELINING"
+                )
+        if line is not None:
+            self._out += line.encode("utf-8") + b"\r\n"
+        self._pending.append((command, argument))
+        self._projected = nxt
+
+    def ehlo(self, name: str) -> None:
+        self._command(EHLO, f"EHLO {self._hello_name(name)}", name)
+
+    def helo(self, name: str) -> None:
+        self._command(HELO, f"HELO {self._hello_name(name)}", name)
+
+    @staticmethod
+    def _hello_name(name: str) -> str:
+        _check_text(name, "the HELO name")
+        if not name or " " in name or not name.isascii():
+            raise ValueError(f"HELO/EHLO needs an ASCII domain or address literal: {name!r}")
+        return name
+
+    def mail(
+        self,
+        sender: str,
+        *,
+        size: int | None = None,
+        body: str | None = None,
+        smtputf8: bool = False,
+        ret: str | None = None,
+        envid: str | None = None,
+        auth: str | None = None,
+    ) -> None:
+        """MAIL FROM:<sender> ("" is the null path) with the parameters given.
+
+        Each parameter needs its extension offered: SIZE (RFC 1870), BODY
+        (8BITMIME, RFC 6152), SMTPUTF8 (RFC 6531), RET/ENVID (DSN, RFC 3461;
+        `envid` is given decoded and sent as xtext), AUTH (RFC 4954 5: a
+        mailbox or "<>", sent as xtext). ValueError otherwise.
+        """
+        _check_text(sender, "the sender")
+        try:
+            path, rest = address.parse_reverse_path(f"<{sender}>")
+        except AddressError as exc:
+            raise ValueError(f"cannot send sender {sender!r}: {exc}") from None
+        if rest:
+            raise ValueError(f"cannot send sender {sender!r}: text after the address")
+        if path.is_utf8 and not smtputf8:
+            raise ValueError("a non-ASCII sender needs smtputf8=True (RFC 6531 3.4)")
+        params: list[str] = []
+        try:
+            if size is not None:
+                self._need("SIZE", "SIZE")
+                if size < 0:
+                    raise ValueError("SIZE must not be negative")
+                params.append(f"SIZE={size}")
+            if body is not None:
+                self._need("8BITMIME", "BODY")
+                params.append(f"BODY={address.parse_body(body)}")
+            if smtputf8:
+                self._need("SMTPUTF8", "SMTPUTF8")
+                params.append("SMTPUTF8")
+            if ret is not None:
+                self._need("DSN", "RET")
+                params.append(f"RET={address.parse_ret(ret)}")
+            if envid is not None:
+                self._need("DSN", "ENVID")
+                encoded = address.xtext_encode(envid)
+                address.parse_envid(encoded)  # RFC 3461 4.4: length and characters
+                params.append(f"ENVID={encoded}")
+            if auth is not None:
+                self._need("AUTH", "AUTH")
+                encoded = address.xtext_encode(auth)
+                address.parse_auth_param(encoded)
+                params.append(f"AUTH={encoded}")
+        except ParameterError as exc:
+            raise ValueError(str(exc)) from None
+        line = " ".join([f"MAIL FROM:<{sender}>", *params])
+        self._command(MAIL, line, sender)
+        self._utf8 = smtputf8
+
+    def rcpt(
+        self,
+        recipient: str,
+        *,
+        notify: Iterable[str] | None = None,
+        orcpt: str | None = None,
+    ) -> None:
+        """RCPT TO:<recipient>, with NOTIFY and ORCPT (DSN offered, RFC 3461 4.1-4.2).
+
+        `orcpt` is "type;address" decoded, or a bare address; see encode_orcpt.
+        """
+        _check_text(recipient, "the recipient")
+        try:
+            path, rest = address.parse_forward_path(f"<{recipient}>")
+        except AddressError as exc:
+            raise ValueError(f"cannot send recipient {recipient!r}: {exc}") from None
+        if rest:
+            raise ValueError(f"cannot send recipient {recipient!r}: text after the address")
+        if path.is_utf8 and not self._utf8:
+            raise ValueError("a non-ASCII recipient needs SMTPUTF8 on MAIL (RFC 6531 3.4)")
+        params: list[str] = []
+        try:
+            if notify is not None:
+                self._need("DSN", "NOTIFY")
+                params.append("NOTIFY=" + ",".join(address.parse_notify(",".join(notify))))
+            if orcpt is not None:
+                self._need("DSN", "ORCPT")
+                _check_text(orcpt, "ORCPT")
+                encoded = encode_orcpt(orcpt)
+                address.parse_orcpt(encoded)  # RFC 3461 4.2: length and syntax
+                params.append(f"ORCPT={encoded}")
+        except ParameterError as exc:
+            raise ValueError(str(exc)) from None
+        self._command(RCPT, " ".join([f"RCPT TO:<{recipient}>", *params]), recipient)
+
+    def _need(self, keyword: str, parameter: str) -> None:
+        if keyword not in self._extensions:
+            raise ValueError(f"{parameter} needs {keyword}, which the server did not offer")
+
+    def data(self) -> None:
+        self._command(DATA, "DATA")
+
+    def send_data(self, chunk: bytes) -> None:
+        """Message content after the 354: line ends made CRLF, leading dots doubled."""
+        self._in_content("send_data()")
+        self._out += self._stuffer.feed(chunk)
+
+    def end_data(self) -> None:
+        """End the content: a CRLF if it lacked a final one, then "." CRLF (RFC 5321 4.1.1.4)."""
+        self._in_content("end_data()")
+        self._command(END_DATA, None)
+        self._out += self._stuffer.end()
+
+    def _in_content(self, what: str) -> None:
+        if self._state != IN_DATA or self._pending or self._projected != IN_DATA:
+            raise ClientStateError(f"{what} needs a 354 reply to DATA (state {self._state})")
+
+    def bdat(self, chunk: bytes, *, last: bool = False) -> None:
+        """A BDAT chunk (RFC 3030 2), sent as is: line ends are the caller's business."""
+        self._need("CHUNKING", "BDAT")
+        command = BDAT_LAST if last else BDAT
+        line = f"BDAT {len(chunk)}{' LAST' if last else ''}"
+        self._command(command, line, str(len(chunk)))
+        self._out += chunk
+
+    def starttls(self) -> None:
+        if self._tls:
+            raise ClientStateError("TLS is already active")
+        self._need("STARTTLS", "STARTTLS")
+        self._command(STARTTLS, "STARTTLS")
+
+    def tls_started(self) -> None:
+        """The handshake after a 220 to STARTTLS is done: forget the session (RFC 3207 4.2)."""
+        if self._state != TLS_WAIT:
+            raise ClientStateError(f"tls_started() in state {self._state}, not after STARTTLS")
+        self._parser.clear()
+        self._parser.enhanced = False
+        self._tls = True
+        self._esmtp = False
+        self._extensions = Extensions()
+        self._authenticated = False
+        self._state = self._projected = GREETED
+
+    def auth(self, mechanism: str, initial_response: str | None = None) -> None:
+        """AUTH (RFC 4954 4); an empty initial response is sent as "="."""
+        mechanism = mechanism.upper()
+        if mechanism not in self._extensions.auth_mechanisms:
+            raise ValueError(f"the server did not offer AUTH {mechanism}")
+        line = f"AUTH {mechanism}"
+        if initial_response is not None:
+            _check_text(initial_response, "the initial response")
+            line += f" {initial_response or '='}"
+        self._command(AUTH, line, mechanism)
+
+    def auth_response(self, response: str) -> None:
+        """The line answering a 334 challenge; "*" cancels the exchange (RFC 4954 4)."""
+        _check_text(response, "the SASL response")
+        if self._state != IN_AUTH:
+            raise ClientStateError(f"auth_response() needs a 334 reply (state {self._state})")
+        self._command(AUTH_RESPONSE, response)
+
+    def rset(self) -> None:
+        self._command(RSET, "RSET")
+
+    def noop(self) -> None:
+        self._command(NOOP, "NOOP")
+
+    def quit(self) -> None:
+        self._command(QUIT, "QUIT")
