@@ -1,0 +1,349 @@
+"""The queue on disk: one message file and one envelope file per queued message, written durably.
+
+Layout under the queue folder:
+
+    messages/<id>         the message bytes (CRLF lines, as received)
+    envelopes/<id>.json   the Envelope (postroom.queue.envelope), rewritten on every change
+    lock                  taken (flock) around every change, see below
+
+Invariants. `add` writes the message first (temporary file, fsync, rename,
+fsync of the folder) and the envelope second, so an envelope always has its
+message; `remove` deletes the envelope first, so a crash leaves at worst a
+message without an envelope: an orphan that `recover` deletes. The envelope
+is the commit record: a message counts as queued exactly when its envelope
+file exists.
+
+Several processes change the queue: the server (the scheduler), `postroom
+queue` (hold, flush, delete) and `postroom sendmail` (add). Every write is an
+atomic rename, so a reader sees the old or the new file, never a mix. Each
+change also runs under an exclusive flock(2) on `lock`, so a
+read-modify-write (`update`) never interleaves with another one and a `save`
+never brings back an envelope that `remove` just deleted. Between two
+changes the last writer wins: a whole-envelope `save` made from an old copy
+undoes what another process wrote in the meantime. The scheduler therefore
+changes envelopes with `update`, keeping the fields the command line owns
+(`held`). Where flock(2) is missing (Windows) only the in-process lock
+remains, and last-writer-wins is all that holds.
+
+Every method blocks (fsync); the asyncio server runs them in worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from postroom.queue.envelope import Envelope
+from postroom.store.atomic import atomic_write, fsync_dir
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("postroom.queue")
+
+MESSAGES = "messages"
+ENVELOPES = "envelopes"
+LOCK_NAME = "lock"
+ENVELOPE_SUFFIX = ".json"
+TEMP_SUFFIX = ".tmp"
+# Queue IDs become file names: letters, digits, "-" and "_" only, so no ID can
+# name a path outside the queue ("../x") or a hidden temporary file (".x.tmp").
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Without flock a temporary file cannot say it is still being written; one this
+# old is taken to be left over from a crash.
+STALE_TEMP_AGE = 24 * 3600.0
+
+
+class QueueError(ValueError):
+    """A queue operation that cannot be done; str() is one line for people."""
+
+
+class NotQueued(QueueError):
+    """No message with this queue ID is in the queue."""
+
+    def __init__(self, queue_id: str) -> None:
+        super().__init__(f"no message {queue_id} in the queue")
+        self.queue_id = queue_id
+
+
+class CorruptEnvelope(QueueError):
+    """An envelope file that cannot be read back."""
+
+
+def check_queue_id(queue_id: str) -> str:
+    """Return `queue_id` if it is safe as a file name, else raise QueueError."""
+    if not _ID.fullmatch(queue_id):
+        raise QueueError(f"not a queue ID: {queue_id!r}")
+    return queue_id
+
+
+class QueueStore:
+    """Durable envelope + message storage in one folder (see the module docstring)."""
+
+    def __init__(self, queue_dir: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.dir = Path(queue_dir)
+        self.messages = self.dir / MESSAGES
+        self.envelopes = self.dir / ENVELOPES
+        self._thread_lock = threading.RLock()
+        self._depth = 0  # nesting of locked() in the thread that holds _thread_lock
+        self._reported: set[tuple[str, int, int]] = set()  # corrupt files already logged
+        if create:
+            for folder in (self.messages, self.envelopes):
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # -- paths and locking -----------------------------------------------------
+
+    def message_path(self, queue_id: str) -> Path:
+        return self.messages / check_queue_id(queue_id)
+
+    def envelope_path(self, queue_id: str) -> Path:
+        return self.envelopes / (check_queue_id(queue_id) + ENVELOPE_SUFFIX)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the queue's lock: other threads of this process and other processes wait.
+
+        Re-entrant within one thread; the flock is taken once, by the
+        outermost call (a second open file would block on the first).
+        """
+        with self._thread_lock:
+            if self._depth or fcntl is None or not self.dir.is_dir():
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+            finally:
+                os.close(fd)  # releases the flock
+
+    # -- adding ----------------------------------------------------------------
+
+    def add(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
+        """Queue a message durably; when this returns, a crash cannot lose it.
+
+        The chunks are written to a temporary file outside the lock (it may be
+        large or arrive slowly); the rename into place and the envelope write
+        happen under the lock, so `recover` never sees the message without
+        its envelope. Sets `envelope.size` to the number of octets written.
+        Raises FileExistsError if the queue ID is taken (IDs are unique, so
+        that is a bug elsewhere, never a silent overwrite).
+        """
+        queue_id = check_queue_id(envelope.queue_id)
+        self.messages.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.envelopes.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self.messages, prefix=".", suffix=TEMP_SUFFIX)
+        final = self.message_path(queue_id)
+        placed = False
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if fcntl is not None:
+                    # Tells `recover` in another process that this file is being written.
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                size = 0
+                for chunk in chunks:
+                    f.write(chunk)
+                    size += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+                envelope.size = size
+                with self.locked():
+                    if final.exists() or self.envelope_path(queue_id).exists():
+                        raise FileExistsError(f"queue ID {queue_id} is already in use")
+                    os.replace(tmp_name, final)
+                    placed = True
+                    fsync_dir(self.messages)
+                    atomic_write(self.envelope_path(queue_id), envelope.to_json())
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            if placed and not self.envelope_path(queue_id).exists():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(final)
+            raise
+
+    # -- reading ---------------------------------------------------------------
+
+    def load(self, queue_id: str) -> Envelope:
+        """The envelope of `queue_id`; NotQueued if absent, CorruptEnvelope if unreadable."""
+        path = self.envelope_path(queue_id)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotQueued(queue_id) from None
+        return self._parse(path, data)
+
+    def _parse(self, path: Path, data: bytes) -> Envelope:
+        try:
+            envelope = Envelope.from_json(data)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptEnvelope(f"{path}: unreadable envelope: {e}") from None
+        if envelope.queue_id + ENVELOPE_SUFFIX != path.name:
+            raise CorruptEnvelope(f"{path}: holds the envelope of {envelope.queue_id!r}")
+        return envelope
+
+    def ids(self) -> list[str]:
+        """The queue IDs that have an envelope, sorted."""
+        try:
+            names = os.listdir(self.envelopes)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            name[: -len(ENVELOPE_SUFFIX)]
+            for name in names
+            if name.endswith(ENVELOPE_SUFFIX) and _ID.fullmatch(name[: -len(ENVELOPE_SUFFIX)])
+        )
+
+    def list(self) -> list[Envelope]:
+        """Every readable envelope, oldest first.
+
+        A corrupt file is skipped and logged (once per version of the file),
+        never raised: one bad file must not stop the delivery of the rest.
+        """
+        result = []
+        for queue_id in self.ids():
+            path = self.envelope_path(queue_id)
+            try:
+                result.append(self._parse(path, path.read_bytes()))
+            except FileNotFoundError:
+                continue  # removed while we listed
+            except (CorruptEnvelope, OSError) as e:
+                self._report(path, str(e))
+        result.sort(key=lambda e: (e.created, e.queue_id))
+        return result
+
+    def _report(self, path: Path, why: str) -> None:
+        try:
+            st = path.stat()
+            key = (path.name, st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = (path.name, 0, 0)
+        if key not in self._reported:
+            self._reported.add(key)
+            log.error("queue: skipping %s", why)
+
+    # -- changing --------------------------------------------------------------
+
+    def save(self, envelope: Envelope) -> None:
+        """Rewrite the envelope atomically (last writer wins).
+
+        Raises NotQueued when the message is gone (deleted meanwhile): an
+        envelope is never written without its message.
+        """
+        with self.locked():
+            if not self.message_path(envelope.queue_id).exists():
+                raise NotQueued(envelope.queue_id)
+            atomic_write(self.envelope_path(envelope.queue_id), envelope.to_json())
+
+    def update(self, queue_id: str, change: Callable[[Envelope], object]) -> Envelope:
+        """Read, change (in place) and rewrite one envelope under the lock; returns it.
+
+        The way to change part of an envelope another process may also change.
+        NotQueued when the message is not (or no longer) in the queue.
+        """
+        with self.locked():
+            envelope = self.load(queue_id)
+            if not self.message_path(queue_id).exists():
+                raise NotQueued(queue_id)
+            change(envelope)
+            atomic_write(self.envelope_path(queue_id), envelope.to_json())
+            return envelope
+
+    def remove(self, queue_id: str) -> None:
+        """Delete a message: the envelope first (the commit), then the bytes.
+
+        NotQueued when neither file exists.
+        """
+        with self.locked():
+            found = False
+            for path in (self.envelope_path(queue_id), self.message_path(queue_id)):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                found = True
+                fsync_dir(path.parent)
+            if not found:
+                raise NotQueued(queue_id)
+
+    def recover(self) -> int:
+        """Clean up after a crash; returns the number of files removed.
+
+        Removes messages without an envelope (an `add` or `remove` that was cut
+        short), temporary files nobody is writing any more, and envelopes whose
+        message is missing (nothing left to deliver; logged as errors).
+        """
+        removed = 0
+        with self.locked():
+            try:
+                envelope_names = set(os.listdir(self.envelopes))
+                message_names = set(os.listdir(self.messages))
+            except FileNotFoundError:
+                return 0
+            for name in sorted(message_names):
+                path = self.messages / name
+                if name.endswith(TEMP_SUFFIX):
+                    if self._temp_is_stale(path) and _unlink(path):
+                        removed += 1
+                elif name + ENVELOPE_SUFFIX not in envelope_names and _unlink(path):
+                    log.warning("%s: removed a message without envelope (crash)", name)
+                    removed += 1
+            for name in sorted(envelope_names):
+                path = self.envelopes / name
+                if name.endswith(TEMP_SUFFIX):
+                    # Envelope temp files are only made under this lock: any seen now is stale.
+                    removed += _unlink(path)
+                elif name.endswith(ENVELOPE_SUFFIX):
+                    queue_id = name[: -len(ENVELOPE_SUFFIX)]
+                    if queue_id not in message_names and _unlink(path):
+                        log.error("%s: removed an envelope whose message is missing", queue_id)
+                        removed += 1
+            if removed:
+                fsync_dir(self.messages)
+                fsync_dir(self.envelopes)
+        return removed
+
+    @staticmethod
+    def _temp_is_stale(path: Path) -> bool:
+        """True unless another process is still writing this temporary message file."""
+        if fcntl is None:
+            try:
+                return time.time() - path.stat().st_mtime > STALE_TEMP_AGE
+            except FileNotFoundError:
+                return False
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # `add` holds it: still being written
+        finally:
+            os.close(fd)
+        return True
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True

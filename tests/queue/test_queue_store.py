@@ -1,0 +1,308 @@
+"""The queue store: durable add, JSON round trips, crash recovery, corrupt files, locking."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from postroom.queue import store as store_module
+from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.store import CorruptEnvelope, NotQueued, QueueError, QueueStore
+
+
+def envelope(queue_id: str = "AAAA00000001", **kw: object) -> Envelope:
+    fields: dict[str, object] = {
+        "sender": "boss@corp.example",
+        "recipients": [Recipient("a@isp.example"), Recipient("b@other.example")],
+        "created": 1_700_000_000.0,
+    }
+    fields.update(kw)
+    return Envelope(queue_id=queue_id, **fields)  # type: ignore[arg-type]
+
+
+def test_add_writes_message_then_envelope(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path / "queue")
+    env = envelope()
+    store.add(env, [b"Subject: hi\r\n", b"\r\n", b"body\r\n"])
+    assert store.message_path(env.queue_id).read_bytes() == b"Subject: hi\r\n\r\nbody\r\n"
+    loaded = store.load(env.queue_id)
+    assert loaded == env
+    assert loaded.size == len(b"Subject: hi\r\n\r\nbody\r\n")
+    # no temporary files are left behind
+    assert sorted(p.name for p in (tmp_path / "queue" / "messages").iterdir()) == [env.queue_id]
+    assert sorted(p.name for p in (tmp_path / "queue" / "envelopes").iterdir()) == [
+        f"{env.queue_id}.json"
+    ]
+
+
+def test_add_is_durable_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Message fsynced and renamed, its folder synced, and only then the envelope written."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    real_atomic_write = store_module.atomic_write
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(f"rename {Path(dst).parent.name}")
+        real_replace(src, dst)
+
+    def fsync_dir(path: Path) -> None:
+        events.append(f"fsync_dir {Path(path).name}")
+
+    def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+        events.append(f"atomic_write {Path(path).parent.name}")
+        real_atomic_write(path, data, mode)
+
+    monkeypatch.setattr(store_module.os, "fsync", fsync)
+    monkeypatch.setattr(store_module.os, "replace", replace)
+    monkeypatch.setattr(store_module, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(store_module, "atomic_write", atomic_write)
+    store = QueueStore(tmp_path)
+    store.add(envelope(), [b"x\r\n"])
+    assert events[:4] == [
+        "fsync", "rename messages", "fsync_dir messages", "atomic_write envelopes"
+    ]
+
+
+def test_failed_add_leaves_nothing(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+
+    def chunks() -> object:
+        yield b"first part\r\n"
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        store.add(envelope(), chunks())  # type: ignore[arg-type]
+    assert list((tmp_path / "messages").iterdir()) == []
+    assert list((tmp_path / "envelopes").iterdir()) == []
+
+
+def test_failed_envelope_write_removes_the_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(path: Path, data: bytes, mode: int = 0o600) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_module, "atomic_write", broken)
+    store = QueueStore(tmp_path)
+    with pytest.raises(OSError):
+        store.add(envelope(), [b"x\r\n"])
+    assert list((tmp_path / "messages").iterdir()) == []
+
+
+def test_queue_id_collision_is_an_error_not_an_overwrite(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    store.add(envelope(), [b"first\r\n"])
+    with pytest.raises(FileExistsError):
+        store.add(envelope(), [b"second\r\n"])
+    assert store.message_path("AAAA00000001").read_bytes() == b"first\r\n"
+    assert [p.name for p in (tmp_path / "messages").iterdir()] == ["AAAA00000001"]
+
+
+@pytest.mark.parametrize("bad", ["../etc", ".hidden.tmp", "", "a/b", "x" * 65, "ÄÖ"])
+def test_unsafe_ids_are_refused(tmp_path: Path, bad: str) -> None:
+    store = QueueStore(tmp_path)
+    with pytest.raises(QueueError):
+        store.load(bad)
+    with pytest.raises(QueueError):
+        store.add(envelope(queue_id=bad), [b"x"])
+
+
+def test_envelope_json_round_trip_keeps_every_field(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    env = envelope(
+        recipients=[
+            Recipient("a@isp.example", notify=("SUCCESS", "FAILURE"), orcpt="rfc822;A@isp.example",
+                      state="deferred", attempts=3, last_error="451 4.3.0 later",
+                      dsn_status="4.3.0", remote_mta="mx.isp.example[192.0.2.1]:25"),
+            Recipient("ü@bücher.example", state="delivered", done_at=1_700_000_100.5),
+        ],
+        next_attempt=1_700_000_500.25, held=True, ret="HDRS", envid="QQ314159",
+        smtputf8=True, body="8BITMIME", auth_user="boss@corp.example", client="[192.0.2.9]",
+        warned=True, extra={"dsn_owed": {"a@isp.example": "failed"}},
+    )
+    store.add(env, [b"x\r\n"])
+    loaded = store.load(env.queue_id)
+    assert loaded == env
+    assert loaded.recipients[0].notify == ("SUCCESS", "FAILURE")  # a tuple again, not a list
+    assert Envelope.from_json(env.to_json()) == env
+
+
+def test_save_and_update(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    env = envelope()
+    store.add(env, [b"x\r\n"])
+    env.recipients[0].state = "delivered"
+    store.save(env)
+    assert store.load(env.queue_id).recipients[0].state == "delivered"
+    changed = store.update(env.queue_id, lambda e: setattr(e, "held", True))
+    assert changed.held and store.load(env.queue_id).held
+    assert store.load(env.queue_id).recipients[0].state == "delivered"
+
+
+def test_save_never_resurrects_a_removed_message(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    env = envelope()
+    store.add(env, [b"x\r\n"])
+    store.remove(env.queue_id)
+    with pytest.raises(NotQueued):
+        store.save(env)
+    with pytest.raises(NotQueued):
+        store.update(env.queue_id, lambda e: None)
+    assert list((tmp_path / "envelopes").iterdir()) == []
+
+
+def test_remove_envelope_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = QueueStore(tmp_path)
+    env = envelope()
+    store.add(env, [b"x\r\n"])
+    order: list[str] = []
+    real_unlink = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        order.append(self.parent.name)
+        real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    store.remove(env.queue_id)
+    assert order == ["envelopes", "messages"]
+    monkeypatch.undo()
+    with pytest.raises(NotQueued, match="no message AAAA00000001 in the queue"):
+        store.remove(env.queue_id)
+    with pytest.raises(NotQueued):
+        store.load(env.queue_id)
+
+
+def test_recover_removes_orphans_and_temp_files(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    store.add(envelope("KEEP00000001"), [b"keep\r\n"])
+    # A crash between the message rename and the envelope write:
+    (tmp_path / "messages" / "ORPHAN000001").write_bytes(b"orphan\r\n")
+    # A crash while a message or an envelope was being written:
+    (tmp_path / "messages" / ".abc123.tmp").write_bytes(b"half")
+    (tmp_path / "envelopes" / ".KEEP00000001.json.xyz.tmp").write_bytes(b"{")
+    # An envelope whose message went missing (files removed by hand):
+    (tmp_path / "envelopes" / "LOST00000001.json").write_bytes(envelope("LOST00000001").to_json())
+    assert store.recover() == 4
+    assert [p.name for p in (tmp_path / "messages").iterdir()] == ["KEEP00000001"]
+    assert [p.name for p in (tmp_path / "envelopes").iterdir()] == ["KEEP00000001.json"]
+    assert store.recover() == 0
+    assert [e.queue_id for e in store.list()] == ["KEEP00000001"]
+
+
+def test_recover_spares_a_message_being_written(tmp_path: Path) -> None:
+    """A temp file another add() is still writing (flock held) survives recover()."""
+    store = QueueStore(tmp_path)
+    started, release = threading.Event(), threading.Event()
+
+    def slow_chunks() -> object:
+        yield b"part one\r\n"
+        started.set()
+        release.wait(10)
+        yield b"part two\r\n"
+
+    worker = threading.Thread(
+        target=store.add, args=(envelope("SLOW00000001"), slow_chunks())
+    )
+    worker.start()
+    assert started.wait(10)
+    assert store.recover() == 0
+    release.set()
+    worker.join(10)
+    assert store.message_path("SLOW00000001").read_bytes() == b"part one\r\npart two\r\n"
+    assert store.load("SLOW00000001").size == 20
+
+
+def test_recover_after_kill_9_during_add(tmp_path: Path) -> None:
+    """A process killed while adding leaves a temp file; recovery removes it."""
+    script = (
+        "import os, signal, sys\n"
+        "from postroom.queue.store import QueueStore\n"
+        "from postroom.queue.envelope import Envelope, Recipient\n"
+        "def chunks():\n"
+        "    yield b'x' * 1000\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "env = Envelope('DEAD00000001', 'a@b.example', [Recipient('c@d.example')], 0.0)\n"
+        "QueueStore(sys.argv[1]).add(env, chunks())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], timeout=60)
+    assert result.returncode == -9
+    leftovers = list((tmp_path / "messages").iterdir())
+    assert len(leftovers) == 1 and leftovers[0].name.endswith(".tmp")
+    store = QueueStore(tmp_path)
+    assert store.list() == []
+    assert store.recover() == 1
+    assert list((tmp_path / "messages").iterdir()) == []
+
+
+def test_list_skips_corrupt_files_and_logs_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = QueueStore(tmp_path)
+    store.add(envelope("GOOD00000002", created=2.0), [b"x\r\n"])
+    store.add(envelope("GOOD00000001", created=1.0), [b"x\r\n"])
+    for name, data in [
+        ("BAD000000001", b"{not json"),
+        ("BAD000000002", b'{"queue_id": "BAD000000002"}'),  # fields missing
+        ("BAD000000003", b"[1, 2]"),
+        ("BAD000000004", envelope("SOMEONEELSE1").to_json()),  # the wrong ID inside
+        ("BAD000000005", b"\xff\xfe"),
+    ]:
+        (tmp_path / "messages" / name).write_bytes(b"x\r\n")
+        (tmp_path / "envelopes" / f"{name}.json").write_bytes(data)
+    with caplog.at_level(logging.ERROR, logger="postroom.queue"):
+        listed = store.list()
+        assert [e.queue_id for e in listed] == ["GOOD00000001", "GOOD00000002"]  # oldest first
+        assert len(caplog.records) == 5
+        store.list()
+        assert len(caplog.records) == 5  # each bad file is reported once
+    with pytest.raises(CorruptEnvelope):
+        store.load("BAD000000001")
+
+
+def test_missing_queue_folder_reads_as_empty(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path / "nowhere", create=False)
+    assert store.list() == []
+    assert store.ids() == []
+    assert store.recover() == 0
+    with pytest.raises(NotQueued):
+        store.load("AAAA00000001")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_update_is_serialised_between_processes(tmp_path: Path) -> None:
+    """Two processes incrementing a counter under update() lose no increment."""
+    store = QueueStore(tmp_path)
+    store.add(envelope(extra={"n": 0}), [b"x\r\n"])
+    script = (
+        "import sys\n"
+        "from postroom.queue.store import QueueStore\n"
+        "s = QueueStore(sys.argv[1])\n"
+        "def bump(e):\n"
+        "    e.extra['n'] += 1\n"
+        "for _ in range(50):\n"
+        "    s.update('AAAA00000001', bump)\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(tmp_path)]) for _ in range(3)
+    ]
+    for proc in procs:
+        assert proc.wait(120) == 0
+    assert store.load("AAAA00000001").extra["n"] == 150
+
+
+def test_files_are_private(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path / "q")
+    store.add(envelope(), [b"x\r\n"])
+    for path in (store.message_path("AAAA00000001"), store.envelope_path("AAAA00000001")):
+        assert path.stat().st_mode & 0o077 == 0
+    assert (tmp_path / "q" / "messages").stat().st_mode & 0o077 == 0
