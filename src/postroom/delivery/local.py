@@ -1,0 +1,97 @@
+"""The local courier: copies a queued message into the Maildirs of local recipients.
+
+Mail that reaches local mailboxes through the queue rather than straight from
+the SMTP server (bounces to local senders, mail from `postroom sendmail`)
+ends here. Each recipient is expanded through the user directory (aliases,
+subaddresses) to mailboxes; the message is copied once into the store's spool
+and hard-linked into every mailbox, all or nothing (MessageWriter.commit), so
+a failed attempt never leaves a copy behind to be duplicated by the retry.
+
+The message is stored exactly as queued: the Received header was added when
+the message was accepted (RFC 5321 4.4), so nothing is prepended here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Callable
+from pathlib import Path
+
+from postroom.delivery.outcome import DeliveryResult
+from postroom.queue.envelope import Envelope, Recipient
+from postroom.store.maildir import MailStore
+from postroom.store.users import Expansion
+
+COPY_CHUNK = 1024 * 1024  # octets read from the queue file at a time
+
+
+def _write_failure(error: OSError) -> tuple[str, str]:
+    """RFC 3463 code and text for a store that could not take the message (always temporary)."""
+    if error.errno == errno.EDQUOT:
+        return "4.2.2", "mailbox over quota"  # X.2.2 mailbox full
+    if error.errno == errno.ENOSPC:
+        return "4.3.1", "mail system full (no space left on device)"  # X.3.1
+    return "4.3.0", f"cannot write to the mailbox: {error.strerror or error}"
+
+
+class LocalCourier:
+    """Delivers queued messages to local mailboxes (see the module docstring)."""
+
+    def __init__(self, store: MailStore, expand: Callable[[str], Expansion | None]) -> None:
+        self._store = store
+        self._expand = expand
+
+    async def deliver(
+        self, envelope: Envelope, recipients: list[Recipient], message_path: Path
+    ) -> list[DeliveryResult]:
+        """Deliver `message_path` to local `recipients`; one result each, in order."""
+        results: dict[int, DeliveryResult] = {}
+        targets: dict[int, list[Path]] = {}
+        for i, recipient in enumerate(recipients):
+            decided = self._plan(recipient.address)
+            if isinstance(decided, DeliveryResult):
+                results[i] = decided
+            else:
+                targets[i] = decided
+        if targets:
+            # A maildir named by several recipients (an alias and its member) gets
+            # one copy: commit() links each distinct maildir once.
+            maildirs = list(dict.fromkeys(p for paths in targets.values() for p in paths))
+            try:
+                await asyncio.to_thread(self._copy, message_path, maildirs)
+            except OSError as e:
+                status, text = _write_failure(e)
+                for i in targets:
+                    results[i] = DeliveryResult(recipients[i].address, "temporary", status, text)
+            else:
+                for i, paths in targets.items():
+                    text = "delivered to maildir" + ("" if len(paths) == 1 else f" ({len(paths)})")
+                    results[i] = DeliveryResult(recipients[i].address, "delivered", "2.0.0", text)
+        return [results[i] for i in range(len(recipients))]
+
+    def _plan(self, address: str) -> list[Path] | DeliveryResult:
+        """The maildirs for one recipient, or the permanent failure that it has none."""
+        expansion = self._expand(address)
+        if expansion is None or not expansion.mailboxes and not expansion.remote:
+            # None: no such user or alias, or a domain that is no longer local.
+            return DeliveryResult(address, "permanent", "5.1.1", f"<{address}>: no such user here")
+        if expansion.remote:
+            # Same rule as at RCPT time (policy.relay): filing the local copies alone
+            # would silently lose the forwarded ones.
+            return DeliveryResult(
+                address, "permanent", "5.7.1",
+                f"<{address}>: alias forwards to remote addresses, which local "
+                "delivery cannot do",
+            )
+        try:
+            return [self._store.maildir_for(mailbox) for mailbox in expansion.mailboxes]
+        except ValueError as e:
+            return DeliveryResult(address, "permanent", "5.1.3", f"<{address}>: {e}")
+
+    def _copy(self, message_path: Path, maildirs: list[Path]) -> None:
+        """BLOCKING: spool a copy of the queued file, then link it into every maildir."""
+        with self._store.open_writer() as writer, open(message_path, "rb") as source:
+            while chunk := source.read(COPY_CHUNK):
+                writer.write(chunk)
+            writer.commit(maildirs)

@@ -1,0 +1,168 @@
+"""The local courier: queued messages into Maildirs through the user directory's expansion."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import mailbox
+import os
+from pathlib import Path
+
+import pytest
+from argon2 import PasswordHasher
+
+from postroom.delivery.local import LocalCourier
+from postroom.delivery.outcome import DeliveryResult
+from postroom.queue.envelope import Envelope, Recipient
+from postroom.store.maildir import MailStore, MessageWriter
+from postroom.store.users import SQLiteUserDirectory
+
+CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+MESSAGE = (
+    b"Received: from localhost by mx.corp.example with local; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+    b"From: MAILER-DAEMON@corp.example\r\n"
+    b"To: boss@corp.example\r\n"
+    b"Subject: Undelivered Mail Returned to Sender\r\n"
+    b"\r\n"
+    b"This is the mail system.\r\n"
+)
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> SQLiteUserDirectory:
+    users = SQLiteUserDirectory(tmp_path / "users.sqlite3", ["corp.example"], hasher=CHEAP)
+    users.add_user("boss@corp.example", "secret-one")
+    users.add_user("alice@corp.example", "secret-two")
+    users.add_alias("team@corp.example", ["boss@corp.example", "alice@corp.example"])
+    users.add_alias("ghost@corp.example", ["nobody@corp.example"])
+    users.add_alias("out@corp.example", ["boss@corp.example", "friend@elsewhere.example"])
+    return users
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> MailStore:
+    return MailStore(tmp_path / "mail", "mx.corp.example")
+
+
+@pytest.fixture
+def queued(tmp_path: Path) -> Path:
+    path = tmp_path / "queued.eml"
+    path.write_bytes(MESSAGE)
+    return path
+
+
+def deliver(
+    courier: LocalCourier, addresses: list[str], message: Path
+) -> list[DeliveryResult]:
+    envelope = Envelope(
+        queue_id="4XyZ", sender="", recipients=[Recipient(a) for a in addresses], created=0.0
+    )
+    return asyncio.run(courier.deliver(envelope, envelope.recipients, message))
+
+
+def stored(store: MailStore, address: str) -> list[bytes]:
+    """The raw files of a mailbox, checked to be a Maildir Python's mailbox module reads."""
+    folder = store.maildir_for(address)
+    if not folder.is_dir():
+        return []
+    assert len(mailbox.Maildir(folder, create=False)) == len(list((folder / "new").iterdir()))
+    return [path.read_bytes() for path in sorted((folder / "new").iterdir())]
+
+
+def test_delivers_the_queued_bytes_unchanged(
+    store: MailStore, directory: SQLiteUserDirectory, queued: Path
+) -> None:
+    courier = LocalCourier(store, directory.expand)
+    [result] = deliver(courier, ["boss@corp.example"], queued)
+    assert result == DeliveryResult("boss@corp.example", "delivered", "2.0.0", result.text)
+    assert result.remote_mta is None
+    [path] = (store.maildir_for("boss@corp.example") / "new").iterdir()
+    assert path.read_bytes() == MESSAGE
+    assert f",S={len(MESSAGE)}," in path.name
+
+
+def test_alias_expands_and_shared_mailboxes_get_one_copy(
+    store: MailStore, directory: SQLiteUserDirectory, queued: Path
+) -> None:
+    courier = LocalCourier(store, directory.expand)
+    results = deliver(courier, ["team@corp.example", "Boss@corp.example"], queued)
+    assert [r.outcome for r in results] == ["delivered", "delivered"]
+    assert len(stored(store, "boss@corp.example")) == 1
+    assert len(stored(store, "alice@corp.example")) == 1
+
+
+def test_unknown_recipients_fail_permanently_and_others_still_get_mail(
+    store: MailStore, directory: SQLiteUserDirectory, queued: Path
+) -> None:
+    courier = LocalCourier(store, directory.expand)
+    results = deliver(
+        courier,
+        [
+            "nobody@corp.example",
+            "ghost@corp.example",
+            "alice@corp.example",
+            "someone@elsewhere.example",
+            "out@corp.example",
+        ],
+        queued,
+    )
+    assert [(r.recipient, r.outcome, r.dsn_status) for r in results] == [
+        ("nobody@corp.example", "permanent", "5.1.1"),
+        ("ghost@corp.example", "permanent", "5.1.1"),
+        ("alice@corp.example", "delivered", "2.0.0"),
+        ("someone@elsewhere.example", "permanent", "5.1.1"),
+        ("out@corp.example", "permanent", "5.7.1"),
+    ]
+    assert len(stored(store, "alice@corp.example")) == 1
+    # The alias that also forwards off-host left no partial copy behind.
+    assert stored(store, "boss@corp.example") == []
+
+
+def test_subaddress_goes_to_the_user(
+    store: MailStore, directory: SQLiteUserDirectory, queued: Path
+) -> None:
+    courier = LocalCourier(store, directory.expand)
+    [result] = deliver(courier, ["boss+reports@corp.example"], queued)
+    assert result.outcome == "delivered"
+    assert stored(store, "boss@corp.example") == [MESSAGE]
+
+
+def test_store_failure_is_temporary_and_leaves_nothing(
+    store: MailStore,
+    directory: SQLiteUserDirectory,
+    queued: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def full(self: MessageWriter, maildirs: list[Path]) -> list[Path]:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(MessageWriter, "commit", full)
+    courier = LocalCourier(store, directory.expand)
+    results = deliver(courier, ["boss@corp.example", "nobody@corp.example"], queued)
+    assert [(r.outcome, r.dsn_status) for r in results] == [
+        ("temporary", "4.3.1"),
+        ("permanent", "5.1.1"),
+    ]
+    assert stored(store, "boss@corp.example") == []
+    assert list(store.spool_dir.iterdir()) == []  # the writer aborted its spool file
+
+
+def test_missing_queue_file_is_temporary(
+    store: MailStore, directory: SQLiteUserDirectory, tmp_path: Path
+) -> None:
+    courier = LocalCourier(store, directory.expand)
+    [result] = deliver(courier, ["boss@corp.example"], tmp_path / "vanished.eml")
+    assert (result.outcome, result.dsn_status) == ("temporary", "4.3.0")
+
+
+def test_large_message_is_copied_whole(
+    store: MailStore, directory: SQLiteUserDirectory, tmp_path: Path
+) -> None:
+    body = b"".join(b"line %07d of a long report\r\n" % i for i in range(120_000))  # ~3.5 MB
+    path = tmp_path / "big.eml"
+    path.write_bytes(MESSAGE + body)
+    courier = LocalCourier(store, directory.expand)
+    [result] = deliver(courier, ["alice@corp.example"], path)
+    assert result.outcome == "delivered"
+    [copy] = (store.maildir_for("alice@corp.example") / "new").iterdir()
+    assert copy.read_bytes() == MESSAGE + body
