@@ -1,0 +1,399 @@
+"""Delivery status notifications (RFC 3464): who gets one, what it says, and queueing it.
+
+A DSN is an ordinary message from the null reverse-path <> to the original
+sender, queued like any other, so the same machinery delivers it; being from
+<> it is never bounced itself (RFC 5321 4.5.5, 6.1), which is what stops
+bounce loops. Its body is multipart/report (RFC 6522) with three parts: a
+text for people, the machine-readable message/delivery-status fields, and
+the original message (or only its headers).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import secrets
+from collections.abc import Sequence
+from email.header import decode_header, make_header
+from email.message import MIMEPart
+from email.parser import HeaderParser
+from email.policy import compat32
+from pathlib import Path
+from typing import Literal
+
+from postroom.delivery.outcome import DeliveryResult
+from postroom.ids import new_queue_id
+from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.store import QueueStore
+
+Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
+
+# Originals larger than this are returned as headers only, even with RET=FULL:
+# a bounce should not carry a 50 MB attachment back through every hop.
+RETURN_FULL_LIMIT = 512 * 1024
+HEADER_LIMIT = 256 * 1024  # at most this much of a header section is returned
+FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
+
+SUBJECTS: dict[str, str] = {
+    "failed": "Undelivered Mail Returned to Sender",
+    "delayed": "Delayed Mail (still being retried)",
+    "delivered": "Successful Mail Delivery Report",
+    "relayed": "Successful Mail Delivery Report",
+    "expanded": "Successful Mail Delivery Report",
+}
+
+# RFC 3461 4.1: the NOTIFY keyword that asks for each kind of notice.
+_NOTIFY_WORD: dict[str, str] = {
+    "failed": "FAILURE",
+    "delayed": "DELAY",
+    "delivered": "SUCCESS",
+    "relayed": "SUCCESS",
+    "expanded": "SUCCESS",
+}
+
+# What the text part says first, per action.
+_OPENING: dict[str, str] = {
+    "failed": "Your message could not be delivered to the recipients below, and the "
+    "mail system has stopped trying. The reason for each is given under its address.",
+    "delayed": "Your message has not yet reached the recipients below. The mail system "
+    "keeps trying{until}; there is no need to send it again. You will hear again only "
+    "if it finally fails.",
+    "delivered": "Your message was delivered to the recipients below.",
+    "relayed": "Your message was handed on to the next mail system for the recipients "
+    "below. That system does not send delivery reports, so this is the last report "
+    "you will get about them.",
+    "expanded": "Your message was delivered to the recipients below, which forward it "
+    "to further addresses.",
+}
+
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_SMTP_REPLY = re.compile(r"[2-5]\d\d(?:[ -]|$)")
+
+
+def wants_dsn(envelope: Envelope, recipient: Recipient, action: str) -> bool:
+    """Whether the sender asked for (or by default gets) a notice of `action` for `recipient`.
+
+    RFC 3461 4.1: NOTIFY=NEVER asks for none; otherwise only the listed
+    kinds. Without NOTIFY, failures are reported and delays may be (we do).
+    A message from <> never gets one (RFC 3461 6.2, RFC 5321 6.1).
+    """
+    if envelope.sender == "":
+        return False
+    if recipient.notify is None:
+        return action in ("failed", "delayed")
+    words = {word.upper() for word in recipient.notify}
+    if "NEVER" in words:
+        return False
+    return _NOTIFY_WORD.get(action, "") in words
+
+
+def build_dsn(
+    envelope: Envelope,
+    recipients_with_results: Sequence[tuple[Recipient, DeliveryResult]],
+    action: Action,
+    reporting_mta: str,
+    original_message: Path,
+    now: float,
+    *,
+    retry_until: float | None = None,
+    max_full: int = RETURN_FULL_LIMIT,
+) -> bytes:
+    """The complete DSN message (CRLF lines) reporting `action` for the given recipients.
+
+    `retry_until` (delayed notices) is when the queue gives up. The original
+    is returned whole when RET=FULL or RET is absent and it is at most
+    `max_full` octets, else only its header section; a missing original
+    file leaves the third part out (RFC 3464 2: it is optional).
+    """
+    headers, full = _read_original(original_message, max_full)
+    want_full = (envelope.ret or "FULL").upper() != "HDRS"
+    returned: bytes | None
+    if headers is None:
+        returned, returned_kind = None, ""
+    elif want_full and full is not None:
+        returned, returned_kind = full, "message"
+    else:
+        returned, returned_kind = headers, "headers"
+    # RFC 6532/6533: UTF-8 headers or addresses need the "global" media types.
+    global_types = envelope.smtputf8 or not (headers or b"").isascii()
+
+    boundary = _boundary(reporting_mta, returned or b"")
+    text = _human_text(
+        envelope, recipients_with_results, action, reporting_mta, headers,
+        retry_until=retry_until,
+        truncated=want_full and returned_kind == "headers" and full is None,
+    )
+    status_part = _status_fields(
+        envelope, recipients_with_results, action, reporting_mta, now, retry_until
+    )
+
+    sender = envelope.sender
+    out = [
+        _field("From", f"MAILER-DAEMON@{reporting_mta} (Mail Delivery System)"),
+        _field("To", f"<{sender}>"),
+        _field("Subject", SUBJECTS[action]),
+        _field("Date", email.utils.formatdate(now, localtime=True)),
+        _field("Message-ID", email.utils.make_msgid(domain=reporting_mta)),
+        _field("Auto-Submitted", "auto-replied"),  # RFC 3834 5: never answer this
+        _field("MIME-Version", "1.0"),
+        _field(
+            "Content-Type",
+            f'multipart/report; report-type={"global-" if global_types else ""}'
+            f'delivery-status; boundary="{boundary}"',
+        ),
+        b"\r\n",
+        b"This is a MIME-formatted message; a delivery status report.\r\n",
+    ]
+    delimiter = b"\r\n--" + boundary.encode("ascii")
+
+    out += [delimiter, b"\r\n", _text_part(text)]
+
+    status_type = "message/global-delivery-status" if global_types else "message/delivery-status"
+    out += [delimiter, b"\r\n", _field("Content-Type", status_type)]
+    out += [_field("Content-Description", "Delivery report"), b"\r\n", status_part]
+
+    if returned is not None:
+        if returned_kind == "message":
+            kind = "message/global" if global_types else "message/rfc822"
+            description = "Undelivered message" if action == "failed" else "Message"
+        else:
+            kind = "message/global-headers" if global_types else "text/rfc822-headers"
+            description = "Headers of the message"
+        out += [delimiter, b"\r\n", _field("Content-Type", kind)]
+        out.append(_field("Content-Description", description))
+        if not returned.isascii():
+            out.append(_field("Content-Transfer-Encoding", "8bit"))
+        out += [b"\r\n", returned]
+    out += [delimiter, b"--\r\n"]
+    return b"".join(out)
+
+
+def dsn_envelope(original: Envelope, now: float) -> Envelope:
+    """The envelope of a DSN about `original`: from <>, to its sender, nothing to report back."""
+    return Envelope(
+        queue_id=new_queue_id(now),
+        sender="",
+        recipients=[Recipient(address=original.sender, notify=("NEVER",))],
+        created=now,
+        smtputf8=not original.sender.isascii(),
+        body="8BITMIME",  # the returned original may hold 8-bit text
+        extra={"dsn_for": original.queue_id},
+    )
+
+
+def queue_dsn(
+    store: QueueStore,
+    envelope: Envelope,
+    recipients_with_results: Sequence[tuple[Recipient, DeliveryResult]],
+    action: Action,
+    reporting_mta: str,
+    now: float,
+    *,
+    retry_until: float | None = None,
+) -> Envelope | None:
+    """Build and durably queue the DSN for those recipients that want one (see wants_dsn).
+
+    Returns the DSN's envelope, or None when nobody is owed a notice.
+    Blocking (it writes the queue).
+    """
+    wanted = [(r, res) for r, res in recipients_with_results if wants_dsn(envelope, r, action)]
+    if not wanted:
+        return None
+    data = build_dsn(
+        envelope, wanted, action, reporting_mta, store.message_path(envelope.queue_id), now,
+        retry_until=retry_until,
+    )
+    notice = dsn_envelope(envelope, now)
+    store.add(notice, [data])
+    return notice
+
+
+# -- the parts -------------------------------------------------------------------
+
+
+def _read_original(path: Path, max_full: int) -> tuple[bytes | None, bytes | None]:
+    """(header section, whole message or None when too large); (None, None) if missing."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(max(max_full, HEADER_LIMIT) + 1)
+    except FileNotFoundError:
+        return None, None
+    full = head if len(head) <= max_full else None
+    end = head.find(b"\r\n\r\n")
+    if end >= 0:
+        headers = head[: end + 2]
+    elif full is not None:
+        headers = full  # no body at all
+    else:
+        cut = head.rfind(b"\r\n", 0, HEADER_LIMIT)
+        headers = head[: cut + 2] if cut >= 0 else b""
+    if len(headers) > HEADER_LIMIT:
+        cut = headers.rfind(b"\r\n", 0, HEADER_LIMIT)
+        headers = headers[: cut + 2] if cut >= 0 else b""
+    return headers, full
+
+
+def _boundary(host: str, content: bytes) -> str:
+    while True:
+        boundary = f"{secrets.token_hex(12)}/{host}"
+        if b"--" + boundary.encode("ascii", "replace") not in content:
+            return boundary
+
+
+def _field(name: str, value: str) -> bytes:
+    """One header field, folded at spaces so lines stay near FOLD_AT (RFC 5322 2.2.3)."""
+    line = f"{name}: "
+    lines = []
+    for word in value.split(" "):
+        if len(line) + len(word) > FOLD_AT and line.strip() and not line.endswith(": "):
+            lines.append(line.rstrip(" "))
+            line = "    "
+        line += word + " "
+    lines.append(line.rstrip(" "))
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def _text_part(text: str) -> bytes:
+    part = MIMEPart()
+    # Quoted-printable keeps the part 7-bit for hosts without 8BITMIME (RFC 6152).
+    part.set_content(text, cte="7bit" if text.isascii() else "quoted-printable")
+    part["Content-Description"] = "Notification"
+    return part.as_bytes(policy=part.policy.clone(linesep="\r\n"))
+
+
+def _one_line(text: str) -> str:
+    """Reply text as one printable line (multiline replies joined)."""
+    joined = " ".join(piece.strip() for piece in text.splitlines() if piece.strip())
+    return "".join(ch if ch.isprintable() else " " for ch in joined)
+
+
+def _address_field(address: str) -> str:
+    # RFC 3464 2.3.2 "rfc822" addresses are ASCII; RFC 6533 3 adds "utf-8" for the rest.
+    return f"{'rfc822' if address.isascii() else 'utf-8'}; {address}"
+
+
+def _original_recipient(orcpt: str) -> str:
+    kind, sep, address = orcpt.partition(";")
+    if not sep:
+        return _address_field(orcpt)
+    if kind.strip().lower() == "rfc822" and not address.isascii():
+        return f"utf-8; {address.strip()}"
+    return f"{kind.strip()}; {address.strip()}"
+
+
+def mta_name(remote: str) -> str:
+    """The host part of a courier's "host[ip]:port" relay description, for Remote-MTA."""
+    if remote.startswith("["):
+        end = remote.find("]")
+        return remote[: end + 1] if end > 0 else remote
+    name = remote.split("[", 1)[0]
+    if name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    return name
+
+
+def _status(result: DeliveryResult, action: str) -> str:
+    status = result.dsn_status if _STATUS.fullmatch(result.dsn_status or "") else ""
+    if action == "failed":
+        # A message given up after temporary failures is reported permanent (5.4.7 etc.).
+        return "5" + status[1:] if status and status[0] != "2" else "5.0.0"
+    if action == "delayed":
+        return "4" + status[1:] if status else "4.0.0"
+    return status if status.startswith("2") else "2.0.0"
+
+
+def _diagnostic(text: str) -> str:
+    line = _one_line(text)
+    # RFC 3464 2.3.6: "smtp" when the text is an SMTP reply, else our own type.
+    return f"smtp; {line}" if _SMTP_REPLY.match(line) else f"X-Postroom; {line}"
+
+
+def _status_fields(
+    envelope: Envelope,
+    items: Sequence[tuple[Recipient, DeliveryResult]],
+    action: str,
+    reporting_mta: str,
+    now: float,
+    retry_until: float | None,
+) -> bytes:
+    """The message/delivery-status body: per-message fields, then one block per recipient."""
+    blocks = []
+    fields = [_field("Reporting-MTA", f"dns; {reporting_mta}")]
+    fields.append(_field("X-Postroom-Queue-ID", envelope.queue_id))
+    if envelope.envid:
+        fields.append(_field("Original-Envelope-Id", envelope.envid))  # RFC 3464 2.2.1
+    if envelope.client:
+        fields.append(_field("Received-From-MTA", f"dns; {envelope.client}"))
+    fields.append(_field("Arrival-Date", email.utils.formatdate(envelope.created, True)))
+    blocks.append(b"".join(fields))
+    for recipient, result in items:
+        fields = []
+        if recipient.orcpt:
+            fields.append(_field("Original-Recipient", _original_recipient(recipient.orcpt)))
+        fields.append(_field("Final-Recipient", _address_field(recipient.address)))
+        fields.append(_field("Action", action))
+        fields.append(_field("Status", _status(result, action)))
+        if result.remote_mta:
+            fields.append(_field("Remote-MTA", f"dns; {mta_name(result.remote_mta)}"))
+        if result.text:
+            fields.append(_field("Diagnostic-Code", _diagnostic(result.text)))
+        attempted = recipient.done_at if recipient.done_at is not None else now
+        fields.append(_field("Last-Attempt-Date", email.utils.formatdate(attempted, True)))
+        if action == "delayed" and retry_until is not None:
+            fields.append(_field("Will-Retry-Until", email.utils.formatdate(retry_until, True)))
+        blocks.append(b"".join(fields))
+    return b"\r\n".join(blocks)
+
+
+def _subject_of(headers: bytes | None) -> str | None:
+    if not headers:
+        return None
+    # RFC 6532: header text may be raw UTF-8; encoded words (RFC 2047) are decoded below.
+    parsed = HeaderParser(policy=compat32).parsestr(headers.decode("utf-8", "replace"))
+    raw = parsed.get("Subject")
+    if raw is None:
+        return None
+    try:
+        return _one_line(str(make_header(decode_header(str(raw)))))
+    except (ValueError, LookupError):
+        return _one_line(str(raw))
+
+
+def _human_text(
+    envelope: Envelope,
+    items: Sequence[tuple[Recipient, DeliveryResult]],
+    action: str,
+    reporting_mta: str,
+    headers: bytes | None,
+    *,
+    retry_until: float | None,
+    truncated: bool,
+) -> str:
+    until = ""
+    if retry_until is not None:
+        until = " until " + email.utils.formatdate(retry_until, localtime=True)
+    lines = [f"Delivery report from the mail system at {reporting_mta}.", ""]
+    lines.append(_OPENING[action].format(until=until))
+    lines.append("")
+    subject = _subject_of(headers)
+    sent = email.utils.formatdate(envelope.created, localtime=True)
+    lines.append(f"Your message of {sent}" + (f', subject "{subject}"' if subject else ""))
+    lines.append(f"(queue ID {envelope.queue_id}):")
+    lines.append("")
+    for recipient, result in items:
+        lines.append(f"<{recipient.address}>")
+        reply = _one_line(result.text) if result.text else "(no further detail)"
+        if result.remote_mta:
+            lines.append(f"    {result.remote_mta} answered: {reply}")
+        else:
+            lines.append(f"    {reply}")
+        lines.append("")
+    if headers is None:
+        lines.append("The message itself is no longer available to return.")
+    elif truncated:
+        lines.append("The message was too large to return in full; its headers are attached.")
+    elif (envelope.ret or "").upper() == "HDRS":
+        lines.append("As you asked, only the message's headers are attached.")
+    else:
+        lines.append("Your message is attached.")
+    return "\n".join(lines) + "\n"
