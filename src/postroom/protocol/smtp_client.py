@@ -426,6 +426,7 @@ class SMTPClient:
         self._out = bytearray()
         self._eof = False
         self._violation: str | None = None
+        self._unanswered: tuple[str, ...] = ()  # when the session ended
         self._extensions = Extensions()
         self._esmtp = False
         self._tls = False
@@ -534,12 +535,13 @@ class SMTPClient:
         raise ReplyError(why)
 
     def _close(self) -> tuple[str, ...]:
-        unanswered = self.pending
+        if self._state != CLOSED:
+            self._unanswered = self.pending
         self._state = self._projected = CLOSED
         self._pending.clear()
         self._parser.clear()
         self._violation = None
-        return unanswered
+        return self._unanswered
 
     # --- Output -----------------------------------------------------------
 
@@ -550,10 +552,6 @@ class SMTPClient:
 
     def _command(self, command: str, line: str | None, argument: str = "") -> None:
         """Queue a command line (None: no line, for the end of data) and await its reply."""
-        projected = self._projected
-        nxt = _SEND.get((projected, command))
-        if nxt is None:
-            raise ClientStateError(f"cannot send {command} in state {projected}")
         if self._pending:
             last = self._pending[-1][0]
             if command in _CONTINUATIONS or last in _ENDS_GROUP:
@@ -562,6 +560,10 @@ class SMTPClient:
                 raise ClientStateError(
                     f"cannot send {command} before {last} is answered: no PIPELINING"
                 )
+        projected = self._projected
+        nxt = _SEND.get((projected, command))
+        if nxt is None:
+            raise ClientStateError(f"cannot send {command} in state {projected}")
         if line is not None:
             self._out += line.encode("utf-8") + b"\r\n"
         self._pending.append((command, argument))
