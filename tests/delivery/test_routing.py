@@ -13,7 +13,6 @@ from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from postroom.delivery.smtp_out import Hop
 
 from postroom.config import Endpoint, Route
 from postroom.delivery.routing import (
@@ -25,6 +24,7 @@ from postroom.delivery.routing import (
     RouteResult,
     StaticRoute,
 )
+from postroom.delivery.smtp_out import Hop
 
 if TYPE_CHECKING:  # the fixture's class; conftest modules are not imported by name
     from conftest import FakeDNS

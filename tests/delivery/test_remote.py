@@ -1,0 +1,504 @@
+"""The remote courier: hop order, outcomes per recipient, DSN hints and idle sessions.
+
+Most tests replace the SMTP client session with a scripted fake (each hop's
+behaviour is a table entry) and the router with a fixed answer. The last ones
+deliver for real over loopback: to aiosmtpd, and to a postroom receiving host,
+with the next hop found through a static route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postroom.delivery import remote
+from postroom.delivery.outcome import DeliveryResult
+from postroom.delivery.remote import RemoteCourier
+from postroom.delivery.routing import Failure, Hops, Local, RouteResult
+from postroom.delivery.smtp_out import Hop, OutRecipient, SMTPError, TransactionResult
+from postroom.protocol.replies import Reply
+from postroom.queue.envelope import Envelope, Recipient
+
+MESSAGE = b"From: a@corp.example\r\nTo: b@isp.example\r\nSubject: hi\r\n\r\nHello.\r\n"
+OK = Reply(250, "2.0.0", "Ok: queued")
+MX1 = Hop(host="192.0.2.1", port=25, name="mx1.isp.example")
+MX2 = Hop(host="192.0.2.2", port=25, name="mx2.isp.example")
+MX3 = Hop(host="192.0.2.3", port=25, name="mx3.isp.example")
+
+
+def smtp_error(text: str, *, temporary: bool, reply: Reply | None = None) -> SMTPError:
+    return SMTPError(text, temporary=temporary, reply=reply)
+
+
+# -- the fakes --------------------------------------------------------------------
+
+
+@dataclass
+class Behaviour:
+    """How one fake host acts: fail to connect, fail a transaction, or answer with replies."""
+
+    connect_error: BaseException | None = None
+    send_errors: list[BaseException] = field(default_factory=list)  # raised by the next sends
+    replies: dict[str, Reply] = field(default_factory=dict)  # RCPT refusals by address
+    data_reply: Reply = OK
+    dsn: bool = True
+
+
+@dataclass
+class Sent:
+    hop: Hop
+    kwargs: dict[str, Any]
+
+
+class FakeNet:
+    """Every fake host by address, and a log of what the courier did to them."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, Behaviour] = {}
+        self.connects: list[Hop] = []
+        self.sent: list[Sent] = []
+        self.quits: list[Hop] = []
+
+    def behaviour(self, hop: Hop) -> Behaviour:
+        return self.hosts.setdefault(hop.host, Behaviour())
+
+
+class FakeSession:
+    net: FakeNet  # set by the fixture
+
+    def __init__(self, hop: Hop) -> None:
+        self.hop = hop
+        self.peer = f"{hop.name}[{hop.host}]:{hop.port}"
+        self.open = True
+
+    @classmethod
+    async def connect(
+        cls, hop: Hop, *, helo: str, tls_context: ssl.SSLContext, connect_timeout: float = 30,
+        command_timeout: float = 300,
+    ) -> FakeSession:
+        assert helo == "out.corp.example"
+        await asyncio.sleep(0)  # a real connect yields to other deliveries
+        cls.net.connects.append(hop)
+        behaviour = cls.net.behaviour(hop)
+        if behaviour.connect_error is not None:
+            raise behaviour.connect_error
+        return cls(hop)
+
+    async def send(
+        self, *, sender: str, recipients: list[OutRecipient], message: Path, size: int,
+        body: str | None = None, smtputf8: bool = False, ret: str | None = None,
+        envid: str | None = None,
+    ) -> TransactionResult:
+        assert self.open, "send on a session that was closed"
+        assert message.stat().st_size == size
+        behaviour = self.net.behaviour(self.hop)
+        self.net.sent.append(Sent(self.hop, dict(
+            sender=sender, recipients=recipients, size=size, body=body, smtputf8=smtputf8,
+            ret=ret, envid=envid,
+        )))
+        if behaviour.send_errors:
+            raise behaviour.send_errors.pop(0)
+        replies: dict[str, Reply] = {}
+        accepted = []
+        for r in recipients:
+            if r.address in behaviour.replies:
+                replies[r.address] = behaviour.replies[r.address]
+            else:
+                accepted.append(r.address)
+        data_reply = behaviour.data_reply if accepted else None
+        for address in accepted:
+            assert data_reply is not None
+            replies[address] = data_reply
+        return TransactionResult(
+            recipients=replies, data_reply=data_reply, dsn_offered=behaviour.dsn
+        )
+
+    async def quit(self) -> None:
+        assert self.open, "QUIT twice"
+        self.open = False
+        self.net.quits.append(self.hop)
+
+
+class FixedRouter:
+    def __init__(self, answers: dict[str, RouteResult]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    async def route(self, domain: str) -> RouteResult:
+        self.asked.append(domain)
+        return self.answers[domain]
+
+
+@pytest.fixture
+def net(monkeypatch: pytest.MonkeyPatch) -> FakeNet:
+    fake = FakeNet()
+    session_class = type("Session", (FakeSession,), {"net": fake})
+    monkeypatch.setattr(remote, "ClientSession", session_class)
+    return fake
+
+
+@pytest.fixture
+def message(tmp_path: Path) -> Path:
+    path = tmp_path / "message"
+    path.write_bytes(MESSAGE)
+    return path
+
+
+def make_courier(answers: dict[str, RouteResult], **options: Any) -> RemoteCourier:
+    return RemoteCourier(
+        FixedRouter(answers),  # type: ignore[arg-type]
+        "out.corp.example",
+        ssl.create_default_context(),
+        **options,
+    )
+
+
+def envelope(*recipients: Recipient | str, **fields: Any) -> Envelope:
+    rcpts = [r if isinstance(r, Recipient) else Recipient(r) for r in recipients]
+    return Envelope(queue_id="Q1", sender="a@corp.example", recipients=rcpts, created=0.0,
+                    **fields)
+
+
+def run_deliveries(
+    courier: RemoteCourier, message: Path, *envelopes: Envelope
+) -> list[list[DeliveryResult]]:
+    async def main() -> list[list[DeliveryResult]]:
+        results = [await courier.deliver(e, e.recipients, message) for e in envelopes]
+        await courier.close()
+        return results
+
+    return asyncio.run(main())
+
+
+def deliver_one(courier: RemoteCourier, message: Path, env: Envelope) -> list[DeliveryResult]:
+    return run_deliveries(courier, message, env)[0]
+
+
+def outcomes(results: list[DeliveryResult]) -> list[tuple[str, str, str]]:
+    return [(r.recipient, r.outcome, r.dsn_status) for r in results]
+
+
+# -- routing answers -----------------------------------------------------------------
+
+
+def test_route_failure_is_every_recipients_outcome(net: FakeNet, message: Path) -> None:
+    courier = make_courier({
+        "gone.example": Failure(True, "5.1.2", "domain gone.example does not exist"),
+        "flaky.example": Failure(False, "4.4.3", "DNS lookup failed"),
+    })
+    results = deliver_one(
+        courier, message, envelope("a@gone.example", "b@gone.example", "c@flaky.example")
+    )
+    assert outcomes(results) == [
+        ("a@gone.example", "permanent", "5.1.2"),
+        ("b@gone.example", "permanent", "5.1.2"),
+        ("c@flaky.example", "temporary", "4.4.3"),
+    ]
+    assert results[0].text == "domain gone.example does not exist"
+    assert net.connects == []
+
+
+def test_local_route_is_not_delivered_by_smtp(net: FakeNet, message: Path) -> None:
+    courier = make_courier({"corp.example": Local()})
+    [result] = deliver_one(courier, message, envelope("boss@corp.example"))
+    assert (result.outcome, result.dsn_status) == ("temporary", "4.3.5")
+    assert net.connects == []
+
+
+# -- hops in order ---------------------------------------------------------------------
+
+
+def test_unreachable_hop_passes_to_the_next(net: FakeNet, message: Path) -> None:
+    net.behaviour(MX1).connect_error = ConnectionRefusedError(111, "Connection refused")
+    courier = make_courier({"isp.example": Hops([MX1, MX2, MX3])})
+    [result] = deliver_one(courier, message, envelope("b@isp.example"))
+    assert result == DeliveryResult(
+        "b@isp.example", "delivered", "2.0.0", "250 2.0.0 Ok: queued",
+        "mx2.isp.example[192.0.2.2]:25",
+    )
+    assert net.connects == [MX1, MX2]
+
+
+def test_all_hops_failing_is_temporary_with_the_last_error(
+    net: FakeNet, message: Path
+) -> None:
+    net.behaviour(MX1).connect_error = TimeoutError()
+    net.behaviour(MX2).connect_error = ConnectionRefusedError(111, "Connection refused")
+    courier = make_courier({"isp.example": Hops([MX1, MX2])})
+    [result] = deliver_one(courier, message, envelope("b@isp.example"))
+    assert (result.outcome, result.dsn_status) == ("temporary", "4.4.1")
+    assert result.text == "connect to mx2.isp.example[192.0.2.2]:25: connection refused"
+    net.behaviour(MX1).connect_error = ConnectionRefusedError(111, "Connection refused")
+    net.behaviour(MX2).connect_error = TimeoutError()
+    [result] = deliver_one(courier, message, envelope("b@isp.example"))
+    assert result.text == "connect to mx2.isp.example[192.0.2.2]:25: timed out"
+
+
+def test_refusing_greetings_pass_to_the_next_hop(net: FakeNet, message: Path) -> None:
+    busy = Reply(421, "4.3.2", "mx1 busy, try later")
+    net.behaviour(MX1).connect_error = smtp_error(str(busy), temporary=True, reply=busy)
+    refused = Reply(554, "5.7.1", "no SMTP service here")
+    net.behaviour(MX2).connect_error = smtp_error(str(refused), temporary=False, reply=refused)
+    courier = make_courier({"isp.example": Hops([MX1, MX2, MX3])})
+    [result] = deliver_one(courier, message, envelope("b@isp.example"))
+    assert result.outcome == "delivered"
+    assert net.connects == [MX1, MX2, MX3]
+
+
+def test_a_5xx_greeting_from_the_last_hop_is_still_temporary(
+    net: FakeNet, message: Path
+) -> None:
+    refused = Reply(554, "5.7.1", "no SMTP service here")
+    net.behaviour(MX1).connect_error = smtp_error(str(refused), temporary=False, reply=refused)
+    courier = make_courier({"isp.example": Hops([MX1])})
+    [result] = deliver_one(courier, message, envelope("b@isp.example"))
+    assert (result.outcome, result.dsn_status) == ("temporary", "4.7.1")
+    assert "554 5.7.1 no SMTP service here" in result.text
+
+
+def test_temporary_transaction_errors_pass_to_the_next_hop(
+    net: FakeNet, message: Path
+) -> None:
+    shutting = Reply(421, "4.4.2", "shutting down")
+    net.behaviour(MX1).send_errors = [smtp_error("421", temporary=True, reply=shutting)]
+    net.behaviour(MX2).send_errors = [ConnectionResetError(104, "Connection reset by peer")]
+    courier = make_courier({"isp.example": Hops([MX1, MX2, MX3])})
+    [result] = deliver_one(courier, message, envelope("b@isp.example"))
+    assert result.outcome == "delivered"
+    assert [s.hop for s in net.sent] == [MX1, MX2, MX3]
+    assert net.quits.count(MX1) == 1 and net.quits.count(MX2) == 1  # broken ones closed
+
+    net.sent.clear()
+    net.behaviour(MX1).send_errors = [ConnectionResetError(104, "Connection reset by peer")]
+    net.behaviour(MX3).send_errors = [smtp_error("lost", temporary=True)]
+    net.behaviour(MX2).send_errors = [TimeoutError()]
+    courier = make_courier({"isp.example": Hops([MX1, MX2, MX3])})
+    [result] = deliver_one(courier, message, envelope("b@isp.example"))
+    assert (result.outcome, result.dsn_status) == ("temporary", "4.4.2")
+    assert result.text == "mx3.isp.example[192.0.2.3]:25: lost"
+
+
+def test_permanent_transaction_error_fails_everyone_without_trying_more_hops(
+    net: FakeNet, message: Path
+) -> None:
+    too_big = Reply(552, "5.3.4", "message size exceeds fixed limit")
+    net.behaviour(MX1).send_errors = [smtp_error("552", temporary=False, reply=too_big)]
+    courier = make_courier({"isp.example": Hops([MX1, MX2])})
+    results = deliver_one(courier, message, envelope("b@isp.example", "c@isp.example"))
+    assert outcomes(results) == [
+        ("b@isp.example", "permanent", "5.3.4"),
+        ("c@isp.example", "permanent", "5.3.4"),
+    ]
+    assert results[0].text == (
+        "mx1.isp.example[192.0.2.1]:25 said: 552 5.3.4 message size exceeds fixed limit"
+    )
+    assert results[0].remote_mta == "mx1.isp.example[192.0.2.1]:25"
+    assert net.connects == [MX1]
+
+
+# -- replies per recipient -------------------------------------------------------------
+
+
+def test_one_transaction_with_a_reply_per_recipient(net: FakeNet, message: Path) -> None:
+    net.behaviour(MX1).replies = {
+        "gone@isp.example": Reply(550, "5.1.1", "no such user"),
+        "full@isp.example": Reply(452, "4.2.2", "mailbox full"),
+        "odd@isp.example": Reply(550, None, "go away"),
+        "mixed@isp.example": Reply(451, "5.7.1", "class mismatch"),
+    }
+    courier = make_courier({"isp.example": Hops([MX1])})
+    env = envelope(
+        Recipient("b@isp.example", notify=("FAILURE",), orcpt="rfc822;b@isp.example"),
+        "gone@isp.example", "full@isp.example", "odd@isp.example", "mixed@isp.example",
+        body="8BITMIME", ret="HDRS", envid="QQ1", smtputf8=False,
+    )
+    results = deliver_one(courier, message, env)
+    assert outcomes(results) == [
+        ("b@isp.example", "delivered", "2.0.0"),
+        ("gone@isp.example", "permanent", "5.1.1"),
+        ("full@isp.example", "temporary", "4.2.2"),
+        ("odd@isp.example", "permanent", "5.0.0"),
+        ("mixed@isp.example", "temporary", "4.0.0"),
+    ]
+    assert results[1].text == "550 5.1.1 no such user"
+    assert {r.remote_mta for r in results} == {"mx1.isp.example[192.0.2.1]:25"}
+    [sent] = net.sent
+    assert sent.kwargs["sender"] == "a@corp.example"
+    assert sent.kwargs["recipients"][0] == OutRecipient(
+        "b@isp.example", ("FAILURE",), "rfc822;b@isp.example"
+    )
+    assert len(sent.kwargs["recipients"]) == 5
+    assert (sent.kwargs["body"], sent.kwargs["ret"], sent.kwargs["envid"]) == (
+        "8BITMIME", "HDRS", "QQ1",
+    )
+    assert sent.kwargs["size"] == len(MESSAGE)
+
+
+@pytest.mark.parametrize(
+    ("data_reply", "outcome", "status"),
+    [
+        (Reply(452, "4.3.1", "insufficient storage"), "temporary", "4.3.1"),
+        (Reply(554, "5.6.0", "content rejected"), "permanent", "5.6.0"),
+    ],
+)
+def test_data_reply_decides_for_every_accepted_recipient(
+    net: FakeNet, message: Path, data_reply: Reply, outcome: str, status: str
+) -> None:
+    net.behaviour(MX1).data_reply = data_reply
+    net.behaviour(MX1).replies = {"gone@isp.example": Reply(550, "5.1.1", "no such user")}
+    courier = make_courier({"isp.example": Hops([MX1, MX2])})
+    results = deliver_one(courier, message, envelope("b@isp.example", "gone@isp.example",
+                                                     "c@isp.example"))
+    assert outcomes(results) == [
+        ("b@isp.example", outcome, status),
+        ("gone@isp.example", "permanent", "5.1.1"),
+        ("c@isp.example", outcome, status),
+    ]
+    assert results[0].text == str(data_reply)
+    assert net.connects == [MX1]  # a decided transaction is not tried elsewhere
+
+
+def test_relayed_without_dsn_when_success_was_asked_of_a_hop_without_dsn(
+    net: FakeNet, message: Path
+) -> None:
+    env = envelope(
+        Recipient("s@isp.example", notify=("SUCCESS", "FAILURE")),
+        Recipient("f@isp.example", notify=("FAILURE",)),
+        Recipient("n@isp.example"),
+    )
+    net.behaviour(MX1).dsn = False
+    courier = make_courier({"isp.example": Hops([MX1])})
+    results = deliver_one(courier, message, env)
+    assert [r.relayed_without_dsn for r in results] == [True, False, False]
+    net.behaviour(MX1).dsn = True
+    results = deliver_one(courier, message, env)
+    assert [r.relayed_without_dsn for r in results] == [False, False, False]
+
+
+def test_several_domains_in_one_call_keep_their_order(net: FakeNet, message: Path) -> None:
+    other = Hop(host="198.51.100.7", port=25, name="mx.other.example")
+    courier = make_courier({"isp.example": Hops([MX1]), "other.example": Hops([other])})
+    results = deliver_one(
+        courier, message, envelope("a@isp.example", "b@other.example", "c@isp.example")
+    )
+    assert [(r.recipient, r.remote_mta) for r in results] == [
+        ("a@isp.example", "mx1.isp.example[192.0.2.1]:25"),
+        ("b@other.example", "mx.other.example[198.51.100.7]:25"),
+        ("c@isp.example", "mx1.isp.example[192.0.2.1]:25"),
+    ]
+    assert sorted(len(s.kwargs["recipients"]) for s in net.sent) == [1, 2]
+
+
+# -- idle sessions -------------------------------------------------------------------
+
+
+def test_next_message_reuses_the_idle_session(net: FakeNet, message: Path) -> None:
+    courier = make_courier({"isp.example": Hops([MX1, MX2])})
+
+    async def main() -> list[DeliveryResult]:
+        first = await courier.deliver(envelope("a@isp.example"), [Recipient("a@isp.example")],
+                                      message)
+        second = await courier.deliver(envelope("b@isp.example"),
+                                       [Recipient("b@isp.example")], message)
+        assert net.quits == []
+        await courier.close()
+        return first + second
+
+    results = asyncio.run(main())
+    assert [r.outcome for r in results] == ["delivered", "delivered"]
+    assert net.connects == [MX1]
+    assert len(net.sent) == 2
+    assert net.quits == [MX1]
+
+
+def test_idle_session_is_closed_after_the_idle_timeout(net: FakeNet, message: Path) -> None:
+    courier = make_courier({"isp.example": Hops([MX1])}, idle_timeout=0.05)
+
+    async def main() -> None:
+        await courier.deliver(envelope("a@isp.example"), [Recipient("a@isp.example")], message)
+        assert net.quits == []
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if net.quits:
+                break
+        await courier.deliver(envelope("b@isp.example"), [Recipient("b@isp.example")], message)
+        await courier.close()
+
+    asyncio.run(main())
+    assert net.connects == [MX1, MX1]
+    assert net.quits == [MX1, MX1]
+
+
+def test_stale_idle_session_is_replaced_by_a_fresh_one(net: FakeNet, message: Path) -> None:
+    courier = make_courier({"isp.example": Hops([MX1])})
+
+    async def main() -> list[DeliveryResult]:
+        await courier.deliver(envelope("a@isp.example"), [Recipient("a@isp.example")], message)
+        # The server closed the connection while it sat idle.
+        net.behaviour(MX1).send_errors = [smtp_error("connection closed", temporary=True)]
+        results = await courier.deliver(
+            envelope("b@isp.example"), [Recipient("b@isp.example")], message
+        )
+        await courier.close()
+        return results
+
+    [result] = asyncio.run(main())
+    assert result.outcome == "delivered"
+    assert net.connects == [MX1, MX1]
+
+
+def test_idle_sessions_per_domain_are_capped(net: FakeNet, message: Path) -> None:
+    courier = make_courier({"isp.example": Hops([MX1])}, max_idle_sessions_per_domain=2)
+
+    async def main() -> None:
+        await asyncio.gather(*(
+            courier.deliver(envelope(f"u{i}@isp.example"), [Recipient(f"u{i}@isp.example")],
+                            message)
+            for i in range(4)
+        ))
+        await asyncio.sleep(0)  # let the background QUITs run
+        assert len(net.connects) == 4
+        assert len(net.quits) == 2  # two kept, two closed
+        await courier.close()
+
+    asyncio.run(main())
+    assert len(net.quits) == 4
+
+
+def test_session_without_data_is_not_kept(net: FakeNet, message: Path) -> None:
+    net.behaviour(MX1).replies = {"gone@isp.example": Reply(550, "5.1.1", "no such user")}
+    courier = make_courier({"isp.example": Hops([MX1])})
+    results = run_deliveries(
+        courier, message, envelope("gone@isp.example"), envelope("b@isp.example")
+    )
+    assert [r[0].outcome for r in results] == ["permanent", "delivered"]
+    assert net.connects == [MX1, MX1]
+
+
+def test_idle_session_to_a_host_no_longer_routed_is_dropped(
+    net: FakeNet, message: Path
+) -> None:
+    router_answers: dict[str, RouteResult] = {"isp.example": Hops([MX1])}
+    courier = make_courier(router_answers)
+
+    async def main() -> None:
+        await courier.deliver(envelope("a@isp.example"), [Recipient("a@isp.example")], message)
+        router_answers["isp.example"] = Hops([MX2])  # the MX records changed
+        await courier.deliver(envelope("b@isp.example"), [Recipient("b@isp.example")], message)
+        await courier.close()
+
+    asyncio.run(main())
+    assert net.connects == [MX1, MX2]
+    assert sorted(h.host for h in net.quits) == ["192.0.2.1", "192.0.2.2"]
+
+
+def test_sessions_carry_a_limited_number_of_messages(net: FakeNet, message: Path) -> None:
+    courier = make_courier({"isp.example": Hops([MX1])}, max_messages_per_session=2)
+    envelopes = [envelope(f"u{i}@isp.example") for i in range(5)]
+    run_deliveries(courier, message, *envelopes)
+    assert len(net.connects) == 3  # 2 + 2 + 1
