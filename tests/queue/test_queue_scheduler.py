@@ -1,0 +1,576 @@
+"""The scheduler with a fake courier and clock: outcomes, retries, bounces, limits, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email
+import functools
+import logging
+import random
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postroom.config import Config, QueueConfig, default_config
+from postroom.delivery.outcome import DeliveryResult, Outcome
+from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.scheduler import JITTER, Scheduler
+from postroom.queue.store import QueueStore
+
+RETRY = (60.0, 300.0, 900.0, 3600.0)
+GIVE_UP = 5 * 86400.0
+T0 = 1_700_000_000.0
+MESSAGE = b"From: boss@corp.example\r\nSubject: hi\r\n\r\nhello\r\n"
+
+Decision = tuple[Outcome, str, str]
+
+
+def async_test(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 60))
+
+    return wrapper
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeDeliver:
+    """Records calls; answers with `decide(envelope, recipient)`; can be made to wait."""
+
+    def __init__(self, decide: Callable[[Envelope, Recipient], Decision] | None = None) -> None:
+        self.decide = decide or (lambda env, r: ("delivered", "2.0.0", "250 2.0.0 Ok"))
+        self.calls: list[tuple[str, str, list[str]]] = []  # (queue id, sender, recipients)
+        self.gate: asyncio.Event | None = None
+        self.active: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.peak_total = 0
+        self.seen_bytes: list[bytes] = []
+
+    async def __call__(
+        self, envelope: Envelope, recipients: list[Recipient], path: Path
+    ) -> list[DeliveryResult]:
+        domain = recipients[0].address.rpartition("@")[2]
+        self.calls.append((envelope.queue_id, envelope.sender, [r.address for r in recipients]))
+        self.seen_bytes.append(path.read_bytes())
+        self.active[domain] = self.active.get(domain, 0) + 1
+        self.peak[domain] = max(self.peak.get(domain, 0), self.active[domain])
+        self.peak_total = max(self.peak_total, sum(self.active.values()))
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            else:
+                await asyncio.sleep(0)
+        finally:
+            self.active[domain] -= 1
+        results = []
+        for r in recipients:
+            outcome, status, text = self.decide(envelope, r)
+            remote = None if domain == "corp.example" else f"mx.{domain}[192.0.2.1]:25"
+            results.append(DeliveryResult(r.address, outcome, status, text, remote_mta=remote))
+        return results
+
+    def recipients_of(self, sender: str | None = None) -> list[str]:
+        return [a for _q, s, rs in self.calls if sender is None or s == sender for a in rs]
+
+
+def config(tmp_path: Path) -> Config:
+    return dataclasses.replace(
+        default_config(tmp_path), queue=QueueConfig(retry_after=RETRY, give_up_after=GIVE_UP)
+    )
+
+
+class Harness:
+    def __init__(
+        self, tmp_path: Path, deliver: FakeDeliver | None = None, **kw: Any
+    ) -> None:
+        self.tmp_path = tmp_path
+        self.store = QueueStore(tmp_path / "queue")
+        self.clock = Clock()
+        self.deliver = deliver or FakeDeliver()
+        self.kw = kw
+        self.scheduler = self.make()
+        self.task: asyncio.Task[None] | None = None
+
+    def make(self) -> Scheduler:
+        return Scheduler(
+            self.store, self.deliver, config(self.tmp_path),
+            bounce_sender_hostname="mx.corp.example", clock=self.clock,
+            rng=random.Random(7), **self.kw,
+        )
+
+    def add(self, queue_id: str, *recipients: str | Recipient, **kw: Any) -> Envelope:
+        fields: dict[str, Any] = {"sender": "boss@corp.example", "created": self.clock.now}
+        fields.update(kw)
+        rcpts = [r if isinstance(r, Recipient) else Recipient(r) for r in recipients]
+        env = Envelope(queue_id=queue_id, recipients=rcpts, **fields)
+        self.store.add(env, [MESSAGE])
+        return env
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.scheduler.run())
+        await self.scheduler.idle()
+
+    async def advance(self, seconds: float) -> None:
+        self.clock.now += seconds
+        self.scheduler.rescan()
+        await self.scheduler.idle()
+
+    async def until_next_attempt(self, queue_id: str) -> None:
+        self.clock.now = self.store.load(queue_id).next_attempt
+        self.scheduler.rescan()
+        await self.scheduler.idle()
+
+    async def stop(self) -> None:
+        self.scheduler.stop()
+        assert self.task is not None
+        await self.task
+
+    def notices(self) -> list[Envelope]:
+        return [e for e in self.store.list() if e.sender == ""]
+
+
+def temporary(env: Envelope, r: Recipient) -> Decision:
+    return ("temporary", "4.4.1", "connect to mx: Connection refused")
+
+
+def permanent_for(*bad: str) -> Callable[[Envelope, Recipient], Decision]:
+    def decide(env: Envelope, r: Recipient) -> Decision:
+        if r.address in bad:
+            return ("permanent", "5.1.1", "550 5.1.1 no such user")
+        return ("delivered", "2.0.0", "250 2.0.0 Ok")
+
+    return decide
+
+
+@async_test
+async def test_delivered_message_is_removed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(tmp_path)
+    h.add("MSG000000001", "a@isp.example", "b@isp.example", "c@other.example")
+    with caplog.at_level(logging.INFO, logger="postroom.queue"):
+        await h.start()
+    assert sorted(h.deliver.recipients_of()) == ["a@isp.example", "b@isp.example",
+                                                  "c@other.example"]
+    # one call per domain, with the domain's recipients together
+    assert sorted(len(rs) for _q, _s, rs in h.deliver.calls) == [1, 2]
+    assert h.deliver.seen_bytes[0] == MESSAGE
+    assert h.store.ids() == []
+    assert list((tmp_path / "queue" / "messages").iterdir()) == []
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(
+        line.startswith("MSG000000001: to=<a@isp.example>, relay=mx.isp.example[192.0.2.1]:25, "
+                        "delay=0, delays=0/0/0, dsn=2.0.0, status=sent (250 2.0.0 Ok)")
+        for line in lines
+    ), lines
+    assert "MSG000000001: removed" in lines
+    await h.stop()
+
+
+@async_test
+async def test_retry_intervals_with_jitter(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeDeliver(temporary))
+    h.add("MSG000000001", "a@isp.example")
+    await h.start()
+    expected = [*RETRY, RETRY[-1], RETRY[-1]]  # then every last interval
+    for attempt, interval in enumerate(expected, start=1):
+        env = h.store.load("MSG000000001")
+        recipient = env.recipients[0]
+        assert recipient.state == "deferred"
+        assert recipient.attempts == attempt
+        assert recipient.dsn_status == "4.4.1"
+        assert recipient.last_error == "connect to mx: Connection refused"
+        wait = env.next_attempt - h.clock.now
+        assert interval * (1 - JITTER) <= wait <= interval * (1 + JITTER)
+        # nothing happens before the time comes ...
+        await h.advance(wait * 0.5)
+        assert len(h.deliver.calls) == attempt
+        # ... and the next attempt when it does
+        await h.until_next_attempt("MSG000000001")
+        assert len(h.deliver.calls) == attempt + 1
+    await h.stop()
+
+
+def test_jitter_stays_within_ten_percent(tmp_path: Path) -> None:
+    scheduler = Scheduler(
+        QueueStore(tmp_path), FakeDeliver(), config(tmp_path),
+        bounce_sender_hostname="mx", rng=random.Random(1),
+    )
+    for failures, base in [(1, 60.0), (2, 300.0), (4, 3600.0), (9, 3600.0)]:
+        delays = [scheduler.retry_delay(failures) for _ in range(500)]
+        assert all(base * 0.9 <= d <= base * 1.1 for d in delays)
+        assert max(delays) - min(delays) > base * 0.15  # it really varies
+
+
+@async_test
+async def test_give_up_bounces_to_the_sender(tmp_path: Path) -> None:
+    def decide(env: Envelope, r: Recipient) -> Decision:
+        if env.sender == "":
+            return ("delivered", "2.0.0", "delivered to maildir")
+        return temporary(env, r)
+
+    h = Harness(tmp_path, FakeDeliver(decide))
+    h.add("MSG000000001", "a@isp.example", "b@isp.example")
+    await h.start()
+    await h.advance(GIVE_UP + 1)
+    # the original is gone, and its notice went to the sender from <>
+    assert "MSG000000001" not in h.store.ids()
+    notice_calls = [c for c in h.deliver.calls if c[1] == ""]
+    assert len(notice_calls) == 1
+    assert notice_calls[0][2] == ["boss@corp.example"]
+    dsn = email.message_from_bytes(h.deliver.seen_bytes[-1])
+    assert dsn["Subject"] == "Undelivered Mail Returned to Sender"
+    blocks = dsn.get_payload()[1].get_payload()
+    assert [(b["Final-Recipient"], b["Action"], b["Status"]) for b in blocks[1:]] == [
+        ("rfc822; a@isp.example", "failed", "5.4.7"),
+        ("rfc822; b@isp.example", "failed", "5.4.7"),
+    ]
+    diagnostic = " ".join(blocks[1]["Diagnostic-Code"].split())
+    assert diagnostic == (
+        "X-Postroom; delivery time expired; last error: connect to mx: Connection refused"
+    )
+    assert h.store.ids() == []  # the notice was delivered and removed too
+    await h.stop()
+
+
+@async_test
+async def test_null_sender_is_never_bounced(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeDeliver(permanent_for("a@isp.example")))
+    h.add("MSG000000001", "a@isp.example", sender="")
+    h.add("MSG000000002", "b@isp.example", sender="", created=T0 - GIVE_UP - 10)
+    h.deliver.decide = lambda env, r: (
+        permanent_for("a@isp.example")(env, r) if r.address == "a@isp.example"
+        else temporary(env, r)
+    )
+    await h.start()
+    assert h.store.ids() == []
+    assert h.notices() == []
+    assert sorted(h.deliver.recipients_of("")) == ["a@isp.example", "b@isp.example"]
+    await h.stop()
+
+
+@async_test
+async def test_permanent_failure_bounces_only_that_recipient(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeDeliver(permanent_for("bad@isp.example")))
+    h.deliver.gate = asyncio.Event()  # hold the notice back to look at it
+    h.add("MSG000000001", "good@isp.example", "bad@isp.example", "x@corp.example")
+    task = asyncio.create_task(h.scheduler.run())
+    while len(h.deliver.calls) < 2:
+        await asyncio.sleep(0.01)
+    h.deliver.gate.set()
+    h.task = task
+    await h.scheduler.idle()
+    assert h.store.ids() == []
+    notices = [c for c in h.deliver.calls if c[1] == ""]
+    assert len(notices) == 1
+    dsn = email.message_from_bytes(h.deliver.seen_bytes[h.deliver.calls.index(notices[0])])
+    finals = [b["Final-Recipient"] for b in dsn.get_payload()[1].get_payload()[1:]]
+    assert finals == ["rfc822; bad@isp.example"]
+    await h.stop()
+
+
+@async_test
+async def test_per_domain_and_total_limits(tmp_path: Path) -> None:
+    h = Harness(tmp_path, max_per_destination=2, max_total=3)
+    h.deliver.gate = asyncio.Event()
+    for i in range(6):
+        h.add(f"MSG00000000{i}", f"u{i}@busy.example")
+    h.add("MSG000000009", "v@quiet.example")
+    h.task = asyncio.create_task(h.scheduler.run())
+    while sum(h.deliver.active.values()) < 3:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert h.deliver.active == {"busy.example": 2, "quiet.example": 1}
+    h.deliver.gate.set()
+    await h.scheduler.idle()
+    assert h.deliver.peak["busy.example"] == 2
+    assert h.deliver.peak_total == 3
+    assert len(h.deliver.calls) == 7
+    assert h.store.ids() == []
+    await h.stop()
+
+
+@async_test
+async def test_restart_picks_up_everything(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.add("MSG000000001", "a@isp.example")
+    h.add("MSG000000002", Recipient("done@isp.example", state="delivered"),
+          Recipient("todo@isp.example", state="deferred", attempts=2))
+    h.add("MSG000000003", "later@isp.example", next_attempt=T0 + 1000)
+    (tmp_path / "queue" / "messages" / "ORPHAN000001").write_bytes(b"x")  # a crash leftover
+    await h.start()
+    assert sorted(h.deliver.recipients_of()) == ["a@isp.example", "todo@isp.example"]
+    assert h.store.ids() == ["MSG000000003"]
+    assert not (tmp_path / "queue" / "messages" / "ORPHAN000001").exists()
+    await h.advance(1000)
+    assert h.store.ids() == []
+    await h.stop()
+
+
+@async_test
+async def test_a_crash_redelivers_only_what_was_in_flight(tmp_path: Path) -> None:
+    h = Harness(tmp_path, max_total=1)
+    h.add("MSG000000001", "a@one.example", "b@two.example")
+    blocked = asyncio.Event()
+
+    async def deliver(env: Envelope, rs: list[Recipient], path: Path) -> list[DeliveryResult]:
+        if rs[0].address == "b@two.example":
+            blocked.set()
+            await asyncio.Event().wait()  # hangs until the "crash"
+        return [DeliveryResult(r.address, "delivered", "2.0.0", "250 ok") for r in rs]
+
+    h.scheduler = Scheduler(h.store, deliver, config(tmp_path), bounce_sender_hostname="mx",
+                            clock=h.clock, max_total=1)
+    task = asyncio.create_task(h.scheduler.run())
+    await blocked.wait()
+    # The first domain's result is on disk before the second delivery started.
+    states = {r.address: r.state for r in h.store.load("MSG000000001").recipients}
+    assert states == {"a@one.example": "delivered", "b@two.example": "pending"}
+    task.cancel()  # kill: nothing after this point is written
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    h2 = Harness(tmp_path)
+    await h2.start()
+    assert h2.deliver.recipients_of() == ["b@two.example"]
+    assert h2.store.ids() == []
+    await h2.stop()
+
+
+@async_test
+async def test_held_messages_wait_until_released(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.add("MSG000000001", "a@isp.example", held=True)
+    await h.start()
+    h.scheduler.wake()  # a flush does not release
+    await h.scheduler.idle()
+    assert h.deliver.calls == []
+    h.store.update("MSG000000001", lambda e: setattr(e, "held", False))  # `queue release`
+    h.scheduler.rescan()
+    await h.scheduler.idle()
+    assert h.deliver.recipients_of() == ["a@isp.example"]
+    await h.stop()
+
+
+@async_test
+async def test_hold_during_delivery_is_kept(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeDeliver(temporary))
+    h.deliver.gate = asyncio.Event()
+    h.add("MSG000000001", "a@isp.example")
+    h.task = asyncio.create_task(h.scheduler.run())
+    while not h.deliver.calls:
+        await asyncio.sleep(0.01)
+    h.store.update("MSG000000001", lambda e: setattr(e, "held", True))
+    h.deliver.gate.set()
+    await h.scheduler.idle()
+    env = h.store.load("MSG000000001")
+    assert env.held and env.recipients[0].state == "deferred"
+    await h.until_next_attempt("MSG000000001")
+    assert len(h.deliver.calls) == 1
+    await h.stop()
+
+
+@async_test
+async def test_wake_and_flush(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeDeliver(temporary))
+    h.add("MSG000000001", "a@isp.example")
+    h.add("MSG000000002", "b@isp.example")
+    await h.start()
+    assert len(h.deliver.calls) == 2
+    h.scheduler.wake("MSG000000001")  # one message now
+    await h.scheduler.idle()
+    assert [c[0] for c in h.deliver.calls[2:]] == ["MSG000000001"]
+    h.scheduler.wake()  # every message now
+    await h.scheduler.idle()
+    assert sorted(c[0] for c in h.deliver.calls[3:]) == ["MSG000000001", "MSG000000002"]
+    # a new message added behind the scheduler's back, then woken by its ID
+    h.add("MSG000000003", "c@isp.example")
+    h.scheduler.wake("MSG000000003")
+    await h.scheduler.idle()
+    assert h.deliver.calls[-1][0] == "MSG000000003"
+    # the CLI's flush: next_attempt = 0 on disk, then a rescan
+    h.store.update("MSG000000002", lambda e: setattr(e, "next_attempt", 0.0))
+    h.scheduler.rescan()
+    await h.scheduler.idle()
+    assert h.deliver.calls[-1][0] == "MSG000000002"
+    # unknown or malformed IDs are ignored, and the scheduler keeps running
+    calls = len(h.deliver.calls)
+    h.scheduler.wake("NOSUCHID0001")
+    h.scheduler.wake("../../etc/passwd")
+    await h.scheduler.idle()
+    assert len(h.deliver.calls) == calls and h.task is not None and not h.task.done()
+    await h.stop()
+
+
+@async_test
+async def test_rescan_drops_deleted_messages(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeDeliver(temporary))
+    h.add("MSG000000001", "a@isp.example")
+    await h.start()
+    h.store.remove("MSG000000001")  # `queue delete`
+    await h.advance(10 * RETRY[-1])
+    assert len(h.deliver.calls) == 1
+    assert h.scheduler.envelopes() == []
+    await h.stop()
+
+
+@async_test
+async def test_delete_during_delivery_does_not_resurrect(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeDeliver(temporary))
+    h.deliver.gate = asyncio.Event()
+    h.add("MSG000000001", "a@isp.example")
+    h.task = asyncio.create_task(h.scheduler.run())
+    while not h.deliver.calls:
+        await asyncio.sleep(0.01)
+    h.store.remove("MSG000000001")
+    h.deliver.gate.set()
+    await h.scheduler.idle()
+    assert h.store.ids() == []
+    assert list((tmp_path / "queue" / "messages").iterdir()) == []
+    await h.stop()
+
+
+@async_test
+async def test_courier_exception_defers(tmp_path: Path) -> None:
+    async def broken(env: Envelope, rs: list[Recipient], path: Path) -> list[DeliveryResult]:
+        raise RuntimeError("boom")
+
+    h = Harness(tmp_path)
+    h.scheduler = Scheduler(h.store, broken, config(tmp_path), bounce_sender_hostname="mx",
+                            clock=h.clock)
+    h.add("MSG000000001", "a@isp.example")
+    await h.start()
+    r = h.store.load("MSG000000001").recipients[0]
+    assert (r.state, r.dsn_status, r.last_error) == ("deferred", "4.3.0", "internal error: boom")
+    await h.stop()
+
+
+@async_test
+async def test_missing_result_defers(tmp_path: Path) -> None:
+    async def partial(env: Envelope, rs: list[Recipient], path: Path) -> list[DeliveryResult]:
+        return [DeliveryResult(rs[0].address.upper(), "delivered", "2.0.0", "250 ok")]
+
+    h = Harness(tmp_path)
+    h.scheduler = Scheduler(h.store, partial, config(tmp_path), bounce_sender_hostname="mx",
+                            clock=h.clock)
+    h.add("MSG000000001", "a@isp.example", "b@isp.example")
+    await h.start()
+    states = {r.address: r.state for r in h.store.load("MSG000000001").recipients}
+    assert states == {"a@isp.example": "delivered", "b@isp.example": "deferred"}
+    await h.stop()
+
+
+@async_test
+async def test_delay_warning_once_and_only_when_wanted(tmp_path: Path) -> None:
+    def decide(env: Envelope, r: Recipient) -> Decision:
+        if env.sender == "":
+            return ("delivered", "2.0.0", "ok")
+        return temporary(env, r)
+
+    h = Harness(tmp_path, FakeDeliver(decide), delay_warning_after=4 * 3600.0)
+    h.add("MSG000000001", Recipient("a@isp.example"), Recipient("b@isp.example",
+          notify=("FAILURE",)), Recipient("c@isp.example", notify=("DELAY",)))
+    await h.start()
+    assert h.deliver.recipients_of("") == []  # too early for a warning
+    await h.advance(5 * 3600)
+    assert h.deliver.recipients_of("") == ["boss@corp.example"]
+    dsn = email.message_from_bytes(h.deliver.seen_bytes[-1])
+    assert dsn["Subject"] == "Delayed Mail (still being retried)"
+    blocks = dsn.get_payload()[1].get_payload()
+    assert [(b["Final-Recipient"], b["Action"]) for b in blocks[1:]] == [
+        ("rfc822; a@isp.example", "delayed"), ("rfc822; c@isp.example", "delayed")
+    ]
+    assert blocks[1]["Will-Retry-Until"] is not None
+    assert h.store.load("MSG000000001").warned
+    await h.until_next_attempt("MSG000000001")
+    assert h.deliver.recipients_of("") == ["boss@corp.example"]  # only once
+    await h.stop()
+
+
+@async_test
+async def test_success_notices(tmp_path: Path) -> None:
+    async def deliver(env: Envelope, rs: list[Recipient], path: Path) -> list[DeliveryResult]:
+        results = []
+        for r in rs:
+            if r.address.startswith("relayed"):  # next hop without DSN support
+                results.append(DeliveryResult(r.address, "delivered", "2.0.0", "250 ok",
+                                              "mx.isp.example[192.0.2.1]:25", True))
+            elif r.address.startswith("passed"):  # next hop takes the DSN duty over
+                results.append(DeliveryResult(r.address, "delivered", "2.0.0", "250 ok",
+                                              "mx.isp.example[192.0.2.1]:25"))
+            else:  # local delivery
+                results.append(DeliveryResult(r.address, "delivered", "2.0.0", "delivered"))
+        seen.append((env.sender, path.read_bytes()))
+        return results
+
+    seen: list[tuple[str, bytes]] = []
+    h = Harness(tmp_path)
+    h.scheduler = Scheduler(h.store, deliver, config(tmp_path), bounce_sender_hostname="mx",
+                            clock=h.clock)
+    success = ("SUCCESS",)
+    h.add("MSG000000001", Recipient("relayed@isp.example", notify=success),
+          Recipient("passed@isp.example", notify=success),
+          Recipient("plain@isp.example"),
+          Recipient("local@corp.example", notify=success))
+    await h.start()
+    notices = [email.message_from_bytes(data) for sender, data in seen if sender == ""]
+    actions = sorted(
+        (b["Action"], b["Final-Recipient"])
+        for n in notices for b in n.get_payload()[1].get_payload()[1:]
+    )
+    assert actions == [("delivered", "rfc822; local@corp.example"),
+                       ("relayed", "rfc822; relayed@isp.example")]
+    await h.stop()
+
+
+@async_test
+async def test_stop_finishes_deliveries_in_flight(tmp_path: Path) -> None:
+    h = Harness(tmp_path, max_total=1)
+    h.deliver.gate = asyncio.Event()
+    h.add("MSG000000001", "a@one.example")
+    h.add("MSG000000002", "b@two.example")
+    h.task = asyncio.create_task(h.scheduler.run())
+    while not h.deliver.calls:
+        await asyncio.sleep(0.01)
+    h.scheduler.stop()
+    await asyncio.sleep(0.05)
+    assert not h.task.done()  # waits for the delivery in flight
+    h.deliver.gate.set()
+    await h.task
+    assert len(h.deliver.calls) == 1  # the second never started
+    assert len(h.store.ids()) == 1
+    remaining = h.store.list()[0]
+    assert remaining.recipients[0].attempts == 0 and remaining.next_attempt == 0.0
+
+
+@async_test
+async def test_notice_owed_at_a_crash_is_sent_on_restart(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.add("MSG000000001", Recipient("bad@isp.example", state="bounced", dsn_status="5.1.1",
+                                    last_error="550 5.1.1 no such user"),
+          extra={"dsn_owed": {"bad@isp.example": "failed"}})
+    await h.start()
+    assert h.deliver.recipients_of("") == ["boss@corp.example"]
+    assert h.store.ids() == []
+    await h.stop()
+
+
+@async_test
+async def test_corrupt_envelope_does_not_stop_the_rest(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.add("MSG000000001", "a@isp.example")
+    (tmp_path / "queue" / "messages" / "BAD000000001").write_bytes(b"x")
+    (tmp_path / "queue" / "envelopes" / "BAD000000001.json").write_bytes(b"{broken")
+    await h.start()
+    assert h.deliver.recipients_of() == ["a@isp.example"]
+    assert h.store.ids() == ["BAD000000001"]  # left for a person to look at
+    await h.stop()
