@@ -408,6 +408,22 @@ def encode_orcpt(value: str) -> str:
     return f"utf-8;{escaped}"
 
 
+def path_problem(path: str, *, reverse: bool = False) -> str | None:
+    """Why `path` cannot go in MAIL FROM:<...> (`reverse`) or RCPT TO:<...>, or None.
+
+    The address is given without angle brackets, as the server core hands it
+    out ("" is the null reverse-path); it must be RFC 5321 4.1.2 syntax.
+    """
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        return "control character in the address"
+    parse = address.parse_reverse_path if reverse else address.parse_forward_path
+    try:
+        _path, rest = parse(f"<{path}>")
+    except AddressError as exc:
+        return str(exc)
+    return "text after the address" if rest else None
+
+
 def _check_text(value: str, what: str) -> None:
     # A CR or LF in an argument would end the command early: the rest would be
     # read as a command of its own (SMTP command injection).
@@ -600,14 +616,10 @@ class SMTPClient:
         `envid` is given decoded and sent as xtext), AUTH (RFC 4954 5: a
         mailbox or "<>", sent as xtext). ValueError otherwise.
         """
-        _check_text(sender, "the sender")
-        try:
-            path, rest = address.parse_reverse_path(f"<{sender}>")
-        except AddressError as exc:
-            raise ValueError(f"cannot send sender {sender!r}: {exc}") from None
-        if rest:
-            raise ValueError(f"cannot send sender {sender!r}: text after the address")
-        if path.is_utf8 and not smtputf8:
+        problem = path_problem(sender, reverse=True)
+        if problem is not None:
+            raise ValueError(f"cannot send sender {sender!r}: {problem}")
+        if not sender.isascii() and not smtputf8:
             raise ValueError("a non-ASCII sender needs smtputf8=True (RFC 6531 3.4)")
         params: list[str] = []
         try:
@@ -652,14 +664,10 @@ class SMTPClient:
 
         `orcpt` is "type;address" decoded, or a bare address; see encode_orcpt.
         """
-        _check_text(recipient, "the recipient")
-        try:
-            path, rest = address.parse_forward_path(f"<{recipient}>")
-        except AddressError as exc:
-            raise ValueError(f"cannot send recipient {recipient!r}: {exc}") from None
-        if rest:
-            raise ValueError(f"cannot send recipient {recipient!r}: text after the address")
-        if path.is_utf8 and not self._utf8:
+        problem = path_problem(recipient)
+        if problem is not None:
+            raise ValueError(f"cannot send recipient {recipient!r}: {problem}")
+        if not recipient.isascii() and not self._utf8:
             raise ValueError("a non-ASCII recipient needs SMTPUTF8 on MAIL (RFC 6531 3.4)")
         params: list[str] = []
         try:

@@ -1,0 +1,737 @@
+"""One SMTP session to one next hop, on asyncio: connect, EHLO, STARTTLS, AUTH, send, QUIT.
+
+The I/O side of `protocol.smtp_client`. `ClientSession.connect` opens the
+connection and gets it ready: the greeting, EHLO (HELO when EHLO gets a 5xx,
+RFC 5321 3.2), STARTTLS whenever offered unless the hop says "none" (RFC 3207;
+a hop with tls="required" fails without it), EHLO again over TLS, and AUTH
+(PLAIN, else LOGIN) when the hop has a login, never without TLS.
+
+`send` runs one mail transaction and returns every recipient's own reply: MAIL,
+RCPTs and DATA go in one write when the server offers PIPELINING (RFC 2920
+3.1), one by one otherwise; the message is read from its file in chunks and
+dot-stuffed on the way (never whole in memory). A session may send several
+messages. What the hop cannot take is refused before anything is sent: a
+message over its SIZE (RFC 1870 6.1, 5.3.4) or one that needs SMTPUTF8 from a
+hop without it (RFC 6531 3.2, 5.6.7). An 8-bit message goes as BODY=8BITMIME
+when the hop offers it and as it is otherwise, as Postfix does (noted in the
+result). DSN parameters go only to a hop that offers DSN (RFC 3461 5.2).
+
+Failures of the session itself raise `SMTPError`: no connection, a timeout
+(RFC 5321 4.5.3.2's values by default), a 421, a lost connection, a protocol
+error, TLS or AUTH trouble. Couriers never retry: the queue decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, cast
+
+from postroom.protocol.replies import Reply
+from postroom.protocol.sasl import LOGIN, PLAIN, ClientExchange, SASLError
+from postroom.protocol.smtp_client import (
+    END_DATA,
+    GREETED,
+    GREETING,
+    IN_MAIL,
+    IN_RCPT,
+    MAIL,
+    NEED_DATA,
+    RCPT,
+    READY,
+    REFUSED,
+    ConnectionClosed,
+    Extensions,
+    ReplyError,
+    Response,
+    SMTPClient,
+    path_problem,
+)
+
+log = logging.getLogger("postroom.delivery.smtp")
+
+# RFC 5321 4.5.3.2: how long a client waits, at least, for each reply.
+GREETING_TIMEOUT = 300.0  # 4.5.3.2.1: the initial 220 message, 5 minutes
+MAIL_TIMEOUT = 300.0  # 4.5.3.2.2: MAIL, 5 minutes
+RCPT_TIMEOUT = 300.0  # 4.5.3.2.3: RCPT, 5 minutes
+DATA_INIT_TIMEOUT = 120.0  # 4.5.3.2.4: the 354 to DATA, 2 minutes
+DATA_BLOCK_TIMEOUT = 180.0  # 4.5.3.2.5: each write of the content, 3 minutes
+DATA_END_TIMEOUT = 600.0  # 4.5.3.2.6: the reply to the final dot, 10 minutes
+CONNECT_TIMEOUT = 30.0  # the TCP connection (the RFC names none)
+COMMAND_TIMEOUT = 300.0  # EHLO, STARTTLS and its handshake, AUTH, RSET: as MAIL's
+QUIT_TIMEOUT = 10.0  # the 221 is a courtesy; nothing depends on it
+CHUNK_SIZE = 64 * 1024  # message octets read from the file per write
+
+TLS_MODES = ("opportunistic", "required", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """The reply timeouts of RFC 5321 4.5.3.2, in seconds (tests shorten them)."""
+
+    greeting: float = GREETING_TIMEOUT
+    mail: float = MAIL_TIMEOUT
+    rcpt: float = RCPT_TIMEOUT
+    data_init: float = DATA_INIT_TIMEOUT
+    data_block: float = DATA_BLOCK_TIMEOUT
+    data_end: float = DATA_END_TIMEOUT
+
+
+@dataclass(frozen=True)
+class Hop:
+    """Where to send: a host to connect to, and what the session there must do."""
+
+    host: str  # host to connect to (name or IP)
+    port: int
+    name: str  # for logs and the DSN's Remote-MTA, e.g. the MX name; also the TLS name
+    tls: str = "opportunistic"  # "opportunistic" | "required" | "none"
+    auth: tuple[str, str] | None = field(default=None, repr=False)  # smarthost login
+
+    def __post_init__(self) -> None:
+        if self.tls not in TLS_MODES:
+            raise ValueError(f"Hop.tls must be one of {TLS_MODES}, not {self.tls!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"Hop.port out of range: {self.port}")
+
+
+@dataclass(frozen=True)
+class OutRecipient:
+    """A recipient and its DSN requests (RFC 3461 4.1-4.2), as the queue stored them."""
+
+    address: str
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None  # "type;address" decoded
+
+
+@dataclass(frozen=True)
+class TransactionResult:
+    """What one transaction did, recipient by recipient.
+
+    `recipients` maps each address to its RCPT reply, or the DATA reply for an
+    accepted one (the reply to DATA itself when it was refused, to the final
+    dot otherwise), or the MAIL reply when MAIL was refused. An address that
+    cannot be written in SMTP gets a local 553 5.1.3. `data_reply` is the reply
+    to the final dot, None when no recipient was accepted or DATA was refused.
+    `notes` says what was sent differently from what was asked.
+    """
+
+    recipients: dict[str, Reply]
+    data_reply: Reply | None
+    dsn_offered: bool  # the hop offered DSN (RFC 3461): NOTIFY etc. were passed on
+    notes: tuple[str, ...] = ()
+
+
+class SMTPError(Exception):
+    """The session failed, or the message cannot go to this hop at all.
+
+    `temporary` says whether trying again later may work (the class of the
+    server's reply when there is one). `reply` is the server's reply that
+    caused it, if any; `status` the RFC 3463 code for a DSN; `text` says what
+    happened, Postfix-style ("host mx[192.0.2.1]:25 said: ... (in reply to
+    MAIL FROM command)").
+    """
+
+    def __init__(
+        self,
+        text: str,
+        *,
+        temporary: bool,
+        reply: Reply | None = None,
+        status: str | None = None,
+    ) -> None:
+        super().__init__(text)
+        self.text = text
+        self.temporary = temporary
+        self.reply = reply
+        if status is None:
+            status = reply.enhanced if reply is not None and reply.enhanced else None
+        self.status = status or ("4.0.0" if temporary else "5.0.0")
+
+
+def _label(command: str) -> str:
+    """A command as Postfix names it in "(in reply to ...)"."""
+    names = {
+        GREETING: "initial greeting",
+        MAIL: "MAIL FROM command",
+        RCPT: "RCPT TO command",
+        END_DATA: "end of DATA command",
+        "AUTH response": "AUTH command",
+    }
+    return names.get(command, f"{command} command")
+
+
+class _Channel(asyncio.Protocol):
+    """The connection's bytes: reads with a timeout, writes with flow control, client TLS.
+
+    Not asyncio's StreamReader: what arrives after the 220 to STARTTLS must be
+    seen (and refused), never kept to be read as if it had come over TLS.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._chunks: list[bytes] = []
+        self._eof = False
+        self._lost = False
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._wake(self._read_waiter)
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake(self._read_waiter)
+        return False  # close: a server that stopped talking is of no more use
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = self._lost = True
+        self._wake(self._read_waiter)
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc or ConnectionResetError("connection lost"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake(self._drain_waiter)
+
+    @staticmethod
+    def _wake(waiter: asyncio.Future[None] | None) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def take(self) -> bytes:
+        """Whatever has arrived and was not read yet (no waiting)."""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
+    async def read(self, timeout: float) -> bytes:
+        """What arrived, waiting up to `timeout` seconds for some; b"" at EOF."""
+        while not self._chunks:
+            if self._eof:
+                return b""
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            await self._wait(self._read_waiter, timeout)
+            self._read_waiter = None
+        return self.take()
+
+    def write(self, data: bytes) -> None:
+        if self._lost or self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        self.transport.write(data)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (up to `timeout`) until the transport's buffer is below its high-water mark."""
+        while self._write_paused:
+            if self._lost:
+                raise ConnectionResetError("connection lost")
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._wait(self._drain_waiter, timeout)
+            self._drain_waiter = None
+
+    @staticmethod
+    async def _wait(waiter: asyncio.Future[None], timeout: float) -> None:
+        # A timer per wait rather than asyncio.wait_for, which makes a task.
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+
+    async def start_tls(self, context: ssl.SSLContext, name: str, timeout: float) -> None:
+        assert self.transport is not None
+        new = await asyncio.get_running_loop().start_tls(
+            self.transport,
+            self,
+            context,
+            server_side=False,
+            server_hostname=name,
+            ssl_handshake_timeout=timeout,
+        )
+        if new is None:  # pragma: no cover - only when the transport closed meanwhile
+            raise ConnectionResetError("connection closed during the TLS handshake")
+        self.transport = new
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.transport.get_extra_info(name) if self.transport is not None else None
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+def _has_8bit(file: IO[bytes]) -> bool:
+    """Whether the message has octets above 127 (RFC 6152); the file is rewound."""
+    try:
+        while chunk := file.read(CHUNK_SIZE):
+            if not chunk.isascii():
+                return True
+        return False
+    finally:
+        file.seek(0)
+
+
+class ClientSession:
+    """One connection to one hop, ready to send. Make it with `ClientSession.connect`."""
+
+    def __init__(
+        self,
+        hop: Hop,
+        channel: _Channel,
+        *,
+        helo: str,
+        tls_context: ssl.SSLContext,
+        command_timeout: float,
+        timeouts: Timeouts,
+    ) -> None:
+        self._hop = hop
+        self._channel = channel
+        self._core = SMTPClient()
+        self._helo = helo
+        self._tls_context = tls_context
+        self._command_timeout = command_timeout
+        self._timeouts = timeouts
+        self._closed = False
+        peer = channel.get_extra_info("peername")
+        ip, port = (peer[0], peer[1]) if peer else (hop.host, hop.port)
+        self._peer = f"{hop.name}[{ip}]:{port}"
+
+    @classmethod
+    async def connect(
+        cls,
+        hop: Hop,
+        *,
+        helo: str,
+        tls_context: ssl.SSLContext,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        command_timeout: float = COMMAND_TIMEOUT,
+        timeouts: Timeouts | None = None,
+    ) -> ClientSession:
+        """Connect to `hop` and get the session ready to send (see the module docstring)."""
+        where = f"{hop.name}[{hop.host}]:{hop.port}"
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(connect_timeout):
+                _transport, channel = await loop.create_connection(_Channel, hop.host, hop.port)
+        except TimeoutError:
+            text = f"connect to {where}: timed out after {connect_timeout:g}s"
+            raise SMTPError(text, temporary=True, status="4.4.1") from None
+        except OSError as exc:
+            text = f"connect to {where}: {exc.strerror or exc}"
+            raise SMTPError(text, temporary=True, status="4.4.1") from None
+        session = cls(
+            hop,
+            channel,
+            helo=helo,
+            tls_context=tls_context,
+            command_timeout=command_timeout,
+            timeouts=timeouts or Timeouts(),
+        )
+        try:
+            await session._start()
+        except BaseException:
+            session._close(abort=True)
+            raise
+        return session
+
+    # --- What callers see -------------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        """"name[ip]:port" of the server, for logs and DSNs."""
+        return self._peer
+
+    @property
+    def extensions(self) -> Extensions:
+        return self._core.extensions
+
+    @property
+    def tls_active(self) -> bool:
+        return self._core.tls_active
+
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS protocol in use ("TLSv1.3"), None without TLS."""
+        ssl_object = self._channel.get_extra_info("ssl_object")
+        return ssl_object.version() if ssl_object is not None else None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def __aenter__(self) -> ClientSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.quit()
+
+    async def quit(self) -> None:
+        """Say QUIT (when the session is fit for it) and close the connection."""
+        if self._closed:
+            return
+        try:
+            if self._core.state in (READY, GREETED, IN_MAIL, IN_RCPT, REFUSED):
+                self._core.quit()
+                await self._exchange(min(self._command_timeout, QUIT_TIMEOUT))
+        except SMTPError:
+            pass
+        finally:
+            self._close()
+
+    def close(self) -> None:
+        """Drop the connection without QUIT."""
+        self._close(abort=True)
+
+    # --- Session set-up ---------------------------------------------------
+
+    async def _start(self) -> None:
+        greeting = await self._reply(self._timeouts.greeting)
+        if greeting.reply.code != 220:
+            # RFC 5321 3.1: a 554 greeting still waits for QUIT.
+            raise await self._refused(greeting)
+        await self._hello()
+        if self._hop.tls != "none":
+            await self._starttls()
+        if self._hop.auth is not None:
+            await self._authenticate(*self._hop.auth)
+        log.debug("%s: ready, TLS %s", self._peer, self.tls_version or "off")
+
+    async def _hello(self) -> None:
+        self._core.ehlo(self._helo)
+        response = await self._exchange(self._command_timeout)
+        if response.reply.code >= 500:
+            # RFC 5321 3.2: a server that does not know EHLO gets HELO.
+            self._core.helo(self._helo)
+            response = await self._exchange(self._command_timeout)
+        if response.reply.code // 100 != 2:
+            raise await self._refused(response)
+
+    async def _starttls(self) -> None:
+        required = self._hop.tls == "required"
+        if not self._core.extensions.starttls:
+            if required:
+                text = f"TLS is required, but was not offered by host {self._peer}"
+                raise await self._give_up(text, status="4.7.4")
+            return
+        self._core.starttls()
+        response = await self._exchange(self._command_timeout)
+        if response.reply.code != 220:
+            if required:
+                raise await self._refused(response, status="4.7.4")
+            # Opportunistic TLS: go on in plaintext (RFC 3207 4.1 leaves it to the client).
+            log.info("%s refused STARTTLS: %s; going on without TLS", self._peer, response.reply)
+            return
+        leftover = self._channel.take()
+        if leftover:
+            self._core.receive_data(leftover)
+            await self._reply(self._command_timeout)  # raises: data behind the 220
+        try:
+            await self._channel.start_tls(
+                self._tls_context, self._hop.name.strip("[]"), self._command_timeout
+            )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            text = f"cannot start TLS with {self._peer}: {exc or 'handshake timed out'}"
+            raise self._lost(text, "4.7.5") from None
+        self._core.tls_started()
+        await self._hello()  # RFC 3207 4.2: all knowledge from before TLS is void
+
+    async def _authenticate(self, user: str, password: str) -> None:
+        if not self._core.tls_active:
+            text = f"not sending the login for {self._peer} without TLS"
+            raise await self._give_up(text, status="4.7.10")
+        offered = self._core.extensions.auth_mechanisms
+        mechanism = next((m for m in (PLAIN, LOGIN) if m in offered), None)
+        if mechanism is None:
+            text = (
+                f"host {self._peer} offers no SASL mechanism postroom has (PLAIN, LOGIN): "
+                f"{' '.join(offered) or 'no AUTH'}"
+            )
+            raise await self._give_up(text, status="4.7.0")
+        try:
+            exchange = ClientExchange(mechanism, user, password)
+        except ValueError as exc:
+            text = f"unusable login for {self._peer}: {exc}"
+            raise await self._give_up(text, status="4.7.0") from None
+        self._core.auth(mechanism, exchange.initial_response())
+        while True:
+            response = await self._exchange(self._command_timeout)
+            reply = response.reply
+            if reply.code == 334:
+                try:
+                    self._core.auth_response(exchange.respond(reply.text))
+                except SASLError:
+                    self._core.auth_response("*")  # RFC 4954 4: cancel
+                    await self._exchange(self._command_timeout)
+                    text = f"host {self._peer} sent an unusable SASL challenge: {reply}"
+                    raise await self._give_up(text, status="4.7.0") from None
+            elif reply.code // 100 == 2:
+                return
+            else:
+                # Like Postfix's smtp_sasl_auth_soft_bounce: a failed login is
+                # fixed by a person, and mail should wait for them, not bounce.
+                text = f"SASL authentication failed with {self._peer}: {reply}"
+                raise await self._give_up(text, reply=reply, status=reply.enhanced or "4.7.0")
+
+    # --- Sending ----------------------------------------------------------
+
+    async def send(
+        self,
+        *,
+        sender: str,
+        recipients: list[OutRecipient],
+        message: Path,
+        size: int,
+        body: str | None = None,
+        smtputf8: bool = False,
+        ret: str | None = None,
+        envid: str | None = None,
+    ) -> TransactionResult:
+        """Send one message; see the module docstring and TransactionResult.
+
+        `size` is the message's size in octets (declared with SIZE). `body`
+        is "7BIT" or "8BITMIME" as the sender declared it, or None to look at
+        the content. `smtputf8` says the message needs SMTPUTF8 (non-ASCII
+        addresses always do). Local refusals (size, SMTPUTF8, a sender that
+        cannot be written) raise SMTPError and leave the session usable; any
+        other SMTPError closes it. An OSError reading the message drops the
+        connection before the final dot (so nothing is delivered) and
+        propagates.
+        """
+        if self._closed:
+            raise SMTPError(f"the session with {self._peer} is closed", temporary=True)
+        if not recipients:
+            raise ValueError("send() needs at least one recipient")
+        ext = self._core.extensions
+        wanted = {r.address: r for r in reversed(recipients)}  # the first of duplicates wins
+        unique = [wanted[a] for a in dict.fromkeys(r.address for r in recipients)]
+        addresses = [sender, *(r.address for r in unique)]
+        needs_utf8 = smtputf8 or not all(a.isascii() for a in addresses)
+        if needs_utf8 and not ext.smtputf8:
+            text = f"host {self._peer} does not support SMTPUTF8, which the message needs"
+            raise SMTPError(text, temporary=False, status="5.6.7")  # RFC 6531 3.2
+        limit = ext.size_limit
+        if limit is not None and size > limit:
+            text = f"message size {size} exceeds size limit {limit} of server {self._peer}"
+            raise SMTPError(text, temporary=False, status="5.3.4")  # RFC 1870 6.1
+        problem = path_problem(sender, reverse=True)
+        if problem is not None:
+            text = f"cannot send sender <{sender}>: {problem}"
+            raise SMTPError(text, temporary=False, status="5.1.7")
+        results: dict[str, Reply] = {}
+        sendable = []
+        for r in unique:
+            problem = path_problem(r.address)
+            if problem is None:
+                sendable.append(r)
+            else:
+                results[r.address] = Reply(553, "5.1.3", f"cannot send this address: {problem}")
+        dsn = ext.dsn
+        if not sendable:
+            return TransactionResult(results, None, dsn)
+        with message.open("rb") as file:
+            notes: list[str] = []
+            eight_bit = body.upper() == "8BITMIME" if body is not None else _has_8bit(file)
+            body_param = None
+            if ext.eightbitmime:
+                body_param = body.upper() if body is not None else "8BITMIME" if eight_bit else None
+            elif eight_bit:
+                # RFC 6152 3 asks for conversion or a bounce; like Postfix, send as is.
+                notes.append(f"8-bit message sent to {self._peer}, which does not offer 8BITMIME")
+            if self._core.state != READY:
+                await self._rset()
+            self._core.mail(
+                sender,
+                size=size if "SIZE" in ext else None,
+                body=body_param,
+                smtputf8=needs_utf8,
+                ret=ret if dsn else None,
+                envid=envid if dsn else None,
+            )
+            done = await self._transaction(file, sendable, results, dsn, notes)
+        ordered = {r.address: done.recipients[r.address] for r in unique}
+        return TransactionResult(ordered, done.data_reply, dsn, tuple(notes))
+
+    async def _transaction(
+        self,
+        file: IO[bytes],
+        recipients: list[OutRecipient],
+        results: dict[str, Reply],
+        dsn: bool,
+        notes: list[str],
+    ) -> TransactionResult:
+        core, timeouts = self._core, self._timeouts
+        pipelining = core.extensions.pipelining
+        addresses = [r.address for r in recipients]
+        if not pipelining:
+            mail = await self._exchange(timeouts.mail)
+            if mail.reply.code // 100 != 2:
+                results.update(dict.fromkeys(addresses, mail.reply))
+                return TransactionResult(results, None, dsn)
+        for r in recipients:
+            self._rcpt(r, dsn, notes)
+            if not pipelining:
+                results[r.address] = (await self._exchange(timeouts.rcpt)).reply
+        data: Response | None = None
+        if pipelining:
+            # RFC 2920 3.1: MAIL, every RCPT and DATA in one write; then the
+            # replies, each checked, in the same order.
+            core.data()
+            await self._flush(self._command_timeout)
+            mail = await self._reply(timeouts.mail)
+            for address in addresses:
+                results[address] = (await self._reply(timeouts.rcpt)).reply
+            data = await self._reply(timeouts.data_init)
+            if mail.reply.code // 100 != 2:
+                results.update(dict.fromkeys(addresses, mail.reply))  # not the RCPTs' 503s
+        accepted = [a for a in addresses if results[a].code // 100 == 2]
+        if not accepted or mail.reply.code // 100 != 2:
+            if data is not None and data.reply.code == 354:
+                # RFC 2920 3.1: DATA accepted without recipients gets a lone dot.
+                core.end_data()
+                await self._exchange(timeouts.data_end)
+            if core.state != READY:
+                await self._rset()
+            return TransactionResult(results, None, dsn)
+        if data is None:
+            core.data()
+            data = await self._exchange(timeouts.data_init)
+        if data.reply.code != 354:
+            results.update(dict.fromkeys(accepted, data.reply))
+            await self._rset()
+            return TransactionResult(results, None, dsn)
+        await self._content(file)
+        core.end_data()
+        final = await self._exchange(timeouts.data_end)
+        results.update(dict.fromkeys(accepted, final.reply))
+        return TransactionResult(results, final.reply, dsn)
+
+    def _rcpt(self, recipient: OutRecipient, dsn: bool, notes: list[str]) -> None:
+        notify = recipient.notify if dsn else None
+        orcpt = recipient.orcpt if dsn else None
+        try:
+            self._core.rcpt(recipient.address, notify=notify, orcpt=orcpt)
+        except ValueError as exc:
+            if notify is None and orcpt is None:
+                raise
+            # The address was checked; a DSN request that cannot be written
+            # only changes the reports (RFC 3461 4), so the mail still goes.
+            self._core.rcpt(recipient.address)
+            notes.append(f"DSN parameters of <{recipient.address}> not sent: {exc}")
+
+    async def _content(self, file: IO[bytes]) -> None:
+        """The message, chunk by chunk, dot-stuffed across chunk boundaries by the core."""
+        while True:
+            try:
+                chunk = file.read(CHUNK_SIZE)
+            except OSError:
+                self._close(abort=True)  # no final dot: the server discards the message
+                raise
+            if not chunk:
+                return
+            self._core.send_data(chunk)
+            await self._flush(self._timeouts.data_block)
+
+    async def _rset(self) -> None:
+        self._core.rset()
+        response = await self._exchange(self._command_timeout)
+        if response.reply.code // 100 != 2:
+            raise await self._refused(response)
+
+    # --- Plumbing -----------------------------------------------------------
+
+    async def _exchange(self, timeout: float) -> Response:
+        """Write what the core has to send, then read the reply to the oldest command."""
+        await self._flush(timeout)
+        return await self._reply(timeout)
+
+    async def _flush(self, timeout: float) -> None:
+        data = self._core.data_to_send()
+        if not data:
+            return
+        try:
+            self._channel.write(data)
+            await self._channel.drain(timeout)
+        except TimeoutError:
+            raise self._lost(f"timed out after {timeout:g}s sending to {self._peer}") from None
+        except OSError as exc:
+            raise self._lost(f"lost connection with {self._peer} while sending: {exc}") from None
+
+    async def _reply(self, timeout: float) -> Response:
+        """The next reply; a 421, EOF, timeout or protocol error raises SMTPError."""
+        core = self._core
+        what = _label(core.pending[0]) if core.pending else "no command"
+        while True:
+            try:
+                event = core.next_event()
+            except ReplyError as exc:
+                text = f"protocol error with {self._peer} (after {what}): {exc}"
+                raise self._lost(text, "4.5.0") from None
+            if event is NEED_DATA:
+                try:
+                    data = await self._channel.read(timeout)
+                except TimeoutError:
+                    text = f"timed out after {timeout:g}s waiting for {self._peer} ({what})"
+                    raise self._lost(text) from None
+                core.receive_data(data)
+                continue
+            if isinstance(event, ConnectionClosed):
+                raise self._lost(f"lost connection with {self._peer} (waiting for {what})")
+            assert isinstance(event, Response)
+            if event.reply.code == 421:  # RFC 5321 3.8: the server is closing
+                self._close()
+                text = f"host {self._peer} said: {event.reply} (in reply to {what})"
+                raise SMTPError(text, temporary=True, reply=event.reply)
+            return event
+
+    async def _refused(self, response: Response, *, status: str | None = None) -> SMTPError:
+        """A refusal that ends the session: QUIT, close, and the error to raise."""
+        reply = response.reply
+        text = f"host {self._peer} said: {reply} (in reply to {_label(response.command)})"
+        return await self._give_up(text, reply=reply, status=status, temporary=reply.code < 500)
+
+    async def _give_up(
+        self,
+        text: str,
+        *,
+        reply: Reply | None = None,
+        status: str | None = None,
+        temporary: bool = True,
+    ) -> SMTPError:
+        """End a session that cannot serve (politely: QUIT), and the error to raise."""
+        await self.quit()
+        return SMTPError(text, temporary=temporary, reply=reply, status=status)
+
+    def _lost(self, text: str, status: str = "4.4.2") -> SMTPError:
+        """The connection cannot go on: drop it, and the error to raise."""
+        self._close(abort=True)
+        return SMTPError(text, temporary=True, status=status)
+
+    def _close(self, *, abort: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if abort:
+            self._channel.abort()
+        else:
+            self._channel.close()
