@@ -9,7 +9,9 @@ ends), then starts on free loopback ports:
       whose mail_location is that very Maildir.
 Each leg is one poplib session that logs in, RETRs every message and QUITs
 (no DELE), in plaintext and after STLS. The clock runs from the first RETR to
-the last message's final line; login and QUIT are timed apart. Every leg runs
+the last message's final line; login and QUIT are timed apart, and the
+client's own CPU time during the RETRs is reported (when it nears the RETR
+time, the client is the bottleneck). Every leg runs
 ROUNDS times, servers alternating, and the best round counts. Before the
 clock, one untimed session per server lists the maildrop (Dovecot builds its
 index then; postroom's first QUIT moves the files from new/ to cur/). Every
@@ -64,6 +66,7 @@ class Leg:
     seconds: float  # first RETR to the end of the last message (best round)
     login_seconds: float
     quit_seconds: float
+    client_cpu_seconds: float  # the poplib client's own CPU time during the RETRs
     rounds: list[float]
 
     @property
@@ -124,20 +127,22 @@ def session_list(port: int) -> int:
     return count
 
 
-def download(port: int, security: str) -> tuple[float, float, float, list[bytes]]:
-    """One session: (login seconds, RETR seconds, QUIT seconds, the messages)."""
+def download(port: int, security: str) -> tuple[float, float, float, float, list[bytes]]:
+    """One session: (login s, RETR s, QUIT s, client CPU s during the RETRs, the messages)."""
     t0 = time.perf_counter()
     client = pop3_session(port, security=security, user=USER, password=PASSWORD, timeout=120)
     try:
         count, _ = client.stat()
         t1 = time.perf_counter()
+        cpu = time.process_time()
         got = [pop3_message(client, number) for number in range(1, count + 1)]
+        cpu = time.process_time() - cpu
         t2 = time.perf_counter()
         client.quit()
         t3 = time.perf_counter()
     finally:
         client.close()
-    return t1 - t0, t2 - t1, t3 - t2, got
+    return t1 - t0, t2 - t1, t3 - t2, cpu, got
 
 
 def check(name: str, got: list[bytes], expected: dict[str, bytes]) -> None:
@@ -195,20 +200,20 @@ def run_bench(args: argparse.Namespace, base: Path) -> list[Leg]:
         if len(maildir_files(maildir)) != args.messages:
             raise HarnessError("the Maildir lost messages during the warm-up")
 
-        results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        results: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
         for round_number in range(args.rounds):
             order = list(ports) if round_number % 2 == 0 else list(reversed(ports))
             for security in ("plain", "stls"):
                 for name in order:
-                    login, retr, quit_, got = download(ports[name], security)
+                    login, retr, quit_, cpu, got = download(ports[name], security)
                     check(f"{name}/{security}", got, expected)
-                    results.setdefault((name, security), []).append((login, retr, quit_))
+                    results.setdefault((name, security), []).append((login, retr, quit_, cpu))
         legs = []
         octets = sum(len(d) for d in expected.values())
         for (name, security), rounds in results.items():
             best = min(rounds, key=lambda r: r[1])
             legs.append(Leg(name, security, args.messages, octets, best[1], best[0], best[2],
-                            [r[1] for r in rounds]))
+                            best[3], [r[1] for r in rounds]))
         return sorted(legs, key=lambda leg: (leg.security, leg.server != "postroom"))
     finally:
         if dovecot is not None:
@@ -242,11 +247,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"{'server':<10}{'security':<10}{'messages':>10}{'seconds':>10}{'msg/s':>10}"
-          f"{'MiB/s':>8}{'login s':>9}{'quit s':>8}")
+          f"{'MiB/s':>8}{'login s':>9}{'quit s':>8}{'client cpu':>12}")
     for leg in legs:
         print(f"{leg.server:<10}{leg.security:<10}{leg.messages:>10}{leg.seconds:>10.3f}"
               f"{leg.rate:>10.0f}{leg.mib_per_second:>8.1f}{leg.login_seconds:>9.3f}"
-              f"{leg.quit_seconds:>8.3f}")
+              f"{leg.quit_seconds:>8.3f}{leg.client_cpu_seconds:>12.3f}")
     rates = {(leg.server, leg.security): leg.rate for leg in legs}
     ratios = {
         f"postroom/dovecot {security}": rates[("postroom", security)] / rates[("dovecot", security)]
