@@ -81,7 +81,7 @@ def answer(client: SMTPClient, data: bytes) -> list[Event]:
 def greeted(ehlo: bytes = FULL_EHLO) -> SMTPClient:
     """A client past the greeting and EHLO, with its output drained."""
     client = SMTPClient()
-    assert answer(client, b"220 mx.example ESMTP\r\n")[0].command == GREETING  # type: ignore[union-attr]
+    assert answer(client, b"220 mx.example ESMTP\r\n")[0].command == GREETING
     client.ehlo("relay.example")
     (response,) = answer(client, ehlo)
     assert isinstance(response, Response) and response.command == EHLO
@@ -348,7 +348,7 @@ def test_smtputf8_and_auth_parameters() -> None:
 def test_mail_parameters_need_their_extension(kwargs: dict[str, object], needs: str) -> None:
     client = greeted(PLAIN_EHLO)
     with pytest.raises(ValueError, match=needs):
-        client.mail("a@x.example", **kwargs)  # type: ignore[arg-type]
+        client.mail("a@x.example", **kwargs)
     assert client.data_to_send() == b"" and client.pending == ()
 
 
@@ -358,7 +358,7 @@ def test_rcpt_parameters_need_dsn() -> None:
     answer(client, b"250 ok\r\n")
     for kwargs in ({"notify": ["FAILURE"]}, {"orcpt": "rfc822;x@y"}):
         with pytest.raises(ValueError, match="DSN"):
-            client.rcpt("b@y.example", **kwargs)  # type: ignore[arg-type]
+            client.rcpt("b@y.example", **kwargs)
 
 
 @pytest.mark.parametrize(
