@@ -6,9 +6,9 @@ report the same messages, sizes (LIST) and bytes (RETR), in turns, while each
 deletes some: what one removes the other no longer lists. Dovecot writes its
 own files into the Maildir (dovecot-uidlist, dovecot.index*, and the renames
 it makes into cur/ with flags); postroom must not list them as mail, and its
-UIDLs must survive Dovecot's renames. The last two tests show a postroom bug
-(marked xfail, strict): messages Dovecot renames while a postroom session is
-open can no longer be read or deleted by that session.
+UIDLs must survive Dovecot's renames. The last two tests rename messages under
+an open postroom session: that session still reads and deletes them (it finds
+them again by their Maildir unique name).
 """
 
 from __future__ import annotations
@@ -178,15 +178,6 @@ def test_dovecot_and_postroom_serve_the_same_maildir_alike(
 
 
 
-RENAMED_BY_DOVECOT = pytest.mark.xfail(
-    strict=True,
-    reason="postroom bug: a POP3 session's snapshot holds file paths, so once another Maildir "
-    "reader renames a message (new/ -> cur/, or new flags) RETR says [SYS/PERM] 'removed by "
-    "another program' and DELE+QUIT answers +OK while the file stays (unlink's ENOENT counts "
-    "as deleted). Remove this marker once postroom finds messages by their unique name.",
-)
-
-
 def renamed_under_session(
     server: Postroom, dovecot: PrivateDovecot
 ) -> tuple[dict[str, bytes], dict[str, str], poplib.POP3]:
@@ -218,7 +209,6 @@ def renamed_under_session(
     return stored, uids, client
 
 
-@RENAMED_BY_DOVECOT
 def test_retr_finds_a_message_another_reader_renamed(
     servers: tuple[Postroom, PrivateDovecot],
 ) -> None:
@@ -231,7 +221,6 @@ def test_retr_finds_a_message_another_reader_renamed(
     assert sorted(downloads) == sorted(stored.values())
 
 
-@RENAMED_BY_DOVECOT
 def test_dele_removes_a_message_another_reader_renamed(
     servers: tuple[Postroom, PrivateDovecot],
 ) -> None:

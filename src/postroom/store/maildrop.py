@@ -45,6 +45,11 @@ class DropMessage:
     uid: str
     retrieved: bool = False
 
+    @property
+    def unique(self) -> str:
+        """The Maildir unique name: the file name up to the ":" that starts the flags."""
+        return self.path.name.split(":", 1)[0]
+
 
 @dataclass
 class Maildrop:
@@ -82,21 +87,38 @@ class Maildrop:
             raise
         return drop
 
+    def _locate(self, msg: DropMessage) -> bool:
+        """Find a message another Maildir reader renamed (new/ -> cur/, new flags) by
+        its unique name; False when it is really gone. Updates msg.path."""
+        if msg.path.exists():
+            return True
+        for sub in ("cur", "new"):
+            try:
+                names = os.listdir(self.root / sub)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name == msg.unique or name.startswith(msg.unique + ":"):
+                    msg.path = self.root / sub / name
+                    return True
+        return False
+
     def read_chunks(self, number: int, chunk_size: int = 256 * 1024) -> list[bytes] | None:
         """The message's bytes in pieces (BLOCKING for large files), or None if it is gone."""
         msg = self.messages[number - 1]
-        try:
-            with open(msg.path, "rb") as f:
-                chunks = []
-                while True:
-                    chunk = f.read(chunk_size)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-        except FileNotFoundError:
-            return None
-        msg.retrieved = True
-        return chunks
+        for _attempt in range(3):  # a rename may race with the open
+            try:
+                with open(msg.path, "rb") as f:
+                    chunks = []
+                    while chunk := f.read(chunk_size):
+                        chunks.append(chunk)
+            except FileNotFoundError:
+                if not self._locate(msg):
+                    return None
+                continue
+            msg.retrieved = True
+            return chunks
+        return None
 
     def update(self, deleted_numbers: list[int]) -> int:
         """RFC 1939 6, the Update state: delete the marked messages, file the read ones
@@ -106,11 +128,19 @@ class Maildrop:
         touched: set[Path] = set()
         for number, msg in enumerate(self.messages, start=1):
             if number in deleted:
-                try:
-                    os.unlink(msg.path)
-                except FileNotFoundError:
-                    pass  # already gone: what QUIT asked for is true
-                except OSError:
+                removed = False
+                for _attempt in range(3):  # another reader may rename it meanwhile
+                    try:
+                        os.unlink(msg.path)
+                        removed = True
+                        break
+                    except FileNotFoundError:
+                        if not self._locate(msg):
+                            removed = True  # already gone: what QUIT asked for is true
+                            break
+                    except OSError:
+                        break
+                if not removed:
                     failures += 1
                     continue
                 touched.add(msg.path.parent)
