@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,9 +147,28 @@ class SMTPError(Exception):
         self.text = text
         self.temporary = temporary
         self.reply = reply
-        if status is None:
-            status = reply.enhanced if reply is not None and reply.enhanced else None
+        if status is None and reply is not None:
+            status = status_of(reply)
         self.status = status or ("4.0.0" if temporary else "5.0.0")
+
+
+_TEXT_STATUS_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")  # RFC 3463 2
+
+
+def status_of(reply: Reply) -> str:
+    """The RFC 3463 status a reply gives for a DSN.
+
+    Its enhanced code; else one written at the start of its text by a server
+    that did not offer ENHANCEDSTATUSCODES (many do), when its class fits the
+    reply code; else the reply class's x.0.0.
+    """
+    if reply.enhanced:
+        return reply.enhanced
+    m = _TEXT_STATUS_RE.match(reply.text)
+    klass = str(reply.code)[0]
+    if m is not None and m.group(1) == klass:
+        return m.group(0).rstrip(" ")
+    return f"{klass}.0.0" if klass in "245" else "4.0.0"  # 3xx has no status class
 
 
 def _label(command: str) -> str:
