@@ -329,3 +329,20 @@ def test_apop_is_opt_in_per_user_and_greeting_has_timestamp_only_when_on(tmp_pat
             assert other.startswith(b"-ERR [AUTH]")
 
     run(on)
+
+
+def test_top_is_a_peek_and_leaves_the_message_new(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            await asyncio.to_thread(deliver, server, 1)
+
+            def peek() -> None:
+                client = login(server)
+                client.top(1, 0)
+                client.quit()
+
+            await asyncio.to_thread(peek)
+
+    run(scenario)
+    assert len(list((maildir(tmp_path) / "new").iterdir())) == 1
+    assert list((maildir(tmp_path) / "cur").iterdir()) == []

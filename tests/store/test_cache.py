@@ -1,8 +1,7 @@
 """Cached directory lookups see changes made by another process at once."""
 
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 from postroom.store.cache import RECHECK_AFTER, CachedLookups
 from postroom.store.users import SQLiteUserDirectory

@@ -10,6 +10,7 @@ idle clients 421 and exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -26,10 +27,13 @@ from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
 from postroom.protocol.sasl import SUPPORTED_MECHANISMS
 from postroom.protocol.smtp_server import SMTPServerConfig
+from postroom.queue.scheduler import PID_FILE
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.pop3 import POP3Service, POP3Session
+from postroom.server.relay import Relay
 from postroom.server.smtp import Outbound, SMTPService, SMTPSession
 from postroom.server.stream import Stream
+from postroom.store.atomic import atomic_write
 from postroom.store.cache import CachedLookups
 from postroom.store.maildir import MailStore
 from postroom.store.users import UserDirectory, local_domains, open_user_directory
@@ -75,19 +79,14 @@ def build_smtp_service(
     config: Config,
     tls_context: ssl.SSLContext | None,
     directory: UserDirectory,
+    lookups: CachedLookups,
+    is_local_domain: Callable[[str], bool],
     store: MailStore,
     limiter: ConnectionLimiter,
     throttle: AuthThrottle,
     outbound: Outbound | None = None,
 ) -> SMTPService:
     """The `smtp` listener (MX: local recipients only) or a submission one (AUTH, relay)."""
-    config_domains = local_domains(config, directory) - set(directory.list_domains())
-    # Cached until the database changes: `postroom domain add` works without a restart.
-    lookups = CachedLookups(directory, config.users_db)
-
-    def is_local_domain(domain: str) -> bool:
-        return domain in config_domains or lookups.has_domain(domain)
-
     smtp = config.smtp
     primary = config.domains[0] if config.domains else config.hostname
     policy = RecipientPolicy(is_local_domain, lookups.expand, primary_domain=primary)
@@ -162,6 +161,7 @@ class Running:
     config: Config
     servers: dict[str, asyncio.base_events.Server]
     services: dict[str, AnyService]
+    relay: Relay
 
     @property
     def smtp(self) -> SMTPService:
@@ -181,6 +181,7 @@ class Running:
         for server in self.servers.values():
             server.close()
         await asyncio.gather(*(drain(service, grace) for service in self.services.values()))
+        await self.relay.stop()
         log.info("stopped")
 
 
@@ -218,15 +219,22 @@ async def start(config: Config) -> Running:
     smtp_limiter = ConnectionLimiter(
         config.smtp.max_connections, config.smtp.max_connections_per_client
     )
-    outbound: Outbound | None = None
+    config_domains = local_domains(config, directory) - set(directory.list_domains())
+    # Cached until the database changes: `postroom domain add` works without a restart.
+    lookups = CachedLookups(directory, config.users_db)
+
+    def is_local_domain(domain: str) -> bool:
+        return domain in config_domains or lookups.has_domain(domain)
+
+    relay = Relay(config, store, is_local_domain, lookups.expand)
     services: dict[str, AnyService] = {}
     servers: dict[str, asyncio.base_events.Server] = {}
     loop = asyncio.get_running_loop()
     for key_name, sock in sockets:
         service: AnyService
         if key_name in ("smtp", *SUBMISSION_LISTENERS):
-            service = build_smtp_service(key_name, config, tls_context, directory, store,
-                                         smtp_limiter, throttle, outbound)
+            service = build_smtp_service(key_name, config, tls_context, directory, lookups,
+                                         is_local_domain, store, smtp_limiter, throttle, relay)
         else:
             service = POP3Service(
                 name=key_name,
@@ -249,7 +257,8 @@ async def start(config: Config) -> Running:
         )
         log.info("listening for %s on %s:%d%s", key_name, *sock.getsockname()[:2],
                  " (implicit TLS)" if implicit else "")
-    return Running(config, servers, services)
+    relay.start()
+    return Running(config, servers, services, relay)
 
 
 async def serve(config: Config) -> int:
@@ -258,9 +267,19 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # `postroom queue flush` and `postroom sendmail` change the queue folder, then
+    # send SIGUSR1 to the pid in this file so the scheduler looks again.
+    loop.add_signal_handler(signal.SIGUSR1, running.relay.rescan)
+    pid_file = config.data_dir / PID_FILE
+    atomic_write(pid_file, f"{os.getpid()}\n".encode("ascii"))
     log.info("postroom ready: hostname=%s, data=%s", config.hostname, config.data_dir)
-    await stop.wait()
-    await running.stop()
+    try:
+        await stop.wait()
+        await running.stop()
+    finally:
+        with contextlib.suppress(OSError):
+            if pid_file.read_text(encoding="ascii").strip() == str(os.getpid()):
+                pid_file.unlink()
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import hashlib
 import hmac
 import logging
@@ -298,12 +299,13 @@ class POP3Session:
         assert drop is not None, "the core emits Retrieve/Top only after login"
         number = event.msg_number
         size = drop.messages[number - 1].size
+        seen = isinstance(event, core.Retrieve)  # TOP is a peek, not a read
         if size > THREAD_READ_ABOVE:
             chunks = await asyncio.get_running_loop().run_in_executor(
-                None, drop.read_chunks, number
+                None, functools.partial(drop.read_chunks, number, seen=seen)
             )
         else:
-            chunks = drop.read_chunks(number)
+            chunks = drop.read_chunks(number, seen=seen)
         if chunks is None:
             self.conn.err(f"message {number} was removed by another program", "SYS/PERM")
             return

@@ -103,8 +103,13 @@ class Maildrop:
                     return True
         return False
 
-    def read_chunks(self, number: int, chunk_size: int = 256 * 1024) -> list[bytes] | None:
-        """The message's bytes in pieces (BLOCKING for large files), or None if it is gone."""
+    def read_chunks(
+        self, number: int, chunk_size: int = 256 * 1024, *, seen: bool = True
+    ) -> list[bytes] | None:
+        """The message's bytes in pieces (BLOCKING for large files), or None if it is gone.
+
+        `seen`: RETR files the message as read (cur/, flag S) at QUIT; TOP does not.
+        """
         msg = self.messages[number - 1]
         for _attempt in range(3):  # a rename may race with the open
             try:
@@ -116,7 +121,7 @@ class Maildrop:
                 if not self._locate(msg):
                     return None
                 continue
-            msg.retrieved = True
+            msg.retrieved = msg.retrieved or seen
             return chunks
         return None
 
