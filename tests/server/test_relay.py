@@ -1,0 +1,152 @@
+"""The seed's path across two postroom hosts in one event loop: submit, queue, relay, file.
+
+The provider host serves isp.example and relays corp.example through a static
+route to the receiving host. (The MX lookup over real DNS is tested in
+tests/delivery and tests/interop.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import smtplib
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from postroom.config import load_config
+from postroom.server.main import Running, start
+from postroom.store.users import open_user_directory
+
+REPORT = (
+    b"From: Smith <smith@isp.example>\r\nTo: Boss <boss@corp.example>\r\n"
+    b"Subject: quarterly report\r\n\r\nNumbers are up.\r\n.dot line\r\n"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def host(root: Path, text: str, users: dict[str, str]) -> AsyncIterator[Running]:
+    root.mkdir()
+    (root / "postroom.toml").write_text(text)
+    config = load_config(root)
+    directory = open_user_directory(config)
+    for address, password in users.items():
+        directory.add_user(address, password)
+    running = await start(config)
+    try:
+        yield running
+    finally:
+        await running.stop(grace=2)
+
+
+def provider_config(corp_port: int) -> str:
+    return (
+        'hostname = "mail.isp.example"\ndomains = ["isp.example"]\n'
+        '[listen]\nsmtp = "127.0.0.1:0"\nsubmission = "127.0.0.1:0"\n'
+        f'[routes]\n"corp.example" = "127.0.0.1:{corp_port}"\n'
+        '[queue]\nretry_after = ["1s"]\ngive_up_after = "1h"\n'
+    )
+
+
+def corp_config(port: int) -> str:
+    return (
+        'hostname = "mx.corp.example"\ndomains = ["corp.example"]\n'
+        f'[listen]\nsmtp = "127.0.0.1:{port}"\n'
+    )
+
+
+def submit(server: Running, rcpts: list[str], message: bytes = REPORT) -> None:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP(*server.address("submission"), timeout=10) as client:
+        client.starttls(context=context)
+        client.login("smith@isp.example", "smith-secret")
+        client.sendmail("smith@isp.example", rcpts, message)
+
+
+def inbox(root: Path, domain: str, user: str) -> list[bytes]:
+    folder = root / "mail" / domain / user / "new"
+    return [p.read_bytes() for p in sorted(folder.iterdir())] if folder.is_dir() else []
+
+
+async def wait_for(predicate: object, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def test_submitted_mail_is_relayed_and_filed_with_both_received_headers(tmp_path: Path) -> None:
+    corp_port = free_port()
+
+    async def scenario() -> None:
+        async with (
+            host(tmp_path / "corp", corp_config(corp_port), {"boss@corp.example": "b"}),
+            host(tmp_path / "isp", provider_config(corp_port),
+                 {"smith@isp.example": "smith-secret"}) as isp,
+        ):
+            await asyncio.to_thread(submit, isp, ["boss@corp.example"])
+            await wait_for(lambda: inbox(tmp_path / "corp", "corp.example", "boss"))
+            await wait_for(lambda: not list((tmp_path / "isp" / "queue").rglob("*.json")))
+
+    asyncio.run(scenario())
+    (raw,) = inbox(tmp_path / "corp", "corp.example", "boss")
+    msg = email.message_from_bytes(raw)
+    received = msg.get_all("Received")
+    assert len(received) == 2
+    assert "by mx.corp.example (postroom) with ESMTPS" in " ".join(received[0].split())
+    assert "by mail.isp.example (postroom) with ESMTPSA" in " ".join(received[1].split())
+    assert raw.endswith(b"\r\n\r\nNumbers are up.\r\n.dot line\r\n")
+    assert msg["Message-ID"] and msg["Date"]
+
+
+def test_next_hop_down_then_back_delivers_after_retry(tmp_path: Path) -> None:
+    corp_port = free_port()
+
+    async def scenario() -> None:
+        async with host(tmp_path / "isp", provider_config(corp_port),
+                        {"smith@isp.example": "smith-secret"}) as isp:
+            await asyncio.to_thread(submit, isp, ["boss@corp.example"])
+            await wait_for(lambda: any(
+                r.state == "deferred"
+                for e in isp.relay.queue.list() for r in e.recipients
+            ))
+            (envelope,) = isp.relay.queue.list()
+            assert envelope.recipients[0].last_error
+            async with host(tmp_path / "corp", corp_config(corp_port),
+                            {"boss@corp.example": "b"}):
+                await wait_for(lambda: inbox(tmp_path / "corp", "corp.example", "boss"))
+
+    asyncio.run(scenario())
+
+
+def test_refused_recipient_bounces_to_the_senders_mailbox(tmp_path: Path) -> None:
+    corp_port = free_port()
+
+    async def scenario() -> None:
+        async with (
+            host(tmp_path / "corp", corp_config(corp_port), {"boss@corp.example": "b"}),
+            host(tmp_path / "isp", provider_config(corp_port),
+                 {"smith@isp.example": "smith-secret"}) as isp,
+        ):
+            await asyncio.to_thread(submit, isp, ["nobody@corp.example", "boss@corp.example"])
+            await wait_for(lambda: inbox(tmp_path / "isp", "isp.example", "smith"))
+            await wait_for(lambda: inbox(tmp_path / "corp", "corp.example", "boss"))
+
+    asyncio.run(scenario())
+    (dsn,) = inbox(tmp_path / "isp", "isp.example", "smith")
+    report = email.message_from_bytes(dsn)
+    assert report.get_content_type() == "multipart/report"
+    status = [p for p in report.walk() if p.get_content_type() == "message/delivery-status"]
+    text = status[0].as_string()
+    assert "nobody@corp.example" in text and "5.1.1" in text
+    assert "boss@corp.example" not in text
