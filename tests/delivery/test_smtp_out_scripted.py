@@ -104,8 +104,26 @@ async def scripted(script: Script, *, rcvbuf: int = 0) -> AsyncIterator[Hop]:
             raise failures[0]  # the server's view explains the client's failure
 
 
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+try:
+    import uvloop
+
+    LOOPS["uvloop"] = uvloop.new_event_loop
+except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+    pass
+_loop = ["asyncio"]
+
+
+@pytest.fixture(params=sorted(LOOPS), autouse=True)
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    """Every test runs on asyncio's own loop and on uvloop (flow control and TLS differ)."""
+    _loop[0] = str(request.param)
+    return _loop[0]
+
+
 def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(coro_fn())  # type: ignore[arg-type]
+    with asyncio.Runner(loop_factory=LOOPS[_loop[0]]) as runner:
+        runner.run(coro_fn())  # type: ignore[arg-type]
 
 
 async def connect(hop: Hop, timeouts: Timeouts = FAST) -> ClientSession:
@@ -466,7 +484,7 @@ def test_connection_refused_is_temporary() -> None:
         with pytest.raises(SMTPError) as caught:
             await connect(Hop("127.0.0.1", port, "gone.test"))
         assert caught.value.temporary and caught.value.status == "4.4.1"
-        assert f"gone.test[127.0.0.1]:{port}" in caught.value.text
+        assert caught.value.text == f"connect to gone.test[127.0.0.1]:{port}: Connection refused"
 
     run(scenario)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -358,7 +359,9 @@ class ClientSession:
             text = f"connect to {where}: timed out after {connect_timeout:g}s"
             raise SMTPError(text, temporary=True, status="4.4.1") from None
         except OSError as exc:
-            text = f"connect to {where}: {exc.strerror or exc}"
+            # asyncio words errors as "Connect call failed (...)": say what errno says.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+            text = f"connect to {where}: {reason}"
             raise SMTPError(text, temporary=True, status="4.4.1") from None
         session = cls(
             hop,
