@@ -382,7 +382,6 @@ _ENDS_GROUP = frozenset({GREETING, EHLO, HELO, DATA, STARTTLS, AUTH, AUTH_RESPON
 # that reply first, even with PIPELINING.
 _CONTINUATIONS = frozenset({END_DATA, AUTH_RESPONSE})
 
-BODY_TYPES = frozenset({"7BIT", "8BITMIME"})  # RFC 6152 (BINARYMIME is not sent)
 _QCHAR_EXCLUDED = frozenset("+=\\")  # RFC 6533 3: not QCHAR
 
 
