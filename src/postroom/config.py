@@ -99,6 +99,8 @@ class RelayConfig:
 class QueueConfig:
     retry_after: tuple[float, ...]  # seconds between attempts; the last repeats
     give_up_after: float  # seconds after arrival before bouncing
+    delay_warning_after: float  # seconds before one "delayed" DSN; 0 = never
+    max_per_destination: int  # concurrent deliveries per destination domain
 
 
 @dataclass(frozen=True)
@@ -516,6 +518,14 @@ _SPEC: dict[str, dict[str, _Key]] = {
             "5d", _duration,
             "How long after its arrival a message that still cannot be delivered is "
             "returned to its sender with a bounce (RFC 5321 4.5.4.1: 4-5 days).",
+        ),
+        "delay_warning_after": _Key(
+            "4h", _duration,
+            "After this long undelivered, the sender gets one notice that the message is "
+            "delayed and still being retried (RFC 3464 action \"delayed\"). 0 turns it off.",
+        ),
+        "max_per_destination": _Key(
+            10, _int(1), "Simultaneous deliveries to one destination domain.",
         ),
     },
     "smtp": {

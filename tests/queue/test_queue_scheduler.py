@@ -85,7 +85,10 @@ class FakeDeliver:
 
 def config(tmp_path: Path) -> Config:
     return dataclasses.replace(
-        default_config(tmp_path), queue=QueueConfig(retry_after=RETRY, give_up_after=GIVE_UP)
+        default_config(tmp_path), queue=QueueConfig(
+            retry_after=RETRY, give_up_after=GIVE_UP, delay_warning_after=0,
+            max_per_destination=10,
+        )
     )
 
 

@@ -71,8 +71,12 @@ class Relay:
         self.remote = RemoteCourier(self.router, config.hostname, client_tls_context(),
                                     command_timeout=config.smtp.command_timeout)
         self.local = LocalCourier(store, expand)
-        self.scheduler = Scheduler(self.queue, self.deliver, config,
-                                   bounce_sender_hostname=config.hostname)
+        self.scheduler = Scheduler(
+            self.queue, self.deliver, config,
+            bounce_sender_hostname=config.hostname,
+            max_per_destination=config.queue.max_per_destination,
+            delay_warning_after=config.queue.delay_warning_after or None,
+        )
         self._task: asyncio.Task[None] | None = None
 
     # -- what SMTP sessions call (server.smtp.Outbound) --------------------------
