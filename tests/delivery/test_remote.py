@@ -9,17 +9,20 @@ with the next hop found through a static route.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from postroom.config import Endpoint, Route
 from postroom.delivery import remote
 from postroom.delivery.outcome import DeliveryResult
 from postroom.delivery.remote import RemoteCourier
-from postroom.delivery.routing import Failure, Hops, Local, RouteResult
+from postroom.delivery.routing import Failure, Hops, Local, Router, RouteResult
 from postroom.delivery.smtp_out import Hop, OutRecipient, SMTPError, TransactionResult
 from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
@@ -31,8 +34,10 @@ MX2 = Hop(host="192.0.2.2", port=25, name="mx2.isp.example")
 MX3 = Hop(host="192.0.2.3", port=25, name="mx3.isp.example")
 
 
-def smtp_error(text: str, *, temporary: bool, reply: Reply | None = None) -> SMTPError:
-    return SMTPError(text, temporary=temporary, reply=reply)
+def smtp_error(
+    text: str, *, temporary: bool, reply: Reply | None = None, status: str | None = None
+) -> SMTPError:
+    return SMTPError(text, temporary=temporary, reply=reply, status=status)
 
 
 # -- the fakes --------------------------------------------------------------------
@@ -74,7 +79,7 @@ class FakeSession:
     def __init__(self, hop: Hop) -> None:
         self.hop = hop
         self.peer = f"{hop.name}[{hop.host}]:{hop.port}"
-        self.open = True
+        self.closed = False
 
     @classmethod
     async def connect(
@@ -94,7 +99,7 @@ class FakeSession:
         body: str | None = None, smtputf8: bool = False, ret: str | None = None,
         envid: str | None = None,
     ) -> TransactionResult:
-        assert self.open, "send on a session that was closed"
+        assert not self.closed, "send on a session that was closed"
         assert message.stat().st_size == size
         behaviour = self.net.behaviour(self.hop)
         self.net.sent.append(Sent(self.hop, dict(
@@ -102,7 +107,10 @@ class FakeSession:
             ret=ret, envid=envid,
         )))
         if behaviour.send_errors:
-            raise behaviour.send_errors.pop(0)
+            error = behaviour.send_errors.pop(0)
+            # Like the real session: only a refusal made before sending keeps it open.
+            self.closed = not isinstance(error, SMTPError) or error.temporary
+            raise error
         replies: dict[str, Reply] = {}
         accepted = []
         for r in recipients:
@@ -119,9 +127,9 @@ class FakeSession:
         )
 
     async def quit(self) -> None:
-        assert self.open, "QUIT twice"
-        self.open = False
-        self.net.quits.append(self.hop)
+        if not self.closed:
+            self.closed = True
+            self.net.quits.append(self.hop)
 
 
 class FixedRouter:
@@ -210,6 +218,13 @@ def test_local_route_is_not_delivered_by_smtp(net: FakeNet, message: Path) -> No
     assert net.connects == []
 
 
+def test_queued_file_that_cannot_be_read_is_temporary(net: FakeNet, tmp_path: Path) -> None:
+    courier = make_courier({"isp.example": Hops([MX1])})
+    [result] = deliver_one(courier, tmp_path / "vanished", envelope("b@isp.example"))
+    assert (result.outcome, result.dsn_status) == ("temporary", "4.3.0")
+    assert net.connects == []
+
+
 # -- hops in order ---------------------------------------------------------------------
 
 
@@ -227,9 +242,23 @@ def test_unreachable_hop_passes_to_the_next(net: FakeNet, message: Path) -> None
 def test_all_hops_failing_is_temporary_with_the_last_error(
     net: FakeNet, message: Path
 ) -> None:
+    net.behaviour(MX1).connect_error = smtp_error(
+        "connect to mx1.isp.example[192.0.2.1]:25: timed out after 30s", temporary=True,
+        status="4.4.1",
+    )
+    net.behaviour(MX2).connect_error = smtp_error(
+        "connect to mx2.isp.example[192.0.2.2]:25: Connection refused", temporary=True,
+        status="4.4.1",
+    )
+    courier = make_courier({"isp.example": Hops([MX1, MX2])})
+    [result] = deliver_one(courier, message, envelope("b@isp.example"))
+    assert result == DeliveryResult(
+        "b@isp.example", "temporary", "4.4.1",
+        "connect to mx2.isp.example[192.0.2.2]:25: Connection refused",
+    )
+    # Errors the session does not wrap are described the same way.
     net.behaviour(MX1).connect_error = TimeoutError()
     net.behaviour(MX2).connect_error = ConnectionRefusedError(111, "Connection refused")
-    courier = make_courier({"isp.example": Hops([MX1, MX2])})
     [result] = deliver_one(courier, message, envelope("b@isp.example"))
     assert (result.outcome, result.dsn_status) == ("temporary", "4.4.1")
     assert result.text == "connect to mx2.isp.example[192.0.2.2]:25: connection refused"
@@ -271,23 +300,32 @@ def test_temporary_transaction_errors_pass_to_the_next_hop(
     [result] = deliver_one(courier, message, envelope("b@isp.example"))
     assert result.outcome == "delivered"
     assert [s.hop for s in net.sent] == [MX1, MX2, MX3]
-    assert net.quits.count(MX1) == 1 and net.quits.count(MX2) == 1  # broken ones closed
+    assert net.quits == [MX3]  # broken sessions are gone; the good one was kept till close()
 
     net.sent.clear()
     net.behaviour(MX1).send_errors = [ConnectionResetError(104, "Connection reset by peer")]
-    net.behaviour(MX3).send_errors = [smtp_error("lost", temporary=True)]
+    net.behaviour(MX3).send_errors = [smtp_error("lost", temporary=True, status="4.4.2")]
     net.behaviour(MX2).send_errors = [TimeoutError()]
     courier = make_courier({"isp.example": Hops([MX1, MX2, MX3])})
     [result] = deliver_one(courier, message, envelope("b@isp.example"))
     assert (result.outcome, result.dsn_status) == ("temporary", "4.4.2")
-    assert result.text == "mx3.isp.example[192.0.2.3]:25: lost"
+    assert result.text == "lost"
+
+    net.behaviour(MX1).send_errors = [asyncio.IncompleteReadError(b"", 3)]
+    courier = make_courier({"isp.example": Hops([MX1])})
+    [result] = deliver_one(courier, message, envelope("b@isp.example"))
+    assert result.text == (
+        "lost connection with mx1.isp.example[192.0.2.1]:25: connection closed by the server"
+    )
 
 
 def test_permanent_transaction_error_fails_everyone_without_trying_more_hops(
     net: FakeNet, message: Path
 ) -> None:
-    too_big = Reply(552, "5.3.4", "message size exceeds fixed limit")
-    net.behaviour(MX1).send_errors = [smtp_error("552", temporary=False, reply=too_big)]
+    net.behaviour(MX1).send_errors = [smtp_error(
+        "message size 70 exceeds size limit 50 of server mx1.isp.example[192.0.2.1]:25",
+        temporary=False, status="5.3.4",
+    )]
     courier = make_courier({"isp.example": Hops([MX1, MX2])})
     results = deliver_one(courier, message, envelope("b@isp.example", "c@isp.example"))
     assert outcomes(results) == [
@@ -295,10 +333,11 @@ def test_permanent_transaction_error_fails_everyone_without_trying_more_hops(
         ("c@isp.example", "permanent", "5.3.4"),
     ]
     assert results[0].text == (
-        "mx1.isp.example[192.0.2.1]:25 said: 552 5.3.4 message size exceeds fixed limit"
+        "message size 70 exceeds size limit 50 of server mx1.isp.example[192.0.2.1]:25"
     )
     assert results[0].remote_mta == "mx1.isp.example[192.0.2.1]:25"
     assert net.connects == [MX1]
+    assert net.quits == [MX1]  # kept for the next message, then closed by close()
 
 
 # -- replies per recipient -------------------------------------------------------------
@@ -470,14 +509,27 @@ def test_idle_sessions_per_domain_are_capped(net: FakeNet, message: Path) -> Non
     assert len(net.quits) == 4
 
 
-def test_session_without_data_is_not_kept(net: FakeNet, message: Path) -> None:
+def test_session_whose_recipients_were_all_refused_is_reused(
+    net: FakeNet, message: Path
+) -> None:
     net.behaviour(MX1).replies = {"gone@isp.example": Reply(550, "5.1.1", "no such user")}
     courier = make_courier({"isp.example": Hops([MX1])})
     results = run_deliveries(
         courier, message, envelope("gone@isp.example"), envelope("b@isp.example")
     )
     assert [r[0].outcome for r in results] == ["permanent", "delivered"]
-    assert net.connects == [MX1, MX1]
+    assert net.connects == [MX1]
+
+
+def test_closed_session_is_not_kept(net: FakeNet, message: Path) -> None:
+    net.behaviour(MX1).send_errors = [smtp_error("lost", temporary=True)]
+    courier = make_courier({"isp.example": Hops([MX1, MX2])})
+    results = run_deliveries(
+        courier, message, envelope("a@isp.example"), envelope("b@isp.example")
+    )
+    assert [r[0].outcome for r in results] == ["delivered", "delivered"]
+    # MX1 broke; MX2 took the first message and its session the second.
+    assert net.connects == [MX1, MX2]
 
 
 def test_idle_session_to_a_host_no_longer_routed_is_dropped(
@@ -502,3 +554,155 @@ def test_sessions_carry_a_limited_number_of_messages(net: FakeNet, message: Path
     envelopes = [envelope(f"u{i}@isp.example") for i in range(5)]
     run_deliveries(courier, message, *envelopes)
     assert len(net.connects) == 3  # 2 + 2 + 1
+
+
+# -- over real sockets ----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Recorder:
+    """aiosmtpd handler: keeps every message, refuses the recipients in `refuse`."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes, Any]] = []
+        self.refuse: dict[str, str] = {}
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(
+            (envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
+             session.peer)
+        )
+        return "250 2.0.0 Ok: queued as TEST"
+
+
+@pytest.fixture
+def aiosmtpd_server(require_peer: Callable[..., str]) -> Iterator[tuple[Recorder, int]]:
+    require_peer("aiosmtpd", module=True)
+    from aiosmtpd.controller import Controller
+
+    recorder = Recorder()
+    controller = Controller(recorder, hostname="127.0.0.1", port=_free_port())
+    controller.start()
+    try:
+        yield recorder, controller.port
+    finally:
+        controller.stop()
+
+
+def static_router(port: int, domain: str = "isp.example") -> Router:
+    # The static route means DNS is never asked; the nameserver is a placeholder.
+    return Router(
+        {domain: Route("127.0.0.1", port)}, [Endpoint("127.0.0.1", 9)], 25, lambda d: False
+    )
+
+
+def real_courier(router: Router, **options: Any) -> RemoteCourier:
+    # Opportunistic TLS does not authenticate the server (RFC 7435); tests use a
+    # self-signed certificate.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return RemoteCourier(router, "out.corp.example", context, connect_timeout=5,
+                         command_timeout=10, **options)
+
+
+def test_delivers_to_aiosmtpd_in_one_transaction(
+    aiosmtpd_server: tuple[Recorder, int], message: Path
+) -> None:
+    recorder, port = aiosmtpd_server
+    recorder.refuse["gone@isp.example"] = "550 5.1.1 no such user"
+    courier = real_courier(static_router(port))
+    results = deliver_one(
+        courier, message,
+        envelope("b@isp.example", "gone@isp.example", Recipient("c@isp.example",
+                                                                 notify=("SUCCESS",))),
+    )
+    assert outcomes(results) == [
+        ("b@isp.example", "delivered", "2.0.0"),
+        ("gone@isp.example", "permanent", "5.1.1"),
+        ("c@isp.example", "delivered", "2.0.0"),
+    ]
+    assert results[1].text == "550 5.1.1 no such user"
+    assert results[0].remote_mta is not None and f"[127.0.0.1]:{port}" in results[0].remote_mta
+    # aiosmtpd offers no DSN (RFC 3461): NOTIFY=SUCCESS earns a "relayed" notice.
+    assert [r.relayed_without_dsn for r in results] == [False, False, True]
+    [(sender, rcpts, content, _)] = recorder.messages
+    assert (sender, rcpts) == ("a@corp.example", ["b@isp.example", "c@isp.example"])
+    assert content == MESSAGE
+
+
+def test_unreachable_hop_then_aiosmtpd_and_the_session_is_reused(
+    aiosmtpd_server: tuple[Recorder, int], message: Path
+) -> None:
+    recorder, port = aiosmtpd_server
+    dead = Hop(host="127.0.0.1", port=_free_port(), name="dead.isp.example")
+    live = Hop(host="127.0.0.1", port=port, name="live.isp.example")
+    router = FixedRouter({"isp.example": Hops([dead, live])})
+    courier = real_courier(router)  # type: ignore[arg-type]
+    results = run_deliveries(courier, message, envelope("a@isp.example"),
+                             envelope("b@isp.example"))
+    assert [r[0].outcome for r in results] == ["delivered", "delivered"]
+    assert results[0][0].remote_mta == f"live.isp.example[127.0.0.1]:{port}"
+    # Both messages came over one connection: the same client port.
+    assert len({peer for *_, peer in recorder.messages}) == 1
+
+
+def test_nothing_listening_is_temporary(message: Path) -> None:
+    port = _free_port()
+    courier = real_courier(static_router(port))
+    [result] = deliver_one(courier, message, envelope("b@isp.example"))
+    assert (result.outcome, result.dsn_status) == ("temporary", "4.4.1")
+    assert result.text.startswith(f"connect to 127.0.0.1[127.0.0.1]:{port}: ")
+
+
+def test_delivers_to_a_postroom_receiving_host(tmp_path: Path, message: Path) -> None:
+    from postroom.config import load_config
+    from postroom.server.main import start
+    from postroom.store.users import open_user_directory
+
+    data = tmp_path / "receiver"
+    data.mkdir()
+    (data / "postroom.toml").write_text(
+        'hostname = "mx.isp.example"\ndomains = ["isp.example"]\n'
+        '[listen]\nsmtp = "127.0.0.1:0"\n'
+    )
+    config = load_config(data)
+    open_user_directory(config).add_user("boss@isp.example", "boss-secret")
+
+    async def main() -> list[DeliveryResult]:
+        running = await start(config)
+        try:
+            _, port = running.address("smtp")
+            courier = real_courier(static_router(port))
+            results = await courier.deliver(
+                envelope("boss@isp.example", "nobody@isp.example"),
+                [Recipient("boss@isp.example"), Recipient("nobody@isp.example")],
+                message,
+            )
+            await courier.close()
+            return results
+        finally:
+            await running.stop(grace=2)
+
+    results = asyncio.run(main())
+    assert outcomes(results) == [
+        ("boss@isp.example", "delivered", "2.0.0"),
+        ("nobody@isp.example", "permanent", "5.1.1"),
+    ]
+    [stored] = (data / "mail" / "isp.example" / "boss" / "new").iterdir()
+    content = stored.read_bytes()
+    assert content.startswith(b"Received: from out.corp.example")
+    assert content.endswith(MESSAGE)

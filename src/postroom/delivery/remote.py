@@ -32,6 +32,7 @@ from postroom.delivery.smtp_out import (
     OutRecipient,
     SMTPError,
     TransactionResult,
+    status_of,
 )
 from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
@@ -63,15 +64,13 @@ class _HopFailed:
 
 
 def _describe(hop: Hop) -> str:
-    host = f"[{hop.host}]" if ":" in hop.host else hop.host
-    return f"{hop.name}[{hop.host}]:{hop.port}" if hop.name != hop.host else f"{host}:{hop.port}"
+    return f"{hop.name}[{hop.host}]:{hop.port}"
 
 
-def _enhanced(reply: Reply, klass: int) -> str:
-    """The reply's enhanced code when its class agrees with the reply code (RFC 3463 2)."""
-    if reply.enhanced and reply.enhanced.startswith(f"{klass}."):
-        return reply.enhanced
-    return f"{klass}.0.0"
+def _status(reply: Reply, klass: int) -> str:
+    """The reply's RFC 3463 code when its class agrees with the reply code (RFC 3463 2)."""
+    status = status_of(reply)
+    return status if status.startswith(f"{klass}.") else f"{klass}.0.0"
 
 
 def _temporary_status(status: str) -> str:
@@ -80,13 +79,19 @@ def _temporary_status(status: str) -> str:
     return "4" + status[1:] if status.startswith("5") else status
 
 
-def _connection_failure(hop: Hop, error: BaseException, connecting: bool) -> _HopFailed:
-    """RFC 3463 X.4.1 "no answer from host" before a session, X.4.2 "bad connection" during."""
+def _connection_failure(hop: Hop, error: Exception, connecting: bool) -> _HopFailed:
+    """RFC 3463 X.4.1 "no answer from host" before a session, X.4.2 "bad connection" during.
+
+    The client session reports its own failures as SMTPError; this covers what
+    escapes it (an OSError reading the queued file, a connection reset).
+    """
     where = ("connect to " if connecting else "lost connection with ") + _describe(hop)
     if isinstance(error, ConnectionRefusedError):
         why = "connection refused"
     elif isinstance(error, TimeoutError):
         why = "timed out"
+    elif isinstance(error, EOFError):
+        why = "connection closed by the server"
     elif isinstance(error, ssl.SSLError):
         why = f"TLS failed: {error.reason or error}"
     else:
@@ -94,14 +99,12 @@ def _connection_failure(hop: Hop, error: BaseException, connecting: bool) -> _Ho
     return _HopFailed("4.4.1" if connecting else "4.4.2", f"{where}: {why}")
 
 
-def _smtp_failure(hop: Hop, error: SMTPError, peer: str | None) -> _HopFailed:
-    who = peer or _describe(hop)
+def _smtp_failure(error: SMTPError, peer: str | None) -> _HopFailed:
+    # The session's text already names the host and the command, Postfix-style.
+    status = error.status
     if error.reply is not None:
-        klass = 4 if error.temporary else 5
-        return _HopFailed(
-            _enhanced(error.reply, klass), f"{who} said: {error.reply}", peer or _describe(hop)
-        )
-    return _HopFailed("4.4.2" if error.temporary else "5.0.0", f"{who}: {error.text}", peer)
+        status = _status(error.reply, 4 if error.temporary else 5)
+    return _HopFailed(status, error.text, peer if error.reply is not None else None)
 
 
 class RemoteCourier:
@@ -151,7 +154,12 @@ class RemoteCourier:
                     recipient.address, "permanent", "5.1.3",
                     f"<{recipient.address}> is not a valid address",
                 )
-        size = message_path.stat().st_size
+        try:
+            size = message_path.stat().st_size
+        except OSError as e:
+            # The queue owns the file; if it cannot be read now, maybe later.
+            text = f"cannot read the queued message: {e.strerror or e}"
+            return [DeliveryResult(r.address, "temporary", "4.3.0", text) for r in recipients]
         done = await asyncio.gather(
             *(self._deliver_domain(envelope, d, g, message_path, size) for d, g in groups.items())
         )
@@ -248,10 +256,11 @@ class RemoteCourier:
                     command_timeout=self._command_timeout,
                 )
             except SMTPError as e:
-                # A 4xx or 5xx greeting or EHLO, TLS that was required and not offered:
-                # the next MX may do better (RFC 5321 5.1; Postfix skips 5xx greeters).
-                return _smtp_failure(hop, e, None)
-            except OSError as e:  # refused, unreachable, TLS handshake (TimeoutError too)
+                # No connection, a 4xx or 5xx greeting or EHLO, TLS required and not
+                # offered: the next MX may do better (RFC 5321 5.1; Postfix skips
+                # hosts that greet with 5xx).
+                return _smtp_failure(e, None)
+            except (OSError, EOFError) as e:  # refused, unreachable, TLS, timeout, hang-up
                 return _connection_failure(hop, e, connecting=True)
         try:
             transaction = await session.send(
@@ -265,23 +274,20 @@ class RemoteCourier:
                 envid=envelope.envid,
             )
         except SMTPError as e:
-            self._discard(session)
             if e.temporary:
-                return _smtp_failure(hop, e, session.peer)
-            # MAIL refused for good (too big, SMTPUTF8 unsupported, sender refused):
-            # another MX of the same domain would say the same.
-            return session, _Permanent(_smtp_failure(hop, e, session.peer))
-        except OSError as e:
+                self._discard(session)
+                return _smtp_failure(e, session.peer)
+            # Refused before sending (over the hop's SIZE, SMTPUTF8 not offered, a
+            # sender SMTP cannot carry): another MX of the domain would say the same.
+            # Such a refusal leaves the session fit for the next message.
+            self._release(domain, hop, session, messages)
+            return session, _Permanent(_smtp_failure(e, session.peer))
+        except (OSError, EOFError) as e:
             # A reused session the server closed while idle fails here at once; the
             # fresh connection to the same hop comes later in the list.
             self._discard(session)
             return _connection_failure(hop, e, connecting=False)
-        if transaction.data_reply is not None:
-            # DATA was answered: the transaction is over and the session is clean.
-            self._keep(domain, hop, session, messages + 1)
-        else:
-            # Every RCPT refused: no DATA, and a session in an unknown state.
-            self._discard(session)
+        self._release(domain, hop, session, messages + 1)
         return session, transaction
 
     def _result(
@@ -297,9 +303,9 @@ class RemoteCourier:
         if reply is None:  # the client core answers for every recipient; stay safe anyway
             return DeliveryResult(address, "temporary", "4.4.2", f"{peer}: no reply", peer)
         if reply.code >= 500:
-            return DeliveryResult(address, "permanent", _enhanced(reply, 5), str(reply), peer)
+            return DeliveryResult(address, "permanent", _status(reply, 5), str(reply), peer)
         if reply.code >= 400:
-            return DeliveryResult(address, "temporary", _enhanced(reply, 4), str(reply), peer)
+            return DeliveryResult(address, "temporary", _status(reply, 4), str(reply), peer)
         # RFC 3461 5.2.2: NOTIFY=SUCCESS through a hop without DSN earns a "relayed" DSN.
         wanted_success = recipient.notify is not None and any(
             n.upper() == "SUCCESS" for n in recipient.notify
@@ -327,9 +333,15 @@ class RemoteCourier:
             self._idle.pop(domain, None)
         return found
 
-    def _keep(self, domain: str, hop: Hop, session: ClientSession, messages: int) -> None:
+    def _release(self, domain: str, hop: Hop, session: ClientSession, messages: int) -> None:
+        """Keep a session that is still open for the next message, or close it."""
         entries = self._idle.setdefault(domain, [])
-        if self._closed or messages >= self._max_messages or len(entries) >= self._max_idle:
+        if (
+            self._closed
+            or session.closed
+            or messages >= self._max_messages
+            or len(entries) >= self._max_idle
+        ):
             if not entries:
                 self._idle.pop(domain, None)
             self._discard(session)

@@ -179,7 +179,10 @@ class Router:
         # RFC 5321 5.1: a relay that finds itself in a domain's MX list must
         # drop that record and every one with the same or a higher preference.
         self._own_name = own_hostname.lower().rstrip(".") if own_hostname else None
-        self._own_endpoints = {(str(ipaddress.ip_address(h)), p) for h, p in own_endpoints}
+        # Addresses only: a listener given by host name, or on a wildcard address
+        # (0.0.0.0, ::), is not recognised here.
+        self._own_endpoints = {(str(ipaddress.ip_address(h)), p) for h, p in own_endpoints
+                               if _is_ip(h)}
         self._max_hops = max_hops
         self._rng = rng if rng is not None else random.Random()
         self._resolver: dns.asyncresolver.Resolver | None = resolver
