@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mailharness import HarnessError, Postroom, PrivatePostfix
+from mailharness import Dnsmasq, HarnessError, Postroom, PrivatePostfix
 
 HOSTNAME = "mx.corp.example"
 DOMAIN = "corp.example"
@@ -130,3 +130,29 @@ def private_postfix(_test_servers: _Servers) -> Callable[..., PrivatePostfix]:
     Skips (fails in CI) when Postfix or root is missing.
     """
     return _test_servers.postfix
+
+
+@pytest.fixture
+def dnsmasq_factory(
+    tmp_path: Path, require_peer: Callable[..., str]
+) -> Iterator[Callable[..., Dnsmasq]]:
+    """Start dnsmasq with record options (`--mx-host=...`, `--host-record=...`).
+
+    `dnsmasq_factory(*options)` returns the running Dnsmasq (its `port`);
+    every instance is stopped at teardown. Skips (fails in CI) without dnsmasq.
+    """
+    require_peer("dnsmasq")
+    started: list[Dnsmasq] = []
+
+    def start(*options: str) -> Dnsmasq:
+        server = Dnsmasq(tmp_path / f"dnsmasq{len(started)}", *options)
+        started.append(server)
+        try:
+            server.start()
+        except HarnessError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

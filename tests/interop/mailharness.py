@@ -829,3 +829,134 @@ def stored_by_token(folder: Path, tokens: Iterable[str]) -> dict[str, bytes]:
             raise HarnessError(f"{len(holders)} files in {folder} hold token {token}")
         found[token] = holders[0]
     return found
+
+
+# -- relay: DNS on loopback and authenticated submission ----------------------
+
+
+def free_dns_port() -> int:
+    """A port of 127.0.0.1 free for both UDP and TCP (a DNS server listens on both)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        tcp.bind((LOOPBACK, 0))
+        port = int(tcp.getsockname()[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((LOOPBACK, port))
+    return port
+
+
+def dns_answers(port: int, name: str = "ready.invalid", timeout: float = 0.2) -> bool:
+    """Whether a DNS server on 127.0.0.1:`port` answers a UDP query for `name` (type A).
+
+    The query is built by hand (RFC 1035 4.1: a 12-octet header, one question)
+    so that this module needs no DNS library.
+    """
+    header = (0x5EED).to_bytes(2, "big") + b"\x01\x00" + b"\x00\x01" + b"\x00" * 6
+    qname = b"".join(len(label).to_bytes(1, "big") + label.encode("ascii")
+                     for label in name.split(".")) + b"\x00"
+    query = header + qname + b"\x00\x01\x00\x01"  # QTYPE A, QCLASS IN
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(query, (LOOPBACK, port))
+            reply = sock.recv(512)
+        except OSError:
+            return False
+    return reply[:2] == query[:2]
+
+
+class Dnsmasq:
+    """dnsmasq serving only the records its options give (--mx-host, --host-record, ...).
+
+    No upstream servers, no /etc/hosts, no config file, no pid file; it listens
+    on 127.0.0.1 at `port` (UDP and TCP) and logs to `root/dnsmasq.log`.
+    """
+
+    def __init__(self, root: Path, *options: str) -> None:
+        self.root = Path(root)
+        self.options = list(options)
+        self.port = 0
+        self.log_path = self.root / "dnsmasq.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.program = find_program("dnsmasq")
+
+    def start(self, timeout: float = 10.0) -> int:
+        """Start dnsmasq and wait until it answers; return its port."""
+        if self.program is None:
+            raise HarnessError("dnsmasq is not installed")
+        self.root.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            self.port = free_dns_port()
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(
+                    [self.program, "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                     "--conf-file=/dev/null", "--pid-file=", f"--port={self.port}",
+                     f"--listen-address={LOOPBACK}", "--bind-interfaces",
+                     "--log-facility=-", *self.options],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                )
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.process.poll() is None:
+                if dns_answers(self.port):
+                    return self.port
+                time.sleep(0.05)
+            if self.process.poll() is None:
+                break  # running but silent: not a port race
+            # It exited: most likely something took the port in between; try another.
+        self.stop()
+        raise HarnessError(f"dnsmasq did not start\n{_tail(self.log_path)}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def submission_client(
+    port: int, user: str, password: str, *, implicit_tls: bool = False, timeout: float = 30.0
+) -> smtplib.SMTP:
+    """An smtplib client of a submission port (RFC 6409), in TLS and logged in.
+
+    Port 587 style: STARTTLS (RFC 3207) and then AUTH; with `implicit_tls`
+    port 465 style (RFC 8314): TLS from the first octet. Certificates are not
+    checked (the servers here are self-signed).
+    """
+    client: smtplib.SMTP
+    if implicit_tls:
+        client = smtplib.SMTP_SSL(LOOPBACK, port, timeout=timeout,
+                                  context=unverified_tls_context())
+    else:
+        client = smtplib.SMTP(LOOPBACK, port, timeout=timeout)
+        client.starttls(context=unverified_tls_context())
+    client.login(user, password)
+    return client
+
+
+QUEUED_AS = re.compile(rb"queued as ([A-Za-z0-9._-]+)")
+
+
+def send_and_get_queue_id(
+    client: smtplib.SMTP, sender: str, recipients: Sequence[str], message: bytes
+) -> str:
+    """One transaction on an open client; return the queue ID in the DATA reply.
+
+    smtplib's sendmail() hides the final reply, which carries the ID
+    ("250 2.0.0 Ok: queued as ID"). Any refusal raises smtplib.SMTPResponseException.
+    """
+    code, text = client.mail(sender)
+    if code != 250:
+        raise smtplib.SMTPSenderRefused(code, text, sender)
+    for recipient in recipients:
+        code, text = client.rcpt(recipient)
+        if code not in (250, 251):
+            raise smtplib.SMTPResponseException(code, text)
+    code, text = client.data(message)
+    if code != 250:
+        raise smtplib.SMTPDataError(code, text)
+    match = QUEUED_AS.search(text)
+    if match is None:
+        raise HarnessError(f"no queue ID in the DATA reply {text!r}")
+    return match.group(1).decode("ascii")
