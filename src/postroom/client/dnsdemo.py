@@ -1,0 +1,174 @@
+"""A tiny authoritative DNS server on loopback, so `postroom demo` can show a real MX lookup.
+
+It serves one zone from a table of records over UDP on a free high port (no
+root needed), with the answers built by dnspython. It answers as an
+authoritative server does (RFC 1034 4.3.2, RFC 2308): the records asked for
+with the AA flag; for a name in the zone without records of the asked type an
+empty answer (NODATA) with the zone's SOA; for a name that does not exist
+NXDOMAIN with the SOA; for names outside the zone REFUSED, since it is no
+resolver. Every question it answers is kept in `queries`, so the demo can print
+what the relaying host really asked and heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+
+DEFAULT_TTL = 300  # seconds; the demo's hosts live for seconds, caching is harmless
+
+
+@dataclass(frozen=True)
+class Answered:
+    """One question the server answered: what was asked and what it said."""
+
+    qname: str  # without the final dot, lower-case
+    qtype: str  # "MX", "A", ...
+    rcode: str  # "NOERROR", "NXDOMAIN", "REFUSED", ...
+    records: tuple[str, ...]  # the answer section, one record per line, zone-file style
+
+
+@dataclass
+class Zone:
+    """A zone's records: {(name, type): [rdata text]}, names absolute (final dot optional)."""
+
+    origin: str
+    records: Mapping[tuple[str, str], Sequence[str]]
+    ttl: int = DEFAULT_TTL
+    _names: set[dns.name.Name] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._origin = dns.name.from_text(self.origin)
+        # A name exists when it owns records or a name below it does (an "empty
+        # non-terminal", RFC 8020): both get NODATA, never NXDOMAIN.
+        self._names = {self._origin}
+        for name, _type in self.records:
+            owner = dns.name.from_text(name)
+            if not owner.is_subdomain(self._origin):
+                raise ValueError(f"{name} is outside the zone {self.origin}")
+            while owner != self._origin:
+                self._names.add(owner)
+                owner = owner.parent()
+        self._rrsets: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
+        for (name, rdtype), values in self.records.items():
+            owner = dns.name.from_text(name)
+            self._rrsets[(owner, dns.rdatatype.from_text(rdtype))] = dns.rrset.from_text_list(
+                owner, self.ttl, dns.rdataclass.IN, rdtype, list(values)
+            )
+        # RFC 2308 3: negative answers carry the zone's SOA, whose last field is
+        # the TTL for caching the "no".
+        self._soa = dns.rrset.from_text(
+            self._origin, self.ttl, dns.rdataclass.IN, dns.rdatatype.SOA,
+            f"ns.{self._origin} hostmaster.{self._origin} 1 3600 600 86400 {self.ttl}",
+        )
+        self._rrsets.setdefault((self._origin, dns.rdatatype.SOA), self._soa)
+
+    def respond(self, query: dns.message.Message) -> tuple[dns.message.Message, Answered | None]:
+        """The response to a parsed query, and a note of it (None for non-queries)."""
+        response = dns.message.make_response(query)
+        response.flags &= ~dns.flags.RA  # no recursion here
+        if query.opcode() != dns.opcode.QUERY or len(query.question) != 1:
+            response.set_rcode(dns.rcode.NOTIMP if query.opcode() != dns.opcode.QUERY
+                               else dns.rcode.FORMERR)
+            return response, None
+        question = query.question[0]
+        qname, qtype = question.name, question.rdtype
+        note_name = qname.to_text(omit_final_dot=True).lower()
+        note_type = dns.rdatatype.to_text(qtype)
+        if question.rdclass != dns.rdataclass.IN or not qname.is_subdomain(self._origin):
+            response.set_rcode(dns.rcode.REFUSED)
+            return response, Answered(note_name, note_type, "REFUSED", ())
+        response.flags |= dns.flags.AA
+        rrset = self._rrsets.get((qname, qtype))
+        if rrset is not None:
+            response.answer.append(rrset)
+            lines = tuple(rrset.to_text().splitlines())
+            return response, Answered(note_name, note_type, "NOERROR", lines)
+        response.authority.append(self._soa)
+        if qname not in self._names:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+            return response, Answered(note_name, note_type, "NXDOMAIN", ())
+        return response, Answered(note_name, note_type, "NOERROR", ())
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, server: DemoDNS) -> None:
+        self._server = server
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Not every loop's UDP transport subclasses DatagramTransport (asyncio's own
+        # does not), so no isinstance check: it has sendto, which is all we use.
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        reply = self._server.answer(data)
+        if reply is not None and self._transport is not None:
+            self._transport.sendto(reply, addr)
+
+
+class DemoDNS:
+    """The running server: `address`, the `queries` it answered, `close()`."""
+
+    def __init__(self, zone: Zone) -> None:
+        self.zone = zone
+        self.queries: list[Answered] = []
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def answer(self, data: bytes) -> bytes | None:
+        """The wire reply to one datagram, or None to drop it (garbage, or a response)."""
+        try:
+            query = dns.message.from_wire(data)
+        except dns.exception.DNSException:
+            return None  # not even a header to answer FORMERR to
+        if query.flags & dns.flags.QR:
+            return None  # a response: answering it could start a loop
+        response, note = self.zone.respond(query)
+        if note is not None:
+            self.queries.append(note)
+        return response.to_wire()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> DemoDNS:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Protocol(self), local_addr=(host, port)
+        )
+        self._transport = transport
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._transport is None:
+            raise RuntimeError("the DNS server is not started")
+        host, port = self._transport.get_extra_info("sockname")[:2]
+        return str(host), int(port)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+
+def mail_zone(domain: str, mx_host: str, address: str, origin: str = "example") -> Zone:
+    """A zone where `domain`'s mail goes to `mx_host` (MX 10) at `address` (A)."""
+    return Zone(origin, {
+        (domain, "MX"): [f"10 {mx_host}."],
+        (mx_host, "A"): [address],
+    })
+
+
+async def start_dns(zone: Zone, host: str = "127.0.0.1", port: int = 0) -> DemoDNS:
+    """Serve `zone` on host:port (0: a free port); see DemoDNS.address."""
+    return await DemoDNS(zone).start(host, port)
