@@ -960,3 +960,16 @@ def send_and_get_queue_id(
     if match is None:
         raise HarnessError(f"no queue ID in the DATA reply {text!r}")
     return match.group(1).decode("ascii")
+
+
+def wait_until_unqueued(server: Postroom, queue_id: str, timeout: float = 10.0) -> str:
+    """Poll `postroom queue list` until `queue_id` is gone; return the last listing.
+
+    The caller asserts on the result: `queue_id not in listing`.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        listing = server.cli("queue", "list").stdout
+        if queue_id not in listing or time.monotonic() > deadline:
+            return listing
+        time.sleep(0.2)
