@@ -288,6 +288,7 @@ def test_a_5xx_greeting_from_the_last_hop_is_still_temporary(
     [result] = deliver_one(courier, message, envelope("b@isp.example"))
     assert (result.outcome, result.dsn_status) == ("temporary", "4.7.1")
     assert "554 5.7.1 no SMTP service here" in result.text
+    assert result.remote_mta == "mx1.isp.example[192.0.2.1]:25"
 
 
 def test_temporary_transaction_errors_pass_to_the_next_hop(

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from postroom.config import Endpoint, Route
+from postroom.config import Endpoint, Route, load_config
 from postroom.delivery.routing import (
     MAX_HOPS,
     Failure,
@@ -391,3 +392,30 @@ def test_implicit_mx_pointing_at_ourselves_is_a_loop(fake_dns: FakeDNS) -> None:
     router = make_router(fake_dns.port, own_endpoints=[("127.0.0.1", MX_PORT)])
     result = route(router, "self.example")
     assert isinstance(result, Failure) and result.dsn_status == "5.4.6"
+
+
+def test_router_from_config(fake_dns: FakeDNS, tmp_path: Path) -> None:
+    (tmp_path / "postroom.toml").write_text(
+        'hostname = "mx.corp.example"\ndomains = ["corp.example"]\n'
+        '[listen]\nsmtp = "127.0.0.1:2525"\n'
+        f'[dns]\nnameservers = ["127.0.0.1:{fake_dns.port}"]\n'
+        '[routes]\n"isp.example" = "127.0.0.1:3525"\n'
+        "[relay]\nmx_port = 2525\n"
+    )
+    router = Router.from_config(load_config(tmp_path), lambda d: d == "corp.example")
+    fake_dns.add("other.example", "MX", "10 mx.other.example.")
+    fake_dns.add("mx.other.example", "A", "127.0.0.2")
+    fake_dns.add("self.example", "MX", "10 mx.self.example.")
+    fake_dns.add("mx.self.example", "A", "127.0.0.1")  # our own smtp listener
+
+    async def main() -> list[RouteResult]:
+        return [
+            await router.route(d)
+            for d in ("corp.example", "isp.example", "other.example", "self.example")
+        ]
+
+    local, static, other, self_ = asyncio.run(main())
+    assert local == Local()
+    assert static == Hops([Hop(host="127.0.0.1", port=3525, name="127.0.0.1")])
+    assert other == Hops([Hop(host="127.0.0.2", port=2525, name="mx.other.example")])
+    assert isinstance(self_, Failure) and self_.dsn_status == "5.4.6"

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 5.0  # seconds an unused session stays open (servers wait 5 min: RFC 5321 4.5.3.2.7)
 MAX_MESSAGES_PER_SESSION = 100  # then a fresh connection, as Postfix does, to spread load
-QUIT_TIMEOUT = 10.0  # seconds to wait for QUIT's reply before dropping the connection
+QUIT_TIMEOUT = 15.0  # seconds for a whole quit(), however the session bounds its own wait
 
 
 @dataclass
@@ -259,7 +259,7 @@ class RemoteCourier:
                 # No connection, a 4xx or 5xx greeting or EHLO, TLS required and not
                 # offered: the next MX may do better (RFC 5321 5.1; Postfix skips
                 # hosts that greet with 5xx).
-                return _smtp_failure(e, None)
+                return _smtp_failure(e, _describe(hop))
             except (OSError, EOFError) as e:  # refused, unreachable, TLS, timeout, hang-up
                 return _connection_failure(hop, e, connecting=True)
         try:
