@@ -350,7 +350,8 @@ class PrivatePostfix:
     (mydestination empty, so no local delivery); with `mailbox_domain` it
     delivers mail for the listed `mailbox_users` to Maildirs under
     `vmail/<domain>/<user>/` through its virtual(8) agent, which fsyncs each
-    file before renaming it into new/, as Postfix does by default. Needs root:
+    file before renaming it into new/, as Postfix does by default.
+    `extra_main_cf` adds or overrides main.cf settings. Needs root:
     the master process binds ports and switches to the postfix user.
     """
 
@@ -363,8 +364,10 @@ class PrivatePostfix:
         tls_level: str = "none",
         mailbox_domain: str | None = None,
         mailbox_users: Iterable[str] = (),
+        extra_main_cf: Mapping[str, str] | None = None,
     ) -> None:
         self.root = Path(root)
+        self.extra_main_cf = dict(extra_main_cf or {})
         self.config_dir = self.root / "etc"
         self.queue_dir = self.root / "queue"
         self.data_dir = self.root / "data"
@@ -449,6 +452,7 @@ class PrivatePostfix:
                     "message_size_limit": "0",
                 }
             )
+        settings.update(self.extra_main_cf)  # a test's own settings win
         return "".join(f"{key} = {value}\n" for key, value in settings.items())
 
     def _master_cf(self) -> str:
