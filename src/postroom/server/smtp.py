@@ -26,6 +26,7 @@ from postroom.protocol import sasl
 from postroom.protocol import smtp_server as core
 from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.server.committer import GroupCommitter
 from postroom.server.headers import HeaderCapture, missing_headers
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
@@ -63,6 +64,7 @@ class SMTPService:
     verify_password: Callable[[str, str], bool] | None = None
     throttle: AuthThrottle | None = None
     outbound: Outbound | None = None
+    committer: GroupCommitter | None = None  # batches Maildir commits (see committer.py)
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes after end of data...
     max_received: int = DEFAULT_MAX_RECEIVED
@@ -361,8 +363,13 @@ class SMTPSession:
         targets = [svc.store.maildir_for(box) for box in txn.mailboxes()]
         envelope = self._envelope(txn, size) if txn.remote else None
         loop = asyncio.get_running_loop()
+        held = spool.in_memory
         try:
-            paths = await loop.run_in_executor(None, self._commit, spool, targets, envelope)
+            if envelope is None and held is not None and targets and svc.committer is not None:
+                paths = await svc.committer.deliver(held, targets)
+                spool.abort()
+            else:
+                paths = await loop.run_in_executor(None, self._commit, spool, targets, envelope)
         except OSError as exc:
             log.error("%s: %s: storing the message failed: %s", svc.name, txn.queue_id, exc)
             spool.abort()

@@ -51,6 +51,11 @@ class Spool:
         assert self._writer is not None
         return self._writer.commit(maildirs)
 
+    @property
+    def in_memory(self) -> list[bytes] | None:
+        """The pieces, while the message has not been spilled to a file; else None."""
+        return self._chunks if self._writer is None else None
+
     def chunks(self) -> Iterator[bytes]:
         """The message so far, in pieces (BLOCKING when spilled: it reads the file)."""
         if self._writer is None:

@@ -1,0 +1,191 @@
+"""Group commit: one thread makes many received messages durable with few journal commits.
+
+Every message must be on disk before its 250 (RFC 5321 6.1). Doing that per
+message in a thread pool costs two journal commits each (the file, then the
+new/ directory) and, worse, a GIL hand-off per message between the event loop
+and several threads, which showed up as most of the server's system time.
+Here a single thread takes every message waiting when it wakes, writes them
+all to tmp/, fdatasyncs them (on ext4 the first one commits the journal
+transaction that holds all of them, so the rest are cheap), links each into
+new/, fsyncs each new/ directory once, and answers the whole batch with one
+wake-up of the event loop. Under load the batch grows by itself; idle, a
+batch is one message and costs what a direct commit would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from postroom.store.atomic import fsync_dir
+from postroom.store.maildir import FILE_MODE, ensure_maildir, unique_name
+
+
+@dataclass
+class _Job:
+    chunks: Sequence[bytes]
+    maildirs: list[Path]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[Path]]
+    tmp: Path | None = None
+    fd: int | None = None
+    finals: dict[Path, Path] = field(default_factory=dict)
+    error: BaseException | None = None
+
+
+class GroupCommitter:
+    """Files messages held in memory into Maildirs, durably, in batches."""
+
+    def __init__(self, hostname: str) -> None:
+        self._hostname = hostname
+        self._jobs: list[_Job] = []
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    async def deliver(self, chunks: Sequence[bytes], maildirs: list[Path]) -> list[Path]:
+        """Store the message in each maildir's new/ (one copy per distinct maildir);
+        return the final paths, parallel to `maildirs`. Raises OSError on failure,
+        after removing whatever this message had written."""
+        loop = asyncio.get_running_loop()
+        job = _Job(chunks, maildirs, loop, loop.create_future())
+        with self._ready:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="postroom-commit",
+                                                daemon=True)
+                self._thread.start()
+            self._jobs.append(job)
+            self._ready.notify()
+        return await job.future
+
+    def close(self) -> None:
+        """Let the thread finish the batch in hand and end."""
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+
+    # -- the commit thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._jobs and not self._stopping:
+                    self._ready.wait()
+                batch, self._jobs = self._jobs, []
+                if not batch and self._stopping:
+                    return
+            self._commit(batch)
+            self._answer(batch)
+
+    def _commit(self, batch: list[_Job]) -> None:
+        for job in batch:
+            self._guard(job, self._write)
+        for job in batch:
+            self._guard(job, self._sync_file)
+        for job in batch:
+            self._guard(job, self._link)
+        new_dirs = {final.parent for job in batch if job.error is None
+                    for final in job.finals.values()}
+        failed_dirs: dict[Path, OSError] = {}
+        for new_dir in new_dirs:
+            try:
+                fsync_dir(new_dir)
+            except OSError as exc:
+                failed_dirs[new_dir] = exc
+        for job in batch:
+            if job.error is None:
+                for final in job.finals.values():
+                    if final.parent in failed_dirs:
+                        job.error = failed_dirs[final.parent]
+                        self._undo(job)
+                        break
+            if job.tmp is not None:
+                with contextlib.suppress(OSError):
+                    job.tmp.unlink()
+
+    @staticmethod
+    def _guard(job: _Job, step: object) -> None:
+        if job.error is not None:
+            return
+        try:
+            step(job)  # type: ignore[operator]
+        except OSError as exc:
+            job.error = exc
+            GroupCommitter._undo(job)
+
+    def _write(self, job: _Job) -> None:
+        first = job.maildirs[0]
+        ensure_maildir(first)
+        size = sum(len(c) for c in job.chunks)
+        while True:
+            tmp = first / "tmp" / unique_name(self._hostname, size)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+                break
+            except FileExistsError:  # pragma: no cover - needs a clash of unique names
+                continue
+        job.tmp, job.fd = tmp, fd
+        data = list(job.chunks)
+        while data:
+            written = os.writev(fd, data)
+            while data and written >= len(data[0]):
+                written -= len(data.pop(0))
+            if written:
+                data[0] = data[0][written:]
+
+    @staticmethod
+    def _sync_file(job: _Job) -> None:
+        assert job.fd is not None
+        fd, job.fd = job.fd, None
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _link(job: _Job) -> None:
+        assert job.tmp is not None
+        for maildir in job.maildirs:
+            if maildir in job.finals:
+                continue
+            if maildir != job.maildirs[0]:
+                ensure_maildir(maildir)
+            final = maildir / "new" / job.tmp.name
+            os.link(job.tmp, final)  # atomic: new/ never shows a partial file
+            job.finals[maildir] = final
+
+    @staticmethod
+    def _undo(job: _Job) -> None:
+        if job.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(job.fd)
+            job.fd = None
+        for final in job.finals.values():
+            with contextlib.suppress(OSError):
+                final.unlink()
+        job.finals.clear()
+
+    @staticmethod
+    def _answer(batch: list[_Job]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        for job in batch:
+            by_loop.setdefault(job.loop, []).append(job)
+        for loop, jobs in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_settle, jobs)
+
+
+def _settle(jobs: list[_Job]) -> None:
+    for job in jobs:
+        if job.future.done():
+            continue
+        if job.error is not None:
+            job.future.set_exception(job.error)
+        else:
+            job.future.set_result([job.finals[m] for m in job.maildirs])
+
