@@ -1,0 +1,93 @@
+"""Group commit: every message lands whole in each maildir's new/, alone or in a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import mailbox
+import os
+from pathlib import Path
+
+import pytest
+
+from postroom.server.committer import GroupCommitter
+from postroom.store.maildir import parse_maildir_name
+
+
+def test_one_message_to_several_maildirs_is_linked_once_each(tmp_path: Path) -> None:
+    boxes = [tmp_path / "a", tmp_path / "b", tmp_path / "a"]
+
+    async def scenario() -> list[Path]:
+        committer = GroupCommitter("mx.example")
+        try:
+            return await committer.deliver([b"Subject: x\r\n", b"\r\nbody\r\n"], boxes)
+        finally:
+            committer.close()
+
+    paths = asyncio.run(scenario())
+    assert paths[0] == paths[2] and paths[0] != paths[1]
+    for path in paths:
+        assert path.parent.name == "new"
+        assert path.read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
+        assert f",S={len(path.read_bytes())}" in path.name
+    assert os.stat(paths[0]).st_ino == os.stat(paths[1]).st_ino  # hard links, one copy
+    assert list((tmp_path / "a" / "tmp").iterdir()) == []
+    assert [m["Subject"] for m in mailbox.Maildir(tmp_path / "b")] == ["x"]
+
+
+def test_a_batch_of_concurrent_messages_all_land(tmp_path: Path) -> None:
+    async def scenario() -> list[list[Path]]:
+        committer = GroupCommitter("mx.example")
+        try:
+            return await asyncio.gather(*(
+                committer.deliver([b"Subject: %d\r\n\r\n" % n, b"x" * n], [tmp_path / "box"])
+                for n in range(200)
+            ))
+        finally:
+            committer.close()
+
+    results = asyncio.run(scenario())
+    names = {paths[0].name for paths in results}
+    assert len(names) == 200
+    for paths in results:
+        data = paths[0].read_bytes()
+        assert parse_maildir_name(paths[0].name) is not None
+        n = int(data.split(b"\r\n")[0].split()[1])
+        assert data.endswith(b"x" * n)
+
+
+def test_a_failing_message_does_not_spoil_its_batch(tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a maildir should be")
+
+    async def scenario() -> tuple[BaseException | list[Path], ...]:
+        committer = GroupCommitter("mx.example")
+        try:
+            return tuple(await asyncio.gather(
+                committer.deliver([b"good\r\n"], [tmp_path / "ok"]),
+                committer.deliver([b"bad\r\n"], [tmp_path / "ok2", blocked]),
+                return_exceptions=True,
+            ))
+        finally:
+            committer.close()
+
+    good, bad = asyncio.run(scenario())
+    assert isinstance(good, list) and good[0].read_bytes() == b"good\r\n"
+    assert isinstance(bad, OSError)
+    # All or nothing: the copy already linked for the first maildir is gone again.
+    assert list((tmp_path / "ok2" / "new").iterdir()) == []
+    assert list((tmp_path / "ok2" / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 1000])
+def test_many_pieces_are_written_completely(tmp_path: Path, pieces: int) -> None:
+    chunks = [bytes([65 + i % 26]) * 997 for i in range(pieces)]
+
+    async def scenario() -> list[Path]:
+        committer = GroupCommitter("mx.example")
+        try:
+            return await committer.deliver(chunks, [tmp_path / "box"])
+        finally:
+            committer.close()
+
+    (path,) = asyncio.run(scenario())
+    assert path.read_bytes() == b"".join(chunks)
