@@ -84,10 +84,16 @@ class DNSConfig:
 
 @dataclass(frozen=True)
 class Route:
-    """A static next hop for a domain, used instead of its MX records."""
+    """A static next hop for a domain, used instead of its MX records.
+
+    A smarthost may insist on TLS (`tls = "required"`: no STARTTLS, no delivery)
+    and take a login (RFC 4954), sent only over TLS.
+    """
 
     host: str
     port: int = 25
+    tls: str = "opportunistic"  # "opportunistic" | "required" | "none"
+    auth: tuple[str, str] | None = field(default=None, repr=False)  # (user, password)
 
 
 @dataclass(frozen=True)
@@ -713,18 +719,59 @@ class _Loader:
                 name = canonical_domain(domain)
             except ValueError:
                 raise self.error(key, f"{_show(domain)} is not a domain name") from None
-            if not isinstance(target, str):
+            if isinstance(target, dict):
+                route = self.smarthost(key, target)
+            elif isinstance(target, str):
+                try:
+                    endpoint = parse_endpoint(target, default_port=25)
+                except ValueError as e:
+                    raise self.error(key, str(e)) from None
+                route = Route(endpoint.host, endpoint.port)
+            else:
                 raise self.error(
-                    key, f'expected a string "HOST[:PORT]", got {_type_name(target)}'
+                    key, 'expected a string "HOST[:PORT]" or a table { host = ..., tls = ..., '
+                    f"user = ..., password_file = ... }}, got {_type_name(target)}"
                 )
-            try:
-                endpoint = parse_endpoint(target, default_port=25)
-            except ValueError as e:
-                raise self.error(key, str(e)) from None
             if name in routes:
                 raise self.error(key, f"{name} has a route already")
-            routes[name] = Route(endpoint.host, endpoint.port)
+            routes[name] = route
         return routes
+
+    def smarthost(self, key: str, table: dict[str, Any]) -> Route:
+        """`"corp.example" = { host = "relay.example:587", tls = "required", user = "u",
+        password_file = "secrets/relay" }`: the password is read from a file (relative to
+        the data folder) so the config can be shared without it."""
+        known = {"host", "tls", "user", "password_file"}
+        for name in table:
+            if name not in known:
+                raise self.error(f"{key}.{name}",
+                                 f"unknown key{_suggest(name, sorted(known))}")
+        host = table.get("host")
+        if not isinstance(host, str):
+            raise self.error(f"{key}.host", 'expected a string "HOST[:PORT]"')
+        try:
+            endpoint = parse_endpoint(host, default_port=25)
+        except ValueError as e:
+            raise self.error(f"{key}.host", str(e)) from None
+        tls = table.get("tls", "opportunistic")
+        if tls not in ("opportunistic", "required", "none"):
+            raise self.error(f"{key}.tls",
+                             f'{_show(tls)} is not "opportunistic", "required" or "none"')
+        user, password_file = table.get("user"), table.get("password_file")
+        auth: tuple[str, str] | None = None
+        if (user is None) != (password_file is None):
+            raise self.error(key, "give both user and password_file, or neither")
+        if user is not None:
+            if not isinstance(user, str) or not isinstance(password_file, str):
+                raise self.error(key, "user and password_file are strings")
+            path = self.data_dir / password_file
+            try:
+                password = path.read_text(encoding="utf-8").strip("\r\n")
+            except OSError as e:
+                raise self.error(f"{key}.password_file",
+                                 f"cannot read {path}: {e.strerror or e}") from None
+            auth = (user, password)
+        return Route(endpoint.host, endpoint.port, tls=str(tls), auth=auth)
 
 
 def load_config(data_dir: Path | str = DEFAULT_DATA_DIR, config_file: Path | None = None) -> Config:
