@@ -10,7 +10,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_config_reference_in_readme_loads_and_matches_init(tmp_path: Path) -> None:
     text = README.read_text()
-    (block,) = re.findall(r"```toml\n(.*?)```", text, re.S)
+    # The reference is the block that starts with `postroom init`'s header.
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", text, re.S)
+                if b.startswith("# postroom configuration")]
     (tmp_path / "postroom.toml").write_text(block)
     config = load_config(tmp_path)
     assert config.hostname == "mx.corp.example"
