@@ -176,8 +176,8 @@ def test_kill_9_while_the_queue_empties(postroom_factory: Callable[..., Postroom
     assert doubled <= may_repeat, (
         f"delivered twice although the queue had recorded them: {doubled - may_repeat}"
     )
-    # What had arrived without being recorded is sent again; nothing else.
-    assert doubled == in_flight, (doubled, in_flight)
+    # Only what had arrived without being recorded may come twice.
+    assert doubled <= in_flight, (doubled, in_flight)
     assert set(queued) - set(at_kill) <= may_repeat, "a message left the queue undelivered"
     print(
         f"{total} queued; at the kill {len(at_kill)} had arrived and {len(queued_at_kill)} were "
