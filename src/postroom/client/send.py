@@ -345,7 +345,11 @@ async def start_tls(
         raise error(text, kind="certificate") from None
     except ssl.SSLError as exc:
         channel.abort()
-        raise error(f"TLS failure with {where}: {exc.reason or exc}", kind="tls") from None
+        text = f"TLS failure with {where}: {exc.reason or exc}"
+        if exc.reason == "WRONG_VERSION_NUMBER":
+            # The server spoke in plain text: its greeting where TLS was expected.
+            text += " (the server does not start with TLS: is this a STARTTLS/STLS port?)"
+        raise error(text, kind="tls") from None
     except TimeoutError:
         channel.abort()
         text = f"TLS failure with {where}: the handshake took longer than {timeout:g}s"
@@ -610,7 +614,14 @@ async def _transaction(
     utf8: bool,
 ) -> SubmitResult:
     core = session.core
-    greeting = await session.reply()
+    try:
+        greeting = await session.reply()
+    except SendError as exc:
+        if security != "starttls" or exc.kind != "lost":
+            raise
+        # A server waiting for a TLS handshake says nothing and gives up.
+        raise SendError(f"{exc.text}; if this port expects TLS at once, use security "
+                        "'tls'", kind=exc.kind, temporary=exc.temporary) from None
     if greeting.reply.code != 220:
         error = session.refusal("refused the session", greeting)
         await session.quit()  # RFC 5321 3.1: a 554 greeting still waits for QUIT
