@@ -219,11 +219,14 @@ def test_trace_queue_id_of_an_earlier_hop_in_a_maildir(tmp_path: Path) -> None:
         assert "2 hops" in out
 
 
-def test_trace_unknown_queue_id_says_where_it_looked(tmp_path: Path) -> None:
+def test_trace_unknown_queue_id_says_where_it_looked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = data_folder(tmp_path)
     code, out = run("trace", "--data", str(data), "0000000000AA")
-    assert code == 1
-    assert "no message with queue ID 0000000000AA" in out and "queue" in out
+    assert code == 1 and out == ""
+    err = capsys.readouterr().err
+    assert "no message with queue ID 0000000000AA" in err and str(data / "queue") in err
 
 
 def test_trace_argument_neither_file_nor_id(

@@ -47,6 +47,7 @@ SMITH = "smith@isp.example"
 BOSS = "boss@corp.example"
 PROVIDER = "mail.isp.example"
 CORP = "mx.corp.example"
+CLIENT_HELO = "laptop.isp.example"  # the name Smith's mail client greets with
 STRANGER_RCPT = "someone@elsewhere.example"
 SUBJECT = "Quarterly report"
 # The line that starts with a dot shows SMTP's transparency at work (RFC 5321
@@ -337,7 +338,7 @@ async def _smtp_exchange(host: str, port: int, commands: list[str]) -> list[tupl
 async def _story(world: World, printer: Printer) -> list[str]:
     """Run the steps; return the problems found (none: the story held)."""
     from postroom.client.fetch import fetch
-    from postroom.client.send import build_message, submit
+    from postroom.client.send import build_message, submit, wire_bytes
 
     provider, corp, dns = await _set_up(world, printer)
     problems: list[str] = []
@@ -351,7 +352,8 @@ async def _story(world: World, printer: Printer) -> list[str]:
     begun = time.time()
     result = await submit(
         message, host=host, port=port, security="starttls", user=SMITH,
-        password=world.passwords[SMITH], cafile=str(provider.config.tls.cert), trace=sent)
+        password=world.passwords[SMITH], cafile=str(provider.config.tls.cert), trace=sent,
+        helo=CLIENT_HELO)
     submitted = time.time()
     printer.header(f"1. Smith's mail client submits the message to {PROVIDER}",
                    submitted - begun)
@@ -360,7 +362,8 @@ async def _story(world: World, printer: Printer) -> list[str]:
     for _, line in sent.lines:
         printer.line(line, indent=5)
     printer.line(f"accepted for {', '.join(result.accepted)}"
-                 + (f"; TLS: {result.tls}" if result.tls else ""), indent=3)
+                 + (f"; {result.tls}, the server's certificate verified (the demo trusts "
+                    "its self-signed one)" if result.tls else ""), indent=3)
     found = re.search(r"queued as (\S+)", result.reply)
     if not found or result.refused:
         raise DemoFailed(f"the provider did not queue the message: {result.reply} "
@@ -482,7 +485,7 @@ async def _story(world: World, printer: Printer) -> list[str]:
     if [h.by for h in hops] != [PROVIDER, CORP]:
         problems.append(f"the Received headers name {[h.by for h in hops]}, "
                         f"not [{PROVIDER!r}, {CORP!r}]")
-    if _body(raw) != _body(message.as_bytes(policy=email.policy.SMTP)):
+    if _body(raw) != _body(wire_bytes(message)):
         problems.append("the body that arrived differs from the body that was sent")
     return problems
 

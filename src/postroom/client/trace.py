@@ -21,6 +21,7 @@ from __future__ import annotations
 import email
 import email.utils
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -359,7 +360,7 @@ def find_queue_id(config: Config, queue_id: str) -> list[Path]:
 
 
 def trace(
-    target: str, load_config: Callable[[], Config], out: TextIO
+    target: str, load_config: Callable[[], Config], out: TextIO, err: TextIO | None = None
 ) -> int:
     """`postroom trace FILE|QUEUE-ID`: print the path(s); 0, or 1 when nothing is found."""
     paths: Iterable[Path]
@@ -376,8 +377,8 @@ def trace(
         config = load_config()
         paths = find_queue_id(config, target)
         if not paths:
-            print(f"no message with queue ID {target} in {config.queue_dir} or "
-                  f"{config.mail_dir} (and no such file)", file=out)
+            print(f"postroom trace: no message with queue ID {target} in {config.queue_dir} "
+                  f"or {config.mail_dir} (and no such file)", file=err or sys.stderr)
             return 1
     for i, found in enumerate(paths):
         if i:
