@@ -13,8 +13,13 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import importlib
+import shutil
 import socket
 import ssl
+import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from email.message import EmailMessage
@@ -538,3 +543,73 @@ def test_non_ascii_address_needs_smtputf8(tmp_path: Path) -> None:
     (envelope,) = handler.envelopes
     assert envelope.rcpt_tos == ["jörg@y.example"]
     assert "jörg@y.example".encode() in envelope.original_content  # RFC 6532: UTF-8 headers
+
+
+# --- Postfix ---------------------------------------------------------------------------------
+
+
+def _mailharness() -> Any:
+    """tests/interop/mailharness.py (the interop folder is not a package)."""
+    folder = str(Path(__file__).resolve().parents[1] / "interop")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module("mailharness")
+
+
+@pytest.mark.interop
+def test_submit_to_postfix_with_starttls(peer_missing: Callable[[str], None]) -> None:
+    """Postfix's smtpd (STARTTLS, its certificate verified) stores what was meant.
+
+    Without a SASL backend Postfix offers no AUTH; `user=""` sends without a login.
+    """
+    harness = _mailharness()
+    reason = harness.PrivatePostfix.unavailable_reason()
+    if reason is not None:
+        peer_missing(reason)
+    # Not under pytest's 0700 temp root, which locks out the postfix user.
+    root = Path(tempfile.mkdtemp(prefix="postroom-send-postfix-"))
+    try:
+        cert, key = make_self_signed("mx.pf.example")
+        (root / "tls").mkdir()
+        (root / "tls" / "cert.pem").write_bytes(cert)
+        (root / "tls" / "key.pem").write_bytes(key)
+        (root / "tls" / "key.pem").chmod(0o600)
+        postfix = harness.PrivatePostfix(
+            root / "postfix", myhostname="mx.pf.example", mailbox_domain="pf.example",
+            mailbox_users=["boss"],
+            extra_main_cf={"smtpd_tls_security_level": "may",
+                           "smtpd_tls_cert_file": str(root / "tls" / "cert.pem"),
+                           "smtpd_tls_key_file": str(root / "tls" / "key.pem"),
+                           "smtpd_tls_received_header": "yes"},
+        )
+        try:
+            postfix.start()
+        except harness.HarnessError as exc:
+            pytest.fail(f"private postfix did not start: {exc}", pytrace=False)
+        try:
+            attachment = root / "data.bin"
+            attachment.write_bytes(bytes(range(256)) * 300)
+            message = build_message(sender=SMITH, to=["boss@pf.example"],
+                                    bcc=["boss@pf.example"], subject=SUBJECT, body=BODY,
+                                    attachments=[attachment])
+            lines: list[str] = []
+            result = run(lambda: submit(message, host="127.0.0.1", port=postfix.port,
+                                        security="starttls", user="", password="",
+                                        cafile=str(root / "tls" / "cert.pem"),
+                                        trace=lines.append))
+            assert result.accepted == ["boss@pf.example"]
+            assert result.reply.startswith("2.0.0 Ok: queued as ")
+            assert "C: STARTTLS" in lines and not any("AUTH" in x for x in lines if "C:" in x)
+            folder = postfix.mailbox_path("boss")
+            deadline = time.monotonic() + 20
+            while harness.count_new(folder) < 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            (path,) = list((folder / "new").iterdir())  # one copy: Bcc named it again
+            data = path.read_bytes()
+            # Postfix keeps LF line ends and puts its own headers on top.
+            assert data.endswith(wire_bytes(message).replace(b"\r\n", b"\n"))
+            assert b"with ESMTPS" in data.split(b"\n\n", 1)[0]
+        finally:
+            postfix.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
