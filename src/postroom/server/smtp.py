@@ -448,6 +448,8 @@ class SMTPSession:
             good = await asyncio.get_running_loop().run_in_executor(
                 None, svc.verify_password, name, step.password
             )
+        if self.conn.closing:
+            return  # the server stopped (421 sent) while the password was checked
         if not good:
             delay = svc.throttle.failed(self.client_ip, name) if svc.throttle else 0.0
             log.warning("%s: authentication failed for %r from [%s] (answer delayed %.1fs)",
