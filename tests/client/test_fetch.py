@@ -506,6 +506,7 @@ def test_wrong_security_for_the_port_says_so(tmp_path: Path) -> None:
             options = settings(server, tmp_path, "tls")
             with pytest.raises(FetchError) as caught:  # STLS on the implicit TLS port
                 await fetch(dest=tmp_path / "M", timeout=0.5, **{**options, "security": "stls"})
-            assert "if this port expects TLS at once, use security 'tls'" in caught.value.text
+            text = caught.value.text
+            assert "if this port expects TLS from the start, use --security tls" in text
 
     run(scenario)

@@ -49,6 +49,7 @@ from postroom.client.send import (
     read_password,
     start_tls,
     tls_context,
+    waiting_for,
 )
 from postroom.protocol.pop3_client import (
     CAPA,
@@ -488,7 +489,7 @@ class _Session:
         """The next event; EOF, timeout or a protocol error raises FetchError."""
         core = self.core
         while True:
-            what = core.pending[0] if core.pending else "nothing"
+            what = waiting_for(core.pending)
             try:
                 event = core.next_event()
             except ReplyError as exc:
@@ -498,11 +499,11 @@ class _Session:
                     data = await self.channel.read(self.timeout)
                 except TimeoutError:
                     text = f"no answer from {self.where} within {self.timeout:g}s"
-                    raise self.lost(f"{text} (waiting after {what})") from None
+                    raise self.lost(f"{text} ({what})") from None
                 core.receive_data(data)
                 continue
             if isinstance(event, ConnectionClosed):
-                raise self.lost(f"{self.where} closed the connection (waiting after {what})")
+                raise self.lost(f"{self.where} closed the connection ({what})")
             assert not isinstance(event, type)
             if isinstance(event, Response) and not event.command:
                 self.trace(f"S: {event}")
@@ -797,8 +798,8 @@ async def _fetch(
             if security != "stls" or exc.kind != "lost":
                 raise
             # A server waiting for a TLS handshake says nothing and gives up.
-            raise FetchError(f"{exc.text}; if this port expects TLS at once, use security "
-                             "'tls'", kind=exc.kind, temporary=exc.temporary) from None
+            raise FetchError(f"{exc.text}; if this port expects TLS from the start, "
+                             "use --security tls", kind=exc.kind, temporary=exc.temporary) from None
         assert isinstance(greeting, Response) and greeting.command == GREETING
         session.trace(f"S: {greeting}" + (" [Authorization state]" if greeting.ok else ""))
         if not greeting.ok:

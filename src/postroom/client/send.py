@@ -35,11 +35,9 @@ from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeAlias
 
-# The relay session's channel serves here too: reads with a timeout, client
-# TLS, and nothing buffered across STARTTLS.
-from postroom.delivery.smtp_out import _Channel as Channel
+from postroom.delivery.smtp_out import _Channel
 from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import LOGIN, PLAIN, ClientExchange, SASLError
 from postroom.protocol.smtp_client import (
@@ -68,7 +66,9 @@ PASSWORD_ENV = "POSTROOM_PASSWORD"
 IMPLICIT_TLS_PORTS = frozenset({465, 2465})
 
 Trace = Callable[[str], None]
-__all__ = ["Channel"]  # re-exported for client.fetch; the rest is public by name
+# The relay session's connection serves the user's tools too: reads with a
+# timeout, client TLS, and nothing buffered across STARTTLS (RFC 3207 4.2).
+Channel: TypeAlias = _Channel
 
 
 class ClientError(Exception):
@@ -288,6 +288,15 @@ def tls_description(channel: Channel) -> str | None:
     return f"{ssl_object.version()} {cipher[0]}" if cipher else str(ssl_object.version())
 
 
+def waiting_for(pending: tuple[str, ...]) -> str:
+    """What a client waits for, in words: "waiting for the greeting", "... the answer to RETR"."""
+    if not pending:
+        return "waiting for nothing"
+    if pending[0] == "greeting":
+        return "waiting for the greeting"
+    return f"waiting for the answer to {pending[0]}"
+
+
 def _reason(exc: OSError) -> str:
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the host name ({exc.strerror})"
@@ -450,7 +459,7 @@ class _Session:
     async def reply(self, timeout: float | None = None) -> Response:
         """The next reply; a 421, EOF, timeout or protocol error raises SendError."""
         core = self.core
-        what = core.pending[0] if core.pending else "nothing"
+        what = waiting_for(core.pending)
         while True:
             try:
                 event = core.next_event()
@@ -461,11 +470,11 @@ class _Session:
                     data = await self.channel.read(timeout or self.timeout)
                 except TimeoutError:
                     text = f"no reply from {self.where} within {timeout or self.timeout:g}s"
-                    raise self.lost(f"{text} (waiting after {what})") from None
+                    raise self.lost(f"{text} ({what})") from None
                 core.receive_data(data)
                 continue
             if isinstance(event, ConnectionClosed):
-                raise self.lost(f"{self.where} closed the connection (waiting after {what})")
+                raise self.lost(f"{self.where} closed the connection ({what})")
             assert isinstance(event, Response)
             reply = event.reply
             self.trace("S: " + (_ehlo_summary(reply) if event.command == "EHLO"
@@ -620,8 +629,8 @@ async def _transaction(
         if security != "starttls" or exc.kind != "lost":
             raise
         # A server waiting for a TLS handshake says nothing and gives up.
-        raise SendError(f"{exc.text}; if this port expects TLS at once, use security "
-                        "'tls'", kind=exc.kind, temporary=exc.temporary) from None
+        raise SendError(f"{exc.text}; if this port expects TLS from the start, "
+                        "use --security tls", kind=exc.kind, temporary=exc.temporary) from None
     if greeting.reply.code != 220:
         error = session.refusal("refused the session", greeting)
         await session.quit()  # RFC 5321 3.1: a 554 greeting still waits for QUIT
