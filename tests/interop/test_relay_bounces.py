@@ -137,7 +137,9 @@ def recipient_fields(report: email.message.Message) -> dict[str, str]:
     (status,) = [p for p in report.walk() if p.get_content_type() == "message/delivery-status"]
     blocks = status.get_payload()
     assert isinstance(blocks, list) and len(blocks) == 2, blocks
-    return {k.lower(): " ".join(str(v).split()) for k, v in blocks[1].items()}
+    block = blocks[1]
+    assert isinstance(block, email.message.Message), block
+    return {k.lower(): " ".join(str(v).split()) for k, v in block.items()}
 
 
 def test_null_mx_bounces_at_once_with_5_1_10(

@@ -19,6 +19,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from mailcheck import make_message, new_token
@@ -70,10 +71,9 @@ class Provider:
 
 
 @pytest.fixture(scope="module")
-def provider(_module_servers: object) -> Iterator[Provider]:
+def provider(_module_servers: Any) -> Iterator[Provider]:
     tripwire = Tripwire()
-    make = _module_servers.postroom  # type: ignore[attr-defined]
-    host = make(
+    host = _module_servers.postroom(
         hostname="mail.isp.example", domains=["isp.example"],
         users={SMITH: SMITH_PASSWORD, JONES: "jones-secret"}, aliases={},
         listeners=("smtp", "submission"),

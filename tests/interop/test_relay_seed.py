@@ -201,6 +201,7 @@ def _delivery_status(report: email.message.Message) -> list[dict[str, str]]:
     payload = status.get_payload()
     # The email package parses the part into a list of header blocks (RFC 3464 2.1).
     for block in payload if isinstance(payload, list) else []:
+        assert isinstance(block, email.message.Message), block
         groups.append({k.lower(): " ".join(str(v).split()) for k, v in block.items()})
     return groups
 
