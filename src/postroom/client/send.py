@@ -357,7 +357,8 @@ async def start_tls(
         text = f"TLS failure with {where}: {exc.reason or exc}"
         if exc.reason == "WRONG_VERSION_NUMBER":
             # The server spoke in plain text: its greeting where TLS was expected.
-            text += " (the server does not start with TLS: is this a STARTTLS/STLS port?)"
+            text = (f"TLS failure with {where}: the server answered in plain text, not TLS "
+                    "(is this a STARTTLS/STLS port?)")
         raise error(text, kind="tls") from None
     except TimeoutError:
         channel.abort()
