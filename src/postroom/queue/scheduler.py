@@ -400,7 +400,9 @@ class Scheduler:
         )
         log.info(
             "%s: to=<%s>%s, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)",
-            envelope.queue_id, recipient.address, orig, recipient.remote_mta or "local",
+            envelope.queue_id, recipient.address, orig,
+            # No remote MTA: delivered here, or never reached one (Postfix: relay=none).
+            recipient.remote_mta or ("local" if recipient.state == "delivered" else "none"),
             _seconds(ended - envelope.created), delays, recipient.dsn_status, word,
             " ".join((recipient.last_error or "").split()),
         )

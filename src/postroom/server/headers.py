@@ -7,11 +7,12 @@ Submission needs to read a few header fields before the message is stored
 
 from __future__ import annotations
 
-import email.utils
 import uuid
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+
+from postroom.server.received import rfc5322_date
 
 # A header section longer than this is not parsed for submission fixes.
 MAX_HEADER_CAPTURE = 256 * 1024
@@ -59,5 +60,5 @@ def missing_headers(fields: Message, hostname: str, when: float | None = None) -
     if fields.get("Message-ID") is None:
         lines.append(f"Message-ID: <{uuid.uuid4().hex}@{hostname}>")
     if fields.get("Date") is None:
-        lines.append(f"Date: {email.utils.formatdate(when, localtime=False)}")
+        lines.append(f"Date: {rfc5322_date(when)}")
     return "".join(line + "\r\n" for line in lines).encode("ascii")

@@ -8,7 +8,9 @@ host to count them and refuse past a limit (Postfix: hopcount_limit = 50).
 from __future__ import annotations
 
 import email.utils
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 # RFC 5321 6.3: "a simple counting of the number of Received: header fields"
 # with a limit of at least 100 suggested; Postfix and Exim use 50 in practice.
@@ -45,6 +47,13 @@ def with_protocol(info: TraceInfo) -> str:
     return base + ("S" if info.tls_version else "") + ("A" if info.authenticated else "")
 
 
+def rfc5322_date(when: float | None = None) -> str:
+    """A date-time in UTC written "+0000" (RFC 5322 3.3: "-0000" would mean the zone
+    is unknown, and we know it)."""
+    moment = datetime.fromtimestamp(time.time() if when is None else when, UTC)
+    return email.utils.format_datetime(moment)
+
+
 def received_header(info: TraceInfo, when: float | None = None) -> bytes:
     """The Received header line, folded, CRLF-terminated (RFC 5321 4.4, RFC 5322 3.6.7)."""
     literal = f"[{info.client_ip}]" if ":" not in info.client_ip else f"[IPv6:{info.client_ip}]"
@@ -54,7 +63,7 @@ def received_header(info: TraceInfo, when: float | None = None) -> bytes:
     if info.tls_version:
         by += f"\r\n\t(using {info.tls_version} with cipher {info.tls_cipher})"
     lines.append(by)
-    stamp = email.utils.formatdate(when, localtime=False)
+    stamp = rfc5322_date(when)
     if info.recipient:
         lines.append(f"\tfor <{info.recipient}>; {stamp}")
     else:
