@@ -35,7 +35,7 @@ from postroom.client.fetch import (
     summary,
 )
 from postroom.config import load_config
-from postroom.delivery import smtp_out
+from postroom.net import Channel
 from postroom.server.main import Running, start
 from postroom.store.users import open_user_directory
 
@@ -253,17 +253,17 @@ def test_keep_forgets_what_the_server_no_longer_has(tmp_path: Path) -> None:
 
 def cut_at(monkeypatch: pytest.MonkeyPatch, command: bytes) -> list[int]:
     """Abort the connection (no QUIT) when the client writes `command`; once."""
-    real_write = smtp_out._Channel.write
+    real_write = Channel.write
     cuts: list[int] = []
 
-    def write(self: smtp_out._Channel, data: bytes) -> None:
+    def write(self: Channel, data: bytes) -> None:
         if command in data and not cuts:
             cuts.append(1)
             self.abort()
             raise ConnectionResetError("cut by the test")
         real_write(self, data)
 
-    monkeypatch.setattr(smtp_out._Channel, "write", write)
+    monkeypatch.setattr(Channel, "write", write)
     return cuts
 
 

@@ -23,7 +23,7 @@ from mailcheck import CRLF, make_message, new_token
 from mailharness import HarnessError, PrivateDovecot, maildir_files
 
 from postroom.client.fetch import FetchError, FetchResult, fetch
-from postroom.delivery import smtp_out
+from postroom.net import Channel
 from postroom.tlscert import make_self_signed
 
 pytestmark = pytest.mark.interop
@@ -150,17 +150,17 @@ def test_interrupted_run_resumes(server: Server, tmp_path: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     dest = tmp_path / "Maildir"
     originals = [server.put(m) for m in messages(3)]
-    real_write = smtp_out._Channel.write
+    real_write = Channel.write
     cut: list[bool] = []
 
-    def write(self: smtp_out._Channel, data: bytes) -> None:
+    def write(self: Channel, data: bytes) -> None:
         if b"RETR 2" in data and not cut:
             cut.append(True)
             self.abort()  # no QUIT: Dovecot deletes nothing
             raise ConnectionResetError("cut by the test")
         real_write(self, data)
 
-    monkeypatch.setattr(smtp_out._Channel, "write", write)
+    monkeypatch.setattr(Channel, "write", write)
     with pytest.raises(FetchError) as caught:
         run(fetch(dest=dest, **server.options()))
     assert caught.value.temporary and caught.value.result is not None

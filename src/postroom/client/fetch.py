@@ -37,18 +37,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TextIO
 
-from postroom.client.send import (
+from postroom.client.connect import (
     EX_OK,
     EX_USAGE,
     Channel,
     ClientError,
+    Session,
     Trace,
+    certificate_hint,
     connect,
     host_port,
     parse_server,
     read_password,
     start_tls,
     tls_context,
+    tls_expected,
     waiting_for,
 )
 from postroom.protocol.pop3_client import (
@@ -455,35 +458,13 @@ class _Progress:
             self.stream.flush()
 
 
-class _Session:
-    """One POP3 session: the core, the channel, timeouts, and the trace."""
+class _Session(Session[POP3Client]):
+    """One POP3 session: the POP3 core's commands and answers, said in the trace."""
+
+    error = FetchError
 
     def __init__(self, channel: Channel, where: str, timeout: float, trace: Trace | None):
-        self.channel = channel
-        self.core = POP3Client()
-        self.where = where
-        self.timeout = timeout
-        self._trace = trace
-
-    def trace(self, line: str) -> None:
-        if self._trace is not None:
-            self._trace(line)
-
-    def lost(self, text: str, kind: str = "lost") -> FetchError:
-        self.channel.abort()
-        return FetchError(text, kind=kind, temporary=True)
-
-    async def flush(self) -> None:
-        data = self.core.data_to_send()
-        if not data:
-            return
-        try:
-            self.channel.write(data)
-            await self.channel.drain(self.timeout)
-        except TimeoutError:
-            raise self.lost(f"{self.where} stopped reading for {self.timeout:g}s") from None
-        except OSError as exc:
-            raise self.lost(f"lost the connection with {self.where}: {exc}") from None
+        super().__init__(channel, POP3Client(), where, timeout, trace)
 
     async def event(self) -> Response | Challenge | MessageData | MessageEnd:
         """The next event; EOF, timeout or a protocol error raises FetchError."""
@@ -797,9 +778,7 @@ async def _fetch(
         except FetchError as exc:
             if security != "stls" or exc.kind != "lost":
                 raise
-            # A server waiting for a TLS handshake says nothing and gives up.
-            raise FetchError(f"{exc.text}; if this port expects TLS from the start, "
-                             "use --security tls", kind=exc.kind, temporary=exc.temporary) from None
+            raise tls_expected(exc) from None
         assert isinstance(greeting, Response) and greeting.command == GREETING
         session.trace(f"S: {greeting}" + (" [Authorization state]" if greeting.ok else ""))
         if not greeting.ok:
@@ -890,13 +869,10 @@ def command(
             timeout=args.timeout, progress_stream=stderr,
         ))
     except ClientError as exc:
-        hint = ""
-        if exc.kind == "certificate":
-            hint = " (trust it with --cafile FILE, or skip the check with --insecure)"
         partial = getattr(exc, "result", None)
         if partial is not None and (partial.downloaded or partial.skipped):
             print(f"postroom fetch: {summary(partial, keep=args.keep)} before:", file=stderr)
-        print(f"postroom fetch: {exc.text}{hint}", file=stderr)
+        print(f"postroom fetch: {exc.text}{certificate_hint(exc)}", file=stderr)
         return exc.exit_code
     except (OSError, ValueError) as exc:
         where = getattr(exc, "filename", None)

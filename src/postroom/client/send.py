@@ -8,12 +8,12 @@ TLS (port 465, RFC 8314) or STARTTLS (port 587, RFC 3207), EHLO, AUTH PLAIN or
 LOGIN (RFC 4954), then one transaction whose envelope comes from the headers
 (To, Cc and Bcc; Bcc itself is never sent). `delivery.smtp_out.ClientSession`
 is built for relaying (opportunistic TLS, no implicit TLS, no trace), so this
-module drives the core itself, reusing that session's connection channel.
+module drives the core itself, on the same connection channel (`net.Channel`).
 
 Every failure is a `SendError` a person can read ("cannot connect to ...",
 "TLS failure with ...", "authentication failed ..."), with the exit status
-the command line returns. The connection helpers (`tls_context`, `connect`,
-`read_password`) are shared with `client.fetch`.
+the command line returns. Connecting, TLS and the password come from
+`client.connect`, shared with `client.fetch`.
 """
 
 from __future__ import annotations
@@ -24,20 +24,33 @@ import copy
 import datetime
 import email.policy
 import email.utils
-import getpass
 import mimetypes
-import os
 import secrets
-import socket
 import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
-from typing import TextIO, TypeAlias
+from typing import TextIO
 
-from postroom.delivery.smtp_out import _Channel
+from postroom.client.connect import (
+    EX_OK,
+    EX_USAGE,
+    Channel,
+    ClientError,
+    Session,
+    Trace,
+    certificate_hint,
+    connect,
+    host_port,
+    parse_server,
+    read_password,
+    start_tls,
+    tls_context,
+    tls_expected,
+    waiting_for,
+)
 from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import LOGIN, PLAIN, ClientExchange, SASLError
 from postroom.protocol.smtp_client import (
@@ -50,46 +63,14 @@ from postroom.protocol.smtp_client import (
     path_problem,
 )
 
-# sysexits.h, as sendmail and msmtp use them.
-EX_OK = 0
-EX_PARTIAL = 1  # some recipients were refused, the others accepted
-EX_USAGE = 2  # argparse's status; postroom uses it for every user-fixable error
-EX_UNAVAILABLE = 69  # the server cannot be reached, refused us, or TLS/AUTH failed
-EX_TEMPFAIL = 75  # try again later: a 4xx reply, a timeout, a lost connection
+EX_PARTIAL = 1  # some recipients were refused, the others accepted (sysexits: see connect)
 
 SECURITIES = ("starttls", "tls")
 DEFAULT_TIMEOUT = 120.0  # seconds for the connection and each reply
 CHUNK_SIZE = 64 * 1024
-PASSWORD_ENV = "POSTROOM_PASSWORD"
 # Ports where implicit TLS is the custom (RFC 8314 3.3 for submission; the
 # 2xxx one is postroom's loopback default).
 IMPLICIT_TLS_PORTS = frozenset({465, 2465})
-
-Trace = Callable[[str], None]
-# The relay session's connection serves the user's tools too: reads with a
-# timeout, client TLS, and nothing buffered across STARTTLS (RFC 3207 4.2).
-Channel: TypeAlias = _Channel
-
-
-class ClientError(Exception):
-    """A failure of a client tool, in one line a person can read.
-
-    `kind` says what failed: "usage", "connect", "tls", "certificate",
-    "auth", "refused", "protocol", "lost". `temporary` says whether trying
-    again later may work.
-    """
-
-    def __init__(self, text: str, *, kind: str, temporary: bool = False) -> None:
-        super().__init__(text)
-        self.text = text
-        self.kind = kind
-        self.temporary = temporary
-
-    @property
-    def exit_code(self) -> int:
-        if self.kind == "usage":
-            return EX_USAGE
-        return EX_TEMPFAIL if self.temporary else EX_UNAVAILABLE
 
 
 class SendError(ClientError):
@@ -238,176 +219,6 @@ def wire_bytes(message: EmailMessage, *, utf8: bool = False) -> bytes:
     return sent.as_bytes(policy=email.policy.SMTPUTF8 if utf8 else email.policy.SMTP)
 
 
-# --- Connections (shared with client.fetch) -----------------------------------------------
-
-
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_server(text: str, default_port: int | None = None) -> tuple[str, int | None]:
-    """ "host:port", "[v6]:port", or a bare host (port None unless a default is given)."""
-    host, port = text, ""
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"malformed server {text!r}: expected [ADDRESS]:PORT")
-        port = rest[1:]
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    if not host:
-        raise ValueError(f"malformed server {text!r}: no host")
-    if not port:
-        return host, default_port
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"malformed server {text!r}: bad port {port!r}")
-    return host, int(port)
-
-
-def tls_context(*, verify_cert: bool = True, cafile: str | None = None) -> ssl.SSLContext:
-    """A client context: TLS 1.2 or newer, the system's CAs plus `cafile`, names checked."""
-    context = ssl.create_default_context()
-    context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 8996, RFC 9325 3.1.1
-    if cafile:
-        try:
-            context.load_verify_locations(cafile=cafile)
-        except (OSError, ssl.SSLError) as exc:
-            raise ClientError(f"cannot load the CA file {cafile}: {exc}", kind="usage") from None
-    if not verify_cert:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def tls_description(channel: Channel) -> str | None:
-    """ "TLSv1.3 TLS_AES_256_GCM_SHA384" for a TLS connection, None without TLS."""
-    ssl_object = channel.get_extra_info("ssl_object")
-    if ssl_object is None:
-        return None
-    cipher = ssl_object.cipher()
-    return f"{ssl_object.version()} {cipher[0]}" if cipher else str(ssl_object.version())
-
-
-def waiting_for(pending: tuple[str, ...]) -> str:
-    """What a client waits for, in words: "waiting for the greeting", "... the answer to RETR"."""
-    if not pending:
-        return "waiting for nothing"
-    if pending[0] == "greeting":
-        return "waiting for the greeting"
-    return f"waiting for the answer to {pending[0]}"
-
-
-def _reason(exc: OSError) -> str:
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({exc.strerror})"
-    # asyncio words errors as "Connect call failed (...)": say what errno says.
-    return os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
-
-
-async def connect(
-    host: str,
-    port: int,
-    *,
-    timeout: float,
-    error: type[ClientError] = ClientError,
-    trace: Trace | None = None,
-) -> Channel:
-    """A TCP connection to host:port, or `error` saying why not (kind "connect")."""
-    where = host_port(host, port)
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(timeout):
-            _transport, channel = await loop.create_connection(Channel, host, port)
-    except TimeoutError:
-        text = f"cannot connect to {where}: no answer within {timeout:g}s"
-        raise error(text, kind="connect", temporary=True) from None
-    except OSError as exc:
-        raise error(f"cannot connect to {where}: {_reason(exc)}", kind="connect") from None
-    if trace is not None:
-        peer = channel.get_extra_info("peername")
-        trace(f"connected to {where}" + (f" ({peer[0]})" if peer and peer[0] != host else ""))
-    return channel
-
-
-async def start_tls(
-    channel: Channel,
-    context: ssl.SSLContext,
-    host: str,
-    port: int,
-    *,
-    timeout: float,
-    error: type[ClientError] = ClientError,
-    trace: Trace | None = None,
-) -> None:
-    """The TLS handshake on `channel`; on failure the connection is dropped and `error` raised.
-
-    A certificate that is not trusted is kind "certificate", any other
-    handshake failure kind "tls".
-    """
-    where = host_port(host, port)
-    try:
-        await channel.start_tls(context, host.strip("[]"), timeout)
-    except ssl.SSLCertVerificationError as exc:
-        channel.abort()
-        why = exc.verify_message or exc.reason or str(exc)
-        text = f"TLS failure with {where}: its certificate is not trusted ({why})"
-        raise error(text, kind="certificate") from None
-    except ssl.SSLError as exc:
-        channel.abort()
-        text = f"TLS failure with {where}: {exc.reason or exc}"
-        if exc.reason == "WRONG_VERSION_NUMBER":
-            # The server spoke in plain text: its greeting where TLS was expected.
-            text = (f"TLS failure with {where}: the server answered in plain text, not TLS "
-                    "(is this a STARTTLS/STLS port?)")
-        raise error(text, kind="tls") from None
-    except TimeoutError:
-        channel.abort()
-        text = f"TLS failure with {where}: the handshake took longer than {timeout:g}s"
-        raise error(text, kind="tls", temporary=True) from None
-    except OSError as exc:
-        channel.abort()
-        text = f"TLS failure with {where}: the connection broke during the handshake ({exc})"
-        raise error(text, kind="tls", temporary=True) from None
-    if trace is not None:
-        trace(f"TLS: {tls_description(channel)}")
-
-
-def read_password(
-    *,
-    user: str,
-    password_file: str | None,
-    stderr: TextIO,
-    environ: dict[str, str] | None = None,
-    prompt: Callable[[str], str] | None = None,
-) -> str:
-    """The password from --password-file, else $POSTROOM_PASSWORD, else asked on the terminal.
-
-    Never from a command-line argument, where other users see it (ps).
-    """
-    env = os.environ if environ is None else environ
-    if password_file:
-        with open(password_file, encoding="utf-8") as f:
-            line = f.readline()
-        password = line.rstrip("\r\n")
-        if not password:
-            raise ClientError(f"{password_file}: no password on its first line", kind="usage")
-        return password
-    if env.get(PASSWORD_ENV):
-        return env[PASSWORD_ENV]
-    if prompt is None:
-        try:
-            with open("/dev/tty"):
-                pass
-        except OSError:
-            raise ClientError(
-                f"no password: give --password-file FILE or set {PASSWORD_ENV} "
-                "(there is no terminal to ask on)",
-                kind="usage",
-            ) from None
-        prompt = getpass.getpass
-    return prompt(f"Password for {user}: ")
-
-
 # --- The SMTP session -------------------------------------------------------------------
 
 
@@ -427,35 +238,13 @@ def _ehlo_summary(reply: Reply) -> str:
     return f"{reply.code} {lines[0]}" + (f" ({keywords})" if keywords else "")
 
 
-class _Session:
-    """One submission session: the core, the channel, timeouts, and the trace."""
+class _Session(Session[SMTPClient]):
+    """One submission session: the SMTP core's commands and replies, said in the trace."""
+
+    error = SendError
 
     def __init__(self, channel: Channel, where: str, timeout: float, trace: Trace | None):
-        self.channel = channel
-        self.core = SMTPClient()
-        self.where = where
-        self.timeout = timeout
-        self._trace = trace
-
-    def trace(self, line: str) -> None:
-        if self._trace is not None:
-            self._trace(line)
-
-    def lost(self, text: str, kind: str = "lost") -> SendError:
-        self.channel.abort()
-        return SendError(text, kind=kind, temporary=True)
-
-    async def flush(self) -> None:
-        data = self.core.data_to_send()
-        if not data:
-            return
-        try:
-            self.channel.write(data)
-            await self.channel.drain(self.timeout)
-        except TimeoutError:
-            raise self.lost(f"{self.where} stopped reading for {self.timeout:g}s") from None
-        except OSError as exc:
-            raise self.lost(f"lost the connection with {self.where}: {exc}") from None
+        super().__init__(channel, SMTPClient(), where, timeout, trace)
 
     async def reply(self, timeout: float | None = None) -> Response:
         """The next reply; a 421, EOF, timeout or protocol error raises SendError."""
@@ -629,9 +418,7 @@ async def _transaction(
     except SendError as exc:
         if security != "starttls" or exc.kind != "lost":
             raise
-        # A server waiting for a TLS handshake says nothing and gives up.
-        raise SendError(f"{exc.text}; if this port expects TLS from the start, "
-                        "use --security tls", kind=exc.kind, temporary=exc.temporary) from None
+        raise tls_expected(exc) from None
     if greeting.reply.code != 220:
         error = session.refusal("refused the session", greeting)
         await session.quit()  # RFC 5321 3.1: a 554 greeting still waits for QUIT
@@ -778,10 +565,7 @@ def command(
     except ClientError as exc:
         for address, reply in getattr(exc, "refused", {}).items():
             print(f"postroom send: refused <{address}>: {reply}", file=stderr)
-        hint = ""
-        if exc.kind == "certificate":
-            hint = " (trust it with --cafile FILE, or skip the check with --insecure)"
-        print(f"postroom send: {exc.text}{hint}", file=stderr)
+        print(f"postroom send: {exc.text}{certificate_hint(exc)}", file=stderr)
         return exc.exit_code
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         where = getattr(exc, "filename", None)

@@ -1,0 +1,304 @@
+"""Connections for the user's mail tools: servers, TLS, logins, and failures said in words.
+
+What `client.send` (SMTP submission) and `client.fetch` (POP3) share: reading
+"host:port" arguments, a client TLS context, connecting and the TLS handshake
+(implicit, RFC 8314, or after STARTTLS/STLS, RFC 3207 and RFC 2595) with every
+failure a `ClientError` a person can read ("cannot connect to ...", "TLS
+failure with ..."), the password (never from the command line), and `Session`,
+the part of a client session that moves the core's bytes over the channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Generic, Protocol, TextIO, TypeVar
+
+from postroom.net import Channel
+
+__all__ = [
+    "EX_OK",
+    "EX_TEMPFAIL",
+    "EX_UNAVAILABLE",
+    "EX_USAGE",
+    "PASSWORD_ENV",
+    "Channel",
+    "ClientError",
+    "Session",
+    "Trace",
+    "certificate_hint",
+    "connect",
+    "host_port",
+    "parse_server",
+    "read_password",
+    "start_tls",
+    "tls_context",
+    "tls_description",
+    "tls_expected",
+    "waiting_for",
+]
+
+# sysexits.h, as sendmail and msmtp use them.
+EX_OK = 0
+EX_USAGE = 2  # argparse's status; postroom uses it for every user-fixable error
+EX_UNAVAILABLE = 69  # the server cannot be reached, refused us, or TLS/AUTH failed
+EX_TEMPFAIL = 75  # try again later: a 4xx reply, a timeout, a lost connection
+
+PASSWORD_ENV = "POSTROOM_PASSWORD"
+
+Trace = Callable[[str], None]
+
+
+class ClientError(Exception):
+    """A failure of a client tool, in one line a person can read.
+
+    `kind` says what failed: "usage", "connect", "tls", "certificate",
+    "auth", "refused", "protocol", "lost". `temporary` says whether trying
+    again later may work.
+    """
+
+    def __init__(self, text: str, *, kind: str, temporary: bool = False) -> None:
+        super().__init__(text)
+        self.text = text
+        self.kind = kind
+        self.temporary = temporary
+
+    @property
+    def exit_code(self) -> int:
+        if self.kind == "usage":
+            return EX_USAGE
+        return EX_TEMPFAIL if self.temporary else EX_UNAVAILABLE
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_server(text: str, default_port: int | None = None) -> tuple[str, int | None]:
+    """ "host:port", "[v6]:port", or a bare host (port None unless a default is given)."""
+    host, port = text, ""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"malformed server {text!r}: expected [ADDRESS]:PORT")
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host:
+        raise ValueError(f"malformed server {text!r}: no host")
+    if not port:
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"malformed server {text!r}: bad port {port!r}")
+    return host, int(port)
+
+
+def tls_context(*, verify_cert: bool = True, cafile: str | None = None) -> ssl.SSLContext:
+    """A client context: TLS 1.2 or newer, the system's CAs plus `cafile`, names checked."""
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 8996, RFC 9325 3.1.1
+    if cafile:
+        try:
+            context.load_verify_locations(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ClientError(f"cannot load the CA file {cafile}: {exc}", kind="usage") from None
+    if not verify_cert:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def tls_description(channel: Channel) -> str | None:
+    """ "TLSv1.3 TLS_AES_256_GCM_SHA384" for a TLS connection, None without TLS."""
+    ssl_object = channel.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher()
+    return f"{ssl_object.version()} {cipher[0]}" if cipher else str(ssl_object.version())
+
+
+def waiting_for(pending: tuple[str, ...]) -> str:
+    """What a client waits for, in words: "waiting for the greeting", "... the answer to RETR"."""
+    if not pending:
+        return "waiting for nothing"
+    if pending[0] == "greeting":
+        return "waiting for the greeting"
+    return f"waiting for the answer to {pending[0]}"
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    # asyncio words errors as "Connect call failed (...)": say what errno says.
+    return os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+
+
+async def connect(
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    error: type[ClientError] = ClientError,
+    trace: Trace | None = None,
+) -> Channel:
+    """A TCP connection to host:port, or `error` saying why not (kind "connect")."""
+    where = host_port(host, port)
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            _transport, channel = await loop.create_connection(Channel, host, port)
+    except TimeoutError:
+        text = f"cannot connect to {where}: no answer within {timeout:g}s"
+        raise error(text, kind="connect", temporary=True) from None
+    except OSError as exc:
+        raise error(f"cannot connect to {where}: {_reason(exc)}", kind="connect") from None
+    if trace is not None:
+        peer = channel.get_extra_info("peername")
+        trace(f"connected to {where}" + (f" ({peer[0]})" if peer and peer[0] != host else ""))
+    return channel
+
+
+async def start_tls(
+    channel: Channel,
+    context: ssl.SSLContext,
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    error: type[ClientError] = ClientError,
+    trace: Trace | None = None,
+) -> None:
+    """The TLS handshake on `channel`; on failure the connection is dropped and `error` raised.
+
+    A certificate that is not trusted is kind "certificate", any other
+    handshake failure kind "tls".
+    """
+    where = host_port(host, port)
+    try:
+        await channel.start_tls(context, host.strip("[]"), timeout)
+    except ssl.SSLCertVerificationError as exc:
+        channel.abort()
+        why = exc.verify_message or exc.reason or str(exc)
+        text = f"TLS failure with {where}: its certificate is not trusted ({why})"
+        raise error(text, kind="certificate") from None
+    except ssl.SSLError as exc:
+        channel.abort()
+        text = f"TLS failure with {where}: {exc.reason or exc}"
+        if exc.reason == "WRONG_VERSION_NUMBER":
+            # The server spoke in plain text: its greeting where TLS was expected.
+            text = (f"TLS failure with {where}: the server answered in plain text, not TLS "
+                    "(is this a STARTTLS/STLS port?)")
+        raise error(text, kind="tls") from None
+    except TimeoutError:
+        channel.abort()
+        text = f"TLS failure with {where}: the handshake took longer than {timeout:g}s"
+        raise error(text, kind="tls", temporary=True) from None
+    except OSError as exc:
+        channel.abort()
+        text = f"TLS failure with {where}: the connection broke during the handshake ({exc})"
+        raise error(text, kind="tls", temporary=True) from None
+    if trace is not None:
+        trace(f"TLS: {tls_description(channel)}")
+
+
+def read_password(
+    *,
+    user: str,
+    password_file: str | None,
+    stderr: TextIO,
+    environ: dict[str, str] | None = None,
+    prompt: Callable[[str], str] | None = None,
+) -> str:
+    """The password from --password-file, else $POSTROOM_PASSWORD, else asked on the terminal.
+
+    Never from a command-line argument, where other users see it (ps).
+    """
+    env = os.environ if environ is None else environ
+    if password_file:
+        with open(password_file, encoding="utf-8") as f:
+            line = f.readline()
+        password = line.rstrip("\r\n")
+        if not password:
+            raise ClientError(f"{password_file}: no password on its first line", kind="usage")
+        return password
+    if env.get(PASSWORD_ENV):
+        return env[PASSWORD_ENV]
+    if prompt is None:
+        try:
+            with open("/dev/tty"):
+                pass
+        except OSError:
+            raise ClientError(
+                f"no password: give --password-file FILE or set {PASSWORD_ENV} "
+                "(there is no terminal to ask on)",
+                kind="usage",
+            ) from None
+        prompt = getpass.getpass
+    return prompt(f"Password for {user}: ")
+
+
+
+def certificate_hint(exc: ClientError) -> str:
+    """What to add to a failure message: how to get past an untrusted certificate."""
+    if exc.kind == "certificate":
+        return " (trust it with --cafile FILE, or skip the check with --insecure)"
+    return ""
+
+
+def tls_expected(exc: ClientError) -> ClientError:
+    """`exc`, a connection lost before the greeting, saying the port may want TLS at once.
+
+    A server waiting for a TLS handshake says nothing and gives up.
+    """
+    return type(exc)(f"{exc.text}; if this port expects TLS from the start, "
+                     "use --security tls", kind=exc.kind, temporary=exc.temporary)
+
+
+class _Core(Protocol):
+    def data_to_send(self) -> bytes: ...
+
+
+CoreT = TypeVar("CoreT", bound=_Core)
+
+
+class Session(Generic[CoreT]):
+    """A client session's I/O: its protocol core, the channel, the timeout, and the trace.
+
+    Subclasses add the protocol's commands and set `error`, the ClientError
+    subclass a failure of the session raises.
+    """
+
+    error: type[ClientError] = ClientError
+
+    def __init__(self, channel: Channel, core: CoreT, where: str, timeout: float,
+                 trace: Trace | None) -> None:
+        self.channel = channel
+        self.core = core
+        self.where = where
+        self.timeout = timeout
+        self._trace = trace
+
+    def trace(self, line: str) -> None:
+        if self._trace is not None:
+            self._trace(line)
+
+    def lost(self, text: str, kind: str = "lost") -> ClientError:
+        """The error for a session that cannot go on; the connection is dropped."""
+        self.channel.abort()
+        return self.error(text, kind=kind, temporary=True)
+
+    async def flush(self) -> None:
+        data = self.core.data_to_send()
+        if not data:
+            return
+        try:
+            self.channel.write(data)
+            await self.channel.drain(self.timeout)
+        except TimeoutError:
+            raise self.lost(f"{self.where} stopped reading for {self.timeout:g}s") from None
+        except OSError as exc:
+            raise self.lost(f"lost the connection with {self.where}: {exc}") from None
