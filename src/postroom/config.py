@@ -147,6 +147,7 @@ class Config:
     queue: QueueConfig
     smtp: SMTPConfig
     pop3: POP3Config
+    workers: int = 0  # server processes; 0 = one per CPU
     # Where the settings came from (None: the embedded default); not part of
     # the configuration's value, so a file with default content equals no file.
     config_path: Path | None = field(default=None, compare=False)
@@ -466,6 +467,11 @@ _TOP: dict[str, _Key] = {
         "Mail domains this host receives mail for. `postroom domain add` adds more "
         "without editing this file.",
     ),
+    "workers": _Key(
+        0, _int(0),
+        "Server processes sharing the listeners (Python runs one core per process); 0 "
+        "means one per CPU. Connection limits and login delays count per process.",
+    ),
 }
 
 _SPEC: dict[str, dict[str, _Key]] = {
@@ -659,6 +665,7 @@ class _Loader:
             if "hostname" in doc else default_hostname()
         )
         domains = self.value("domains", _TOP["domains"], doc.get("domains", ["localhost"]))
+        workers = self.value("workers", _TOP["workers"], doc.get("workers", 0))
 
         parsed: dict[str, dict[str, Any]] = {}
         for name in ("tls", "dns", "relay", "queue", "smtp", "pop3"):
@@ -686,6 +693,7 @@ class _Loader:
             data_dir=self.data_dir,
             hostname=hostname,
             domains=domains,
+            workers=workers,
             listen=ListenConfig(**endpoints),
             tls=tls,
             dns=DNSConfig(**parsed["dns"]),
@@ -842,6 +850,7 @@ def render_default_config(
     ]
     lines += [*_comment(_TOP["hostname"].doc), f"hostname = {_show(host)}", ""]
     lines += [*_comment(_TOP["domains"].doc), f"domains = {_show(doms)}", ""]
+    lines += [*_comment(_TOP["workers"].doc), "workers = 0", ""]
     for name in _ORDER:
         lines.append(f"[{name}]")
         if name == "listen":

@@ -34,6 +34,7 @@ from postroom.server.pop3 import POP3Service, POP3Session
 from postroom.server.relay import Relay
 from postroom.server.smtp import Outbound, SMTPService, SMTPSession
 from postroom.server.stream import Stream
+from postroom.server.workers import fork_workers, reap_children, signal_children, worker_count
 from postroom.store.atomic import atomic_write
 from postroom.store.cache import CachedLookups
 from postroom.store.maildir import MailStore
@@ -213,16 +214,14 @@ class Running:
         log.info("stopped")
 
 
-async def start(config: Config) -> Running:
-    """Bind every configured listener and start accepting connections."""
+def prepare_certificate(config: Config) -> None:
     cert, key = config.tls.cert, config.tls.key
     if config.tls.generate and ensure_certificate(cert, key, config.hostname):
         log.info("made a self-signed certificate for %s in %s", config.hostname, cert)
-    try:
-        tls_context = server_context(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{config.source}: tls.cert: cannot load {cert} / {key}: {exc}") from exc
 
+
+def bind_listeners(config: Config) -> list[tuple[str, socket.socket]]:
+    """Every configured listener's socket, bound and listening (ConfigError otherwise)."""
     sockets: list[tuple[str, socket.socket]] = []
     try:
         for key_name, endpoint in config.listen.enabled().items():
@@ -233,6 +232,28 @@ async def start(config: Config) -> Running:
         raise
     if not sockets:
         raise ConfigError(f"{config.source}: listen: no listener to serve; set listen.smtp")
+    return sockets
+
+
+async def start(
+    config: Config,
+    sockets: list[tuple[str, socket.socket]] | None = None,
+    *,
+    primary_pid: int | None = None,
+) -> Running:
+    """Start accepting connections on `sockets` (bound here when not given).
+
+    `primary_pid` is set in a worker process: the primary process with that pid
+    runs the relay scheduler; this one only queues and pokes it.
+    """
+    prepare_certificate(config)
+    cert, key = config.tls.cert, config.tls.key
+    try:
+        tls_context = server_context(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{config.source}: tls.cert: cannot load {cert} / {key}: {exc}") from exc
+    if sockets is None:
+        sockets = bind_listeners(config)
 
     directory = open_user_directory(config)
     store = MailStore(config.mail_dir, hostname=config.hostname)
@@ -254,7 +275,7 @@ async def start(config: Config) -> Running:
     def is_local_domain(domain: str) -> bool:
         return domain in config_domains or lookups.has_domain(domain)
 
-    relay = Relay(config, store, is_local_domain, lookups.expand)
+    relay = Relay(config, store, is_local_domain, lookups.expand, primary_pid=primary_pid)
     committer = GroupCommitter(config.hostname)
     services: dict[str, AnyService] = {}
     servers: dict[str, asyncio.base_events.Server] = {}
@@ -291,27 +312,46 @@ async def start(config: Config) -> Running:
     return Running(config, servers, services, relay, committer)
 
 
-async def serve(config: Config, log_handler: logging.Handler | None = None) -> int:
-    flusher = (asyncio.get_running_loop().create_task(flush_logs_periodically(log_handler))
-               if log_handler is not None else None)
-    running = await start(config)
-    stop = asyncio.Event()
+async def serve(
+    config: Config,
+    log_handler: logging.Handler | None = None,
+    sockets: list[tuple[str, socket.socket]] | None = None,
+    *,
+    primary_pid: int | None = None,
+    children: list[int] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT. The primary (primary_pid None) also owns the pid file,
+    the relay scheduler and the worker children, which it stops and waits for."""
     loop = asyncio.get_running_loop()
+    flusher = (loop.create_task(flush_logs_periodically(log_handler))
+               if log_handler is not None else None)
+    running = await start(config, sockets, primary_pid=primary_pid)
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # `postroom queue flush` and `postroom sendmail` change the queue folder, then
-    # send SIGUSR1 to the pid in this file so the scheduler looks again.
-    loop.add_signal_handler(signal.SIGUSR1, running.relay.rescan)
+    primary = primary_pid is None
     pid_file = config.data_dir / PID_FILE
-    atomic_write(pid_file, f"{os.getpid()}\n".encode("ascii"))
-    log.info("postroom ready: hostname=%s, data=%s", config.hostname, config.data_dir)
+    if not primary:
+        loop.add_signal_handler(signal.SIGUSR1, lambda: None)  # meant for the primary only
+    if primary:
+        # `postroom queue flush`, `postroom sendmail` and the workers change the queue
+        # folder, then send SIGUSR1 to the pid in this file so the scheduler looks again.
+        loop.add_signal_handler(signal.SIGUSR1, running.relay.rescan)
+        atomic_write(pid_file, f"{os.getpid()}\n".encode("ascii"))
+        log.info("postroom ready: hostname=%s, data=%s, processes=%d", config.hostname,
+                 config.data_dir, 1 + len(children or []))
     try:
         await stop.wait()
+        if children:
+            signal_children(children, signal.SIGTERM)
         await running.stop()
+        if children:
+            await asyncio.to_thread(reap_children, children)
     finally:
-        with contextlib.suppress(OSError):
-            if pid_file.read_text(encoding="ascii").strip() == str(os.getpid()):
-                pid_file.unlink()
+        if primary:
+            with contextlib.suppress(OSError):
+                if pid_file.read_text(encoding="ascii").strip() == str(os.getpid()):
+                    pid_file.unlink()
         if flusher is not None:
             flusher.cancel()
     return 0
@@ -360,9 +400,22 @@ def run(config: Config) -> int:
     """Entry point of `postroom serve`."""
     handler = setup_logging()
     flavour = install_event_loop_policy()
-    log.info("starting postroom (event loop: %s)", flavour)
+    processes = worker_count(config.workers)
+    log.info("starting postroom (event loop: %s, processes: %d)", flavour, processes)
+    # Bound once, before forking: every process accepts on the same sockets.
+    prepare_certificate(config)
+    sockets = bind_listeners(config)
+    primary_pid = os.getpid()
+    handler.flush()  # or the children would write the parent's buffered lines again
+
+    def child() -> int:
+        # The parent forwards SIGTERM/SIGINT; a terminal's Ctrl-C reaches the whole
+        # process group, and draining twice is harmless.
+        return asyncio.run(serve(config, handler, sockets, primary_pid=primary_pid))
+
+    children = fork_workers(processes - 1, sockets, child)
     try:
-        return asyncio.run(serve(config, handler))
+        return asyncio.run(serve(config, handler, sockets, children=children))
     except KeyboardInterrupt:
         return 130
     finally:

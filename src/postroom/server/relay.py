@@ -11,8 +11,11 @@ courier, which finds the next hop (static route, MX, implicit MX).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import os
+import signal
 import ssl
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -51,8 +54,13 @@ class Relay:
         store: MailStore,
         is_local_domain: Callable[[str], bool],
         expand: Callable[[str], Expansion | None],
+        *,
+        primary_pid: int | None = None,
     ) -> None:
+        """`primary_pid`: in a worker process, the pid of the process whose scheduler
+        delivers; this one only queues and pokes it (SIGUSR1)."""
         self._is_local_domain = is_local_domain
+        self._primary_pid = primary_pid
         self.queue = QueueStore(config.queue_dir)
         own = []
         for endpoint in config.listen.enabled().values():
@@ -86,7 +94,11 @@ class Relay:
         self.queue.add(envelope, chunks)
 
     def wake(self, queue_id: str) -> None:
-        self.scheduler.wake(queue_id)
+        if self._primary_pid is None:
+            self.scheduler.wake(queue_id)
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self._primary_pid, signal.SIGUSR1)  # the primary rescans the queue
 
     # -- what the scheduler calls ---------------------------------------------------
 
@@ -116,7 +128,8 @@ class Relay:
     # -- life cycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self.scheduler.run())
+        if self._primary_pid is None:
+            self._task = asyncio.get_running_loop().create_task(self.scheduler.run())
 
     def rescan(self) -> None:
         """The CLI or `postroom sendmail` changed the queue folder (SIGUSR1)."""

@@ -1,0 +1,92 @@
+"""Pre-forked server processes sharing the listening sockets, so postroom uses every core.
+
+One Python process runs on one core at a time. `postroom serve` binds the
+listeners first, then forks `workers - 1` children; the kernel hands each new
+connection to whichever process accepts it. The parent is the primary: it
+alone runs the relay queue's scheduler (children queue mail and poke it with
+SIGUSR1), writes the pid file, and forwards SIGTERM/SIGINT to the children
+before draining itself. A child asks the kernel to kill it when the parent
+dies (PR_SET_PDEATHSIG), so `kill -9` of the server leaves no orphan holding
+the ports. What is shared between processes is safe across them: Maildir
+delivery by link(2), the queue under its file lock, POP3 maildrops under
+flock(2), the user directory in SQLite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+
+log = logging.getLogger("postroom.master")
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def worker_count(configured: int) -> int:
+    """`workers = 0` means one process per CPU this process may run on."""
+    if configured > 0:
+        return configured
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent exits (however it exits)."""
+    if not sys.platform.startswith("linux"):  # pragma: no cover
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def fork_workers(
+    count: int,
+    sockets: list[tuple[str, socket.socket]],
+    child_main: Callable[[], int],
+) -> list[int]:
+    """Fork `count` children that each run `child_main()` and exit with its code.
+
+    Call before any event loop or thread exists in this process.
+    """
+    children: list[int] = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                _die_with_parent()
+                code = child_main()
+            except BaseException:  # noqa: BLE001 - report, then leave without unwinding
+                log.exception("worker process failed")
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children.append(pid)
+    if children:
+        log.info("started %d worker process(es): %s", len(children),
+                 ", ".join(str(p) for p in children))
+    return children
+
+
+def signal_children(children: list[int], sig: int) -> None:
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def reap_children(children: list[int]) -> None:
+    """Wait for every child to exit (they drain on SIGTERM first)."""
+    for pid in children:
+        with contextlib.suppress(ChildProcessError):
+            _pid, status = os.waitpid(pid, 0)
+            if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGTERM:
+                log.warning("worker %d ended by signal %d", pid, os.WTERMSIG(status))
