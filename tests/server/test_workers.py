@@ -73,7 +73,8 @@ def test_workers_share_the_listener_and_stop_together(tmp_path: Path) -> None:
         assert len(workers) == 2
         for n in range(30):  # 30 connections: the kernel spreads them over the processes
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-                client.sendmail("a@b.example", ["boss@corp.example"], b"Subject: %d\r\n\r\nx\r\n" % n)
+                message = b"Subject: %d\r\n\r\nx\r\n" % n
+                client.sendmail("a@b.example", ["boss@corp.example"], message)
         assert len(list((tmp_path / "mail" / "corp.example" / "boss" / "new").iterdir())) == 30
         assert (tmp_path / "postroom.pid").read_text().strip() == str(proc.pid)
         proc.send_signal(signal.SIGTERM)
