@@ -100,3 +100,53 @@ def test_kill_9_of_the_primary_takes_the_workers_along(tmp_path: Path) -> None:
     with socket.socket() as s:  # the port is free again: nobody kept it
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+
+
+def test_mail_submitted_to_any_worker_is_relayed_by_the_primary(tmp_path: Path) -> None:
+    import ssl
+
+    corp, isp = tmp_path / "corp", tmp_path / "isp"
+    corp.mkdir()
+    isp.mkdir()
+    corp_port, submission_port = free_port(), free_port()
+    receiver = start_server(corp, corp_port)
+    (isp / "postroom.toml").write_text(
+        'hostname = "mail.isp.example"\ndomains = ["isp.example"]\nworkers = 3\n'
+        f'[listen]\nsubmission = "127.0.0.1:{submission_port}"\n'
+        f'[routes]\n"corp.example" = "127.0.0.1:{corp_port}"\n'
+    )
+    subprocess.run(
+        [sys.executable, "-m", "postroom", "--data", str(isp), "user", "add",
+         "smith@isp.example", "--password-stdin"], input=b"pw\n", check=True,
+        capture_output=True,
+    )
+    provider = subprocess.Popen(
+        [sys.executable, "-m", "postroom", "--data", str(isp), "serve"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", submission_port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        for n in range(12):  # separate connections: several workers take some
+            with smtplib.SMTP("127.0.0.1", submission_port, timeout=10) as client:
+                client.starttls(context=context)
+                client.login("smith@isp.example", "pw")
+                message = b"From: smith@isp.example\r\nSubject: %d\r\n\r\nx\r\n" % n
+                client.sendmail("smith@isp.example", ["boss@corp.example"], message)
+        inbox = corp / "mail" / "corp.example" / "boss" / "new"
+        deadline = time.monotonic() + 20  # no rescan interval waited for: told at once
+        while time.monotonic() < deadline and len(list(inbox.glob("*"))) < 12:
+            time.sleep(0.05)
+        assert len(list(inbox.glob("*"))) == 12
+    finally:
+        for proc in (provider, receiver):
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=20)

@@ -34,7 +34,13 @@ from postroom.server.pop3 import POP3Service, POP3Session
 from postroom.server.relay import Relay
 from postroom.server.smtp import Outbound, SMTPService, SMTPSession
 from postroom.server.stream import Stream
-from postroom.server.workers import fork_workers, reap_children, signal_children, worker_count
+from postroom.server.workers import (
+    WakeChannel,
+    fork_workers,
+    reap_children,
+    signal_children,
+    worker_count,
+)
 from postroom.store.atomic import atomic_write
 from postroom.store.cache import CachedLookups
 from postroom.store.maildir import MailStore
@@ -239,12 +245,12 @@ async def start(
     config: Config,
     sockets: list[tuple[str, socket.socket]] | None = None,
     *,
-    primary_pid: int | None = None,
+    notify_primary: Callable[[str], None] | None = None,
 ) -> Running:
     """Start accepting connections on `sockets` (bound here when not given).
 
-    `primary_pid` is set in a worker process: the primary process with that pid
-    runs the relay scheduler; this one only queues and pokes it.
+    `notify_primary` is set in a worker process: the primary process runs the
+    relay scheduler; this one only queues and tells it the new queue IDs.
     """
     prepare_certificate(config)
     cert, key = config.tls.cert, config.tls.key
@@ -275,7 +281,8 @@ async def start(
     def is_local_domain(domain: str) -> bool:
         return domain in config_domains or lookups.has_domain(domain)
 
-    relay = Relay(config, store, is_local_domain, lookups.expand, primary_pid=primary_pid)
+    relay = Relay(config, store, is_local_domain, lookups.expand,
+                  notify_primary=notify_primary)
     committer = GroupCommitter(config.hostname)
     services: dict[str, AnyService] = {}
     servers: dict[str, asyncio.base_events.Server] = {}
@@ -317,19 +324,23 @@ async def serve(
     log_handler: logging.Handler | None = None,
     sockets: list[tuple[str, socket.socket]] | None = None,
     *,
-    primary_pid: int | None = None,
+    worker: bool = False,
+    channel: WakeChannel | None = None,
     children: list[int] | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT. The primary (primary_pid None) also owns the pid file,
+    """Run until SIGTERM/SIGINT. The primary (not `worker`) also owns the pid file,
     the relay scheduler and the worker children, which it stops and waits for."""
     loop = asyncio.get_running_loop()
     flusher = (loop.create_task(flush_logs_periodically(log_handler))
                if log_handler is not None else None)
-    running = await start(config, sockets, primary_pid=primary_pid)
+    notify = channel.send if (worker and channel is not None) else None
+    running = await start(config, sockets, notify_primary=notify)
+    if channel is not None and not worker:
+        channel.listen(loop.add_reader, running.relay.wake)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    primary = primary_pid is None
+    primary = not worker
     pid_file = config.data_dir / PID_FILE
     if not primary:
         loop.add_signal_handler(signal.SIGUSR1, lambda: None)  # meant for the primary only
@@ -405,17 +416,17 @@ def run(config: Config) -> int:
     # Bound once, before forking: every process accepts on the same sockets.
     prepare_certificate(config)
     sockets = bind_listeners(config)
-    primary_pid = os.getpid()
+    channel = WakeChannel() if processes > 1 else None
     handler.flush()  # or the children would write the parent's buffered lines again
 
     def child() -> int:
         # The parent forwards SIGTERM/SIGINT; a terminal's Ctrl-C reaches the whole
         # process group, and draining twice is harmless.
-        return asyncio.run(serve(config, handler, sockets, primary_pid=primary_pid))
+        return asyncio.run(serve(config, handler, sockets, worker=True, channel=channel))
 
     children = fork_workers(processes - 1, sockets, child)
     try:
-        return asyncio.run(serve(config, handler, sockets, children=children))
+        return asyncio.run(serve(config, handler, sockets, channel=channel, children=children))
     except KeyboardInterrupt:
         return 130
     finally:

@@ -11,11 +11,8 @@ courier, which finds the next hop (static route, MX, implicit MX).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
-import os
-import signal
 import ssl
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -55,12 +52,12 @@ class Relay:
         is_local_domain: Callable[[str], bool],
         expand: Callable[[str], Expansion | None],
         *,
-        primary_pid: int | None = None,
+        notify_primary: Callable[[str], None] | None = None,
     ) -> None:
-        """`primary_pid`: in a worker process, the pid of the process whose scheduler
-        delivers; this one only queues and pokes it (SIGUSR1)."""
+        """`notify_primary`: set in a worker process, whose relay only queues; the
+        primary process's scheduler delivers, told of each new queue ID by this."""
         self._is_local_domain = is_local_domain
-        self._primary_pid = primary_pid
+        self._notify_primary = notify_primary
         self.queue = QueueStore(config.queue_dir)
         own = []
         for endpoint in config.listen.enabled().values():
@@ -94,11 +91,10 @@ class Relay:
         self.queue.add(envelope, chunks)
 
     def wake(self, queue_id: str) -> None:
-        if self._primary_pid is None:
+        if self._notify_primary is not None:
+            self._notify_primary(queue_id)
+        else:
             self.scheduler.wake(queue_id)
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(self._primary_pid, signal.SIGUSR1)  # the primary rescans the queue
 
     # -- what the scheduler calls ---------------------------------------------------
 
@@ -128,7 +124,7 @@ class Relay:
     # -- life cycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._primary_pid is None:
+        if self._notify_primary is None:
             self._task = asyncio.get_running_loop().create_task(self.scheduler.run())
 
     def rescan(self) -> None:

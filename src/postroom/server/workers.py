@@ -3,10 +3,10 @@
 One Python process runs on one core at a time. `postroom serve` binds the
 listeners first, then forks `workers - 1` children; the kernel hands each new
 connection to whichever process accepts it. The parent is the primary: it
-alone runs the relay queue's scheduler (children queue mail and poke it with
-SIGUSR1), writes the pid file, and forwards SIGTERM/SIGINT to the children
-before draining itself. A child asks the kernel to kill it when the parent
-dies (PR_SET_PDEATHSIG), so `kill -9` of the server leaves no orphan holding
+alone runs the relay queue's scheduler (children queue mail and send the
+queue ID over a datagram socket pair made before the fork), writes the pid
+file, and forwards SIGTERM/SIGINT to the children before draining itself. A
+child asks the kernel to kill it when the parent dies (PR_SET_PDEATHSIG), so `kill -9` of the server leaves no orphan holding
 the ports. What is shared between processes is safe across them: Maildir
 delivery by link(2), the queue under its file lock, POP3 maildrops under
 flock(2), the user directory in SQLite.
@@ -90,3 +90,39 @@ def reap_children(children: list[int]) -> None:
             _pid, status = os.waitpid(pid, 0)
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGTERM:
                 log.warning("worker %d ended by signal %d", pid, os.WTERMSIG(status))
+
+
+class WakeChannel:
+    """Workers tell the primary "queue ID X is new" over a Unix datagram socket pair.
+
+    Made before the fork, so every process holds both ends. A full socket buffer
+    (the primary busy for long) falls back to SIGUSR1, which makes the primary
+    rescan the whole queue folder: slower, but nothing is missed.
+    """
+
+    def __init__(self) -> None:
+        self.primary_end, self.worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.primary_end.setblocking(False)
+        self.worker_end.setblocking(False)
+
+    def send(self, queue_id: str) -> None:
+        """From a worker: wake the primary's scheduler for this message."""
+        try:
+            self.worker_end.send(queue_id.encode("ascii"))
+        except OSError:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(os.getppid(), signal.SIGUSR1)
+
+    def listen(self, add_reader: Callable[..., object], wake: Callable[[str], None]) -> None:
+        """In the primary: call `wake(queue_id)` for every ID a worker sends."""
+
+        def drain() -> None:
+            while True:
+                try:
+                    data = self.primary_end.recv(256)
+                except BlockingIOError:
+                    return
+                with contextlib.suppress(UnicodeDecodeError):
+                    wake(data.decode("ascii"))
+
+        add_reader(self.primary_end.fileno(), drain)
