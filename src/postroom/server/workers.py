@@ -7,9 +7,9 @@ alone runs the relay queue's scheduler (children queue mail and send the
 queue ID over a datagram socket pair made before the fork), writes the pid
 file, and forwards SIGTERM/SIGINT to the children before draining itself. A
 child asks the kernel to kill it when the parent dies (PR_SET_PDEATHSIG), so
-`kill -9` of the server leaves no orphan holding the ports. What is shared between processes is safe across them: Maildir
-delivery by link(2), the queue under its file lock, POP3 maildrops under
-flock(2), the user directory in SQLite.
+`kill -9` of the server leaves no orphan holding the ports. What processes
+share is safe across them: Maildir delivery by link(2), the queue under its
+file lock, POP3 maildrops under flock(2), the user directory in SQLite.
 """
 
 from __future__ import annotations
