@@ -50,6 +50,53 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from postroom.protocol.pop3_events import (
+    NEED_DATA,
+    PAUSED,
+    Apop,
+    AuthCancelled,
+    AuthResponse,
+    AuthStart,
+    ConnectionClosed,
+    Event,
+    Pass,
+    Retrieve,
+    Signal,
+    StartTLS,
+    Top,
+    Update,
+    User,
+)
+
+# The events live in pop3_events; they are part of this module's API too.
+__all__ = [
+    "MAX_COMMAND_LINE",
+    "MAX_AUTH_LINE",
+    "MAX_RESPONSE_LINE",
+    "POP3ProtocolError",
+    "State",
+    "Pop3Reply",
+    "MessageInfo",
+    "Snapshot",
+    "POP3ServerConfig",
+    "POP3Server",
+    "Signal",
+    "NEED_DATA",
+    "PAUSED",
+    "Event",
+    "User",
+    "Pass",
+    "Apop",
+    "AuthStart",
+    "AuthResponse",
+    "AuthCancelled",
+    "StartTLS",
+    "Retrieve",
+    "Top",
+    "Update",
+    "ConnectionClosed",
+]
+
 # RFC 2449 4: a command line, keyword and arguments with the terminating CRLF, is at
 # most 255 octets.
 MAX_COMMAND_LINE = 255
@@ -116,17 +163,6 @@ _COMMANDS: dict[State, frozenset[str]] = {
     ),
 }
 _KNOWN_COMMANDS = frozenset().union(*_COMMANDS.values())
-
-
-class Signal(enum.Enum):
-    """What next_event returns when there is no event (compare with `is`)."""
-
-    NEED_DATA = "NEED_DATA"  # feed more bytes with receive_data
-    PAUSED = "PAUSED"  # waiting for the app: an answer, greeting() or tls_started()
-
-
-NEED_DATA = Signal.NEED_DATA
-PAUSED = Signal.PAUSED
 
 
 class _Overlong(enum.Enum):
@@ -196,99 +232,6 @@ class Snapshot:
         return cls(tuple(MessageInfo(size, uid) for size, uid in items))
 
 
-# Events. Those marked "answer" pause the core until the app calls the method named.
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    """USER name (RFC 1939 7). Answer: ok() to ask for PASS, or err()."""
-
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Pass:
-    """PASS after an accepted USER (RFC 1939 7). Answer: login_succeeded() or err()."""
-
-    name: str
-    password: str
-
-
-@dataclass(frozen=True, slots=True)
-class Apop:
-    """APOP name digest (RFC 1939 7); digest is 32 lower-case hex digits of
-    MD5(timestamp + secret). Answer: login_succeeded() or err()."""
-
-    name: str
-    digest: str
-
-
-@dataclass(frozen=True, slots=True)
-class AuthStart:
-    """AUTH mechanism [initial-response] (RFC 5034 4); the response is decoded, None if
-    absent. Answer: auth_challenge(), login_succeeded() or err()."""
-
-    mechanism: str
-    initial_response: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
-class AuthResponse:
-    """A decoded response line inside AUTH. Answer: auth_challenge(), login_succeeded()
-    or err()."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class AuthCancelled:
-    """The AUTH exchange ended without login (the client sent "*" or bad base64); the
-    core has already replied -ERR. No answer."""
-
-
-@dataclass(frozen=True, slots=True)
-class StartTLS:
-    """STLS (RFC 2595 4). Answer: ok() (then flush, handshake, tls_started()) or err()."""
-
-
-@dataclass(frozen=True, slots=True)
-class Retrieve:
-    """RETR n. Answer: send_message_chunk()... end_message(), send_message(), or err()."""
-
-    msg_number: int
-    uid: str
-
-
-@dataclass(frozen=True, slots=True)
-class Top:
-    """TOP n lines (RFC 1939 7). Answer as for Retrieve with the whole message: the core
-    keeps the headers, the blank line and `lines` body lines."""
-
-    msg_number: int
-    uid: str
-    lines: int
-
-
-@dataclass(frozen=True, slots=True)
-class Update:
-    """QUIT in TRANSACTION (RFC 1939 6): remove these (number, uid) messages, then
-    answer update_done()."""
-
-    deleted: tuple[tuple[int, str], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    """The session is over; next_event keeps returning this. `reason` is one of "quit",
-    "eof", "timeout", "errors" (too many, or an app err(close=True)), "refused"."""
-
-    reason: str
-
-
-Event = (
-    User | Pass | Apop | AuthStart | AuthResponse | AuthCancelled | StartTLS | Retrieve | Top
-    | Update | ConnectionClosed
-)
 _LOGIN_EVENTS = (Pass, Apop, AuthStart, AuthResponse)
 _MESSAGE_EVENTS = (Retrieve, Top)
 

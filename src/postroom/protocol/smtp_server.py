@@ -35,7 +35,6 @@ import functools
 import re
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
 from postroom.protocol import address
 from postroom.protocol.address import AddressError, ParameterError
@@ -51,6 +50,74 @@ from postroom.protocol.lines import (
     LineBuffer,
 )
 from postroom.protocol.replies import Reply
+from postroom.protocol.smtp_events import (
+    NEED_DATA,
+    PAUSED,
+    AuthResponse,
+    AuthStart,
+    ConnectionClosed,
+    DataStart,
+    Event,
+    Hello,
+    MailFrom,
+    MessageAborted,
+    MessageData,
+    MessageEnd,
+    Quit,
+    RcptTo,
+    Reset,
+    StartTLS,
+)
+
+# The events live in smtp_events; they are part of this module's API too.
+__all__ = [
+    "MAX_COMMAND_LINE",
+    "SIZE_ALLOWANCE",
+    "DSN_MAIL_ALLOWANCE",
+    "DSN_RCPT_ALLOWANCE",
+    "SMTPUTF8_ALLOWANCE",
+    "BODY_ALLOWANCE",
+    "AUTH_PARAM_ALLOWANCE",
+    "MAX_MAIL_LINE",
+    "MAX_RCPT_LINE",
+    "MAX_AUTH_LINE",
+    "MAX_RECIPIENTS",
+    "MAX_REPLY_LINE",
+    "MAX_CHUNK_DIGITS",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_MAX_ERRORS",
+    "SMTPProtocolError",
+    "CONNECTED",
+    "GREETED",
+    "REFUSED",
+    "READY",
+    "MAIL",
+    "RCPT",
+    "DATA",
+    "BDAT",
+    "CHUNKING",
+    "AUTH",
+    "TLS_WAIT",
+    "CLOSED",
+    "SMTPServerConfig",
+    "SMTPServer",
+    "Event",
+    "Hello",
+    "MailFrom",
+    "RcptTo",
+    "DataStart",
+    "MessageData",
+    "MessageEnd",
+    "MessageAborted",
+    "StartTLS",
+    "AuthStart",
+    "AuthResponse",
+    "Reset",
+    "Quit",
+    "ConnectionClosed",
+    "NEED_DATA",
+    "PAUSED",
+]
 
 # --- Limits ----------------------------------------------------------------
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4: command line including CRLF
@@ -84,168 +151,6 @@ _LINE_LIMITS = {"MAIL": MAX_MAIL_LINE, "RCPT": MAX_RCPT_LINE, "AUTH": MAX_AUTH_L
 
 class SMTPProtocolError(Exception):
     """The application called the core out of turn (never raised for client input)."""
-
-
-# --- Events ----------------------------------------------------------------
-
-
-class _NeedsReply:
-    """`needs_reply` on an event class and its instances (a fixed value)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: bool) -> None:
-        self.value = value
-
-    def __get__(self, obj: object, objtype: Any = None) -> bool:
-        return self.value
-
-
-class _NeedsReplyUnlessChunking(_NeedsReply):
-    """DATA waits for the app's 354; BDAT's data is already on its way."""
-
-    __slots__ = ()
-
-    def __get__(self, obj: object, objtype: Any = None) -> bool:
-        return self.value if obj is None else not getattr(obj, "chunking", False)
-
-
-class Event:
-    """Base of the events `next_event` returns."""
-
-    __slots__ = ()
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(False)
-
-
-@dataclass(frozen=True, slots=True)
-class Hello(Event):
-    """HELO or EHLO. A 2xx answer to EHLO gets the extension lines appended."""
-
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(True)
-    command: str
-    domain: str
-
-
-@dataclass(frozen=True, slots=True)
-class MailFrom(Event):
-    """MAIL FROM, syntax and parameters checked. `address` "" is the null path.
-
-    `auth` is the decoded AUTH= parameter, or "<>" when the client gave one
-    without being authenticated (RFC 4954 5). `route` holds the domains of a
-    source route the client gave (dropped from `address`, RFC 5321 4.1.1.3).
-    """
-
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(True)
-    address: str
-    size: int | None = None
-    body: str | None = None
-    smtputf8: bool = False
-    ret: str | None = None
-    envid: str | None = None
-    auth: str | None = None
-    route: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class RcptTo(Event):
-    """RCPT TO. `orcpt` is "addr-type;decoded-address" (RFC 3461 4.2)."""
-
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(True)
-    address: str
-    notify: tuple[str, ...] | None = None
-    orcpt: str | None = None
-    route: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class DataStart(Event):
-    """DATA (needs a 354 to go on) or the first BDAT of a transaction (no reply)."""
-
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReplyUnlessChunking(True)
-    chunking: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class MessageData(Event):
-    """Message content: dot-unstuffed (DATA) or raw (BDAT), CRLF line ends kept."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class MessageEnd(Event):
-    """The whole message arrived; answer 250 once it is stored, or an error.
-
-    `size` is the content's octet count (RFC 1870: after removing dots).
-    """
-
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(True)
-    size: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class MessageAborted(Event):
-    """The message is void: discard whatever was stored of it.
-
-    `reply` says why. When the core refused the message (size, bare line
-    ends, long lines) or ended the session, it has queued that reply; when
-    the client abandoned the message (RSET, HELO/EHLO, QUIT, EOF) the reply
-    only describes what happened.
-    """
-
-    reply: Reply
-
-
-@dataclass(frozen=True, slots=True)
-class StartTLS(Event):
-    """STARTTLS; answer 220 and start the handshake, then call tls_started()."""
-
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(True)
-
-
-@dataclass(frozen=True, slots=True)
-class AuthStart(Event):
-    """AUTH; `initial_response` is the base64 text as sent ("=" means empty)."""
-
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(True)
-    mechanism: str
-    initial_response: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AuthResponse(Event):
-    """A line of the SASL exchange (base64 text as sent)."""
-
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(True)
-    data: str
-
-
-@dataclass(frozen=True, slots=True)
-class Reset(Event):
-    """The transaction was dropped (RSET, or HELO/EHLO inside a transaction)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Quit(Event):
-    """QUIT: the core queued 221 and is closing."""
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed(Event):
-    """The client closed the connection, or the session is over."""
-
-
-class _Sentinel(type):
-    def __repr__(cls) -> str:
-        return cls.__name__
-
-
-class NEED_DATA(metaclass=_Sentinel):
-    """`next_event` result: feed more bytes with `receive_data`."""
-
-
-class PAUSED(metaclass=_Sentinel):
-    """`next_event` result: an event awaits the application's reply."""
 
 
 # --- States ----------------------------------------------------------------
