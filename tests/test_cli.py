@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import io
 import sys
 import types
@@ -133,7 +134,7 @@ def test_password_prompt(capsys: pytest.CaptureFixture[str], monkeypatch: pytest
                          in_tmp: Path) -> None:
     run(capsys, "domain", "add", "corp.example")
     answers = iter(["one", "two"])
-    monkeypatch.setattr(cli.getpass, "getpass", lambda prompt: next(answers))
+    monkeypatch.setattr(getpass, "getpass", lambda prompt: next(answers))
     code, _, err = run(capsys, "user", "add", "a@corp.example")
     assert code == 2 and "do not match" in one_error_line(err)
     answers = iter(["same", "same"])

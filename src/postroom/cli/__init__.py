@@ -1,0 +1,146 @@
+"""The `postroom` command line: parse arguments, then hand each subcommand its context.
+
+Each subcommand is one `add_*` function that registers its parser and its
+handler; `COMMANDS` lists them. A handler takes the parsed arguments and a
+`Context` (data dir, config, user directory, all made on first use) and
+returns the exit status. Errors the user can fix are raised as `ConfigError`,
+`DirectoryError`, `ValueError` or `OSError` and become one line on stderr,
+`postroom: error: ...`, with exit status 2.
+
+The subcommands live in one module per group: `serve` (init, serve), `users`
+(domain, user, alias), `queue`, `mail` (sendmail, send, fetch) and `demo`
+(trace, demo); `common` holds the Context and the parser helpers they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from postroom import __version__
+from postroom.cli.common import (
+    DATA_ENV,
+    EXIT_USAGE,
+    PROG,
+    Context,
+    Handler,
+    help_of,
+    subparsers,
+)
+from postroom.cli.demo import add_demo, add_trace
+from postroom.cli.mail import add_fetch, add_send, add_sendmail
+from postroom.cli.queue import add_queue
+from postroom.cli.serve import add_init, add_serve
+from postroom.cli.users import add_alias, add_domain, add_user
+from postroom.config import CONFIG_NAME, ConfigError
+from postroom.store.users import DirectoryError
+
+if TYPE_CHECKING:
+    from postroom.cli.common import Subparsers
+
+__all__ = [
+    "COMMANDS",
+    "DATA_ENV",
+    "EXIT_USAGE",
+    "PROG",
+    "Context",
+    "add_alias",
+    "add_demo",
+    "add_domain",
+    "add_fetch",
+    "add_init",
+    "add_queue",
+    "add_send",
+    "add_sendmail",
+    "add_serve",
+    "add_trace",
+    "add_user",
+    "build_parser",
+    "main",
+]
+
+
+def _common_options(defaults: bool) -> argparse.ArgumentParser:
+    """--data and --config, accepted before and after the subcommand.
+
+    The copy attached to subcommands has SUPPRESS defaults, so a value given
+    before the subcommand is not overwritten by the subparser's default.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    default = None if defaults else argparse.SUPPRESS
+    parent.add_argument(
+        "--data",
+        metavar="DIR",
+        default=default,
+        help=f"data folder: config, users, queue, mail (env {DATA_ENV}, default ./var)",
+    )
+    parent.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default,
+        help=f"config file to read instead of DIR/{CONFIG_NAME}",
+    )
+    return parent
+
+
+# -- the parser --------------------------------------------------------------
+
+# One function per subcommand, in the order `postroom --help` lists them.
+COMMANDS: list[Callable[[Subparsers, argparse.ArgumentParser], None]] = [
+    add_init,
+    add_serve,
+    add_domain,
+    add_user,
+    add_alias,
+    add_queue,
+    add_sendmail,
+    add_send,
+    add_fetch,
+    add_trace,
+    add_demo,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        parents=[_common_options(defaults=True)],
+        description="postroom: SMTP submission and relay, Maildir delivery and POP3 "
+        "in one program.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.set_defaults(func=help_of(parser))
+    sub = subparsers(parser, "commands")
+    common = _common_options(defaults=False)
+    for add in COMMANDS:
+        add(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for any user-fixable error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    handler: Handler = args.func
+    try:
+        return handler(args, Context(args))
+    except (ConfigError, DirectoryError, ValueError, sqlite3.Error) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"{PROG}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""`postroom queue`: why each outgoing message waits, when it is tried next, and changes."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from postroom.cli.common import PROG, Context, help_of, subparsers
+
+if TYPE_CHECKING:
+    from postroom.cli.common import Subparsers
+    from postroom.queue.envelope import Envelope
+    from postroom.queue.store import QueueStore
+
+
+# -- queue -------------------------------------------------------------------
+
+
+def add_queue(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "queue", parents=[common], help="inspect and manage the outgoing mail queue",
+        description="Messages waiting for delivery to other hosts: why each waits and when "
+        "it is tried next. Changes reach a running server at once (SIGUSR1).",
+    )
+    p.set_defaults(func=help_of(p))
+    actions = subparsers(p, "actions")
+    a = actions.add_parser("list", parents=[common], help="one line per queued message")
+    a.set_defaults(func=_queue_list)
+    a = actions.add_parser("show", parents=[common], help="a message's envelope and recipients")
+    a.add_argument("queue_id", metavar="ID")
+    a.set_defaults(func=_queue_show)
+    a = actions.add_parser(
+        "flush", parents=[common], help="try a message (or every message) now"
+    )
+    a.add_argument("queue_id", metavar="ID", nargs="?")
+    a.set_defaults(func=_queue_flush)
+    for name, help_text in (("delete", "remove a message without sending it or a bounce"),
+                            ("hold", "keep a message from being tried until released"),
+                            ("release", "let a held message be tried again")):
+        a = actions.add_parser(name, parents=[common], help=help_text)
+        a.add_argument("queue_id", metavar="ID")
+        a.set_defaults(func=_queue_change, action=name)
+
+
+def _queue_store(ctx: Context) -> QueueStore:
+    from postroom.queue.store import QueueStore
+
+    return QueueStore(ctx.config.queue_dir, create=False)
+
+
+def _human_age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size, smaller, smaller_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60),
+                                              ("m", 60, "s", 1)):
+        if seconds >= size:
+            rest = (seconds % size) // smaller_size
+            return f"{seconds // size}{unit}" + (f" {rest}{smaller}" if rest else "")
+    return f"{seconds}s"
+
+
+def _human_size(octets: int) -> str:
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if octets >= size:
+            return f"{octets / size:.1f}{unit}"
+    return str(octets)
+
+
+def _next_try(envelope: Envelope, now: float) -> str:
+    if envelope.held:
+        return "HELD"
+    if envelope.next_attempt <= now:
+        return "next try now"
+    return f"next try in {_human_age(envelope.next_attempt - now)}"
+
+
+def _queue_list(args: argparse.Namespace, ctx: Context) -> int:
+    import time
+
+    envelopes = _queue_store(ctx).list()
+    if not envelopes:
+        ctx.say("the queue is empty")
+        return 0
+    now = time.time()
+    for env in envelopes:
+        errors = [r.last_error for r in env.pending() if r.last_error]
+        error = " ".join(errors[0].split()) if errors else ""
+        if len(error) > 60:
+            error = error[:57] + "..."
+        pending = len(env.pending())
+        ctx.say(
+            f"{env.queue_id}  {_human_age(now - env.created):>6}  {_human_size(env.size):>6}  "
+            f"<{env.sender}>  {pending}/{len(env.recipients)} pending  "
+            f"{_next_try(env, now)}"
+            + (f"  ({error})" if error else "")
+        )
+    return 0
+
+
+def _queue_show(args: argparse.Namespace, ctx: Context) -> int:
+    import email.utils
+    import time
+
+    env = _queue_store(ctx).load(args.queue_id)
+    now = time.time()
+    give_up = env.created + ctx.config.queue.give_up_after
+
+    def when(t: float) -> str:
+        return email.utils.formatdate(t, localtime=True)
+
+    ctx.say(f"message {env.queue_id}")
+    submitted = ", ".join(
+        x for x in (f"by {env.auth_user}" if env.auth_user else "",
+                    f"from {env.client}" if env.client else "") if x
+    )
+    ctx.say(f"  sender:    <{env.sender}>" + (f" ({submitted})" if submitted else ""))
+    ctx.say(f"  arrived:   {when(env.created)} ({_human_age(now - env.created)} ago)")
+    ctx.say(f"  size:      {env.size} octets")
+    for label, value in (("envid", env.envid), ("ret", env.ret), ("body", env.body)):
+        if value:
+            ctx.say(f"  {label + ':':<10} {value}")
+    if env.done:
+        ctx.say("  status:    finished; removed at the server's next pass")
+    elif env.held:
+        ctx.say(f"  status:    HELD: not tried until `{PROG} queue release {env.queue_id}`")
+    elif env.next_attempt <= now:
+        ctx.say("  status:    due: tried as soon as the server gets to it")
+    else:
+        ctx.say(f"  status:    waiting: next try at {when(env.next_attempt)} "
+                f"(in {_human_age(env.next_attempt - now)})")
+    if not env.done:
+        left = f"in {_human_age(give_up - now)}" if give_up > now else "after the next failure"
+        then = "returns it to the sender" if env.sender else "drops it (it is a bounce)"
+        ctx.say(f"  gives up:  {when(give_up)} ({left}), then {then}")
+    ctx.say("  recipients:")
+    for r in env.recipients:
+        tries = f"{r.attempts} attempt{'s' if r.attempts != 1 else ''}"
+        ctx.say(f"    <{r.address}>  {r.state}, {tries}"
+                + (f", dsn={r.dsn_status}" if r.dsn_status else ""))
+        if r.last_error:
+            relay = f"{r.remote_mta}: " if r.remote_mta else ""
+            ctx.say(f"        last answer: {relay}{' '.join(r.last_error.split())}")
+    return 0
+
+
+def _poke_server(ctx: Context) -> str:
+    from postroom.queue.scheduler import signal_server
+
+    pid = signal_server(ctx.config.data_dir)
+    return f"; told the server (pid {pid})" if pid else "; the server is not running"
+
+
+def _queue_flush(args: argparse.Namespace, ctx: Context) -> int:
+    from postroom.queue.store import NotQueued
+
+    store = _queue_store(ctx)
+
+    def now_please(env: Envelope) -> None:
+        env.next_attempt = 0.0
+
+    if args.queue_id:
+        store.update(args.queue_id, now_please)
+        what = args.queue_id
+    else:
+        count = 0
+        for env in store.list():  # skips (and logs) unreadable envelopes
+            try:
+                store.update(env.queue_id, now_please)
+                count += 1
+            except NotQueued:
+                continue  # delivered meanwhile
+        what = f"{count} message{'s' if count != 1 else ''}"
+    ctx.say(f"flushed {what}{_poke_server(ctx)}")
+    return 0
+
+
+def _queue_change(args: argparse.Namespace, ctx: Context) -> int:
+    store = _queue_store(ctx)
+    if args.action == "delete":
+        store.remove(args.queue_id)
+        ctx.say(f"deleted {args.queue_id}{_poke_server(ctx)}")
+        return 0
+    held = args.action == "hold"
+
+    def set_held(env: Envelope) -> None:
+        env.held = held
+
+    store.update(args.queue_id, set_held)
+    ctx.say(f"{'held' if held else 'released'} {args.queue_id}{_poke_server(ctx)}")
+    return 0

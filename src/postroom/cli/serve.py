@@ -1,0 +1,82 @@
+"""`postroom init` and `postroom serve`: write a commented config, run the servers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from postroom.cli.common import PROG, Context
+from postroom.config import CONFIG_NAME, ConfigError, render_default_config
+from postroom.store.atomic import atomic_write
+
+if TYPE_CHECKING:
+    from postroom.cli.common import Subparsers
+
+
+# -- init --------------------------------------------------------------------
+
+
+def add_init(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "init",
+        parents=[common],
+        help="write a commented config file and create the data folders",
+        description=f"Write DIR/{CONFIG_NAME} (or --config FILE) with every setting at its "
+        "default, each explained, and create the data folders.",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing config file")
+    p.add_argument("--hostname", help="the host name to write (default: this machine's)")
+    p.add_argument(
+        "--domain", action="append", metavar="DOMAIN", dest="domains",
+        help="a mail domain to list (repeat for more; default: localhost)",
+    )
+    p.set_defaults(func=_init)
+
+
+def _init(args: argparse.Namespace, ctx: Context) -> int:
+    path = ctx.config_file or ctx.data_dir / CONFIG_NAME
+    if path.exists() and not args.force:
+        raise ConfigError(f"{path}: already exists (use --force to overwrite it)")
+    text = render_default_config(hostname=args.hostname, domains=args.domains)
+    ctx.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write(path, text.encode("utf-8"), mode=0o644)
+    config = ctx.config  # proves the file loads, and names the folders
+    for folder in (config.mail_dir, config.spool_dir, config.queue_dir, config.tls.cert.parent):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ctx.directory.list_domains()  # creates the user database
+    ctx.say(f"wrote {path}")
+    ctx.say(f"next: {PROG} domain add DOMAIN; {PROG} user add USER@DOMAIN; {PROG} serve")
+    return 0
+
+
+# -- serve -------------------------------------------------------------------
+
+
+def add_serve(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the SMTP and POP3 servers",
+        description="Run every listener the config turns on, until interrupted. With no "
+        "config file, listens on loopback with the embedded default.",
+    )
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace, ctx: Context) -> int:
+    from postroom.tlscert import ensure_certificate
+
+    config = ctx.config
+    for folder in (config.data_dir, config.mail_dir, config.spool_dir, config.queue_dir):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if config.tls.generate and ensure_certificate(
+        config.tls.cert, config.tls.key, config.hostname
+    ):
+        print(f"{PROG}: made a self-signed certificate: {config.tls.cert}", file=sys.stderr)
+    try:
+        from postroom.server.main import run
+    except ImportError as e:
+        raise ConfigError(f"the server cannot start: {e}") from None
+    return run(config)
