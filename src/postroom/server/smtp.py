@@ -40,8 +40,8 @@ log = logging.getLogger("postroom.smtpd")
 class Outbound(Protocol):
     """Where mail for other hosts goes: the durable queue (see postroom.queue)."""
 
-    def add(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
-        """Store durably (BLOCKING: runs in a worker thread)."""
+    async def add(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
+        """Store durably; `chunks` may be iterated in another thread."""
 
     def wake(self, queue_id: str) -> None:
         """Try it now."""
@@ -365,11 +365,19 @@ class SMTPSession:
         loop = asyncio.get_running_loop()
         held = spool.in_memory
         try:
-            if envelope is None and held is not None and targets and svc.committer is not None:
+            # Queue first: if filing locally then fails, the client retries and the
+            # relayed recipients may get the message twice, which is the safe way
+            # round (RFC 5321 6.1: duplicates over losses).
+            if envelope is not None and svc.outbound is not None:
+                await svc.outbound.add(envelope, spool.chunks())
+            if not targets:
+                paths = []
+                spool.abort()
+            elif held is not None and svc.committer is not None:
                 paths = await svc.committer.deliver(held, targets)
                 spool.abort()
             else:
-                paths = await loop.run_in_executor(None, self._commit, spool, targets, envelope)
+                paths = await loop.run_in_executor(None, spool.commit, targets)
         except OSError as exc:
             log.error("%s: %s: storing the message failed: %s", svc.name, txn.queue_id, exc)
             spool.abort()
@@ -409,20 +417,6 @@ class SMTPSession:
             auth_user=self.user,
             client=f"[{self.client_ip}]",
         )
-
-    def _commit(self, spool: Spool, maildirs: list[Path], envelope: Envelope | None) -> list[Path]:
-        """BLOCKING (worker thread): queue the relayed part, then file the local copies.
-
-        Both are durable before the 250. Queue first: if filing locally then fails,
-        the client retries and the relayed recipients may get the message twice,
-        which is the safe way round (RFC 5321 6.1: duplicates over losses).
-        """
-        if envelope is not None and self.service.outbound is not None:
-            self.service.outbound.add(envelope, spool.chunks())
-        if not maildirs:
-            spool.abort()
-            return []
-        return spool.commit(maildirs)
 
     async def _auth(self, event: core.AuthStart | core.AuthResponse) -> None:
         """RFC 4954: SASL PLAIN or LOGIN, then a password check against the directory."""

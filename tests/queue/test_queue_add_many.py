@@ -1,0 +1,49 @@
+"""QueueStore.add_many: several messages queued with one round of syncs, each on its own."""
+
+from pathlib import Path
+
+from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.store import QueueStore
+
+
+def envelope(queue_id: str) -> Envelope:
+    return Envelope(queue_id, "smith@isp.example", [Recipient("boss@corp.example")], 1.0)
+
+
+def test_add_many_queues_each_message_with_its_envelope(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path / "queue")
+    items = [(envelope(f"ID{n}"), [b"Subject: %d\r\n" % n, b"\r\nbody\r\n"]) for n in range(5)]
+    assert store.add_many(items) == [None] * 5
+    for n in range(5):
+        loaded = store.load(f"ID{n}")
+        assert loaded.size == len(b"Subject: %d\r\n\r\nbody\r\n" % n)
+        assert store.message_path(f"ID{n}").read_bytes().startswith(b"Subject: %d" % n)
+    assert not [p for p in (tmp_path / "queue").rglob("*.tmp")]
+
+
+def test_a_bad_item_fails_alone(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path / "queue")
+    store.add(envelope("TAKEN"), [b"first\r\n"])
+
+    errors = store.add_many([
+        (envelope("GOOD1"), [b"a\r\n"]),
+        (envelope("TAKEN"), [b"again\r\n"]),
+        (envelope("../evil"), [b"x\r\n"]),
+        (envelope("BROKEN"), _Failing()),
+        (envelope("GOOD2"), [b"b\r\n"]),
+    ])
+    assert errors[0] is None and errors[4] is None
+    assert isinstance(errors[1], FileExistsError)
+    assert errors[2] is not None and errors[3] is not None
+    assert store.message_path("TAKEN").read_bytes() == b"first\r\n"
+    assert sorted(store.ids()) == ["GOOD1", "GOOD2", "TAKEN"]
+    assert store.recover() == 0  # nothing half-written was left behind
+    assert not [p for p in (tmp_path / "queue").rglob("*.tmp")]
+
+
+class _Failing:
+    def __iter__(self) -> "_Failing":
+        return self
+
+    def __next__(self) -> bytes:
+        raise OSError("spool unreadable")
