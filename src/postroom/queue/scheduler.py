@@ -331,7 +331,12 @@ class Scheduler:
                 # on (not even another delivery) before what happened is durable.
                 async with attempt.lock:
                     self._apply(envelope, recipients, results, attempt, begun, ended)
-                    await self._persist(envelope, attempt)
+                    if not (envelope.done and not envelope.extra.get(OWED)):
+                        await self._persist(envelope, attempt)
+                    # else: every recipient is delivered or bounced with nothing owed,
+                    # and _conclude removes the message next. Writing the final state
+                    # first would only cost syncs: a crash in between redelivers, which
+                    # at-least-once delivery allows for what was in flight.
         finally:
             slot.users -= 1
             if slot.users == 0:

@@ -376,7 +376,11 @@ class QueueStore:
                 except FileNotFoundError:
                     continue
                 found = True
-                fsync_dir(path.parent)
+                if path.parent == self.envelopes:
+                    # The envelope's removal is the commit point. The message file
+                    # needs no sync: if a crash brings it back without its envelope,
+                    # `recover` removes it as an orphan.
+                    fsync_dir(path.parent)
             if not found:
                 raise NotQueued(queue_id)
 

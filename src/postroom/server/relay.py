@@ -131,8 +131,13 @@ class Relay:
             own_hostname=config.hostname,
             own_endpoints=own,
         )
-        self.remote = RemoteCourier(self.router, config.hostname, client_tls_context(),
-                                    command_timeout=config.smtp.command_timeout)
+        # Keep as many idle sessions per destination as may deliver to it at once:
+        # a new session costs a TCP and a TLS handshake and two EHLOs.
+        self.remote = RemoteCourier(
+            self.router, config.hostname, client_tls_context(),
+            command_timeout=config.smtp.command_timeout,
+            max_idle_sessions_per_domain=config.queue.max_per_destination,
+        )
         self.local = LocalCourier(store, expand)
         self.scheduler = Scheduler(
             self.queue, self.deliver, config,
