@@ -113,14 +113,19 @@ class Maildrop:
         msg = self.messages[number - 1]
         for _attempt in range(3):  # a rename may race with the open
             try:
-                with open(msg.path, "rb") as f:
-                    chunks = []
-                    while chunk := f.read(chunk_size):
-                        chunks.append(chunk)
+                # Plain os calls: a buffered file object costs more syscalls and
+                # more time than the read itself for a typical 4 KiB message.
+                fd = os.open(msg.path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 if not self._locate(msg):
                     return None
                 continue
+            try:
+                chunks = []
+                while chunk := os.read(fd, chunk_size):
+                    chunks.append(chunk)
+            finally:
+                os.close(fd)
             msg.retrieved = msg.retrieved or seen
             return chunks
         return None
