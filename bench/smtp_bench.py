@@ -215,8 +215,10 @@ def big_message(octets: int) -> bytes:
 
 
 def bench_memory(args: argparse.Namespace, base: Path) -> MemoryGrowth:
+    # One process, so that the process measured is the one that receives the message.
     server = Postroom(base / "postroom-memory", hostname=f"mx.{DOMAIN}", domains=[DOMAIN],
-                      users={RCPT: "bench-password"}, aliases={}, max_message_size="64M")
+                      users={RCPT: "bench-password"}, aliases={}, max_message_size="64M",
+                      workers=1)
     server.start()
     try:
         # Warm up every code path once with a small message, so the measurement

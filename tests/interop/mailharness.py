@@ -128,6 +128,7 @@ class Postroom:
         listeners: Sequence[str] = ("smtp",),
         max_message_size: str = "50M",
         extra_toml: str = "",
+        workers: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.data = self.root / "data"
@@ -138,6 +139,7 @@ class Postroom:
         self.ports = dict(zip(listeners, free_ports(len(listeners)), strict=True))
         self.max_message_size = max_message_size
         self.extra_toml = extra_toml
+        self.workers = workers  # server processes; None: postroom's default (one per CPU)
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.root / "server.log"
         self._is_set_up = False
@@ -166,7 +168,10 @@ class Postroom:
         return env
 
     def write_config(self) -> None:
-        lines = [f"hostname = {_toml_string(self.hostname)}", "", "[listen]"]
+        lines = [f"hostname = {_toml_string(self.hostname)}", ""]
+        if self.workers is not None:
+            lines += [f"workers = {self.workers}", ""]
+        lines.append("[listen]")
         lines += [f'{name} = "{LOOPBACK}:{port}"' for name, port in self.ports.items()]
         lines += [
             "",
