@@ -14,14 +14,13 @@ batch is one message and costs what a direct commit would.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from postroom.server.batch import BatchThread
 from postroom.store.atomic import fsync_dir
 from postroom.store.maildir import FILE_MODE, ensure_maildir, unique_name
 
@@ -30,8 +29,6 @@ from postroom.store.maildir import FILE_MODE, ensure_maildir, unique_name
 class _Job:
     chunks: Sequence[bytes]
     maildirs: list[Path]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[list[Path]]
     tmp: Path | None = None
     fd: int | None = None
     finals: dict[Path, Path] = field(default_factory=dict)
@@ -43,44 +40,26 @@ class GroupCommitter:
 
     def __init__(self, hostname: str) -> None:
         self._hostname = hostname
-        self._jobs: list[_Job] = []
-        self._ready = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._thread: BatchThread[_Job, list[Path]] = BatchThread(
+            "postroom-commit", self._run_batch
+        )
 
     async def deliver(self, chunks: Sequence[bytes], maildirs: list[Path]) -> list[Path]:
         """Store the message in each maildir's new/ (one copy per distinct maildir);
         return the final paths, parallel to `maildirs`. Raises OSError on failure,
         after removing whatever this message had written."""
-        loop = asyncio.get_running_loop()
-        job = _Job(chunks, maildirs, loop, loop.create_future())
-        with self._ready:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="postroom-commit",
-                                                daemon=True)
-                self._thread.start()
-            self._jobs.append(job)
-            self._ready.notify()
-        return await job.future
+        return await self._thread.submit(_Job(chunks, maildirs))
 
     def close(self) -> None:
         """Let the thread finish the batch in hand and end."""
-        with self._ready:
-            self._stopping = True
-            self._ready.notify()
+        self._thread.close()
 
     # -- the commit thread ----------------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._jobs and not self._stopping:
-                    self._ready.wait()
-                batch, self._jobs = self._jobs, []
-                if not batch and self._stopping:
-                    return
-            self._commit(batch)
-            self._answer(batch)
+    def _run_batch(self, batch: list[_Job]) -> list[list[Path] | BaseException]:
+        self._commit(batch)
+        return [job.error if job.error is not None else [job.finals[m] for m in job.maildirs]
+                for job in batch]
 
     def _commit(self, batch: list[_Job]) -> None:
         for job in batch:
@@ -169,23 +148,3 @@ class GroupCommitter:
             with contextlib.suppress(OSError):
                 final.unlink()
         job.finals.clear()
-
-    @staticmethod
-    def _answer(batch: list[_Job]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
-        for job in batch:
-            by_loop.setdefault(job.loop, []).append(job)
-        for loop, jobs in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(_settle, jobs)
-
-
-def _settle(jobs: list[_Job]) -> None:
-    for job in jobs:
-        if job.future.done():
-            continue
-        if job.error is not None:
-            job.future.set_exception(job.error)
-        else:
-            job.future.set_result([job.finals[m] for m in job.maildirs])
-

@@ -11,11 +11,9 @@ courier, which finds the next hop (static route, MX, implicit MX).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import ssl
-import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from postroom.delivery.routing import Router
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.scheduler import Scheduler
 from postroom.queue.store import QueueStore
+from postroom.server.batch import BatchThread
 from postroom.store.maildir import MailStore
 from postroom.store.users import Expansion
 
@@ -42,62 +41,6 @@ def client_tls_context() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
-
-
-class _QueueBatcher:
-    """One thread that queues messages in batches (QueueStore.add_many): the same
-    group commit as server/committer.py does for Maildirs, for the queue's four
-    syncs per message (message, its folder, envelope, its folder)."""
-
-    def __init__(self, store: QueueStore) -> None:
-        self._store = store
-        self._jobs: list[tuple[Envelope, Iterable[bytes], asyncio.AbstractEventLoop,
-                               asyncio.Future[None]]] = []
-        self._ready = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-
-    async def add(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._ready:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="postroom-queue",
-                                                daemon=True)
-                self._thread.start()
-            self._jobs.append((envelope, chunks, loop, future))
-            self._ready.notify()
-        await future
-
-    def close(self) -> None:
-        with self._ready:
-            self._stopping = True
-            self._ready.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._jobs and not self._stopping:
-                    self._ready.wait()
-                batch, self._jobs = self._jobs, []
-                if not batch and self._stopping:
-                    return
-            try:
-                errors = self._store.add_many([(env, chunks) for env, chunks, _l, _f in batch])
-            except OSError as exc:  # the folder itself failed (fsync, lock)
-                errors = [exc] * len(batch)
-            for (_env, _chunks, loop, future), error in zip(batch, errors, strict=True):
-                with contextlib.suppress(RuntimeError):  # that loop is closed
-                    loop.call_soon_threadsafe(_settle, future, error)
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 class Relay:
@@ -146,14 +89,18 @@ class Relay:
             delay_warning_after=config.queue.delay_warning_after or None,
         )
         self._task: asyncio.Task[None] | None = None
-        self._batcher = _QueueBatcher(self.queue)
+        # Group commit for the queue (QueueStore.add_many), as server/committer.py
+        # does for Maildirs: four syncs per message become a few per batch.
+        self._batcher: BatchThread[tuple[Envelope, Iterable[bytes]], None] = BatchThread(
+            "postroom-queue", self.queue.add_many
+        )
 
     # -- what SMTP sessions call (server.smtp.Outbound) --------------------------
 
     async def add(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
         """Queue durably, batched with whatever other sessions queue meanwhile.
         `chunks` is iterated in the queue thread (it may read a spool file)."""
-        await self._batcher.add(envelope, chunks)
+        await self._batcher.submit((envelope, chunks))
 
     def wake(self, queue_id: str) -> None:
         if self._notify_primary is not None:

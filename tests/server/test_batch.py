@@ -1,0 +1,52 @@
+"""BatchThread: jobs run in batches on one thread; each submitter gets its own answer."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from postroom.server.batch import BatchThread
+
+
+def test_results_and_errors_go_to_their_own_submitter() -> None:
+    batches: list[list[int]] = []
+    threads: set[int] = set()
+
+    def run(jobs: list[int]) -> list[int | BaseException]:
+        batches.append(jobs)
+        threads.add(threading.get_ident())
+        return [ValueError(f"odd {j}") if j % 2 else j * 10 for j in jobs]
+
+    async def scenario() -> list[object]:
+        worker: BatchThread[int, int] = BatchThread("test-batch", run)
+        try:
+            return await asyncio.gather(*(worker.submit(j) for j in range(20)),
+                                        return_exceptions=True)
+        finally:
+            worker.close()
+
+    results = asyncio.run(scenario())
+    for j, result in enumerate(results):
+        if j % 2:
+            assert isinstance(result, ValueError) and str(result) == f"odd {j}"
+        else:
+            assert result == j * 10
+    assert sum(len(b) for b in batches) == 20
+    assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+def test_a_failing_batch_fails_each_of_its_jobs() -> None:
+    def run(jobs: list[int]) -> list[int]:
+        raise OSError("disk gone")
+
+    async def scenario() -> None:
+        worker: BatchThread[int, int] = BatchThread("test-batch", run)
+        try:
+            with pytest.raises(OSError, match="disk gone"):
+                await worker.submit(1)
+        finally:
+            worker.close()
+
+    asyncio.run(scenario())
