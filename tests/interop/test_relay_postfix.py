@@ -172,4 +172,7 @@ def test_postfix_submits_to_postroom_with_starttls_and_auth(
     assert f"by {ISP_HOSTNAME}" in received[0] and "with ESMTPSA" in received[0], received
     assert "relay.test" in received[0], received
     assert split_message(found[0])[1] == split_message(message)[1]
-    assert re.search(r"status=sent", postfix.log()), postfix.log()
+    # The file is in the Maildir just before postroom's 250 goes out, and Postfix
+    # logs the delivery a moment after reading that 250: wait for the line.
+    log = wait_for_log(postfix.log, r"status=sent")
+    assert re.search(r"status=sent", log), log
