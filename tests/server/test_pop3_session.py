@@ -346,3 +346,23 @@ def test_top_is_a_peek_and_leaves_the_message_new(tmp_path: Path) -> None:
     run(scenario)
     assert len(list((maildir(tmp_path) / "new").iterdir())) == 1
     assert list((maildir(tmp_path) / "cur").iterdir()) == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 256 * 1024, 256 * 1024 + 1, 700_000])
+def test_retr_returns_every_octet_whatever_the_size(tmp_path: Path, size: int) -> None:
+    from postroom.store.maildrop import Maildrop
+
+    box = tmp_path / "box"
+    for sub in ("new", "cur", "tmp"):
+        (box / sub).mkdir(parents=True)
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    (box / "new" / f"1.M1P1Q1.host,S={size},W={size}").write_bytes(body)
+    (box / "new" / "2.M2P2Q2.host,S=3").write_bytes(b"a much longer file than S= says\r\n")
+    drop = Maildrop.open(box)
+    try:
+        by_size = {m.size: n for n, m in enumerate(drop.messages, start=1)}
+        assert b"".join(drop.read_chunks(by_size[size]) or []) == body
+        longer = b"".join(drop.read_chunks(by_size[3]) or [])
+        assert longer == b"a much longer file than S= says\r\n"
+    finally:
+        drop.close()

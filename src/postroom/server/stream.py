@@ -36,6 +36,8 @@ class Stream(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._reading_paused = False
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol callbacks ------------------------------------------
 
@@ -57,6 +59,9 @@ class Stream(asyncio.Protocol):
         return False  # close the transport: half-open sessions are of no use
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._eof = True
         self._closed = True
         self._lost = exc
@@ -80,9 +85,11 @@ class Stream(asyncio.Protocol):
     async def read(self, timeout: float | None = None) -> bytes:
         """Everything buffered, waiting for some if there is none; b"" at EOF.
 
-        TimeoutError when nothing came for `timeout` seconds. (A timer handle per
-        wait, not asyncio.wait_for: that makes a task per read, which costs more
-        than the read itself at thousands of commands a second.)
+        TimeoutError when nothing came for `timeout` seconds. One timer serves
+        many reads: it is armed when a wait starts and none is pending, and when
+        it fires it re-arms itself for the current wait's deadline instead of
+        expiring it (neither asyncio.wait_for, which makes a task per read, nor a
+        new timer per read, at thousands of commands a second).
         """
         while not self._chunks:
             if self._eof:
@@ -90,18 +97,36 @@ class Stream(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             waiter = loop.create_future()
             self._read_waiter = waiter
-            timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+            if timeout is not None:
+                self._deadline = loop.time() + timeout
+                if self._timer is None:
+                    self._timer = loop.call_at(self._deadline, self._check_deadline)
             try:
                 await waiter
             finally:
                 self._read_waiter = None
-                if timer is not None:
-                    timer.cancel()
+        return self.read_nowait()
+
+    def read_nowait(self) -> bytes:
+        """Everything buffered now (b"" when nothing is), without waiting."""
+        if not self._chunks:
+            return b""
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
         self._resume_if_paused()
         return data
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        waiter = self._read_waiter
+        if waiter is None or waiter.done():
+            return  # not waiting now: the next wait arms a timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._deadline:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = loop.call_at(self._deadline, self._check_deadline)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self._closed:
@@ -161,8 +186,3 @@ class Stream(asyncio.Protocol):
         if self._reading_paused and self.transport is not None:
             self.transport.resume_reading()
             self._reading_paused = False
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())

@@ -121,9 +121,14 @@ class Maildrop:
                     return None
                 continue
             try:
-                chunks = []
-                while chunk := os.read(fd, chunk_size):
-                    chunks.append(chunk)
+                # The size from the name (S=) lets a small message come in one read:
+                # asking for one octet more shows the end without a second read.
+                asked = min(msg.size + 1, chunk_size) if msg.size else chunk_size
+                first = os.read(fd, asked)
+                chunks = [first] if first else []
+                if len(first) == asked:  # not known to be the end yet: read on
+                    while chunk := os.read(fd, chunk_size):
+                        chunks.append(chunk)
             finally:
                 os.close(fd)
             msg.retrieved = msg.retrieved or seen
