@@ -15,7 +15,6 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 from postroom.ids import new_queue_id
@@ -115,9 +114,13 @@ class SMTPSession:
         self.tls: tuple[str, str] | None = self._tls_info()
         self.txn: Transaction | None = None
         self.in_data = False
-        self.busy = False  # inside a transaction: SIGTERM waits for it to end
         self.user: str | None = None  # the authenticated identity (submission)
         self.sasl: sasl.ServerExchange | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Inside a transaction: SIGTERM waits for it to end."""
+        return self.txn is not None
 
     def _tls_info(self) -> tuple[str, str] | None:
         obj = self.stream.get_extra_info("ssl_object")
@@ -256,7 +259,6 @@ class SMTPSession:
             envid=event.envid,
         )
         self.txn = txn
-        self.busy = True
         log.info("%s: %s: client=[%s], helo=%s, from=<%s>%s", svc.name, txn.queue_id,
                  self.client_ip, self.helo, txn.sender,
                  f", size={txn.size_declared}" if txn.size_declared is not None else "")
@@ -360,7 +362,8 @@ class SMTPSession:
         # From here the commit owns the spool: a shutdown must not abort it.
         spool, txn.writer = txn.writer, None
         size = spool.size
-        targets = [svc.store.maildir_for(box) for box in txn.mailboxes()]
+        mailboxes = txn.mailboxes()
+        targets = [svc.store.maildir_for(box) for box in mailboxes]
         envelope = self._envelope(txn, size) if txn.remote else None
         loop = asyncio.get_running_loop()
         held = spool.in_memory
@@ -388,13 +391,13 @@ class SMTPSession:
         log.info("%s: %s: from=<%s>, size=%d, nrcpt=%d%s", svc.name, txn.queue_id, txn.sender,
                  size, len(txn.recipients) + len(txn.remote),
                  f", sasl_username={self.user}" if self.user else "")
-        by_box = dict(zip(txn.mailboxes(), paths, strict=True))
+        by_box = dict(zip(mailboxes, paths, strict=True))
         for rcpt, boxes in txn.recipients:
             for box in boxes:
                 orig = f", orig_to=<{rcpt}>" if box != rcpt else ""
                 log.info("%s: %s: to=<%s>%s, relay=local, delay=%.2f, dsn=2.0.0, "
                          "status=sent (delivered to maildir %s)", svc.name, txn.queue_id, box,
-                         orig, delay, Path(by_box[box]).name)
+                         orig, delay, by_box[box].name)
         if envelope is not None and svc.outbound is not None:
             for r in envelope.recipients:
                 log.info("%s: %s: to=<%s>, status=queued (for relay)", svc.name,
@@ -501,7 +504,6 @@ class SMTPSession:
     def _finish_transaction(self) -> None:
         self.txn = None
         self.in_data = False
-        self.busy = False
         if self.service.draining and not self.conn.closing:
             # The transaction we waited for is over: say goodbye after its reply.
             self.conn.shutdown(f"{self.service.hostname} Service shutting down")
