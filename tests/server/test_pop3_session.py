@@ -366,3 +366,95 @@ def test_retr_returns_every_octet_whatever_the_size(tmp_path: Path, size: int) -
         assert longer == b"a much longer file than S= says\r\n"
     finally:
         drop.close()
+
+
+def raw_session(server: Running, commands: bytes, replies: int) -> list[bytes]:
+    """Log in over plaintext (allowed by the test's config), send `commands` in one
+    write, and collect the reply lines until `replies` single- or multi-line replies
+    have come: [status line, body...] per reply, joined by CRLF."""
+    import socket
+
+    with socket.create_connection(server.address("pop3"), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"USER boss@corp.example\r\nPASS boss-secret\r\n")
+        assert reader.readline().startswith(b"+OK") and reader.readline().startswith(b"+OK")
+        sock.sendall(commands)
+        out = []
+        for _ in range(replies):
+            status = reader.readline()
+            lines = [status]
+            multi = status.startswith(b"+OK") and (b" octets" in status or b"follows" in status)
+            while multi:
+                line = reader.readline()
+                lines.append(line)
+                if line == b".\r\n":
+                    break
+            out.append(b"".join(lines))
+        return out
+
+
+def unstuff(reply: bytes) -> bytes:
+    lines = reply.split(b"\r\n")[1:-2]  # between the status line and the "." line
+    return b"".join((ln[1:] if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
+
+
+def test_pipelined_batch_mixing_small_and_large_messages_then_quit(tmp_path: Path) -> None:
+    """RFC 2449 PIPELINING: one write carries RETRs answered at once (small messages),
+    one sent a chunk at a time (large), a DELE and the QUIT that ends in Update."""
+    big = b"Subject: big\r\n\r\n" + b".dotted line of a large message\r\n" * 6000
+    box = maildir(tmp_path)
+
+    async def scenario() -> list[bytes]:
+        async with running_server(tmp_path, allow_plaintext_auth=True) as server:
+            await asyncio.to_thread(deliver, server, 2)
+            (box / "new" / f"9999999999.M1P1Q1.host,S={len(big)},W={len(big)}").write_bytes(big)
+            return await asyncio.to_thread(
+                raw_session, server,
+                b"RETR 3\r\nRETR 1\r\nDELE 2\r\nRETR 2\r\nRETR 3\r\nQUIT\r\n", 6,
+            )
+
+    retr_big, retr_1, dele, retr_deleted, retr_big_again, quit_ = run(scenario)
+    assert unstuff(retr_big) == big and unstuff(retr_big_again) == big
+    assert unstuff(retr_1).endswith(message(0))  # after the Received: header
+    assert dele.startswith(b"+OK") and retr_deleted.startswith(b"-ERR")
+    assert quit_.startswith(b"+OK")
+    left = sorted(p.read_bytes() for p in (box / "cur").iterdir())
+    assert len(left) == 2 and big in left and unstuff(retr_1) in left
+
+
+def test_lf_file_is_sent_with_crlf_and_listed_with_its_w_size(tmp_path: Path) -> None:
+    """A file another MDA stored with LF line ends: LIST says the CRLF size (W=), and
+    RETR sends exactly that many octets, CRLF line ends, byte-stuffed."""
+    lf = b"Subject: from elsewhere\n\n.a dot\nlast\n"
+    crlf_size = len(lf) + lf.count(b"\n")
+    box = maildir(tmp_path)
+
+    async def scenario() -> list[bytes]:
+        async with running_server(tmp_path, allow_plaintext_auth=True) as server:
+            await asyncio.to_thread(deliver, server, 0)
+            for sub in ("new", "cur", "tmp"):
+                (box / sub).mkdir(parents=True, exist_ok=True)
+            (box / "new" / f"1.M1P1.host,S={len(lf)},W={crlf_size}").write_bytes(lf)
+            return await asyncio.to_thread(raw_session, server, b"LIST 1\r\nRETR 1\r\n", 2)
+
+    listed, retr = run(scenario)
+    assert listed == b"+OK 1 %d\r\n" % crlf_size
+    assert retr.startswith(b"+OK %d octets\r\n" % crlf_size)
+    assert unstuff(retr) == lf.replace(b"\n", b"\r\n")
+
+
+def test_unreadable_message_gets_sys_temp_and_the_session_goes_on(tmp_path: Path) -> None:
+    """A disk fault reading one message is that command's -ERR [SYS/TEMP] (RFC 3206),
+    not a dropped connection: here the "message" is a folder, and read(2) fails."""
+    box = maildir(tmp_path)
+
+    async def scenario() -> list[bytes]:
+        async with running_server(tmp_path, allow_plaintext_auth=True) as server:
+            await asyncio.to_thread(deliver, server, 1)
+            (box / "new" / "1.M1P1.host,S=10,W=10").mkdir()
+            return await asyncio.to_thread(raw_session, server, b"RETR 1\r\nRETR 2\r\n", 2)
+
+    broken, good = run(scenario)
+    assert broken.startswith(b"-ERR [SYS/TEMP]")
+    assert unstuff(good).endswith(message(0))

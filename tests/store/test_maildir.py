@@ -330,3 +330,19 @@ def test_list_messages(store: MailStore) -> None:
     assert by_path[seen].flags == "S"
     assert by_path[seen].uid_base_name == second.name.split(",")[0]
     assert list_messages(store.maildir_for("nobody@corp.example")) == []
+    # postroom's own names say "no bare LF" (W= equals S=); a foreign name says nothing.
+    assert by_path[first].crlf and by_path[seen].crlf and not by_path[foreign].crlf
+
+
+def test_list_messages_sizes_are_what_pop3_sends(tmp_path: Path) -> None:
+    """A file stored with LF line ends (as Dovecot's LDA stores) names both sizes:
+    S= on disk, W= with CRLF. POP3 sends CRLF, so W= is its size (RFC 1939 11)."""
+    box = tmp_path / "box"
+    for sub in ("new", "cur", "tmp"):
+        (box / sub).mkdir(parents=True)
+    lf = b"Subject: lf\n\nbody\n"
+    (box / "new" / f"1.M1P1.host,S={len(lf)},W={len(lf) + 3}").write_bytes(lf)
+    (box / "new" / "2.M2P2.host,S=5").write_bytes(b"a\r\nb\n")
+    lf_entry, s_only = list_messages(box)
+    assert (lf_entry.size, lf_entry.crlf) == (len(lf) + 3, False)
+    assert (s_only.size, s_only.crlf) == (5, False)

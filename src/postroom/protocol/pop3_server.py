@@ -269,7 +269,10 @@ class _MessageWriter:
         self._body_lines = top_lines  # lines of body still wanted; None = all
         self.done = False  # TOP has all it needs: further chunks are dropped
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes, crlf: bool = False) -> bytes:
+        """The multi-line text for this chunk; `crlf`: the caller knows the chunk has
+        no bare LF, so the two passes that would turn bare LFs into CRLF (a third of
+        the cost of a small RETR) would change nothing and are skipped."""
         if self.done or not data:
             return b""
         if self._pending_cr:
@@ -280,9 +283,10 @@ class _MessageWriter:
             self._pending_cr = True
             if not data:
                 return b""
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
-        data = data.replace(b"\n", b"\r\n")
+        if not crlf:
+            if b"\r" in data:
+                data = data.replace(b"\r\n", b"\n")
+            data = data.replace(b"\n", b"\r\n")
         if self._body_lines is not None:
             data = self._cut(data)
             if self.done:
@@ -558,14 +562,16 @@ class POP3Server:
         self._move("challenge")
         self._out.append(b"+ " + base64.b64encode(challenge) + b"\r\n")
 
-    def send_message_chunk(self, data: bytes) -> None:
+    def send_message_chunk(self, data: bytes, *, crlf: bool = False) -> None:
         """Stream part of the message for the pending Retrieve or Top; the first call
-        sends the +OK line."""
+        sends the +OK line. `crlf=True` vouches that `data` has no bare LF (every LF
+        follows a CR), as a Maildir name whose W= equals its S= says of its file;
+        it saves work, and changes nothing in what is sent for such data."""
         event = self._expect("send_message_chunk", _MESSAGE_EVENTS)
         writer = self._writer
         if writer is None:
             writer = self._start_message(event)
-        out = writer.feed(data)
+        out = writer.feed(data, crlf)
         if out:
             self._out.append(out)
 
@@ -577,9 +583,9 @@ class POP3Server:
         self._writer = None
         self._pending = None
 
-    def send_message(self, data: bytes) -> None:
+    def send_message(self, data: bytes, *, crlf: bool = False) -> None:
         """The whole message at once: send_message_chunk(data) then end_message()."""
-        self.send_message_chunk(data)
+        self.send_message_chunk(data, crlf=crlf)
         self.end_message()
 
     def update_done(self, ok: bool = True, text: str | None = None) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import functools
 import hashlib
 import hmac
 import logging
@@ -32,6 +31,9 @@ log = logging.getLogger("postroom.pop3d")
 
 # Messages above this size are read from disk in a worker thread, not the loop.
 THREAD_READ_ABOVE = 1024 * 1024
+# Messages up to this size are read and answered in one go, even from the stream's
+# data callback; larger ones are sent a chunk at a time, each written and drained.
+SEND_AT_ONCE = 64 * 1024
 
 
 @dataclass
@@ -69,6 +71,16 @@ def apop_timestamp(hostname: str) -> str:
     return f"<{os.getpid()}.{time.time_ns()}.{secrets.token_hex(4)}@{hostname}>"
 
 
+def read_message(drop: Maildrop, event: core.Retrieve | core.Top) -> list[bytes] | OSError | None:
+    """A message's bytes for RETR or TOP; None when it is gone, the error on a disk
+    fault (BLOCKING: large messages are read in a thread, and answered in the loop)."""
+    try:
+        # TOP is a peek, not a read: only RETR files the message as seen at QUIT.
+        return drop.read_chunks(event.msg_number, seen=type(event) is core.Retrieve)
+    except OSError as exc:
+        return exc
+
+
 class POP3Session:
     """Drives one connection from the greeting to the close."""
 
@@ -84,6 +96,7 @@ class POP3Session:
         self.maildrop: Maildrop | None = None
         self.busy = False  # in the Update state: shutdown waits for it
         self._sasl: tuple[str, str | None] | None = None  # LOGIN: (step, username)
+        self._stashed: object | None = None  # an event _on_data left for the loop
 
     async def run(self) -> None:
         svc = self.service
@@ -113,43 +126,83 @@ class POP3Session:
 
     async def _loop(self) -> None:
         conn = self.conn
+        stream = self.stream
+        stream.set_handler(self._on_data)
+        try:
+            while True:
+                event = self._pump()
+                if event is core.NEED_DATA:
+                    if not await self._drain():
+                        return
+                    try:
+                        data = await stream.read(self.service.idle_timeout)
+                    except TimeoutError:
+                        log.info("%s: idle timeout for %s", self.service.name, self.client)
+                        conn.timeout()
+                        continue
+                    event = self._stashed
+                    if event is None:
+                        conn.receive_data(data)  # b"": EOF
+                        continue
+                    self._stashed = None
+                    if data:  # arrived after the handler's bytes: the core queues it
+                        conn.receive_data(data)
+                if isinstance(event, core.ConnectionClosed):
+                    await self._flush()
+                    return
+                if event is core.PAUSED:  # pragma: no cover - every event is answered
+                    raise RuntimeError(f"POP3 core paused in state {conn.state}")
+                await self._handle(event)
+        finally:
+            stream.set_handler(None)
+
+    def _pump(self) -> object:
+        """Answer every event that needs no waiting; return the first that does, or
+        NEED_DATA once what is due has been written (drain is the caller's)."""
+        conn = self.conn
         while True:
             event = conn.next_event()
             if event is core.NEED_DATA:
-                if not await self._flush():
-                    return
-                try:
-                    data = await self.stream.read(self.service.idle_timeout)
-                except TimeoutError:
-                    log.info("%s: idle timeout for %s", self.service.name, self.client)
-                    conn.timeout()
+                out = conn.data_to_send()
+                if out:
+                    self.stream.write(out)
+                return event
+            if isinstance(event, core.Retrieve | core.Top):
+                if self._retrieve_now(event):
                     continue
-                conn.receive_data(data)
-            elif isinstance(event, core.ConnectionClosed):
-                await self._flush()
-                return
-            elif event is core.PAUSED:  # pragma: no cover - every event is answered
-                raise RuntimeError(f"POP3 core paused in state {conn.state}")
-            else:
-                await self._handle(event)
+            elif isinstance(event, core.User):
+                conn.ok()  # RFC 1939 7: USER may be accepted for any name; PASS decides
+                continue
+            return event
 
-    async def _flush(self) -> bool:
-        out = self.conn.data_to_send()
-        if not out:
+    def _on_data(self, data: bytes) -> bool:
+        """The stream's handler while the loop waits for a command (Stream.set_handler):
+        commands that need no waiting are answered here; the first that does is
+        kept for the loop, which the False return wakes."""
+        self.conn.receive_data(data)
+        event = self._pump()
+        if event is core.NEED_DATA:
             return True
+        self._stashed = event
+        return False
+
+    async def _drain(self) -> bool:
         try:
-            self.stream.write(out)
             await self.stream.drain()
         except (ConnectionError, ssl.SSLError):
             return False
         return True
 
+    async def _flush(self) -> bool:
+        out = self.conn.data_to_send()
+        if out:
+            self.stream.write(out)
+        return await self._drain()
+
     async def _handle(self, event: object) -> None:
-        conn = self.conn
+        """An event `_pump` could not answer without waiting."""
         if isinstance(event, core.Retrieve | core.Top):
             await self._retrieve(event)
-        elif isinstance(event, core.User):
-            conn.ok()  # RFC 1939 7: USER may be accepted for any name; PASS decides
         elif isinstance(event, core.Pass):
             await self._login(event.name, event.password)
         elif isinstance(event, core.AuthStart):
@@ -294,28 +347,56 @@ class POP3Session:
 
     # -- Transaction state --------------------------------------------------
 
-    async def _retrieve(self, event: core.Retrieve | core.Top) -> None:
+    def _retrieve_now(self, event: core.Retrieve | core.Top) -> bool:
+        """RETR or TOP of a message small enough to answer without leaving the loop
+        (most mail): answered at once. False leaves larger ones to `_retrieve`."""
         drop = self.maildrop
         assert drop is not None, "the core emits Retrieve/Top only after login"
-        number = event.msg_number
-        size = drop.messages[number - 1].size
-        seen = isinstance(event, core.Retrieve)  # TOP is a peek, not a read
-        if size > THREAD_READ_ABOVE:
-            chunks = await asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(drop.read_chunks, number, seen=seen)
-            )
+        msg = drop.messages[event.msg_number - 1]
+        if msg.size > SEND_AT_ONCE:
+            return False
+        chunks = self._answer_read(event, read_message(drop, event))
+        if chunks is not None:
+            for chunk in chunks:
+                self.conn.send_message_chunk(chunk, crlf=msg.crlf)
+            self.conn.end_message()
+        return True
+
+    async def _retrieve(self, event: core.Retrieve | core.Top) -> None:
+        """RETR or TOP of a large message: read in a thread when very large, sent
+        and drained a chunk at a time."""
+        drop = self.maildrop
+        assert drop is not None, "the core emits Retrieve/Top only after login"
+        msg = drop.messages[event.msg_number - 1]
+        if msg.size > THREAD_READ_ABOVE:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(None, read_message, drop, event)
         else:
-            chunks = drop.read_chunks(number, seen=seen)
+            result = read_message(drop, event)
+        chunks = self._answer_read(event, result)
         if chunks is None:
-            self.conn.err(f"message {number} was removed by another program", "SYS/PERM")
             return
         for chunk in chunks:
-            self.conn.send_message_chunk(chunk)
+            self.conn.send_message_chunk(chunk, crlf=msg.crlf)
             if not self.conn.wants_more:
                 break
-            if len(chunk) >= 64 * 1024 and not await self._flush():
+            if not await self._flush():
                 return
         self.conn.end_message()
+
+    def _answer_read(
+        self, event: core.Retrieve | core.Top, result: list[bytes] | OSError | None
+    ) -> list[bytes] | None:
+        """The message's bytes, or None after answering -ERR (gone, or a disk fault)."""
+        if isinstance(result, OSError):
+            log.error("%s: %s: cannot read message %d: %s", self.service.name, self.user,
+                      event.msg_number, result)
+            self.conn.err(f"cannot read message {event.msg_number} just now", "SYS/TEMP")
+            return None
+        if result is None:
+            self.conn.err(f"message {event.msg_number} was removed by another program",
+                          "SYS/PERM")
+        return result
 
     # -- Update state -----------------------------------------------------------
 

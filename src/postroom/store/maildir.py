@@ -138,16 +138,22 @@ class MaildirEntry:
     """One message of a maildir as a POP3 server sees it."""
 
     path: Path
-    size: int  # exact octets on disk (from S= when present)
+    size: int  # octets as sent, with CRLF line ends: W=, else S=, else stat(2)
     uid_base_name: str  # the stable unique part of the name: a basis for UIDL
     flags: str = ""  # Maildir flags ("S" seen, "T" trashed, ...) from cur/ names
+    # The name says the file has no bare LF: W= (the size with CRLF line ends) equals
+    # S= (the size stored), as in postroom's own names. Readers may then skip
+    # converting line ends; without this they must convert.
+    crlf: bool = False
 
 
 def list_messages(maildir: Path) -> list[MaildirEntry]:
     """The messages in new/ and cur/, oldest delivery first.
 
-    Sizes come from the S= field, or from stat(2) for names without one. A file
-    that vanishes while listing (another reader moved or deleted it) is skipped.
+    Sizes are what a POP3 client receives (RFC 1939 11: CRLF line ends): the W=
+    field, which Dovecot's deliveries carry for files stored with LF line ends,
+    else S=, else stat(2) for names without either. A file that vanishes while
+    listing (another reader moved or deleted it) is skipped.
     """
     found: list[tuple[tuple[int, int, str], MaildirEntry]] = []
     for sub in ("new", "cur"):
@@ -161,7 +167,7 @@ def list_messages(maildir: Path) -> list[MaildirEntry]:
                 continue  # RFC-less but universal: dot files are not messages
             parsed = parse_maildir_name(name)
             path = folder / name
-            size = parsed.size
+            size = parsed.vsize if parsed.vsize is not None else parsed.size
             when = parsed.time
             if size is None or when is None:
                 try:
@@ -170,7 +176,8 @@ def list_messages(maildir: Path) -> list[MaildirEntry]:
                     continue
                 size = st.st_size if size is None else size
                 when = int(st.st_mtime) if when is None else when
-            entry = MaildirEntry(path, size, parsed.unique, parsed.flags)
+            crlf = parsed.vsize is not None and parsed.vsize == parsed.size
+            entry = MaildirEntry(path, size, parsed.unique, parsed.flags, crlf)
             found.append(((when, parsed.usecs or 0, name), entry))
     found.sort(key=lambda item: item[0])
     return [entry for _, entry in found]

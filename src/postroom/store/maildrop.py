@@ -44,6 +44,7 @@ class DropMessage:
     size: int
     uid: str
     retrieved: bool = False
+    crlf: bool = False  # the file has no bare LF (MaildirEntry.crlf)
 
     @property
     def unique(self) -> str:
@@ -79,7 +80,8 @@ class Maildrop:
         drop = cls(root, _lock_fd=fd)
         try:
             drop.messages = [
-                DropMessage(entry.path, entry.size, uid_for(entry.uid_base_name))
+                DropMessage(entry.path, entry.size, uid_for(entry.uid_base_name),
+                            crlf=entry.crlf)
                 for entry in list_messages(root)
             ]
         except OSError:
