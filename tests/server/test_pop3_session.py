@@ -458,3 +458,26 @@ def test_unreadable_message_gets_sys_temp_and_the_session_goes_on(tmp_path: Path
     broken, good = run(scenario)
     assert broken.startswith(b"-ERR [SYS/TEMP]")
     assert unstuff(good).endswith(message(0))
+
+
+def test_read_ahead_serves_the_next_retr_and_marks_nothing_read(tmp_path: Path) -> None:
+    from postroom.store.maildrop import Maildrop
+
+    box = tmp_path / "box"
+    for sub in ("new", "cur", "tmp"):
+        (box / sub).mkdir(parents=True)
+    small, large = b"Subject: 1\r\n\r\none\r\n", b"x" * 5000 + b"\r\n"
+    (box / "new" / f"1.M1P1.host,S={len(small)},W={len(small)}").write_bytes(small)
+    (box / "new" / f"2.M2P2.host,S={len(large)},W={len(large)}").write_bytes(large)
+    drop = Maildrop.open(box)
+    try:
+        drop.read_ahead(1, limit=1000)
+        drop.read_ahead(2, limit=1000)  # over the limit: not read, the first stays
+        drop.read_ahead(3, limit=1000)  # no such message: nothing happens
+        assert not drop.messages[0].retrieved  # reading ahead is not RETR
+        drop.messages[0].path.unlink()  # gone now, but read before: still served
+        assert drop.read_chunks(1) == [small] and drop.messages[0].retrieved
+        assert drop.read_chunks(1) is None  # the read-ahead copy is used once
+        assert b"".join(drop.read_chunks(2) or []) == large
+    finally:
+        drop.close()

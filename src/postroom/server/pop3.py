@@ -97,6 +97,7 @@ class POP3Session:
         self.busy = False  # in the Update state: shutdown waits for it
         self._sasl: tuple[str, str | None] | None = None  # LOGIN: (step, username)
         self._stashed: object | None = None  # an event _on_data left for the loop
+        self._read_next = 0  # a message to read ahead once this answer is written
 
     async def run(self) -> None:
         svc = self.service
@@ -166,6 +167,11 @@ class POP3Session:
                 out = conn.data_to_send()
                 if out:
                     self.stream.write(out)
+                if self._read_next:
+                    # While the client reads this answer, read what it will ask next.
+                    assert self.maildrop is not None
+                    self.maildrop.read_ahead(self._read_next, SEND_AT_ONCE)
+                    self._read_next = 0
                 return event
             if isinstance(event, core.Retrieve | core.Top):
                 if self._retrieve_now(event):
@@ -360,6 +366,8 @@ class POP3Session:
             for chunk in chunks:
                 self.conn.send_message_chunk(chunk, crlf=msg.crlf)
             self.conn.end_message()
+            if isinstance(event, core.Retrieve):
+                self._read_next = event.msg_number + 1
         return True
 
     async def _retrieve(self, event: core.Retrieve | core.Top) -> None:
