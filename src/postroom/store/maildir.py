@@ -47,16 +47,22 @@ _LINK_FALLBACK_ERRNOS = {
 
 _counter_lock = threading.Lock()
 _counter = 0
+# This process's pid and random part of every name, drawn again in a forked child:
+# two system calls fewer per message than asking each time.
+_pid = os.getpid()
+_nonce = secrets.token_hex(8)
 
 
-def _reset_counter() -> None:
+def _new_process() -> None:
     # A forked child has a new pid; restarting Q keeps names short and still unique.
-    global _counter
+    global _counter, _pid, _nonce
     _counter = 0
+    _pid = os.getpid()
+    _nonce = secrets.token_hex(8)
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_counter)
+    os.register_at_fork(after_in_child=_new_process)
 
 
 def escape_hostname(hostname: str) -> str:
@@ -73,8 +79,9 @@ def unique_name(hostname: str, size: int | None = None) -> str:
     """A new Maildir base name, unique across processes and restarts.
 
     Time with microseconds, the pid and a per-process counter make it unique on
-    this host; the random part guards against a pid reused within the same
-    microsecond (containers restarting) and clock steps backwards.
+    this host; the random part, drawn when the process starts, guards against a
+    pid reused by a later process (containers restarting) and clock steps
+    backwards, where the counter starts again from 1.
     """
     global _counter
     now = time.time_ns()
@@ -82,10 +89,7 @@ def unique_name(hostname: str, size: int | None = None) -> str:
     with _counter_lock:
         _counter += 1
         count = _counter
-    name = (
-        f"{secs}.M{usecs}P{os.getpid()}Q{count}R{secrets.token_hex(8)}"
-        f".{escape_hostname(hostname)}"
-    )
+    name = f"{secs}.M{usecs}P{_pid}Q{count}R{_nonce}.{escape_hostname(hostname)}"
     if size is not None:
         # W= is the size with CRLF line ends; messages are stored with CRLF, so W = S.
         name += f",S={size},W={size}"
