@@ -4,7 +4,9 @@ One run starts, in turn, on free loopback ports:
   (a) postroom, its SMTP listener delivering to a Maildir;
   (b) a private Postfix instance delivering to a Maildir on the same disk
       (virtual(8), which fsyncs each file, as Postfix does by default);
-  (c) aiosmtpd's Sink handler, which stores nothing (a Python upper bound).
+  (c) aiosmtpd's Sink handler, which stores nothing (a Python upper bound);
+  (d) bench/fsync_sink.py, a minimal one-process asyncio sink that fsyncs each
+      message into a Maildir before its 250 (the ceiling of the simple design).
 Each gets the same smtp-source load (Postfix's own load generator). For (a) and
 (b) the clock stops when the last message is in the Maildir's new/, for (c)
 when smtp-source exits. Then a fresh postroom receives one large message while
@@ -185,6 +187,32 @@ def bench_sink(args: argparse.Namespace, base: Path) -> Throughput:
         log.close()
 
 
+def bench_fsync_sink(args: argparse.Namespace, base: Path) -> Throughput:
+    port = free_ports(1)[0]
+    folder = base / "fsync-sink"
+    log = open(base / "fsync-sink.log", "wb")  # noqa: SIM115 (closed in finally)
+    sink = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("fsync_sink.py")), str(port), str(folder)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while smtp_banner(port, timeout=1.0) is None:
+            if sink.poll() is not None or time.monotonic() > deadline:
+                output = (base / "fsync-sink.log").read_text()
+                raise HarnessError(f"fsync_sink did not start: {output}")
+            time.sleep(0.05)
+        return drive("fsync-sink", args, port, folder, args.timeout)
+    finally:
+        sink.terminate()
+        try:
+            sink.wait(10)
+        except subprocess.TimeoutExpired:
+            sink.kill()
+            sink.wait()
+        log.close()
+
+
 def proc_status_kib(pid: int, key: str) -> int:
     """A "VmRSS:   1234 kB"-style value from /proc/PID/status, in KiB."""
     with open(f"/proc/{pid}/status") as status:
@@ -274,6 +302,7 @@ THROUGHPUT_LEGS = {
     "postroom": bench_postroom,
     "postfix": bench_postfix,
     "aiosmtpd": bench_sink,
+    "fsync-sink": bench_fsync_sink,
 }
 LEGS = (*THROUGHPUT_LEGS, "memory")
 
@@ -365,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = {leg: r.rate for leg, r in best.items()}
     ratios = {
         f"postroom/{other}": rates["postroom"] / rates[other]
-        for other in ("postfix", "aiosmtpd")
+        for other in ("postfix", "aiosmtpd", "fsync-sink")
         if "postroom" in rates and rates.get(other)
     }
     if ratios:
