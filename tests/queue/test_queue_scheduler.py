@@ -415,6 +415,37 @@ async def test_wake_and_flush(tmp_path: Path) -> None:
 
 
 @async_test
+async def test_woken_messages_are_read_once_and_removed_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of new messages: each envelope is read from disk once (the wake reads
+    it; the attempt uses that copy), and the finished ones leave the queue in
+    batches, each batch with one sync of the envelope folder."""
+    batches: list[list[str]] = []
+    real_remove_many = QueueStore.remove_many
+
+    def remove_many(store: QueueStore, ids: list[str]) -> list[BaseException | None]:
+        batches.append(list(ids))
+        return real_remove_many(store, ids)
+
+    monkeypatch.setattr(QueueStore, "remove_many", remove_many)
+    h = Harness(tmp_path)
+    await h.start()
+    loads: list[str] = []
+    real_load = h.store.load
+    monkeypatch.setattr(h.store, "load", lambda qid: (loads.append(qid), real_load(qid))[1])
+    ids = [f"MSG00000010{n}" for n in range(6)]
+    for queue_id in ids:
+        h.add(queue_id, "a@isp.example")
+        h.scheduler.wake(queue_id)
+    await h.scheduler.idle()
+    assert sorted(loads) == ids
+    assert sorted(qid for batch in batches for qid in batch) == ids
+    assert h.store.ids() == []
+    await h.stop()
+
+
+@async_test
 async def test_rescan_drops_deleted_messages(tmp_path: Path) -> None:
     h = Harness(tmp_path, FakeDeliver(temporary))
     h.add("MSG000000001", "a@isp.example")

@@ -182,6 +182,27 @@ def test_remove_envelope_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         store.load(env.queue_id)
 
 
+def test_remove_many_syncs_the_envelope_folder_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from postroom.queue import store as store_module
+
+    store = QueueStore(tmp_path)
+    ids = [f"AAAA0000000{n}" for n in range(1, 4)]
+    for queue_id in ids:
+        store.add(envelope(queue_id), [b"x\r\n"])
+    store.envelope_path(ids[1]).unlink()  # an orphan message: removed, not an error
+    synced: list[str] = []
+    real_fsync_dir = store_module.fsync_dir
+    monkeypatch.setattr(store_module, "fsync_dir",
+                        lambda path: (synced.append(Path(path).name), real_fsync_dir(path)))
+    errors = store.remove_many([*ids, "AAAA00000009"])
+    assert errors[:3] == [None, None, None]
+    assert isinstance(errors[3], NotQueued)
+    assert synced == ["envelopes"]
+    assert store.ids() == [] and list((tmp_path / "messages").iterdir()) == []
+
+
 def test_recover_removes_orphans_and_temp_files(tmp_path: Path) -> None:
     store = QueueStore(tmp_path)
     store.add(envelope("KEEP00000001"), [b"keep\r\n"])

@@ -53,6 +53,7 @@ from postroom.delivery.outcome import DeliveryResult
 from postroom.queue.dsn import Action, queue_dsn, wants_dsn
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.store import CorruptEnvelope, NotQueued, QueueError, QueueStore
+from postroom.batch import BatchThread
 
 log = logging.getLogger("postroom.queue")
 
@@ -124,6 +125,11 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._wake_ids: set[str] = set()
+        self._fresh: set[str] = set()  # envelopes just read by _load_ids
+        # Finished messages are removed in batches: one sync of the folder for many.
+        self._remover: BatchThread[str, None] = BatchThread(
+            "postroom-queue-remove", self.store.remove_many
+        )
         self._flush_all = False
         self._rescan_requested = False
         self._stopping = False
@@ -184,13 +190,16 @@ class Scheduler:
         next_rescan = loop.time() + RESCAN_INTERVAL
         log.info("queue: started with %d message(s)", len(self._envelopes))
         try:
-            await self._loop(loop, next_rescan)
-        except asyncio.CancelledError:
-            for task in self._tasks:
-                task.cancel()
-            raise
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            try:
+                await self._loop(loop, next_rescan)
+            except asyncio.CancelledError:
+                for task in self._tasks:
+                    task.cancel()
+                raise
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            self._remover.close()
         self._idle.set()
 
     async def _loop(self, loop: asyncio.AbstractEventLoop, next_rescan: float) -> None:
@@ -257,33 +266,55 @@ class Scheduler:
                 del self._envelopes[queue_id]
 
     async def _load_ids(self, ids: set[str]) -> None:
-        for queue_id in ids:
-            if queue_id in self._in_flight:
-                continue
-            envelope = await self._reload(queue_id)
+        """Read the envelopes of messages just queued (or flushed), all in one trip to
+        a thread, and make them due now."""
+        wanted = [queue_id for queue_id in ids if queue_id not in self._in_flight]
+        if not wanted:
+            return
+        read = await asyncio.to_thread(self._read_envelopes, wanted)
+        for queue_id, result in zip(wanted, read, strict=True):
+            envelope = self._adopt(queue_id, result)
             if envelope is not None:
                 envelope.next_attempt = 0.0
+                self._fresh.add(queue_id)  # _attempt need not read it again
 
     async def _reload(self, queue_id: str) -> Envelope | None:
         """Read one envelope again (the command line may have changed it)."""
-        try:
-            envelope = await asyncio.to_thread(self.store.load, queue_id)
-        except NotQueued:
+        read = await asyncio.to_thread(self._read_envelopes, [queue_id])
+        return self._adopt(queue_id, read[0])
+
+    def _read_envelopes(self, queue_ids: list[str]) -> list[Envelope | Exception]:
+        """BLOCKING (run in a thread): each envelope, or why it could not be read."""
+        read: list[Envelope | Exception] = []
+        for queue_id in queue_ids:
+            try:
+                read.append(self.store.load(queue_id))
+            except (QueueError, OSError) as e:  # NotQueued is a QueueError
+                read.append(e)
+        return read
+
+    def _adopt(self, queue_id: str, read: Envelope | Exception) -> Envelope | None:
+        """Take a freshly read envelope as the scheduler's copy; None if it is gone."""
+        if isinstance(read, NotQueued):
             if self._envelopes.pop(queue_id, None) is not None:
                 log.info("%s: removed from the queue by someone else", queue_id)
             return None
-        except (QueueError, OSError) as e:
+        if isinstance(read, Exception):
             # Forget it until a rescan finds it readable again (never spin on it).
-            log.error("%s: cannot read its envelope: %s", queue_id, e)
+            log.error("%s: cannot read its envelope: %s", queue_id, read)
             self._envelopes.pop(queue_id, None)
             return None
-        self._envelopes[queue_id] = envelope
-        return envelope
+        self._envelopes[queue_id] = read
+        return read
 
     # -- one attempt of one envelope -----------------------------------------------
 
     async def _attempt(self, queue_id: str) -> None:
-        envelope = await self._reload(queue_id)
+        if queue_id in self._fresh:  # read from disk a moment ago by _load_ids
+            self._fresh.discard(queue_id)
+            envelope = self._envelopes.get(queue_id)
+        else:
+            envelope = await self._reload(queue_id)
         if envelope is None or envelope.held:
             return
         attempt = _Attempt(started=self._clock())
@@ -423,7 +454,7 @@ class Scheduler:
         if envelope.done:
             if sent:
                 try:
-                    await asyncio.to_thread(self.store.remove, envelope.queue_id)
+                    await self._remover.submit(envelope.queue_id)
                 except NotQueued:
                     pass
                 except OSError as e:

@@ -368,21 +368,47 @@ class QueueStore:
 
         NotQueued when neither file exists.
         """
+        error = self.remove_many([queue_id])[0]
+        if error is not None:
+            raise error
+
+    def remove_many(self, queue_ids: list[str]) -> list[BaseException | None]:
+        """`remove` for several messages with one sync of the envelope folder.
+
+        Per ID: None once it is gone, NotQueued when neither file existed, or the
+        OSError that stopped it (its message file is then kept).
+        """
+        errors: list[BaseException | None] = [None] * len(queue_ids)
         with self.locked():
-            found = False
-            for path in (self.envelope_path(queue_id), self.message_path(queue_id)):
+            removed_envelopes = False
+            for i, queue_id in enumerate(queue_ids):
                 try:
-                    path.unlink()
+                    self.envelope_path(queue_id).unlink()
+                    removed_envelopes = True
                 except FileNotFoundError:
+                    errors[i] = NotQueued(queue_id)
+                except OSError as e:
+                    errors[i] = e
+            if removed_envelopes:
+                # The envelopes' removal is the commit point. The message files need
+                # no sync: if a crash brings one back without its envelope,
+                # `recover` removes it as an orphan.
+                try:
+                    fsync_dir(self.envelopes)
+                except OSError as e:
+                    errors = [e if err is None else err for err in errors]
+            for i, queue_id in enumerate(queue_ids):
+                if errors[i] is not None and not isinstance(errors[i], NotQueued):
                     continue
-                found = True
-                if path.parent == self.envelopes:
-                    # The envelope's removal is the commit point. The message file
-                    # needs no sync: if a crash brings it back without its envelope,
-                    # `recover` removes it as an orphan.
-                    fsync_dir(path.parent)
-            if not found:
-                raise NotQueued(queue_id)
+                try:
+                    self.message_path(queue_id).unlink()
+                    errors[i] = None  # a message without its envelope: gone now too
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    if errors[i] is None:
+                        errors[i] = e
+        return errors
 
     def recover(self) -> int:
         """Clean up after a crash; returns the number of files removed.

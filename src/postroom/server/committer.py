@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from postroom.server.batch import BatchThread
+from postroom.batch import BatchThread
 from postroom.store.atomic import fsync_dir
 from postroom.store.maildir import FILE_MODE, ensure_maildir, unique_name
 

@@ -26,7 +26,7 @@ from postroom.delivery.routing import Router
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.scheduler import Scheduler
 from postroom.queue.store import QueueStore
-from postroom.server.batch import BatchThread
+from postroom.batch import BatchThread
 from postroom.store.maildir import MailStore
 from postroom.store.users import Expansion
 

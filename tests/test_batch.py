@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from postroom.server.batch import BatchThread
+from postroom.batch import BatchThread
 
 
 def test_results_and_errors_go_to_their_own_submitter() -> None:
