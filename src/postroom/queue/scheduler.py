@@ -48,12 +48,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from postroom.batch import BatchThread
 from postroom.config import Config
 from postroom.delivery.outcome import DeliveryResult
 from postroom.queue.dsn import Action, queue_dsn, wants_dsn
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.store import CorruptEnvelope, NotQueued, QueueError, QueueStore
-from postroom.batch import BatchThread
 
 log = logging.getLogger("postroom.queue")
 

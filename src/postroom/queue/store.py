@@ -30,6 +30,7 @@ Every method blocks (fsync); the asyncio server runs them in worker threads.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import os
@@ -372,13 +373,15 @@ class QueueStore:
         if error is not None:
             raise error
 
-    def remove_many(self, queue_ids: list[str]) -> list[BaseException | None]:
+    def remove_many(
+        self, queue_ids: builtins.list[str]
+    ) -> builtins.list[BaseException | None]:
         """`remove` for several messages with one sync of the envelope folder.
 
         Per ID: None once it is gone, NotQueued when neither file existed, or the
         OSError that stopped it (its message file is then kept).
         """
-        errors: list[BaseException | None] = [None] * len(queue_ids)
+        errors: builtins.list[BaseException | None] = [None] * len(queue_ids)
         with self.locked():
             removed_envelopes = False
             for i, queue_id in enumerate(queue_ids):

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from postroom.addresses import domain_of
+from postroom.batch import BatchThread
 from postroom.config import Config
 from postroom.delivery.local import LocalCourier
 from postroom.delivery.outcome import DeliveryResult
@@ -26,7 +27,6 @@ from postroom.delivery.routing import Router
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.scheduler import Scheduler
 from postroom.queue.store import QueueStore
-from postroom.batch import BatchThread
 from postroom.store.maildir import MailStore
 from postroom.store.users import Expansion
 
