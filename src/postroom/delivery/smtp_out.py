@@ -546,7 +546,12 @@ class ClientSession:
             notes.append(f"DSN parameters of <{recipient.address}> not sent: {exc}")
 
     async def _content(self, file: IO[bytes]) -> None:
-        """The message, chunk by chunk, dot-stuffed across chunk boundaries by the core."""
+        """The message, chunk by chunk, dot-stuffed across chunk boundaries by the core.
+
+        Each chunk is written when the next one has been read, so the last one
+        goes out with the final "." (end_data, next): a small message is one write,
+        and one read on the other side, instead of two.
+        """
         while True:
             try:
                 chunk = file.read(CHUNK_SIZE)
@@ -555,8 +560,8 @@ class ClientSession:
                 raise
             if not chunk:
                 return
-            self._core.send_data(chunk)
             await self._flush(self._timeouts.data_block)
+            self._core.send_data(chunk)
 
     async def _rset(self) -> None:
         self._core.rset()
