@@ -30,6 +30,7 @@ import os
 import platform
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -258,9 +259,25 @@ def main(argv: list[str] | None = None) -> int:
         for security in ("plain", "stls")
         if rates.get(("dovecot", security)) and ("postroom", security) in rates
     }
+    # Each round ran both servers back to back: the ratio within a round compares
+    # like with like, and the median of those is steadier than one best round.
+    times = {(leg.server, leg.security): leg.rounds for leg in legs}
+    per_round = {
+        f"postroom/dovecot {security}": sorted(
+            d / p for p, d in zip(times[("postroom", security)], times[("dovecot", security)],
+                                  strict=True)
+        )
+        for security in ("plain", "stls")
+        if ("postroom", security) in times and ("dovecot", security) in times
+    }
     print()
     for label, value in ratios.items():
-        print(f"{label}: {value:.2f}")
+        line = f"{label}: {value:.2f}"
+        within = per_round.get(label)
+        if within:
+            line += (f" (best rounds); per round: median {statistics.median(within):.2f}, "
+                     f"range {within[0]:.2f}-{within[-1]:.2f}")
+        print(line)
     if args.json:
         args.json.write_text(json.dumps(
             {
@@ -268,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 "load": {"messages": args.messages, "size": args.size, "rounds": args.rounds},
                 "legs": [{**asdict(leg), "rate": leg.rate} for leg in legs],
                 "ratios": ratios,
+                "per_round_ratios": per_round,
             },
             indent=2,
         ))

@@ -185,6 +185,31 @@ def test_pipelining_sends_mail_rcpts_and_data_as_one_group(tmp_path: Path) -> No
     run(scenario)
 
 
+def test_small_message_and_its_final_dot_come_in_one_write(tmp_path: Path) -> None:
+    """The last chunk waits for the end-of-data dot: one write (one TLS record) for
+    a small message, so the next hop reads it all at once."""
+    text = b"Subject: one write\r\n\r\n.dot\r\n" + b"x" * 3000 + b"\r\n"
+
+    async def script(c: Conversation) -> None:
+        await c.greet()
+        await c.reader.readuntil(b"DATA\r\n")
+        await c.say("250 2.1.0 ok", "250 2.1.5 ok", "354 go ahead")
+        first = await c.reader.read(65536)  # whatever one write put on the wire
+        assert first == text.replace(b"\n.", b"\n..") + b".\r\n"
+        await c.say("250 2.0.0 queued")
+        await c.expect("QUIT")
+        await c.say("221 2.0.0 bye")
+
+    async def scenario() -> None:
+        async with scripted(script) as hop:
+            session = await connect(hop)
+            result = await send(session, tmp_path, "b@y.example", data=text)
+            await session.quit()
+        assert result.recipients == {"b@y.example": Reply(250, "2.0.0", "queued")}
+
+    run(scenario)
+
+
 def test_pipelined_mail_refused_gives_every_recipient_the_mail_reply(tmp_path: Path) -> None:
     async def script(c: Conversation) -> None:
         await c.greet()
