@@ -357,7 +357,7 @@ def test_retr_returns_every_octet_whatever_the_size(tmp_path: Path, size: int) -
         (box / sub).mkdir(parents=True)
     body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     (box / "new" / f"1.M1P1Q1.host,S={size},W={size}").write_bytes(body)
-    (box / "new" / "2.M2P2Q2.host,S=3").write_bytes(b"a much longer file than S= says\r\n")
+    (box / "new" / "2.M2P2Q2.host,S=3,W=3").write_bytes(b"a much longer file than S= says\r\n")
     drop = Maildrop.open(box)
     try:
         by_size = {m.size: n for n, m in enumerate(drop.messages, start=1)}

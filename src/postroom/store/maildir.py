@@ -149,6 +149,9 @@ class MaildirEntry:
     # S= (the size stored), as in postroom's own names. Readers may then skip
     # converting line ends; without this they must convert.
     crlf: bool = False
+    # `size` came from W=, the size as sent. Without it (other MDAs' names) the
+    # size is the stored one, which differs for a file with LF line ends.
+    exact: bool = False
 
 
 def list_messages(maildir: Path) -> list[MaildirEntry]:
@@ -156,7 +159,8 @@ def list_messages(maildir: Path) -> list[MaildirEntry]:
 
     Sizes are what a POP3 client receives (RFC 1939 11: CRLF line ends): the W=
     field, which Dovecot's deliveries carry for files stored with LF line ends,
-    else S=, else stat(2) for names without either. A file that vanishes while
+    else S=, else stat(2) for names without either (`exact` tells which: see
+    store.maildrop for the exact size of those). A file that vanishes while
     listing (another reader moved or deleted it) is skipped.
     """
     found: list[tuple[tuple[int, int, str], MaildirEntry]] = []
@@ -181,7 +185,8 @@ def list_messages(maildir: Path) -> list[MaildirEntry]:
                 size = st.st_size if size is None else size
                 when = int(st.st_mtime) if when is None else when
             crlf = parsed.vsize is not None and parsed.vsize == parsed.size
-            entry = MaildirEntry(path, size, parsed.unique, parsed.flags, crlf)
+            entry = MaildirEntry(path, size, parsed.unique, parsed.flags, crlf,
+                                 exact=parsed.vsize is not None)
             found.append(((when, parsed.usecs or 0, name), entry))
     found.sort(key=lambda item: item[0])
     return [entry for _, entry in found]

@@ -26,6 +26,42 @@ LOCK_NAME = "postroom-pop3.lock"  # a dot-less name would be listed as mail by s
 MAX_UID = 70  # RFC 1939 7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E
 
 
+# Sizes as sent of files whose names do not carry them (no W=, as other MDAs
+# name files), read once and kept: (unique name, size stored) -> (size as sent,
+# no bare LF). Maildir files never change once delivered.
+_sent_sizes: dict[tuple[str, int], tuple[int, bool]] = {}
+SENT_SIZES_KEPT = 100_000
+
+
+def _sent_size(path: Path, unique: str, stored: int) -> tuple[int, bool]:
+    key = (unique, stored)
+    known = _sent_sizes.get(key)
+    if known is None:
+        if len(_sent_sizes) >= SENT_SIZES_KEPT:
+            _sent_sizes.clear()
+        known = _sent_sizes[key] = sent_size(path)
+    return known
+
+
+def sent_size(path: Path) -> tuple[int, bool]:
+    """The octets RETR sends for the file before byte-stuffing (RFC 1939 11: CRLF
+    line ends, and one after a last line that lacks it, as the POP3 core adds),
+    and whether the file has no bare LF. BLOCKING: reads the whole file."""
+    size = bare = 0
+    ends_cr = False
+    last = -1
+    with open(path, "rb") as file:
+        while chunk := file.read(256 * 1024):
+            size += len(chunk)
+            bare += chunk.count(b"\n") - chunk.count(b"\r\n")
+            if ends_cr and chunk[0] == 0x0A:
+                bare -= 1  # a CRLF split between two reads
+            ends_cr = chunk[-1] == 0x0D
+            last = chunk[-1]
+    extra = 0 if last in (-1, 0x0A) else 1 if last == 0x0D else 2
+    return size + bare + extra, bare == 0
+
+
 class MaildropBusy(Exception):
     """Another session holds this maildrop (answered with -ERR [IN-USE], RFC 2449 8.1.2)."""
 
@@ -80,11 +116,16 @@ class Maildrop:
             raise
         drop = cls(root, _lock_fd=fd)
         try:
-            drop.messages = [
-                DropMessage(entry.path, entry.size, uid_for(entry.uid_base_name),
-                            crlf=entry.crlf)
-                for entry in list_messages(root)
-            ]
+            for entry in list_messages(root):
+                size, crlf = entry.size, entry.crlf
+                if not entry.exact:
+                    try:
+                        size, crlf = _sent_size(entry.path, entry.uid_base_name, entry.size)
+                    except FileNotFoundError:
+                        continue  # gone while listing: not part of the snapshot
+                drop.messages.append(
+                    DropMessage(entry.path, size, uid_for(entry.uid_base_name), crlf=crlf)
+                )
         except OSError:
             drop.close()
             raise
