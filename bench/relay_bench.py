@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import smtplib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -379,10 +380,25 @@ def main(argv: list[str] | None = None) -> int:
                     theirs.latency(0.5), 1e-9)
                 ratios[f"p99 latency postroom/{other}"] = mine.latency(0.99) / max(
                     theirs.latency(0.99), 1e-9)
+    # Within a round the legs ran back to back: those ratios compare like with like,
+    # and their median is steadier than the ratio of two best rounds.
+    per_round: dict[str, list[float]] = {}
+    for other in ("postfix-tls", "postfix"):
+        if "postroom" in rounds and other in rounds:
+            per_round[f"msg/s postroom/{other}"] = sorted(
+                mine_r.rate / theirs_r.rate
+                for mine_r, theirs_r in zip(rounds["postroom"], rounds[other], strict=True)
+                if theirs_r.rate > 0
+            )
     if ratios:
         print()
     for label, value in ratios.items():
-        print(f"{label}: {value:.2f}")
+        line = f"{label}: {value:.2f}"
+        within = per_round.get(label)
+        if within and len(within) > 1:
+            line += (f" (best rounds); per round: median {statistics.median(within):.2f}, "
+                     f"range {within[0]:.2f}-{within[-1]:.2f}")
+        print(line)
     if args.json:
         args.json.write_text(json.dumps(
             {
@@ -392,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds": {leg: [r.summary() for r in runs] for leg, runs in rounds.items()},
                 "best": {leg: r.summary() for leg, r in best.items()},
                 "ratios": ratios,
+                "per_round_ratios": per_round,
             },
             indent=2,
         ))

@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import smtplib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -397,10 +398,26 @@ def main(argv: list[str] | None = None) -> int:
         for other in ("postfix", "aiosmtpd", "fsync-sink")
         if "postroom" in rates and rates.get(other)
     }
+    # Within a round the legs ran one after the other: those ratios compare like
+    # with like, and their median is steadier than the ratio of two best rounds.
+    per_round = {
+        f"postroom/{other}": sorted(
+            mine.rate / theirs.rate
+            for mine, theirs in zip(rounds["postroom"], rounds[other], strict=True)
+            if theirs.rate > 0
+        )
+        for other in ("postfix", "aiosmtpd", "fsync-sink")
+        if "postroom" in rounds and other in rounds
+    }
     if ratios:
         print()
     for label, value in ratios.items():
-        print(f"{label}: {value:.2f}")
+        line = f"{label}: {value:.2f}"
+        within = per_round.get(label)
+        if within and len(within) > 1:
+            line += (f" (best rounds); per round: median {statistics.median(within):.2f}, "
+                     f"range {within[0]:.2f}-{within[-1]:.2f}")
+        print(line)
     if memory is not None:
         growth_mib = memory.growth_kib / 1024
         print()
@@ -423,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds": {leg: [{**asdict(r), "rate": r.rate} for r in runs]
                            for leg, runs in rounds.items()},
                 "ratios": ratios,
+                "per_round_ratios": per_round,
                 "memory": asdict(memory) if memory is not None else None,
             },
             indent=2,
