@@ -112,10 +112,10 @@ class Stream(asyncio.Protocol):
         message) answers them in the callback, without the task switch a woken
         read() costs. The handler takes the bytes either way: True means it dealt
         with them and the read goes on waiting (its timeout starts again); False
-        means it needs its task: the read returns at once, with the bytes that came
-        after the handler's (b"" when none did). The handler is
-        never called while bytes are buffered or while writing is paused, so
-        back-pressure and the order of bytes are kept.
+        means it needs its task: the read returns at once, with the bytes that
+        came after the handler's (b"" when none did). The handler is never called
+        while bytes are buffered or while writing is paused, so back-pressure and
+        the order of bytes are kept.
         """
         self._handler = handler
 
