@@ -70,3 +70,14 @@ def test_hop_counter_counts_across_any_split(piece: int) -> None:
 def test_hop_counter_ignores_fields_that_only_end_in_received() -> None:
     message = b"X-Received: a\r\nReceived-SPF: pass\r\nSubject: s\r\n\r\n"
     assert count(message, 5) == 0
+
+
+def test_rfc5322_date_kept_per_second_is_the_same_text() -> None:
+    import email.utils
+    from datetime import UTC, datetime
+
+    from postroom.server.received import rfc5322_date
+
+    for when in (0.0, 1.5, 1_700_000_000.9, 1_700_000_001.0, 1_700_000_000.2, 1.4):
+        expected = email.utils.format_datetime(datetime.fromtimestamp(int(when), UTC))
+        assert rfc5322_date(when) == expected

@@ -49,9 +49,22 @@ def with_protocol(info: TraceInfo) -> str:
 
 def rfc5322_date(when: float | None = None) -> str:
     """A date-time in UTC written "+0000" (RFC 5322 3.3: "-0000" would mean the zone
-    is unknown, and we know it)."""
-    moment = datetime.fromtimestamp(time.time() if when is None else when, UTC)
-    return email.utils.format_datetime(moment)
+    is unknown, and we know it).
+
+    Every message received in the same second gets the same text, so the last
+    one is kept: formatting it costs more than the rest of the Received header.
+    """
+    global _last_date
+    second = int(time.time() if when is None else when)
+    last = _last_date  # one read of a pair that is only ever replaced whole
+    if last[0] == second:
+        return last[1]
+    text = email.utils.format_datetime(datetime.fromtimestamp(second, UTC))
+    _last_date = (second, text)
+    return text
+
+
+_last_date: tuple[int, str] = (-1, "")  # (second, its text)
 
 
 def received_header(info: TraceInfo, when: float | None = None) -> bytes:
