@@ -35,6 +35,7 @@ from postroom.store.atomic import fsync_dir
 SPOOL = ".spool"  # under the mail dir: same filesystem as every maildir, so link(2) works
 STALE_AFTER = 36 * 3600  # a tmp file this old is abandoned (the classic Maildir rule)
 DIR_MODE = 0o700
+MAILDIRS_KEPT = 10_000  # MailStore remembers this many address -> maildir answers
 FILE_MODE = 0o600
 
 _LINK_FALLBACK_ERRNOS = {
@@ -379,6 +380,9 @@ class MailStore:
     def __init__(self, mail_dir: Path, hostname: str | None = None) -> None:
         self.mail_dir = Path(mail_dir)
         self.hostname = hostname or socket.gethostname() or "localhost"
+        # Address -> maildir, for the addresses that passed the checks: every
+        # message asks again for the same few mailboxes.
+        self._maildirs: dict[str, Path] = {}
 
     @property
     def spool_dir(self) -> Path:
@@ -391,6 +395,9 @@ class MailStore:
         lower-case ASCII as `addresses.canonical` writes it) or whose local part
         could escape its folder: "/", "\\", NUL, "..", or a leading ".".
         """
+        known = self._maildirs.get(address)
+        if known is not None:
+            return known
         local, domain = split(address)
         _check_local_part(local, address)
         try:
@@ -399,7 +406,10 @@ class MailStore:
             raise ValueError(f"not a mailbox address: {address!r}") from None
         if canon != domain or domain.startswith("["):
             raise ValueError(f"domain is not in canonical form: {address!r}")
-        return self.mail_dir / domain / local
+        if len(self._maildirs) >= MAILDIRS_KEPT:
+            self._maildirs.clear()
+        path = self._maildirs[address] = self.mail_dir / domain / local
+        return path
 
     def open_writer(self) -> MessageWriter:
         """Start receiving a message (see MessageWriter)."""
