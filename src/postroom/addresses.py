@@ -12,6 +12,7 @@ U-labels for people.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -99,8 +100,12 @@ def _to_ascii(domain: str) -> str:
         raise ValueError(f"not a valid domain name: {domain!r} ({e})") from None
 
 
+@functools.lru_cache(maxsize=4096)
 def canonical_domain(domain: str) -> str:
     """Lower-case ASCII form of a domain (A-labels), one trailing dot removed.
+
+    Remembered for the last few thousand names (a pure function, asked about
+    the same domains on every message; invalid names are checked each time).
 
     Address literals are kept as literals with a normalized IP address.
     ValueError when the name is not a valid domain.

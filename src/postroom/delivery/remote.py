@@ -34,6 +34,7 @@ from postroom.delivery.smtp_out import (
     TransactionResult,
     status_of,
 )
+from postroom.gathering import gather_few
 from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
 
@@ -160,8 +161,8 @@ class RemoteCourier:
             # The queue owns the file; if it cannot be read now, maybe later.
             text = f"cannot read the queued message: {e.strerror or e}"
             return [DeliveryResult(r.address, "temporary", "4.3.0", text) for r in recipients]
-        done = await asyncio.gather(
-            *(self._deliver_domain(envelope, d, g, message_path, size) for d, g in groups.items())
+        done = await gather_few(
+            [self._deliver_domain(envelope, d, g, message_path, size) for d, g in groups.items()]
         )
         by_recipient = {id(r): result for group in done for r, result in group}
         for i, recipient in enumerate(recipients):

@@ -34,6 +34,7 @@ character, a parameter whose extension was not offered) raises ValueError.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import deque
 from collections.abc import Iterable
@@ -407,11 +408,14 @@ def encode_orcpt(value: str) -> str:
     return f"utf-8;{escaped}"
 
 
+@functools.lru_cache(maxsize=4096)
 def path_problem(path: str, *, reverse: bool = False) -> str | None:
     """Why `path` cannot go in MAIL FROM:<...> (`reverse`) or RCPT TO:<...>, or None.
 
     The address is given without angle brackets, as the server core hands it
     out ("" is the null reverse-path); it must be RFC 5321 4.1.2 syntax.
+    Answers are remembered for the last few thousand paths (the same senders
+    and recipients come back message after message).
     """
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
         return "control character in the address"

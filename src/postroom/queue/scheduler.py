@@ -51,6 +51,7 @@ from pathlib import Path
 from postroom.batch import BatchThread
 from postroom.config import Config
 from postroom.delivery.outcome import DeliveryResult
+from postroom.gathering import gather_few
 from postroom.queue.dsn import Action, queue_dsn, wants_dsn
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.store import CorruptEnvelope, NotQueued, QueueError, QueueStore
@@ -322,8 +323,8 @@ class Scheduler:
             groups: dict[str, list[Recipient]] = {}
             for recipient in envelope.pending():
                 groups.setdefault(_domain(recipient.address), []).append(recipient)
-            await asyncio.gather(
-                *(self._deliver_group(envelope, d, rs, attempt) for d, rs in groups.items())
+            await gather_few(
+                [self._deliver_group(envelope, d, rs, attempt) for d, rs in groups.items()]
             )
             if attempt.gone:
                 self._envelopes.pop(queue_id, None)

@@ -24,6 +24,7 @@ from postroom.delivery.local import LocalCourier
 from postroom.delivery.outcome import DeliveryResult
 from postroom.delivery.remote import RemoteCourier
 from postroom.delivery.routing import Router
+from postroom.gathering import gather_few
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.scheduler import Scheduler
 from postroom.queue.store import QueueStore
@@ -125,12 +126,13 @@ class Relay:
         results: dict[int, DeliveryResult] = {}
 
         async def run(courier: LocalCourier | RemoteCourier, indexes: list[int]) -> None:
-            if indexes:
-                done = await courier.deliver(envelope, [recipients[i] for i in indexes],
-                                             message_path)
-                results.update(zip(indexes, done, strict=True))
+            done = await courier.deliver(envelope, [recipients[i] for i in indexes],
+                                         message_path)
+            results.update(zip(indexes, done, strict=True))
 
-        await asyncio.gather(run(self.local, local), run(self.remote, remote))
+        await gather_few([run(courier, indexes)
+                          for courier, indexes in ((self.local, local), (self.remote, remote))
+                          if indexes])
         return [results[i] for i in range(len(recipients))]
 
     # -- life cycle ---------------------------------------------------------------------
