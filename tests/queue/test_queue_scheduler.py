@@ -446,6 +446,26 @@ async def test_woken_messages_are_read_once_and_removed_together(
 
 
 @async_test
+async def test_wake_with_the_envelope_reads_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session of the scheduler's own process hands over the envelope it queued:
+    the attempt uses it, and nothing is read back from disk."""
+    h = Harness(tmp_path)
+    await h.start()
+    loads: list[str] = []
+    real_load = h.store.load
+    monkeypatch.setattr(h.store, "load", lambda qid: (loads.append(qid), real_load(qid))[1])
+    env = h.add("MSG000000200", "a@isp.example")
+    h.scheduler.wake(env.queue_id, envelope=env)
+    await h.scheduler.idle()
+    assert loads == []
+    assert h.deliver.recipients_of() == ["a@isp.example"]
+    assert h.store.ids() == []
+    await h.stop()
+
+
+@async_test
 async def test_rescan_drops_deleted_messages(tmp_path: Path) -> None:
     h = Harness(tmp_path, FakeDeliver(temporary))
     h.add("MSG000000001", "a@isp.example")

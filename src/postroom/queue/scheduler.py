@@ -137,13 +137,18 @@ class Scheduler:
 
     # -- control ---------------------------------------------------------------
 
-    def wake(self, queue_id: str | None = None) -> None:
+    def wake(self, queue_id: str | None = None, *, envelope: Envelope | None = None) -> None:
         """Try `queue_id` now (a message just queued, or flushed); no ID: try every message now.
 
-        Held messages stay held.
+        `envelope`: the one just written for `queue_id` in this process, taken as
+        it is instead of read back from disk. Held messages stay held.
         """
         if queue_id is None:
             self._flush_all = True
+        elif envelope is not None and queue_id not in self._in_flight:
+            envelope.next_attempt = 0.0
+            self._envelopes[queue_id] = envelope
+            self._fresh.add(queue_id)  # _attempt need not read it either
         else:
             self._wake_ids.add(queue_id)
         self._poke()

@@ -103,11 +103,18 @@ class Relay:
         `chunks` is iterated in the queue thread (it may read a spool file)."""
         await self._batcher.submit((envelope, chunks))
 
-    def wake(self, queue_id: str) -> None:
+    def queued(self, envelope: Envelope) -> None:
+        """A session of this process queued `envelope` (add returned): in the primary
+        the scheduler takes this very envelope, with no read from disk; a worker
+        tells the primary its queue ID."""
         if self._notify_primary is not None:
-            self._notify_primary(queue_id)
+            self._notify_primary(envelope.queue_id)
         else:
-            self.scheduler.wake(queue_id)
+            self.scheduler.wake(envelope.queue_id, envelope=envelope)
+
+    def wake(self, queue_id: str) -> None:
+        """A worker queued `queue_id` (see server/workers.py): read it and try it now."""
+        self.scheduler.wake(queue_id)
 
     # -- what the scheduler calls ---------------------------------------------------
 

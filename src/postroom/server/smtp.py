@@ -42,8 +42,8 @@ class Outbound(Protocol):
     async def add(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
         """Store durably; `chunks` may be iterated in another thread."""
 
-    def wake(self, queue_id: str) -> None:
-        """Try it now."""
+    def queued(self, envelope: Envelope) -> None:
+        """`add` returned for `envelope`: try it now."""
 
 
 @dataclass
@@ -402,7 +402,7 @@ class SMTPSession:
             for r in envelope.recipients:
                 log.info("%s: %s: to=<%s>, status=queued (for relay)", svc.name,
                          txn.queue_id, r.address)
-            svc.outbound.wake(txn.queue_id)
+            svc.outbound.queued(envelope)
         self._reply(Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"))
         self._finish_transaction()
 
