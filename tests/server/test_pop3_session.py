@@ -481,3 +481,45 @@ def test_read_ahead_serves_the_next_retr_and_marks_nothing_read(tmp_path: Path) 
         assert b"".join(drop.read_chunks(2) or []) == large
     finally:
         drop.close()
+
+
+def test_bdat_message_with_bare_lf_is_named_and_served_exactly(tmp_path: Path) -> None:
+    """BDAT content is taken as it comes (RFC 3030), bare LFs included: its name says
+    the size as POP3 sends it (W=, more than S=), and RETR sends exactly that many
+    octets, every line ending in CRLF."""
+    import socket
+
+    content = b"Subject: chunked\r\n\r\nline with a bare LF\nlast line\r\n"
+
+    async def scenario() -> tuple[int, bytes]:
+        async with running_server(tmp_path, allow_plaintext_auth=True) as server:
+
+            def send() -> None:
+                with socket.create_connection(server.address("smtp"), timeout=10) as sock:
+                    reader = sock.makefile("rb")
+                    assert reader.readline().startswith(b"220")
+                    sock.sendall(b"EHLO client.example\r\n")
+                    while not reader.readline().startswith(b"250 "):
+                        pass
+                    sock.sendall(b"MAIL FROM:<smith@isp.example>\r\n"
+                                 b"RCPT TO:<boss@corp.example>\r\n")
+                    assert reader.readline().startswith(b"250")
+                    assert reader.readline().startswith(b"250")
+                    sock.sendall(b"BDAT %d LAST\r\n" % len(content) + content)
+                    assert reader.readline().startswith(b"250")
+                    sock.sendall(b"QUIT\r\n")
+
+            await asyncio.to_thread(send)
+            listed, retr = await asyncio.to_thread(
+                raw_session, server, b"LIST 1\r\nRETR 1\r\n", 2
+            )
+            return int(listed.split()[2]), unstuff(retr)
+
+    size, body = run(scenario)
+    (stored,) = (maildir(tmp_path) / "new").iterdir()
+    s_size = int(stored.name.split(",S=")[1].split(",")[0])
+    w_size = int(stored.name.split(",W=")[1])
+    assert s_size == stored.stat().st_size and w_size == s_size + 1  # one bare LF
+    assert size == w_size == len(body)
+    assert b"\r\n" in body and body.count(b"\n") == body.count(b"\r\n")
+    assert body.endswith(content.replace(b"LF\nlast", b"LF\r\nlast"))

@@ -69,6 +69,11 @@ def test_unique_name_format_and_hostname_escaping() -> None:
     assert escape_hostname("a/b:c") == r"a\057b\072c"
 
 
+def test_unique_name_w_is_the_size_as_sent_when_given() -> None:
+    assert unique_name("h", size=10).endswith(",S=10,W=10")
+    assert unique_name("h", size=10, sent=12).endswith(",S=10,W=12")
+
+
 def test_unique_names_within_a_process() -> None:
     names = [unique_name("h") for _ in range(5000)]
     assert len(set(names)) == len(names)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from postroom.batch import BatchThread
 from postroom.store.atomic import fsync_dir
-from postroom.store.maildir import FILE_MODE, ensure_maildir, unique_name
+from postroom.store.maildir import FILE_MODE, ensure_maildir, sent_size, unique_name
 
 
 @dataclass
@@ -114,8 +114,9 @@ class GroupCommitter:
     def _write(self, job: _Job) -> None:
         first = job.maildirs[0]
         size = sum(len(c) for c in job.chunks)
+        sent = sent_size(job.chunks)
         while True:
-            tmp = first / "tmp" / unique_name(self._hostname, size)
+            tmp = first / "tmp" / unique_name(self._hostname, size, sent)
             try:
                 fd = _create(tmp, first)
                 break

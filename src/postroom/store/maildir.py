@@ -24,7 +24,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -76,7 +76,7 @@ def escape_hostname(hostname: str) -> str:
     return hostname.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
 
 
-def unique_name(hostname: str, size: int | None = None) -> str:
+def unique_name(hostname: str, size: int | None = None, sent: int | None = None) -> str:
     """A new Maildir base name, unique across processes and restarts.
 
     Time with microseconds, the pid and a per-process counter make it unique on
@@ -92,9 +92,50 @@ def unique_name(hostname: str, size: int | None = None) -> str:
         count = _counter
     name = f"{secs}.M{usecs}P{_pid}Q{count}R{_nonce}.{escape_hostname(hostname)}"
     if size is not None:
-        # W= is the size with CRLF line ends; messages are stored with CRLF, so W = S.
-        name += f",S={size},W={size}"
+        # S= is the size stored; W= the size with CRLF line ends (a POP3 server's
+        # size), which is S= for the CRLF text SMTP DATA delivers. `sent` is given
+        # where the two can differ (BDAT content is taken as it comes).
+        name += f",S={size},W={size if sent is None else sent}"
     return name
+
+
+class LineEnds:
+    """Counts what a file's bytes become as POP3 sends them (RFC 1939 11): CRLF line
+    ends, and one added after a last line that lacks it. Fed chunk by chunk, in
+    order; a CRLF split between two chunks is one line end."""
+
+    __slots__ = ("size", "bare_lf", "_ends_cr", "_last")
+
+    def __init__(self) -> None:
+        self.size = 0  # octets fed
+        self.bare_lf = 0  # LFs without a CR before them
+        self._ends_cr = False
+        self._last = -1  # the last octet fed, -1 before any
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.size += len(chunk)
+        self.bare_lf += chunk.count(b"\n") - chunk.count(b"\r\n")
+        if self._ends_cr and chunk[0] == 0x0A:
+            self.bare_lf -= 1
+        self._ends_cr = chunk[-1] == 0x0D
+        self._last = chunk[-1]
+
+    @property
+    def sent(self) -> int:
+        """The octets as sent, before byte-stuffing."""
+        last = self._last
+        extra = 0 if last in (-1, 0x0A) else 1 if last == 0x0D else 2
+        return self.size + self.bare_lf + extra
+
+
+def sent_size(chunks: Iterable[bytes]) -> int:
+    """LineEnds(...).sent of these chunks."""
+    counter = LineEnds()
+    for chunk in chunks:
+        counter.feed(chunk)
+    return counter.sent
 
 
 @dataclass(frozen=True)
@@ -254,6 +295,7 @@ class MessageWriter:
         self._path: Path | None = path
         self._file = os.fdopen(fd, "wb", buffering=64 * 1024)
         self._size = 0
+        self._line_ends = LineEnds()  # for the W= of the names
         self._committed = False
 
     @property
@@ -272,6 +314,7 @@ class MessageWriter:
             raise ValueError("write after commit or abort")
         self._file.write(data)
         self._size += len(data)
+        self._line_ends.feed(data)
 
     def commit(self, maildirs: list[Path]) -> list[Path]:
         """Deliver the message into each maildir's new/; return the final paths.
@@ -311,7 +354,7 @@ class MessageWriter:
     def _deliver_one(self, spool_path: Path, maildir: Path, size: int) -> Path:
         ensure_maildir(maildir)
         while True:
-            name = unique_name(self._store.hostname, size)
+            name = unique_name(self._store.hostname, size, self._line_ends.sent)
             final = maildir / "new" / name
             try:
                 os.link(spool_path, final)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from postroom.store.atomic import fsync_dir
-from postroom.store.maildir import list_messages
+from postroom.store.maildir import LineEnds, list_messages
 
 LOCK_NAME = "postroom-pop3.lock"  # a dot-less name would be listed as mail by some readers
 MAX_UID = 70  # RFC 1939 7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E
@@ -44,22 +44,13 @@ def _sent_size(path: Path, unique: str, stored: int) -> tuple[int, bool]:
 
 
 def sent_size(path: Path) -> tuple[int, bool]:
-    """The octets RETR sends for the file before byte-stuffing (RFC 1939 11: CRLF
-    line ends, and one after a last line that lacks it, as the POP3 core adds),
+    """The octets RETR sends for the file before byte-stuffing (maildir.LineEnds),
     and whether the file has no bare LF. BLOCKING: reads the whole file."""
-    size = bare = 0
-    ends_cr = False
-    last = -1
+    counter = LineEnds()
     with open(path, "rb") as file:
         while chunk := file.read(256 * 1024):
-            size += len(chunk)
-            bare += chunk.count(b"\n") - chunk.count(b"\r\n")
-            if ends_cr and chunk[0] == 0x0A:
-                bare -= 1  # a CRLF split between two reads
-            ends_cr = chunk[-1] == 0x0D
-            last = chunk[-1]
-    extra = 0 if last in (-1, 0x0A) else 1 if last == 0x0D else 2
-    return size + bare + extra, bare == 0
+            counter.feed(chunk)
+    return counter.sent, counter.bare_lf == 0
 
 
 class MaildropBusy(Exception):
