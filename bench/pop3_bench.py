@@ -30,7 +30,6 @@ import os
 import platform
 import secrets
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "interop"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mailharness import (  # noqa: E402 (the path above makes the harness importable)
     HarnessError,
@@ -51,6 +51,8 @@ from mailharness import (  # noqa: E402 (the path above makes the harness import
     pop3_session,
     wait_for_pop3,
 )
+
+from smtp_bench import ratio_line, round_ratios  # noqa: E402
 
 DOMAIN = "bench.example"
 USER = f"user@{DOMAIN}"
@@ -259,25 +261,17 @@ def main(argv: list[str] | None = None) -> int:
         for security in ("plain", "stls")
         if rates.get(("dovecot", security)) and ("postroom", security) in rates
     }
-    # Each round ran both servers back to back: the ratio within a round compares
-    # like with like, and the median of those is steadier than one best round.
-    times = {(leg.server, leg.security): leg.rounds for leg in legs}
+    round_rates = {(leg.server, leg.security): [leg.messages / t for t in leg.rounds]
+                   for leg in legs}
     per_round = {
-        f"postroom/dovecot {security}": sorted(
-            d / p for p, d in zip(times[("postroom", security)], times[("dovecot", security)],
-                                  strict=True)
-        )
+        f"postroom/dovecot {security}": round_ratios(round_rates[("postroom", security)],
+                                                     round_rates[("dovecot", security)])
         for security in ("plain", "stls")
-        if ("postroom", security) in times and ("dovecot", security) in times
+        if ("postroom", security) in round_rates and ("dovecot", security) in round_rates
     }
     print()
     for label, value in ratios.items():
-        line = f"{label}: {value:.2f}"
-        within = per_round.get(label)
-        if within:
-            line += (f" (best rounds); per round: median {statistics.median(within):.2f}, "
-                     f"range {within[0]:.2f}-{within[-1]:.2f}")
-        print(line)
+        print(ratio_line(label, value, per_round.get(label)))
     if args.json:
         args.json.write_text(json.dumps(
             {

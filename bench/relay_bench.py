@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import smtplib
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,7 @@ from mailharness import (  # noqa: E402 (the path above makes the harness import
     unverified_tls_context,
 )
 
-from smtp_bench import environment, load_average  # noqa: E402
+from smtp_bench import environment, load_average, ratio_line, round_ratios  # noqa: E402
 
 SENDER = "sender@isp.example"
 SENDER_PASSWORD = "bench-password"
@@ -380,25 +379,16 @@ def main(argv: list[str] | None = None) -> int:
                     theirs.latency(0.5), 1e-9)
                 ratios[f"p99 latency postroom/{other}"] = mine.latency(0.99) / max(
                     theirs.latency(0.99), 1e-9)
-    # Within a round the legs ran back to back: those ratios compare like with like,
-    # and their median is steadier than the ratio of two best rounds.
-    per_round: dict[str, list[float]] = {}
-    for other in ("postfix-tls", "postfix"):
-        if "postroom" in rounds and other in rounds:
-            per_round[f"msg/s postroom/{other}"] = sorted(
-                mine_r.rate / theirs_r.rate
-                for mine_r, theirs_r in zip(rounds["postroom"], rounds[other], strict=True)
-                if theirs_r.rate > 0
-            )
+    per_round = {
+        f"msg/s postroom/{other}": round_ratios([r.rate for r in rounds["postroom"]],
+                                                [r.rate for r in rounds[other]])
+        for other in ("postfix-tls", "postfix")
+        if "postroom" in rounds and other in rounds
+    }
     if ratios:
         print()
     for label, value in ratios.items():
-        line = f"{label}: {value:.2f}"
-        within = per_round.get(label)
-        if within and len(within) > 1:
-            line += (f" (best rounds); per round: median {statistics.median(within):.2f}, "
-                     f"range {within[0]:.2f}-{within[-1]:.2f}")
-        print(line)
+        print(ratio_line(label, value, per_round.get(label)))
     if args.json:
         args.json.write_text(json.dumps(
             {

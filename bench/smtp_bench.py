@@ -308,6 +308,23 @@ THROUGHPUT_LEGS = {
 LEGS = (*THROUGHPUT_LEGS, "memory")
 
 
+def round_ratios(mine: list[float], theirs: list[float]) -> list[float]:
+    """mine/theirs of the rates of each round, sorted. The legs of a round run back
+    to back, so these compare like with like, and their median is steadier than
+    the ratio of two best rounds."""
+    return sorted(m / t for m, t in zip(mine, theirs, strict=True) if t > 0)
+
+
+def ratio_line(label: str, best: float, within: list[float] | None) -> str:
+    """"label: best", and the median and range of the per-round ratios when there
+    are several."""
+    line = f"{label}: {best:.2f}"
+    if within and len(within) > 1:
+        line += (f" (best rounds); per round: median {statistics.median(within):.2f}, "
+                 f"range {within[0]:.2f}-{within[-1]:.2f}")
+    return line
+
+
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -398,26 +415,16 @@ def main(argv: list[str] | None = None) -> int:
         for other in ("postfix", "aiosmtpd", "fsync-sink")
         if "postroom" in rates and rates.get(other)
     }
-    # Within a round the legs ran one after the other: those ratios compare like
-    # with like, and their median is steadier than the ratio of two best rounds.
     per_round = {
-        f"postroom/{other}": sorted(
-            mine.rate / theirs.rate
-            for mine, theirs in zip(rounds["postroom"], rounds[other], strict=True)
-            if theirs.rate > 0
-        )
+        f"postroom/{other}": round_ratios([r.rate for r in rounds["postroom"]],
+                                          [r.rate for r in rounds[other]])
         for other in ("postfix", "aiosmtpd", "fsync-sink")
         if "postroom" in rounds and other in rounds
     }
     if ratios:
         print()
     for label, value in ratios.items():
-        line = f"{label}: {value:.2f}"
-        within = per_round.get(label)
-        if within and len(within) > 1:
-            line += (f" (best rounds); per round: median {statistics.median(within):.2f}, "
-                     f"range {within[0]:.2f}-{within[-1]:.2f}")
-        print(line)
+        print(ratio_line(label, value, per_round.get(label)))
     if memory is not None:
         growth_mib = memory.growth_kib / 1024
         print()

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postroom.protocol.pop3_server import POP3Server, POP3ServerConfig, Retrieve, Snapshot
-from postroom.store.maildrop import Maildrop, sent_size
+from postroom.store.maildrop import Maildrop, file_sent_size
 
 
 def sent_by_the_core(message: bytes) -> bytes:
@@ -41,7 +41,7 @@ def test_sent_size_is_what_retr_sends(message: bytes) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "m"
         path.write_bytes(message)
-        size, crlf = sent_size(path)
+        size, crlf = file_sent_size(path)
     assert size == len(sent_by_the_core(message))
     assert crlf == (message.count(b"\n") == message.count(b"\r\n"))
 
@@ -49,7 +49,7 @@ def test_sent_size_is_what_retr_sends(message: bytes) -> None:
 def test_a_crlf_split_between_reads_is_not_a_bare_lf(tmp_path: Path) -> None:
     message = b"x" * (256 * 1024 - 1) + b"\r\n" + b"end\r\n"
     (tmp_path / "m").write_bytes(message)
-    assert sent_size(tmp_path / "m") == (len(message), True)
+    assert file_sent_size(tmp_path / "m") == (len(message), True)
 
 
 def test_maildrop_lists_foreign_lf_files_with_their_size_as_sent(tmp_path: Path) -> None:

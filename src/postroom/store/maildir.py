@@ -294,14 +294,13 @@ class MessageWriter:
                 continue
         self._path: Path | None = path
         self._file = os.fdopen(fd, "wb", buffering=64 * 1024)
-        self._size = 0
-        self._line_ends = LineEnds()  # for the W= of the names
+        self._line_ends = LineEnds()  # the size so far, and the W= of the names
         self._committed = False
 
     @property
     def size(self) -> int:
         """Octets written so far."""
-        return self._size
+        return self._line_ends.size
 
     @property
     def spool_path(self) -> Path | None:
@@ -313,7 +312,6 @@ class MessageWriter:
         if self._path is None:
             raise ValueError("write after commit or abort")
         self._file.write(data)
-        self._size += len(data)
         self._line_ends.feed(data)
 
     def commit(self, maildirs: list[Path]) -> list[Path]:

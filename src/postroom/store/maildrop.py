@@ -33,17 +33,17 @@ _sent_sizes: dict[tuple[str, int], tuple[int, bool]] = {}
 SENT_SIZES_KEPT = 100_000
 
 
-def _sent_size(path: Path, unique: str, stored: int) -> tuple[int, bool]:
+def _cached_sent_size(path: Path, unique: str, stored: int) -> tuple[int, bool]:
     key = (unique, stored)
     known = _sent_sizes.get(key)
     if known is None:
         if len(_sent_sizes) >= SENT_SIZES_KEPT:
             _sent_sizes.clear()
-        known = _sent_sizes[key] = sent_size(path)
+        known = _sent_sizes[key] = file_sent_size(path)
     return known
 
 
-def sent_size(path: Path) -> tuple[int, bool]:
+def file_sent_size(path: Path) -> tuple[int, bool]:
     """The octets RETR sends for the file before byte-stuffing (maildir.LineEnds),
     and whether the file has no bare LF. BLOCKING: reads the whole file."""
     counter = LineEnds()
@@ -111,7 +111,7 @@ class Maildrop:
                 size, crlf = entry.size, entry.crlf
                 if not entry.exact:
                     try:
-                        size, crlf = _sent_size(entry.path, entry.uid_base_name, entry.size)
+                        size, crlf = _cached_sent_size(entry.path, entry.uid_base_name, entry.size)
                     except FileNotFoundError:
                         continue  # gone while listing: not part of the snapshot
                 drop.messages.append(
