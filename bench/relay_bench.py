@@ -17,7 +17,7 @@ SIZE octets to one recipient at the receiving host.
 Every client connects (and for postroom starts TLS and logs in) before the
 clock starts. For each message the latency runs from the client's receipt of
 the 250 reply to its DATA to the moment the message's file shows up in the
-recipient's Maildir new/ (polled about every millisecond); the throughput is
+recipient's Maildir new/ (told by inotify); the throughput is
 the message count divided by the time from the start to the last file.
 
 Run from the repository root, as root (Postfix's master needs it):
@@ -55,6 +55,7 @@ from mailharness import (  # noqa: E402 (the path above makes the harness import
     unverified_tls_context,
 )
 
+from newfiles import NewFiles  # noqa: E402
 from smtp_bench import environment, load_average, ratio_line, round_ratios  # noqa: E402
 
 SENDER = "sender@isp.example"
@@ -114,7 +115,7 @@ def make_message(token: str, size: int) -> bytes:
 
 
 class MaildirWatcher(threading.Thread):
-    """Notes when each token's file first appears in a Maildir's new/ (polling ~1 ms)."""
+    """Notes when each token's file first appears in a Maildir's new/ (inotify, bench/newfiles.py)."""
 
     def __init__(self, folder: Path, expected: int) -> None:
         super().__init__(name="maildir-watcher", daemon=True)
@@ -126,26 +127,19 @@ class MaildirWatcher(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        known: set[str] = set()
-        while not self.stop.is_set():
-            try:
-                names = os.listdir(self.new)
-            except FileNotFoundError:
-                names = []
-            now = time.monotonic()  # before reading: the file was there at this moment
-            for name in names:
-                if name in known or name.startswith("."):
-                    continue
-                known.add(name)
-                self.files += 1
-                head = (self.new / name).read_bytes()[:2048]
-                match = TOKEN_RE.search(head)
-                if match:
-                    self.seen.setdefault(match.group(1).decode(), now)
-            if len(self.seen) >= self.expected:
-                self.done.set()
-                return
-            time.sleep(0.001)
+        with NewFiles(self.new) as arrivals:
+            while not self.stop.is_set():
+                names = arrivals.wait(0.05)
+                now = time.monotonic()  # the files were there at this moment
+                for name in names:
+                    self.files += 1
+                    head = (self.new / name).read_bytes()[:2048]
+                    match = TOKEN_RE.search(head)
+                    if match:
+                        self.seen.setdefault(match.group(1).decode(), now)
+                if len(self.seen) >= self.expected:
+                    self.done.set()
+                    return
 
 
 class Client(threading.Thread):

@@ -45,6 +45,7 @@ from mailharness import (  # noqa: E402 (the path above makes the harness import
     free_ports,
     smtp_banner,
 )
+from newfiles import NewFiles  # noqa: E402 (beside this script)
 
 DOMAIN = "bench.example"
 USER = "user"
@@ -108,21 +109,28 @@ def drive(
     command = smtp_source_command(args, port)
     already = count_new(maildir) if maildir is not None else 0
     target = already + args.messages
+    arrivals = NewFiles(maildir / "new") if maildir is not None else None
     start = time.monotonic()
     source = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     finished_at: float | None = None
     deadline = start + timeout
-    while time.monotonic() < deadline:
-        if maildir is None:
-            if source.poll() is not None:
+    try:
+        while time.monotonic() < deadline:
+            if arrivals is None:
+                if source.poll() is not None:
+                    finished_at = time.monotonic()
+                    break
+                time.sleep(0.005)
+                continue
+            arrivals.wait(0.05)  # sleeps in the kernel until files arrive
+            if len(arrivals.known) >= target:
                 finished_at = time.monotonic()
                 break
-        elif count_new(maildir) >= target:
-            finished_at = time.monotonic()
-            break
-        elif source.poll() is not None and source.returncode != 0:
-            break
-        time.sleep(0.005)
+            if source.poll() is not None and source.returncode != 0:
+                break
+    finally:
+        if arrivals is not None:
+            arrivals.close()
     try:
         _, err = source.communicate(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
