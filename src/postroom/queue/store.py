@@ -5,6 +5,7 @@ Layout under the queue folder:
     messages/<id>         the message bytes (CRLF lines, as received)
     envelopes/<id>.json   the Envelope (postroom.queue.envelope), rewritten on every change
     lock                  taken (flock) around every change, see below
+    spare/                empty files of finished messages, reused (postroom.queue.spares)
 
 Invariants. `add` writes the message first (temporary file, fsync, rename,
 fsync of the folder) and the envelope second, so an envelope always has its
@@ -42,6 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from postroom.queue.envelope import Envelope
+from postroom.queue.spares import SPARE, Spares
 from postroom.store.atomic import atomic_write, fsync_dir
 
 try:
@@ -97,8 +99,9 @@ class QueueStore:
         self._thread_lock = threading.RLock()
         self._depth = 0  # nesting of locked() in the thread that holds _thread_lock
         self._reported: set[tuple[str, int, int]] = set()  # corrupt files already logged
+        self.spares = Spares(self.dir / SPARE)
         if create:
-            for folder in (self.messages, self.envelopes):
+            for folder in (self.messages, self.envelopes, self.spares.folder):
                 folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # -- paths and locking -----------------------------------------------------
@@ -108,6 +111,13 @@ class QueueStore:
 
     def envelope_path(self, queue_id: str) -> Path:
         return self.envelopes / (check_queue_id(queue_id) + ENVELOPE_SUFFIX)
+
+    def _temp_file(self, folder: Path) -> tuple[int, str]:
+        """An empty temporary file in `folder`, open for writing: a spare when there is one."""
+        taken = self.spares.take(folder, TEMP_SUFFIX)
+        if taken is not None:
+            return taken
+        return tempfile.mkstemp(dir=folder, prefix=".", suffix=TEMP_SUFFIX)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -150,7 +160,7 @@ class QueueStore:
         queue_id = check_queue_id(envelope.queue_id)
         self.messages.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.envelopes.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self.messages, prefix=".", suffix=TEMP_SUFFIX)
+        fd, tmp_name = self._temp_file(self.messages)
         final = self.message_path(queue_id)
         placed = False
         try:
@@ -200,7 +210,7 @@ class QueueStore:
         for i, (envelope, chunks) in enumerate(items):
             try:
                 check_queue_id(envelope.queue_id)
-                mfd, mtmp = tempfile.mkstemp(dir=self.messages, prefix=".", suffix=TEMP_SUFFIX)
+                mfd, mtmp = self._temp_file(self.messages)
                 efd, etmp = -1, ""
                 try:
                     if fcntl is not None:
@@ -212,8 +222,7 @@ class QueueStore:
                             view = view[os.write(mfd, view):]
                         size += len(chunk)
                     envelope.size = size
-                    efd, etmp = tempfile.mkstemp(dir=self.envelopes, prefix=".",
-                                                 suffix=TEMP_SUFFIX)
+                    efd, etmp = self._temp_file(self.envelopes)
                     if fcntl is not None:  # as for the message: `recover` leaves it be
                         fcntl.flock(efd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     os.write(efd, envelope.to_json())
@@ -386,7 +395,7 @@ class QueueStore:
             removed_envelopes = False
             for i, queue_id in enumerate(queue_ids):
                 try:
-                    self.envelope_path(queue_id).unlink()
+                    self.spares.retire(self.envelope_path(queue_id))
                     removed_envelopes = True
                 except FileNotFoundError:
                     errors[i] = NotQueued(queue_id)
@@ -404,7 +413,7 @@ class QueueStore:
                 if errors[i] is not None and not isinstance(errors[i], NotQueued):
                     continue
                 try:
-                    self.message_path(queue_id).unlink()
+                    self.spares.retire(self.message_path(queue_id))
                     errors[i] = None  # a message without its envelope: gone now too
                 except FileNotFoundError:
                     pass

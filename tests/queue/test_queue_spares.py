@@ -1,0 +1,109 @@
+"""The queue reuses the files of finished messages (postroom.queue.spares)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.spares import Spares
+from postroom.queue.store import QueueStore
+
+
+def envelope(queue_id: str) -> Envelope:
+    return Envelope(queue_id, "smith@isp.example", [Recipient("boss@corp.example")], 1.0)
+
+
+def inodes(folder: Path) -> set[int]:
+    return {p.stat().st_ino for p in folder.iterdir()}
+
+
+def test_a_finished_message_leaves_empty_spares_that_the_next_one_reuses(
+    tmp_path: Path,
+) -> None:
+    store = QueueStore(tmp_path)
+    big = b"x" * 100_000 + b"\r\n"
+    assert store.add_many([(envelope("FIRST"), [big])]) == [None]
+    used = {store.message_path("FIRST").stat().st_ino, store.envelope_path("FIRST").stat().st_ino}
+    store.remove("FIRST")
+    spare = tmp_path / "spare"
+    assert inodes(spare) == used
+    assert all(p.stat().st_size == 0 for p in spare.iterdir())  # nothing old kept
+
+    assert store.add_many([(envelope("SECOND"), [b"short\r\n"])]) == [None]
+    now = {store.message_path("SECOND").stat().st_ino, store.envelope_path("SECOND").stat().st_ino}
+    assert now == used and list(spare.iterdir()) == []
+    assert store.message_path("SECOND").read_bytes() == b"short\r\n"  # no tail of FIRST
+    assert store.load("SECOND").size == 7
+    assert store.recover() == 0
+
+
+def test_single_add_takes_a_spare_too(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    store.add(envelope("ONE"), [b"one\r\n"])
+    store.remove("ONE")
+    before = inodes(tmp_path / "spare")
+    store.add(envelope("TWO"), [b"two\r\n"])
+    assert store.message_path("TWO").stat().st_ino in before
+    assert store.message_path("TWO").read_bytes() == b"two\r\n"
+
+
+def test_another_process_sees_the_spares_of_this_one(tmp_path: Path) -> None:
+    """Each process keeps its own list; a second store (another process) lists the folder."""
+    first, second = QueueStore(tmp_path), QueueStore(tmp_path)
+    first.add_many([(envelope("A"), [b"a\r\n"])])
+    first.remove("A")
+    spares = inodes(tmp_path / "spare")
+    assert len(spares) == 2
+    second.add_many([(envelope("B"), [b"b\r\n"])])
+    assert store_inodes(second, "B") == spares
+    # The first store's own list now names files the second one took: it makes new ones.
+    first.add_many([(envelope("C"), [b"c\r\n"])])
+    assert first.message_path("C").read_bytes() == b"c\r\n"
+    assert not store_inodes(first, "C") & spares
+
+
+def store_inodes(store: QueueStore, queue_id: str) -> set[int]:
+    return {store.message_path(queue_id).stat().st_ino, store.envelope_path(queue_id).stat().st_ino}
+
+
+def test_a_spare_still_named_elsewhere_is_never_written(tmp_path: Path) -> None:
+    """After a crash on a filesystem without a journal, fsck may leave an inode
+    both in spare/ and in the queue; taking it must not overwrite the queued message."""
+    store = QueueStore(tmp_path)
+    store.add(envelope("KEEP"), [b"keep me\r\n"])
+    os.link(store.message_path("KEEP"), tmp_path / "spare" / "1.ab.0")
+    store = QueueStore(tmp_path)  # the server after the crash
+    store.add_many([(envelope("NEW"), [b"new\r\n"])])
+    assert store.message_path("KEEP").read_bytes() == b"keep me\r\n"
+    assert store.message_path("NEW").read_bytes() == b"new\r\n"
+    assert not (tmp_path / "spare" / "1.ab.0").exists()  # the extra name is dropped
+    assert store.message_path("KEEP").stat().st_nlink == 1
+
+
+def test_the_pool_is_bounded(tmp_path: Path) -> None:
+    (tmp_path / "spare").mkdir()
+    spares = Spares(tmp_path / "spare", limit=3)
+    for n in range(5):
+        path = tmp_path / f"f{n}"
+        path.write_bytes(b"data")
+        spares.retire(path)
+        assert not path.exists()
+    assert len(list((tmp_path / "spare").iterdir())) == 3
+
+
+def test_retire_without_a_spare_folder_unlinks(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"data")
+    Spares(tmp_path / "missing").retire(path)
+    assert not path.exists()
+
+
+def test_retiring_a_missing_file_is_file_not_found(tmp_path: Path) -> None:
+    (tmp_path / "spare").mkdir()
+    try:
+        Spares(tmp_path / "spare").retire(tmp_path / "absent")
+    except FileNotFoundError:
+        pass
+    else:
+        raise AssertionError("retire of a missing file must raise FileNotFoundError")
