@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import smtplib
@@ -115,7 +114,7 @@ def make_message(token: str, size: int) -> bytes:
 
 
 class MaildirWatcher(threading.Thread):
-    """Notes when each token's file first appears in a Maildir's new/ (inotify, bench/newfiles.py)."""
+    """Notes when each token's file first appears in a Maildir's new/ (by inotify)."""
 
     def __init__(self, folder: Path, expected: int) -> None:
         super().__init__(name="maildir-watcher", daemon=True)

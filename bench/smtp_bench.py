@@ -45,6 +45,7 @@ from mailharness import (  # noqa: E402 (the path above makes the harness import
     free_ports,
     smtp_banner,
 )
+
 from newfiles import NewFiles  # noqa: E402 (beside this script)
 
 DOMAIN = "bench.example"
