@@ -250,6 +250,151 @@ def test_pipelined_data_accepted_without_recipients_gets_a_lone_dot(tmp_path: Pa
     run(scenario)
 
 
+# --- CHUNKING (RFC 3030) -----------------------------------------------------------------
+
+CHUNKING_EHLO = (
+    "250-mx.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-SIZE 10000000\r\n"
+    "250 ENHANCEDSTATUSCODES"
+)
+
+
+def test_chunking_sends_mail_rcpts_and_the_whole_small_message_in_one_write(
+    tmp_path: Path,
+) -> None:
+    """MAIL, RCPTs and BDAT LAST with the message: one write, one round trip. The
+    octets are DATA's without the stuffing: CRLF line ends, a final CRLF added."""
+    data = b"Subject: x\n\n.leading dot\r\nbare CR\rend"
+    wire = b"Subject: x\r\n\r\n.leading dot\r\nbare CR\r\nend\r\n"
+
+    async def script(c: Conversation) -> None:
+        await c.greet(CHUNKING_EHLO)
+        group = await c.reader.read(65536)  # whatever one write put on the wire
+        assert group == (
+            b"MAIL FROM:<a@x.example> SIZE=%d\r\n"
+            b"RCPT TO:<b@y.example>\r\n"
+            b"RCPT TO:<nobody@y.example>\r\n"
+            b"BDAT %d LAST\r\n" % (len(data), len(wire))
+        ) + wire
+        await c.say("250 2.1.0 ok", "250 2.1.5 ok", "550 5.1.1 no such user")
+        await c.say("250 2.0.0 queued")
+        await c.expect("QUIT")
+        await c.say("221 2.0.0 bye")
+
+    async def scenario() -> None:
+        async with scripted(script) as hop:
+            session = await connect(hop)
+            result = await send(session, tmp_path, "b@y.example", "nobody@y.example", data=data)
+            await session.quit()
+        assert result.recipients == {
+            "b@y.example": Reply(250, "2.0.0", "queued"),
+            "nobody@y.example": Reply(550, "5.1.1", "no such user"),
+        }
+        assert result.data_reply == Reply(250, "2.0.0", "queued")
+
+    run(scenario)
+
+
+async def read_chunk(c: Conversation) -> tuple[bytes, bool]:
+    """One BDAT command and its octets, as the server reads them."""
+    line = await c.expect("BDAT ")
+    words = line.split()
+    return await c.reader.readexactly(int(words[1])), words[-1] == b"LAST"
+
+
+def test_a_large_message_goes_in_chunks_and_arrives_whole(tmp_path: Path) -> None:
+    data = b"Subject: big\r\n\r\n" + b"0123456789abcdef\n" * 20_000  # 340 kB, LF ends
+
+    async def script(c: Conversation) -> None:
+        await c.greet(CHUNKING_EHLO)
+        await c.expect("MAIL")
+        await c.expect("RCPT")
+        received, sizes, last = b"", [], False
+        while not last:
+            chunk, last = await read_chunk(c)
+            received += chunk
+            sizes.append(len(chunk))
+            if len(sizes) == 1:
+                await c.say("250 2.1.0 ok", "250 2.1.5 ok")
+            await c.say(f"250 2.0.0 {len(chunk)} octets" if not last else "250 2.0.0 queued")
+        assert received == data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        assert len(sizes) > 4 and max(sizes) <= 2 * 64 * 1024
+        await c.expect("QUIT")
+        await c.say("221 2.0.0 bye")
+
+    async def scenario() -> None:
+        async with scripted(script) as hop:
+            session = await connect(hop)
+            result = await send(session, tmp_path, "b@y.example", data=data)
+            await session.quit()
+        assert result.data_reply == Reply(250, "2.0.0", "queued")
+
+    run(scenario)
+
+
+def test_a_refused_chunk_ends_the_transaction_with_rset(tmp_path: Path) -> None:
+    data = b"Subject: big\r\n\r\n" + b"x" * 200_000 + b"\r\n"
+
+    async def script(c: Conversation) -> None:
+        await c.greet(CHUNKING_EHLO)
+        await c.expect("MAIL")
+        await c.expect("RCPT")
+        chunk, last = await read_chunk(c)
+        assert not last
+        await c.say("250 2.1.0 ok", "250 2.1.5 ok", "452 4.3.1 out of disk space")
+        chunk, last = await read_chunk(c)  # written before the refusal was read
+        await c.say("503 5.5.1 no transaction")
+        await c.expect("RSET")
+        await c.say("250 2.0.0 ok")
+        await c.expect("QUIT")
+        await c.say("221 2.0.0 bye")
+
+    async def scenario() -> None:
+        async with scripted(script) as hop:
+            session = await connect(hop)
+            result = await send(session, tmp_path, "b@y.example", data=data)
+            assert not session.closed
+            await session.quit()
+        assert result.data_reply is None
+        assert result.recipients == {"b@y.example": Reply(452, "4.3.1", "out of disk space")}
+
+    run(scenario)
+
+
+def test_refused_mail_or_recipients_the_chunk_is_refused_and_the_session_goes_on(
+    tmp_path: Path,
+) -> None:
+    async def script(c: Conversation) -> None:
+        await c.greet(CHUNKING_EHLO)
+        for _ in range(2):
+            await c.expect("MAIL")
+            await c.expect("RCPT")
+            await read_chunk(c)
+            await c.say("250 2.1.0 ok", "550 5.1.1 no such user", "554 5.5.1 no valid recipients")
+            await c.expect("RSET")  # MAIL was accepted: the transaction is cleared
+            await c.say("250 2.0.0 ok")
+        await c.expect("MAIL")
+        await c.expect("RCPT")
+        await read_chunk(c)
+        await c.say("550 5.7.1 sender refused", "503 5.5.1 need MAIL", "503 5.5.1 need MAIL")
+        await c.expect("QUIT")  # no transaction was opened: no RSET
+        await c.say("221 2.0.0 bye")
+
+    async def scenario() -> None:
+        async with scripted(script) as hop:
+            session = await connect(hop)
+            for _ in range(2):
+                result = await send(session, tmp_path, "nobody@y.example")
+                assert result.data_reply is None
+                assert result.recipients == {
+                    "nobody@y.example": Reply(550, "5.1.1", "no such user")
+                }
+            result = await send(session, tmp_path, "b@y.example")
+            assert result.recipients == {"b@y.example": Reply(550, "5.7.1", "sender refused")}
+            await session.quit()
+
+    run(scenario)
+
+
 # --- Lockstep ----------------------------------------------------------------------------
 
 

@@ -301,3 +301,23 @@ def test_stuffed_messages_read_back_exactly(parts: list[bytes], cuts: list[int])
     got = reader.feed(data + b"NEXT")
     assert reader.done and reader.problem is None and reader.leftover == b"NEXT"
     assert got == normalized(message)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(st.sampled_from([*PIECES, b"\r\n..\r\n", b".\r"]), max_size=40),
+    cuts=st.lists(st.integers(min_value=1, max_value=40), max_size=30),
+)
+def test_bdat_content_is_what_data_delivers(parts: list[bytes], cuts: list[int]) -> None:
+    """dots=False (BDAT, RFC 3030): no stuffing, and the octets a DATA receiver
+    stores after unstuffing, whatever the pieces."""
+    message = b"".join(parts)
+    lines = DotStuffer(dots=False)
+    wire = []
+    pos = 0
+    for size in [*cuts, len(message)]:
+        wire.append(lines.feed(message[pos : pos + size]))
+        pos += size
+    wire.append(lines.close())
+    assert b"".join(wire) == normalized(message)
+    assert lines.feed(b".again") + lines.close() == b".again\r\n"  # ready for the next

@@ -324,11 +324,17 @@ class DotStuffer:
     on them, which is what SMTP smuggling exploits), and every line starting
     with a period gets one more. `end()` returns the bytes that close the
     data: a CRLF if the content did not end with one, then ".CRLF".
+
+    With `dots=False` it only makes the line ends CRLF: BDAT content (RFC
+    3030 2) is sent as it is, with no stuffing and no end marker; `close()`
+    then gives the CRLF the content may lack, so a message goes out byte for
+    byte the same whether it is sent with DATA or with BDAT.
     """
 
-    __slots__ = ("_held_cr", "_line_start")
+    __slots__ = ("_dots", "_held_cr", "_line_start")
 
-    def __init__(self) -> None:
+    def __init__(self, *, dots: bool = True) -> None:
+        self._dots = dots
         self._line_start = True
         self._held_cr = False  # a final CR whose LF may come with the next piece
 
@@ -344,21 +350,26 @@ class DotStuffer:
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         data = data.replace(b"\n", b"\r\n")
-        data = data.replace(b"\r\n.", b"\r\n..")
-        if self._line_start and data[:1] == b".":
-            data = b"." + data
+        if self._dots:
+            data = data.replace(b"\r\n.", b"\r\n..")
+            if self._line_start and data[:1] == b".":
+                data = b"." + data
         self._line_start = data.endswith(b"\n")
         return data
 
-    def end(self) -> bytes:
-        """The closing bytes; the stuffer is ready for a new message after it."""
+    def close(self) -> bytes:
+        """A CRLF if the content did not end with one; ready for a new message after it."""
         out = b"" if self._line_start and not self._held_cr else b"\r\n"
         self._line_start = True
         self._held_cr = False
-        return out + END_OF_DATA
+        return out
+
+    def end(self) -> bytes:
+        """The closing bytes of DATA: `close()`, then ".CRLF"."""
+        return self.close() + END_OF_DATA
 
 
 def dot_stuff(data: bytes) -> bytes:
     """A whole message in DATA wire form, ending with CRLF, without END_OF_DATA."""
     stuffer = DotStuffer()
-    return stuffer.feed(data) + stuffer.end()[: -len(END_OF_DATA)]
+    return stuffer.feed(data) + stuffer.close()
