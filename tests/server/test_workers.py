@@ -52,6 +52,17 @@ def children_of(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+def wait_for_workers(pid: int, count: int) -> list[int]:
+    """The children of `pid` once there are `count` (or what there is after 20 s).
+
+    The listener is bound before the fork, so a connection can succeed before
+    the workers exist."""
+    deadline = time.monotonic() + 20
+    while len(workers := children_of(pid)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return workers
+
+
 def alive(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -69,7 +80,7 @@ def test_workers_share_the_listener_and_stop_together(tmp_path: Path) -> None:
     port = free_port()
     proc = start_server(tmp_path, port)
     try:
-        workers = children_of(proc.pid)
+        workers = wait_for_workers(proc.pid, 2)
         assert len(workers) == 2
         for n in range(30):  # 30 connections: the kernel spreads them over the processes
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
@@ -89,7 +100,7 @@ def test_workers_share_the_listener_and_stop_together(tmp_path: Path) -> None:
 def test_kill_9_of_the_primary_takes_the_workers_along(tmp_path: Path) -> None:
     port = free_port()
     proc = start_server(tmp_path, port)
-    workers = children_of(proc.pid)
+    workers = wait_for_workers(proc.pid, 2)
     assert workers
     proc.kill()
     proc.wait()
@@ -150,3 +161,4 @@ def test_mail_submitted_to_any_worker_is_relayed_by_the_primary(tmp_path: Path) 
         for proc in (provider, receiver):
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=20)
+
