@@ -265,6 +265,51 @@ def test_recover_after_kill_9_during_add(tmp_path: Path) -> None:
     assert list((tmp_path / "messages").iterdir()) == []
 
 
+def test_recover_spares_a_message_whose_envelope_is_not_placed_yet(tmp_path: Path) -> None:
+    """add_many renames a message into place before its envelope, without the queue
+    lock, holding an flock on the file until the envelope is there."""
+    import fcntl
+
+    store = QueueStore(tmp_path)
+    adding = tmp_path / "messages" / "ADDING000001"
+    adding.write_bytes(b"being added\r\n")
+    orphan = tmp_path / "messages" / "ORPHAN000001"
+    orphan.write_bytes(b"left by a crash\r\n")
+    with open(adding, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert store.recover() == 1
+        assert adding.exists() and not orphan.exists()
+    assert store.recover() == 1  # the add died: now it is an orphan
+    assert not adding.exists()
+
+
+def test_recover_looks_again_for_the_envelope_of_an_unlocked_message(tmp_path: Path) -> None:
+    """The folder listing may predate an add that finished just after it."""
+    store = QueueStore(tmp_path)
+    store.add(envelope("DONE00000001"), [b"x\r\n"])
+    assert store._orphan(store.message_path("DONE00000001")) is False
+    assert store.message_path("DONE00000001").exists()
+
+
+def test_add_many_does_not_wait_for_the_queue_lock(tmp_path: Path) -> None:
+    """Another process holding the lock (a `postroom queue` command, the
+    scheduler removing messages) does not hold up queueing."""
+    import fcntl
+
+    store = QueueStore(tmp_path)
+    with open(tmp_path / "lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        done = threading.Event()
+        worker = threading.Thread(
+            target=lambda: (store.add_many([(envelope("FAST00000001"), [b"x\r\n"])]),
+                            done.set())
+        )
+        worker.start()
+        assert done.wait(10)
+        worker.join()
+    assert store.ids() == ["FAST00000001"]
+
+
 def test_list_skips_corrupt_files_and_logs_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

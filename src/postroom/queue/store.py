@@ -12,12 +12,14 @@ fsync of the folder) and the envelope second, so an envelope always has its
 message; `remove` deletes the envelope first, so a crash leaves at worst a
 message without an envelope: an orphan that `recover` deletes. The envelope
 is the commit record: a message counts as queued exactly when its envelope
-file exists.
+file exists. While a message is being added its file is flocked, from its
+creation as a temporary file until its envelope is in place, and `recover`
+leaves a flocked file alone.
 
 Several processes change the queue: the server (the scheduler), `postroom
 queue` (hold, flush, delete) and `postroom sendmail` (add). Every write is an
 atomic rename, so a reader sees the old or the new file, never a mix. Each
-change also runs under an exclusive flock(2) on `lock`, so a
+change (but `add_many`, below) also runs under an exclusive flock(2) on `lock`, so a
 read-modify-write (`update`) never interleaves with another one and a `save`
 never brings back an envelope that `remove` just deleted. Between two
 changes the last writer wins: a whole-envelope `save` made from an old copy
@@ -248,33 +250,35 @@ class QueueStore:
                 for i, t in enumerate(temps):
                     if t is not None and errors[i] is None:
                         errors[i] = e
-            # The temp files stay open (and flocked) until renamed, so that a
-            # `recover` in another process never takes them for leftovers.
-            with self.locked():
-                placed: list[int] = []
-                for i, t in enumerate(temps):
-                    if t is None or errors[i] is not None:
-                        continue
-                    queue_id = items[i][0].queue_id
-                    final = self.message_path(queue_id)
-                    try:
-                        if final.exists() or self.envelope_path(queue_id).exists():
-                            raise FileExistsError(f"queue ID {queue_id} is already in use")
-                        os.replace(t[0], final)
-                    except OSError as e:
-                        errors[i] = e
-                        continue
-                    placed.append(i)
-                fsync_dir(self.messages)
-                for i in placed:
-                    t = temps[i]
-                    assert t is not None
-                    try:
-                        os.replace(t[1], self.envelope_path(items[i][0].queue_id))
-                    except OSError as e:
-                        errors[i] = e
-                        _unlink(self.message_path(items[i][0].queue_id))
-                fsync_dir(self.envelopes)
+            # No queue lock: the files stay open, and flocked, until the envelopes
+            # are in place, which is all `recover` needs to leave them be; nothing
+            # else touches a message that has no envelope yet. Server processes
+            # queue from several threads and processes at once, and each holder of
+            # the lock would make the others wait through its directory syncs.
+            placed: list[int] = []
+            for i, t in enumerate(temps):
+                if t is None or errors[i] is not None:
+                    continue
+                queue_id = items[i][0].queue_id
+                final = self.message_path(queue_id)
+                try:
+                    if final.exists() or self.envelope_path(queue_id).exists():
+                        raise FileExistsError(f"queue ID {queue_id} is already in use")
+                    os.replace(t[0], final)
+                except OSError as e:
+                    errors[i] = e
+                    continue
+                placed.append(i)
+            fsync_dir(self.messages)
+            for i in placed:
+                t = temps[i]
+                assert t is not None
+                try:
+                    os.replace(t[1], self.envelope_path(items[i][0].queue_id))
+                except OSError as e:
+                    errors[i] = e
+                    _unlink(self.message_path(items[i][0].queue_id))
+            fsync_dir(self.envelopes)
         finally:
             for mfd, efd in files:
                 os.close(mfd)
@@ -441,7 +445,7 @@ class QueueStore:
                 if name.endswith(TEMP_SUFFIX):
                     if self._temp_is_stale(path) and _unlink(path):
                         removed += 1
-                elif name + ENVELOPE_SUFFIX not in envelope_names and _unlink(path):
+                elif name + ENVELOPE_SUFFIX not in envelope_names and self._orphan(path):
                     log.warning("%s: removed a message without envelope (crash)", name)
                     removed += 1
             for name in sorted(envelope_names):
@@ -460,6 +464,32 @@ class QueueStore:
                 fsync_dir(self.messages)
                 fsync_dir(self.envelopes)
         return removed
+
+    def _orphan(self, path: Path) -> bool:
+        """Remove a message listed without an envelope if it is one; True if removed.
+
+        `add_many` renames a message into place before its envelope, without
+        the queue lock, holding an flock on the file until the envelope is in
+        place: a message flocked by someone else is being added. Once the flock
+        is ours, the envelope is looked for again, as the listing may be older
+        than an add that finished meanwhile.
+        """
+        if fcntl is None:
+            return _unlink(path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # being added
+            if (self.envelopes / (path.name + ENVELOPE_SUFFIX)).exists():
+                return False
+            return _unlink(path)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _temp_is_stale(path: Path) -> bool:
