@@ -162,3 +162,18 @@ def test_mail_submitted_to_any_worker_is_relayed_by_the_primary(tmp_path: Path) 
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=20)
 
+
+
+def test_a_worker_whose_parent_died_before_prctl_leaves() -> None:
+    """The parent may die between fork(2) and prctl(2): no signal comes then, so the
+    child checks who its parent is and leaves instead of keeping the ports."""
+    from postroom.server import workers
+
+    pid = os.fork()
+    if pid == 0:  # the child: told its parent was some other, long gone, process
+        try:
+            workers._die_with_parent(os.getppid() + 1_000_000)
+        finally:
+            os._exit(0)  # reached only if the check did not end the process
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 1

@@ -39,13 +39,21 @@ def worker_count(configured: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent exits (however it exits)."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when its parent (pid `parent`) exits, however it exits.
+
+    A parent that died between the fork and the prctl(2) sends no signal, so
+    the child looks for itself: adopted by another process already, it leaves
+    (the remedy prctl(2) gives for that race), rather than go on holding the
+    listening sockets with nobody to stop it.
+    """
     if not sys.platform.startswith("linux"):  # pragma: no cover
         return
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def fork_workers(
@@ -58,12 +66,13 @@ def fork_workers(
     Call before any event loop or thread exists in this process.
     """
     children: list[int] = []
+    parent = os.getpid()
     for _ in range(count):
         pid = os.fork()
         if pid == 0:  # the child
             code = 1
             try:
-                _die_with_parent()
+                _die_with_parent(parent)
                 code = child_main()
             except BaseException:  # noqa: BLE001 - report, then leave without unwinding
                 log.exception("worker process failed")
