@@ -52,7 +52,7 @@ from mailharness import (  # noqa: E402 (the path above makes the harness import
     wait_for_pop3,
 )
 
-from smtp_bench import ratio_line, round_ratios  # noqa: E402
+from smtp_bench import default_workdir, ratio_line, round_ratios  # noqa: E402
 
 DOMAIN = "bench.example"
 USER = f"user@{DOMAIN}"
@@ -229,12 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=2000, help="messages (default 2000)")
     parser.add_argument("--size", type=int, default=4096, help="octets each (default 4096)")
     parser.add_argument("--rounds", type=int, default=3, help="sessions per leg (default 3)")
-    parser.add_argument("--workdir", type=Path, help="folder for data (default: a temp dir)")
+    parser.add_argument("--workdir", type=Path,
+                        help="folder for data (default: a new folder in /var/tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
 
-    base = Path(tempfile.mkdtemp(prefix="postroom-pop3-bench-", dir=args.workdir))
+    workdir = args.workdir or default_workdir()
+    base = Path(tempfile.mkdtemp(prefix="postroom-pop3-bench-", dir=workdir))
     env = environment()
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"load: one poplib session RETRs {args.messages} messages of {args.size} octets, "

@@ -55,7 +55,7 @@ from mailharness import (  # noqa: E402 (the path above makes the harness import
 )
 
 from newfiles import NewFiles  # noqa: E402
-from smtp_bench import environment, load_average, ratio_line, round_ratios  # noqa: E402
+from smtp_bench import default_workdir, environment, load_average, ratio_line, round_ratios  # noqa: E402
 
 SENDER = "sender@isp.example"
 SENDER_PASSWORD = "bench-password"
@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--legs", default=",".join(LEGS),
                         help=f"comma-separated subset of {','.join(LEGS)} (default: all)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per leg")
-    parser.add_argument("--workdir", type=Path, help="folder for data (default: a temp dir)")
+    parser.add_argument("--workdir", type=Path,
+                        help="folder for data (default: a new folder in /var/tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -326,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1 or args.messages < args.clients:
         parser.error("need at least one client and at least one message per client")
 
-    base = Path(tempfile.mkdtemp(prefix="postroom-relay-bench-", dir=args.workdir))
+    workdir = args.workdir or default_workdir()
+    base = Path(tempfile.mkdtemp(prefix="postroom-relay-bench-", dir=workdir))
     env = environment()
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"load: {args.messages} messages of {args.size} octets from {args.clients} "

@@ -334,6 +334,23 @@ def ratio_line(label: str, best: float, within: list[float] | None) -> str:
     return line
 
 
+def default_workdir() -> str | None:
+    """Where a run keeps its data when --workdir is not given: /var/tmp, else the
+    system's temporary folder.
+
+    Not /tmp: on many systems it is a tmpfs (Debian 13, Fedora), where fsync
+    costs nothing and a durability benchmark measures nothing; and where it is
+    on disk, everything that cleans up after itself (test runs, earlier
+    benchmark runs) deletes there, which on ext4 without a journal makes every
+    new file cost a walk past the freed inodes (see bench/README.md).
+    /var/tmp is on disk by the FHS and sees little of that.
+    """
+    candidate = Path("/var/tmp")
+    if candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK):
+        return str(candidate)
+    return None
+
+
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -372,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=4096, help="smtp-source -l (default 4096)")
     parser.add_argument("--big-mb", type=int, default=50, help="large message size in MB")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per leg")
-    parser.add_argument("--workdir", type=Path, help="folder for data (default: a temp dir)")
+    parser.add_argument("--workdir", type=Path,
+                        help="folder for data (default: a new folder in /var/tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--rounds", type=int, default=1,
@@ -386,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown legs: {', '.join(sorted(unknown))}")
 
-    base = Path(tempfile.mkdtemp(prefix="postroom-bench-", dir=args.workdir))
+    workdir = args.workdir or default_workdir()
+    base = Path(tempfile.mkdtemp(prefix="postroom-bench-", dir=workdir))
     env = environment()
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"load: smtp-source -s {args.sessions} -m {args.messages} -l {args.size}, "
