@@ -55,7 +55,14 @@ from mailharness import (  # noqa: E402 (the path above makes the harness import
 )
 
 from newfiles import NewFiles  # noqa: E402
-from smtp_bench import default_workdir, environment, load_average, ratio_line, round_ratios  # noqa: E402
+from smtp_bench import (  # noqa: E402
+    default_workdir,
+    environment,
+    load_average,
+    ratio_line,
+    round_ratios,
+    spread_children,
+)
 
 SENDER = "sender@isp.example"
 SENDER_PASSWORD = "bench-password"
@@ -329,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = args.workdir or default_workdir()
     base = Path(tempfile.mkdtemp(prefix="postroom-relay-bench-", dir=workdir))
+    spread_children(base)
     env = environment()
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"load: {args.messages} messages of {args.size} octets from {args.clients} "
@@ -339,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         for number in range(1, args.rounds + 1):
             folder = base / f"round{number}"
             folder.mkdir()
+            spread_children(folder)
             for leg in legs:
                 result = LEGS[leg](args, folder)
                 rounds.setdefault(leg, []).append(result)
