@@ -424,9 +424,12 @@ async def test_woken_messages_are_read_once_and_removed_together(
     batches: list[list[str]] = []
     real_remove_many = QueueStore.remove_many
 
-    def remove_many(store: QueueStore, ids: list[str]) -> list[BaseException | None]:
+    def remove_many(
+        store: QueueStore, ids: list[str], *, reuse: bool = False
+    ) -> list[BaseException | None]:
         batches.append(list(ids))
-        return real_remove_many(store, ids)
+        assert reuse  # its own finished deliveries: the files are kept for reuse
+        return real_remove_many(store, ids, reuse=reuse)
 
     monkeypatch.setattr(QueueStore, "remove_many", remove_many)
     h = Harness(tmp_path)
@@ -442,6 +445,7 @@ async def test_woken_messages_are_read_once_and_removed_together(
     assert sorted(loads) == ids
     assert sorted(qid for batch in batches for qid in batch) == ids
     assert h.store.ids() == []
+    assert len(list(h.store.spares.folder.iterdir())) == 2 * len(ids)
     await h.stop()
 
 

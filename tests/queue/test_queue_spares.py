@@ -25,7 +25,7 @@ def test_a_finished_message_leaves_empty_spares_that_the_next_one_reuses(
     big = b"x" * 100_000 + b"\r\n"
     assert store.add_many([(envelope("FIRST"), [big])]) == [None]
     used = {store.message_path("FIRST").stat().st_ino, store.envelope_path("FIRST").stat().st_ino}
-    store.remove("FIRST")
+    assert store.remove_many(["FIRST"], reuse=True) == [None]
     spare = tmp_path / "spare"
     assert inodes(spare) == used
     assert all(p.stat().st_size == 0 for p in spare.iterdir())  # nothing old kept
@@ -41,7 +41,7 @@ def test_a_finished_message_leaves_empty_spares_that_the_next_one_reuses(
 def test_single_add_takes_a_spare_too(tmp_path: Path) -> None:
     store = QueueStore(tmp_path)
     store.add(envelope("ONE"), [b"one\r\n"])
-    store.remove("ONE")
+    store.remove_many(["ONE"], reuse=True)
     before = inodes(tmp_path / "spare")
     store.add(envelope("TWO"), [b"two\r\n"])
     assert store.message_path("TWO").stat().st_ino in before
@@ -52,7 +52,7 @@ def test_another_process_sees_the_spares_of_this_one(tmp_path: Path) -> None:
     """Each process keeps its own list; a second store (another process) lists the folder."""
     first, second = QueueStore(tmp_path), QueueStore(tmp_path)
     first.add_many([(envelope("A"), [b"a\r\n"])])
-    first.remove("A")
+    first.remove_many(["A"], reuse=True)
     spares = inodes(tmp_path / "spare")
     assert len(spares) == 2
     second.add_many([(envelope("B"), [b"b\r\n"])])
@@ -65,6 +65,23 @@ def test_another_process_sees_the_spares_of_this_one(tmp_path: Path) -> None:
 
 def store_inodes(store: QueueStore, queue_id: str) -> set[int]:
     return {store.message_path(queue_id).stat().st_ino, store.envelope_path(queue_id).stat().st_ino}
+
+
+def test_remove_without_reuse_unlinks_and_an_open_reader_keeps_the_whole_message(
+    tmp_path: Path,
+) -> None:
+    """`postroom queue delete` may remove a message while the scheduler delivers
+    it: the delivery must go on reading the message it started, not an emptied
+    file, nor another message written into the same inode."""
+    store = QueueStore(tmp_path)
+    data = b"Subject: in flight\r\n\r\n" + b"x" * 200_000 + b"\r\n"
+    store.add_many([(envelope("INFLIGHT"), [data])])
+    with store.message_path("INFLIGHT").open("rb") as reading:
+        head = reading.read(1000)
+        store.remove("INFLIGHT")
+        store.add_many([(envelope("NEXT"), [b"another message\r\n"])])
+        assert head + reading.read() == data
+    assert list((tmp_path / "spare").iterdir()) == []
 
 
 def test_a_spare_still_named_elsewhere_is_never_written(tmp_path: Path) -> None:

@@ -166,13 +166,13 @@ def test_remove_envelope_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     env = envelope()
     store.add(env, [b"x\r\n"])
     order: list[str] = []
-    real_retire = store.spares.retire
+    real_unlink = Path.unlink
 
-    def retire(path: Path) -> None:
-        order.append(path.parent.name)
-        real_retire(path)
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        order.append(self.parent.name)
+        real_unlink(self, missing_ok)
 
-    monkeypatch.setattr(store.spares, "retire", retire)
+    monkeypatch.setattr(Path, "unlink", unlink)
     store.remove(env.queue_id)
     assert order == ["envelopes", "messages"]
     monkeypatch.undo()

@@ -128,8 +128,10 @@ class Scheduler:
         self._wake_ids: set[str] = set()
         self._fresh: set[str] = set()  # envelopes just read by _load_ids
         # Finished messages are removed in batches: one sync of the folder for many.
+        # Their files are kept for reuse: the scheduler alone reads a message
+        # to deliver it, and it removes one only when its deliveries are over.
         self._remover: BatchThread[str, None] = BatchThread(
-            "postroom-queue-remove", self.store.remove_many
+            "postroom-queue-remove", functools.partial(self.store.remove_many, reuse=True)
         )
         self._flush_all = False
         self._rescan_requested = False

@@ -19,7 +19,7 @@ leaves a flocked file alone.
 Several processes change the queue: the server (the scheduler), `postroom
 queue` (hold, flush, delete) and `postroom sendmail` (add). Every write is an
 atomic rename, so a reader sees the old or the new file, never a mix. Each
-change (but `add_many`, below) also runs under an exclusive flock(2) on `lock`, so a
+change but `add_many` (see above) also runs under an exclusive flock(2) on `lock`, so a
 read-modify-write (`update`) never interleaves with another one and a `save`
 never brings back an envelope that `remove` just deleted. Between two
 changes the last writer wins: a whole-envelope `save` made from an old copy
@@ -387,19 +387,26 @@ class QueueStore:
             raise error
 
     def remove_many(
-        self, queue_ids: builtins.list[str]
+        self, queue_ids: builtins.list[str], *, reuse: bool = False
     ) -> builtins.list[BaseException | None]:
         """`remove` for several messages with one sync of the envelope folder.
 
         Per ID: None once it is gone, NotQueued when neither file existed, or the
         OSError that stopped it (its message file is then kept).
+
+        `reuse`: keep the emptied files for later adds (postroom.queue.spares)
+        instead of unlinking them. Only for a caller that knows nobody reads
+        the message any more, as the scheduler does of a message whose
+        deliveries it has just finished: an unlinked file stays whole for
+        whoever still has it open, a reused one is emptied and refilled.
         """
+        drop = self.spares.retire if reuse else _drop
         errors: builtins.list[BaseException | None] = [None] * len(queue_ids)
         with self.locked():
             removed_envelopes = False
             for i, queue_id in enumerate(queue_ids):
                 try:
-                    self.spares.retire(self.envelope_path(queue_id))
+                    drop(self.envelope_path(queue_id))
                     removed_envelopes = True
                 except FileNotFoundError:
                     errors[i] = NotQueued(queue_id)
@@ -417,7 +424,7 @@ class QueueStore:
                 if errors[i] is not None and not isinstance(errors[i], NotQueued):
                     continue
                 try:
-                    self.spares.retire(self.message_path(queue_id))
+                    drop(self.message_path(queue_id))
                     errors[i] = None  # a message without its envelope: gone now too
                 except FileNotFoundError:
                     pass
@@ -510,6 +517,10 @@ class QueueStore:
         finally:
             os.close(fd)
         return True
+
+
+def _drop(path: Path) -> None:
+    path.unlink()
 
 
 def _unlink(path: Path) -> bool:
