@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.store import QueueStore
 
@@ -47,3 +49,19 @@ class _Failing:
 
     def __next__(self) -> bytes:
         raise OSError("spool unreadable")
+
+
+def test_a_colliding_add_never_overwrites_even_between_check_and_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """add_many places messages without the queue lock, so a look first ("is the
+    name free?") proves nothing by the time of a rename: another process with
+    the same ID may place its file in between. Placement itself must refuse."""
+    store = QueueStore(tmp_path / "queue")
+    store.message_path("SAME").write_bytes(b"the other process's message\r\n")
+    monkeypatch.setattr(Path, "exists", lambda self: False)  # every look says "free"
+    errors = store.add_many([(envelope("SAME"), [b"mine\r\n"])])
+    monkeypatch.undo()
+    assert isinstance(errors[0], FileExistsError)
+    assert store.message_path("SAME").read_bytes() == b"the other process's message\r\n"
+    assert not [p for p in (tmp_path / "queue").rglob("*.tmp")]

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -63,6 +64,10 @@ TEMP_SUFFIX = ".tmp"
 # Queue IDs become file names: letters, digits, "-" and "_" only, so no ID can
 # name a path outside the queue ("../x") or a hidden temporary file (".x.tmp").
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# link(2) errors that mean "no hard links here" (not "the name is taken").
+_NO_LINK_ERRNOS = {errno.EPERM, errno.EMLINK, errno.EXDEV, errno.ENOSYS,
+                   getattr(errno, "EOPNOTSUPP", errno.EPERM),
+                   getattr(errno, "ENOTSUP", errno.EPERM)}
 # Without flock a temporary file cannot say it is still being written; one this
 # old is taken to be left over from a crash.
 STALE_TEMP_AGE = 24 * 3600.0
@@ -259,12 +264,8 @@ class QueueStore:
             for i, t in enumerate(temps):
                 if t is None or errors[i] is not None:
                     continue
-                queue_id = items[i][0].queue_id
-                final = self.message_path(queue_id)
                 try:
-                    if final.exists() or self.envelope_path(queue_id).exists():
-                        raise FileExistsError(f"queue ID {queue_id} is already in use")
-                    os.replace(t[0], final)
+                    self._place_new(t[0], items[i][0].queue_id)
                 except OSError as e:
                     errors[i] = e
                     continue
@@ -289,6 +290,31 @@ class QueueStore:
                     if name:
                         _unlink(Path(name))
         return errors
+
+    def _place_new(self, temp: str, queue_id: str) -> None:
+        """Give the temporary message file `temp` its queue name, never over another.
+
+        link(2) fails when the name exists, atomically: without the queue lock,
+        two adds of one ID (two processes whose IDs collided) cannot both win,
+        as a check followed by a rename could. Where hard links are missing,
+        the check and the rename happen under the queue lock instead.
+        """
+        final = self.message_path(queue_id)
+        if self.envelope_path(queue_id).exists():
+            raise FileExistsError(f"queue ID {queue_id} is already in use")
+        try:
+            os.link(temp, final)
+        except FileExistsError:
+            raise FileExistsError(f"queue ID {queue_id} is already in use") from None
+        except OSError as e:
+            if e.errno not in _NO_LINK_ERRNOS:
+                raise
+            with self.locked():
+                if final.exists():
+                    raise FileExistsError(f"queue ID {queue_id} is already in use") from None
+                os.replace(temp, final)
+            return
+        _unlink(Path(temp))
 
     # -- reading ---------------------------------------------------------------
 
