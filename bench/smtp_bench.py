@@ -365,8 +365,8 @@ def spread_children(folder: Path) -> None:
         return
     try:
         get, put, topdir = 0x80086601, 0x40086602, 0x00020000  # FS_IOC_{GET,SET}FLAGS
-        flags = struct.unpack("l", fcntl.ioctl(fd, get, struct.pack("l", 0)))[0]
-        fcntl.ioctl(fd, put, struct.pack("l", flags | topdir))
+        flags = struct.unpack("i", fcntl.ioctl(fd, get, struct.pack("i", 0)))[0]
+        fcntl.ioctl(fd, put, struct.pack("i", flags | topdir))  # the kernel reads an int
     except OSError:
         pass
     finally:
