@@ -32,7 +32,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ from mailharness import (  # noqa: E402 (the path above makes the harness import
     wait_for_pop3,
 )
 
-from smtp_bench import default_workdir, ratio_line, round_ratios  # noqa: E402
+from smtp_bench import new_work_folder, ratio_line, round_ratios  # noqa: E402
 
 DOMAIN = "bench.example"
 USER = f"user@{DOMAIN}"
@@ -235,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
 
-    workdir = args.workdir or default_workdir()
-    base = Path(tempfile.mkdtemp(prefix="postroom-pop3-bench-", dir=workdir))
+    base = new_work_folder("postroom-pop3-bench-", args.workdir)
     env = environment()
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"load: one poplib session RETRs {args.messages} messages of {args.size} octets, "

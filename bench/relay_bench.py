@@ -33,7 +33,6 @@ import shutil
 import smtplib
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -56,9 +55,9 @@ from mailharness import (  # noqa: E402 (the path above makes the harness import
 
 from newfiles import NewFiles  # noqa: E402
 from smtp_bench import (  # noqa: E402
-    default_workdir,
     environment,
     load_average,
+    new_work_folder,
     ratio_line,
     round_ratios,
     spread_children,
@@ -334,9 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1 or args.messages < args.clients:
         parser.error("need at least one client and at least one message per client")
 
-    workdir = args.workdir or default_workdir()
-    base = Path(tempfile.mkdtemp(prefix="postroom-relay-bench-", dir=workdir))
-    spread_children(base)
+    base = new_work_folder("postroom-relay-bench-", args.workdir)
     env = environment()
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"load: {args.messages} messages of {args.size} octets from {args.clients} "

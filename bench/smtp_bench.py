@@ -174,45 +174,34 @@ def bench_postfix(args: argparse.Namespace, base: Path) -> Throughput:
 
 def bench_sink(args: argparse.Namespace, base: Path) -> Throughput:
     port = free_ports(1)[0]
-    log = open(base / "aiosmtpd.log", "wb")  # noqa: SIM115 (closed in finally)
-    sink = subprocess.Popen(
-        [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"{LOOPBACK}:{port}",
-         "-c", "aiosmtpd.handlers.Sink"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while smtp_banner(port, timeout=1.0) is None:
-            if sink.poll() is not None or time.monotonic() > deadline:
-                raise HarnessError(f"aiosmtpd did not start: {(base / 'aiosmtpd.log').read_text()}")
-            time.sleep(0.05)
-        return drive("aiosmtpd", args, port, None, args.timeout)
-    finally:
-        sink.terminate()
-        try:
-            sink.wait(10)
-        except subprocess.TimeoutExpired:
-            sink.kill()
-            sink.wait()
-        log.close()
+    command = [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"{LOOPBACK}:{port}",
+               "-c", "aiosmtpd.handlers.Sink"]
+    return run_sink("aiosmtpd", command, args, base, port, None)
 
 
 def bench_fsync_sink(args: argparse.Namespace, base: Path) -> Throughput:
     port = free_ports(1)[0]
     folder = base / "fsync-sink"
-    log = open(base / "fsync-sink.log", "wb")  # noqa: SIM115 (closed in finally)
-    sink = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("fsync_sink.py")), str(port), str(folder)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    command = [sys.executable, str(Path(__file__).with_name("fsync_sink.py")), str(port),
+               str(folder)]
+    return run_sink("fsync-sink", command, args, base, port, folder)
+
+
+def run_sink(
+    name: str, command: list[str], args: argparse.Namespace, base: Path, port: int,
+    maildir: Path | None,
+) -> Throughput:
+    """Start a one-process sink (`command`, logging to base/NAME.log), drive it, stop it."""
+    log_path = base / f"{name}.log"
+    log = open(log_path, "wb")  # noqa: SIM115 (closed in finally)
+    sink = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20
         while smtp_banner(port, timeout=1.0) is None:
             if sink.poll() is not None or time.monotonic() > deadline:
-                output = (base / "fsync-sink.log").read_text()
-                raise HarnessError(f"fsync_sink did not start: {output}")
+                raise HarnessError(f"{name} did not start: {log_path.read_text()}")
             time.sleep(0.05)
-        return drive("fsync-sink", args, port, folder, args.timeout)
+        return drive(name, args, port, maildir, args.timeout)
     finally:
         sink.terminate()
         try:
@@ -351,6 +340,14 @@ def default_workdir() -> str | None:
     return None
 
 
+def new_work_folder(prefix: str, workdir: Path | None) -> Path:
+    """A fresh folder for one run, in `workdir` or default_workdir(), whose
+    subfolders get block groups of their own (spread_children)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir or default_workdir()))
+    spread_children(base)
+    return base
+
+
 def spread_children(folder: Path) -> None:
     """Ask ext4 to place each folder made in `folder` in a block group of its own
     (the "top of directory hierarchy" flag, chattr +T, which the Orlov allocator
@@ -426,9 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown legs: {', '.join(sorted(unknown))}")
 
-    workdir = args.workdir or default_workdir()
-    base = Path(tempfile.mkdtemp(prefix="postroom-bench-", dir=workdir))
-    spread_children(base)
+    base = new_work_folder("postroom-bench-", args.workdir)
     env = environment()
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"load: smtp-source -s {args.sessions} -m {args.messages} -l {args.size}, "

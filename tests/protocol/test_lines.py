@@ -276,6 +276,16 @@ def test_dot_stuffer_in_pieces() -> None:
     assert s.feed(b".again") + s.end() == b"..again\r\n.\r\n"  # ready for the next message
 
 
+def fed_in_pieces(stuffer: DotStuffer, message: bytes, cuts: list[int]) -> bytes:
+    """What `stuffer` makes of `message` fed in pieces of the sizes in `cuts` (then the rest)."""
+    out = []
+    pos = 0
+    for size in [*cuts, len(message)]:
+        out.append(stuffer.feed(message[pos : pos + size]))
+        pos += size
+    return b"".join(out)
+
+
 def normalized(message: bytes) -> bytes:
     text = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     return text if not text or text.endswith(b"\r\n") else text + b"\r\n"
@@ -289,13 +299,7 @@ def normalized(message: bytes) -> bytes:
 def test_stuffed_messages_read_back_exactly(parts: list[bytes], cuts: list[int]) -> None:
     message = b"".join(parts)
     stuffer = DotStuffer()
-    wire = []
-    pos = 0
-    for size in [*cuts, len(message)]:
-        wire.append(stuffer.feed(message[pos : pos + size]))
-        pos += size
-    wire.append(stuffer.end())
-    data = b"".join(wire)
+    data = fed_in_pieces(stuffer, message, cuts) + stuffer.end()
     assert data == dot_stuff(message) + END_OF_DATA
     reader = DataReader(check_lines=False)  # strict: a stuffer never sends bare line ends
     got = reader.feed(data + b"NEXT")
@@ -313,11 +317,5 @@ def test_bdat_content_is_what_data_delivers(parts: list[bytes], cuts: list[int])
     stores after unstuffing, whatever the pieces."""
     message = b"".join(parts)
     lines = DotStuffer(dots=False)
-    wire = []
-    pos = 0
-    for size in [*cuts, len(message)]:
-        wire.append(lines.feed(message[pos : pos + size]))
-        pos += size
-    wire.append(lines.close())
-    assert b"".join(wire) == normalized(message)
+    assert fed_in_pieces(lines, message, cuts) + lines.close() == normalized(message)
     assert lines.feed(b".again") + lines.close() == b".again\r\n"  # ready for the next

@@ -510,12 +510,8 @@ class ClientSession:
             # replies, each checked, in the same order.
             core.data()
             await self._flush(self._command_timeout)
-            mail = await self._reply(timeouts.mail)
-            for address in addresses:
-                results[address] = (await self._reply(timeouts.rcpt)).reply
+            mail = await self._group_replies(addresses, results)
             data = await self._reply(timeouts.data_init)
-            if mail.reply.code // 100 != 2:
-                results.update(dict.fromkeys(addresses, mail.reply))  # not the RCPTs' 503s
         accepted = [a for a in addresses if results[a].code // 100 == 2]
         if not accepted or mail.reply.code // 100 != 2:
             if data is not None and data.reply.code == 354:
@@ -566,11 +562,7 @@ class ClientSession:
         chunk, last = next(chunks)
         core.bdat(chunk, last=last)
         await self._flush(timeouts.data_block)
-        mail = await self._reply(timeouts.mail)
-        for address in addresses:
-            results[address] = (await self._reply(timeouts.rcpt)).reply
-        if mail.reply.code // 100 != 2:
-            results.update(dict.fromkeys(addresses, mail.reply))  # not the RCPTs' 503s
+        mail = await self._group_replies(addresses, results)
         accepted = [a for a in addresses if results[a].code // 100 == 2]
         if not accepted or mail.reply.code // 100 != 2:
             await self._reply(timeouts.data_end)  # the chunk's refusal
@@ -590,6 +582,16 @@ class ClientSession:
         final = await self._reply(timeouts.data_end)
         results.update(dict.fromkeys(accepted, final.reply))
         return TransactionResult(results, final.reply, dsn)
+
+    async def _group_replies(self, addresses: list[str], results: dict[str, Reply]) -> Response:
+        """The replies to a pipelined MAIL and its RCPTs (RFC 2920 3.1), in order, into
+        `results`; a refused MAIL is every recipient's reply, not the RCPTs' 503s."""
+        mail = await self._reply(self._timeouts.mail)
+        for address in addresses:
+            results[address] = (await self._reply(self._timeouts.rcpt)).reply
+        if mail.reply.code // 100 != 2:
+            results.update(dict.fromkeys(addresses, mail.reply))
+        return mail
 
     def _bdat_chunks(self, file: IO[bytes]) -> Iterator[tuple[bytes, bool]]:
         """The content in BDAT chunks of about CHUNK_SIZE octets, each with "is it the last".

@@ -347,9 +347,13 @@ class DotStuffer:
             data = data[:-1]
         if not data:
             return b""
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        data = data.replace(b"\n", b"\r\n")
+        crlf = data.count(b"\r\n")
+        if crlf != data.count(b"\n") or crlf != data.count(b"\r"):
+            # A bare LF or CR: made CRLF. Counting first spares the usual message,
+            # CRLF throughout (the queue stores it so), three copies of its body.
+            if b"\r" in data:
+                data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            data = data.replace(b"\n", b"\r\n")
         if self._dots:
             data = data.replace(b"\r\n.", b"\r\n..")
             if self._line_start and data[:1] == b".":

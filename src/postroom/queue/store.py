@@ -426,7 +426,7 @@ class QueueStore:
         deliveries it has just finished: an unlinked file stays whole for
         whoever still has it open, a reused one is emptied and refilled.
         """
-        drop = self.spares.retire if reuse else _drop
+        drop = self.spares.retire if reuse else Path.unlink
         errors: builtins.list[BaseException | None] = [None] * len(queue_ids)
         with self.locked():
             removed_envelopes = False
@@ -543,10 +543,6 @@ class QueueStore:
         finally:
             os.close(fd)
         return True
-
-
-def _drop(path: Path) -> None:
-    path.unlink()
 
 
 def _unlink(path: Path) -> bool:
