@@ -41,6 +41,7 @@ from postroom.client.send import (
 )
 from postroom.config import load_config
 from postroom.server.main import Running, start
+from postroom.store.maildir import list_messages
 from postroom.store.users import open_user_directory
 from postroom.tlscert import make_self_signed
 
@@ -167,8 +168,13 @@ async def postroom(tmp_path: Path) -> AsyncIterator[Running]:
 
 
 def inbox(tmp_path: Path, user: str) -> list[bytes]:
-    folder = tmp_path / "mail" / "isp.example" / user / "new"
-    return [p.read_bytes() for p in sorted(folder.iterdir())] if folder.is_dir() else []
+    """The user's messages, first delivered first.
+
+    Not sorted by name: the microseconds in a Maildir name are not zero-padded
+    (as in Dovecot's names), so 1.M99999 sorts after 1.M100000.
+    """
+    return [entry.path.read_bytes()
+            for entry in list_messages(tmp_path / "mail" / "isp.example" / user)]
 
 
 def cafile(tmp_path: Path) -> str:
