@@ -51,7 +51,7 @@ from mailharness import (  # noqa: E402 (the path above makes the harness import
     wait_for_pop3,
 )
 
-from smtp_bench import new_work_folder, ratio_line, round_ratios  # noqa: E402
+from smtp_bench import fresh_name, new_work_folder, ratio_line, round_ratios  # noqa: E402
 
 DOMAIN = "bench.example"
 USER = f"user@{DOMAIN}"
@@ -179,8 +179,9 @@ def run_bench(args: argparse.Namespace, base: Path) -> list[Leg]:
     reason = PrivateDovecot.unavailable_reason()
     if reason is not None:
         raise SystemExit(f"cannot run the Dovecot leg: {reason}")
-    (base / "postroom").mkdir()
-    server = Postroom(base / "postroom", hostname=HOST, domains=[DOMAIN],
+    home = fresh_name(base, "postroom")
+    home.mkdir()
+    server = Postroom(home, hostname=HOST, domains=[DOMAIN],
                       users={USER: PASSWORD}, aliases={}, listeners=("smtp", "pop3"),
                       extra_toml="[pop3]\nallow_plaintext_auth = true\n")
     server.setup()
@@ -190,7 +191,7 @@ def run_bench(args: argparse.Namespace, base: Path) -> list[Leg]:
     try:
         server.start()  # makes the self-signed certificate Dovecot borrows
         wait_for_pop3(server.ports["pop3"])
-        dovecot = PrivateDovecot(base / "dovecot", maildir=maildir, user=USER,
+        dovecot = PrivateDovecot(fresh_name(base, "dovecot"), maildir=maildir, user=USER,
                                  password=PASSWORD, cert=server.data / "tls" / "cert.pem",
                                  key=server.data / "tls" / "key.pem")
         dovecot.start()

@@ -56,6 +56,7 @@ from mailharness import (  # noqa: E402 (the path above makes the harness import
 from newfiles import NewFiles  # noqa: E402
 from smtp_bench import (  # noqa: E402
     environment,
+    fresh_name,
     load_average,
     new_work_folder,
     ratio_line,
@@ -235,12 +236,12 @@ def drive(name: str, args: argparse.Namespace, connect: Connect, maildir: Path) 
 
 
 def leg_postroom(args: argparse.Namespace, base: Path) -> LegResult:
-    receiver = Postroom(base / "postroom-mx", hostname=f"mx.{DOMAIN}", domains=[DOMAIN],
+    receiver = Postroom(fresh_name(base, "postroom-mx"), hostname=f"mx.{DOMAIN}", domains=[DOMAIN],
                         users={RCPT: "unused-password"}, aliases={}, listeners=("smtp",),
                         max_message_size="64M")
     receiver.start()
     sender = Postroom(
-        base / "postroom-submit", hostname="mail.isp.example", domains=["isp.example"],
+        fresh_name(base, "postroom-submit"), hostname="mail.isp.example", domains=["isp.example"],
         users={SENDER: SENDER_PASSWORD}, aliases={}, listeners=("submission",),
         max_message_size="64M",
         extra_toml=f'[routes]\n"{DOMAIN}" = "{LOOPBACK}:{receiver.smtp_port}"\n',
@@ -280,11 +281,11 @@ def leg_postfix(args: argparse.Namespace, base: Path, *, tls: bool) -> LegResult
         cert, key = self_signed(base / f"{name}-cert", f"mx.{DOMAIN}")
         server_tls = {"smtpd_tls_security_level": "may", "smtpd_tls_cert_file": str(cert),
                       "smtpd_tls_key_file": str(key)}
-    receiver = PrivatePostfix(base / f"{name}-mx", myhostname=f"mx.{DOMAIN}",
+    receiver = PrivatePostfix(fresh_name(base, f"{name}-mx"), myhostname=f"mx.{DOMAIN}",
                               mailbox_domain=DOMAIN, mailbox_users=[USER],
                               extra_main_cf=server_tls)
     receiver.start()
-    relay = PrivatePostfix(base / f"{name}-submit", myhostname="mail.isp.example",
+    relay = PrivatePostfix(fresh_name(base, f"{name}-submit"), myhostname="mail.isp.example",
                            relayhost=(LOOPBACK, receiver.port),
                            tls_level="may" if tls else "none",
                            extra_main_cf={**server_tls, "smtp_tls_loglevel": "0"})
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds: dict[str, list[LegResult]] = {}
     try:
         for number in range(1, args.rounds + 1):
-            folder = base / f"round{number}"
+            folder = fresh_name(base, f"round{number}")
             folder.mkdir()
             spread_children(folder)
             for leg in legs:

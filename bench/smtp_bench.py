@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import shutil
 import smtplib
 import statistics
@@ -150,7 +151,7 @@ def drive(
 
 
 def bench_postroom(args: argparse.Namespace, base: Path) -> Throughput:
-    server = Postroom(base / "postroom", hostname=f"mx.{DOMAIN}", domains=[DOMAIN],
+    server = Postroom(fresh_name(base, "postroom"), hostname=f"mx.{DOMAIN}", domains=[DOMAIN],
                       users={RCPT: "bench-password"}, aliases={}, max_message_size="64M")
     server.start()
     try:
@@ -163,7 +164,7 @@ def bench_postfix(args: argparse.Namespace, base: Path) -> Throughput:
     reason = PrivatePostfix.unavailable_reason()
     if reason is not None:
         raise SystemExit(f"cannot run the Postfix leg: {reason}")
-    postfix = PrivatePostfix(base / "postfix", myhostname=f"postfix.{DOMAIN}",
+    postfix = PrivatePostfix(fresh_name(base, "postfix"), myhostname=f"postfix.{DOMAIN}",
                              mailbox_domain=DOMAIN, mailbox_users=[USER])
     postfix.start()
     try:
@@ -181,7 +182,7 @@ def bench_sink(args: argparse.Namespace, base: Path) -> Throughput:
 
 def bench_fsync_sink(args: argparse.Namespace, base: Path) -> Throughput:
     port = free_ports(1)[0]
-    folder = base / "fsync-sink"
+    folder = fresh_name(base, "fsync-sink")
     command = [sys.executable, str(Path(__file__).with_name("fsync_sink.py")), str(port),
                str(folder)]
     return run_sink("fsync-sink", command, args, base, port, folder)
@@ -243,9 +244,9 @@ def big_message(octets: int) -> bytes:
 
 def bench_memory(args: argparse.Namespace, base: Path) -> MemoryGrowth:
     # One process, so that the process measured is the one that receives the message.
-    server = Postroom(base / "postroom-memory", hostname=f"mx.{DOMAIN}", domains=[DOMAIN],
-                      users={RCPT: "bench-password"}, aliases={}, max_message_size="64M",
-                      workers=1)
+    server = Postroom(fresh_name(base, "postroom-memory"), hostname=f"mx.{DOMAIN}",
+                      domains=[DOMAIN], users={RCPT: "bench-password"}, aliases={},
+                      max_message_size="64M", workers=1)
     server.start()
     try:
         # Warm up every code path once with a small message, so the measurement
@@ -348,6 +349,19 @@ def new_work_folder(prefix: str, workdir: Path | None) -> Path:
     return base
 
 
+def fresh_name(folder: Path, name: str) -> Path:
+    """`folder`/NAME-<random>: a folder name this run alone uses.
+
+    Where the parent has the TOPDIR flag (spread_children), ext4's Orlov
+    allocator starts its search for the new folder's block group at a hash of
+    the folder's name and takes the first group with the fewest folders. A
+    fixed name (round1, postroom-mx) would then land where the same name of the
+    previous run did, in a group emptied by that run's cleanup a minute ago:
+    every file the new leg creates would walk past those thousands of recently
+    freed inodes (bench/README.md)."""
+    return folder / f"{name}-{secrets.token_hex(4)}"
+
+
 def spread_children(folder: Path) -> None:
     """Ask ext4 to place each folder made in `folder` in a block group of its own
     (the "top of directory hierarchy" flag, chattr +T, which the Orlov allocator
@@ -433,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     memory: MemoryGrowth | None = None
     try:
         for number in range(1, args.rounds + 1):
-            folder = base / f"round{number}"
+            folder = fresh_name(base, f"round{number}")
             folder.mkdir()
             spread_children(folder)
             for leg in legs:
