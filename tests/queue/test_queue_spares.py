@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.spares import Spares
 from postroom.queue.store import QueueStore
@@ -107,6 +109,36 @@ def test_the_pool_is_bounded(tmp_path: Path) -> None:
         spares.retire(path)
         assert not path.exists()
     assert len(list((tmp_path / "spare").iterdir())) == 3
+
+
+def test_a_pool_emptied_by_another_process_is_counted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduler's process retires, every server process takes: its own count
+    says "full" long before the folder is. It must look again, not unlink."""
+    (tmp_path / "spare").mkdir()
+    retiring = Spares(tmp_path / "spare", limit=4)
+    taking = Spares(tmp_path / "spare", limit=4)  # another process
+    for n in range(4):
+        path = tmp_path / f"f{n}"
+        path.write_bytes(b"data")
+        retiring.retire(path)
+    for _ in range(3):
+        assert taking.take(tmp_path, ".tmp") is not None
+    assert len(list((tmp_path / "spare").iterdir())) == 1
+    path = tmp_path / "f4"
+    path.write_bytes(b"data")
+    inode = path.stat().st_ino
+    retiring.retire(path)  # the count (4) is fresh: trusted, so this one is unlinked
+    assert inode not in inodes(tmp_path / "spare")
+    monkeypatch.setattr("postroom.queue.spares.RELIST_AFTER", 0.0)
+    for n in range(5, 8):
+        path = tmp_path / f"f{n}"
+        path.write_bytes(b"data")
+        inode = path.stat().st_ino
+        retiring.retire(path)
+        assert inode in inodes(tmp_path / "spare")
+    assert len(list((tmp_path / "spare").iterdir())) == 4
 
 
 def test_retire_without_a_spare_folder_unlinks(tmp_path: Path) -> None:

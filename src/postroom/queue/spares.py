@@ -39,8 +39,8 @@ SPARE = "spare"
 # Enough for the messages a busy queue has in flight at once; each spare is
 # an empty inode, so the bound is about directory size, not disk space.
 SPARE_LIMIT = 512
-# When spare/ was found empty, creating files is the only way for a while; do
-# not list the folder again before this many seconds.
+# List spare/ again at most this often: when it was found empty (creating files
+# is then the only way for a while), and when the count says it is full.
 RELIST_AFTER = 1.0
 
 
@@ -52,7 +52,8 @@ class Spares:
         self.limit = limit
         self._names: collections.deque[str] = collections.deque()
         self._count = -1  # estimate of the files in the folder; -1: not listed yet
-        self._listed_empty_at = -RELIST_AFTER
+        self._listed_at = -RELIST_AFTER  # time.monotonic() of the last listing
+        self._listed_empty = False
         self._lock = threading.Lock()
         self._serial = itertools.count()
         self._pid = -1  # names are drawn per process (the server forks after start)
@@ -98,9 +99,7 @@ class Spares:
 
         FileNotFoundError when `path` does not exist, as for unlink.
         """
-        if self._count < 0:
-            self._refill()
-        if self._count < self.limit:
+        if self._has_room():
             name = self._new_name()
             spare = self.folder / name
             try:
@@ -116,8 +115,9 @@ class Spares:
                 # is gone and this does nothing (`take` empties it too).
                 with contextlib.suppress(OSError):
                     os.truncate(spare, 0)
-                self._count += 1
-                self._names.append(name)
+                with self._lock:
+                    self._count += 1
+                    self._names.append(name)
                 return
         path.unlink()
 
@@ -130,18 +130,36 @@ class Spares:
             self._count -= 1
             return self._names.popleft()
 
+    def _has_room(self) -> bool:
+        with self._lock:
+            if self._count < 0:
+                self._list()
+            elif self._count >= self.limit and time.monotonic() - self._listed_at >= RELIST_AFTER:
+                # The count only knows this process's own takes: the other server
+                # processes take spares too (they queue mail), so a count at the
+                # limit is usually stale. Trusting it would unlink every finished
+                # file while the others create new ones: the churn this pool exists
+                # to avoid.
+                self._list()
+            return self._count < self.limit
+
     def _refill(self) -> None:
-        now = time.monotonic()
-        if self._count >= 0 and now - self._listed_empty_at < RELIST_AFTER:
+        if self._count >= 0 and self._listed_empty and (
+            time.monotonic() - self._listed_at < RELIST_AFTER
+        ):
             return
+        self._list()
+
+    def _list(self) -> None:
+        """Take stock of the folder: its names become this process's list."""
         try:
             names = [n for n in os.listdir(self.folder) if not n.startswith(".")]
         except OSError:
             names = []
         self._count = len(names)
-        self._names.extend(names)
-        if not names:
-            self._listed_empty_at = now
+        self._names = collections.deque(names)
+        self._listed_at = time.monotonic()
+        self._listed_empty = not names
 
     def _new_name(self) -> str:
         pid = os.getpid()
