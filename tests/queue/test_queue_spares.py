@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.spares import Spares
+from postroom.queue.spares import BLANK_LIMIT, Spares
 from postroom.queue.store import QueueStore
 
 
@@ -20,7 +20,7 @@ def inodes(folder: Path) -> set[int]:
     return {p.stat().st_ino for p in folder.iterdir()}
 
 
-def test_a_finished_message_leaves_empty_spares_that_the_next_one_reuses(
+def test_a_finished_message_leaves_blank_spares_that_the_next_one_reuses(
     tmp_path: Path,
 ) -> None:
     store = QueueStore(tmp_path)
@@ -30,7 +30,7 @@ def test_a_finished_message_leaves_empty_spares_that_the_next_one_reuses(
     assert store.remove_many(["FIRST"], reuse=True) == [None]
     spare = tmp_path / "spare"
     assert inodes(spare) == used
-    assert all(p.stat().st_size == 0 for p in spare.iterdir())  # nothing old kept
+    assert all(not p.read_bytes().strip(b"\0") for p in spare.iterdir())  # nothing old kept
 
     assert store.add_many([(envelope("SECOND"), [b"short\r\n"])]) == [None]
     now = {store.message_path("SECOND").stat().st_ino, store.envelope_path("SECOND").stat().st_ino}
@@ -38,6 +38,31 @@ def test_a_finished_message_leaves_empty_spares_that_the_next_one_reuses(
     assert store.message_path("SECOND").read_bytes() == b"short\r\n"  # no tail of FIRST
     assert store.load("SECOND").size == 7
     assert store.recover() == 0
+
+
+def test_a_reused_file_holds_the_new_content_only(tmp_path: Path) -> None:
+    """Spares keep their old length, in zeros: whoever writes one cuts it to size,
+    so a shorter message (or envelope) ends where it ends."""
+    store = QueueStore(tmp_path)
+    long_envelope = envelope("LONG")
+    long_envelope.recipients = [Recipient(f"user{n}@corp.example") for n in range(50)]
+    store.add_many([(long_envelope, [b"y" * 50_000 + b"\r\n"])])
+    store.remove_many(["LONG"], reuse=True)
+    store.add_many([(envelope("SHORT"), [b"short\r\n"])])
+    assert store.message_path("SHORT").read_bytes() == b"short\r\n"
+    assert store.load("SHORT").recipients == [Recipient("boss@corp.example")]
+    store.remove_many(["SHORT"], reuse=True)
+    store.add(envelope("SINGLE"), [b"single\r\n"])  # the one-message path trims too
+    assert store.message_path("SINGLE").read_bytes() == b"single\r\n"
+
+
+def test_big_spares_are_truncated_not_blanked(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    store.add_many([(envelope("BIG"), [b"z" * (BLANK_LIMIT + 10)])])
+    store.remove_many(["BIG"], reuse=True)
+    sizes = sorted(p.stat().st_size for p in (tmp_path / "spare").iterdir())
+    assert sizes[0] == 0  # the message: over the limit, so truncated
+    assert 0 < sizes[1] < BLANK_LIMIT  # the envelope: blanked in place
 
 
 def test_single_add_takes_a_spare_too(tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ def test_add_is_durable_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         events.append(f"atomic_write {Path(path).parent.name}")
         real_atomic_write(path, data, mode)
 
-    monkeypatch.setattr(store_module.os, "fsync", fsync)
+    monkeypatch.setattr(store_module, "_datasync", fsync)
     monkeypatch.setattr(store_module.os, "replace", replace)
     monkeypatch.setattr(store_module, "fsync_dir", fsync_dir)
     monkeypatch.setattr(store_module, "atomic_write", atomic_write)

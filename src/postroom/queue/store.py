@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from postroom.queue.envelope import Envelope
-from postroom.queue.spares import SPARE, Spares
+from postroom.queue.spares import SPARE, Spares, Taken
 from postroom.store.atomic import atomic_write, fsync_dir
 
 try:
@@ -64,6 +64,10 @@ TEMP_SUFFIX = ".tmp"
 # Queue IDs become file names: letters, digits, "-" and "_" only, so no ID can
 # name a path outside the queue ("../x") or a hidden temporary file (".x.tmp").
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# The data and what it takes to read it back (the size), not the timestamps: a
+# reused file rewritten at its old size then needs no inode write (fsync where
+# the platform lacks fdatasync).
+_datasync = getattr(os, "fdatasync", os.fsync)
 # link(2) errors that mean "no hard links here" (not "the name is taken").
 _NO_LINK_ERRNOS = {errno.EPERM, errno.EMLINK, errno.EXDEV, errno.ENOSYS,
                    getattr(errno, "EOPNOTSUPP", errno.EPERM),
@@ -119,12 +123,16 @@ class QueueStore:
     def envelope_path(self, queue_id: str) -> Path:
         return self.envelopes / (check_queue_id(queue_id) + ENVELOPE_SUFFIX)
 
-    def _temp_file(self, folder: Path) -> tuple[int, str]:
-        """An empty temporary file in `folder`, open for writing: a spare when there is one."""
+    def _temp_file(self, folder: Path) -> Taken:
+        """A temporary file in `folder`, open for writing: a spare when there is one.
+
+        Write it from the start, then call `trim` with the octets written.
+        """
         taken = self.spares.take(folder, TEMP_SUFFIX)
         if taken is not None:
             return taken
-        return tempfile.mkstemp(dir=folder, prefix=".", suffix=TEMP_SUFFIX)
+        fd, path = tempfile.mkstemp(dir=folder, prefix=".", suffix=TEMP_SUFFIX)
+        return Taken(fd, path, 0)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -167,11 +175,12 @@ class QueueStore:
         queue_id = check_queue_id(envelope.queue_id)
         self.messages.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.envelopes.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp_name = self._temp_file(self.messages)
+        temp = self._temp_file(self.messages)
+        tmp_name = temp.path
         final = self.message_path(queue_id)
         placed = False
         try:
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(temp.fd, "wb") as f:
                 if fcntl is not None:
                     # Tells `recover` in another process that this file is being written.
                     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -180,7 +189,8 @@ class QueueStore:
                     f.write(chunk)
                     size += len(chunk)
                 f.flush()
-                os.fsync(f.fileno())
+                temp.trim(size)
+                _datasync(f.fileno())
                 envelope.size = size
                 with self.locked():
                     if final.exists() or self.envelope_path(queue_id).exists():
@@ -217,7 +227,8 @@ class QueueStore:
         for i, (envelope, chunks) in enumerate(items):
             try:
                 check_queue_id(envelope.queue_id)
-                mfd, mtmp = self._temp_file(self.messages)
+                message = self._temp_file(self.messages)
+                mfd, mtmp = message.fd, message.path
                 efd, etmp = -1, ""
                 try:
                     if fcntl is not None:
@@ -228,13 +239,17 @@ class QueueStore:
                         while view:
                             view = view[os.write(mfd, view):]
                         size += len(chunk)
+                    message.trim(size)
                     envelope.size = size
-                    efd, etmp = self._temp_file(self.envelopes)
+                    record = self._temp_file(self.envelopes)
+                    efd, etmp = record.fd, record.path
                     if fcntl is not None:  # as for the message: `recover` leaves it be
                         fcntl.flock(efd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    os.write(efd, envelope.to_json())
-                    if hasattr(os, "fchmod"):
-                        os.fchmod(efd, 0o600)
+                    data = envelope.to_json()
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(efd, view):]
+                    record.trim(len(data))
                 except BaseException:
                     os.close(mfd)
                     _unlink(Path(mtmp))
@@ -249,8 +264,8 @@ class QueueStore:
         try:
             try:
                 for mfd, efd in files:
-                    os.fsync(mfd)
-                    os.fsync(efd)
+                    _datasync(mfd)
+                    _datasync(efd)
             except OSError as e:
                 for i, t in enumerate(temps):
                     if t is not None and errors[i] is None:
