@@ -5,7 +5,7 @@ Layout under the queue folder:
     messages/<id>         the message bytes (CRLF lines, as received)
     envelopes/<id>.json   the Envelope (postroom.queue.envelope), rewritten on every change
     lock                  taken (flock) around every change, see below
-    spare/                empty files of finished messages, reused (postroom.queue.spares)
+    spare/                blanked files of finished messages, reused (postroom.queue.spares)
 
 Invariants. `add` writes the message first (temporary file, fsync, rename,
 fsync of the folder) and the envelope second, so an envelope always has its
@@ -435,11 +435,11 @@ class QueueStore:
         Per ID: None once it is gone, NotQueued when neither file existed, or the
         OSError that stopped it (its message file is then kept).
 
-        `reuse`: keep the emptied files for later adds (postroom.queue.spares)
+        `reuse`: keep the blanked files for later adds (postroom.queue.spares)
         instead of unlinking them. Only for a caller that knows nobody reads
         the message any more, as the scheduler does of a message whose
         deliveries it has just finished: an unlinked file stays whole for
-        whoever still has it open, a reused one is emptied and refilled.
+        whoever still has it open, a reused one is blanked and refilled.
         """
         drop = self.spares.retire if reuse else Path.unlink
         errors: builtins.list[BaseException | None] = [None] * len(queue_ids)
