@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -472,6 +473,12 @@ def run(config: Config) -> int:
         # process group, and draining twice is harmless.
         return asyncio.run(serve(config, handler, sockets, worker=True, channel=channel))
 
+    # What exists by now (modules, configuration, certificates) lives as long as
+    # the process: frozen, the cyclic collector's full passes stop walking it
+    # again and again under load, and the forked workers keep sharing those
+    # pages instead of copying each one the collector touches.
+    gc.collect()
+    gc.freeze()
     children = fork_workers(processes - 1, sockets, child)
     try:
         return asyncio.run(serve(config, handler, sockets, channel=channel, children=children))
