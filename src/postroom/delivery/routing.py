@@ -16,6 +16,7 @@ at a few minutes, so a queue run over many messages to one domain asks once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 import time
@@ -144,7 +145,10 @@ def make_resolver(
     return resolver
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_ip(text: str) -> bool:
+    # Asked for every message sent through a static route: ipaddress learns the
+    # answer from an exception, which is slow, and routes are few.
     try:
         ipaddress.ip_address(text)
     except ValueError:
