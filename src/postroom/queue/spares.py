@@ -43,12 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SPARE = "spare"
-# Enough for the messages a busy queue has in flight at once; each spare is
-# an empty inode, so the bound is about directory size, not disk space.
+# Enough for the messages a busy queue has in flight at once.
 SPARE_LIMIT = 512
 # Spares up to this size are blanked with zeros in place; bigger ones are truncated
-# (writing megabytes of zeros would cost more than freeing the blocks).
-BLANK_LIMIT = 256 * 1024
+# (writing megabytes of zeros would cost more than freeing the blocks). Most mail
+# is smaller. The pool thus keeps at most SPARE_LIMIT x BLANK_LIMIT (32 MiB) of
+# blocks allocated; usually far less, a message's worth per spare.
+BLANK_LIMIT = 64 * 1024
 # List spare/ again at most this often: when it was found empty (creating files
 # is then the only way for a while), and when the count says it is full.
 RELIST_AFTER = 1.0
@@ -69,7 +70,7 @@ class Taken:
 
 
 class Spares:
-    """The pool of empty files under `folder` (one per queue, shared by its processes)."""
+    """The pool of blanked files under `folder` (one per queue, shared by its processes)."""
 
     def __init__(self, folder: Path, limit: int = SPARE_LIMIT) -> None:
         self.folder = folder
