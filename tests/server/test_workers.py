@@ -131,10 +131,12 @@ def test_mail_submitted_to_any_worker_is_relayed_by_the_primary(tmp_path: Path) 
          "smith@isp.example", "--password-stdin"], input=b"pw\n", check=True,
         capture_output=True,
     )
-    provider = subprocess.Popen(
-        [sys.executable, "-m", "postroom", "--data", str(isp), "serve"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    log_path = tmp_path / "provider.log"
+    with log_path.open("wb") as log_file:  # the child keeps its own descriptor
+        provider = subprocess.Popen(
+            [sys.executable, "-m", "postroom", "--data", str(isp), "serve"],
+            stdout=subprocess.DEVNULL, stderr=log_file,
+        )
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -161,6 +163,12 @@ def test_mail_submitted_to_any_worker_is_relayed_by_the_primary(tmp_path: Path) 
         for proc in (provider, receiver):
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=20)
+    # The primary relays what the workers queue: submission sessions go to them
+    # first, the primary takes only what they leave (server.acceptor).
+    listening = [line for line in log_path.read_text().splitlines()
+                 if f"listening for submission on 127.0.0.1:{submission_port}" in line]
+    assert len(listening) == 3
+    assert sum("(taking what the workers leave)" in line for line in listening) == 1
 
 
 

@@ -20,7 +20,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from postroom.config import Config, ConfigError
@@ -30,6 +30,7 @@ from postroom.policy.submission import SubmissionPolicy
 from postroom.protocol.sasl import SUPPORTED_MECHANISMS
 from postroom.protocol.smtp_server import SMTPServerConfig
 from postroom.queue.scheduler import PID_FILE
+from postroom.server.acceptor import DeferredServer
 from postroom.server.committer import GroupCommitter
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.pop3 import POP3Service, POP3Session
@@ -59,6 +60,8 @@ LISTEN_BACKLOG = 1024
 DRAIN_GRACE_SECONDS = 30.0
 
 SUBMISSION_LISTENERS = ("submission", "submissions")  # RFC 6409: AUTH, then relay
+# Allowed for the TLS handshake of an implicit-TLS listener (RFC 8314).
+TLS_HANDSHAKE_SECONDS = 60.0
 IMPLICIT_TLS = ("submissions", "pop3s")  # RFC 8314: TLS from the first byte
 
 
@@ -241,7 +244,7 @@ class Running:
     """A started postroom: its listening servers and the services behind them."""
 
     config: Config
-    servers: dict[str, asyncio.base_events.Server]
+    servers: dict[str, asyncio.base_events.Server | DeferredServer]
     services: dict[str, AnyService]
     relay: Relay
     committer: GroupCommitter
@@ -295,11 +298,14 @@ async def start(
     sockets: list[tuple[str, socket.socket]] | None = None,
     *,
     notify_primary: Callable[[str], None] | None = None,
+    accept_last: Collection[str] = (),
 ) -> Running:
     """Start accepting connections on `sockets` (bound here when not given).
 
     `notify_primary` is set in a worker process: the primary process runs the
     relay scheduler; this one only queues and tells it the new queue IDs.
+    The listeners named in `accept_last` take only the connections that other
+    processes leave waiting (server.acceptor).
     """
     prepare_certificate(config)
     cert, key = config.tls.cert, config.tls.key
@@ -334,7 +340,7 @@ async def start(
                   notify_primary=notify_primary)
     committer = GroupCommitter(config.hostname)
     services: dict[str, AnyService] = {}
-    servers: dict[str, asyncio.base_events.Server] = {}
+    servers: dict[str, asyncio.base_events.Server | DeferredServer] = {}
     loop = asyncio.get_running_loop()
     for key_name, sock in sockets:
         service: AnyService
@@ -358,12 +364,20 @@ async def start(
             )
         services[key_name] = service
         implicit = tls_context if key_name in IMPLICIT_TLS else None
-        servers[key_name] = await loop.create_server(
-            _session_factory(service), sock=sock, ssl=implicit,
-            ssl_handshake_timeout=60.0 if implicit else None,
-        )
-        log.info("listening for %s on %s:%d%s", key_name, *sock.getsockname()[:2],
-                 " (implicit TLS)" if implicit else "")
+        timeout = TLS_HANDSHAKE_SECONDS if implicit else None
+        if key_name in accept_last:
+            servers[key_name] = DeferredServer(
+                sock, _session_factory(service), ssl_context=implicit,
+                ssl_handshake_timeout=timeout,
+            )
+        else:
+            servers[key_name] = await loop.create_server(
+                _session_factory(service), sock=sock, ssl=implicit,
+                ssl_handshake_timeout=timeout,
+            )
+        log.info("listening for %s on %s:%d%s%s", key_name, *sock.getsockname()[:2],
+                 " (implicit TLS)" if implicit else "",
+                 " (taking what the workers leave)" if key_name in accept_last else "")
     relay.start()
     return Running(config, servers, services, relay, committer)
 
@@ -383,7 +397,10 @@ async def serve(
     flusher = (loop.create_task(flush_logs_periodically(log_handler))
                if log_handler is not None else None)
     notify = channel.send if (worker and channel is not None) else None
-    running = await start(config, sockets, notify_primary=notify)
+    # With workers, submission sessions go to them first: this process relays what
+    # they queue (server.acceptor).
+    accept_last = SUBMISSION_LISTENERS if (not worker and children) else ()
+    running = await start(config, sockets, notify_primary=notify, accept_last=accept_last)
     if channel is not None and not worker:
         channel.listen(loop.add_reader, running.relay.wake)
     stop = asyncio.Event()
