@@ -470,7 +470,9 @@ _TOP: dict[str, _Key] = {
     "workers": _Key(
         0, _int(0),
         "Server processes sharing the listeners (Python runs one core per process); 0 "
-        "means one per CPU. Connection limits and login delays count per process.",
+        "means one per CPU. Connection limits and login delays count per process. The "
+        "first process also relays the queue, so it takes a submission connection only "
+        "when the others leave it waiting.",
     ),
 }
 
