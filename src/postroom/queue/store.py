@@ -235,9 +235,7 @@ class QueueStore:
                         fcntl.flock(mfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     size = 0
                     for chunk in chunks:
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(mfd, view):]
+                        _write_all(mfd, chunk)
                         size += len(chunk)
                     message.trim(size)
                     envelope.size = size
@@ -246,9 +244,7 @@ class QueueStore:
                     if fcntl is not None:  # as for the message: `recover` leaves it be
                         fcntl.flock(efd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     data = envelope.to_json()
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(efd, view):]
+                    _write_all(efd, data)
                     record.trim(len(data))
                 except BaseException:
                     os.close(mfd)
@@ -558,6 +554,13 @@ class QueueStore:
         finally:
             os.close(fd)
         return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until every octet of `data` is written (a write may take fewer)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _unlink(path: Path) -> bool:
