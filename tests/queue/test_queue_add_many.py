@@ -65,3 +65,31 @@ def test_a_colliding_add_never_overwrites_even_between_check_and_rename(
     assert isinstance(errors[0], FileExistsError)
     assert store.message_path("SAME").read_bytes() == b"the other process's message\r\n"
     assert not [p for p in (tmp_path / "queue").rglob("*.tmp")]
+
+
+@pytest.mark.parametrize("with_spares", [False, True])
+def test_a_queue_folder_removed_while_running_is_made_again(
+    tmp_path: Path, with_spares: bool
+) -> None:
+    # The folders are made once per store, not checked on every add: an add that
+    # finds one gone makes it again rather than failing (or, with spares waiting,
+    # trying one spare name after another).
+    import shutil
+
+    store = QueueStore(tmp_path / "queue")
+    assert store.add_many([(envelope("FIRST"), [b"one\r\n"])]) == [None]
+    if with_spares:
+        assert store.remove_many(["FIRST"], reuse=True) == [None]
+        assert len(list(store.spares.folder.iterdir())) == 2
+    else:
+        store.remove("FIRST")
+    shutil.rmtree(store.messages)
+    shutil.rmtree(store.envelopes)
+
+    assert store.add_many([(envelope("AGAIN"), [b"two\r\n"])]) == [None]
+    assert store.message_path("AGAIN").read_bytes() == b"two\r\n"
+    assert store.load("AGAIN").size == len(b"two\r\n")
+    store.remove("AGAIN")
+    shutil.rmtree(store.messages)
+    store.add(envelope("SINGLE"), [b"three\r\n"])
+    assert store.message_path("SINGLE").read_bytes() == b"three\r\n"

@@ -133,6 +133,12 @@ class Scheduler:
         self._remover: BatchThread[str, None] = BatchThread(
             "postroom-queue-remove", functools.partial(self.store.remove_many, reuse=True)
         )
+        # Envelopes queued by the other server processes are read here, a batch of
+        # IDs per job: a pool thread per read (asyncio.to_thread) cost more in
+        # futures and hand-offs than the read of a small, just-written file.
+        self._reader: BatchThread[list[str], list[Envelope | Exception]] = BatchThread(
+            "postroom-queue-read", lambda jobs: [self._read_envelopes(ids) for ids in jobs]
+        )
         self._flush_all = False
         self._rescan_requested = False
         self._stopping = False
@@ -208,6 +214,7 @@ class Scheduler:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
         finally:
             self._remover.close()
+            self._reader.close()
         self._idle.set()
 
     async def _loop(self, loop: asyncio.AbstractEventLoop, next_rescan: float) -> None:
@@ -275,11 +282,11 @@ class Scheduler:
 
     async def _load_ids(self, ids: set[str]) -> None:
         """Read the envelopes of messages just queued (or flushed), all in one trip to
-        a thread, and make them due now."""
+        the reading thread, and make them due now."""
         wanted = [queue_id for queue_id in ids if queue_id not in self._in_flight]
         if not wanted:
             return
-        read = await asyncio.to_thread(self._read_envelopes, wanted)
+        read = await self._reader.submit(wanted)
         for queue_id, result in zip(wanted, read, strict=True):
             envelope = self._adopt(queue_id, result)
             if envelope is not None:
@@ -288,11 +295,12 @@ class Scheduler:
 
     async def _reload(self, queue_id: str) -> Envelope | None:
         """Read one envelope again (the command line may have changed it)."""
-        read = await asyncio.to_thread(self._read_envelopes, [queue_id])
+        read = await self._reader.submit([queue_id])
         return self._adopt(queue_id, read[0])
 
     def _read_envelopes(self, queue_ids: list[str]) -> list[Envelope | Exception]:
-        """BLOCKING (run in a thread): each envelope, or why it could not be read."""
+        """BLOCKING (runs in the reading thread): each envelope, or why it could not
+        be read."""
         read: list[Envelope | Exception] = []
         for queue_id in queue_ids:
             try:

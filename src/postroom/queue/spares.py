@@ -97,6 +97,8 @@ class Spares:
             try:
                 os.rename(self.folder / name, target)
             except FileNotFoundError:
+                if not folder.is_dir():
+                    return None  # nowhere to put it; the caller makes the folder
                 continue  # another process took it first
             except OSError:
                 return None

@@ -111,6 +111,7 @@ class QueueStore:
         self._depth = 0  # nesting of locked() in the thread that holds _thread_lock
         self._reported: set[tuple[str, int, int]] = set()  # corrupt files already logged
         self.spares = Spares(self.dir / SPARE)
+        self._folders_made = False  # see _make_folders
         if create:
             for folder in (self.messages, self.envelopes, self.spares.folder):
                 folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -123,6 +124,16 @@ class QueueStore:
     def envelope_path(self, queue_id: str) -> Path:
         return self.envelopes / (check_queue_id(queue_id) + ENVELOPE_SUFFIX)
 
+    def _make_folders(self) -> None:
+        """Make the message and envelope folders if this process has not (yet, or
+        since an add found one missing): checking on every add cost two failing
+        mkdir(2) calls per batch, and every system call in a queue thread is a
+        hand-off of the interpreter lock."""
+        if not self._folders_made:
+            for folder in (self.messages, self.envelopes):
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._folders_made = True
+
     def _temp_file(self, folder: Path) -> Taken:
         """A temporary file in `folder`, open for writing: a spare when there is one.
 
@@ -131,7 +142,12 @@ class QueueStore:
         taken = self.spares.take(folder, TEMP_SUFFIX)
         if taken is not None:
             return taken
-        fd, path = tempfile.mkstemp(dir=folder, prefix=".", suffix=TEMP_SUFFIX)
+        try:
+            fd, path = tempfile.mkstemp(dir=folder, prefix=".", suffix=TEMP_SUFFIX)
+        except FileNotFoundError:  # the folder was removed under us: make it again
+            self._folders_made = False
+            self._make_folders()
+            fd, path = tempfile.mkstemp(dir=folder, prefix=".", suffix=TEMP_SUFFIX)
         return Taken(fd, path, 0)
 
     @contextlib.contextmanager
@@ -173,8 +189,7 @@ class QueueStore:
         that is a bug elsewhere, never a silent overwrite).
         """
         queue_id = check_queue_id(envelope.queue_id)
-        self.messages.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.envelopes.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._make_folders()
         temp = self._temp_file(self.messages)
         tmp_name = temp.path
         final = self.message_path(queue_id)
@@ -219,8 +234,7 @@ class QueueStore:
         Returns, per item, None when it is queued or the exception that
         stopped it (the others are not affected).
         """
-        self.messages.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.envelopes.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._make_folders()
         errors: list[BaseException | None] = [None] * len(items)
         temps: list[tuple[str, str] | None] = [None] * len(items)
         files: list[tuple[int, int]] = []
