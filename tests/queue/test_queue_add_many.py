@@ -1,5 +1,6 @@
 """QueueStore.add_many: several messages queued with one round of syncs, each on its own."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,6 @@ def test_a_queue_folder_removed_while_running_is_made_again(
     # The folders are made once per store, not checked on every add: an add that
     # finds one gone makes it again rather than failing (or, with spares waiting,
     # trying one spare name after another).
-    import shutil
-
     store = QueueStore(tmp_path / "queue")
     assert store.add_many([(envelope("FIRST"), [b"one\r\n"])]) == [None]
     if with_spares:
@@ -90,6 +89,7 @@ def test_a_queue_folder_removed_while_running_is_made_again(
     assert store.message_path("AGAIN").read_bytes() == b"two\r\n"
     assert store.load("AGAIN").size == len(b"two\r\n")
     store.remove("AGAIN")
-    shutil.rmtree(store.messages)
+    shutil.rmtree(store.envelopes)  # add writes its envelope without a spare
     store.add(envelope("SINGLE"), [b"three\r\n"])
     assert store.message_path("SINGLE").read_bytes() == b"three\r\n"
+    assert store.load("SINGLE").size == len(b"three\r\n")

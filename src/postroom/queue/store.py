@@ -189,6 +189,9 @@ class QueueStore:
         that is a bug elsewhere, never a silent overwrite).
         """
         queue_id = check_queue_id(envelope.queue_id)
+        # Checked on every call, unlike add_many's: this path is not the server's,
+        # and the envelope is written by atomic_write, which would not recover.
+        self._folders_made = False
         self._make_folders()
         temp = self._temp_file(self.messages)
         tmp_name = temp.path
