@@ -124,12 +124,12 @@ class QueueStore:
     def envelope_path(self, queue_id: str) -> Path:
         return self.envelopes / (check_queue_id(queue_id) + ENVELOPE_SUFFIX)
 
-    def _make_folders(self) -> None:
-        """Make the message and envelope folders if this process has not (yet, or
-        since an add found one missing): checking on every add cost two failing
-        mkdir(2) calls per batch, and every system call in a queue thread is a
-        hand-off of the interpreter lock."""
-        if not self._folders_made:
+    def _make_folders(self, *, again: bool = False) -> None:
+        """Make the message and envelope folders once per store, or `again` (a folder
+        was found missing): checking on every add cost two failing mkdir(2) calls
+        per batch, and every system call in a queue thread is a hand-off of the
+        interpreter lock."""
+        if again or not self._folders_made:
             for folder in (self.messages, self.envelopes):
                 folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._folders_made = True
@@ -145,8 +145,7 @@ class QueueStore:
         try:
             fd, path = tempfile.mkstemp(dir=folder, prefix=".", suffix=TEMP_SUFFIX)
         except FileNotFoundError:  # the folder was removed under us: make it again
-            self._folders_made = False
-            self._make_folders()
+            self._make_folders(again=True)
             fd, path = tempfile.mkstemp(dir=folder, prefix=".", suffix=TEMP_SUFFIX)
         return Taken(fd, path, 0)
 
@@ -189,10 +188,9 @@ class QueueStore:
         that is a bug elsewhere, never a silent overwrite).
         """
         queue_id = check_queue_id(envelope.queue_id)
-        # Checked on every call, unlike add_many's: this path is not the server's,
+        # Made on every call, unlike add_many's: this path is not the server's,
         # and the envelope is written by atomic_write, which would not recover.
-        self._folders_made = False
-        self._make_folders()
+        self._make_folders(again=True)
         temp = self._temp_file(self.messages)
         tmp_name = temp.path
         final = self.message_path(queue_id)
