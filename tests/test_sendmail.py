@@ -17,9 +17,17 @@ from postroom import cli
 from postroom.client import sendmail
 from postroom.client.sendmail import UsageError, parse_args
 from postroom.queue.envelope import Envelope
+from postroom.queue.queuefile import open_content
 from postroom.queue.store import QueueStore
 
 HOST = "mx.corp.example"
+
+def queued_message(store: QueueStore, queue_id: str) -> bytes:
+    """The message in a queue file, past its envelope line."""
+    f, _ = open_content(store.message_path(queue_id))
+    with f:
+        return f.read()
+
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +54,7 @@ def run(
 
 def queued(data: Path) -> list[tuple[Envelope, bytes]]:
     store = QueueStore(data / "queue")
-    return [(e, store.message_path(e.queue_id).read_bytes()) for e in store.list()]
+    return [(e, queued_message(store, e.queue_id)) for e in store.list()]
 
 
 def only(data: Path) -> tuple[Envelope, bytes, Message]:

@@ -6,7 +6,16 @@ from pathlib import Path
 import pytest
 
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.queuefile import open_content
 from postroom.queue.store import QueueStore
+
+
+def queued_message(store: QueueStore, queue_id: str) -> bytes:
+    """The message in a queue file, past its envelope line."""
+    f, _ = open_content(store.message_path(queue_id))
+    with f:
+        return f.read()
+
 
 
 def envelope(queue_id: str) -> Envelope:
@@ -20,7 +29,7 @@ def test_add_many_queues_each_message_with_its_envelope(tmp_path: Path) -> None:
     for n in range(5):
         loaded = store.load(f"ID{n}")
         assert loaded.size == len(b"Subject: %d\r\n\r\nbody\r\n" % n)
-        assert store.message_path(f"ID{n}").read_bytes().startswith(b"Subject: %d" % n)
+        assert queued_message(store, f"ID{n}").startswith(b"Subject: %d" % n)
     assert not [p for p in (tmp_path / "queue").rglob("*.tmp")]
 
 
@@ -38,7 +47,7 @@ def test_a_bad_item_fails_alone(tmp_path: Path) -> None:
     assert errors[0] is None and errors[4] is None
     assert isinstance(errors[1], FileExistsError)
     assert errors[2] is not None and errors[3] is not None
-    assert store.message_path("TAKEN").read_bytes() == b"first\r\n"
+    assert queued_message(store, "TAKEN") == b"first\r\n"
     assert sorted(store.ids()) == ["GOOD1", "GOOD2", "TAKEN"]
     assert store.recover() == 0  # nothing half-written was left behind
     assert not [p for p in (tmp_path / "queue").rglob("*.tmp")]
@@ -64,7 +73,7 @@ def test_a_colliding_add_never_overwrites_even_between_check_and_rename(
     errors = store.add_many([(envelope("SAME"), [b"mine\r\n"])])
     monkeypatch.undo()
     assert isinstance(errors[0], FileExistsError)
-    assert store.message_path("SAME").read_bytes() == b"the other process's message\r\n"
+    assert queued_message(store, "SAME") == b"the other process's message\r\n"
     assert not [p for p in (tmp_path / "queue").rglob("*.tmp")]
 
 
@@ -79,17 +88,17 @@ def test_a_queue_folder_removed_while_running_is_made_again(
     assert store.add_many([(envelope("FIRST"), [b"one\r\n"])]) == [None]
     if with_spares:
         assert store.remove_many(["FIRST"], reuse=True) == [None]
-        assert len(list(store.spares.folder.iterdir())) == 2
+        assert len(list(store.spares.folder.iterdir())) == 1
     else:
         store.remove("FIRST")
     shutil.rmtree(store.messages)
     shutil.rmtree(store.envelopes)
 
     assert store.add_many([(envelope("AGAIN"), [b"two\r\n"])]) == [None]
-    assert store.message_path("AGAIN").read_bytes() == b"two\r\n"
+    assert queued_message(store, "AGAIN") == b"two\r\n"
     assert store.load("AGAIN").size == len(b"two\r\n")
     store.remove("AGAIN")
     shutil.rmtree(store.envelopes)  # add writes its envelope without a spare
     store.add(envelope("SINGLE"), [b"three\r\n"])
-    assert store.message_path("SINGLE").read_bytes() == b"three\r\n"
+    assert queued_message(store, "SINGLE") == b"three\r\n"
     assert store.load("SINGLE").size == len(b"three\r\n")

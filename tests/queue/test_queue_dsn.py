@@ -18,6 +18,7 @@ from postroom.queue.dsn import (
     wants_dsn,
 )
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.queuefile import ENVELOPE_TAG, content_size, open_content
 from postroom.queue.store import QueueStore
 
 NOW = 1_700_086_400.0
@@ -30,6 +31,13 @@ ORIGINAL = (
     b"\r\n"
     b"The numbers are good.\r\n"
 )
+
+def queued_message(store: QueueStore, queue_id: str) -> bytes:
+    """The message in a queue file, past its envelope line."""
+    f, _ = open_content(store.message_path(queue_id))
+    with f:
+        return f.read()
+
 
 
 def make_envelope(**kw: object) -> Envelope:
@@ -284,9 +292,14 @@ def test_queue_dsn_queues_a_null_sender_message_to_the_sender(tmp_path: Path) ->
     assert [r.address for r in notice.recipients] == ["boss@corp.example"]
     assert notice.recipients[0].notify == ("NEVER",)
     assert store.load(notice.queue_id) == notice
-    msg = email.message_from_bytes(store.message_path(notice.queue_id).read_bytes())
+    msg = email.message_from_bytes(queued_message(store, notice.queue_id))
     assert msg["Subject"] == "Undelivered Mail Returned to Sender"
-    assert notice.size == store.message_path(notice.queue_id).stat().st_size
+    assert notice.size == content_size(store.message_path(notice.queue_id))
+    # The original comes back whole, read from its queue file past the envelope line.
+    returned = msg.get_payload()[2].get_payload()[0].as_bytes()
+    assert returned.replace(b"\n", b"\r\n") == ORIGINAL.replace(b"\r\n", b"\n").replace(
+        b"\n", b"\r\n")
+    assert ENVELOPE_TAG not in queued_message(store, notice.queue_id)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import pytest
 
 from postroom.queue import store as store_module
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.queuefile import ENVELOPE_TAG, open_content
 from postroom.queue.store import CorruptEnvelope, NotQueued, QueueError, QueueStore
 
 
@@ -26,23 +27,51 @@ def envelope(queue_id: str = "AAAA00000001", **kw: object) -> Envelope:
     return Envelope(queue_id=queue_id, **fields)  # type: ignore[arg-type]
 
 
-def test_add_writes_message_then_envelope(tmp_path: Path) -> None:
+def content(store: QueueStore, queue_id: str) -> bytes:
+    """The message of a queue file, past its envelope line."""
+    f, size = open_content(store.message_path(queue_id))
+    with f:
+        data = f.read()
+    assert len(data) == size
+    return data
+
+
+def test_add_writes_one_queue_file_envelope_line_first(tmp_path: Path) -> None:
     store = QueueStore(tmp_path / "queue")
     env = envelope()
     store.add(env, [b"Subject: hi\r\n", b"\r\n", b"body\r\n"])
-    assert store.message_path(env.queue_id).read_bytes() == b"Subject: hi\r\n\r\nbody\r\n"
+    raw = store.message_path(env.queue_id).read_bytes()
+    line, _, rest = raw.partition(b"\n")
+    assert line.startswith(ENVELOPE_TAG)
+    assert rest == content(store, env.queue_id) == b"Subject: hi\r\n\r\nbody\r\n"
     loaded = store.load(env.queue_id)
     assert loaded == env
     assert loaded.size == len(b"Subject: hi\r\n\r\nbody\r\n")
-    # no temporary files are left behind
+    # no temporary files are left behind, and no envelope file until the envelope changes
     assert sorted(p.name for p in (tmp_path / "queue" / "messages").iterdir()) == [env.queue_id]
-    assert sorted(p.name for p in (tmp_path / "queue" / "envelopes").iterdir()) == [
-        f"{env.queue_id}.json"
-    ]
+    assert list((tmp_path / "queue" / "envelopes").iterdir()) == []
+
+
+def test_a_queue_of_an_older_postroom_is_read_as_it_is(tmp_path: Path) -> None:
+    """Before the envelope line, messages/<id> held only the message and
+    envelopes/<id>.json its envelope: such a queue is delivered after an upgrade."""
+    store = QueueStore(tmp_path)
+    env = envelope("OLD000000001", size=9)
+    (tmp_path / "messages" / "OLD000000001").write_bytes(b"old\r\nmsg\r\n")
+    (tmp_path / "envelopes" / "OLD000000001.json").write_bytes(env.to_json())
+    assert store.recover() == 0
+    assert store.ids() == ["OLD000000001"]
+    assert store.load("OLD000000001") == env
+    assert content(store, "OLD000000001") == b"old\r\nmsg\r\n"
+    store.update("OLD000000001", lambda e: setattr(e, "held", True))
+    assert store.load("OLD000000001").held
+    store.remove("OLD000000001")
+    assert store.ids() == [] and list((tmp_path / "envelopes").iterdir()) == []
 
 
 def test_add_is_durable_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Message fsynced and renamed, its folder synced, and only then the envelope written."""
+    """The queue file synced, then renamed into place, then its folder synced: and
+    nothing else written (the envelope is in the file)."""
     events: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
     real_atomic_write = store_module.atomic_write
@@ -68,9 +97,7 @@ def test_add_is_durable_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(store_module, "atomic_write", atomic_write)
     store = QueueStore(tmp_path)
     store.add(envelope(), [b"x\r\n"])
-    assert events[:4] == [
-        "fsync", "rename messages", "fsync_dir messages", "atomic_write envelopes"
-    ]
+    assert events == ["fsync", "rename messages", "fsync_dir messages"]
 
 
 def test_failed_add_leaves_nothing(tmp_path: Path) -> None:
@@ -86,17 +113,17 @@ def test_failed_add_leaves_nothing(tmp_path: Path) -> None:
     assert list((tmp_path / "envelopes").iterdir()) == []
 
 
-def test_failed_envelope_write_removes_the_message(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def broken(path: Path, data: bytes, mode: int = 0o600) -> None:
+def test_failed_sync_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(store_module, "atomic_write", broken)
+    monkeypatch.setattr(store_module, "_datasync", broken)
     store = QueueStore(tmp_path)
     with pytest.raises(OSError):
         store.add(envelope(), [b"x\r\n"])
+    assert store.add_many([(envelope("AAAA00000002"), [b"x\r\n"])])[0] is not None
     assert list((tmp_path / "messages").iterdir()) == []
+    assert store.ids() == []
 
 
 def test_queue_id_collision_is_an_error_not_an_overwrite(tmp_path: Path) -> None:
@@ -104,7 +131,9 @@ def test_queue_id_collision_is_an_error_not_an_overwrite(tmp_path: Path) -> None
     store.add(envelope(), [b"first\r\n"])
     with pytest.raises(FileExistsError):
         store.add(envelope(), [b"second\r\n"])
-    assert store.message_path("AAAA00000001").read_bytes() == b"first\r\n"
+    assert content(store, "AAAA00000001") == b"first\r\n"
+    assert store.add_many([(envelope(), [b"third\r\n"])])[0] is not None
+    assert content(store, "AAAA00000001") == b"first\r\n"
     assert [p.name for p in (tmp_path / "messages").iterdir()] == ["AAAA00000001"]
 
 
@@ -161,20 +190,23 @@ def test_save_never_resurrects_a_removed_message(tmp_path: Path) -> None:
     assert list((tmp_path / "envelopes").iterdir()) == []
 
 
-def test_remove_envelope_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_remove_queue_file_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queue file is the commit record; an envelope file left by a crash after
+    it is gone is cleaned up by recover."""
     store = QueueStore(tmp_path)
     env = envelope()
     store.add(env, [b"x\r\n"])
+    store.update(env.queue_id, lambda e: setattr(e, "held", True))  # an envelope file
     order: list[str] = []
-    real_unlink = Path.unlink
+    real_unlink = os.unlink
 
-    def unlink(self: Path, missing_ok: bool = False) -> None:
-        order.append(self.parent.name)
-        real_unlink(self, missing_ok)
+    def unlink(path: str | os.PathLike[str]) -> None:  # Path.unlink calls it too
+        order.append(Path(path).parent.name)
+        real_unlink(path)
 
-    monkeypatch.setattr(Path, "unlink", unlink)
+    monkeypatch.setattr(store_module.os, "unlink", unlink)
     store.remove(env.queue_id)
-    assert order == ["envelopes", "messages"]
+    assert order == ["messages", "envelopes"]
     monkeypatch.undo()
     with pytest.raises(NotQueued, match="no message AAAA00000001 in the queue"):
         store.remove(env.queue_id)
@@ -182,7 +214,7 @@ def test_remove_envelope_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         store.load(env.queue_id)
 
 
-def test_remove_many_syncs_the_envelope_folder_once(
+def test_remove_many_syncs_the_queue_folder_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from postroom.queue import store as store_module
@@ -191,7 +223,8 @@ def test_remove_many_syncs_the_envelope_folder_once(
     ids = [f"AAAA0000000{n}" for n in range(1, 4)]
     for queue_id in ids:
         store.add(envelope(queue_id), [b"x\r\n"])
-    store.envelope_path(ids[1]).unlink()  # an orphan message: removed, not an error
+    store.update(ids[1], lambda e: None)
+    store.message_path(ids[1]).unlink()  # an envelope left alone: removed, not an error
     synced: list[str] = []
     real_fsync_dir = store_module.fsync_dir
     monkeypatch.setattr(store_module, "fsync_dir",
@@ -199,19 +232,21 @@ def test_remove_many_syncs_the_envelope_folder_once(
     errors = store.remove_many([*ids, "AAAA00000009"])
     assert errors[:3] == [None, None, None]
     assert isinstance(errors[3], NotQueued)
-    assert synced == ["envelopes"]
+    assert synced == ["messages"]
     assert store.ids() == [] and list((tmp_path / "messages").iterdir()) == []
+    assert list((tmp_path / "envelopes").iterdir()) == []
 
 
 def test_recover_removes_orphans_and_temp_files(tmp_path: Path) -> None:
     store = QueueStore(tmp_path)
     store.add(envelope("KEEP00000001"), [b"keep\r\n"])
-    # A crash between the message rename and the envelope write:
+    store.update("KEEP00000001", lambda e: None)
+    # An older postroom's crash between the message rename and the envelope write:
     (tmp_path / "messages" / "ORPHAN000001").write_bytes(b"orphan\r\n")
     # A crash while a message or an envelope was being written:
     (tmp_path / "messages" / ".abc123.tmp").write_bytes(b"half")
     (tmp_path / "envelopes" / ".KEEP00000001.json.xyz.tmp").write_bytes(b"{")
-    # An envelope whose message went missing (files removed by hand):
+    # An envelope whose queue file is gone (a removal cut short):
     (tmp_path / "envelopes" / "LOST00000001.json").write_bytes(envelope("LOST00000001").to_json())
     assert store.recover() == 4
     assert [p.name for p in (tmp_path / "messages").iterdir()] == ["KEEP00000001"]
@@ -239,12 +274,14 @@ def test_recover_spares_a_message_being_written(tmp_path: Path) -> None:
     assert store.recover() == 0
     release.set()
     worker.join(10)
-    assert store.message_path("SLOW00000001").read_bytes() == b"part one\r\npart two\r\n"
+    assert content(store, "SLOW00000001") == b"part one\r\npart two\r\n"
     assert store.load("SLOW00000001").size == 20
 
 
-def test_recover_after_kill_9_during_add(tmp_path: Path) -> None:
-    """A process killed while adding leaves a temp file; recovery removes it."""
+@pytest.mark.parametrize("how", ["add", "add_many"])
+def test_recover_after_kill_9_during_add(tmp_path: Path, how: str) -> None:
+    """A process killed while adding leaves a temp file at most; recovery removes it.
+    (`add` reads the message into an unnamed spool file first: nothing is left.)"""
     script = (
         "import os, signal, sys\n"
         "from postroom.queue.store import QueueStore\n"
@@ -253,11 +290,15 @@ def test_recover_after_kill_9_during_add(tmp_path: Path) -> None:
         "    yield b'x' * 1000\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "env = Envelope('DEAD00000001', 'a@b.example', [Recipient('c@d.example')], 0.0)\n"
-        "QueueStore(sys.argv[1]).add(env, chunks())\n"
+        "store = QueueStore(sys.argv[1])\n"
+        "store.add(env, chunks()) if sys.argv[2] == 'add' else store.add_many([(env, chunks())])\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], timeout=60)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path), how], timeout=60)
     assert result.returncode == -9
     leftovers = list((tmp_path / "messages").iterdir())
+    if how == "add":
+        assert leftovers == []
+        return
     assert len(leftovers) == 1 and leftovers[0].name.endswith(".tmp")
     store = QueueStore(tmp_path)
     assert store.list() == []
@@ -266,8 +307,9 @@ def test_recover_after_kill_9_during_add(tmp_path: Path) -> None:
 
 
 def test_recover_spares_a_message_whose_envelope_is_not_placed_yet(tmp_path: Path) -> None:
-    """add_many renames a message into place before its envelope, without the queue
-    lock, holding an flock on the file until the envelope is there."""
+    """An older postroom's add_many renamed a message into place before its envelope,
+    without the queue lock, holding an flock on the file until the envelope was
+    there: one still running beside this one must not lose its message."""
     import fcntl
 
     store = QueueStore(tmp_path)
@@ -325,12 +367,18 @@ def test_list_skips_corrupt_files_and_logs_once(
     ]:
         (tmp_path / "messages" / name).write_bytes(b"x\r\n")
         (tmp_path / "envelopes" / f"{name}.json").write_bytes(data)
+    for name, line in [
+        ("BAD000000006", ENVELOPE_TAG + b"{not json\n"),
+        ("BAD000000007", ENVELOPE_TAG + envelope("SOMEONEELSE2").to_json() + b"\n"),
+        ("BAD000000008", ENVELOPE_TAG + envelope("BAD000000008").to_json()),  # no LF: cut short
+    ]:
+        (tmp_path / "messages" / name).write_bytes(line + b"x\r\n")
     with caplog.at_level(logging.ERROR, logger="postroom.queue"):
         listed = store.list()
         assert [e.queue_id for e in listed] == ["GOOD00000001", "GOOD00000002"]  # oldest first
-        assert len(caplog.records) == 5
+        assert len(caplog.records) == 8
         store.list()
-        assert len(caplog.records) == 5  # each bad file is reported once
+        assert len(caplog.records) == 8  # each bad file is reported once
     with pytest.raises(CorruptEnvelope):
         store.load("BAD000000001")
 
@@ -369,6 +417,7 @@ def test_update_is_serialised_between_processes(tmp_path: Path) -> None:
 def test_files_are_private(tmp_path: Path) -> None:
     store = QueueStore(tmp_path / "q")
     store.add(envelope(), [b"x\r\n"])
+    store.update("AAAA00000001", lambda e: None)
     for path in (store.message_path("AAAA00000001"), store.envelope_path("AAAA00000001")):
         assert path.stat().st_mode & 0o077 == 0
     assert (tmp_path / "q" / "messages").stat().st_mode & 0o077 == 0

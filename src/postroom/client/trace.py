@@ -318,8 +318,12 @@ def format_trace(message: Message, source: str) -> list[str]:
 
 
 def read_headers(path: Path) -> Message:
-    """The header section of a stored message (the body is not read)."""
-    with path.open("rb") as f:
+    """The header section of a stored message (the body is not read); a queue file is
+    read past its envelope line."""
+    from postroom.queue.queuefile import open_content
+
+    f, _ = open_content(path)
+    with f:
         data = b""
         while len(data) < MAX_HEADER_BYTES:
             chunk = f.read(65536)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from postroom.delivery.outcome import DeliveryResult
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.queuefile import open_content
 from postroom.store.maildir import MailStore
 from postroom.store.users import Expansion
 
@@ -91,7 +92,8 @@ class LocalCourier:
 
     def _copy(self, message_path: Path, maildirs: list[Path]) -> None:
         """BLOCKING: spool a copy of the queued file, then link it into every maildir."""
-        with self._store.open_writer() as writer, open(message_path, "rb") as source:
+        source, _ = open_content(message_path)
+        with source, self._store.open_writer() as writer:
             while chunk := source.read(COPY_CHUNK):
                 writer.write(chunk)
             writer.commit(maildirs)

@@ -37,6 +37,7 @@ from postroom.delivery.smtp_out import (
 from postroom.gathering import gather_few
 from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.queuefile import content_size
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,10 @@ class RemoteCourier:
                     f"<{recipient.address}> is not a valid address",
                 )
         try:
-            size = message_path.stat().st_size
+            # The envelope knows the message's size (the queue measured it); the stat
+            # only finds out early whether the file is still there to be read.
+            message_path.stat()
+            size = envelope.size or content_size(message_path)
         except OSError as e:
             # The queue owns the file; if it cannot be read now, maybe later.
             text = f"cannot read the queued message: {e.strerror or e}"

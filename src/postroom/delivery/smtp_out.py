@@ -57,6 +57,7 @@ from postroom.protocol.smtp_client import (
     SMTPClient,
     path_problem,
 )
+from postroom.queue.queuefile import open_content
 
 log = logging.getLogger("postroom.delivery.smtp")
 
@@ -190,14 +191,16 @@ def _label(command: str) -> str:
 
 
 def _has_8bit(file: IO[bytes]) -> bool:
-    """Whether the message has octets above 127 (RFC 6152); the file is rewound."""
+    """Whether the message has octets above 127 (RFC 6152); the file is put back where
+    it was (at the message's start, past a queue file's envelope line)."""
+    start = file.tell()
     try:
         while chunk := file.read(CHUNK_SIZE):
             if not chunk.isascii():
                 return True
         return False
     finally:
-        file.seek(0)
+        file.seek(start)
 
 
 class ClientSession:
@@ -459,7 +462,8 @@ class ClientSession:
         dsn = ext.dsn
         if not sendable:
             return TransactionResult(results, None, dsn)
-        with message.open("rb") as file:
+        file, _ = open_content(message)
+        with file:
             notes: list[str] = []
             eight_bit = body.upper() == "8BITMIME" if body is not None else _has_8bit(file)
             body_param = None

@@ -24,6 +24,7 @@ from typing import Literal
 from postroom.delivery.outcome import DeliveryResult
 from postroom.ids import new_queue_id
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.queuefile import open_content
 from postroom.queue.store import QueueStore
 
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
@@ -214,7 +215,8 @@ def queue_dsn(
 def _read_original(path: Path, max_full: int) -> tuple[bytes | None, bytes | None]:
     """(header section, whole message or None when too large); (None, None) if missing."""
     try:
-        with open(path, "rb") as f:
+        f, _ = open_content(path)
+        with f:
             head = f.read(max(max_full, HEADER_LIMIT) + 1)
     except FileNotFoundError:
         return None, None

@@ -1,9 +1,10 @@
 """The envelope of a queued message and each recipient's delivery state, as stored on disk.
 
 RFC 5321 2.3.1 separates the envelope (who sent it, who gets it) from the
-content. The queue keeps one Envelope per message as a small JSON file next to
-the message bytes; every change of a recipient's state rewrites that file
-atomically, so after a crash each recipient is in the last state written.
+content. The queue keeps each Envelope as JSON: first as the first line of the
+message's queue file, then, once it changes, in a small file beside it that
+every change of a recipient's state rewrites atomically, so after a crash
+each recipient is in the last state written (postroom.queue.store).
 """
 
 from __future__ import annotations

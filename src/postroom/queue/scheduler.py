@@ -13,7 +13,7 @@ What a result does to a recipient (a table, by outcome):
     temporary  -> "deferred"   (retried later) or, once the message is older than
                   give_up_after, "bounced" with 5.4.7 and a failure notice
 
-Each result is written to the envelope file before anything else happens
+Each result is written to disk (the queue's envelope file) before anything else happens
 (one write per `deliver` call, which returns all of a domain's results at
 once). Notices owed are recorded in the same write (envelope.extra
 "dsn_owed") and queued at the end of the attempt, then cleared: a crash in

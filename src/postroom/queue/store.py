@@ -1,20 +1,31 @@
-"""The queue on disk: one message file and one envelope file per queued message, written durably.
+"""The queue on disk: one file per queued message, envelope and bytes together, written durably.
 
 Layout under the queue folder:
 
-    messages/<id>         the message bytes (CRLF lines, as received)
-    envelopes/<id>.json   the Envelope (postroom.queue.envelope), rewritten on every change
+    messages/<id>         the queue file: one line "postroom-envelope " + the Envelope
+                          (postroom.queue.envelope) as JSON + LF, then the message bytes
+                          (CRLF lines, as received)
+    envelopes/<id>.json   the Envelope as it is now, once it has changed since it was
+                          queued (a delivery deferred, a hold): it overrides the first line
     lock                  taken (flock) around every change, see below
     spare/                blanked files of finished messages, reused (postroom.queue.spares)
 
-Invariants. `add` writes the message first (temporary file, fsync, rename,
-fsync of the folder) and the envelope second, so an envelope always has its
-message; `remove` deletes the envelope first, so a crash leaves at worst a
-message without an envelope: an orphan that `recover` deletes. The envelope
-is the commit record: a message counts as queued exactly when its envelope
-file exists. While a message is being added its file is flocked, from its
-creation as a temporary file until its envelope is in place, and `recover`
-leaves a flocked file alone.
+Postfix's queue files likewise hold the envelope records and the content in
+one file: queuing a message then costs one file, one data sync and one
+directory sync, where a separate envelope file cost as much again (it halved
+the queue thread's system calls per message). Envelope changes do not rewrite
+the message: they go to envelopes/, which later readers prefer.
+
+Invariants. The queue file is the commit record: a message counts as queued
+exactly when messages/<id> exists. `add` writes it as a temporary file,
+syncs it, gives it its name and syncs the folder, so a queue file is whole
+whenever it has its name. `remove` deletes the queue file first (and syncs
+the folder), then the envelope that overrides it: a crash in between leaves
+an envelope without its message, which `recover` deletes. While a message
+is being added its temporary file is flocked, and `recover` leaves a flocked
+file alone. A queue written before the envelope went into the queue file
+(messages/<id> holds only the message, envelopes/<id>.json its envelope) is
+read as it is: its envelope file overrides a first line it does not have.
 
 Several processes change the queue: the server (the scheduler), `postroom
 queue` (hold, flush, delete) and `postroom sendmail` (add). Every write is an
@@ -39,6 +50,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -46,6 +58,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from postroom.queue.envelope import Envelope
+from postroom.queue.queuefile import ENVELOPE_TAG, envelope_line, has_envelope_line
 from postroom.queue.spares import SPARE, Spares, Taken
 from postroom.store.atomic import atomic_write, fsync_dir
 
@@ -72,6 +85,8 @@ _datasync = getattr(os, "fdatasync", os.fsync)
 _NO_LINK_ERRNOS = {errno.EPERM, errno.EMLINK, errno.EXDEV, errno.ENOSYS,
                    getattr(errno, "EOPNOTSUPP", errno.EPERM),
                    getattr(errno, "ENOTSUP", errno.EPERM)}
+# What `add` copies from its spool at a time.
+COPY_CHUNK = 64 * 1024
 # Without flock a temporary file cannot say it is still being written; one this
 # old is taken to be left over from a crash.
 STALE_TEMP_AGE = 24 * 3600.0
@@ -180,145 +195,128 @@ class QueueStore:
     def add(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
         """Queue a message durably; when this returns, a crash cannot lose it.
 
-        The chunks are written to a temporary file outside the lock (it may be
-        large or arrive slowly); the rename into place and the envelope write
-        happen under the lock, so `recover` never sees the message without
-        its envelope. Sets `envelope.size` to the number of octets written.
-        Raises FileExistsError if the queue ID is taken (IDs are unique, so
-        that is a bug elsewhere, never a silent overwrite).
+        The queue file is written as a temporary file outside the lock (the
+        message may be large or arrive slowly); it gets its name under the
+        lock. Sets `envelope.size` to the number of message octets written.
+        The envelope line is made after the last chunk was read, so a caller
+        may still complete the envelope while its chunks are read (sendmail
+        learns the body type from the last one): the message is spooled to an
+        unnamed file first and copied after the line. This is not the
+        server's path (that is `add_many`). Raises FileExistsError if the
+        queue ID is taken (IDs are unique, so that is a bug elsewhere, never a
+        silent overwrite).
         """
         queue_id = check_queue_id(envelope.queue_id)
-        # Made on every call, unlike add_many's: this path is not the server's,
-        # and the envelope is written by atomic_write, which would not recover.
-        self._make_folders(again=True)
-        temp = self._temp_file(self.messages)
-        tmp_name = temp.path
+        self._make_folders(again=True)  # not the hot path: a removed folder is made here
         final = self.message_path(queue_id)
-        placed = False
-        try:
-            with os.fdopen(temp.fd, "wb") as f:
-                if fcntl is not None:
-                    # Tells `recover` in another process that this file is being written.
-                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                size = 0
-                for chunk in chunks:
-                    f.write(chunk)
-                    size += len(chunk)
-                f.flush()
-                temp.trim(size)
-                _datasync(f.fileno())
-                envelope.size = size
-                with self.locked():
-                    if final.exists() or self.envelope_path(queue_id).exists():
-                        raise FileExistsError(f"queue ID {queue_id} is already in use")
-                    os.replace(tmp_name, final)
-                    placed = True
-                    fsync_dir(self.messages)
-                    atomic_write(self.envelope_path(queue_id), envelope.to_json())
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            if placed and not self.envelope_path(queue_id).exists():
+        with tempfile.TemporaryFile(dir=self.messages, prefix=".", suffix=TEMP_SUFFIX) as spool:
+            size = 0
+            for chunk in chunks:
+                spool.write(chunk)
+                size += len(chunk)
+            spool.seek(0)
+            envelope.size = size
+            line = envelope_line(envelope)
+            temp = self._temp_file(self.messages)
+            try:
+                with os.fdopen(temp.fd, "wb") as f:
+                    if fcntl is not None:
+                        # Tells `recover` in another process that this file is being written.
+                        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    f.write(line)
+                    shutil.copyfileobj(spool, f, COPY_CHUNK)
+                    f.flush()
+                    temp.trim(len(line) + size)
+                    _datasync(f.fileno())
+                    with self.locked():
+                        if final.exists() or self.envelope_path(queue_id).exists():
+                            raise FileExistsError(f"queue ID {queue_id} is already in use")
+                        os.replace(temp.path, final)
+                        fsync_dir(self.messages)
+            except BaseException:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(final)
-            raise
+                    os.unlink(temp.path)
+                raise
 
     def add_many(
         self, items: list[tuple[Envelope, Iterable[bytes]]]
     ) -> list[BaseException | None]:
         """`add` for several messages with one round of syncs (group commit).
 
-        Every file is written first, then all are fsynced (on a journaling
-        filesystem the first sync commits the others' writes too), then the
-        messages are renamed into place and their folder fsynced, and only then
-        the envelopes, so that no envelope can be on disk without its message.
+        Every queue file is written first, then all are synced (on a journaling
+        filesystem the first sync commits the others' metadata too), then they
+        get their names, and the folder is synced once for all of them.
         Returns, per item, None when it is queued or the exception that
         stopped it (the others are not affected).
         """
         self._make_folders()
         errors: list[BaseException | None] = [None] * len(items)
-        temps: list[tuple[str, str] | None] = [None] * len(items)
-        files: list[tuple[int, int]] = []
+        temps: list[str | None] = [None] * len(items)
+        files: list[int] = []
         for i, (envelope, chunks) in enumerate(items):
             try:
                 check_queue_id(envelope.queue_id)
-                message = self._temp_file(self.messages)
-                mfd, mtmp = message.fd, message.path
-                efd, etmp = -1, ""
+                taken = self._temp_file(self.messages)
+                fd = taken.fd
                 try:
                     if fcntl is not None:
-                        fcntl.flock(mfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    line = envelope_line(envelope)
+                    _write_all(fd, line)
                     size = 0
                     for chunk in chunks:
-                        _write_all(mfd, chunk)
+                        _write_all(fd, chunk)
                         size += len(chunk)
-                    message.trim(size)
+                    taken.trim(len(line) + size)
                     envelope.size = size
-                    record = self._temp_file(self.envelopes)
-                    efd, etmp = record.fd, record.path
-                    if fcntl is not None:  # as for the message: `recover` leaves it be
-                        fcntl.flock(efd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    data = envelope.to_json()
-                    _write_all(efd, data)
-                    record.trim(len(data))
                 except BaseException:
-                    os.close(mfd)
-                    _unlink(Path(mtmp))
-                    if efd >= 0:
-                        os.close(efd)
-                        _unlink(Path(etmp))
+                    os.close(fd)
+                    _unlink(Path(taken.path))
                     raise
-                temps[i] = (mtmp, etmp)
-                files.append((mfd, efd))
+                temps[i] = taken.path
+                files.append(fd)
             except Exception as e:  # noqa: BLE001 - reported per item
                 errors[i] = e
         try:
             try:
-                for mfd, efd in files:
-                    _datasync(mfd)
-                    _datasync(efd)
+                for fd in files:
+                    _datasync(fd)
             except OSError as e:
                 for i, t in enumerate(temps):
                     if t is not None and errors[i] is None:
                         errors[i] = e
-            # No queue lock: the files stay open, and flocked, until the envelopes
-            # are in place, which is all `recover` needs to leave them be; nothing
-            # else touches a message that has no envelope yet. Server processes
-            # queue from several threads and processes at once, and each holder of
-            # the lock would make the others wait through its directory syncs.
-            placed: list[int] = []
+            # No queue lock: the files stay open, and flocked, until they have
+            # their names, which is all `recover` needs to leave them be. Server
+            # processes queue from several threads and processes at once, and each
+            # holder of the lock would make the others wait through its syncs.
+            placed = 0
             for i, t in enumerate(temps):
                 if t is None or errors[i] is not None:
                     continue
                 try:
-                    self._place_new(t[0], items[i][0].queue_id)
+                    self._place_new(t, items[i][0].queue_id)
                 except OSError as e:
                     errors[i] = e
                     continue
-                placed.append(i)
-            fsync_dir(self.messages)
-            for i in placed:
-                t = temps[i]
-                assert t is not None
+                placed += 1
+            if placed:
                 try:
-                    os.replace(t[1], self.envelope_path(items[i][0].queue_id))
+                    fsync_dir(self.messages)
                 except OSError as e:
-                    errors[i] = e
-                    _unlink(self.message_path(items[i][0].queue_id))
-            fsync_dir(self.envelopes)
+                    for i, t in enumerate(temps):
+                        if t is not None and errors[i] is None:
+                            errors[i] = e
+                            _unlink(self.message_path(items[i][0].queue_id))
         finally:
-            for mfd, efd in files:
-                os.close(mfd)
-                os.close(efd)
+            for fd in files:
+                os.close(fd)
         for i, t in enumerate(temps):
             if t is not None and errors[i] is not None:
-                for name in t:
-                    if name:
-                        _unlink(Path(name))
+                _unlink(Path(t))
         return errors
 
     def _place_new(self, temp: str, queue_id: str) -> None:
-        """Give the temporary message file `temp` its queue name, never over another.
+        """Give the temporary queue file `temp` its queue name, never over another.
 
         link(2) fails when the name exists, atomically: without the queue lock,
         two adds of one ID (two processes whose IDs collided) cannot both win,
@@ -345,34 +343,52 @@ class QueueStore:
     # -- reading ---------------------------------------------------------------
 
     def load(self, queue_id: str) -> Envelope:
-        """The envelope of `queue_id`; NotQueued if absent, CorruptEnvelope if unreadable."""
+        """The envelope of `queue_id`; NotQueued if absent, CorruptEnvelope if unreadable.
+
+        The envelope file when there is one (it is newer), else the queue
+        file's first line; `size` is then the message's, measured on the file.
+        """
         path = self.envelope_path(queue_id)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
+            pass
+        else:
+            return self._parse(path, data, queue_id)
+        path = self.message_path(queue_id)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
             raise NotQueued(queue_id) from None
-        return self._parse(path, data)
+        with f:
+            if not has_envelope_line(f):
+                # A message of an older queue whose envelope is gone: `add` was
+                # cut short there (`recover` removes it).
+                raise NotQueued(queue_id)
+            line = f.readline()
+            size = os.fstat(f.fileno()).st_size - len(line)
+        if not line.endswith(b"\n"):
+            raise CorruptEnvelope(f"{path}: the envelope line has no end")
+        envelope = self._parse(path, line[len(ENVELOPE_TAG):], queue_id)
+        envelope.size = size
+        return envelope
 
-    def _parse(self, path: Path, data: bytes) -> Envelope:
+    def _parse(self, path: Path, data: bytes, queue_id: str) -> Envelope:
         try:
             envelope = Envelope.from_json(data)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptEnvelope(f"{path}: unreadable envelope: {e}") from None
-        if envelope.queue_id + ENVELOPE_SUFFIX != path.name:
+        if envelope.queue_id != queue_id:
             raise CorruptEnvelope(f"{path}: holds the envelope of {envelope.queue_id!r}")
         return envelope
 
     def ids(self) -> list[str]:
-        """The queue IDs that have an envelope, sorted."""
+        """The queue IDs that have a queue file, sorted."""
         try:
-            names = os.listdir(self.envelopes)
+            names = os.listdir(self.messages)
         except FileNotFoundError:
             return []
-        return sorted(
-            name[: -len(ENVELOPE_SUFFIX)]
-            for name in names
-            if name.endswith(ENVELOPE_SUFFIX) and _ID.fullmatch(name[: -len(ENVELOPE_SUFFIX)])
-        )
+        return sorted(name for name in names if _ID.fullmatch(name))
 
     def list(self) -> list[Envelope]:
         """Every readable envelope, oldest first.
@@ -382,13 +398,14 @@ class QueueStore:
         """
         result = []
         for queue_id in self.ids():
-            path = self.envelope_path(queue_id)
             try:
-                result.append(self._parse(path, path.read_bytes()))
-            except FileNotFoundError:
+                result.append(self.load(queue_id))
+            except NotQueued:
                 continue  # removed while we listed
-            except (CorruptEnvelope, OSError) as e:
-                self._report(path, str(e))
+            except CorruptEnvelope as e:
+                self._report(self.message_path(queue_id), str(e))
+            except OSError as e:
+                self._report(self.message_path(queue_id), f"{queue_id}: {e}")
         result.sort(key=lambda e: (e.created, e.queue_id))
         return result
 
@@ -413,7 +430,7 @@ class QueueStore:
         with self.locked():
             if not self.message_path(envelope.queue_id).exists():
                 raise NotQueued(envelope.queue_id)
-            atomic_write(self.envelope_path(envelope.queue_id), envelope.to_json())
+            self._write_envelope(envelope)
 
     def update(self, queue_id: str, change: Callable[[Envelope], object]) -> Envelope:
         """Read, change (in place) and rewrite one envelope under the lock; returns it.
@@ -426,11 +443,19 @@ class QueueStore:
             if not self.message_path(queue_id).exists():
                 raise NotQueued(queue_id)
             change(envelope)
-            atomic_write(self.envelope_path(queue_id), envelope.to_json())
+            self._write_envelope(envelope)
             return envelope
 
+    def _write_envelope(self, envelope: Envelope) -> None:
+        path = self.envelope_path(envelope.queue_id)
+        try:
+            atomic_write(path, envelope.to_json())
+        except FileNotFoundError:  # the folder was removed under us: make it again
+            self._make_folders(again=True)
+            atomic_write(path, envelope.to_json())
+
     def remove(self, queue_id: str) -> None:
-        """Delete a message: the envelope first (the commit), then the bytes.
+        """Delete a message: its queue file first (the commit), then its envelope file.
 
         NotQueued when neither file exists.
         """
@@ -441,43 +466,43 @@ class QueueStore:
     def remove_many(
         self, queue_ids: builtins.list[str], *, reuse: bool = False
     ) -> builtins.list[BaseException | None]:
-        """`remove` for several messages with one sync of the envelope folder.
+        """`remove` for several messages with one sync of the queue folder.
 
         Per ID: None once it is gone, NotQueued when neither file existed, or the
-        OSError that stopped it (its message file is then kept).
+        OSError that stopped it (its envelope file, if any, is then kept).
 
-        `reuse`: keep the blanked files for later adds (postroom.queue.spares)
-        instead of unlinking them. Only for a caller that knows nobody reads
-        the message any more, as the scheduler does of a message whose
-        deliveries it has just finished: an unlinked file stays whole for
-        whoever still has it open, a reused one is blanked and refilled.
+        `reuse`: keep the blanked queue files for later adds
+        (postroom.queue.spares) instead of unlinking them. Only for a caller
+        that knows nobody reads the message any more, as the scheduler does of
+        a message whose deliveries it has just finished: an unlinked file stays
+        whole for whoever still has it open, a reused one is blanked and refilled.
         """
         drop = self.spares.retire if reuse else Path.unlink
         errors: builtins.list[BaseException | None] = [None] * len(queue_ids)
         with self.locked():
-            removed_envelopes = False
+            removed = False
             for i, queue_id in enumerate(queue_ids):
                 try:
-                    drop(self.envelope_path(queue_id))
-                    removed_envelopes = True
+                    drop(self.message_path(queue_id))
+                    removed = True
                 except FileNotFoundError:
                     errors[i] = NotQueued(queue_id)
                 except OSError as e:
                     errors[i] = e
-            if removed_envelopes:
-                # The envelopes' removal is the commit point. The message files need
-                # no sync: if a crash brings one back without its envelope,
-                # `recover` removes it as an orphan.
+            if removed:
+                # The queue files' removal is the commit point. The envelope files
+                # need no sync: if a crash brings one back without its queue file,
+                # `recover` removes it.
                 try:
-                    fsync_dir(self.envelopes)
+                    fsync_dir(self.messages)
                 except OSError as e:
                     errors = [e if err is None else err for err in errors]
             for i, queue_id in enumerate(queue_ids):
                 if errors[i] is not None and not isinstance(errors[i], NotQueued):
                     continue
                 try:
-                    drop(self.message_path(queue_id))
-                    errors[i] = None  # a message without its envelope: gone now too
+                    os.unlink(self.envelope_path(queue_id))
+                    errors[i] = None  # an envelope without its message: gone now too
                 except FileNotFoundError:
                     pass
                 except OSError as e:
@@ -488,9 +513,9 @@ class QueueStore:
     def recover(self) -> int:
         """Clean up after a crash; returns the number of files removed.
 
-        Removes messages without an envelope (an `add` or `remove` that was cut
-        short), temporary files nobody is writing any more, and envelopes whose
-        message is missing (nothing left to deliver; logged as errors).
+        Removes temporary files nobody is writing any more, envelope files
+        whose queue file is gone (a `remove` cut short), and, in a queue
+        written by an older postroom, message files without their envelope.
         """
         removed = 0
         with self.locked():
@@ -510,14 +535,13 @@ class QueueStore:
             for name in sorted(envelope_names):
                 path = self.envelopes / name
                 if name.endswith(TEMP_SUFFIX):
-                    # `add_many` writes envelope temp files before taking this lock,
-                    # holding an flock on each while it does.
                     if self._temp_is_stale(path):
                         removed += _unlink(path)
                 elif name.endswith(ENVELOPE_SUFFIX):
                     queue_id = name[: -len(ENVELOPE_SUFFIX)]
                     if queue_id not in message_names and _unlink(path):
-                        log.error("%s: removed an envelope whose message is missing", queue_id)
+                        log.warning("%s: removed an envelope whose message is gone (crash)",
+                                    queue_id)
                         removed += 1
             if removed:
                 fsync_dir(self.messages)
@@ -525,25 +549,27 @@ class QueueStore:
         return removed
 
     def _orphan(self, path: Path) -> bool:
-        """Remove a message listed without an envelope if it is one; True if removed.
+        """Remove a message of an older queue that has no envelope; True if removed.
 
-        `add_many` renames a message into place before its envelope, without
-        the queue lock, holding an flock on the file until the envelope is in
-        place: a message flocked by someone else is being added. Once the flock
-        is ours, the envelope is looked for again, as the listing may be older
-        than an add that finished meanwhile.
+        A queue file, with its envelope line, is whole and queued. In an older
+        queue a message was renamed into place before its envelope was written,
+        holding an flock on the file until then: a message flocked by someone
+        else is being added. Once the flock is ours, the envelope is looked for
+        again, as the listing may be older than an add that finished meanwhile.
         """
-        if fcntl is None:
-            return _unlink(path)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return False
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False  # being added
+            head = os.read(fd, len(ENVELOPE_TAG))
+            if head == ENVELOPE_TAG:
+                return False
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False  # being added
             if (self.envelopes / (path.name + ENVELOPE_SUFFIX)).exists():
                 return False
             return _unlink(path)
