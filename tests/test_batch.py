@@ -50,3 +50,28 @@ def test_a_failing_batch_fails_each_of_its_jobs() -> None:
             worker.close()
 
     asyncio.run(scenario())
+
+
+def test_a_lingering_thread_takes_the_jobs_of_its_linger_in_one_batch() -> None:
+    batches: list[list[int]] = []
+
+    def run(jobs: list[int]) -> list[int | BaseException]:
+        batches.append(jobs)
+        return jobs
+
+    async def one_by_one(worker: BatchThread[int, int]) -> list[int]:
+        waiting = []
+        for j in range(5):
+            waiting.append(asyncio.ensure_future(worker.submit(j)))
+            await asyncio.sleep(0.005)  # the thread is awake (lingering) after the first
+        return list(await asyncio.gather(*waiting))
+
+    async def scenario() -> list[int]:
+        worker: BatchThread[int, int] = BatchThread("test-linger", run, linger=0.5)
+        try:
+            return await one_by_one(worker)
+        finally:
+            worker.close()
+
+    assert asyncio.run(scenario()) == [0, 1, 2, 3, 4]
+    assert batches == [[0, 1, 2, 3, 4]]

@@ -62,6 +62,9 @@ Deliver = Callable[[Envelope, list[Recipient], Path], Awaitable[list[DeliveryRes
 
 RESCAN_INTERVAL = 30.0  # seconds: `postroom queue` and sendmail change the folder meanwhile
 JITTER = 0.1  # retry intervals vary by +-10 %
+# Seconds the removing thread gathers finished messages before it removes them;
+# a crash meanwhile delivers them again, as for any delivery in flight.
+REMOVE_LINGER = 0.01
 EXPIRED_STATUS = "5.4.7"  # RFC 3463 X.4.7: delivery time expired
 DEFAULT_RETRY = 300.0  # used only if a config lists no retry interval at all
 OWED = "dsn_owed"  # envelope.extra key: {address: action} of notices not yet queued
@@ -130,8 +133,12 @@ class Scheduler:
         # Finished messages are removed in batches: one sync of the folder for many.
         # Their files are kept for reuse: the scheduler alone reads a message
         # to deliver it, and it removes one only when its deliveries are over.
+        # Nothing waits on a removal but the "removed" log line, so the thread
+        # gathers them for REMOVE_LINGER: four alternating relay-benchmark pairs
+        # gave 327-380 msg/s with it, 273-341 without (see BatchThread).
         self._remover: BatchThread[str, None] = BatchThread(
-            "postroom-queue-remove", functools.partial(self.store.remove_many, reuse=True)
+            "postroom-queue-remove", functools.partial(self.store.remove_many, reuse=True),
+            linger=REMOVE_LINGER,
         )
         # Envelopes queued by the other server processes are read here, a batch of
         # IDs per job: a pool thread per read (asyncio.to_thread) cost more in
