@@ -8,6 +8,7 @@ import email
 import functools
 import logging
 import random
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from postroom.config import Config, QueueConfig, default_config
 from postroom.delivery.outcome import DeliveryResult, Outcome
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.queuefile import open_content
-from postroom.queue.scheduler import JITTER, Scheduler
+from postroom.queue.scheduler import JITTER, READ_IN_LOOP, Scheduler
 from postroom.queue.store import QueueStore
 
 RETRY = (60.0, 300.0, 900.0, 3600.0)
@@ -449,6 +450,34 @@ async def test_woken_messages_are_read_once_and_removed_together(
     assert sorted(qid for batch in batches for qid in batch) == ids
     assert h.store.ids() == []
     assert len(list(h.store.spares.folder.iterdir())) == len(ids)
+    await h.stop()
+
+
+@async_test
+async def test_a_few_envelopes_are_read_in_the_loop_a_burst_in_the_reading_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = Harness(tmp_path)
+    await h.start()
+    readers: dict[str, int] = {}
+    real_load = h.store.load
+
+    def load(queue_id: str) -> Envelope:
+        readers[queue_id] = threading.get_ident()
+        return real_load(queue_id)
+
+    monkeypatch.setattr(h.store, "load", load)
+    few = [f"FEW00000000{n}" for n in range(READ_IN_LOOP)]
+    burst = [f"BURST000000{n:02d}" for n in range(READ_IN_LOOP + 1)]
+    for group in (few, burst):
+        for queue_id in group:
+            h.add(queue_id, "a@isp.example")
+            h.scheduler.wake(queue_id)
+        await h.scheduler.idle()
+    loop_thread = threading.get_ident()
+    assert {readers[q] for q in few} == {loop_thread}
+    assert len({readers[q] for q in burst}) == 1 and readers[burst[0]] != loop_thread
+    assert len(h.deliver.calls) == len(few) + len(burst)
     await h.stop()
 
 
