@@ -126,6 +126,22 @@ def test_failed_sync_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert store.ids() == []
 
 
+def test_failed_folder_sync_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file had its name already: whoever was told "not queued" finds nothing queued."""
+    def broken(path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_module, "fsync_dir", broken)
+    store = QueueStore(tmp_path)
+    with pytest.raises(OSError):
+        store.add(envelope(), [b"x\r\n"])
+    errors = store.add_many([(envelope("AAAA00000002"), [b"x\r\n"]),
+                             (envelope("AAAA00000003"), [b"y\r\n"])])
+    assert all(isinstance(e, OSError) for e in errors)
+    assert list((tmp_path / "messages").iterdir()) == []
+    assert store.ids() == []
+
+
 def test_queue_id_collision_is_an_error_not_an_overwrite(tmp_path: Path) -> None:
     store = QueueStore(tmp_path)
     store.add(envelope(), [b"first\r\n"])

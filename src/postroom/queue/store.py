@@ -218,6 +218,7 @@ class QueueStore:
             envelope.size = size
             line = envelope_line(envelope)
             temp = self._temp_file(self.messages)
+            placed = False
             try:
                 with os.fdopen(temp.fd, "wb") as f:
                     if fcntl is not None:
@@ -232,10 +233,11 @@ class QueueStore:
                         if final.exists() or self.envelope_path(queue_id).exists():
                             raise FileExistsError(f"queue ID {queue_id} is already in use")
                         os.replace(temp.path, final)
+                        placed = True
                         fsync_dir(self.messages)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp.path)
+                    os.unlink(final if placed else temp.path)  # the caller hears "not queued"
                 raise
 
     def add_many(
