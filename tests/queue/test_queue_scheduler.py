@@ -482,6 +482,31 @@ async def test_a_few_envelopes_are_read_in_the_loop_a_burst_in_the_reading_threa
 
 
 @async_test
+async def test_a_retry_reads_its_envelope_again_in_the_reading_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message waiting for its retry may be long out of the page cache: its
+    envelope is read again off the event loop."""
+    h = Harness(tmp_path, FakeDeliver(temporary))
+    h.add("MSG000000001", "a@isp.example")
+    await h.start()
+    readers: list[int] = []
+    real_load = h.store.load
+
+    def load(queue_id: str) -> Envelope:
+        readers.append(threading.get_ident())
+        return real_load(queue_id)
+
+    monkeypatch.setattr(h.store, "load", load)
+    h.clock.now = real_load("MSG000000001").next_attempt
+    h.scheduler.rescan()
+    await h.scheduler.idle()
+    assert len(h.deliver.calls) == 2
+    assert readers and threading.get_ident() not in readers
+    await h.stop()
+
+
+@async_test
 async def test_wake_with_the_envelope_reads_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -305,21 +305,23 @@ class Scheduler:
                 self._fresh.add(queue_id)  # _attempt need not read it again
 
     async def _reload(self, queue_id: str) -> Envelope | None:
-        """Read one envelope again (the command line may have changed it)."""
-        read = await self._read([queue_id])
+        """Read one envelope again (the command line may have changed it). In the
+        reading thread: a message waiting for its retry may have left the page
+        cache long ago."""
+        read = await self._reader.submit([queue_id])
         return self._adopt(queue_id, read[0])
 
     async def _read(self, queue_ids: list[str]) -> list[Envelope | Exception]:
-        """Each envelope, or why it could not be read.
+        """Each envelope of messages just queued (or flushed), or why it could not be read.
 
         A few are read right here, blocking the loop for a moment: each is the
-        first line of a small file just written by another server process (in
-        the page cache), and reading it costs less than waking the reading
-        thread and handing it the interpreter lock, then being woken by it
-        (four alternating relay-benchmark pairs: 332-380 msg/s against
+        first line of a small file, usually just written by another server
+        process (in the page cache), and reading it costs less than waking the
+        reading thread and handing it the interpreter lock, then being woken
+        by it (four alternating relay-benchmark pairs: 332-380 msg/s against
         313-352). Postfix's queue manager reads its queue files in its event
-        loop too. A burst (a restart, a flush) goes to the reading thread,
-        so the loop never stalls on many files at once.
+        loop too. A burst (many sessions at once, a flush of many) goes to the
+        reading thread, so the loop never stalls on many files at once.
         """
         if len(queue_ids) <= READ_IN_LOOP:
             return self._read_envelopes(queue_ids)
