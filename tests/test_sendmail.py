@@ -22,12 +22,12 @@ from postroom.queue.store import QueueStore
 
 HOST = "mx.corp.example"
 
+
 def queued_message(store: QueueStore, queue_id: str) -> bytes:
     """The message in a queue file, past its envelope line."""
     f, _ = open_content(store.message_path(queue_id))
     with f:
         return f.read()
-
 
 
 @pytest.fixture(autouse=True)

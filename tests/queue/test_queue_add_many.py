@@ -17,7 +17,6 @@ def queued_message(store: QueueStore, queue_id: str) -> bytes:
         return f.read()
 
 
-
 def envelope(queue_id: str) -> Envelope:
     return Envelope(queue_id, "smith@isp.example", [Recipient("boss@corp.example")], 1.0)
 
@@ -98,7 +97,10 @@ def test_a_queue_folder_removed_while_running_is_made_again(
     assert queued_message(store, "AGAIN") == b"two\r\n"
     assert store.load("AGAIN").size == len(b"two\r\n")
     store.remove("AGAIN")
-    shutil.rmtree(store.envelopes)  # add writes its envelope without a spare
-    store.add(envelope("SINGLE"), [b"three\r\n"])
+    shutil.rmtree(store.messages)
+    shutil.rmtree(store.envelopes)
+    store.add(envelope("SINGLE"), [b"three\r\n"])  # the one-message path makes it too
     assert queued_message(store, "SINGLE") == b"three\r\n"
     assert store.load("SINGLE").size == len(b"three\r\n")
+    store.update("SINGLE", lambda e: setattr(e, "held", True))  # and an envelope change
+    assert store.load("SINGLE").held

@@ -20,7 +20,6 @@ def queued_message(store: QueueStore, queue_id: str) -> bytes:
         return f.read()
 
 
-
 def envelope(queue_id: str) -> Envelope:
     return Envelope(queue_id, "smith@isp.example", [Recipient("boss@corp.example")], 1.0)
 
