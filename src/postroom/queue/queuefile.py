@@ -12,6 +12,7 @@ bounces, `postroom trace`) opens it here, past that line.
 
 from __future__ import annotations
 
+import io
 import os
 from typing import BinaryIO
 
@@ -29,16 +30,10 @@ def envelope_line(envelope: Envelope) -> bytes:
     return ENVELOPE_TAG + envelope.to_json() + b"\n"
 
 
-def has_envelope_line(f: BinaryIO) -> bool:
-    """Whether the file, read from its start, begins with an envelope line
-    (a queue file); the file stays where it was."""
-    peek = getattr(f, "peek", None)
-    if peek is not None:
-        return bytes(peek(len(ENVELOPE_TAG))[: len(ENVELOPE_TAG)]) == ENVELOPE_TAG
-    start = f.tell()
-    head = f.read(len(ENVELOPE_TAG))
-    f.seek(start)
-    return head == ENVELOPE_TAG
+def has_envelope_line(f: io.BufferedReader) -> bool:
+    """Whether the file, just opened, begins with an envelope line (a queue file);
+    it is peeked at, not read, so it stays at its start."""
+    return f.peek(len(ENVELOPE_TAG))[: len(ENVELOPE_TAG)] == ENVELOPE_TAG
 
 
 def open_content(path: str | os.PathLike[str]) -> tuple[BinaryIO, int]:

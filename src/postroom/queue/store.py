@@ -149,19 +149,20 @@ class QueueStore:
                 folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._folders_made = True
 
-    def _temp_file(self, folder: Path) -> Taken:
-        """A temporary file in `folder`, open for writing: a spare when there is one.
+    def _temp_file(self) -> Taken:
+        """A temporary queue file in the messages folder, open for writing: a spare
+        when there is one.
 
         Write it from the start, then call `trim` with the octets written.
         """
-        taken = self.spares.take(folder, TEMP_SUFFIX)
+        taken = self.spares.take(self.messages, TEMP_SUFFIX)
         if taken is not None:
             return taken
         try:
-            fd, path = tempfile.mkstemp(dir=folder, prefix=".", suffix=TEMP_SUFFIX)
+            fd, path = tempfile.mkstemp(dir=self.messages, prefix=".", suffix=TEMP_SUFFIX)
         except FileNotFoundError:  # the folder was removed under us: make it again
             self._make_folders(again=True)
-            fd, path = tempfile.mkstemp(dir=folder, prefix=".", suffix=TEMP_SUFFIX)
+            fd, path = tempfile.mkstemp(dir=self.messages, prefix=".", suffix=TEMP_SUFFIX)
         return Taken(fd, path, 0)
 
     @contextlib.contextmanager
@@ -217,7 +218,7 @@ class QueueStore:
             spool.seek(0)
             envelope.size = size
             line = envelope_line(envelope)
-            temp = self._temp_file(self.messages)
+            temp = self._temp_file()
             placed = False
             try:
                 with os.fdopen(temp.fd, "wb") as f:
@@ -258,7 +259,7 @@ class QueueStore:
         for i, (envelope, chunks) in enumerate(items):
             try:
                 check_queue_id(envelope.queue_id)
-                taken = self._temp_file(self.messages)
+                taken = self._temp_file()
                 fd = taken.fd
                 try:
                     if fcntl is not None:
