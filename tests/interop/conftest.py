@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mailharness import Dnsmasq, HarnessError, Postroom, PrivatePostfix
+from mailharness import Dnsmasq, HarnessError, Postroom, PrivateExim, PrivatePostfix
 
 HOSTNAME = "mx.corp.example"
 DOMAIN = "corp.example"
@@ -156,3 +156,29 @@ def dnsmasq_factory(
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def private_exim(
+    peer_missing: Callable[[str], None]
+) -> Iterator[Callable[..., PrivateExim]]:
+    """Set up private Exims: `private_exim(relay=(host, port), tls=False)`.
+
+    Skips (fails in CI) when Exim, root or the Debian-exim user is missing. The
+    folder is not pytest's temp folder, which is 0700 and locks the exim user out.
+    """
+    reason = PrivateExim.unavailable_reason()
+    if reason is not None:
+        peer_missing(reason)
+    roots: list[Path] = []
+
+    def make(**options: Any) -> PrivateExim:
+        root = Path(tempfile.mkdtemp(prefix="postroom-exim-"))
+        roots.append(root)
+        instance = PrivateExim(root, **options)
+        instance.setup()
+        return instance
+
+    yield make
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)

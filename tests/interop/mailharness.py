@@ -982,3 +982,130 @@ def wait_until_unqueued(server: Postroom, queue_id: str, timeout: float = 10.0) 
         if queue_id not in listing or time.monotonic() > deadline:
             return listing
         time.sleep(0.2)
+
+
+# Where .ci/run unpacks Debian's exim4-daemon-light: the package conflicts with
+# postfix, so it is unpacked (dpkg -x), not installed. EXIM_BINARY overrides.
+EXIM_UNPACKED = Path("/opt/exim4-peer/usr/sbin/exim4")
+EXIM_USER = "Debian-exim"  # the user Debian's exim binary is built to run as
+
+
+def exim_binary() -> str | None:
+    """Exim's binary: $EXIM_BINARY, an exim4 on PATH or in sbin, or .ci/run's unpacked one."""
+    named = os.environ.get("EXIM_BINARY")
+    if named:
+        return named if os.access(named, os.X_OK) else None
+    found = find_program("exim4")
+    if found:
+        return found
+    return str(EXIM_UNPACKED) if os.access(EXIM_UNPACKED, os.X_OK) else None
+
+
+class PrivateExim:
+    """An Exim 4 that sends everything it is given to one host, from a folder of its own.
+
+    Exim reads only the config given with -C (its spool, log and hints databases
+    live under `root`), routes every address to `relay` with a manualroute
+    router, uses CHUNKING and PIPELINING where offered, and STARTTLS when
+    `tls=True` (without checking the certificate). It runs no daemon: `send`
+    delivers one message in the foreground, `queue` only queues, and
+    `run_queue` delivers the whole queue in a two-stage run, which passes one
+    connection on from message to message. Needs root and the Debian-exim user.
+    """
+
+    def __init__(self, root: Path, *, relay: tuple[str, int], tls: bool = False) -> None:
+        self.root = Path(root)
+        self.relay = relay
+        self.tls = tls
+        self.binary = exim_binary()
+        self.config = self.root / "exim.conf"
+        self.spool = self.root / "spool"
+        self.logs = self.root / "log"
+
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        """Why a private Exim cannot run here, or None when it can."""
+        if exim_binary() is None:
+            return ("exim4 is not available (.ci/run unpacks Debian's exim4-daemon-light "
+                    f"into {EXIM_UNPACKED.parents[2]}; or set EXIM_BINARY)")
+        if os.geteuid() != 0:
+            return "a private Exim needs root (it switches to the Debian-exim user)"
+        try:
+            pwd.getpwnam(EXIM_USER)
+        except KeyError:
+            return f"the {EXIM_USER} user does not exist"
+        return None
+
+    def setup(self) -> None:
+        assert self.binary is not None
+        host, port = self.relay
+        tls = ("  tls_verify_certificates =\n  tls_try_verify_hosts =\n" if self.tls
+               else "  hosts_avoid_tls = *\n")
+        self.config.write_text(
+            f"exim_path = {os.path.realpath(self.binary)}\n"
+            "primary_hostname = exim.test\n"
+            f"spool_directory = {self.spool}\n"
+            f"log_file_path = {self.logs}/%slog\n"
+            "keep_environment =\n"
+            "trusted_users = root\n"
+            "acl_not_smtp = accept_local\n"
+            "begin acl\n"
+            "accept_local:\n"
+            "  accept\n"
+            "begin routers\n"
+            "to_relay:\n"
+            "  driver = manualroute\n"
+            f"  route_list = * {host}::{port}\n"
+            "  transport = relay_smtp\n"
+            "  self = send\n"
+            "begin transports\n"
+            "relay_smtp:\n"
+            "  driver = smtp\n"
+            "  allow_localhost\n"
+            "  hosts_try_chunking = *\n"
+            + tls
+            + "begin retry\n"
+            "* * F,1h,1h\n"
+        )
+        exim = pwd.getpwnam(EXIM_USER)
+        for folder in (self.spool, self.logs):
+            folder.mkdir(parents=True, exist_ok=True)
+            os.chown(folder, exim.pw_uid, exim.pw_gid)
+        _let_others_traverse(self.root)
+
+    def _exim(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        assert self.binary is not None
+        return subprocess.run([self.binary, "-C", str(self.config), *args], input=stdin,
+                              capture_output=True, timeout=60, check=False)
+
+    def queue(self, sender: str, recipients: Sequence[str], message: bytes) -> None:
+        """Accept a message from the command line and only queue it (-odq)."""
+        self._submit("-odq", sender, recipients, message)
+
+    def send(self, sender: str, recipients: Sequence[str], message: bytes) -> None:
+        """Accept a message and deliver it at once, in the foreground (-odf)."""
+        self._submit("-odf", sender, recipients, message)
+
+    def _submit(self, mode: str, sender: str, recipients: Sequence[str], message: bytes) -> None:
+        result = self._exim(mode, "-f", sender, "--", *recipients, stdin=message)
+        if result.returncode != 0:
+            raise HarnessError(f"exim {mode} exited {result.returncode}: "
+                               f"{result.stderr.decode(errors='replace')}\n{self.log()}")
+
+    def run_queue(self) -> None:
+        """One two-stage queue run (-qqff): routing first, so that every message waits
+        for the same host, then deliveries that pass the connection on."""
+        result = self._exim("-qqff")
+        if result.returncode != 0:
+            raise HarnessError(f"exim -qqff exited {result.returncode}: "
+                               f"{result.stderr.decode(errors='replace')}\n{self.log()}")
+
+    def queued(self) -> int:
+        """Messages still in Exim's queue (-bpc)."""
+        result = self._exim("-bpc")
+        return int(result.stdout.decode().strip() or "0")
+
+    def log(self) -> str:
+        """Exim's main log: one line per arrival, delivery (=>), deferral (==) and completion."""
+        path = self.logs / "mainlog"
+        return path.read_text(errors="replace") if path.is_file() else ""

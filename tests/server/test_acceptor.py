@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from pathlib import Path
 
 import pytest
 
 from postroom.server.acceptor import DeferredServer
-from postroom.tlscert import make_self_signed
 
 
 class Greeter(asyncio.Protocol):
@@ -98,33 +96,6 @@ def test_closed_it_accepts_nothing_more() -> None:
         return log
 
     assert asyncio.run(scenario()) == ["primary"]
-
-
-def test_implicit_tls_sessions_start_after_the_handshake(tmp_path: Path) -> None:
-    cert_pem, key_pem = make_self_signed("mx.example")
-    (tmp_path / "cert.pem").write_bytes(cert_pem)
-    (tmp_path / "key.pem").write_bytes(key_pem)
-    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_side.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-    client_side = ssl.create_default_context(cafile=tmp_path / "cert.pem")
-    client_side.check_hostname = False
-
-    async def scenario() -> tuple[bytes, list[str]]:
-        sock = listening()
-        log: list[str] = []
-        server = DeferredServer(sock, lambda: Greeter("primary", log),
-                                ssl_context=server_side, ssl_handshake_timeout=5, delay=0.01)
-        try:
-            # A client that never speaks TLS ends its own connection, not the listener.
-            with socket.create_connection(sock.getsockname()) as plain:
-                plain.sendall(b"EHLO not-tls\r\n")
-                await asyncio.sleep(0.1)
-            return await greeting(sock.getsockname()[1], client_side), log
-        finally:
-            server.close()
-
-    line, log = asyncio.run(scenario())
-    assert line == b"primary\r\n" and log == ["primary"]
 
 
 class FailingOnce(socket.socket):

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import ssl
 from collections.abc import Callable
 
 log = logging.getLogger("postroom.master")
@@ -49,15 +48,11 @@ class DeferredServer:
         sock: socket.socket,
         factory: Callable[[], asyncio.Protocol],
         *,
-        ssl_context: ssl.SSLContext | None = None,
-        ssl_handshake_timeout: float | None = None,
         delay: float = ACCEPT_DELAY,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
         self._factory = factory
-        self._ssl = ssl_context
-        self._handshake_timeout = ssl_handshake_timeout
         self._delay = delay
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -114,15 +109,8 @@ class DeferredServer:
 
     async def _start(self, conn: socket.socket) -> None:
         try:
-            if self._ssl is None:
-                await self._loop.connect_accepted_socket(self._factory, conn)
-            else:
-                await self._loop.connect_accepted_socket(
-                    self._factory, conn, ssl=self._ssl,
-                    ssl_handshake_timeout=self._handshake_timeout,
-                )
-        except (TimeoutError, OSError, ssl.SSLError) as exc:
-            # As for a listener's own accepts: a failed handshake ends that connection.
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except OSError as exc:
             log.debug("connection on %s ended before its session: %s", self._where(), exc)
             conn.close()
 

@@ -364,17 +364,11 @@ async def start(
             )
         services[key_name] = service
         implicit = tls_context if key_name in IMPLICIT_TLS else None
-        timeout = TLS_HANDSHAKE_SECONDS if implicit else None
+        factory = _session_factory(service, implicit)
         if key_name in accept_last:
-            servers[key_name] = DeferredServer(
-                sock, _session_factory(service), ssl_context=implicit,
-                ssl_handshake_timeout=timeout,
-            )
+            servers[key_name] = DeferredServer(sock, factory)
         else:
-            servers[key_name] = await loop.create_server(
-                _session_factory(service), sock=sock, ssl=implicit,
-                ssl_handshake_timeout=timeout,
-            )
+            servers[key_name] = await loop.create_server(factory, sock=sock)
         log.info("listening for %s on %s:%d%s%s", key_name, *sock.getsockname()[:2],
                  " (implicit TLS)" if implicit else "",
                  " (taking what the workers leave)" if key_name in accept_last else "")
@@ -435,28 +429,48 @@ async def serve(
 
 
 class _SessionStream(Stream):
-    """A Stream that starts its session's task as soon as the connection is made."""
+    """A Stream that starts its session's task as soon as the connection is made.
 
-    def __init__(self, service: AnyService, tasks: set[asyncio.Task[None]]) -> None:
+    On an implicit-TLS listener (RFC 8314) the stream begins TLS at once and
+    the session starts when the handshake is done.
+    """
+
+    def __init__(self, service: AnyService, tasks: set[asyncio.Task[None]],
+                 implicit_tls: ssl.SSLContext | None) -> None:
         super().__init__()
         self._service = service
         self._tasks = tasks
+        self._implicit_tls = implicit_tls
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self._implicit_tls is not None:
+            self.begin_tls(self._implicit_tls)
+        task = asyncio.get_running_loop().create_task(self._run())
+        self._tasks.add(task)  # a strong reference, or the task may vanish mid-run
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self) -> None:
+        if self._implicit_tls is not None:
+            try:
+                await self.handshake(TLS_HANDSHAKE_SECONDS)
+            except (TimeoutError, ConnectionError, ssl.SSLError) as exc:
+                log.debug("%s: TLS handshake failed with %s: %s", self._service.name,
+                          self.get_extra_info("peername"), exc)
+                self.abort()
+                return
         session: SMTPSession | POP3Session
         if isinstance(self._service, SMTPService):
             session = SMTPSession(self._service, self)
         else:
             session = POP3Session(self._service, self)
-        task = asyncio.get_running_loop().create_task(session.run())
-        self._tasks.add(task)  # a strong reference, or the task may vanish mid-run
-        task.add_done_callback(self._tasks.discard)
+        await session.run()
 
 
-def _session_factory(service: AnyService) -> Callable[[], Stream]:
+def _session_factory(service: AnyService, implicit_tls: ssl.SSLContext | None,
+                     ) -> Callable[[], Stream]:
     tasks: set[asyncio.Task[None]] = set()
-    return lambda: _SessionStream(service, tasks)
+    return lambda: _SessionStream(service, tasks, implicit_tls)
 
 
 async def drain(service: AnyService, grace: float = DRAIN_GRACE_SECONDS) -> None:
