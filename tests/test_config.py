@@ -264,6 +264,9 @@ ERRORS = [
     ('[smtp]\nbare_newline = "fix"\n', "smtp.bare_newline", '"reject" or "normalize"'),
     ('[smtp]\nallow_plaintext_auth = "yes"\n', "smtp.allow_plaintext_auth", "true or false"),
     ("[pop3]\nidle_timeout = -5\n", "pop3.idle_timeout", "more than zero"),
+    ("[queue]\ndelay_warning_after = -1\n", "queue.delay_warning_after", "zero (off) or more"),
+    ('[pop3]\nauth_failure_delay = "soon"\n', "pop3.auth_failure_delay", "not a duration"),
+    ("[queue]\ngive_up_after = 0\n", "queue.give_up_after", "more than zero"),
     ("[queue]\nretry_after = []\n", "queue.retry_after", "the list is empty"),
     ('[queue]\nretry_after = "5m"\n', "queue.retry_after", "expected a list"),
     ('[queue]\ngive_up_after = "forever"\n', "queue.give_up_after", "is not a duration"),
@@ -335,3 +338,12 @@ def test_config_file_is_a_directory(tmp_path: Path) -> None:
     (tmp_path / "postroom.toml").mkdir()
     with pytest.raises(ConfigError, match="is a directory"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("zero", [0, 0.0, "0", "0s", "0m"])
+def test_zero_turns_the_delays_off(tmp_path: Path, zero: object) -> None:
+    # The README and `postroom init` promise it for these two keys.
+    value = f'"{zero}"' if isinstance(zero, str) else str(zero)
+    config = load_text(tmp_path, f"[queue]\ndelay_warning_after = {value}\n"
+                                 f"[pop3]\nauth_failure_delay = {value}\n")
+    assert (config.queue.delay_warning_after, config.pop3.auth_failure_delay) == (0, 0)

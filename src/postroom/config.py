@@ -348,8 +348,11 @@ _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)?\s*", re.IGNO
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
 
-def parse_duration(value: object) -> float:
-    """Seconds from 30, 1.5, "30s", "5m", "1h", "5d", "2w" or "500ms"; ValueError if not."""
+def parse_duration(value: object, *, zero: bool = False) -> float:
+    """Seconds from 30, 1.5, "30s", "5m", "1h", "5d", "2w" or "500ms"; ValueError if not.
+
+    0 is refused unless `zero` (for settings where 0 turns something off).
+    """
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"expected a duration such as \"5m\", got {_show(value)}")
     if isinstance(value, str):
@@ -362,7 +365,7 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _DURATION_UNITS[unit]
     else:
         seconds = float(value)
-    if not seconds > 0:
+    if not (seconds > 0 or (zero and seconds == 0)):  # also refuses NaN
         raise ValueError(f"{_show(value)}: the duration must be more than zero")
     return seconds
 
@@ -372,6 +375,14 @@ def _duration(value: object) -> float:
         return parse_duration(value)
     except ValueError as e:
         raise _Invalid(str(e)) from None
+
+
+def _duration_or_off(value: object) -> float:
+    """A duration where 0 (or "0s") turns the feature off."""
+    try:
+        return parse_duration(value, zero=True)
+    except ValueError as e:
+        raise _Invalid(str(e).replace("more than zero", "zero (off) or more")) from None
 
 
 def _durations(value: object) -> tuple[float, ...]:
@@ -534,7 +545,7 @@ _SPEC: dict[str, dict[str, _Key]] = {
             "returned to its sender with a bounce (RFC 5321 4.5.4.1: 4-5 days).",
         ),
         "delay_warning_after": _Key(
-            "4h", _duration,
+            "4h", _duration_or_off,
             "After this long undelivered, the sender gets one notice that the message is "
             "delayed and still being retried (RFC 3464 action \"delayed\"). 0 turns it off.",
         ),
@@ -606,7 +617,7 @@ _SPEC: dict[str, dict[str, _Key]] = {
             "given an APOP secret (postroom user apop ADDRESS on) can use it.",
         ),
         "auth_failure_delay": _Key(
-            "2s", _duration,
+            "2s", _duration_or_off,
             "Wait before answering a failed login (POP3 and submission AUTH); doubles with "
             "each recent failure from the same address or for the same account, up to 15s. "
             "0 turns it off.",
