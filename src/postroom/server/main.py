@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from postroom.config import Config, ConfigError
+from postroom.config import Config, ConfigError, postmaster_address
 from postroom.policy.auth import AuthThrottle
 from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
@@ -172,7 +172,7 @@ def build_smtp_service(
 ) -> SMTPService:
     """The `smtp` listener (MX: local recipients only) or a submission one (AUTH, relay)."""
     smtp = config.smtp
-    primary = config.domains[0] if config.domains else config.hostname
+    primary = postmaster_address(config).partition("@")[2]  # <Postmaster> (RFC 5321 4.1.1.3)
     policy = RecipientPolicy(is_local_domain, lookups.expand, primary_domain=primary)
     submission = name in SUBMISSION_LISTENERS
     core_config = SMTPServerConfig(
