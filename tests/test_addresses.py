@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from postroom.addresses import canonical, canonical_domain, display_domain, split
+from postroom.addresses import (
+    canonical,
+    canonical_domain,
+    display_domain,
+    mail_domain,
+    mailbox_address,
+    split,
+    unquoted,
+)
 
 
 @pytest.mark.parametrize(
@@ -57,3 +65,28 @@ def test_canonical_errors(address: str) -> None:
 
 def test_display_domain() -> None:
     assert display_domain(canonical_domain("Bücher.Example")) == "bücher.example"
+
+
+@pytest.mark.parametrize(("local", "text"), [("boss", "boss"), ('"boss"', "boss"),
+                                             ('"a\\"b\\\\c"', 'a"b\\c'), ('"a b"', "a b")])
+def test_unquoted(local: str, text: str) -> None:
+    assert unquoted(local) == text
+
+
+def test_mail_domain() -> None:
+    assert mail_domain("Corp.Example.") == "corp.example"
+    assert mail_domain("123.example") == "123.example"  # only the last label may not be a number
+    for name, words in [("1.2.3.4", "is an IP address"), ("[1.2.3.4]", "address literal"),
+                        ("host.42", "last label is a number"), ("a..b", "not a valid")]:
+        with pytest.raises(ValueError, match=words):
+            mail_domain(name)
+
+
+def test_mailbox_address() -> None:
+    assert mailbox_address('"Boss"@Corp.Example') == "boss@corp.example"
+    with pytest.raises(ValueError, match="plain dot-atom"):
+        mailbox_address('"a b"@corp.example')
+    with pytest.raises(ValueError, match="plain dot-atom"):
+        mailbox_address("a/b@corp.example")
+    with pytest.raises(ValueError, match="no domain after the @"):
+        mailbox_address("boss@")

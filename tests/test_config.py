@@ -18,6 +18,7 @@ from postroom.config import (
     parse_duration,
     parse_endpoint,
     parse_size,
+    postmaster_address,
     render_default_config,
 )
 
@@ -278,6 +279,18 @@ ERRORS = [
     ('domains = ["corp..example"]\n', "domains", "is not a domain name"),
     ('domains = ["[127.0.0.1]"]\n', "domains", "address literal"),
     ('hostname = "bad host"\n', "hostname", "is not a host name"),
+    ('hostname = "192.0.2.1"\n', "hostname", "is not a host name"),
+    ('domains = ["1.2.3.4"]\n', "domains", "1.2.3.4 is an IP address, not a mail domain"),
+    ('domains = ["mail.example.42"]\n', "domains", "last label is a number"),
+    ('domains = []\n', "postmaster", "`domains` is empty, so name the administrator"),
+    ('postmaster = "boss"\n', "postmaster", "no @"),
+    ('postmaster = "boss@"\n', "postmaster", "no domain after the @"),
+    ('postmaster = "boss@10.0.0.1"\n', "postmaster", "not a mail domain"),
+    ('postmaster = "\\"a b\\"@corp.example"\n', "postmaster", "plain dot-atom"),
+    ("postmaster = 5\n", "postmaster", "expected an address"),
+    ("[queue]\ndelay_warning_after = -1\n", "queue.delay_warning_after", "zero (off) or more"),
+    ('[pop3]\nauth_failure_delay = "soon"\n', "pop3.auth_failure_delay", "not a duration"),
+    ("[queue]\ngive_up_after = 0\n", "queue.give_up_after", "more than zero"),
     ('[tls]\ncert = "missing.pem"\n', "tls.cert", "does not exist (named here)"),
     ('[tls]\ncert = ""\n', "tls.cert", "the path is empty"),
 ]
@@ -335,3 +348,37 @@ def test_config_file_is_a_directory(tmp_path: Path) -> None:
     (tmp_path / "postroom.toml").mkdir()
     with pytest.raises(ConfigError, match="is a directory"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("zero", [0, 0.0, "0", "0s", "0m"])
+def test_zero_turns_the_delays_off(tmp_path: Path, zero: object) -> None:
+    # The README and `postroom init` promise it for these two keys.
+    value = f'"{zero}"' if isinstance(zero, str) else str(zero)
+    config = load_text(tmp_path, f"[queue]\ndelay_warning_after = {value}\n"
+                                 f"[pop3]\nauth_failure_delay = {value}\n")
+    assert (config.queue.delay_warning_after, config.pop3.auth_failure_delay) == (0, 0)
+
+
+def test_postmaster_defaults_to_the_first_domain(tmp_path: Path) -> None:
+    config = load_text(tmp_path, 'domains = ["Corp.Example", "other.example"]\n')
+    assert config.postmaster == "postmaster@corp.example"
+    assert postmaster_address(config) == "postmaster@corp.example"
+    assert load_config(tmp_path / "none").postmaster == "postmaster@localhost"
+
+
+def test_postmaster_names_the_administrator(tmp_path: Path) -> None:
+    config = load_text(tmp_path, 'domains = ["corp.example"]\npostmaster = "Boss@Other.Example"\n')
+    assert config.postmaster == "boss@other.example"
+    assert postmaster_address(config) == "postmaster@corp.example"
+    # With no domain in the file, the administrator's (a `domain add` one) is the first.
+    config = load_text(tmp_path, 'domains = []\npostmaster = "it@added.example"\n')
+    assert postmaster_address(config) == "postmaster@added.example"
+
+
+def test_rendered_with_a_postmaster(tmp_path: Path) -> None:
+    text = render_default_config(hostname="mx.corp.example", domains=["corp.example"],
+                                 postmaster="Boss@corp.example")
+    assert 'postmaster = "boss@corp.example"' in text
+    assert load_text(tmp_path, text).postmaster == "boss@corp.example"
+    with pytest.raises(ConfigError, match="postroom.toml: .*no @"):
+        render_default_config(postmaster="boss")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from postroom.config import ConfigError
 from postroom.tlscert import ensure_certificate, server_context
@@ -93,9 +94,38 @@ def test_unloadable_files(pair: tuple[Path, Path], tmp_path: Path) -> None:
         server_context(tmp_path / "none.pem", key)
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate")
-    with pytest.raises(ConfigError, match="cannot load"):
-        server_context(junk, key)
+    with pytest.raises(ConfigError, match=f"^conf: tls.cert: {junk}: not a PEM certificate"):
+        server_context(junk, key, "conf")
+    with pytest.raises(ConfigError, match=f"^conf: tls.key: {junk}: not a PEM private key$"):
+        server_context(cert, junk, "conf")
+    broken = tmp_path / "broken.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ConfigError, match="tls.cert: .*broken.pem: not a valid PEM certificate"):
+        server_context(broken, key)
     other_cert, other_key = tmp_path / "o" / "c.pem", tmp_path / "o" / "k.pem"
     ensure_certificate(other_cert, other_key, "localhost")
-    with pytest.raises(ConfigError, match="cannot load"):
-        server_context(cert, other_key)  # a key that does not match
+    with pytest.raises(ConfigError, match=f"tls.key: {other_key}: does not match the "
+                                          f"certificate in {cert}"):
+        server_context(cert, other_key)
+
+
+def test_an_encrypted_key_is_named(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    cert, key = pair
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    locked = tmp_path / "locked.pem"
+    locked.write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    with pytest.raises(ConfigError, match=f"tls.key: {locked}: the private key is encrypted"):
+        server_context(cert, locked)
+
+
+def test_a_chain_is_checked_against_its_first_certificate(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cert, key = pair
+    other_cert, _ = tmp_path / "o" / "c.pem", tmp_path / "o" / "k.pem"
+    ensure_certificate(other_cert, tmp_path / "o" / "k.pem", "localhost")
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(cert.read_bytes() + other_cert.read_bytes())
+    assert server_context(chain, key).minimum_version == ssl.TLSVersion.TLSv1_2

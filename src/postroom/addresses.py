@@ -62,13 +62,24 @@ def is_dot_string(local: str) -> bool:
     return _DOT_STRING.fullmatch(local) is not None
 
 
+def is_quoted(local: str) -> bool:
+    """True when the local part is written as a quoted string (RFC 5321 4.1.2)."""
+    return len(local) >= 2 and local[0] == '"' and local[-1] == '"'
+
+
+def unquoted(local: str) -> str:
+    """The text a local part stands for: a quoted string loses its quotes and the
+    backslashes of its quoted pairs (RFC 5321 4.1.2); a dot-string is itself."""
+    return re.sub(r"\\(.)", r"\1", local[1:-1]) if is_quoted(local) else local
+
+
 def _canonical_local(local: str, address: str) -> str:
     if not local:
         raise ValueError(f"empty local part in address: {address!r}")
     if is_dot_string(local):
         return local
-    if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
-        inner = re.sub(r"\\(.)", r"\1", local[1:-1])
+    if is_quoted(local):
+        inner = unquoted(local)
         if any(ch in "\r\n\0" for ch in inner):
             raise ValueError(f"control characters in address: {address!r}")
         # RFC 5321 4.1.2: a quoted string whose content is a Dot-string names the
@@ -148,16 +159,61 @@ def display_domain(domain: str) -> str:
         raise ValueError(f"not a valid domain name: {domain!r} ({e})") from None
 
 
+def mail_domain(name: str) -> str:
+    """The canonical form of a name this host may receive mail for, or ValueError.
+
+    Stricter than `canonical_domain`: an address literal ("[1.2.3.4]") names a
+    host, not a mail domain, and neither does a dotted IP address written
+    without brackets. RFC 3696 2 rules out an all-numeric top-level label, so
+    a name such as "1.2.3.4" cannot be a domain in the DNS (RFC 5321 2.3.5
+    wants mail domains to be names that resolve).
+    """
+    canon = canonical_domain(name)
+    if canon.startswith("["):
+        raise ValueError(f"{name}: an address literal is not a mail domain")
+    if canon.rpartition(".")[2].isdigit():
+        what = "an IP address" if _is_ip(canon) else "a name whose last label is a number"
+        raise ValueError(f"{name} is {what}, not a mail domain (a name such as corp.example)")
+    return canon
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def canonical(address: str) -> str:
     """The canonical spelling of ``local@domain`` (see the module docstring).
 
     ValueError when the address is not a valid mailbox.
     """
     local, domain = split(address)
+    if not domain:
+        raise ValueError(f"no domain after the @ in address: {address!r}")
     local = _canonical_local(local, address)
     if len(local.encode("utf-8")) > MAX_LOCAL_PART:
         raise ValueError(f"local part longer than {MAX_LOCAL_PART} octets: {address!r}")
     return f"{local}@{canonical_domain(domain)}"
+
+
+def mailbox_address(address: str) -> str:
+    """The key of a mailbox on this host: canonical, its local part lower-cased.
+
+    A mailbox's local part becomes a folder name, so it must be a plain
+    dot-atom without "/" or "\\" (the dot-atom grammar already rules out a
+    leading dot). Local parts compare case-insensitively here, as Postfix and
+    Dovecot do for virtual users. ValueError says what is wrong.
+    """
+    local, domain = split(canonical(address))
+    if not is_dot_string(local) or "/" in local or "\\" in local:
+        raise ValueError(
+            f"{address}: a mailbox name must be a plain dot-atom such as first.last "
+            "(no quotes, no '/')"
+        )
+    return f"{local.lower()}@{domain}"
 
 
 def domain_of(address: str) -> str:

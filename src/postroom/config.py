@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from postroom.addresses import canonical_domain
+from postroom.addresses import canonical_domain, domain_of, mail_domain, mailbox_address
 
 CONFIG_NAME = "postroom.toml"
 DEFAULT_DATA_DIR = Path("var")
@@ -139,6 +139,9 @@ class Config:
     data_dir: Path
     hostname: str
     domains: tuple[str, ...]
+    # The administrator's mailbox: postmaster@ of every local domain goes there
+    # unless an alias says otherwise (RFC 5321 4.5.1); see postmaster_address().
+    postmaster: str
     listen: ListenConfig
     tls: TLSConfig
     dns: DNSConfig
@@ -172,6 +175,18 @@ class Config:
     @property
     def queue_dir(self) -> Path:
         return self.data_dir / "queue"
+
+
+def postmaster_address(config: Config) -> str:
+    """The postmaster address of this installation: postmaster@ its first local domain.
+
+    Always deliverable (RFC 5321 4.5.1): the user directory files mail for
+    postmaster@ any local domain in the administrator's mailbox
+    (`config.postmaster`) unless an alias for it says otherwise. Send what is
+    meant for the administrator of this host here.
+    """
+    domain = config.domains[0] if config.domains else domain_of(config.postmaster)
+    return f"postmaster@{domain}"
 
 
 # -- value parsers: raw TOML value -> Python value, or _Invalid(message) ------
@@ -316,7 +331,9 @@ def _hostname(value: object) -> str:
         name = canonical_domain(str(value))
     except ValueError:
         raise _Invalid(f"{_show(value)} is not a host name") from None
-    if name.startswith("["):
+    # RFC 5321 4.1.1.1: EHLO names the host by its domain name; an IP address
+    # would need brackets, and "1.2.3.4" is no name (RFC 3696 2).
+    if name.startswith("[") or name.rpartition(".")[2].isdigit():
         raise _Invalid(f"{_show(value)} is not a host name")
     return name
 
@@ -327,14 +344,26 @@ def _domains(value: object) -> tuple[str, ...]:
     for item in value:  # type: ignore[attr-defined]
         _expect(item, str, "a domain name string")
         try:
-            name = canonical_domain(item)
+            canonical_domain(item)
         except ValueError:
             raise _Invalid(f"{_show(item)} is not a domain name") from None
-        if name.startswith("["):
-            raise _Invalid(f"{_show(item)}: an address literal cannot be a mail domain")
+        try:
+            name = mail_domain(item)  # a name, but one that can receive mail?
+        except ValueError as e:
+            raise _Invalid(str(e)) from None
         if name not in result:
             result.append(name)
     return tuple(result)
+
+
+def _mailbox(value: object) -> str:
+    _expect(value, str, 'an address such as "boss@corp.example"')
+    try:
+        address = mailbox_address(str(value))
+        mail_domain(domain_of(address))
+    except ValueError as e:
+        raise _Invalid(f"{_show(value)}: {e}") from None
+    return address
 
 
 def _path(value: object) -> Path:
@@ -348,8 +377,11 @@ _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)?\s*", re.IGNO
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
 
-def parse_duration(value: object) -> float:
-    """Seconds from 30, 1.5, "30s", "5m", "1h", "5d", "2w" or "500ms"; ValueError if not."""
+def parse_duration(value: object, *, zero: bool = False) -> float:
+    """Seconds from 30, 1.5, "30s", "5m", "1h", "5d", "2w" or "500ms"; ValueError if not.
+
+    0 is refused unless `zero` (for settings where 0 turns something off).
+    """
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"expected a duration such as \"5m\", got {_show(value)}")
     if isinstance(value, str):
@@ -362,7 +394,7 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _DURATION_UNITS[unit]
     else:
         seconds = float(value)
-    if not seconds > 0:
+    if not (seconds > 0 or (zero and seconds == 0)):  # also refuses NaN
         raise ValueError(f"{_show(value)}: the duration must be more than zero")
     return seconds
 
@@ -372,6 +404,14 @@ def _duration(value: object) -> float:
         return parse_duration(value)
     except ValueError as e:
         raise _Invalid(str(e)) from None
+
+
+def _duration_or_off(value: object) -> float:
+    """A duration where 0 (or "0s") turns the feature off."""
+    try:
+        return parse_duration(value, zero=True)
+    except ValueError as e:
+        raise _Invalid(str(e).replace("more than zero", "zero (off) or more")) from None
 
 
 def _durations(value: object) -> tuple[float, ...]:
@@ -467,6 +507,15 @@ _TOP: dict[str, _Key] = {
         "Mail domains this host receives mail for. `postroom domain add` adds more "
         "without editing this file.",
     ),
+    "postmaster": _Key(
+        None,  # postmaster@ the first of `domains`, filled in at load time
+        _mailbox,
+        "The administrator's mailbox. Mail to postmaster@ of every local domain (RFC 5321 "
+        "4.5.1 requires that address, in any letter case) is filed here unless an alias for "
+        "postmaster@DOMAIN exists. An address in a local domain; until `postroom user add` "
+        "gives it a password, its mail waits in its mailbox folder (mail/DOMAIN/NAME in the "
+        "data folder).",
+    ),
     "workers": _Key(
         0, _int(0),
         "Server processes sharing the listeners (Python runs one core per process); 0 "
@@ -534,7 +583,7 @@ _SPEC: dict[str, dict[str, _Key]] = {
             "returned to its sender with a bounce (RFC 5321 4.5.4.1: 4-5 days).",
         ),
         "delay_warning_after": _Key(
-            "4h", _duration,
+            "4h", _duration_or_off,
             "After this long undelivered, the sender gets one notice that the message is "
             "delayed and still being retried (RFC 3464 action \"delayed\"). 0 turns it off.",
         ),
@@ -606,7 +655,7 @@ _SPEC: dict[str, dict[str, _Key]] = {
             "given an APOP secret (postroom user apop ADDRESS on) can use it.",
         ),
         "auth_failure_delay": _Key(
-            "2s", _duration,
+            "2s", _duration_or_off,
             "Wait before answering a failed login (POP3 and submission AUTH); doubles with "
             "each recent failure from the same address or for the same account, up to 15s. "
             "0 turns it off.",
@@ -667,6 +716,13 @@ class _Loader:
             if "hostname" in doc else default_hostname()
         )
         domains = self.value("domains", _TOP["domains"], doc.get("domains", ["localhost"]))
+        if "postmaster" in doc:
+            postmaster = self.value("postmaster", _TOP["postmaster"], doc["postmaster"])
+        elif domains:
+            postmaster = f"postmaster@{domains[0]}"
+        else:
+            raise self.error("postmaster", "`domains` is empty, so name the administrator's "
+                             'address here (postmaster = "boss@corp.example")')
         workers = self.value("workers", _TOP["workers"], doc.get("workers", 0))
 
         parsed: dict[str, dict[str, Any]] = {}
@@ -695,6 +751,7 @@ class _Loader:
             data_dir=self.data_dir,
             hostname=hostname,
             domains=domains,
+            postmaster=postmaster,
             workers=workers,
             listen=ListenConfig(**endpoints),
             tls=tls,
@@ -827,19 +884,24 @@ def _comment(text: str) -> Iterator[str]:
 
 
 def render_default_config(
-    hostname: str | None = None, domains: Sequence[str] | None = None
+    hostname: str | None = None,
+    domains: Sequence[str] | None = None,
+    postmaster: str | None = None,
 ) -> str:
     """The commented TOML file `postroom init` writes: every key at its default.
 
-    Loads back to the same Config as having no file at all (unless `hostname`
-    or `domains` are given, which replace those two defaults).
+    Loads back to the same Config as having no file at all (unless `hostname`,
+    `domains` or `postmaster` are given, which replace those defaults).
     """
     host = hostname if hostname is not None else default_hostname()
-    doms = list(domains) if domains is not None else _TOP["domains"].default
     # Validate early so init never writes a file that will not load.
     try:
         _hostname(host)
-        _domains(doms)
+        doms = list(_domains(list(domains) if domains is not None
+                             else _TOP["domains"].default))
+        if postmaster is None and not doms:
+            raise _Invalid("with no domain, name the administrator's address (postmaster)")
+        admin = _mailbox(postmaster) if postmaster is not None else f"postmaster@{doms[0]}"
     except _Invalid as e:
         raise ConfigError(f"{CONFIG_NAME}: {e}") from None
     lines = [
@@ -852,6 +914,7 @@ def render_default_config(
     ]
     lines += [*_comment(_TOP["hostname"].doc), f"hostname = {_show(host)}", ""]
     lines += [*_comment(_TOP["domains"].doc), f"domains = {_show(doms)}", ""]
+    lines += [*_comment(_TOP["postmaster"].doc), f"postmaster = {_show(admin)}", ""]
     lines += [*_comment(_TOP["workers"].doc), "workers = 0", ""]
     for name in _ORDER:
         lines.append(f"[{name}]")

@@ -8,6 +8,7 @@ import ssl
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -78,12 +79,13 @@ def make_self_signed(hostname: str) -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def ensure_certificate(cert: Path, key: Path, hostname: str) -> bool:
+def ensure_certificate(cert: Path, key: Path, hostname: str, source: str | None = None) -> bool:
     """Make a self-signed pair at `cert` and `key` unless both exist; True when made.
 
     The key is written first, mode 0600, each file atomically, so a crash never
     leaves a certificate without its key. When only one of the two exists,
-    nothing is overwritten: ConfigError says which one is missing.
+    nothing is overwritten: ConfigError (starting with `source`, the config
+    file, when given) says which one is missing.
     """
     cert, key = Path(cert), Path(key)
     have_cert, have_key = cert.exists(), key.exists()
@@ -91,8 +93,9 @@ def ensure_certificate(cert: Path, key: Path, hostname: str) -> bool:
         return False
     if have_cert or have_key:
         present, absent = (cert, key) if have_cert else (key, cert)
+        name = "tls.key" if absent == key else "tls.cert"
         raise ConfigError(
-            f"tls: {absent} is missing but {present} exists; restore it, "
+            f"{_at(source)}{name}: {absent} is missing but {present} exists; restore it, "
             f"or remove {present} to have a new self-signed pair made"
         )
     cert_pem, key_pem = make_self_signed(hostname)
@@ -103,19 +106,66 @@ def ensure_certificate(cert: Path, key: Path, hostname: str) -> bool:
     return True
 
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+def _at(source: str | None) -> str:
+    """The prefix naming the config file, as every ConfigError starts."""
+    return f"{source}: " if source else ""
+
+
+def _read(path: Path, name: str, source: str | None) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{_at(source)}{name}: {path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{_at(source)}{name}: {path}: cannot read: {e.strerror or e}") from None
+
+
+def check_pair(cert: Path, key: Path, source: str | None = None) -> None:
+    """ConfigError unless `cert` holds a PEM certificate chain and `key` its private key.
+
+    The one line names the config key (tls.cert or tls.key), the file and the
+    fault, where OpenSSL would only say "PEM lib" or "key values mismatch";
+    `source` (the config file), when given, starts it, as in every other
+    config error.
+    """
+    cert_pem = _read(cert, "tls.cert", source)
+    if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
+        raise ConfigError(f"{_at(source)}tls.cert: {cert}: not a PEM certificate (no "
+                          "-----BEGIN CERTIFICATE----- line)")
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_pem)[0]  # the server's own comes first
+        leaf_public = leaf.public_key()
+    except ValueError as e:
+        raise ConfigError(f"{_at(source)}tls.cert: {cert}: not a valid PEM certificate "
+                          f"({e})") from None
+    key_pem = _read(key, "tls.key", source)
+    try:
+        private = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:  # cryptography's way of saying "encrypted, and no password given"
+        raise ConfigError(f"{_at(source)}tls.key: {key}: the private key is encrypted; give "
+                          "postroom an unencrypted copy (mode 0600)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"{_at(source)}tls.key: {key}: not a PEM private key") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private.public_key().public_bytes(*spki) != leaf_public.public_bytes(*spki):
+        raise ConfigError(f"{_at(source)}tls.key: {key}: does not match the certificate in "
+                          f"{cert} (tls.cert)")
+
+
+def server_context(cert: Path, key: Path, source: str | None = None) -> ssl.SSLContext:
     """A server-side SSLContext with TLS 1.2 or newer (RFC 8996, RFC 9325 3.1.1).
 
-    ConfigError, naming the files, when the certificate or key cannot be loaded.
+    ConfigError, naming the config key, the file and the fault, when the
+    certificate or key cannot be used (see `check_pair`).
     """
+    check_pair(cert, key, source)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION  # CRIME (RFC 9325 3.3)
     try:
         context.load_cert_chain(cert, key)
-    except FileNotFoundError as e:
-        raise ConfigError(f"tls: {e.filename or cert}: no such file") from None
-    except (ssl.SSLError, OSError) as e:
+    except (ssl.SSLError, OSError) as e:  # what check_pair could not foresee
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
-        raise ConfigError(f"tls: cannot load {cert} with {key}: {reason}") from None
+        raise ConfigError(f"{_at(source)}tls.cert: cannot use {cert} with {key} (tls.key): "
+                          f"{reason}") from None
     return context

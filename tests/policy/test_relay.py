@@ -11,6 +11,8 @@ USERS = {"boss@corp.example": ["boss@corp.example"], "sales@corp.example": ["bos
 def resolve(address: str) -> Expansion | None:
     if address == "forward@corp.example":
         return Expansion(("boss@corp.example",), ("friend@other.example",), ())
+    if address == "orphan@corp.example":  # an alias whose only target was removed
+        return Expansion((), (), ("gone@corp.example",))
     local, _, domain = address.rpartition("@")
     if "+" in local and address not in USERS:
         address = local.split("+", 1)[0] + "@" + domain
@@ -49,7 +51,7 @@ def test_unknown_local_user_is_550_511(policy: RecipientPolicy) -> None:
         "user%other.example@corp.example",
         "other.example!user@corp.example",
         '"user@other.example"@corp.example',
-        '"boss"@corp.example',
+        '"user%other.example"@corp.example',
         "user@other.example.",
         "user@corp.example.other.example",
         "user@CORP.EXAMPLE.evil.example",
@@ -88,3 +90,32 @@ def test_alias_forwarding_off_host_is_refused_not_half_delivered(policy: Recipie
     d = policy.check_recipient("forward@corp.example")
     assert (d.reply.code, d.reply.enhanced) == (550, "5.7.1")
     assert d.mailboxes == ()
+
+
+@pytest.mark.parametrize("address", ['"boss"@corp.example', '"bo\\ss"@corp.example',
+                                     '"sales"@Corp.Example', '"boss+x"@corp.example'])
+def test_a_quoted_local_part_is_the_local_part_it_spells(
+    policy: RecipientPolicy, address: str
+) -> None:
+    # RFC 5321 4.1.2: "boss" and boss are the same local part.
+    d = policy.check_recipient(address)
+    assert (d.reply.code, d.mailboxes) == (250, ("boss@corp.example",)), d.reply
+
+
+@pytest.mark.parametrize("address", ['"boss smith"@corp.example', '"nobody"@corp.example'])
+def test_a_quoted_local_part_that_is_nobody_is_550_511(
+    policy: RecipientPolicy, address: str
+) -> None:
+    d = policy.check_recipient(address)
+    assert (d.reply.code, d.reply.enhanced) == (550, "5.1.1"), d.reply
+
+
+def test_empty_quoted_local_part_is_a_syntax_error(policy: RecipientPolicy) -> None:
+    assert policy.check_recipient('""@corp.example').reply.code == 501
+
+
+def test_an_alias_that_leads_nowhere_says_so(policy: RecipientPolicy) -> None:
+    d = policy.check_recipient("orphan@corp.example")
+    assert (d.reply.code, d.reply.enhanced) == (451, "4.3.5")
+    assert "alias that leads to no mailbox" in d.reply.text
+    assert "no such user" not in d.reply.text

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from postroom.addresses import domain_of
 from postroom.cli.common import PROG, Context
 from postroom.config import CONFIG_NAME, ConfigError, render_default_config
 from postroom.store.atomic import atomic_write
@@ -31,6 +32,11 @@ def add_init(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "--domain", action="append", metavar="DOMAIN", dest="domains",
         help="a mail domain to list (repeat for more; default: localhost)",
     )
+    p.add_argument(
+        "--postmaster", metavar="ADDRESS",
+        help="the administrator's address, whose mailbox receives the mail to postmaster@ "
+        "every local domain (default: postmaster@ the first domain)",
+    )
     p.set_defaults(func=_init)
 
 
@@ -38,16 +44,25 @@ def _init(args: argparse.Namespace, ctx: Context) -> int:
     path = ctx.config_file or ctx.data_dir / CONFIG_NAME
     if path.exists() and not args.force:
         raise ConfigError(f"{path}: already exists (use --force to overwrite it)")
-    text = render_default_config(hostname=args.hostname, domains=args.domains)
+    text = render_default_config(hostname=args.hostname, domains=args.domains,
+                                 postmaster=args.postmaster)
     ctx.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     atomic_write(path, text.encode("utf-8"), mode=0o644)
     config = ctx.config  # proves the file loads, and names the folders
     for folder in (config.mail_dir, config.spool_dir, config.queue_dir, config.tls.cert.parent):
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    ctx.directory.list_domains()  # creates the user database
+    directory = ctx.directory  # opening it creates the user database
+    admin = config.postmaster
+    admin_domain = domain_of(admin)
     ctx.say(f"wrote {path}")
-    ctx.say(f"next: {PROG} domain add DOMAIN; {PROG} user add USER@DOMAIN; {PROG} serve")
+    ctx.say(f"mail to postmaster@ every local domain (RFC 5321 4.5.1) goes to the mailbox of "
+            f"{admin} (postmaster in that file)")
+    steps = [] if directory.has_domain(admin_domain) else [f"{PROG} domain add {admin_domain}"]
+    if not directory.has_user(admin):
+        steps.append(f"{PROG} user add {admin}")
+    steps += [f"{PROG} user add USER@DOMAIN for each user", f"{PROG} serve"]
+    ctx.say(f"next: {'; '.join(steps)}")
     return 0
 
 
@@ -69,10 +84,17 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
     from postroom.tlscert import ensure_certificate
 
     config = ctx.config
+    admin_domain = domain_of(config.postmaster)
+    if not ctx.directory.has_domain(admin_domain):
+        # Its mail would be filed where no user can ever log in to read it.
+        raise ConfigError(
+            f"{config.source}: postmaster: {config.postmaster} is not in a local domain; add "
+            f"the domain ({PROG} domain add {admin_domain}) or list it in `domains`"
+        )
     for folder in (config.data_dir, config.mail_dir, config.spool_dir, config.queue_dir):
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     if config.tls.generate and ensure_certificate(
-        config.tls.cert, config.tls.key, config.hostname
+        config.tls.cert, config.tls.key, config.hostname, config.source
     ):
         print(f"{PROG}: made a self-signed certificate: {config.tls.cert}", file=sys.stderr)
     try:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import warnings
 from typing import TYPE_CHECKING
 
-from postroom.addresses import canonical_domain
+from postroom.addresses import canonical_domain, split
 from postroom.cli.common import PROG, Context, help_of, subparsers
 from postroom.store.users import DirectoryError, local_address
 
@@ -14,16 +15,35 @@ if TYPE_CHECKING:
     from postroom.cli.common import Subparsers
 
 
-def _read_password(args: argparse.Namespace, ctx: Context, address: str) -> str:
+def _ask(prompt: str, what: str) -> str:
+    """A line typed at the terminal, not echoed; ValueError when there is no terminal.
+
+    Without one, getpass would read standard input with a warning (or fail on
+    its end): a secret is then expected there on purpose, with --password-stdin.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", getpass.GetPassWarning)
+        try:
+            return getpass.getpass(prompt)
+        except getpass.GetPassWarning:
+            raise ValueError(f"no terminal to ask for the {what} on; give it on standard "
+                             "input with --password-stdin") from None
+        except EOFError:
+            raise ValueError(f"no {what} given (end of input at the prompt)") from None
+
+
+def _read_password(
+    args: argparse.Namespace, ctx: Context, address: str, what: str = "password"
+) -> str:
     if args.password_stdin:
         line = ctx.stdin.readline()
         if not line:
-            raise ValueError("no password on standard input")
+            raise ValueError(f"no {what} on standard input")
         return line.rstrip("\r\n") if line.endswith("\n") else line
-    first = getpass.getpass(f"Password for {address}: ")
-    second = getpass.getpass("Again: ")
+    first = _ask(f"{what[0].upper()}{what[1:]} for {address}: ", what)
+    second = _ask("Again: ", what)
     if first != second:
-        raise ValueError("the passwords do not match")
+        raise ValueError(f"the {what}s do not match")
     return first
 
 
@@ -50,10 +70,45 @@ def add_domain(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     a.set_defaults(func=_domain_del)
 
 
+def _static_domain(ctx: Context, name: str) -> str | None:
+    """The canonical name when the config file lists it in `domains`, else None."""
+    try:
+        canon = canonical_domain(name)
+    except ValueError:
+        return None
+    return canon if canon in ctx.config.domains else None
+
+
 def _domain_add(args: argparse.Namespace, ctx: Context) -> int:
-    ctx.directory.add_domain(args.name)
-    ctx.say(f"added domain {canonical_domain(args.name)}")
+    static = _static_domain(ctx, args.name)
+    if static is not None:
+        raise DirectoryError(
+            f"domain {static} is a local domain already: `domains` in {ctx.config.source} "
+            "lists it"
+        )
+    directory = ctx.directory
+    directory.add_domain(args.name)
+    name = canonical_domain(args.name)
+    ctx.say(f"added domain {name}")
+    _say_postmaster(ctx, name)
     return 0
+
+
+def _say_postmaster(ctx: Context, domain: str) -> None:
+    """Where postmaster@domain's mail goes (RFC 5321 4.5.1), and what to do about it."""
+    directory = ctx.directory
+    admin = ctx.config.postmaster
+    own = f"postmaster@{domain}"
+    aliases = directory.list_aliases()
+    if own in aliases or directory.has_user(own):
+        return  # a user or alias of its own receives it
+    ctx.say(f"mail to {own} goes to the administrator's mailbox, {admin} "
+            f"(postmaster in {ctx.config.source})")
+    if not directory.has_user(admin) and admin not in aliases:
+        local, admin_domain = split(admin)
+        ctx.say(f"  {admin} is no user yet: its mail waits in "
+                f"{ctx.config.mail_dir / admin_domain / local}; to read it with POP3: "
+                f"{PROG} user add {admin}")
 
 
 def _domain_list(args: argparse.Namespace, ctx: Context) -> int:
@@ -63,6 +118,11 @@ def _domain_list(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def _domain_del(args: argparse.Namespace, ctx: Context) -> int:
+    static = _static_domain(ctx, args.name)
+    if static is not None:
+        raise DirectoryError(
+            f"domain {static} is listed in `domains` in {ctx.config.source}; remove it there"
+        )
     ctx.directory.remove_domain(args.name)
     ctx.say(f"removed domain {canonical_domain(args.name)}")
     return 0
@@ -114,16 +174,14 @@ def add_user(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 def _user_add(args: argparse.Namespace, ctx: Context) -> int:
     directory = ctx.directory
-    # Check the domain before asking for a password that would be thrown away.
-    if "@" in args.address:
-        domain = args.address.rpartition("@")[2]
-        if not directory.has_domain(domain):
-            raise DirectoryError(
-                f"{domain} is not a local domain; add the domain first: "
-                f"{PROG} domain add {domain}"
-            )
-    directory.add_user(args.address, _read_password(args, ctx, args.address))
-    ctx.say(f"added user {local_address(args.address)}")
+    # Check the address before asking for a password that would be thrown away.
+    key = directory.check_new_user(args.address)
+    directory.add_user(args.address, _read_password(args, ctx, key))
+    ctx.say(f"added user {key}")
+    targets = directory.list_aliases().get(key)
+    if targets is not None:
+        ctx.say(f"note: {key} is also an alias (-> {', '.join(targets)}): its mail goes "
+                f"there while the alias exists ({PROG} alias del {key} removes it)")
     return 0
 
 
@@ -150,14 +208,27 @@ def _user_apop(args: argparse.Namespace, ctx: Context) -> int:
         directory.set_apop_secret(args.address, None)
         ctx.say(f"APOP is off for {args.address}")
         return 0
-    directory.set_apop_secret(args.address, _read_password(args, ctx, args.address))
+    directory.set_apop_secret(args.address,
+                              _read_password(args, ctx, args.address, "APOP secret"))
     ctx.say(f"APOP is on for {args.address} (its secret is stored readable: see --help)")
     return 0
 
 
 def _user_del(args: argparse.Namespace, ctx: Context) -> int:
-    ctx.directory.remove_user(args.address)
-    ctx.say(f"removed user {args.address}")
+    directory = ctx.directory
+    directory.remove_user(args.address)
+    key = local_address(args.address)
+    ctx.say(f"removed user {key}")
+    orphans = [source for source, targets in directory.list_aliases().items()
+               if key in targets and (expansion := directory.expand(source)) is not None
+               and expansion.broken]
+    if orphans:
+        ctx.say(f"note: alias {', '.join(orphans)} now leads to no mailbox, so mail to it is "
+                f"deferred (451 4.3.5) until it is mended: {PROG} alias del {orphans[0]} "
+                f"{key}, or add a target")
+    if key == ctx.config.postmaster:
+        ctx.say(f"note: {key} is the administrator (postmaster in {ctx.config.source}): "
+                "postmaster's mail still goes to its mailbox folder")
     return 0
 
 
@@ -167,8 +238,8 @@ def _user_del(args: argparse.Namespace, ctx: Context) -> int:
 def add_alias(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "alias", parents=[common], help="manage aliases (addresses that forward)",
-        description="An alias is a local address whose mail goes to other addresses, "
-        "local users or anywhere else.",
+        description="An alias is a local address whose mail goes to other local addresses: "
+        "users, other aliases or postmaster. Forwarding to other hosts is not supported.",
     )
     p.set_defaults(func=help_of(p))
     actions = subparsers(p, "actions")
@@ -177,6 +248,11 @@ def add_alias(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     a.add_argument("source", metavar="SOURCE")
     a.add_argument("targets", metavar="TARGET", nargs="+")
+    a.add_argument(
+        "--force", action="store_true",
+        help="allow SOURCE to be a user: the alias then takes all of the user's mail "
+        "(name SOURCE among the TARGETs to keep a copy in its mailbox)",
+    )
     a.set_defaults(func=_alias_add)
     a = actions.add_parser("list", parents=[common], help="list aliases and their targets")
     a.set_defaults(func=_alias_list)
@@ -191,9 +267,13 @@ def add_alias(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 def _alias_add(args: argparse.Namespace, ctx: Context) -> int:
     directory = ctx.directory
-    directory.add_alias(args.source, args.targets)
+    directory.add_alias(args.source, args.targets, replace_user=args.force)
     source = local_address(args.source)
-    ctx.say(f"{source} -> {', '.join(directory.list_aliases()[source])}")
+    targets = directory.list_aliases()[source]
+    ctx.say(f"{source} -> {', '.join(targets)}")
+    if directory.has_user(source) and source not in targets:
+        ctx.say(f"note: {source} is a user; its mail now goes to the alias's targets, not "
+                "to its mailbox")
     return 0
 
 

@@ -74,9 +74,16 @@ class LocalCourier:
     def _plan(self, address: str) -> list[Path] | DeliveryResult:
         """The maildirs for one recipient, or the permanent failure that it has none."""
         expansion = self._expand(address)
-        if expansion is None or not expansion.mailboxes and not expansion.remote:
-            # None: no such user or alias, or a domain that is no longer local.
+        if expansion is None:
+            # No such user or alias, or a domain that is no longer local.
             return DeliveryResult(address, "permanent", "5.1.1", f"<{address}>: no such user here")
+        if expansion.broken:
+            # Same rule as at RCPT time (policy.relay): an alias whose targets are gone
+            # or loop is this host's set-up to mend (RFC 3463 X.3.5); retried meanwhile.
+            return DeliveryResult(
+                address, "temporary", "4.3.5",
+                f"<{address}>: an alias that leads to no mailbox (a configuration error here)",
+            )
         if expansion.remote:
             # Same rule as at RCPT time (policy.relay): filing the local copies alone
             # would silently lose the forwarded ones.

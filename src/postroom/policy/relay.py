@@ -14,7 +14,13 @@ than interpreted (RFC 5321 3.6.1 lets a host refuse source routes; RFC 5321
 - `"user@other.example"@local` a quoted local part that hides an address
 - `@local:user@other.example`  source routes (the core strips the route; what is
                                left is then judged on its own domain)
-Trailing dots and letter case in the domain are normalised before the check.
+Trailing dots and letter case in the domain are normalised before the check. A
+quoted local part is otherwise the local part it spells (RFC 5321 4.1.2:
+`"boss"@local` is `boss@local`): `addresses.canonical` makes it one spelling.
+
+Every local domain has a postmaster (RFC 5321 4.5.1); the user directory's
+expansion files its mail with the administrator, so it is accepted here like
+any other mailbox.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from postroom.addresses import canonical_domain
+from postroom.addresses import canonical, canonical_domain, is_quoted, split, unquoted
 from postroom.protocol.replies import Reply
 from postroom.store.users import Expansion
 
@@ -90,15 +96,27 @@ class RecipientPolicy:
         shown = f"<{address}>"
         if not domain or not self._is_local_domain(domain):
             return RecipientDecision(relay_denied(shown))
-        if local.startswith('"') or any(ch in ROUTING_CHARACTERS for ch in local):
+        if any(ch in ROUTING_CHARACTERS for ch in unquoted(local)):
             # The address names our domain but asks us to route it further.
             return RecipientDecision(relay_denied(shown))
-        if not local:
+        if not unquoted(local):
             return RecipientDecision(Reply(501, "5.1.3", f"{shown}: empty local part"))
-        expansion = self._expand(f"{local}@{domain}")
-        if expansion is None or not (expansion.mailboxes or expansion.remote):
+        try:
+            key = canonical(f"{local}@{domain}")
+        except ValueError:  # a local part longer than any mailbox name here
+            return RecipientDecision(no_such_user(shown))
+        # A local part that stays quoted (a space, say) names no mailbox here:
+        # user and alias names are dot-atoms.
+        expansion = None if is_quoted(split(key)[0]) else self._expand(key)
+        if expansion is None:
+            return RecipientDecision(no_such_user(shown))
+        if expansion.broken:
+            # The alias exists but its targets are gone or loop: the fault is
+            # this host's set-up, which its administrator can mend, so the
+            # sender is asked to try again (RFC 3463 X.3.5).
             return RecipientDecision(
-                Reply(550, "5.1.1", f"{shown}: Recipient address rejected: no such user here")
+                Reply(451, "4.3.5", f"{shown}: Recipient address unavailable: an alias "
+                                    "that leads to no mailbox (a configuration error here)")
             )
         if expansion.remote:
             # An alias that forwards off this host needs the relay queue; taking the
@@ -108,6 +126,11 @@ class RecipientPolicy:
                                     "this host is not configured to relay")
             )
         return RecipientDecision(Reply(250, "2.1.5", "Ok"), expansion.mailboxes)
+
+
+def no_such_user(shown: str) -> Reply:
+    """RFC 3463 X.1.1: the mailbox does not exist."""
+    return Reply(550, "5.1.1", f"{shown}: Recipient address rejected: no such user here")
 
 
 def relay_denied(shown: str) -> Reply:

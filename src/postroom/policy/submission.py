@@ -59,6 +59,8 @@ class SubmissionPolicy:
 
     def check_recipient(self, address: str) -> RecipientDecision:
         """Local recipients must exist; any other domain is relayed (the user is known)."""
+        if address.lower() == "postmaster":  # RFC 5321 4.1.1.3: <Postmaster>, no domain
+            return self._local.check_recipient(address)
         _local, domain = split_address(address)
         canonical = normalise_domain(domain)
         if canonical and self._is_local_domain(canonical):

@@ -10,7 +10,8 @@ control characters, one parameter of each kind), lenient where real clients
 differ harmlessly (spaces after the colon, case of keywords). A source route
 (`<@a,@b:user@dom>`) is accepted and dropped from the address, as RFC 5321
 4.1.1.3 and Appendix C ask, but kept on the `Path` for policy. A quoted local
-part keeps its quotes in `address` so that policy can see and refuse it.
+part keeps its quotes in `address`: policy sees it as written, refuses one that
+hides a route, and reduces the rest to one spelling (`addresses.canonical`).
 Non-ASCII text is accepted in local parts and domains (RFC 6531 3.3); whether
 it is allowed in the session is the caller's decision (`Path.is_utf8`).
 """

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from postroom.config import Config, ConfigError
+from postroom.config import Config, ConfigError, postmaster_address
 from postroom.policy.auth import AuthThrottle
 from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
@@ -172,7 +172,7 @@ def build_smtp_service(
 ) -> SMTPService:
     """The `smtp` listener (MX: local recipients only) or a submission one (AUTH, relay)."""
     smtp = config.smtp
-    primary = config.domains[0] if config.domains else config.hostname
+    primary = postmaster_address(config).partition("@")[2]  # <Postmaster> (RFC 5321 4.1.1.3)
     policy = RecipientPolicy(is_local_domain, lookups.expand, primary_domain=primary)
     submission = name in SUBMISSION_LISTENERS
     core_config = SMTPServerConfig(
@@ -274,8 +274,17 @@ class Running:
 
 def prepare_certificate(config: Config) -> None:
     cert, key = config.tls.cert, config.tls.key
-    if config.tls.generate and ensure_certificate(cert, key, config.hostname):
+    if config.tls.generate and ensure_certificate(cert, key, config.hostname, config.source):
         log.info("made a self-signed certificate for %s in %s", config.hostname, cert)
+
+
+def load_tls(config: Config) -> ssl.SSLContext:
+    """The listeners' TLS context, the self-signed pair made first if it is due.
+
+    ConfigError, one line naming tls.cert or tls.key, the file and the fault.
+    """
+    prepare_certificate(config)
+    return server_context(config.tls.cert, config.tls.key, config.source)
 
 
 def bind_listeners(config: Config) -> list[tuple[str, socket.socket]]:
@@ -307,12 +316,7 @@ async def start(
     The listeners named in `accept_last` take only the connections that other
     processes leave waiting (server.acceptor).
     """
-    prepare_certificate(config)
-    cert, key = config.tls.cert, config.tls.key
-    try:
-        tls_context = server_context(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{config.source}: tls.cert: cannot load {cert} / {key}: {exc}") from exc
+    tls_context = load_tls(config)
     if sockets is None:
         sockets = bind_listeners(config)
 
@@ -489,12 +493,14 @@ async def drain(service: AnyService, grace: float = DRAIN_GRACE_SECONDS) -> None
 
 def run(config: Config) -> int:
     """Entry point of `postroom serve`."""
+    # Checked first, in this process, before any worker is forked: a certificate
+    # that cannot be used stops the start with the one line of a ConfigError.
+    load_tls(config)
     handler = setup_logging()
     flavour = install_event_loop_policy()
     processes = worker_count(config.workers)
     log.info("starting postroom (event loop: %s, processes: %d)", flavour, processes)
     # Bound once, before forking: every process accepts on the same sockets.
-    prepare_certificate(config)
     sockets = bind_listeners(config)
     channel = WakeChannel() if processes > 1 else None
     handler.flush()  # or the children would write the parent's buffered lines again

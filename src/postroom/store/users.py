@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Protocol
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from postroom.addresses import canonical, canonical_domain, is_dot_string, split
+from postroom.addresses import canonical, canonical_domain, mail_domain, mailbox_address, split
 
 if TYPE_CHECKING:
     from postroom.config import Config
 
 MAX_ALIAS_DEPTH = 10  # nesting limit for alias chains (sendmail's MaxAliasRecursion default)
 SUBADDRESS_DELIMITER = "+"  # RFC 5233 subaddress: user+detail@domain
+POSTMASTER = "postmaster"  # RFC 5321 4.5.1: the mailbox every domain must have (any case)
 MAX_PASSWORD = 1024  # octets; argon2 takes more, but nothing sane needs more
 BUSY_TIMEOUT_MS = 10_000  # wait this long for another process's write transaction
 
@@ -80,13 +81,16 @@ class UserDirectory(Protocol):
     def remove_domain(self, domain: str) -> None: ...
     def list_domains(self) -> list[str]: ...
     def has_domain(self, domain: str) -> bool: ...
+    def check_new_user(self, address: str) -> str: ...
     def add_user(self, address: str, password: str) -> None: ...
     def set_password(self, address: str, password: str) -> None: ...
     def remove_user(self, address: str) -> None: ...
     def list_users(self, domain: str | None = None) -> list[str]: ...
     def has_user(self, address: str) -> bool: ...
     def verify_password(self, address: str, password: str | bytes) -> bool: ...
-    def add_alias(self, source: str, targets: Iterable[str]) -> None: ...
+    def add_alias(
+        self, source: str, targets: Iterable[str], *, replace_user: bool = False
+    ) -> None: ...
     def remove_alias(self, source: str, targets: Iterable[str] | None = None) -> None: ...
     def list_aliases(self) -> dict[str, list[str]]: ...
     def resolve(self, address: str) -> list[str] | None: ...
@@ -103,10 +107,16 @@ class Expansion:
     remote: tuple[str, ...]  # addresses outside the local domains (to relay)
     unknown: tuple[str, ...]  # alias targets in a local domain that nobody owns,
     # or chains deeper than MAX_ALIAS_DEPTH: mail for them cannot be delivered
+    loops: tuple[str, ...] = ()  # aliases (not users) met again inside their own expansion
 
     @property
     def targets(self) -> list[str]:
         return [*self.mailboxes, *self.remote]
+
+    @property
+    def broken(self) -> bool:
+        """An alias that exists but reaches no one: its targets are gone or loop."""
+        return not self.mailboxes and not self.remote
 
 
 def local_address(address: str) -> str:
@@ -140,28 +150,25 @@ def _check_password(password: str) -> str:
 def _user_address(address: str) -> str:
     """Canonical key for a new user or alias source, or DirectoryError."""
     try:
-        key = local_address(address)
+        return mailbox_address(address)
     except ValueError as e:
         raise DirectoryError(str(e)) from None
-    local, _ = split(key)
-    # A mailbox name becomes a folder name: a dot-atom without "/" or "\" and
-    # without a leading dot (excluded by the dot-atom grammar already).
-    if not is_dot_string(local) or "/" in local or "\\" in local:
-        raise DirectoryError(
-            f"{address}: a local user's name must be a plain dot-atom such as "
-            "first.last (no quotes, no '/')"
-        )
-    return key
 
 
 def _domain_name(domain: str) -> str:
+    """A name that may become a local domain (not an IP address), or DirectoryError."""
     try:
-        name = canonical_domain(domain)
+        return mail_domain(domain)
     except ValueError as e:
         raise DirectoryError(str(e)) from None
-    if name.startswith("["):
-        raise DirectoryError(f"{domain}: an address literal cannot be a local domain")
-    return name
+
+
+def _stored_domain_name(domain: str) -> str:
+    """Lenient: a domain stored before a rule was tightened must still be named."""
+    try:
+        return canonical_domain(domain)
+    except ValueError as e:
+        raise DirectoryError(str(e)) from None
 
 
 class SQLiteUserDirectory:
@@ -169,6 +176,9 @@ class SQLiteUserDirectory:
 
     `static_domains` are local domains that come from the config file: they
     count as local (users may be added to them) without being in the database.
+    `postmaster` is the administrator's mailbox: mail for postmaster@ any local
+    domain that has no user or alias of that name goes there (RFC 5321 4.5.1);
+    None leaves postmaster@ to users and aliases alone.
     `hasher` lets tests use cheaper argon2 parameters.
     """
 
@@ -177,9 +187,11 @@ class SQLiteUserDirectory:
         path: Path,
         static_domains: Iterable[str] = (),
         hasher: PasswordHasher | None = None,
+        postmaster: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.static_domains = frozenset(_domain_name(d) for d in static_domains)
+        self.postmaster = local_address(postmaster) if postmaster is not None else None
         self.hasher = hasher or PasswordHasher()  # argon2id, RFC 9106 parameters
         self._local = threading.local()
         self._dummy_hash: str | None = None
@@ -253,39 +265,48 @@ class SQLiteUserDirectory:
 
     def add_domain(self, domain: str) -> None:
         name = _domain_name(domain)
+        if name in self.static_domains:
+            raise DirectoryError(
+                f"domain {name} is a local domain already: the config file's `domains` lists it"
+            )
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone():
                 raise DirectoryError(f"domain {name} already exists")
             conn.execute("INSERT INTO domains (name, created) VALUES (?, ?)", (name, time.time()))
 
     def remove_domain(self, domain: str) -> None:
-        name = _domain_name(domain)
+        name = _stored_domain_name(domain)
+        if name in self.static_domains:
+            # Removing a stored copy would change nothing: the config keeps it local.
+            raise DirectoryError(
+                f"domain {name} is listed in the config file's `domains`; remove it there"
+            )
         with self._write() as conn:
             if not conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone():
-                if name in self.static_domains:
-                    raise DirectoryError(
-                        f"domain {name} is listed in the config file's `domains`; remove it there"
-                    )
                 raise UnknownDomainError(f"no such domain: {name}")
-            if name not in self.static_domains:
-                users = [r[0] for r in conn.execute(
-                    "SELECT address FROM users WHERE domain = ? ORDER BY address", (name,)
-                )]
-                if users:
-                    raise DirectoryError(
-                        f"domain {name} still has {len(users)} user(s) ({users[0]}...); "
-                        f"remove them first: postroom user del {users[0]}"
-                    )
-                aliases = [r[0] for r in conn.execute(
-                    "SELECT DISTINCT source FROM aliases WHERE source LIKE ? ESCAPE '\\' "
-                    "ORDER BY source",
-                    ("%@" + name.replace("%", "\\%").replace("_", "\\_"),),
-                )]
-                if aliases:
-                    raise DirectoryError(
-                        f"domain {name} still has {len(aliases)} alias(es) ({aliases[0]}...); "
-                        f"remove them first: postroom alias del {aliases[0]}"
-                    )
+            if self.postmaster is not None and split(self.postmaster)[1] == name:
+                raise DirectoryError(
+                    f"domain {name} holds the administrator's mailbox (postmaster = "
+                    f"{self.postmaster} in the config file); name another one there first"
+                )
+            users = [r[0] for r in conn.execute(
+                "SELECT address FROM users WHERE domain = ? ORDER BY address", (name,)
+            )]
+            if users:
+                raise DirectoryError(
+                    f"domain {name} still has {len(users)} user(s) ({users[0]}...); "
+                    f"remove them first: postroom user del {users[0]}"
+                )
+            aliases = [r[0] for r in conn.execute(
+                "SELECT DISTINCT source FROM aliases WHERE source LIKE ? ESCAPE '\\' "
+                "ORDER BY source",
+                ("%@" + name.replace("%", "\\%").replace("_", "\\_"),),
+            )]
+            if aliases:
+                raise DirectoryError(
+                    f"domain {name} still has {len(aliases)} alias(es) ({aliases[0]}...); "
+                    f"remove them first: postroom alias del {aliases[0]}"
+                )
             conn.execute("DELETE FROM domains WHERE name = ?", (name,))
 
     def list_domains(self) -> list[str]:
@@ -311,10 +332,26 @@ class SQLiteUserDirectory:
 
     # -- users ---------------------------------------------------------------
 
-    def add_user(self, address: str, password: str) -> None:
+    def check_new_user(self, address: str) -> str:
+        """The key a new user `address` would have, or DirectoryError saying why it cannot.
+
+        Cheap (no password hashing): the CLI asks before prompting for a password.
+        """
         key = _user_address(address)
-        domain = split(key)[1]
+        local, domain = split(key)
+        if SUBADDRESS_DELIMITER in local:
+            base = local.partition(SUBADDRESS_DELIMITER)[0]
+            reaches = f": mail to {key} reaches {base}@{domain}" if base else ""
+            raise DirectoryError(
+                f"{address}: a user name cannot contain {SUBADDRESS_DELIMITER!r}, the "
+                f"subaddress delimiter (RFC 5233){reaches}"
+            )
         self._require_domain(domain)
+        return key
+
+    def add_user(self, address: str, password: str) -> None:
+        key = self.check_new_user(address)
+        domain = split(key)[1]
         hashed = self.hasher.hash(_check_password(password))
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM users WHERE address = ?", (key,)).fetchone():
@@ -390,7 +427,7 @@ class SQLiteUserDirectory:
         else:
             rows = conn.execute(
                 "SELECT address FROM users WHERE domain = ? ORDER BY address",
-                (_domain_name(domain),),
+                (_stored_domain_name(domain),),
             )
         return [r[0] for r in rows]
 
@@ -448,8 +485,19 @@ class SQLiteUserDirectory:
 
     # -- aliases -------------------------------------------------------------
 
-    def add_alias(self, source: str, targets: Iterable[str]) -> None:
-        """Make `source` (in a local domain) forward to `targets`, adding to any it has."""
+    def add_alias(
+        self, source: str, targets: Iterable[str], *, replace_user: bool = False
+    ) -> None:
+        """Make `source` (in a local domain) forward to `targets`, adding to any it has.
+
+        Refused, with DirectoryError saying why, when mail to the alias could
+        not be delivered: a target outside the local domains (forwarding off
+        this host is not supported, so RCPT would refuse every message), a
+        target that is no user, alias or postmaster here, or a loop back to
+        `source`. A `source` that is a user would lose its mail to the alias,
+        so that takes `replace_user` (naming the user among its own targets
+        keeps a copy in its mailbox).
+        """
         key = _user_address(source)
         self._require_domain(split(key)[1])
         wanted: list[str] = []
@@ -462,7 +510,20 @@ class SQLiteUserDirectory:
                 wanted.append(t)
         if not wanted:
             raise DirectoryError(f"alias {key} needs at least one target")
+        for t in wanted:
+            if not self.has_domain(split(t)[1]):
+                raise DirectoryError(
+                    f"alias target {t} is not in a local domain: this host delivers aliases "
+                    "to local mailboxes only (it does not forward mail to other hosts), so "
+                    "every message to the alias would be refused"
+                )
         with self._write() as conn:
+            if not replace_user and self._is_user(conn, key):
+                raise DirectoryError(
+                    f"{key} is a user: an alias of the same name would take all of its mail "
+                    f"(to do that, use --force; to keep a copy in its mailbox, name {key} "
+                    "among the targets too)"
+                )
             existing = {r[0] for r in conn.execute(
                 "SELECT target FROM aliases WHERE source = ?", (key,)
             )}
@@ -476,6 +537,39 @@ class SQLiteUserDirectory:
                         "INSERT INTO aliases (source, position, target) VALUES (?, ?, ?)",
                         (key, last, t),
                     )
+            # Checked inside the transaction, on the aliases as they would be:
+            # a refusal rolls the insertions back.
+            for t in wanted:
+                self._check_target(conn, key, t)
+
+    def _check_target(self, conn: sqlite3.Connection, source: str, target: str) -> None:
+        """DirectoryError unless mail from alias `source` to `target` reaches a mailbox."""
+        found = self._expand(conn, target, chain=(source,))
+        if found is None:
+            raise DirectoryError(
+                f"alias target {target}: no such user or alias (add it first: "
+                f"postroom user add {target})"
+            )
+        if found.loops:
+            raise DirectoryError(
+                f"alias {source} -> {target} would make a loop ({target} leads back to "
+                f"{found.loops[0]}), so its mail would reach no mailbox"
+            )
+        if found.unknown:
+            raise DirectoryError(
+                f"alias target {target} leads to {found.unknown[0]}, which is no user or "
+                f"alias here (or the chain of aliases is deeper than {MAX_ALIAS_DEPTH})"
+            )
+        if found.remote:
+            raise DirectoryError(
+                f"alias target {target} forwards to {found.remote[0]}, outside the local "
+                "domains, which this host does not do"
+            )
+
+    @staticmethod
+    def _is_user(conn: sqlite3.Connection, key: str) -> bool:
+        row = conn.execute("SELECT 1 FROM users WHERE address = ?", (key,)).fetchone()
+        return row is not None
 
     def _target_key(self, target: str) -> str:
         # Local targets are matched case-insensitively; remote ones keep their
@@ -543,10 +637,16 @@ class SQLiteUserDirectory:
             return None
         if not self.has_domain(split(key)[1]):
             return None
-        conn = self._connect()
+        return self._expand(self._connect(), key)
+
+    def _expand(
+        self, conn: sqlite3.Connection, key: str, chain: tuple[str, ...] = ()
+    ) -> Expansion | None:
+        """Expand the local address `key`, reached through the aliases in `chain`."""
         mailboxes: list[str] = []
         remote: list[str] = []
         unknown: list[str] = []
+        loops: list[str] = []
 
         def add(bucket: list[str], item: str) -> None:
             if item not in bucket:
@@ -559,15 +659,12 @@ class SQLiteUserDirectory:
                 add(remote, addr)
                 return True
             addr = f"{local.lower()}@{domain}"
-            is_user = conn.execute(
-                "SELECT 1 FROM users WHERE address = ?", (addr,)
-            ).fetchone() is not None
+            is_user = self._is_user(conn, addr)
             if addr in chain:
                 # A loop. "a -> a, b" is the usual way to keep a copy while
                 # forwarding, so an address met again is its own mailbox if it
-                # is a user, and nothing otherwise.
-                if is_user:
-                    add(mailboxes, addr)
+                # is a user, and a loop that reaches no one otherwise.
+                add(mailboxes if is_user else loops, addr)
                 return True
             targets = self._alias_targets(conn, addr)
             if targets is not None:  # an alias shadows a user of the same name
@@ -584,16 +681,37 @@ class SQLiteUserDirectory:
             base, plus, _detail = local.partition(SUBADDRESS_DELIMITER)
             if plus and base:
                 return walk(f"{base}@{domain}", depth, chain)
+            if local.lower() == POSTMASTER and self.postmaster is not None:
+                return administrator(addr, depth, chain)
             return False
 
-        if not walk(key, 0, ()):
+        def administrator(addr: str, depth: int, chain: tuple[str, ...]) -> bool:
+            """postmaster@ a local domain that has no user or alias of that name
+            (RFC 5321 4.5.1): the administrator's mailbox, followed like any
+            address. When that is no user or alias either (or is this very
+            postmaster), its own folder: postmaster never lacks a mailbox."""
+            admin = self.postmaster
+            assert admin is not None
+            if admin in chain:  # the administrator's own alias leads back here
+                return walk(admin, depth + 1, (*chain, addr))
+            if admin != addr and self.has_domain(split(admin)[1]) and walk(
+                admin, depth + 1, (*chain, addr)
+            ):
+                return True
+            add(mailboxes, admin)
+            return True
+
+        if not walk(key, len(chain), chain):
             return None
-        return Expansion(tuple(mailboxes), tuple(remote), tuple(unknown))
+        return Expansion(tuple(mailboxes), tuple(remote), tuple(unknown), tuple(loops))
 
 
 def open_user_directory(config: Config) -> SQLiteUserDirectory:
-    """The user directory a config names (DATA/users.sqlite3), with its static domains."""
-    return SQLiteUserDirectory(config.users_db, static_domains=config.domains)
+    """The user directory a config names (DATA/users.sqlite3), with its static domains
+    and the administrator who receives postmaster@'s mail."""
+    return SQLiteUserDirectory(
+        config.users_db, static_domains=config.domains, postmaster=config.postmaster
+    )
 
 
 def local_domains(config: Config, directory: UserDirectory) -> set[str]:
