@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -164,35 +165,40 @@ def test_flush_one_and_all(capsys: pytest.CaptureFixture[str], store: QueueStore
     assert store.load("AAAA00000002").next_attempt == 0.0
 
 
-def test_flush_signals_the_running_server(
+def test_flush_tells_the_running_server_which_tries_at_once(
     capsys: pytest.CaptureFixture[str], store: QueueStore, in_tmp: Path
 ) -> None:
-    add(store, "AAAA00000001")
-    marker = in_tmp / "got-usr1"
-    # A stand-in server: writes the pid file, waits for SIGUSR1, notes it, exits.
-    script = (
-        "import os, signal, sys, time\n"
-        "got = []\n"
-        "signal.signal(signal.SIGUSR1, lambda *a: got.append(1))\n"
-        "open(sys.argv[1] + '/postroom.pid', 'w').write(str(os.getpid()))\n"
-        "deadline = time.time() + 30\n"
-        "while not got and time.time() < deadline:\n"
-        "    time.sleep(0.01)\n"
-        "open(sys.argv[2], 'w').write('yes' if got else 'no')\n"
+    """A real `postroom serve`: the flushed message is tried now, not in 13 minutes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed, smtp = s.getsockname()[1], 0  # nothing listens on `closed` once s is gone
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        smtp = s.getsockname()[1]
+    (in_tmp / "var" / "postroom.toml").write_text(
+        f'hostname = "mx.corp.example"\nworkers = 1\n[listen]\nsmtp = "127.0.0.1:{smtp}"\n'
+        f'[routes]\n"isp.example" = "127.0.0.1:{closed}"\n'
     )
-    server = subprocess.Popen([sys.executable, "-c", script, str(in_tmp / "var"), str(marker)])
+    add(store, "AAAA00000001")  # 3 attempts so far, the next in 13 minutes
+    log = in_tmp / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "postroom", "--data",
+                                   str(in_tmp / "var"), "serve"],
+                                  stdout=subprocess.DEVNULL, stderr=out)
     try:
-        while not (in_tmp / "var" / "postroom.pid").exists():
-            time.sleep(0.01)
-        code, out, _ = run(capsys, "queue", "flush")
-        assert code == 0
-        assert f"told the server (pid {server.pid})" in out
-        assert server.wait(30) == 0
-        assert marker.read_text() == "yes"
+        deadline = time.monotonic() + 30
+        while "queue: started with 1 message(s)" not in log.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        code, out_text, _ = run(capsys, "queue", "flush", "AAAA00000001")
+        assert (code, out_text) == (0, f"flushed AAAA00000001; told the server "
+                                       f"(pid {server.pid})\n")
+        while store.load("AAAA00000001").recipients[0].attempts < 4:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        server.terminate()
+        assert server.wait(30) == 0
 
 
 def test_stale_pid_file_is_left_alone(

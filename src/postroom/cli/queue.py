@@ -20,7 +20,8 @@ def add_queue(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "queue", parents=[common], help="inspect and manage the outgoing mail queue",
         description="Messages waiting for delivery to other hosts: why each waits and when "
-        "it is tried next. Changes reach a running server at once (SIGUSR1).",
+        "it is tried next. Changes reach a running server at once (through its control "
+        "socket, DATA/postroom.ctl).",
     )
     p.set_defaults(func=help_of(p))
     actions = subparsers(p, "actions")
@@ -143,10 +144,9 @@ def _queue_show(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def _poke_server(ctx: Context) -> str:
-    from postroom.queue.scheduler import signal_server
+    from postroom.control import tell_server_in_words
 
-    pid = signal_server(ctx.config.data_dir)
-    return f"; told the server (pid {pid})" if pid else "; the server is not running"
+    return "; " + tell_server_in_words(ctx.config.data_dir)
 
 
 def _queue_flush(args: argparse.Namespace, ctx: Context) -> int:

@@ -1,16 +1,16 @@
 """`postroom serve`: builds the service graph from a Config, binds listeners, runs until SIGTERM.
 
 Start-up problems a person can fix (a port already in use, an unreadable
-certificate) become one-line `ConfigError`s naming the config key; the CLI
-prints them without a traceback. SIGTERM and SIGINT stop accepting new
-connections, let transactions in progress finish (up to a grace period), tell
-idle clients 421 and exit 0.
+certificate, another server on the same data folder) become one-line
+`ConfigError`s naming the config key; the CLI prints them without a
+traceback. SIGTERM and SIGINT stop accepting new connections, let
+transactions in progress finish (up to a grace period), tell idle clients 421
+and exit 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import gc
 import logging
@@ -24,12 +24,12 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from postroom.config import Config, ConfigError
+from postroom.control import AlreadyRunning, ServerLock, serve_control
 from postroom.policy.auth import AuthThrottle
 from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
 from postroom.protocol.sasl import SUPPORTED_MECHANISMS
 from postroom.protocol.smtp_server import SMTPServerConfig
-from postroom.queue.scheduler import PID_FILE
 from postroom.server.acceptor import DeferredServer
 from postroom.server.committer import GroupCommitter
 from postroom.server.limits import ConnectionLimiter
@@ -44,7 +44,6 @@ from postroom.server.workers import (
     signal_children,
     worker_count,
 )
-from postroom.store.atomic import atomic_write
 from postroom.store.cache import CachedLookups
 from postroom.store.maildir import MailStore
 from postroom.store.users import UserDirectory, local_domains, open_user_directory
@@ -390,9 +389,11 @@ async def serve(
     worker: bool = False,
     channel: WakeChannel | None = None,
     children: list[int] | None = None,
+    lock: ServerLock | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT. The primary (not `worker`) also owns the pid file,
-    the relay scheduler and the worker children, which it stops and waits for."""
+    """Run until SIGTERM/SIGINT. The primary (not `worker`) also answers on the
+    control socket of `lock`, runs the relay scheduler and stops the worker children,
+    then waits for them."""
     loop = asyncio.get_running_loop()
     flusher = (loop.create_task(flush_logs_periodically(log_handler))
                if log_handler is not None else None)
@@ -407,14 +408,12 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     primary = not worker
-    pid_file = config.data_dir / PID_FILE
-    if not primary:
-        loop.add_signal_handler(signal.SIGUSR1, lambda: None)  # meant for the primary only
+    control: asyncio.AbstractServer | None = None
+    # A worker whose channel to the primary is full (server.workers) signals it.
+    loop.add_signal_handler(signal.SIGUSR1, running.relay.rescan if primary else lambda: None)
     if primary:
-        # `postroom queue flush`, `postroom sendmail` and the workers change the queue
-        # folder, then send SIGUSR1 to the pid in this file so the scheduler looks again.
-        loop.add_signal_handler(signal.SIGUSR1, running.relay.rescan)
-        atomic_write(pid_file, f"{os.getpid()}\n".encode("ascii"))
+        if lock is not None:  # `postroom queue` and `postroom sendmail` ask here
+            control = await serve_control(lock, running.relay.rescan, stop.is_set)
         log.info("postroom ready: hostname=%s, data=%s, processes=%d", config.hostname,
                  config.data_dir, 1 + len(children or []))
     try:
@@ -425,10 +424,8 @@ async def serve(
         if children:
             await asyncio.to_thread(reap_children, children)
     finally:
-        if primary:
-            with contextlib.suppress(OSError):
-                if pid_file.read_text(encoding="ascii").strip() == str(os.getpid()):
-                    pid_file.unlink()
+        if control is not None:
+            control.close()
         if flusher is not None:
             flusher.cancel()
     return 0
@@ -474,8 +471,17 @@ async def drain(service: AnyService, grace: float = DRAIN_GRACE_SECONDS) -> None
 
 
 def run(config: Config) -> int:
-    """Entry point of `postroom serve`."""
+    """Entry point of `postroom serve`: one per data folder (control.ServerLock)."""
     handler = setup_logging()
+    try:
+        lock = ServerLock.acquire(config.data_dir)
+    except AlreadyRunning as exc:
+        raise ConfigError(str(exc)) from None
+    with lock:  # until the last delivery of the drain has ended
+        return _run_locked(config, handler, lock)
+
+
+def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> int:
     flavour = install_event_loop_policy()
     processes = worker_count(config.workers)
     log.info("starting postroom (event loop: %s, processes: %d)", flavour, processes)
@@ -486,6 +492,7 @@ def run(config: Config) -> int:
     handler.flush()  # or the children would write the parent's buffered lines again
 
     def child() -> int:
+        lock.in_worker()
         # The parent forwards SIGTERM/SIGINT; a terminal's Ctrl-C reaches the whole
         # process group, and draining twice is harmless.
         return asyncio.run(serve(config, handler, sockets, worker=True, channel=channel))
@@ -498,7 +505,8 @@ def run(config: Config) -> int:
     gc.freeze()
     children = fork_workers(processes - 1, sockets, child)
     try:
-        return asyncio.run(serve(config, handler, sockets, channel=channel, children=children))
+        return asyncio.run(serve(config, handler, sockets, channel=channel, children=children,
+                                 lock=lock))
     except KeyboardInterrupt:
         return 130
     finally:
