@@ -5,7 +5,7 @@ certificate, another server on the same data folder) become one-line
 `ConfigError`s naming the config key; the CLI prints them without a
 traceback. SIGTERM and SIGINT stop accepting new connections, let
 transactions in progress finish (up to a grace period), tell idle clients 421
-and exit 0.
+and exit 0. SIGHUP does the same, with a line saying so (there is no reload).
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ LISTEN_BACKLOG = 1024
 
 # How long SIGTERM waits for transactions in progress before closing them.
 DRAIN_GRACE_SECONDS = 30.0
+
+# SIGHUP would mean "reload"; until there is one it stops the server as SIGTERM does.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)  # SIGUSR1: rescan the queue folder
 
 SUBMISSION_LISTENERS = ("submission", "submissions")  # RFC 6409: AUTH, then relay
 # Allowed for the TLS handshake of an implicit-TLS listener (RFC 8314).
@@ -391,7 +395,7 @@ async def serve(
     children: list[int] | None = None,
     lock: ServerLock | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT. The primary (not `worker`) also answers on the
+    """Run until SIGTERM/SIGINT/SIGHUP. The primary (not `worker`) also answers on the
     control socket of `lock`, runs the relay scheduler and stops the worker children,
     then waits for them."""
     loop = asyncio.get_running_loop()
@@ -405,12 +409,20 @@ async def serve(
     if channel is not None and not worker:
         channel.listen(loop.add_reader, running.relay.wake)
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def stop_on(sig: signal.Signals) -> None:
+        if sig == signal.SIGHUP and not stop.is_set():
+            log.warning("SIGHUP: reloading the configuration is not supported; "
+                        "stopping as for SIGTERM")
+        stop.set()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop_on, sig)
     primary = not worker
     control: asyncio.AbstractServer | None = None
     # A worker whose channel to the primary is full (server.workers) signals it.
     loop.add_signal_handler(signal.SIGUSR1, running.relay.rescan if primary else lambda: None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # held back by run()
     if primary:
         if lock is not None:  # `postroom queue` and `postroom sendmail` ask here
             control = await serve_control(lock, running.relay.rescan, stop.is_set)
@@ -485,6 +497,9 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
     flavour = install_event_loop_policy()
     processes = worker_count(config.workers)
     log.info("starting postroom (event loop: %s, processes: %d)", flavour, processes)
+    # Until serve() handles them, these signals wait (pending): by default each would
+    # end the process at once, with no drain and no log line. The workers inherit this.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     # Bound once, before forking: every process accepts on the same sockets.
     prepare_certificate(config)
     sockets = bind_listeners(config)
