@@ -85,14 +85,21 @@ def test_list(capsys: pytest.CaptureFixture[str], store: QueueStore) -> None:
         recipients=[Recipient("c@isp.example")])
     code, out, _ = run(capsys, "queue", "list")
     assert code == 0
-    first, second = out.splitlines()
+    header, first, second = out.splitlines()
+    assert header.split() == ["QUEUE", "ID", "AGE", "SIZE", "SENDER", "RECIPIENTS", "NEXT",
+                              "TRY", "LAST", "ERROR"]
     assert first.startswith("AAAA00000001")
-    for part in ("2h 5m", "4.9K", "<boss@corp.example>", "1/2 pending", "next try in 12m",
+    for part in ("2h 5m", "4.9K", "<boss@corp.example>", "1/2 pending", "in 12m",
                  "(connect to mx.isp.example[192.0.2.1]:25: Connection refused)"):
         assert part in first, (part, first)
     assert "HELD" not in first
     for part in ("30s", "<>", "1/1 pending", "HELD"):
         assert part in second, (part, second)
+    # Each value starts under its heading (right-aligned ones end under it).
+    for heading, value in (("SENDER", "<"), ("RECIPIENTS", "1/"), ("NEXT TRY", "in 12m"),
+                           ("LAST ERROR", "(connect")):
+        assert first.index(value) == header.index(heading), (heading, out)
+    assert first.index("2h 5m") + len("2h 5m") == header.index("AGE") + len("AGE")
 
 
 def test_list_shortens_long_errors(capsys: pytest.CaptureFixture[str], store: QueueStore) -> None:
@@ -100,7 +107,7 @@ def test_list_shortens_long_errors(capsys: pytest.CaptureFixture[str], store: Qu
         Recipient("a@isp.example", state="deferred", last_error="421 " + "x" * 200)
     ])
     _, out, _ = run(capsys, "queue", "list")
-    assert "(421 xxxx" in out and "...)" in out and len(out.splitlines()[0]) < 200
+    assert "(421 xxxx" in out and "...)" in out and len(out.splitlines()[1]) < 200
 
 
 def test_show_says_why_and_when(capsys: pytest.CaptureFixture[str], store: QueueStore) -> None:
@@ -163,6 +170,24 @@ def test_flush_one_and_all(capsys: pytest.CaptureFixture[str], store: QueueStore
     code, out, _ = run(capsys, "queue", "flush")
     assert code == 0 and out.startswith("flushed 2 messages")
     assert store.load("AAAA00000002").next_attempt == 0.0
+
+
+def test_flush_of_a_held_message_says_how_to_release_it(
+    capsys: pytest.CaptureFixture[str], store: QueueStore
+) -> None:
+    add(store, "AAAA00000001")
+    held = add(store, "AAAA00000002", held=True)
+    code, out, err = run(capsys, "queue", "flush", "AAAA00000002")
+    assert (code, out) == (2, "")
+    assert one_error_line(err) == ("postroom: error: AAAA00000002 is held: it is not tried "
+                                   "until `postroom queue release AAAA00000002`")
+    assert store.load("AAAA00000002").next_attempt == held.next_attempt  # untouched
+    code, out, _ = run(capsys, "queue", "flush")
+    assert code == 0
+    assert out == ("flushed 1 message (1 held, left alone: `postroom queue release ID` lets "
+                   "one be tried); the server is not running\n")
+    assert store.load("AAAA00000001").next_attempt == 0.0
+    assert store.load("AAAA00000002").next_attempt == held.next_attempt
 
 
 def test_flush_tells_the_running_server_which_tries_at_once(
@@ -230,5 +255,5 @@ def test_data_option_after_the_action(
     other = QueueStore(default_config(in_tmp / "elsewhere").queue_dir)
     add(other, "BBBB00000001")
     code, out, _ = run(capsys, "queue", "list", "--data", str(in_tmp / "elsewhere"))
-    assert code == 0 and out.startswith("BBBB00000001")
+    assert code == 0 and out.splitlines()[1].startswith("BBBB00000001")
     assert os.listdir(in_tmp) == ["elsewhere"]
