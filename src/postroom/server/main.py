@@ -28,10 +28,13 @@ from postroom.control import AlreadyRunning, ServerLock, serve_control
 from postroom.policy.auth import AuthThrottle
 from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
+from postroom.protocol.pop3_server import Pop3Reply
+from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import SUPPORTED_MECHANISMS
 from postroom.protocol.smtp_server import SMTPServerConfig
 from postroom.server.acceptor import DeferredServer
 from postroom.server.committer import GroupCommitter
+from postroom.server.descriptors import Descriptors
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.pop3 import POP3Service, POP3Session
 from postroom.server.relay import Relay
@@ -251,6 +254,7 @@ class Running:
     services: dict[str, AnyService]
     relay: Relay
     committer: GroupCommitter
+    descriptors: Descriptors | None = None
 
     @property
     def smtp(self) -> SMTPService:
@@ -272,6 +276,8 @@ class Running:
         await asyncio.gather(*(drain(service, grace) for service in self.services.values()))
         await self.relay.stop()
         self.committer.close()
+        if self.descriptors is not None:
+            self.descriptors.close()
         log.info("stopped")
 
 
@@ -345,6 +351,7 @@ async def start(
     services: dict[str, AnyService] = {}
     servers: dict[str, asyncio.base_events.Server | DeferredServer] = {}
     loop = asyncio.get_running_loop()
+    descriptors = Descriptors()
     for key_name, sock in sockets:
         service: AnyService
         if key_name in ("smtp", *SUBMISSION_LISTENERS):
@@ -368,10 +375,11 @@ async def start(
         services[key_name] = service
         implicit = tls_context if key_name in IMPLICIT_TLS else None
         timeout = TLS_HANDSHAKE_SECONDS if implicit else None
+        descriptors.listen(key_name, sock, None if implicit else _out_of_descriptors(service))
         if key_name in accept_last:
             servers[key_name] = DeferredServer(
                 sock, _session_factory(service), ssl_context=implicit,
-                ssl_handshake_timeout=timeout,
+                ssl_handshake_timeout=timeout, accept_failed=descriptors.accept_failed,
             )
         else:
             servers[key_name] = await loop.create_server(
@@ -381,8 +389,17 @@ async def start(
         log.info("listening for %s on %s:%d%s%s", key_name, *sock.getsockname()[:2],
                  " (implicit TLS)" if implicit else "",
                  " (taking what the workers leave)" if key_name in accept_last else "")
+    descriptors.install(loop)
     relay.start()
-    return Running(config, servers, services, relay, committer)
+    return Running(config, servers, services, relay, committer, descriptors)
+
+
+def _out_of_descriptors(service: AnyService) -> bytes:
+    """What a client that cannot be served for want of descriptors is told at once."""
+    if isinstance(service, SMTPService):  # RFC 5321 3.8, RFC 3463 X.3.2
+        return Reply(421, "4.3.2", f"{service.hostname} Service not available: out of "
+                     "resources, try again later").to_bytes()
+    return Pop3Reply(False, "out of resources, try again later", "SYS/TEMP").to_bytes()
 
 
 async def serve(
