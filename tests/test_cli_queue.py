@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -84,14 +85,21 @@ def test_list(capsys: pytest.CaptureFixture[str], store: QueueStore) -> None:
         recipients=[Recipient("c@isp.example")])
     code, out, _ = run(capsys, "queue", "list")
     assert code == 0
-    first, second = out.splitlines()
+    header, first, second = out.splitlines()
+    assert header.split() == ["QUEUE", "ID", "AGE", "SIZE", "SENDER", "RECIPIENTS", "NEXT",
+                              "TRY", "LAST", "ERROR"]
     assert first.startswith("AAAA00000001")
-    for part in ("2h 5m", "4.9K", "<boss@corp.example>", "1/2 pending", "next try in 12m",
+    for part in ("2h 5m", "4.9K", "<boss@corp.example>", "1/2 pending", "in 12m",
                  "(connect to mx.isp.example[192.0.2.1]:25: Connection refused)"):
         assert part in first, (part, first)
     assert "HELD" not in first
     for part in ("30s", "<>", "1/1 pending", "HELD"):
         assert part in second, (part, second)
+    # Each value starts under its heading (right-aligned ones end under it).
+    for heading, value in (("SENDER", "<"), ("RECIPIENTS", "1/"), ("NEXT TRY", "in 12m"),
+                           ("LAST ERROR", "(connect")):
+        assert first.index(value) == header.index(heading), (heading, out)
+    assert first.index("2h 5m") + len("2h 5m") == header.index("AGE") + len("AGE")
 
 
 def test_list_shortens_long_errors(capsys: pytest.CaptureFixture[str], store: QueueStore) -> None:
@@ -99,7 +107,7 @@ def test_list_shortens_long_errors(capsys: pytest.CaptureFixture[str], store: Qu
         Recipient("a@isp.example", state="deferred", last_error="421 " + "x" * 200)
     ])
     _, out, _ = run(capsys, "queue", "list")
-    assert "(421 xxxx" in out and "...)" in out and len(out.splitlines()[0]) < 200
+    assert "(421 xxxx" in out and "...)" in out and len(out.splitlines()[1]) < 200
 
 
 def test_show_says_why_and_when(capsys: pytest.CaptureFixture[str], store: QueueStore) -> None:
@@ -164,35 +172,58 @@ def test_flush_one_and_all(capsys: pytest.CaptureFixture[str], store: QueueStore
     assert store.load("AAAA00000002").next_attempt == 0.0
 
 
-def test_flush_signals_the_running_server(
-    capsys: pytest.CaptureFixture[str], store: QueueStore, in_tmp: Path
+def test_flush_of_a_held_message_says_how_to_release_it(
+    capsys: pytest.CaptureFixture[str], store: QueueStore
 ) -> None:
     add(store, "AAAA00000001")
-    marker = in_tmp / "got-usr1"
-    # A stand-in server: writes the pid file, waits for SIGUSR1, notes it, exits.
-    script = (
-        "import os, signal, sys, time\n"
-        "got = []\n"
-        "signal.signal(signal.SIGUSR1, lambda *a: got.append(1))\n"
-        "open(sys.argv[1] + '/postroom.pid', 'w').write(str(os.getpid()))\n"
-        "deadline = time.time() + 30\n"
-        "while not got and time.time() < deadline:\n"
-        "    time.sleep(0.01)\n"
-        "open(sys.argv[2], 'w').write('yes' if got else 'no')\n"
+    held = add(store, "AAAA00000002", held=True)
+    code, out, err = run(capsys, "queue", "flush", "AAAA00000002")
+    assert (code, out) == (2, "")
+    assert one_error_line(err) == ("postroom: error: AAAA00000002 is held: it is not tried "
+                                   "until `postroom queue release AAAA00000002`")
+    assert store.load("AAAA00000002").next_attempt == held.next_attempt  # untouched
+    code, out, _ = run(capsys, "queue", "flush")
+    assert code == 0
+    assert out == ("flushed 1 message (1 held, left alone: `postroom queue release ID` lets "
+                   "one be tried); the server is not running\n")
+    assert store.load("AAAA00000001").next_attempt == 0.0
+    assert store.load("AAAA00000002").next_attempt == held.next_attempt
+
+
+def test_flush_tells_the_running_server_which_tries_at_once(
+    capsys: pytest.CaptureFixture[str], store: QueueStore, in_tmp: Path
+) -> None:
+    """A real `postroom serve`: the flushed message is tried now, not in 13 minutes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed, smtp = s.getsockname()[1], 0  # nothing listens on `closed` once s is gone
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        smtp = s.getsockname()[1]
+    (in_tmp / "var" / "postroom.toml").write_text(
+        f'hostname = "mx.corp.example"\nworkers = 1\n[listen]\nsmtp = "127.0.0.1:{smtp}"\n'
+        f'[routes]\n"isp.example" = "127.0.0.1:{closed}"\n'
     )
-    server = subprocess.Popen([sys.executable, "-c", script, str(in_tmp / "var"), str(marker)])
+    add(store, "AAAA00000001")  # 3 attempts so far, the next in 13 minutes
+    log = in_tmp / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "postroom", "--data",
+                                   str(in_tmp / "var"), "serve"],
+                                  stdout=subprocess.DEVNULL, stderr=out)
     try:
-        while not (in_tmp / "var" / "postroom.pid").exists():
-            time.sleep(0.01)
-        code, out, _ = run(capsys, "queue", "flush")
-        assert code == 0
-        assert f"told the server (pid {server.pid})" in out
-        assert server.wait(30) == 0
-        assert marker.read_text() == "yes"
+        deadline = time.monotonic() + 30
+        while "queue: started with 1 message(s)" not in log.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        code, out_text, _ = run(capsys, "queue", "flush", "AAAA00000001")
+        assert (code, out_text) == (0, f"flushed AAAA00000001; told the server "
+                                       f"(pid {server.pid})\n")
+        while store.load("AAAA00000001").recipients[0].attempts < 4:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        server.terminate()
+        assert server.wait(30) == 0
 
 
 def test_stale_pid_file_is_left_alone(
@@ -224,5 +255,5 @@ def test_data_option_after_the_action(
     other = QueueStore(default_config(in_tmp / "elsewhere").queue_dir)
     add(other, "BBBB00000001")
     code, out, _ = run(capsys, "queue", "list", "--data", str(in_tmp / "elsewhere"))
-    assert code == 0 and out.startswith("BBBB00000001")
+    assert code == 0 and out.splitlines()[1].startswith("BBBB00000001")
     assert os.listdir(in_tmp) == ["elsewhere"]

@@ -206,7 +206,7 @@ def test_verbose_names_the_queue_id(capsys: pytest.CaptureFixture[str], data: Pa
     code, _, err = run(capsys, "-v", "bob@isp.example", stdin=b"\nx\n")
     assert code == 0
     env = only(data)[0]
-    assert err == f"postroom sendmail: queued as {env.queue_id}; no server is running to tell\n"
+    assert err == f"postroom sendmail: queued as {env.queue_id}; the server is not running\n"
 
 
 @pytest.mark.parametrize(

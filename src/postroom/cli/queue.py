@@ -20,7 +20,8 @@ def add_queue(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "queue", parents=[common], help="inspect and manage the outgoing mail queue",
         description="Messages waiting for delivery to other hosts: why each waits and when "
-        "it is tried next. Changes reach a running server at once (SIGUSR1).",
+        "it is tried next. Changes reach a running server at once (through its control "
+        "socket, DATA/postroom.ctl).",
     )
     p.set_defaults(func=help_of(p))
     actions = subparsers(p, "actions")
@@ -69,8 +70,14 @@ def _next_try(envelope: Envelope, now: float) -> str:
     if envelope.held:
         return "HELD"
     if envelope.next_attempt <= now:
-        return "next try now"
-    return f"next try in {_human_age(envelope.next_attempt - now)}"
+        return "now"
+    return f"in {_human_age(envelope.next_attempt - now)}"
+
+
+# `queue list` columns: heading, and whether values are right-aligned (numbers).
+_LIST_COLUMNS = (("QUEUE ID", False), ("AGE", True), ("SIZE", True), ("SENDER", False),
+                 ("RECIPIENTS", False), ("NEXT TRY", False), ("LAST ERROR", False))
+_LIST_ERROR_WIDTH = 60  # characters of the last error shown; `queue show` has it whole
 
 
 def _queue_list(args: argparse.Namespace, ctx: Context) -> int:
@@ -81,18 +88,21 @@ def _queue_list(args: argparse.Namespace, ctx: Context) -> int:
         ctx.say("the queue is empty")
         return 0
     now = time.time()
+    rows = [tuple(heading for heading, _right in _LIST_COLUMNS)]
     for env in envelopes:
         errors = [r.last_error for r in env.pending() if r.last_error]
         error = " ".join(errors[0].split()) if errors else ""
-        if len(error) > 60:
-            error = error[:57] + "..."
-        pending = len(env.pending())
-        ctx.say(
-            f"{env.queue_id}  {_human_age(now - env.created):>6}  {_human_size(env.size):>6}  "
-            f"<{env.sender}>  {pending}/{len(env.recipients)} pending  "
-            f"{_next_try(env, now)}"
-            + (f"  ({error})" if error else "")
-        )
+        if len(error) > _LIST_ERROR_WIDTH:
+            error = error[:_LIST_ERROR_WIDTH - 3] + "..."
+        rows.append((env.queue_id, _human_age(now - env.created), _human_size(env.size),
+                     f"<{env.sender}>", f"{len(env.pending())}/{len(env.recipients)} pending",
+                     _next_try(env, now), f"({error})" if error else ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_LIST_COLUMNS))]
+    for row in rows:
+        cells = [value.rjust(width) if right else value.ljust(width)
+                 for value, width, (_heading, right) in zip(row, widths, _LIST_COLUMNS,
+                                                            strict=True)]
+        ctx.say("  ".join(cells).rstrip())
     return 0
 
 
@@ -143,10 +153,13 @@ def _queue_show(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def _poke_server(ctx: Context) -> str:
-    from postroom.queue.scheduler import signal_server
+    from postroom.control import tell_server_in_words
 
-    pid = signal_server(ctx.config.data_dir)
-    return f"; told the server (pid {pid})" if pid else "; the server is not running"
+    return "; " + tell_server_in_words(ctx.config.data_dir)
+
+
+class _Held(Exception):
+    """A message to flush is held: nothing was changed."""
 
 
 def _queue_flush(args: argparse.Namespace, ctx: Context) -> int:
@@ -155,20 +168,31 @@ def _queue_flush(args: argparse.Namespace, ctx: Context) -> int:
     store = _queue_store(ctx)
 
     def now_please(env: Envelope) -> None:
+        if env.held:  # flushing does not release it: `queue release` does
+            raise _Held(env.queue_id)  # before the write: the envelope stays as it is
         env.next_attempt = 0.0
 
     if args.queue_id:
-        store.update(args.queue_id, now_please)
+        try:
+            store.update(args.queue_id, now_please)
+        except _Held:
+            raise ValueError(f"{args.queue_id} is held: it is not tried until "
+                             f"`{PROG} queue release {args.queue_id}`") from None
         what = args.queue_id
     else:
-        count = 0
+        count = held = 0
         for env in store.list():  # skips (and logs) unreadable envelopes
             try:
                 store.update(env.queue_id, now_please)
                 count += 1
             except NotQueued:
                 continue  # delivered meanwhile
+            except _Held:
+                held += 1
         what = f"{count} message{'s' if count != 1 else ''}"
+        if held:
+            what += (f" ({held} held, left alone: `{PROG} queue release ID` "
+                     "lets one be tried)")
     ctx.say(f"flushed {what}{_poke_server(ctx)}")
     return 0
 

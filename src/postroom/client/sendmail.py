@@ -4,10 +4,10 @@ It reads one message on standard input, takes the recipients from the
 arguments (or, with -t, from the To/Cc/Bcc headers), completes the header
 section the way a submission server must (RFC 6409 8: Date, Message-ID and
 From when missing), removes Bcc, turns every line ending into CRLF, queues
-the message durably and pokes the running server (SIGUSR1 via the pid file)
-so that it is sent at once. A server that is not running sends it when it
-starts. Exit status 0 means queued; otherwise a sysexits.h code and one line
-on standard error.
+the message durably and tells the running server through its control
+socket (postroom.control) so that it is sent at once. A server that is not
+running sends it when it starts. Exit status 0 means queued; otherwise a
+sysexits.h code and one line on standard error.
 
 Options understood (the common subset of Sendmail's and Postfix's):
 
@@ -34,6 +34,7 @@ owns the data folder (a system-wide setup makes a small setgid wrapper).
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import getopt
 import os
@@ -47,9 +48,9 @@ from typing import BinaryIO, TextIO
 
 from postroom.addresses import canonical
 from postroom.config import Config, ConfigError, load_config
+from postroom.control import ControlError, tell_server, tell_server_in_words
 from postroom.ids import new_queue_id
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.scheduler import signal_server
 from postroom.queue.store import QueueStore
 
 # sysexits.h: what Sendmail's callers test for.
@@ -412,10 +413,12 @@ def main(
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
         return fail(EX_TEMPFAIL, f"cannot queue the message: {e.strerror or e}{where}")
-    pid = signal_server(config.data_dir)
     if opts.verbose:
-        told = f"; told the server (pid {pid})" if pid else "; no server is running to tell"
-        print(f"{PROG}: queued as {envelope.queue_id}{told}", file=err)
+        told = tell_server_in_words(config.data_dir)
+        print(f"{PROG}: queued as {envelope.queue_id}; {told}", file=err)
+    else:
+        with contextlib.suppress(ControlError):  # queued: the server finds it later
+            tell_server(config.data_dir)
     return EX_OK
 
 

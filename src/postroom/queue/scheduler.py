@@ -40,9 +40,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import random
-import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,7 +69,6 @@ READ_IN_LOOP = 8
 EXPIRED_STATUS = "5.4.7"  # RFC 3463 X.4.7: delivery time expired
 DEFAULT_RETRY = 300.0  # used only if a config lists no retry interval at all
 OWED = "dsn_owed"  # envelope.extra key: {address: action} of notices not yet queued
-PID_FILE = "postroom.pid"  # in the data folder: the running server's process ID
 
 
 @dataclass
@@ -620,38 +617,3 @@ def _seconds(value: float) -> str:
     if value >= 100:
         return f"{value:.0f}"
     return f"{value:.2f}".rstrip("0").rstrip(".") or "0"
-
-
-def signal_server(data_dir: str | os.PathLike[str]) -> int | None:
-    """Ask the running server to rescan its queue (SIGUSR1); returns its pid, or None.
-
-    The pid comes from DATA/postroom.pid. Nothing is sent when the file is
-    missing, the process is gone, or (where /proc shows it) the process is
-    not a Python or postroom program: a stale pid file may name a process
-    that has nothing to do with us, and SIGUSR1 would kill most programs.
-    """
-    usr1 = getattr(signal, "SIGUSR1", None)
-    if usr1 is None:
-        return None
-    try:
-        text = (Path(data_dir) / PID_FILE).read_text(encoding="ascii").strip()
-        pid = int(text)
-    except (OSError, ValueError):
-        return None
-    if pid <= 0 or pid == os.getpid():
-        return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        if Path("/proc/self").exists():
-            return None  # /proc works and has no such process: it is gone
-        cmdline = b"postroom"  # no /proc here: trust the pid file
-    except OSError:
-        cmdline = b"postroom"
-    if b"postroom" not in cmdline and b"python" not in cmdline:
-        return None
-    try:
-        os.kill(pid, usr1)
-    except (ProcessLookupError, PermissionError):
-        return None
-    return pid

@@ -49,11 +49,16 @@ class DeferredServer:
         factory: Callable[[], asyncio.Protocol],
         *,
         delay: float = ACCEPT_DELAY,
+        accept_failed: Callable[[socket.socket, OSError], int] | None = None,
     ) -> None:
+        """`accept_failed(sock, error)` is told of each failed accept(2) instead of
+        the log, and says how many waiting connections it answered and closed
+        (server.descriptors, for running out of descriptors)."""
         self._loop = asyncio.get_running_loop()
         self._sock = sock
         self._factory = factory
         self._delay = delay
+        self._accept_failed = accept_failed
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -93,7 +98,10 @@ class DeferredServer:
             except ConnectionAbortedError:
                 continue  # the client gave up while queued
             except OSError as exc:
-                log.error("cannot accept a connection on %s: %s", self._where(), exc)
+                if self._accept_failed is None:
+                    log.error("cannot accept a connection on %s: %s", self._where(), exc)
+                elif self._accept_failed(self._sock, exc):
+                    break  # the waiting connections were answered: look again at once
                 self._timer = self._loop.call_later(ACCEPT_ERROR_PAUSE, self._resume)
                 return
             conn.setblocking(False)

@@ -1,16 +1,16 @@
 """`postroom serve`: builds the service graph from a Config, binds listeners, runs until SIGTERM.
 
 Start-up problems a person can fix (a port already in use, an unreadable
-certificate) become one-line `ConfigError`s naming the config key; the CLI
-prints them without a traceback. SIGTERM and SIGINT stop accepting new
-connections, let transactions in progress finish (up to a grace period), tell
-idle clients 421 and exit 0.
+certificate, another server on the same data folder) become one-line
+`ConfigError`s naming the config key; the CLI prints them without a
+traceback. SIGTERM and SIGINT stop accepting new connections, let
+transactions in progress finish (up to a grace period), tell idle clients 421
+and exit 0. SIGHUP does the same, with a line saying so (there is no reload).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import gc
 import logging
@@ -24,14 +24,17 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from postroom.config import Config, ConfigError, postmaster_address
+from postroom.control import AlreadyRunning, ServerLock, serve_control
 from postroom.policy.auth import AuthThrottle
 from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
+from postroom.protocol.pop3_server import Pop3Reply
+from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import SUPPORTED_MECHANISMS
 from postroom.protocol.smtp_server import SMTPServerConfig
-from postroom.queue.scheduler import PID_FILE
 from postroom.server.acceptor import DeferredServer
 from postroom.server.committer import GroupCommitter
+from postroom.server.descriptors import Descriptors
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.pop3 import POP3Service, POP3Session
 from postroom.server.relay import Relay
@@ -44,7 +47,6 @@ from postroom.server.workers import (
     signal_children,
     worker_count,
 )
-from postroom.store.atomic import atomic_write
 from postroom.store.cache import CachedLookups
 from postroom.store.maildir import MailStore
 from postroom.store.users import UserDirectory, local_domains, open_user_directory
@@ -58,6 +60,10 @@ LISTEN_BACKLOG = 1024
 
 # How long SIGTERM waits for transactions in progress before closing them.
 DRAIN_GRACE_SECONDS = 30.0
+
+# SIGHUP would mean "reload"; until there is one it stops the server as SIGTERM does.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)  # SIGUSR1: rescan the queue folder
 
 SUBMISSION_LISTENERS = ("submission", "submissions")  # RFC 6409: AUTH, then relay
 # Allowed for the TLS handshake of an implicit-TLS listener (RFC 8314).
@@ -248,6 +254,7 @@ class Running:
     services: dict[str, AnyService]
     relay: Relay
     committer: GroupCommitter
+    descriptors: Descriptors | None = None
 
     @property
     def smtp(self) -> SMTPService:
@@ -269,6 +276,8 @@ class Running:
         await asyncio.gather(*(drain(service, grace) for service in self.services.values()))
         await self.relay.stop()
         self.committer.close()
+        if self.descriptors is not None:
+            self.descriptors.close()
         log.info("stopped")
 
 
@@ -346,6 +355,7 @@ async def start(
     services: dict[str, AnyService] = {}
     servers: dict[str, asyncio.base_events.Server | DeferredServer] = {}
     loop = asyncio.get_running_loop()
+    descriptors = Descriptors()
     for key_name, sock in sockets:
         service: AnyService
         if key_name in ("smtp", *SUBMISSION_LISTENERS):
@@ -369,15 +379,26 @@ async def start(
         services[key_name] = service
         implicit = tls_context if key_name in IMPLICIT_TLS else None
         factory = _session_factory(service, implicit)
+        descriptors.listen(key_name, sock, None if implicit else _out_of_descriptors(service))
         if key_name in accept_last:
-            servers[key_name] = DeferredServer(sock, factory)
+            servers[key_name] = DeferredServer(sock, factory,
+                                               accept_failed=descriptors.accept_failed)
         else:
             servers[key_name] = await loop.create_server(factory, sock=sock)
         log.info("listening for %s on %s:%d%s%s", key_name, *sock.getsockname()[:2],
                  " (implicit TLS)" if implicit else "",
                  " (taking what the workers leave)" if key_name in accept_last else "")
+    descriptors.install(loop)
     relay.start()
-    return Running(config, servers, services, relay, committer)
+    return Running(config, servers, services, relay, committer, descriptors)
+
+
+def _out_of_descriptors(service: AnyService) -> bytes:
+    """What a client that cannot be served for want of descriptors is told at once."""
+    if isinstance(service, SMTPService):  # RFC 5321 3.8, RFC 3463 X.3.2
+        return Reply(421, "4.3.2", f"{service.hostname} Service not available: out of "
+                     "resources, try again later").to_bytes()
+    return Pop3Reply(False, "out of resources, try again later", "SYS/TEMP").to_bytes()
 
 
 async def serve(
@@ -388,9 +409,11 @@ async def serve(
     worker: bool = False,
     channel: WakeChannel | None = None,
     children: list[int] | None = None,
+    lock: ServerLock | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT. The primary (not `worker`) also owns the pid file,
-    the relay scheduler and the worker children, which it stops and waits for."""
+    """Run until SIGTERM/SIGINT/SIGHUP. The primary (not `worker`) also answers on the
+    control socket of `lock`, runs the relay scheduler and stops the worker children,
+    then waits for them."""
     loop = asyncio.get_running_loop()
     flusher = (loop.create_task(flush_logs_periodically(log_handler))
                if log_handler is not None else None)
@@ -402,17 +425,23 @@ async def serve(
     if channel is not None and not worker:
         channel.listen(loop.add_reader, running.relay.wake)
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def stop_on(sig: signal.Signals) -> None:
+        if sig == signal.SIGHUP and not stop.is_set():
+            log.warning("SIGHUP: reloading the configuration is not supported; "
+                        "stopping as for SIGTERM")
+        stop.set()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop_on, sig)
     primary = not worker
-    pid_file = config.data_dir / PID_FILE
-    if not primary:
-        loop.add_signal_handler(signal.SIGUSR1, lambda: None)  # meant for the primary only
+    control: asyncio.AbstractServer | None = None
+    # A worker whose channel to the primary is full (server.workers) signals it.
+    loop.add_signal_handler(signal.SIGUSR1, running.relay.rescan if primary else lambda: None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # held back by run()
     if primary:
-        # `postroom queue flush`, `postroom sendmail` and the workers change the queue
-        # folder, then send SIGUSR1 to the pid in this file so the scheduler looks again.
-        loop.add_signal_handler(signal.SIGUSR1, running.relay.rescan)
-        atomic_write(pid_file, f"{os.getpid()}\n".encode("ascii"))
+        if lock is not None:  # `postroom queue` and `postroom sendmail` ask here
+            control = await serve_control(lock, running.relay.rescan, stop.is_set)
         log.info("postroom ready: hostname=%s, data=%s, processes=%d", config.hostname,
                  config.data_dir, 1 + len(children or []))
     try:
@@ -423,10 +452,8 @@ async def serve(
         if children:
             await asyncio.to_thread(reap_children, children)
     finally:
-        if primary:
-            with contextlib.suppress(OSError):
-                if pid_file.read_text(encoding="ascii").strip() == str(os.getpid()):
-                    pid_file.unlink()
+        if control is not None:
+            control.close()
         if flusher is not None:
             flusher.cancel()
     return 0
@@ -492,20 +519,33 @@ async def drain(service: AnyService, grace: float = DRAIN_GRACE_SECONDS) -> None
 
 
 def run(config: Config) -> int:
-    """Entry point of `postroom serve`."""
+    """Entry point of `postroom serve`: one per data folder (control.ServerLock)."""
     # Checked first, in this process, before any worker is forked: a certificate
     # that cannot be used stops the start with the one line of a ConfigError.
     load_tls(config)
     handler = setup_logging()
+    try:
+        lock = ServerLock.acquire(config.data_dir)
+    except AlreadyRunning as exc:
+        raise ConfigError(str(exc)) from None
+    with lock:  # until the last delivery of the drain has ended
+        return _run_locked(config, handler, lock)
+
+
+def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> int:
     flavour = install_event_loop_policy()
     processes = worker_count(config.workers)
     log.info("starting postroom (event loop: %s, processes: %d)", flavour, processes)
+    # Until serve() handles them, these signals wait (pending): by default each would
+    # end the process at once, with no drain and no log line. The workers inherit this.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     # Bound once, before forking: every process accepts on the same sockets.
     sockets = bind_listeners(config)
     channel = WakeChannel() if processes > 1 else None
     handler.flush()  # or the children would write the parent's buffered lines again
 
     def child() -> int:
+        lock.in_worker()
         # The parent forwards SIGTERM/SIGINT; a terminal's Ctrl-C reaches the whole
         # process group, and draining twice is harmless.
         return asyncio.run(serve(config, handler, sockets, worker=True, channel=channel))
@@ -518,7 +558,8 @@ def run(config: Config) -> int:
     gc.freeze()
     children = fork_workers(processes - 1, sockets, child)
     try:
-        return asyncio.run(serve(config, handler, sockets, channel=channel, children=children))
+        return asyncio.run(serve(config, handler, sockets, channel=channel, children=children,
+                                 lock=lock))
     except KeyboardInterrupt:
         return 130
     finally:

@@ -4,12 +4,14 @@ One Python process runs on one core at a time. `postroom serve` binds the
 listeners first, then forks `workers - 1` children; the kernel hands each new
 connection to whichever process accepts it. The parent is the primary: it
 alone runs the relay queue's scheduler (children queue mail and send the
-queue ID over a datagram socket pair made before the fork), writes the pid
-file, and forwards SIGTERM/SIGINT to the children before draining itself. A
-child asks the kernel to kill it when the parent dies (PR_SET_PDEATHSIG), so
-`kill -9` of the server leaves no orphan holding the ports. What processes
-share is safe across them: Maildir delivery by link(2), the queue under its
-file lock, POP3 maildrops under flock(2), the user directory in SQLite.
+queue ID over a datagram socket pair made before the fork), answers on the
+control socket, and forwards SIGTERM/SIGINT to the children before draining
+itself. The children inherit the data folder's lock and leave it to the
+primary (control.ServerLock). A child asks the kernel to kill it when the
+parent dies (PR_SET_PDEATHSIG), so `kill -9` of the server leaves no orphan
+holding the ports or the lock. What processes share is safe across them:
+Maildir delivery by link(2), the queue under its file lock, POP3 maildrops
+under flock(2), the user directory in SQLite.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+
+from postroom.control import wake_parent
 
 log = logging.getLogger("postroom.master")
 
@@ -104,12 +108,14 @@ def reap_children(children: list[int]) -> None:
 class WakeChannel:
     """Workers tell the primary "queue ID X is new" over a Unix datagram socket pair.
 
-    Made before the fork, so every process holds both ends. A full socket buffer
-    (the primary busy for long) falls back to SIGUSR1, which makes the primary
-    rescan the whole queue folder: slower, but nothing is missed.
+    Made in the primary before the fork, so every process holds both ends. A full
+    socket buffer (the primary busy for long) falls back to SIGUSR1 to the primary
+    (control.wake_parent), which makes it rescan the whole queue folder: slower,
+    but nothing is missed.
     """
 
     def __init__(self) -> None:
+        self.primary = os.getpid()
         self.primary_end, self.worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.primary_end.setblocking(False)
         self.worker_end.setblocking(False)
@@ -119,8 +125,7 @@ class WakeChannel:
         try:
             self.worker_end.send(queue_id.encode("ascii"))
         except OSError:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(os.getppid(), signal.SIGUSR1)
+            wake_parent(self.primary)
 
     def listen(self, add_reader: Callable[..., object], wake: Callable[[str], None]) -> None:
         """In the primary: call `wake(queue_id)` for every ID a worker sends."""
