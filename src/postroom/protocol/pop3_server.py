@@ -431,6 +431,11 @@ class POP3Server:
 
     # ------------------------------------------------------------------ I/O side
 
+    @property
+    def bytes_buffered(self) -> int:
+        """Received octets not yet read as commands (a partial line, or pipelined ones)."""
+        return len(self._buffer)
+
     def receive_data(self, data: bytes) -> None:
         """Bytes from the client; b"" means EOF."""
         if self._state is State.CLOSED:

@@ -14,6 +14,7 @@ import asyncio
 import errno
 import gc
 import logging
+import math
 import os
 import signal
 import socket
@@ -388,6 +389,8 @@ async def start(
         log.info("listening for %s on %s:%d%s%s", key_name, *sock.getsockname()[:2],
                  " (implicit TLS)" if implicit else "",
                  " (taking what the workers leave)" if key_name in accept_last else "")
+    for limiter in (smtp_limiter, pop3_limiter):
+        limiter.on_stress = _stress_sessions(limiter, services)
     descriptors.install(loop)
     relay.start()
     return Running(config, servers, services, relay, committer, descriptors)
@@ -457,6 +460,22 @@ async def serve(
         if flusher is not None:
             flusher.cancel()
     return 0
+
+
+def _stress_sessions(limiter: ConnectionLimiter, services: dict[str, AnyService],
+                     ) -> Callable[[], None]:
+    """What `limiter` does when it reaches stress: every session it counts that waits
+    for a request gets at most the stress timeout for it (server.limits)."""
+
+    def shorten() -> None:
+        limit = limiter.timeout(math.inf)  # STRESS_TIMEOUT
+        for service in services.values():
+            if service.limiter is limiter:
+                sessions: list[SMTPSession | POP3Session] = list(service.sessions)
+                for session in sessions:
+                    session.under_stress(limit)
+
+    return shorten
 
 
 class _SessionStream(Stream):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from postroom.policy.auth import AuthThrottle
 from postroom.protocol import pop3_server as core
+from postroom.server.deadline import RequestDeadline
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.stream import Stream
 from postroom.store.maildir import MailStore
@@ -98,6 +99,7 @@ class POP3Session:
         self._sasl: tuple[str, str | None] | None = None  # LOGIN: (step, username)
         self._stashed: object | None = None  # an event _on_data left for the loop
         self._read_next = 0  # a message to read ahead once this answer is written
+        self.deadline = RequestDeadline()  # of the command line being read
 
     async def run(self) -> None:
         svc = self.service
@@ -136,7 +138,7 @@ class POP3Session:
                     if not await self._drain():
                         return
                     try:
-                        data = await stream.read(self.service.idle_timeout)
+                        data = await stream.read(self._request_timeout())
                     except TimeoutError:
                         log.info("%s: idle timeout for %s", self.service.name, self.client)
                         conn.timeout()
@@ -188,13 +190,32 @@ class POP3Session:
         self.conn.receive_data(data)
         event = self._pump()
         if event is core.NEED_DATA:
+            if self.conn.bytes_buffered == 0:  # answered: the next request begins
+                self.stream.restart_deadline(self._request_timeout())
             return True
         self._stashed = event
         return False
 
+    def _request_timeout(self) -> float:
+        """Seconds left for the command line being read (server.deadline): a whole
+        line within the idle timeout, not a byte. Before login, and only then,
+        that time shrinks under stress (server.limits); RFC 1939 3 asks ten
+        minutes for a logged-in client."""
+        now = asyncio.get_running_loop().time()
+        if not self.deadline.started or self.conn.bytes_buffered == 0:
+            svc = self.service
+            limit = svc.idle_timeout if self.user else svc.limiter.timeout(svc.idle_timeout)
+            self.deadline.start(now, limit)
+        return self.deadline.remaining(now)
+
     async def _drain(self) -> bool:
         try:
-            await self.stream.drain()
+            await self.stream.drain(self.service.idle_timeout)
+        except TimeoutError:
+            log.info("%s: timeout sending to %s: it reads nothing", self.service.name,
+                     self.client)
+            self.stream.abort()
+            return False
         except (ConnectionError, ssl.SSLError):
             return False
         return True
@@ -424,6 +445,12 @@ class POP3Session:
         log.info("%s: logout user=%s: deleted=%d, failed=%d", self.service.name, self.user,
                  len(numbers) - failures, failures)
         self.conn.update_done(ok=failures == 0)
+
+    def under_stress(self, limit: float) -> None:
+        """Most connection slots are taken: a client not yet logged in gets at most
+        `limit` for the command being read (see _request_timeout)."""
+        if self.user is None and self.deadline.shorten(asyncio.get_running_loop().time(), limit):
+            self.stream.restart_deadline(limit)
 
     def close_for_shutdown(self) -> None:
         """Server stopping: close without Update, so nothing is deleted (RFC 1939 6).

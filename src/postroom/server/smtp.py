@@ -26,6 +26,7 @@ from postroom.protocol import smtp_server as core
 from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.server.committer import GroupCommitter
+from postroom.server.deadline import RequestDeadline
 from postroom.server.headers import HeaderCapture, missing_headers
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
@@ -116,6 +117,7 @@ class SMTPSession:
         self.in_data = False
         self.user: str | None = None  # the authenticated identity (submission)
         self.sasl: sasl.ServerExchange | None = None
+        self.deadline = RequestDeadline()  # of the command line or content being read
 
     @property
     def busy(self) -> bool:
@@ -176,16 +178,33 @@ class SMTPSession:
                 return
 
     async def _read(self) -> bool:
-        """Feed the core; False when the connection must end (timeout, EOF handled by core)."""
-        timeout = self.service.data_timeout if self.in_data else self.service.command_timeout
+        """Feed the core; False when the connection must end (timeout, EOF handled by core).
+
+        Each request has a deadline (server.deadline): a command line must be
+        whole within the command timeout, message content keeps a minimum rate;
+        no single byte buys more time. Both shrink under stress (server.limits).
+        """
+        svc = self.service
+        now = asyncio.get_running_loop().time()
+        deadline = self.deadline
+        if self.in_data:
+            limit = svc.limiter.timeout(svc.data_timeout)
+            if not deadline.content:
+                deadline.start(now, limit, content=True)
+            timeout = min(limit, deadline.remaining(now))  # and never idle longer
+        else:
+            if deadline.content or not deadline.started or self.conn.bytes_buffered == 0:
+                deadline.start(now, svc.limiter.timeout(svc.command_timeout))
+            timeout = deadline.remaining(now)
         try:
             data = await self.stream.read(timeout)
         except TimeoutError:
-            log.info("%s: timeout after %s from [%s]", self.service.name,
-                     self.conn.state, self.client_ip)
+            log.info("%s: timeout after %s from [%s]", svc.name, self.conn.state,
+                     self.client_ip)
             self.conn.timeout()
             await self._flush()
             return False
+        deadline.received(len(data))
         self.conn.receive_data(data)
         return True
 
@@ -195,7 +214,12 @@ class SMTPSession:
             return True
         try:
             self.stream.write(out)
-            await self.stream.drain()
+            await self.stream.drain(self.service.command_timeout)
+        except TimeoutError:
+            log.info("%s: timeout sending to [%s]: it reads nothing", self.service.name,
+                     self.client_ip)
+            self.stream.abort()
+            return False
         except (ConnectionError, ssl.SSLError):
             return False
         return True
@@ -507,6 +531,11 @@ class SMTPSession:
         if self.service.draining and not self.conn.closing:
             # The transaction we waited for is over: say goodbye after its reply.
             self.conn.shutdown(f"{self.service.hostname} Service shutting down")
+
+    def under_stress(self, limit: float) -> None:
+        """Most connection slots are taken: the request being read gets at most `limit`."""
+        if self.deadline.shorten(asyncio.get_running_loop().time(), limit):
+            self.stream.restart_deadline(limit)
 
     def close_for_shutdown(self) -> None:
         """SIGTERM, grace period over: tell the client 421 and close (RFC 5321 3.8)."""

@@ -102,10 +102,7 @@ class Stream(asyncio.Protocol):
         ):
             # The session is idle, waiting for its next command: let it answer
             # right here instead of waking its task (see set_handler).
-            if self._handler(data):
-                if self._timeout is not None and self._loop is not None:
-                    self._deadline = self._loop.time() + self._timeout
-            else:
+            if not self._handler(data):
                 self._kicked = True
                 waiter.set_result(None)
             return
@@ -177,7 +174,8 @@ class Stream(asyncio.Protocol):
         means it needs its task: the read returns at once, with the bytes that
         came after the handler's (b"" when none did). The handler is never called
         while bytes are buffered or while writing is paused, so back-pressure and
-        the order of bytes are kept.
+        the order of bytes are kept. Handled bytes do not restart the read's
+        timeout: a handler that has finished a request calls restart_deadline().
         """
         self._handler = handler
 
@@ -186,10 +184,11 @@ class Stream(asyncio.Protocol):
         when a handler (see set_handler) asked for the task.
 
         TimeoutError when nothing came for `timeout` seconds. One timer serves
-        many reads: it is armed when a wait starts and none is pending, and when
-        it fires it re-arms itself for the current wait's deadline instead of
-        expiring it (neither asyncio.wait_for, which makes a task per read, nor a
-        new timer per read, at thousands of commands a second).
+        many reads: it is armed when a wait starts and none is pending (or the
+        pending one is later), and when it fires it re-arms itself for the
+        current wait's deadline instead of expiring it (neither asyncio.wait_for,
+        which makes a task per read, nor a new timer per read, at thousands of
+        commands a second).
         """
         while not self._chunks:
             if self._kicked:
@@ -203,8 +202,7 @@ class Stream(asyncio.Protocol):
             self._timeout = timeout
             if timeout is not None:
                 self._deadline = loop.time() + timeout
-                if self._timer is None:
-                    self._timer = loop.call_at(self._deadline, self._check_deadline)
+                self._arm_timer(loop)
             try:
                 await waiter
             finally:
@@ -221,6 +219,23 @@ class Stream(asyncio.Protocol):
         self._buffered = 0
         self._resume_if_paused()
         return data
+
+    def restart_deadline(self, timeout: float) -> None:
+        """The read now waiting (if any) times out `timeout` seconds from now."""
+        loop = self._loop
+        if loop is None or self._read_waiter is None:
+            return
+        self._timeout = timeout
+        self._deadline = loop.time() + timeout
+        self._arm_timer(loop)
+
+    def _arm_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= self._deadline:
+                return  # it fires first and re-arms itself for the deadline
+            timer.cancel()
+        self._timer = loop.call_at(self._deadline, self._check_deadline)
 
     def _check_deadline(self) -> None:
         self._timer = None
@@ -249,7 +264,10 @@ class Stream(asyncio.Protocol):
             return
         self._write_tls(tls)
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float) -> None:
+        """Wait until the client has taken what was written, down to the transport's
+        low-water mark; TimeoutError when it takes nothing for `timeout` seconds
+        (a client that sends commands but never reads would hold the session)."""
         if self._closed:
             raise ConnectionResetError("connection lost")
         if not self._write_paused:
@@ -257,7 +275,7 @@ class Stream(asyncio.Protocol):
         waiter = asyncio.get_running_loop().create_future()
         self._drain_waiter = waiter
         try:
-            await waiter
+            await asyncio.wait_for(waiter, timeout)
         finally:
             self._drain_waiter = None
 
