@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import re
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -520,6 +521,34 @@ def test_smtputf8_needed_but_not_offered_is_permanent(tmp_path: Path) -> None:
                 assert "SMTPUTF8" in error.text and not session.closed
 
     run(scenario)
+
+
+def test_long_lines_are_folded_for_a_receiver_that_refuses_them(tmp_path: Path) -> None:
+    """aiosmtpd answers "500 Line too long" to a line over 1000 octets (RFC 5321
+    4.5.3.1.6); the client folds long header lines at blanks and breaks long
+    body lines with CRLF SP (Postfix's smtp_line_length_limit), so it takes them."""
+    handler = Recorder()
+    subject = b"Subject: " + b" ".join(b"word%d" % i for i in range(300))  # ~2,400 octets
+    body_line = bytes(range(48, 58)) * 300  # 3,000 octets, no blank
+    data = subject + b"\n\n" + body_line + b"\nlast line\n"
+
+    async def scenario() -> None:
+        async with aiosmtpd(handler) as hop, await connect(hop) as session:
+            result = await send_simple(session, tmp_path, "a@y.example", data=data)
+            assert result.data_reply is not None and result.data_reply.code == 250
+
+    run(scenario)
+    (envelope,) = handler.envelopes
+    content = envelope.content
+    assert max(len(line) for line in content.split(b"\r\n")) <= 998
+    head, _, body = content.partition(b"\r\n\r\n")
+    # RFC 5322 2.2.3: unfolding gives the field back exactly.
+    assert re.sub(rb"\r\n(?=[ \t])", b"", head) == subject
+    assert body.replace(b"\r\n ", b"") == body_line + b"\r\nlast line\r\n"
+    assert body.split(b"\r\n")[:4] == [
+        body_line[:998], b" " + body_line[998:1995], b" " + body_line[1995:2992],
+        b" " + body_line[2992:],
+    ]
 
 
 def test_smtputf8_when_offered(tmp_path: Path) -> None:

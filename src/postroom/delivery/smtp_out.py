@@ -9,7 +9,9 @@ a hop with tls="required" fails without it), EHLO again over TLS, and AUTH
 `send` runs one mail transaction and returns every recipient's own reply: MAIL,
 RCPTs and DATA go in one write when the server offers PIPELINING (RFC 2920
 3.1), one by one otherwise; the message is read from its file in chunks and
-dot-stuffed on the way (never whole in memory). A server that offers CHUNKING
+dot-stuffed on the way (never whole in memory), its lines over 998 octets
+folded or broken as Postfix's smtp_line_length_limit does (RFC 5321
+4.5.3.1.6; see protocol.lines.LineFolder). A server that offers CHUNKING
 too gets the message with BDAT (RFC 3030), its first chunk in the same write
 as MAIL and RCPT: one round trip for a small message. A session may send several
 messages. What the hop cannot take is refused before anything is sent: a
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import IO
 
 from postroom.net import Channel
-from postroom.protocol.lines import DotStuffer
+from postroom.protocol.lines import MAX_CONTENT_LINE, DotStuffer
 from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import LOGIN, PLAIN, ClientExchange, SASLError
 from postroom.protocol.smtp_client import (
@@ -604,7 +606,7 @@ class ClientSession:
         the connection before the LAST chunk (so nothing is delivered) and
         propagates.
         """
-        lines = DotStuffer(dots=False)
+        lines = DotStuffer(dots=False, max_line=MAX_CONTENT_LINE)  # as DATA sends it
         try:
             ahead = lines.feed(file.read(CHUNK_SIZE))
             while True:
