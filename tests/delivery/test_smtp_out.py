@@ -506,12 +506,15 @@ def test_auth_is_never_sent_without_tls(tmp_path: Path) -> None:
 
 
 def test_smtputf8_needed_but_not_offered_is_permanent(tmp_path: Path) -> None:
+    utf8_subject = "Subject: Grüße\n\nbody\n".encode()
+
     async def scenario() -> None:
         async with aiosmtpd(Recorder()) as hop, await connect(hop) as session:
             assert not session.extensions.smtputf8
             cases: list[tuple[dict[str, Any], str]] = [
-                ({"smtputf8": True}, "a@y.example"),
+                ({"smtputf8": True, "data": utf8_subject}, "a@y.example"),
                 ({}, "jös@y.example"),
+                ({"sender": "jös@x.example"}, "a@y.example"),
             ]
             for kwargs, rcpt in cases:
                 with pytest.raises(SMTPError) as caught:
@@ -521,6 +524,24 @@ def test_smtputf8_needed_but_not_offered_is_permanent(tmp_path: Path) -> None:
                 assert "SMTPUTF8" in error.text and not session.closed
 
     run(scenario)
+
+
+def test_smtputf8_flag_alone_does_not_need_the_extension(tmp_path: Path) -> None:
+    """RFC 6531 3.4: an ASCII envelope and ASCII header fields need no SMTPUTF8,
+    whatever the client asked; the body may be 8-bit (that is 8BITMIME's)."""
+    handler = Recorder()
+    ascii_head = "Subject: plain\n\nÜber 8-bit body\n".encode()
+
+    async def scenario() -> None:
+        async with aiosmtpd(handler) as hop, await connect(hop) as session:
+            for data in (MESSAGE, ascii_head):
+                result = await send_simple(session, tmp_path, "a@y.example", data=data,
+                                           smtputf8=True)
+                assert result.data_reply is not None and result.data_reply.code == 250
+
+    run(scenario)
+    assert [e.content for e in handler.envelopes] == [STORED, ascii_head.replace(b"\n", b"\r\n")]
+    assert all("SMTPUTF8" not in e.mail_options for e in handler.envelopes)
 
 
 def test_long_lines_are_folded_for_a_receiver_that_refuses_them(tmp_path: Path) -> None:

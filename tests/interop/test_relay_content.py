@@ -1,4 +1,4 @@
-"""What postroom's relay client hands a real Postfix: lines over 998 octets.
+"""What postroom's relay client hands a real Postfix: lines over 998 octets, and SMTPUTF8.
 
 A private Postfix files what it receives in a Maildir (virtual(8)); the tests
 read the octets it kept. Postfix cuts lines at its line_length_limit (2048)
@@ -9,6 +9,10 @@ Postfix's local convention).
 Long lines: the client folds long header lines at blanks and breaks long body
 lines with CRLF SP, as Postfix's own smtp_line_length_limit does, with BDAT
 (RFC 3030) and with DATA alike (RFC 5321 4.5.3.1.6).
+
+SMTPUTF8: a message submitted with the SMTPUTF8 flag whose addresses and
+header fields are ASCII needs no SMTPUTF8 (RFC 6531 3.4): it reaches a Postfix
+with smtputf8_enable = no; one with a UTF-8 Subject bounces with 5.6.7.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from mailcheck import new_token
-from mailharness import LOOPBACK, PrivatePostfix
+from mailharness import LOOPBACK, Postroom, PrivatePostfix, submission_client
 
 from postroom.delivery.smtp_out import ClientSession, Hop, OutRecipient, TransactionResult
 
@@ -33,6 +37,7 @@ pytestmark = pytest.mark.interop
 PF_USER = "user"
 PF_RCPT = f"{PF_USER}@pf.example"
 SMITH = "smith@isp.example"
+SMITH_PASSWORD = "smith-secret"
 
 
 def wait_for_files(folder: Path, count: int = 1, timeout: float = 30.0) -> list[Path]:
@@ -111,3 +116,41 @@ def test_long_lines_reach_postfix_folded_within_998_octets(
         b"." + b"d" * 996, b" " + b"d" * 204,
         b"end", b"",
     ]
+
+
+def test_ascii_message_flagged_smtputf8_reaches_a_postfix_without_it(
+    postroom_factory: Callable[..., Postroom],
+    private_postfix: Callable[..., PrivatePostfix],
+) -> None:
+    postfix = mailbox_postfix(private_postfix, smtputf8_enable="no")
+    isp = postroom_factory(
+        hostname="mail.isp.example", domains=["isp.example"],
+        users={SMITH: SMITH_PASSWORD}, aliases={}, listeners=("smtp", "submission"),
+        extra_toml=(f'[routes]\n"pf.example" = "{LOOPBACK}:{postfix.port}"\n\n'
+                    '[queue]\nretry_after = ["1s"]\ngive_up_after = "1h"\n'),
+    )
+    token = new_token()
+    plain = (f"From: <{SMITH}>\r\nTo: <{PF_RCPT}>\r\nSubject: plain {token}\r\n"
+             f"Message-ID: <{token}@isp.example>\r\n\r\nÜber 8-bit body\r\n").encode()
+    utf8 = (f"From: <{SMITH}>\r\nTo: <{PF_RCPT}>\r\nSubject: Grüße {token}\r\n"
+            f"Message-ID: <u{token}@isp.example>\r\n\r\nbody\r\n").encode()
+    with submission_client(isp.ports["submission"], SMITH, SMITH_PASSWORD) as client:
+        for message in (plain, utf8):
+            refused = client.sendmail(SMITH, [PF_RCPT], message,
+                                      mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+            assert refused == {}
+
+    (stored,) = wait_for_files(postfix.mailbox_path(PF_USER))
+    data = stored.read_bytes()
+    assert f"Subject: plain {token}".encode() in data
+    assert data.endswith("Über 8-bit body\n".encode())
+    # The UTF-8 Subject does need SMTPUTF8: it comes back to the sender (RFC 6531 3.2).
+    bounce = isp.wait_for_message(SMITH, f"u{token}".encode(), timeout=30)
+    assert len(bounce) == 1, isp.output()
+    report = email.message_from_bytes(bounce[0], policy=email.policy.default)
+    status = next(p for p in report.walk()
+                  if p.get_content_type() in ("message/delivery-status",
+                                              "message/global-delivery-status"))
+    assert b"Status: 5.6.7" in status.as_bytes()
+    assert "Unsupported option" not in postfix.log()  # no SMTPUTF8 was ever sent to it
+    assert len(wait_for_files(postfix.mailbox_path(PF_USER), count=2, timeout=0)) == 1

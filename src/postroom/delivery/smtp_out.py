@@ -16,9 +16,11 @@ too gets the message with BDAT (RFC 3030), its first chunk in the same write
 as MAIL and RCPT: one round trip for a small message. A session may send several
 messages. What the hop cannot take is refused before anything is sent: a
 message over its SIZE (RFC 1870 6.1, 5.3.4) or one that needs SMTPUTF8 from a
-hop without it (RFC 6531 3.2, 5.6.7). An 8-bit message goes as BODY=8BITMIME
-when the hop offers it and as it is otherwise, as Postfix does (noted in the
-result). DSN parameters go only to a hop that offers DSN (RFC 3461 5.2).
+hop without it (RFC 6531 3.2, 5.6.7): one with a UTF-8 address, or a UTF-8
+header field when the client asked for SMTPUTF8 (as Postfix decides). An
+8-bit message goes as BODY=8BITMIME when the hop offers it and as it is
+otherwise, as Postfix does (noted in the result). DSN parameters go only to
+a hop that offers DSN (RFC 3461 5.2).
 
 Failures of the session itself raise `SMTPError`: no connection, a timeout
 (RFC 5321 4.5.3.2's values by default), a 421, a lost connection, a protocol
@@ -203,6 +205,23 @@ def _has_8bit(file: IO[bytes]) -> bool:
         return False
     finally:
         file.seek(start)
+
+
+def _headers_have_8bit(message: Path) -> bool:
+    """Whether the message's header section has octets above 127 (RFC 6532 3.2: UTF-8
+    header fields); read in chunks up to its blank line, never whole."""
+    file, _ = open_content(message)
+    with file:
+        before = b"\n"  # the content starts at a line start
+        while chunk := file.read(CHUNK_SIZE):
+            window = before + chunk
+            ends = [i for i in (window.find(b"\n\r\n"), window.find(b"\n\n")) if i >= 0]
+            if ends:
+                return not window[: min(ends)].isascii()
+            if not chunk.isascii():
+                return True
+            before = window[-2:]
+        return False
 
 
 class ClientSession:
@@ -426,10 +445,11 @@ class ClientSession:
 
         `size` is the message's size in octets (declared with SIZE). `body`
         is "7BIT" or "8BITMIME" as the sender declared it, or None to look at
-        the content. `smtputf8` says the message needs SMTPUTF8 (non-ASCII
-        addresses always do). Local refusals (size, SMTPUTF8, a sender that
-        cannot be written) raise SMTPError and leave the session usable; any
-        other SMTPError closes it. An OSError reading the message drops the
+        the content. `smtputf8` says the client asked for SMTPUTF8 (non-ASCII
+        addresses always do); a hop without it still gets the message when no
+        address and no header field is UTF-8. Local refusals (size, SMTPUTF8,
+        a sender that cannot be written) raise SMTPError and leave the session
+        usable; any other SMTPError closes it. An OSError reading the message drops the
         connection before the final dot (so nothing is delivered) and
         propagates.
         """
@@ -441,10 +461,15 @@ class ClientSession:
         wanted = {r.address: r for r in reversed(recipients)}  # the first of duplicates wins
         unique = [wanted[a] for a in dict.fromkeys(r.address for r in recipients)]
         addresses = [sender, *(r.address for r in unique)]
-        needs_utf8 = smtputf8 or not all(a.isascii() for a in addresses)
-        if needs_utf8 and not ext.smtputf8:
-            text = f"host {self._peer} does not support SMTPUTF8, which the message needs"
-            raise SMTPError(text, temporary=False, status="5.6.7")  # RFC 6531 3.2
+        ascii_envelope = all(a.isascii() for a in addresses)
+        utf8 = smtputf8 or not ascii_envelope  # asked for: a hop that offers it gets it
+        if utf8 and not ext.smtputf8:
+            # RFC 6531 3.4: what needs SMTPUTF8 is a UTF-8 address or header field, not
+            # the client's flag; like Postfix, a flagged message without either goes.
+            if not ascii_envelope or _headers_have_8bit(message):
+                text = f"host {self._peer} does not support SMTPUTF8, which the message needs"
+                raise SMTPError(text, temporary=False, status="5.6.7")  # RFC 6531 3.2
+            utf8 = False
         limit = ext.size_limit
         if limit is not None and size > limit:
             text = f"message size {size} exceeds size limit {limit} of server {self._peer}"
@@ -480,7 +505,7 @@ class ClientSession:
                 sender,
                 size=size if "SIZE" in ext else None,
                 body=body_param,
-                smtputf8=needs_utf8,
+                smtputf8=utf8,
                 ret=ret if dsn else None,
                 envid=envid if dsn else None,
             )

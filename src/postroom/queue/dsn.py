@@ -115,8 +115,12 @@ def build_dsn(
         returned, returned_kind = full, "message"
     else:
         returned, returned_kind = headers, "headers"
-    # RFC 6532/6533: UTF-8 headers or addresses need the "global" media types.
-    global_types = envelope.smtputf8 or not (headers or b"").isascii()
+    # RFC 6533 3-6: UTF-8 addresses or header fields need the "global" media types;
+    # the client's SMTPUTF8 flag alone does not (RFC 6531 3.4).
+    addresses = [envelope.sender]
+    for recipient, _result in recipients_with_results:
+        addresses += [recipient.address, recipient.orcpt or ""]
+    global_types = not all(a.isascii() for a in addresses) or not (headers or b"").isascii()
 
     boundary = _boundary(reporting_mta, returned or b"")
     text = _human_text(
