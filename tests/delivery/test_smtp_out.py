@@ -430,16 +430,27 @@ def test_starttls_when_offered(tmp_path: Path, mode: str) -> None:
     assert envelope.content == STORED
 
 
-def test_tls_handshake_failure_is_temporary(tmp_path: Path) -> None:
+def test_failed_tls_handshake_falls_back_to_plaintext_only_where_tls_is_opportunistic(
+    tmp_path: Path,
+) -> None:
+    handler = Recorder()
+
     async def scenario() -> None:
-        async with aiosmtpd(Recorder(), tls_context=server_tls_context(tmp_path)) as hop:
+        async with aiosmtpd(handler, tls_context=server_tls_context(tmp_path)) as hop:
             verifying = ssl.create_default_context()  # does not trust the self-signed cert
             with pytest.raises(SMTPError) as caught:
-                await connect(hop, verifying)
+                await connect(Hop(hop.host, hop.port, hop.name, tls="required"), verifying)
             assert caught.value.temporary and caught.value.status == "4.7.5"
             assert "cannot start TLS" in caught.value.text
+            # Opportunistic: a new connection that does not try STARTTLS, as Postfix's "may".
+            session = await connect(hop, verifying)
+            assert not session.tls_active and session.tls_fallback
+            await send_simple(session, tmp_path, "a@y.example")
+            await session.quit()
 
     run(scenario)
+    (envelope,) = handler.envelopes
+    assert envelope.content == STORED
 
 
 def accept_login(expected: tuple[bytes, bytes]) -> Callable[..., AuthResult]:

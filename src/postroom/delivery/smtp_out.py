@@ -3,8 +3,9 @@
 The I/O side of `protocol.smtp_client`. `ClientSession.connect` opens the
 connection and gets it ready: the greeting, EHLO (HELO when EHLO gets a 5xx,
 RFC 5321 3.2), STARTTLS whenever offered unless the hop says "none" (RFC 3207;
-a hop with tls="required" fails without it), EHLO again over TLS, and AUTH
-(PLAIN, else LOGIN) when the hop has a login, never without TLS.
+a hop with tls="required" fails without it; where TLS is opportunistic, a
+failed handshake is followed by a plaintext connection), EHLO again over TLS,
+and AUTH (PLAIN, else LOGIN) when the hop has a login, never without TLS.
 
 `send` runs one mail transaction and returns every recipient's own reply: MAIL,
 RCPTs and DATA go in one write when the server offers PIPELINING (RFC 2920
@@ -163,6 +164,10 @@ class SMTPError(Exception):
         self.status = status or ("4.0.0" if temporary else "5.0.0")
 
 
+class TLSFailed(SMTPError):
+    """The TLS handshake after the server's 220 to STARTTLS failed (RFC 3207 4.1)."""
+
+
 _TEXT_STATUS_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")  # RFC 3463 2
 
 
@@ -245,6 +250,7 @@ class ClientSession:
         self._command_timeout = command_timeout
         self._timeouts = timeouts
         self._closed = False
+        self.tls_fallback = False  # in plaintext after a failed opportunistic handshake
         peer = channel.get_extra_info("peername")
         ip, port = (peer[0], peer[1]) if peer else (hop.host, hop.port)
         self._peer = f"{hop.name}[{ip}]:{port}"
@@ -260,7 +266,41 @@ class ClientSession:
         command_timeout: float = COMMAND_TIMEOUT,
         timeouts: Timeouts | None = None,
     ) -> ClientSession:
-        """Connect to `hop` and get the session ready to send (see the module docstring)."""
+        """Connect to `hop` and get the session ready to send (see the module docstring).
+
+        A TLS handshake that fails where TLS is opportunistic is followed by a
+        new connection in plaintext, as Postfix does at security level "may"
+        and Exim with tls_tempfail_tryclear: encryption that was only ever
+        offered by chance must not keep the mail from going. A hop that
+        requires TLS fails with 4.7.5 instead.
+        """
+        timeouts = timeouts or Timeouts()
+        try:
+            return await cls._open(hop, helo, tls_context, connect_timeout, command_timeout,
+                                   timeouts, starttls=hop.tls != "none")
+        except TLSFailed as failure:
+            if hop.tls != "opportunistic":
+                raise
+            log.info("%s; trying again without TLS (opportunistic TLS)", failure.text)
+        session = await cls._open(hop, helo, tls_context, connect_timeout, command_timeout,
+                                  timeouts, starttls=False)
+        session.tls_fallback = True
+        return session
+
+    @classmethod
+    async def _open(
+        cls,
+        hop: Hop,
+        helo: str,
+        tls_context: ssl.SSLContext,
+        connect_timeout: float,
+        command_timeout: float,
+        timeouts: Timeouts,
+        *,
+        starttls: bool,
+    ) -> ClientSession:
+        """One connection, made ready: with STARTTLS when offered (or required) if
+        `starttls`, else in plaintext."""
         where = f"{hop.name}[{hop.host}]:{hop.port}"
         loop = asyncio.get_running_loop()
         try:
@@ -280,10 +320,10 @@ class ClientSession:
             helo=helo,
             tls_context=tls_context,
             command_timeout=command_timeout,
-            timeouts=timeouts or Timeouts(),
+            timeouts=timeouts,
         )
         try:
-            await session._start()
+            await session._start(starttls)
         except BaseException:
             session._close(abort=True)
             raise
@@ -339,13 +379,13 @@ class ClientSession:
 
     # --- Session set-up ---------------------------------------------------
 
-    async def _start(self) -> None:
+    async def _start(self, starttls: bool) -> None:
         greeting = await self._reply(self._timeouts.greeting)
         if greeting.reply.code != 220:
             # RFC 5321 3.1: a 554 greeting still waits for QUIT.
             raise await self._refused(greeting)
         await self._hello()
-        if self._hop.tls != "none":
+        if starttls:
             await self._starttls()
         if self._hop.auth is not None:
             await self._authenticate(*self._hop.auth)
@@ -386,7 +426,8 @@ class ClientSession:
             )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             text = f"cannot start TLS with {self._peer}: {exc or 'handshake timed out'}"
-            raise self._lost(text, "4.7.5") from None
+            self._close(abort=True)
+            raise TLSFailed(text, temporary=True, status="4.7.5") from None
         self._core.tls_started()
         await self._hello()  # RFC 3207 4.2: all knowledge from before TLS is void
 
