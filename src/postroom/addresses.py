@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+from collections.abc import Sequence
 
 try:  # IDNA 2008 with UTS 46 mapping when the `idna` package is present ...
     import idna as _idna
@@ -163,3 +164,10 @@ def canonical(address: str) -> str:
 def domain_of(address: str) -> str:
     """The canonical domain of an address."""
     return canonical_domain(split(address)[1])
+
+
+def postmaster_address(domains: Sequence[str], hostname: str) -> str:
+    """postmaster@ the first local domain (the host name when there is none): every
+    mail domain has one (RFC 5321 4.5.1), and it takes what nobody else can, such
+    as a bounce that could not be returned (a double bounce)."""
+    return canonical(f"postmaster@{domains[0] if domains else hostname}")

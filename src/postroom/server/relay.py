@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from postroom.addresses import domain_of
+from postroom.addresses import domain_of, postmaster_address
 from postroom.batch import BatchThread
 from postroom.config import Config
 from postroom.delivery.local import LocalCourier
@@ -88,6 +88,7 @@ class Relay:
             bounce_sender_hostname=config.hostname,
             max_per_destination=config.queue.max_per_destination,
             delay_warning_after=config.queue.delay_warning_after or None,
+            postmaster=postmaster_address(config.domains, config.hostname),
         )
         self._task: asyncio.Task[None] | None = None
         # Group commit for the queue (QueueStore.add_many), as server/committer.py
