@@ -663,8 +663,9 @@ async def test_success_notices(tmp_path: Path) -> None:
             elif r.address.startswith("passed"):  # next hop takes the DSN duty over
                 results.append(DeliveryResult(r.address, "delivered", "2.0.0", "250 ok",
                                               "mx.isp.example[192.0.2.1]:25"))
-            else:  # local delivery
-                results.append(DeliveryResult(r.address, "delivered", "2.0.0", "delivered"))
+            else:  # local delivery, to an alias of several mailboxes for "team"
+                results.append(DeliveryResult(r.address, "delivered", "2.0.0", "delivered",
+                                              expanded=r.address.startswith("team")))
         file, _ = open_content(path)
         with file:
             seen.append((env.sender, file.read()))
@@ -678,15 +679,17 @@ async def test_success_notices(tmp_path: Path) -> None:
     h.add("MSG000000001", Recipient("relayed@isp.example", notify=success),
           Recipient("passed@isp.example", notify=success),
           Recipient("plain@isp.example"),
-          Recipient("local@corp.example", notify=success))
+          Recipient("local@corp.example", notify=success, orcpt="rfc822;old@corp.example"),
+          Recipient("team@corp.example", notify=success))
     await h.start()
     notices = [email.message_from_bytes(data) for sender, data in seen if sender == ""]
     actions = sorted(
-        (b["Action"], b["Final-Recipient"])
+        (b["Action"], b["Final-Recipient"], b["Original-Recipient"])
         for n in notices for b in n.get_payload()[1].get_payload()[1:]
     )
-    assert actions == [("delivered", "rfc822; local@corp.example"),
-                       ("relayed", "rfc822; relayed@isp.example")]
+    assert actions == [("delivered", "rfc822; local@corp.example", "rfc822; old@corp.example"),
+                       ("expanded", "rfc822; team@corp.example", None),
+                       ("relayed", "rfc822; relayed@isp.example", None)]
     await h.stop()
 
 

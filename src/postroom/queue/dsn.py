@@ -107,7 +107,7 @@ def build_dsn(
     recipients_with_results: Sequence[tuple[Recipient, DeliveryResult]],
     action: Action,
     reporting_mta: str,
-    original_message: Path,
+    original_message: Path | bytes,
     now: float,
     *,
     retry_until: float | None = None,
@@ -119,8 +119,9 @@ def build_dsn(
     `retry_until` (delayed notices) is when the queue gives up. The original
     is returned whole when RET=FULL or RET is absent and it is at most
     `max_full` octets, else only its header section; a missing original
-    file leaves the third part out (RFC 3464 2: it is optional). `to`: the
-    postmaster, when the report cannot go to the sender (mail from <>).
+    file leaves the third part out (RFC 3464 2: it is optional). The original
+    may also be given as its octets. `to`: the postmaster, when the report
+    cannot go to the sender (mail from <>).
     """
     headers, full = _read_original(original_message, max_full)
     want_full = (envelope.ret or "FULL").upper() != "HDRS"
@@ -216,15 +217,16 @@ def queue_dsn(
     now: float,
     *,
     retry_until: float | None = None,
-    original: Path | None = None,
+    original: Path | bytes | None = None,
     to: str | None = None,
 ) -> Envelope | None:
     """Build and durably queue the DSN for those recipients that want one (see wants_dsn).
 
-    `original` is the message's file when it is not in the queue (mail filed
-    straight into Maildirs). With `to` (the postmaster) the report about mail
-    from <> goes there, for every recipient given. Returns the DSN's envelope,
-    or None when nobody is owed a notice. Blocking (it writes the queue).
+    `original` is the message (its file or its octets) when it is not in the
+    queue: mail the SMTP session filed straight into Maildirs. With `to` (the
+    postmaster) the report about mail from <> goes there, for every recipient
+    given. Returns the DSN's envelope, or None when nobody is owed a notice.
+    Blocking (it writes the queue).
     """
     if to is None:
         wanted = [
@@ -247,14 +249,19 @@ def queue_dsn(
 # -- the parts -------------------------------------------------------------------
 
 
-def _read_original(path: Path, max_full: int) -> tuple[bytes | None, bytes | None]:
+def _read_original(
+    original: Path | bytes, max_full: int
+) -> tuple[bytes | None, bytes | None]:
     """(header section, whole message or None when too large); (None, None) if missing."""
-    try:
-        f, _ = open_content(path)
-        with f:
-            head = f.read(max(max_full, HEADER_LIMIT) + 1)
-    except FileNotFoundError:
-        return None, None
+    if isinstance(original, bytes):
+        head = original[: max(max_full, HEADER_LIMIT) + 1]
+    else:
+        try:
+            f, _ = open_content(original)
+            with f:
+                head = f.read(max(max_full, HEADER_LIMIT) + 1)
+        except FileNotFoundError:
+            return None, None
     full = head if len(head) <= max_full else None
     end = head.find(b"\r\n\r\n")
     if end >= 0:

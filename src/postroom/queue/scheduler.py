@@ -448,7 +448,10 @@ class Scheduler:
             owed: Action | None = None
             if result.outcome == "delivered":
                 recipient.state, recipient.done_at, word = "delivered", ended, "sent"
-                action: Action = "relayed" if result.relayed_without_dsn else "delivered"
+                action: Action = (
+                    "relayed" if result.relayed_without_dsn
+                    else "expanded" if result.expanded else "delivered"
+                )
                 # A DSN-capable next hop took over the notice (RFC 3461 5.2.2); only
                 # local deliveries and hops without DSN are reported by us.
                 if result.relayed_without_dsn or result.remote_mta is None:
@@ -550,7 +553,7 @@ class Scheduler:
         """Queue the notices recorded as owed; False if one could not be queued."""
         owed: dict[str, str] = envelope.extra.get(OWED) or {}
         ok = True
-        for kind in ("failed", TO_POSTMASTER, "relayed", "delivered"):
+        for kind in ("failed", TO_POSTMASTER, "relayed", "expanded", "delivered"):
             addresses = {a for a, act in owed.items() if act == kind}
             recipients = [r for r in envelope.recipients if r.address in addresses]
             if not recipients:
