@@ -16,9 +16,11 @@ import pytest
 from postroom import cli
 from postroom.client import sendmail
 from postroom.client.sendmail import UsageError, parse_args
+from postroom.config import load_config
 from postroom.queue.envelope import Envelope
 from postroom.queue.queuefile import open_content
 from postroom.queue.store import QueueStore
+from postroom.store.users import open_user_directory
 
 HOST = "mx.corp.example"
 
@@ -90,18 +92,36 @@ def test_recipients_from_arguments_and_headers_added(
     assert envelope.queue_id in msg["Received"]
 
 
-def test_default_sender_is_the_invoking_user(
+def test_default_sender_is_the_invoking_user_when_mail_to_them_is_delivered(
     capsys: pytest.CaptureFixture[str], data: Path
 ) -> None:
+    user = sendmail.invoking_user()
+    directory = open_user_directory(load_config(data))
+    directory.add_user(f"{user}@corp.example", "a-long-enough-secret")
+    directory.close()
     assert run(capsys, "-F", "The Boss", "bob@isp.example", stdin=b"\nbody\n")[0] == 0
     envelope, raw, msg = only(data)
-    user = sendmail.invoking_user()
-    assert envelope.sender == f"{user}@{HOST}"
-    assert msg["From"] == f'"The Boss" <{user}@{HOST}>' or msg["From"] == (
-        f"The Boss <{user}@{HOST}>"
-    )
+    # The host name is not a local domain here: the first local domain is.
+    assert envelope.sender == f"{user}@corp.example"
+    assert email.utils.parseaddr(msg["From"]) == ("The Boss", f"{user}@corp.example")
     assert envelope.auth_user == user
     assert raw.endswith(b"\r\n\r\nbody\r\n")
+
+
+@pytest.mark.parametrize("users_db", [False, True], ids=["no-directory", "not-a-user"])
+def test_default_sender_is_the_postmaster_when_the_user_has_no_mailbox(
+    capsys: pytest.CaptureFixture[str], data: Path, users_db: bool
+) -> None:
+    # Its bounces must reach someone: root@localhost dropped them (RFC 5321 4.5.1).
+    if users_db:
+        directory = open_user_directory(load_config(data))
+        directory.add_user("someone-else@corp.example", "a-long-enough-secret")
+        directory.close()
+    assert run(capsys, "bob@isp.example", stdin=b"\nbody\n")[0] == 0
+    envelope, _raw, msg = only(data)
+    assert envelope.sender == "postmaster@corp.example"
+    assert msg["From"] == "postmaster@corp.example"
+    assert envelope.auth_user == sendmail.invoking_user()
 
 
 def test_existing_headers_are_kept_not_doubled(
@@ -194,7 +214,8 @@ def test_null_sender_and_dsn_options(capsys: pytest.CaptureFixture[str], data: P
     assert env.sender == ""
     assert env.recipients[0].notify == ("SUCCESS", "DELAY")
     assert (env.ret, env.envid, env.body) == ("HDRS", "ENV42", "8BITMIME")
-    assert msg["From"] == f"{sendmail.invoking_user()}@{HOST}"
+    # The invoking user has no mailbox here: From names the default sender, the postmaster.
+    assert msg["From"] == "postmaster@corp.example"
 
 
 def test_8bit_body_is_noted(capsys: pytest.CaptureFixture[str], data: Path) -> None:

@@ -86,8 +86,9 @@ class DNSConfig:
 class Route:
     """A static next hop for a domain, used instead of its MX records.
 
-    A smarthost may insist on TLS (`tls = "required"`: no STARTTLS, no delivery)
-    and take a login (RFC 4954), sent only over TLS.
+    A smarthost may insist on TLS (`tls = "required"`: no STARTTLS or a failed
+    handshake, no delivery; "opportunistic" goes on in plaintext) and take a
+    login (RFC 4954), sent only over TLS.
     """
 
     host: str

@@ -96,6 +96,8 @@ def test_alias_expands_and_shared_mailboxes_get_one_copy(
     courier = LocalCourier(store, directory.expand)
     results = deliver(courier, ["team@corp.example", "Boss@corp.example"], queued)
     assert [r.outcome for r in results] == ["delivered", "delivered"]
+    # RFC 3464 2.3.3: the alias reached several mailboxes ("expanded" in a report).
+    assert [r.expanded for r in results] == [True, False]
     assert len(stored(store, "boss@corp.example")) == 1
     assert len(stored(store, "alice@corp.example")) == 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import re
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -429,16 +430,27 @@ def test_starttls_when_offered(tmp_path: Path, mode: str) -> None:
     assert envelope.content == STORED
 
 
-def test_tls_handshake_failure_is_temporary(tmp_path: Path) -> None:
+def test_failed_tls_handshake_falls_back_to_plaintext_only_where_tls_is_opportunistic(
+    tmp_path: Path,
+) -> None:
+    handler = Recorder()
+
     async def scenario() -> None:
-        async with aiosmtpd(Recorder(), tls_context=server_tls_context(tmp_path)) as hop:
+        async with aiosmtpd(handler, tls_context=server_tls_context(tmp_path)) as hop:
             verifying = ssl.create_default_context()  # does not trust the self-signed cert
             with pytest.raises(SMTPError) as caught:
-                await connect(hop, verifying)
+                await connect(Hop(hop.host, hop.port, hop.name, tls="required"), verifying)
             assert caught.value.temporary and caught.value.status == "4.7.5"
             assert "cannot start TLS" in caught.value.text
+            # Opportunistic: a new connection that does not try STARTTLS, as Postfix's "may".
+            session = await connect(hop, verifying)
+            assert not session.tls_active and session.tls_fallback
+            await send_simple(session, tmp_path, "a@y.example")
+            await session.quit()
 
     run(scenario)
+    (envelope,) = handler.envelopes
+    assert envelope.content == STORED
 
 
 def accept_login(expected: tuple[bytes, bytes]) -> Callable[..., AuthResult]:
@@ -505,12 +517,15 @@ def test_auth_is_never_sent_without_tls(tmp_path: Path) -> None:
 
 
 def test_smtputf8_needed_but_not_offered_is_permanent(tmp_path: Path) -> None:
+    utf8_subject = "Subject: Grüße\n\nbody\n".encode()
+
     async def scenario() -> None:
         async with aiosmtpd(Recorder()) as hop, await connect(hop) as session:
             assert not session.extensions.smtputf8
             cases: list[tuple[dict[str, Any], str]] = [
-                ({"smtputf8": True}, "a@y.example"),
+                ({"smtputf8": True, "data": utf8_subject}, "a@y.example"),
                 ({}, "jös@y.example"),
+                ({"sender": "jös@x.example"}, "a@y.example"),
             ]
             for kwargs, rcpt in cases:
                 with pytest.raises(SMTPError) as caught:
@@ -520,6 +535,52 @@ def test_smtputf8_needed_but_not_offered_is_permanent(tmp_path: Path) -> None:
                 assert "SMTPUTF8" in error.text and not session.closed
 
     run(scenario)
+
+
+def test_smtputf8_flag_alone_does_not_need_the_extension(tmp_path: Path) -> None:
+    """RFC 6531 3.4: an ASCII envelope and ASCII header fields need no SMTPUTF8,
+    whatever the client asked; the body may be 8-bit (that is 8BITMIME's)."""
+    handler = Recorder()
+    ascii_head = "Subject: plain\n\nÜber 8-bit body\n".encode()
+
+    async def scenario() -> None:
+        async with aiosmtpd(handler) as hop, await connect(hop) as session:
+            for data in (MESSAGE, ascii_head):
+                result = await send_simple(session, tmp_path, "a@y.example", data=data,
+                                           smtputf8=True)
+                assert result.data_reply is not None and result.data_reply.code == 250
+
+    run(scenario)
+    assert [e.content for e in handler.envelopes] == [STORED, ascii_head.replace(b"\n", b"\r\n")]
+    assert all("SMTPUTF8" not in e.mail_options for e in handler.envelopes)
+
+
+def test_long_lines_are_folded_for_a_receiver_that_refuses_them(tmp_path: Path) -> None:
+    """aiosmtpd answers "500 Line too long" to a line over 1000 octets (RFC 5321
+    4.5.3.1.6); the client folds long header lines at blanks and breaks long
+    body lines with CRLF SP (Postfix's smtp_line_length_limit), so it takes them."""
+    handler = Recorder()
+    subject = b"Subject: " + b" ".join(b"word%d" % i for i in range(300))  # ~2,400 octets
+    body_line = bytes(range(48, 58)) * 300  # 3,000 octets, no blank
+    data = subject + b"\n\n" + body_line + b"\nlast line\n"
+
+    async def scenario() -> None:
+        async with aiosmtpd(handler) as hop, await connect(hop) as session:
+            result = await send_simple(session, tmp_path, "a@y.example", data=data)
+            assert result.data_reply is not None and result.data_reply.code == 250
+
+    run(scenario)
+    (envelope,) = handler.envelopes
+    content = envelope.content
+    assert max(len(line) for line in content.split(b"\r\n")) <= 998
+    head, _, body = content.partition(b"\r\n\r\n")
+    # RFC 5322 2.2.3: unfolding gives the field back exactly.
+    assert re.sub(rb"\r\n(?=[ \t])", b"", head) == subject
+    assert body.replace(b"\r\n ", b"") == body_line + b"\r\nlast line\r\n"
+    assert body.split(b"\r\n")[:4] == [
+        body_line[:998], b" " + body_line[998:1995], b" " + body_line[1995:2992],
+        b" " + body_line[2992:],
+    ]
 
 
 def test_smtputf8_when_offered(tmp_path: Path) -> None:

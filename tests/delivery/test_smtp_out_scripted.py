@@ -188,7 +188,7 @@ def test_pipelining_sends_mail_rcpts_and_data_as_one_group(tmp_path: Path) -> No
 def test_small_message_and_its_final_dot_come_in_one_write(tmp_path: Path) -> None:
     """The last chunk waits for the end-of-data dot: one write (one TLS record) for
     a small message, so the next hop reads it all at once."""
-    text = b"Subject: one write\r\n\r\n.dot\r\n" + b"x" * 3000 + b"\r\n"
+    text = b"Subject: one write\r\n\r\n.dot\r\n" + (b"x" * 900 + b"\r\n") * 3
 
     async def script(c: Conversation) -> None:
         await c.greet()

@@ -246,6 +246,16 @@ def test_utf8_addresses_use_the_global_types(tmp_path: Path) -> None:
     assert "Grüße" in parts(msg)[0].get_payload(decode=True).decode()
 
 
+def test_smtputf8_flag_alone_keeps_the_plain_types(original: Path) -> None:
+    # RFC 6531 3.4: an ASCII envelope and ASCII headers need no UTF-8 types.
+    data = build_dsn(make_envelope(smtputf8=True), [bounced()], "failed", "mx", original, NOW)
+    msg = email.message_from_bytes(data)
+    assert msg.get_param("report-type") == "delivery-status"
+    status, returned = parts(msg)[1:]
+    assert status.get_content_type() == "message/delivery-status"
+    assert returned.get_content_type() == "message/rfc822"
+
+
 def test_boundary_never_occurs_in_the_content(original: Path) -> None:
     data = build_dsn(make_envelope(), [bounced()], "failed", "mx", original, NOW)
     boundary = email.message_from_bytes(data).get_boundary()

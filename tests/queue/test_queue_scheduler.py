@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email
+import email.policy
 import functools
 import logging
 import random
@@ -264,6 +265,46 @@ async def test_null_sender_is_never_bounced(tmp_path: Path) -> None:
     assert h.notices() == []
     assert sorted(h.deliver.recipients_of("")) == ["a@isp.example", "b@isp.example"]
     await h.stop()
+
+
+@pytest.mark.parametrize("postmaster_fails", [False, True])
+def test_undeliverable_mail_from_null_goes_to_the_postmaster_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, postmaster_fails: bool
+) -> None:
+    """A bounce to a sender who does not exist is reported to the postmaster (a
+    double bounce, Postfix's 2bounce); if that fails too, it is logged and dropped."""
+    bad = ("gone@isp.example", "postmaster@corp.example") if postmaster_fails else (
+        "gone@isp.example",)
+    h = Harness(tmp_path, FakeDeliver(permanent_for(*bad)), postmaster="postmaster@corp.example")
+    h.add("BOUNCE000001", Recipient("gone@isp.example", notify=("NEVER",)), sender="",
+          extra={"dsn_for": "MSG000000001"})
+
+    async def scenario() -> None:
+        await h.start()
+        await h.stop()
+
+    with caplog.at_level(logging.INFO, logger="postroom.queue"):
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert h.store.ids() == []
+    calls = [(sender, rcpts) for _q, sender, rcpts in h.deliver.calls]
+    assert calls == [("", ["gone@isp.example"]), ("", ["postmaster@corp.example"])]
+    report = email.message_from_bytes(h.deliver.seen_bytes[1], policy=email.policy.default)
+    assert report["To"].addresses[0].addr_spec == "postmaster@corp.example"
+    assert report["Subject"] == "Postmaster Copy: Undeliverable Mail from <>"
+    assert report.get_content_type() == "multipart/report"
+    text, status, returned = report.iter_parts()
+    assert "comes to the postmaster" in text.get_content()
+    assert status.get_content_type() == "message/delivery-status"
+    per_message, block = status.get_payload()
+    assert per_message["X-Postroom-Queue-ID"] == "BOUNCE000001"
+    assert (block["Final-Recipient"], block["Action"], block["Status"]) == (
+        "rfc822; gone@isp.example", "failed", "5.1.1")
+    assert returned.get_content_type() == "message/rfc822"
+    assert returned.get_payload()[0].as_bytes().endswith(b"hello\n")  # the bounce itself
+    log = caplog.text
+    assert "BOUNCE000001: postmaster non-delivery notification" in log
+    dropped = "undeliverable postmaster notice to <postmaster@corp.example> discarded"
+    assert (dropped in log) is postmaster_fails
 
 
 @async_test
@@ -622,8 +663,9 @@ async def test_success_notices(tmp_path: Path) -> None:
             elif r.address.startswith("passed"):  # next hop takes the DSN duty over
                 results.append(DeliveryResult(r.address, "delivered", "2.0.0", "250 ok",
                                               "mx.isp.example[192.0.2.1]:25"))
-            else:  # local delivery
-                results.append(DeliveryResult(r.address, "delivered", "2.0.0", "delivered"))
+            else:  # local delivery, to an alias of several mailboxes for "team"
+                results.append(DeliveryResult(r.address, "delivered", "2.0.0", "delivered",
+                                              expanded=r.address.startswith("team")))
         file, _ = open_content(path)
         with file:
             seen.append((env.sender, file.read()))
@@ -637,15 +679,17 @@ async def test_success_notices(tmp_path: Path) -> None:
     h.add("MSG000000001", Recipient("relayed@isp.example", notify=success),
           Recipient("passed@isp.example", notify=success),
           Recipient("plain@isp.example"),
-          Recipient("local@corp.example", notify=success))
+          Recipient("local@corp.example", notify=success, orcpt="rfc822;old@corp.example"),
+          Recipient("team@corp.example", notify=success))
     await h.start()
     notices = [email.message_from_bytes(data) for sender, data in seen if sender == ""]
     actions = sorted(
-        (b["Action"], b["Final-Recipient"])
+        (b["Action"], b["Final-Recipient"], b["Original-Recipient"])
         for n in notices for b in n.get_payload()[1].get_payload()[1:]
     )
-    assert actions == [("delivered", "rfc822; local@corp.example"),
-                       ("relayed", "rfc822; relayed@isp.example")]
+    assert actions == [("delivered", "rfc822; local@corp.example", "rfc822; old@corp.example"),
+                       ("expanded", "rfc822; team@corp.example", None),
+                       ("relayed", "rfc822; relayed@isp.example", None)]
     await h.stop()
 
 

@@ -14,7 +14,10 @@ Options understood (the common subset of Sendmail's and Postfix's):
     -t            recipients from To, Cc and Bcc (Resent-* when present), plus
                   those given as arguments (Postfix's behaviour)
     -f ADDR, -r   envelope sender; "" or "<>" is the null sender.
-                  Default: the invoking user @ the configured hostname
+                  Default: the invoking user's address when it has a mailbox
+                  here (user@hostname, else user@ the first local domain),
+                  else postmaster@ the first local domain: a bounce must
+                  reach someone
     -F NAME       full name for the From header this adds when it is missing
     -i, -oi       a line with a single "." does not end the message
     -N DSN        NOTIFY: "never" or a comma list of success, delay, failure (RFC 3461)
@@ -39,6 +42,7 @@ import email.utils
 import getopt
 import os
 import re
+import sqlite3
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -47,11 +51,12 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from postroom.addresses import canonical
-from postroom.config import Config, ConfigError, load_config
+from postroom.config import Config, ConfigError, load_config, postmaster_address
 from postroom.control import ControlError, tell_server, tell_server_in_words
 from postroom.ids import new_queue_id
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.store import QueueStore
+from postroom.store.users import DirectoryError, open_user_directory
 
 # sysexits.h: what Sendmail's callers test for.
 EX_OK = 0
@@ -155,6 +160,36 @@ def _parse_notify(value: str) -> tuple[str, ...]:
     if not words or not set(words) <= _NOTIFY_WORDS:
         raise UsageError(f"-N must be never or a list of success, delay, failure: {value!r}")
     return words
+
+
+def default_sender(user: str, config: Config) -> str:
+    """The envelope sender without -f: an address whose mail is delivered here.
+
+    The invoking user's own (at the host name, else at the first local domain)
+    when the user directory files mail for it in a mailbox; else the
+    postmaster's, which always reaches the administrator. Postfix's default
+    user@$myorigin reaches a person through aliases(5); a sender nobody reads
+    would drop its bounces.
+    """
+    postmaster = postmaster_address(config)
+    if not config.users_db.exists():
+        return postmaster  # no users yet (reading would create the database)
+    candidates = []
+    for domain in (config.hostname, postmaster.rpartition("@")[2]):
+        with contextlib.suppress(UsageError):
+            candidates.append(_address(user, domain, "sender"))
+    directory = open_user_directory(config)
+    try:
+        for address in dict.fromkeys(candidates):
+            expansion = directory.expand(address)
+            # Mailboxes only: local delivery cannot forward to remote targets.
+            if expansion is not None and expansion.mailboxes and not expansion.remote:
+                return address
+    except (sqlite3.Error, DirectoryError):
+        pass  # an unreadable directory: the postmaster's address still works
+    finally:
+        directory.close()
+    return postmaster
 
 
 def invoking_user() -> str:
@@ -295,7 +330,7 @@ def submit(
     now = time.time() if now is None else now
     user = user or invoking_user()
     hostname = config.hostname
-    own_address = _address(user, hostname, "sender")
+    own_address = default_sender(user, config)
     if opts.sender is None:
         sender = own_address
     elif opts.sender.strip() in ("", "<>"):

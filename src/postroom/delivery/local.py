@@ -68,7 +68,8 @@ class LocalCourier:
             else:
                 for i, paths in targets.items():
                     text = "delivered to maildir" + ("" if len(paths) == 1 else f" ({len(paths)})")
-                    results[i] = DeliveryResult(recipients[i].address, "delivered", "2.0.0", text)
+                    results[i] = DeliveryResult(recipients[i].address, "delivered", "2.0.0", text,
+                                                expanded=len(paths) > 1)
         return [results[i] for i in range(len(recipients))]
 
     def _plan(self, address: str) -> list[Path] | DeliveryResult:

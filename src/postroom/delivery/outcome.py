@@ -22,3 +22,4 @@ class DeliveryResult:
     text: str  # the remote reply ("550 5.1.1 no such user") or our own explanation
     remote_mta: str | None = None  # "mx.corp.example[192.0.2.1]:25", or None for local
     relayed_without_dsn: bool = False  # RFC 3461 5.2.2: next hop lacked DSN (NOTIFY=SUCCESS)
+    expanded: bool = False  # an alias that reached several mailboxes (RFC 3464 2.3.3)

@@ -3,20 +3,25 @@
 The I/O side of `protocol.smtp_client`. `ClientSession.connect` opens the
 connection and gets it ready: the greeting, EHLO (HELO when EHLO gets a 5xx,
 RFC 5321 3.2), STARTTLS whenever offered unless the hop says "none" (RFC 3207;
-a hop with tls="required" fails without it), EHLO again over TLS, and AUTH
-(PLAIN, else LOGIN) when the hop has a login, never without TLS.
+a hop with tls="required" fails without it; where TLS is opportunistic, a
+failed handshake is followed by a plaintext connection), EHLO again over TLS,
+and AUTH (PLAIN, else LOGIN) when the hop has a login, never without TLS.
 
 `send` runs one mail transaction and returns every recipient's own reply: MAIL,
 RCPTs and DATA go in one write when the server offers PIPELINING (RFC 2920
 3.1), one by one otherwise; the message is read from its file in chunks and
-dot-stuffed on the way (never whole in memory). A server that offers CHUNKING
+dot-stuffed on the way (never whole in memory), its lines over 998 octets
+folded or broken as Postfix's smtp_line_length_limit does (RFC 5321
+4.5.3.1.6; see protocol.lines.LineFolder). A server that offers CHUNKING
 too gets the message with BDAT (RFC 3030), its first chunk in the same write
 as MAIL and RCPT: one round trip for a small message. A session may send several
 messages. What the hop cannot take is refused before anything is sent: a
 message over its SIZE (RFC 1870 6.1, 5.3.4) or one that needs SMTPUTF8 from a
-hop without it (RFC 6531 3.2, 5.6.7). An 8-bit message goes as BODY=8BITMIME
-when the hop offers it and as it is otherwise, as Postfix does (noted in the
-result). DSN parameters go only to a hop that offers DSN (RFC 3461 5.2).
+hop without it (RFC 6531 3.2, 5.6.7): one with a UTF-8 address, or a UTF-8
+header field when the client asked for SMTPUTF8 (as Postfix decides). An
+8-bit message goes as BODY=8BITMIME when the hop offers it and as it is
+otherwise, as Postfix does (noted in the result). DSN parameters go only to
+a hop that offers DSN (RFC 3461 5.2).
 
 Failures of the session itself raise `SMTPError`: no connection, a timeout
 (RFC 5321 4.5.3.2's values by default), a 421, a lost connection, a protocol
@@ -36,7 +41,7 @@ from pathlib import Path
 from typing import IO
 
 from postroom.net import Channel
-from postroom.protocol.lines import DotStuffer
+from postroom.protocol.lines import MAX_CONTENT_LINE, DotStuffer
 from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import LOGIN, PLAIN, ClientExchange, SASLError
 from postroom.protocol.smtp_client import (
@@ -159,6 +164,10 @@ class SMTPError(Exception):
         self.status = status or ("4.0.0" if temporary else "5.0.0")
 
 
+class TLSFailed(SMTPError):
+    """The TLS handshake after the server's 220 to STARTTLS failed (RFC 3207 4.1)."""
+
+
 _TEXT_STATUS_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")  # RFC 3463 2
 
 
@@ -203,6 +212,23 @@ def _has_8bit(file: IO[bytes]) -> bool:
         file.seek(start)
 
 
+def _headers_have_8bit(message: Path) -> bool:
+    """Whether the message's header section has octets above 127 (RFC 6532 3.2: UTF-8
+    header fields); read in chunks up to its blank line, never whole."""
+    file, _ = open_content(message)
+    with file:
+        before = b"\n"  # the content starts at a line start
+        while chunk := file.read(CHUNK_SIZE):
+            window = before + chunk
+            ends = [i for i in (window.find(b"\n\r\n"), window.find(b"\n\n")) if i >= 0]
+            if ends:
+                return not window[: min(ends)].isascii()
+            if not chunk.isascii():
+                return True
+            before = window[-2:]
+        return False
+
+
 class ClientSession:
     """One connection to one hop, ready to send. Make it with `ClientSession.connect`."""
 
@@ -224,6 +250,7 @@ class ClientSession:
         self._command_timeout = command_timeout
         self._timeouts = timeouts
         self._closed = False
+        self.tls_fallback = False  # in plaintext after a failed opportunistic handshake
         peer = channel.get_extra_info("peername")
         ip, port = (peer[0], peer[1]) if peer else (hop.host, hop.port)
         self._peer = f"{hop.name}[{ip}]:{port}"
@@ -239,7 +266,41 @@ class ClientSession:
         command_timeout: float = COMMAND_TIMEOUT,
         timeouts: Timeouts | None = None,
     ) -> ClientSession:
-        """Connect to `hop` and get the session ready to send (see the module docstring)."""
+        """Connect to `hop` and get the session ready to send (see the module docstring).
+
+        A TLS handshake that fails where TLS is opportunistic is followed by a
+        new connection in plaintext, as Postfix does at security level "may"
+        and Exim with tls_tempfail_tryclear: encryption that was only ever
+        offered by chance must not keep the mail from going. A hop that
+        requires TLS fails with 4.7.5 instead.
+        """
+        timeouts = timeouts or Timeouts()
+        try:
+            return await cls._open(hop, helo, tls_context, connect_timeout, command_timeout,
+                                   timeouts, starttls=hop.tls != "none")
+        except TLSFailed as failure:
+            if hop.tls != "opportunistic":
+                raise
+            log.info("%s; trying again without TLS (opportunistic TLS)", failure.text)
+        session = await cls._open(hop, helo, tls_context, connect_timeout, command_timeout,
+                                  timeouts, starttls=False)
+        session.tls_fallback = True
+        return session
+
+    @classmethod
+    async def _open(
+        cls,
+        hop: Hop,
+        helo: str,
+        tls_context: ssl.SSLContext,
+        connect_timeout: float,
+        command_timeout: float,
+        timeouts: Timeouts,
+        *,
+        starttls: bool,
+    ) -> ClientSession:
+        """One connection, made ready: with STARTTLS when offered (or required) if
+        `starttls`, else in plaintext."""
         where = f"{hop.name}[{hop.host}]:{hop.port}"
         loop = asyncio.get_running_loop()
         try:
@@ -259,10 +320,10 @@ class ClientSession:
             helo=helo,
             tls_context=tls_context,
             command_timeout=command_timeout,
-            timeouts=timeouts or Timeouts(),
+            timeouts=timeouts,
         )
         try:
-            await session._start()
+            await session._start(starttls)
         except BaseException:
             session._close(abort=True)
             raise
@@ -318,13 +379,13 @@ class ClientSession:
 
     # --- Session set-up ---------------------------------------------------
 
-    async def _start(self) -> None:
+    async def _start(self, starttls: bool) -> None:
         greeting = await self._reply(self._timeouts.greeting)
         if greeting.reply.code != 220:
             # RFC 5321 3.1: a 554 greeting still waits for QUIT.
             raise await self._refused(greeting)
         await self._hello()
-        if self._hop.tls != "none":
+        if starttls:
             await self._starttls()
         if self._hop.auth is not None:
             await self._authenticate(*self._hop.auth)
@@ -365,7 +426,8 @@ class ClientSession:
             )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             text = f"cannot start TLS with {self._peer}: {exc or 'handshake timed out'}"
-            raise self._lost(text, "4.7.5") from None
+            self._close(abort=True)
+            raise TLSFailed(text, temporary=True, status="4.7.5") from None
         self._core.tls_started()
         await self._hello()  # RFC 3207 4.2: all knowledge from before TLS is void
 
@@ -424,10 +486,11 @@ class ClientSession:
 
         `size` is the message's size in octets (declared with SIZE). `body`
         is "7BIT" or "8BITMIME" as the sender declared it, or None to look at
-        the content. `smtputf8` says the message needs SMTPUTF8 (non-ASCII
-        addresses always do). Local refusals (size, SMTPUTF8, a sender that
-        cannot be written) raise SMTPError and leave the session usable; any
-        other SMTPError closes it. An OSError reading the message drops the
+        the content. `smtputf8` says the client asked for SMTPUTF8 (non-ASCII
+        addresses always do); a hop without it still gets the message when no
+        address and no header field is UTF-8. Local refusals (size, SMTPUTF8,
+        a sender that cannot be written) raise SMTPError and leave the session
+        usable; any other SMTPError closes it. An OSError reading the message drops the
         connection before the final dot (so nothing is delivered) and
         propagates.
         """
@@ -439,10 +502,15 @@ class ClientSession:
         wanted = {r.address: r for r in reversed(recipients)}  # the first of duplicates wins
         unique = [wanted[a] for a in dict.fromkeys(r.address for r in recipients)]
         addresses = [sender, *(r.address for r in unique)]
-        needs_utf8 = smtputf8 or not all(a.isascii() for a in addresses)
-        if needs_utf8 and not ext.smtputf8:
-            text = f"host {self._peer} does not support SMTPUTF8, which the message needs"
-            raise SMTPError(text, temporary=False, status="5.6.7")  # RFC 6531 3.2
+        ascii_envelope = all(a.isascii() for a in addresses)
+        utf8 = smtputf8 or not ascii_envelope  # asked for: a hop that offers it gets it
+        if utf8 and not ext.smtputf8:
+            # RFC 6531 3.4: what needs SMTPUTF8 is a UTF-8 address or header field, not
+            # the client's flag; like Postfix, a flagged message without either goes.
+            if not ascii_envelope or _headers_have_8bit(message):
+                text = f"host {self._peer} does not support SMTPUTF8, which the message needs"
+                raise SMTPError(text, temporary=False, status="5.6.7")  # RFC 6531 3.2
+            utf8 = False
         limit = ext.size_limit
         if limit is not None and size > limit:
             text = f"message size {size} exceeds size limit {limit} of server {self._peer}"
@@ -478,7 +546,7 @@ class ClientSession:
                 sender,
                 size=size if "SIZE" in ext else None,
                 body=body_param,
-                smtputf8=needs_utf8,
+                smtputf8=utf8,
                 ret=ret if dsn else None,
                 envid=envid if dsn else None,
             )
@@ -604,7 +672,7 @@ class ClientSession:
         the connection before the LAST chunk (so nothing is delivered) and
         propagates.
         """
-        lines = DotStuffer(dots=False)
+        lines = DotStuffer(dots=False, max_line=MAX_CONTENT_LINE)  # as DATA sends it
         try:
             ahead = lines.feed(file.read(CHUNK_SIZE))
             while True:

@@ -20,7 +20,8 @@ Commands may be sent before earlier ones are answered when the server offered
 PIPELINING and the earlier command may be followed in a group (RFC 2920 3.1);
 replies come back in order and each `Response` names its command. The
 message content goes through `lines.DotStuffer`: line ends become CRLF, lines
-starting with "." get another, and the end is always CRLF "." CRLF.
+over 998 octets are folded or broken (RFC 5321 4.5.3.1.6, see lines.LineFolder),
+lines starting with "." get another, and the end is always CRLF "." CRLF.
 
 `ReplyParser` cuts multi-line replies (RFC 5321 4.2) out of bytes and, once
 ENHANCEDSTATUSCODES was offered, takes the RFC 3463 code off each line into
@@ -43,7 +44,7 @@ from typing import NoReturn
 
 from postroom.protocol import address
 from postroom.protocol.address import AddressError, ParameterError
-from postroom.protocol.lines import DotStuffer, LineBuffer
+from postroom.protocol.lines import MAX_CONTENT_LINE, DotStuffer, LineBuffer
 from postroom.protocol.replies import Reply
 
 # --- Limits ----------------------------------------------------------------
@@ -435,9 +436,12 @@ def _check_text(value: str, what: str) -> None:
 
 
 class SMTPClient:
-    """One SMTP session, client side. See the module docstring."""
+    """One SMTP session, client side. See the module docstring.
 
-    def __init__(self) -> None:
+    `max_line`: the longest content line sent, CRLF not counted (None: as it is).
+    """
+
+    def __init__(self, *, max_line: int | None = MAX_CONTENT_LINE) -> None:
         self._state = CONNECTED  # what the replies so far confirm
         self._projected = CONNECTED  # once every pending command succeeds
         self._pending: deque[tuple[str, str]] = deque([(GREETING, "")])
@@ -451,7 +455,7 @@ class SMTPClient:
         self._tls = False
         self._authenticated = False
         self._utf8 = False  # the transaction was opened with SMTPUTF8
-        self._stuffer = DotStuffer()
+        self._stuffer = DotStuffer(max_line=max_line)
 
     # --- Properties -------------------------------------------------------
 

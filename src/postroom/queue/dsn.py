@@ -6,6 +6,11 @@ sender, queued like any other, so the same machinery delivers it; being from
 bounce loops. Its body is multipart/report (RFC 6522) with three parts: a
 text for people, the machine-readable message/delivery-status fields, and
 the original message (or only its headers).
+
+Mail from <> that cannot be delivered (a bounce to a sender who does not
+exist) is not lost in silence: the same report goes to the postmaster instead
+(a "double bounce", as Postfix sends with notify_classes = 2bounce), marked so
+that if it fails too it is only logged (RFC 5321 6.1: no loops).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 RETURN_FULL_LIMIT = 512 * 1024
 HEADER_LIMIT = 256 * 1024  # at most this much of a header section is returned
 FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
+
+DOUBLE_BOUNCE = "double_bounce"  # Envelope.extra key of a report sent to the postmaster
+POSTMASTER_SUBJECT = "Postmaster Copy: Undeliverable Mail from <>"
 
 SUBJECTS: dict[str, str] = {
     "failed": "Undelivered Mail Returned to Sender",
@@ -66,6 +74,12 @@ _OPENING: dict[str, str] = {
     "expanded": "Your message was delivered to the recipients below, which forward it "
     "to further addresses.",
 }
+# What a report to the postmaster says first (queue_dsn's `to`).
+_POSTMASTER_OPENING = (
+    "A message from the null sender <> (usually a delivery report) could not be "
+    "delivered to the recipients below, and the mail system has stopped trying. Mail "
+    "from <> is never returned to its sender, so this report comes to the postmaster."
+)
 
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _SMTP_REPLY = re.compile(r"[2-5]\d\d(?:[ -]|$)")
@@ -93,18 +107,21 @@ def build_dsn(
     recipients_with_results: Sequence[tuple[Recipient, DeliveryResult]],
     action: Action,
     reporting_mta: str,
-    original_message: Path,
+    original_message: Path | bytes,
     now: float,
     *,
     retry_until: float | None = None,
     max_full: int = RETURN_FULL_LIMIT,
+    to: str | None = None,
 ) -> bytes:
     """The complete DSN message (CRLF lines) reporting `action` for the given recipients.
 
     `retry_until` (delayed notices) is when the queue gives up. The original
     is returned whole when RET=FULL or RET is absent and it is at most
     `max_full` octets, else only its header section; a missing original
-    file leaves the third part out (RFC 3464 2: it is optional).
+    file leaves the third part out (RFC 3464 2: it is optional). The original
+    may also be given as its octets. `to`: the postmaster, when the report
+    cannot go to the sender (mail from <>).
     """
     headers, full = _read_original(original_message, max_full)
     want_full = (envelope.ret or "FULL").upper() != "HDRS"
@@ -115,24 +132,28 @@ def build_dsn(
         returned, returned_kind = full, "message"
     else:
         returned, returned_kind = headers, "headers"
-    # RFC 6532/6533: UTF-8 headers or addresses need the "global" media types.
-    global_types = envelope.smtputf8 or not (headers or b"").isascii()
+    # RFC 6533 3-6: UTF-8 addresses or header fields need the "global" media types;
+    # the client's SMTPUTF8 flag alone does not (RFC 6531 3.4).
+    addresses = [envelope.sender]
+    for recipient, _result in recipients_with_results:
+        addresses += [recipient.address, recipient.orcpt or ""]
+    global_types = not all(a.isascii() for a in addresses) or not (headers or b"").isascii()
 
     boundary = _boundary(reporting_mta, returned or b"")
     text = _human_text(
         envelope, recipients_with_results, action, reporting_mta, headers,
         retry_until=retry_until,
         truncated=want_full and returned_kind == "headers" and full is None,
+        postmaster=to is not None,
     )
     status_part = _status_fields(
         envelope, recipients_with_results, action, reporting_mta, now, retry_until
     )
 
-    sender = envelope.sender
     out = [
         _field("From", f"MAILER-DAEMON@{reporting_mta} (Mail Delivery System)"),
-        _field("To", f"<{sender}>"),
-        _field("Subject", SUBJECTS[action]),
+        _field("To", f"<{to if to is not None else envelope.sender}>"),
+        _field("Subject", POSTMASTER_SUBJECT if to is not None else SUBJECTS[action]),
         _field("Date", email.utils.formatdate(now, localtime=True)),
         _field("Message-ID", email.utils.make_msgid(domain=reporting_mta)),
         _field("Auto-Submitted", "auto-replied"),  # RFC 3834 5: never answer this
@@ -169,16 +190,21 @@ def build_dsn(
     return b"".join(out)
 
 
-def dsn_envelope(original: Envelope, now: float) -> Envelope:
-    """The envelope of a DSN about `original`: from <>, to its sender, nothing to report back."""
+def dsn_envelope(original: Envelope, now: float, *, to: str | None = None) -> Envelope:
+    """The envelope of a DSN about `original`: from <>, to its sender (or `to`, the
+    postmaster, marked as such), nothing to report back."""
+    recipient = to if to is not None else original.sender
+    extra: dict[str, object] = {"dsn_for": original.queue_id}
+    if to is not None:
+        extra[DOUBLE_BOUNCE] = True
     return Envelope(
         queue_id=new_queue_id(now),
         sender="",
-        recipients=[Recipient(address=original.sender, notify=("NEVER",))],
+        recipients=[Recipient(address=recipient, notify=("NEVER",))],
         created=now,
-        smtputf8=not original.sender.isascii(),
+        smtputf8=not recipient.isascii(),
         body="8BITMIME",  # the returned original may hold 8-bit text
-        extra={"dsn_for": original.queue_id},
+        extra=extra,
     )
 
 
@@ -191,20 +217,31 @@ def queue_dsn(
     now: float,
     *,
     retry_until: float | None = None,
+    original: Path | bytes | None = None,
+    to: str | None = None,
 ) -> Envelope | None:
     """Build and durably queue the DSN for those recipients that want one (see wants_dsn).
 
-    Returns the DSN's envelope, or None when nobody is owed a notice.
+    `original` is the message (its file or its octets) when it is not in the
+    queue: mail the SMTP session filed straight into Maildirs. With `to` (the
+    postmaster) the report about mail from <> goes there, for every recipient
+    given. Returns the DSN's envelope, or None when nobody is owed a notice.
     Blocking (it writes the queue).
     """
-    wanted = [(r, res) for r, res in recipients_with_results if wants_dsn(envelope, r, action)]
+    if to is None:
+        wanted = [
+            (r, res) for r, res in recipients_with_results if wants_dsn(envelope, r, action)
+        ]
+    else:
+        wanted = list(recipients_with_results)
     if not wanted:
         return None
     data = build_dsn(
-        envelope, wanted, action, reporting_mta, store.message_path(envelope.queue_id), now,
-        retry_until=retry_until,
+        envelope, wanted, action, reporting_mta,
+        original if original is not None else store.message_path(envelope.queue_id), now,
+        retry_until=retry_until, to=to,
     )
-    notice = dsn_envelope(envelope, now)
+    notice = dsn_envelope(envelope, now, to=to)
     store.add(notice, [data])
     return notice
 
@@ -212,14 +249,19 @@ def queue_dsn(
 # -- the parts -------------------------------------------------------------------
 
 
-def _read_original(path: Path, max_full: int) -> tuple[bytes | None, bytes | None]:
+def _read_original(
+    original: Path | bytes, max_full: int
+) -> tuple[bytes | None, bytes | None]:
     """(header section, whole message or None when too large); (None, None) if missing."""
-    try:
-        f, _ = open_content(path)
-        with f:
-            head = f.read(max(max_full, HEADER_LIMIT) + 1)
-    except FileNotFoundError:
-        return None, None
+    if isinstance(original, bytes):
+        head = original[: max(max_full, HEADER_LIMIT) + 1]
+    else:
+        try:
+            f, _ = open_content(original)
+            with f:
+                head = f.read(max(max_full, HEADER_LIMIT) + 1)
+        except FileNotFoundError:
+            return None, None
     full = head if len(head) <= max_full else None
     end = head.find(b"\r\n\r\n")
     if end >= 0:
@@ -370,16 +412,18 @@ def _human_text(
     *,
     retry_until: float | None,
     truncated: bool,
+    postmaster: bool = False,
 ) -> str:
     until = ""
     if retry_until is not None:
         until = " until " + email.utils.formatdate(retry_until, localtime=True)
     lines = [f"Delivery report from the mail system at {reporting_mta}.", ""]
-    lines.append(_OPENING[action].format(until=until))
+    lines.append(_POSTMASTER_OPENING if postmaster else _OPENING[action].format(until=until))
     lines.append("")
     subject = _subject_of(headers)
     sent = email.utils.formatdate(envelope.created, localtime=True)
-    lines.append(f"Your message of {sent}" + (f', subject "{subject}"' if subject else ""))
+    whose = "The message" if postmaster else "Your message"
+    lines.append(f"{whose} of {sent}" + (f', subject "{subject}"' if subject else ""))
     lines.append(f"(queue ID {envelope.queue_id}):")
     lines.append("")
     for recipient, result in items:
@@ -397,5 +441,5 @@ def _human_text(
     elif (envelope.ret or "").upper() == "HDRS":
         lines.append("As you asked, only the message's headers are attached.")
     else:
-        lines.append("Your message is attached.")
+        lines.append(f"{whose} is attached.")
     return "\n".join(lines) + "\n"

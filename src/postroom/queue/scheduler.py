@@ -13,6 +13,11 @@ What a result does to a recipient (a table, by outcome):
     temporary  -> "deferred"   (retried later) or, once the message is older than
                   give_up_after, "bounced" with 5.4.7 and a failure notice
 
+A failure notice cannot go to the null sender <>: mail from <> that bounces
+(a bounce to a sender who does not exist) is reported to the `postmaster`
+instead (a double bounce); one of those that bounces too is logged and
+dropped, never reported again (RFC 5321 6.1: no loops).
+
 Each result is written to disk (the queue's envelope file) before anything else happens
 (one write per `deliver` call, which returns all of a domain's results at
 once). Notices owed are recorded in the same write (envelope.extra
@@ -45,12 +50,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from postroom.batch import BatchThread
 from postroom.config import Config
 from postroom.delivery.outcome import DeliveryResult
 from postroom.gathering import gather_few
-from postroom.queue.dsn import Action, queue_dsn, wants_dsn
+from postroom.queue.dsn import DOUBLE_BOUNCE, Action, queue_dsn, wants_dsn
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.store import CorruptEnvelope, NotQueued, QueueError, QueueStore
 
@@ -69,6 +75,7 @@ READ_IN_LOOP = 8
 EXPIRED_STATUS = "5.4.7"  # RFC 3463 X.4.7: delivery time expired
 DEFAULT_RETRY = 300.0  # used only if a config lists no retry interval at all
 OWED = "dsn_owed"  # envelope.extra key: {address: action} of notices not yet queued
+TO_POSTMASTER = "postmaster"  # the action owed for mail from <> that bounced (see OWED)
 
 
 @dataclass
@@ -109,7 +116,9 @@ class Scheduler:
         max_per_destination: int = 10,
         max_total: int = 100,
         delay_warning_after: float | None = None,
+        postmaster: str | None = None,
     ) -> None:
+        """`postmaster`: where failure reports about mail from <> go (None: dropped)."""
         if max_per_destination < 1 or max_total < 1:
             raise ValueError("delivery limits must be at least 1")
         self.store = store
@@ -122,6 +131,7 @@ class Scheduler:
         self._max_per_destination = max_per_destination
         self._total = asyncio.Semaphore(max_total)
         self._delay_warning_after = delay_warning_after
+        self._postmaster = postmaster
         self._envelopes: dict[str, Envelope] = {}
         self._in_flight: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -435,7 +445,10 @@ class Scheduler:
             owed: Action | None = None
             if result.outcome == "delivered":
                 recipient.state, recipient.done_at, word = "delivered", ended, "sent"
-                action: Action = "relayed" if result.relayed_without_dsn else "delivered"
+                action: Action = (
+                    "relayed" if result.relayed_without_dsn
+                    else "expanded" if result.expanded else "delivered"
+                )
                 # A DSN-capable next hop took over the notice (RFC 3461 5.2.2); only
                 # local deliveries and hops without DSN are reported by us.
                 if result.relayed_without_dsn or result.remote_mta is None:
@@ -452,10 +465,23 @@ class Scheduler:
                 recipient.state, word = "deferred", "deferred"
             if owed is not None and wants_dsn(envelope, recipient, owed):
                 envelope.extra.setdefault(OWED, {})[recipient.address] = owed
+            elif owed == "failed" and envelope.sender == "" and self._to_postmaster(envelope,
+                                                                                   recipient):
+                envelope.extra.setdefault(OWED, {})[recipient.address] = TO_POSTMASTER
             self._log_result(envelope, recipient, word, attempt, begun, ended)
         for extra in unmatched:
             log.warning("%s: result for unknown recipient <%s> ignored",
                         envelope.queue_id, extra.recipient)
+
+    def _to_postmaster(self, envelope: Envelope, recipient: Recipient) -> bool:
+        """Whether mail from <> that bounced is reported to the postmaster: not when
+        it is such a report already (or there is no postmaster); that is logged."""
+        if envelope.extra.get(DOUBLE_BOUNCE) or self._postmaster is None:
+            what = "postmaster notice" if envelope.extra.get(DOUBLE_BOUNCE) else "mail from <>"
+            log.warning("%s: undeliverable %s to <%s> discarded", envelope.queue_id, what,
+                        recipient.address)
+            return False
+        return True
 
     def _log_result(
         self,
@@ -524,12 +550,14 @@ class Scheduler:
         """Queue the notices recorded as owed; False if one could not be queued."""
         owed: dict[str, str] = envelope.extra.get(OWED) or {}
         ok = True
-        for action in ("failed", "relayed", "delivered"):
-            addresses = {a for a, act in owed.items() if act == action}
+        for kind in ("failed", TO_POSTMASTER, "relayed", "expanded", "delivered"):
+            addresses = {a for a, act in owed.items() if act == kind}
             recipients = [r for r in envelope.recipients if r.address in addresses]
             if not recipients:
                 continue
-            if await self._notify(envelope, recipients, action, now):
+            to = self._postmaster if kind == TO_POSTMASTER else None
+            action = cast(Action, "failed" if kind == TO_POSTMASTER else kind)
+            if await self._notify(envelope, recipients, action, now, to=to):
                 for address in addresses:
                     owed.pop(address, None)
             else:
@@ -539,22 +567,26 @@ class Scheduler:
         return ok
 
     async def _notify(
-        self, envelope: Envelope, recipients: list[Recipient], action: Action, now: float
+        self, envelope: Envelope, recipients: list[Recipient], action: Action, now: float,
+        *, to: str | None = None,
     ) -> bool:
-        """Queue one DSN about `recipients`; True when it is queued (or nobody wants it)."""
+        """Queue one DSN about `recipients` (to the sender, or `to`); True when it is
+        queued (or nobody wants it)."""
         items = [(r, _result_of(r)) for r in recipients]
         retry_until = envelope.created + self._give_up_after if action == "delayed" else None
         try:
             notice = await asyncio.to_thread(
                 queue_dsn, self.store, envelope, items, action, self.hostname, now,
-                retry_until=retry_until,
+                retry_until=retry_until, to=to,
             )
         except OSError as e:
             log.error("%s: cannot queue the %s notice: %s", envelope.queue_id, action, e)
             return False
         if notice is not None:
             kind = {"failed": "non-delivery", "delayed": "delay"}.get(action, "success")
-            log.info("%s: sender %s notification: %s", envelope.queue_id, kind, notice.queue_id)
+            whom = "postmaster" if to is not None else "sender"
+            log.info("%s: %s %s notification: %s", envelope.queue_id, whom, kind,
+                     notice.queue_id)
             self._envelopes[notice.queue_id] = notice
             self._idle.clear()
             self._wakeup.set()

@@ -39,7 +39,7 @@ from postroom.server.descriptors import Descriptors
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.pop3 import POP3Service, POP3Session
 from postroom.server.relay import Relay
-from postroom.server.smtp import Outbound, SMTPService, SMTPSession
+from postroom.server.smtp import Notices, Outbound, SMTPService, SMTPSession
 from postroom.server.stream import Stream
 from postroom.server.workers import (
     WakeChannel,
@@ -176,6 +176,7 @@ def build_smtp_service(
     throttle: AuthThrottle,
     outbound: Outbound | None = None,
     committer: GroupCommitter | None = None,
+    notices: Notices | None = None,
 ) -> SMTPService:
     """The `smtp` listener (MX: local recipients only) or a submission one (AUTH, relay)."""
     smtp = config.smtp
@@ -212,6 +213,7 @@ def build_smtp_service(
         throttle=throttle,
         outbound=outbound if submission else None,
         committer=committer,
+        notices=notices,
     )
 
 
@@ -362,7 +364,7 @@ async def start(
         if key_name in ("smtp", *SUBMISSION_LISTENERS):
             service = build_smtp_service(key_name, config, tls_context, directory, lookups,
                                          is_local_domain, store, smtp_limiter, throttle, relay,
-                                         committer)
+                                         committer, notices=relay)
         else:
             service = POP3Service(
                 name=key_name,

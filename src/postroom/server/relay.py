@@ -1,33 +1,38 @@
 """The relay as one service of the server: the durable queue, its scheduler and the couriers.
 
 Submission hands mail for other hosts to `Relay.add` (durable before the
-250), then `wake`s it. The scheduler (postroom.queue) owns time and retries;
-it asks `deliver` to try a group of recipients once, and `deliver` sends each
-recipient to the courier for its domain: local domains to the Maildir courier
-(bounces to our own users, `postroom sendmail` mail), all others to the SMTP
-courier, which finds the next hop (static route, MX, implicit MX).
+250), then `wake`s it; every SMTP session hands it the success reports local
+recipients asked for (`delivered`), which are queued mail too. The scheduler
+(postroom.queue) owns time and retries; it asks `deliver` to try a group of
+recipients once, and `deliver` sends each recipient to the courier for its
+domain: local domains to the Maildir courier (bounces to our own users,
+`postroom sendmail` mail), all others to the SMTP courier, which finds the
+next hop (static route, MX, implicit MX).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import ssl
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from postroom.addresses import domain_of
 from postroom.batch import BatchThread
-from postroom.config import Config
+from postroom.config import Config, postmaster_address
 from postroom.delivery.local import LocalCourier
 from postroom.delivery.outcome import DeliveryResult
 from postroom.delivery.remote import RemoteCourier
 from postroom.delivery.routing import Router
 from postroom.gathering import gather_few
+from postroom.queue.dsn import Action, queue_dsn
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.scheduler import Scheduler
-from postroom.queue.store import QueueStore
+from postroom.queue.store import QueueError, QueueStore
 from postroom.store.maildir import MailStore
 from postroom.store.users import Expansion
 
@@ -60,6 +65,7 @@ class Relay:
         primary process's scheduler delivers, told of each new queue ID by this."""
         self._is_local_domain = is_local_domain
         self._notify_primary = notify_primary
+        self._hostname = config.hostname
         self.queue = QueueStore(config.queue_dir)
         own = []
         for endpoint in config.listen.enabled().values():
@@ -88,6 +94,7 @@ class Relay:
             bounce_sender_hostname=config.hostname,
             max_per_destination=config.queue.max_per_destination,
             delay_warning_after=config.queue.delay_warning_after or None,
+            postmaster=postmaster_address(config),
         )
         self._task: asyncio.Task[None] | None = None
         # Group commit for the queue (QueueStore.add_many), as server/committer.py
@@ -115,6 +122,40 @@ class Relay:
     def wake(self, queue_id: str) -> None:
         """A worker queued `queue_id` (see server/workers.py): read it and try it now."""
         self.scheduler.wake(queue_id)
+
+    # -- what SMTP sessions call for local recipients (server.smtp.Notices) ------------
+
+    async def delivered(
+        self, envelope: Envelope, recipients: list[tuple[Recipient, int]], original: bytes | Path
+    ) -> None:
+        """Queue the success reports (RFC 3464) that local recipients asked for with
+        NOTIFY=SUCCESS (RFC 3461 4.1), ORCPT kept: "delivered", or "expanded" for an
+        alias that reached several mailboxes. The mail is already filed, so a report
+        that cannot be queued is only logged."""
+        now = time.time()
+        by_action: dict[Action, list[tuple[Recipient, DeliveryResult]]] = {}
+        for recipient, mailboxes in recipients:
+            recipient.state, recipient.done_at = "delivered", now
+            text = "delivered to maildir" + (f" ({mailboxes})" if mailboxes > 1 else "")
+            result = DeliveryResult(recipient.address, "delivered", "2.0.0", text,
+                                    expanded=mailboxes > 1)
+            by_action.setdefault("expanded" if mailboxes > 1 else "delivered", []).append(
+                (recipient, result)
+            )
+        about = dataclasses.replace(envelope, recipients=[r for r, _ in recipients])
+        for action, items in by_action.items():
+            try:
+                notice = await asyncio.to_thread(
+                    queue_dsn, self.queue, about, items, action, self._hostname, now,
+                    original=original,
+                )
+            except (OSError, QueueError) as e:
+                log.error("%s: cannot queue the %s notice: %s", envelope.queue_id, action, e)
+                continue
+            if notice is not None:
+                log.info("%s: sender success notification: %s", envelope.queue_id,
+                         notice.queue_id)
+                self.queued(notice)
 
     # -- what the scheduler calls ---------------------------------------------------
 

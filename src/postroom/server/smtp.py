@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from postroom.ids import new_queue_id
@@ -47,6 +48,16 @@ class Outbound(Protocol):
         """`add` returned for `envelope`: try it now."""
 
 
+class Notices(Protocol):
+    """Where delivery reports about mail filed here go (postroom.queue.dsn)."""
+
+    async def delivered(
+        self, envelope: Envelope, recipients: list[tuple[Recipient, int]], original: bytes | Path
+    ) -> None:
+        """Local `recipients` (each with the number of mailboxes it reached) have the
+        message: queue what their NOTIFY asked for (RFC 3461 4.1). Never raises."""
+
+
 @dataclass
 class SMTPService:
     """What every session of one listener shares."""
@@ -65,6 +76,7 @@ class SMTPService:
     throttle: AuthThrottle | None = None
     outbound: Outbound | None = None
     committer: GroupCommitter | None = None  # batches Maildir commits (see committer.py)
+    notices: Notices | None = None  # success reports for local recipients (RFC 3464)
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes after end of data...
     max_received: int = DEFAULT_MAX_RECEIVED
@@ -86,6 +98,9 @@ class Transaction:
     envid: str | None = None
     recipients: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     remote: list[Recipient] = field(default_factory=list)  # to relay (submission)
+    # Local recipients that asked for a success report (RFC 3461 4.1, NOTIFY and
+    # ORCPT kept), with the number of mailboxes each reaches.
+    notify: list[tuple[Recipient, int]] = field(default_factory=list)
     writer: Spool | None = None  # while DATA is in progress
     hops: HopCounter | None = None
     headers: HeaderCapture | None = None  # submission: the fields we check and complete
@@ -296,6 +311,9 @@ class SMTPSession:
             txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
         elif decision.accepted:
             txn.recipients.append((event.address, decision.mailboxes))
+            if event.notify is not None and "SUCCESS" in event.notify:
+                recipient = Recipient(event.address, notify=event.notify, orcpt=event.orcpt)
+                txn.notify.append((recipient, len(decision.mailboxes)))
         else:
             log.info("%s: %s: reject: RCPT from [%s]: %s; from=<%s> to=<%s>",
                      self.service.name, txn.queue_id, self.client_ip, decision.reply,
@@ -391,6 +409,9 @@ class SMTPSession:
         envelope = self._envelope(txn, size) if txn.remote else None
         loop = asyncio.get_running_loop()
         held = spool.in_memory
+        # Success reports return the message: its octets, taken before the commit
+        # clears the spool (a Maildir copy may be fetched and gone by then).
+        copy = b"".join(held) if txn.notify and held is not None else None
         try:
             # Queue first: if filing locally then fails, the client retries and the
             # relayed recipients may get the message twice, which is the safe way
@@ -427,6 +448,9 @@ class SMTPSession:
                 log.info("%s: %s: to=<%s>, status=queued (for relay)", svc.name,
                          txn.queue_id, r.address)
             svc.outbound.queued(envelope)
+        if txn.notify and paths and svc.notices is not None:
+            original = copy if copy is not None else paths[0]
+            await svc.notices.delivered(self._envelope(txn, size), txn.notify, original)
         self._reply(Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"))
         self._finish_transaction()
 
