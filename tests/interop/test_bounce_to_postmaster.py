@@ -6,8 +6,8 @@ domain, so the first local domain is the default "localhost") takes mail from
 so the default sender is postmaster@localhost, and the bounce of a message to
 an unknown user reaches the postmaster (an alias of boss@ here). A bounce that
 cannot be delivered either (its sender does not exist) goes to the postmaster
-as a double bounce; when the postmaster cannot take it, it is logged and
-dropped: never a loop.
+as a double bounce, once (a double bounce that fails is logged and dropped:
+tests/queue).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import email
 import email.message
 import email.policy
-import time
 from collections.abc import Callable
 
 import pytest
@@ -49,15 +48,6 @@ def report_parts(raw: bytes) -> tuple[email.message.EmailMessage, list[email.mes
     return report, [*payload, returned]
 
 
-def wait_for_log(server: Postroom, needle: str, timeout: float = 40.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        output = server.output()
-        if needle in output or time.monotonic() > deadline:
-            return output
-        time.sleep(0.1)
-
-
 def test_sendmail_default_sender_gets_its_bounce(
     postroom_factory: Callable[..., Postroom],
 ) -> None:
@@ -82,14 +72,10 @@ def test_a_bounce_that_cannot_be_delivered_goes_to_the_postmaster_once(
     server = postroom_factory(aliases=POSTMASTER_ALIAS if postmaster else {})
     token = new_token()
     sendmail(server, token, "-f", "gone@corp.example", "nosuch@corp.example")
-    if not postmaster:
-        output = wait_for_log(server, "undeliverable postmaster notice")
-        assert f"undeliverable postmaster notice to <{POSTMASTER}> discarded" in output, output
-        listing = server.cli("queue", "list").stdout
-        assert "gone@" not in listing and "postmaster@" not in listing, listing
-        assert server.messages(BOSS) == []
-        return
-    (raw,) = server.wait_for_message(BOSS, token.encode(), timeout=40)
+    # With no alias, postmaster@ is filed in the administrator's mailbox (the config's
+    # `postmaster`, here postmaster@localhost itself), user or not (RFC 5321 4.5.1).
+    mailbox = BOSS if postmaster else POSTMASTER
+    (raw,) = server.wait_for_message(mailbox, token.encode(), timeout=40)
     report, (_per_message, block, returned) = report_parts(raw)
     assert report["Subject"] == "Postmaster Copy: Undeliverable Mail from <>"
     assert report["To"].addresses[0].addr_spec == POSTMASTER
