@@ -8,6 +8,8 @@ behind a Received header that names postroom's host.
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import smtplib
 import ssl
 import subprocess
@@ -239,3 +241,21 @@ def test_smtputf8(postroom: Postroom) -> None:
     assert refused == {}
     stored = _delivered(postroom, rcpt, token)
     assert_stored_verbatim(stored, message, postroom.hostname)
+
+
+def test_smtplib_send_message_with_smtputf8_given_twice(postroom: Postroom) -> None:
+    # send_message adds SMTPUTF8 and BODY=8BITMIME by itself for a non-ASCII address;
+    # a caller who passes them as well makes smtplib send each twice, which Exim accepts.
+    sender = "jörg@absender.example"
+    token = new_token()
+    message = email.message_from_bytes(
+        f"From: Jörg <{sender}>\r\nTo: <{RCPT}>\r\nSubject: Grüße {token}\r\n\r\n"
+        f"token {token}\r\n".encode(), policy=email.policy.SMTPUTF8,
+    )
+    with smtplib.SMTP(LOOPBACK, postroom.smtp_port, timeout=30) as client:
+        client.ehlo("client.example")
+        refused = client.send_message(message, sender, [RCPT],
+                                      mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+    assert refused == {}
+    stored = _delivered(postroom, RCPT, token)
+    assert f"Subject: Grüße {token}".encode() in stored
