@@ -335,7 +335,8 @@ class SMTPSession:
         svc = self.service
         fields = txn.headers.message()
         if svc.submission is not None and self.user is not None:
-            txn.refusal = svc.submission.check_from(self.user, fields.get_all("From") or [])
+            txn.refusal = svc.submission.check_from(self.user, fields.get_all("From") or [],
+                                                    txn.smtputf8)
         extra = missing_headers(fields, svc.hostname, txn.started)
         if extra and not txn.writer.insert_head(extra):
             log.warning("%s: %s: header section too large to complete", svc.name, txn.queue_id)
