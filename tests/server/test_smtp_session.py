@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from postroom.config import load_config
+from postroom.protocol.lines import MAX_MESSAGE_LINE
 from postroom.server.main import Running, start
 from postroom.store.users import open_user_directory
 
@@ -390,3 +391,41 @@ class suppress_want_read:
 
     def __exit__(self, kind: object, value: object, tb: object) -> bool:
         return kind is ssl.SSLWantReadError
+
+
+def test_long_lines_one_rule_for_data_and_bdat(tmp_path: Path) -> None:
+    """A 5,000-octet line is filed whether it came with DATA or BDAT; a line past
+    MAX_MESSAGE_LINE gets the same refusal from both, and nothing is filed."""
+    wide = b"Subject: wide\r\n\r\n" + b"w" * 5000 + b"\r\nend\r\n"
+    huge = b"Subject: huge\r\n\r\n" + b"h" * (MAX_MESSAGE_LINE + 1) + b"\r\nend\r\n"
+
+    async def send(server: Running, message: bytes, bdat: bool) -> bytes:
+        reader, writer = await raw_session(*server.address("smtp"))
+        for command in (b"EHLO c\r\n", b"MAIL FROM:<a@b.example>\r\n",
+                        b"RCPT TO:<boss@corp.example>\r\n"):
+            writer.write(command)
+            await read_reply(reader)
+        if bdat:
+            writer.write(b"BDAT %d LAST\r\n" % len(message) + message)
+        else:
+            writer.write(b"DATA\r\n")
+            assert (await read_reply(reader)).startswith(b"354 ")
+            writer.write(message + b".\r\n")
+        reply = await read_reply(reader)
+        writer.write(b"QUIT\r\n")
+        await read_reply(reader)
+        writer.close()
+        return reply
+
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            for bdat in (False, True):
+                assert (await send(server, wide, bdat)).startswith(b"250 2.0.0 Ok")
+                refused = await send(server, huge, bdat)
+                assert refused == (b"554 5.6.0 Message refused: a line is longer than "
+                                   b"%d octets\r\n" % MAX_MESSAGE_LINE)
+
+    run(scenario)
+    files = new_messages(tmp_path)
+    assert len(files) == 2
+    assert all(f.read_bytes().endswith(wide) for f in files)

@@ -43,11 +43,12 @@ from postroom.protocol.lines import (
     BARE_LF,
     BARE_NEWLINE_MODES,
     LONG_LINE,
-    MAX_TEXT_LINE,
+    MAX_MESSAGE_LINE,
     TOO_BIG,
     DataReader,
     Line,
     LineBuffer,
+    LineMeter,
 )
 from postroom.protocol.replies import Reply
 from postroom.protocol.smtp_events import (
@@ -326,6 +327,7 @@ class SMTPServer:
         self._in_message = False  # DataStart emitted, message not yet settled
         self._reader: DataReader | None = None
         self._octets = 0  # BDAT: octets of the message so far
+        self._bdat_lines = LineMeter(MAX_MESSAGE_LINE)  # BDAT: the DATA line rule
         self._chunk_left = 0
         self._chunk_size = 0
         self._chunk_last = False
@@ -453,6 +455,7 @@ class SMTPServer:
             self._in_message = True
             self._reader = DataReader(
                 bare_newline="reject" if self._reject_bare else "normalize",
+                max_line=MAX_MESSAGE_LINE,
                 max_size=self._config.max_message_size,
                 after_crlf=self._data_after_crlf,
             )
@@ -942,6 +945,7 @@ class SMTPServer:
         else:
             if state == RCPT:
                 self._octets = 0
+                self._bdat_lines = LineMeter(MAX_MESSAGE_LINE)
                 self._in_message = True
                 self._emit(DataStart(chunking=True))
             limit = self._config.max_message_size
@@ -960,7 +964,12 @@ class SMTPServer:
         self._chunk_left -= n
         if self._chunk_error is None:
             self._octets += n
-            self._events.append(MessageData(data))
+            if self._bdat_lines.feed(data):
+                # Read to the chunk's end, keep nothing more, refuse it there.
+                self._chunk_error = _CONTENT_REPLIES[LONG_LINE]
+                self._chunk_return = READY
+            else:
+                self._events.append(MessageData(data))
         if self._chunk_left == 0:
             self._chunk_done()
         return True
@@ -970,7 +979,7 @@ class SMTPServer:
         if error is not None:
             self._chunk_error = None
             self._state = self._chunk_return
-            if error is _CONTENT_REPLIES[TOO_BIG]:
+            if error in _REFUSED_CONTENT:
                 self._refuse_message(error)  # RFC 3030 3: the transaction failed
             else:
                 self._error(error)
@@ -991,10 +1000,11 @@ _CONTENT_REPLIES: dict[str, Reply] = {
         554, "5.5.2", "Message refused: bare <CR> received; lines end with <CR><LF>"
     ),
     LONG_LINE: Reply(
-        554, "5.6.0", f"Message refused: line longer than {MAX_TEXT_LINE} octets "
-        "(RFC 5321 4.5.3.1.6)"
+        554, "5.6.0", f"Message refused: a line is longer than {MAX_MESSAGE_LINE} octets"
     ),
 }
+# The replies that end a BDAT transaction at the chunk that brought them.
+_REFUSED_CONTENT = frozenset({_CONTENT_REPLIES[TOO_BIG], _CONTENT_REPLIES[LONG_LINE]})
 
 _HANDLERS = {
     "HELO": SMTPServer._cmd_hello,
