@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from test_smtp_server_driver import HOST, Driver, accept, content, kinds, merged
 
+from postroom.protocol.header_limits import MAX_HEADER_SECTION
 from postroom.protocol.lines import MAX_MESSAGE_LINE
 from postroom.protocol.replies import Reply
 from postroom.protocol.smtp_server import (
@@ -245,6 +246,42 @@ def test_bdat_chunks_after_a_refused_line_are_read_and_refused() -> None:
     d = ready()
     d.feed(b"BDAT %d\r\n" % len(LONGEST + b"z") + b"z" + LONGEST + b"BDAT 6 LAST\r\nRSET\r\n")
     assert d.replies() == [LONG_LINE, "503 5.5.1 Send MAIL first"]
+
+
+HEADER_TOO_BIG = "552 5.3.4 Message header section exceeds fixed maximum size"
+TOO_MANY_FIELDS = "554 5.6.0 Message refused: too many header fields"
+FOLDED_MEGABYTE = b"X-Big: start\r\n" + b" folded text on a continuation line\r\n" * 30_000
+TEN_THOUSAND_FIELDS = b"".join(b"X%d:y\r\n" % i for i in range(10_000))
+
+
+@pytest.mark.parametrize("command", SENDERS)
+@pytest.mark.parametrize(
+    ("header", "reply"),
+    [(FOLDED_MEGABYTE, HEADER_TOO_BIG), (TEN_THOUSAND_FIELDS, TOO_MANY_FIELDS)],
+    ids=["folded-megabyte", "ten-thousand-fields"],
+)
+def test_header_section_limits(command: str, header: bytes, reply: str) -> None:
+    # As Postfix's header_size_limit, and a field count: refused at the end of the
+    # data (BDAT: of the chunk), and nothing past the limit handed out.
+    message = b"Subject: flood\r\n" + header + b"\r\nbody\r\n"
+    d = ready()
+    for part in SENDERS[command](message, 256 * 1024):
+        d.feed(part)
+    d.feed(b"NOOP\r\n")
+    assert isinstance(d.events[-1], MessageAborted) and str(d.events[-1].reply) == reply
+    replies = d.replies()
+    assert reply in replies and replies[-1] == "250 2.0.0 OK"
+    assert len(content(d.events)) <= MAX_HEADER_SECTION
+
+
+def test_header_section_within_the_limits_and_a_headerless_body() -> None:
+    # 1000 fields, or a body with no header fields at all (as Postfix reads it).
+    for message in (b"".join(b"X%d:y\r\n" % i for i in range(1000)) + b"\r\nbody\r\n",
+                    b"no header here\r\n" * 20_000):
+        d = ready()
+        for part in by_data(message, 65536):
+            d.feed(part)
+        assert kinds(d.events)[-1] == "MessageEnd" and content(d.events) == message
 
 
 def test_message_over_the_size_limit_is_read_to_its_end_and_refused() -> None:

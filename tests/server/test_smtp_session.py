@@ -429,3 +429,36 @@ def test_long_lines_one_rule_for_data_and_bdat(tmp_path: Path) -> None:
     files = new_messages(tmp_path)
     assert len(files) == 2
     assert all(f.read_bytes().endswith(wide) for f in files)
+
+
+def test_header_floods_are_refused_at_the_end_of_data(tmp_path: Path) -> None:
+    """A 1 MB folded header field and 10,000 header fields: the header section's named
+    limits (Postfix's header_size_limit and a field count), a clear reply each."""
+    folded = b"X-Big: start\r\n" + b" folded text on a continuation line\r\n" * 30_000
+    fields = b"".join(b"X%d:y\r\n" % i for i in range(10_000))
+
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            host, port = server.address("smtp")
+
+            def send() -> list[tuple[int, bytes]]:
+                replies = []
+                with smtplib.SMTP(host, port, timeout=30) as client:
+                    for header in (folded, fields):
+                        with pytest.raises(smtplib.SMTPDataError) as info:
+                            client.sendmail("smith@isp.example", ["boss@corp.example"],
+                                            header + MESSAGE)
+                        replies.append((info.value.smtp_code, info.value.smtp_error))
+                    client.sendmail("smith@isp.example", ["boss@corp.example"], MESSAGE)
+                return replies
+
+            assert await asyncio.to_thread(send) == [
+                (552, b"5.3.4 Message header section exceeds fixed maximum size"),
+                (554, b"5.6.0 Message refused: too many header fields"),
+            ]
+
+    run(scenario)
+    (filed,) = new_messages(tmp_path)  # only the ordinary message that followed
+    assert filed.read_bytes().endswith(MESSAGE)
+    spool = tmp_path / "mail" / ".spool"
+    assert not spool.exists() or not any(spool.iterdir())  # nothing spilled to disk either
