@@ -82,10 +82,11 @@ class HeaderLimits:
                 self.done = True  # CRLF: the empty line; a bare CR starts no field either
             elif state in (_NAME, _NAME_WSP):
                 m = (_FTEXT if state == _NAME else _WSPS).match(data, pos)
-                self._grow(m.end() - pos)
+                stop = m.end() if m is not None else pos  # both patterns match "" at least
+                self._grow(stop - pos)
                 if state == _NAME:
-                    self._name += m.end() - pos
-                pos = m.end()
+                    self._name += stop - pos
+                pos = stop
                 if pos == end or self.problem is not None:
                     break
                 following = data[pos]
