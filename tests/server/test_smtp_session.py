@@ -92,7 +92,7 @@ def run(coro_fn: Callable[[], Any]) -> Any:
         return runner.run(coro_fn())
 
 
-def test_delivers_to_maildir_with_received_header(tmp_path: Path) -> None:
+def test_delivers_to_maildir_with_return_path_and_received_header(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_server(tmp_path) as server:
             host, port = server.address("smtp")
@@ -112,7 +112,9 @@ def test_delivers_to_maildir_with_received_header(tmp_path: Path) -> None:
     assert len(files) == 1
     raw = files[0].read_bytes()
     assert raw.endswith(MESSAGE)
-    assert raw.startswith(b"Received: from client.example ([127.0.0.1])")
+    # RFC 5321 4.4: final delivery writes the envelope sender on top, then our trace.
+    assert raw.startswith(b"Return-Path: <smith@isp.example>\r\n"
+                          b"Received: from client.example ([127.0.0.1])")
     assert f",S={len(raw)}" in files[0].name
     box = mailbox.Maildir(tmp_path / "mail" / "corp.example" / "boss", factory=None)
     (msg,) = list(box)
@@ -462,3 +464,32 @@ def test_header_floods_are_refused_at_the_end_of_data(tmp_path: Path) -> None:
     assert filed.read_bytes().endswith(MESSAGE)
     spool = tmp_path / "mail" / ".spool"
     assert not spool.exists() or not any(spool.iterdir())  # nothing spilled to disk either
+
+
+@pytest.mark.parametrize("size", [1, 600_000], ids=["in-memory", "spilled"])
+def test_the_clients_return_path_is_replaced_by_the_envelope_sender(
+    tmp_path: Path, size: int
+) -> None:
+    """RFC 5321 4.4: a Return-Path sent with the message is no one's to write; the copy
+    filed here says who the envelope named, the null sender included."""
+    forged = (b"Return-Path: <forged@evil.example>\r\nreturn-path:\r\n <again@evil.example>\r\n"
+              + MESSAGE + b"x" * size + b"\r\n")
+
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            host, port = server.address("smtp")
+
+            def send() -> None:
+                with smtplib.SMTP(host, port, timeout=10) as client:
+                    client.sendmail("smith@isp.example", ["boss@corp.example"], forged)
+                    client.sendmail("<>", ["alice@corp.example"], MESSAGE)
+
+            await asyncio.to_thread(send)
+
+    run(scenario)
+    (to_boss,) = [f.read_bytes() for f in new_messages(tmp_path)]
+    assert to_boss.startswith(b"Return-Path: <smith@isp.example>\r\nReceived: ")
+    assert to_boss.count(b"eturn-") == 1 and b"evil.example" not in to_boss
+    assert to_boss.endswith(MESSAGE + b"x" * size + b"\r\n")
+    (bounce,) = [f.read_bytes() for f in new_messages(tmp_path, "alice")]
+    assert bounce.startswith(b"Return-Path: <>\r\nReceived: ")

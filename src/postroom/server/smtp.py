@@ -32,6 +32,7 @@ from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo
 from postroom.server.spool import Spool
 from postroom.server.stream import Stream
 from postroom.store.maildir import MailStore
+from postroom.store.returnpath import ReturnPathRemover, return_path
 from postroom.store.users import local_address
 
 log = logging.getLogger("postroom.smtpd")
@@ -88,6 +89,9 @@ class Transaction:
     writer: Spool | None = None  # while DATA is in progress
     hops: HopCounter | None = None
     headers: HeaderCapture | None = None  # submission: the fields we check and complete
+    # RFC 5321 4.4: a Return-Path the client sent is no one's to write; ours heads
+    # the filed copies (Spool's head), and the relayed copy carries none.
+    return_paths: ReturnPathRemover = field(default_factory=ReturnPathRemover)
     refusal: Reply | None = None  # decided while streaming, answered at the end
 
     def mailboxes(self) -> list[str]:
@@ -290,7 +294,7 @@ class SMTPSession:
     def _data_start(self, event: core.DataStart) -> None:
         txn = self.txn
         assert txn is not None, "the core emits DataStart only inside a transaction"
-        txn.writer = Spool(self.service.store)
+        txn.writer = Spool(self.service.store, head=return_path(txn.sender))
         txn.hops = HopCounter()
         if self.service.submission is not None:
             txn.headers = HeaderCapture()
@@ -320,7 +324,7 @@ class SMTPSession:
         if txn.hops is not None and not txn.hops.done:
             txn.hops.feed(data)
         try:
-            txn.writer.write(data)
+            txn.writer.write(txn.return_paths.feed(data))
         except OSError as exc:
             log.error("%s: %s: write to spool failed: %s", self.service.name, txn.queue_id, exc)
             txn.writer.abort()
@@ -362,6 +366,14 @@ class SMTPSession:
             return
         # From here the commit owns the spool: a shutdown must not abort it.
         spool, txn.writer = txn.writer, None
+        try:
+            spool.write(txn.return_paths.end())  # a last line still undecided
+        except OSError as exc:
+            log.error("%s: %s: write to spool failed: %s", svc.name, txn.queue_id, exc)
+            spool.abort()
+            self._reply(Reply(451, "4.3.0", "Local error in processing, try later"))
+            self._finish_transaction()
+            return
         size = spool.size
         mailboxes = txn.mailboxes()
         targets = [svc.store.maildir_for(box) for box in mailboxes]

@@ -383,13 +383,14 @@ class MessageWriter:
                 tmp.unlink()
             raise
 
-    def read_back(self, chunk_size: int = 256 * 1024) -> Iterator[bytes]:
-        """The bytes written so far, from the spool file (BLOCKING). Used to hand a
-        large message to the queue as well as to maildirs."""
+    def read_back(self, chunk_size: int = 256 * 1024, skip: int = 0) -> Iterator[bytes]:
+        """The bytes written so far, from the spool file, the first `skip` left out
+        (BLOCKING). Used to hand a large message to the queue as well as to maildirs."""
         if self._path is None:
             raise ValueError("read_back after commit or abort")
         self._file.flush()
         with open(self._path, "rb") as f:
+            f.seek(skip)
             while chunk := f.read(chunk_size):
                 yield chunk
 
