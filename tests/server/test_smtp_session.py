@@ -10,8 +10,10 @@ import asyncio
 import email
 import email.policy
 import mailbox
+import os
 import smtplib
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -493,3 +495,24 @@ def test_the_clients_return_path_is_replaced_by_the_envelope_sender(
     assert to_boss.endswith(MESSAGE + b"x" * size + b"\r\n")
     (bounce,) = [f.read_bytes() for f in new_messages(tmp_path, "alice")]
     assert bounce.startswith(b"Return-Path: <>\r\nReceived: ")
+
+
+def test_start_sweeps_files_killed_deliveries_left_in_tmp(tmp_path: Path) -> None:
+    """A partial file in a Maildir's tmp/ from a delivery killed midway goes at start,
+    once it is 36 hours old (as Dovecot's rule); a younger one may still be written."""
+    tmp = tmp_path / "mail" / "corp.example" / "boss" / "tmp"
+    tmp.mkdir(parents=True)
+    for sub in ("new", "cur"):
+        (tmp.parent / sub).mkdir()
+    killed = tmp / "1700000000.M1P99Q1R0.mx.corp.example,S=9,W=9"
+    killed.write_bytes(b"Subject: ")
+    os.utime(killed, (time.time() - 37 * 3600,) * 2)
+    writing = tmp / "1700000001.M1P98Q1R0.other.example"
+    writing.write_bytes(b"Subject: ")
+
+    async def scenario() -> None:
+        async with running_server(tmp_path):
+            assert not killed.exists()
+            assert writing.exists()
+
+    run(scenario)

@@ -59,6 +59,10 @@ LISTEN_BACKLOG = 1024
 # How long SIGTERM waits for transactions in progress before closing them.
 DRAIN_GRACE_SECONDS = 30.0
 
+# How often the mailboxes' tmp/ folders are swept for abandoned files, after the
+# sweep at start (Dovecot's MAILDIR_TMP_SCAN_SECS is 8 hours too).
+MAILDIR_SWEEP_SECONDS = 8 * 3600.0
+
 SUBMISSION_LISTENERS = ("submission", "submissions")  # RFC 6409: AUTH, then relay
 # Allowed for the TLS handshake of an implicit-TLS listener (RFC 8314).
 TLS_HANDSHAKE_SECONDS = 60.0
@@ -248,6 +252,7 @@ class Running:
     services: dict[str, AnyService]
     relay: Relay
     committer: GroupCommitter
+    sweeper: asyncio.Task[None] | None = None  # the primary's periodic tmp/ sweep
 
     @property
     def smtp(self) -> SMTPService:
@@ -267,6 +272,8 @@ class Running:
         for server in self.servers.values():
             server.close()
         await asyncio.gather(*(drain(service, grace) for service in self.services.values()))
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         await self.relay.stop()
         self.committer.close()
         log.info("stopped")
@@ -322,6 +329,11 @@ async def start(
     removed = store.clean_spool()
     if removed:
         log.info("removed %d unacknowledged spool file(s) left by an earlier run", removed)
+    primary = notify_primary is None
+    if primary:
+        # The primary alone sweeps the mailboxes (the workers share them): once now,
+        # then every MAILDIR_SWEEP_SECONDS.
+        await sweep_maildirs(store)
     pop3_limiter = ConnectionLimiter(
         config.pop3.max_connections, config.pop3.max_connections_per_client
     )
@@ -379,7 +391,25 @@ async def start(
                  " (implicit TLS)" if implicit else "",
                  " (taking what the workers leave)" if key_name in accept_last else "")
     relay.start()
-    return Running(config, servers, services, relay, committer)
+    sweeper = loop.create_task(sweep_maildirs_periodically(store)) if primary else None
+    return Running(config, servers, services, relay, committer, sweeper)
+
+
+async def sweep_maildirs(store: MailStore) -> None:
+    """Remove the files deliveries killed midway left in the mailboxes' tmp/ folders."""
+    try:
+        removed = await asyncio.to_thread(store.clean_maildirs)
+    except OSError as exc:
+        log.warning("sweeping the mailboxes' tmp/ folders failed: %s", exc)
+        return
+    if removed:
+        log.info("removed %d abandoned file(s) from mailboxes' tmp/ folders", removed)
+
+
+async def sweep_maildirs_periodically(store: MailStore) -> None:
+    while True:
+        await asyncio.sleep(MAILDIR_SWEEP_SECONDS)
+        await sweep_maildirs(store)
 
 
 async def serve(
