@@ -32,6 +32,7 @@ from postroom.protocol.smtp_server import SMTPServerConfig
 from postroom.queue.scheduler import PID_FILE
 from postroom.server.acceptor import DeferredServer
 from postroom.server.committer import GroupCommitter
+from postroom.server.diskspace import FreeSpace
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.pop3 import POP3Service, POP3Session
 from postroom.server.relay import Relay
@@ -209,6 +210,7 @@ def build_smtp_service(
         throttle=throttle,
         outbound=outbound if submission else None,
         committer=committer,
+        free_space=FreeSpace((config.mail_dir, config.queue_dir), smtp.min_free_space),
     )
 
 

@@ -26,6 +26,7 @@ from postroom.protocol import smtp_server as core
 from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.server.committer import GroupCommitter
+from postroom.server.diskspace import FreeSpace
 from postroom.server.headers import HeaderCapture, missing_headers
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
@@ -65,6 +66,7 @@ class SMTPService:
     throttle: AuthThrottle | None = None
     outbound: Outbound | None = None
     committer: GroupCommitter | None = None  # batches Maildir commits (see committer.py)
+    free_space: FreeSpace | None = None  # MAIL FROM: 452 when the disk cannot take it
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes after end of data...
     max_received: int = DEFAULT_MAX_RECEIVED
@@ -252,6 +254,10 @@ class SMTPSession:
                          refusal, self.user)
                 self.conn.send(refusal)
                 return
+        full = self._storage_refusal(event.size)
+        if full is not None:
+            self.conn.send(full)
+            return
         txn = Transaction(
             queue_id=new_queue_id(),
             sender=event.address,
@@ -267,6 +273,23 @@ class SMTPSession:
                  self.client_ip, self.helo, txn.sender,
                  f", size={txn.size_declared}" if txn.size_declared is not None else "")
         self.conn.send(Reply(250, "2.1.0", "Sender ok"))
+
+    def _storage_refusal(self, declared: int | None) -> Reply | None:
+        """452 4.3.1 when the mail or queue filesystem cannot take the message now."""
+        svc = self.service
+        if svc.free_space is None:
+            return None
+        try:
+            refusal = svc.free_space.check(declared)
+        except OSError as exc:
+            log.warning("%s: cannot read the free disk space: %s", svc.name, exc)
+            return None
+        if refusal is not None:
+            log.warning("%s: reject: MAIL from [%s]: %s; %d octets free, %s declared, "
+                        "%d kept free", svc.name, self.client_ip, refusal,
+                        svc.free_space.free(), declared if declared is not None else "none",
+                        svc.free_space.reserve)
+        return refusal
 
     def _rcpt_to(self, event: core.RcptTo) -> None:
         txn = self.txn
