@@ -166,6 +166,23 @@ def test_curl(postroom: Postroom, require_peer: Callable[..., str], tmp_path: Pa
     assert_stored_verbatim(_delivered(postroom, RCPT, token), message, postroom.hostname)
 
 
+def test_curl_message_with_lines_past_998_octets(
+    postroom: Postroom, require_peer: Callable[..., str], tmp_path: Path
+) -> None:
+    # Real mail has such lines (HTML on one line); Postfix takes them, and so does
+    # postroom, up to MAX_MESSAGE_LINE.
+    curl = require_peer("curl")
+    token = new_token()
+    html = b"<html><body>" + b"<p>wide</p>" * 2000 + b"</body></html>\r\n"  # 22 kB line
+    message = make_message(token, sender=SENDER, recipient=RCPT, body=html)
+    eml = tmp_path / "wide.eml"
+    eml.write_bytes(message)
+    _run([curl, "--silent", "--show-error", "--max-time", "15",
+          f"smtp://{LOOPBACK}:{postroom.smtp_port}/client.example",
+          "--mail-from", SENDER, "--mail-rcpt", RCPT, "--upload-file", str(eml)])
+    assert_stored_verbatim(_delivered(postroom, RCPT, token), message, postroom.hostname)
+
+
 def test_msmtp_starttls(postroom: Postroom, require_peer: Callable[..., str]) -> None:
     msmtp = require_peer("msmtp")
     token = new_token()
