@@ -123,6 +123,7 @@ class SMTPConfig:
     data_timeout: float  # RFC 5321 4.5.3.2.6: data block, 3 minutes or more
     allow_plaintext_auth: bool  # AUTH before TLS (RFC 4954 4 advises against)
     check_from_header: bool  # submission: From: must be one of the user's addresses
+    min_free_space: int  # octets kept free on the mail and queue filesystems (queue_minfree)
 
 
 @dataclass(frozen=True)
@@ -635,6 +636,12 @@ _SPEC: dict[str, dict[str, _Key]] = {
             True, _bool,
             "Submission: refuse messages whose From: is not an address of the "
             "authenticated user.",
+        ),
+        "min_free_space": _Key(
+            "100M", _size,
+            "Free space kept on the filesystems of the mailboxes and the queue: MAIL FROM "
+            "gets 452 4.3.1 when less than this, plus the size the client declares with "
+            "SIZE=, is free (as Postfix's queue_minfree). 0 checks the declared size alone.",
         ),
     },
     "pop3": {

@@ -81,11 +81,12 @@ def message(n: int, extra: bytes = b"") -> bytes:
     )
 
 
-async def deliver(server: Running, messages: list[bytes]) -> None:
+async def deliver(server: Running, messages: list[bytes],
+                  sender: str = "smith@isp.example") -> None:
     def send() -> None:
         with smtplib.SMTP(*server.address("smtp"), timeout=10) as client:
             for data in messages:
-                client.sendmail("smith@isp.example", [BOSS], data)
+                client.sendmail(sender or "<>", [BOSS], data)
 
     await asyncio.to_thread(send)
 
@@ -327,11 +328,14 @@ def test_mbox(tmp_path: Path) -> None:
 
     async def scenario() -> list[bytes]:
         async with postroom(tmp_path) as server:
-            await deliver(server, [message(1, b"Return-Path: <smith@isp.example>\r\n"),
+            # The server files the envelope sender as Return-Path (RFC 5321 4.4), the
+            # client's own one removed; a null sender is MAILER-DAEMON in mbox.
+            await deliver(server, [message(1, b"Return-Path: <forged@evil.example>\r\n"),
                                    message(2)])
+            await deliver(server, [message(3)], sender="")
             stored = on_server(tmp_path)
             result = await fetch(dest=box, mbox=True, **settings(server, tmp_path))
-            assert result.paths == [box, box]
+            assert result.paths == [box, box, box]
             return stored
 
     stored = run(scenario)
@@ -342,9 +346,10 @@ def test_mbox(tmp_path: Path) -> None:
     assert b"\n>From the start of a line\n>>From quoted already\n" in data
     assert data.endswith(b"end\n\n")
     messages = list(mailbox.mbox(box))
-    assert [m["Subject"] for m in messages] == ["old", "report 1", "report 2"]
+    assert [m["Subject"] for m in messages] == ["old", "report 1", "report 2", "report 3"]
     senders = sorted(m.get_from().split()[0] for m in messages[1:])
-    assert senders == ["MAILER-DAEMON", "smith@isp.example"]
+    assert senders == ["MAILER-DAEMON", "smith@isp.example", "smith@isp.example"]
+    assert b"forged" not in data
     # mboxrd: one ">" less on each quoted line gives the message back.
     for message_ in messages[1:]:
         raw = message_.as_bytes(unixfrom=False).replace(b"\n>From", b"\nFrom")

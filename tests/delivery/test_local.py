@@ -60,11 +60,15 @@ def queued(tmp_path: Path) -> Path:
     return path
 
 
+FILED = b"Return-Path: <>\r\n" + MESSAGE  # a bounce: the null sender (RFC 5321 4.4)
+
+
 def deliver(
-    courier: LocalCourier, addresses: list[str], message: Path
+    courier: LocalCourier, addresses: list[str], message: Path, sender: str = ""
 ) -> list[DeliveryResult]:
     envelope = Envelope(
-        queue_id="4XyZ", sender="", recipients=[Recipient(a) for a in addresses], created=0.0
+        queue_id="4XyZ", sender=sender, recipients=[Recipient(a) for a in addresses],
+        created=0.0,
     )
     return asyncio.run(courier.deliver(envelope, envelope.recipients, message))
 
@@ -78,7 +82,7 @@ def stored(store: MailStore, address: str) -> list[bytes]:
     return [path.read_bytes() for path in sorted((folder / "new").iterdir())]
 
 
-def test_delivers_the_queued_bytes_unchanged(
+def test_delivers_the_queued_bytes_behind_the_return_path(
     store: MailStore, directory: SQLiteUserDirectory, queued: Path
 ) -> None:
     courier = LocalCourier(store, directory.expand)
@@ -86,8 +90,21 @@ def test_delivers_the_queued_bytes_unchanged(
     assert result == DeliveryResult("boss@corp.example", "delivered", "2.0.0", result.text)
     assert result.remote_mta is None
     [path] = (store.maildir_for("boss@corp.example") / "new").iterdir()
-    assert path.read_bytes() == MESSAGE
-    assert f",S={len(MESSAGE)}," in path.name
+    assert path.read_bytes() == FILED
+    assert f",S={len(FILED)}," in path.name
+
+
+def test_a_return_path_in_the_queued_message_is_replaced(
+    store: MailStore, directory: SQLiteUserDirectory, tmp_path: Path
+) -> None:
+    # RFC 5321 4.4: the final-delivery host writes the envelope sender; one that came
+    # with the message (from a `postroom sendmail` script, say) is removed first.
+    path = tmp_path / "script.eml"
+    path.write_bytes(b"Return-Path: <forged@evil.example>\r\n" + MESSAGE)
+    courier = LocalCourier(store, directory.expand)
+    deliver(courier, ["boss@corp.example"], path, sender="cron@corp.example")
+    assert stored(store, "boss@corp.example") == [
+        b"Return-Path: <cron@corp.example>\r\n" + MESSAGE]
 
 
 def test_alias_expands_and_shared_mailboxes_get_one_copy(
@@ -135,7 +152,7 @@ def test_subaddress_goes_to_the_user(
     courier = LocalCourier(store, directory.expand)
     [result] = deliver(courier, ["boss+reports@corp.example"], queued)
     assert result.outcome == "delivered"
-    assert stored(store, "boss@corp.example") == [MESSAGE]
+    assert stored(store, "boss@corp.example") == [FILED]
 
 
 def test_store_failure_is_temporary_and_leaves_nothing(
@@ -176,4 +193,4 @@ def test_large_message_is_copied_whole(
     [result] = deliver(courier, ["alice@corp.example"], path)
     assert result.outcome == "delivered"
     [copy] = (store.maildir_for("alice@corp.example") / "new").iterdir()
-    assert copy.read_bytes() == MESSAGE + body
+    assert copy.read_bytes() == FILED + body

@@ -705,5 +705,6 @@ def test_delivers_to_a_postroom_receiving_host(tmp_path: Path, message: Path) ->
     ]
     [stored] = (data / "mail" / "isp.example" / "boss" / "new").iterdir()
     content = stored.read_bytes()
-    assert content.startswith(b"Received: from out.corp.example")
+    # The receiving host files the envelope sender first (RFC 5321 4.4), then its trace.
+    assert content.startswith(b"Return-Path: <a@corp.example>\r\nReceived: from out.corp.example")
     assert content.endswith(MESSAGE)

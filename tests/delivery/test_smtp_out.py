@@ -127,7 +127,10 @@ def stored(tmp_path: Path, user: str) -> list[bytes]:
 
 
 def body_of(raw: bytes) -> bytes:
-    """The message as sent: what follows postroom's Received header."""
+    """The message as sent: what follows the Return-Path and Received header postroom
+    filed it with."""
+    assert raw.startswith(b"Return-Path: <")
+    raw = raw[raw.index(b"\r\n") + 2 :]
     assert raw.startswith(b"Received: ")
     pos = raw.index(b"\r\n") + 2
     while raw[pos : pos + 1] in (b" ", b"\t"):  # the header's folded lines

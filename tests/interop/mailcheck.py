@@ -75,8 +75,11 @@ def received_headers(stored: bytes) -> list[str]:
 
 
 def assert_trace_added(stored: bytes, hostname: str) -> None:
-    """The stored message starts with a Received header naming the receiving host."""
-    assert stored.startswith(b"Received:"), f"no leading Received header: {stored[:200]!r}"
+    """The stored message starts with the Return-Path final delivery writes (RFC 5321
+    4.4), then a Received header naming the receiving host."""
+    assert stored.startswith(b"Return-Path: <"), f"no leading Return-Path: {stored[:200]!r}"
+    after = stored.split(CRLF, 1)[1]
+    assert after.startswith(b"Received:"), f"no Received header next: {stored[:200]!r}"
     received = received_headers(stored)
     assert received, "no Received header parsed"
     assert hostname in received[0], f"{hostname!r} missing from {received[0]!r}"

@@ -8,8 +8,7 @@ Clients that deliver into a Maildir or an MDA (mpop, fetchmail, getmail)
 convert CRLF line ends to LF; for them the comparison is on both sides
 normalised to LF (lossless here: the stored files hold no bare LF). Their own
 trace headers are switched off (mpop --received-header=off, fetchmail
-`set invisible`); getmail always writes a Return-Path line first, which the
-test checks and strips.
+`set invisible`); getmail keeps the Return-Path postroom filed and adds none.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import os
 import poplib
 import pwd
 import shutil
+import smtplib
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -52,9 +52,10 @@ MAILBOXES = (
     "mpop-user", "mpop-plain",
     "fetchmail-keep", "fetchmail-delete",
     "getmail-plain", "getmail-pop3s",
+    "jörg-poplib", "jörg-curl",
 )
 CAPABILITIES = {"TOP", "UIDL", "USER", "SASL", "STLS", "RESP-CODES", "AUTH-RESP-CODE",
-                "PIPELINING", "UTF8", "IMPLEMENTATION"}
+                "PIPELINING", "IMPLEMENTATION"}
 CLIENT_TIMEOUT = 60
 
 
@@ -490,11 +491,54 @@ def test_getmail_as_unprivileged_user(
     run([runuser, "-u", "nobody", "--", getmail, f"--getmaildir={nobody_dir}",
          f"--rcfile={rc}"], env=env)
     downloads = read_folder(target / "new") + read_folder(target / "cur")
-    # getmail always writes a Return-Path of its own first (POP3 carries no
-    # envelope sender, so it says <unknown>); what follows must be the message.
-    unwrapped = []
+    # POP3 carries no envelope sender: getmail takes it from the Return-Path postroom
+    # filed (RFC 5321 4.4) and so writes no "Return-Path: <unknown>" of its own.
     for data in downloads:
-        assert data.startswith(b"Return-Path: <unknown>\n"), data[:200]
-        unwrapped.append(data.split(b"\n", 1)[1])
-    assert_same(by_token(unwrapped, list(stored)), stored, normalise=True)
+        assert data.startswith(b"Return-Path: <sender@client.example>\nReceived: "), data[:200]
+    assert_same(by_token(downloads, list(stored)), stored, normalise=True)
     assert remaining(server, local) == []
+
+
+# -- UTF-8 users and headers, without RFC 6856 ----------------------------------
+
+
+def deliver_utf8(server: Postroom, local: str) -> bytes:
+    """One message with UTF-8 header fields, sent with SMTPUTF8 to a UTF-8 mailbox."""
+    rcpt, sender, token = address(local), "jörg@absender.example", new_token()
+    message = (f"From: Jörg <{sender}>\r\nTo: <{rcpt}>\r\nSubject: Grüße {token}\r\n"
+               "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+               f"token {token}\r\nÄpfel und Birnen\r\n").encode()
+    with smtplib.SMTP(LOOPBACK, server.smtp_port, timeout=30) as client:
+        client.sendmail(sender, [rcpt], message, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+    assert len(server.wait_for_messages(rcpt, 1)) == 1, server.output()
+    return stored_by_token(server.maildir(rcpt), [token])[token]
+
+
+def test_poplib_utf8_user_without_the_utf8_extension(server: Postroom) -> None:
+    # UTF8 is not offered (see protocol/pop3_server.py): poplib's utf8() is refused,
+    # the UTF-8 name still logs in with USER/PASS, and RETR sends the message as filed.
+    local = "jörg-poplib"
+    stored = deliver_utf8(server, local)
+    client = pop3_session(server.ports["pop3"])
+    try:
+        assert "UTF8" not in client.capa()
+        with pytest.raises(poplib.error_proto, match="unknown command UTF8"):
+            client.utf8()
+        client.user(address(local))
+        client.pass_(password(local))
+        assert pop3_message(client, 1) == stored
+        client.quit()
+    finally:
+        client.close()
+
+
+def test_curl_utf8_user_without_the_utf8_extension(
+    server: Postroom, require_peer: Callable[..., str]
+) -> None:
+    local = "jörg-curl"
+    stored = deliver_utf8(server, local)
+    curl = require_peer("curl")
+    auth = ["-u", f"{address(local)}:{password(local)}"]  # AUTH PLAIN: UTF-8 (RFC 4616 2)
+    got = run([curl, "-sS", "--max-time", "30", *auth,
+               f"pop3://{LOOPBACK}:{server.ports['pop3']}/1"]).stdout
+    assert got == stored

@@ -237,3 +237,31 @@ def test_dele_removes_a_message_another_reader_renamed(
     assert all(deleted.encode() not in data for data in files) or not reply.startswith(b"+OK"), (
         f"QUIT said {reply!r} but the DELE'd message is still in the Maildir"
     )
+
+
+def test_dovecot_shows_the_return_path_postroom_filed(
+    servers: tuple[Postroom, PrivateDovecot],
+) -> None:
+    """RFC 5321 4.4: the Maildir copy carries the envelope sender as its Return-Path (the
+    one the client sent replaced), so a reader of the Maildir alone still has it."""
+    server, dovecot = servers
+    token = new_token()
+    message = b"Return-Path: <forged@evil.example>\r\n" + make_message(
+        token, sender=SENDER, recipient=RCPT)
+    smtp_send(server.smtp_port, SENDER, RCPT, [message])
+    assert len(server.wait_for_messages(RCPT, 1)) == 1, server.output()
+    try:
+        dovecot.start()
+    except HarnessError as exc:
+        pytest.fail(f"dovecot did not start: {exc}", pytrace=False)
+    _, bodies, _ = view(dovecot.port)
+    got = bodies[token]
+    assert got.startswith(f"Return-Path: <{SENDER}>\r\nReceived: ".encode()), got[:200]
+    assert b"forged@evil.example" not in got
+    client = pop3_session(dovecot.port, user=RCPT, password=PASSWORD)
+    try:
+        _, lines, _ = client.top(1, 0)  # Dovecot's own parse of the header: the field is there
+        assert lines[0] == f"Return-Path: <{SENDER}>".encode()
+        client.quit()
+    finally:
+        client.close()

@@ -8,6 +8,8 @@ behind a Received header that names postroom's host.
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import smtplib
 import ssl
 import subprocess
@@ -164,6 +166,23 @@ def test_curl(postroom: Postroom, require_peer: Callable[..., str], tmp_path: Pa
     assert_stored_verbatim(_delivered(postroom, RCPT, token), message, postroom.hostname)
 
 
+def test_curl_message_with_lines_past_998_octets(
+    postroom: Postroom, require_peer: Callable[..., str], tmp_path: Path
+) -> None:
+    # Real mail has such lines (HTML on one line); Postfix takes them, and so does
+    # postroom, up to MAX_MESSAGE_LINE.
+    curl = require_peer("curl")
+    token = new_token()
+    html = b"<html><body>" + b"<p>wide</p>" * 2000 + b"</body></html>\r\n"  # 22 kB line
+    message = make_message(token, sender=SENDER, recipient=RCPT, body=html)
+    eml = tmp_path / "wide.eml"
+    eml.write_bytes(message)
+    _run([curl, "--silent", "--show-error", "--max-time", "15",
+          f"smtp://{LOOPBACK}:{postroom.smtp_port}/client.example",
+          "--mail-from", SENDER, "--mail-rcpt", RCPT, "--upload-file", str(eml)])
+    assert_stored_verbatim(_delivered(postroom, RCPT, token), message, postroom.hostname)
+
+
 def test_msmtp_starttls(postroom: Postroom, require_peer: Callable[..., str]) -> None:
     msmtp = require_peer("msmtp")
     token = new_token()
@@ -239,3 +258,21 @@ def test_smtputf8(postroom: Postroom) -> None:
     assert refused == {}
     stored = _delivered(postroom, rcpt, token)
     assert_stored_verbatim(stored, message, postroom.hostname)
+
+
+def test_smtplib_send_message_with_smtputf8_given_twice(postroom: Postroom) -> None:
+    # send_message adds SMTPUTF8 and BODY=8BITMIME by itself for a non-ASCII address;
+    # a caller who passes them as well makes smtplib send each twice, which Exim accepts.
+    sender = "jörg@absender.example"
+    token = new_token()
+    message = email.message_from_bytes(
+        f"From: Jörg <{sender}>\r\nTo: <{RCPT}>\r\nSubject: Grüße {token}\r\n\r\n"
+        f"token {token}\r\n".encode(), policy=email.policy.SMTPUTF8,
+    )
+    with smtplib.SMTP(LOOPBACK, postroom.smtp_port, timeout=30) as client:
+        client.ehlo("client.example")
+        refused = client.send_message(message, sender, [RCPT],
+                                      mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+    assert refused == {}
+    stored = _delivered(postroom, RCPT, token)
+    assert f"Subject: Grüße {token}".encode() in stored

@@ -148,6 +148,15 @@ def test_parameters() -> None:
     assert parse_parameters("X=caf\u00e9") == {"X": "caf\u00e9"}  # RFC 6531 esmtp-value
 
 
+def test_a_parameter_repeated_exactly_counts_once() -> None:
+    # smtplib sends "SMTPUTF8 SMTPUTF8 BODY=8BITMIME" when its caller passed the options
+    # it adds by itself; nothing is ambiguous about that.
+    assert parse_parameters("SMTPUTF8 smtputf8 BODY=8BITMIME BODY=8BITMIME") == {
+        "SMTPUTF8": None,
+        "BODY": "8BITMIME",
+    }
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
@@ -157,6 +166,8 @@ def test_parameters() -> None:
         ("X=", "malformed value for X"),
         ("X=a=b", "malformed value for X"),
         ("X=1 x=2", "duplicate parameter X"),
+        ("X x=1", "duplicate parameter X"),
+        ("X=1 x", "duplicate parameter X"),
     ],
 )
 def test_bad_parameters(text: str, reason: str) -> None:

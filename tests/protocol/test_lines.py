@@ -19,6 +19,7 @@ from postroom.protocol.lines import (
     END_OF_DATA,
     LONG_LINE,
     MAX_CONTENT_LINE,
+    MAX_MESSAGE_LINE,
     MAX_TEXT_LINE,
     TOO_BIG,
     DataReader,
@@ -26,6 +27,7 @@ from postroom.protocol.lines import (
     Line,
     LineBuffer,
     LineFolder,
+    LineMeter,
     dot_stuff,
 )
 
@@ -162,12 +164,36 @@ def test_feed_after_the_end_raises() -> None:
         DataReader(bare_newline="lenient")  # type: ignore[arg-type]
 
 
-def test_reader_holds_at_most_a_partial_line() -> None:
-    r = DataReader(check_lines=False)
+@pytest.mark.parametrize("max_line", [MAX_TEXT_LINE, MAX_MESSAGE_LINE])
+def test_reader_holds_at_most_a_partial_line(max_line: int) -> None:
+    # However long the lines it accepts, the reader holds less than a text line.
+    r = DataReader(check_lines=False, max_line=max_line)
     for _ in range(200):
         r.feed(b"y" * 333)
         assert r.buffered < MAX_TEXT_LINE
     assert r.problem is None
+
+
+# --- LineMeter (BDAT content) ----------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(st.sampled_from([b"a", b"\n", b"\r\n", b"x" * 30, b"y" * 70]), max_size=30),
+    cuts=st.lists(st.integers(min_value=1, max_value=90), max_size=30),
+)
+def test_line_meter_finds_what_data_would(parts: list[bytes], cuts: list[int]) -> None:
+    """The same rule for BDAT as for DATA: a line over the limit, its LF included;
+    an unfinished last line once it holds the limit."""
+    data, limit = b"".join(parts), 100
+    *whole, last = data.split(b"\n")
+    expected = any(len(line) + 1 > limit for line in whole) or len(last) >= limit
+    meter = LineMeter(limit)
+    pos = 0
+    for size in [*cuts, len(data)]:
+        meter.feed(data[pos : pos + size])
+        pos += size
+    assert meter.too_long == expected
 
 
 # --- DataReader against a line-by-line reference -------------------------------------
@@ -187,7 +213,9 @@ _LINE_END = re.compile(rb"\r\n|\n|\r")
 _RANK = [TOO_BIG, LONG_LINE, BARE_CR, BARE_LF]  # the gravest last
 
 
-def reference(data: bytes, mode: str, max_size: int = 0) -> Reference:
+def reference(
+    data: bytes, mode: str, max_size: int = 0, max_line: int = MAX_TEXT_LINE
+) -> Reference:
     """RFC 5321 4.5.2, one line at a time: the end is "." between two real CRLFs.
 
     The problem reported is the gravest found anywhere in the content.
@@ -205,9 +233,19 @@ def reference(data: bytes, mode: str, max_size: int = 0) -> Reference:
     while True:
         m = _LINE_END.search(data, pos)
         if m is None or (m.group() == b"\r" and m.end() == len(data)):
-            # Unfinished: a partial line already this long can only be too long.
-            if len(data) - pos - (m is not None) >= MAX_TEXT_LINE:
+            rest = data[pos:]
+            partial = rest[:-1] if m is not None else rest  # a final CR awaits its LF
+            if len(partial) >= max_line:
+                # Unfinished: a partial line already this long can only be too long.
                 found.add(LONG_LINE)
+            elif len(rest) >= MAX_TEXT_LINE:
+                # A partial line this long is handed out as it comes, not held back.
+                if partial[:1] == b".":
+                    partial = partial[1:]
+                size += len(partial)
+                if max_size and size > max_size:
+                    found.add(TOO_BIG)
+                out.append(partial)
             return result(False, b"")
         line, end = data[pos : m.start()], m.group()
         pos = m.end()
@@ -217,7 +255,7 @@ def reference(data: bytes, mode: str, max_size: int = 0) -> Reference:
         if end != b"\r\n" and mode == "reject":
             found.add(BARE_LF if end == b"\n" else BARE_CR)
             continue
-        if len(line) + 2 > MAX_TEXT_LINE:
+        if len(line) + 2 > max_line:
             found.add(LONG_LINE)
             continue
         if line[:1] == b"." and len(line) > 1:
@@ -228,7 +266,8 @@ def reference(data: bytes, mode: str, max_size: int = 0) -> Reference:
         out.append(line + b"\r\n")
 
 
-PIECES = [b"a", b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"x" * 300]
+PIECES = [b"a", b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"x" * 300,
+          b"y" * 1100]
 
 
 @settings(max_examples=300, deadline=None)
@@ -237,13 +276,17 @@ PIECES = [b"a", b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"x"
     cuts=st.lists(st.integers(min_value=1, max_value=50), max_size=40),
     mode=st.sampled_from(["reject", "normalize"]),
     max_size=st.sampled_from([0, 0, 200]),
+    max_line=st.sampled_from([MAX_TEXT_LINE, MAX_TEXT_LINE, 2500]),
 )
 def test_reader_matches_the_reference(
-    parts: list[bytes], cuts: list[int], mode: str, max_size: int
+    parts: list[bytes], cuts: list[int], mode: str, max_size: int, max_line: int
 ) -> None:
+    # max_line 2500: lines past the 1000 octets the reader holds are consumed in
+    # parts, and only their length decides.
     data = b"".join(parts)
-    ref = reference(data, mode, max_size)
-    reader = DataReader(bare_newline=mode, max_size=max_size)  # type: ignore[arg-type]
+    ref = reference(data, mode, max_size, max_line)
+    reader = DataReader(bare_newline=mode, max_size=max_size,  # type: ignore[arg-type]
+                        max_line=max_line)
     got = []
     pos = 0
     for size in [*cuts, len(data)]:

@@ -232,7 +232,7 @@ def test_transaction_commands_refused_before_login(line: bytes) -> None:
 
 @pytest.mark.parametrize(
     "line", [b"USER bob", b"PASS x", b"APOP bob 0123456789abcdef0123456789abcdef",
-             b"AUTH PLAIN", b"STLS", b"UTF8"]
+             b"AUTH PLAIN", b"STLS"]
 )
 def test_authorization_commands_refused_after_login(line: bytes) -> None:
     core = logged_in(POP3ServerConfig(allow_plaintext_auth=True, stls=True))
@@ -246,7 +246,6 @@ def test_unknown_and_empty_commands() -> None:
     assert command(core, b"XYZZY\r\n") == b"-ERR unknown command XYZZY\r\n"
     assert command(core, b"\r\n") == b"-ERR unknown command\r\n"
     assert command(core, b"\xff\xfe\r\n") == b"-ERR command is not valid UTF-8\r\n"
-    assert command(core, b"UTF8 please\r\n") == b"-ERR UTF8 takes no arguments\r\n"
 
 
 def test_pass_needs_user_first_and_failed_pass_forgets_user() -> None:
@@ -570,7 +569,7 @@ def test_capa_before_tls_with_stls() -> None:
                                     login_delay=60, expire="NEVER"))
     assert capa(core) == [
         b"TOP", b"UIDL", b"SASL SCRAM-SHA-256", b"STLS", b"RESP-CODES", b"AUTH-RESP-CODE",
-        b"PIPELINING", b"UTF8", b"LOGIN-DELAY 60", b"EXPIRE NEVER", b"IMPLEMENTATION postroom",
+        b"PIPELINING", b"LOGIN-DELAY 60", b"EXPIRE NEVER", b"IMPLEMENTATION postroom",
     ]
 
 
@@ -578,7 +577,7 @@ def test_capa_on_implicit_tls_and_after_login() -> None:
     config = POP3ServerConfig(tls_active=True, stls=True)
     core = started(config)
     expected = [b"TOP", b"UIDL", b"USER", b"SASL PLAIN LOGIN", b"RESP-CODES",
-                b"AUTH-RESP-CODE", b"PIPELINING", b"UTF8", b"IMPLEMENTATION postroom"]
+                b"AUTH-RESP-CODE", b"PIPELINING", b"IMPLEMENTATION postroom"]
     assert capa(core) == expected
     assert capa(logged_in(config)) == expected
 
@@ -628,12 +627,19 @@ def test_stls_refusals() -> None:
     assert core.state is State.AUTHORIZATION
 
 
-def test_utf8_command() -> None:
-    core = started()
-    assert not core.utf8
-    assert command(core, b"UTF8\r\n") == b"+OK UTF8 enabled\r\n"
-    assert core.utf8
+def test_utf8_is_not_offered_and_utf8_names_still_log_in() -> None:
+    # RFC 6856 is not implemented (see _COMMANDS): neither advertised nor accepted,
+    # so no client believes it will get downgraded messages.
+    core = started(POP3ServerConfig(allow_plaintext_auth=True))
+    assert b"UTF8" not in capa(core)
+    assert command(core, b"UTF8\r\n") == b"-ERR unknown command UTF8\r\n"
     assert step(core, "USER jos\u00e9\r\n".encode()) == User("jos\u00e9")
+    core.ok()
+    core.data_to_send()
+    assert step(core, "PASS g\u00fcltig\r\n".encode()) == Pass("jos\u00e9", "g\u00fcltig")
+    plain = base64.b64encode("\0jos\u00e9\0g\u00fcltig".encode())
+    assert step(started(), b"AUTH PLAIN " + plain + b"\r\n") == AuthStart(
+        "PLAIN", "\0jos\u00e9\0g\u00fcltig".encode())
 
 
 # --------------------------------------------------------------------------- AUTH / APOP

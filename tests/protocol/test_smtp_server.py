@@ -288,6 +288,16 @@ def test_mail_utf8_address_with_smtputf8() -> None:
     assert events == [MailFrom("jos\u00e9@b\u00fccher.example", smtputf8=True)]
 
 
+def test_mail_with_smtputf8_given_twice() -> None:
+    # Python's smtplib writes this when its caller passes SMTPUTF8 too (Exim accepts it).
+    d = greeted()
+    events = d.feed("MAIL FROM:<jos\u00e9@b\u00fccher.example> SMTPUTF8 SMTPUTF8 "
+                    "BODY=8BITMIME\r\n".encode())
+    assert events == [MailFrom("jos\u00e9@b\u00fccher.example", body="8BITMIME", smtputf8=True)]
+    d.feed(b"RSET\r\nMAIL FROM:<a@example.org> SMTPUTF8 SMTPUTF8=yes\r\n")
+    assert d.replies()[-1] == "501 5.5.4 duplicate parameter SMTPUTF8"
+
+
 def test_dsn_parameters_are_unknown_without_dsn() -> None:
     d = greeted(dsn=False)
     d.feed(b"MAIL FROM:<a@example.org> RET=FULL\r\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from test_smtp_server_driver import HOST, Driver, accept, content, kinds, merged
 
+from postroom.protocol.header_limits import MAX_HEADER_SECTION
+from postroom.protocol.lines import MAX_MESSAGE_LINE
 from postroom.protocol.replies import Reply
 from postroom.protocol.smtp_server import (
     ConnectionClosed,
@@ -22,7 +24,7 @@ ENVELOPE = b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@exam
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 BARE_LF = "554 5.5.2 Message refused: bare <LF> received; lines end with <CR><LF>"
 BARE_CR = "554 5.5.2 Message refused: bare <CR> received; lines end with <CR><LF>"
-LONG_LINE = "554 5.6.0 Message refused: line longer than 1000 octets (RFC 5321 4.5.3.1.6)"
+LONG_LINE = f"554 5.6.0 Message refused: a line is longer than {MAX_MESSAGE_LINE} octets"
 
 
 def ready(**config: object) -> Driver:
@@ -187,22 +189,99 @@ def test_normalize_mode_turns_bare_line_ends_into_crlf() -> None:
 # --- Line length and size --------------------------------------------------------
 
 
-def test_text_line_limit() -> None:
-    # RFC 5321 4.5.3.1.6: 1000 octets including the CRLF.
-    _, events = send_data(b"x" * 998 + b"\r\n.\r\n")
-    assert kinds(events)[-1] == "MessageEnd"
-    d, events = send_data(b"x" * 999 + b"\r\n.\r\n")
-    assert isinstance(events[-1], MessageAborted) and str(events[-1].reply) == LONG_LINE
-    assert d.replies()[-1] == LONG_LINE
+LONGEST = b"x" * (MAX_MESSAGE_LINE - 2) + b"\r\n"  # the longest line accepted
 
 
-def test_a_long_line_split_across_pieces_is_caught() -> None:
+def by_data(message: bytes, piece: int) -> list[bytes]:
+    wire = b"DATA\r\n" + message + b".\r\n"
+    return [wire[i : i + piece] for i in range(0, len(wire), piece)]
+
+
+def by_bdat(message: bytes, piece: int) -> list[bytes]:
+    chunks = [message[i : i + piece] for i in range(0, len(message), piece)]
+    return [b"BDAT %d%s\r\n" % (len(c), b" LAST" if i == len(chunks) - 1 else b"") + c
+            for i, c in enumerate(chunks)]
+
+
+SENDERS = {"DATA": by_data, "BDAT": by_bdat}
+
+
+@pytest.mark.parametrize("command", SENDERS)
+@pytest.mark.parametrize("piece", [65536, 999])
+def test_long_lines_are_taken_up_to_the_named_limit(command: str, piece: int) -> None:
+    # Lines past RFC 5322's 998 octets are real mail (Postfix takes them); DATA and
+    # BDAT take them alike, up to MAX_MESSAGE_LINE octets with the line end.
+    message = b"Subject: wide\r\n\r\n" + b"y" * 999 + b"\r\n" + LONGEST + b"end\r\n"
     d = ready()
-    d.feed(b"DATA\r\nok\r\n")
-    for _ in range(5):
-        d.feed(b"y" * 300)
-    d.feed(b"\r\n.\r\n")
-    assert str(d.events[-1].reply) == LONG_LINE  # type: ignore[attr-defined]
+    for part in SENDERS[command](message, piece):
+        d.feed(part)
+    assert kinds(d.events)[-1] == "MessageEnd"
+    assert content(d.events) == message
+    assert d.replies()[-1] == "250 2.0.0 Ok: queued as Q1"
+
+
+@pytest.mark.parametrize("command", SENDERS)
+@pytest.mark.parametrize("piece", [65536, 999])
+def test_a_line_past_the_limit_is_refused_alike_by_data_and_bdat(
+    command: str, piece: int
+) -> None:
+    head = b"Subject: wider\r\n\r\nok\r\n"
+    message = head + b"z" + LONGEST + b"more\r\n" * 300
+    d = ready()
+    for part in SENDERS[command](message, piece):
+        d.feed(part)
+    d.feed(b"NOOP\r\n")
+    assert isinstance(d.events[-1], MessageAborted) and str(d.events[-1].reply) == LONG_LINE
+    replies = d.replies()
+    after = replies[replies.index(LONG_LINE) + 1 :]
+    # BDAT: the chunks the client pipelined after the refused one fail too (RFC 3030 3).
+    assert set(after[:-1]) <= {"503 5.5.1 Send MAIL first"} and after[-1] == "250 2.0.0 OK"
+    # Nothing past the limit is handed out.
+    assert len(content(d.events)) <= len(head) + MAX_MESSAGE_LINE
+
+
+def test_bdat_chunks_after_a_refused_line_are_read_and_refused() -> None:
+    # RFC 3030 3: the transaction failed at the chunk with the long line; what the
+    # client pipelined after it is consumed, never read as commands.
+    d = ready()
+    d.feed(b"BDAT %d\r\n" % len(LONGEST + b"z") + b"z" + LONGEST + b"BDAT 6 LAST\r\nRSET\r\n")
+    assert d.replies() == [LONG_LINE, "503 5.5.1 Send MAIL first"]
+
+
+HEADER_TOO_BIG = "552 5.3.4 Message header section exceeds fixed maximum size"
+TOO_MANY_FIELDS = "554 5.6.0 Message refused: too many header fields"
+FOLDED_MEGABYTE = b"X-Big: start\r\n" + b" folded text on a continuation line\r\n" * 30_000
+TEN_THOUSAND_FIELDS = b"".join(b"X%d:y\r\n" % i for i in range(10_000))
+
+
+@pytest.mark.parametrize("command", SENDERS)
+@pytest.mark.parametrize(
+    ("header", "reply"),
+    [(FOLDED_MEGABYTE, HEADER_TOO_BIG), (TEN_THOUSAND_FIELDS, TOO_MANY_FIELDS)],
+    ids=["folded-megabyte", "ten-thousand-fields"],
+)
+def test_header_section_limits(command: str, header: bytes, reply: str) -> None:
+    # As Postfix's header_size_limit, and a field count: refused at the end of the
+    # data (BDAT: of the chunk), and nothing past the limit handed out.
+    message = b"Subject: flood\r\n" + header + b"\r\nbody\r\n"
+    d = ready()
+    for part in SENDERS[command](message, 256 * 1024):
+        d.feed(part)
+    d.feed(b"NOOP\r\n")
+    assert isinstance(d.events[-1], MessageAborted) and str(d.events[-1].reply) == reply
+    replies = d.replies()
+    assert reply in replies and replies[-1] == "250 2.0.0 OK"
+    assert len(content(d.events)) <= MAX_HEADER_SECTION
+
+
+def test_header_section_within_the_limits_and_a_headerless_body() -> None:
+    # 1000 fields, or a body with no header fields at all (as Postfix reads it).
+    for message in (b"".join(b"X%d:y\r\n" % i for i in range(1000)) + b"\r\nbody\r\n",
+                    b"no header here\r\n" * 20_000):
+        d = ready()
+        for part in by_data(message, 65536):
+            d.feed(part)
+        assert kinds(d.events)[-1] == "MessageEnd" and content(d.events) == message
 
 
 def test_message_over_the_size_limit_is_read_to_its_end_and_refused() -> None:
@@ -253,7 +332,7 @@ def test_bdat_chunks() -> None:
     events = d.feed(b"BDAT 5\r\nhel\nlBDAT 3 LAST\r\n.\r\n")
     assert merged(events) == [
         DataStart(chunking=True),
-        MessageData(b"hel\nl.\r\n"),  # raw octets: no dots, no line checks
+        MessageData(b"hel\nl.\r\n"),  # raw octets: no dots, no line-end checks
         MessageEnd(size=8),
     ]
     assert d.replies() == ["250 2.0.0 5 octets received", "250 2.0.0 Ok: queued as Q1"]

@@ -109,6 +109,27 @@ def test_submitted_mail_is_relayed_and_filed_with_both_received_headers(tmp_path
     assert msg["Message-ID"] and msg["Date"]
 
 
+def test_return_path_is_on_the_filed_copy_only(tmp_path: Path) -> None:
+    """RFC 5321 4.4: the copy filed here gets the Return-Path, the relayed copy none (a
+    relay must not add one), and neither keeps the one the client sent."""
+    corp_port = free_port()  # nothing listens: the relayed copy stays in the queue
+    sent = b"Return-Path: <forged@evil.example>\r\n" + REPORT
+
+    async def scenario() -> None:
+        async with host(tmp_path / "isp", provider_config(corp_port),
+                        {"smith@isp.example": "smith-secret", "jones@isp.example": "j"}) as isp:
+            await asyncio.to_thread(submit, isp, ["boss@corp.example", "jones@isp.example"],
+                                    sent)
+            (envelope,) = isp.relay.queue.list()
+            queued = isp.relay.queue.message_path(envelope.queue_id).read_bytes()
+            assert b"Return-Path" not in queued and queued.endswith(REPORT)
+
+    asyncio.run(scenario())
+    (filed,) = inbox(tmp_path / "isp", "isp.example", "jones")
+    assert filed.startswith(b"Return-Path: <smith@isp.example>\r\nReceived: ")
+    assert filed.count(b"Return-Path") == 1 and filed.endswith(REPORT)
+
+
 def test_next_hop_down_then_back_delivers_after_retry(tmp_path: Path) -> None:
     corp_port = free_port()
 
@@ -144,6 +165,7 @@ def test_refused_recipient_bounces_to_the_senders_mailbox(tmp_path: Path) -> Non
 
     asyncio.run(scenario())
     (dsn,) = inbox(tmp_path / "isp", "isp.example", "smith")
+    assert dsn.startswith(b"Return-Path: <>\r\n")  # filed by the local courier (RFC 5321 4.4)
     report = email.message_from_bytes(dsn)
     assert report.get_content_type() == "multipart/report"
     status = [p for p in report.walk() if p.get_content_type() == "message/delivery-status"]

@@ -10,8 +10,10 @@ import asyncio
 import email
 import email.policy
 import mailbox
+import os
 import smtplib
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 import pytest
 
 from postroom.config import load_config
+from postroom.protocol.lines import MAX_MESSAGE_LINE
 from postroom.server.main import Running, start
 from postroom.store.users import open_user_directory
 
@@ -91,7 +94,7 @@ def run(coro_fn: Callable[[], Any]) -> Any:
         return runner.run(coro_fn())
 
 
-def test_delivers_to_maildir_with_received_header(tmp_path: Path) -> None:
+def test_delivers_to_maildir_with_return_path_and_received_header(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_server(tmp_path) as server:
             host, port = server.address("smtp")
@@ -111,7 +114,9 @@ def test_delivers_to_maildir_with_received_header(tmp_path: Path) -> None:
     assert len(files) == 1
     raw = files[0].read_bytes()
     assert raw.endswith(MESSAGE)
-    assert raw.startswith(b"Received: from client.example ([127.0.0.1])")
+    # RFC 5321 4.4: final delivery writes the envelope sender on top, then our trace.
+    assert raw.startswith(b"Return-Path: <smith@isp.example>\r\n"
+                          b"Received: from client.example ([127.0.0.1])")
     assert f",S={len(raw)}" in files[0].name
     box = mailbox.Maildir(tmp_path / "mail" / "corp.example" / "boss", factory=None)
     (msg,) = list(box)
@@ -390,3 +395,124 @@ class suppress_want_read:
 
     def __exit__(self, kind: object, value: object, tb: object) -> bool:
         return kind is ssl.SSLWantReadError
+
+
+def test_long_lines_one_rule_for_data_and_bdat(tmp_path: Path) -> None:
+    """A 5,000-octet line is filed whether it came with DATA or BDAT; a line past
+    MAX_MESSAGE_LINE gets the same refusal from both, and nothing is filed."""
+    wide = b"Subject: wide\r\n\r\n" + b"w" * 5000 + b"\r\nend\r\n"
+    huge = b"Subject: huge\r\n\r\n" + b"h" * (MAX_MESSAGE_LINE + 1) + b"\r\nend\r\n"
+
+    async def send(server: Running, message: bytes, bdat: bool) -> bytes:
+        reader, writer = await raw_session(*server.address("smtp"))
+        for command in (b"EHLO c\r\n", b"MAIL FROM:<a@b.example>\r\n",
+                        b"RCPT TO:<boss@corp.example>\r\n"):
+            writer.write(command)
+            await read_reply(reader)
+        if bdat:
+            writer.write(b"BDAT %d LAST\r\n" % len(message) + message)
+        else:
+            writer.write(b"DATA\r\n")
+            assert (await read_reply(reader)).startswith(b"354 ")
+            writer.write(message + b".\r\n")
+        reply = await read_reply(reader)
+        writer.write(b"QUIT\r\n")
+        await read_reply(reader)
+        writer.close()
+        return reply
+
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            for bdat in (False, True):
+                assert (await send(server, wide, bdat)).startswith(b"250 2.0.0 Ok")
+                refused = await send(server, huge, bdat)
+                assert refused == (b"554 5.6.0 Message refused: a line is longer than "
+                                   b"%d octets\r\n" % MAX_MESSAGE_LINE)
+
+    run(scenario)
+    files = new_messages(tmp_path)
+    assert len(files) == 2
+    assert all(f.read_bytes().endswith(wide) for f in files)
+
+
+def test_header_floods_are_refused_at_the_end_of_data(tmp_path: Path) -> None:
+    """A 1 MB folded header field and 10,000 header fields: the header section's named
+    limits (Postfix's header_size_limit and a field count), a clear reply each."""
+    folded = b"X-Big: start\r\n" + b" folded text on a continuation line\r\n" * 30_000
+    fields = b"".join(b"X%d:y\r\n" % i for i in range(10_000))
+
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            host, port = server.address("smtp")
+
+            def send() -> list[tuple[int, bytes]]:
+                replies = []
+                with smtplib.SMTP(host, port, timeout=30) as client:
+                    for header in (folded, fields):
+                        with pytest.raises(smtplib.SMTPDataError) as info:
+                            client.sendmail("smith@isp.example", ["boss@corp.example"],
+                                            header + MESSAGE)
+                        replies.append((info.value.smtp_code, info.value.smtp_error))
+                    client.sendmail("smith@isp.example", ["boss@corp.example"], MESSAGE)
+                return replies
+
+            assert await asyncio.to_thread(send) == [
+                (552, b"5.3.4 Message header section exceeds fixed maximum size"),
+                (554, b"5.6.0 Message refused: too many header fields"),
+            ]
+
+    run(scenario)
+    (filed,) = new_messages(tmp_path)  # only the ordinary message that followed
+    assert filed.read_bytes().endswith(MESSAGE)
+    spool = tmp_path / "mail" / ".spool"
+    assert not spool.exists() or not any(spool.iterdir())  # nothing spilled to disk either
+
+
+@pytest.mark.parametrize("size", [1, 600_000], ids=["in-memory", "spilled"])
+def test_the_clients_return_path_is_replaced_by_the_envelope_sender(
+    tmp_path: Path, size: int
+) -> None:
+    """RFC 5321 4.4: a Return-Path sent with the message is no one's to write; the copy
+    filed here says who the envelope named, the null sender included."""
+    forged = (b"Return-Path: <forged@evil.example>\r\nreturn-path:\r\n <again@evil.example>\r\n"
+              + MESSAGE + b"x" * size + b"\r\n")
+
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            host, port = server.address("smtp")
+
+            def send() -> None:
+                with smtplib.SMTP(host, port, timeout=10) as client:
+                    client.sendmail("smith@isp.example", ["boss@corp.example"], forged)
+                    client.sendmail("<>", ["alice@corp.example"], MESSAGE)
+
+            await asyncio.to_thread(send)
+
+    run(scenario)
+    (to_boss,) = [f.read_bytes() for f in new_messages(tmp_path)]
+    assert to_boss.startswith(b"Return-Path: <smith@isp.example>\r\nReceived: ")
+    assert to_boss.count(b"eturn-") == 1 and b"evil.example" not in to_boss
+    assert to_boss.endswith(MESSAGE + b"x" * size + b"\r\n")
+    (bounce,) = [f.read_bytes() for f in new_messages(tmp_path, "alice")]
+    assert bounce.startswith(b"Return-Path: <>\r\nReceived: ")
+
+
+def test_start_sweeps_files_killed_deliveries_left_in_tmp(tmp_path: Path) -> None:
+    """A partial file in a Maildir's tmp/ from a delivery killed midway goes at start,
+    once it is 36 hours old (as Dovecot's rule); a younger one may still be written."""
+    tmp = tmp_path / "mail" / "corp.example" / "boss" / "tmp"
+    tmp.mkdir(parents=True)
+    for sub in ("new", "cur"):
+        (tmp.parent / sub).mkdir()
+    killed = tmp / "1700000000.M1P99Q1R0.mx.corp.example,S=9,W=9"
+    killed.write_bytes(b"Subject: ")
+    os.utime(killed, (time.time() - 37 * 3600,) * 2)
+    writing = tmp / "1700000001.M1P98Q1R0.other.example"
+    writing.write_bytes(b"Subject: ")
+
+    async def scenario() -> None:
+        async with running_server(tmp_path):
+            assert not killed.exists()
+            assert writing.exists()
+
+    run(scenario)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import email
 import smtplib
 import ssl
@@ -192,3 +193,76 @@ def test_open_relay_probe_on_the_mx_port_is_refused(tmp_path: Path) -> None:
             await asyncio.to_thread(probe)
 
     run(scenario)
+
+
+def login_utf8(c: smtplib.SMTP, user: str, password: str) -> None:
+    """AUTH PLAIN with UTF-8 credentials (RFC 4616 2), which smtplib.login cannot send."""
+    c.ehlo_or_helo_if_needed()
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+    assert c.docmd("AUTH", f"PLAIN {token}")[0] == 235
+
+
+def test_utf8_user_sends_with_her_own_address_in_from(tmp_path: Path) -> None:
+    # RFC 6532 3: with SMTPUTF8 the header fields are UTF-8, so From: carries her
+    # address as she wrote it in MAIL FROM, not as undecodable bytes.
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            directory = open_user_directory(load_config(tmp_path))
+            directory.add_user("jörg@isp.example", "jörg-secret")
+
+            def send() -> dict[str, tuple[int, bytes]]:
+                with client(server) as c:
+                    login_utf8(c, "jörg@isp.example", "jörg-secret")
+                    return c.sendmail("jörg@isp.example", ["jones@isp.example"],
+                                      body("jörg@isp.example").replace(b"Smith", "Jörg".encode()),
+                                      mail_options=["SMTPUTF8"])
+
+            assert await asyncio.to_thread(send) == {}
+
+    run(scenario)
+    (raw,) = inbox(tmp_path, "jones")
+    assert "From: Jörg <jörg@isp.example>".encode() in raw
+
+
+def test_utf8_from_of_another_user_is_refused_with_her_address(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            directory = open_user_directory(load_config(tmp_path))
+            directory.add_user("jörg@isp.example", "jörg-secret")
+
+            def send() -> None:
+                with client(server) as c:
+                    c.login("smith@isp.example", "smith-secret")
+                    with pytest.raises(smtplib.SMTPDataError) as e:
+                        c.sendmail("smith@isp.example", ["jones@isp.example"],
+                                   body("jörg@isp.example"), mail_options=["SMTPUTF8"])
+                    assert e.value.smtp_code == 550
+                    assert "<jörg@isp.example>".encode() in e.value.smtp_error
+
+            await asyncio.to_thread(send)
+
+    run(scenario)
+    assert inbox(tmp_path, "jones") == []
+
+
+def test_non_ascii_from_without_smtputf8_is_refused_cleanly(tmp_path: Path) -> None:
+    # RFC 6532 3 / RFC 6531 3.4: UTF-8 header fields need an SMTPUTF8 transaction.
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            directory = open_user_directory(load_config(tmp_path))
+            directory.add_user("jörg@isp.example", "jörg-secret")
+
+            def send() -> None:
+                with client(server) as c:
+                    c.login("smith@isp.example", "smith-secret")
+                    with pytest.raises(smtplib.SMTPDataError) as e:
+                        c.sendmail("smith@isp.example", ["jones@isp.example"],
+                                   body("jörg@isp.example"), mail_options=["BODY=8BITMIME"])
+                    assert e.value.smtp_code == 550
+                    assert e.value.smtp_error.startswith(b"5.6.7 From: holds a non-ASCII")
+                    c.noop()  # the session goes on
+
+            await asyncio.to_thread(send)
+
+    run(scenario)
+    assert inbox(tmp_path, "jones") == []

@@ -311,6 +311,28 @@ def test_clean_spool_removes_only_stale_files(store: MailStore) -> None:
     assert not old.exists() and fresh.exists()
 
 
+def test_clean_maildirs_removes_stale_tmp_files_of_every_mailbox(store: MailStore) -> None:
+    # A delivery killed between tmp/ and new/ leaves its file; after 36 hours it is
+    # abandoned (as Dovecot takes it), and a younger one may still be in progress.
+    boxes = [store.maildir_for(a) for a in ("boss@corp.example", "jörg@isp.example")]
+    stale = []
+    for box in boxes:
+        ensure_maildir(box)
+        old = box / "tmp" / "1700000000.M1P1Q1.host,S=5,W=5"
+        old.write_bytes(b"half ")
+        os.utime(old, (time.time() - 37 * 3600,) * 2)
+        stale.append(old)
+        (box / "tmp" / "fresh").write_bytes(b"in progress")
+        (box / "new" / "old-but-delivered").write_bytes(b"mail")
+        os.utime(box / "new" / "old-but-delivered", (time.time() - 40 * 3600,) * 2)
+    store.spool_dir.mkdir()
+    assert store.clean_maildirs() == 2
+    assert not any(p.exists() for p in stale)
+    assert all((b / "tmp" / "fresh").exists() and (b / "new" / "old-but-delivered").exists()
+               for b in boxes)
+    assert store.clean_maildirs() == 0
+
+
 # -- listing for POP3 --------------------------------------------------------------
 
 

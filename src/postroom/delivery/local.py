@@ -7,8 +7,10 @@ subaddresses) to mailboxes; the message is copied once into the store's spool
 and hard-linked into every mailbox, all or nothing (MessageWriter.commit), so
 a failed attempt never leaves a copy behind to be duplicated by the retry.
 
-The message is stored exactly as queued: the Received header was added when
-the message was accepted (RFC 5321 4.4), so nothing is prepended here.
+This is final delivery (RFC 5321 4.4): the envelope sender goes on top of the
+filed copy as its Return-Path, and any Return-Path the message already had is
+removed (store.returnpath). Otherwise the message is stored as queued: the
+Received header was added when it was accepted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from postroom.delivery.outcome import DeliveryResult
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.queuefile import open_content
 from postroom.store.maildir import MailStore
+from postroom.store.returnpath import ReturnPathRemover, return_path
 from postroom.store.users import Expansion
 
 COPY_CHUNK = 1024 * 1024  # octets read from the queue file at a time
@@ -60,7 +63,7 @@ class LocalCourier:
             # one copy: commit() links each distinct maildir once.
             maildirs = list(dict.fromkeys(p for paths in targets.values() for p in paths))
             try:
-                await asyncio.to_thread(self._copy, message_path, maildirs)
+                await asyncio.to_thread(self._copy, message_path, maildirs, envelope.sender)
             except OSError as e:
                 status, text = _write_failure(e)
                 for i in targets:
@@ -98,10 +101,14 @@ class LocalCourier:
         except ValueError as e:
             return DeliveryResult(address, "permanent", "5.1.3", f"<{address}>: {e}")
 
-    def _copy(self, message_path: Path, maildirs: list[Path]) -> None:
-        """BLOCKING: spool a copy of the queued file, then link it into every maildir."""
+    def _copy(self, message_path: Path, maildirs: list[Path], sender: str) -> None:
+        """BLOCKING: spool a copy of the queued file behind our Return-Path, then link
+        it into every maildir."""
         source, _ = open_content(message_path)
+        earlier = ReturnPathRemover()
         with source, self._store.open_writer() as writer:
+            writer.write(return_path(sender))
             while chunk := source.read(COPY_CHUNK):
-                writer.write(chunk)
+                writer.write(earlier.feed(chunk))
+            writer.write(earlier.end())
             writer.commit(maildirs)

@@ -69,14 +69,21 @@ class SubmissionPolicy:
             return RecipientDecision(Reply(501, "5.1.3", f"<{address}>: bad recipient address"))
         return RecipientDecision(Reply(250, "2.1.5", "Ok"), remote=address)
 
-    def check_from(self, user: str, from_values: list[str]) -> Reply | None:
-        """RFC 6409 8.1: every From address must be the user's own (when the check is on)."""
+    def check_from(self, user: str, from_values: list[str], smtputf8: bool = False) -> Reply | None:
+        """RFC 6409 8.1: every From address must be the user's own (when the check is on).
+
+        A non-ASCII address in From needs an SMTPUTF8 transaction (RFC 6532 3,
+        RFC 6531 3.4): without it no host after this one may carry the message.
+        """
         if not self.check_from_header:
             return None
         addresses = [addr for _name, addr in getaddresses(from_values) if addr]
         if not addresses:
             return None  # no From at all: RFC 6409 8 lets the server add one; we don't guess
         for address in addresses:
+            if not smtputf8 and not address.isascii():
+                return Reply(550, "5.6.7", "From: holds a non-ASCII address; send the "
+                                           "message with MAIL FROM ... SMTPUTF8 (RFC 6531)")
             if not self.owns(user, address):
                 return Reply(550, "5.7.1", f"From: <{address}> is not an address of user {user}")
         return None

@@ -6,7 +6,7 @@ SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8 (RFC 6531), RET/ENVID/NOTIFY/ORCPT
 (RFC 3461) and AUTH (RFC 4954 5), including xtext decoding (RFC 3461 4).
 
 Strict where ambiguity is dangerous (the path must be in angle brackets, no
-control characters, one parameter of each kind), lenient where real clients
+control characters, one value for each parameter), lenient where real clients
 differ harmlessly (spaces after the colon, case of keywords). A source route
 (`<@a,@b:user@dom>`) is accepted and dropped from the address, as RFC 5321
 4.1.1.3 and Appendix C ask, but kept on the `Path` for policy. A quoted local
@@ -204,7 +204,11 @@ def parse_parameters(text: str) -> dict[str, str | None]:
     """ESMTP parameters (RFC 5321 4.1.2): keywords upper-cased, values as given.
 
     Raises ParameterError on a malformed keyword or value, or on a keyword
-    given twice.
+    given twice with different values. A keyword repeated exactly (both times
+    without a value, or with the same value) says nothing new and is taken
+    once: Python's smtplib sends "SMTPUTF8 SMTPUTF8" (and "BODY=8BITMIME"
+    twice) when its caller passes the options it adds by itself, and Exim
+    accepts that.
     """
     params: dict[str, str | None] = {}
     for item in text.split():
@@ -214,9 +218,10 @@ def parse_parameters(text: str) -> dict[str, str | None]:
         if sep and not _VALUE_RE.fullmatch(value):
             raise ParameterError(f"malformed value for {keyword.upper()}")
         key = keyword.upper()
-        if key in params:
+        given = value if sep else None
+        if key in params and params[key] != given:
             raise ParameterError(f"duplicate parameter {key}")
-        params[key] = value if sep else None
+        params[key] = given
     return params
 
 

@@ -10,6 +10,8 @@ passes per chunk:
 - `DataReader` reads dot-terminated content (SMTP DATA, RFC 5321 4.5.2; POP3
   multi-line responses, RFC 1939 3): it finds the end of data, removes the
   transparency dots and checks lines, while holding only a partial line.
+- `LineMeter` checks the line length of content that is not dot-terminated
+  (SMTP BDAT, RFC 3030), by the same rule as `DataReader`.
 - `DotStuffer` / `dot_stuff` do the reverse for a sender; with `max_line` it
   also keeps every line within what any receiver must take (`LineFolder`).
 
@@ -29,6 +31,16 @@ MAX_TEXT_LINE = 1000  # RFC 5321 4.5.3.1.6: a text line, including its CRLF
 # RFC 5321 4.5.3.1.6 and RFC 5322 2.1.1: the octets of a line before its CRLF,
 # and what Postfix's smtp_line_length_limit sends at most by default.
 MAX_CONTENT_LINE = MAX_TEXT_LINE - 2
+# The longest line a message received with DATA or BDAT may hold, its line end
+# included. RFC 5322 2.1.1 caps lines at 998 characters, but real mail breaks that
+# (HTML written on one line) and Postfix accepts it (smtpd cuts such lines into
+# records of line_length_limit and joins them again on delivery); a sender that
+# must keep to the RFC splits them on the way out. Past this a "line" is no text
+# a reader can show, and the message is refused.
+MAX_MESSAGE_LINE = 1024 * 1024
+# A partial line DataReader holds back at most, whatever its `max_line`: a longer
+# one is consumed as it arrives, and only its length is remembered.
+_HELD_LINE = MAX_TEXT_LINE
 END_OF_DATA = b".\r\n"  # what a sender writes after the (CRLF-ended) content
 
 BareNewline = Literal["reject", "normalize"]
@@ -140,9 +152,10 @@ class DataReader:
     the terminating ".CRLF" left out. When the end has been seen, `done` is set
     and `leftover` holds the bytes that came after it (pipelined commands).
 
-    Between calls it holds at most one partial line (under `max_line` octets)
-    or a CR whose LF has not arrived. A line that grows past `max_line` is
-    consumed as it arrives and marks the content as having a long line.
+    Between calls it holds at most one partial line (under MAX_TEXT_LINE
+    octets) or a CR whose LF has not arrived; a longer line is consumed as it
+    arrives. A line longer than `max_line` marks the content as having a long
+    line.
 
     `problem` names the reason to refuse the content: the gravest of
     `BARE_LF`, `BARE_CR`, `LONG_LINE`, `TOO_BIG` found in it (in that order).
@@ -227,9 +240,9 @@ class DataReader:
             buf = buf[cut + 1 :]
             out = self._content(segment, ends_line=True, dots=dot >= 0)
             self._prev_crlf = segment.endswith(b"\r\n")
-        if self._partial + len(buf) >= self.max_line:
-            # No line end in sight and the line is already too long: consume it
-            # now so that memory stays bounded (keep a final CR for its LF).
+        if self._partial + len(buf) >= min(self.max_line, _HELD_LINE):
+            # No line end in sight and the line is already long: consume it now
+            # so that memory stays bounded (keep a final CR for its LF).
             keep = 1 if buf.endswith(b"\r") else 0
             segment = buf[: len(buf) - keep]
             buf = buf[len(buf) - keep :]
@@ -268,7 +281,7 @@ class DataReader:
             dots = True
         if _RANK[self.problem] >= _RANK[LONG_LINE]:
             return b""
-        if self._check_lines and self._has_long_line(segment, already):
+        if self._check_lines and _has_long_line(segment, already, self.max_line):
             self._found(LONG_LINE)
             return b""
         segment = self._unstuff(segment, at_line_start=already == 0, dots=dots)
@@ -280,28 +293,6 @@ class DataReader:
     def _found(self, problem: str) -> None:
         if _RANK[problem] > _RANK[self.problem]:
             self.problem = problem
-
-    def _has_long_line(self, segment: bytes, already: int) -> bool:
-        """Whether a line of `segment` (the first one continuing `already`
-        consumed octets) is longer than `max_line`, terminator included."""
-        limit = self.max_line
-        first = segment.find(b"\n")
-        if first < 0:
-            # Part of a line without its end: it is consumed only once it is
-            # `max_line` octets long, so it is too long whatever ends it.
-            return already + len(segment) >= limit
-        if already + first + 1 > limit:
-            return True
-        # Jump from a line start to the last LF within `limit` octets; a window
-        # without any LF holds a line longer than the limit.
-        pos = first + 1
-        size = len(segment)
-        while size - pos > limit:
-            nl = segment.rfind(b"\n", pos, pos + limit)
-            if nl < 0:
-                return True
-            pos = nl + 1
-        return False
 
     @staticmethod
     def _unstuff(segment: bytes, *, at_line_start: bool, dots: bool) -> bytes:
@@ -549,6 +540,51 @@ def _char_boundary(text: bytes, cut: int, floor: int) -> int:
     if at < cut and at > floor and text[at] >= 0xC0 and at + _sequence_length(text[at]) > cut:
         return at
     return cut
+def _has_long_line(segment: bytes, already: int, limit: int) -> bool:
+    """Whether a line of `segment` (the first one continuing `already` octets seen
+    before) is longer than `limit` octets, its LF included.
+
+    A last line without its LF counts as too long once it holds `limit` octets:
+    whatever ends it makes it longer.
+    """
+    first = segment.find(b"\n")
+    if first < 0:
+        return already + len(segment) >= limit
+    if already + first + 1 > limit:
+        return True
+    # Jump from a line start to the last LF within `limit` octets; a window
+    # without any LF holds a line longer than the limit.
+    pos = first + 1
+    size = len(segment)
+    while size - pos > limit:
+        nl = segment.rfind(b"\n", pos, pos + limit)
+        if nl < 0:
+            return True
+        pos = nl + 1
+    # What is left is one line of at most `limit` octets: whole if it has its LF.
+    return size - pos == limit and segment[-1:] != b"\n"
+
+
+class LineMeter:
+    """Finds a line longer than `max_line` octets (its LF included) in content fed
+    piece by piece, holding nothing but the length of the current line."""
+
+    __slots__ = ("max_line", "too_long", "_partial")
+
+    def __init__(self, max_line: int = MAX_MESSAGE_LINE) -> None:
+        self.max_line = max_line
+        self.too_long = False
+        self._partial = 0  # octets of the current line seen so far
+
+    def feed(self, data: bytes) -> bool:
+        """Take the next piece; True once a line was too long (and from then on)."""
+        if self.too_long or not data:
+            return self.too_long
+        if _has_long_line(data, self._partial, self.max_line):
+            self.too_long = True
+        last = data.rfind(b"\n")
+        self._partial = self._partial + len(data) if last < 0 else len(data) - last - 1
+        return self.too_long
 
 
 class DotStuffer:

@@ -38,16 +38,24 @@ from dataclasses import dataclass
 
 from postroom.protocol import address
 from postroom.protocol.address import AddressError, ParameterError
+from postroom.protocol.header_limits import (
+    HEADER_TOO_BIG,
+    MAX_HEADER_FIELDS,
+    MAX_HEADER_SECTION,
+    TOO_MANY_FIELDS,
+    HeaderLimits,
+)
 from postroom.protocol.lines import (
     BARE_CR,
     BARE_LF,
     BARE_NEWLINE_MODES,
     LONG_LINE,
-    MAX_TEXT_LINE,
+    MAX_MESSAGE_LINE,
     TOO_BIG,
     DataReader,
     Line,
     LineBuffer,
+    LineMeter,
 )
 from postroom.protocol.replies import Reply
 from postroom.protocol.smtp_events import (
@@ -259,6 +267,8 @@ class SMTPServerConfig:
     smtputf8: bool = True  # RFC 6531
     eightbitmime: bool = True  # RFC 6152
     pipelining: bool = True  # RFC 2920 (advertised; input is read in order anyway)
+    max_header_size: int = MAX_HEADER_SECTION  # octets of the header section, then 552
+    max_header_fields: int = MAX_HEADER_FIELDS  # fields in the header section, then 554
 
     def __post_init__(self) -> None:
         if self.bare_newline not in BARE_NEWLINE_MODES:
@@ -267,6 +277,8 @@ class SMTPServerConfig:
             raise ValueError("hostname must be a non-empty name without spaces")
         if self.max_message_size < 0 or self.max_errors < 0 or self.max_recipients < 1:
             raise ValueError("limits must be positive (0 = none for size and errors)")
+        if self.max_header_size < 1 or self.max_header_fields < 1:
+            raise ValueError("header limits must be positive")
         for mech in self.auth_mechanisms:
             if not re.fullmatch(r"[A-Z0-9_-]{1,20}", mech):  # RFC 4422 3.1
                 raise ValueError(f"invalid SASL mechanism name {mech!r}")
@@ -326,6 +338,8 @@ class SMTPServer:
         self._in_message = False  # DataStart emitted, message not yet settled
         self._reader: DataReader | None = None
         self._octets = 0  # BDAT: octets of the message so far
+        self._bdat_lines = LineMeter(MAX_MESSAGE_LINE)  # BDAT: the DATA line rule
+        self._header = self._header_limits()  # DATA and BDAT: the header section's limits
         self._chunk_left = 0
         self._chunk_size = 0
         self._chunk_last = False
@@ -451,8 +465,10 @@ class SMTPServer:
             self._recipients += 1
         elif isinstance(event, DataStart) and positive:
             self._in_message = True
+            self._header = self._header_limits()
             self._reader = DataReader(
                 bare_newline="reject" if self._reject_bare else "normalize",
+                max_line=MAX_MESSAGE_LINE,
                 max_size=self._config.max_message_size,
                 after_crlf=self._data_after_crlf,
             )
@@ -595,6 +611,9 @@ class SMTPServer:
             lines += self._extensions()
         # RFC 2034 3: no enhanced codes in replies to HELO/EHLO.
         self._write(Reply(reply.code, None, "\n".join(lines)))
+
+    def _header_limits(self) -> HeaderLimits:
+        return HeaderLimits(self._config.max_header_size, self._config.max_header_fields)
 
     def _smtputf8_offered(self) -> bool:
         # RFC 6531 3.1 (8): SMTPUTF8 only comes with 8BITMIME.
@@ -892,14 +911,17 @@ class SMTPServer:
         if not data:
             return False
         content = reader.feed(data)
-        if content:
+        header = self._header
+        if content and (header.done or header.feed(content) is None):
             self._events.append(MessageData(content))
         if reader.done:
             self._lines.unread(reader.leftover)
-            problem = reader.problem
+            problem = reader.problem or header.problem
             if problem is None:
                 self._emit(MessageEnd(reader.size))
             else:
+                # At the end of data, as every content refusal (RFC 5321 4.2.5 lets
+                # the server refuse the message only then).
                 self._refuse_message(_CONTENT_REPLIES[problem])
         return True
 
@@ -942,6 +964,8 @@ class SMTPServer:
         else:
             if state == RCPT:
                 self._octets = 0
+                self._bdat_lines = LineMeter(MAX_MESSAGE_LINE)
+                self._header = self._header_limits()
                 self._in_message = True
                 self._emit(DataStart(chunking=True))
             limit = self._config.max_message_size
@@ -960,7 +984,15 @@ class SMTPServer:
         self._chunk_left -= n
         if self._chunk_error is None:
             self._octets += n
-            self._events.append(MessageData(data))
+            header = self._header
+            problem = (LONG_LINE if self._bdat_lines.feed(data)
+                       else None if header.done else header.feed(data))
+            if problem is not None:
+                # Read to the chunk's end, keep nothing more, refuse it there.
+                self._chunk_error = _CONTENT_REPLIES[problem]
+                self._chunk_return = READY
+            else:
+                self._events.append(MessageData(data))
         if self._chunk_left == 0:
             self._chunk_done()
         return True
@@ -970,7 +1002,7 @@ class SMTPServer:
         if error is not None:
             self._chunk_error = None
             self._state = self._chunk_return
-            if error is _CONTENT_REPLIES[TOO_BIG]:
+            if error in _REFUSED_CONTENT:
                 self._refuse_message(error)  # RFC 3030 3: the transaction failed
             else:
                 self._error(error)
@@ -991,10 +1023,15 @@ _CONTENT_REPLIES: dict[str, Reply] = {
         554, "5.5.2", "Message refused: bare <CR> received; lines end with <CR><LF>"
     ),
     LONG_LINE: Reply(
-        554, "5.6.0", f"Message refused: line longer than {MAX_TEXT_LINE} octets "
-        "(RFC 5321 4.5.3.1.6)"
+        554, "5.6.0", f"Message refused: a line is longer than {MAX_MESSAGE_LINE} octets"
     ),
+    HEADER_TOO_BIG: Reply(552, "5.3.4", "Message header section exceeds fixed maximum size"),
+    TOO_MANY_FIELDS: Reply(554, "5.6.0", "Message refused: too many header fields"),
 }
+# The replies that end a BDAT transaction at the chunk that brought them.
+_REFUSED_CONTENT = frozenset(
+    _CONTENT_REPLIES[p] for p in (TOO_BIG, LONG_LINE, HEADER_TOO_BIG, TOO_MANY_FIELDS)
+)
 
 _HANDLERS = {
     "HELO": SMTPServer._cmd_hello,

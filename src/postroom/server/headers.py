@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from email.message import Message
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from email.policy import compat32
 
 from postroom.server.received import rfc5322_date
@@ -49,8 +49,16 @@ class HeaderCapture:
         return False
 
     def message(self) -> Message:
-        """The captured fields (no body), parsed leniently."""
-        return BytesHeaderParser(policy=compat32).parsebytes(bytes(self._buffer))
+        """The captured fields (no body), parsed leniently.
+
+        The octets are read as UTF-8 (RFC 6532 3: the header fields of an SMTPUTF8
+        message are UTF-8, and 8-bit octets in any other message are UTF-8 far more
+        often than anything else), so a UTF-8 address comes back as the text its
+        owner wrote in MAIL FROM. Octets that are not UTF-8 become U+FFFD, which
+        no address in the user directory contains.
+        """
+        text = bytes(self._buffer).decode("utf-8", "replace")
+        return HeaderParser(policy=compat32).parsestr(text)
 
 
 def missing_headers(fields: Message, hostname: str, when: float | None = None) -> bytes:

@@ -36,6 +36,7 @@ from postroom.protocol.smtp_server import SMTPServerConfig
 from postroom.server.acceptor import DeferredServer
 from postroom.server.committer import GroupCommitter
 from postroom.server.descriptors import Descriptors
+from postroom.server.diskspace import FreeSpace
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.pop3 import POP3Service, POP3Session
 from postroom.server.relay import Relay
@@ -65,6 +66,9 @@ DRAIN_GRACE_SECONDS = 30.0
 # SIGHUP would mean "reload"; until there is one it stops the server as SIGTERM does.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)  # SIGUSR1: rescan the queue folder
+# How often the mailboxes' tmp/ folders are swept for abandoned files, after the
+# sweep at start (Dovecot's MAILDIR_TMP_SCAN_SECS is 8 hours too).
+MAILDIR_SWEEP_SECONDS = 8 * 3600.0
 
 SUBMISSION_LISTENERS = ("submission", "submissions")  # RFC 6409: AUTH, then relay
 # Allowed for the TLS handshake of an implicit-TLS listener (RFC 8314).
@@ -214,6 +218,7 @@ def build_smtp_service(
         outbound=outbound if submission else None,
         committer=committer,
         notices=notices,
+        free_space=FreeSpace((config.mail_dir, config.queue_dir), smtp.min_free_space),
     )
 
 
@@ -258,6 +263,7 @@ class Running:
     relay: Relay
     committer: GroupCommitter
     descriptors: Descriptors | None = None
+    sweeper: asyncio.Task[None] | None = None  # the primary's periodic tmp/ sweep
 
     @property
     def smtp(self) -> SMTPService:
@@ -277,6 +283,8 @@ class Running:
         for server in self.servers.values():
             server.close()
         await asyncio.gather(*(drain(service, grace) for service in self.services.values()))
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         await self.relay.stop()
         self.committer.close()
         if self.descriptors is not None:
@@ -338,6 +346,11 @@ async def start(
     removed = store.clean_spool()
     if removed:
         log.info("removed %d unacknowledged spool file(s) left by an earlier run", removed)
+    primary = notify_primary is None
+    if primary:
+        # The primary alone sweeps the mailboxes (the workers share them): once now,
+        # then every MAILDIR_SWEEP_SECONDS.
+        await sweep_maildirs(store)
     pop3_limiter = ConnectionLimiter(
         config.pop3.max_connections, config.pop3.max_connections_per_client
     )
@@ -395,7 +408,8 @@ async def start(
         limiter.on_stress = _stress_sessions(limiter, services)
     descriptors.install(loop)
     relay.start()
-    return Running(config, servers, services, relay, committer, descriptors)
+    sweeper = loop.create_task(sweep_maildirs_periodically(store)) if primary else None
+    return Running(config, servers, services, relay, committer, descriptors, sweeper)
 
 
 def _out_of_descriptors(service: AnyService) -> bytes:
@@ -404,6 +418,23 @@ def _out_of_descriptors(service: AnyService) -> bytes:
         return Reply(421, "4.3.2", f"{service.hostname} Service not available: out of "
                      "resources, try again later").to_bytes()
     return Pop3Reply(False, "out of resources, try again later", "SYS/TEMP").to_bytes()
+
+
+async def sweep_maildirs(store: MailStore) -> None:
+    """Remove the files deliveries killed midway left in the mailboxes' tmp/ folders."""
+    try:
+        removed = await asyncio.to_thread(store.clean_maildirs)
+    except OSError as exc:
+        log.warning("sweeping the mailboxes' tmp/ folders failed: %s", exc)
+        return
+    if removed:
+        log.info("removed %d abandoned file(s) from mailboxes' tmp/ folders", removed)
+
+
+async def sweep_maildirs_periodically(store: MailStore) -> None:
+    while True:
+        await asyncio.sleep(MAILDIR_SWEEP_SECONDS)
+        await sweep_maildirs(store)
 
 
 async def serve(

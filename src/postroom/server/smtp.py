@@ -28,12 +28,14 @@ from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.server.committer import GroupCommitter
 from postroom.server.deadline import RequestDeadline
+from postroom.server.diskspace import FreeSpace
 from postroom.server.headers import HeaderCapture, missing_headers
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
 from postroom.server.spool import Spool
 from postroom.server.stream import Stream
 from postroom.store.maildir import MailStore
+from postroom.store.returnpath import ReturnPathRemover, return_path
 from postroom.store.users import local_address
 
 log = logging.getLogger("postroom.smtpd")
@@ -77,6 +79,7 @@ class SMTPService:
     outbound: Outbound | None = None
     committer: GroupCommitter | None = None  # batches Maildir commits (see committer.py)
     notices: Notices | None = None  # success reports for local recipients (RFC 3464)
+    free_space: FreeSpace | None = None  # MAIL FROM: 452 when the disk cannot take it
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes after end of data...
     max_received: int = DEFAULT_MAX_RECEIVED
@@ -104,6 +107,9 @@ class Transaction:
     writer: Spool | None = None  # while DATA is in progress
     hops: HopCounter | None = None
     headers: HeaderCapture | None = None  # submission: the fields we check and complete
+    # RFC 5321 4.4: a Return-Path the client sent is no one's to write; ours heads
+    # the filed copies (Spool's head), and the relayed copy carries none.
+    return_paths: ReturnPathRemover = field(default_factory=ReturnPathRemover)
     refusal: Reply | None = None  # decided while streaming, answered at the end
 
     def mailboxes(self) -> list[str]:
@@ -287,6 +293,10 @@ class SMTPSession:
                          refusal, self.user)
                 self.conn.send(refusal)
                 return
+        full = self._storage_refusal(event.size)
+        if full is not None:
+            self.conn.send(full)
+            return
         txn = Transaction(
             queue_id=new_queue_id(),
             sender=event.address,
@@ -302,6 +312,23 @@ class SMTPSession:
                  self.client_ip, self.helo, txn.sender,
                  f", size={txn.size_declared}" if txn.size_declared is not None else "")
         self.conn.send(Reply(250, "2.1.0", "Sender ok"))
+
+    def _storage_refusal(self, declared: int | None) -> Reply | None:
+        """452 4.3.1 when the mail or queue filesystem cannot take the message now."""
+        svc = self.service
+        if svc.free_space is None:
+            return None
+        try:
+            refusal = svc.free_space.check(declared)
+        except OSError as exc:
+            log.warning("%s: cannot read the free disk space: %s", svc.name, exc)
+            return None
+        if refusal is not None:
+            log.warning("%s: reject: MAIL from [%s]: %s; %d octets free, %s declared, "
+                        "%d kept free", svc.name, self.client_ip, refusal,
+                        svc.free_space.free(), declared if declared is not None else "none",
+                        svc.free_space.reserve)
+        return refusal
 
     def _rcpt_to(self, event: core.RcptTo) -> None:
         txn = self.txn
@@ -332,7 +359,7 @@ class SMTPSession:
     def _data_start(self, event: core.DataStart) -> None:
         txn = self.txn
         assert txn is not None, "the core emits DataStart only inside a transaction"
-        txn.writer = Spool(self.service.store)
+        txn.writer = Spool(self.service.store, head=return_path(txn.sender))
         txn.hops = HopCounter()
         if self.service.submission is not None:
             txn.headers = HeaderCapture()
@@ -362,7 +389,7 @@ class SMTPSession:
         if txn.hops is not None and not txn.hops.done:
             txn.hops.feed(data)
         try:
-            txn.writer.write(data)
+            txn.writer.write(txn.return_paths.feed(data))
         except OSError as exc:
             log.error("%s: %s: write to spool failed: %s", self.service.name, txn.queue_id, exc)
             txn.writer.abort()
@@ -377,7 +404,8 @@ class SMTPSession:
         svc = self.service
         fields = txn.headers.message()
         if svc.submission is not None and self.user is not None:
-            txn.refusal = svc.submission.check_from(self.user, fields.get_all("From") or [])
+            txn.refusal = svc.submission.check_from(self.user, fields.get_all("From") or [],
+                                                    txn.smtputf8)
         extra = missing_headers(fields, svc.hostname, txn.started)
         if extra and not txn.writer.insert_head(extra):
             log.warning("%s: %s: header section too large to complete", svc.name, txn.queue_id)
@@ -403,6 +431,14 @@ class SMTPSession:
             return
         # From here the commit owns the spool: a shutdown must not abort it.
         spool, txn.writer = txn.writer, None
+        try:
+            spool.write(txn.return_paths.end())  # a last line still undecided
+        except OSError as exc:
+            log.error("%s: %s: write to spool failed: %s", svc.name, txn.queue_id, exc)
+            spool.abort()
+            self._reply(Reply(451, "4.3.0", "Local error in processing, try later"))
+            self._finish_transaction()
+            return
         size = spool.size
         mailboxes = txn.mailboxes()
         targets = [svc.store.maildir_for(box) for box in mailboxes]

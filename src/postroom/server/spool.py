@@ -2,6 +2,10 @@
 
 Small messages then touch the disk only inside the commit, which runs in a
 worker thread; large ones never sit whole in memory.
+
+The copy filed into Maildirs starts with a `head` the relayed copy lacks: the
+Return-Path field a final-delivery host writes (RFC 5321 4.4), which a host
+that passes the message on must not add.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ SPILL_AT = 512 * 1024
 class Spool:
     """The message being received: in memory while small, in a spool file past SPILL_AT."""
 
-    __slots__ = ("_store", "_chunks", "_writer", "size")
+    __slots__ = ("_store", "_head", "_chunks", "_writer", "size")
 
-    def __init__(self, store: MailStore) -> None:
+    def __init__(self, store: MailStore, head: bytes = b"") -> None:
         self._store = store
+        self._head = head  # filed in front of the message, not relayed
         self._chunks: list[bytes] = []
         self._writer: MessageWriter | None = None
-        self.size = 0
+        self.size = 0  # octets of the message, the head left out
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -40,12 +45,13 @@ class Spool:
 
     def _spill(self) -> None:
         writer = self._writer = self._store.open_writer()
+        writer.write(self._head)
         for chunk in self._chunks:
             writer.write(chunk)
         self._chunks.clear()
 
     def commit(self, maildirs: list[Path]) -> list[Path]:
-        """Store in every maildir, durably (BLOCKING: run in a worker thread)."""
+        """Store in every maildir, head first, durably (BLOCKING: run in a worker thread)."""
         if self._writer is None:
             self._spill()
         assert self._writer is not None
@@ -53,15 +59,17 @@ class Spool:
 
     @property
     def in_memory(self) -> list[bytes] | None:
-        """The pieces, while the message has not been spilled to a file; else None."""
-        return self._chunks if self._writer is None else None
+        """The pieces of the copy to file, head first, while the message has not been
+        spilled to a file; else None."""
+        return [self._head, *self._chunks] if self._writer is None else None
 
     def chunks(self) -> Iterator[bytes]:
-        """The message so far, in pieces (BLOCKING when spilled: it reads the file)."""
+        """The message so far without the head, in pieces: the copy to relay
+        (BLOCKING when spilled: it reads the file)."""
         if self._writer is None:
             yield from self._chunks
         else:
-            yield from self._writer.read_back()
+            yield from self._writer.read_back(skip=len(self._head))
 
     def insert_head(self, data: bytes) -> bool:
         """Put header lines right after the first piece written (our Received header).

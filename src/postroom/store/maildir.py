@@ -33,7 +33,9 @@ from postroom.addresses import canonical_domain, split
 from postroom.store.atomic import fsync_dir
 
 SPOOL = ".spool"  # under the mail dir: same filesystem as every maildir, so link(2) works
-STALE_AFTER = 36 * 3600  # a tmp file this old is abandoned (the classic Maildir rule)
+# A tmp/ file this old is abandoned (the classic Maildir rule; Dovecot removes them
+# after 36 hours too): a younger one may be a delivery still being written.
+STALE_AFTER = 36 * 3600
 DIR_MODE = 0o700
 MAILDIRS_KEPT = 10_000  # MailStore remembers this many address -> maildir answers
 FILE_MODE = 0o600
@@ -383,13 +385,14 @@ class MessageWriter:
                 tmp.unlink()
             raise
 
-    def read_back(self, chunk_size: int = 256 * 1024) -> Iterator[bytes]:
-        """The bytes written so far, from the spool file (BLOCKING). Used to hand a
-        large message to the queue as well as to maildirs."""
+    def read_back(self, chunk_size: int = 256 * 1024, skip: int = 0) -> Iterator[bytes]:
+        """The bytes written so far, from the spool file, the first `skip` left out
+        (BLOCKING). Used to hand a large message to the queue as well as to maildirs."""
         if self._path is None:
             raise ValueError("read_back after commit or abort")
         self._file.flush()
         with open(self._path, "rb") as f:
+            f.seek(skip)
             while chunk := f.read(chunk_size):
                 yield chunk
 
@@ -458,15 +461,45 @@ class MailStore:
 
     def clean_spool(self, older_than: float = STALE_AFTER) -> int:
         """Remove spool files abandoned by a crash; return how many were removed."""
-        removed = 0
+        return _remove_stale(self.spool_dir, time.time() - older_than)
+
+    def clean_maildirs(self, older_than: float = STALE_AFTER) -> int:
+        """Remove files abandoned in the tmp/ folder of every mailbox; return how many.
+
+        A delivery killed between writing into tmp/ and moving into new/ leaves its
+        file behind, and nothing else would ever remove it. Only files older than
+        `older_than` go: a Maildir may be shared with another delivery agent
+        (Dovecot's LDA) whose younger files may still be in progress.
+        BLOCKING: one directory listing per domain and two per mailbox.
+        """
         cutoff = time.time() - older_than
-        try:
-            entries = list(os.scandir(self.spool_dir))
-        except FileNotFoundError:
-            return 0
-        for entry in entries:
-            with contextlib.suppress(FileNotFoundError):
-                if entry.is_file() and entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
-                    removed += 1
+        removed = 0
+        for domain in _folders(self.mail_dir):  # ".spool" and other dot folders are skipped
+            for mailbox in _folders(domain):
+                removed += _remove_stale(mailbox / "tmp", cutoff)
         return removed
+
+
+def _folders(parent: Path) -> list[Path]:
+    """The folders in `parent` whose names do not start with "." (none if it is gone)."""
+    try:
+        with os.scandir(parent) as entries:
+            return [Path(e.path) for e in entries
+                    if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _remove_stale(folder: Path, cutoff: float) -> int:
+    """Remove the files in `folder` last modified before `cutoff`; return how many."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    removed = 0
+    for entry in entries:
+        with contextlib.suppress(FileNotFoundError):
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+    return removed
