@@ -56,6 +56,6 @@ def add_demo(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace, ctx: Context) -> int:
-    from postroom.client.demo import run_demo
+    from postroom.demo.run import run_demo
 
     return run_demo(keep_data=args.keep_data, out=ctx.stdout)

@@ -1,1 +1,1 @@
-"""client layer of postroom."""
+"""The user's mail tools: send (SMTP submission), fetch (POP3), sendmail and trace."""

@@ -1,13 +1,11 @@
-"""A tiny authoritative DNS server on loopback, so `postroom demo` can show a real MX lookup.
+"""The demo's DNS server: one zone, authoritative, on loopback, so the MX lookup is real.
 
-It serves one zone from a table of records over UDP on a free high port (no
-root needed), with the answers built by dnspython. It answers as an
-authoritative server does (RFC 1034 4.3.2, RFC 2308): the records asked for
-with the AA flag; for a name in the zone without records of the asked type an
-empty answer (NODATA) with the zone's SOA; for a name that does not exist
-NXDOMAIN with the SOA; for names outside the zone REFUSED, since it is no
-resolver. Every question it answers is kept in `queries`, so the demo can print
-what the relaying host really asked and heard.
+It serves a table of records over UDP on a free high port (no root needed),
+with answers built by dnspython, as an authoritative server does (RFC 1034
+4.3.2, RFC 2308): the records asked for with the AA flag; NODATA (no answer,
+the zone's SOA) for a name in the zone without records of the type; NXDOMAIN
+with the SOA for a name that does not exist; REFUSED outside the zone, since it
+is no resolver. `queries` keeps every question it answered and what it said.
 """
 
 from __future__ import annotations
@@ -54,19 +52,16 @@ class Zone:
         # A name exists when it owns records or a name below it does (an "empty
         # non-terminal", RFC 8020): both get NODATA, never NXDOMAIN.
         self._names = {self._origin}
-        for name, _type in self.records:
-            owner = dns.name.from_text(name)
-            if not owner.is_subdomain(self._origin):
-                raise ValueError(f"{name} is outside the zone {self.origin}")
-            while owner != self._origin:
-                self._names.add(owner)
-                owner = owner.parent()
         self._rrsets: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
         for (name, rdtype), values in self.records.items():
             owner = dns.name.from_text(name)
+            if not owner.is_subdomain(self._origin):
+                raise ValueError(f"{name} is outside the zone {self.origin}")
             self._rrsets[(owner, dns.rdatatype.from_text(rdtype))] = dns.rrset.from_text_list(
-                owner, self.ttl, dns.rdataclass.IN, rdtype, list(values)
-            )
+                owner, self.ttl, dns.rdataclass.IN, rdtype, list(values))
+            while owner != self._origin:
+                self._names.add(owner)
+                owner = owner.parent()
         # RFC 2308 3: negative answers carry the zone's SOA, whose last field is
         # the TTL for caching the "no".
         self._soa = dns.rrset.from_text(
@@ -85,27 +80,27 @@ class Zone:
             return response, None
         question = query.question[0]
         qname, qtype = question.name, question.rdtype
-        note_name = qname.to_text(omit_final_dot=True).lower()
-        note_type = dns.rdatatype.to_text(qtype)
         if question.rdclass != dns.rdataclass.IN or not qname.is_subdomain(self._origin):
             response.set_rcode(dns.rcode.REFUSED)
-            return response, Answered(note_name, note_type, "REFUSED", ())
-        response.flags |= dns.flags.AA
-        rrset = self._rrsets.get((qname, qtype))
-        if rrset is not None:
+        elif (rrset := self._rrsets.get((qname, qtype))) is not None:
+            response.flags |= dns.flags.AA
             response.answer.append(rrset)
-            lines = tuple(rrset.to_text().splitlines())
-            return response, Answered(note_name, note_type, "NOERROR", lines)
-        response.authority.append(self._soa)
-        if qname not in self._names:
-            response.set_rcode(dns.rcode.NXDOMAIN)
-            return response, Answered(note_name, note_type, "NXDOMAIN", ())
-        return response, Answered(note_name, note_type, "NOERROR", ())
+        else:
+            response.flags |= dns.flags.AA
+            response.authority.append(self._soa)
+            if qname not in self._names:
+                response.set_rcode(dns.rcode.NXDOMAIN)
+        records = tuple(line for rrs in response.answer for line in rrs.to_text().splitlines())
+        return response, Answered(qname.to_text(omit_final_dot=True).lower(),
+                                  dns.rdatatype.to_text(qtype),
+                                  dns.rcode.to_text(response.rcode()), records)
 
+class DemoDNS(asyncio.DatagramProtocol):
+    """The running server: `address`, the `queries` it answered, `close()`."""
 
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, server: DemoDNS) -> None:
-        self._server = server
+    def __init__(self, zone: Zone) -> None:
+        self.zone = zone
+        self.queries: list[Answered] = []
         self._transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -114,18 +109,9 @@ class _Protocol(asyncio.DatagramProtocol):
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        reply = self._server.answer(data)
+        reply = self.answer(data)
         if reply is not None and self._transport is not None:
             self._transport.sendto(reply, addr)
-
-
-class DemoDNS:
-    """The running server: `address`, the `queries` it answered, `close()`."""
-
-    def __init__(self, zone: Zone) -> None:
-        self.zone = zone
-        self.queries: list[Answered] = []
-        self._transport: asyncio.DatagramTransport | None = None
 
     def answer(self, data: bytes) -> bytes | None:
         """The wire reply to one datagram, or None to drop it (garbage, or a response)."""
@@ -139,14 +125,6 @@ class DemoDNS:
         if note is not None:
             self.queries.append(note)
         return response.to_wire()
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> DemoDNS:
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self), local_addr=(host, port)
-        )
-        self._transport = transport
-        return self
 
     @property
     def address(self) -> tuple[str, int]:
@@ -171,4 +149,7 @@ def mail_zone(domain: str, mx_host: str, address: str, origin: str = "example") 
 
 async def start_dns(zone: Zone, host: str = "127.0.0.1", port: int = 0) -> DemoDNS:
     """Serve `zone` on host:port (0: a free port); see DemoDNS.address."""
-    return await DemoDNS(zone).start(host, port)
+    server = DemoDNS(zone)
+    loop = asyncio.get_running_loop()
+    await loop.create_datagram_endpoint(lambda: server, local_addr=(host, port))
+    return server

@@ -1,0 +1,334 @@
+"""The story the demo tells: its cast on loopback, and one function per step of DESIGN.md's seed.
+
+The cast: a DNS server for the zone `example`, the provider's host mail.isp.example
+(submission; relay, to the MX it asks that DNS server for) and corp.example's host
+mx.corp.example (SMTP, POP3), in this process on free loopback ports. Each step prints
+its real exchange and time and adds what did not hold to `Story.problems`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.policy
+import re
+import secrets
+import smtplib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+
+from postroom.client import fetch, send
+from postroom.client.trace import format_hops, hops_of, message_date
+from postroom.config import load_config
+from postroom.demo.nameserver import DemoDNS, mail_zone, start_dns
+from postroom.demo.output import Exchange, LogLine, LogTap, Printer, pop3_states, span
+from postroom.server.main import Running, start
+from postroom.store.maildir import MailStore, list_messages
+from postroom.store.users import open_user_directory
+
+SMITH = "smith@isp.example"
+BOSS = "boss@corp.example"
+PROVIDER = "mail.isp.example"
+CORP = "mx.corp.example"
+CLIENT_HELO = "laptop.isp.example"  # the name Smith's mail client greets with
+STRANGER_RCPT = "someone@elsewhere.example"
+SUBJECT = "Quarterly report"
+# The line that starts with a dot shows SMTP's transparency at work (RFC 5321
+# 4.5.2: the client doubles it, the server removes the extra dot) and POP3's
+# (RFC 1939 3): it must arrive exactly as written.
+BODY = (
+    "Hello,\n\nthe quarterly numbers are in: sales are up 12%.\n"
+    ".signed off by accounting (this line starts with a dot)\n\nSmith\n"
+)
+WAIT_SECONDS = 20.0  # for what the servers do on their own: steps 2 to 4
+
+
+class DemoFailed(Exception):
+    """A step did not do what the story says; str() says which and why."""
+
+
+def _provider_config(dns_port: int, corp_smtp_port: int) -> str:
+    return (
+        f'hostname = "{PROVIDER}"\ndomains = ["isp.example"]\n'
+        '[listen]\nsubmission = "127.0.0.1:0"\n'
+        f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n'
+        f"[relay]\nmx_port = {corp_smtp_port}\n"
+        '[queue]\nretry_after = ["1s"]\ngive_up_after = "1m"\n'
+    )
+
+
+CORP_CONFIG = (
+    f'hostname = "{CORP}"\ndomains = ["corp.example"]\n'
+    '[listen]\nsmtp = "127.0.0.1:0"\npop3 = "127.0.0.1:0"\n'
+)
+
+
+@dataclass
+class World:
+    """What the demo started, so that everything can be stopped whatever happens."""
+
+    root: Path
+    tap: LogTap
+    dns: DemoDNS | None = None
+    provider: Running | None = None
+    corp: Running | None = None
+    passwords: dict[str, str] = field(default_factory=dict)
+
+    async def start(self, printer: Printer) -> Story:
+        """Start the DNS server, then the receiving host, then the provider; say where."""
+        self.passwords = {SMITH: secrets.token_urlsafe(12), BOSS: secrets.token_urlsafe(12)}
+        dns = self.dns = await start_dns(mail_zone("corp.example", CORP, "127.0.0.1"))
+        corp = self.corp = await self._host("corp", CORP_CONFIG, BOSS)
+        corp_smtp = corp.address("smtp")
+        provider = self.provider = await self._host(
+            "isp", _provider_config(dns.address[1], corp_smtp[1]), SMITH)
+        printer.header(f"Setting up in {self.root}")
+        printer.line(f"DNS       127.0.0.1:{dns.address[1]} (UDP): corp.example MX 10 {CORP}, "
+                     f"{CORP} A 127.0.0.1", indent=2)
+        printer.line(f"provider  {PROVIDER} for isp.example: submission "
+                     f"127.0.0.1:{provider.address('submission')[1]} (STARTTLS + AUTH)", indent=2)
+        printer.line(f"receiver  {CORP} for corp.example: SMTP 127.0.0.1:{corp_smtp[1]}, "
+                     f"POP3 127.0.0.1:{corp.address('pop3')[1]} (STLS)", indent=2)
+        printer.line(f"users     {SMITH} and {BOSS}, random passwords", indent=2)
+        printer.line()
+        return Story(self, printer, provider, corp, dns,
+                     MailStore(corp.config.mail_dir).maildir_for(BOSS))
+
+    async def _host(self, folder: str, config_text: str, user: str) -> Running:
+        """A host started from its config in root/folder, with `user` in its directory."""
+        (self.root / folder).mkdir(mode=0o700)
+        (self.root / folder / "postroom.toml").write_text(config_text, encoding="utf-8")
+        config = load_config(self.root / folder)
+        await asyncio.to_thread(open_user_directory(config).add_user, user, self.passwords[user])
+        return await start(config)
+
+    async def stop(self) -> None:
+        for running in (self.provider, self.corp):
+            if running is not None:
+                with contextlib.suppress(Exception):
+                    await running.stop(grace=2)
+        self.provider = self.corp = None
+        if self.dns is not None:
+            self.dns.close()
+            self.dns = None
+
+
+@dataclass
+class Story:
+    """What the steps share: the hosts, the printer, what went wrong, what earlier steps learned."""
+
+    world: World
+    printer: Printer
+    provider: Running
+    corp: Running
+    dns: DemoDNS
+    maildir: Path  # the boss's, on the receiving host
+    problems: list[str] = field(default_factory=list)
+    message: EmailMessage = field(default_factory=EmailMessage)  # as step 1 submitted it
+    queue_id: str = ""  # the provider's, from step 1's 250 reply
+    queued: list[LogLine] = field(default_factory=list)  # step 2's log lines
+    corp_id: str = r"\S+"  # the receiving host's queue ID once step 3 has read it
+
+
+async def tell(world: World, printer: Printer) -> list[str]:
+    """Run the steps; return the problems found (none: the story held)."""
+    story = await world.start(printer)
+    await submission(story)
+    await _relayed_and_filed(story)
+    queue(story)
+    mx_relay(story)
+    receiving_host(story)
+    await open_relay_check(story)
+    download = await pop3(story)
+    if download is not None:
+        as_received(story, download)
+    return story.problems
+
+
+async def submission(story: Story) -> None:
+    """1: Smith's mail client submits the message to the provider."""
+    provider, printer = story.provider, story.printer
+    story.message = send.build_message(
+        sender=SMITH, sender_name="Smith", to=[BOSS], subject=SUBJECT, body=BODY)
+    sent = Exchange()
+    host, port = provider.address("submission")
+    begun = time.time()
+    result = await send.submit(
+        story.message, host=host, port=port, security="starttls", user=SMITH,
+        password=story.world.passwords[SMITH], cafile=str(provider.config.tls.cert),
+        trace=sent, helo=CLIENT_HELO)
+    printer.header(f"1. Smith's mail client submits the message to {PROVIDER}",
+                   time.time() - begun)
+    printer.note("SMTP submission (RFC 6409): STARTTLS first, then AUTH, then the message")
+    printer.lines(line for _, line in sent)
+    printer.note(f"accepted for {', '.join(result.accepted)}"
+                 + (f"; {result.tls}, the server's certificate verified (the demo trusts "
+                    "its self-signed one)" if result.tls else ""))
+    found = re.search(r"queued as (\S+)", result.reply)
+    if not found or result.refused:
+        raise DemoFailed(f"the provider did not queue the message: {result.reply} "
+                         f"{result.refused or ''}".strip())
+    story.queue_id = found.group(1)
+
+
+async def _relayed_and_filed(story: Story) -> None:
+    """Steps 2 to 4 run in the servers on their own: wait until they are done."""
+    tap, queue_id = story.world.tap, story.queue_id
+    await _wait_for(
+        lambda: bool(tap.find(rf"^{queue_id}: removed$"))
+        or bool(tap.find(rf"^{queue_id}: to=<{re.escape(BOSS)}>.*status=(bounced|expired)")),
+        "the provider to relay the message")
+    await _wait_for(lambda: bool(list_messages(story.maildir)), "the message in the Maildir")
+
+
+def queue(story: Story) -> None:
+    """2: the provider queues it durably."""
+    tap, printer, queue_id = story.world.tap, story.printer, story.queue_id
+    story.queued = tap.find(rf"^submission: {queue_id}: (from=|to=)")
+    printer.header(f"2. {PROVIDER} queues it durably", span(
+        tap.find(rf"^submission: {queue_id}: client="), story.queued))
+    printer.note("written and fsynced to its queue before it answered 250 (RFC 5321 6.1)")
+    printer.log(PROVIDER, story.queued)
+    queue_file = story.provider.relay.queue.message_path(queue_id)
+    printer.line(f"queue file: {queue_file.relative_to(story.world.root)}", indent=5)
+
+
+def mx_relay(story: Story) -> None:
+    """3: the provider looks up corp.example's MX and relays the message with SMTP."""
+    tap, printer, dns = story.world.tap, story.printer, story.dns
+    relayed = tap.find(rf"^{story.queue_id}: ")
+    sent_line = [x for x in relayed if "status=sent" in x.text]
+    printer.header(f"3. {PROVIDER} looks up corp.example's MX and relays it with SMTP",
+                   span(story.queued[-1:], sent_line))
+    printer.note(f"DNS queries it sent to 127.0.0.1:{dns.address[1]}:")
+    for answered in dns.queries:
+        said = ", ".join(r.split(" IN ", 1)[-1] for r in answered.records) or (
+            "no records" if answered.rcode == "NOERROR" else answered.rcode)
+        printer.line(f"{answered.qname} {answered.qtype}?  ->  {said}", indent=5)
+    if not any(q.qtype == "MX" and q.records for q in dns.queries):
+        story.problems.append("the provider never asked DNS for corp.example's MX")
+    printer.note("then SMTP to the MX host (STARTTLS, as RFC 3207 allows; no AUTH "
+                 "between mail hosts):")
+    printer.log(CORP, tap.find(r"^smtp: TLS established"))
+    printer.log(PROVIDER, relayed)
+    if not sent_line:
+        story.problems.append(f"the relay did not say status=sent for {story.queue_id}")
+        raise DemoFailed("; ".join(story.problems))
+    corp_id = re.search(r"queued as (\S+?)\)?$", sent_line[0].text)
+    if corp_id:
+        story.corp_id = corp_id.group(1)
+
+
+def receiving_host(story: Story) -> None:
+    """4: the receiving host accepts the message for its own user and files it."""
+    tap, printer, corp_id = story.world.tap, story.printer, story.corp_id
+    filed = tap.find(rf"^smtp: {corp_id}: to=<{re.escape(BOSS)}>.*relay=local")
+    printer.header(f"4. {CORP} accepts it for its own user and files it in the Maildir",
+                   span(tap.find(rf"^smtp: {corp_id}: client="), filed))
+    printer.log(CORP, tap.find(rf"^smtp: {corp_id}: "))
+    for entry in list_messages(story.maildir):
+        printer.line(f"Maildir file: {entry.path.relative_to(story.world.root)}", indent=5)
+
+
+async def open_relay_check(story: Story) -> None:
+    """4, continued: the receiving host is no open relay; a stranger's client tries it."""
+    printer = story.printer
+    printer.note("never an open relay: a stranger's client tries the same port")
+    replies = await asyncio.to_thread(_smtp_exchange, *story.corp.address("smtp"), [
+        "EHLO stranger.example", "MAIL FROM:<spam@stranger.example>",
+        f"RCPT TO:<{STRANGER_RCPT}>", "RCPT TO:<nobody@corp.example>", "QUIT"])
+    for command, reply in replies:
+        if command:
+            printer.line(f"C: {command}", indent=5)
+        printer.line(f"S: {reply}", indent=5)
+    if not dict(replies).get(f"RCPT TO:<{STRANGER_RCPT}>", "").startswith("554 5.7.1"):
+        story.problems.append(f"{CORP} did not refuse to relay to {STRANGER_RCPT}")
+    else:
+        printer.note("refused: another domain (554 5.7.1) and an unknown user (550 5.1.1)")
+
+
+async def pop3(story: Story) -> Path | None:
+    """5a and 5b: the boss's POP3 client logs on, lists and downloads; QUIT commits the
+    deletion. The downloaded file, or None when there is not exactly one."""
+    printer, root, corp = story.printer, story.world.root, story.corp
+    got = Exchange()
+    pop_host, pop_port = corp.address("pop3")
+    begun = time.time()
+    fetched = await fetch.fetch(
+        host=pop_host, port=pop_port, security="stls", user=BOSS,
+        password=story.world.passwords[BOSS], dest=root / "boss-laptop",
+        cafile=str(corp.config.tls.cert), trace=got)
+    ended = time.time()
+    auth, transaction, update = pop3_states([line for _, line in got])
+    quit_at = next((t for t, line in got if line.upper().startswith("C: QUIT")), ended)
+    printer.header("5a. The boss's POP3 client logs on, lists and downloads", quit_at - begun)
+    printer.note("Authentication state (RFC 1939: AUTHORIZATION): STLS, then the login")
+    printer.lines(auth)
+    printer.note("Transaction state: list, download, mark for deletion")
+    printer.lines(transaction)
+    printer.header("5b. QUIT commits the deletion (Update state)", ended - quit_at)
+    printer.lines(update)
+    left = list_messages(story.maildir)
+    printer.note(f"{BOSS}'s maildrop on {CORP}: "
+                 + ("empty" if not left else f"{len(left)} message(s) left"))
+    if left:
+        story.problems.append(f"the maildrop still holds {len(left)} message(s) after QUIT")
+    if fetched.downloaded != 1 or len(fetched.paths) != 1:
+        story.problems.append(f"expected one message downloaded, got {fetched.downloaded}")
+        return None
+    printer.note(f"downloaded {fetched.octets} octets to {fetched.paths[0].relative_to(root)}")
+    printer.line()
+    return fetched.paths[0]
+
+
+def as_received(story: Story, download: Path) -> None:
+    """The end: the message as the boss received it, and its path from its Received headers."""
+    printer = story.printer
+    raw = download.read_bytes()
+    printer.header("The message as the boss received it")
+    for text in raw.decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n").split("\n"):
+        print(f"  | {text}", file=printer.out)
+    printer.line()
+    received = email.message_from_bytes(raw, policy=email.policy.compat32)
+    hops = hops_of(received)
+    printer.header(f"Its path, read from its {len(hops)} Received headers (oldest first)")
+    for line in format_hops(hops, message_date(received), indent="  "):
+        print(line, file=printer.out)
+    if [h.by for h in hops] != [PROVIDER, CORP]:
+        story.problems.append(f"the Received headers name {[h.by for h in hops]}, "
+                              f"not [{PROVIDER!r}, {CORP!r}]")
+    if _body(raw) != _body(send.wire_bytes(story.message)):
+        story.problems.append("the body that arrived differs from the body that was sent")
+
+
+def _body(raw: bytes) -> bytes:
+    """The body of a message, line ends made LF (Maildir files and wire differ there)."""
+    head, sep, body = raw.replace(b"\r\n", b"\n").partition(b"\n\n")
+    return body if sep else b""
+
+
+async def _wait_for(check: Callable[[], bool], what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_SECONDS
+    while not check():
+        if loop.time() > deadline:
+            raise DemoFailed(f"gave up waiting {WAIT_SECONDS:.0f}s for {what}")
+        await asyncio.sleep(0.02)
+
+
+def _smtp_exchange(host: str, port: int, commands: list[str]) -> list[tuple[str, str]]:
+    """Plain SMTP commands, one at a time: [(command, or "" for the greeting, reply)];
+    a multi-line reply (RFC 5321 4.2.1) is shown as its first line and a count."""
+    def said(code: int, text: bytes) -> str:
+        first, *more = text.decode("utf-8", "replace").split("\n")
+        return f"{code} {first}" + (f" (and {len(more)} more lines)" if more else "")
+
+    smtp = smtplib.SMTP(local_hostname="stranger.example", timeout=10)  # no getfqdn() lookup
+    try:
+        return [("", said(*smtp.connect(host, port)))] + [
+            (command, said(*smtp.docmd(command))) for command in commands]
+    finally:
+        smtp.close()
