@@ -4,8 +4,9 @@ Mail that reaches local mailboxes through the queue rather than straight from
 the SMTP server (bounces to local senders, mail from `postroom sendmail`)
 ends here. Each recipient is expanded through the user directory (aliases,
 subaddresses) to mailboxes; the message is copied once into the store's spool
-and hard-linked into every mailbox, all or nothing (MessageWriter.commit), so
-a failed attempt never leaves a copy behind to be duplicated by the retry.
+and filed into every mailbox by the same commit as the SMTP server's
+(postroom.store.commit), all or nothing, so a failed attempt never leaves a
+copy behind to be duplicated by the retry.
 
 The message is stored exactly as queued: the Received header was added when
 the message was accepted (RFC 5321 4.4), so nothing is prepended here.
@@ -21,6 +22,7 @@ from pathlib import Path
 from postroom.delivery.outcome import DeliveryResult
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.queuefile import open_content
+from postroom.store.commit import MessageWriter
 from postroom.store.maildir import MailStore
 from postroom.store.users import Expansion
 
@@ -93,7 +95,7 @@ class LocalCourier:
     def _copy(self, message_path: Path, maildirs: list[Path]) -> None:
         """BLOCKING: spool a copy of the queued file, then link it into every maildir."""
         source, _ = open_content(message_path)
-        with source, self._store.open_writer() as writer:
+        with source, MessageWriter(self._store) as writer:
             while chunk := source.read(COPY_CHUNK):
                 writer.write(chunk)
             writer.commit(maildirs)

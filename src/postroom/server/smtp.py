@@ -366,7 +366,6 @@ class SMTPSession:
         targets = [svc.store.maildir_for(box) for box in mailboxes]
         envelope = self._envelope(txn, size) if txn.remote else None
         loop = asyncio.get_running_loop()
-        held = spool.in_memory
         try:
             # Queue first: if filing locally then fails, the client retries and the
             # relayed recipients may get the message twice, which is the safe way
@@ -376,8 +375,8 @@ class SMTPSession:
             if not targets:
                 paths = []
                 spool.abort()
-            elif held is not None and svc.committer is not None:
-                paths = await svc.committer.deliver(held, targets)
+            elif svc.committer is not None:
+                paths = await svc.committer.deliver(spool.delivery(targets))
                 spool.abort()
             else:
                 paths = await loop.run_in_executor(None, spool.commit, targets)
