@@ -33,6 +33,7 @@ from postroom.queue.scheduler import PID_FILE
 from postroom.server.acceptor import DeferredServer
 from postroom.server.committer import GroupCommitter
 from postroom.server.limits import ConnectionLimiter
+from postroom.server.passwords import Check, PasswordChecks
 from postroom.server.pop3 import POP3Service, POP3Session
 from postroom.server.relay import Relay
 from postroom.server.smtp import Outbound, SMTPService, SMTPSession
@@ -169,6 +170,7 @@ def build_smtp_service(
     throttle: AuthThrottle,
     outbound: Outbound | None = None,
     committer: GroupCommitter | None = None,
+    check_password: Check | None = None,
 ) -> SMTPService:
     """The `smtp` listener (MX: local recipients only) or a submission one (AUTH, relay)."""
     smtp = config.smtp
@@ -201,7 +203,7 @@ def build_smtp_service(
         max_received=smtp.max_received_headers,
         submission=SubmissionPolicy(policy, is_local_domain, lookups.expand,
                                     smtp.check_from_header) if submission else None,
-        verify_password=directory.verify_password if submission else None,
+        verify_password=check_password if submission else None,
         throttle=throttle,
         outbound=outbound if submission else None,
         committer=committer,
@@ -248,6 +250,7 @@ class Running:
     services: dict[str, AnyService]
     relay: Relay
     committer: GroupCommitter
+    password_checks: PasswordChecks
 
     @property
     def smtp(self) -> SMTPService:
@@ -269,6 +272,7 @@ class Running:
         await asyncio.gather(*(drain(service, grace) for service in self.services.values()))
         await self.relay.stop()
         self.committer.close()
+        self.password_checks.close()
         log.info("stopped")
 
 
@@ -299,13 +303,15 @@ async def start(
     *,
     notify_primary: Callable[[str], None] | None = None,
     accept_last: Collection[str] = (),
+    password_checks: PasswordChecks | None = None,
 ) -> Running:
     """Start accepting connections on `sockets` (bound here when not given).
 
     `notify_primary` is set in a worker process: the primary process runs the
     relay scheduler; this one only queues and tells it the new queue IDs.
     The listeners named in `accept_last` take only the connections that other
-    processes leave waiting (server.acceptor).
+    processes leave waiting (server.acceptor). `password_checks` is made
+    before the workers fork, so that its bound holds for all of them.
     """
     prepare_certificate(config)
     cert, key = config.tls.cert, config.tls.key
@@ -339,6 +345,8 @@ async def start(
     relay = Relay(config, store, is_local_domain, lookups.expand,
                   notify_primary=notify_primary)
     committer = GroupCommitter(config.hostname)
+    checks = password_checks or PasswordChecks()
+    check_password = checks.bind(directory.verify_password)
     services: dict[str, AnyService] = {}
     servers: dict[str, asyncio.base_events.Server | DeferredServer] = {}
     loop = asyncio.get_running_loop()
@@ -347,7 +355,7 @@ async def start(
         if key_name in ("smtp", *SUBMISSION_LISTENERS):
             service = build_smtp_service(key_name, config, tls_context, directory, lookups,
                                          is_local_domain, store, smtp_limiter, throttle, relay,
-                                         committer)
+                                         committer, check_password)
         else:
             service = POP3Service(
                 name=key_name,
@@ -359,6 +367,7 @@ async def start(
                 tls_context=tls_context,
                 implicit_tls=key_name == "pop3s",
                 allow_plaintext_auth=config.pop3.allow_plaintext_auth,
+                check_password=check_password,
                 idle_timeout=config.pop3.idle_timeout,
                 apop=config.pop3.apop,
             )
@@ -379,7 +388,7 @@ async def start(
                  " (implicit TLS)" if implicit else "",
                  " (taking what the workers leave)" if key_name in accept_last else "")
     relay.start()
-    return Running(config, servers, services, relay, committer)
+    return Running(config, servers, services, relay, committer, checks)
 
 
 async def serve(
@@ -390,6 +399,7 @@ async def serve(
     worker: bool = False,
     channel: WakeChannel | None = None,
     children: list[int] | None = None,
+    password_checks: PasswordChecks | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT. The primary (not `worker`) also owns the pid file,
     the relay scheduler and the worker children, which it stops and waits for."""
@@ -400,7 +410,8 @@ async def serve(
     # With workers, submission sessions go to them first: this process relays what
     # they queue (server.acceptor).
     accept_last = SUBMISSION_LISTENERS if (not worker and children) else ()
-    running = await start(config, sockets, notify_primary=notify, accept_last=accept_last)
+    running = await start(config, sockets, notify_primary=notify, accept_last=accept_last,
+                          password_checks=password_checks)
     if channel is not None and not worker:
         channel.listen(loop.add_reader, running.relay.wake)
     stop = asyncio.Event()
@@ -483,12 +494,14 @@ def run(config: Config) -> int:
     prepare_certificate(config)
     sockets = bind_listeners(config)
     channel = WakeChannel() if processes > 1 else None
+    checks = PasswordChecks()  # one bound for every process (server/passwords.py)
     handler.flush()  # or the children would write the parent's buffered lines again
 
     def child() -> int:
         # The parent forwards SIGTERM/SIGINT; a terminal's Ctrl-C reaches the whole
         # process group, and draining twice is harmless.
-        return asyncio.run(serve(config, handler, sockets, worker=True, channel=channel))
+        return asyncio.run(serve(config, handler, sockets, worker=True, channel=channel,
+                                 password_checks=checks))
 
     # What exists by now (modules, configuration, certificates) lives as long as
     # the process: frozen, the cyclic collector's full passes stop walking it
@@ -498,7 +511,8 @@ def run(config: Config) -> int:
     gc.freeze()
     children = fork_workers(processes - 1, sockets, child)
     try:
-        return asyncio.run(serve(config, handler, sockets, channel=channel, children=children))
+        return asyncio.run(serve(config, handler, sockets, channel=channel, children=children,
+                                 password_checks=checks))
     except KeyboardInterrupt:
         return 130
     finally:
