@@ -72,6 +72,14 @@ async def postroom(tmp_path: Path, extra: str = "") -> AsyncIterator[Running]:
         await running.stop(grace=2)
 
 
+async def no_sessions(server: Running, timeout: float = 10.0) -> None:
+    """Until the server has no POP3 session left (a dropped one releases its maildrop)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while any(server.services[name].sessions for name in ("pop3", "pop3s")):
+        assert asyncio.get_running_loop().time() < deadline, "sessions still open"
+        await asyncio.sleep(0.01)
+
+
 def message(n: int, extra: bytes = b"") -> bytes:
     return (
         f"From: smith@isp.example\r\nTo: {BOSS}\r\nSubject: report {n}\r\n".encode()
@@ -281,7 +289,7 @@ def test_interrupted_fetch_resumes_without_loss_or_duplicates(
             with pytest.raises(FetchError) as caught:
                 await fetch(dest=dest, keep=keep, **settings(server, tmp_path))
             assert cuts == [1]
-            await asyncio.sleep(0.2)  # the server notices the dropped session
+            await no_sessions(server)  # the server notices the dropped session
             assert on_server(tmp_path) == stored  # DELE 1 without QUIT deleted nothing
             again = await fetch(dest=dest, keep=keep, **settings(server, tmp_path))
             return stored, caught.value, again
@@ -306,7 +314,7 @@ def test_dropped_before_quit_is_answered(tmp_path: Path, monkeypatch: pytest.Mon
             cut_at(monkeypatch, b"QUIT")
             with pytest.raises(FetchError) as caught:
                 await fetch(dest=dest, **settings(server, tmp_path))
-            await asyncio.sleep(0.2)
+            await no_sessions(server)
             again = await fetch(dest=dest, **settings(server, tmp_path))
             return stored, caught.value, again
 

@@ -116,9 +116,11 @@ def test_implicit_tls_sessions_start_after_the_handshake(tmp_path: Path) -> None
                                 ssl_context=server_side, ssl_handshake_timeout=5, delay=0.01)
         try:
             # A client that never speaks TLS ends its own connection, not the listener.
-            with socket.create_connection(sock.getsockname()) as plain:
+            with socket.create_connection(sock.getsockname(), timeout=10) as plain:
                 plain.sendall(b"EHLO not-tls\r\n")
-                await asyncio.sleep(0.1)
+                # The failed handshake ends that connection (an alert, then the close).
+                while await asyncio.to_thread(plain.recv, 4096):
+                    pass
             return await greeting(sock.getsockname()[1], client_side), log
         finally:
             server.close()

@@ -167,7 +167,8 @@ def test_dropped_session_deletes_nothing(tmp_path: Path) -> None:
                 client.sock.close()  # no QUIT: the Update state never comes
 
             await asyncio.to_thread(session)
-            await asyncio.sleep(0.2)
+            while server.services["pop3"].sessions:  # the server notices the dropped session
+                await asyncio.sleep(0.01)
             second = await asyncio.to_thread(login, server)
             assert (await asyncio.to_thread(second.stat))[0] == 2
             await asyncio.to_thread(second.quit)
