@@ -10,6 +10,7 @@ transport) must leave nothing lost and, run again, nothing duplicated.
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import mailbox
 import poplib
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from durable_order import install_recorder
 from postroom import cli
 from postroom.client import fetch as fetch_module
 from postroom.client.fetch import (
@@ -324,6 +326,35 @@ def test_dropped_before_quit_is_answered(tmp_path: Path, monkeypatch: pytest.Mon
     assert (again.downloaded, again.skipped, again.deleted) == (0, 2, 2)
     assert local(dest) == sorted(lf(m) for m in stored)
     assert on_server(tmp_path) == []
+
+
+@pytest.mark.parametrize("security", ["stls", "tls"])
+def test_quit_refused_keeps_the_messages_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, security: str
+) -> None:
+    """The server's Update state fails (here its folder sync, after the unlink): QUIT
+    gets -ERR, the fetch says so with the server's answer, and the next fetch
+    stores nothing twice."""
+    dest = tmp_path / "Maildir"
+    server_mail = tmp_path / "server" / "mail"
+
+    async def scenario() -> tuple[FetchError, FetchResult]:
+        async with postroom(tmp_path) as server:
+            await deliver(server, [message(1)])
+            recorder = install_recorder(monkeypatch)
+            recorder.fail("sync_dir", lambda call: OSError(errno.EIO, "Input/output error")
+                          if call.path and server_mail in call.path.parents else None)
+            with pytest.raises(FetchError) as caught:
+                await fetch(dest=dest, **settings(server, tmp_path, security))
+            recorder.fail("sync_dir", lambda call: None)
+            again = await fetch(dest=dest, **settings(server, tmp_path, security))
+            return caught.value, again
+
+    error, again = run(scenario)
+    assert "could not delete the messages: -ERR" in error.text, error.text
+    assert error.result is not None and error.result.downloaded == 1
+    assert again.downloaded == 0
+    assert len(local(dest)) == 1 and on_server(tmp_path) == []
 
 
 # --- mbox ---------------------------------------------------------------------------------------

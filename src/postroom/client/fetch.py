@@ -856,7 +856,7 @@ async def _fetch(
                              kind="lost", temporary=True)
         if bye is not None and not bye.ok:
             result.deleted = 0
-            raise FetchError(f"{session.where} could not delete the messages: {answer} "
+            raise FetchError(f"{session.where} could not delete the messages: {bye} "
                              "(they are kept; the next fetch will not store them again)",
                              kind="refused", temporary=True)
         if marked:
