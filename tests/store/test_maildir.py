@@ -334,3 +334,21 @@ def test_list_messages_sizes_are_what_pop3_sends(tmp_path: Path) -> None:
     lf_entry, s_only = list_messages(box)
     assert (lf_entry.size, lf_entry.crlf) == (len(lf) + 3, False)
     assert (s_only.size, s_only.crlf) == (5, False)
+
+
+def test_a_failed_spool_write_is_never_filed(
+    store: MailStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Part of the buffer may be on disk: the message must not be committed later."""
+    recorder = install_recorder(monkeypatch)
+    recorder.fail("write", lambda call: OSError(errno.ENOSPC, "No space left on device"))
+    writer = MessageWriter(store)
+    writer.write(MESSAGE)
+    with pytest.raises(OSError):
+        writer.flush()
+    recorder.fail("write", lambda call: None)
+    with pytest.raises(OSError):
+        writer.commit([store.maildir_for("a@corp.example")])
+    assert not (store.maildir_for("a@corp.example") / "new").exists()
+    writer.abort()
+    assert list(store.spool_dir.iterdir()) == []

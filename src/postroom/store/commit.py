@@ -223,6 +223,7 @@ class MessageWriter:
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._line_ends = LineEnds()  # the size so far, and the W= of the names
+        self._lost: OSError | None = None  # a write that failed: the file is not whole
 
     @property
     def size(self) -> int:
@@ -257,10 +258,16 @@ class MessageWriter:
 
     def flush(self) -> None:
         """Write what is buffered to the spool file."""
+        if self._lost is not None:
+            raise self._lost
         if self._buffer:
             assert self._fd is not None
             buffer, self._buffer, self._buffered = self._buffer, [], 0
-            durable.OS.write(self._fd, self.path, buffer)
+            try:
+                durable.OS.write(self._fd, self.path, buffer)
+            except OSError as exc:
+                self._lost = exc  # part of it may be written: never file this message
+                raise
 
     def sync(self) -> None:
         """The spool file's data on disk (durable step 2)."""
@@ -271,6 +278,8 @@ class MessageWriter:
         """This message as one delivery of a `commit` batch."""
         if self._path is None:
             raise ValueError("commit after commit or abort")
+        if self._lost is not None:
+            raise self._lost
         return Delivery(list(maildirs), spool=self)
 
     def commit(self, maildirs: list[Path]) -> list[Path]:
