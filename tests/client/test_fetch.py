@@ -10,6 +10,7 @@ transport) must leave nothing lost and, run again, nothing duplicated.
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import mailbox
 import poplib
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from durable_order import install_recorder
 from postroom import cli
 from postroom.client import fetch as fetch_module
 from postroom.client.fetch import (
@@ -70,6 +72,14 @@ async def postroom(tmp_path: Path, extra: str = "") -> AsyncIterator[Running]:
         yield running
     finally:
         await running.stop(grace=2)
+
+
+async def no_sessions(server: Running, timeout: float = 10.0) -> None:
+    """Until the server has no POP3 session left (a dropped one releases its maildrop)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while any(server.services[name].sessions for name in ("pop3", "pop3s")):
+        assert asyncio.get_running_loop().time() < deadline, "sessions still open"
+        await asyncio.sleep(0.01)
 
 
 def message(n: int, extra: bytes = b"") -> bytes:
@@ -282,7 +292,7 @@ def test_interrupted_fetch_resumes_without_loss_or_duplicates(
             with pytest.raises(FetchError) as caught:
                 await fetch(dest=dest, keep=keep, **settings(server, tmp_path))
             assert cuts == [1]
-            await asyncio.sleep(0.2)  # the server notices the dropped session
+            await no_sessions(server)  # the server notices the dropped session
             assert on_server(tmp_path) == stored  # DELE 1 without QUIT deleted nothing
             again = await fetch(dest=dest, keep=keep, **settings(server, tmp_path))
             return stored, caught.value, again
@@ -307,7 +317,7 @@ def test_dropped_before_quit_is_answered(tmp_path: Path, monkeypatch: pytest.Mon
             cut_at(monkeypatch, b"QUIT")
             with pytest.raises(FetchError) as caught:
                 await fetch(dest=dest, **settings(server, tmp_path))
-            await asyncio.sleep(0.2)
+            await no_sessions(server)
             again = await fetch(dest=dest, **settings(server, tmp_path))
             return stored, caught.value, again
 
@@ -317,6 +327,35 @@ def test_dropped_before_quit_is_answered(tmp_path: Path, monkeypatch: pytest.Mon
     assert (again.downloaded, again.skipped, again.deleted) == (0, 2, 2)
     assert local(dest) == sorted(lf(m) for m in stored)
     assert on_server(tmp_path) == []
+
+
+@pytest.mark.parametrize("security", ["stls", "tls"])
+def test_quit_refused_keeps_the_messages_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, security: str
+) -> None:
+    """The server's Update state fails (here its folder sync, after the unlink): QUIT
+    gets -ERR, the fetch says so with the server's answer, and the next fetch
+    stores nothing twice."""
+    dest = tmp_path / "Maildir"
+    server_mail = tmp_path / "server" / "mail"
+
+    async def scenario() -> tuple[FetchError, FetchResult]:
+        async with postroom(tmp_path) as server:
+            await deliver(server, [message(1)])
+            recorder = install_recorder(monkeypatch)
+            recorder.fail("sync_dir", lambda call: OSError(errno.EIO, "Input/output error")
+                          if call.path and server_mail in call.path.parents else None)
+            with pytest.raises(FetchError) as caught:
+                await fetch(dest=dest, **settings(server, tmp_path, security))
+            recorder.fail("sync_dir", lambda call: None)
+            again = await fetch(dest=dest, **settings(server, tmp_path, security))
+            return caught.value, again
+
+    error, again = run(scenario)
+    assert "could not delete the messages: -ERR" in error.text, error.text
+    assert error.result is not None and error.result.downloaded == 1
+    assert again.downloaded == 0
+    assert len(local(dest)) == 1 and on_server(tmp_path) == []
 
 
 # --- mbox ---------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from argon2 import PasswordHasher
 from postroom.delivery.local import LocalCourier
 from postroom.delivery.outcome import DeliveryResult
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.store.maildir import MailStore, MessageWriter
+from postroom.store.commit import MessageWriter
+from postroom.store.maildir import MailStore
 from postroom.store.users import SQLiteUserDirectory
 
 CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)

@@ -348,6 +348,12 @@ def _let_others_traverse(folder: Path) -> None:
             path.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
 
 
+# The master.cf the package ships, as it ships it (Debian's postfix package installs
+# it here): /etc/postfix/master.cf is the machine owner's and may have been changed
+# (postscreen, content filters, services of their own), which a test must not inherit.
+MASTER_CF_TEMPLATE = Path("/usr/share/postfix/master.cf.dist")
+
+
 class PrivatePostfix:
     """A Postfix instance in a folder of its own, leaving /etc/postfix alone.
 
@@ -393,8 +399,10 @@ class PrivatePostfix:
         """Why a private Postfix cannot run here, or None when it can."""
         if find_program("postfix") is None or find_program("postconf") is None:
             return "postfix is not installed"
-        if not Path("/etc/postfix/master.cf").is_file():
-            return "/etc/postfix/master.cf (the template) is missing"
+        if not MASTER_CF_TEMPLATE.is_file():
+            return (f"{MASTER_CF_TEMPLATE} is missing: the private Postfix is built from the "
+                    "package's own master.cf, which Debian's postfix package installs "
+                    "(apt-get install --reinstall postfix)")
         if os.geteuid() != 0:
             return "a private Postfix instance needs root"
         try:
@@ -461,10 +469,10 @@ class PrivatePostfix:
         return "".join(f"{key} = {value}\n" for key, value in settings.items())
 
     def _master_cf(self) -> str:
-        template = Path("/etc/postfix/master.cf").read_text()
+        template = MASTER_CF_TEMPLATE.read_text()
         smtp_line = re.compile(r"^smtp\s+inet\s.*$", re.MULTILINE)
         if not smtp_line.search(template):
-            raise HarnessError("no 'smtp inet' line in the system master.cf")
+            raise HarnessError(f"no 'smtp inet' line in {MASTER_CF_TEMPLATE}")
         # The master process listens with a backlog of the service's process
         # limit (default_process_limit, 100): above any session count used here.
         return smtp_line.sub(f"{LOOPBACK}:{self.port} inet n - n - - smtpd", template, count=1)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from durable_order import assert_durable, install_recorder
 from postroom.queue import store as store_module
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.queuefile import ENVELOPE_TAG, open_content
@@ -72,32 +73,14 @@ def test_a_queue_of_an_older_postroom_is_read_as_it_is(tmp_path: Path) -> None:
 def test_add_is_durable_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The queue file synced, then renamed into place, then its folder synced: and
     nothing else written (the envelope is in the file)."""
-    events: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
-    real_atomic_write = store_module.atomic_write
-
-    def fsync(fd: int) -> None:
-        events.append("fsync")
-        real_fsync(fd)
-
-    def replace(src: str, dst: str) -> None:
-        events.append(f"rename {Path(dst).parent.name}")
-        real_replace(src, dst)
-
-    def fsync_dir(path: Path) -> None:
-        events.append(f"fsync_dir {Path(path).name}")
-
-    def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-        events.append(f"atomic_write {Path(path).parent.name}")
-        real_atomic_write(path, data, mode)
-
-    monkeypatch.setattr(store_module, "_datasync", fsync)
-    monkeypatch.setattr(store_module.os, "replace", replace)
-    monkeypatch.setattr(store_module, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(store_module, "atomic_write", atomic_write)
     store = QueueStore(tmp_path)
+    recorder = install_recorder(monkeypatch)
     store.add(envelope(), [b"x\r\n"])
-    assert events == ["fsync", "rename messages", "fsync_dir messages"]
+    final = store.message_path("AAAA00000001")
+    assert_durable(recorder.log, recorder.note("queued"), published=[final])
+    steps = [(c.name, c.dst.parent.name if c.dst else c.path.name if c.path else "")
+             for c in recorder.log if c.name not in ("write", "note")]
+    assert steps == [("datasync", steps[0][1]), ("rename", "messages"), ("sync_dir", "messages")]
 
 
 def test_failed_add_leaves_nothing(tmp_path: Path) -> None:
@@ -113,17 +96,15 @@ def test_failed_add_leaves_nothing(tmp_path: Path) -> None:
     assert list((tmp_path / "envelopes").iterdir()) == []
 
 
-@pytest.mark.parametrize("step", ["_datasync", "fsync_dir"])
+@pytest.mark.parametrize("step", ["datasync", "sync_dir"])
 def test_a_failed_sync_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
     """Neither a failed data sync nor a failed folder sync (the file has its name
     by then) leaves a message queued for a caller that was told it is not."""
-    def broken(_: object) -> None:
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(store_module, step, broken)
     store = QueueStore(tmp_path)
+    recorder = install_recorder(monkeypatch)
+    recorder.fail(step, lambda call: OSError(5, "Input/output error"))
     with pytest.raises(OSError):
         store.add(envelope(), [b"x\r\n"])
     errors = store.add_many([(envelope("AAAA00000002"), [b"x\r\n"]),
@@ -224,7 +205,6 @@ def test_remove_queue_file_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_remove_many_syncs_the_queue_folder_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from postroom.queue import store as store_module
 
     store = QueueStore(tmp_path)
     ids = [f"AAAA0000000{n}" for n in range(1, 4)]
@@ -232,11 +212,9 @@ def test_remove_many_syncs_the_queue_folder_once(
         store.add(envelope(queue_id), [b"x\r\n"])
     store.update(ids[1], lambda e: None)
     store.message_path(ids[1]).unlink()  # an envelope left alone: removed, not an error
-    synced: list[str] = []
-    real_fsync_dir = store_module.fsync_dir
-    monkeypatch.setattr(store_module, "fsync_dir",
-                        lambda path: (synced.append(Path(path).name), real_fsync_dir(path)))
+    recorder = install_recorder(monkeypatch)
     errors = store.remove_many([*ids, "AAAA00000009"])
+    synced = [c.path.name for c in recorder.log if c.name == "sync_dir" and c.path]
     assert errors[:3] == [None, None, None]
     assert isinstance(errors[3], NotQueued)
     assert synced == ["messages"]

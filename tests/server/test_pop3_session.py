@@ -8,6 +8,7 @@ thread.
 from __future__ import annotations
 
 import asyncio
+import errno
 import poplib
 import smtplib
 import ssl
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from durable_order import install_recorder
 from postroom.config import load_config
 from postroom.server.main import Running, start
 from postroom.store.users import open_user_directory
@@ -165,13 +167,36 @@ def test_dropped_session_deletes_nothing(tmp_path: Path) -> None:
                 client.sock.close()  # no QUIT: the Update state never comes
 
             await asyncio.to_thread(session)
-            await asyncio.sleep(0.2)
+            while server.services["pop3"].sessions:  # the server notices the dropped session
+                await asyncio.sleep(0.01)
             second = await asyncio.to_thread(login, server)
             assert (await asyncio.to_thread(second.stat))[0] == 2
             await asyncio.to_thread(second.quit)
 
     run(scenario)
     assert len(stored(tmp_path)) == 2
+
+
+def test_update_says_err_when_its_deletions_may_not_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 1939 6: QUIT answers -ERR when the messages could not be removed; a
+    deletion whose folder sync failed may come back after a power cut."""
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            await asyncio.to_thread(deliver, server, 2)
+            recorder = install_recorder(monkeypatch)
+            recorder.fail("sync_dir", lambda call: OSError(errno.EIO, "Input/output error"))
+
+            def session() -> None:
+                client = login(server)
+                client.dele(1)
+                with pytest.raises(poplib.error_proto, match="-ERR"):
+                    client.quit()
+
+            await asyncio.to_thread(session)
+
+    run(scenario)
 
 
 def test_second_login_gets_in_use(tmp_path: Path) -> None:

@@ -264,7 +264,8 @@ def test_shutdown_lets_a_transaction_finish_then_closes(tmp_path: Path) -> None:
             await read_reply(reader)
         idle_reader, idle_writer = await raw_session(*server.address("smtp"))
         stopping = asyncio.create_task(server.stop(grace=10))
-        await asyncio.sleep(0.2)
+        while not server.smtp.draining:  # the stop has begun, and waits for the transaction
+            await asyncio.sleep(0.01)
         assert not stopping.done()
         writer.write(b"Subject: in flight\r\n\r\nbody\r\n.\r\n")
         assert (await read_reply(reader)).startswith(b"250 2.0.0")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import errno
 import stat
 from pathlib import Path
 
 import pytest
 
-from postroom.store import atomic
-from postroom.store.atomic import atomic_write, fsync_dir
+from durable_order import assert_durable, install_recorder
+from postroom.store.atomic import atomic_write
 
 
 def test_creates_and_replaces(tmp_path: Path) -> None:
@@ -32,35 +32,20 @@ def test_mode(tmp_path: Path) -> None:
 def test_failure_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "state"
     atomic_write(target, b"old")
-
-    def broken_fsync(fd: int) -> None:
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(atomic.os, "fsync", broken_fsync)
+    recorder = install_recorder(monkeypatch)
+    recorder.fail("datasync", lambda call: OSError(errno.EIO, "Input/output error"))
     with pytest.raises(OSError):
         atomic_write(target, b"new")
-    monkeypatch.undo()
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["state"]
 
 
-def test_directory_is_synced_after_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    events: list[str] = []
-    real_replace, real_fsync = os.replace, os.fsync
-
-    def replace(src: str, dst: str) -> None:
-        events.append("rename")
-        real_replace(src, dst)
-
-    def fsync(fd: int) -> None:
-        events.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
-        real_fsync(fd)
-
-    monkeypatch.setattr(atomic.os, "replace", replace)
-    monkeypatch.setattr(atomic.os, "fsync", fsync)
+def test_written_synced_renamed_then_the_folder_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = install_recorder(monkeypatch)
     atomic_write(tmp_path / "f", b"data")
-    assert events == ["file", "rename", "dir"]
-
-
-def test_fsync_dir_on_a_directory(tmp_path: Path) -> None:
-    fsync_dir(tmp_path)  # must not raise
+    done = recorder.note("returned")
+    assert [c.name for c in recorder.log] == [
+        "create", "write", "datasync", "rename", "sync_dir", "note"]
+    assert_durable(recorder.log, done, published=[tmp_path / "f"])

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from postroom.store import maildir as md
+from durable_order import assert_durable, install_recorder
+from postroom.store.commit import MessageWriter
 from postroom.store.maildir import (
     MailStore,
-    MessageWriter,
     ensure_maildir,
     escape_hostname,
     list_messages,
@@ -48,7 +48,7 @@ def store(tmp_path: Path) -> MailStore:
 
 
 def deliver(store: MailStore, data: bytes, *addresses: str) -> list[Path]:
-    with store.open_writer() as writer:
+    with MessageWriter(store) as writer:
         for i in range(0, len(data), 7):  # several writes, as the server makes them
             writer.write(data[i : i + 7])
         assert writer.size == len(data)
@@ -179,31 +179,14 @@ def test_python_mailbox_reads_message_back(store: MailStore) -> None:
 
 def test_new_never_sees_a_partial_file(store: MailStore, monkeypatch: pytest.MonkeyPatch) -> None:
     box = store.maildir_for("boss@corp.example")
-    events: list[str] = []
-    real_fsync, real_link = os.fsync, os.link
-
-    def fsync(fd: int) -> None:
-        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
-        real_fsync(fd)
-
-    def link(src: str, dst: str) -> None:
-        # At the moment the name appears in new/, the file must be complete on disk.
-        assert Path(src).read_bytes() == MESSAGE
-        assert "fsync-file" in events
-        events.append("link")
-        real_link(src, dst)
-
-    writer = store.open_writer()
+    recorder = install_recorder(monkeypatch)
+    writer = MessageWriter(store)
     writer.write(MESSAGE[:20])
     assert not (box / "new").exists() or list((box / "new").iterdir()) == []
     writer.write(MESSAGE[20:])
-    monkeypatch.setattr(md.os, "fsync", fsync)
-    monkeypatch.setattr(md.os, "link", link)
     (path,) = writer.commit([box])
     # The file is synced before it is linked, and new/ after: only then may 250 be sent.
-    link_at = events.index("link")
-    assert events.index("fsync-file") < link_at
-    assert "fsync-dir" in events[link_at:]
+    assert_durable(recorder.log, recorder.note("committed"), published=[path])
     assert path.read_bytes() == MESSAGE
 
 
@@ -222,12 +205,14 @@ def test_same_maildir_twice_gets_one_copy(store: MailStore) -> None:
     assert len(list(paths[0].parent.iterdir())) == 1
 
 
-def test_copy_fallback_when_links_fail(store: MailStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_link(src: str, dst: str) -> None:
-        raise OSError(errno.EXDEV, "Invalid cross-device link")
-
-    monkeypatch.setattr(md.os, "link", no_link)
+@pytest.mark.parametrize("error", [errno.EXDEV, errno.EMLINK, errno.EPERM])
+def test_copy_fallback_when_links_fail(
+    store: MailStore, monkeypatch: pytest.MonkeyPatch, error: int
+) -> None:
+    recorder = install_recorder(monkeypatch)
+    recorder.fail("link", lambda call: OSError(error, os.strerror(error)))
     paths = deliver(store, MESSAGE, "a@corp.example", "b@corp.example")
+    assert_durable(recorder.log, recorder.note("committed"), published=paths)
     for p in paths:
         assert p.parent.name == "new"
         assert p.read_bytes() == MESSAGE
@@ -239,17 +224,15 @@ def test_copy_fallback_when_links_fail(store: MailStore, monkeypatch: pytest.Mon
 def test_failed_commit_removes_partial_deliveries(
     store: MailStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_link = os.link
-    calls = []
+    recorder = install_recorder(monkeypatch)
+    links = []
 
-    def flaky(src: str, dst: str) -> None:
-        calls.append(dst)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_link(src, dst)
+    def second_link_fails(call: object) -> OSError | None:
+        links.append(call)
+        return OSError(errno.ENOSPC, "No space left on device") if len(links) == 2 else None
 
-    monkeypatch.setattr(md.os, "link", flaky)
-    writer = store.open_writer()
+    recorder.fail("link", second_link_fails)
+    writer = MessageWriter(store)
     writer.write(MESSAGE)
     boxes = [store.maildir_for("a@corp.example"), store.maildir_for("b@corp.example")]
     with pytest.raises(OSError):
@@ -263,7 +246,7 @@ def test_failed_commit_removes_partial_deliveries(
 
 
 def test_abort_cleans_up_and_is_idempotent(store: MailStore) -> None:
-    writer = store.open_writer()
+    writer = MessageWriter(store)
     writer.write(MESSAGE)
     spool_file = writer.spool_path
     assert spool_file is not None and spool_file.exists()
@@ -277,7 +260,7 @@ def test_abort_cleans_up_and_is_idempotent(store: MailStore) -> None:
 
 
 def test_abort_after_commit_keeps_the_message(store: MailStore) -> None:
-    writer = store.open_writer()
+    writer = MessageWriter(store)
     writer.write(MESSAGE)
     (path,) = writer.commit([store.maildir_for("a@corp.example")])
     writer.abort()
@@ -285,7 +268,7 @@ def test_abort_after_commit_keeps_the_message(store: MailStore) -> None:
 
 
 def test_context_manager_aborts_on_error(store: MailStore) -> None:
-    with pytest.raises(RuntimeError), store.open_writer() as writer:
+    with pytest.raises(RuntimeError), MessageWriter(store) as writer:
         writer.write(MESSAGE)
         raise RuntimeError("connection lost")
     assert list(store.spool_dir.iterdir()) == []
@@ -373,3 +356,21 @@ def test_list_messages_sizes_are_what_pop3_sends(tmp_path: Path) -> None:
     lf_entry, s_only = list_messages(box)
     assert (lf_entry.size, lf_entry.crlf) == (len(lf) + 3, False)
     assert (s_only.size, s_only.crlf) == (5, False)
+
+
+def test_a_failed_spool_write_is_never_filed(
+    store: MailStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Part of the buffer may be on disk: the message must not be committed later."""
+    recorder = install_recorder(monkeypatch)
+    recorder.fail("write", lambda call: OSError(errno.ENOSPC, "No space left on device"))
+    writer = MessageWriter(store)
+    writer.write(MESSAGE)
+    with pytest.raises(OSError):
+        writer.flush()
+    recorder.fail("write", lambda call: None)
+    with pytest.raises(OSError):
+        writer.commit([store.maildir_for("a@corp.example")])
+    assert not (store.maildir_for("a@corp.example") / "new").exists()
+    writer.abort()
+    assert list(store.spool_dir.iterdir()) == []

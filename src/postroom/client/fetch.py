@@ -7,8 +7,8 @@ STAT, LIST and UIDL say what is there; each new message is streamed into a
 local file (never whole in memory) and made durable before anything else
 happens to it:
 
-1. RETR n, written to DEST/tmp (or appended to the mbox), fsynced, renamed into
-   DEST/new and the folder fsynced;
+1. RETR n, written to DEST/tmp (or appended to the mbox), its data synced,
+   renamed into DEST/new and the folder synced (postroom.store.durable);
 2. its UIDL recorded in the state file (rewritten atomically);
 3. without --keep, DELE n. The server removes marked messages only when QUIT
    ends the session (RFC 1939 6), so a session that drops deletes nothing.
@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TextIO
+from typing import TextIO
 
 from postroom.client.connect import (
     EX_OK,
@@ -72,7 +72,8 @@ from postroom.protocol.pop3_client import (
     uids_of,
 )
 from postroom.protocol.sasl import PLAIN, ClientExchange, SASLError
-from postroom.store.atomic import atomic_write, fsync_dir
+from postroom.store import durable
+from postroom.store.atomic import atomic_write
 from postroom.store.maildir import ensure_maildir, unique_name
 
 SECURITIES = ("stls", "tls")
@@ -88,6 +89,8 @@ PROGRESS_INTERVAL = 0.25  # seconds between updates of the line
 # An unfinished line held back between chunks (for "From " quoting and CRLF)
 # is at most this long; a longer one is written as it comes.
 _HOLD_LIMIT = 1024
+# A message's pieces are gathered up to this size before a write(2).
+WRITE_BUFFER = 64 * 1024
 
 
 class FetchError(ClientError):
@@ -197,15 +200,40 @@ class _LineEnds:
         return segment
 
 
-class _Maildir:
-    """Messages into a Maildir: tmp/ first, fsynced, then renamed into new/ (fsynced)."""
+class _Sink:
+    """A file a message is written to: pieces gathered into WRITE_BUFFER-sized writes."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._file_path: Path | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size >= WRITE_BUFFER:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            assert self._fd is not None and self._file_path is not None
+            pending, self._pending, self._pending_size = self._pending, [], 0
+            durable.OS.write(self._fd, self._file_path, pending)
+
+    def _drop_pending(self) -> None:
+        self._pending, self._pending_size = [], 0
+
+
+class _Maildir(_Sink):
+    """Messages into a Maildir: tmp/ first, synced, then renamed into new/ (synced)."""
 
     def __init__(self, folder: Path, *, crlf: bool) -> None:
+        super().__init__()
         self.folder = folder
         self.crlf = crlf
         self.hostname = socket.gethostname() or "localhost"
-        self._file: IO[bytes] | None = None
-        self._tmp: Path | None = None
         self._lines = _LineEnds(crlf=crlf, quote_from=False)
         self._size = 0
 
@@ -220,61 +248,62 @@ class _Maildir:
         self.abort()
 
     def begin(self) -> None:
-        name = unique_name(self.hostname)
-        self._tmp = self.folder / "tmp" / name
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb")
+        tmp = self.folder / "tmp" / unique_name(self.hostname)
+        self._fd = durable.OS.create(tmp)
+        self._file_path = tmp
         self._lines = _LineEnds(crlf=self.crlf, quote_from=False)
         self._size = 0
 
     def write(self, data: bytes) -> None:
-        assert self._file is not None
         out = self._lines.feed(data)
-        self._file.write(out)
+        self._emit(out)
         self._size += len(out)
 
     def commit(self, wire_octets: int) -> Path:
         """Make the message durable in new/; returns its path."""
-        assert self._file is not None and self._tmp is not None
+        assert self._fd is not None and self._file_path is not None
         out = self._lines.end()
-        self._file.write(out)
+        self._emit(out)
         self._size += len(out)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
+        self._flush()
+        tmp, fd = self._file_path, self._fd
+        self._fd = None
+        durable.sync_and_close(fd, tmp)
         # Dovecot's S= (octets on disk) and W= (octets with CRLF) spare readers a stat.
-        final = self.folder / "new" / f"{self._tmp.name},S={self._size},W={wire_octets}"
-        os.rename(self._tmp, final)
-        self._tmp = None
-        fsync_dir(final.parent)
+        final = self.folder / "new" / f"{tmp.name},S={self._size},W={wire_octets}"
+        durable.OS.rename(tmp, final)
+        self._file_path = None
+        durable.sync_dir(final.parent)
         return final
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tmp is not None:
+        self._drop_pending()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._file_path is not None:
             with contextlib.suppress(FileNotFoundError):
-                self._tmp.unlink()
-            self._tmp = None
+                os.unlink(self._file_path)
+            self._file_path = None
 
 
 _RETURN_PATH = re.compile(rb"^Return-Path:[ \t]*<([^<>\s]*)>", re.IGNORECASE | re.MULTILINE)
 
 
-class _Mbox:
-    """Messages appended to an mbox file (mboxrd), locked, fsynced after each one.
+class _Mbox(_Sink):
+    """Messages appended to an mbox file (mboxrd), locked, synced after each one.
 
     Each message starts with a From_ line naming its Return-Path (or
     MAILER-DAEMON) and the time, and ends with a blank line. A message cut
     off midway is truncated away again, so the file never holds half of one.
+    A file made here has its folder synced before the first message counts
+    as stored.
     """
 
     def __init__(self, path: Path, *, crlf: bool) -> None:
+        super().__init__()
         self.path = path
         self.crlf = crlf
-        self._file: IO[bytes] | None = None
         self._start = 0
         # The start of the message, held until its From_ line is written (None after).
         self._head: bytes | None = b""
@@ -283,51 +312,56 @@ class _Mbox:
 
     def open(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            fd, made = durable.OS.open_append(self.path)
         except OSError as exc:
             raise FetchError(f"cannot open the mbox {self.path}: {exc.strerror or exc}",
                              kind="usage") from None
-        self._file = os.fdopen(fd, "r+b")
         try:
             # The lock mutt and Dovecot take too (fcntl), so no reader sees half a message.
-            fcntl.lockf(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self._file.close()
-            self._file = None
+            os.close(fd)
             raise FetchError(f"the mbox {self.path} is locked by another program",
                              kind="usage", temporary=True) from None
+        self._fd, self._file_path = fd, self.path
+        if made:
+            try:
+                durable.sync_dir(self.path.parent)  # the new file's name
+            except OSError as exc:
+                self.close()
+                raise FetchError(f"cannot make the mbox {self.path}: {exc.strerror or exc}",
+                                 kind="local", temporary=True) from None
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._drop_pending()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def begin(self) -> None:
-        assert self._file is not None
-        self._start = self._file.seek(0, os.SEEK_END)
+        assert self._fd is not None
+        self._start = os.fstat(self._fd).st_size
         self._separator = b""
         if self._start:
             # A From_ line must follow a blank line; a file another program
             # left without one gets it now.
-            self._file.seek(max(0, self._start - 2))
-            tail = self._file.read(2)
+            tail = os.pread(self._fd, 2, max(0, self._start - 2))
             wanted = b"\n\n" if self._start >= 2 else b"\n"
             while not tail.endswith(wanted):
                 wanted = wanted[1:]
                 self._separator += b"\n"
-            self._file.seek(0, os.SEEK_END)
         self._head = b""
         self._lines = _LineEnds(crlf=self.crlf, quote_from=True)
 
     def write(self, data: bytes) -> None:
-        assert self._file is not None
+        assert self._fd is not None
         if self._head is not None:
             self._head += data
             if b"\r\n\r\n" not in self._head and len(self._head) < 64 * 1024:
                 return  # the From_ line wants the Return-Path from the header
             data, self._head = self._head, None
-            self._file.write(self._from_line(data))
-        self._file.write(self._lines.feed(data))
+            self._emit(self._from_line(data))
+        self._emit(self._lines.feed(data))
 
     def _from_line(self, head: bytes) -> bytes:
         header = head.split(b"\r\n\r\n", 1)[0]
@@ -339,21 +373,21 @@ class _Mbox:
         return self._separator + (line + ending).encode("ascii", "replace")
 
     def commit(self, wire_octets: int) -> Path:
-        assert self._file is not None
+        assert self._fd is not None
         if self._head is not None:
             head, self._head = self._head, None
-            self._file.write(self._from_line(head) + self._lines.feed(head))
+            self._emit(self._from_line(head) + self._lines.feed(head))
         newline = b"\r\n" if self.crlf else b"\n"
-        self._file.write(self._lines.end() + newline)  # the blank line between messages
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._emit(self._lines.end() + newline)  # the blank line between messages
+        self._flush()
+        durable.OS.datasync(self._fd, self.path)
         return self.path
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            self._file.truncate(self._start)
-            os.fsync(self._file.fileno())
+        self._drop_pending()
+        if self._fd is not None:
+            durable.OS.truncate(self._fd, self.path, self._start)
+            durable.OS.datasync(self._fd, self.path)
         self._head = b""
 
 
@@ -822,7 +856,7 @@ async def _fetch(
                              kind="lost", temporary=True)
         if bye is not None and not bye.ok:
             result.deleted = 0
-            raise FetchError(f"{session.where} could not delete the messages: {answer} "
+            raise FetchError(f"{session.where} could not delete the messages: {bye} "
                              "(they are kept; the next fetch will not store them again)",
                              kind="refused", temporary=True)
         if marked:

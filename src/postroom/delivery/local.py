@@ -4,8 +4,9 @@ Mail that reaches local mailboxes through the queue rather than straight from
 the SMTP server (bounces to local senders, mail from `postroom sendmail`)
 ends here. Each recipient is expanded through the user directory (aliases,
 subaddresses) to mailboxes; the message is copied once into the store's spool
-and hard-linked into every mailbox, all or nothing (MessageWriter.commit), so
-a failed attempt never leaves a copy behind to be duplicated by the retry.
+and filed into every mailbox by the same commit as the SMTP server's
+(postroom.store.commit), all or nothing, so a failed attempt never leaves a
+copy behind to be duplicated by the retry.
 
 This is final delivery (RFC 5321 4.4): the envelope sender goes on top of the
 filed copy as its Return-Path, and any Return-Path the message already had is
@@ -23,6 +24,7 @@ from pathlib import Path
 from postroom.delivery.outcome import DeliveryResult
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.queuefile import open_content
+from postroom.store.commit import MessageWriter
 from postroom.store.maildir import MailStore
 from postroom.store.returnpath import ReturnPathRemover, return_path
 from postroom.store.users import Expansion
@@ -106,7 +108,7 @@ class LocalCourier:
         it into every maildir."""
         source, _ = open_content(message_path)
         earlier = ReturnPathRemover()
-        with source, self._store.open_writer() as writer:
+        with source, MessageWriter(self._store) as writer:
             writer.write(return_path(sender))
             while chunk := source.read(COPY_CHUNK):
                 writer.write(earlier.feed(chunk))

@@ -42,6 +42,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from postroom.store import durable
+
 SPARE = "spare"
 # Enough for the messages a busy queue has in flight at once.
 SPARE_LIMIT = 512
@@ -64,9 +66,10 @@ class Taken:
     stale: int
 
     def trim(self, written: int) -> None:
-        """Cut what is left of the old content past the `written` octets of the new."""
+        """Cut what is left of the old content past the `written` octets of the new
+        (before the data sync, which then covers the new size)."""
         if self.stale > written:
-            os.ftruncate(self.fd, written)
+            durable.OS.truncate(self.fd, Path(self.path), written)
 
 
 class Spares:
@@ -129,7 +132,7 @@ class Spares:
             name = self._new_name()
             spare = self.folder / name
             try:
-                os.rename(path, spare)
+                durable.OS.rename(path, spare)  # its removal from the queue folder
             except FileNotFoundError:
                 if not path.exists():
                     raise

@@ -46,11 +46,9 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import errno
 import logging
 import os
 import re
-import shutil
 import tempfile
 import threading
 import time
@@ -60,7 +58,8 @@ from pathlib import Path
 from postroom.queue.envelope import Envelope
 from postroom.queue.queuefile import ENVELOPE_TAG, envelope_line, has_envelope_line
 from postroom.queue.spares import SPARE, Spares, Taken
-from postroom.store.atomic import atomic_write, fsync_dir
+from postroom.store import durable
+from postroom.store.atomic import atomic_write
 
 try:
     import fcntl
@@ -77,15 +76,8 @@ TEMP_SUFFIX = ".tmp"
 # Queue IDs become file names: letters, digits, "-" and "_" only, so no ID can
 # name a path outside the queue ("../x") or a hidden temporary file (".x.tmp").
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# The data and what it takes to read it back (the size), not the timestamps: a
-# reused file rewritten at its old size then needs no inode write (fsync where
-# the platform lacks fdatasync).
-_datasync = getattr(os, "fdatasync", os.fsync)
-# link(2) errors that mean "no hard links here" (not "the name is taken").
-_NO_LINK_ERRNOS = {errno.EPERM, errno.EMLINK, errno.EXDEV, errno.ENOSYS,
-                   getattr(errno, "EOPNOTSUPP", errno.EPERM),
-                   getattr(errno, "ENOTSUP", errno.EPERM)}
-# What `add` copies from its spool at a time.
+# What `add` copies from its spool at a time, and what `add_many` gathers into
+# one write(2).
 COPY_CHUNK = 64 * 1024
 # Without flock a temporary file cannot say it is still being written; one this
 # old is taken to be left over from a crash.
@@ -219,26 +211,29 @@ class QueueStore:
             envelope.size = size
             line = envelope_line(envelope)
             temp = self._temp_file()
+            temp_path = Path(temp.path)
             placed = False
             try:
-                with os.fdopen(temp.fd, "wb") as f:
+                try:
                     if fcntl is not None:
                         # Tells `recover` in another process that this file is being written.
-                        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    f.write(line)
-                    shutil.copyfileobj(spool, f, COPY_CHUNK)
-                    f.flush()
+                        fcntl.flock(temp.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    durable.OS.write(temp.fd, temp_path, [line])
+                    while chunk := spool.read(COPY_CHUNK):
+                        durable.OS.write(temp.fd, temp_path, [chunk])
                     temp.trim(len(line) + size)
-                    _datasync(f.fileno())
+                    durable.OS.datasync(temp.fd, temp_path)
                     with self.locked():
                         if final.exists() or self.envelope_path(queue_id).exists():
                             raise FileExistsError(f"queue ID {queue_id} is already in use")
-                        os.replace(temp.path, final)
+                        durable.OS.rename(temp_path, final)
                         placed = True
-                        fsync_dir(self.messages)
+                        durable.sync_dir(self.messages)
+                finally:
+                    os.close(temp.fd)  # drops the flock, once the file has its name
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(final if placed else temp.path)  # the caller hears "not queued"
+                    os.unlink(final if placed else temp_path)  # the caller hears "not queued"
                 raise
 
     def add_many(
@@ -255,7 +250,7 @@ class QueueStore:
         self._make_folders()
         errors: list[BaseException | None] = [None] * len(items)
         temps: list[str | None] = [None] * len(items)
-        files: list[int] = []
+        files: list[tuple[int, Path]] = []  # written, to sync: (fd, path)
         for i, (envelope, chunks) in enumerate(items):
             try:
                 check_queue_id(envelope.queue_id)
@@ -265,11 +260,7 @@ class QueueStore:
                     if fcntl is not None:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     line = envelope_line(envelope)
-                    _write_all(fd, line)
-                    size = 0
-                    for chunk in chunks:
-                        _write_all(fd, chunk)
-                        size += len(chunk)
+                    size = _write_gathered(fd, Path(taken.path), line, chunks)
                     taken.trim(len(line) + size)
                     envelope.size = size
                 except BaseException:
@@ -277,13 +268,13 @@ class QueueStore:
                     _unlink(Path(taken.path))
                     raise
                 temps[i] = taken.path
-                files.append(fd)
+                files.append((fd, Path(taken.path)))
             except Exception as e:  # noqa: BLE001 - reported per item
                 errors[i] = e
         try:
             try:
-                for fd in files:
-                    _datasync(fd)
+                for fd, path in files:
+                    durable.OS.datasync(fd, path)
             except OSError as e:
                 for i, t in enumerate(temps):
                     if t is not None and errors[i] is None:
@@ -304,14 +295,14 @@ class QueueStore:
                 placed += 1
             if placed:
                 try:
-                    fsync_dir(self.messages)
+                    durable.sync_dir(self.messages)
                 except OSError as e:
                     for i, t in enumerate(temps):
                         if t is not None and errors[i] is None:
                             errors[i] = e
                             _unlink(self.message_path(items[i][0].queue_id))
         finally:
-            for fd in files:
+            for fd, _path in files:
                 os.close(fd)
         for i, t in enumerate(temps):
             if t is not None and errors[i] is not None:
@@ -330,16 +321,16 @@ class QueueStore:
         if self.envelope_path(queue_id).exists():
             raise FileExistsError(f"queue ID {queue_id} is already in use")
         try:
-            os.link(temp, final)
+            durable.OS.link(Path(temp), final)
         except FileExistsError:
             raise FileExistsError(f"queue ID {queue_id} is already in use") from None
         except OSError as e:
-            if e.errno not in _NO_LINK_ERRNOS:
+            if e.errno not in durable.LINK_FALLBACK_ERRNOS:
                 raise
             with self.locked():
                 if final.exists():
                     raise FileExistsError(f"queue ID {queue_id} is already in use") from None
-                os.replace(temp, final)
+                durable.OS.rename(Path(temp), final)
             return
         _unlink(Path(temp))
 
@@ -497,7 +488,7 @@ class QueueStore:
                 # need no sync: if a crash brings one back without its queue file,
                 # `recover` removes it.
                 try:
-                    fsync_dir(self.messages)
+                    durable.sync_dir(self.messages)
                 except OSError as e:
                     errors = [e if err is None else err for err in errors]
             for i, queue_id in enumerate(queue_ids):
@@ -547,8 +538,8 @@ class QueueStore:
                                     queue_id)
                         removed += 1
             if removed:
-                fsync_dir(self.messages)
-                fsync_dir(self.envelopes)
+                durable.sync_dir(self.messages)
+                durable.sync_dir(self.envelopes)
         return removed
 
     def _orphan(self, path: Path) -> bool:
@@ -600,11 +591,21 @@ class QueueStore:
         return True
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """os.write until every octet of `data` is written (a write may take fewer)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _write_gathered(fd: int, path: Path, line: bytes, chunks: Iterable[bytes]) -> int:
+    """Write the envelope line and the message's chunks, gathered into writes of
+    about COPY_CHUNK octets; returns the message's octets."""
+    size = 0
+    pending, pending_size = [line], len(line)
+    for chunk in chunks:
+        pending.append(chunk)
+        pending_size += len(chunk)
+        size += len(chunk)
+        if pending_size >= COPY_CHUNK:
+            durable.OS.write(fd, path, pending)
+            pending, pending_size = [], 0
+    if pending:
+        durable.OS.write(fd, path, pending)
+    return size
 
 
 def _unlink(path: Path) -> bool:

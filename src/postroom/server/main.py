@@ -38,6 +38,7 @@ from postroom.server.committer import GroupCommitter
 from postroom.server.descriptors import Descriptors
 from postroom.server.diskspace import FreeSpace
 from postroom.server.limits import ConnectionLimiter
+from postroom.server.passwords import Check, PasswordChecks
 from postroom.server.pop3 import POP3Service, POP3Session
 from postroom.server.relay import Relay
 from postroom.server.smtp import Notices, Outbound, SMTPService, SMTPSession
@@ -181,6 +182,7 @@ def build_smtp_service(
     outbound: Outbound | None = None,
     committer: GroupCommitter | None = None,
     notices: Notices | None = None,
+    check_password: Check | None = None,
 ) -> SMTPService:
     """The `smtp` listener (MX: local recipients only) or a submission one (AUTH, relay)."""
     smtp = config.smtp
@@ -213,7 +215,7 @@ def build_smtp_service(
         max_received=smtp.max_received_headers,
         submission=SubmissionPolicy(policy, is_local_domain, lookups.expand,
                                     smtp.check_from_header) if submission else None,
-        verify_password=directory.verify_password if submission else None,
+        verify_password=check_password if submission else None,
         throttle=throttle,
         outbound=outbound if submission else None,
         committer=committer,
@@ -262,6 +264,7 @@ class Running:
     services: dict[str, AnyService]
     relay: Relay
     committer: GroupCommitter
+    password_checks: PasswordChecks
     descriptors: Descriptors | None = None
     sweeper: asyncio.Task[None] | None = None  # the primary's periodic tmp/ sweep
 
@@ -289,6 +292,7 @@ class Running:
         self.committer.close()
         if self.descriptors is not None:
             self.descriptors.close()
+        self.password_checks.close()
         log.info("stopped")
 
 
@@ -328,13 +332,15 @@ async def start(
     *,
     notify_primary: Callable[[str], None] | None = None,
     accept_last: Collection[str] = (),
+    password_checks: PasswordChecks | None = None,
 ) -> Running:
     """Start accepting connections on `sockets` (bound here when not given).
 
     `notify_primary` is set in a worker process: the primary process runs the
     relay scheduler; this one only queues and tells it the new queue IDs.
     The listeners named in `accept_last` take only the connections that other
-    processes leave waiting (server.acceptor).
+    processes leave waiting (server.acceptor). `password_checks` is made
+    before the workers fork, so that its bound holds for all of them.
     """
     tls_context = load_tls(config)
     if sockets is None:
@@ -368,6 +374,8 @@ async def start(
     relay = Relay(config, store, is_local_domain, lookups.expand,
                   notify_primary=notify_primary)
     committer = GroupCommitter(config.hostname)
+    checks = password_checks or PasswordChecks()
+    check_password = checks.bind(directory.verify_password)
     services: dict[str, AnyService] = {}
     servers: dict[str, asyncio.base_events.Server | DeferredServer] = {}
     loop = asyncio.get_running_loop()
@@ -377,7 +385,7 @@ async def start(
         if key_name in ("smtp", *SUBMISSION_LISTENERS):
             service = build_smtp_service(key_name, config, tls_context, directory, lookups,
                                          is_local_domain, store, smtp_limiter, throttle, relay,
-                                         committer, notices=relay)
+                                         committer, notices=relay, check_password=check_password)
         else:
             service = POP3Service(
                 name=key_name,
@@ -389,6 +397,7 @@ async def start(
                 tls_context=tls_context,
                 implicit_tls=key_name == "pop3s",
                 allow_plaintext_auth=config.pop3.allow_plaintext_auth,
+                check_password=check_password,
                 idle_timeout=config.pop3.idle_timeout,
                 apop=config.pop3.apop,
             )
@@ -409,7 +418,8 @@ async def start(
     descriptors.install(loop)
     relay.start()
     sweeper = loop.create_task(sweep_maildirs_periodically(store)) if primary else None
-    return Running(config, servers, services, relay, committer, descriptors, sweeper)
+    return Running(config, servers, services, relay, committer, checks, descriptors,
+                   sweeper)
 
 
 def _out_of_descriptors(service: AnyService) -> bytes:
@@ -446,6 +456,7 @@ async def serve(
     channel: WakeChannel | None = None,
     children: list[int] | None = None,
     lock: ServerLock | None = None,
+    password_checks: PasswordChecks | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT/SIGHUP. The primary (not `worker`) also answers on the
     control socket of `lock`, runs the relay scheduler and stops the worker children,
@@ -457,7 +468,8 @@ async def serve(
     # With workers, submission sessions go to them first: this process relays what
     # they queue (server.acceptor).
     accept_last = SUBMISSION_LISTENERS if (not worker and children) else ()
-    running = await start(config, sockets, notify_primary=notify, accept_last=accept_last)
+    running = await start(config, sockets, notify_primary=notify, accept_last=accept_last,
+                          password_checks=password_checks)
     if channel is not None and not worker:
         channel.listen(loop.add_reader, running.relay.wake)
     stop = asyncio.Event()
@@ -594,13 +606,15 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
     # Bound once, before forking: every process accepts on the same sockets.
     sockets = bind_listeners(config)
     channel = WakeChannel() if processes > 1 else None
+    checks = PasswordChecks()  # one bound for every process (server/passwords.py)
     handler.flush()  # or the children would write the parent's buffered lines again
 
     def child() -> int:
         lock.in_worker()
         # The parent forwards SIGTERM/SIGINT; a terminal's Ctrl-C reaches the whole
         # process group, and draining twice is harmless.
-        return asyncio.run(serve(config, handler, sockets, worker=True, channel=channel))
+        return asyncio.run(serve(config, handler, sockets, worker=True, channel=channel,
+                                 password_checks=checks))
 
     # What exists by now (modules, configuration, certificates) lives as long as
     # the process: frozen, the cyclic collector's full passes stop walking it
@@ -611,7 +625,7 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
     children = fork_workers(processes - 1, sockets, child)
     try:
         return asyncio.run(serve(config, handler, sockets, channel=channel, children=children,
-                                 lock=lock))
+                                 lock=lock, password_checks=checks))
     except KeyboardInterrupt:
         return 130
     finally:

@@ -17,6 +17,7 @@ import os
 import secrets
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from postroom.policy.auth import AuthThrottle
@@ -50,6 +51,8 @@ class POP3Service:
     tls_context: ssl.SSLContext | None
     implicit_tls: bool
     allow_plaintext_auth: bool
+    # The password check, bounded server-wide (server/passwords.py).
+    check_password: Callable[[str, str], Awaitable[bool]]
     idle_timeout: float = 600.0  # RFC 1939 3: at least 10 minutes
     apop: bool = False  # greet with a timestamp; users with an APOP secret may use it
     sessions: set[POP3Session] = field(default_factory=set)
@@ -312,9 +315,7 @@ class POP3Session:
             address = local_address(name)
         except ValueError:
             address = None
-        good = address is not None and await asyncio.get_running_loop().run_in_executor(
-            None, self.service.directory.verify_password, address, password
-        )
+        good = address is not None and await self.service.check_password(address, password)
         await self._open_maildrop_or_fail(name, good)
 
     async def _open_maildrop_or_fail(self, name: str, good: bool) -> None:

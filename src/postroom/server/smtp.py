@@ -13,7 +13,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -74,7 +74,8 @@ class SMTPService:
     # Submission only (RFC 6409): authenticated users, their sender checks, and the
     # queue that relays their mail to other hosts.
     submission: SubmissionPolicy | None = None
-    verify_password: Callable[[str, str], bool] | None = None
+    # The password check, bounded server-wide (server/passwords.py).
+    verify_password: Callable[[str, str], Awaitable[bool]] | None = None
     throttle: AuthThrottle | None = None
     outbound: Outbound | None = None
     committer: GroupCommitter | None = None  # batches Maildir commits (see committer.py)
@@ -457,8 +458,8 @@ class SMTPSession:
             if not targets:
                 paths = []
                 spool.abort()
-            elif held is not None and svc.committer is not None:
-                paths = await svc.committer.deliver(held, targets)
+            elif svc.committer is not None:
+                paths = await svc.committer.deliver(spool.delivery(targets))
                 spool.abort()
             else:
                 paths = await loop.run_in_executor(None, spool.commit, targets)
@@ -526,9 +527,7 @@ class SMTPSession:
         name = step.authcid
         good = False
         if svc.verify_password is not None and (not step.authzid or step.authzid == name):
-            good = await asyncio.get_running_loop().run_in_executor(
-                None, svc.verify_password, name, step.password
-            )
+            good = await svc.verify_password(name, step.password)
         if self.conn.closing:
             return  # the server stopped (421 sent) while the password was checked
         if not good:

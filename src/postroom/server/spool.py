@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from postroom.store.maildir import MailStore, MessageWriter
+from postroom.store.commit import Delivery, MessageWriter, commit_one
+from postroom.store.maildir import MailStore
 
 # A message is held in memory until it is this large, then goes to a spool file.
 # Small messages thus touch the disk only inside the commit, in a worker thread:
@@ -44,18 +45,25 @@ class Spool:
             self._spill()
 
     def _spill(self) -> None:
-        writer = self._writer = self._store.open_writer()
+        writer = self._writer = MessageWriter(self._store)
         writer.write(self._head)
         for chunk in self._chunks:
             writer.write(chunk)
         self._chunks.clear()
 
+    def delivery(self, maildirs: list[Path]) -> Delivery:
+        """The copy to file, head first, as a delivery for postroom.store.commit (the
+        group commit): its pieces while in memory, else its spool file."""
+        if self._writer is not None:
+            return self._writer.delivery(maildirs)
+        return Delivery(list(maildirs), chunks=[self._head, *self._chunks])
+
     def commit(self, maildirs: list[Path]) -> list[Path]:
-        """Store in every maildir, head first, durably (BLOCKING: run in a worker thread)."""
-        if self._writer is None:
-            self._spill()
-        assert self._writer is not None
-        return self._writer.commit(maildirs)
+        """Store in every maildir, head first, durably, as a batch of one (BLOCKING:
+        run in a worker thread)."""
+        if self._writer is not None:
+            return self._writer.commit(maildirs)
+        return commit_one(self.delivery(maildirs), self._store.hostname)
 
     @property
     def in_memory(self) -> list[bytes] | None:

@@ -4,52 +4,40 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Flush a directory's entries (creations, renames, unlinks) to disk.
-
-    rename(2) and link(2) are atomic but not durable until the directory itself
-    is synced; without this a crash can lose a file that was already acknowledged.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-    try:
-        fd = os.open(path, flags)
-    except (IsADirectoryError, PermissionError):
-        # Platforms that cannot open a directory (Windows) have no directory fsync.
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        # Some filesystems refuse fsync on a directory (EINVAL); nothing more can be done.
-        pass
-    finally:
-        os.close(fd)
+from postroom.store import durable
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` durably.
+    """Replace `path` with `data` durably (postroom.store.durable's steps).
 
-    Writes a temporary file in the same directory (so the rename stays on one
-    filesystem), fsyncs it, renames it over `path` and fsyncs the directory.
+    Writes a temporary file in the same folder (so the rename stays on one
+    filesystem), syncs it, renames it over `path` and syncs the folder.
     `mode` is applied before the rename, so the file never exists with looser
-    permissions than asked for.
+    permissions than asked for, whatever the umask.
     """
     target = Path(path)
     directory = target.parent
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    while True:
+        tmp = directory / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = durable.OS.create(tmp, 0o600)
+            break
+        except FileExistsError:  # pragma: no cover - needs a clash of random names
+            continue
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        try:
             if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp_name, target)
+                os.fchmod(fd, mode)
+            durable.OS.write(fd, tmp, [data])
+            durable.OS.datasync(fd, tmp, metadata=True)  # the mode too
+        finally:
+            os.close(fd)
+        durable.OS.rename(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+            os.unlink(tmp)
         raise
-    fsync_dir(directory)
+    durable.sync_dir(directory)

@@ -1,11 +1,8 @@
-"""Maildir mailboxes: where each local mailbox lives, durable delivery into it, and listing it.
+"""Maildir mailboxes: where each local mailbox lives, its file names, and listing it.
 
 A mailbox is the Maildir DATA/mail/<domain>/<localpart>/ with its cur/ new/
 tmp/ folders, the layout Dovecot, mutt and Python's `mailbox.Maildir` read.
-Delivery never shows a reader half a message: the message is written and
-fsynced in a spool file first, then hard-linked into each recipient's new/
-(link(2) makes the whole file appear at once), then new/ is fsynced before the
-caller acknowledges anything.
+Messages are filed into it by postroom.store.commit, durably.
 
 File names follow the Maildir convention (time.unique.host) in Dovecot's
 spelling, ``<secs>.M<usecs>P<pid>Q<count>R<random>.<host>,S=<size>,W=<size>``,
@@ -16,21 +13,18 @@ answer LIST and STAT (RFC 1939 5) without opening a single message.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import secrets
-import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from postroom.addresses import canonical_domain, split
-from postroom.store.atomic import fsync_dir
+from postroom.store import durable
 
 SPOOL = ".spool"  # under the mail dir: same filesystem as every maildir, so link(2) works
 # A tmp/ file this old is abandoned (the classic Maildir rule; Dovecot removes them
@@ -38,15 +32,7 @@ SPOOL = ".spool"  # under the mail dir: same filesystem as every maildir, so lin
 STALE_AFTER = 36 * 3600
 DIR_MODE = 0o700
 MAILDIRS_KEPT = 10_000  # MailStore remembers this many address -> maildir answers
-FILE_MODE = 0o600
-
-_LINK_FALLBACK_ERRNOS = {
-    errno.EXDEV,  # another filesystem (a maildir symlinked elsewhere)
-    errno.EMLINK,  # too many links to one inode
-    errno.EPERM,  # filesystems without hard links
-    getattr(errno, "ENOTSUP", errno.EOPNOTSUPP),
-    errno.EOPNOTSUPP,
-}
+FILE_MODE = durable.FILE_MODE
 
 _counter_lock = threading.Lock()
 _counter = 0
@@ -250,16 +236,12 @@ def ensure_maildir(maildir: Path) -> bool:
     while not p.exists():
         missing.append(p)
         p = p.parent
-    for d in reversed(missing):
+    for d in [*reversed(missing), *(maildir / sub for sub in ("tmp", "new", "cur"))]:
         with contextlib.suppress(FileExistsError):
-            d.mkdir(mode=DIR_MODE)
+            durable.OS.mkdir(d, DIR_MODE)
             created.append(d)
-    for sub in ("tmp", "new", "cur"):
-        with contextlib.suppress(FileExistsError):
-            (maildir / sub).mkdir(mode=DIR_MODE)
-            created.append(maildir / sub)
-    for d in {c.parent for c in created}:
-        fsync_dir(d)
+    for d in dict.fromkeys(c.parent for c in created):
+        durable.sync_dir(d)
     return bool(created)
 
 
@@ -273,149 +255,6 @@ def _check_local_part(local: str, address: str) -> None:
         or local in (".", "..")
     ):
         raise ValueError(f"not usable as a mailbox folder name: {address!r}")
-
-
-class MessageWriter:
-    """A message being received: appended to a spool file, then committed to maildirs.
-
-    `write` runs on the event loop (plain buffered writes); `commit` blocks
-    on fsync and belongs in a worker thread. Used as a context manager, the
-    writer aborts unless it was committed.
-    """
-
-    def __init__(self, store: MailStore) -> None:
-        self._store = store
-        spool = store.spool_dir
-        spool.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        while True:
-            path = spool / unique_name(store.hostname)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-                break
-            except FileExistsError:  # pragma: no cover - needs a clash of unique names
-                continue
-        self._path: Path | None = path
-        self._file = os.fdopen(fd, "wb", buffering=64 * 1024)
-        self._line_ends = LineEnds()  # the size so far, and the W= of the names
-        self._committed = False
-
-    @property
-    def size(self) -> int:
-        """Octets written so far."""
-        return self._line_ends.size
-
-    @property
-    def spool_path(self) -> Path | None:
-        """The spool file (None once committed or aborted)."""
-        return self._path
-
-    def write(self, data: bytes) -> None:
-        """Append `data` (CRLF line ends, exactly as they should be stored)."""
-        if self._path is None:
-            raise ValueError("write after commit or abort")
-        self._file.write(data)
-        self._line_ends.feed(data)
-
-    def commit(self, maildirs: list[Path]) -> list[Path]:
-        """Deliver the message into each maildir's new/; return the final paths.
-
-        BLOCKING (fsync). The list returned is parallel to `maildirs`; a maildir
-        named twice receives one copy and both positions name it. All or
-        nothing: if any delivery fails, the copies already made are removed and
-        the error propagates, so a retry (calling commit again) cannot duplicate
-        mail.
-        """
-        if self._path is None:
-            raise ValueError("commit after commit or abort")
-        spool_path = self._path
-        if not self._file.closed:  # closed already when an earlier commit failed
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-        size = spool_path.stat().st_size
-        delivered: dict[Path, Path] = {}
-        try:
-            for maildir in maildirs:
-                if maildir not in delivered:
-                    delivered[maildir] = self._deliver_one(spool_path, maildir, size)
-            for new_dir in {p.parent for p in delivered.values()}:
-                fsync_dir(new_dir)
-        except BaseException:
-            for final in delivered.values():
-                with contextlib.suppress(OSError):
-                    final.unlink()
-            raise
-        self._committed = True
-        self._path = None
-        with contextlib.suppress(FileNotFoundError):
-            spool_path.unlink()
-        return [delivered[m] for m in maildirs]
-
-    def _deliver_one(self, spool_path: Path, maildir: Path, size: int) -> Path:
-        ensure_maildir(maildir)
-        while True:
-            name = unique_name(self._store.hostname, size, self._line_ends.sent)
-            final = maildir / "new" / name
-            try:
-                os.link(spool_path, final)
-                return final
-            except FileExistsError:  # pragma: no cover - needs a clash of unique names
-                continue
-            except OSError as e:
-                if e.errno not in _LINK_FALLBACK_ERRNOS:
-                    raise
-            return self._copy_in(spool_path, maildir, name)
-
-    @staticmethod
-    def _copy_in(spool_path: Path, maildir: Path, name: str) -> Path:
-        # Without hard links: the classic Maildir path, tmp/ then rename into new/.
-        tmp = maildir / "tmp" / name
-        try:
-            with open(spool_path, "rb") as src, open(
-                os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb"
-            ) as dst:
-                shutil.copyfileobj(src, dst, 1024 * 1024)
-                dst.flush()
-                os.fsync(dst.fileno())
-            final = maildir / "new" / name
-            os.rename(tmp, final)
-            return final
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-
-    def read_back(self, chunk_size: int = 256 * 1024, skip: int = 0) -> Iterator[bytes]:
-        """The bytes written so far, from the spool file, the first `skip` left out
-        (BLOCKING). Used to hand a large message to the queue as well as to maildirs."""
-        if self._path is None:
-            raise ValueError("read_back after commit or abort")
-        self._file.flush()
-        with open(self._path, "rb") as f:
-            f.seek(skip)
-            while chunk := f.read(chunk_size):
-                yield chunk
-
-    def abort(self) -> None:
-        """Throw the message away. Safe to call twice and after commit."""
-        if self._path is None:
-            return
-        path, self._path = self._path, None
-        with contextlib.suppress(OSError):
-            self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-    def __enter__(self) -> MessageWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.abort()
 
 
 class MailStore:
@@ -454,10 +293,6 @@ class MailStore:
             self._maildirs.clear()
         path = self._maildirs[address] = self.mail_dir / domain / local
         return path
-
-    def open_writer(self) -> MessageWriter:
-        """Start receiving a message (see MessageWriter)."""
-        return MessageWriter(self)
 
     def clean_spool(self, older_than: float = STALE_AFTER) -> int:
         """Remove spool files abandoned by a crash; return how many were removed."""

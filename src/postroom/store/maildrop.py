@@ -8,6 +8,8 @@ Deletion is crash-safe because every step is one atomic directory operation:
 a message is unlinked (gone whole) or not (there whole); a message that was
 read moves from new/ to cur/ by rename(2), keeping its unique name and so its
 UIDL (Maildir: the part of the name before ":" is the message's identity).
+The folders are synced before the Update state's +OK (postroom.store.durable),
+so what QUIT was told is done stays done after a power cut.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from postroom.store.atomic import fsync_dir
+from postroom.store import durable
 from postroom.store.maildir import LineEnds, list_messages
 
 LOCK_NAME = "postroom-pop3.lock"  # a dot-less name would be listed as mail by some readers
@@ -193,16 +195,19 @@ class Maildrop:
 
     def update(self, deleted_numbers: list[int]) -> int:
         """RFC 1939 6, the Update state: delete the marked messages, file the read ones
-        in cur/ as seen. Returns how many deletions failed. BLOCKING."""
+        in cur/ as seen, then sync the folders. Returns how many deletions failed
+        (a deletion whose folder could not be synced counts: it may come back).
+        BLOCKING."""
         failures = 0
         deleted = set(deleted_numbers)
-        touched: set[Path] = set()
+        removed_from: dict[Path, int] = {}  # folder -> deletions made in it
+        moved: set[Path] = set()
         for number, msg in enumerate(self.messages, start=1):
             if number in deleted:
                 removed = False
                 for _attempt in range(3):  # another reader may rename it meanwhile
                     try:
-                        os.unlink(msg.path)
+                        durable.OS.unlink(msg.path)
                         removed = True
                         break
                     except FileNotFoundError:
@@ -214,16 +219,15 @@ class Maildrop:
                 if not removed:
                     failures += 1
                     continue
-                touched.add(msg.path.parent)
+                folder = msg.path.parent
+                removed_from[folder] = removed_from.get(folder, 0) + 1
             elif msg.retrieved and msg.path.parent.name == "new":
                 target = self.root / "cur" / f"{msg.path.name}:2,S"
                 with contextlib.suppress(OSError):  # a failed move loses nothing
-                    os.rename(msg.path, target)
-                    touched.update((msg.path.parent, target.parent))
-        for folder in touched:
-            with contextlib.suppress(OSError):
-                fsync_dir(folder)
-        return failures
+                    durable.OS.rename(msg.path, target)
+                    moved.update((msg.path.parent, target.parent))
+        failed = durable.sync_folders([*removed_from, *moved])
+        return failures + sum(removed_from.get(folder, 0) for folder in failed)
 
     def close(self) -> None:
         """Release the lock (also released by the kernel if the process dies)."""
