@@ -21,8 +21,6 @@ import pytest
 from mailcheck import new_token
 from mailharness import Postroom
 
-pytestmark = pytest.mark.interop
-
 BOSS = "boss@corp.example"
 POSTMASTER = "postmaster@localhost"  # postmaster@ the first local domain
 POSTMASTER_ALIAS = {POSTMASTER: [BOSS]}

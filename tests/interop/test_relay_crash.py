@@ -21,7 +21,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-import pytest
 from mailcheck import make_message, new_token
 from mailharness import (
     LOOPBACK,
@@ -30,8 +29,6 @@ from mailharness import (
     send_and_get_queue_id,
     submission_client,
 )
-
-pytestmark = pytest.mark.interop
 
 SMITH = "smith@isp.example"
 SMITH_PASSWORD = "smith-secret"

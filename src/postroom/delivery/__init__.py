@@ -1,1 +1,1 @@
-"""delivery layer of postroom."""
+"""Couriers for queued mail: local (into Maildirs) and remote (SMTP to the next hop)."""

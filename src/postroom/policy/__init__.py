@@ -1,1 +1,1 @@
-"""policy layer of postroom."""
+"""Who may send what to whom: recipients and relaying, sender checks, AUTH throttling."""

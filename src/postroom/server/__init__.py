@@ -1,1 +1,1 @@
-"""server layer of postroom."""
+"""The asyncio shell: listeners, TLS, sessions and workers between sockets and protocol cores."""

@@ -4,12 +4,8 @@ Every server process accepts on the same listening sockets, and the kernel
 hands a new connection to whichever process asks first. The primary process
 also runs the relay scheduler and client, whose work grows with the mail
 submitted, while the workers only run sessions. A submission session that
-lands in the primary puts both loads on one event loop (and one GIL) while a
-worker may sit idle, and how the sessions split was luck: in the relay
-benchmark (2 CPUs, ten clients that stay connected) runs split 6/4 or 8/2
-between primary and worker relayed 215-240 msg/s, runs split 3/7 260.
-Accepting second, four alternating pairs of runs gave 259-275 msg/s against
-223-279 without, and p99 latencies of 62-131 ms against 110-154.
+lands in the primary puts both loads on one event loop (and one interpreter
+lock) while a worker may sit idle.
 
 So for the submission listeners the primary is the acceptor of last resort:
 when a connection is waiting it looks again only after ACCEPT_DELAY, and takes
