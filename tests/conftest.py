@@ -1,4 +1,5 @@
-"""Suite-wide fixtures: `require_peer`, which skips (or, in CI, fails) when a peer is missing.
+"""Suite-wide fixtures: `require_peer`, which skips (or, in CI, fails) when a peer is missing,
+and `loop_factory`, which runs a test on asyncio's loop and on uvloop.
 
 Nothing here imports postroom: tests of one layer must still collect while
 other layers are missing or broken.
@@ -6,6 +7,7 @@ other layers are missing or broken.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import shutil
@@ -71,3 +73,21 @@ def require_peer_fixture() -> Callable[..., str]:
 def peer_missing_fixture() -> Callable[[str], None]:
     """The `peer_missing(reason)` function: skip, or fail when CI is "true"."""
     return peer_missing
+
+
+@pytest.fixture(name="loop_factory", params=["asyncio", "uvloop"])
+def loop_factory_fixture(
+    request: pytest.FixtureRequest,
+) -> Callable[[], asyncio.AbstractEventLoop]:
+    """An event loop factory, once asyncio's own and once uvloop's (which `serve` runs on).
+
+    Without uvloop the uvloop case is skipped, or failed in CI: it must not vanish.
+    """
+    if request.param == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        peer_missing("Python module 'uvloop' is not installed (postroom serve runs on it)")
+        raise AssertionError("unreachable") from None  # pytest.skip/fail raise
+    return uvloop.new_event_loop

@@ -27,23 +27,17 @@ from postroom.config import load_config
 from postroom.server.main import Running, start
 from postroom.store.users import open_user_directory
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-try:
-    import uvloop
-
-    LOOPS["uvloop"] = uvloop.new_event_loop
-except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-    pass
-
 BODY = b"Subject: half-close\r\n\r\nsent, then the client shut its side\r\n"
 
 
-@pytest.fixture(params=sorted(LOOPS))
-def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Any]], Any]:
+@pytest.fixture
+def run(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> Callable[[Callable[[], Any]], Any]:
     """Runs a scenario on asyncio's loop and on uvloop, which `serve` uses."""
 
     def runner(scenario: Callable[[], Any]) -> Any:
-        with asyncio.Runner(loop_factory=LOOPS[request.param]) as loop:
+        with asyncio.Runner(loop_factory=loop_factory) as loop:
             return loop.run(scenario())
 
     return runner

@@ -69,28 +69,18 @@ def new_messages(tmp_path: Path, user: str = "boss") -> list[Path]:
     return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-try:
-    import uvloop
-
-    LOOPS["uvloop"] = uvloop.new_event_loop
-except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-    pass
-
-
-@pytest.fixture(params=sorted(LOOPS), autouse=True)
-def loop_kind(request: pytest.FixtureRequest) -> str:
+@pytest.fixture(autouse=True)
+def _every_loop(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
     """Every test runs on asyncio's own loop and on uvloop, which `serve` uses."""
-    global _LOOP
-    _LOOP = request.param
-    return str(request.param)
+    global _LOOP_FACTORY
+    _LOOP_FACTORY = loop_factory
 
 
-_LOOP = "asyncio"
+_LOOP_FACTORY: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
 
 
 def run(coro_fn: Callable[[], Any]) -> Any:
-    with asyncio.Runner(loop_factory=LOOPS[_LOOP]) as runner:
+    with asyncio.Runner(loop_factory=_LOOP_FACTORY) as runner:
         return runner.run(coro_fn())
 
 
