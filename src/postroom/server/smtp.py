@@ -435,10 +435,7 @@ class SMTPSession:
         try:
             spool.write(txn.return_paths.end())  # a last line still undecided
         except OSError as exc:
-            log.error("%s: %s: write to spool failed: %s", svc.name, txn.queue_id, exc)
-            spool.abort()
-            self._reply(Reply(451, "4.3.0", "Local error in processing, try later"))
-            self._finish_transaction()
+            self._local_error(txn, spool, "write to spool", exc)
             return
         size = spool.size
         mailboxes = txn.mailboxes()
@@ -464,10 +461,7 @@ class SMTPSession:
             else:
                 paths = await loop.run_in_executor(None, spool.commit, targets)
         except OSError as exc:
-            log.error("%s: %s: storing the message failed: %s", svc.name, txn.queue_id, exc)
-            spool.abort()
-            self._reply(Reply(451, "4.3.0", "Local error in processing, try later"))
-            self._finish_transaction()
+            self._local_error(txn, spool, "storing the message", exc)
             return
         delay = time.time() - txn.started
         log.info("%s: %s: from=<%s>, size=%d, nrcpt=%d%s", svc.name, txn.queue_id, txn.sender,
@@ -489,6 +483,13 @@ class SMTPSession:
             original = copy if copy is not None else paths[0]
             await svc.notices.delivered(self._envelope(txn, size), txn.notify, original)
         self._reply(Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"))
+        self._finish_transaction()
+
+    def _local_error(self, txn: Transaction, spool: Spool, what: str, exc: OSError) -> None:
+        """The message could not be stored: nothing of it is kept, the client retries."""
+        log.error("%s: %s: %s failed: %s", self.service.name, txn.queue_id, what, exc)
+        spool.abort()
+        self._reply(Reply(451, "4.3.0", "Local error in processing, try later"))
         self._finish_transaction()
 
     def _envelope(self, txn: Transaction, size: int) -> Envelope:
