@@ -155,35 +155,13 @@ def parse_received(value: str) -> Hop:
     """One Received header's value (folded or not) as a Hop; never raises."""
     raw = _unfold(value)
     clauses_text, date_text = _split_date(raw)
-    clauses: dict[str, list[str]] = {}
-    comments: dict[str, list[str]] = {}
-    current = ""
-    for kind, text in _split(clauses_text):
-        if kind == "comment":
-            comments.setdefault(current, []).append(text)
-        elif text.lower() in CLAUSES and text.lower() not in clauses:
-            current = text.lower()
-            clauses[current] = []
-        else:
-            clauses.setdefault(current, []).append(text)
+    clauses, comments = _clauses(clauses_text)
 
     def first(name: str) -> str | None:
         words = clauses.get(name) or []
         return words[0] if words else None
 
-    helo = first("from")
-    client_name = client_ip = None
-    if helo:  # Exim: "from [ip] (helo=name)", the address first
-        literal = _ADDRESS_LITERAL.fullmatch(helo)
-        client_ip = literal.group(1) if literal else None
-    for comment in comments.get("from", [])[:1]:  # the TCP-info comment comes first
-        literal = _ADDRESS_LITERAL.search(comment)
-        client_ip = literal.group(1) if literal else client_ip
-        name = comment[: literal.start()].strip() if literal else comment.strip()
-        if name.lower().startswith("helo="):
-            helo = name[5:]
-        elif name and "=" not in name and " " not in name and name.lower() != "unknown":
-            client_name = name
+    helo, client_name, client_ip = _client(first("from"), comments.get("from", []))
     by_comments = comments.get("by", [])
     software = None
     if by_comments:  # "(Postfix)", "(Postfix, from userid 0)", "(postroom)"
@@ -192,13 +170,7 @@ def parse_received(value: str) -> Hop:
     protocol = protocol.upper() if protocol else None
     said_tls, said_auth = protocol_flags(protocol)
     every_comment = " ".join(c for cs in comments.values() for c in cs)
-    extra_words = " ".join(" ".join(clauses.get(k, [])[1:]) for k in clauses)
-    tls_version = _tls_version(every_comment) or _tls_version(extra_words)
-    cipher_match = _TLS_CIPHER.search(every_comment)
-    tls_cipher = cipher_match.group(1) if cipher_match else None
-    with_words = clauses.get("with", [])
-    if tls_cipher is None and "tls" in (w.lower() for w in with_words[1:-1]):
-        tls_cipher = with_words[[w.lower() for w in with_words].index("tls", 1) + 1]
+    tls_version, tls_cipher = _tls(clauses, every_comment)
     recipient = first("for")
     if recipient:
         recipient = recipient.strip("<>") or None
@@ -218,6 +190,55 @@ def parse_received(value: str) -> Hop:
         when=_parse_date(date_text),
         raw=raw,
     )
+
+
+def _clauses(text: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The words of each clause (from, by, via, with, id, for) and the comments after
+    each, keyed by clause name ("" for what comes before the first)."""
+    clauses: dict[str, list[str]] = {}
+    comments: dict[str, list[str]] = {}
+    current = ""
+    for kind, word in _split(text):
+        if kind == "comment":
+            comments.setdefault(current, []).append(word)
+        elif word.lower() in CLAUSES and word.lower() not in clauses:
+            current = word.lower()
+            clauses[current] = []
+        else:
+            clauses.setdefault(current, []).append(word)
+    return clauses, comments
+
+
+def _client(
+    helo: str | None, from_comments: list[str]
+) -> tuple[str | None, str | None, str | None]:
+    """(HELO name, client host name, client IP) from the from clause and its comment."""
+    client_name = client_ip = None
+    if helo:  # Exim: "from [ip] (helo=name)", the address first
+        literal = _ADDRESS_LITERAL.fullmatch(helo)
+        client_ip = literal.group(1) if literal else None
+    for comment in from_comments[:1]:  # the TCP-info comment comes first
+        literal = _ADDRESS_LITERAL.search(comment)
+        client_ip = literal.group(1) if literal else client_ip
+        name = comment[: literal.start()].strip() if literal else comment.strip()
+        if name.lower().startswith("helo="):
+            helo = name[5:]
+        elif name and "=" not in name and " " not in name and name.lower() != "unknown":
+            client_name = name
+    return helo, client_name, client_ip
+
+
+def _tls(clauses: dict[str, list[str]], every_comment: str) -> tuple[str | None, str | None]:
+    """(TLS version, cipher) as the comments (Postfix, postroom) or the with clause's
+    extra words (Exim, Sendmail) name them."""
+    extra_words = " ".join(" ".join(clauses.get(k, [])[1:]) for k in clauses)
+    version = _tls_version(every_comment) or _tls_version(extra_words)
+    cipher_match = _TLS_CIPHER.search(every_comment)
+    cipher = cipher_match.group(1) if cipher_match else None
+    with_words = clauses.get("with", [])
+    if cipher is None and "tls" in (w.lower() for w in with_words[1:-1]):
+        cipher = with_words[[w.lower() for w in with_words].index("tls", 1) + 1]
+    return version, cipher
 
 
 def hops_of(message: Message) -> list[Hop]:
