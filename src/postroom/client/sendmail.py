@@ -329,52 +329,13 @@ def submit(
     """
     now = time.time() if now is None else now
     user = user or invoking_user()
-    hostname = config.hostname
     own_address = default_sender(user, config)
-    if opts.sender is None:
-        sender = own_address
-    elif opts.sender.strip() in ("", "<>"):
-        sender = ""  # RFC 5321 4.5.5: the null reverse-path
-    else:
-        sender = _address(opts.sender, hostname, "sender")
-
+    sender = _envelope_sender(opts.sender, own_address, config.hostname)
     lines = _Input(stream, opts.ignore_dots)
     headers = read_headers(lines)
-    wanted = list(opts.recipients)
-    if opts.extract:
-        wanted += header_recipients(headers)
-    recipients: list[str] = []
-    for value in wanted:
-        parsed = [a for _n, a in email.utils.getaddresses([value]) if a] or [value]
-        for raw in parsed:
-            address = _address(raw, hostname, "recipient")
-            if address not in recipients:
-                recipients.append(address)
-    if not recipients:
-        raise UsageError("no recipients: give addresses as arguments, or use -t")
-
+    recipients = _recipients(opts, headers, config.hostname)
     queue_id = new_queue_id(now)
-    present = {h.name.lower() for h in headers}
-    # RFC 5322 3.6.2: Bcc must not reach the other recipients; dropped in every mode.
-    kept = [h for h in headers if h.name.lower() not in ("bcc", "resent-bcc")]
-    date = email.utils.formatdate(now, localtime=True)
-    section = [
-        f"Received: by {hostname} (postroom sendmail, uid {os.getuid()})".encode(),
-        f"\tid {queue_id}; {date}".encode(),
-    ]
-    for header in kept:
-        section += header.lines
-    # RFC 6409 8.1-8.3: a submission server completes what the client left out.
-    if "date" not in present:
-        section.append(f"Date: {date}".encode())
-    if "message-id" not in present:
-        section.append(f"Message-ID: {email.utils.make_msgid(domain=hostname)}".encode())
-    if "from" not in present:
-        author = sender or own_address
-        pretty = email.utils.formataddr((opts.full_name or "", author), charset="utf-8")
-        section.append(f"From: {pretty}".encode())
-    head = b"".join(line + b"\r\n" for line in section) + b"\r\n"
-
+    head = _head(headers, queue_id, now, config.hostname, opts.full_name, sender or own_address)
     seen = {"8bit": not head.isascii()}
     envelope = Envelope(
         queue_id=queue_id,
@@ -399,6 +360,57 @@ def submit(
         envelope, _limited(chunks(), config.smtp.max_message_size)
     )
     return envelope
+
+
+def _envelope_sender(given: str | None, own_address: str, hostname: str) -> str:
+    """-f's address, "" for the null reverse-path (RFC 5321 4.5.5), else the user's own."""
+    if given is None:
+        return own_address
+    if given.strip() in ("", "<>"):
+        return ""
+    return _address(given, hostname, "sender")
+
+
+def _recipients(opts: Options, headers: list[Header], hostname: str) -> list[str]:
+    """The arguments' addresses, and with -t the header fields' (each once)."""
+    wanted = list(opts.recipients)
+    if opts.extract:
+        wanted += header_recipients(headers)
+    recipients: list[str] = []
+    for value in wanted:
+        parsed = [a for _n, a in email.utils.getaddresses([value]) if a] or [value]
+        for raw in parsed:
+            address = _address(raw, hostname, "recipient")
+            if address not in recipients:
+                recipients.append(address)
+    if not recipients:
+        raise UsageError("no recipients: give addresses as arguments, or use -t")
+    return recipients
+
+
+def _head(headers: list[Header], queue_id: str, now: float, hostname: str,
+          full_name: str | None, author: str) -> bytes:
+    """The header section as queued: our Received field first, Bcc dropped, and Date,
+    Message-ID and From added where the message has none."""
+    present = {h.name.lower() for h in headers}
+    date = email.utils.formatdate(now, localtime=True)
+    section = [
+        f"Received: by {hostname} (postroom sendmail, uid {os.getuid()})".encode(),
+        f"\tid {queue_id}; {date}".encode(),
+    ]
+    for header in headers:
+        # RFC 5322 3.6.2: Bcc must not reach the other recipients; dropped in every mode.
+        if header.name.lower() not in ("bcc", "resent-bcc"):
+            section += header.lines
+    # RFC 6409 8.1-8.3: a submission server completes what the client left out.
+    if "date" not in present:
+        section.append(f"Date: {date}".encode())
+    if "message-id" not in present:
+        section.append(f"Message-ID: {email.utils.make_msgid(domain=hostname)}".encode())
+    if "from" not in present:
+        pretty = email.utils.formataddr((full_name or "", author), charset="utf-8")
+        section.append(f"From: {pretty}".encode())
+    return b"".join(line + b"\r\n" for line in section) + b"\r\n"
 
 
 # -- the command -----------------------------------------------------------------
