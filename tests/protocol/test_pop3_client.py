@@ -41,14 +41,15 @@ from postroom.protocol.pop3_client import (
     UIDL,
     Capabilities,
     Challenge,
-    ClientStateError,
     ConnectionClosed,
     Event,
+    LocalProtocolError,
     MessageData,
     MessageEnd,
     POP3Client,
-    ReplyError,
+    RemoteProtocolError,
     Response,
+    Signal,
     apop_digest,
     apop_timestamp,
     parse_status,
@@ -72,7 +73,7 @@ def events(client: POP3Client) -> list[Event]:
         event = client.next_event()
         if event is NEED_DATA:
             return out
-        assert not isinstance(event, type)
+        assert not isinstance(event, Signal)
         out.append(event)
         if isinstance(event, ConnectionClosed):
             return out
@@ -151,7 +152,7 @@ def test_parse_status(line: bytes, parsed: tuple[str, str, str | None]) -> None:
 
 @pytest.mark.parametrize("line", [b"OK", b"+OKAY", b"250 ok", b"", b"-E", b"* OK imap"])
 def test_malformed_status_lines(line: bytes) -> None:
-    with pytest.raises(ReplyError, match="malformed status line"):
+    with pytest.raises(RemoteProtocolError, match="malformed status line"):
         parse_status(line)
 
 
@@ -182,7 +183,7 @@ def test_err_greeting_closes() -> None:
     assert evs == [Response(GREETING, False, "too many connections", "SYS/TEMP"),
                    ConnectionClosed()]
     assert client.state == CLOSED
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.capa()
 
 
@@ -260,7 +261,7 @@ def test_stat_list_uidl(step: int | None) -> None:
     ],
 )
 def test_malformed_listings(response: Response, reader: object) -> None:
-    with pytest.raises(ReplyError):
+    with pytest.raises(RemoteProtocolError):
         reader(response)  # type: ignore[operator]
 
 
@@ -363,7 +364,7 @@ def test_dele_quit_and_the_update_state() -> None:
 def test_pipelining_needs_the_capability() -> None:
     client = logged_in()
     client.retr(1)
-    with pytest.raises(ClientStateError, match="no PIPELINING"):
+    with pytest.raises(LocalProtocolError, match="no PIPELINING"):
         client.dele(1)
 
 
@@ -390,32 +391,32 @@ def test_pipelined_retr_dele_quit(step: int | None) -> None:
 def test_nothing_follows_quit_or_login_commands() -> None:
     client = logged_in(pipelining=True)
     client.quit()
-    with pytest.raises(ClientStateError, match="before QUIT"):
+    with pytest.raises(LocalProtocolError, match="before QUIT"):
         client.noop()
     client = greeted()
     client.user("a")
-    with pytest.raises(ClientStateError, match="before USER"):
+    with pytest.raises(LocalProtocolError, match="before USER"):
         client.pass_("b")
 
 
 def test_commands_out_of_state() -> None:
     client = POP3Client()
-    with pytest.raises(ClientStateError, match="before greeting is answered"):
+    with pytest.raises(LocalProtocolError, match="before greeting is answered"):
         client.capa()
     client = greeted()
     for command in (client.stat, client.list, client.uidl, client.noop, client.rset):
-        with pytest.raises(ClientStateError, match="in state authorization"):
+        with pytest.raises(LocalProtocolError, match="in state authorization"):
             command()
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.retr(1)
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.tls_started()
-    with pytest.raises(ClientStateError, match="continuation"):
+    with pytest.raises(LocalProtocolError, match="continuation"):
         client.auth_response("abc")
     client = logged_in()
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.user("again")
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.stls()
 
 
@@ -495,7 +496,7 @@ def test_auth_empty_initial_response_and_long_responses() -> None:
 def test_continuation_outside_auth_is_an_error() -> None:
     client = logged_in()
     client.stat()
-    with pytest.raises(ReplyError, match="continuation"):
+    with pytest.raises(RemoteProtocolError, match="continuation"):
         feed(client, b"+ abc\r\n")
     assert client.state == CLOSED
 
@@ -515,14 +516,14 @@ def test_stls_then_capabilities_are_forgotten() -> None:
     client.tls_started()
     assert client.tls_active and client.capabilities == Capabilities()
     assert client.state == AUTHORIZATION
-    with pytest.raises(ClientStateError, match="already active"):
+    with pytest.raises(LocalProtocolError, match="already active"):
         client.stls()
 
 
 def test_stls_response_injection_is_refused() -> None:
     client = greeted()
     client.stls()
-    with pytest.raises(ReplyError, match="after its \\+OK to STLS"):
+    with pytest.raises(RemoteProtocolError, match="after its \\+OK to STLS"):
         feed(client, b"+OK Begin TLS\r\n+OK injected\r\n")
     assert client.state == CLOSED
 
@@ -532,7 +533,7 @@ def test_data_during_the_handshake_is_refused() -> None:
     client.stls()
     feed(client, b"+OK Begin TLS\r\n")
     client.receive_data(b"-ERR sneaky\r\n")
-    with pytest.raises(ReplyError, match="before the TLS handshake"):
+    with pytest.raises(RemoteProtocolError, match="before the TLS handshake"):
         client.next_event()
 
 
@@ -548,7 +549,7 @@ def test_stls_refused_stays_in_authorization() -> None:
 
 def test_response_nobody_asked_for() -> None:
     client = greeted()
-    with pytest.raises(ReplyError, match="no command awaiting"):
+    with pytest.raises(RemoteProtocolError, match="no command awaiting"):
         feed(client, b"+OK surprise\r\n")
     assert client.state == CLOSED
     assert events(client) == [ConnectionClosed()]
@@ -563,7 +564,7 @@ def test_unsolicited_err_closes_the_session() -> None:
 def test_overlong_status_line() -> None:
     client = logged_in()
     client.stat()
-    with pytest.raises(ReplyError, match="longer than"):
+    with pytest.raises(RemoteProtocolError, match="longer than"):
         feed(client, b"+OK " + b"9" * MAX_STATUS_LINE_ACCEPTED + b"\r\n")
 
 
@@ -572,7 +573,7 @@ def test_overlong_listing() -> None:
     client.uidl()
     feed(client, b"+OK\r\n")
     line = b"1 " + b"u" * 68 + b"\r\n"
-    with pytest.raises(ReplyError, match="listing longer"):
+    with pytest.raises(RemoteProtocolError, match="listing longer"):
         for _ in range(MAX_LISTING_OCTETS // (len(line) * 1000) + 2):
             feed(client, line * 1000)
 
@@ -580,7 +581,7 @@ def test_overlong_listing() -> None:
 def test_malformed_status_line_closes() -> None:
     client = logged_in()
     client.noop()
-    with pytest.raises(ReplyError, match="malformed"):
+    with pytest.raises(RemoteProtocolError, match="malformed"):
         feed(client, b"250 ok\r\n")
     assert client.state == CLOSED
     assert client.next_event() == ConnectionClosed((NOOP,))

@@ -2,7 +2,7 @@
 
 Three claims: how the bytes are split never changes what the core does; whatever
 the client sends and however the app answers, every reply is well formed and
-nothing but POP3ProtocolError (for a wrong app call) is raised; and the streamed
+nothing but LocalProtocolError (for a wrong app call) is raised; and the streamed
 RETR/TOP body equals a line-by-line reference of RFC 1939 3 byte-stuffing.
 """
 
@@ -23,8 +23,8 @@ from postroom.protocol.pop3_server import (
     AuthStart,
     ConnectionClosed,
     Event,
+    LocalProtocolError,
     Pass,
-    POP3ProtocolError,
     POP3Server,
     POP3ServerConfig,
     Retrieve,
@@ -201,12 +201,12 @@ WRONG_CALLS = [
 
 
 def answer_randomly(core: POP3Server, event: Event, data: st.DataObject) -> None:
-    # Any wrong call may come first: it must raise POP3ProtocolError and send nothing.
+    # Any wrong call may come first: it must raise LocalProtocolError and send nothing.
     if data.draw(st.integers(0, 3)) == 3:
         wrong = data.draw(st.sampled_from(range(len(WRONG_CALLS))))
         try:
             WRONG_CALLS[wrong](core)
-        except POP3ProtocolError:
+        except LocalProtocolError:
             assert core.data_to_send() == b""
         else:  # that call happened to fit the event: it was (part of) the answer
             if WRONG_CALLS[wrong] is send_chunk:

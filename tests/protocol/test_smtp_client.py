@@ -33,11 +33,11 @@ from postroom.protocol.smtp_client import (
     RSET,
     STARTTLS,
     TLS_WAIT,
-    ClientStateError,
     ConnectionClosed,
     Event,
     Extensions,
-    ReplyError,
+    LocalProtocolError,
+    RemoteProtocolError,
     ReplyParser,
     Response,
     SMTPClient,
@@ -143,7 +143,7 @@ def test_reply_text_that_is_not_utf8_is_replaced() -> None:
     ],
 )
 def test_malformed_replies_raise(data: bytes) -> None:
-    with pytest.raises(ReplyError):
+    with pytest.raises(RemoteProtocolError):
         parse_reply(data)
 
 
@@ -151,14 +151,14 @@ def test_huge_multiline_reply_is_refused() -> None:
     line = b"250-" + b"x" * 500 + b"\r\n"
     parser = ReplyParser()
     parser.feed(line * (MAX_REPLY_OCTETS // len(line) + 1))
-    with pytest.raises(ReplyError, match="longer than"):
+    with pytest.raises(RemoteProtocolError, match="longer than"):
         parser.next_reply()
 
 
 def test_parse_reply_wants_exactly_one() -> None:
-    with pytest.raises(ReplyError, match="incomplete"):
+    with pytest.raises(RemoteProtocolError, match="incomplete"):
         parse_reply(b"250-more to come\r\n")
-    with pytest.raises(ReplyError, match="after"):
+    with pytest.raises(RemoteProtocolError, match="after"):
         parse_reply(b"250 one\r\n250 two\r\n")
 
 
@@ -220,7 +220,7 @@ def test_greeting_then_ehlo() -> None:
     client = SMTPClient()
     assert client.state == "connected" and client.pending == (GREETING,)
     assert client.next_event() is NEED_DATA
-    with pytest.raises(ClientStateError, match="EHLO"):
+    with pytest.raises(LocalProtocolError, match="EHLO"):
         client.ehlo("relay.example")  # RFC 5321 3.1: wait for the greeting
     assert answer(client, b"220 mx ESMTP\r\n") == [
         Response(GREETING, Reply(220, None, "mx ESMTP"))
@@ -251,7 +251,7 @@ def test_554_greeting_allows_only_quit() -> None:
     client = SMTPClient()
     answer(client, b"554 no service for you\r\n")
     assert client.state == REFUSED
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.ehlo("relay.example")
     client.quit()
     assert replies(answer(client, b"221 bye\r\n")) == [(QUIT, 221)]
@@ -403,7 +403,7 @@ def test_rcpt_argument_checks() -> None:
 def test_without_pipelining_commands_wait_for_replies() -> None:
     client = greeted(PLAIN_EHLO)
     client.mail("a@x.example")
-    with pytest.raises(ClientStateError, match="PIPELINING"):
+    with pytest.raises(LocalProtocolError, match="PIPELINING"):
         client.rcpt("b@y.example")
     answer(client, b"250 ok\r\n")
     client.rcpt("b@y.example")
@@ -416,13 +416,13 @@ def test_nothing_follows_data_or_ehlo_in_a_group() -> None:
     client.mail("a@x.example")
     client.rcpt("b@y.example")
     client.data()
-    with pytest.raises(ClientStateError, match="DATA is answered"):
+    with pytest.raises(LocalProtocolError, match="DATA is answered"):
         client.rset()
-    with pytest.raises(ClientStateError, match="354"):
+    with pytest.raises(LocalProtocolError, match="354"):
         client.send_data(b"too early")
     client = greeted()
     client.ehlo("again.example")
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.mail("a@x.example")
 
 
@@ -440,7 +440,7 @@ def test_nothing_follows_data_or_ehlo_in_a_group() -> None:
 )
 def test_out_of_turn_calls_raise(call: object) -> None:
     client = greeted()
-    with pytest.raises(ClientStateError, match="state"):
+    with pytest.raises(LocalProtocolError, match="state"):
         call(client)  # type: ignore[operator]
 
 
@@ -448,7 +448,7 @@ def test_nested_mail_is_out_of_turn() -> None:
     client = greeted()
     client.mail("a@x.example")
     answer(client, b"250 ok\r\n")
-    with pytest.raises(ClientStateError, match="MAIL in state mail"):
+    with pytest.raises(LocalProtocolError, match="MAIL in state mail"):
         client.mail("b@x.example")
 
 
@@ -508,7 +508,7 @@ def test_421_in_a_pipeline_ends_the_session() -> None:
         ConnectionClosed(unanswered=(DATA,)),
     ]
     assert client.closing
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.rset()
     assert client.next_event() == ConnectionClosed(unanswered=(DATA,))  # every time
 
@@ -533,7 +533,7 @@ def test_unsolicited_replies() -> None:
     ]
     client = greeted()
     client.receive_data(b"250 nobody asked\r\n")
-    with pytest.raises(ReplyError, match="no command"):
+    with pytest.raises(RemoteProtocolError, match="no command"):
         client.next_event()
     assert client.closing and client.next_event() == ConnectionClosed()
 
@@ -550,7 +550,7 @@ def test_reply_class_that_cannot_answer(send: object, reply: bytes) -> None:
     client = greeted()
     send(client)  # type: ignore[operator]
     client.receive_data(reply)
-    with pytest.raises(ReplyError, match="cannot answer"):
+    with pytest.raises(RemoteProtocolError, match="cannot answer"):
         client.next_event()
     assert client.closing
 
@@ -559,7 +559,7 @@ def test_malformed_reply_closes_the_core() -> None:
     client = greeted()
     client.noop()
     client.receive_data(b"hello there\r\n")
-    with pytest.raises(ReplyError, match="malformed"):
+    with pytest.raises(RemoteProtocolError, match="malformed"):
         client.next_event()
     assert client.next_event() == ConnectionClosed(unanswered=("NOOP",))
 
@@ -594,12 +594,12 @@ def test_starttls_resets_the_session() -> None:
     assert client.state == TLS_WAIT
     client.tls_started()
     assert client.tls_active and client.state == GREETED and not client.extensions.keywords
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.mail("a@x.example")  # RFC 3207 4.2: EHLO again first
     client.ehlo("relay.example")
     answer(client, b"250-mx\r\n250 ENHANCEDSTATUSCODES\r\n")
     assert client.esmtp and "STARTTLS" not in client.extensions
-    with pytest.raises(ClientStateError, match="already"):
+    with pytest.raises(LocalProtocolError, match="already"):
         client.starttls()
 
 
@@ -617,14 +617,14 @@ def test_data_behind_the_220_to_starttls_is_an_attack() -> None:
     client = greeted()
     client.starttls()
     client.receive_data(b"220 ready\r\n250-evil\r\n250 AUTH PLAIN\r\n")
-    with pytest.raises(ReplyError, match="after its 220"):
+    with pytest.raises(RemoteProtocolError, match="after its 220"):
         client.next_event()
     assert client.closing
     client = greeted()
     client.starttls()
     assert replies(answer(client, b"220 ready\r\n")) == [(STARTTLS, 220)]
     client.receive_data(b"250 late\r\n")
-    with pytest.raises(ReplyError, match="before the TLS handshake"):
+    with pytest.raises(RemoteProtocolError, match="before the TLS handshake"):
         client.next_event()
 
 
@@ -642,7 +642,7 @@ def test_auth_login_exchange_and_empty_initial_response() -> None:
     assert replies(answer(client, b"334 VXNlcm5hbWU6\r\n")) == [("AUTH", 334)]
     assert client.state == IN_AUTH
     client.auth_response("dXNlcg==")
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.auth_response("cGFzcw==")  # the next challenge first
     answer(client, b"334 UGFzc3dvcmQ6\r\n")
     client.auth_response("cGFzcw==")

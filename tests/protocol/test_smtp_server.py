@@ -26,12 +26,12 @@ from postroom.protocol.smtp_server import (
     DataStart,
     Event,
     Hello,
+    LocalProtocolError,
     MailFrom,
     MessageEnd,
     Quit,
     RcptTo,
     Reset,
-    SMTPProtocolError,
     SMTPServer,
     SMTPServerConfig,
     StartTLS,
@@ -107,7 +107,7 @@ def test_554_banner_answers_everything_but_quit_with_503() -> None:
 
 def test_banner_code_must_be_a_greeting() -> None:
     core = SMTPServer(SMTPServerConfig(hostname=HOST))
-    with pytest.raises(SMTPProtocolError, match="banner"):
+    with pytest.raises(LocalProtocolError, match="banner"):
         core.send(Reply(250, None, "hello"))
 
 
@@ -615,7 +615,7 @@ def test_starttls_refused_by_the_app_keeps_reading_commands() -> None:
 
 def test_tls_started_only_after_starttls() -> None:
     d = greeted(starttls=True)
-    with pytest.raises(SMTPProtocolError, match="tls_started.*ready"):
+    with pytest.raises(LocalProtocolError, match="tls_started.*ready"):
         d.server.tls_started()
 
 
@@ -777,29 +777,29 @@ def test_pending_event_pauses_pipelined_commands() -> None:
 )
 def test_replies_that_do_not_fit_raise(reply: Reply, message: str) -> None:
     d = paused_at_mail()
-    with pytest.raises(SMTPProtocolError, match=message):
+    with pytest.raises(LocalProtocolError, match=message):
         d.server.send(reply)
     d.server.send(Reply(250, "2.1.0", "ok"))  # the event still awaits its answer
 
 
 def test_send_without_pending_event_raises() -> None:
     d = greeted()
-    with pytest.raises(SMTPProtocolError, match="no event awaiting a reply.*ready"):
+    with pytest.raises(LocalProtocolError, match="no event awaiting a reply.*ready"):
         d.server.send(Reply(250, "2.0.0", "ok"))
-    with pytest.raises(SMTPProtocolError, match="auth_succeeded"):
+    with pytest.raises(LocalProtocolError, match="auth_succeeded"):
         d.server.auth_succeeded("x", Reply(235, "2.7.0", "ok"))
-    with pytest.raises(SMTPProtocolError, match="Reply"):
+    with pytest.raises(LocalProtocolError, match="Reply"):
         d.server.send("250 ok")  # type: ignore[arg-type]
 
 
 def test_send_after_close_and_data_after_eof_raise() -> None:
     d = paused_at_mail()
     d.server.receive_data(b"")
-    with pytest.raises(SMTPProtocolError, match="after EOF"):
+    with pytest.raises(LocalProtocolError, match="after EOF"):
         d.server.receive_data(b"NOOP\r\n")
     d.server.send(Reply(250, "2.1.0", "ok"))
     assert kinds(d.pump()) == ["ConnectionClosed"]
-    with pytest.raises(SMTPProtocolError, match="closed"):
+    with pytest.raises(LocalProtocolError, match="closed"):
         d.server.send(Reply(250, "2.0.0", "ok"))
 
 

@@ -57,7 +57,7 @@ from postroom.protocol.smtp_client import (
     REFUSED,
     ConnectionClosed,
     Extensions,
-    ReplyError,
+    RemoteProtocolError,
     Response,
     SMTPClient,
     path_problem,
@@ -749,7 +749,7 @@ class ClientSession:
         while True:
             try:
                 event = core.next_event()
-            except ReplyError as exc:
+            except RemoteProtocolError as exc:
                 text = f"protocol error with {self._peer} (after {what}): {exc}"
                 raise self._lost(text, "4.5.0") from None
             if event is NEED_DATA:

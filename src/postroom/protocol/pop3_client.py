@@ -26,8 +26,8 @@ Commands may be pipelined in the TRANSACTION state once CAPA said PIPELINING
 (RFC 2449 6.6); the login commands, STLS and QUIT are always sent alone.
 Anything from the server that breaks the protocol (a malformed status line, a
 response no command awaits, a continuation outside AUTH, bytes after the +OK to
-STLS) raises `ReplyError` from `next_event`; the core is closed after that.
-Calling the core out of turn raises `ClientStateError`; an argument that cannot
+STLS) raises `RemoteProtocolError` from `next_event`; the core is closed after that.
+Calling the core out of turn raises `LocalProtocolError`; an argument that cannot
 be sent (a control character, a line past RFC 2449's 255 octets) raises
 ValueError.
 """
@@ -38,8 +38,12 @@ import hashlib
 import re
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import NoReturn
+from typing import Literal, NoReturn
 
+from postroom.protocol._core import NEED_DATA as NEED_DATA
+from postroom.protocol._core import LocalProtocolError as LocalProtocolError
+from postroom.protocol._core import RemoteProtocolError as RemoteProtocolError
+from postroom.protocol._core import Signal as Signal
 from postroom.protocol.lines import DataReader, LineBuffer
 
 # --- Limits ----------------------------------------------------------------
@@ -50,14 +54,6 @@ MAX_STATUS_LINE = 512  # RFC 2449 4: a response line, CRLF included
 MAX_STATUS_LINE_ACCEPTED = 8192
 # A whole CAPA/LIST/UIDL listing. UIDL of 100,000 messages takes ~8 MB.
 MAX_LISTING_OCTETS = 32 * 1024 * 1024
-
-
-class ReplyError(Exception):
-    """The server broke the protocol: a malformed or unexpected response (see module doc)."""
-
-
-class ClientStateError(Exception):
-    """The application called the core out of turn; the message names state and command."""
 
 
 # --- Commands (what a Response answers) ----------------------------------------
@@ -138,15 +134,6 @@ class ConnectionClosed:
     """
 
     unanswered: tuple[str, ...] = ()
-
-
-class _Sentinel(type):
-    def __repr__(cls) -> str:
-        return cls.__name__
-
-
-class NEED_DATA(metaclass=_Sentinel):
-    """`next_event` result: feed more bytes with `receive_data`."""
 
 
 Event = Response | Challenge | MessageData | MessageEnd | ConnectionClosed
@@ -239,12 +226,12 @@ def parse_status(line: bytes) -> tuple[str, str, str | None]:
 
     RFC 1939 3: "+OK" or "-ERR", then a space and text, or nothing. The
     indicator is taken in any case (some servers write "+ok"). RFC 5034 4:
-    "+" alone or "+ " and base64 is a SASL continuation. Raises ReplyError.
+    "+" alone or "+ " and base64 is a SASL continuation. Raises RemoteProtocolError.
     """
     head, sep, rest = line.partition(b" ")
     indicator = head.upper()
     if indicator not in (b"+OK", b"-ERR", b"+"):
-        raise ReplyError(f"malformed status line {_shown(line)}")
+        raise RemoteProtocolError(f"malformed status line {_shown(line)}")
     text = _text(rest)
     code = None
     if indicator != b"+":
@@ -393,7 +380,7 @@ class POP3Client:
         else:
             self._lines.feed(data)
 
-    def next_event(self) -> Event | type[NEED_DATA]:
+    def next_event(self) -> Event | Literal[Signal.NEED_DATA]:
         """The next event, NEED_DATA, or ConnectionClosed when the session is over."""
         if self._end_owed is not None:
             end, self._end_owed = self._end_owed, None
@@ -413,10 +400,10 @@ class POP3Client:
             self._fail(f"status line longer than {MAX_STATUS_LINE_ACCEPTED} octets")
         return self._answer(line.text)
 
-    def _answer(self, line: bytes) -> Event | type[NEED_DATA]:
+    def _answer(self, line: bytes) -> Event | Literal[Signal.NEED_DATA]:
         try:
             indicator, text, code = parse_status(line)
-        except ReplyError:
+        except RemoteProtocolError:
             self._close()
             raise
         if not self._pending:
@@ -459,7 +446,7 @@ class POP3Client:
         self._settle()
         return response
 
-    def _body_event(self) -> Event | type[NEED_DATA]:
+    def _body_event(self) -> Event | Literal[Signal.NEED_DATA]:
         """The next piece of a multi-line body: content, a finished listing, or its end."""
         reader, head = self._reader, self._head
         assert reader is not None and head is not None
@@ -501,7 +488,7 @@ class POP3Client:
 
     def _fail(self, why: str) -> NoReturn:
         self._close()
-        raise ReplyError(why)
+        raise RemoteProtocolError(why)
 
     def _close(self) -> tuple[str, ...]:
         if self._state != CLOSED or self._pending or self._reader is not None:
@@ -527,14 +514,14 @@ class POP3Client:
         if pending:
             last = pending[-1]
             if command == AUTH_RESPONSE or last in _ENDS_GROUP or command in _ENDS_GROUP - {QUIT}:
-                raise ClientStateError(f"cannot send {command} before {last} is answered")
+                raise LocalProtocolError(f"cannot send {command} before {last} is answered")
             if not self._capabilities.pipelining:
-                raise ClientStateError(
+                raise LocalProtocolError(
                     f"cannot send {command} before {last} is answered: no PIPELINING"
                 )
         nxt = _SEND.get((self._projected, command))
         if nxt is None:
-            raise ClientStateError(f"cannot send {command} in state {self._projected}")
+            raise LocalProtocolError(f"cannot send {command} in state {self._projected}")
         data = line.encode("utf-8") + b"\r\n"
         if limit and len(data) > MAX_COMMAND_LINE:
             raise ValueError(f"{command} line longer than {MAX_COMMAND_LINE} octets (RFC 2449 4)")
@@ -549,13 +536,13 @@ class POP3Client:
     def stls(self) -> None:
         """STLS (RFC 2595 4); after the +OK, do the handshake and call tls_started()."""
         if self._tls:
-            raise ClientStateError("TLS is already active")
+            raise LocalProtocolError("TLS is already active")
         self._command(STLS, "STLS")
 
     def tls_started(self) -> None:
         """The handshake after +OK to STLS is done: forget the capabilities (RFC 2595 4)."""
         if self._state != TLS_WAIT:
-            raise ClientStateError(f"tls_started() in state {self._state}, not after STLS")
+            raise LocalProtocolError(f"tls_started() in state {self._state}, not after STLS")
         self._lines.clear()
         self._tls = True
         self._capabilities = Capabilities()
@@ -602,7 +589,7 @@ class POP3Client:
         """The line answering a continuation; "*" cancels the exchange (RFC 5034 4)."""
         _check_text(response, "the SASL response")
         if self._state != IN_AUTH:
-            raise ClientStateError(f"auth_response() needs a continuation (state {self._state})")
+            raise LocalProtocolError(f"auth_response() needs a continuation (state {self._state})")
         # RFC 5034 4: responses are not bound by the command line limit.
         self._command(AUTH_RESPONSE, response, limit=False)
 
@@ -658,13 +645,13 @@ class POP3Client:
 def _fields(text: str, count: int, what: str) -> list[str]:
     words = text.split()
     if len(words) < count:
-        raise ReplyError(f"malformed {what}: {text[:60]!r}")
+        raise RemoteProtocolError(f"malformed {what}: {text[:60]!r}")
     return words[:count]
 
 
 def _int(word: str, what: str) -> int:
     if not (word.isascii() and word.isdigit()):
-        raise ReplyError(f"malformed number in {what}: {word[:20]!r}")
+        raise RemoteProtocolError(f"malformed number in {what}: {word[:20]!r}")
     return int(word)
 
 
@@ -692,6 +679,6 @@ def uids_of(response: Response) -> dict[int, str]:
         number, uid = _fields(line, 2, "unique-id listing")
         # RFC 1939 7: 1 to 70 characters from 0x21 to 0x7E.
         if not (1 <= len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid)):
-            raise ReplyError(f"malformed unique-id {uid[:80]!r}")
+            raise RemoteProtocolError(f"malformed unique-id {uid[:80]!r}")
         uids[_int(number, "UIDL")] = uid
     return uids

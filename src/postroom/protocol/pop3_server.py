@@ -32,7 +32,7 @@ StartTLS, Retrieve, Top, Update) pauses the core until the app gives it;
 AuthCancelled and ConnectionClosed need none. Pipelined commands wait in the
 core's buffer meanwhile, so the server layer should stop reading while
 next_event() returns PAUSED. Calling an answer that does not
-fit the pending event raises POP3ProtocolError, the only exception the core
+fit the pending event raises LocalProtocolError, the only exception the core
 raises; the client can never make it raise.
 
 Message bytes given to send_message_chunk may use LF or CRLF line ends (Maildir
@@ -51,9 +51,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from postroom.protocol._core import NEED_DATA, PAUSED, LocalProtocolError, Signal
 from postroom.protocol.pop3_events import (
-    NEED_DATA,
-    PAUSED,
     Apop,
     AuthCancelled,
     AuthResponse,
@@ -62,7 +61,6 @@ from postroom.protocol.pop3_events import (
     Event,
     Pass,
     Retrieve,
-    Signal,
     StartTLS,
     Top,
     Update,
@@ -74,7 +72,7 @@ __all__ = [
     "MAX_COMMAND_LINE",
     "MAX_AUTH_LINE",
     "MAX_RESPONSE_LINE",
-    "POP3ProtocolError",
+    "LocalProtocolError",
     "State",
     "Pop3Reply",
     "MessageInfo",
@@ -116,10 +114,6 @@ _TIMESTAMP = re.compile(r"<[\x21-\x3d\x3f-\x7e]+>")
 _PLAINTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
 
 
-class POP3ProtocolError(Exception):
-    """The app used the core wrongly (an answer that does not fit the pending event)."""
-
-
 class State(enum.Enum):
     """Session states: RFC 1939 3's three plus the waits this core needs around them."""
 
@@ -134,7 +128,7 @@ class State(enum.Enum):
 
 # How the session moves: (state, trigger) -> next state. A trigger names what just
 # happened (a reply the core or the app gave, an I/O signal). `_move` is the only
-# writer of the state; a pair not in the table raises POP3ProtocolError naming both.
+# writer of the state; a pair not in the table raises LocalProtocolError naming both.
 _TRANSITIONS: dict[tuple[State, str], State] = {
     (State.GREETING, "greeting"): State.AUTHORIZATION,
     (State.AUTHORIZATION, "challenge"): State.SASL,
@@ -198,9 +192,9 @@ class Pop3Reply:
 
     def __post_init__(self) -> None:
         if "\r" in self.text or "\n" in self.text:
-            raise POP3ProtocolError(f"reply text must be one line: {self.text!r}")
+            raise LocalProtocolError(f"reply text must be one line: {self.text!r}")
         if self.code is not None and not _RESP_CODE.fullmatch(self.code):
-            raise POP3ProtocolError(f"malformed response code: {self.code!r}")
+            raise LocalProtocolError(f"malformed response code: {self.code!r}")
 
     def to_bytes(self) -> bytes:
         line = "+OK" if self.ok else "-ERR"
@@ -229,9 +223,9 @@ class MessageInfo:
 
     def __post_init__(self) -> None:
         if self.size < 0:
-            raise POP3ProtocolError(f"negative message size: {self.size}")
+            raise LocalProtocolError(f"negative message size: {self.size}")
         if not _UID.fullmatch(self.uid):
-            raise POP3ProtocolError(f"unique-id must be 1-70 chars 0x21-0x7E: {self.uid!r}")
+            raise LocalProtocolError(f"unique-id must be 1-70 chars 0x21-0x7E: {self.uid!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,12 +364,12 @@ class POP3Server:
         if config.apop_timestamp is not None and not _TIMESTAMP.fullmatch(
             config.apop_timestamp
         ):
-            raise POP3ProtocolError(f"APOP timestamp must look like <x@y>: "
+            raise LocalProtocolError(f"APOP timestamp must look like <x@y>: "
                                     f"{config.apop_timestamp!r}")
         if "\r" in config.implementation or "\n" in config.implementation:
-            raise POP3ProtocolError("implementation must be one line")
+            raise LocalProtocolError("implementation must be one line")
         if config.max_errors < 1:
-            raise POP3ProtocolError("max_errors must be at least 1")
+            raise LocalProtocolError("max_errors must be at least 1")
         self._state = State.GREETING
         self._tls_active = config.tls_active
         self._buffer = bytearray()
@@ -449,7 +443,7 @@ class POP3Server:
         if self._state is State.CLOSED:
             return
         if self._eof:
-            raise POP3ProtocolError("receive_data after EOF")
+            raise LocalProtocolError("receive_data after EOF")
         if not data:
             self._eof = True
         elif self._state is not State.STARTING_TLS:
@@ -535,7 +529,7 @@ class POP3Server:
             return
         event = self._expect("err", (User, StartTLS, *_LOGIN_EVENTS, *_MESSAGE_EVENTS))
         if self._writer is not None:
-            raise POP3ProtocolError("err() after the message started; close the connection")
+            raise LocalProtocolError("err() after the message started; close the connection")
         self._pending = None
         if isinstance(event, (User, *_LOGIN_EVENTS)):
             self._user = None
@@ -622,7 +616,7 @@ class POP3Server:
         try:
             self._state = _TRANSITIONS[(self._state, trigger)]
         except KeyError:
-            raise POP3ProtocolError(
+            raise LocalProtocolError(
                 f"{trigger!r} is not allowed in state {self._state.value}"
             ) from None
 
@@ -638,7 +632,7 @@ class POP3Server:
         event = self._pending
         if event is None or not isinstance(event, kinds):
             pending = type(event).__name__ if event is not None else "no event"
-            raise POP3ProtocolError(
+            raise LocalProtocolError(
                 f"{method}() does not answer {pending} (state {self._state.value})"
             )
         return event
@@ -992,7 +986,7 @@ __all__ = [
     "ConnectionClosed",
     "Event",
     "MessageInfo",
-    "POP3ProtocolError",
+    "LocalProtocolError",
     "POP3Server",
     "POP3ServerConfig",
     "Pass",

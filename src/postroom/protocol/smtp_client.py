@@ -27,9 +27,9 @@ lines starting with "." get another, and the end is always CRLF "." CRLF.
 ENHANCEDSTATUSCODES was offered, takes the RFC 3463 code off each line into
 `Reply.enhanced`. Anything from the server that breaks the protocol (a
 malformed reply, a reply no command awaits, a code that cannot answer its
-command, bytes after the 220 to STARTTLS) raises `ReplyError` from
+command, bytes after the 220 to STARTTLS) raises `RemoteProtocolError` from
 `next_event`; the core is closed after that. Calling the core out of turn
-raises `ClientStateError`; an argument that cannot be sent (a control
+raises `LocalProtocolError`; an argument that cannot be sent (a control
 character, a parameter whose extension was not offered) raises ValueError.
 """
 
@@ -40,9 +40,13 @@ import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Literal, NoReturn
 
 from postroom.protocol import address
+from postroom.protocol._core import NEED_DATA as NEED_DATA
+from postroom.protocol._core import LocalProtocolError as LocalProtocolError
+from postroom.protocol._core import RemoteProtocolError as RemoteProtocolError
+from postroom.protocol._core import Signal as Signal
 from postroom.protocol.address import AddressError, ParameterError
 from postroom.protocol.lines import MAX_CONTENT_LINE, DotStuffer, LineBuffer
 from postroom.protocol.replies import Reply
@@ -53,14 +57,6 @@ MAX_REPLY_LINE = 512  # RFC 5321 4.5.3.1.5: what a server may send, CRLF include
 # bound that keeps a hostile server from filling memory.
 MAX_REPLY_LINE_ACCEPTED = 8192
 MAX_REPLY_OCTETS = 64 * 1024  # one whole multi-line reply (EHLO lists are the longest)
-
-
-class ReplyError(Exception):
-    """The server broke the protocol: a malformed or unexpected reply (see module doc)."""
-
-
-class ClientStateError(Exception):
-    """The application called the core out of turn; the message names state and command."""
 
 
 # --- Commands (what a Response answers) --------------------------------------
@@ -108,15 +104,6 @@ class ConnectionClosed:
     unanswered: tuple[str, ...] = ()
 
 
-class _Sentinel(type):
-    def __repr__(cls) -> str:
-        return cls.__name__
-
-
-class NEED_DATA(metaclass=_Sentinel):
-    """`next_event` result: feed more bytes with `receive_data`."""
-
-
 Event = Response | ConnectionClosed
 
 # --- Replies -------------------------------------------------------------------
@@ -159,27 +146,29 @@ class ReplyParser:
         self._octets = 0
 
     def next_reply(self) -> Reply | None:
-        """The next complete reply, or None; raises ReplyError on a malformed one."""
+        """The next complete reply, or None; raises RemoteProtocolError on a malformed one."""
         while True:
             line = self._lines.next_line()
             if line is None:
                 return None
             if line.too_long:
-                raise ReplyError(f"reply line longer than {MAX_REPLY_LINE_ACCEPTED} octets")
+                raise RemoteProtocolError(
+                    f"reply line longer than {MAX_REPLY_LINE_ACCEPTED} octets"
+                )
             text = line.text
             head = text[:3]
             if len(head) < 3 or not head.isdigit() or head[:1] not in b"2345":
-                raise ReplyError(f"malformed reply line {_shown(text)}")
+                raise RemoteProtocolError(f"malformed reply line {_shown(text)}")
             code = int(head)
             if self._code and code != self._code:
                 # RFC 5321 4.2.1: all lines of a multi-line reply share the code.
-                raise ReplyError(f"reply lines with codes {self._code} and {code}")
+                raise RemoteProtocolError(f"reply lines with codes {self._code} and {code}")
             sep = text[3:4]
             if sep not in (b"-", b" ", b""):
-                raise ReplyError(f"malformed reply line {_shown(text)}")
+                raise RemoteProtocolError(f"malformed reply line {_shown(text)}")
             self._octets += line.length
             if self._octets > MAX_REPLY_OCTETS:
-                raise ReplyError(f"reply longer than {MAX_REPLY_OCTETS} octets")
+                raise RemoteProtocolError(f"reply longer than {MAX_REPLY_OCTETS} octets")
             self._code = code
             self._texts.append(text[4:])
             if sep == b"-":
@@ -215,14 +204,14 @@ def _shown(data: bytes) -> str:
 
 
 def parse_reply(data: bytes, *, enhanced: bool = False) -> Reply:
-    """Exactly one whole reply from `data`; ReplyError if malformed, incomplete or more."""
+    """Exactly one whole reply from `data`; RemoteProtocolError if malformed, incomplete or more."""
     parser = ReplyParser(enhanced=enhanced)
     parser.feed(data)
     reply = parser.next_reply()
     if reply is None:
-        raise ReplyError("incomplete reply")
+        raise RemoteProtocolError("incomplete reply")
     if len(parser):
-        raise ReplyError("data after the reply")
+        raise RemoteProtocolError("data after the reply")
     return reply
 
 
@@ -503,7 +492,7 @@ class SMTPClient:
         else:
             self._parser.feed(data)
 
-    def next_event(self) -> Event | type[NEED_DATA]:
+    def next_event(self) -> Event | Literal[Signal.NEED_DATA]:
         """The next reply with its command, NEED_DATA, or ConnectionClosed when over."""
         if self._state == CLOSED:
             return ConnectionClosed(self._close())
@@ -511,7 +500,7 @@ class SMTPClient:
             self._fail(self._violation)
         try:
             reply = self._parser.next_reply()
-        except ReplyError:
+        except RemoteProtocolError:
             self._close()
             raise
         if reply is None:
@@ -555,7 +544,7 @@ class SMTPClient:
 
     def _fail(self, why: str) -> NoReturn:
         self._close()
-        raise ReplyError(why)
+        raise RemoteProtocolError(why)
 
     def _close(self) -> tuple[str, ...]:
         if self._state != CLOSED:
@@ -578,15 +567,15 @@ class SMTPClient:
         if self._pending:
             last = self._pending[-1][0]
             if command in _CONTINUATIONS or last in _ENDS_GROUP:
-                raise ClientStateError(f"cannot send {command} before {last} is answered")
+                raise LocalProtocolError(f"cannot send {command} before {last} is answered")
             if not self._extensions.pipelining:
-                raise ClientStateError(
+                raise LocalProtocolError(
                     f"cannot send {command} before {last} is answered: no PIPELINING"
                 )
         projected = self._projected
         nxt = _SEND.get((projected, command))
         if nxt is None:
-            raise ClientStateError(f"cannot send {command} in state {projected}")
+            raise LocalProtocolError(f"cannot send {command} in state {projected}")
         if line is not None:
             self._out += line.encode("utf-8") + b"\r\n"
         self._pending.append((command, argument))
@@ -711,7 +700,7 @@ class SMTPClient:
 
     def _in_content(self, what: str) -> None:
         if self._state != IN_DATA or self._pending or self._projected != IN_DATA:
-            raise ClientStateError(f"{what} needs a 354 reply to DATA (state {self._state})")
+            raise LocalProtocolError(f"{what} needs a 354 reply to DATA (state {self._state})")
 
     def bdat(self, chunk: bytes, *, last: bool = False) -> None:
         """A BDAT chunk (RFC 3030 2), sent as is: line ends are the caller's business."""
@@ -723,14 +712,14 @@ class SMTPClient:
 
     def starttls(self) -> None:
         if self._tls:
-            raise ClientStateError("TLS is already active")
+            raise LocalProtocolError("TLS is already active")
         self._need("STARTTLS", "STARTTLS")
         self._command(STARTTLS, "STARTTLS")
 
     def tls_started(self) -> None:
         """The handshake after a 220 to STARTTLS is done: forget the session (RFC 3207 4.2)."""
         if self._state != TLS_WAIT:
-            raise ClientStateError(f"tls_started() in state {self._state}, not after STARTTLS")
+            raise LocalProtocolError(f"tls_started() in state {self._state}, not after STARTTLS")
         self._parser.clear()
         self._parser.enhanced = False
         self._tls = True
@@ -754,7 +743,7 @@ class SMTPClient:
         """The line answering a 334 challenge; "*" cancels the exchange (RFC 4954 4)."""
         _check_text(response, "the SASL response")
         if self._state != IN_AUTH:
-            raise ClientStateError(f"auth_response() needs a 334 reply (state {self._state})")
+            raise LocalProtocolError(f"auth_response() needs a 334 reply (state {self._state})")
         self._command(AUTH_RESPONSE, response)
 
     def rset(self) -> None:

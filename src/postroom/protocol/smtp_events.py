@@ -2,7 +2,7 @@
 
 Each event is a frozen value; `needs_reply` says (on the class and on each
 instance) whether the core waits for the application's answer before it reads
-on. `NEED_DATA` and `PAUSED` are the two results that are not events.
+on. `NEED_DATA` and `PAUSED` (from `_core`) are the two results that are not events.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ __all__ = [
     "Reset",
     "Quit",
     "ConnectionClosed",
-    "NEED_DATA",
-    "PAUSED",
 ]
 
 
@@ -177,15 +175,3 @@ class Quit(Event):
 class ConnectionClosed(Event):
     """The client closed the connection, or the session is over."""
 
-
-class _Sentinel(type):
-    def __repr__(cls) -> str:
-        return cls.__name__
-
-
-class NEED_DATA(metaclass=_Sentinel):
-    """`next_event` result: feed more bytes with `receive_data`."""
-
-
-class PAUSED(metaclass=_Sentinel):
-    """`next_event` result: an event awaits the application's reply."""

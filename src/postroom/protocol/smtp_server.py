@@ -26,7 +26,7 @@ Once the session is over, `closing` is true and `next_event` returns
 
 Malformed client input never raises; calling the core out of turn (a reply
 with no event awaiting it, a reply code that does not fit the event) raises
-`SMTPProtocolError`.
+`LocalProtocolError`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from postroom.protocol import address
+from postroom.protocol._core import NEED_DATA, PAUSED, LocalProtocolError, Signal
 from postroom.protocol.address import AddressError, ParameterError
 from postroom.protocol.header_limits import (
     HEADER_TOO_BIG,
@@ -59,8 +60,6 @@ from postroom.protocol.lines import (
 )
 from postroom.protocol.replies import Reply
 from postroom.protocol.smtp_events import (
-    NEED_DATA,
-    PAUSED,
     AuthResponse,
     AuthStart,
     ConnectionClosed,
@@ -94,7 +93,7 @@ __all__ = [
     "MAX_CHUNK_DIGITS",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_ERRORS",
-    "SMTPProtocolError",
+    "LocalProtocolError",
     "CONNECTED",
     "GREETED",
     "REFUSED",
@@ -125,6 +124,7 @@ __all__ = [
     "ConnectionClosed",
     "NEED_DATA",
     "PAUSED",
+    "Signal",
 ]
 
 # --- Limits ----------------------------------------------------------------
@@ -155,10 +155,6 @@ DEFAULT_MAX_ERRORS = 10
 # state accepts. Per-command limits are checked once the verb is known.
 _LINE_CEILING = MAX_AUTH_LINE
 _LINE_LIMITS = {"MAIL": MAX_MAIL_LINE, "RCPT": MAX_RCPT_LINE, "AUTH": MAX_AUTH_LINE}
-
-
-class SMTPProtocolError(Exception):
-    """The application called the core out of turn (never raised for client input)."""
 
 
 # --- States ----------------------------------------------------------------
@@ -384,13 +380,13 @@ class SMTPServer:
         if self._state == CLOSED:
             return
         if self._eof:
-            raise SMTPProtocolError("receive_data() after EOF")
+            raise LocalProtocolError("receive_data() after EOF")
         if not data:
             self._eof = True
         elif self._state != TLS_WAIT:  # RFC 3207 4.2: nothing before TLS counts
             self._lines.feed(data)
 
-    def next_event(self) -> Event | type[NEED_DATA] | type[PAUSED]:
+    def next_event(self) -> Event | Signal:
         while True:
             if self._events:
                 return self._events.popleft()
@@ -442,7 +438,7 @@ class SMTPServer:
         if positive and reply.code not in _POSITIVE[type(event)]:
             self._pending = event
             hint = " (use auth_succeeded())" if reply.code == 235 else ""
-            raise SMTPProtocolError(
+            raise LocalProtocolError(
                 f"reply {reply.code} does not fit {type(event).__name__} "
                 f"in state {self._state}{hint}"
             )
@@ -481,14 +477,14 @@ class SMTPServer:
         """End a SASL exchange successfully (235): the session is `identity`'s."""
         self._check_reply(reply)
         if not identity:
-            raise SMTPProtocolError("auth_succeeded() needs an identity")
+            raise LocalProtocolError("auth_succeeded() needs an identity")
         if not isinstance(self._pending, AuthStart | AuthResponse):
-            raise SMTPProtocolError(
+            raise LocalProtocolError(
                 f"auth_succeeded() with no AUTH exchange awaiting a reply "
                 f"(state {self._state}, pending {type(self._pending).__name__})"
             )
         if not 200 <= reply.code < 300:
-            raise SMTPProtocolError(f"auth_succeeded() needs a 2xx reply, not {reply.code}")
+            raise LocalProtocolError(f"auth_succeeded() needs a 2xx reply, not {reply.code}")
         self._pending = None
         self._authenticated = identity
         self._write(reply)
@@ -497,7 +493,7 @@ class SMTPServer:
     def tls_started(self) -> None:
         """The TLS handshake after STARTTLS is done: reset (RFC 3207 4.2)."""
         if self._state != TLS_WAIT:
-            raise SMTPProtocolError(f"tls_started() in state {self._state}, not after STARTTLS")
+            raise LocalProtocolError(f"tls_started() in state {self._state}, not after STARTTLS")
         self._lines.clear()
         self._tls = True
         self._authenticated = None
@@ -527,27 +523,27 @@ class SMTPServer:
 
     def _check_reply(self, reply: Reply) -> None:
         if not isinstance(reply, Reply):
-            raise SMTPProtocolError(f"expected a Reply, got {type(reply).__name__}")
+            raise LocalProtocolError(f"expected a Reply, got {type(reply).__name__}")
         problem = _reply_problem(reply)
         if problem is not None:
-            raise SMTPProtocolError(problem)
+            raise LocalProtocolError(problem)
 
     def _take_pending(self, reply: Reply) -> Event:
         if self._state == CLOSED:
-            raise SMTPProtocolError(f"send({reply}) after the session closed")
+            raise LocalProtocolError(f"send({reply}) after the session closed")
         event = self._pending
         if event is None:
-            raise SMTPProtocolError(
+            raise LocalProtocolError(
                 f"send({reply}) with no event awaiting a reply (state {self._state})"
             )
         if (self._state, type(event)) not in _AFTER_REPLY:
-            raise SMTPProtocolError(f"no transition for {type(event).__name__} in {self._state}")
+            raise LocalProtocolError(f"no transition for {type(event).__name__} in {self._state}")
         self._pending = None
         return event
 
     def _send_banner(self, reply: Reply) -> None:
         if reply.code not in _BANNER_CODES:
-            raise SMTPProtocolError(f"the banner must be 220, 421 or 554, not {reply.code}")
+            raise LocalProtocolError(f"the banner must be 220, 421 or 554, not {reply.code}")
         # RFC 2034 3: no enhanced code in the greeting.
         self._write(Reply(reply.code, None, reply.text))
         if reply.close or reply.code == 421:
