@@ -69,3 +69,8 @@ def moved(table: Mapping[tuple[_S, str], _S], state: _S, trigger: str) -> _S:
         return table[state, trigger]
     except KeyError:
         raise LocalProtocolError(f"{trigger!r} is not allowed in state {state}") from None
+
+
+def shown(data: bytes) -> str:
+    """Peer text safe to quote in an error message: printable ASCII, bounded."""
+    return repr("".join(chr(b) if 0x20 <= b <= 0x7E else "?" for b in data[:60]))

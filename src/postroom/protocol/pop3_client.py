@@ -44,6 +44,7 @@ from postroom.protocol._core import NEED_DATA as NEED_DATA
 from postroom.protocol._core import LocalProtocolError as LocalProtocolError
 from postroom.protocol._core import RemoteProtocolError as RemoteProtocolError
 from postroom.protocol._core import Signal as Signal
+from postroom.protocol._core import shown
 from postroom.protocol.lines import DataReader, LineBuffer
 
 # --- Limits ----------------------------------------------------------------
@@ -215,12 +216,6 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", "replace")
 
 
-def _shown(data: bytes) -> str:
-    """Server text safe for an error message: printable ASCII, bounded."""
-    clean = "".join(chr(b) if 0x20 <= b <= 0x7E else "?" for b in data[:60])
-    return repr(clean)
-
-
 def parse_status(line: bytes) -> tuple[str, str, str | None]:
     """One status line without its line end: ("+OK" | "-ERR" | "+", text, code).
 
@@ -231,7 +226,7 @@ def parse_status(line: bytes) -> tuple[str, str, str | None]:
     head, sep, rest = line.partition(b" ")
     indicator = head.upper()
     if indicator not in (b"+OK", b"-ERR", b"+"):
-        raise RemoteProtocolError(f"malformed status line {_shown(line)}")
+        raise RemoteProtocolError(f"malformed status line {shown(line)}")
     text = _text(rest)
     code = None
     if indicator != b"+":
@@ -412,7 +407,7 @@ class POP3Client:
                 # -ERR first, as Dovecot does; the session is over.
                 self._close()
                 return Response("", False, text, code)
-            self._fail(f"response {_shown(line)} with no command awaiting one")
+            self._fail(f"response {shown(line)} with no command awaiting one")
         command, argument = self._pending.popleft()
         state = self._state
         after = _ON_REPLY.get((state, command))
@@ -421,7 +416,7 @@ class POP3Client:
         if indicator == "+":
             nxt = after[2]
             if nxt is None:
-                self._fail(f"continuation {_shown(line)} cannot answer {command}")
+                self._fail(f"continuation {shown(line)} cannot answer {command}")
             self._state = nxt
             self._settle()
             return Challenge(command, text)

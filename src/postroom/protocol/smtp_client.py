@@ -23,9 +23,9 @@ message content goes through `lines.DotStuffer`: line ends become CRLF, lines
 over 998 octets are folded or broken (RFC 5321 4.5.3.1.6, see lines.LineFolder),
 lines starting with "." get another, and the end is always CRLF "." CRLF.
 
-`ReplyParser` cuts multi-line replies (RFC 5321 4.2) out of bytes and, once
-ENHANCEDSTATUSCODES was offered, takes the RFC 3463 code off each line into
-`Reply.enhanced`. Anything from the server that breaks the protocol (a
+Replies are read with `replies.ReplyParser`, which takes the RFC 3463 code
+off each line into `Reply.enhanced` once ENHANCEDSTATUSCODES was offered.
+Anything from the server that breaks the protocol (a
 malformed reply, a reply no command awaits, a code that cannot answer its
 command, bytes after the 220 to STARTTLS) raises `RemoteProtocolError` from
 `next_event`; the core is closed after that. Calling the core out of turn
@@ -48,16 +48,8 @@ from postroom.protocol._core import LocalProtocolError as LocalProtocolError
 from postroom.protocol._core import RemoteProtocolError as RemoteProtocolError
 from postroom.protocol._core import Signal as Signal
 from postroom.protocol.address import AddressError, ParameterError
-from postroom.protocol.lines import MAX_CONTENT_LINE, DotStuffer, LineBuffer
-from postroom.protocol.replies import Reply
-
-# --- Limits ----------------------------------------------------------------
-MAX_REPLY_LINE = 512  # RFC 5321 4.5.3.1.5: what a server may send, CRLF included
-# Servers do send longer lines (long URLs in refusals); accept them up to a
-# bound that keeps a hostile server from filling memory.
-MAX_REPLY_LINE_ACCEPTED = 8192
-MAX_REPLY_OCTETS = 64 * 1024  # one whole multi-line reply (EHLO lists are the longest)
-
+from postroom.protocol.lines import MAX_CONTENT_LINE, DotStuffer
+from postroom.protocol.replies import Reply, ReplyParser
 
 # --- Commands (what a Response answers) --------------------------------------
 GREETING = "greeting"  # the server's opening reply, awaited from the start
@@ -105,115 +97,6 @@ class ConnectionClosed:
 
 
 Event = Response | ConnectionClosed
-
-# --- Replies -------------------------------------------------------------------
-
-_ENHANCED_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")  # RFC 3463 2
-
-
-class ReplyParser:
-    """Replies cut out of received bytes (RFC 5321 4.2).
-
-    A reply is one or more lines "CODE-text" ending with "CODE text" (or
-    "CODE" alone); every line carries the same code. Lines may end with CRLF
-    or a bare LF (servers are forgiven that). With `enhanced` set (the server
-    offered ENHANCEDSTATUSCODES, RFC 2034), a leading "class.subject.detail"
-    code whose class matches the reply's is taken off each line into
-    `Reply.enhanced`. A 421 reply has `close=True`: the server closes the
-    channel after it (RFC 5321 3.8).
-    """
-
-    __slots__ = ("_code", "_lines", "_octets", "_texts", "enhanced")
-
-    def __init__(self, *, enhanced: bool = False) -> None:
-        self.enhanced = enhanced
-        self._lines = LineBuffer(MAX_REPLY_LINE_ACCEPTED)
-        self._code = 0  # the code of the reply being read, 0 between replies
-        self._texts: list[bytes] = []
-        self._octets = 0
-
-    def __len__(self) -> int:
-        """Octets received and not yet part of a returned reply."""
-        return len(self._lines) + self._octets
-
-    def feed(self, data: bytes) -> None:
-        self._lines.feed(data)
-
-    def clear(self) -> None:
-        self._lines.clear()
-        self._code = 0
-        self._texts = []
-        self._octets = 0
-
-    def next_reply(self) -> Reply | None:
-        """The next complete reply, or None; raises RemoteProtocolError on a malformed one."""
-        while True:
-            line = self._lines.next_line()
-            if line is None:
-                return None
-            if line.too_long:
-                raise RemoteProtocolError(
-                    f"reply line longer than {MAX_REPLY_LINE_ACCEPTED} octets"
-                )
-            text = line.text
-            head = text[:3]
-            if len(head) < 3 or not head.isdigit() or head[:1] not in b"2345":
-                raise RemoteProtocolError(f"malformed reply line {_shown(text)}")
-            code = int(head)
-            if self._code and code != self._code:
-                # RFC 5321 4.2.1: all lines of a multi-line reply share the code.
-                raise RemoteProtocolError(f"reply lines with codes {self._code} and {code}")
-            sep = text[3:4]
-            if sep not in (b"-", b" ", b""):
-                raise RemoteProtocolError(f"malformed reply line {_shown(text)}")
-            self._octets += line.length
-            if self._octets > MAX_REPLY_OCTETS:
-                raise RemoteProtocolError(f"reply longer than {MAX_REPLY_OCTETS} octets")
-            self._code = code
-            self._texts.append(text[4:])
-            if sep == b"-":
-                continue
-            texts = [t.decode("utf-8", "replace") for t in self._texts]
-            self._code = 0
-            self._texts = []
-            self._octets = 0
-            return self._reply(code, texts)
-
-    def _reply(self, code: int, texts: list[str]) -> Reply:
-        enhanced = None
-        if self.enhanced:
-            m = _ENHANCED_RE.match(texts[0])
-            if m is not None and m.group(1) == str(code)[0]:
-                prefix = enhanced = m.group(0).rstrip(" ")
-                # RFC 2034 4: each line carries the code; keep lines that do not.
-                texts = [
-                    t[len(prefix) :].removeprefix(" ") if _starts_with_code(t, prefix) else t
-                    for t in texts
-                ]
-        return Reply(code, enhanced, "\n".join(texts), close=code == 421)
-
-
-def _starts_with_code(text: str, prefix: str) -> bool:
-    return text.startswith(prefix) and text[len(prefix) : len(prefix) + 1] in ("", " ")
-
-
-def _shown(data: bytes) -> str:
-    """Server text safe for an error message: printable ASCII, bounded."""
-    clean = "".join(chr(b) if 0x20 <= b <= 0x7E else "?" for b in data[:60])
-    return repr(clean)
-
-
-def parse_reply(data: bytes, *, enhanced: bool = False) -> Reply:
-    """Exactly one whole reply from `data`; RemoteProtocolError if malformed, incomplete or more."""
-    parser = ReplyParser(enhanced=enhanced)
-    parser.feed(data)
-    reply = parser.next_reply()
-    if reply is None:
-        raise RemoteProtocolError("incomplete reply")
-    if len(parser):
-        raise RemoteProtocolError("data after the reply")
-    return reply
-
 
 # --- EHLO keywords -------------------------------------------------------------
 

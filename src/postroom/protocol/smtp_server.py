@@ -31,7 +31,6 @@ with no event awaiting it, a reply code that does not fit the event) raises
 
 from __future__ import annotations
 
-import functools
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ from postroom.protocol.lines import (
     LineBuffer,
     LineMeter,
 )
-from postroom.protocol.replies import Reply
+from postroom.protocol.replies import MAX_REPLY_LINE, Reply, encode_reply, reply_problem
 from postroom.protocol.smtp_events import (
     AuthResponse,
     AuthStart,
@@ -146,7 +145,6 @@ MAX_MAIL_LINE = (
 MAX_RCPT_LINE = MAX_COMMAND_LINE + DSN_RCPT_ALLOWANCE
 MAX_AUTH_LINE = 12288  # RFC 4954 4: AUTH lines and SASL responses
 MAX_RECIPIENTS = 100  # RFC 5321 4.5.3.1.8: the recipients buffer's minimum
-MAX_REPLY_LINE = 512  # RFC 5321 4.5.3.1.5: reply line including CRLF
 MAX_CHUNK_DIGITS = 20  # BDAT chunk sizes, like RFC 1870's size-value
 DEFAULT_MAX_MESSAGE_SIZE = 50 * 1024 * 1024
 DEFAULT_MAX_ERRORS = 10
@@ -238,8 +236,6 @@ _BANNER_CODES = frozenset({220, 421, 554})
 
 _FORBIDDEN = frozenset({"CONNECT", "GET", "POST"})  # HTTP sent to SMTP: hang up
 _CONTROL_RE = re.compile(rb"[\x00-\x1f\x7f]")
-_ENHANCED_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})")
-_REPLY_TEXT_BAD_RE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
 _FROM_RE = re.compile(r"FROM:", re.IGNORECASE)
 _TO_RE = re.compile(r"TO:", re.IGNORECASE)
 
@@ -269,8 +265,8 @@ class SMTPServerConfig:
     def __post_init__(self) -> None:
         if self.bare_newline not in BARE_NEWLINE_MODES:
             raise ValueError(f"bare_newline must be one of {BARE_NEWLINE_MODES}")
-        if not self.hostname or _REPLY_TEXT_BAD_RE.search(self.hostname) or " " in self.hostname:
-            raise ValueError("hostname must be a non-empty name without spaces")
+        if not self.hostname or any(ord(c) < 0x21 or ord(c) == 0x7F for c in self.hostname):
+            raise ValueError("hostname must be a non-empty name without spaces or controls")
         if self.max_message_size < 0 or self.max_errors < 0 or self.max_recipients < 1:
             raise ValueError("limits must be positive (0 = none for size and errors)")
         if self.max_header_size < 1 or self.max_header_fields < 1:
@@ -278,37 +274,6 @@ class SMTPServerConfig:
         for mech in self.auth_mechanisms:
             if not re.fullmatch(r"[A-Z0-9_-]{1,20}", mech):  # RFC 4422 3.1
                 raise ValueError(f"invalid SASL mechanism name {mech!r}")
-
-
-@functools.lru_cache(maxsize=1024)  # replies are frozen values, most of them constants
-def _encode_reply(reply: Reply) -> bytes:
-    """Wire form of a reply (RFC 5321 4.2): each line at most 512 octets.
-
-    Unlike Reply.to_bytes, an empty last line keeps its space ("334 "), which
-    RFC 4954 4 requires for an empty SASL challenge.
-    """
-    lines = reply.lines()
-    out = []
-    last = len(lines) - 1
-    for i, text in enumerate(lines):
-        line = f"{reply.code}{'-' if i < last else ' '}{text}".encode()
-        if len(line) > MAX_REPLY_LINE - 2:
-            line = line[: MAX_REPLY_LINE - 2].decode("utf-8", "ignore").encode()
-        out.append(line + b"\r\n")
-    return b"".join(out)
-
-
-@functools.lru_cache(maxsize=1024)
-def _reply_problem(reply: Reply) -> str | None:
-    """Why an application's reply cannot go on the wire, or None."""
-    if _REPLY_TEXT_BAD_RE.search(reply.text):
-        return f"control character in reply text {reply.text!r}"
-    if reply.enhanced is not None:
-        m = _ENHANCED_RE.fullmatch(reply.enhanced)
-        if m is None or m.group(1) != str(reply.code)[0]:
-            # RFC 3463 2: the class digit matches the reply code's.
-            return f"enhanced code {reply.enhanced!r} does not fit reply {reply.code}"
-    return None
 
 
 class SMTPServer:
@@ -524,7 +489,7 @@ class SMTPServer:
     def _check_reply(self, reply: Reply) -> None:
         if not isinstance(reply, Reply):
             raise LocalProtocolError(f"expected a Reply, got {type(reply).__name__}")
-        problem = _reply_problem(reply)
+        problem = reply_problem(reply)
         if problem is not None:
             raise LocalProtocolError(problem)
 
@@ -552,7 +517,7 @@ class SMTPServer:
             self._state = GREETED if reply.code == 220 else REFUSED
 
     def _write(self, reply: Reply) -> None:
-        self._out += _encode_reply(reply)
+        self._out += encode_reply(reply)
 
     def _error(self, reply: Reply) -> None:
         """Answer a client error; too many of them end the session."""
