@@ -15,15 +15,14 @@ A core raises two kinds of error, as h11 splits them:
   cores never raise for what a client sends: they answer it with an error
   reply, and close the session when it goes on.
 
-Each core keeps its states in an enum and its legal moves in one table;
-`moved` is the one lookup through which a server core changes state.
+Each core keeps its states in an enum and its legal moves in one table, which
+its `_move` alone applies; a move the table lacks raises `illegal_move`.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from typing import Final, TypeVar
+from typing import Final
 
 
 class Signal(enum.Enum):
@@ -55,20 +54,17 @@ class RemoteProtocolError(ProtocolError):
 class CoreState(enum.Enum):
     """Base of the cores' state enums: a state prints as its value, in messages and logs."""
 
+    # Members are singletons compared by identity: hash them by identity too, in C
+    # (Enum's own __hash__ is Python code, on every transition-table lookup).
+    __hash__ = object.__hash__
+
     def __str__(self) -> str:
         return str(self.value)
 
 
-_S = TypeVar("_S", bound=CoreState)
-
-
-def moved(table: Mapping[tuple[_S, str], _S], state: _S, trigger: str) -> _S:
-    """The state `trigger` leads to from `state`; LocalProtocolError naming both if the
-    table has no such move."""
-    try:
-        return table[state, trigger]
-    except KeyError:
-        raise LocalProtocolError(f"{trigger!r} is not allowed in state {state}") from None
+def illegal_move(state: CoreState, trigger: str) -> LocalProtocolError:
+    """The error for a move the state table does not have, naming state and trigger."""
+    return LocalProtocolError(f"{trigger!r} is not allowed in state {state}")
 
 
 def shown(data: bytes) -> str:
