@@ -478,7 +478,10 @@ def test_retr_byte_stuffs_and_terminates() -> None:
         ([b"a\n", b".b\n.\n"], b"a\r\n..b\r\n..\r\n"),
         ([b"no line end"], b"no line end\r\n"),
         ([b"ends in cr\r"], b"ends in cr\r\n"),
-        ([b"bare\rcr\r\n"], b"bare\rcr\r\n"),
+        # A bare CR is a line end, as everywhere in postroom: RFC 5322 2.3 allows
+        # CR only in CRLF, and RFC 1939 3 sends CRLF-terminated lines.
+        ([b"bare\rcr\r\n"], b"bare\r\ncr\r\n"),
+        ([b"bare\r", b"cr"], b"bare\r\ncr\r\n"),
         ([b".\r\n"], b"..\r\n"),
         ([b"", b""], b""),
         ([], b""),

@@ -46,6 +46,7 @@ from postroom.protocol._core import RemoteProtocolError as RemoteProtocolError
 from postroom.protocol._core import Signal as Signal
 from postroom.protocol._core import shown
 from postroom.protocol.lines import DataReader, LineBuffer
+from postroom.protocol.pop3_replies import parse_status as parse_status
 
 # --- Limits ----------------------------------------------------------------
 MAX_COMMAND_LINE = 255  # RFC 2449 4: a command line, keyword, arguments and CRLF
@@ -207,34 +208,12 @@ class Capabilities:
 
 # --- Status lines ------------------------------------------------------------------
 
-_RESP_CODE_RE = re.compile(r"\[([A-Za-z0-9-]+(?:/[A-Za-z0-9-]+)*)\] ?")  # RFC 2449 8
 # RFC 1939 7 (APOP): the greeting's timestamp has the syntax of a msg-id.
 _TIMESTAMP_RE = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]+>")
 
 
 def _text(data: bytes) -> str:
     return data.decode("utf-8", "replace")
-
-
-def parse_status(line: bytes) -> tuple[str, str, str | None]:
-    """One status line without its line end: ("+OK" | "-ERR" | "+", text, code).
-
-    RFC 1939 3: "+OK" or "-ERR", then a space and text, or nothing. The
-    indicator is taken in any case (some servers write "+ok"). RFC 5034 4:
-    "+" alone or "+ " and base64 is a SASL continuation. Raises RemoteProtocolError.
-    """
-    head, sep, rest = line.partition(b" ")
-    indicator = head.upper()
-    if indicator not in (b"+OK", b"-ERR", b"+"):
-        raise RemoteProtocolError(f"malformed status line {shown(line)}")
-    text = _text(rest)
-    code = None
-    if indicator != b"+":
-        m = _RESP_CODE_RE.match(text)
-        if m is not None:
-            code = m.group(1).upper()
-            text = text[m.end() :]
-    return indicator.decode("ascii"), text.strip(" \t"), code
 
 
 def apop_timestamp(greeting: str) -> str | None:
