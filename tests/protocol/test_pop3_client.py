@@ -18,12 +18,9 @@ from postroom.protocol.pop3_client import (
     APOP,
     AUTH,
     AUTH_RESPONSE,
-    AUTHORIZATION,
     CAPA,
-    CLOSED,
     DELE,
     GREETING,
-    IN_AUTH,
     LIST,
     MAX_COMMAND_LINE,
     MAX_LISTING_OCTETS,
@@ -35,9 +32,7 @@ from postroom.protocol.pop3_client import (
     RETR,
     STAT,
     STLS,
-    TLS_WAIT,
     TOP,
-    TRANSACTION,
     UIDL,
     Capabilities,
     Challenge,
@@ -50,6 +45,7 @@ from postroom.protocol.pop3_client import (
     RemoteProtocolError,
     Response,
     Signal,
+    State,
     apop_digest,
     apop_timestamp,
     parse_status,
@@ -124,7 +120,7 @@ def logged_in(*, pipelining: bool = False) -> POP3Client:
     assert client.data_to_send() == b"PASS s3cret with spaces\r\n"
     (response,) = feed(client, b"+OK boss's maildrop has 2 messages (320 octets)\r\n")
     assert response == Response(PASS, True, "boss's maildrop has 2 messages (320 octets)")
-    assert client.state == TRANSACTION
+    assert client.state is State.TRANSACTION
     return client
 
 
@@ -158,7 +154,7 @@ def test_malformed_status_lines(line: bytes) -> None:
 
 def test_greeting_timestamp_and_apop_digest() -> None:
     client = greeted()
-    assert client.state == AUTHORIZATION
+    assert client.state is State.AUTHORIZATION
     assert client.timestamp == "<1896.697170952@dbc.mtview.ca.us>"
     # RFC 1939 7's own example.
     assert apop_digest(client.timestamp, "tanstaaf") == "c4c9334bac560ecc979e58001b3e22fb"
@@ -166,7 +162,7 @@ def test_greeting_timestamp_and_apop_digest() -> None:
     assert client.data_to_send() == b"APOP mrose c4c9334bac560ecc979e58001b3e22fb\r\n"
     (response,) = feed(client, b"+OK maildrop has 1 message (369 octets)\r\n")
     assert response.command == APOP and response.argument == "mrose"
-    assert client.state == TRANSACTION
+    assert client.state is State.TRANSACTION
     assert apop_timestamp("+OK ready") is None
 
 
@@ -182,7 +178,7 @@ def test_err_greeting_closes() -> None:
     evs = feed(client, b"-ERR [SYS/TEMP] too many connections\r\n")
     assert evs == [Response(GREETING, False, "too many connections", "SYS/TEMP"),
                    ConnectionClosed()]
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
     with pytest.raises(LocalProtocolError):
         client.capa()
 
@@ -209,7 +205,7 @@ def test_capa_refused_by_an_old_server_leaves_no_capabilities() -> None:
     (response,) = feed(client, b"-ERR unknown command\r\n")
     assert not response.ok and response.lines == ()
     assert client.capabilities == Capabilities()
-    assert client.state == AUTHORIZATION
+    assert client.state is State.AUTHORIZATION
 
 
 def test_capabilities_skip_junk() -> None:
@@ -333,7 +329,7 @@ def test_err_to_retr_has_no_body() -> None:
     client.retr(9)
     evs = feed(client, b"-ERR no such message\r\n")
     assert evs == [Response(RETR, False, "no such message", argument="9")]
-    assert client.state == TRANSACTION
+    assert client.state is State.TRANSACTION
 
 
 def test_eof_in_the_middle_of_a_message() -> None:
@@ -344,7 +340,7 @@ def test_eof_in_the_middle_of_a_message() -> None:
     client.receive_data(b"")
     evs = events(client)
     assert evs[-1] == ConnectionClosed((RETR,))
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
 
 
 def test_dele_quit_and_the_update_state() -> None:
@@ -356,7 +352,7 @@ def test_dele_quit_and_the_update_state() -> None:
     evs = feed(client, b"+OK dewey POP3 server signing off (1 message left)\r\n")
     assert evs == [Response(QUIT, True, "dewey POP3 server signing off (1 message left)"),
                    ConnectionClosed()]
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
     client.receive_data(b"+OK ignored after the end\r\n")
     assert events(client) == [ConnectionClosed()]
 
@@ -467,21 +463,21 @@ def test_auth_plain_with_initial_response() -> None:
     assert client.data_to_send() == f"AUTH PLAIN {token}\r\n".encode()
     (response,) = feed(client, b"+OK logged in\r\n")
     assert response == Response(AUTH, True, "logged in", argument="PLAIN")
-    assert client.state == TRANSACTION
+    assert client.state is State.TRANSACTION
 
 
 def test_auth_login_challenges_and_failure() -> None:
     client = greeted()
     client.auth("LOGIN")
     assert feed(client, b"+ VXNlcm5hbWU6\r\n") == [Challenge(AUTH, "VXNlcm5hbWU6")]
-    assert client.state == IN_AUTH
+    assert client.state is State.IN_AUTH
     client.auth_response("Ym9zcw==")
     assert feed(client, b"+ UGFzc3dvcmQ6\r\n") == [Challenge(AUTH_RESPONSE, "UGFzc3dvcmQ6")]
     client.auth_response("d3Jvbmc=")
     assert client.data_to_send() == b"AUTH LOGIN\r\nYm9zcw==\r\nd3Jvbmc=\r\n"
     (response,) = feed(client, b"-ERR [AUTH] authentication failed\r\n")
     assert response.code == "AUTH" and not response.ok
-    assert client.state == AUTHORIZATION
+    assert client.state is State.AUTHORIZATION
 
 
 def test_auth_empty_initial_response_and_long_responses() -> None:
@@ -498,7 +494,7 @@ def test_continuation_outside_auth_is_an_error() -> None:
     client.stat()
     with pytest.raises(RemoteProtocolError, match="continuation"):
         feed(client, b"+ abc\r\n")
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
 
 
 # --- STLS -----------------------------------------------------------------------------
@@ -512,10 +508,10 @@ def test_stls_then_capabilities_are_forgotten() -> None:
     client.stls()
     assert client.data_to_send() == b"STLS\r\n"
     (response,) = feed(client, b"+OK Begin TLS negotiation\r\n")
-    assert response.command == STLS and client.state == TLS_WAIT
+    assert response.command == STLS and client.state is State.TLS_WAIT
     client.tls_started()
     assert client.tls_active and client.capabilities == Capabilities()
-    assert client.state == AUTHORIZATION
+    assert client.state is State.AUTHORIZATION
     with pytest.raises(LocalProtocolError, match="already active"):
         client.stls()
 
@@ -525,7 +521,7 @@ def test_stls_response_injection_is_refused() -> None:
     client.stls()
     with pytest.raises(RemoteProtocolError, match="after its \\+OK to STLS"):
         feed(client, b"+OK Begin TLS\r\n+OK injected\r\n")
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
 
 
 def test_data_during_the_handshake_is_refused() -> None:
@@ -541,7 +537,7 @@ def test_stls_refused_stays_in_authorization() -> None:
     client = greeted()
     client.stls()
     (response,) = feed(client, b"-ERR TLS not available\r\n")
-    assert not response.ok and client.state == AUTHORIZATION and not client.tls_active
+    assert not response.ok and client.state is State.AUTHORIZATION and not client.tls_active
 
 
 # --- protocol errors -------------------------------------------------------------------
@@ -551,7 +547,7 @@ def test_response_nobody_asked_for() -> None:
     client = greeted()
     with pytest.raises(RemoteProtocolError, match="no command awaiting"):
         feed(client, b"+OK surprise\r\n")
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
     assert events(client) == [ConnectionClosed()]
 
 
@@ -583,7 +579,7 @@ def test_malformed_status_line_closes() -> None:
     client.noop()
     with pytest.raises(RemoteProtocolError, match="malformed"):
         feed(client, b"250 ok\r\n")
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
     assert client.next_event() == ConnectionClosed((NOOP,))
 
 
@@ -673,7 +669,7 @@ def test_against_the_server_core() -> None:
     converse(client, core, drop, [])
     client.pass_("secret")
     (login,) = converse(client, core, drop, [2])
-    assert login.ok and client.state == TRANSACTION  # type: ignore[union-attr]
+    assert login.ok and client.state is State.TRANSACTION  # type: ignore[union-attr]
     client.list()
     client.uidl()
     listing, uidl = converse(client, core, drop, [5])

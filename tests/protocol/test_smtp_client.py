@@ -12,25 +12,17 @@ from postroom.protocol.replies import Reply, parse_reply
 from postroom.protocol.smtp_client import (
     BDAT,
     BDAT_LAST,
-    CLOSED,
     DATA,
     EHLO,
     END_DATA,
-    GREETED,
     GREETING,
     HELO,
-    IN_AUTH,
-    IN_DATA,
-    IN_MAIL,
     MAIL,
     NEED_DATA,
     QUIT,
     RCPT,
-    READY,
-    REFUSED,
     RSET,
     STARTTLS,
-    TLS_WAIT,
     ConnectionClosed,
     Event,
     Extensions,
@@ -38,6 +30,7 @@ from postroom.protocol.smtp_client import (
     RemoteProtocolError,
     Response,
     SMTPClient,
+    State,
     encode_orcpt,
 )
 
@@ -120,19 +113,19 @@ def test_extensions_odd_forms() -> None:
 
 def test_greeting_then_ehlo() -> None:
     client = SMTPClient()
-    assert client.state == "connected" and client.pending == (GREETING,)
+    assert client.state is State.CONNECTED and client.pending == (GREETING,)
     assert client.next_event() is NEED_DATA
     with pytest.raises(LocalProtocolError, match="EHLO"):
         client.ehlo("relay.example")  # RFC 5321 3.1: wait for the greeting
     assert answer(client, b"220 mx ESMTP\r\n") == [
         Response(GREETING, Reply(220, None, "mx ESMTP"))
     ]
-    assert client.state == GREETED
+    assert client.state is State.GREETED
     client.ehlo("relay.example")
     assert client.data_to_send() == b"EHLO relay.example\r\n"
     (response,) = answer(client, FULL_EHLO)
     assert isinstance(response, Response) and response.argument == "relay.example"
-    assert client.state == READY and client.esmtp and client.extensions.pipelining
+    assert client.state is State.READY and client.esmtp and client.extensions.pipelining
 
 
 def test_ehlo_refused_then_helo_has_no_extensions() -> None:
@@ -140,11 +133,11 @@ def test_ehlo_refused_then_helo_has_no_extensions() -> None:
     answer(client, b"220 old ready\r\n")
     client.ehlo("relay.example")
     assert replies(answer(client, b"502 Command not implemented\r\n")) == [(EHLO, 502)]
-    assert client.state == GREETED
+    assert client.state is State.GREETED
     client.helo("relay.example")
     assert client.data_to_send() == b"EHLO relay.example\r\nHELO relay.example\r\n"
     assert replies(answer(client, b"250 old\r\n")) == [(HELO, 250)]
-    assert client.state == READY and not client.esmtp and not client.extensions.keywords
+    assert client.state is State.READY and not client.esmtp and not client.extensions.keywords
     with pytest.raises(ValueError, match="SIZE"):
         client.mail("a@x.example", size=10)
 
@@ -152,7 +145,7 @@ def test_ehlo_refused_then_helo_has_no_extensions() -> None:
 def test_554_greeting_allows_only_quit() -> None:
     client = SMTPClient()
     answer(client, b"554 no service for you\r\n")
-    assert client.state == REFUSED
+    assert client.state is State.REFUSED
     with pytest.raises(LocalProtocolError):
         client.ehlo("relay.example")
     client.quit()
@@ -178,18 +171,18 @@ def test_full_transaction_bytes() -> None:
     assert [e.argument for e in evts if isinstance(e, Response)] == [
         "a@x.example", "b@y.example", "Postmaster", ""
     ]
-    assert client.state == IN_DATA
+    assert client.state is State.IN_DATA
     client.send_data(b"Subject: x\r\n\r\nbody\r\n")
     client.end_data()
     assert client.data_to_send() == b"Subject: x\r\n\r\nbody\r\n.\r\n"
     (done,) = answer(client, b"250 2.0.0 queued as X\r\n")
     assert isinstance(done, Response) and done.command == END_DATA
     assert done.reply == Reply(250, "2.0.0", "queued as X")
-    assert client.state == READY
+    assert client.state is State.READY
     client.quit()
     assert client.data_to_send() == b"QUIT\r\n"
     assert replies(answer(client, b"221 2.0.0 bye\r\n")) == [(QUIT, 221)]
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
 
 
 def test_null_sender_and_dsn_parameters() -> None:
@@ -366,7 +359,7 @@ def test_refused_mail_in_a_pipeline_leaves_the_session_ready() -> None:
         b"503 5.5.1 need MAIL\r\n",
     )
     assert replies(evts) == [(MAIL, 550), (RCPT, 503), (RCPT, 503), (DATA, 503)]
-    assert client.state == READY and client.pending == ()
+    assert client.state is State.READY and client.pending == ()
     client.mail("a@x.example")  # a new transaction may start right away
 
 
@@ -377,10 +370,10 @@ def test_all_recipients_refused_then_rset() -> None:
     client.data()
     evts = answer(client, b"250 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n")
     assert replies(evts) == [(MAIL, 250), (RCPT, 550), (DATA, 554)]
-    assert client.state == IN_MAIL
+    assert client.state is State.IN_MAIL
     client.rset()
     assert replies(answer(client, b"250 2.0.0 ok\r\n")) == [(RSET, 250)]
-    assert client.state == READY
+    assert client.state is State.READY
 
 
 def test_data_accepted_without_recipients_needs_a_lone_dot() -> None:
@@ -390,12 +383,12 @@ def test_data_accepted_without_recipients_needs_a_lone_dot() -> None:
     client.rcpt("b@y.example")
     client.data()
     answer(client, b"250 ok\r\n550 no\r\n354 go\r\n")
-    assert client.state == IN_DATA
+    assert client.state is State.IN_DATA
     client.data_to_send()
     client.end_data()
     assert client.data_to_send() == b".\r\n"
     assert replies(answer(client, b"554 no valid recipients\r\n")) == [(END_DATA, 554)]
-    assert client.state == READY
+    assert client.state is State.READY
 
 
 def test_421_in_a_pipeline_ends_the_session() -> None:
@@ -493,9 +486,9 @@ def test_starttls_resets_the_session() -> None:
     client.starttls()
     assert client.data_to_send() == b"STARTTLS\r\n"
     assert replies(answer(client, b"220 2.0.0 ready\r\n")) == [(STARTTLS, 220)]
-    assert client.state == TLS_WAIT
+    assert client.state is State.TLS_WAIT
     client.tls_started()
-    assert client.tls_active and client.state == GREETED and not client.extensions.keywords
+    assert client.tls_active and client.state is State.GREETED and not client.extensions.keywords
     with pytest.raises(LocalProtocolError):
         client.mail("a@x.example")  # RFC 3207 4.2: EHLO again first
     client.ehlo("relay.example")
@@ -509,7 +502,7 @@ def test_starttls_refused_keeps_plaintext_session() -> None:
     client = greeted()
     client.starttls()
     assert replies(answer(client, b"454 4.7.0 TLS not available\r\n")) == [(STARTTLS, 454)]
-    assert client.state == READY and not client.tls_active
+    assert client.state is State.READY and not client.tls_active
     client.mail("a@x.example")
 
 
@@ -535,14 +528,14 @@ def test_auth_plain_with_initial_response() -> None:
     client.auth("plain", "AHVzZXIAcGFzcw==")
     assert client.data_to_send() == b"AUTH PLAIN AHVzZXIAcGFzcw==\r\n"
     assert replies(answer(client, b"235 2.7.0 ok\r\n")) == [("AUTH", 235)]
-    assert client.authenticated and client.state == READY
+    assert client.authenticated and client.state is State.READY
 
 
 def test_auth_login_exchange_and_empty_initial_response() -> None:
     client = greeted()
     client.auth("LOGIN")
     assert replies(answer(client, b"334 VXNlcm5hbWU6\r\n")) == [("AUTH", 334)]
-    assert client.state == IN_AUTH
+    assert client.state is State.IN_AUTH
     client.auth_response("dXNlcg==")
     with pytest.raises(LocalProtocolError):
         client.auth_response("cGFzcw==")  # the next challenge first
@@ -550,7 +543,7 @@ def test_auth_login_exchange_and_empty_initial_response() -> None:
     client.auth_response("cGFzcw==")
     assert client.data_to_send() == b"AUTH LOGIN\r\ndXNlcg==\r\ncGFzcw==\r\n"
     assert replies(answer(client, b"535 5.7.8 bad\r\n")) == [("AUTH response", 535)]
-    assert client.state == READY and not client.authenticated
+    assert client.state is State.READY and not client.authenticated
     client.auth("PLAIN", "")
     assert client.data_to_send() == b"AUTH PLAIN =\r\n"  # RFC 4954 4
 
@@ -571,7 +564,7 @@ def test_bdat_chunks() -> None:
     )
     evts = answer(client, b"250 ok\r\n250 ok\r\n250 10 octets\r\n250 queued\r\n")
     assert replies(evts) == [(MAIL, 250), (RCPT, 250), (BDAT, 250), (BDAT_LAST, 250)]
-    assert client.state == READY
+    assert client.state is State.READY
     client = greeted(PLAIN_EHLO)
     client.mail("a@x.example")
     answer(client, b"250 ok\r\n")

@@ -46,20 +46,16 @@ from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import LOGIN, PLAIN, ClientExchange, SASLError
 from postroom.protocol.smtp_client import (
     END_DATA,
-    GREETED,
     GREETING,
-    IN_MAIL,
-    IN_RCPT,
     MAIL,
     NEED_DATA,
     RCPT,
-    READY,
-    REFUSED,
     ConnectionClosed,
     Extensions,
     RemoteProtocolError,
     Response,
     SMTPClient,
+    State,
     path_problem,
 )
 from postroom.queue.queuefile import open_content
@@ -365,7 +361,8 @@ class ClientSession:
         if self._closed:
             return
         try:
-            if self._core.state in (READY, GREETED, IN_MAIL, IN_RCPT, REFUSED):
+            if self._core.state in (State.READY, State.GREETED, State.IN_MAIL, State.IN_RCPT,
+                                    State.REFUSED):
                 self._core.quit()
                 await self._exchange(min(self._command_timeout, QUIT_TIMEOUT))
         except SMTPError:
@@ -540,7 +537,7 @@ class ClientSession:
             elif eight_bit:
                 # RFC 6152 3 asks for conversion or a bounce; like Postfix, send as is.
                 notes.append(f"8-bit message sent to {self._peer}, which does not offer 8BITMIME")
-            if self._core.state != READY:
+            if self._core.state is not State.READY:
                 await self._rset()
             self._core.mail(
                 sender,
@@ -590,7 +587,7 @@ class ClientSession:
                 # RFC 2920 3.1: DATA accepted without recipients gets a lone dot.
                 core.end_data()
                 await self._exchange(timeouts.data_end)
-            if core.state != READY:
+            if core.state is not State.READY:
                 await self._rset()
             return TransactionResult(results, None, dsn)
         if data is None:
@@ -638,7 +635,7 @@ class ClientSession:
         accepted = [a for a in addresses if results[a].code // 100 == 2]
         if not accepted or mail.reply.code // 100 != 2:
             await self._reply(timeouts.data_end)  # the chunk's refusal
-            if mail.reply.code // 100 == 2 or core.state != READY:
+            if mail.reply.code // 100 == 2 or core.state is not State.READY:
                 await self._rset()  # whatever the server kept of the transaction goes
             return TransactionResult(results, None, dsn)
         while not last:

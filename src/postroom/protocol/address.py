@@ -257,14 +257,9 @@ RCPT_PARAMETERS = frozenset({"NOTIFY", "ORCPT"})
 
 
 def parse_esmtp_parameters(text: str, offered: frozenset[str]) -> Parameters:
-    """The parameters after a MAIL or RCPT path, each keyword in `offered` and each
-    value checked.
-
-    Raises UnsupportedParameter for a keyword not offered (or BODY=BINARYMIME,
-    RFC 3030's, which needs an extension postroom does not offer), and
-    ParameterError for anything malformed; keywords are checked first, then the
-    values in the order of the `Parameters` fields.
-    """
+    """The parameters after a MAIL or RCPT path: UnsupportedParameter for a keyword not
+    `offered` (or RFC 3030's BODY=BINARYMIME), ParameterError for anything malformed;
+    keywords are checked first, then the values in the order of the fields."""
     if not text:
         return _NO_PARAMETERS
     params = parse_parameters(text)

@@ -1,9 +1,4 @@
-"""Long lines folded or broken for a sender, as Postfix's smtp_line_length_limit does.
-
-`LineFolder` keeps every line of a message within a limit (RFC 5321 4.5.3.1.6:
-1000 octets with the CRLF), folding header fields where RFC 5322 2.2.3 allows
-and breaking the rest; `lines.DotStuffer` runs it when given `max_line`.
-"""
+"""Long lines folded or broken for a sender (lines.DotStuffer's `max_line`), as Postfix does."""
 
 from __future__ import annotations
 

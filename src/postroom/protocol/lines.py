@@ -1,25 +1,12 @@
-"""CRLF framing shared by the SMTP and POP3 cores: command lines, dot-terminated data.
+"""CRLF framing for both protocols: command lines, and dot-terminated data both ways.
 
-Three pieces, all working on whole buffers with `bytes.find`/`replace`/`count`
-(never a Python loop per byte), so that a large message costs a few C-level
-passes per chunk:
-
-- `LineBuffer` cuts command lines out of the received bytes, keeping at most
-  `max_length` octets of an unfinished line (a longer one is skipped to its end
-  and reported once as too long).
-- `DataReader` reads dot-terminated content (SMTP DATA, RFC 5321 4.5.2; POP3
-  multi-line responses, RFC 1939 3): it finds the end of data, removes the
-  transparency dots and checks lines, while holding only a partial line.
-- `LineMeter` checks the line length of content that is not dot-terminated
-  (SMTP BDAT, RFC 3030), by the same rule as `DataReader`.
-- `DotStuffer` / `dot_stuff` do the reverse for a sender (the SMTP client and
-  the POP3 server); with `max_line` it also keeps every line within what any
-  receiver must take (`folding.LineFolder`).
-
-The end of data is `<CRLF>.<CRLF>` and nothing else. A bare LF or a bare CR
-never ends the data (that difference between receivers is what SMTP smuggling
-exploits); depending on the `bare_newline` mode such content is refused
-("reject") or its bare line ends are turned into CRLF ("normalize").
+`LineBuffer` cuts lines out of received bytes. `DataReader` reads dot-terminated
+content (SMTP DATA, RFC 5321 4.5.2; POP3 multi-line answers, RFC 1939 3) and
+`DotStuffer` writes it; `LineMeter` measures BDAT content's lines (RFC 3030) by
+DataReader's rule. All work on whole buffers with `bytes` methods, never a
+Python loop per byte. The end of data is `<CRLF>.<CRLF>` and nothing else: a
+bare LF or CR never ends it (that difference between receivers is what SMTP
+smuggling exploits); the `bare_newline` mode refuses or normalizes them.
 """
 
 from __future__ import annotations

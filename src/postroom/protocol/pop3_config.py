@@ -1,16 +1,15 @@
 """What a POP3 listener offers: its limits, its configuration, and the CAPA lines.
 
-`POP3ServerConfig` is built by the server layer per listener; the server core
-checks it once (`check`) and asks it what to announce and accept, given
-whether the session runs over TLS yet.
+The server layer builds a `POP3ServerConfig` per listener; the core checks it
+once (`check`) and asks it what to announce and accept with or without TLS.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from postroom.protocol._core import LocalProtocolError
+from postroom.protocol.pop3_wire import TIMESTAMP_RE
 
 # RFC 2449 4: a command line, keyword and arguments with the terminating CRLF, is at
 # most 255 octets.
@@ -18,8 +17,6 @@ MAX_COMMAND_LINE = 255
 # RFC 5034 4: SASL responses are not bound by the 255-octet command limit (tokens such
 # as GSSAPI's outgrow it); 8 KiB holds every mechanism postroom offers with room left.
 MAX_AUTH_LINE = 8192
-# RFC 1939 7 (APOP): the greeting's timestamp has the syntax of a msg-id, "<...>".
-_TIMESTAMP = re.compile(r"<[\x21-\x3d\x3f-\x7e]+>")
 # Mechanisms that send the password itself: refused before TLS unless allowed.
 PLAINTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
 
@@ -40,7 +37,7 @@ class POP3ServerConfig:
 
     def check(self) -> None:
         """LocalProtocolError if the core cannot work with this configuration."""
-        if self.apop_timestamp is not None and not _TIMESTAMP.fullmatch(self.apop_timestamp):
+        if self.apop_timestamp is not None and not TIMESTAMP_RE.fullmatch(self.apop_timestamp):
             raise LocalProtocolError(
                 f"APOP timestamp must look like <x@y>: {self.apop_timestamp!r}"
             )
@@ -59,11 +56,8 @@ class POP3ServerConfig:
         """The SASL mechanisms on offer: those that send the password only with TLS,
         unless plaintext is allowed."""
         plain_ok = self.plaintext_allowed(tls)
-        return [
-            m.upper()
-            for m in self.sasl_mechanisms
-            if plain_ok or m.upper() not in PLAINTEXT_MECHANISMS
-        ]
+        names = (m.upper() for m in self.sasl_mechanisms)
+        return [m for m in names if plain_ok or m not in PLAINTEXT_MECHANISMS]
 
     def capabilities(self, tls: bool, logged_in: bool) -> list[str]:
         """The CAPA lines on offer (RFC 2449 5)."""

@@ -9,21 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = [
-    "User",
-    "Pass",
-    "Apop",
-    "AuthStart",
-    "AuthResponse",
-    "AuthCancelled",
-    "StartTLS",
-    "Retrieve",
-    "Top",
-    "Update",
-    "ConnectionClosed",
-    "Event",
-]
-
 
 @dataclass(frozen=True, slots=True)
 class User:

@@ -1,11 +1,9 @@
 """The sans-IO POP3 server core: client bytes in, events out; the app's answers in, bytes out.
 
-It speaks RFC 1939 (POP3) with RFC 2449 (CAPA, response codes), RFC 2595 (STLS),
-RFC 3206 (AUTH/SYS response codes) and RFC 5034 (SASL AUTH); not RFC 6856 (UTF8),
-for the reasons given at pop3_states.COMMANDS.
-The server layer owns sockets, TLS, clocks and the maildrop; this core owns the
-session: states, parsing, limits, and everything that needs no storage (CAPA,
-NOOP, STAT/LIST/UIDL from the snapshot, DELE/RSET bookkeeping, state errors).
+RFC 1939 with RFC 2449 (CAPA, response codes), 2595 (STLS), 3206 and 5034 (SASL
+AUTH); not RFC 6856 (UTF8), see pop3_states.COMMANDS. The core answers all
+that needs no storage (CAPA, NOOP, STAT/LIST/UIDL from the snapshot, DELE/RSET
+marks, state errors); the server layer owns sockets, TLS, clocks and the maildrop.
 
 Use it like h11:
 
@@ -34,7 +32,7 @@ core's buffer meanwhile, so the server layer should stop reading while
 next_event() returns PAUSED. An answer that does not fit the pending event
 raises `_core`'s LocalProtocolError.
 
-The app sends a message the same way for RETR and TOP, as stored (pop3_message
+The app sends a message the same way for RETR and TOP, as stored (pop3_wire
 makes the wire form and cuts it for TOP), and may stop early once `wants_more`
 turns False.
 """
@@ -67,10 +65,9 @@ from postroom.protocol.pop3_events import (
     Update,
     User,
 )
-from postroom.protocol.pop3_message import MessageWriter
-from postroom.protocol.pop3_replies import MAX_RESPONSE_LINE, Pop3Reply
 from postroom.protocol.pop3_snapshot import Drop, MessageInfo, Snapshot, decimal, plural
 from postroom.protocol.pop3_states import COMMANDS, KNOWN_COMMANDS, TRANSITIONS, State
+from postroom.protocol.pop3_wire import MAX_RESPONSE_LINE, MessageWriter, Pop3Reply
 
 # The events, states, config, replies and snapshot live in the pop3_* modules
 # beside this one; they are part of this module's API too.
@@ -82,6 +79,7 @@ __all__ = [
     "ConnectionClosed",
 ]
 
+_NO_ARGUMENTS = frozenset({"STLS", "STAT", "NOOP", "RSET"})  # RFC 1939 5, RFC 2595 4
 _LOGIN_EVENTS = (Pass, Apop, AuthStart, AuthResponse)
 _MESSAGE_EVENTS = (Retrieve, Top)
 # States that keep what the client sends (RFC 2595 4: after STLS, nothing counts
@@ -108,8 +106,6 @@ class POP3Server:
         self._drop = Drop(Snapshot(()))  # the maildrop, from login on
         self._writer: MessageWriter | None = None  # RETR or TOP, from its first chunk
 
-    # ------------------------------------------------------------------ properties
-
     @property
     def state(self) -> State:
         return self._state
@@ -132,8 +128,6 @@ class POP3Server:
     def capabilities(self) -> list[str]:
         """The CAPA lines on offer now (RFC 2449 5)."""
         return self._config.capabilities(self._tls_active, self._state is State.TRANSACTION)
-
-    # ------------------------------------------------------------------ I/O side
 
     @property
     def bytes_buffered(self) -> int:
@@ -203,8 +197,6 @@ class POP3Server:
         (RFC 1939 3). A no-op once closed."""
         if self._closed is None:
             self._close("timeout")
-
-    # ------------------------------------------------------------------ app answers
 
     def ok(self, text: str = "") -> None:
         """Accept a User (ask for PASS) or a StartTLS (then start the handshake)."""
@@ -303,8 +295,6 @@ class POP3Server:
         self._move("update_done")
         self._closed = ConnectionClosed("quit")
 
-    # ------------------------------------------------------------------ internals
-
     def _move(self, trigger: str) -> None:
         try:
             self._state = TRANSITIONS[self._state, trigger]
@@ -373,10 +363,12 @@ class POP3Server:
             else:
                 self._fail("unknown command")
             return None
-        handler = _HANDLERS[keyword]
         if keyword not in ("PASS", "USER"):
             rest = rest.strip(" \t")
-        return handler(self, rest)
+        if rest and keyword in _NO_ARGUMENTS:
+            self._fail(f"{keyword} takes no arguments")
+            return None
+        return _HANDLERS[keyword](self, rest)
 
     def _sasl_response(self, line: Line) -> Event | None:
         if line.too_long:
@@ -404,8 +396,6 @@ class POP3Server:
             self._fail(number)
             return None
         return number
-
-    # ------------------------------------------------------------------ commands
 
     def _cmd_user(self, rest: str) -> Event | None:
         if not self._config.plaintext_allowed(self._tls_active):
@@ -472,9 +462,7 @@ class POP3Server:
         return AuthStart(mechanism, initial)
 
     def _cmd_stls(self, rest: str) -> Event | None:
-        if rest:
-            self._fail("STLS takes no arguments")
-        elif self._tls_active:
+        if self._tls_active:
             self._fail("TLS is already active")
         elif not self._config.stls:
             self._fail("STLS is not available on this port")
@@ -498,10 +486,7 @@ class POP3Server:
         return None
 
     def _cmd_stat(self, rest: str) -> Event | None:
-        if rest:
-            self._fail("STAT takes no arguments")
-        else:
-            self._reply(True, f"{self._drop.count} {self._drop.octets}")
+        self._reply(True, f"{self._drop.count} {self._drop.octets}")
         return None
 
     def _cmd_list(self, rest: str) -> Event | None:
@@ -550,16 +535,10 @@ class POP3Server:
         return None
 
     def _cmd_noop(self, rest: str) -> Event | None:
-        if rest:
-            self._fail("NOOP takes no arguments")
-        else:
-            self._reply(True)
+        self._reply(True)
         return None
 
     def _cmd_rset(self, rest: str) -> Event | None:
-        if rest:
-            self._fail("RSET takes no arguments")
-            return None
         self._drop.reset()
         self._reply(True, f"maildrop has {self._drop.summary()}")
         return None

@@ -1,9 +1,7 @@
 """The maildrop a POP3 session works on: the snapshot taken at login and its deletion marks.
 
-The application hands the server core a `Snapshot` (RFC 1939 5: messages are
-numbered from 1 as they were at login); the core keeps it in a `Drop`, which
-answers STAT, LIST and UIDL, marks DELE and unmarks RSET, and says which
-messages QUIT must remove (RFC 1939 6).
+A `Drop` keeps the application's `Snapshot` (RFC 1939 5: messages numbered from
+1 as at login), answers STAT, LIST and UIDL, and keeps DELE's marks for QUIT.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from dataclasses import dataclass
 from postroom.protocol._core import LocalProtocolError
 
 # RFC 1939 7 (UIDL): a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
-_UID = re.compile(r"[\x21-\x7e]{1,70}")
+UID_RE = re.compile(r"[\x21-\x7e]{1,70}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +30,7 @@ class MessageInfo:
     def __post_init__(self) -> None:
         if self.size < 0:
             raise LocalProtocolError(f"negative message size: {self.size}")
-        if not _UID.fullmatch(self.uid):
+        if not UID_RE.fullmatch(self.uid):
             raise LocalProtocolError(f"unique-id must be 1-70 chars 0x21-0x7E: {self.uid!r}")
 
 

@@ -1,7 +1,6 @@
-"""The POP3 server core's states and its tables: how the session moves, what each state reads.
+"""The POP3 server core's states and tables: transitions, and the commands each state takes.
 
-Data only, read by pop3_server: the transitions its `_move` applies and the
-commands each state takes.
+Data only, read by pop3_server (its `_move` alone applies TRANSITIONS).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """What an SMTP listener offers: its limits, its extensions, and the EHLO and HELP lines.
 
-`SMTPServerConfig` is built by the server layer per listener; the server core
-asks it what to announce and accept, given what the session has done so far
-(TLS started, a client authenticated).
+The server layer builds an `SMTPServerConfig` per listener; the core asks it what
+to announce and accept in a session's condition (TLS started, authenticated).
 """
 
 from __future__ import annotations
@@ -21,14 +20,8 @@ DSN_RCPT_ALLOWANCE = 500  # RFC 3461 4: NOTIFY and ORCPT on RCPT
 SMTPUTF8_ALLOWANCE = 10  # RFC 6531 3.1 (5): " SMTPUTF8" on MAIL
 BODY_ALLOWANCE = 16  # " BODY=8BITMIME" (RFC 6152 names no figure; room for it)
 AUTH_PARAM_ALLOWANCE = 500  # AUTH=<mailbox> as xtext (RFC 4954 5 names no figure)
-MAX_MAIL_LINE = (
-    MAX_COMMAND_LINE
-    + SIZE_ALLOWANCE
-    + DSN_MAIL_ALLOWANCE
-    + SMTPUTF8_ALLOWANCE
-    + BODY_ALLOWANCE
-    + AUTH_PARAM_ALLOWANCE
-)
+MAX_MAIL_LINE = (MAX_COMMAND_LINE + SIZE_ALLOWANCE + DSN_MAIL_ALLOWANCE + SMTPUTF8_ALLOWANCE
+                 + BODY_ALLOWANCE + AUTH_PARAM_ALLOWANCE)
 MAX_RCPT_LINE = MAX_COMMAND_LINE + DSN_RCPT_ALLOWANCE
 MAX_AUTH_LINE = 12288  # RFC 4954 4: AUTH lines and SASL responses
 MAX_RECIPIENTS = 100  # RFC 5321 4.5.3.1.8: the recipients buffer's minimum
@@ -87,9 +80,7 @@ class SMTPServerConfig:
         return self.starttls and not tls
 
     def auth_offered(self, tls: bool, authenticated: bool) -> bool:
-        return bool(self.auth_mechanisms) and not authenticated and (
-            tls or self.auth_plaintext
-        )
+        return bool(self.auth_mechanisms) and not authenticated and (tls or self.auth_plaintext)
 
     def extensions(self, tls: bool, authenticated: bool) -> list[str]:
         """The EHLO keyword lines (RFC 5321 4.1.1.1) for a session in this condition."""

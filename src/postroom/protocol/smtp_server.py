@@ -32,21 +32,11 @@ import functools
 from collections import deque
 from collections.abc import Callable
 
+from postroom.protocol import smtp_input as incoming
+from postroom.protocol import smtp_states as states
 from postroom.protocol._core import NEED_DATA, PAUSED, LocalProtocolError, Signal, illegal_move
 from postroom.protocol.lines import Line, LineBuffer
 from postroom.protocol.replies import MAX_REPLY_LINE, Reply, encode_reply, reply_problem
-from postroom.protocol.smtp_commands import (
-    Answer,
-    read_auth,
-    read_bdat,
-    read_command,
-    read_data,
-    read_hello,
-    read_mail,
-    read_rcpt,
-    read_starttls,
-    read_vrfy,
-)
 from postroom.protocol.smtp_config import (
     MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
@@ -54,7 +44,6 @@ from postroom.protocol.smtp_config import (
     MAX_RCPT_LINE,
     SMTPServerConfig,
 )
-from postroom.protocol.smtp_content import ChunkedContent, DataContent
 from postroom.protocol.smtp_events import (
     AuthResponse,
     AuthStart,
@@ -71,15 +60,7 @@ from postroom.protocol.smtp_events import (
     Reset,
     StartTLS,
 )
-from postroom.protocol.smtp_states import (
-    ANSWERS,
-    BAD_SEQUENCE,
-    COMMANDS,
-    SEQUENCE_ERRORS,
-    TRANSACTION_STATES,
-    TRANSITIONS,
-    State,
-)
+from postroom.protocol.smtp_states import State
 
 # The events, states, config and line limits live in the smtp_* modules beside
 # this one; they are part of this module's API too.
@@ -93,9 +74,8 @@ __all__ = [
 
 _BANNER_CODES = frozenset({220, 421, 554})
 _READING = frozenset(State) - {State.TLS_WAIT, State.CLOSED}  # states that keep input
-# Read on every event by the server layer. Attribute access on an Enum class
-# goes through EnumType.__getattr__ (slow before Python 3.12): hot paths use
-# this name, or sets of states, instead.
+# Attribute access on an Enum class goes through EnumType.__getattr__ (slow before
+# Python 3.12): hot paths use this name or sets of states instead.
 _CLOSED = State.CLOSED
 _OK = Reply(250, "2.0.0", "OK")
 
@@ -122,8 +102,8 @@ class SMTPServer:
         self._smtputf8 = False
         self._recipients = 0
         self._in_message = False  # DataStart emitted, message not yet settled
-        self._data: DataContent | None = None  # DATA, after the 354
-        self._chunked: ChunkedContent | None = None  # BDAT, from the first chunk
+        self._data: incoming.DataContent | None = None  # DATA, after the 354
+        self._chunked: incoming.ChunkedContent | None = None  # BDAT, from the first chunk
         self._data_after_crlf = True  # the DATA command ended with CRLF, not bare LF
         # The BDAT chunk being read; with `_chunk_error` set it is only read past
         # (RFC 3030 3: the stream stays in sync), and that reply follows.
@@ -131,8 +111,6 @@ class SMTPServer:
         self._chunk_size = 0
         self._chunk_last = False
         self._chunk_error: Reply | None = None
-
-    # --- Properties -------------------------------------------------------
 
     @property
     def state(self) -> State:
@@ -161,8 +139,6 @@ class SMTPServer:
     def bytes_buffered(self) -> int:
         """Received octets held by the core (a partial line, roughly)."""
         return len(self._lines) + (self._data.buffered if self._data else 0)
-
-    # --- Input ------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the client; b"" means it closed its side (EOF)."""
@@ -214,8 +190,6 @@ class SMTPServer:
         self._lines.clear()  # RFC 3207 4.2: nothing before the TLS handshake counts
         return False
 
-    # --- Output and the application's answers -----------------------------
-
     def data_to_send(self) -> bytes:
         data = bytes(self._out)
         self._out.clear()
@@ -235,7 +209,7 @@ class SMTPServer:
                 f"send({reply}) with no event awaiting a reply (state {self._state})"
             )
         positive = reply.code < 400
-        codes, accepted, refused = ANSWERS[type(event)]
+        codes, accepted, refused = states.ANSWERS[type(event)]
         if positive and reply.code not in codes:
             hint = " (use auth_succeeded())" if reply.code == 235 else ""
             raise LocalProtocolError(
@@ -266,7 +240,7 @@ class SMTPServer:
             self._recipients += 1
         elif isinstance(event, DataStart):
             self._in_message = True
-            self._data = DataContent(self._config, after_crlf=self._data_after_crlf)
+            self._data = incoming.DataContent(self._config, after_crlf=self._data_after_crlf)
         elif isinstance(event, MessageEnd):
             self._end_transaction()
         elif isinstance(event, StartTLS):
@@ -317,11 +291,9 @@ class SMTPServer:
         self._abandon_message(reply)
         self._close()
 
-    # --- Reply plumbing ---------------------------------------------------
-
     def _move(self, trigger: str) -> None:
         try:
-            self._state = TRANSITIONS[self._state, trigger]
+            self._state = states.TRANSITIONS[self._state, trigger]
         except KeyError:
             raise illegal_move(self._state, trigger) from None
 
@@ -383,7 +355,7 @@ class SMTPServer:
 
     def _reset_transaction(self, why: str) -> None:
         """Drop the transaction (RSET, or HELO/EHLO inside one, RFC 5321 4.1.4)."""
-        if self._state in TRANSACTION_STATES:
+        if self._state in states.TRANSACTION_STATES:
             self._move("reset")
         self._abandon_message(Reply(451, "4.3.0", f"Message abandoned by the client ({why})"))
         self._end_transaction()
@@ -400,26 +372,24 @@ class SMTPServer:
         # RFC 2034 3: no enhanced codes in replies to HELO/EHLO.
         self._write(Reply(reply.code, None, "\n".join(lines)))
 
-    # --- Command lines ----------------------------------------------------
-
     def _command_line(self, line: Line) -> None:
-        command = read_command(line, self._config)
-        if isinstance(command, Answer):
+        command = incoming.read_command(line, self._config)
+        if isinstance(command, incoming.Answer):
             self._answer(command)
             return
         verb, arg = command
         if verb == "BDAT":
             self._cmd_bdat(arg)  # sequenced by itself: its chunk is read in any state
             return
-        if verb not in COMMANDS[self._state]:
-            self._error(SEQUENCE_ERRORS.get((self._state, verb), BAD_SEQUENCE))
+        if verb not in states.COMMANDS[self._state]:
+            self._error(states.SEQUENCE_ERRORS.get((self._state, verb), states.BAD_SEQUENCE))
             return
         self._data_after_crlf = not line.bare_lf
         _HANDLERS[verb](self, verb, arg)
 
-    def _answer(self, outcome: Event | Answer) -> None:
+    def _answer(self, outcome: Event | incoming.Answer) -> None:
         """Hand on the event a command asks for, or send the core's own reply."""
-        if not isinstance(outcome, Answer):
+        if not isinstance(outcome, incoming.Answer):
             self._events.append(outcome)  # as _emit: every such event awaits a reply
             self._pending = outcome
         elif outcome.reply.close:
@@ -431,21 +401,21 @@ class SMTPServer:
             self._write(outcome.reply)
 
     def _cmd_hello(self, verb: str, arg: str) -> None:
-        outcome = read_hello(verb, arg)
-        if not isinstance(outcome, Answer) and self._state in TRANSACTION_STATES:
+        outcome = incoming.read_hello(verb, arg)
+        if not isinstance(outcome, incoming.Answer) and self._state in states.TRANSACTION_STATES:
             self._reset_transaction(verb)
         self._answer(outcome)
 
     def _cmd_mail(self, verb: str, arg: str) -> None:
         authenticated = self._authenticated is not None
-        self._answer(read_mail(arg, self._config, self._mail_parameters, authenticated))
+        self._answer(incoming.read_mail(arg, self._config, self._mail_parameters, authenticated))
 
     def _cmd_rcpt(self, verb: str, arg: str) -> None:
         full = self._recipients >= self._config.max_recipients
-        self._answer(read_rcpt(arg, self._rcpt_parameters, self._smtputf8, full))
+        self._answer(incoming.read_rcpt(arg, self._rcpt_parameters, self._smtputf8, full))
 
     def _cmd_data(self, verb: str, arg: str) -> None:
-        self._answer(read_data(arg))
+        self._answer(incoming.read_data(arg))
 
     def _cmd_rset(self, verb: str, arg: str) -> None:
         if arg:
@@ -464,7 +434,7 @@ class SMTPServer:
         self._close()
 
     def _cmd_vrfy(self, verb: str, arg: str) -> None:
-        self._answer(read_vrfy(arg))
+        self._answer(incoming.read_vrfy(arg))
 
     def _cmd_expn(self, verb: str, arg: str) -> None:
         self._write(Reply(502, "5.5.1", "EXPN not available"))  # RFC 5321 3.5.2
@@ -474,13 +444,11 @@ class SMTPServer:
         self._write(Reply(214, "2.0.0", text))
 
     def _cmd_starttls(self, verb: str, arg: str) -> None:
-        self._answer(read_starttls(arg, self._config, self._tls))
+        self._answer(incoming.read_starttls(arg, self._config, self._tls))
 
     def _cmd_auth(self, verb: str, arg: str) -> None:
         authenticated = self._authenticated is not None
-        self._answer(read_auth(arg, self._config, self._tls, authenticated))
-
-    # --- SASL exchange lines ----------------------------------------------
+        self._answer(incoming.read_auth(arg, self._config, self._tls, authenticated))
 
     def _auth_line(self, line: Line) -> None:
         if line.too_long:
@@ -498,8 +466,6 @@ class SMTPServer:
             self._write(Reply(501, "5.7.0", "Authentication cancelled"))  # RFC 4954 4
             return
         self._emit(AuthResponse(text))
-
-    # --- Content: DATA and BDAT (RFC 3030) --------------------------------
 
     def _read_data(self) -> bool:
         content = self._data
@@ -526,20 +492,20 @@ class SMTPServer:
         self._move("content refused")
 
     def _cmd_bdat(self, arg: str) -> None:
-        chunk = read_bdat(arg, self._config)
-        if isinstance(chunk, Answer):
+        chunk = incoming.read_bdat(arg, self._config)
+        if isinstance(chunk, incoming.Answer):
             self._answer(chunk)
             return
         size, self._chunk_last = chunk
         self._chunk_left = self._chunk_size = size
         state = self._state
-        if "BDAT" not in COMMANDS[state]:
+        if "BDAT" not in states.COMMANDS[state]:
             # RFC 3030 3: read past the chunk anyway so the stream stays in sync.
-            self._chunk_error = SEQUENCE_ERRORS.get((state, "BDAT"), BAD_SEQUENCE)
+            self._chunk_error = states.SEQUENCE_ERRORS.get((state, "BDAT"), states.BAD_SEQUENCE)
         else:
             chunked = self._chunked
             if chunked is None:  # the first chunk, after RCPT
-                chunked = self._chunked = ChunkedContent(self._config)
+                chunked = self._chunked = incoming.ChunkedContent(self._config)
                 self._in_message = True
                 self._events.append(DataStart(chunking=True))  # no reply: RFC 3030 2
             self._chunk_error = chunked.admits(size)
@@ -586,7 +552,7 @@ def _chunk_received(size: int) -> bytes:
 
 # What each state reads from the input (CONNECTED and CLOSED read nothing).
 _STEPS: dict[State, Callable[[SMTPServer], bool]] = {
-    **{s: SMTPServer._read_command for s in COMMANDS},
+    **{s: SMTPServer._read_command for s in states.COMMANDS},
     State.AUTH: SMTPServer._read_auth_line,
     State.DATA: SMTPServer._read_data,
     State.BDAT: SMTPServer._read_chunk,

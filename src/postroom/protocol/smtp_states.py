@@ -1,26 +1,14 @@
-"""The SMTP server core's states and its tables: how the session moves, what each state reads.
+"""The SMTP server core's states and tables: transitions, commands per state, sequence errors.
 
-Data only, read by smtp_server: the transitions its `_move` applies, the
-commands each state takes, the reply to a command out of sequence, and the
-codes that may answer each event.
+Data only, read by smtp_server (its `_move` alone applies TRANSITIONS).
 """
 
 from __future__ import annotations
 
+from postroom.protocol import smtp_events as events
 from postroom.protocol._core import CoreState
 from postroom.protocol.replies import Reply
-from postroom.protocol.smtp_commands import VERBS
-from postroom.protocol.smtp_events import (
-    AuthResponse,
-    AuthStart,
-    DataStart,
-    Event,
-    Hello,
-    MailFrom,
-    MessageEnd,
-    RcptTo,
-    StartTLS,
-)
+from postroom.protocol.smtp_input import VERBS
 
 
 class State(CoreState):
@@ -115,16 +103,16 @@ SEQUENCE_ERRORS: dict[tuple[State, str], Reply] = {
 # The positive codes each event may be answered with (4xx/5xx always fit), and
 # the triggers of a positive and a negative answer. 235 is given through
 # auth_succeeded(), which records the identity.
-ANSWERS: dict[type[Event], tuple[frozenset[int], str, str]] = {
+ANSWERS: dict[type[events.Event], tuple[frozenset[int], str, str]] = {
     event: (frozenset(codes), f"{event.__name__} ok", f"{event.__name__} refused")
     for event, codes in (
-        (Hello, {250}),
-        (MailFrom, {250}),
-        (RcptTo, {250, 251, 252}),
-        (DataStart, {354}),
-        (MessageEnd, {250}),
-        (StartTLS, {220}),
-        (AuthStart, {334}),
-        (AuthResponse, {334}),
+        (events.Hello, {250}),
+        (events.MailFrom, {250}),
+        (events.RcptTo, {250, 251, 252}),
+        (events.DataStart, {354}),
+        (events.MessageEnd, {250}),
+        (events.StartTLS, {220}),
+        (events.AuthStart, {334}),
+        (events.AuthResponse, {334}),
     )
 }

@@ -1,10 +1,9 @@
-"""What an SMTP client's command line says (RFC 5321 4.1 and extensions), read without side effects.
+"""What an SMTP client sends, read without side effects: command lines and message content.
 
-`read_command` cuts a line into its verb and argument, or finds it unusable;
-the `read_*` functions check a command's argument against what the session
-offers and give the event it asks for. Any of them may give an `Answer`
-instead: the reply the server core sends by itself. The core (smtp_server)
-decides whether a command may come in its state, and applies the outcome.
+The `read_*` functions give the event a command asks for, or an `Answer`: the
+reply the core sends by itself. `DataContent` and `ChunkedContent` read a
+message (DATA; BDAT, RFC 3030) and name the reply that refuses it at its end
+(RFC 5321 4.2.5). smtp_server decides what may come in which state.
 """
 
 from __future__ import annotations
@@ -12,15 +11,8 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from postroom.protocol.address import (
-    AddressError,
-    ParameterError,
-    UnsupportedParameter,
-    parse_esmtp_parameters,
-    parse_forward_path,
-    parse_reverse_path,
-)
-from postroom.protocol.lines import Line
+from postroom.protocol import address, lines
+from postroom.protocol.header_limits import HEADER_TOO_BIG, TOO_MANY_FIELDS, HeaderLimits
 from postroom.protocol.replies import Reply
 from postroom.protocol.smtp_config import (
     LINE_LIMITS,
@@ -50,7 +42,7 @@ _TOO_LONG = Answer(Reply(500, "5.5.2", "Line too long (RFC 5321 4.5.3.1.4)"))
 _BARE_LF = Answer(Reply(500, "5.5.2", "Bare <LF> received; commands end with <CR><LF>"))
 
 
-def read_command(line: Line, config: SMTPServerConfig) -> tuple[str, str] | Answer:
+def read_command(line: lines.Line, config: SMTPServerConfig) -> tuple[str, str] | Answer:
     """The verb (upper case) and argument of a command line, or the answer to a line
     that is no usable command."""
     if line.too_long:
@@ -94,12 +86,12 @@ def read_mail(
     if not _FROM_RE.match(arg):
         return Answer(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
     try:
-        path, rest = parse_reverse_path(arg[5:])
-    except AddressError as exc:
+        path, rest = address.parse_reverse_path(arg[5:])
+    except address.AddressError as exc:
         return Answer(Reply(501, "5.1.7", f"Bad sender address syntax: {exc}"))
     try:
-        params = parse_esmtp_parameters(rest, offered)
-    except ParameterError as exc:
+        params = address.parse_esmtp_parameters(rest, offered)
+    except address.ParameterError as exc:
         return _parameter_answer(exc, "MAIL FROM")
     if path.is_utf8 and not params.smtputf8:
         # RFC 6531 3.5: 550 and X.6.7 for a sender address that must be ASCII.
@@ -122,12 +114,12 @@ def read_rcpt(arg: str, offered: frozenset[str], smtputf8: bool, full: bool) -> 
     if not _TO_RE.match(arg):
         return Answer(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
     try:
-        path, rest = parse_forward_path(arg[3:])
-    except AddressError as exc:
+        path, rest = address.parse_forward_path(arg[3:])
+    except address.AddressError as exc:
         return Answer(Reply(501, "5.1.3", f"Bad recipient address syntax: {exc}"))
     try:
-        params = parse_esmtp_parameters(rest, offered)
-    except ParameterError as exc:
+        params = address.parse_esmtp_parameters(rest, offered)
+    except address.ParameterError as exc:
         return _parameter_answer(exc, "RCPT TO")
     if path.is_utf8 and not smtputf8:
         # RFC 6531 3.5: 553 and X.6.7 for a recipient address that must be ASCII.
@@ -137,9 +129,9 @@ def read_rcpt(arg: str, offered: frozenset[str], smtputf8: bool, full: bool) -> 
     return RcptTo(path.address, params.notify, params.orcpt, route=path.route)
 
 
-def _parameter_answer(exc: ParameterError, command: str) -> Answer:
+def _parameter_answer(exc: address.ParameterError, command: str) -> Answer:
     """MAIL or RCPT parameters that cannot be taken (RFC 5321 4.1.1.11)."""
-    if isinstance(exc, UnsupportedParameter):
+    if isinstance(exc, address.UnsupportedParameter):
         if exc.value is None:
             text = f"{command} parameter {exc.keyword} not supported"
             return Answer(Reply(555, "5.5.4", text))
@@ -208,3 +200,72 @@ def read_auth(
     if mechanism not in config.auth_mechanisms:
         return Answer(Reply(504, "5.5.4", "Unrecognized authentication type"))  # RFC 4954 4
     return AuthStart(mechanism, parts[1] if len(parts) == 2 else None)
+
+
+# The replies that refuse content, by the problem found in it.
+_BARE = "Message refused: bare <{}> received; lines end with <CR><LF>"
+CONTENT_REPLIES: dict[str, Reply] = {
+    lines.TOO_BIG: Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"),
+    lines.BARE_LF: Reply(554, "5.5.2", _BARE.format("LF")),
+    lines.BARE_CR: Reply(554, "5.5.2", _BARE.format("CR")),
+    lines.LONG_LINE: Reply(
+        554, "5.6.0", f"Message refused: a line is longer than {lines.MAX_MESSAGE_LINE} octets"
+    ),
+    HEADER_TOO_BIG: Reply(552, "5.3.4", "Message header section exceeds fixed maximum size"),
+    TOO_MANY_FIELDS: Reply(554, "5.6.0", "Message refused: too many header fields"),
+}
+
+
+class DataContent(lines.DataReader):
+    """DATA content: a lines.DataReader (fed what follows the 354, it gives the content
+    without its dots until `done`) that also measures the header section, and
+    says what refuses the message (`refusal`, None when it is good)."""
+
+    __slots__ = ("_header",)
+
+    def __init__(self, config: SMTPServerConfig, *, after_crlf: bool) -> None:
+        super().__init__(
+            bare_newline="reject" if config.bare_newline == "reject" else "normalize",
+            max_line=lines.MAX_MESSAGE_LINE,
+            max_size=config.max_message_size,
+            after_crlf=after_crlf,
+        )
+        self._header = HeaderLimits(config.max_header_size, config.max_header_fields)
+
+    def feed(self, data: bytes) -> bytes:
+        content = lines.DataReader.feed(self, data)
+        header = self._header
+        if content and (header.done or header.feed(content) is None):
+            return content
+        return b""
+
+    @property
+    def refusal(self) -> Reply | None:
+        problem = self.problem or self._header.problem
+        return None if problem is None else CONTENT_REPLIES[problem]
+
+
+class ChunkedContent:
+    """BDAT content (RFC 3030), chunk by chunk: `size` counts it, `feed` and `admits`
+    say whether the message must be refused (a reply) or may go on (None)."""
+
+    __slots__ = ("_header", "_lines", "_max_size", "size")
+
+    def __init__(self, config: SMTPServerConfig) -> None:
+        self._header = HeaderLimits(config.max_header_size, config.max_header_fields)
+        self._lines = lines.LineMeter(lines.MAX_MESSAGE_LINE)  # the DATA line rule
+        self._max_size = config.max_message_size
+        self.size = 0
+
+    def admits(self, chunk_size: int) -> Reply | None:
+        """Checked when a chunk is announced: the size it would bring the message to."""
+        if self._max_size and self.size + chunk_size > self._max_size:
+            return CONTENT_REPLIES[lines.TOO_BIG]
+        return None
+
+    def feed(self, data: bytes) -> Reply | None:
+        self.size += len(data)
+        if self._lines.feed(data):
+            return CONTENT_REPLIES[lines.LONG_LINE]
+        problem = None if self._header.done else self._header.feed(data)
+        return None if problem is None else CONTENT_REPLIES[problem]
