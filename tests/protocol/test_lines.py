@@ -384,3 +384,21 @@ def test_data_and_bdat_with_max_line_send_no_long_line(parts: list[bytes], cuts:
     lines = DotStuffer(dots=False, max_line=MAX_CONTENT_LINE)
     assert fed_in_pieces(lines, message, cuts) + lines.close() == got
     assert got == folded(normalized(message), MAX_CONTENT_LINE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    parts=st.lists(st.sampled_from([*PIECES, b"\r\n..\r\n", b".\r"]), max_size=40),
+    cuts=st.lists(st.integers(min_value=1, max_value=40), max_size=30),
+)
+def test_crlf_vouch_changes_nothing_for_crlf_content(parts: list[bytes], cuts: list[int]) -> None:
+    """The POP3 core's shortcut (`crlf=True` for a file known to hold no bare CR or
+    LF) gives the octets the full check gives."""
+    message = normalized(b"".join(parts))
+    plain, vouched = DotStuffer(), DotStuffer()
+    out, pos = [b"", b""], 0
+    for size in [*cuts, len(message)]:
+        out[0] += plain.feed(message[pos : pos + size])
+        out[1] += vouched.feed(message[pos : pos + size], crlf=True)
+        pos += size
+    assert out[0] + plain.end() == out[1] + vouched.end()

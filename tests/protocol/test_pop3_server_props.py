@@ -14,6 +14,7 @@ import hashlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from postroom.protocol.lines import DotStuffer
 from postroom.protocol.pop3_server import (
     NEED_DATA,
     PAUSED,
@@ -341,3 +342,24 @@ def test_streamed_body_matches_line_by_line_reference(
     status, _, body = b"".join(out).partition(b"\r\n")
     assert status.startswith(b"+OK")
     assert body == reference_body(message, top)
+
+
+@settings(max_examples=200, deadline=None)
+@given(MESSAGE_BYTES)
+def test_retr_sends_a_message_as_smtp_data_does(message: bytes) -> None:
+    """One dot-stuffer for both protocols: RETR's body is what the SMTP client sends
+    after DATA, bare CRs and LFs included (each a line end)."""
+    core = POP3Server(CONFIG)
+    core.greeting()
+    core.receive_data(b"USER alice\r\n")
+    core.next_event()
+    core.ok()
+    core.receive_data(b"PASS secret\r\n")
+    core.next_event()
+    core.login_succeeded(DROP)
+    core.data_to_send()
+    core.receive_data(b"RETR 1\r\n")
+    assert isinstance(core.next_event(), Retrieve)
+    core.send_message(message)
+    stuffer = DotStuffer()
+    assert core.data_to_send().partition(b"\r\n")[2] == stuffer.feed(message) + stuffer.end()
