@@ -12,7 +12,7 @@ RCPTs and DATA go in one write when the server offers PIPELINING (RFC 2920
 3.1), one by one otherwise; the message is read from its file in chunks and
 dot-stuffed on the way (never whole in memory), its lines over 998 octets
 folded or broken as Postfix's smtp_line_length_limit does (RFC 5321
-4.5.3.1.6; see protocol.lines.LineFolder). A server that offers CHUNKING
+4.5.3.1.6; see protocol.folding.LineFolder). A server that offers CHUNKING
 too gets the message with BDAT (RFC 3030), its first chunk in the same write
 as MAIL and RCPT: one round trip for a small message. A session may send several
 messages. What the hop cannot take is refused before anything is sent: a

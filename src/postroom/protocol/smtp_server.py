@@ -35,7 +35,7 @@ from collections.abc import Callable
 from postroom.protocol import smtp_input as incoming
 from postroom.protocol import smtp_states as states
 from postroom.protocol._core import NEED_DATA, PAUSED, LocalProtocolError, Signal, illegal_move
-from postroom.protocol.lines import Line, LineBuffer
+from postroom.protocol.lines import LineBuffer
 from postroom.protocol.replies import MAX_REPLY_LINE, Reply, encode_reply, reply_problem
 from postroom.protocol.smtp_config import (
     MAX_AUTH_LINE,
@@ -169,21 +169,44 @@ class SMTPServer:
                 self._events.append(ConnectionClosed())
 
     def _read_command(self) -> bool:
-        """Read a command line; False if none is whole."""
+        """Read and act on a command line; False if none is whole."""
         if self._chunk_left:
             return self._read_chunk()  # a chunk out of sequence, read past
         line = self._lines.next_line()
         if line is None:
             return False
-        self._command_line(line)
+        command = incoming.read_command(line, self._config)
+        if isinstance(command, incoming.Answer):
+            self._answer(command)
+            return True
+        verb, arg = command
+        if verb == "BDAT":
+            self._cmd_bdat(arg)  # sequenced by itself: its chunk is read in any state
+        elif verb not in states.COMMANDS[self._state]:
+            self._error(states.SEQUENCE_ERRORS.get((self._state, verb), states.BAD_SEQUENCE))
+        else:
+            self._data_after_crlf = not line.bare_lf
+            _HANDLERS[verb](self, verb, arg)
         return True
 
     def _read_auth_line(self) -> bool:
-        """Read a SASL response line (RFC 4954 4); False if none is whole."""
+        """Read and act on a SASL response line (RFC 4954 4); False if none is whole."""
         line = self._lines.next_line()
         if line is None:
             return False
-        self._auth_line(line)
+        text = line.text.decode("ascii", "replace").strip(" ")
+        if line.too_long:
+            # RFC 4954 4: a response longer than the buffer fails AUTH with 500 5.5.6.
+            self._move("auth end")
+            self._error(Reply(500, "5.5.6", "Authentication exchange line is too long"))
+        elif line.bare_lf and self._reject_bare:
+            self._move("auth end")
+            self._error(Reply(500, "5.5.2", "Bare <LF> received; lines end with <CR><LF>"))
+        elif text == "*":
+            self._move("auth end")
+            self._write(Reply(501, "5.7.0", "Authentication cancelled"))  # RFC 4954 4
+        else:
+            self._emit(AuthResponse(text))
         return True
 
     def _discard(self) -> bool:
@@ -372,21 +395,6 @@ class SMTPServer:
         # RFC 2034 3: no enhanced codes in replies to HELO/EHLO.
         self._write(Reply(reply.code, None, "\n".join(lines)))
 
-    def _command_line(self, line: Line) -> None:
-        command = incoming.read_command(line, self._config)
-        if isinstance(command, incoming.Answer):
-            self._answer(command)
-            return
-        verb, arg = command
-        if verb == "BDAT":
-            self._cmd_bdat(arg)  # sequenced by itself: its chunk is read in any state
-            return
-        if verb not in states.COMMANDS[self._state]:
-            self._error(states.SEQUENCE_ERRORS.get((self._state, verb), states.BAD_SEQUENCE))
-            return
-        self._data_after_crlf = not line.bare_lf
-        _HANDLERS[verb](self, verb, arg)
-
     def _answer(self, outcome: Event | incoming.Answer) -> None:
         """Hand on the event a command asks for, or send the core's own reply."""
         if not isinstance(outcome, incoming.Answer):
@@ -449,23 +457,6 @@ class SMTPServer:
     def _cmd_auth(self, verb: str, arg: str) -> None:
         authenticated = self._authenticated is not None
         self._answer(incoming.read_auth(arg, self._config, self._tls, authenticated))
-
-    def _auth_line(self, line: Line) -> None:
-        if line.too_long:
-            # RFC 4954 4: a response longer than the buffer fails AUTH with 500 5.5.6.
-            self._move("auth end")
-            self._error(Reply(500, "5.5.6", "Authentication exchange line is too long"))
-            return
-        if line.bare_lf and self._reject_bare:
-            self._move("auth end")
-            self._error(Reply(500, "5.5.2", "Bare <LF> received; lines end with <CR><LF>"))
-            return
-        text = line.text.decode("ascii", "replace").strip(" ")
-        if text == "*":
-            self._move("auth end")
-            self._write(Reply(501, "5.7.0", "Authentication cancelled"))  # RFC 4954 4
-            return
-        self._emit(AuthResponse(text))
 
     def _read_data(self) -> bool:
         content = self._data
