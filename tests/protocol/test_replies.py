@@ -49,7 +49,17 @@ def test_to_bytes_is_the_encoder() -> None:
     assert reply.to_bytes() == encode_reply(reply)
 
 
-TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x2FF), max_size=80)
+def test_a_reply_that_cannot_go_on_the_wire_is_refused() -> None:
+    # A CR or LF would end the reply early (reply injection); RFC 3463 2: the enhanced
+    # code's class is the reply code's.
+    for reply in (Reply(250, None, "a\rb"), Reply(250, None, "a\x00"), Reply(550, "2.0.0", "x"),
+                  Reply(250, "2.0", "x")):
+        with pytest.raises(ValueError):
+            encode_reply(reply)
+
+
+TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x2FF, exclude_characters="\x7f"),
+               max_size=80)
 
 
 @given(st.sampled_from([220, 250, 334, 354, 421, 451, 550]), st.lists(TEXT, min_size=1, max_size=4))

@@ -79,7 +79,15 @@ def encode_reply(reply: Reply) -> bytes:
     The last line keeps its space when its text is empty ("334 "): 4.2 puts
     SP after the code of the last line, and RFC 4954 4 needs it for an empty
     SASL challenge. A line over MAX_REPLY_LINE is cut on a character boundary.
+    ValueError for a reply that cannot go on the wire: a control character in
+    its text, or an enhanced code whose class is not the reply's (RFC 3463 2).
     """
+    if _TEXT_BAD_RE.search(reply.text):
+        raise ValueError(f"control character in reply text {reply.text!r}")
+    if reply.enhanced is not None:
+        m = _ENHANCED_RE.fullmatch(reply.enhanced)
+        if m is None or m.group(1) != str(reply.code)[0]:
+            raise ValueError(f"enhanced code {reply.enhanced!r} does not fit reply {reply.code}")
     lines = reply.lines()
     out = []
     last = len(lines) - 1
@@ -89,18 +97,6 @@ def encode_reply(reply: Reply) -> bytes:
             line = line[: MAX_REPLY_LINE - 2].decode("utf-8", "ignore").encode()
         out.append(line + b"\r\n")
     return b"".join(out)
-
-
-@functools.lru_cache(maxsize=1024)
-def reply_problem(reply: Reply) -> str | None:
-    """Why a reply cannot go on the wire as it is, or None."""
-    if _TEXT_BAD_RE.search(reply.text):
-        return f"control character in reply text {reply.text!r}"
-    if reply.enhanced is not None:
-        m = _ENHANCED_RE.fullmatch(reply.enhanced)
-        if m is None or m.group(1) != str(reply.code)[0]:
-            return f"enhanced code {reply.enhanced!r} does not fit reply {reply.code}"
-    return None
 
 
 class ReplyParser:

@@ -36,7 +36,7 @@ from postroom.protocol import smtp_input as incoming
 from postroom.protocol import smtp_states as states
 from postroom.protocol._core import NEED_DATA, PAUSED, LocalProtocolError, Signal, illegal_move
 from postroom.protocol.lines import LineBuffer
-from postroom.protocol.replies import MAX_REPLY_LINE, Reply, encode_reply, reply_problem
+from postroom.protocol.replies import MAX_REPLY_LINE, Reply, encode_reply
 from postroom.protocol.smtp_config import (
     MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
@@ -220,7 +220,7 @@ class SMTPServer:
 
     def send(self, reply: Reply) -> None:
         """Answer the event awaiting a reply (or send the banner, first of all)."""
-        self._check_reply(reply)
+        data = self._wire(reply)
         event = self._pending
         if event is None:
             if self._state is State.CONNECTED:
@@ -241,7 +241,7 @@ class SMTPServer:
             )
         if reply.close:
             self._pending = None
-            self._write(reply)
+            self._out += data
             if isinstance(event, MessageEnd):
                 self._end_transaction()  # settled by this very reply
             self._abandon_message(reply)
@@ -252,7 +252,7 @@ class SMTPServer:
         if isinstance(event, Hello):
             self._answer_hello(event, reply, positive)
             return
-        self._write(reply)
+        self._out += data
         if not positive:
             if isinstance(event, MessageEnd):
                 self._end_transaction()
@@ -271,7 +271,7 @@ class SMTPServer:
 
     def auth_succeeded(self, identity: str, reply: Reply) -> None:
         """End a SASL exchange successfully (235): the session is `identity`'s."""
-        self._check_reply(reply)
+        data = self._wire(reply)
         if not identity:
             raise LocalProtocolError("auth_succeeded() needs an identity")
         if not isinstance(self._pending, AuthStart | AuthResponse):
@@ -284,7 +284,7 @@ class SMTPServer:
         self._move("auth end")
         self._pending = None
         self._authenticated = identity
-        self._write(reply)
+        self._out += data
         if reply.close:
             self._close()
 
@@ -306,11 +306,11 @@ class SMTPServer:
         self._end_session(Reply(421, "4.3.2", text, close=True))
 
     def _end_session(self, reply: Reply) -> None:
-        self._check_reply(reply)
+        data = self._wire(reply)
         if self._state is State.CLOSED:
             return
         self._pending = None
-        self._write(reply)
+        self._out += data
         self._abandon_message(reply)
         self._close()
 
@@ -320,12 +320,14 @@ class SMTPServer:
         except KeyError:
             raise illegal_move(self._state, trigger) from None
 
-    def _check_reply(self, reply: Reply) -> None:
+    def _wire(self, reply: Reply) -> bytes:
+        """The wire form of an application's reply; LocalProtocolError if it has none."""
         if not isinstance(reply, Reply):
             raise LocalProtocolError(f"expected a Reply, got {type(reply).__name__}")
-        problem = reply_problem(reply)
-        if problem is not None:
-            raise LocalProtocolError(problem)
+        try:
+            return encode_reply(reply)
+        except ValueError as exc:
+            raise LocalProtocolError(str(exc)) from None
 
     def _send_banner(self, reply: Reply) -> None:
         if reply.code not in _BANNER_CODES:
