@@ -7,15 +7,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from postroom.protocol.address import (
+    MAIL_PARAMETERS,
     MAX_DOMAIN,
     NULL_PATH,
+    RCPT_PARAMETERS,
     AddressError,
     ParameterError,
+    Parameters,
     Path,
+    UnsupportedParameter,
     is_dot_string,
     parse_auth_param,
     parse_body,
     parse_envid,
+    parse_esmtp_parameters,
     parse_forward_path,
     parse_notify,
     parse_orcpt,
@@ -173,6 +178,33 @@ def test_a_parameter_repeated_exactly_counts_once() -> None:
 def test_bad_parameters(text: str, reason: str) -> None:
     with pytest.raises(ParameterError, match=reason):
         parse_parameters(text)
+
+
+def test_esmtp_parameters_checked_and_decoded() -> None:
+    params = parse_esmtp_parameters(
+        "SIZE=100 body=8bitmime SMTPUTF8 RET=hdrs ENVID=a+2Bb AUTH=<>", MAIL_PARAMETERS
+    )
+    assert params == Parameters(size=100, body="8BITMIME", smtputf8=True, ret="HDRS",
+                                envid="a+b", auth="<>")
+    params = parse_esmtp_parameters("NOTIFY=failure,delay ORCPT=rfc822;b+40x", RCPT_PARAMETERS)
+    assert params == Parameters(notify=("FAILURE", "DELAY"), orcpt="rfc822;b@x")
+    assert parse_esmtp_parameters("", frozenset()) == Parameters()
+
+
+def test_esmtp_parameters_refused() -> None:
+    # A keyword not offered (RFC 5321 4.1.1.11: 555) is found before any bad value.
+    with pytest.raises(UnsupportedParameter) as caught:
+        parse_esmtp_parameters("SIZE=x NOTIFY=NEVER", MAIL_PARAMETERS)
+    assert (caught.value.keyword, caught.value.value) == ("NOTIFY", None)
+    with pytest.raises(UnsupportedParameter, match="BODY=BINARYMIME") as caught:
+        parse_esmtp_parameters("BODY=binarymime", MAIL_PARAMETERS)
+    assert caught.value.value == "binarymime"
+    # Values are checked in field order: SIZE before BODY.
+    with pytest.raises(ParameterError, match="SIZE"):
+        parse_esmtp_parameters("BODY=BINARYMIME SIZE=x", MAIL_PARAMETERS)
+    for bad in ("SMTPUTF8=yes", "RET=ALL", "ENVID=a=b", "AUTH=x", "SIZE=1 size=2"):
+        with pytest.raises(ParameterError):
+            parse_esmtp_parameters(bad, MAIL_PARAMETERS)
 
 
 # --- xtext (RFC 3461 4) -----------------------------------------------------------

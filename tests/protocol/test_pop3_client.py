@@ -18,12 +18,9 @@ from postroom.protocol.pop3_client import (
     APOP,
     AUTH,
     AUTH_RESPONSE,
-    AUTHORIZATION,
     CAPA,
-    CLOSED,
     DELE,
     GREETING,
-    IN_AUTH,
     LIST,
     MAX_COMMAND_LINE,
     MAX_LISTING_OCTETS,
@@ -35,20 +32,20 @@ from postroom.protocol.pop3_client import (
     RETR,
     STAT,
     STLS,
-    TLS_WAIT,
     TOP,
-    TRANSACTION,
     UIDL,
     Capabilities,
     Challenge,
-    ClientStateError,
     ConnectionClosed,
     Event,
+    LocalProtocolError,
     MessageData,
     MessageEnd,
     POP3Client,
-    ReplyError,
+    RemoteProtocolError,
     Response,
+    Signal,
+    State,
     apop_digest,
     apop_timestamp,
     parse_status,
@@ -72,7 +69,7 @@ def events(client: POP3Client) -> list[Event]:
         event = client.next_event()
         if event is NEED_DATA:
             return out
-        assert not isinstance(event, type)
+        assert not isinstance(event, Signal)
         out.append(event)
         if isinstance(event, ConnectionClosed):
             return out
@@ -123,7 +120,7 @@ def logged_in(*, pipelining: bool = False) -> POP3Client:
     assert client.data_to_send() == b"PASS s3cret with spaces\r\n"
     (response,) = feed(client, b"+OK boss's maildrop has 2 messages (320 octets)\r\n")
     assert response == Response(PASS, True, "boss's maildrop has 2 messages (320 octets)")
-    assert client.state == TRANSACTION
+    assert client.state is State.TRANSACTION
     return client
 
 
@@ -151,13 +148,13 @@ def test_parse_status(line: bytes, parsed: tuple[str, str, str | None]) -> None:
 
 @pytest.mark.parametrize("line", [b"OK", b"+OKAY", b"250 ok", b"", b"-E", b"* OK imap"])
 def test_malformed_status_lines(line: bytes) -> None:
-    with pytest.raises(ReplyError, match="malformed status line"):
+    with pytest.raises(RemoteProtocolError, match="malformed status line"):
         parse_status(line)
 
 
 def test_greeting_timestamp_and_apop_digest() -> None:
     client = greeted()
-    assert client.state == AUTHORIZATION
+    assert client.state is State.AUTHORIZATION
     assert client.timestamp == "<1896.697170952@dbc.mtview.ca.us>"
     # RFC 1939 7's own example.
     assert apop_digest(client.timestamp, "tanstaaf") == "c4c9334bac560ecc979e58001b3e22fb"
@@ -165,7 +162,7 @@ def test_greeting_timestamp_and_apop_digest() -> None:
     assert client.data_to_send() == b"APOP mrose c4c9334bac560ecc979e58001b3e22fb\r\n"
     (response,) = feed(client, b"+OK maildrop has 1 message (369 octets)\r\n")
     assert response.command == APOP and response.argument == "mrose"
-    assert client.state == TRANSACTION
+    assert client.state is State.TRANSACTION
     assert apop_timestamp("+OK ready") is None
 
 
@@ -181,8 +178,8 @@ def test_err_greeting_closes() -> None:
     evs = feed(client, b"-ERR [SYS/TEMP] too many connections\r\n")
     assert evs == [Response(GREETING, False, "too many connections", "SYS/TEMP"),
                    ConnectionClosed()]
-    assert client.state == CLOSED
-    with pytest.raises(ClientStateError):
+    assert client.state is State.CLOSED
+    with pytest.raises(LocalProtocolError):
         client.capa()
 
 
@@ -208,7 +205,7 @@ def test_capa_refused_by_an_old_server_leaves_no_capabilities() -> None:
     (response,) = feed(client, b"-ERR unknown command\r\n")
     assert not response.ok and response.lines == ()
     assert client.capabilities == Capabilities()
-    assert client.state == AUTHORIZATION
+    assert client.state is State.AUTHORIZATION
 
 
 def test_capabilities_skip_junk() -> None:
@@ -260,7 +257,7 @@ def test_stat_list_uidl(step: int | None) -> None:
     ],
 )
 def test_malformed_listings(response: Response, reader: object) -> None:
-    with pytest.raises(ReplyError):
+    with pytest.raises(RemoteProtocolError):
         reader(response)  # type: ignore[operator]
 
 
@@ -332,7 +329,7 @@ def test_err_to_retr_has_no_body() -> None:
     client.retr(9)
     evs = feed(client, b"-ERR no such message\r\n")
     assert evs == [Response(RETR, False, "no such message", argument="9")]
-    assert client.state == TRANSACTION
+    assert client.state is State.TRANSACTION
 
 
 def test_eof_in_the_middle_of_a_message() -> None:
@@ -343,7 +340,7 @@ def test_eof_in_the_middle_of_a_message() -> None:
     client.receive_data(b"")
     evs = events(client)
     assert evs[-1] == ConnectionClosed((RETR,))
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
 
 
 def test_dele_quit_and_the_update_state() -> None:
@@ -355,7 +352,7 @@ def test_dele_quit_and_the_update_state() -> None:
     evs = feed(client, b"+OK dewey POP3 server signing off (1 message left)\r\n")
     assert evs == [Response(QUIT, True, "dewey POP3 server signing off (1 message left)"),
                    ConnectionClosed()]
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
     client.receive_data(b"+OK ignored after the end\r\n")
     assert events(client) == [ConnectionClosed()]
 
@@ -363,7 +360,7 @@ def test_dele_quit_and_the_update_state() -> None:
 def test_pipelining_needs_the_capability() -> None:
     client = logged_in()
     client.retr(1)
-    with pytest.raises(ClientStateError, match="no PIPELINING"):
+    with pytest.raises(LocalProtocolError, match="no PIPELINING"):
         client.dele(1)
 
 
@@ -390,32 +387,32 @@ def test_pipelined_retr_dele_quit(step: int | None) -> None:
 def test_nothing_follows_quit_or_login_commands() -> None:
     client = logged_in(pipelining=True)
     client.quit()
-    with pytest.raises(ClientStateError, match="before QUIT"):
+    with pytest.raises(LocalProtocolError, match="before QUIT"):
         client.noop()
     client = greeted()
     client.user("a")
-    with pytest.raises(ClientStateError, match="before USER"):
+    with pytest.raises(LocalProtocolError, match="before USER"):
         client.pass_("b")
 
 
 def test_commands_out_of_state() -> None:
     client = POP3Client()
-    with pytest.raises(ClientStateError, match="before greeting is answered"):
+    with pytest.raises(LocalProtocolError, match="before greeting is answered"):
         client.capa()
     client = greeted()
     for command in (client.stat, client.list, client.uidl, client.noop, client.rset):
-        with pytest.raises(ClientStateError, match="in state authorization"):
+        with pytest.raises(LocalProtocolError, match="in state authorization"):
             command()
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.retr(1)
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.tls_started()
-    with pytest.raises(ClientStateError, match="continuation"):
+    with pytest.raises(LocalProtocolError, match="continuation"):
         client.auth_response("abc")
     client = logged_in()
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.user("again")
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.stls()
 
 
@@ -466,21 +463,21 @@ def test_auth_plain_with_initial_response() -> None:
     assert client.data_to_send() == f"AUTH PLAIN {token}\r\n".encode()
     (response,) = feed(client, b"+OK logged in\r\n")
     assert response == Response(AUTH, True, "logged in", argument="PLAIN")
-    assert client.state == TRANSACTION
+    assert client.state is State.TRANSACTION
 
 
 def test_auth_login_challenges_and_failure() -> None:
     client = greeted()
     client.auth("LOGIN")
     assert feed(client, b"+ VXNlcm5hbWU6\r\n") == [Challenge(AUTH, "VXNlcm5hbWU6")]
-    assert client.state == IN_AUTH
+    assert client.state is State.IN_AUTH
     client.auth_response("Ym9zcw==")
     assert feed(client, b"+ UGFzc3dvcmQ6\r\n") == [Challenge(AUTH_RESPONSE, "UGFzc3dvcmQ6")]
     client.auth_response("d3Jvbmc=")
     assert client.data_to_send() == b"AUTH LOGIN\r\nYm9zcw==\r\nd3Jvbmc=\r\n"
     (response,) = feed(client, b"-ERR [AUTH] authentication failed\r\n")
     assert response.code == "AUTH" and not response.ok
-    assert client.state == AUTHORIZATION
+    assert client.state is State.AUTHORIZATION
 
 
 def test_auth_empty_initial_response_and_long_responses() -> None:
@@ -495,9 +492,9 @@ def test_auth_empty_initial_response_and_long_responses() -> None:
 def test_continuation_outside_auth_is_an_error() -> None:
     client = logged_in()
     client.stat()
-    with pytest.raises(ReplyError, match="continuation"):
+    with pytest.raises(RemoteProtocolError, match="continuation"):
         feed(client, b"+ abc\r\n")
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
 
 
 # --- STLS -----------------------------------------------------------------------------
@@ -511,20 +508,20 @@ def test_stls_then_capabilities_are_forgotten() -> None:
     client.stls()
     assert client.data_to_send() == b"STLS\r\n"
     (response,) = feed(client, b"+OK Begin TLS negotiation\r\n")
-    assert response.command == STLS and client.state == TLS_WAIT
+    assert response.command == STLS and client.state is State.TLS_WAIT
     client.tls_started()
     assert client.tls_active and client.capabilities == Capabilities()
-    assert client.state == AUTHORIZATION
-    with pytest.raises(ClientStateError, match="already active"):
+    assert client.state is State.AUTHORIZATION
+    with pytest.raises(LocalProtocolError, match="already active"):
         client.stls()
 
 
 def test_stls_response_injection_is_refused() -> None:
     client = greeted()
     client.stls()
-    with pytest.raises(ReplyError, match="after its \\+OK to STLS"):
+    with pytest.raises(RemoteProtocolError, match="after its \\+OK to STLS"):
         feed(client, b"+OK Begin TLS\r\n+OK injected\r\n")
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
 
 
 def test_data_during_the_handshake_is_refused() -> None:
@@ -532,7 +529,7 @@ def test_data_during_the_handshake_is_refused() -> None:
     client.stls()
     feed(client, b"+OK Begin TLS\r\n")
     client.receive_data(b"-ERR sneaky\r\n")
-    with pytest.raises(ReplyError, match="before the TLS handshake"):
+    with pytest.raises(RemoteProtocolError, match="before the TLS handshake"):
         client.next_event()
 
 
@@ -540,7 +537,7 @@ def test_stls_refused_stays_in_authorization() -> None:
     client = greeted()
     client.stls()
     (response,) = feed(client, b"-ERR TLS not available\r\n")
-    assert not response.ok and client.state == AUTHORIZATION and not client.tls_active
+    assert not response.ok and client.state is State.AUTHORIZATION and not client.tls_active
 
 
 # --- protocol errors -------------------------------------------------------------------
@@ -548,9 +545,9 @@ def test_stls_refused_stays_in_authorization() -> None:
 
 def test_response_nobody_asked_for() -> None:
     client = greeted()
-    with pytest.raises(ReplyError, match="no command awaiting"):
+    with pytest.raises(RemoteProtocolError, match="no command awaiting"):
         feed(client, b"+OK surprise\r\n")
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
     assert events(client) == [ConnectionClosed()]
 
 
@@ -563,7 +560,7 @@ def test_unsolicited_err_closes_the_session() -> None:
 def test_overlong_status_line() -> None:
     client = logged_in()
     client.stat()
-    with pytest.raises(ReplyError, match="longer than"):
+    with pytest.raises(RemoteProtocolError, match="longer than"):
         feed(client, b"+OK " + b"9" * MAX_STATUS_LINE_ACCEPTED + b"\r\n")
 
 
@@ -572,7 +569,7 @@ def test_overlong_listing() -> None:
     client.uidl()
     feed(client, b"+OK\r\n")
     line = b"1 " + b"u" * 68 + b"\r\n"
-    with pytest.raises(ReplyError, match="listing longer"):
+    with pytest.raises(RemoteProtocolError, match="listing longer"):
         for _ in range(MAX_LISTING_OCTETS // (len(line) * 1000) + 2):
             feed(client, line * 1000)
 
@@ -580,9 +577,9 @@ def test_overlong_listing() -> None:
 def test_malformed_status_line_closes() -> None:
     client = logged_in()
     client.noop()
-    with pytest.raises(ReplyError, match="malformed"):
+    with pytest.raises(RemoteProtocolError, match="malformed"):
         feed(client, b"250 ok\r\n")
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
     assert client.next_event() == ConnectionClosed((NOOP,))
 
 
@@ -672,7 +669,7 @@ def test_against_the_server_core() -> None:
     converse(client, core, drop, [])
     client.pass_("secret")
     (login,) = converse(client, core, drop, [2])
-    assert login.ok and client.state == TRANSACTION  # type: ignore[union-attr]
+    assert login.ok and client.state is State.TRANSACTION  # type: ignore[union-attr]
     client.list()
     client.uidl()
     listing, uidl = converse(client, core, drop, [5])

@@ -18,9 +18,9 @@ from postroom.protocol.pop3_server import (
     AuthStart,
     ConnectionClosed,
     Event,
+    LocalProtocolError,
     MessageInfo,
     Pass,
-    POP3ProtocolError,
     Pop3Reply,
     POP3Server,
     POP3ServerConfig,
@@ -478,7 +478,10 @@ def test_retr_byte_stuffs_and_terminates() -> None:
         ([b"a\n", b".b\n.\n"], b"a\r\n..b\r\n..\r\n"),
         ([b"no line end"], b"no line end\r\n"),
         ([b"ends in cr\r"], b"ends in cr\r\n"),
-        ([b"bare\rcr\r\n"], b"bare\rcr\r\n"),
+        # A bare CR is a line end, as everywhere in postroom: RFC 5322 2.3 allows
+        # CR only in CRLF, and RFC 1939 3 sends CRLF-terminated lines.
+        ([b"bare\rcr\r\n"], b"bare\r\ncr\r\n"),
+        ([b"bare\r", b"cr"], b"bare\r\ncr\r\n"),
         ([b".\r\n"], b"..\r\n"),
         ([b"", b""], b""),
         ([], b""),
@@ -548,7 +551,7 @@ def test_retrieve_refused_by_app_and_misuse_after_start() -> None:
     assert core.data_to_send() == b"-ERR [SYS/TEMP] message is gone\r\n"
     step(core, b"RETR 2\r\n")
     core.send_message_chunk(b"partial")
-    with pytest.raises(POP3ProtocolError):
+    with pytest.raises(LocalProtocolError):
         core.err("too late")
     core.end_message()
     assert core.next_event() is NEED_DATA
@@ -764,33 +767,33 @@ def test_login_refused_with_in_use_and_close() -> None:
 
 def test_app_misuse_raises_protocol_error() -> None:
     core = POP3Server(PLAIN)
-    with pytest.raises(POP3ProtocolError, match="GREETING"):
+    with pytest.raises(LocalProtocolError, match="GREETING"):
         core.ok()
-    with pytest.raises(POP3ProtocolError, match="one line"):
+    with pytest.raises(LocalProtocolError, match="one line"):
         core.greeting("two\nlines")
     assert core.state is State.GREETING  # a refused call changes nothing
     core.greeting()
-    with pytest.raises(POP3ProtocolError, match="tls_started"):
+    with pytest.raises(LocalProtocolError, match="tls_started"):
         core.tls_started()
-    with pytest.raises(POP3ProtocolError):
+    with pytest.raises(LocalProtocolError):
         core.greeting()
     step(core, b"USER alice\r\n")
-    with pytest.raises(POP3ProtocolError, match="login_succeeded.*User"):
+    with pytest.raises(LocalProtocolError, match="login_succeeded.*User"):
         core.login_succeeded(DROP)
-    with pytest.raises(POP3ProtocolError):
+    with pytest.raises(LocalProtocolError):
         core.send_message_chunk(b"x")
-    with pytest.raises(POP3ProtocolError):
+    with pytest.raises(LocalProtocolError):
         core.update_done()
-    with pytest.raises(POP3ProtocolError):
+    with pytest.raises(LocalProtocolError):
         core.err("two\r\nlines")
-    with pytest.raises(POP3ProtocolError):
+    with pytest.raises(LocalProtocolError):
         core.err("bad code", "NOT A CODE")
-    with pytest.raises(POP3ProtocolError):
+    with pytest.raises(LocalProtocolError):
         core.ok("two\r\nlines")
     core.ok()
     assert core.next_event() is NEED_DATA
     core.receive_data(b"")
-    with pytest.raises(POP3ProtocolError, match="after EOF"):
+    with pytest.raises(LocalProtocolError, match="after EOF"):
         core.receive_data(b"more")
 
 
@@ -802,13 +805,13 @@ def test_refusing_the_connection_instead_of_greeting() -> None:
 
 
 def test_bad_values_are_refused() -> None:
-    with pytest.raises(POP3ProtocolError):
+    with pytest.raises(LocalProtocolError):
         MessageInfo(10, "has space")
-    with pytest.raises(POP3ProtocolError):
+    with pytest.raises(LocalProtocolError):
         MessageInfo(10, "x" * 71)
-    with pytest.raises(POP3ProtocolError):
+    with pytest.raises(LocalProtocolError):
         MessageInfo(-1, "ok")
-    with pytest.raises(POP3ProtocolError):
+    with pytest.raises(LocalProtocolError):
         POP3Server(POP3ServerConfig(apop_timestamp="no brackets"))
 
 

@@ -2,7 +2,7 @@
 
 Three claims: how the bytes are split never changes what the core does; whatever
 the client sends and however the app answers, every reply is well formed and
-nothing but POP3ProtocolError (for a wrong app call) is raised; and the streamed
+nothing but LocalProtocolError (for a wrong app call) is raised; and the streamed
 RETR/TOP body equals a line-by-line reference of RFC 1939 3 byte-stuffing.
 """
 
@@ -14,6 +14,7 @@ import hashlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from postroom.protocol.lines import DotStuffer
 from postroom.protocol.pop3_server import (
     NEED_DATA,
     PAUSED,
@@ -23,8 +24,8 @@ from postroom.protocol.pop3_server import (
     AuthStart,
     ConnectionClosed,
     Event,
+    LocalProtocolError,
     Pass,
-    POP3ProtocolError,
     POP3Server,
     POP3ServerConfig,
     Retrieve,
@@ -201,12 +202,12 @@ WRONG_CALLS = [
 
 
 def answer_randomly(core: POP3Server, event: Event, data: st.DataObject) -> None:
-    # Any wrong call may come first: it must raise POP3ProtocolError and send nothing.
+    # Any wrong call may come first: it must raise LocalProtocolError and send nothing.
     if data.draw(st.integers(0, 3)) == 3:
         wrong = data.draw(st.sampled_from(range(len(WRONG_CALLS))))
         try:
             WRONG_CALLS[wrong](core)
-        except POP3ProtocolError:
+        except LocalProtocolError:
             assert core.data_to_send() == b""
         else:  # that call happened to fit the event: it was (part of) the answer
             if WRONG_CALLS[wrong] is send_chunk:
@@ -290,10 +291,9 @@ def test_any_client_and_app_get_well_formed_replies(
 
 
 def reference_body(message: bytes, top: int | None) -> bytes:
-    """RFC 1939 3 and 7 line by line: CRLF ends, stuffed dots, TOP's cut, "." line."""
-    if message.endswith(b"\r"):
-        message += b"\n"
-    text = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    """RFC 1939 3 and 7 line by line: CRLF ends (a bare CR or LF is a line end, RFC 5322
+    2.3), stuffed dots, TOP's cut, "." line."""
+    text = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     lines = text.split(b"\r\n")
     if lines[-1] == b"":
         lines.pop()
@@ -327,11 +327,11 @@ def test_streamed_body_matches_line_by_line_reference(
     core.data_to_send()
     core.receive_data(b"RETR 1\r\n" if top is None else b"TOP 1 %d\r\n" % top)
     assert isinstance(core.next_event(), (Retrieve, Top))
-    # crlf=True is the caller's word that no LF is bare (a Maildir name with W= equal
-    # to S=): for such messages it must not change a single byte of what is sent.
+    # crlf=True is the caller's word that no CR or LF is bare (a Maildir name with W=
+    # equal to S=): for such messages it must not change a single byte of what is sent.
     crlf = data.draw(st.booleans())
     if crlf:
-        message = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     cuts = sorted(data.draw(st.lists(st.integers(0, len(message)), max_size=8)))
     out = []
     for a, b in zip([0, *cuts], [*cuts, len(message)], strict=True):
@@ -342,3 +342,24 @@ def test_streamed_body_matches_line_by_line_reference(
     status, _, body = b"".join(out).partition(b"\r\n")
     assert status.startswith(b"+OK")
     assert body == reference_body(message, top)
+
+
+@settings(max_examples=200, deadline=None)
+@given(MESSAGE_BYTES)
+def test_retr_sends_a_message_as_smtp_data_does(message: bytes) -> None:
+    """One dot-stuffer for both protocols: RETR's body is what the SMTP client sends
+    after DATA, bare CRs and LFs included (each a line end)."""
+    core = POP3Server(CONFIG)
+    core.greeting()
+    core.receive_data(b"USER alice\r\n")
+    core.next_event()
+    core.ok()
+    core.receive_data(b"PASS secret\r\n")
+    core.next_event()
+    core.login_succeeded(DROP)
+    core.data_to_send()
+    core.receive_data(b"RETR 1\r\n")
+    assert isinstance(core.next_event(), Retrieve)
+    core.send_message(message)
+    stuffer = DotStuffer()
+    assert core.data_to_send().partition(b"\r\n")[2] == stuffer.feed(message) + stuffer.end()

@@ -1,4 +1,4 @@
-"""The SMTP client core: reply parsing, EHLO extensions, command bytes, state and pipelining.
+"""The SMTP client core: EHLO extensions, command bytes, state and pipelining.
 
 Pure bytes in, events out. Content framing and the core played against
 postroom's own server core are in test_smtp_client_data.py.
@@ -8,41 +8,30 @@ from __future__ import annotations
 
 import pytest
 
-from postroom.protocol.replies import Reply
+from postroom.protocol.replies import Reply, parse_reply
 from postroom.protocol.smtp_client import (
     BDAT,
     BDAT_LAST,
-    CLOSED,
     DATA,
     EHLO,
     END_DATA,
-    GREETED,
     GREETING,
     HELO,
-    IN_AUTH,
-    IN_DATA,
-    IN_MAIL,
     MAIL,
-    MAX_REPLY_LINE_ACCEPTED,
-    MAX_REPLY_OCTETS,
     NEED_DATA,
     QUIT,
     RCPT,
-    READY,
-    REFUSED,
     RSET,
     STARTTLS,
-    TLS_WAIT,
-    ClientStateError,
     ConnectionClosed,
     Event,
     Extensions,
-    ReplyError,
-    ReplyParser,
+    LocalProtocolError,
+    RemoteProtocolError,
     Response,
     SMTPClient,
+    State,
     encode_orcpt,
-    parse_reply,
 )
 
 FULL_EHLO = (
@@ -93,100 +82,6 @@ def replies(evts: list[Event]) -> list[tuple[str, int]]:
     return [(e.command, e.reply.code) for e in evts if isinstance(e, Response)]
 
 
-# --- Reply parsing -----------------------------------------------------------
-
-
-def test_single_and_multiline_replies() -> None:
-    assert parse_reply(b"250 OK\r\n") == Reply(250, None, "OK")
-    assert parse_reply(b"250-first\r\n250-second\r\n250 last\r\n") == Reply(
-        250, None, "first\nsecond\nlast"
-    )
-    assert parse_reply(b"250\r\n") == Reply(250, None, "")  # RFC 5321 4.2: text is optional
-    assert parse_reply(b"354 go ahead\n") == Reply(354, None, "go ahead")  # bare LF forgiven
-    assert parse_reply(b"421 bye\r\n") == Reply(421, None, "bye", close=True)
-
-
-def test_enhanced_codes_only_when_offered() -> None:
-    data = b"550-5.1.1 no such user\r\n550 5.1.1 here\r\n"
-    assert parse_reply(data) == Reply(550, None, "5.1.1 no such user\n5.1.1 here")
-    assert parse_reply(data, enhanced=True) == Reply(550, "5.1.1", "no such user\nhere")
-
-
-def test_enhanced_code_must_fit_the_reply() -> None:
-    # RFC 3463 2: the class digit matches the reply's first digit.
-    assert parse_reply(b"550 2.0.0 odd\r\n", enhanced=True) == Reply(550, None, "2.0.0 odd")
-    # 3xx replies carry none; a 334 challenge is base64, never a code.
-    assert parse_reply(b"334 VXNlcm5hbWU6\r\n", enhanced=True).enhanced is None
-    # A line without the code keeps its text; a line with it loses it.
-    reply = parse_reply(b"452-4.5.3 too many\r\n452 try later\r\n", enhanced=True)
-    assert reply == Reply(452, "4.5.3", "too many\ntry later")
-    assert parse_reply(b"250 2.0.0\r\n", enhanced=True) == Reply(250, "2.0.0", "")
-    assert parse_reply(b"250 2.0.0x\r\n", enhanced=True) == Reply(250, None, "2.0.0x")
-
-
-def test_reply_text_that_is_not_utf8_is_replaced() -> None:
-    assert parse_reply(b"250 caf\xe9\r\n").text == "caf\ufffd"
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"25 short\r\n",
-        b"abc text\r\n",
-        b"2500 text\r\n",
-        b"250_text\r\n",
-        b"150 informational\r\n",  # RFC 5321 4.2.1: 1yz is not used in SMTP
-        b"650 no such class\r\n",
-        b"\r\n",
-        b"250-first\r\n251 other code\r\n",
-        b"250 " + b"x" * MAX_REPLY_LINE_ACCEPTED + b"\r\n",
-    ],
-)
-def test_malformed_replies_raise(data: bytes) -> None:
-    with pytest.raises(ReplyError):
-        parse_reply(data)
-
-
-def test_huge_multiline_reply_is_refused() -> None:
-    line = b"250-" + b"x" * 500 + b"\r\n"
-    parser = ReplyParser()
-    parser.feed(line * (MAX_REPLY_OCTETS // len(line) + 1))
-    with pytest.raises(ReplyError, match="longer than"):
-        parser.next_reply()
-
-
-def test_parse_reply_wants_exactly_one() -> None:
-    with pytest.raises(ReplyError, match="incomplete"):
-        parse_reply(b"250-more to come\r\n")
-    with pytest.raises(ReplyError, match="after"):
-        parse_reply(b"250 one\r\n250 two\r\n")
-
-
-def test_replies_split_anywhere_give_the_same_replies() -> None:
-    data = b"220 hi\r\n250-a\r\n250 b\r\n550-5.1.1 x\r\n550 5.1.1 y\r\n354 go\n"
-    whole = ReplyParser(enhanced=True)
-    whole.feed(data)
-    expected = []
-    while (reply := whole.next_reply()) is not None:
-        expected.append(reply)
-    assert len(expected) == 4
-    for cut in range(len(data) + 1):
-        parser = ReplyParser(enhanced=True)
-        got = []
-        for piece in (data[:cut], data[cut:]):
-            parser.feed(piece)
-            while (reply := parser.next_reply()) is not None:
-                got.append(reply)
-        assert got == expected, cut
-    parser = ReplyParser(enhanced=True)
-    got = []
-    for i in range(len(data)):
-        parser.feed(data[i : i + 1])
-        while (reply := parser.next_reply()) is not None:
-            got.append(reply)
-    assert got == expected and len(parser) == 0
-
-
 # --- EHLO extensions --------------------------------------------------------
 
 
@@ -218,19 +113,19 @@ def test_extensions_odd_forms() -> None:
 
 def test_greeting_then_ehlo() -> None:
     client = SMTPClient()
-    assert client.state == "connected" and client.pending == (GREETING,)
+    assert client.state is State.CONNECTED and client.pending == (GREETING,)
     assert client.next_event() is NEED_DATA
-    with pytest.raises(ClientStateError, match="EHLO"):
+    with pytest.raises(LocalProtocolError, match="EHLO"):
         client.ehlo("relay.example")  # RFC 5321 3.1: wait for the greeting
     assert answer(client, b"220 mx ESMTP\r\n") == [
         Response(GREETING, Reply(220, None, "mx ESMTP"))
     ]
-    assert client.state == GREETED
+    assert client.state is State.GREETED
     client.ehlo("relay.example")
     assert client.data_to_send() == b"EHLO relay.example\r\n"
     (response,) = answer(client, FULL_EHLO)
     assert isinstance(response, Response) and response.argument == "relay.example"
-    assert client.state == READY and client.esmtp and client.extensions.pipelining
+    assert client.state is State.READY and client.esmtp and client.extensions.pipelining
 
 
 def test_ehlo_refused_then_helo_has_no_extensions() -> None:
@@ -238,11 +133,11 @@ def test_ehlo_refused_then_helo_has_no_extensions() -> None:
     answer(client, b"220 old ready\r\n")
     client.ehlo("relay.example")
     assert replies(answer(client, b"502 Command not implemented\r\n")) == [(EHLO, 502)]
-    assert client.state == GREETED
+    assert client.state is State.GREETED
     client.helo("relay.example")
     assert client.data_to_send() == b"EHLO relay.example\r\nHELO relay.example\r\n"
     assert replies(answer(client, b"250 old\r\n")) == [(HELO, 250)]
-    assert client.state == READY and not client.esmtp and not client.extensions.keywords
+    assert client.state is State.READY and not client.esmtp and not client.extensions.keywords
     with pytest.raises(ValueError, match="SIZE"):
         client.mail("a@x.example", size=10)
 
@@ -250,8 +145,8 @@ def test_ehlo_refused_then_helo_has_no_extensions() -> None:
 def test_554_greeting_allows_only_quit() -> None:
     client = SMTPClient()
     answer(client, b"554 no service for you\r\n")
-    assert client.state == REFUSED
-    with pytest.raises(ClientStateError):
+    assert client.state is State.REFUSED
+    with pytest.raises(LocalProtocolError):
         client.ehlo("relay.example")
     client.quit()
     assert replies(answer(client, b"221 bye\r\n")) == [(QUIT, 221)]
@@ -276,18 +171,18 @@ def test_full_transaction_bytes() -> None:
     assert [e.argument for e in evts if isinstance(e, Response)] == [
         "a@x.example", "b@y.example", "Postmaster", ""
     ]
-    assert client.state == IN_DATA
+    assert client.state is State.IN_DATA
     client.send_data(b"Subject: x\r\n\r\nbody\r\n")
     client.end_data()
     assert client.data_to_send() == b"Subject: x\r\n\r\nbody\r\n.\r\n"
     (done,) = answer(client, b"250 2.0.0 queued as X\r\n")
     assert isinstance(done, Response) and done.command == END_DATA
     assert done.reply == Reply(250, "2.0.0", "queued as X")
-    assert client.state == READY
+    assert client.state is State.READY
     client.quit()
     assert client.data_to_send() == b"QUIT\r\n"
     assert replies(answer(client, b"221 2.0.0 bye\r\n")) == [(QUIT, 221)]
-    assert client.state == CLOSED
+    assert client.state is State.CLOSED
 
 
 def test_null_sender_and_dsn_parameters() -> None:
@@ -403,7 +298,7 @@ def test_rcpt_argument_checks() -> None:
 def test_without_pipelining_commands_wait_for_replies() -> None:
     client = greeted(PLAIN_EHLO)
     client.mail("a@x.example")
-    with pytest.raises(ClientStateError, match="PIPELINING"):
+    with pytest.raises(LocalProtocolError, match="PIPELINING"):
         client.rcpt("b@y.example")
     answer(client, b"250 ok\r\n")
     client.rcpt("b@y.example")
@@ -416,13 +311,13 @@ def test_nothing_follows_data_or_ehlo_in_a_group() -> None:
     client.mail("a@x.example")
     client.rcpt("b@y.example")
     client.data()
-    with pytest.raises(ClientStateError, match="DATA is answered"):
+    with pytest.raises(LocalProtocolError, match="DATA is answered"):
         client.rset()
-    with pytest.raises(ClientStateError, match="354"):
+    with pytest.raises(LocalProtocolError, match="354"):
         client.send_data(b"too early")
     client = greeted()
     client.ehlo("again.example")
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.mail("a@x.example")
 
 
@@ -440,7 +335,7 @@ def test_nothing_follows_data_or_ehlo_in_a_group() -> None:
 )
 def test_out_of_turn_calls_raise(call: object) -> None:
     client = greeted()
-    with pytest.raises(ClientStateError, match="state"):
+    with pytest.raises(LocalProtocolError, match="state"):
         call(client)  # type: ignore[operator]
 
 
@@ -448,7 +343,7 @@ def test_nested_mail_is_out_of_turn() -> None:
     client = greeted()
     client.mail("a@x.example")
     answer(client, b"250 ok\r\n")
-    with pytest.raises(ClientStateError, match="MAIL in state mail"):
+    with pytest.raises(LocalProtocolError, match="MAIL in state mail"):
         client.mail("b@x.example")
 
 
@@ -464,7 +359,7 @@ def test_refused_mail_in_a_pipeline_leaves_the_session_ready() -> None:
         b"503 5.5.1 need MAIL\r\n",
     )
     assert replies(evts) == [(MAIL, 550), (RCPT, 503), (RCPT, 503), (DATA, 503)]
-    assert client.state == READY and client.pending == ()
+    assert client.state is State.READY and client.pending == ()
     client.mail("a@x.example")  # a new transaction may start right away
 
 
@@ -475,10 +370,10 @@ def test_all_recipients_refused_then_rset() -> None:
     client.data()
     evts = answer(client, b"250 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n")
     assert replies(evts) == [(MAIL, 250), (RCPT, 550), (DATA, 554)]
-    assert client.state == IN_MAIL
+    assert client.state is State.IN_MAIL
     client.rset()
     assert replies(answer(client, b"250 2.0.0 ok\r\n")) == [(RSET, 250)]
-    assert client.state == READY
+    assert client.state is State.READY
 
 
 def test_data_accepted_without_recipients_needs_a_lone_dot() -> None:
@@ -488,12 +383,12 @@ def test_data_accepted_without_recipients_needs_a_lone_dot() -> None:
     client.rcpt("b@y.example")
     client.data()
     answer(client, b"250 ok\r\n550 no\r\n354 go\r\n")
-    assert client.state == IN_DATA
+    assert client.state is State.IN_DATA
     client.data_to_send()
     client.end_data()
     assert client.data_to_send() == b".\r\n"
     assert replies(answer(client, b"554 no valid recipients\r\n")) == [(END_DATA, 554)]
-    assert client.state == READY
+    assert client.state is State.READY
 
 
 def test_421_in_a_pipeline_ends_the_session() -> None:
@@ -508,7 +403,7 @@ def test_421_in_a_pipeline_ends_the_session() -> None:
         ConnectionClosed(unanswered=(DATA,)),
     ]
     assert client.closing
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.rset()
     assert client.next_event() == ConnectionClosed(unanswered=(DATA,))  # every time
 
@@ -533,7 +428,7 @@ def test_unsolicited_replies() -> None:
     ]
     client = greeted()
     client.receive_data(b"250 nobody asked\r\n")
-    with pytest.raises(ReplyError, match="no command"):
+    with pytest.raises(RemoteProtocolError, match="no command"):
         client.next_event()
     assert client.closing and client.next_event() == ConnectionClosed()
 
@@ -550,7 +445,7 @@ def test_reply_class_that_cannot_answer(send: object, reply: bytes) -> None:
     client = greeted()
     send(client)  # type: ignore[operator]
     client.receive_data(reply)
-    with pytest.raises(ReplyError, match="cannot answer"):
+    with pytest.raises(RemoteProtocolError, match="cannot answer"):
         client.next_event()
     assert client.closing
 
@@ -559,7 +454,7 @@ def test_malformed_reply_closes_the_core() -> None:
     client = greeted()
     client.noop()
     client.receive_data(b"hello there\r\n")
-    with pytest.raises(ReplyError, match="malformed"):
+    with pytest.raises(RemoteProtocolError, match="malformed"):
         client.next_event()
     assert client.next_event() == ConnectionClosed(unanswered=("NOOP",))
 
@@ -591,15 +486,15 @@ def test_starttls_resets_the_session() -> None:
     client.starttls()
     assert client.data_to_send() == b"STARTTLS\r\n"
     assert replies(answer(client, b"220 2.0.0 ready\r\n")) == [(STARTTLS, 220)]
-    assert client.state == TLS_WAIT
+    assert client.state is State.TLS_WAIT
     client.tls_started()
-    assert client.tls_active and client.state == GREETED and not client.extensions.keywords
-    with pytest.raises(ClientStateError):
+    assert client.tls_active and client.state is State.GREETED and not client.extensions.keywords
+    with pytest.raises(LocalProtocolError):
         client.mail("a@x.example")  # RFC 3207 4.2: EHLO again first
     client.ehlo("relay.example")
     answer(client, b"250-mx\r\n250 ENHANCEDSTATUSCODES\r\n")
     assert client.esmtp and "STARTTLS" not in client.extensions
-    with pytest.raises(ClientStateError, match="already"):
+    with pytest.raises(LocalProtocolError, match="already"):
         client.starttls()
 
 
@@ -607,7 +502,7 @@ def test_starttls_refused_keeps_plaintext_session() -> None:
     client = greeted()
     client.starttls()
     assert replies(answer(client, b"454 4.7.0 TLS not available\r\n")) == [(STARTTLS, 454)]
-    assert client.state == READY and not client.tls_active
+    assert client.state is State.READY and not client.tls_active
     client.mail("a@x.example")
 
 
@@ -617,14 +512,14 @@ def test_data_behind_the_220_to_starttls_is_an_attack() -> None:
     client = greeted()
     client.starttls()
     client.receive_data(b"220 ready\r\n250-evil\r\n250 AUTH PLAIN\r\n")
-    with pytest.raises(ReplyError, match="after its 220"):
+    with pytest.raises(RemoteProtocolError, match="after its 220"):
         client.next_event()
     assert client.closing
     client = greeted()
     client.starttls()
     assert replies(answer(client, b"220 ready\r\n")) == [(STARTTLS, 220)]
     client.receive_data(b"250 late\r\n")
-    with pytest.raises(ReplyError, match="before the TLS handshake"):
+    with pytest.raises(RemoteProtocolError, match="before the TLS handshake"):
         client.next_event()
 
 
@@ -633,22 +528,22 @@ def test_auth_plain_with_initial_response() -> None:
     client.auth("plain", "AHVzZXIAcGFzcw==")
     assert client.data_to_send() == b"AUTH PLAIN AHVzZXIAcGFzcw==\r\n"
     assert replies(answer(client, b"235 2.7.0 ok\r\n")) == [("AUTH", 235)]
-    assert client.authenticated and client.state == READY
+    assert client.authenticated and client.state is State.READY
 
 
 def test_auth_login_exchange_and_empty_initial_response() -> None:
     client = greeted()
     client.auth("LOGIN")
     assert replies(answer(client, b"334 VXNlcm5hbWU6\r\n")) == [("AUTH", 334)]
-    assert client.state == IN_AUTH
+    assert client.state is State.IN_AUTH
     client.auth_response("dXNlcg==")
-    with pytest.raises(ClientStateError):
+    with pytest.raises(LocalProtocolError):
         client.auth_response("cGFzcw==")  # the next challenge first
     answer(client, b"334 UGFzc3dvcmQ6\r\n")
     client.auth_response("cGFzcw==")
     assert client.data_to_send() == b"AUTH LOGIN\r\ndXNlcg==\r\ncGFzcw==\r\n"
     assert replies(answer(client, b"535 5.7.8 bad\r\n")) == [("AUTH response", 535)]
-    assert client.state == READY and not client.authenticated
+    assert client.state is State.READY and not client.authenticated
     client.auth("PLAIN", "")
     assert client.data_to_send() == b"AUTH PLAIN =\r\n"  # RFC 4954 4
 
@@ -669,7 +564,7 @@ def test_bdat_chunks() -> None:
     )
     evts = answer(client, b"250 ok\r\n250 ok\r\n250 10 octets\r\n250 queued\r\n")
     assert replies(evts) == [(MAIL, 250), (RCPT, 250), (BDAT, 250), (BDAT_LAST, 250)]
-    assert client.state == READY
+    assert client.state is State.READY
     client = greeted(PLAIN_EHLO)
     client.mail("a@x.example")
     answer(client, b"250 ok\r\n")

@@ -21,10 +21,10 @@ from postroom.protocol.smtp_client import (
     MAIL,
     NEED_DATA,
     RCPT,
-    READY,
     ConnectionClosed,
     Response,
     SMTPClient,
+    State,
 )
 from postroom.protocol.smtp_server import (
     DataStart,
@@ -199,7 +199,7 @@ def test_pipelined_transaction_against_the_server_core() -> None:
     client.send_data(message)
     client.end_data()
     (end,) = pair.responses()
-    assert end.command == END_DATA and end.reply.code == 250 and client.state == READY
+    assert end.command == END_DATA and end.reply.code == 250 and client.state is State.READY
     (mail,) = pair.server_events(MailFrom)
     assert isinstance(mail, MailFrom)
     assert (mail.address, mail.size, mail.ret, mail.envid, mail.body) == (

@@ -26,15 +26,16 @@ from postroom.protocol.smtp_server import (
     DataStart,
     Event,
     Hello,
+    LocalProtocolError,
     MailFrom,
     MessageEnd,
     Quit,
     RcptTo,
     Reset,
-    SMTPProtocolError,
     SMTPServer,
     SMTPServerConfig,
     StartTLS,
+    State,
 )
 
 EHLO_LINES = [
@@ -76,7 +77,7 @@ def ehlo_keywords(d: Driver) -> list[str]:
 
 def test_banner_is_sent_first_without_enhanced_code() -> None:
     core = SMTPServer(SMTPServerConfig(hostname=HOST))
-    assert core.state == "connected"
+    assert core.state is State.CONNECTED
     core.receive_data(b"EHLO early.example\r\n")
     assert core.next_event() is PAUSED  # nothing is read before the greeting
     core.send(Reply(220, "2.0.0", f"{HOST} ESMTP"))  # RFC 2034 3: no code in greetings
@@ -107,7 +108,7 @@ def test_554_banner_answers_everything_but_quit_with_503() -> None:
 
 def test_banner_code_must_be_a_greeting() -> None:
     core = SMTPServer(SMTPServerConfig(hostname=HOST))
-    with pytest.raises(SMTPProtocolError, match="banner"):
+    with pytest.raises(LocalProtocolError, match="banner"):
         core.send(Reply(250, None, "hello"))
 
 
@@ -118,7 +119,7 @@ def test_ehlo_lists_extensions_for_the_default_config() -> None:
     d = Driver()
     assert d.feed(b"EHLO client.example\r\n") == [Hello("EHLO", "client.example")]
     assert d.replies() == ["250 " + "|".join(EHLO_LINES)]
-    assert d.server.state == "ready"
+    assert d.server.state is State.READY
     assert d.server.helo == "client.example"
 
 
@@ -217,7 +218,7 @@ def test_mail_with_every_parameter() -> None:
         )
     ]
     assert d.replies() == ["250 2.1.0 Sender ok"]
-    assert d.server.state == "mail"
+    assert d.server.state is State.MAIL
 
 
 def test_mail_auth_parameter_is_kept_once_authenticated() -> None:
@@ -279,7 +280,7 @@ def test_mail_errors(line: bytes, reply: str) -> None:
     d = greeted()
     assert d.feed(line + b"\r\n") == []
     assert d.replies() == [reply]
-    assert d.server.state == "ready"
+    assert d.server.state is State.READY
 
 
 def test_mail_utf8_address_with_smtputf8() -> None:
@@ -328,7 +329,7 @@ def test_refused_mail_keeps_the_session_ready() -> None:
     d = greeted(answer=answer)
     d.feed(b"MAIL FROM:<spam@example.org>\r\nRCPT TO:<b@example.net>\r\n")
     assert d.replies() == ["550 5.7.1 No", "503 5.5.1 Send MAIL first"]
-    assert d.server.state == "ready"
+    assert d.server.state is State.READY
 
 
 def test_mail_line_may_use_the_extension_allowances() -> None:
@@ -358,7 +359,7 @@ def test_rcpt_with_dsn_parameters() -> None:
         RcptTo("b@example.net", notify=("SUCCESS", "DELAY"), orcpt="rfc822;b+x@example.net"),
         RcptTo("c@example.net", notify=("NEVER",)),
     ]
-    assert d.server.state == "rcpt"
+    assert d.server.state is State.RCPT
 
 
 def test_rcpt_postmaster_without_domain_and_source_route() -> None:
@@ -456,7 +457,7 @@ def test_noop_rset_vrfy_expn_help() -> None:
         help_text,
         help_text,
     ]
-    assert d.server.state == "ready"
+    assert d.server.state is State.READY
 
 
 @pytest.mark.parametrize(
@@ -480,7 +481,7 @@ def test_rset_before_helo_is_fine() -> None:
     d = Driver()
     assert d.feed(b"RSET\r\n") == [Reset()]
     assert d.replies() == ["250 2.0.0 OK"]
-    assert d.server.state == "greeted"
+    assert d.server.state is State.GREETED
 
 
 def test_quit_closes() -> None:
@@ -531,7 +532,7 @@ def test_bare_lf_command_is_refused_in_reject_mode() -> None:
         "500 5.5.2 Bare <LF> received; commands end with <CR><LF>",
         "250 2.0.0 OK",
     ]
-    assert d.server.state == "greeted"  # the EHLO was not run
+    assert d.server.state is State.GREETED  # the EHLO was not run
 
 
 def test_bare_lf_command_is_accepted_in_normalize_mode() -> None:
@@ -582,11 +583,11 @@ def test_starttls_discards_pipelined_commands() -> None:
     events = d.feed(b"STARTTLS\r\nMAIL FROM:<evil@example.org>\r\n")
     assert events == [StartTLS()]
     assert d.replies() == ["220 2.0.0 Ready to start TLS"]
-    assert d.server.state == "tls_wait"
+    assert d.server.state is State.TLS_WAIT
     assert d.feed(b"RCPT TO:<victim@example.net>\r\n") == []  # still cleartext: dropped
     assert d.server.bytes_buffered == 0
     d.server.tls_started()
-    assert d.server.tls_active and d.server.state == "greeted" and d.server.helo is None
+    assert d.server.tls_active and d.server.state is State.GREETED and d.server.helo is None
     assert d.feed(b"MAIL FROM:<a@example.org>\r\n") == []
     assert d.replies() == ["503 5.5.1 Send HELO/EHLO first"]
     assert "STARTTLS" not in ehlo_keywords(d)
@@ -615,7 +616,7 @@ def test_starttls_refused_by_the_app_keeps_reading_commands() -> None:
 
 def test_tls_started_only_after_starttls() -> None:
     d = greeted(starttls=True)
-    with pytest.raises(SMTPProtocolError, match="tls_started.*ready"):
+    with pytest.raises(LocalProtocolError, match="tls_started.*ready"):
         d.server.tls_started()
 
 
@@ -684,7 +685,7 @@ def test_auth_login_exchange_and_failure() -> None:
         "334 UGFzc3dvcmQ6",
         "535 5.7.8 Authentication credentials invalid",
     ]
-    assert d.server.authenticated is None and d.server.state == "ready"
+    assert d.server.authenticated is None and d.server.state is State.READY
     d.feed(b"AUTH LOGIN " + b64("bob") + b"\r\n" + b64("hunter2") + b"\r\n")
     assert d.replies() == ["334 UGFzc3dvcmQ6", "235 2.7.0 Authentication successful"]
     assert d.server.authenticated == "bob"
@@ -696,7 +697,7 @@ def test_auth_cancel_and_bad_base64() -> None:
     assert d.replies() == ["334 VXNlcm5hbWU6", "501 5.7.0 Authentication cancelled"]
     d.feed(b"AUTH PLAIN not=base64\r\n")
     assert d.replies() == ["501 5.5.2 Cannot decode the base64 response"]
-    assert d.server.state == "ready"
+    assert d.server.state is State.READY
 
 
 def test_auth_response_too_long() -> None:
@@ -777,29 +778,29 @@ def test_pending_event_pauses_pipelined_commands() -> None:
 )
 def test_replies_that_do_not_fit_raise(reply: Reply, message: str) -> None:
     d = paused_at_mail()
-    with pytest.raises(SMTPProtocolError, match=message):
+    with pytest.raises(LocalProtocolError, match=message):
         d.server.send(reply)
     d.server.send(Reply(250, "2.1.0", "ok"))  # the event still awaits its answer
 
 
 def test_send_without_pending_event_raises() -> None:
     d = greeted()
-    with pytest.raises(SMTPProtocolError, match="no event awaiting a reply.*ready"):
+    with pytest.raises(LocalProtocolError, match="no event awaiting a reply.*ready"):
         d.server.send(Reply(250, "2.0.0", "ok"))
-    with pytest.raises(SMTPProtocolError, match="auth_succeeded"):
+    with pytest.raises(LocalProtocolError, match="auth_succeeded"):
         d.server.auth_succeeded("x", Reply(235, "2.7.0", "ok"))
-    with pytest.raises(SMTPProtocolError, match="Reply"):
+    with pytest.raises(LocalProtocolError, match="Reply"):
         d.server.send("250 ok")  # type: ignore[arg-type]
 
 
 def test_send_after_close_and_data_after_eof_raise() -> None:
     d = paused_at_mail()
     d.server.receive_data(b"")
-    with pytest.raises(SMTPProtocolError, match="after EOF"):
+    with pytest.raises(LocalProtocolError, match="after EOF"):
         d.server.receive_data(b"NOOP\r\n")
     d.server.send(Reply(250, "2.1.0", "ok"))
     assert kinds(d.pump()) == ["ConnectionClosed"]
-    with pytest.raises(SMTPProtocolError, match="closed"):
+    with pytest.raises(LocalProtocolError, match="closed"):
         d.server.send(Reply(250, "2.0.0", "ok"))
 
 
@@ -849,6 +850,8 @@ def test_config_is_validated() -> None:
         SMTPServerConfig(hostname=HOST, bare_newline="allow")
     with pytest.raises(ValueError, match="hostname"):
         SMTPServerConfig(hostname="a b")
+    with pytest.raises(ValueError, match="hostname"):
+        SMTPServerConfig(hostname="mx.example\n421-injected")  # it goes into replies
     with pytest.raises(ValueError, match="limits"):
         SMTPServerConfig(hostname=HOST, max_recipients=0)
     with pytest.raises(ValueError, match="mechanism"):

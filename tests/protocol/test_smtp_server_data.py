@@ -18,6 +18,7 @@ from postroom.protocol.smtp_server import (
     MessageEnd,
     RcptTo,
     Reset,
+    State,
 )
 
 ENVELOPE = b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
@@ -52,7 +53,7 @@ def test_message_through_data() -> None:
         MessageEnd(size=22),
     ]
     assert d.replies() == ["354 End data with <CR><LF>.<CR><LF>", "250 2.0.0 Ok: queued as Q1"]
-    assert d.server.state == "ready"
+    assert d.server.state is State.READY
 
 
 def test_empty_message() -> None:
@@ -125,7 +126,7 @@ def test_data_refused_by_the_app_reads_commands_again() -> None:
     d.answer = answer
     assert kinds(d.feed(b"DATA\r\nNOOP\r\n")) == ["DataStart"]
     assert d.replies() == ["451 4.3.0 Try later", "250 2.0.0 OK"]
-    assert d.server.state == "rcpt"
+    assert d.server.state is State.RCPT
 
 
 def test_refused_message_ends_the_transaction() -> None:
@@ -293,7 +294,7 @@ def test_message_over_the_size_limit_is_read_to_its_end_and_refused() -> None:
     assert len(content(d.events)) <= 1000  # nothing past the limit is handed out
     assert isinstance(events[-1], MessageAborted) and str(events[-1].reply) == TOO_BIG
     assert d.replies()[-2:] == [TOO_BIG, "250 2.0.0 OK"]
-    assert d.server.state == "ready"
+    assert d.server.state is State.READY
 
 
 def test_size_counts_content_after_unstuffing() -> None:

@@ -4,7 +4,7 @@
   application answers at random (but legally), never make the core raise,
   never make it write a malformed reply, and keep its promises: each message
   settles exactly once, no content outside a message, a bounded buffer.
-- Only SMTPProtocolError ever comes out of the core, whatever the application
+- Only LocalProtocolError ever comes out of the core, whatever the application
   calls in whatever order.
 - How the bytes are split never changes the events or the replies.
 """
@@ -28,12 +28,12 @@ from postroom.protocol.smtp_server import (
     DataStart,
     Event,
     Hello,
+    LocalProtocolError,
     MailFrom,
     MessageAborted,
     MessageData,
     MessageEnd,
     RcptTo,
-    SMTPProtocolError,
     SMTPServer,
     SMTPServerConfig,
     StartTLS,
@@ -282,7 +282,7 @@ def test_only_protocol_errors_escape_whatever_the_app_calls(
                 core.receive_data(b"")
             else:
                 core.next_event()
-        except SMTPProtocolError:
+        except LocalProtocolError:
             pass
     parse_replies(core.data_to_send())
 

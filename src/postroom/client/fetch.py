@@ -60,12 +60,12 @@ from postroom.protocol.pop3_client import (
     MAX_COMMAND_LINE,
     NEED_DATA,
     Challenge,
-    ClientStateError,
     ConnectionClosed,
+    LocalProtocolError,
     MessageData,
     MessageEnd,
     POP3Client,
-    ReplyError,
+    RemoteProtocolError,
     Response,
     sizes_of,
     stat_of,
@@ -507,7 +507,7 @@ class _Session(Session[POP3Client]):
             what = waiting_for(core.pending)
             try:
                 event = core.next_event()
-            except ReplyError as exc:
+            except RemoteProtocolError as exc:
                 raise self.lost(f"{self.where} broke the protocol: {exc}", "protocol") from None
             if event is NEED_DATA:
                 try:
@@ -519,7 +519,6 @@ class _Session(Session[POP3Client]):
                 continue
             if isinstance(event, ConnectionClosed):
                 raise self.lost(f"{self.where} closed the connection ({what})")
-            assert not isinstance(event, type)
             if isinstance(event, Response) and not event.command:
                 self.trace(f"S: {event}")
                 raise self.lost(f"{self.where} ended the session: {event}")
@@ -557,7 +556,7 @@ class _Session(Session[POP3Client]):
         try:
             self.core.quit()
             answer = await self.response("QUIT", note)
-        except (FetchError, ClientStateError):
+        except (FetchError, LocalProtocolError):
             answer = None
         self.channel.close()
         return answer

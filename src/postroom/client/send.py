@@ -57,7 +57,7 @@ from postroom.protocol.smtp_client import (
     NEED_DATA,
     ConnectionClosed,
     Extensions,
-    ReplyError,
+    RemoteProtocolError,
     Response,
     SMTPClient,
     path_problem,
@@ -253,7 +253,7 @@ class _Session(Session[SMTPClient]):
         while True:
             try:
                 event = core.next_event()
-            except ReplyError as exc:
+            except RemoteProtocolError as exc:
                 raise self.lost(f"{self.where} broke the protocol: {exc}", "protocol") from None
             if event is NEED_DATA:
                 try:

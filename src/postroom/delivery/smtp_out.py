@@ -12,7 +12,7 @@ RCPTs and DATA go in one write when the server offers PIPELINING (RFC 2920
 3.1), one by one otherwise; the message is read from its file in chunks and
 dot-stuffed on the way (never whole in memory), its lines over 998 octets
 folded or broken as Postfix's smtp_line_length_limit does (RFC 5321
-4.5.3.1.6; see protocol.lines.LineFolder). A server that offers CHUNKING
+4.5.3.1.6; see protocol.folding.LineFolder). A server that offers CHUNKING
 too gets the message with BDAT (RFC 3030), its first chunk in the same write
 as MAIL and RCPT: one round trip for a small message. A session may send several
 messages. What the hop cannot take is refused before anything is sent: a
@@ -46,20 +46,16 @@ from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import LOGIN, PLAIN, ClientExchange, SASLError
 from postroom.protocol.smtp_client import (
     END_DATA,
-    GREETED,
     GREETING,
-    IN_MAIL,
-    IN_RCPT,
     MAIL,
     NEED_DATA,
     RCPT,
-    READY,
-    REFUSED,
     ConnectionClosed,
     Extensions,
-    ReplyError,
+    RemoteProtocolError,
     Response,
     SMTPClient,
+    State,
     path_problem,
 )
 from postroom.queue.queuefile import open_content
@@ -365,7 +361,8 @@ class ClientSession:
         if self._closed:
             return
         try:
-            if self._core.state in (READY, GREETED, IN_MAIL, IN_RCPT, REFUSED):
+            if self._core.state in (State.READY, State.GREETED, State.IN_MAIL, State.IN_RCPT,
+                                    State.REFUSED):
                 self._core.quit()
                 await self._exchange(min(self._command_timeout, QUIT_TIMEOUT))
         except SMTPError:
@@ -540,7 +537,7 @@ class ClientSession:
             elif eight_bit:
                 # RFC 6152 3 asks for conversion or a bounce; like Postfix, send as is.
                 notes.append(f"8-bit message sent to {self._peer}, which does not offer 8BITMIME")
-            if self._core.state != READY:
+            if self._core.state is not State.READY:
                 await self._rset()
             self._core.mail(
                 sender,
@@ -590,7 +587,7 @@ class ClientSession:
                 # RFC 2920 3.1: DATA accepted without recipients gets a lone dot.
                 core.end_data()
                 await self._exchange(timeouts.data_end)
-            if core.state != READY:
+            if core.state is not State.READY:
                 await self._rset()
             return TransactionResult(results, None, dsn)
         if data is None:
@@ -638,7 +635,7 @@ class ClientSession:
         accepted = [a for a in addresses if results[a].code // 100 == 2]
         if not accepted or mail.reply.code // 100 != 2:
             await self._reply(timeouts.data_end)  # the chunk's refusal
-            if mail.reply.code // 100 == 2 or core.state != READY:
+            if mail.reply.code // 100 == 2 or core.state is not State.READY:
                 await self._rset()  # whatever the server kept of the transaction goes
             return TransactionResult(results, None, dsn)
         while not last:
@@ -749,7 +746,7 @@ class ClientSession:
         while True:
             try:
                 event = core.next_event()
-            except ReplyError as exc:
+            except RemoteProtocolError as exc:
                 text = f"protocol error with {self._peer} (after {what}): {exc}"
                 raise self._lost(text, "4.5.0") from None
             if event is NEED_DATA:

@@ -1,7 +1,8 @@
 """SMTP envelope syntax: paths (RFC 5321 4.1.2), ESMTP parameters and their values.
 
-Parses what follows "MAIL FROM:" and "RCPT TO:" into a `Path` and a parameter
-mapping, and validates the parameter values of the extensions postroom offers:
+Parses what follows "MAIL FROM:" and "RCPT TO:" into a `Path` and its
+`Parameters` (`parse_esmtp_parameters`), validating the values of the
+extensions postroom offers:
 SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8 (RFC 6531), RET/ENVID/NOTIFY/ORCPT
 (RFC 3461) and AUTH (RFC 4954 5), including xtext decoding (RFC 3461 4).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1 (not enforced: 4.5.3.1 asks for no limits)
 MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2 (enforced: no longer name can exist in the DNS)
@@ -41,6 +43,17 @@ class AddressError(ValueError):
 
 class ParameterError(ValueError):
     """An ESMTP parameter or value that is malformed; the message says why."""
+
+
+class UnsupportedParameter(ParameterError):
+    """A parameter the command does not take here (`value` None: RFC 5321 4.1.1.11's
+    555), or a value of a known one that is not implemented (`value` given: 504)."""
+
+    def __init__(self, keyword: str, value: str | None = None) -> None:
+        shown = keyword if value is None else f"{keyword}={value.upper()}"
+        super().__init__(f"{shown} is not supported")
+        self.keyword = keyword
+        self.value = value
 
 
 # RFC 5321 4.1.2 and RFC 6531 3.3: atext, qtext and sub-domains, where any
@@ -223,6 +236,52 @@ def parse_parameters(text: str) -> dict[str, str | None]:
             raise ParameterError(f"duplicate parameter {key}")
         params[key] = given
     return params
+
+
+class Parameters(NamedTuple):
+    """The ESMTP parameters of one MAIL or RCPT command, checked and decoded."""
+
+    size: int | None = None  # SIZE (RFC 1870)
+    body: str | None = None  # BODY (RFC 6152)
+    smtputf8: bool = False  # SMTPUTF8 (RFC 6531)
+    ret: str | None = None  # RET (RFC 3461 4.3)
+    envid: str | None = None  # ENVID, decoded (RFC 3461 4.4)
+    auth: str | None = None  # AUTH=, decoded (RFC 4954 5)
+    notify: tuple[str, ...] | None = None  # NOTIFY (RFC 3461 4.1)
+    orcpt: str | None = None  # ORCPT as "type;decoded" (RFC 3461 4.2)
+
+
+_NO_PARAMETERS = Parameters()
+MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"})
+RCPT_PARAMETERS = frozenset({"NOTIFY", "ORCPT"})
+
+
+def parse_esmtp_parameters(text: str, offered: frozenset[str]) -> Parameters:
+    """The parameters after a MAIL or RCPT path: UnsupportedParameter for a keyword not
+    `offered` (or RFC 3030's BODY=BINARYMIME), ParameterError for anything malformed;
+    keywords are checked first, then the values in the order of the fields."""
+    if not text:
+        return _NO_PARAMETERS
+    params = parse_parameters(text)
+    for keyword in params:
+        if keyword not in offered:
+            raise UnsupportedParameter(keyword)
+    size = parse_size(params["SIZE"]) if "SIZE" in params else None
+    body = params.get("BODY")
+    if body is not None and body.upper() == "BINARYMIME":
+        raise UnsupportedParameter("BODY", body)
+    if params.get("SMTPUTF8") is not None:
+        raise ParameterError("SMTPUTF8 takes no value")
+    return Parameters(
+        size=size,
+        body=parse_body(body) if "BODY" in params else None,
+        smtputf8="SMTPUTF8" in params,
+        ret=parse_ret(params["RET"]) if "RET" in params else None,
+        envid=parse_envid(params["ENVID"]) if "ENVID" in params else None,
+        auth=parse_auth_param(params["AUTH"]) if "AUTH" in params else None,
+        notify=parse_notify(params["NOTIFY"]) if "NOTIFY" in params else None,
+        orcpt=parse_orcpt(params["ORCPT"]) if "ORCPT" in params else None,
+    )
 
 
 def _shown(text: str) -> str:

@@ -23,28 +23,44 @@ ends, the final CRLF included, the terminating "." line left out), then one
 During AUTH the server's "+ " continuations (RFC 5034 4) come as `Challenge`.
 
 Commands may be pipelined in the TRANSACTION state once CAPA said PIPELINING
-(RFC 2449 6.6); the login commands, STLS and QUIT are always sent alone.
-Anything from the server that breaks the protocol (a malformed status line, a
-response no command awaits, a continuation outside AUTH, bytes after the +OK to
-STLS) raises `ReplyError` from `next_event`; the core is closed after that.
-Calling the core out of turn raises `ClientStateError`; an argument that cannot
-be sent (a control character, a line past RFC 2449's 255 octets) raises
-ValueError.
+(RFC 2449 6.6); the login commands and STLS are sent alone. A server that
+breaks the protocol (a malformed status line, an answer no command awaits, a
+continuation outside AUTH, bytes after the +OK to STLS) makes `next_event` raise
+RemoteProtocolError and close the core; a call out of turn raises
+LocalProtocolError, an argument that cannot be sent (a control character, a
+line past RFC 2449's 255 octets) ValueError.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import NoReturn
+from typing import Literal
 
+from postroom.protocol._core import (
+    CLOSE,
+    FAILED,
+    MORE,
+    OK,
+    TLS_STARTED,
+    ClientCore,
+    CoreState,
+    Offered,
+    Step,
+    check_text,
+    shown,
+)
+from postroom.protocol._core import NEED_DATA as NEED_DATA
+from postroom.protocol._core import LocalProtocolError as LocalProtocolError
+from postroom.protocol._core import RemoteProtocolError as RemoteProtocolError
+from postroom.protocol._core import Signal as Signal
 from postroom.protocol.lines import DataReader, LineBuffer
+from postroom.protocol.pop3_config import MAX_COMMAND_LINE as MAX_COMMAND_LINE
+from postroom.protocol.pop3_snapshot import UID_RE, decimal
+from postroom.protocol.pop3_wire import TIMESTAMP_RE
+from postroom.protocol.pop3_wire import parse_status as parse_status
 
-# --- Limits ----------------------------------------------------------------
-MAX_COMMAND_LINE = 255  # RFC 2449 4: a command line, keyword, arguments and CRLF
-MAX_STATUS_LINE = 512  # RFC 2449 4: a response line, CRLF included
 # Servers do send longer lines; accept them up to a bound that keeps a hostile
 # server from filling memory.
 MAX_STATUS_LINE_ACCEPTED = 8192
@@ -52,15 +68,6 @@ MAX_STATUS_LINE_ACCEPTED = 8192
 MAX_LISTING_OCTETS = 32 * 1024 * 1024
 
 
-class ReplyError(Exception):
-    """The server broke the protocol: a malformed or unexpected response (see module doc)."""
-
-
-class ClientStateError(Exception):
-    """The application called the core out of turn; the message names state and command."""
-
-
-# --- Commands (what a Response answers) ----------------------------------------
 GREETING = "greeting"  # the server's opening +OK, awaited from the start
 CAPA = "CAPA"
 STLS = "STLS"
@@ -78,8 +85,6 @@ DELE = "DELE"
 NOOP = "NOOP"
 RSET = "RSET"
 QUIT = "QUIT"
-
-# --- Events --------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,18 +145,7 @@ class ConnectionClosed:
     unanswered: tuple[str, ...] = ()
 
 
-class _Sentinel(type):
-    def __repr__(cls) -> str:
-        return cls.__name__
-
-
-class NEED_DATA(metaclass=_Sentinel):
-    """`next_event` result: feed more bytes with `receive_data`."""
-
-
 Event = Response | Challenge | MessageData | MessageEnd | ConnectionClosed
-
-# --- Capabilities ----------------------------------------------------------------
 
 _CAPA_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")  # RFC 2449 5: capa-tag
 
@@ -182,29 +176,12 @@ class Capabilities:
     def get(self, tag: str) -> tuple[str, ...] | None:
         return self.tags.get(tag.upper())
 
-    @property
-    def stls(self) -> bool:
-        return "STLS" in self.tags  # RFC 2595 4
-
-    @property
-    def user(self) -> bool:
-        return "USER" in self.tags  # RFC 2449 6.8
-
-    @property
-    def top(self) -> bool:
-        return "TOP" in self.tags  # RFC 2449 6.1
-
-    @property
-    def uidl(self) -> bool:
-        return "UIDL" in self.tags  # RFC 2449 6.4
-
-    @property
-    def pipelining(self) -> bool:
-        return "PIPELINING" in self.tags  # RFC 2449 6.6
-
-    @property
-    def resp_codes(self) -> bool:
-        return "RESP-CODES" in self.tags  # RFC 2449 6.3
+    stls = Offered("STLS")  # RFC 2595 4
+    user = Offered("USER")  # RFC 2449 6.8
+    top = Offered("TOP")  # RFC 2449 6.1
+    uidl = Offered("UIDL")  # RFC 2449 6.4
+    pipelining = Offered("PIPELINING")  # RFC 2449 6.6
+    resp_codes = Offered("RESP-CODES")  # RFC 2449 6.3
 
     @property
     def sasl(self) -> tuple[str, ...]:
@@ -217,47 +194,9 @@ class Capabilities:
         return " ".join(words) if words else None  # RFC 2449 6.9
 
 
-# --- Status lines ------------------------------------------------------------------
-
-_RESP_CODE_RE = re.compile(r"\[([A-Za-z0-9-]+(?:/[A-Za-z0-9-]+)*)\] ?")  # RFC 2449 8
-# RFC 1939 7 (APOP): the greeting's timestamp has the syntax of a msg-id.
-_TIMESTAMP_RE = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]+>")
-
-
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", "replace")
-
-
-def _shown(data: bytes) -> str:
-    """Server text safe for an error message: printable ASCII, bounded."""
-    clean = "".join(chr(b) if 0x20 <= b <= 0x7E else "?" for b in data[:60])
-    return repr(clean)
-
-
-def parse_status(line: bytes) -> tuple[str, str, str | None]:
-    """One status line without its line end: ("+OK" | "-ERR" | "+", text, code).
-
-    RFC 1939 3: "+OK" or "-ERR", then a space and text, or nothing. The
-    indicator is taken in any case (some servers write "+ok"). RFC 5034 4:
-    "+" alone or "+ " and base64 is a SASL continuation. Raises ReplyError.
-    """
-    head, sep, rest = line.partition(b" ")
-    indicator = head.upper()
-    if indicator not in (b"+OK", b"-ERR", b"+"):
-        raise ReplyError(f"malformed status line {_shown(line)}")
-    text = _text(rest)
-    code = None
-    if indicator != b"+":
-        m = _RESP_CODE_RE.match(text)
-        if m is not None:
-            code = m.group(1).upper()
-            text = text[m.end() :]
-    return indicator.decode("ascii"), text.strip(" \t"), code
-
-
 def apop_timestamp(greeting: str) -> str | None:
     """The "<...>" timestamp in a greeting's text (RFC 1939 7), or None."""
-    m = _TIMESTAMP_RE.search(greeting)
+    m = TIMESTAMP_RE.search(greeting)
     return m.group(0) if m is not None else None
 
 
@@ -267,62 +206,42 @@ def apop_digest(timestamp: str, secret: str) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-# --- States ----------------------------------------------------------------------
-CONNECTED = "connected"  # awaiting the greeting
-AUTHORIZATION = "authorization"  # RFC 1939 4
-IN_AUTH = "sasl"  # "+ " received: a SASL response next
-TLS_WAIT = "tls"  # +OK to STLS: handshake, then tls_started()
-TRANSACTION = "transaction"  # RFC 1939 5
-CLOSED = "closed"
+class State(CoreState):
+    CONNECTED = "connected"  # awaiting the greeting
+    AUTHORIZATION = "authorization"  # RFC 1939 4
+    IN_AUTH = "sasl"  # "+ " received: a SASL response next
+    TLS_WAIT = "tls"  # +OK to STLS: handshake, then tls_started()
+    TRANSACTION = "transaction"  # RFC 1939 5
+    CLOSED = "closed"
 
-# Two tables drive the client, as in the SMTP client core. _SEND says which
-# commands may be sent in a state and the state they lead to if they succeed;
-# it is checked against the state the session will be in once every command
-# sent so far succeeded. _ON_REPLY moves the state the responses confirm:
-# (state, command) -> (after +OK, after -ERR, after a "+ " continuation);
-# None marks an answer that cannot come for the command.
+
+_S = State
 _SESSION_COMMANDS = (CAPA, STAT, LIST, UIDL, RETR, TOP, DELE, NOOP, RSET)
-_SEND: dict[tuple[str, str], str] = {
-    (AUTHORIZATION, CAPA): AUTHORIZATION,
-    (AUTHORIZATION, STLS): TLS_WAIT,
-    (AUTHORIZATION, USER): AUTHORIZATION,
-    (AUTHORIZATION, PASS): TRANSACTION,
-    (AUTHORIZATION, APOP): TRANSACTION,
-    (AUTHORIZATION, AUTH): IN_AUTH,
-    (IN_AUTH, AUTH_RESPONSE): IN_AUTH,
-    (AUTHORIZATION, QUIT): CLOSED,
-    **{(TRANSACTION, c): TRANSACTION for c in _SESSION_COMMANDS},
-    (TRANSACTION, QUIT): CLOSED,  # RFC 1939 6: the Update state, then the end
-}
-_ON_REPLY: dict[tuple[str, str], tuple[str, str, str | None]] = {
+# (state, command) -> the states after +OK, after a "+ " continuation and after
+# -ERR (see _core.Step).
+_STEPS: dict[tuple[State, str], Step[State]] = {
     # RFC 1939 4: a server that will not serve says -ERR and closes.
-    (CONNECTED, GREETING): (AUTHORIZATION, CLOSED, None),
-    (AUTHORIZATION, CAPA): (AUTHORIZATION, AUTHORIZATION, None),
-    (AUTHORIZATION, STLS): (TLS_WAIT, AUTHORIZATION, None),
-    (AUTHORIZATION, USER): (AUTHORIZATION, AUTHORIZATION, None),
-    (AUTHORIZATION, PASS): (TRANSACTION, AUTHORIZATION, None),
-    (AUTHORIZATION, APOP): (TRANSACTION, AUTHORIZATION, None),
-    (AUTHORIZATION, AUTH): (TRANSACTION, AUTHORIZATION, IN_AUTH),
-    (IN_AUTH, AUTH_RESPONSE): (TRANSACTION, AUTHORIZATION, IN_AUTH),
-    (AUTHORIZATION, QUIT): (CLOSED, CLOSED, None),
-    **{(TRANSACTION, c): (TRANSACTION, TRANSACTION, None) for c in _SESSION_COMMANDS},
+    (_S.CONNECTED, GREETING): Step(_S.AUTHORIZATION, None, _S.CLOSED, sendable=False),
+    **{(_S.AUTHORIZATION, c): Step(_S.AUTHORIZATION, None, _S.AUTHORIZATION)
+       for c in (CAPA, USER)},
+    (_S.AUTHORIZATION, STLS): Step(_S.TLS_WAIT, None, _S.AUTHORIZATION),
+    (_S.TLS_WAIT, TLS_STARTED): Step(_S.AUTHORIZATION, None, _S.AUTHORIZATION, sendable=False),
+    **{(_S.AUTHORIZATION, c): Step(_S.TRANSACTION, None, _S.AUTHORIZATION) for c in (PASS, APOP)},
+    (_S.AUTHORIZATION, AUTH): Step(_S.TRANSACTION, _S.IN_AUTH, _S.AUTHORIZATION),
+    (_S.IN_AUTH, AUTH_RESPONSE): Step(_S.TRANSACTION, _S.IN_AUTH, _S.AUTHORIZATION),
+    **{(_S.TRANSACTION, c): Step(_S.TRANSACTION, None, _S.TRANSACTION) for c in _SESSION_COMMANDS},
     # RFC 1939 6: -ERR to QUIT says some deletions failed; the session ends anyway.
-    (TRANSACTION, QUIT): (CLOSED, CLOSED, None),
+    **{(s, QUIT): Step(_S.CLOSED, None, _S.CLOSED) for s in (_S.AUTHORIZATION, _S.TRANSACTION)},
+    **{(s, CLOSE): Step(_S.CLOSED, None, _S.CLOSED, sendable=False) for s in State},
 }
 # Nothing may follow these until they are answered: they change the session
-# (login, TLS) or end it. RFC 2449 6.6 lets the rest be pipelined.
+# (login, TLS) or end it, and but for QUIT they are sent alone. RFC 2449 6.6
+# lets the rest be pipelined.
 _ENDS_GROUP = frozenset({GREETING, STLS, USER, PASS, APOP, AUTH, AUTH_RESPONSE, QUIT})
 # What a +OK answers with a multi-line body (RFC 1939 3): always for these,
 # and for LIST and UIDL without an argument.
 _MULTILINE = frozenset({CAPA, RETR, TOP})
 _STREAMED = frozenset({RETR, TOP})
-
-
-def _check_text(value: str, what: str) -> None:
-    # A CR or LF in an argument would end the command early: the rest would be
-    # read as a command of its own (command injection).
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise ValueError(f"control character in {what}")
 
 
 def _check_number(number: int, what: str = "message number") -> str:
@@ -331,20 +250,20 @@ def _check_number(number: int, what: str = "message number") -> str:
     return str(number)
 
 
-class POP3Client:
+class POP3Client(ClientCore[State]):
     """One POP3 session, client side. See the module docstring."""
 
+    _steps = _STEPS
+    _closed = State.CLOSED
+    _tls_wait = State.TLS_WAIT
+    _tls_rule = "RFC 2595 4"
+    _alone = _ENDS_GROUP - {QUIT}
+    _ends_group = _ENDS_GROUP
+
     def __init__(self) -> None:
-        self._state = CONNECTED  # what the responses so far confirm
-        self._projected = CONNECTED  # once every pending command succeeds
-        self._pending: deque[tuple[str, str]] = deque([(GREETING, "")])
+        super().__init__(State.CONNECTED, GREETING)
         self._lines = LineBuffer(MAX_STATUS_LINE_ACCEPTED)
-        self._out = bytearray()
-        self._eof = False
-        self._violation: str | None = None
-        self._unanswered: tuple[str, ...] = ()
         self._capabilities = Capabilities()
-        self._tls = False
         self._timestamp: str | None = None
         # A multi-line body being read: its reader, the Response it belongs to,
         # what it gathered (listings) or counted (streams), and a MessageEnd owed.
@@ -353,13 +272,6 @@ class POP3Client:
         self._listing = bytearray()
         self._octets = 0
         self._end_owed: MessageEnd | None = None
-
-    # --- Properties -------------------------------------------------------
-
-    @property
-    def state(self) -> str:
-        """The state the responses so far confirm."""
-        return self._state
 
     @property
     def pending(self) -> tuple[str, ...]:
@@ -372,33 +284,23 @@ class POP3Client:
         return self._capabilities
 
     @property
-    def tls_active(self) -> bool:
-        return self._tls
-
-    @property
     def timestamp(self) -> str | None:
         """The APOP timestamp of the greeting (RFC 1939 7), None if it had none."""
         return self._timestamp
 
-    # --- Input ------------------------------------------------------------
+    @property
+    def _pipelining(self) -> bool:
+        return self._capabilities.pipelining
 
-    def receive_data(self, data: bytes) -> None:
-        """Bytes from the server; b"" means it closed its side (EOF)."""
-        if self._state == CLOSED:
-            return
-        if not data:
-            self._eof = True
-        elif self._state == TLS_WAIT:
-            self._violation = "the server sent data before the TLS handshake (RFC 2595 4)"
-        else:
-            self._lines.feed(data)
+    def _take(self, data: bytes) -> None:
+        self._lines.feed(data)
 
-    def next_event(self) -> Event | type[NEED_DATA]:
+    def next_event(self) -> Event | Literal[Signal.NEED_DATA]:
         """The next event, NEED_DATA, or ConnectionClosed when the session is over."""
         if self._end_owed is not None:
             end, self._end_owed = self._end_owed, None
             return end
-        if self._state == CLOSED and self._reader is None:
+        if self._state is State.CLOSED and self._reader is None:
             return ConnectionClosed(self._close())
         if self._violation is not None:
             self._fail(self._violation)
@@ -413,10 +315,10 @@ class POP3Client:
             self._fail(f"status line longer than {MAX_STATUS_LINE_ACCEPTED} octets")
         return self._answer(line.text)
 
-    def _answer(self, line: bytes) -> Event | type[NEED_DATA]:
+    def _answer(self, line: bytes) -> Event | Literal[Signal.NEED_DATA]:
         try:
             indicator, text, code = parse_status(line)
-        except ReplyError:
+        except RemoteProtocolError:
             self._close()
             raise
         if not self._pending:
@@ -425,21 +327,14 @@ class POP3Client:
                 # -ERR first, as Dovecot does; the session is over.
                 self._close()
                 return Response("", False, text, code)
-            self._fail(f"response {_shown(line)} with no command awaiting one")
+            self._fail(f"response {shown(line)} with no command awaiting one")
         command, argument = self._pending.popleft()
-        state = self._state
-        after = _ON_REPLY.get((state, command))
-        if after is None:  # pragma: no cover - _SEND and _ON_REPLY list the same pairs
-            self._fail(f"{command} answered in state {state}")
         if indicator == "+":
-            nxt = after[2]
-            if nxt is None:
-                self._fail(f"continuation {_shown(line)} cannot answer {command}")
-            self._state = nxt
+            self._move(command, MORE, f"continuation {shown(line)}")
             self._settle()
             return Challenge(command, text)
         ok = indicator == "+OK"
-        self._state = after[0] if ok else after[1]
+        self._move(command, OK if ok else FAILED)
         response = Response(command, ok, text, code, argument)
         if command == GREETING and ok:
             self._timestamp = apop_timestamp(text)
@@ -452,14 +347,14 @@ class POP3Client:
             if command in _STREAMED:
                 return response
             return self._body_event()
-        if self._state == TLS_WAIT and len(self._lines):
+        if self._state is State.TLS_WAIT and len(self._lines):
             # Bytes behind the +OK would be read as if they came over TLS
             # (STARTTLS response injection, RFC 2595 4 forbids pipelining STLS).
             self._fail("the server sent data after its +OK to STLS (RFC 2595 4)")
         self._settle()
         return response
 
-    def _body_event(self) -> Event | type[NEED_DATA]:
+    def _body_event(self) -> Event | Literal[Signal.NEED_DATA]:
         """The next piece of a multi-line body: content, a finished listing, or its end."""
         reader, head = self._reader, self._head
         assert reader is not None and head is not None
@@ -477,7 +372,7 @@ class POP3Client:
             self._reader = self._head = None
             self._settle()
             if not streamed:
-                listing = _text(bytes(self._listing)).split("\r\n")[:-1]
+                listing = self._listing.decode("utf-8", "replace").split("\r\n")[:-1]
                 self._listing.clear()
                 if head.command == CAPA:
                     self._capabilities = Capabilities.from_lines(listing)
@@ -496,51 +391,22 @@ class POP3Client:
     def _settle(self) -> None:
         if not self._pending and self._reader is None:
             self._projected = self._state
-        if self._state == CLOSED and self._reader is None:
+        if self._state is State.CLOSED and self._reader is None:
             self._pending.clear()
 
-    def _fail(self, why: str) -> NoReturn:
-        self._close()
-        raise ReplyError(why)
-
     def _close(self) -> tuple[str, ...]:
-        if self._state != CLOSED or self._pending or self._reader is not None:
-            self._unanswered = self.pending
-        self._state = self._projected = CLOSED
-        self._pending.clear()
+        if self._state is State.CLOSED and (self._pending or self._reader is not None):
+            self._unanswered = self.pending  # QUIT answered, a RETR still streaming
+        unanswered = super()._close()
         self._lines.clear()
         self._reader = self._head = None
         self._listing.clear()
-        self._violation = None
-        return self._unanswered
-
-    # --- Output -----------------------------------------------------------
-
-    def data_to_send(self) -> bytes:
-        data = bytes(self._out)
-        self._out.clear()
-        return data
+        return unanswered
 
     def _command(self, command: str, line: str, argument: str = "", *, limit: bool = True) -> None:
         """Queue a command line and await its answer."""
-        pending = self.pending
-        if pending:
-            last = pending[-1]
-            if command == AUTH_RESPONSE or last in _ENDS_GROUP or command in _ENDS_GROUP - {QUIT}:
-                raise ClientStateError(f"cannot send {command} before {last} is answered")
-            if not self._capabilities.pipelining:
-                raise ClientStateError(
-                    f"cannot send {command} before {last} is answered: no PIPELINING"
-                )
-        nxt = _SEND.get((self._projected, command))
-        if nxt is None:
-            raise ClientStateError(f"cannot send {command} in state {self._projected}")
         data = line.encode("utf-8") + b"\r\n"
-        if limit and len(data) > MAX_COMMAND_LINE:
-            raise ValueError(f"{command} line longer than {MAX_COMMAND_LINE} octets (RFC 2449 4)")
-        self._out += data
-        self._pending.append((command, argument))
-        self._projected = nxt
+        self._send(command, data, argument, MAX_COMMAND_LINE if limit else 0)
 
     def capa(self) -> None:
         """CAPA (RFC 2449 5); its listing replaces `capabilities`."""
@@ -549,34 +415,34 @@ class POP3Client:
     def stls(self) -> None:
         """STLS (RFC 2595 4); after the +OK, do the handshake and call tls_started()."""
         if self._tls:
-            raise ClientStateError("TLS is already active")
+            raise LocalProtocolError("TLS is already active")
         self._command(STLS, "STLS")
 
     def tls_started(self) -> None:
         """The handshake after +OK to STLS is done: forget the capabilities (RFC 2595 4)."""
-        if self._state != TLS_WAIT:
-            raise ClientStateError(f"tls_started() in state {self._state}, not after STLS")
+        if self._state is not State.TLS_WAIT:
+            raise LocalProtocolError(f"tls_started() in state {self._state}, not after STLS")
         self._lines.clear()
         self._tls = True
         self._capabilities = Capabilities()
-        self._state = self._projected = AUTHORIZATION
+        self._projected = self._move(TLS_STARTED, OK)
 
     def user(self, name: str) -> None:
-        _check_text(name, "the user name")
+        check_text(name, "the user name")
         if not name:
             raise ValueError("USER needs a name")
         self._command(USER, f"USER {name}", name)
 
     def pass_(self, password: str) -> None:
         """PASS (RFC 1939 7): the rest of the line is the password, spaces included."""
-        _check_text(password, "the password")
+        check_text(password, "the password")
         self._command(PASS, f"PASS {password}")
 
     def apop(self, name: str, secret: str) -> None:
         """APOP name digest (RFC 1939 7) with the greeting's timestamp."""
         if self._timestamp is None:
             raise ValueError("APOP needs a timestamp in the greeting, and it had none")
-        _check_text(name, "the user name")
+        check_text(name, "the user name")
         if not name or " " in name:
             raise ValueError("APOP needs a name without spaces")
         self._command(APOP, f"APOP {name} {apop_digest(self._timestamp, secret)}", name)
@@ -588,21 +454,21 @@ class POP3Client:
         octets it must not be sent (ValueError here): send AUTH without it and
         answer the empty challenge instead.
         """
-        _check_text(mechanism, "the mechanism")
+        check_text(mechanism, "the mechanism")
         mechanism = mechanism.upper()
         if not mechanism or " " in mechanism:
             raise ValueError(f"malformed SASL mechanism name {mechanism!r}")
         line = f"AUTH {mechanism}"
         if initial_response is not None:
-            _check_text(initial_response, "the initial response")
+            check_text(initial_response, "the initial response")
             line += f" {initial_response or '='}"
         self._command(AUTH, line, mechanism)
 
     def auth_response(self, response: str) -> None:
         """The line answering a continuation; "*" cancels the exchange (RFC 5034 4)."""
-        _check_text(response, "the SASL response")
-        if self._state != IN_AUTH:
-            raise ClientStateError(f"auth_response() needs a continuation (state {self._state})")
+        check_text(response, "the SASL response")
+        if self._state is not State.IN_AUTH:
+            raise LocalProtocolError(f"auth_response() needs a continuation (state {self._state})")
         # RFC 5034 4: responses are not bound by the command line limit.
         self._command(AUTH_RESPONSE, response, limit=False)
 
@@ -652,20 +518,18 @@ class POP3Client:
         self._command(QUIT, "QUIT")
 
 
-# --- Reading the answers ---------------------------------------------------------
-
-
 def _fields(text: str, count: int, what: str) -> list[str]:
     words = text.split()
     if len(words) < count:
-        raise ReplyError(f"malformed {what}: {text[:60]!r}")
+        raise RemoteProtocolError(f"malformed {what}: {text[:60]!r}")
     return words[:count]
 
 
 def _int(word: str, what: str) -> int:
-    if not (word.isascii() and word.isdigit()):
-        raise ReplyError(f"malformed number in {what}: {word[:20]!r}")
-    return int(word)
+    number = decimal(word)
+    if number is None:
+        raise RemoteProtocolError(f"malformed number in {what}: {word[:20]!r}")
+    return number
 
 
 def stat_of(response: Response) -> tuple[int, int]:
@@ -690,8 +554,7 @@ def uids_of(response: Response) -> dict[int, str]:
     uids: dict[int, str] = {}
     for line in lines:
         number, uid = _fields(line, 2, "unique-id listing")
-        # RFC 1939 7: 1 to 70 characters from 0x21 to 0x7E.
-        if not (1 <= len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid)):
-            raise ReplyError(f"malformed unique-id {uid[:80]!r}")
+        if not UID_RE.fullmatch(uid):
+            raise RemoteProtocolError(f"malformed unique-id {uid[:80]!r}")
         uids[_int(number, "UIDL")] = uid
     return uids

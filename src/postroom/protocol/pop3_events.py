@@ -1,43 +1,13 @@
 """The events of the POP3 server core: what `POP3Server.next_event` returns.
 
 Each event is a frozen value; those marked "answer" pause the core until the
-application calls the method named. `NEED_DATA` and `PAUSED` (a `Signal`) are
+application calls the method named. `NEED_DATA` and `PAUSED` (from `_core`) are
 the two results that are not events.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
-
-__all__ = [
-    "Signal",
-    "User",
-    "Pass",
-    "Apop",
-    "AuthStart",
-    "AuthResponse",
-    "AuthCancelled",
-    "StartTLS",
-    "Retrieve",
-    "Top",
-    "Update",
-    "ConnectionClosed",
-    "NEED_DATA",
-    "PAUSED",
-    "Event",
-]
-
-
-class Signal(enum.Enum):
-    """What next_event returns when there is no event (compare with `is`)."""
-
-    NEED_DATA = "NEED_DATA"  # feed more bytes with receive_data
-    PAUSED = "PAUSED"  # waiting for the app: an answer, greeting() or tls_started()
-
-
-NEED_DATA = Signal.NEED_DATA
-PAUSED = Signal.PAUSED
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,52 +18,43 @@ paired with the command it answers, from `next_event()`:
 
 Commands may be sent before earlier ones are answered when the server offered
 PIPELINING and the earlier command may be followed in a group (RFC 2920 3.1);
-replies come back in order and each `Response` names its command. The
-message content goes through `lines.DotStuffer`: line ends become CRLF, lines
-over 998 octets are folded or broken (RFC 5321 4.5.3.1.6, see lines.LineFolder),
-lines starting with "." get another, and the end is always CRLF "." CRLF.
-
-`ReplyParser` cuts multi-line replies (RFC 5321 4.2) out of bytes and, once
-ENHANCEDSTATUSCODES was offered, takes the RFC 3463 code off each line into
-`Reply.enhanced`. Anything from the server that breaks the protocol (a
-malformed reply, a reply no command awaits, a code that cannot answer its
-command, bytes after the 220 to STARTTLS) raises `ReplyError` from
-`next_event`; the core is closed after that. Calling the core out of turn
-raises `ClientStateError`; an argument that cannot be sent (a control
-character, a parameter whose extension was not offered) raises ValueError.
+each `Response` names its command. Content goes through lines.DotStuffer (CRLF
+lines, long ones folded, RFC 5321 4.5.3.1.6), replies through replies.ReplyParser.
+A server that breaks the protocol (a malformed reply, a reply no command awaits
+or that cannot answer it, bytes after the 220 to STARTTLS) makes `next_event`
+raise RemoteProtocolError and close the core; a call out of turn raises
+LocalProtocolError, an argument that cannot be sent ValueError.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Literal
 
 from postroom.protocol import address
+from postroom.protocol._core import (
+    CLOSE,
+    FAILED,
+    MORE,
+    OK,
+    TLS_STARTED,
+    ClientCore,
+    CoreState,
+    Offered,
+    Step,
+    check_text,
+)
+from postroom.protocol._core import NEED_DATA as NEED_DATA
+from postroom.protocol._core import LocalProtocolError as LocalProtocolError
+from postroom.protocol._core import RemoteProtocolError as RemoteProtocolError
+from postroom.protocol._core import Signal as Signal
 from postroom.protocol.address import AddressError, ParameterError
-from postroom.protocol.lines import MAX_CONTENT_LINE, DotStuffer, LineBuffer
-from postroom.protocol.replies import Reply
+from postroom.protocol.lines import MAX_CONTENT_LINE, DotStuffer
+from postroom.protocol.replies import Reply, ReplyParser
 
-# --- Limits ----------------------------------------------------------------
-MAX_REPLY_LINE = 512  # RFC 5321 4.5.3.1.5: what a server may send, CRLF included
-# Servers do send longer lines (long URLs in refusals); accept them up to a
-# bound that keeps a hostile server from filling memory.
-MAX_REPLY_LINE_ACCEPTED = 8192
-MAX_REPLY_OCTETS = 64 * 1024  # one whole multi-line reply (EHLO lists are the longest)
-
-
-class ReplyError(Exception):
-    """The server broke the protocol: a malformed or unexpected reply (see module doc)."""
-
-
-class ClientStateError(Exception):
-    """The application called the core out of turn; the message names state and command."""
-
-
-# --- Commands (what a Response answers) --------------------------------------
 GREETING = "greeting"  # the server's opening reply, awaited from the start
 EHLO = "EHLO"
 HELO = "HELO"
@@ -79,9 +70,6 @@ AUTH_RESPONSE = "AUTH response"  # a line answering a 334 challenge
 RSET = "RSET"
 NOOP = "NOOP"
 QUIT = "QUIT"
-
-
-# --- Events ------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,125 +96,7 @@ class ConnectionClosed:
     unanswered: tuple[str, ...] = ()
 
 
-class _Sentinel(type):
-    def __repr__(cls) -> str:
-        return cls.__name__
-
-
-class NEED_DATA(metaclass=_Sentinel):
-    """`next_event` result: feed more bytes with `receive_data`."""
-
-
 Event = Response | ConnectionClosed
-
-# --- Replies -------------------------------------------------------------------
-
-_ENHANCED_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")  # RFC 3463 2
-
-
-class ReplyParser:
-    """Replies cut out of received bytes (RFC 5321 4.2).
-
-    A reply is one or more lines "CODE-text" ending with "CODE text" (or
-    "CODE" alone); every line carries the same code. Lines may end with CRLF
-    or a bare LF (servers are forgiven that). With `enhanced` set (the server
-    offered ENHANCEDSTATUSCODES, RFC 2034), a leading "class.subject.detail"
-    code whose class matches the reply's is taken off each line into
-    `Reply.enhanced`. A 421 reply has `close=True`: the server closes the
-    channel after it (RFC 5321 3.8).
-    """
-
-    __slots__ = ("_code", "_lines", "_octets", "_texts", "enhanced")
-
-    def __init__(self, *, enhanced: bool = False) -> None:
-        self.enhanced = enhanced
-        self._lines = LineBuffer(MAX_REPLY_LINE_ACCEPTED)
-        self._code = 0  # the code of the reply being read, 0 between replies
-        self._texts: list[bytes] = []
-        self._octets = 0
-
-    def __len__(self) -> int:
-        """Octets received and not yet part of a returned reply."""
-        return len(self._lines) + self._octets
-
-    def feed(self, data: bytes) -> None:
-        self._lines.feed(data)
-
-    def clear(self) -> None:
-        self._lines.clear()
-        self._code = 0
-        self._texts = []
-        self._octets = 0
-
-    def next_reply(self) -> Reply | None:
-        """The next complete reply, or None; raises ReplyError on a malformed one."""
-        while True:
-            line = self._lines.next_line()
-            if line is None:
-                return None
-            if line.too_long:
-                raise ReplyError(f"reply line longer than {MAX_REPLY_LINE_ACCEPTED} octets")
-            text = line.text
-            head = text[:3]
-            if len(head) < 3 or not head.isdigit() or head[:1] not in b"2345":
-                raise ReplyError(f"malformed reply line {_shown(text)}")
-            code = int(head)
-            if self._code and code != self._code:
-                # RFC 5321 4.2.1: all lines of a multi-line reply share the code.
-                raise ReplyError(f"reply lines with codes {self._code} and {code}")
-            sep = text[3:4]
-            if sep not in (b"-", b" ", b""):
-                raise ReplyError(f"malformed reply line {_shown(text)}")
-            self._octets += line.length
-            if self._octets > MAX_REPLY_OCTETS:
-                raise ReplyError(f"reply longer than {MAX_REPLY_OCTETS} octets")
-            self._code = code
-            self._texts.append(text[4:])
-            if sep == b"-":
-                continue
-            texts = [t.decode("utf-8", "replace") for t in self._texts]
-            self._code = 0
-            self._texts = []
-            self._octets = 0
-            return self._reply(code, texts)
-
-    def _reply(self, code: int, texts: list[str]) -> Reply:
-        enhanced = None
-        if self.enhanced:
-            m = _ENHANCED_RE.match(texts[0])
-            if m is not None and m.group(1) == str(code)[0]:
-                prefix = enhanced = m.group(0).rstrip(" ")
-                # RFC 2034 4: each line carries the code; keep lines that do not.
-                texts = [
-                    t[len(prefix) :].removeprefix(" ") if _starts_with_code(t, prefix) else t
-                    for t in texts
-                ]
-        return Reply(code, enhanced, "\n".join(texts), close=code == 421)
-
-
-def _starts_with_code(text: str, prefix: str) -> bool:
-    return text.startswith(prefix) and text[len(prefix) : len(prefix) + 1] in ("", " ")
-
-
-def _shown(data: bytes) -> str:
-    """Server text safe for an error message: printable ASCII, bounded."""
-    clean = "".join(chr(b) if 0x20 <= b <= 0x7E else "?" for b in data[:60])
-    return repr(clean)
-
-
-def parse_reply(data: bytes, *, enhanced: bool = False) -> Reply:
-    """Exactly one whole reply from `data`; ReplyError if malformed, incomplete or more."""
-    parser = ReplyParser(enhanced=enhanced)
-    parser.feed(data)
-    reply = parser.next_reply()
-    if reply is None:
-        raise ReplyError("incomplete reply")
-    if len(parser):
-        raise ReplyError("data after the reply")
-    return reply
-
-
-# --- EHLO keywords -------------------------------------------------------------
 
 _KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")  # RFC 5321 4.1.1.1 ehlo-keyword
 
@@ -272,33 +142,13 @@ class Extensions:
             return None
         return int(value)
 
-    @property
-    def pipelining(self) -> bool:
-        return "PIPELINING" in self.keywords  # RFC 2920
-
-    @property
-    def starttls(self) -> bool:
-        return "STARTTLS" in self.keywords  # RFC 3207
-
-    @property
-    def eightbitmime(self) -> bool:
-        return "8BITMIME" in self.keywords  # RFC 6152
-
-    @property
-    def smtputf8(self) -> bool:
-        return "SMTPUTF8" in self.keywords  # RFC 6531
-
-    @property
-    def dsn(self) -> bool:
-        return "DSN" in self.keywords  # RFC 3461
-
-    @property
-    def chunking(self) -> bool:
-        return "CHUNKING" in self.keywords  # RFC 3030
-
-    @property
-    def enhanced_status_codes(self) -> bool:
-        return "ENHANCEDSTATUSCODES" in self.keywords  # RFC 2034
+    pipelining = Offered("PIPELINING")  # RFC 2920
+    starttls = Offered("STARTTLS")  # RFC 3207
+    eightbitmime = Offered("8BITMIME")  # RFC 6152
+    smtputf8 = Offered("SMTPUTF8")  # RFC 6531
+    dsn = Offered("DSN")  # RFC 3461
+    chunking = Offered("CHUNKING")  # RFC 3030
+    enhanced_status_codes = Offered("ENHANCEDSTATUSCODES")  # RFC 2034
 
     @property
     def auth_mechanisms(self) -> tuple[str, ...]:
@@ -306,76 +156,49 @@ class Extensions:
         return tuple(dict.fromkeys(self.keywords.get("AUTH", "").upper().split()))
 
 
-# --- States ----------------------------------------------------------------------
-CONNECTED = "connected"  # awaiting the greeting
-GREETED = "greeted"  # 220 greeting (or TLS started): EHLO/HELO next
-REFUSED = "refused"  # 554 greeting: only QUIT (RFC 5321 3.1)
-READY = "ready"  # greeted, no transaction
-IN_MAIL = "mail"  # MAIL accepted, no recipient yet
-IN_RCPT = "rcpt"  # at least one recipient accepted
-IN_DATA = "data"  # 354 received: content, then end_data()
-CHUNKING = "chunking"  # between BDAT chunks
-IN_AUTH = "auth"  # 334 received: a SASL response next
-TLS_WAIT = "tls"  # 220 to STARTTLS: handshake, then tls_started()
-CLOSED = "closed"
+class State(CoreState):
+    CONNECTED = "connected"  # awaiting the greeting
+    GREETED = "greeted"  # 220 greeting (or TLS started): EHLO/HELO next
+    REFUSED = "refused"  # 554 greeting: only QUIT (RFC 5321 3.1)
+    READY = "ready"  # greeted, no transaction
+    IN_MAIL = "mail"  # MAIL accepted, no recipient yet
+    IN_RCPT = "rcpt"  # at least one recipient accepted
+    IN_DATA = "data"  # 354 received: content, then end_data()
+    CHUNKING = "chunking"  # between BDAT chunks
+    IN_AUTH = "auth"  # 334 received: a SASL response next
+    TLS_WAIT = "tls"  # 220 to STARTTLS: handshake, then tls_started()
+    CLOSED = "closed"
 
-# Two tables drive the client. _SEND says which commands may be sent in a
-# state and the state they lead to if they succeed; it is checked against the
-# state the session will be in once every command sent so far succeeded (so
-# pipelined RCPTs may follow an unanswered MAIL). _ON_REPLY moves the state
-# the replies confirm: (state, command) -> (after 2xx, after 3xx, after
-# 4xx/5xx); None marks a class that cannot answer the command. A pair absent
-# from _ON_REPLY (a pipelined RCPT after its MAIL failed) leaves the state
-# as it is. A 421 closes from anywhere (RFC 5321 3.8).
-_SEND: dict[tuple[str, str], str] = {
-    (GREETED, EHLO): READY,
-    (GREETED, HELO): READY,
-    (READY, EHLO): READY,
-    (READY, HELO): READY,
-    (READY, MAIL): IN_MAIL,
-    (READY, STARTTLS): TLS_WAIT,
-    (READY, AUTH): IN_AUTH,
-    (IN_AUTH, AUTH_RESPONSE): IN_AUTH,
-    (IN_MAIL, RCPT): IN_RCPT,
-    (IN_RCPT, RCPT): IN_RCPT,
-    (IN_RCPT, DATA): IN_DATA,
-    (IN_DATA, END_DATA): READY,
-    (IN_RCPT, BDAT): CHUNKING,
-    (CHUNKING, BDAT): CHUNKING,
-    (IN_RCPT, BDAT_LAST): READY,
-    (CHUNKING, BDAT_LAST): READY,
-    (GREETED, RSET): GREETED,
-    **{(s, RSET): READY for s in (READY, IN_MAIL, IN_RCPT, CHUNKING)},
-    **{(s, NOOP): s for s in (GREETED, READY, IN_MAIL, IN_RCPT, CHUNKING)},
-    **{(s, QUIT): CLOSED for s in (GREETED, REFUSED, READY, IN_MAIL, IN_RCPT, CHUNKING)},
-}
-_ON_REPLY: dict[tuple[str, str], tuple[str | None, str | None, str]] = {
-    (CONNECTED, GREETING): (GREETED, None, REFUSED),
-    (GREETED, EHLO): (READY, None, GREETED),
-    (GREETED, HELO): (READY, None, GREETED),
-    (READY, EHLO): (READY, None, GREETED),
-    (READY, HELO): (READY, None, GREETED),
-    (READY, MAIL): (IN_MAIL, None, READY),
-    (IN_MAIL, RCPT): (IN_RCPT, None, IN_MAIL),
-    (IN_RCPT, RCPT): (IN_RCPT, None, IN_RCPT),
-    (READY, DATA): (None, IN_DATA, READY),
-    (IN_MAIL, DATA): (None, IN_DATA, IN_MAIL),
-    (IN_RCPT, DATA): (None, IN_DATA, IN_RCPT),
-    (IN_DATA, END_DATA): (READY, None, READY),
+
+_S = State
+_TRANSACTION = (_S.READY, _S.IN_MAIL, _S.IN_RCPT, _S.CHUNKING)
+# (state, command) -> the states after a 2xx, a 3xx and a 4xx/5xx reply (see
+# _core.Step). A 421 closes from anywhere (RFC 5321 3.8).
+_STEPS: dict[tuple[State, str], Step[State]] = {
+    (_S.CONNECTED, GREETING): Step(_S.GREETED, None, _S.REFUSED, sendable=False),
+    **{(s, c): Step(_S.READY, None, _S.GREETED)
+       for s in (_S.GREETED, _S.READY) for c in (EHLO, HELO)},
+    (_S.READY, MAIL): Step(_S.IN_MAIL, None, _S.READY),
+    (_S.IN_MAIL, RCPT): Step(_S.IN_RCPT, None, _S.IN_MAIL),
+    (_S.IN_RCPT, RCPT): Step(_S.IN_RCPT, None, _S.IN_RCPT),
+    (_S.IN_RCPT, DATA): Step(None, _S.IN_DATA, _S.IN_RCPT),
+    # RFC 2920 3.1: a DATA pipelined after MAIL or every RCPT failed may still get
+    # a 354 (then the client sends an empty message).
+    **{(s, DATA): Step(None, _S.IN_DATA, s, sendable=False) for s in (_S.READY, _S.IN_MAIL)},
+    (_S.IN_DATA, END_DATA): Step(_S.READY, None, _S.READY),
     # RFC 3030 3: after a failed chunk the transaction is void; send RSET.
-    (IN_RCPT, BDAT): (CHUNKING, None, READY),
-    (CHUNKING, BDAT): (CHUNKING, None, READY),
-    (IN_RCPT, BDAT_LAST): (READY, None, READY),
-    (CHUNKING, BDAT_LAST): (READY, None, READY),
-    (READY, STARTTLS): (TLS_WAIT, None, READY),
-    (READY, AUTH): (READY, IN_AUTH, READY),
-    (IN_AUTH, AUTH_RESPONSE): (READY, IN_AUTH, READY),
-    (GREETED, RSET): (GREETED, None, GREETED),
-    **{(s, RSET): (READY, None, s) for s in (READY, IN_MAIL, IN_RCPT, CHUNKING)},
-    **{
-        (s, QUIT): (CLOSED, None, CLOSED)
-        for s in (GREETED, REFUSED, READY, IN_MAIL, IN_RCPT, CHUNKING)
-    },
+    **{(s, BDAT): Step(_S.CHUNKING, None, _S.READY) for s in (_S.IN_RCPT, _S.CHUNKING)},
+    **{(s, BDAT_LAST): Step(_S.READY, None, _S.READY) for s in (_S.IN_RCPT, _S.CHUNKING)},
+    (_S.READY, STARTTLS): Step(_S.TLS_WAIT, None, _S.READY),
+    (_S.TLS_WAIT, TLS_STARTED): Step(_S.GREETED, None, _S.GREETED, sendable=False),
+    (_S.READY, AUTH): Step(_S.READY, _S.IN_AUTH, _S.READY),
+    (_S.IN_AUTH, AUTH_RESPONSE): Step(_S.READY, _S.IN_AUTH, _S.READY),
+    (_S.GREETED, RSET): Step(_S.GREETED, None, _S.GREETED),
+    **{(s, RSET): Step(_S.READY, None, s) for s in _TRANSACTION},
+    **{(s, NOOP): Step(s, None, s) for s in (_S.GREETED, *_TRANSACTION)},
+    **{(s, QUIT): Step(_S.CLOSED, None, _S.CLOSED)
+       for s in (_S.GREETED, _S.REFUSED, *_TRANSACTION)},
+    **{(s, CLOSE): Step(_S.CLOSED, None, _S.CLOSED, sendable=False) for s in State},
 }
 # RFC 2920 3.1: these end a group; nothing may be sent until they are answered
 # (STARTTLS and AUTH change the session; the greeting comes before anything).
@@ -385,6 +208,9 @@ _ENDS_GROUP = frozenset({GREETING, EHLO, HELO, DATA, STARTTLS, AUTH, AUTH_RESPON
 _CONTINUATIONS = frozenset({END_DATA, AUTH_RESPONSE})
 
 _QCHAR_EXCLUDED = frozenset("+=\\")  # RFC 6533 3: not QCHAR
+# The EHLO keyword each MAIL or RCPT parameter needs offered.
+_EXTENSION_OF = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8", "RET": "DSN",
+                 "ENVID": "DSN", "AUTH": "AUTH", "NOTIFY": "DSN", "ORCPT": "DSN"}
 
 
 def encode_orcpt(value: str) -> str:
@@ -428,50 +254,27 @@ def path_problem(path: str, *, reverse: bool = False) -> str | None:
     return "text after the address" if rest else None
 
 
-def _check_text(value: str, what: str) -> None:
-    # A CR or LF in an argument would end the command early: the rest would be
-    # read as a command of its own (SMTP command injection).
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise ValueError(f"control character in {what}: {value!r}")
-
-
-class SMTPClient:
+class SMTPClient(ClientCore[State]):
     """One SMTP session, client side. See the module docstring.
 
     `max_line`: the longest content line sent, CRLF not counted (None: as it is).
     """
 
+    _steps = _STEPS
+    _closed = State.CLOSED
+    _tls_wait = State.TLS_WAIT
+    _tls_rule = "RFC 3207 4.2"
+    _alone = _CONTINUATIONS
+    _ends_group = _ENDS_GROUP
+
     def __init__(self, *, max_line: int | None = MAX_CONTENT_LINE) -> None:
-        self._state = CONNECTED  # what the replies so far confirm
-        self._projected = CONNECTED  # once every pending command succeeds
-        self._pending: deque[tuple[str, str]] = deque([(GREETING, "")])
+        super().__init__(State.CONNECTED, GREETING)
         self._parser = ReplyParser()
-        self._out = bytearray()
-        self._eof = False
-        self._violation: str | None = None
-        self._unanswered: tuple[str, ...] = ()  # when the session ended
         self._extensions = Extensions()
         self._esmtp = False
-        self._tls = False
         self._authenticated = False
         self._utf8 = False  # the transaction was opened with SMTPUTF8
         self._stuffer = DotStuffer(max_line=max_line)
-
-    # --- Properties -------------------------------------------------------
-
-    @property
-    def state(self) -> str:
-        """The state the replies so far confirm."""
-        return self._state
-
-    @property
-    def closing(self) -> bool:
-        return self._state == CLOSED
-
-    @property
-    def pending(self) -> tuple[str, ...]:
-        """Commands sent and not yet answered, oldest first."""
-        return tuple(command for command, _ in self._pending)
 
     @property
     def extensions(self) -> Extensions:
@@ -483,35 +286,25 @@ class SMTPClient:
         return self._esmtp
 
     @property
-    def tls_active(self) -> bool:
-        return self._tls
-
-    @property
     def authenticated(self) -> bool:
         return self._authenticated
 
-    # --- Input ------------------------------------------------------------
+    @property
+    def _pipelining(self) -> bool:
+        return self._extensions.pipelining
 
-    def receive_data(self, data: bytes) -> None:
-        """Bytes from the server; b"" means it closed its side (EOF)."""
-        if self._state == CLOSED:
-            return
-        if not data:
-            self._eof = True
-        elif self._state == TLS_WAIT:
-            self._violation = "the server sent data before the TLS handshake (RFC 3207 4.2)"
-        else:
-            self._parser.feed(data)
+    def _take(self, data: bytes) -> None:
+        self._parser.feed(data)
 
-    def next_event(self) -> Event | type[NEED_DATA]:
+    def next_event(self) -> Event | Literal[Signal.NEED_DATA]:
         """The next reply with its command, NEED_DATA, or ConnectionClosed when over."""
-        if self._state == CLOSED:
+        if self._state is State.CLOSED:
             return ConnectionClosed(self._close())
         if self._violation is not None:
             self._fail(self._violation)
         try:
             reply = self._parser.next_reply()
-        except ReplyError:
+        except RemoteProtocolError:
             self._close()
             raise
         if reply is None:
@@ -527,70 +320,35 @@ class SMTPClient:
                 return Response("", reply)
             self._fail(f"reply {reply.code} with no command awaiting one")
         command, argument = self._pending.popleft()
-        state = self._state
         if reply.code == 421:
             self._close()
             return Response(command, reply, argument)
-        after = _ON_REPLY.get((state, command), (state, None, state))
         cls = reply.code // 100
-        nxt = after[0] if cls == 2 else after[1] if cls == 3 else after[2]
-        if nxt is None:
-            self._fail(f"reply {reply.code} cannot answer {command} (in state {state})")
-        self._state = nxt
+        state = self._move(command, OK if cls == 2 else MORE if cls == 3 else FAILED,
+                           f"reply {reply.code}")
         if cls == 2 and command in (EHLO, HELO):
             self._esmtp = command == EHLO
             self._extensions = Extensions.from_ehlo(reply) if self._esmtp else Extensions()
             self._parser.enhanced = self._extensions.enhanced_status_codes
         elif cls == 2 and command in (AUTH, AUTH_RESPONSE):
             self._authenticated = True
-        elif nxt == TLS_WAIT and len(self._parser):
+        elif state is State.TLS_WAIT and len(self._parser):
             # Bytes behind the 220 would be read as if they came over TLS
             # (STARTTLS response injection).
             self._fail("the server sent data after its 220 reply to STARTTLS (RFC 3207 4.2)")
-        elif nxt == CLOSED:
+        elif state is State.CLOSED:
             self._close()
         if not self._pending:
             self._projected = self._state
         return Response(command, reply, argument)
 
-    def _fail(self, why: str) -> NoReturn:
-        self._close()
-        raise ReplyError(why)
-
     def _close(self) -> tuple[str, ...]:
-        if self._state != CLOSED:
-            self._unanswered = self.pending
-        self._state = self._projected = CLOSED
-        self._pending.clear()
         self._parser.clear()
-        self._violation = None
-        return self._unanswered
-
-    # --- Output -----------------------------------------------------------
-
-    def data_to_send(self) -> bytes:
-        data = bytes(self._out)
-        self._out.clear()
-        return data
+        return super()._close()
 
     def _command(self, command: str, line: str | None, argument: str = "") -> None:
         """Queue a command line (None: no line, for the end of data) and await its reply."""
-        if self._pending:
-            last = self._pending[-1][0]
-            if command in _CONTINUATIONS or last in _ENDS_GROUP:
-                raise ClientStateError(f"cannot send {command} before {last} is answered")
-            if not self._extensions.pipelining:
-                raise ClientStateError(
-                    f"cannot send {command} before {last} is answered: no PIPELINING"
-                )
-        projected = self._projected
-        nxt = _SEND.get((projected, command))
-        if nxt is None:
-            raise ClientStateError(f"cannot send {command} in state {projected}")
-        if line is not None:
-            self._out += line.encode("utf-8") + b"\r\n"
-        self._pending.append((command, argument))
-        self._projected = nxt
+        self._send(command, b"" if line is None else line.encode("utf-8") + b"\r\n", argument)
 
     def ehlo(self, name: str) -> None:
         self._command(EHLO, f"EHLO {self._hello_name(name)}", name)
@@ -600,7 +358,7 @@ class SMTPClient:
 
     @staticmethod
     def _hello_name(name: str) -> str:
-        _check_text(name, "the HELO name")
+        check_text(name, "the HELO name")
         if not name or " " in name or not name.isascii():
             raise ValueError(f"HELO/EHLO needs an ASCII domain or address literal: {name!r}")
         return name
@@ -628,34 +386,20 @@ class SMTPClient:
             raise ValueError(f"cannot send sender {sender!r}: {problem}")
         if not sender.isascii() and not smtputf8:
             raise ValueError("a non-ASCII sender needs smtputf8=True (RFC 6531 3.4)")
-        params: list[str] = []
-        try:
-            if size is not None:
-                self._need("SIZE", "SIZE")
-                if size < 0:
-                    raise ValueError("SIZE must not be negative")
-                params.append(f"SIZE={size}")
-            if body is not None:
-                self._need("8BITMIME", "BODY")
-                params.append(f"BODY={address.parse_body(body)}")
-            if smtputf8:
-                self._need("SMTPUTF8", "SMTPUTF8")
-                params.append("SMTPUTF8")
-            if ret is not None:
-                self._need("DSN", "RET")
-                params.append(f"RET={address.parse_ret(ret)}")
-            if envid is not None:
-                self._need("DSN", "ENVID")
-                encoded = address.xtext_encode(envid)
-                address.parse_envid(encoded)  # RFC 3461 4.4: length and characters
-                params.append(f"ENVID={encoded}")
-            if auth is not None:
-                self._need("AUTH", "AUTH")
-                encoded = address.xtext_encode(auth)
-                address.parse_auth_param(encoded)
-                params.append(f"AUTH={encoded}")
-        except ParameterError as exc:
-            raise ValueError(str(exc)) from None
+        given: dict[str, str | None] = {}
+        if size is not None:
+            given["SIZE"] = str(size)
+        if body is not None:
+            given["BODY"] = body.upper()
+        if smtputf8:
+            given["SMTPUTF8"] = None
+        if ret is not None:
+            given["RET"] = ret.upper()
+        if envid is not None:
+            given["ENVID"] = address.xtext_encode(envid)
+        if auth is not None:
+            given["AUTH"] = address.xtext_encode(auth)
+        params = self._parameters(given, address.MAIL_PARAMETERS)
         line = " ".join([f"MAIL FROM:<{sender}>", *params])
         self._command(MAIL, line, sender)
         self._utf8 = smtputf8
@@ -676,24 +420,31 @@ class SMTPClient:
             raise ValueError(f"cannot send recipient {recipient!r}: {problem}")
         if not recipient.isascii() and not self._utf8:
             raise ValueError("a non-ASCII recipient needs SMTPUTF8 on MAIL (RFC 6531 3.4)")
-        params: list[str] = []
-        try:
-            if notify is not None:
-                self._need("DSN", "NOTIFY")
-                params.append("NOTIFY=" + ",".join(address.parse_notify(",".join(notify))))
-            if orcpt is not None:
-                self._need("DSN", "ORCPT")
-                _check_text(orcpt, "ORCPT")
-                encoded = encode_orcpt(orcpt)
-                address.parse_orcpt(encoded)  # RFC 3461 4.2: length and syntax
-                params.append(f"ORCPT={encoded}")
-        except ParameterError as exc:
-            raise ValueError(str(exc)) from None
+        given: dict[str, str | None] = {}
+        if notify is not None:
+            given["NOTIFY"] = ",".join(notify).upper()
+        if orcpt is not None:
+            check_text(orcpt, "ORCPT")
+            given["ORCPT"] = encode_orcpt(orcpt)
+        params = self._parameters(given, address.RCPT_PARAMETERS)
         self._command(RCPT, " ".join([f"RCPT TO:<{recipient}>", *params]), recipient)
 
     def _need(self, keyword: str, parameter: str) -> None:
         if keyword not in self._extensions:
             raise ValueError(f"{parameter} needs {keyword}, which the server did not offer")
+
+    def _parameters(self, given: dict[str, str | None], known: frozenset[str]) -> list[str]:
+        """MAIL or RCPT parameters as sent, each with its extension offered and checked
+        by the parser the server core uses (address.parse_esmtp_parameters)."""
+        params = []
+        for keyword, value in given.items():
+            self._need(_EXTENSION_OF[keyword], keyword)
+            params.append(keyword if value is None else f"{keyword}={value}")
+        try:
+            address.parse_esmtp_parameters(" ".join(params), known)
+        except ParameterError as exc:
+            raise ValueError(str(exc)) from None
+        return params
 
     def data(self) -> None:
         self._command(DATA, "DATA")
@@ -710,8 +461,9 @@ class SMTPClient:
         self._out += self._stuffer.end()
 
     def _in_content(self, what: str) -> None:
-        if self._state != IN_DATA or self._pending or self._projected != IN_DATA:
-            raise ClientStateError(f"{what} needs a 354 reply to DATA (state {self._state})")
+        in_data = State.IN_DATA
+        if self._pending or self._state is not in_data or self._projected is not in_data:
+            raise LocalProtocolError(f"{what} needs a 354 reply to DATA (state {self._state})")
 
     def bdat(self, chunk: bytes, *, last: bool = False) -> None:
         """A BDAT chunk (RFC 3030 2), sent as is: line ends are the caller's business."""
@@ -723,21 +475,21 @@ class SMTPClient:
 
     def starttls(self) -> None:
         if self._tls:
-            raise ClientStateError("TLS is already active")
+            raise LocalProtocolError("TLS is already active")
         self._need("STARTTLS", "STARTTLS")
         self._command(STARTTLS, "STARTTLS")
 
     def tls_started(self) -> None:
         """The handshake after a 220 to STARTTLS is done: forget the session (RFC 3207 4.2)."""
-        if self._state != TLS_WAIT:
-            raise ClientStateError(f"tls_started() in state {self._state}, not after STARTTLS")
+        if self._state is not State.TLS_WAIT:
+            raise LocalProtocolError(f"tls_started() in state {self._state}, not after STARTTLS")
         self._parser.clear()
         self._parser.enhanced = False
         self._tls = True
         self._esmtp = False
         self._extensions = Extensions()
         self._authenticated = False
-        self._state = self._projected = GREETED
+        self._projected = self._move(TLS_STARTED, OK)
 
     def auth(self, mechanism: str, initial_response: str | None = None) -> None:
         """AUTH (RFC 4954 4); an empty initial response is sent as "="."""
@@ -746,15 +498,15 @@ class SMTPClient:
             raise ValueError(f"the server did not offer AUTH {mechanism}")
         line = f"AUTH {mechanism}"
         if initial_response is not None:
-            _check_text(initial_response, "the initial response")
+            check_text(initial_response, "the initial response")
             line += f" {initial_response or '='}"
         self._command(AUTH, line, mechanism)
 
     def auth_response(self, response: str) -> None:
         """The line answering a 334 challenge; "*" cancels the exchange (RFC 4954 4)."""
-        _check_text(response, "the SASL response")
-        if self._state != IN_AUTH:
-            raise ClientStateError(f"auth_response() needs a 334 reply (state {self._state})")
+        check_text(response, "the SASL response")
+        if self._state is not State.IN_AUTH:
+            raise LocalProtocolError(f"auth_response() needs a 334 reply (state {self._state})")
         self._command(AUTH_RESPONSE, response)
 
     def rset(self) -> None:

@@ -2,69 +2,37 @@
 
 Each event is a frozen value; `needs_reply` says (on the class and on each
 instance) whether the core waits for the application's answer before it reads
-on. `NEED_DATA` and `PAUSED` are the two results that are not events.
+on. `NEED_DATA` and `PAUSED` (from `_core`) are the two results that are not events.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from postroom.protocol.replies import Reply
 
-__all__ = [
-    "Event",
-    "Hello",
-    "MailFrom",
-    "RcptTo",
-    "DataStart",
-    "MessageData",
-    "MessageEnd",
-    "MessageAborted",
-    "StartTLS",
-    "AuthStart",
-    "AuthResponse",
-    "Reset",
-    "Quit",
-    "ConnectionClosed",
-    "NEED_DATA",
-    "PAUSED",
-]
 
+class _UnlessChunking:
+    """DataStart's `needs_reply`: DATA waits for the app's 354; BDAT's data is already
+    on its way."""
 
-class _NeedsReply:
-    """`needs_reply` on an event class and its instances (a fixed value)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: bool) -> None:
-        self.value = value
-
-    def __get__(self, obj: object, objtype: Any = None) -> bool:
-        return self.value
-
-
-class _NeedsReplyUnlessChunking(_NeedsReply):
-    """DATA waits for the app's 354; BDAT's data is already on its way."""
-
-    __slots__ = ()
-
-    def __get__(self, obj: object, objtype: Any = None) -> bool:
-        return self.value if obj is None else not getattr(obj, "chunking", False)
+    def __get__(self, obj: DataStart | None, owner: object = None) -> bool:
+        return obj is None or not obj.chunking
 
 
 class Event:
     """Base of the events `next_event` returns."""
 
     __slots__ = ()
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(False)
+    needs_reply: ClassVar[bool] = False
 
 
 @dataclass(frozen=True, slots=True)
 class Hello(Event):
     """HELO or EHLO. A 2xx answer to EHLO gets the extension lines appended."""
 
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(True)
+    needs_reply: ClassVar[bool] = True
     command: str
     domain: str
 
@@ -78,7 +46,7 @@ class MailFrom(Event):
     source route the client gave (dropped from `address`, RFC 5321 4.1.1.3).
     """
 
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(True)
+    needs_reply: ClassVar[bool] = True
     address: str
     size: int | None = None
     body: str | None = None
@@ -93,7 +61,7 @@ class MailFrom(Event):
 class RcptTo(Event):
     """RCPT TO. `orcpt` is "addr-type;decoded-address" (RFC 3461 4.2)."""
 
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(True)
+    needs_reply: ClassVar[bool] = True
     address: str
     notify: tuple[str, ...] | None = None
     orcpt: str | None = None
@@ -104,7 +72,7 @@ class RcptTo(Event):
 class DataStart(Event):
     """DATA (needs a 354 to go on) or the first BDAT of a transaction (no reply)."""
 
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReplyUnlessChunking(True)
+    needs_reply: ClassVar[_UnlessChunking] = _UnlessChunking()
     chunking: bool = False
 
 
@@ -122,7 +90,7 @@ class MessageEnd(Event):
     `size` is the content's octet count (RFC 1870: after removing dots).
     """
 
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(True)
+    needs_reply: ClassVar[bool] = True
     size: int = 0
 
 
@@ -143,14 +111,14 @@ class MessageAborted(Event):
 class StartTLS(Event):
     """STARTTLS; answer 220 and start the handshake, then call tls_started()."""
 
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(True)
+    needs_reply: ClassVar[bool] = True
 
 
 @dataclass(frozen=True, slots=True)
 class AuthStart(Event):
     """AUTH; `initial_response` is the base64 text as sent ("=" means empty)."""
 
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(True)
+    needs_reply: ClassVar[bool] = True
     mechanism: str
     initial_response: str | None = None
 
@@ -159,7 +127,7 @@ class AuthStart(Event):
 class AuthResponse(Event):
     """A line of the SASL exchange (base64 text as sent)."""
 
-    needs_reply: ClassVar[_NeedsReply] = _NeedsReply(True)
+    needs_reply: ClassVar[bool] = True
     data: str
 
 
@@ -177,15 +145,3 @@ class Quit(Event):
 class ConnectionClosed(Event):
     """The client closed the connection, or the session is over."""
 
-
-class _Sentinel(type):
-    def __repr__(cls) -> str:
-        return cls.__name__
-
-
-class NEED_DATA(metaclass=_Sentinel):
-    """`next_event` result: feed more bytes with `receive_data`."""
-
-
-class PAUSED(metaclass=_Sentinel):
-    """`next_event` result: an event awaits the application's reply."""

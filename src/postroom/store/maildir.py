@@ -89,14 +89,16 @@ def unique_name(hostname: str, size: int | None = None, sent: int | None = None)
 
 class LineEnds:
     """Counts what a file's bytes become as POP3 sends them (RFC 1939 11): CRLF line
-    ends, and one added after a last line that lacks it. Fed chunk by chunk, in
+    ends (a bare LF or a bare CR is a line end, as protocol.lines.DotStuffer sends
+    it), and one added after a last line that lacks it. Fed chunk by chunk, in
     order; a CRLF split between two chunks is one line end."""
 
-    __slots__ = ("size", "bare_lf", "_ends_cr", "_last")
+    __slots__ = ("size", "bare_lf", "bare_cr", "_ends_cr", "_last")
 
     def __init__(self) -> None:
         self.size = 0  # octets fed
         self.bare_lf = 0  # LFs without a CR before them
+        self.bare_cr = 0  # CRs without an LF after them
         self._ends_cr = False
         self._last = -1  # the last octet fed, -1 before any
 
@@ -104,18 +106,20 @@ class LineEnds:
         if not chunk:
             return
         self.size += len(chunk)
-        self.bare_lf += chunk.count(b"\n") - chunk.count(b"\r\n")
+        pairs = chunk.count(b"\r\n")
+        self.bare_lf += chunk.count(b"\n") - pairs
+        self.bare_cr += chunk.count(b"\r") - pairs
         if self._ends_cr and chunk[0] == 0x0A:
             self.bare_lf -= 1
+            self.bare_cr -= 1
         self._ends_cr = chunk[-1] == 0x0D
         self._last = chunk[-1]
 
     @property
     def sent(self) -> int:
         """The octets as sent, before byte-stuffing."""
-        last = self._last
-        extra = 0 if last in (-1, 0x0A) else 1 if last == 0x0D else 2
-        return self.size + self.bare_lf + extra
+        extra = 0 if self._last in (-1, 0x0A, 0x0D) else 2
+        return self.size + self.bare_lf + self.bare_cr + extra
 
 
 def sent_size(chunks: Iterable[bytes]) -> int:
@@ -175,8 +179,8 @@ class MaildirEntry:
     size: int  # octets as sent, with CRLF line ends: W=, else S=, else stat(2)
     uid_base_name: str  # the stable unique part of the name: a basis for UIDL
     flags: str = ""  # Maildir flags ("S" seen, "T" trashed, ...) from cur/ names
-    # The name says the file has no bare LF: W= (the size with CRLF line ends) equals
-    # S= (the size stored), as in postroom's own names. Readers may then skip
+    # The name says the file has no bare CR or LF: W= (the size with CRLF line ends)
+    # equals S= (the size stored), as in postroom's own names. Readers may then skip
     # converting line ends; without this they must convert.
     crlf: bool = False
     # `size` came from W=, the size as sent. Without it (other MDAs' names) the

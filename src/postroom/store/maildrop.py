@@ -47,12 +47,12 @@ def _cached_sent_size(path: Path, unique: str, stored: int) -> tuple[int, bool]:
 
 def file_sent_size(path: Path) -> tuple[int, bool]:
     """The octets RETR sends for the file before byte-stuffing (maildir.LineEnds),
-    and whether the file has no bare LF. BLOCKING: reads the whole file."""
+    and whether the file has no bare CR or LF. BLOCKING: reads the whole file."""
     counter = LineEnds()
     with open(path, "rb") as file:
         while chunk := file.read(256 * 1024):
             counter.feed(chunk)
-    return counter.sent, counter.bare_lf == 0
+    return counter.sent, counter.bare_lf == 0 and counter.bare_cr == 0
 
 
 class MaildropBusy(Exception):
@@ -73,7 +73,7 @@ class DropMessage:
     size: int
     uid: str
     retrieved: bool = False
-    crlf: bool = False  # the file has no bare LF (MaildirEntry.crlf)
+    crlf: bool = False  # the file has no bare CR or LF (MaildirEntry.crlf)
 
     @property
     def unique(self) -> str:
