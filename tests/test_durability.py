@@ -38,9 +38,10 @@ from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.store import QueueStore
 from postroom.server.main import Running, start
 from postroom.server.stream import Stream
+from postroom.store.api import Expansion
 from postroom.store.atomic import atomic_write
 from postroom.store.maildir import MailStore
-from postroom.store.users import Expansion, open_user_directory
+from postroom.store.users import open_user_directory
 
 BOSS, ALICE, TEAM = "boss@corp.example", "alice@corp.example", "team@corp.example"
 PASSWORD = "boss-secret"

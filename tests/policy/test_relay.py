@@ -3,7 +3,7 @@
 import pytest
 
 from postroom.policy.relay import RecipientPolicy, normalise_domain
-from postroom.store.users import Expansion
+from postroom.store.api import Expansion
 
 USERS = {"boss@corp.example": ["boss@corp.example"], "sales@corp.example": ["boss@corp.example"]}
 

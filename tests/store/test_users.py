@@ -13,15 +13,9 @@ from types import SimpleNamespace
 import pytest
 from argon2 import PasswordHasher
 
-from postroom.store.users import (
-    MAX_ALIAS_DEPTH,
-    DirectoryError,
-    Expansion,
-    SQLiteUserDirectory,
-    UnknownDomainError,
-    UserDirectory,
-    local_domains,
-)
+from postroom.store.api import DirectoryError, Expansion, UnknownDomainError, UserDirectory
+from postroom.store.expansion import MAX_ALIAS_DEPTH
+from postroom.store.users import SQLiteUserDirectory, local_domains
 
 # Tests use tiny argon2 parameters; one test checks the real defaults.
 CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from postroom.addresses import canonical_domain, split
 from postroom.cli.common import PROG, Context, help_of, subparsers
-from postroom.store.users import DirectoryError, local_address
+from postroom.store.api import DirectoryError, local_address
 
 if TYPE_CHECKING:
     from postroom.cli.common import Subparsers

@@ -56,7 +56,8 @@ from postroom.control import ControlError, tell_server, tell_server_in_words
 from postroom.ids import new_queue_id
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.store import QueueStore
-from postroom.store.users import DirectoryError, open_user_directory
+from postroom.store.api import DirectoryError
+from postroom.store.users import open_user_directory
 
 # sysexits.h: what Sendmail's callers test for.
 EX_OK = 0

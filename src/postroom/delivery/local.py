@@ -24,10 +24,10 @@ from pathlib import Path
 from postroom.delivery.outcome import DeliveryResult
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.queuefile import open_content
+from postroom.store.api import Expansion
 from postroom.store.commit import MessageWriter
 from postroom.store.maildir import MailStore
 from postroom.store.returnpath import ReturnPathRemover, return_path
-from postroom.store.users import Expansion
 
 COPY_CHUNK = 1024 * 1024  # octets read from the queue file at a time
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from postroom.addresses import canonical, canonical_domain, is_quoted, split, unquoted
 from postroom.protocol.replies import Reply
-from postroom.store.users import Expansion
+from postroom.store.api import Expansion
 
 # Characters that, in a local part, ask a host to route the mail onwards.
 ROUTING_CHARACTERS = frozenset("%!@")

@@ -19,7 +19,7 @@ from postroom.policy.relay import (
     split_address,
 )
 from postroom.protocol.replies import Reply
-from postroom.store.users import Expansion, local_address
+from postroom.store.api import Expansion, local_address
 
 
 class SubmissionPolicy:

@@ -50,9 +50,10 @@ from postroom.server.workers import (
     signal_children,
     worker_count,
 )
+from postroom.store.api import UserDirectory
 from postroom.store.cache import CachedLookups
 from postroom.store.maildir import MailStore
-from postroom.store.users import UserDirectory, local_domains, open_user_directory
+from postroom.store.users import local_domains, open_user_directory
 from postroom.tlscert import ensure_certificate, server_context
 
 log = logging.getLogger("postroom.master")

@@ -25,9 +25,9 @@ from postroom.protocol import pop3_server as core
 from postroom.server.deadline import RequestDeadline
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.stream import Stream
+from postroom.store.api import UserDirectory, local_address
 from postroom.store.maildir import MailStore
 from postroom.store.maildrop import Maildrop, MaildropBusy
-from postroom.store.users import UserDirectory, local_address
 
 log = logging.getLogger("postroom.pop3d")
 

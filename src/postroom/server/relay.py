@@ -33,8 +33,8 @@ from postroom.queue.dsn import Action, queue_dsn
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.scheduler import Scheduler
 from postroom.queue.store import QueueError, QueueStore
+from postroom.store.api import Expansion
 from postroom.store.maildir import MailStore
-from postroom.store.users import Expansion
 
 log = logging.getLogger("postroom.relay")
 

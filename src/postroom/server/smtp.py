@@ -34,9 +34,9 @@ from postroom.server.limits import ConnectionLimiter
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
 from postroom.server.spool import Spool
 from postroom.server.stream import Stream
+from postroom.store.api import local_address
 from postroom.store.maildir import MailStore
 from postroom.store.returnpath import ReturnPathRemover, return_path
-from postroom.store.users import local_address
 
 log = logging.getLogger("postroom.smtpd")
 

@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from postroom.store.users import Expansion, UserDirectory
+from postroom.store.api import Expansion, UserDirectory
 
 MAX_ENTRIES = 50_000  # a bound on memory for a flood of distinct addresses
 MAX_AGE = 1.0  # seconds: the longest a change can go unseen
