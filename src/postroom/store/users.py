@@ -1,9 +1,9 @@
 """The embedded user directory: local domains, users, aliases and APOP secrets in one SQLite file.
 
-It is the `UserDirectory` of postroom.store.api. The file is in WAL mode, so
-the CLI can change users while a long-running server reads them. Every
-address is stored in canonical form with a lower-case local part
-(api.local_address).
+It is the `UserDirectory` of postroom.store.api; postroom.store.cache puts the
+server's `Directory` in front of it. The file is in WAL mode, so the CLI can
+change users while a long-running server reads them. Every address is stored
+in canonical form with a lower-case local part (api.local_address).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from argon2 import PasswordHasher
 
@@ -24,15 +23,11 @@ from postroom.store.api import (
     DirectoryError,
     Expansion,
     UnknownDomainError,
-    UserDirectory,
     local_address,
     user_key,
 )
 from postroom.store.expansion import SUBADDRESS_DELIMITER, check_alias_target, expand
 from postroom.store.passwords import Hashes, check_password
-
-if TYPE_CHECKING:
-    from postroom.config import Config
 
 BUSY_TIMEOUT_MS = 10_000  # wait this long for another process's write transaction
 
@@ -463,16 +458,3 @@ class SQLiteUserDirectory:
         if key is None or not self.has_domain(split(key)[1]):
             return None
         return expand(self, key, self.postmaster)
-
-
-def open_user_directory(config: Config) -> SQLiteUserDirectory:
-    """The user directory a config names (DATA/users.sqlite3), with its static domains
-    and the administrator who receives postmaster@'s mail."""
-    return SQLiteUserDirectory(
-        config.users_db, static_domains=config.domains, postmaster=config.postmaster
-    )
-
-
-def local_domains(config: Config, directory: UserDirectory) -> set[str]:
-    """Every domain this host accepts mail for: the config's plus the directory's."""
-    return {canonical_domain(d) for d in config.domains} | set(directory.list_domains())
