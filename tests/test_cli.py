@@ -155,7 +155,9 @@ def test_aliases(capsys: pytest.CaptureFixture[str], in_tmp: Path) -> None:
         "info@corp.example -> boss@corp.example, deputy@corp.example\n"
     )
     directory = SQLiteUserDirectory(in_tmp / "var" / "users.sqlite3")
-    assert directory.resolve("info@corp.example") == ["boss@corp.example", "deputy@corp.example"]
+    expansion = directory.expand("info@corp.example")
+    assert expansion is not None
+    assert expansion.mailboxes == ("boss@corp.example", "deputy@corp.example")
     assert run(capsys, "alias", "del", "info@corp.example", "deputy@corp.example")[0] == 0
     assert run(capsys, "alias", "list")[1] == "info@corp.example -> boss@corp.example\n"
     assert run(capsys, "alias", "del", "info@corp.example")[0] == 0

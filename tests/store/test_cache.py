@@ -96,7 +96,7 @@ def test_without_a_gate_a_check_leaves_the_event_loop(tmp_path: Path) -> None:
     threads: list[threading.Thread] = []
     verify = users.verify_password
 
-    def recording(address: str, password: str | bytes) -> bool:
+    def recording(address: str, password: str) -> bool:
         threads.append(threading.current_thread())
         return verify(address, password)
 

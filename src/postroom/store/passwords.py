@@ -52,18 +52,13 @@ class Hashes:
         """The hash to store for a new password (DirectoryError if it breaks a rule)."""
         return self.hasher.hash(check_password(password))
 
-    def verify(self, stored: str | None, password: str | bytes) -> tuple[bool, str | None]:
+    def verify(self, stored: str | None, password: str) -> tuple[bool, str | None]:
         """Whether `password` matches the `stored` hash (None: no such user), and a new
         hash to store in its place when it used older parameters.
 
         Costs one argon2 hash also without a stored one: a dummy hash is checked
         instead, so that the answer takes about as long (no user enumeration).
         """
-        if isinstance(password, bytes):
-            try:
-                password = password.decode("utf-8")
-            except UnicodeDecodeError:
-                password = "\0"  # cannot match: stored passwords never contain NUL
         password = normalize_password(password)
         if stored is None:
             if self._dummy is None:

@@ -318,7 +318,7 @@ class SQLiteUserDirectory:
         key = user_key(address)
         return key is not None and self.is_user(key)
 
-    def verify_password(self, address: str, password: str | bytes) -> bool:
+    def verify_password(self, address: str, password: str) -> bool:
         """True when `password` is the user's: one argon2 hash, also for unknown users
         (Hashes.verify). A hash made with older parameters is replaced."""
         key = user_key(address)
@@ -442,14 +442,6 @@ class SQLiteUserDirectory:
             "SELECT target FROM aliases WHERE source = ? ORDER BY position", (address,)
         ).fetchall()
         return [r[0] for r in rows] if rows else None
-
-    def resolve(self, address: str) -> list[str] | None:
-        """The addresses mail for `address` reaches: local mailboxes, then remote ones;
-        None when it reaches nothing deliverable (so the server can refuse it with 550)."""
-        expansion = self.expand(address)
-        if expansion is None or not expansion.targets:
-            return None
-        return expansion.targets
 
     def expand(self, address: str) -> Expansion | None:
         """Where mail for `address` goes (postroom.store.expansion); None when it is no
