@@ -187,6 +187,15 @@ def test_config_option_and_config_errors(capsys: pytest.CaptureFixture[str], in_
     (in_tmp / "alt.toml").write_text('domains = ["static.example"]\n')
     assert run(capsys, "--config", "alt.toml", "domain", "list")[1] == "static.example\n"
     assert run(capsys, "domain", "list", "--config", "alt.toml")[1] == "static.example\n"
+    # The config file's domains are changed there, and the refusal names the file.
+    alt = in_tmp / "alt.toml"
+    code, _, err = run(capsys, "--config", "alt.toml", "domain", "add", "Static.Example")
+    assert (code, one_error_line(err)) == (2, "postroom: error: domain static.example is a "
+                                              f"local domain already: `domains` in {alt} "
+                                              "lists it")
+    code, _, err = run(capsys, "--config", "alt.toml", "domain", "del", "static.example")
+    assert (code, one_error_line(err)) == (2, "postroom: error: domain static.example is "
+                                              f"listed in `domains` in {alt}; remove it there")
     (in_tmp / "bad.toml").write_text('[listen]\nsmtp = "127.0.0.1:99999"\n')
     code, _, err = run(capsys, "domain", "list", "--config", "bad.toml")
     assert code == 2

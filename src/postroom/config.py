@@ -175,7 +175,7 @@ class Config:
     def store(self) -> StoreSettings:
         """What postroom.store.factory.open_store builds the users and mailboxes from."""
         return StoreSettings(self.users_db, self.mail_dir, self.hostname, self.domains,
-                             self.postmaster)
+                             self.postmaster, self.source)
 
     @property
     def spool_dir(self) -> Path:

@@ -437,7 +437,7 @@ def test_a_stored_domain_from_before_the_rule_can_still_be_removed(
 
 def test_a_config_domain_is_neither_added_nor_removed(tmp_path: Path) -> None:
     db = SQLiteUserDirectory(tmp_path / "u.db", static_domains=["corp.example"], hasher=CHEAP)
-    with pytest.raises(DirectoryError, match="config file's `domains` lists it"):
+    with pytest.raises(DirectoryError, match="`domains` in the config file lists it"):
         db.add_domain("Corp.Example")
     assert db.list_domains() == ["corp.example"]
     with closing(sqlite3.connect(db.path)) as conn, conn:  # stored too, by an older version

@@ -229,6 +229,7 @@ class StoreSettings:
     hostname: str  # in the names of filed messages
     domains: tuple[str, ...] = ()  # local domains from the config file, besides the directory's
     postmaster: str | None = None  # the administrator's mailbox (RFC 5321 4.5.1)
+    config_source: str = "the config file"  # where those two come from, for messages
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ def open_store(settings: StoreSettings, *, password_gate: PasswordGate | None = 
 
     `password_gate` bounds the server's password checks (server.passwords).
     """
-    users = SQLiteUserDirectory(settings.users_db, static_domains=settings.domains,
-                                postmaster=settings.postmaster)
+    users = SQLiteUserDirectory(settings.users_db, settings.domains,
+                                postmaster=settings.postmaster,
+                                config_source=settings.config_source)
     return Store(users, CachedDirectory(users, password_gate),
                  MaildirMailboxes(settings.mail_dir, settings.hostname))

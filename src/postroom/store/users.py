@@ -68,8 +68,9 @@ def _refused(convert: Callable[[str], str], value: str) -> str:
 class SQLiteUserDirectory:
     """UserDirectory on one SQLite file.
 
-    `static_domains` are local domains that come from the config file: they
-    count as local (users may be added to them) without being in the database.
+    `static_domains` are local domains that come from the config file (named
+    `config_source` in messages): they count as local (users may be added to
+    them) without being in the database.
     `postmaster` is the administrator's mailbox: mail for postmaster@ any local
     domain that has no user or alias of that name goes there (RFC 5321 4.5.1);
     None leaves postmaster@ to users and aliases alone.
@@ -82,8 +83,10 @@ class SQLiteUserDirectory:
         static_domains: Iterable[str] = (),
         hasher: PasswordHasher | None = None,
         postmaster: str | None = None,
+        config_source: str = "the config file",
     ) -> None:
         self.path = Path(path)
+        self.config_source = config_source
         self.static_domains = frozenset(_refused(mail_domain, d) for d in static_domains)
         self.postmaster = local_address(postmaster) if postmaster is not None else None
         self.hashes = Hashes(hasher)
@@ -160,7 +163,8 @@ class SQLiteUserDirectory:
         name = _refused(mail_domain, domain)
         if name in self.static_domains:
             raise DirectoryError(
-                f"domain {name} is a local domain already: the config file's `domains` lists it"
+                f"domain {name} is a local domain already: `domains` in {self.config_source} "
+                "lists it"
             )
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone():
@@ -172,7 +176,7 @@ class SQLiteUserDirectory:
         if name in self.static_domains:
             # Removing a stored copy would change nothing: the config keeps it local.
             raise DirectoryError(
-                f"domain {name} is listed in the config file's `domains`; remove it there"
+                f"domain {name} is listed in `domains` in {self.config_source}; remove it there"
             )
         with self._write() as conn:
             if not conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone():
@@ -180,7 +184,7 @@ class SQLiteUserDirectory:
             if self.postmaster is not None and split(self.postmaster)[1] == name:
                 raise DirectoryError(
                     f"domain {name} holds the administrator's mailbox (postmaster = "
-                    f"{self.postmaster} in the config file); name another one there first"
+                    f"{self.postmaster} in {self.config_source}); name another one there first"
                 )
             users = [r[0] for r in conn.execute(
                 "SELECT address FROM users WHERE domain = ? ORDER BY address", (name,)
