@@ -155,7 +155,9 @@ def test_aliases(capsys: pytest.CaptureFixture[str], in_tmp: Path) -> None:
         "info@corp.example -> boss@corp.example, deputy@corp.example\n"
     )
     directory = SQLiteUserDirectory(in_tmp / "var" / "users.sqlite3")
-    assert directory.resolve("info@corp.example") == ["boss@corp.example", "deputy@corp.example"]
+    expansion = directory.expand("info@corp.example")
+    assert expansion is not None
+    assert expansion.mailboxes == ("boss@corp.example", "deputy@corp.example")
     assert run(capsys, "alias", "del", "info@corp.example", "deputy@corp.example")[0] == 0
     assert run(capsys, "alias", "list")[1] == "info@corp.example -> boss@corp.example\n"
     assert run(capsys, "alias", "del", "info@corp.example")[0] == 0
@@ -185,6 +187,15 @@ def test_config_option_and_config_errors(capsys: pytest.CaptureFixture[str], in_
     (in_tmp / "alt.toml").write_text('domains = ["static.example"]\n')
     assert run(capsys, "--config", "alt.toml", "domain", "list")[1] == "static.example\n"
     assert run(capsys, "domain", "list", "--config", "alt.toml")[1] == "static.example\n"
+    # The config file's domains are changed there, and the refusal names the file.
+    alt = in_tmp / "alt.toml"
+    code, _, err = run(capsys, "--config", "alt.toml", "domain", "add", "Static.Example")
+    assert (code, one_error_line(err)) == (2, "postroom: error: domain static.example is a "
+                                              f"local domain already: `domains` in {alt} "
+                                              "lists it")
+    code, _, err = run(capsys, "--config", "alt.toml", "domain", "del", "static.example")
+    assert (code, one_error_line(err)) == (2, "postroom: error: domain static.example is "
+                                              f"listed in `domains` in {alt}; remove it there")
     (in_tmp / "bad.toml").write_text('[listen]\nsmtp = "127.0.0.1:99999"\n')
     code, _, err = run(capsys, "domain", "list", "--config", "bad.toml")
     assert code == 2

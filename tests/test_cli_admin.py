@@ -164,7 +164,8 @@ def test_the_administrators_domain_cannot_be_removed(tmp_path: Path) -> None:
     (tmp_path / "postroom.toml").write_text('postmaster = "it@other.example"\n')
     ok(postroom(tmp_path, "domain", "add", "other.example"))
     line = refused(postroom(tmp_path, "domain", "del", "other.example"))
-    assert "holds the administrator's mailbox (postmaster = it@other.example" in line
+    assert ("holds the administrator's mailbox (postmaster = it@other.example in "
+            f"{tmp_path / 'postroom.toml'})") in line
 
 
 # -- aliases -------------------------------------------------------------------------------

@@ -38,9 +38,10 @@ from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.store import QueueStore
 from postroom.server.main import Running, start
 from postroom.server.stream import Stream
+from postroom.store.api import Expansion
 from postroom.store.atomic import atomic_write
-from postroom.store.maildir import MailStore
-from postroom.store.users import Expansion, open_user_directory
+from postroom.store.factory import open_store
+from postroom.store.mailboxes import MaildirMailboxes
 
 BOSS, ALICE, TEAM = "boss@corp.example", "alice@corp.example", "team@corp.example"
 PASSWORD = "boss-secret"
@@ -99,7 +100,7 @@ async def server(tmp_path: Path, *listeners: str, extra: str = "") -> AsyncItera
         extra,
     ]) + "\n")
     config = load_config(data)
-    directory = open_user_directory(config)
+    directory = open_store(config.store).users
     directory.add_user(BOSS, PASSWORD)
     directory.add_user(ALICE, "alice-secret")
     directory.add_alias(TEAM, [BOSS, ALICE])
@@ -206,16 +207,17 @@ def queue_add_many(tmp_path: Path, recorder: Recorder) -> Outcome:
 
 @scenario("local courier: a queued message into maildirs")
 def local_courier(tmp_path: Path, recorder: Recorder) -> Outcome:
-    store = MailStore(tmp_path / "mail", "mx.corp.example")
+    store = MaildirMailboxes(tmp_path / "mail", "mx.corp.example")
     queued = tmp_path / "queued.eml"
     queued.write_bytes(message("bounce"))
 
-    def expand(address: str) -> Expansion:
+    async def expand(address: str) -> Expansion:
         return Expansion((BOSS, ALICE) if address == TEAM else (address,), (), ())
 
     envelope = Envelope("LOCAL0000001", "", [Recipient(TEAM)], created=0.0)
     results = asyncio.run(LocalCourier(store, expand).deliver(
         envelope, envelope.recipients, queued))
+    store.close()
     assert [r.outcome for r in results] == ["delivered"]
     finals = [p for box in (BOSS, ALICE)
               for p in sorted((store.maildir_for(box) / "new").iterdir())]

@@ -30,6 +30,9 @@ RULES: list[tuple[str, str, str]] = [
      "servers in-process, is postroom.demo"),
     *[("postroom.protocol", name, SANS_IO)
       for name in ("asyncio", "socket", "ssl", "time", "postroom.config")],
+    ("postroom.store", "postroom.config",
+     "the store gets values (store.api.StoreSettings), so that it serves any caller and "
+     "a second backend is chosen from the same values"),
     *[(package, "postroom.server", BELOW_SERVER)
       for package in ("postroom.protocol", "postroom.policy", "postroom.queue",
                       "postroom.delivery", "postroom.store")],

@@ -20,7 +20,7 @@ from postroom.config import load_config
 from postroom.queue.envelope import Envelope
 from postroom.queue.queuefile import open_content
 from postroom.queue.store import QueueStore
-from postroom.store.users import open_user_directory
+from postroom.store.factory import open_store
 
 HOST = "mx.corp.example"
 
@@ -96,7 +96,7 @@ def test_default_sender_is_the_invoking_user_when_mail_to_them_is_delivered(
     capsys: pytest.CaptureFixture[str], data: Path
 ) -> None:
     user = sendmail.invoking_user()
-    directory = open_user_directory(load_config(data))
+    directory = open_store(load_config(data).store).users
     directory.add_user(f"{user}@corp.example", "a-long-enough-secret")
     directory.close()
     assert run(capsys, "-F", "The Boss", "bob@isp.example", stdin=b"\nbody\n")[0] == 0
@@ -114,7 +114,7 @@ def test_default_sender_is_the_postmaster_when_the_user_has_no_mailbox(
 ) -> None:
     # Its bounces must reach someone: root@localhost dropped them (RFC 5321 4.5.1).
     if users_db:
-        directory = open_user_directory(load_config(data))
+        directory = open_store(load_config(data).store).users
         directory.add_user("someone-else@corp.example", "a-long-enough-secret")
         directory.close()
     assert run(capsys, "bob@isp.example", stdin=b"\nbody\n")[0] == 0

@@ -1,6 +1,6 @@
 """A worker thread that runs jobs in batches and answers each on its own event loop.
 
-Group commit (server/committer.py for Maildirs, server/relay.py for adding to
+Group commit (store/mailboxes.py for Maildirs, server/relay.py for adding to
 the queue, queue/scheduler.py for removing from it) needs the same machinery:
 callers hand in a job and await its result; one thread takes every job waiting
 when it wakes, runs the batch with one round of syncs, and wakes each event

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from postroom.addresses import canonical_domain, domain_of, mail_domain, mailbox_address
+from postroom.store.api import StoreSettings
 
 CONFIG_NAME = "postroom.toml"
 DEFAULT_DATA_DIR = Path("var")
@@ -169,6 +170,12 @@ class Config:
     @property
     def mail_dir(self) -> Path:
         return self.data_dir / "mail"
+
+    @property
+    def store(self) -> StoreSettings:
+        """What postroom.store.factory.open_store builds the users and mailboxes from."""
+        return StoreSettings(self.users_db, self.mail_dir, self.hostname, self.domains,
+                             self.postmaster, self.source)
 
     @property
     def spool_dir(self) -> Path:

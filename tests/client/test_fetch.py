@@ -39,7 +39,7 @@ from postroom.client.fetch import (
 from postroom.config import load_config
 from postroom.net import Channel
 from postroom.server.main import Running, start
-from postroom.store.users import open_user_directory
+from postroom.store.factory import open_store
 
 BOSS = "boss@corp.example"
 PASSWORD = "boss-secret"
@@ -64,7 +64,7 @@ async def postroom(tmp_path: Path, extra: str = "") -> AsyncIterator[Running]:
         'auth_failure_delay = "0.1s"\n' + extra
     )
     config = load_config(data)
-    directory = open_user_directory(config)
+    directory = open_store(config.store).users
     directory.add_user(BOSS, PASSWORD)
     directory.set_apop_secret(BOSS, "apop-secret")
     running = await start(config)

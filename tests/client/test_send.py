@@ -41,8 +41,8 @@ from postroom.client.send import (
 )
 from postroom.config import load_config
 from postroom.server.main import Running, start
+from postroom.store.factory import open_store
 from postroom.store.maildir import list_messages
-from postroom.store.users import open_user_directory
 from postroom.tlscert import make_self_signed
 
 SMITH = "smith@isp.example"
@@ -157,7 +157,7 @@ async def postroom(tmp_path: Path) -> AsyncIterator[Running]:
         'auth_failure_delay = "0.1s"\n'
     )
     config = load_config(tmp_path)
-    directory = open_user_directory(config)
+    directory = open_store(config.store).users
     for user in ("smith", "jones", "boss", "hidden"):
         directory.add_user(f"{user}@isp.example", f"{user}-secret")
     running = await start(config)

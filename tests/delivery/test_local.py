@@ -16,8 +16,9 @@ from argon2 import PasswordHasher
 from postroom.delivery.local import LocalCourier
 from postroom.delivery.outcome import DeliveryResult
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.store.commit import MessageWriter
-from postroom.store.maildir import MailStore
+from postroom.store import durable
+from postroom.store.cache import CachedDirectory
+from postroom.store.mailboxes import MaildirMailboxes
 from postroom.store.users import SQLiteUserDirectory
 
 CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -50,8 +51,12 @@ def directory(tmp_path: Path) -> SQLiteUserDirectory:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> MailStore:
-    return MailStore(tmp_path / "mail", "mx.corp.example")
+def store(tmp_path: Path) -> MaildirMailboxes:
+    return MaildirMailboxes(tmp_path / "mail", "mx.corp.example")
+
+
+def courier_for(store: MaildirMailboxes, directory: SQLiteUserDirectory) -> LocalCourier:
+    return LocalCourier(store, CachedDirectory(directory).expand)
 
 
 @pytest.fixture
@@ -74,7 +79,7 @@ def deliver(
     return asyncio.run(courier.deliver(envelope, envelope.recipients, message))
 
 
-def stored(store: MailStore, address: str) -> list[bytes]:
+def stored(store: MaildirMailboxes, address: str) -> list[bytes]:
     """The raw files of a mailbox, checked to be a Maildir Python's mailbox module reads."""
     folder = store.maildir_for(address)
     if not folder.is_dir():
@@ -84,9 +89,9 @@ def stored(store: MailStore, address: str) -> list[bytes]:
 
 
 def test_delivers_the_queued_bytes_behind_the_return_path(
-    store: MailStore, directory: SQLiteUserDirectory, queued: Path
+    store: MaildirMailboxes, directory: SQLiteUserDirectory, queued: Path
 ) -> None:
-    courier = LocalCourier(store, directory.expand)
+    courier = courier_for(store, directory)
     [result] = deliver(courier, ["boss@corp.example"], queued)
     assert result == DeliveryResult("boss@corp.example", "delivered", "2.0.0", result.text)
     assert result.remote_mta is None
@@ -96,22 +101,22 @@ def test_delivers_the_queued_bytes_behind_the_return_path(
 
 
 def test_a_return_path_in_the_queued_message_is_replaced(
-    store: MailStore, directory: SQLiteUserDirectory, tmp_path: Path
+    store: MaildirMailboxes, directory: SQLiteUserDirectory, tmp_path: Path
 ) -> None:
     # RFC 5321 4.4: the final-delivery host writes the envelope sender; one that came
     # with the message (from a `postroom sendmail` script, say) is removed first.
     path = tmp_path / "script.eml"
     path.write_bytes(b"Return-Path: <forged@evil.example>\r\n" + MESSAGE)
-    courier = LocalCourier(store, directory.expand)
+    courier = courier_for(store, directory)
     deliver(courier, ["boss@corp.example"], path, sender="cron@corp.example")
     assert stored(store, "boss@corp.example") == [
         b"Return-Path: <cron@corp.example>\r\n" + MESSAGE]
 
 
 def test_alias_expands_and_shared_mailboxes_get_one_copy(
-    store: MailStore, directory: SQLiteUserDirectory, queued: Path
+    store: MaildirMailboxes, directory: SQLiteUserDirectory, queued: Path
 ) -> None:
-    courier = LocalCourier(store, directory.expand)
+    courier = courier_for(store, directory)
     results = deliver(courier, ["team@corp.example", "Boss@corp.example"], queued)
     assert [r.outcome for r in results] == ["delivered", "delivered"]
     # RFC 3464 2.3.3: the alias reached several mailboxes ("expanded" in a report).
@@ -121,9 +126,9 @@ def test_alias_expands_and_shared_mailboxes_get_one_copy(
 
 
 def test_unknown_recipients_fail_and_others_still_get_mail(
-    store: MailStore, directory: SQLiteUserDirectory, queued: Path
+    store: MaildirMailboxes, directory: SQLiteUserDirectory, queued: Path
 ) -> None:
-    courier = LocalCourier(store, directory.expand)
+    courier = courier_for(store, directory)
     results = deliver(
         courier,
         [
@@ -148,50 +153,66 @@ def test_unknown_recipients_fail_and_others_still_get_mail(
 
 
 def test_subaddress_goes_to_the_user(
-    store: MailStore, directory: SQLiteUserDirectory, queued: Path
+    store: MaildirMailboxes, directory: SQLiteUserDirectory, queued: Path
 ) -> None:
-    courier = LocalCourier(store, directory.expand)
+    courier = courier_for(store, directory)
     [result] = deliver(courier, ["boss+reports@corp.example"], queued)
     assert result.outcome == "delivered"
     assert stored(store, "boss@corp.example") == [FILED]
 
 
+@pytest.mark.parametrize("padding", [0, 1024 * 1024], ids=["in memory", "spooled"])
 def test_store_failure_is_temporary_and_leaves_nothing(
-    store: MailStore,
+    store: MaildirMailboxes,
     directory: SQLiteUserDirectory,
-    queued: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    padding: int,
 ) -> None:
-    def full(self: MessageWriter, maildirs: list[Path]) -> list[Path]:
+    queued = tmp_path / "queued.eml"
+    queued.write_bytes(MESSAGE + b"x" * padding + b"\r\n")
+
+    def full(fd: int, path: Path, *, metadata: bool = False) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(MessageWriter, "commit", full)
-    courier = LocalCourier(store, directory.expand)
+    monkeypatch.setattr(durable.OS, "datasync", full)
+    courier = courier_for(store, directory)
     results = deliver(courier, ["boss@corp.example", "nobody@corp.example"], queued)
     assert [(r.outcome, r.dsn_status) for r in results] == [
         ("temporary", "4.3.1"),
         ("permanent", "5.1.1"),
     ]
-    assert stored(store, "boss@corp.example") == []
-    assert list(store.spool_dir.iterdir()) == []  # the writer aborted its spool file
+    assert [p for p in store.mail_dir.rglob("*") if not p.is_dir()] == []  # no copy, no spool
 
 
 def test_missing_queue_file_is_temporary(
-    store: MailStore, directory: SQLiteUserDirectory, tmp_path: Path
+    store: MaildirMailboxes, directory: SQLiteUserDirectory, tmp_path: Path
 ) -> None:
-    courier = LocalCourier(store, directory.expand)
+    courier = courier_for(store, directory)
     [result] = deliver(courier, ["boss@corp.example"], tmp_path / "vanished.eml")
     assert (result.outcome, result.dsn_status) == ("temporary", "4.3.0")
 
 
 def test_large_message_is_copied_whole(
-    store: MailStore, directory: SQLiteUserDirectory, tmp_path: Path
+    store: MaildirMailboxes, directory: SQLiteUserDirectory, tmp_path: Path
 ) -> None:
     body = b"".join(b"line %07d of a long report\r\n" % i for i in range(120_000))  # ~3.5 MB
     path = tmp_path / "big.eml"
     path.write_bytes(MESSAGE + body)
-    courier = LocalCourier(store, directory.expand)
+    courier = courier_for(store, directory)
     [result] = deliver(courier, ["alice@corp.example"], path)
     assert result.outcome == "delivered"
     [copy] = (store.maildir_for("alice@corp.example") / "new").iterdir()
     assert copy.read_bytes() == FILED + body
+
+
+def test_a_directory_entry_that_can_name_no_mailbox_is_the_hosts_fault(
+    store: MaildirMailboxes, directory: SQLiteUserDirectory, queued: Path
+) -> None:
+    # `user add` refuses "/" in a mailbox name; a row written past it reaches the courier.
+    with closing(sqlite3.connect(directory.path)) as conn, conn:
+        conn.execute("INSERT INTO users (address, domain, password, created) "
+                     "VALUES ('a/b@corp.example', 'corp.example', 'x', 0)")
+    [result] = deliver(courier_for(store, directory), ["a/b@corp.example"], queued)
+    assert (result.outcome, result.dsn_status) == ("temporary", "4.3.5")
+    assert [p for p in store.mail_dir.rglob("*") if not p.is_dir()] == []

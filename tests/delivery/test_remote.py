@@ -672,7 +672,7 @@ def test_nothing_listening_is_temporary(message: Path) -> None:
 def test_delivers_to_a_postroom_receiving_host(tmp_path: Path, message: Path) -> None:
     from postroom.config import load_config
     from postroom.server.main import start
-    from postroom.store.users import open_user_directory
+    from postroom.store.factory import open_store
 
     data = tmp_path / "receiver"
     data.mkdir()
@@ -681,7 +681,7 @@ def test_delivers_to_a_postroom_receiving_host(tmp_path: Path, message: Path) ->
         '[listen]\nsmtp = "127.0.0.1:0"\n'
     )
     config = load_config(data)
-    open_user_directory(config).add_user("boss@isp.example", "boss-secret")
+    open_store(config.store).users.add_user("boss@isp.example", "boss-secret")
 
     async def main() -> list[DeliveryResult]:
         running = await start(config)

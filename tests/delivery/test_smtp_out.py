@@ -30,7 +30,7 @@ from postroom.delivery.smtp_out import (
 )
 from postroom.protocol.replies import Reply
 from postroom.server.main import Running, start
-from postroom.store.users import open_user_directory
+from postroom.store.factory import open_store
 from postroom.tlscert import make_self_signed
 
 HELO = "relay.example"
@@ -110,7 +110,7 @@ async def postroom(tmp_path: Path, **smtp: str) -> AsyncIterator[Running]:
     ]
     (tmp_path / "postroom.toml").write_text("\n".join(lines) + "\n")
     config = load_config(tmp_path)
-    directory = open_user_directory(config)
+    directory = open_store(config.store).users
     directory.add_user("boss@corp.example", "boss-secret")
     directory.add_user("alice@corp.example", "alice-secret")
     running = await start(config)

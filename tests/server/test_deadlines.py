@@ -21,7 +21,7 @@ import pytest
 
 from postroom.config import load_config
 from postroom.server.main import Running, start
-from postroom.store.users import open_user_directory
+from postroom.store.factory import open_store
 
 
 @asynccontextmanager
@@ -32,7 +32,7 @@ async def running_server(tmp_path: Path, smtp: str = "", pop3: str = "") -> Asyn
         f"[smtp]\n{smtp}\n[pop3]\n{pop3}\n"
     )
     config = load_config(tmp_path)
-    open_user_directory(config).add_user("boss@corp.example", "boss-secret")
+    open_store(config.store).users.add_user("boss@corp.example", "boss-secret")
     running = await start(config)
     try:
         yield running

@@ -19,7 +19,7 @@ import pytest
 from postroom.config import load_config
 from postroom.server.diskspace import INSUFFICIENT_STORAGE, FreeSpace
 from postroom.server.main import start
-from postroom.store.users import open_user_directory
+from postroom.store.factory import open_store
 
 MiB = 1024 * 1024
 
@@ -97,7 +97,7 @@ def test_nearly_full_disk_refuses_at_mail_from(small_disk: Path) -> None:
         'hostname = "mx.corp.example"\ndomains = ["corp.example"]\n'
         '[listen]\nsmtp = "127.0.0.1:0"\n[smtp]\nmin_free_space = "1M"\n')
     config = load_config(data)
-    directory = open_user_directory(config)
+    directory = open_store(config.store).users
     directory.add_user("boss@corp.example", "boss-secret")
     directory.close()
     big = b"Subject: big\r\n\r\n" + (b"x" * 78 + b"\r\n") * (MiB // 80)  # about 1 MiB

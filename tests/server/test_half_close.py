@@ -25,7 +25,7 @@ import pytest
 
 from postroom.config import load_config
 from postroom.server.main import Running, start
-from postroom.store.users import open_user_directory
+from postroom.store.factory import open_store
 
 BODY = b"Subject: half-close\r\n\r\nsent, then the client shut its side\r\n"
 
@@ -61,7 +61,7 @@ async def running_server(tmp_path: Path) -> AsyncIterator[Running]:
         "apop = true\n"
     )
     config = load_config(tmp_path)
-    directory = open_user_directory(config)
+    directory = open_store(config.store).users
     directory.add_user("boss@corp.example", "boss-secret")
     directory.set_apop_secret("boss@corp.example", "apop-secret")
     running = await start(config)

@@ -28,7 +28,7 @@ import pytest
 from postroom.client.sendmail import parse_args, submit
 from postroom.config import load_config
 from postroom.server.main import Running, start
-from postroom.store.users import open_user_directory
+from postroom.store.factory import open_store
 
 SMITH = "smith@isp.example"
 MESSAGE = (b"From: Smith <smith@isp.example>\r\nTo: jones@isp.example\r\n"
@@ -42,7 +42,7 @@ async def running_server(tmp_path: Path) -> AsyncIterator[Running]:
         '[listen]\nsmtp = "127.0.0.1:0"\nsubmission = "127.0.0.1:0"\n'
     )
     config = load_config(tmp_path)
-    directory = open_user_directory(config)
+    directory = open_store(config.store).users
     directory.add_user(SMITH, "smith-secret")
     directory.add_user("jones@isp.example", "jones-secret")
     directory.add_alias("team@isp.example", [SMITH, "jones@isp.example"])

@@ -20,7 +20,8 @@ import pytest
 
 from postroom.config import load_config, postmaster_address
 from postroom.server.main import Running, start
-from postroom.store.users import SQLiteUserDirectory, open_user_directory
+from postroom.store.factory import open_store
+from postroom.store.users import SQLiteUserDirectory
 
 MESSAGE = b"From: alice@corp.example\r\nSubject: hello\r\n\r\nHello.\r\n"
 
@@ -41,7 +42,7 @@ async def running_server(
 ) -> AsyncIterator[Running]:
     write_config(tmp_path, top)
     config = load_config(tmp_path)
-    directory = open_user_directory(config)
+    directory = open_store(config.store).users
     directory.add_domain("added.example")
     directory.add_user("boss@corp.example", "boss-secret")
     directory.add_user("alice@corp.example", "alice-secret")

@@ -21,8 +21,8 @@ import pytest
 
 from postroom.config import load_config
 from postroom.server.main import start
-from postroom.server.spool import SPILL_AT
-from postroom.store.users import open_user_directory
+from postroom.store.factory import open_store
+from postroom.store.mailboxes import SPILL_AT
 
 BOSS, ALICE = "boss@corp.example", "alice@corp.example"
 
@@ -61,7 +61,7 @@ def test_one_message_to_maildirs_on_two_filesystems(
         'hostname = "mx.corp.example"\ndomains = ["corp.example"]\n'
         '[listen]\nsmtp = "127.0.0.1:0"\n')
     config = load_config(data)
-    directory = open_user_directory(config)
+    directory = open_store(config.store).users
     directory.add_user(BOSS, "boss-secret")
     directory.add_user(ALICE, "alice-secret")
     # alice's mailbox was moved to the other disk; a symlink stands in its place.

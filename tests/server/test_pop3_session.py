@@ -23,7 +23,7 @@ import pytest
 from durable_order import install_recorder
 from postroom.config import load_config
 from postroom.server.main import Running, start
-from postroom.store.users import open_user_directory
+from postroom.store.factory import open_store
 
 
 def write_config(data: Path, **pop3: Any) -> None:
@@ -46,7 +46,7 @@ async def running_server(tmp_path: Path, **pop3: Any) -> AsyncIterator[Running]:
     pop3.setdefault("auth_failure_delay", "0.3s")
     write_config(tmp_path, **pop3)
     config = load_config(tmp_path)
-    open_user_directory(config).add_user("boss@corp.example", "boss-secret")
+    open_store(config.store).users.add_user("boss@corp.example", "boss-secret")
     running = await start(config)
     try:
         yield running
@@ -330,7 +330,7 @@ def test_apop_is_opt_in_per_user_and_greeting_has_timestamp_only_when_on(tmp_pat
     async def on() -> None:
         async with running_server(tmp_path, apop=True) as server:
             config = load_config(tmp_path)
-            directory = open_user_directory(config)
+            directory = open_store(config.store).users
             directory.add_user("jones@corp.example", "jones-secret")
             directory.set_apop_secret("boss@corp.example", "tanstaaf")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from postroom.config import load_config
 from postroom.server.main import Running, start
-from postroom.store.users import open_user_directory
+from postroom.store.factory import open_store
 
 REPORT = (
     b"From: Smith <smith@isp.example>\r\nTo: Boss <boss@corp.example>\r\n"
@@ -37,7 +37,7 @@ async def host(root: Path, text: str, users: dict[str, str]) -> AsyncIterator[Ru
     root.mkdir()
     (root / "postroom.toml").write_text(text)
     config = load_config(root)
-    directory = open_user_directory(config)
+    directory = open_store(config.store).users
     for address, password in users.items():
         directory.add_user(address, password)
     running = await start(config)

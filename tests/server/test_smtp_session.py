@@ -24,7 +24,7 @@ import pytest
 from postroom.config import load_config
 from postroom.protocol.lines import MAX_MESSAGE_LINE
 from postroom.server.main import Running, start
-from postroom.store.users import open_user_directory
+from postroom.store.factory import open_store
 
 MESSAGE = (
     b"From: Smith <smith@isp.example>\r\n"
@@ -53,7 +53,7 @@ def write_config(data: Path, **smtp: Any) -> None:
 async def running_server(tmp_path: Path, **smtp: Any) -> AsyncIterator[Running]:
     write_config(tmp_path, **smtp)
     config = load_config(tmp_path)
-    directory = open_user_directory(config)
+    directory = open_store(config.store).users
     directory.add_user("boss@corp.example", "boss-secret")
     directory.add_user("alice@corp.example", "alice-secret")
     directory.add_alias("team@corp.example", ["boss@corp.example", "alice@corp.example"])
@@ -245,7 +245,7 @@ def test_shutdown_lets_a_transaction_finish_then_closes(tmp_path: Path) -> None:
     async def scenario() -> None:
         write_config(tmp_path)
         config = load_config(tmp_path)
-        open_user_directory(config).add_user("boss@corp.example", "pw")
+        open_store(config.store).users.add_user("boss@corp.example", "pw")
         server = await start(config)
         reader, writer = await raw_session(*server.address("smtp"))
         for command in (b"EHLO c\r\n", b"MAIL FROM:<a@b.example>\r\n",

@@ -16,7 +16,7 @@ import pytest
 
 from postroom.config import load_config
 from postroom.server.main import Running, start
-from postroom.store.users import open_user_directory
+from postroom.store.factory import open_store
 
 
 def write_config(data: Path, extra: str = "") -> None:
@@ -36,7 +36,7 @@ def write_config(data: Path, extra: str = "") -> None:
 async def running_server(tmp_path: Path, extra: str = "") -> AsyncIterator[Running]:
     write_config(tmp_path, extra)
     config = load_config(tmp_path)
-    directory = open_user_directory(config)
+    directory = open_store(config.store).users
     directory.add_user("smith@isp.example", "smith-secret")
     directory.add_user("jones@isp.example", "jones-secret")
     directory.add_alias("reports@isp.example", ["smith@isp.example"])
@@ -207,7 +207,7 @@ def test_utf8_user_sends_with_her_own_address_in_from(tmp_path: Path) -> None:
     # address as she wrote it in MAIL FROM, not as undecodable bytes.
     async def scenario() -> None:
         async with running_server(tmp_path) as server:
-            directory = open_user_directory(load_config(tmp_path))
+            directory = open_store(load_config(tmp_path).store).users
             directory.add_user("jörg@isp.example", "jörg-secret")
 
             def send() -> dict[str, tuple[int, bytes]]:
@@ -227,7 +227,7 @@ def test_utf8_user_sends_with_her_own_address_in_from(tmp_path: Path) -> None:
 def test_utf8_from_of_another_user_is_refused_with_her_address(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_server(tmp_path) as server:
-            directory = open_user_directory(load_config(tmp_path))
+            directory = open_store(load_config(tmp_path).store).users
             directory.add_user("jörg@isp.example", "jörg-secret")
 
             def send() -> None:
@@ -249,7 +249,7 @@ def test_non_ascii_from_without_smtputf8_is_refused_cleanly(tmp_path: Path) -> N
     # RFC 6532 3 / RFC 6531 3.4: UTF-8 header fields need an SMTPUTF8 transaction.
     async def scenario() -> None:
         async with running_server(tmp_path) as server:
-            directory = open_user_directory(load_config(tmp_path))
+            directory = open_store(load_config(tmp_path).store).users
             directory.add_user("jörg@isp.example", "jörg-secret")
 
             def send() -> None:

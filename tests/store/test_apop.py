@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from postroom.cli import main
-from postroom.store.users import DirectoryError, SQLiteUserDirectory
+from postroom.store.api import DirectoryError
+from postroom.store.users import SQLiteUserDirectory
 
 
 def test_apop_secret_round_trip_and_removal(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from durable_order import assert_durable, install_recorder
-from postroom.store.commit import MessageWriter
+from postroom.store.commit import MessageWriter, commit
+from postroom.store.mailboxes import MaildirMailboxes
 from postroom.store.maildir import (
-    MailStore,
     ensure_maildir,
     escape_hostname,
     list_messages,
@@ -43,16 +43,32 @@ NAME_RE = re.compile(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> MailStore:
-    return MailStore(tmp_path / "mail", hostname="mx.corp.example")
+def store(tmp_path: Path) -> MaildirMailboxes:
+    return MaildirMailboxes(tmp_path / "mail", hostname="mx.corp.example")
 
 
-def deliver(store: MailStore, data: bytes, *addresses: str) -> list[Path]:
-    with MessageWriter(store) as writer:
+def spool(store: MaildirMailboxes) -> MessageWriter:
+    return MessageWriter(store.spool_dir, store.hostname)
+
+
+def file(writer: MessageWriter, maildirs: list[Path]) -> list[Path]:
+    """A batch of one, as the group commit files it: the copies, or the error raised."""
+    delivery = writer.delivery(maildirs)
+    commit([delivery], "mx.corp.example")
+    if delivery.error is not None:
+        raise delivery.error
+    return delivery.paths()
+
+
+def deliver(store: MaildirMailboxes, data: bytes, *addresses: str) -> list[Path]:
+    writer = spool(store)
+    try:
         for i in range(0, len(data), 7):  # several writes, as the server makes them
             writer.write(data[i : i + 7])
         assert writer.size == len(data)
-        return writer.commit([store.maildir_for(a) for a in addresses])
+        return file(writer, [store.maildir_for(a) for a in addresses])
+    finally:
+        writer.abort()
 
 
 # -- names -----------------------------------------------------------------------
@@ -114,7 +130,7 @@ def test_parse_maildir_name() -> None:
 # -- locations and path tricks -------------------------------------------------------
 
 
-def test_maildir_location(store: MailStore) -> None:
+def test_maildir_location(store: MaildirMailboxes) -> None:
     assert store.maildir_for("boss@corp.example") == store.mail_dir / "corp.example" / "boss"
     assert store.maildir_for("Boss.Man@corp.example").name == "Boss.Man"
 
@@ -137,7 +153,7 @@ def test_maildir_location(store: MailStore) -> None:
         "no-at-sign",
     ],
 )
-def test_path_tricks_refused(store: MailStore, address: str) -> None:
+def test_path_tricks_refused(store: MaildirMailboxes, address: str) -> None:
     with pytest.raises(ValueError):
         store.maildir_for(address)
 
@@ -154,7 +170,7 @@ def test_ensure_maildir_makes_private_folders(tmp_path: Path) -> None:
 # -- delivery --------------------------------------------------------------------
 
 
-def test_commit_stores_exact_bytes_and_size(store: MailStore) -> None:
+def test_commit_stores_exact_bytes_and_size(store: MaildirMailboxes) -> None:
     (path,) = deliver(store, MESSAGE, "boss@corp.example")
     assert path.parent == store.mail_dir / "corp.example" / "boss" / "new"
     assert path.read_bytes() == MESSAGE
@@ -166,7 +182,7 @@ def test_commit_stores_exact_bytes_and_size(store: MailStore) -> None:
     assert list(store.spool_dir.iterdir()) == []
 
 
-def test_python_mailbox_reads_message_back(store: MailStore) -> None:
+def test_python_mailbox_reads_message_back(store: MaildirMailboxes) -> None:
     deliver(store, MESSAGE, "boss@corp.example")
     box = mailbox.Maildir(store.maildir_for("boss@corp.example"), factory=None, create=False)
     keys = box.keys()
@@ -177,20 +193,22 @@ def test_python_mailbox_reads_message_back(store: MailStore) -> None:
     assert msg.get_subdir() == "new"
 
 
-def test_new_never_sees_a_partial_file(store: MailStore, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_new_never_sees_a_partial_file(
+    store: MaildirMailboxes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     box = store.maildir_for("boss@corp.example")
     recorder = install_recorder(monkeypatch)
-    writer = MessageWriter(store)
+    writer = spool(store)
     writer.write(MESSAGE[:20])
     assert not (box / "new").exists() or list((box / "new").iterdir()) == []
     writer.write(MESSAGE[20:])
-    (path,) = writer.commit([box])
+    (path,) = file(writer, [box])
     # The file is synced before it is linked, and new/ after: only then may 250 be sent.
     assert_durable(recorder.log, recorder.note("committed"), published=[path])
     assert path.read_bytes() == MESSAGE
 
 
-def test_several_recipients_share_one_inode(store: MailStore) -> None:
+def test_several_recipients_share_one_inode(store: MaildirMailboxes) -> None:
     paths = deliver(store, MESSAGE, "a@corp.example", "b@corp.example", "c@other.example")
     assert len({p.parent for p in paths}) == 3
     inodes = {p.stat().st_ino for p in paths}
@@ -199,7 +217,7 @@ def test_several_recipients_share_one_inode(store: MailStore) -> None:
     assert all(p.read_bytes() == MESSAGE for p in paths)
 
 
-def test_same_maildir_twice_gets_one_copy(store: MailStore) -> None:
+def test_same_maildir_twice_gets_one_copy(store: MaildirMailboxes) -> None:
     paths = deliver(store, MESSAGE, "a@corp.example", "a@corp.example")
     assert paths[0] == paths[1]
     assert len(list(paths[0].parent.iterdir())) == 1
@@ -207,7 +225,7 @@ def test_same_maildir_twice_gets_one_copy(store: MailStore) -> None:
 
 @pytest.mark.parametrize("error", [errno.EXDEV, errno.EMLINK, errno.EPERM])
 def test_copy_fallback_when_links_fail(
-    store: MailStore, monkeypatch: pytest.MonkeyPatch, error: int
+    store: MaildirMailboxes, monkeypatch: pytest.MonkeyPatch, error: int
 ) -> None:
     recorder = install_recorder(monkeypatch)
     recorder.fail("link", lambda call: OSError(error, os.strerror(error)))
@@ -222,7 +240,7 @@ def test_copy_fallback_when_links_fail(
 
 
 def test_failed_commit_removes_partial_deliveries(
-    store: MailStore, monkeypatch: pytest.MonkeyPatch
+    store: MaildirMailboxes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = install_recorder(monkeypatch)
     links = []
@@ -232,69 +250,53 @@ def test_failed_commit_removes_partial_deliveries(
         return OSError(errno.ENOSPC, "No space left on device") if len(links) == 2 else None
 
     recorder.fail("link", second_link_fails)
-    writer = MessageWriter(store)
+    writer = spool(store)
     writer.write(MESSAGE)
     boxes = [store.maildir_for("a@corp.example"), store.maildir_for("b@corp.example")]
     with pytest.raises(OSError):
-        writer.commit(boxes)
+        file(writer, boxes)
     assert list((boxes[0] / "new").iterdir()) == []  # all or nothing: no duplicate on retry
-    paths = writer.commit(boxes)  # the retry delivers once to each
+    paths = file(writer, boxes)  # the retry delivers once to each
     assert [len(list((b / "new").iterdir())) for b in boxes] == [1, 1]
     assert all(p.read_bytes() == MESSAGE for p in paths)
     writer.abort()
     assert list(store.spool_dir.iterdir()) == []
 
 
-def test_abort_cleans_up_and_is_idempotent(store: MailStore) -> None:
-    writer = MessageWriter(store)
+def test_abort_cleans_up_and_is_idempotent(store: MaildirMailboxes) -> None:
+    writer = spool(store)
     writer.write(MESSAGE)
-    spool_file = writer.spool_path
-    assert spool_file is not None and spool_file.exists()
+    spool_file = writer.path
+    assert spool_file.exists() and spool_file.parent.parent == store.mail_dir  # link(2) works
     writer.abort()
     writer.abort()
     assert not spool_file.exists()
     with pytest.raises(ValueError):
         writer.write(b"more")
     with pytest.raises(ValueError):
-        writer.commit([store.maildir_for("a@corp.example")])
+        writer.delivery([store.maildir_for("a@corp.example")])
 
 
-def test_abort_after_commit_keeps_the_message(store: MailStore) -> None:
-    writer = MessageWriter(store)
+def test_abort_after_commit_keeps_the_message(store: MaildirMailboxes) -> None:
+    writer = spool(store)
     writer.write(MESSAGE)
-    (path,) = writer.commit([store.maildir_for("a@corp.example")])
+    (path,) = file(writer, [store.maildir_for("a@corp.example")])
     writer.abort()
     assert path.read_bytes() == MESSAGE
 
 
-def test_context_manager_aborts_on_error(store: MailStore) -> None:
-    with pytest.raises(RuntimeError), MessageWriter(store) as writer:
-        writer.write(MESSAGE)
-        raise RuntimeError("connection lost")
-    assert list(store.spool_dir.iterdir()) == []
-
-
-def test_writer_is_on_the_same_filesystem(store: MailStore) -> None:
-    writer = MessageWriter(store)
-    try:
-        assert writer.spool_path is not None
-        assert writer.spool_path.parent.parent == store.mail_dir
-    finally:
-        writer.abort()
-
-
-def test_clean_spool_removes_only_stale_files(store: MailStore) -> None:
+def test_clean_removes_only_stale_spool_files(store: MaildirMailboxes) -> None:
     store.spool_dir.mkdir(parents=True)
     old = store.spool_dir / "old"
     old.write_bytes(b"x")
     os.utime(old, (time.time() - 40 * 3600,) * 2)
     fresh = store.spool_dir / "fresh"
     fresh.write_bytes(b"x")
-    assert store.clean_spool() == 1
+    assert store.clean() == 1
     assert not old.exists() and fresh.exists()
 
 
-def test_clean_maildirs_removes_stale_tmp_files_of_every_mailbox(store: MailStore) -> None:
+def test_clean_removes_stale_tmp_files_of_every_mailbox(store: MaildirMailboxes) -> None:
     # A delivery killed between tmp/ and new/ leaves its file; after 36 hours it is
     # abandoned (as Dovecot takes it), and a younger one may still be in progress.
     boxes = [store.maildir_for(a) for a in ("boss@corp.example", "jörg@isp.example")]
@@ -309,17 +311,17 @@ def test_clean_maildirs_removes_stale_tmp_files_of_every_mailbox(store: MailStor
         (box / "new" / "old-but-delivered").write_bytes(b"mail")
         os.utime(box / "new" / "old-but-delivered", (time.time() - 40 * 3600,) * 2)
     store.spool_dir.mkdir()
-    assert store.clean_maildirs() == 2
+    assert store.clean() == 2
     assert not any(p.exists() for p in stale)
     assert all((b / "tmp" / "fresh").exists() and (b / "new" / "old-but-delivered").exists()
                for b in boxes)
-    assert store.clean_maildirs() == 0
+    assert store.clean() == 0
 
 
 # -- listing for POP3 --------------------------------------------------------------
 
 
-def test_list_messages(store: MailStore) -> None:
+def test_list_messages(store: MaildirMailboxes) -> None:
     box = store.maildir_for("boss@corp.example")
     first = deliver(store, b"A: 1\r\n\r\none\r\n", "boss@corp.example")[0]
     second = deliver(store, b"A: 2\r\n\r\ntwo two\r\n", "boss@corp.example")[0]
@@ -359,18 +361,18 @@ def test_list_messages_sizes_are_what_pop3_sends(tmp_path: Path) -> None:
 
 
 def test_a_failed_spool_write_is_never_filed(
-    store: MailStore, monkeypatch: pytest.MonkeyPatch
+    store: MaildirMailboxes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Part of the buffer may be on disk: the message must not be committed later."""
     recorder = install_recorder(monkeypatch)
     recorder.fail("write", lambda call: OSError(errno.ENOSPC, "No space left on device"))
-    writer = MessageWriter(store)
+    writer = spool(store)
     writer.write(MESSAGE)
     with pytest.raises(OSError):
         writer.flush()
     recorder.fail("write", lambda call: None)
     with pytest.raises(OSError):
-        writer.commit([store.maildir_for("a@corp.example")])
+        file(writer, [store.maildir_for("a@corp.example")])
     assert not (store.maildir_for("a@corp.example") / "new").exists()
     writer.abort()
     assert list(store.spool_dir.iterdir()) == []

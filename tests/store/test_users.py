@@ -8,20 +8,13 @@ import threading
 import unicodedata
 from contextlib import closing
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from argon2 import PasswordHasher
 
-from postroom.store.users import (
-    MAX_ALIAS_DEPTH,
-    DirectoryError,
-    Expansion,
-    SQLiteUserDirectory,
-    UnknownDomainError,
-    UserDirectory,
-    local_domains,
-)
+from postroom.store.api import DirectoryError, Expansion, UnknownDomainError, UserDirectory
+from postroom.store.expansion import MAX_ALIAS_DEPTH
+from postroom.store.users import SQLiteUserDirectory
 
 # Tests use tiny argon2 parameters; one test checks the real defaults.
 CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -40,6 +33,12 @@ def legacy_alias(db: SQLiteUserDirectory, source: str, *targets: str) -> None:
         for position, target in enumerate(targets):
             conn.execute("INSERT INTO aliases (source, position, target) VALUES (?, ?, ?)",
                          (source, position, target))
+
+
+def resolve(db: SQLiteUserDirectory, address: str) -> list[str] | None:
+    """The addresses mail for `address` reaches; None when none (RCPT's 550)."""
+    expansion = db.expand(address)
+    return expansion.targets if expansion is not None and expansion.targets else None
 
 
 def stored_hash(db: SQLiteUserDirectory, address: str) -> str:
@@ -99,9 +98,8 @@ def test_static_domains_from_the_config(tmp_path: Path) -> None:
     db.add_user("a@static.example", "pw")  # allowed without `domain add`
     with pytest.raises(DirectoryError, match="config file"):
         db.remove_domain("static.example")
-    config = SimpleNamespace(domains=("localhost",))
     db.add_domain("db.example")
-    assert local_domains(config, db) == {"localhost", "static.example", "db.example"}  # type: ignore[arg-type]
+    assert db.list_domains() == ["db.example", "static.example"]
 
 
 # -- users and passwords -----------------------------------------------------------
@@ -132,9 +130,7 @@ def test_database_file_is_private(db: SQLiteUserDirectory) -> None:
 def test_verify_password(db: SQLiteUserDirectory) -> None:
     db.add_user("boss@corp.example", "s3cret")
     assert db.verify_password("boss@corp.example", "s3cret")
-    assert db.verify_password("boss@corp.example", b"s3cret")
     assert not db.verify_password("boss@corp.example", "s3cret ")
-    assert not db.verify_password("boss@corp.example", b"\xff\xfe")
     assert not db.verify_password("nobody@corp.example", "s3cret")
     assert not db.verify_password("not an address", "s3cret")
 
@@ -210,7 +206,7 @@ def test_case_handling(db: SQLiteUserDirectory) -> None:
     assert db.list_users() == ["boss.man@corp.example"]
     assert db.has_user("BOSS.MAN@corp.example")
     assert db.verify_password("bOSS.mAN@Corp.Example.", "pw")
-    assert db.resolve("BOSS.MAN@CORP.EXAMPLE") == ["boss.man@corp.example"]
+    assert resolve(db, "BOSS.MAN@CORP.EXAMPLE") == ["boss.man@corp.example"]
 
 
 def test_password_normalization(db: SQLiteUserDirectory) -> None:
@@ -233,10 +229,10 @@ def test_list_users_by_domain(db: SQLiteUserDirectory) -> None:
 
 def test_resolve_user_and_unknown(db: SQLiteUserDirectory) -> None:
     db.add_user("boss@corp.example", "pw")
-    assert db.resolve("boss@corp.example") == ["boss@corp.example"]
-    assert db.resolve("nobody@corp.example") is None
-    assert db.resolve("boss@elsewhere.example") is None  # not a local domain
-    assert db.resolve("garbage") is None
+    assert resolve(db, "boss@corp.example") == ["boss@corp.example"]
+    assert resolve(db, "nobody@corp.example") is None
+    assert resolve(db, "boss@elsewhere.example") is None  # not a local domain
+    assert resolve(db, "garbage") is None
 
 
 def test_aliases(db: SQLiteUserDirectory) -> None:
@@ -246,13 +242,13 @@ def test_aliases(db: SQLiteUserDirectory) -> None:
     db.add_alias("sales@corp.example", ["DEPUTY@corp.example", "boss@corp.example"])
     assert db.list_aliases() == {"sales@corp.example": ["boss@corp.example",
                                                         "deputy@corp.example"]}
-    assert db.resolve("SALES@corp.example") == ["boss@corp.example", "deputy@corp.example"]
+    assert resolve(db, "SALES@corp.example") == ["boss@corp.example", "deputy@corp.example"]
     db.remove_alias("sales@corp.example", ["Deputy@corp.example"])
-    assert db.resolve("sales@corp.example") == ["boss@corp.example"]
+    assert resolve(db, "sales@corp.example") == ["boss@corp.example"]
     with pytest.raises(DirectoryError, match="has no target"):
         db.remove_alias("sales@corp.example", ["nobody@corp.example"])
     db.remove_alias("sales@corp.example")
-    assert db.resolve("sales@corp.example") is None
+    assert resolve(db, "sales@corp.example") is None
     with pytest.raises(DirectoryError, match="no such alias"):
         db.remove_alias("sales@corp.example")
 
@@ -271,19 +267,19 @@ def test_nested_aliases(db: SQLiteUserDirectory) -> None:
     db.add_user("deputy@corp.example", "pw")
     db.add_alias("team@corp.example", ["boss@corp.example", "deputy@corp.example"])
     db.add_alias("all@corp.example", ["deputy@corp.example", "team@corp.example"])
-    assert db.resolve("all@corp.example") == ["deputy@corp.example", "boss@corp.example"]
+    assert resolve(db, "all@corp.example") == ["deputy@corp.example", "boss@corp.example"]
 
 
 def test_stored_remote_targets_come_after_the_mailboxes(db: SQLiteUserDirectory) -> None:
     db.add_user("boss@corp.example", "pw")
     legacy_alias(db, "all@corp.example", "Ext@Far.example", "boss@corp.example")
-    assert db.resolve("all@corp.example") == ["boss@corp.example", "Ext@Far.example"]
+    assert resolve(db, "all@corp.example") == ["boss@corp.example", "Ext@Far.example"]
 
 
 def test_alias_cycles_terminate(db: SQLiteUserDirectory) -> None:
     legacy_alias(db, "a@corp.example", "b@corp.example")
     legacy_alias(db, "b@corp.example", "a@corp.example")
-    assert db.resolve("a@corp.example") is None  # nothing deliverable
+    assert resolve(db, "a@corp.example") is None  # nothing deliverable
     expansion = db.expand("a@corp.example")
     assert expansion is not None and expansion.broken
     assert expansion.loops == ("a@corp.example",)
@@ -297,7 +293,7 @@ def test_alias_keeping_a_copy(db: SQLiteUserDirectory) -> None:
     db.add_user("home@corp.example", "pw")
     db.add_alias("boss@corp.example", ["boss@corp.example", "home@corp.example"],
                  replace_user=True)
-    assert db.resolve("boss@corp.example") == ["boss@corp.example", "home@corp.example"]
+    assert resolve(db, "boss@corp.example") == ["boss@corp.example", "home@corp.example"]
 
 
 def test_alias_depth_limit(db: SQLiteUserDirectory) -> None:
@@ -305,14 +301,14 @@ def test_alias_depth_limit(db: SQLiteUserDirectory) -> None:
     chain = [f"hop{i}@corp.example" for i in range(MAX_ALIAS_DEPTH + 2)]
     for source, target in zip(chain, [*chain[1:], "end@corp.example"], strict=True):
         legacy_alias(db, source, target)
-    assert db.resolve(chain[-3]) == ["end@corp.example"]
-    assert db.resolve(chain[0]) is None
+    assert resolve(db, chain[-3]) == ["end@corp.example"]
+    assert resolve(db, chain[0]) is None
     expansion = db.expand(chain[0])
     assert expansion is not None and expansion.unknown
     with pytest.raises(DirectoryError, match=f"deeper than {MAX_ALIAS_DEPTH}"):
         db.add_alias("top@corp.example", [chain[2]])  # top is one alias more
     db.add_alias("top@corp.example", [chain[3]])
-    assert db.resolve("top@corp.example") == ["end@corp.example"]
+    assert resolve(db, "top@corp.example") == ["end@corp.example"]
 
 
 def test_alias_to_unknown_local_target(db: SQLiteUserDirectory) -> None:
@@ -320,7 +316,7 @@ def test_alias_to_unknown_local_target(db: SQLiteUserDirectory) -> None:
     db.add_user("gone@corp.example", "pw")
     db.add_alias("info@corp.example", ["boss@corp.example", "gone@corp.example"])
     db.remove_user("gone@corp.example")  # the alias is left pointing at no one
-    assert db.resolve("info@corp.example") == ["boss@corp.example"]
+    assert resolve(db, "info@corp.example") == ["boss@corp.example"]
     expansion = db.expand("info@corp.example")
     assert expansion is not None
     assert expansion.mailboxes == ("boss@corp.example",)
@@ -331,14 +327,14 @@ def test_subaddress(db: SQLiteUserDirectory) -> None:
     db.add_user("boss@corp.example", "pw")
     db.add_user("deputy@corp.example", "pw")
     db.add_alias("sales@corp.example", ["boss@corp.example", "deputy@corp.example"])
-    assert db.resolve("boss+lists@corp.example") == ["boss@corp.example"]
-    assert db.resolve("Boss+Lists+More@corp.example") == ["boss@corp.example"]
-    assert db.resolve("sales+q3@corp.example") == ["boss@corp.example", "deputy@corp.example"]
-    assert db.resolve("nobody+x@corp.example") is None
-    assert db.resolve("+x@corp.example") is None
+    assert resolve(db, "boss+lists@corp.example") == ["boss@corp.example"]
+    assert resolve(db, "Boss+Lists+More@corp.example") == ["boss@corp.example"]
+    assert resolve(db, "sales+q3@corp.example") == ["boss@corp.example", "deputy@corp.example"]
+    assert resolve(db, "nobody+x@corp.example") is None
+    assert resolve(db, "+x@corp.example") is None
     # An alias that exists with the "+" wins over the subaddress rule.
     db.add_alias("boss+private@corp.example", ["deputy@corp.example"])
-    assert db.resolve("boss+private@corp.example") == ["deputy@corp.example"]
+    assert resolve(db, "boss+private@corp.example") == ["deputy@corp.example"]
 
 
 # -- concurrency ---------------------------------------------------------------------
@@ -346,9 +342,9 @@ def test_subaddress(db: SQLiteUserDirectory) -> None:
 
 def test_a_second_process_sees_changes(db: SQLiteUserDirectory) -> None:
     server = SQLiteUserDirectory(db.path, hasher=CHEAP)  # as a long-running server would
-    assert server.resolve("new@corp.example") is None
+    assert resolve(server, "new@corp.example") is None
     db.add_user("new@corp.example", "pw")  # as the CLI would, in its own connection
-    assert server.resolve("new@corp.example") == ["new@corp.example"]
+    assert resolve(server, "new@corp.example") == ["new@corp.example"]
     with closing(sqlite3.connect(db.path)) as conn:
         (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
     assert mode == "wal"
@@ -386,7 +382,7 @@ def test_alias_to_nobody_is_refused_and_nothing_is_stored(db: SQLiteUserDirector
     assert db.list_aliases() == {}
     db.add_alias("info@corp.example", ["boss+info@corp.example"])  # a subaddress reaches boss
     db.add_alias("team@corp.example", ["info@corp.example"])  # so does another alias
-    assert db.resolve("team@corp.example") == ["boss@corp.example"]
+    assert resolve(db, "team@corp.example") == ["boss@corp.example"]
 
 
 def test_alias_loops_are_refused(db: SQLiteUserDirectory) -> None:
@@ -406,9 +402,9 @@ def test_alias_over_a_user_takes_replace_user(db: SQLiteUserDirectory) -> None:
     db.add_user("deputy@corp.example", "pw")
     with pytest.raises(DirectoryError, match="boss@corp.example is a user.*--force"):
         db.add_alias("Boss@corp.example", ["deputy@corp.example"])
-    assert db.resolve("boss@corp.example") == ["boss@corp.example"]
+    assert resolve(db, "boss@corp.example") == ["boss@corp.example"]
     db.add_alias("boss@corp.example", ["deputy@corp.example"], replace_user=True)
-    assert db.resolve("boss@corp.example") == ["deputy@corp.example"]
+    assert resolve(db, "boss@corp.example") == ["deputy@corp.example"]
 
 
 # -- users and domains: names that would mislead ---------------------------------------
@@ -441,7 +437,7 @@ def test_a_stored_domain_from_before_the_rule_can_still_be_removed(
 
 def test_a_config_domain_is_neither_added_nor_removed(tmp_path: Path) -> None:
     db = SQLiteUserDirectory(tmp_path / "u.db", static_domains=["corp.example"], hasher=CHEAP)
-    with pytest.raises(DirectoryError, match="config file's `domains` lists it"):
+    with pytest.raises(DirectoryError, match="`domains` in the config file lists it"):
         db.add_domain("Corp.Example")
     assert db.list_domains() == ["corp.example"]
     with closing(sqlite3.connect(db.path)) as conn, conn:  # stored too, by an older version
@@ -468,8 +464,8 @@ def with_admin(tmp_path: Path) -> SQLiteUserDirectory:
 def test_postmaster_of_every_local_domain_is_the_administrator(
     with_admin: SQLiteUserDirectory, address: str
 ) -> None:
-    assert with_admin.resolve(address) == ["boss@corp.example"]
-    assert with_admin.resolve("postmaster@elsewhere.example") is None  # not ours
+    assert resolve(with_admin, address) == ["boss@corp.example"]
+    assert resolve(with_admin, "postmaster@elsewhere.example") is None  # not ours
 
 
 def test_an_alias_for_postmaster_wins_and_may_point_at_postmaster(
@@ -477,8 +473,8 @@ def test_an_alias_for_postmaster_wins_and_may_point_at_postmaster(
 ) -> None:
     with_admin.add_alias("postmaster@added.example", ["alice@corp.example"])
     with_admin.add_alias("abuse@corp.example", ["postmaster@corp.example"])
-    assert with_admin.resolve("postmaster@added.example") == ["alice@corp.example"]
-    assert with_admin.resolve("abuse@corp.example") == ["boss@corp.example"]
+    assert resolve(with_admin, "postmaster@added.example") == ["alice@corp.example"]
+    assert resolve(with_admin, "abuse@corp.example") == ["boss@corp.example"]
 
 
 def test_the_administrator_may_be_an_alias(tmp_path: Path) -> None:
@@ -487,7 +483,7 @@ def test_the_administrator_may_be_an_alias(tmp_path: Path) -> None:
     db.add_user("boss@corp.example", "pw")
     db.add_user("alice@corp.example", "pw")
     db.add_alias("it@corp.example", ["boss@corp.example", "alice@corp.example"])
-    assert db.resolve("postmaster@corp.example") == ["boss@corp.example", "alice@corp.example"]
+    assert resolve(db, "postmaster@corp.example") == ["boss@corp.example", "alice@corp.example"]
 
 
 @pytest.mark.parametrize("admin", ["postmaster@corp.example", "nobody@corp.example"])
@@ -498,13 +494,13 @@ def test_postmaster_is_never_without_a_mailbox(tmp_path: Path, admin: str) -> No
                              postmaster=admin)
     db.add_domain("added.example")
     for address in ("postmaster@corp.example", "postmaster@added.example"):
-        assert db.resolve(address) == [admin]
+        assert resolve(db, address) == [admin]
 
 
 def test_without_an_administrator_postmaster_is_left_to_users_and_aliases(
     db: SQLiteUserDirectory,
 ) -> None:
-    assert db.resolve("postmaster@corp.example") is None
+    assert resolve(db, "postmaster@corp.example") is None
 
 
 def test_the_administrators_domain_is_not_removed(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from postroom.cli.queue import add_queue
 from postroom.cli.serve import add_init, add_serve
 from postroom.cli.users import add_alias, add_domain, add_user
 from postroom.config import CONFIG_NAME, ConfigError
-from postroom.store.users import DirectoryError
+from postroom.store.api import DirectoryError
 
 if TYPE_CHECKING:
     from postroom.cli.common import Subparsers

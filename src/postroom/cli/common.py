@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from postroom.config import DEFAULT_DATA_DIR, Config, load_config
-from postroom.store.users import SQLiteUserDirectory, open_user_directory
+from postroom.store.api import UserDirectory
+from postroom.store.factory import open_store
 
 PROG = "postroom"
 EXIT_USAGE = 2  # argparse's status for usage errors; used for every user-fixable error
@@ -42,8 +43,8 @@ class Context:
         return load_config(self.data_dir, self.config_file)
 
     @cached_property
-    def directory(self) -> SQLiteUserDirectory:
-        return open_user_directory(self.config)
+    def directory(self) -> UserDirectory:
+        return open_store(self.config.store).users
 
     def say(self, text: str) -> None:
         print(text, file=self.stdout)

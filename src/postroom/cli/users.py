@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from postroom.addresses import canonical_domain, split
 from postroom.cli.common import PROG, Context, help_of, subparsers
-from postroom.store.users import DirectoryError, local_address
+from postroom.store.api import DirectoryError, local_address
 
 if TYPE_CHECKING:
     from postroom.cli.common import Subparsers
@@ -70,24 +70,8 @@ def add_domain(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     a.set_defaults(func=_domain_del)
 
 
-def _static_domain(ctx: Context, name: str) -> str | None:
-    """The canonical name when the config file lists it in `domains`, else None."""
-    try:
-        canon = canonical_domain(name)
-    except ValueError:
-        return None
-    return canon if canon in ctx.config.domains else None
-
-
 def _domain_add(args: argparse.Namespace, ctx: Context) -> int:
-    static = _static_domain(ctx, args.name)
-    if static is not None:
-        raise DirectoryError(
-            f"domain {static} is a local domain already: `domains` in {ctx.config.source} "
-            "lists it"
-        )
-    directory = ctx.directory
-    directory.add_domain(args.name)
+    ctx.directory.add_domain(args.name)
     name = canonical_domain(args.name)
     ctx.say(f"added domain {name}")
     _say_postmaster(ctx, name)
@@ -118,11 +102,6 @@ def _domain_list(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def _domain_del(args: argparse.Namespace, ctx: Context) -> int:
-    static = _static_domain(ctx, args.name)
-    if static is not None:
-        raise DirectoryError(
-            f"domain {static} is listed in `domains` in {ctx.config.source}; remove it there"
-        )
     ctx.directory.remove_domain(args.name)
     ctx.say(f"removed domain {canonical_domain(args.name)}")
     return 0

@@ -56,7 +56,8 @@ from postroom.control import ControlError, tell_server, tell_server_in_words
 from postroom.ids import new_queue_id
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.store import QueueStore
-from postroom.store.users import DirectoryError, open_user_directory
+from postroom.store.api import DirectoryError
+from postroom.store.factory import open_store
 
 # sysexits.h: what Sendmail's callers test for.
 EX_OK = 0
@@ -178,7 +179,7 @@ def default_sender(user: str, config: Config) -> str:
     for domain in (config.hostname, postmaster.rpartition("@")[2]):
         with contextlib.suppress(UsageError):
             candidates.append(_address(user, domain, "sender"))
-    directory = open_user_directory(config)
+    directory = open_store(config.store).users
     try:
         for address in dict.fromkeys(candidates):
             expansion = directory.expand(address)

@@ -1,12 +1,12 @@
-"""The local courier: copies a queued message into the Maildirs of local recipients.
+"""The local courier: copies a queued message into the mailboxes of local recipients.
 
 Mail that reaches local mailboxes through the queue rather than straight from
 the SMTP server (bounces to local senders, mail from `postroom sendmail`)
 ends here. Each recipient is expanded through the user directory (aliases,
-subaddresses) to mailboxes; the message is copied once into the store's spool
-and filed into every mailbox by the same commit as the SMTP server's
-(postroom.store.commit), all or nothing, so a failed attempt never leaves a
-copy behind to be duplicated by the retry.
+subaddresses) to mailboxes; the message is copied once and filed into every
+mailbox by the same group commit as the SMTP server's (store.api.Incoming),
+all or nothing, so a failed attempt never leaves a copy behind to be
+duplicated by the retry.
 
 This is final delivery (RFC 5321 4.4): the envelope sender goes on top of the
 filed copy as its Return-Path, and any Return-Path the message already had is
@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from postroom.delivery.outcome import DeliveryResult
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.queuefile import open_content
-from postroom.store.commit import MessageWriter
-from postroom.store.maildir import MailStore
+from postroom.store.api import Expansion, Incoming, Mailboxes
 from postroom.store.returnpath import ReturnPathRemover, return_path
-from postroom.store.users import Expansion
 
 COPY_CHUNK = 1024 * 1024  # octets read from the queue file at a time
 
@@ -44,7 +42,9 @@ def _write_failure(error: OSError) -> tuple[str, str]:
 class LocalCourier:
     """Delivers queued messages to local mailboxes (see the module docstring)."""
 
-    def __init__(self, store: MailStore, expand: Callable[[str], Expansion | None]) -> None:
+    def __init__(
+        self, store: Mailboxes, expand: Callable[[str], Awaitable[Expansion | None]]
+    ) -> None:
         self._store = store
         self._expand = expand
 
@@ -53,33 +53,42 @@ class LocalCourier:
     ) -> list[DeliveryResult]:
         """Deliver `message_path` to local `recipients`; one result each, in order."""
         results: dict[int, DeliveryResult] = {}
-        targets: dict[int, list[Path]] = {}
+        targets: dict[int, tuple[str, ...]] = {}
         for i, recipient in enumerate(recipients):
-            decided = self._plan(recipient.address)
+            decided = await self._plan(recipient.address)
             if isinstance(decided, DeliveryResult):
                 results[i] = decided
             else:
                 targets[i] = decided
         if targets:
-            # A maildir named by several recipients (an alias and its member) gets
-            # one copy: commit() links each distinct maildir once.
-            maildirs = list(dict.fromkeys(p for paths in targets.values() for p in paths))
+            # A mailbox named by several recipients (an alias and its member) gets one copy.
+            mailboxes = list(dict.fromkeys(box for boxes in targets.values() for box in boxes))
+            message = self._store.receive(return_path(envelope.sender))
             try:
-                await asyncio.to_thread(self._copy, message_path, maildirs, envelope.sender)
+                await asyncio.to_thread(self._copy, message_path, message)
+                await message.deliver(mailboxes)
             except OSError as e:
                 status, text = _write_failure(e)
                 for i in targets:
                     results[i] = DeliveryResult(recipients[i].address, "temporary", status, text)
+            except ValueError as e:
+                # A directory entry no mailbox can have (written past the directory's
+                # checks): this host's set-up to mend (RFC 3463 X.3.5), nothing filed.
+                for i in targets:
+                    results[i] = DeliveryResult(recipients[i].address, "temporary", "4.3.5",
+                                                f"<{recipients[i].address}>: {e}")
             else:
                 for i, paths in targets.items():
                     text = "delivered to maildir" + ("" if len(paths) == 1 else f" ({len(paths)})")
                     results[i] = DeliveryResult(recipients[i].address, "delivered", "2.0.0", text,
                                                 expanded=len(paths) > 1)
+            finally:
+                message.abort()
         return [results[i] for i in range(len(recipients))]
 
-    def _plan(self, address: str) -> list[Path] | DeliveryResult:
-        """The maildirs for one recipient, or the permanent failure that it has none."""
-        expansion = self._expand(address)
+    async def _plan(self, address: str) -> tuple[str, ...] | DeliveryResult:
+        """The mailboxes of one recipient, or the failure that it has none."""
+        expansion = await self._expand(address)
         if expansion is None:
             # No such user or alias, or a domain that is no longer local.
             return DeliveryResult(address, "permanent", "5.1.1", f"<{address}>: no such user here")
@@ -98,19 +107,14 @@ class LocalCourier:
                 f"<{address}>: alias forwards to remote addresses, which local "
                 "delivery cannot do",
             )
-        try:
-            return [self._store.maildir_for(mailbox) for mailbox in expansion.mailboxes]
-        except ValueError as e:
-            return DeliveryResult(address, "permanent", "5.1.3", f"<{address}>: {e}")
+        return expansion.mailboxes
 
-    def _copy(self, message_path: Path, maildirs: list[Path], sender: str) -> None:
-        """BLOCKING: spool a copy of the queued file behind our Return-Path, then link
-        it into every maildir."""
+    @staticmethod
+    def _copy(message_path: Path, message: Incoming) -> None:
+        """BLOCKING: copy the queued file into `message`, behind its Return-Path."""
         source, _ = open_content(message_path)
         earlier = ReturnPathRemover()
-        with source, MessageWriter(self._store) as writer:
-            writer.write(return_path(sender))
+        with source:
             while chunk := source.read(COPY_CHUNK):
-                writer.write(earlier.feed(chunk))
-            writer.write(earlier.end())
-            writer.commit(maildirs)
+                message.write(earlier.feed(chunk))
+            message.write(earlier.end())

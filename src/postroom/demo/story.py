@@ -26,8 +26,9 @@ from postroom.config import load_config
 from postroom.demo.nameserver import DemoDNS, mail_zone, start_dns
 from postroom.demo.output import Exchange, LogLine, LogTap, Printer, pop3_states, span
 from postroom.server.main import Running, start
-from postroom.store.maildir import MailStore, list_messages
-from postroom.store.users import open_user_directory
+from postroom.store.factory import open_store
+from postroom.store.mailboxes import MaildirMailboxes
+from postroom.store.maildir import list_messages
 
 SMITH = "smith@isp.example"
 BOSS = "boss@corp.example"
@@ -95,14 +96,15 @@ class World:
         printer.line(f"users     {SMITH} and {BOSS}, random passwords", indent=2)
         printer.line()
         return Story(self, printer, provider, corp, dns,
-                     MailStore(corp.config.mail_dir).maildir_for(BOSS))
+                     MaildirMailboxes(corp.config.mail_dir).maildir_for(BOSS))
 
     async def _host(self, folder: str, config_text: str, user: str) -> Running:
         """A host started from its config in root/folder, with `user` in its directory."""
         (self.root / folder).mkdir(mode=0o700)
         (self.root / folder / "postroom.toml").write_text(config_text, encoding="utf-8")
         config = load_config(self.root / folder)
-        await asyncio.to_thread(open_user_directory(config).add_user, user, self.passwords[user])
+        await asyncio.to_thread(open_store(config.store).users.add_user, user,
+                                self.passwords[user])
         return await start(config)
 
     async def stop(self) -> None:

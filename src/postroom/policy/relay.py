@@ -25,12 +25,11 @@ any other mailbox.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from postroom.addresses import canonical, canonical_domain, is_quoted, split, unquoted
 from postroom.protocol.replies import Reply
-from postroom.store.users import Expansion
+from postroom.store.api import Directory
 
 # Characters that, in a local part, ask a host to route the mail onwards.
 ROUTING_CHARACTERS = frozenset("%!@")
@@ -67,24 +66,14 @@ def normalise_domain(domain: str) -> str:
 
 
 class RecipientPolicy:
-    """RCPT checks for mail arriving from the outside world (no AUTH).
+    """RCPT checks for mail arriving from the outside world (no AUTH), against the
+    user directory's domains and addresses (aliases and subaddresses followed)."""
 
-    `is_local_domain(domain)` answers for the config's and the directory's domains;
-    `expand(address)` maps a local address to its mailboxes (aliases and
-    subaddresses followed) or None when no such user or alias exists.
-    """
-
-    def __init__(
-        self,
-        is_local_domain: Callable[[str], bool],
-        expand: Callable[[str], Expansion | None],
-        primary_domain: str = "localhost",
-    ) -> None:
-        self._is_local_domain = is_local_domain
-        self._expand = expand
+    def __init__(self, directory: Directory, primary_domain: str = "localhost") -> None:
+        self._directory = directory
         self._primary_domain = primary_domain
 
-    def check_recipient(self, address: str) -> RecipientDecision:
+    async def check_recipient(self, address: str) -> RecipientDecision:
         if not address:
             # RCPT TO:<> is a syntax error the core catches; keep a defence here.
             return RecipientDecision(Reply(501, "5.1.3", "Empty recipient address"))
@@ -94,7 +83,7 @@ class RecipientPolicy:
         local, domain = split_address(address)
         domain = normalise_domain(domain)
         shown = f"<{address}>"
-        if not domain or not self._is_local_domain(domain):
+        if not domain or not self._directory.is_local_domain(domain):
             return RecipientDecision(relay_denied(shown))
         if any(ch in ROUTING_CHARACTERS for ch in unquoted(local)):
             # The address names our domain but asks us to route it further.
@@ -107,7 +96,7 @@ class RecipientPolicy:
             return RecipientDecision(no_such_user(shown))
         # A local part that stays quoted (a space, say) names no mailbox here:
         # user and alias names are dot-atoms.
-        expansion = None if is_quoted(split(key)[0]) else self._expand(key)
+        expansion = None if is_quoted(split(key)[0]) else await self._directory.expand(key)
         if expansion is None:
             return RecipientDecision(no_such_user(shown))
         if expansion.broken:

@@ -34,14 +34,13 @@ from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import SUPPORTED_MECHANISMS
 from postroom.protocol.smtp_server import SMTPServerConfig
 from postroom.server.acceptor import DeferredServer
-from postroom.server.committer import GroupCommitter
 from postroom.server.descriptors import Descriptors
 from postroom.server.diskspace import FreeSpace
 from postroom.server.limits import ConnectionLimiter
-from postroom.server.passwords import Check, PasswordChecks
+from postroom.server.passwords import PasswordChecks
 from postroom.server.pop3 import POP3Service, POP3Session
 from postroom.server.relay import Relay
-from postroom.server.smtp import Notices, Outbound, SMTPService, SMTPSession
+from postroom.server.smtp import SMTPService, SMTPSession
 from postroom.server.stream import Stream
 from postroom.server.workers import (
     WakeChannel,
@@ -50,9 +49,8 @@ from postroom.server.workers import (
     signal_children,
     worker_count,
 )
-from postroom.store.cache import CachedLookups
-from postroom.store.maildir import MailStore
-from postroom.store.users import UserDirectory, local_domains, open_user_directory
+from postroom.store.api import Mailboxes, Store
+from postroom.store.factory import open_store
 from postroom.tlscert import ensure_certificate, server_context
 
 log = logging.getLogger("postroom.master")
@@ -67,9 +65,9 @@ DRAIN_GRACE_SECONDS = 30.0
 # SIGHUP would mean "reload"; until there is one it stops the server as SIGTERM does.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)  # SIGUSR1: rescan the queue folder
-# How often the mailboxes' tmp/ folders are swept for abandoned files, after the
-# sweep at start (Dovecot's MAILDIR_TMP_SCAN_SECS is 8 hours too).
-MAILDIR_SWEEP_SECONDS = 8 * 3600.0
+# How often the mailboxes are swept for what killed deliveries left (Maildir tmp/
+# folders), after the sweep at start (Dovecot's MAILDIR_TMP_SCAN_SECS is 8 hours too).
+MAILBOX_SWEEP_SECONDS = 8 * 3600.0
 
 SUBMISSION_LISTENERS = ("submission", "submissions")  # RFC 6409: AUTH, then relay
 # Allowed for the TLS handshake of an implicit-TLS listener (RFC 8314).
@@ -173,21 +171,15 @@ def build_smtp_service(
     name: str,
     config: Config,
     tls_context: ssl.SSLContext | None,
-    directory: UserDirectory,
-    lookups: CachedLookups,
-    is_local_domain: Callable[[str], bool],
-    store: MailStore,
+    store: Store,
     limiter: ConnectionLimiter,
     throttle: AuthThrottle,
-    outbound: Outbound | None = None,
-    committer: GroupCommitter | None = None,
-    notices: Notices | None = None,
-    check_password: Check | None = None,
+    relay: Relay,
 ) -> SMTPService:
     """The `smtp` listener (MX: local recipients only) or a submission one (AUTH, relay)."""
     smtp = config.smtp
     primary = postmaster_address(config).partition("@")[2]  # <Postmaster> (RFC 5321 4.1.1.3)
-    policy = RecipientPolicy(is_local_domain, lookups.expand, primary_domain=primary)
+    policy = RecipientPolicy(store.directory, primary_domain=primary)
     submission = name in SUBMISSION_LISTENERS
     core_config = SMTPServerConfig(
         hostname=config.hostname,
@@ -207,19 +199,18 @@ def build_smtp_service(
         hostname=config.hostname,
         core_config=core_config,
         policy=policy,
-        store=store,
+        mailboxes=store.mailboxes,
         limiter=limiter,
         tls_context=tls_context,
         command_timeout=smtp.command_timeout,
         data_timeout=smtp.data_timeout,
         max_received=smtp.max_received_headers,
-        submission=SubmissionPolicy(policy, is_local_domain, lookups.expand,
+        submission=SubmissionPolicy(policy, store.directory,
                                     smtp.check_from_header) if submission else None,
-        verify_password=check_password if submission else None,
+        verify_password=store.directory.verify_password if submission else None,
         throttle=throttle,
-        outbound=outbound if submission else None,
-        committer=committer,
-        notices=notices,
+        outbound=relay if submission else None,
+        notices=relay,
         free_space=FreeSpace((config.mail_dir, config.queue_dir), smtp.min_free_space),
     )
 
@@ -263,7 +254,7 @@ class Running:
     servers: dict[str, asyncio.base_events.Server | DeferredServer]
     services: dict[str, AnyService]
     relay: Relay
-    committer: GroupCommitter
+    store: Store
     password_checks: PasswordChecks
     descriptors: Descriptors | None = None
     sweeper: asyncio.Task[None] | None = None  # the primary's periodic tmp/ sweep
@@ -289,7 +280,7 @@ class Running:
         if self.sweeper is not None:
             self.sweeper.cancel()
         await self.relay.stop()
-        self.committer.close()
+        self.store.close()
         if self.descriptors is not None:
             self.descriptors.close()
         self.password_checks.close()
@@ -345,63 +336,21 @@ async def start(
     tls_context = load_tls(config)
     if sockets is None:
         sockets = bind_listeners(config)
-
-    directory = open_user_directory(config)
-    store = MailStore(config.mail_dir, hostname=config.hostname)
-    # Spool files left by a crash mid-DATA were never acknowledged: remove them.
-    removed = store.clean_spool()
-    if removed:
-        log.info("removed %d unacknowledged spool file(s) left by an earlier run", removed)
+    checks = password_checks or PasswordChecks()
+    store = open_store(config.store, password_gate=checks.check)
     primary = notify_primary is None
     if primary:
         # The primary alone sweeps the mailboxes (the workers share them): once now,
-        # then every MAILDIR_SWEEP_SECONDS.
-        await sweep_maildirs(store)
-    pop3_limiter = ConnectionLimiter(
-        config.pop3.max_connections, config.pop3.max_connections_per_client
-    )
-    throttle = AuthThrottle(first_delay=config.pop3.auth_failure_delay)
-    smtp_limiter = ConnectionLimiter(
-        config.smtp.max_connections, config.smtp.max_connections_per_client
-    )
-    config_domains = local_domains(config, directory) - set(directory.list_domains())
-    # Cached until the database changes: `postroom domain add` works without a restart.
-    lookups = CachedLookups(directory, config.users_db)
-
-    def is_local_domain(domain: str) -> bool:
-        return domain in config_domains or lookups.has_domain(domain)
-
-    relay = Relay(config, store, is_local_domain, lookups.expand,
-                  notify_primary=notify_primary)
-    committer = GroupCommitter(config.hostname)
-    checks = password_checks or PasswordChecks()
-    check_password = checks.bind(directory.verify_password)
-    services: dict[str, AnyService] = {}
-    servers: dict[str, asyncio.base_events.Server | DeferredServer] = {}
+        # then every MAILBOX_SWEEP_SECONDS.
+        await sweep_mailboxes(store.mailboxes)
+    relay = Relay(config, store.mailboxes, store.directory.is_local_domain,
+                  store.directory.expand, notify_primary=notify_primary)
+    services = _services(config, [name for name, _sock in sockets], tls_context, store, relay)
     loop = asyncio.get_running_loop()
     descriptors = Descriptors()
+    servers: dict[str, asyncio.base_events.Server | DeferredServer] = {}
     for key_name, sock in sockets:
-        service: AnyService
-        if key_name in ("smtp", *SUBMISSION_LISTENERS):
-            service = build_smtp_service(key_name, config, tls_context, directory, lookups,
-                                         is_local_domain, store, smtp_limiter, throttle, relay,
-                                         committer, notices=relay, check_password=check_password)
-        else:
-            service = POP3Service(
-                name=key_name,
-                hostname=config.hostname,
-                directory=directory,
-                store=store,
-                limiter=pop3_limiter,  # one budget for both POP3 listeners
-                throttle=throttle,
-                tls_context=tls_context,
-                implicit_tls=key_name == "pop3s",
-                allow_plaintext_auth=config.pop3.allow_plaintext_auth,
-                check_password=check_password,
-                idle_timeout=config.pop3.idle_timeout,
-                apop=config.pop3.apop,
-            )
-        services[key_name] = service
+        service = services[key_name]
         implicit = tls_context if key_name in IMPLICIT_TLS else None
         factory = _session_factory(service, implicit)
         descriptors.listen(key_name, sock, None if implicit else _out_of_descriptors(service))
@@ -413,13 +362,38 @@ async def start(
         log.info("listening for %s on %s:%d%s%s", key_name, *sock.getsockname()[:2],
                  " (implicit TLS)" if implicit else "",
                  " (taking what the workers leave)" if key_name in accept_last else "")
-    for limiter in (smtp_limiter, pop3_limiter):
-        limiter.on_stress = _stress_sessions(limiter, services)
     descriptors.install(loop)
     relay.start()
-    sweeper = loop.create_task(sweep_maildirs_periodically(store)) if primary else None
-    return Running(config, servers, services, relay, committer, checks, descriptors,
-                   sweeper)
+    sweeper = loop.create_task(sweep_mailboxes_periodically(store.mailboxes)) if primary else None
+    return Running(config, servers, services, relay, store, checks, descriptors, sweeper)
+
+
+def _services(config: Config, names: list[str], tls_context: ssl.SSLContext | None,
+              store: Store, relay: Relay) -> dict[str, AnyService]:
+    """The service behind each listener: SMTP ones share one connection budget, POP3
+    ones another, and all of them the failed-login record."""
+    throttle = AuthThrottle(first_delay=config.pop3.auth_failure_delay)
+    smtp_limiter = ConnectionLimiter(
+        config.smtp.max_connections, config.smtp.max_connections_per_client
+    )
+    pop3_limiter = ConnectionLimiter(
+        config.pop3.max_connections, config.pop3.max_connections_per_client
+    )
+    services: dict[str, AnyService] = {}
+    for name in names:
+        if name in ("smtp", *SUBMISSION_LISTENERS):
+            services[name] = build_smtp_service(name, config, tls_context, store, smtp_limiter,
+                                                throttle, relay)
+        else:  # "pop3" (STLS) or "pop3s" (implicit TLS)
+            services[name] = POP3Service(
+                name=name, hostname=config.hostname, directory=store.directory,
+                mailboxes=store.mailboxes, limiter=pop3_limiter, throttle=throttle,
+                tls_context=tls_context, implicit_tls=name == "pop3s",
+                allow_plaintext_auth=config.pop3.allow_plaintext_auth,
+                idle_timeout=config.pop3.idle_timeout, apop=config.pop3.apop)
+    for limiter in (smtp_limiter, pop3_limiter):
+        limiter.on_stress = _stress_sessions(limiter, services)
+    return services
 
 
 def _out_of_descriptors(service: AnyService) -> bytes:
@@ -430,21 +404,22 @@ def _out_of_descriptors(service: AnyService) -> bytes:
     return Pop3Reply(False, "out of resources, try again later", "SYS/TEMP").to_bytes()
 
 
-async def sweep_maildirs(store: MailStore) -> None:
-    """Remove the files deliveries killed midway left in the mailboxes' tmp/ folders."""
+async def sweep_mailboxes(mailboxes: Mailboxes) -> None:
+    """Remove what deliveries killed midway left (never acknowledged, so nothing lost)."""
     try:
-        removed = await asyncio.to_thread(store.clean_maildirs)
+        removed = await mailboxes.sweep()
     except OSError as exc:
-        log.warning("sweeping the mailboxes' tmp/ folders failed: %s", exc)
+        log.warning("sweeping the mailboxes failed: %s", exc)
         return
     if removed:
-        log.info("removed %d abandoned file(s) from mailboxes' tmp/ folders", removed)
+        log.info("removed %d file(s) that deliveries killed midway left in the mailboxes",
+                 removed)
 
 
-async def sweep_maildirs_periodically(store: MailStore) -> None:
+async def sweep_mailboxes_periodically(mailboxes: Mailboxes) -> None:
     while True:
-        await asyncio.sleep(MAILDIR_SWEEP_SECONDS)
-        await sweep_maildirs(store)
+        await asyncio.sleep(MAILBOX_SWEEP_SECONDS)
+        await sweep_mailboxes(mailboxes)
 
 
 async def serve(

@@ -28,7 +28,7 @@ import ctypes.util
 import multiprocessing
 import os
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,7 +37,6 @@ from typing import Any
 MAX_PASSWORD_CHECKS = 2
 
 Verify = Callable[[str, str], bool]
-Check = Callable[[str, str], Awaitable[bool]]
 
 
 def _make_slots(limit: int) -> Any:
@@ -72,14 +71,8 @@ class PasswordChecks:
         self._running = 0  # checks of this process waiting or under way
         self._trim = _malloc_trim()
 
-    def bind(self, verify: Verify) -> Check:
-        """`verify` as an awaitable check that keeps to the bound."""
-        async def check(address: str, password: str) -> bool:
-            return await self.check(verify, address, password)
-
-        return check
-
     async def check(self, verify: Verify, address: str, password: str) -> bool:
+        """`verify(address, password)`, in its turn (a store.api.PasswordGate)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor(), self._run, verify, address,
                                           password)

@@ -1,7 +1,7 @@
 """One POP3 connection: the sans-IO core on a socket, logins against the directory, the maildrop.
 
 The core (`postroom.protocol.pop3_server`) owns the RFC 1939 states; this
-module supplies what it cannot know: passwords, the Maildir, the clock, TLS.
+module supplies what it cannot know: passwords, the mailbox, the clock, TLS.
 A session deletes mail only when the core emits `Update` (QUIT in the
 Transaction state); a dropped connection or a timeout deletes nothing.
 """
@@ -17,7 +17,6 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from postroom.policy.auth import AuthThrottle
@@ -25,14 +24,18 @@ from postroom.protocol import pop3_server as core
 from postroom.server.deadline import RequestDeadline
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.stream import Stream
-from postroom.store.maildir import MailStore
-from postroom.store.maildrop import Maildrop, MaildropBusy
-from postroom.store.users import UserDirectory, local_address
+from postroom.store.api import (
+    LATER,
+    Directory,
+    Later,
+    Mailboxes,
+    Maildrop,
+    MaildropBusy,
+    user_key,
+)
 
 log = logging.getLogger("postroom.pop3d")
 
-# Messages above this size are read from disk in a worker thread, not the loop.
-THREAD_READ_ABOVE = 1024 * 1024
 # Messages up to this size are read and answered in one go, even from the stream's
 # data callback; larger ones are sent a chunk at a time, each written and drained.
 SEND_AT_ONCE = 64 * 1024
@@ -44,15 +47,13 @@ class POP3Service:
 
     name: str  # "pop3" or "pop3s"
     hostname: str
-    directory: UserDirectory
-    store: MailStore
+    directory: Directory  # logins
+    mailboxes: Mailboxes
     limiter: ConnectionLimiter
     throttle: AuthThrottle
     tls_context: ssl.SSLContext | None
     implicit_tls: bool
     allow_plaintext_auth: bool
-    # The password check, bounded server-wide (server/passwords.py).
-    check_password: Callable[[str, str], Awaitable[bool]]
     idle_timeout: float = 600.0  # RFC 1939 3: at least 10 minutes
     apop: bool = False  # greet with a timestamp; users with an APOP secret may use it
     sessions: set[POP3Session] = field(default_factory=set)
@@ -73,16 +74,6 @@ def apop_timestamp(hostname: str) -> str:
     """RFC 1939 7: a msg-id unique to this greeting, "<process-ID.clock@hostname>"; a
     random part makes it unpredictable as well."""
     return f"<{os.getpid()}.{time.time_ns()}.{secrets.token_hex(4)}@{hostname}>"
-
-
-def read_message(drop: Maildrop, event: core.Retrieve | core.Top) -> list[bytes] | OSError | None:
-    """A message's bytes for RETR or TOP; None when it is gone, the error on a disk
-    fault (BLOCKING: large messages are read in a thread, and answered in the loop)."""
-    try:
-        # TOP is a peek, not a read: only RETR files the message as seen at QUIT.
-        return drop.read_chunks(event.msg_number, seen=type(event) is core.Retrieve)
-    except OSError as exc:
-        return exc
 
 
 class POP3Session:
@@ -303,7 +294,7 @@ class POP3Session:
 
     async def _apop(self, name: str, digest: str) -> None:
         """RFC 1939 7: MD5(timestamp + secret) in hex, for users who opted in."""
-        secret = self.service.directory.apop_secret(name) if self.timestamp else None
+        secret = await self.service.directory.apop_secret(name) if self.timestamp else None
         good = False
         if secret is not None and self.timestamp is not None:
             expected = hashlib.md5((self.timestamp + secret).encode("utf-8")).hexdigest()
@@ -311,21 +302,15 @@ class POP3Session:
         await self._open_maildrop_or_fail(name, good)
 
     async def _login(self, name: str, password: str) -> None:
-        try:
-            address = local_address(name)
-        except ValueError:
-            address = None
-        good = address is not None and await self.service.check_password(address, password)
+        address = user_key(name)
+        good = address is not None and await self.service.directory.verify_password(
+            address, password)
         await self._open_maildrop_or_fail(name, good)
 
     async def _open_maildrop_or_fail(self, name: str, good: bool) -> None:
         """After a credential check: slow failures down, or lock and snapshot the maildrop."""
         svc = self.service
-        loop = asyncio.get_running_loop()
-        try:
-            address: str | None = local_address(name)
-        except ValueError:
-            address = None
+        address = user_key(name)
         if not good or address is None:
             delay = svc.throttle.failed(self.client_ip, name)
             log.warning("%s: authentication failed for %r from %s (answer delayed %.1fs)",
@@ -335,8 +320,7 @@ class POP3Session:
             return
         svc.throttle.succeeded(self.client_ip, address)
         try:
-            maildir = svc.store.maildir_for(address)
-            drop = await loop.run_in_executor(None, Maildrop.open, maildir)
+            drop = await svc.mailboxes.open_maildrop(address)
         except MaildropBusy:
             log.info("%s: %s: maildrop in use, login refused from %s", svc.name, address,
                      self.client)
@@ -383,7 +367,15 @@ class POP3Session:
         msg = drop.messages[event.msg_number - 1]
         if msg.size > SEND_AT_ONCE:
             return False
-        chunks = self._answer_read(event, read_message(drop, event))
+        try:
+            # TOP is a peek, not a read: only RETR files the message as seen at QUIT.
+            result: list[bytes] | OSError | Later | None = drop.read_now(
+                event.msg_number, seen=type(event) is core.Retrieve)
+        except OSError as exc:
+            result = exc
+        if result is LATER:
+            return False
+        chunks = self._answer_read(event, result)
         if chunks is not None:
             for chunk in chunks:
                 self.conn.send_message_chunk(chunk, crlf=msg.crlf)
@@ -393,16 +385,16 @@ class POP3Session:
         return True
 
     async def _retrieve(self, event: core.Retrieve | core.Top) -> None:
-        """RETR or TOP of a large message: read in a thread when very large, sent
-        and drained a chunk at a time."""
+        """RETR or TOP of a large message (or one the maildrop cannot give at once):
+        sent and drained a chunk at a time."""
         drop = self.maildrop
         assert drop is not None, "the core emits Retrieve/Top only after login"
         msg = drop.messages[event.msg_number - 1]
-        if msg.size > THREAD_READ_ABOVE:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(None, read_message, drop, event)
-        else:
-            result = read_message(drop, event)
+        try:
+            result: list[bytes] | OSError | None = await drop.read(
+                event.msg_number, seen=type(event) is core.Retrieve)
+        except OSError as exc:
+            result = exc
         chunks = self._answer_read(event, result)
         if chunks is None:
             return
@@ -435,9 +427,7 @@ class POP3Session:
         assert drop is not None, "the core emits Update only after login"
         self.busy = True
         try:
-            failures = await asyncio.get_running_loop().run_in_executor(
-                None, drop.update, numbers
-            )
+            failures = await drop.update(numbers)
         except OSError as exc:
             log.error("%s: %s: update failed: %s", self.service.name, self.user, exc)
             failures = len(numbers)

@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from postroom.addresses import domain_of
@@ -33,8 +33,7 @@ from postroom.queue.dsn import Action, queue_dsn
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.scheduler import Scheduler
 from postroom.queue.store import QueueError, QueueStore
-from postroom.store.maildir import MailStore
-from postroom.store.users import Expansion
+from postroom.store.api import Expansion, Mailboxes
 
 log = logging.getLogger("postroom.relay")
 
@@ -55,9 +54,9 @@ class Relay:
     def __init__(
         self,
         config: Config,
-        store: MailStore,
+        store: Mailboxes,
         is_local_domain: Callable[[str], bool],
-        expand: Callable[[str], Expansion | None],
+        expand: Callable[[str], Awaitable[Expansion | None]],
         *,
         notify_primary: Callable[[str], None] | None = None,
     ) -> None:
@@ -97,7 +96,7 @@ class Relay:
             postmaster=postmaster_address(config),
         )
         self._task: asyncio.Task[None] | None = None
-        # Group commit for the queue (QueueStore.add_many), as server/committer.py
+        # Group commit for the queue (QueueStore.add_many), as store/mailboxes.py
         # does for Maildirs: four syncs per message become a few per batch.
         self._batcher: BatchThread[tuple[Envelope, Iterable[bytes]], None] = BatchThread(
             "postroom-queue", self.queue.add_many

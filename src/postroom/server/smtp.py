@@ -26,17 +26,14 @@ from postroom.protocol import sasl
 from postroom.protocol import smtp_server as core
 from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.server.committer import GroupCommitter
 from postroom.server.deadline import RequestDeadline
 from postroom.server.diskspace import FreeSpace
 from postroom.server.headers import HeaderCapture, missing_headers
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
-from postroom.server.spool import Spool
 from postroom.server.stream import Stream
-from postroom.store.maildir import MailStore
+from postroom.store.api import Incoming, Mailboxes, local_address
 from postroom.store.returnpath import ReturnPathRemover, return_path
-from postroom.store.users import local_address
 
 log = logging.getLogger("postroom.smtpd")
 
@@ -68,7 +65,7 @@ class SMTPService:
     hostname: str
     core_config: core.SMTPServerConfig
     policy: RecipientPolicy
-    store: MailStore
+    mailboxes: Mailboxes
     limiter: ConnectionLimiter
     tls_context: ssl.SSLContext | None
     # Submission only (RFC 6409): authenticated users, their sender checks, and the
@@ -78,7 +75,6 @@ class SMTPService:
     verify_password: Callable[[str, str], Awaitable[bool]] | None = None
     throttle: AuthThrottle | None = None
     outbound: Outbound | None = None
-    committer: GroupCommitter | None = None  # batches Maildir commits (see committer.py)
     notices: Notices | None = None  # success reports for local recipients (RFC 3464)
     free_space: FreeSpace | None = None  # MAIL FROM: 452 when the disk cannot take it
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
@@ -105,13 +101,13 @@ class Transaction:
     # Local recipients that asked for a success report (RFC 3461 4.1, NOTIFY and
     # ORCPT kept), with the number of mailboxes each reaches.
     notify: list[tuple[Recipient, int]] = field(default_factory=list)
-    writer: Spool | None = None  # while DATA is in progress
+    writer: Incoming | None = None  # while DATA is in progress
     hops: HopCounter | None = None
     headers: HeaderCapture | None = None  # submission: the fields we check and complete
     # RFC 5321 4.4: a Return-Path the client sent is no one's to write; ours heads
-    # the filed copies (Spool's head), and the relayed copy carries none.
+    # the filed copies (the message's head), and the relayed copy carries none.
     return_paths: ReturnPathRemover = field(default_factory=ReturnPathRemover)
-    refusal: Reply | None = None  # decided while streaming, answered at the end
+    from_header: list[str] | None = None  # submission: From's values, checked at the end
 
     def mailboxes(self) -> list[str]:
         """Each local mailbox once, however many recipients (aliases) lead to it."""
@@ -262,9 +258,9 @@ class SMTPSession:
             conn.send(Reply(250, None, f"{self.service.hostname} Hello {event.domain}"
                                        f" [{self.client_ip}]"))
         elif isinstance(event, core.MailFrom):
-            self._mail_from(event)
+            await self._mail_from(event)
         elif isinstance(event, core.RcptTo):
-            self._rcpt_to(event)
+            await self._rcpt_to(event)
         elif isinstance(event, core.DataStart):
             self._data_start(event)
         elif isinstance(event, core.MessageEnd):
@@ -280,7 +276,7 @@ class SMTPSession:
         elif isinstance(event, core.Quit | core.ConnectionClosed):
             self._abort_transaction("client left")
 
-    def _mail_from(self, event: core.MailFrom) -> None:
+    async def _mail_from(self, event: core.MailFrom) -> None:
         svc = self.service
         if svc.draining:
             self.conn.send(Reply(421, "4.3.2", f"{svc.hostname} Service shutting down",
@@ -288,7 +284,7 @@ class SMTPSession:
             return
         self._abort_transaction("new transaction")
         if svc.submission is not None and self.user is not None:
-            refusal = svc.submission.check_sender(self.user, event.address)
+            refusal = await svc.submission.check_sender(self.user, event.address)
             if refusal is not None:
                 log.info("%s: reject: MAIL from [%s]: %s; user=%s", svc.name, self.client_ip,
                          refusal, self.user)
@@ -331,10 +327,10 @@ class SMTPSession:
                         svc.free_space.reserve)
         return refusal
 
-    def _rcpt_to(self, event: core.RcptTo) -> None:
+    async def _rcpt_to(self, event: core.RcptTo) -> None:
         txn = self.txn
         assert txn is not None, "the core emits RcptTo only inside a transaction"
-        decision = self._recipient_decision(event.address)
+        decision = await self._recipient_decision(event.address)
         if decision.accepted and decision.remote is not None:
             txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
         elif decision.accepted:
@@ -348,19 +344,19 @@ class SMTPSession:
                      txn.sender, event.address)
         self.conn.send(decision.reply)
 
-    def _recipient_decision(self, address: str) -> RecipientDecision:
+    async def _recipient_decision(self, address: str) -> RecipientDecision:
         svc = self.service
         if svc.submission is not None and self.user is not None:
-            decision = svc.submission.check_recipient(address)
+            decision = await svc.submission.check_recipient(address)
             if decision.remote is not None and svc.outbound is None:
                 return RecipientDecision(Reply(451, "4.3.0", "Relay queue unavailable"))
             return decision
-        return svc.policy.check_recipient(address)
+        return await svc.policy.check_recipient(address)
 
     def _data_start(self, event: core.DataStart) -> None:
         txn = self.txn
         assert txn is not None, "the core emits DataStart only inside a transaction"
-        txn.writer = Spool(self.service.store, head=return_path(txn.sender))
+        txn.writer = self.service.mailboxes.receive(return_path(txn.sender))
         txn.hops = HopCounter()
         if self.service.submission is not None:
             txn.headers = HeaderCapture()
@@ -400,13 +396,12 @@ class SMTPSession:
             self._submission_headers(txn)
 
     def _submission_headers(self, txn: Transaction) -> None:
-        """RFC 6409 8: check From against the user, add Message-ID and Date if missing."""
+        """RFC 6409 8: keep From to check against the user at the end, add Message-ID
+        and Date if missing."""
         assert txn.headers is not None and txn.writer is not None
         svc = self.service
         fields = txn.headers.message()
-        if svc.submission is not None and self.user is not None:
-            txn.refusal = svc.submission.check_from(self.user, fields.get_all("From") or [],
-                                                    txn.smtputf8)
+        txn.from_header = fields.get_all("From") or []
         extra = missing_headers(fields, svc.hostname, txn.started)
         if extra and not txn.writer.insert_head(extra):
             log.warning("%s: %s: header section too large to complete", svc.name, txn.queue_id)
@@ -420,75 +415,74 @@ class SMTPSession:
             self.conn.send(Reply(451, "4.3.0", "Local error in processing, try later"))
             self._finish_transaction()
             return
-        refusal = txn.refusal
-        if txn.hops is not None and txn.hops.count > svc.max_received:
-            refusal = Reply(554, "5.4.6", f"Too many hops ({txn.hops.count} Received headers): "
-                                          "mail loop?")
+        refusal = await self._content_refusal(txn)
         if refusal is not None:
             log.info("%s: %s: reject: %s", svc.name, txn.queue_id, refusal)
             txn.writer.abort()
             self.conn.send(refusal)
             self._finish_transaction()
             return
-        # From here the commit owns the spool: a shutdown must not abort it.
-        spool, txn.writer = txn.writer, None
+        # From here the commit owns the message: a shutdown must not abort it.
+        message, txn.writer = txn.writer, None
         try:
-            spool.write(txn.return_paths.end())  # a last line still undecided
+            message.write(txn.return_paths.end())  # a last line still undecided
         except OSError as exc:
-            self._local_error(txn, spool, "write to spool", exc)
+            self._local_error(txn, message, "write to spool", exc)
             return
-        size = spool.size
-        mailboxes = txn.mailboxes()
-        targets = [svc.store.maildir_for(box) for box in mailboxes]
-        envelope = self._envelope(txn, size) if txn.remote else None
-        loop = asyncio.get_running_loop()
-        held = spool.in_memory
-        # Success reports return the message: its octets, taken before the commit
-        # clears the spool (a Maildir copy may be fetched and gone by then).
-        copy = b"".join(held) if txn.notify and held is not None else None
+        envelope = self._envelope(txn, message.size) if txn.remote else None
         try:
             # Queue first: if filing locally then fails, the client retries and the
             # relayed recipients may get the message twice, which is the safe way
             # round (RFC 5321 6.1: duplicates over losses).
             if envelope is not None and svc.outbound is not None:
-                await svc.outbound.add(envelope, spool.chunks())
-            if not targets:
-                paths = []
-                spool.abort()
-            elif svc.committer is not None:
-                paths = await svc.committer.deliver(spool.delivery(targets))
-                spool.abort()
-            else:
-                paths = await loop.run_in_executor(None, spool.commit, targets)
-        except OSError as exc:
-            self._local_error(txn, spool, "storing the message", exc)
+                await svc.outbound.add(envelope, message.chunks())
+            names = await message.deliver(txn.mailboxes())
+        except (OSError, ValueError) as exc:
+            self._local_error(txn, message, "storing the message", exc)
             return
+        self._log_stored(txn, message.size, names)
+        if envelope is not None and svc.outbound is not None:
+            svc.outbound.queued(envelope)
+        if txn.notify and names and svc.notices is not None:
+            await svc.notices.delivered(self._envelope(txn, message.size), txn.notify,
+                                        message.original())
+        message.abort()
+        self._reply(Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"))
+        self._finish_transaction()
+
+    async def _content_refusal(self, txn: Transaction) -> Reply | None:
+        """Why the message just received is refused, or None: a mail loop, or a From
+        that is not the submitting user's (RFC 6409 8.1)."""
+        svc = self.service
+        if txn.hops is not None and txn.hops.count > svc.max_received:
+            return Reply(554, "5.4.6", f"Too many hops ({txn.hops.count} Received headers): "
+                                       "mail loop?")
+        if txn.from_header is not None and svc.submission is not None and self.user is not None:
+            return await svc.submission.check_from(self.user, txn.from_header, txn.smtputf8)
+        return None
+
+    def _log_stored(self, txn: Transaction, size: int, names: list[str]) -> None:
+        """The Postfix-style summary: one line for the message, one per recipient."""
+        svc = self.service
         delay = time.time() - txn.started
         log.info("%s: %s: from=<%s>, size=%d, nrcpt=%d%s", svc.name, txn.queue_id, txn.sender,
                  size, len(txn.recipients) + len(txn.remote),
                  f", sasl_username={self.user}" if self.user else "")
-        by_box = dict(zip(mailboxes, paths, strict=True))
+        by_box = dict(zip(txn.mailboxes(), names, strict=True))
         for rcpt, boxes in txn.recipients:
             for box in boxes:
                 orig = f", orig_to=<{rcpt}>" if box != rcpt else ""
                 log.info("%s: %s: to=<%s>%s, relay=local, delay=%.2f, dsn=2.0.0, "
                          "status=sent (delivered to maildir %s)", svc.name, txn.queue_id, box,
-                         orig, delay, by_box[box].name)
-        if envelope is not None and svc.outbound is not None:
-            for r in envelope.recipients:
-                log.info("%s: %s: to=<%s>, status=queued (for relay)", svc.name,
-                         txn.queue_id, r.address)
-            svc.outbound.queued(envelope)
-        if txn.notify and paths and svc.notices is not None:
-            original = copy if copy is not None else paths[0]
-            await svc.notices.delivered(self._envelope(txn, size), txn.notify, original)
-        self._reply(Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"))
-        self._finish_transaction()
+                         orig, delay, by_box[box])
+        for r in txn.remote:
+            log.info("%s: %s: to=<%s>, status=queued (for relay)", svc.name, txn.queue_id,
+                     r.address)
 
-    def _local_error(self, txn: Transaction, spool: Spool, what: str, exc: OSError) -> None:
+    def _local_error(self, txn: Transaction, message: Incoming, what: str, exc: Exception) -> None:
         """The message could not be stored: nothing of it is kept, the client retries."""
         log.error("%s: %s: %s failed: %s", self.service.name, txn.queue_id, what, exc)
-        spool.abort()
+        message.abort()
         self._reply(Reply(451, "4.3.0", "Local error in processing, try later"))
         self._finish_transaction()
 

@@ -1,4 +1,4 @@
-"""Directory answers for the SMTP hot path, cached until the database changes on disk.
+"""The server's `Directory` over the SQLite directory: answers cached until the database changes.
 
 Every RCPT asks "is this domain ours?" and "where does this address go?". The
 SQLite directory answers in tens of microseconds, but at thousands of
@@ -13,23 +13,38 @@ size, so answers also expire after MAX_AGE seconds whatever the files say.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from pathlib import Path
+from collections.abc import Callable
 
-from postroom.store.users import Expansion, UserDirectory
+from postroom.store.api import Expansion, PasswordGate
+from postroom.store.users import SQLiteUserDirectory
 
-MAX_ENTRIES = 50_000  # a bound on memory for a flood of distinct addresses
+MAX_ENTRIES = 50_000  # a bound on memory for a flood of distinct addresses or domains
 MAX_AGE = 1.0  # seconds: the longest a change can go unseen
 RECHECK_AFTER = 0.05  # seconds between looks at the files: stat(2) is not free either
 
 
-class CachedLookups:
-    """`has_domain` and `expand` of a directory, remembered while its files are unchanged."""
+async def _in_a_thread(verify: Callable[[str, str], bool], address: str, password: str) -> bool:
+    return await asyncio.to_thread(verify, address, password)
 
-    def __init__(self, directory: UserDirectory, db_path: Path) -> None:
-        self._directory = directory
-        self._files = (str(db_path), str(db_path) + "-wal")
+
+class CachedDirectory:
+    """api.Directory: `users`' answers, remembered while its files are unchanged.
+
+    `password_gate` runs the password checks (the server bounds them,
+    server.passwords); without one each runs in a thread of its own.
+    `clock` is for tests.
+    """
+
+    def __init__(self, users: SQLiteUserDirectory, password_gate: PasswordGate | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._users = users
+        self._gate = password_gate or _in_a_thread
+        self._clock = clock
+        self._static = users.static_domains  # canonical already
+        self._files = (str(users.path), str(users.path) + "-wal")
         self._stamp: tuple[tuple[int, int], ...] | None = None
         self._since = 0.0
         self._checked = -1.0
@@ -37,13 +52,13 @@ class CachedLookups:
         self._expansions: dict[str, Expansion | None] = {}
 
     def _fresh(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if now - self._checked < RECHECK_AFTER:
             return
         self._checked = now
         stamp = tuple(self._stat(name) for name in self._files)
         if stamp != self._stamp or now - self._since > MAX_AGE or (
-            len(self._expansions) > MAX_ENTRIES
+            len(self._expansions) + len(self._domains) > MAX_ENTRIES
         ):
             self._stamp = stamp
             self._since = now
@@ -58,16 +73,24 @@ class CachedLookups:
             return (0, 0)
         return (st.st_mtime_ns, st.st_size)
 
-    def has_domain(self, domain: str) -> bool:
+    def is_local_domain(self, domain: str) -> bool:
+        if domain in self._static:  # the config's: no lookup, no cache
+            return True
         self._fresh()
         known = self._domains.get(domain)
         if known is None:
-            known = self._domains[domain] = self._directory.has_domain(domain)
+            known = self._domains[domain] = self._users.has_domain(domain)
         return known
 
-    def expand(self, address: str) -> Expansion | None:
+    async def expand(self, address: str) -> Expansion | None:
         self._fresh()
         if address in self._expansions:
             return self._expansions[address]
-        result = self._expansions[address] = self._directory.expand(address)
+        result = self._expansions[address] = self._users.expand(address)
         return result
+
+    async def verify_password(self, address: str, password: str) -> bool:
+        return await self._gate(self._users.verify_password, address, password)
+
+    async def apop_secret(self, address: str) -> str | None:
+        return self._users.apop_secret(address)

@@ -1,8 +1,7 @@
 """Filing messages into Maildirs: one durable commit path for every size, alone or in a batch.
 
-A message comes here held in memory (most mail: the SMTP server keeps up to
-512 KiB) or in a spool file (`MessageWriter`: larger mail, and the copies the
-queue files for local recipients). Either way `commit` files a batch of them
+A message comes here held in memory (most mail: up to 512 KiB) or in a spool
+file (`MessageWriter`: larger mail). Either way `commit` files a batch of them
 with the steps of postroom.store.durable:
 
 1. write: a message in memory into its first maildir's tmp/; a spooled one
@@ -31,13 +30,11 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from postroom.store import durable
 from postroom.store.maildir import (
     DIR_MODE,
     LineEnds,
-    MailStore,
     ensure_maildir,
     sent_size,
     unique_name,
@@ -94,14 +91,6 @@ def commit(batch: Sequence[Delivery], hostname: str) -> None:
                     _undo(delivery)
                     break
         _tidy(delivery)
-
-
-def commit_one(delivery: Delivery, hostname: str) -> list[Path]:
-    """`commit` of a batch of one; returns the copies or raises the error."""
-    commit([delivery], hostname)
-    if delivery.error is not None:
-        raise delivery.error
-    return delivery.paths()
 
 
 def _step(delivery: Delivery, step: object, *args: object) -> None:
@@ -193,26 +182,23 @@ def _tidy(delivery: Delivery) -> None:
             os.unlink(delivery._tmp)
         delivery._tmp = None
     if delivery.spool is not None and delivery.error is None:
-        delivery.spool.discard()
+        delivery.spool.abort()
 
 
 class MessageWriter:
-    """A message being received into a spool file, then filed with `commit`.
+    """A message being received into a spool file, then filed as a `delivery` of a
+    `commit` batch.
 
-    `write` runs on the event loop (writes gathered into WRITE_BUFFER pieces);
-    `commit` blocks on fsync and belongs in a worker thread (or, as
-    `delivery`, in a batch of the group commit). The spool folder is under the
-    mail folder, on the filesystem of the maildirs, so that link(2) works.
-    Used as a context manager, the writer aborts unless it was committed.
+    `write` runs on the event loop (writes gathered into WRITE_BUFFER pieces).
+    `spool` must be under the mail folder, on the filesystem of the maildirs,
+    so that link(2) works.
     """
 
-    def __init__(self, store: MailStore) -> None:
-        self._store = store
-        spool = store.spool_dir
+    def __init__(self, spool: Path, hostname: str) -> None:
         if not spool.is_dir():
             spool.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         while True:
-            path = spool / unique_name(store.hostname)
+            path = spool / unique_name(hostname)
             try:
                 fd = durable.OS.create(path)
                 break
@@ -234,11 +220,6 @@ class MessageWriter:
     def sent(self) -> int:
         """The octets as POP3 sends them (maildir.LineEnds)."""
         return self._line_ends.sent
-
-    @property
-    def spool_path(self) -> Path | None:
-        """The spool file (None once committed or aborted)."""
-        return self._path
 
     @property
     def path(self) -> Path:
@@ -282,17 +263,6 @@ class MessageWriter:
             raise self._lost
         return Delivery(list(maildirs), spool=self)
 
-    def commit(self, maildirs: list[Path]) -> list[Path]:
-        """Deliver the message into each maildir's new/; return the final paths.
-
-        BLOCKING (fsync). The list returned is parallel to `maildirs`; a
-        maildir named twice receives one copy and both positions name it. All
-        or nothing: if any delivery fails, the copies already made are removed
-        and the error propagates, so a retry (calling commit again) cannot
-        duplicate mail.
-        """
-        return commit_one(self.delivery(maildirs), self._store.hostname)
-
     def read_back(self, chunk_size: int = 256 * 1024, skip: int = 0) -> Iterator[bytes]:
         """The bytes written so far, the first `skip` left out, from the spool file
         (BLOCKING). Used to hand a large message to the queue as well as to maildirs."""
@@ -302,8 +272,9 @@ class MessageWriter:
             while chunk := f.read(chunk_size):
                 yield chunk
 
-    def discard(self) -> None:
-        """Close and remove the spool file: the message was filed, or is dropped."""
+    def abort(self) -> None:
+        """Close and remove the spool file: the message was filed, or is dropped. Safe
+        to call twice."""
         path, self._path = self._path, None
         self._buffer, self._buffered = [], 0
         if self._fd is not None:
@@ -313,18 +284,3 @@ class MessageWriter:
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-
-    def abort(self) -> None:
-        """Throw the message away. Safe to call twice and after commit."""
-        self.discard()
-
-    def __enter__(self) -> MessageWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.abort()

@@ -1,8 +1,8 @@
 """Maildir mailboxes: where each local mailbox lives, its file names, and listing it.
 
 A mailbox is the Maildir DATA/mail/<domain>/<localpart>/ with its cur/ new/
-tmp/ folders, the layout Dovecot, mutt and Python's `mailbox.Maildir` read.
-Messages are filed into it by postroom.store.commit, durably.
+tmp/ folders (postroom.store.mailboxes), the layout Dovecot, mutt and Python's
+`mailbox.Maildir` read. Messages are filed into it by postroom.store.commit.
 
 File names follow the Maildir convention (time.unique.host) in Dovecot's
 spelling, ``<secs>.M<usecs>P<pid>Q<count>R<random>.<host>,S=<size>,W=<size>``,
@@ -16,23 +16,15 @@ import contextlib
 import os
 import re
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from postroom.addresses import canonical_domain, split
 from postroom.store import durable
 
-SPOOL = ".spool"  # under the mail dir: same filesystem as every maildir, so link(2) works
-# A tmp/ file this old is abandoned (the classic Maildir rule; Dovecot removes them
-# after 36 hours too): a younger one may be a delivery still being written.
-STALE_AFTER = 36 * 3600
 DIR_MODE = 0o700
-MAILDIRS_KEPT = 10_000  # MailStore remembers this many address -> maildir answers
-FILE_MODE = durable.FILE_MODE
 
 _counter_lock = threading.Lock()
 _counter = 0
@@ -247,98 +239,3 @@ def ensure_maildir(maildir: Path) -> bool:
     for d in dict.fromkeys(c.parent for c in created):
         durable.sync_dir(d)
     return bool(created)
-
-
-def _check_local_part(local: str, address: str) -> None:
-    if (
-        not local
-        or "/" in local
-        or "\\" in local
-        or "\0" in local
-        or local.startswith(".")
-        or local in (".", "..")
-    ):
-        raise ValueError(f"not usable as a mailbox folder name: {address!r}")
-
-
-class MailStore:
-    """All local mailboxes under one mail directory (DATA/mail)."""
-
-    def __init__(self, mail_dir: Path, hostname: str | None = None) -> None:
-        self.mail_dir = Path(mail_dir)
-        self.hostname = hostname or socket.gethostname() or "localhost"
-        # Address -> maildir, for the addresses that passed the checks: every
-        # message asks again for the same few mailboxes.
-        self._maildirs: dict[str, Path] = {}
-
-    @property
-    def spool_dir(self) -> Path:
-        return self.mail_dir / SPOOL
-
-    def maildir_for(self, address: str) -> Path:
-        """The maildir of a canonical local mailbox address (no folders are made).
-
-        ValueError for an address that is not canonical (the domain must be
-        lower-case ASCII as `addresses.canonical` writes it) or whose local part
-        could escape its folder: "/", "\\", NUL, "..", or a leading ".".
-        """
-        known = self._maildirs.get(address)
-        if known is not None:
-            return known
-        local, domain = split(address)
-        _check_local_part(local, address)
-        try:
-            canon = canonical_domain(domain)
-        except ValueError:
-            raise ValueError(f"not a mailbox address: {address!r}") from None
-        if canon != domain or domain.startswith("["):
-            raise ValueError(f"domain is not in canonical form: {address!r}")
-        if len(self._maildirs) >= MAILDIRS_KEPT:
-            self._maildirs.clear()
-        path = self._maildirs[address] = self.mail_dir / domain / local
-        return path
-
-    def clean_spool(self, older_than: float = STALE_AFTER) -> int:
-        """Remove spool files abandoned by a crash; return how many were removed."""
-        return _remove_stale(self.spool_dir, time.time() - older_than)
-
-    def clean_maildirs(self, older_than: float = STALE_AFTER) -> int:
-        """Remove files abandoned in the tmp/ folder of every mailbox; return how many.
-
-        A delivery killed between writing into tmp/ and moving into new/ leaves its
-        file behind, and nothing else would ever remove it. Only files older than
-        `older_than` go: a Maildir may be shared with another delivery agent
-        (Dovecot's LDA) whose younger files may still be in progress.
-        BLOCKING: one directory listing per domain and two per mailbox.
-        """
-        cutoff = time.time() - older_than
-        removed = 0
-        for domain in _folders(self.mail_dir):  # ".spool" and other dot folders are skipped
-            for mailbox in _folders(domain):
-                removed += _remove_stale(mailbox / "tmp", cutoff)
-        return removed
-
-
-def _folders(parent: Path) -> list[Path]:
-    """The folders in `parent` whose names do not start with "." (none if it is gone)."""
-    try:
-        with os.scandir(parent) as entries:
-            return [Path(e.path) for e in entries
-                    if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def _remove_stale(folder: Path, cutoff: float) -> int:
-    """Remove the files in `folder` last modified before `cutoff`; return how many."""
-    try:
-        entries = list(os.scandir(folder))
-    except (FileNotFoundError, NotADirectoryError):
-        return 0
-    removed = 0
-    for entry in entries:
-        with contextlib.suppress(FileNotFoundError):
-            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
-                os.unlink(entry.path)
-                removed += 1
-    return removed

@@ -1,4 +1,4 @@
-"""A POP3 maildrop over a Maildir: the exclusive lock, the login snapshot, the Update state.
+"""The Maildir POP3 maildrop (api.Maildrop): the exclusive lock, the snapshot, the Update state.
 
 RFC 1939 8 lets a server lock the maildrop for the session; we do, with
 flock(2) on a lock file inside the Maildir. The kernel drops an flock when the
@@ -14,6 +14,7 @@ so what QUIT was told is done stays done after a power cut.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -22,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from postroom.store import durable
+from postroom.store.api import LATER, DropEntry, Later, MaildropBusy
 from postroom.store.maildir import LineEnds, list_messages
 
 LOCK_NAME = "postroom-pop3.lock"  # a dot-less name would be listed as mail by some readers
 MAX_UID = 70  # RFC 1939 7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E
+# Messages above this size are read in a worker thread, not on the event loop.
+THREAD_READ_ABOVE = 1024 * 1024
 
 
 # Sizes as sent of files whose names do not carry them (no W=, as other MDAs
@@ -55,10 +59,6 @@ def file_sent_size(path: Path) -> tuple[int, bool]:
     return counter.sent, counter.bare_lf == 0 and counter.bare_cr == 0
 
 
-class MaildropBusy(Exception):
-    """Another session holds this maildrop (answered with -ERR [IN-USE], RFC 2449 8.1.2)."""
-
-
 def uid_for(base_name: str) -> str:
     """The UIDL of a Maildir message: its base name when that fits RFC 1939 7, or a
     digest of it (long host names make long Maildir names)."""
@@ -68,12 +68,9 @@ def uid_for(base_name: str) -> str:
 
 
 @dataclass
-class DropMessage:
-    path: Path
-    size: int
-    uid: str
-    retrieved: bool = False
-    crlf: bool = False  # the file has no bare CR or LF (MaildirEntry.crlf)
+class DropMessage(DropEntry):
+    path: Path = field(kw_only=True)  # where the file was last seen
+    retrieved: bool = False  # RETR read it: filed in cur/ as seen at QUIT
 
     @property
     def unique(self) -> str:
@@ -117,8 +114,7 @@ class Maildrop:
                     except FileNotFoundError:
                         continue  # gone while listing: not part of the snapshot
                 drop.messages.append(
-                    DropMessage(entry.path, size, uid_for(entry.uid_base_name), crlf=crlf)
-                )
+                    DropMessage(size, uid_for(entry.uid_base_name), crlf, path=entry.path))
         except OSError:
             drop.close()
             raise
@@ -139,6 +135,18 @@ class Maildrop:
                     msg.path = self.root / sub / name
                     return True
         return False
+
+    def read_now(self, number: int, *, seen: bool = True) -> list[bytes] | None | Later:
+        """`read_chunks`, or LATER for a message too large to read on the event loop."""
+        if self.messages[number - 1].size > THREAD_READ_ABOVE:
+            return LATER
+        return self.read_chunks(number, seen=seen)
+
+    async def read(self, number: int, *, seen: bool = True) -> list[bytes] | None:
+        chunks = self.read_now(number, seen=seen)
+        if chunks is LATER:
+            return await asyncio.to_thread(self.read_chunks, number, seen=seen)
+        return chunks
 
     def read_chunks(
         self, number: int, chunk_size: int = 256 * 1024, *, seen: bool = True
@@ -193,11 +201,14 @@ class Maildrop:
             return chunks
         return None
 
-    def update(self, deleted_numbers: list[int]) -> int:
-        """RFC 1939 6, the Update state: delete the marked messages, file the read ones
-        in cur/ as seen, then sync the folders. Returns how many deletions failed
-        (a deletion whose folder could not be synced counts: it may come back).
-        BLOCKING."""
+    async def update(self, deleted: list[int]) -> int:
+        """RFC 1939 6, the Update state, in a worker thread (`_apply`)."""
+        return await asyncio.to_thread(self._apply, deleted)
+
+    def _apply(self, deleted_numbers: list[int]) -> int:
+        """Delete the marked messages, file the read ones in cur/ as seen, then sync
+        the folders. Returns how many deletions failed (a deletion whose folder could
+        not be synced counts: it may come back). BLOCKING."""
         failures = 0
         deleted = set(deleted_numbers)
         removed_from: dict[Path, int] = {}  # folder -> deletions made in it

@@ -1,39 +1,34 @@
-"""The user directory: local domains, users with argon2id passwords, aliases, address resolution.
+"""The embedded user directory: local domains, users, aliases and APOP secrets in one SQLite file.
 
-`UserDirectory` is the interface the server and the CLI use; `SQLiteUserDirectory`
-is the embedded backend (one SQLite file in WAL mode, so the CLI can change
-users while a long-running server reads them). Every address is stored in
-canonical form with a lower-case local part: local parts of virtual users
-compare case-insensitively here, as Postfix and Dovecot do by default, even
-though RFC 5321 2.4 lets a host treat them as case-sensitive.
+It is the `UserDirectory` of postroom.store.api; postroom.store.cache puts the
+server's `Directory` in front of it. The file is in WAL mode, so the CLI can
+change users while a long-running server reads them. Every address is stored
+in canonical form with a lower-case local part (api.local_address).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import sqlite3
 import threading
 import time
-import unicodedata
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
 from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from postroom.addresses import canonical, canonical_domain, mail_domain, mailbox_address, split
+from postroom.store.api import (
+    DirectoryError,
+    Expansion,
+    UnknownDomainError,
+    local_address,
+    user_key,
+)
+from postroom.store.expansion import SUBADDRESS_DELIMITER, check_alias_target, expand
+from postroom.store.passwords import Hashes, check_password
 
-if TYPE_CHECKING:
-    from postroom.config import Config
-
-MAX_ALIAS_DEPTH = 10  # nesting limit for alias chains (sendmail's MaxAliasRecursion default)
-SUBADDRESS_DELIMITER = "+"  # RFC 5233 subaddress: user+detail@domain
-POSTMASTER = "postmaster"  # RFC 5321 4.5.1: the mailbox every domain must have (any case)
-MAX_PASSWORD = 1024  # octets; argon2 takes more, but nothing sane needs more
 BUSY_TIMEOUT_MS = 10_000  # wait this long for another process's write transaction
 
 SCHEMA_VERSION = 2
@@ -62,111 +57,10 @@ CREATE TABLE IF NOT EXISTS apop_secrets (
 """
 
 
-class DirectoryError(Exception):
-    """A user-directory operation was refused; str() is one line that says why."""
-
-
-class UnknownDomainError(DirectoryError):
-    pass
-
-
-class UserDirectory(Protocol):
-    """What the server and the CLI need from a user directory (SQLite now, PostgreSQL later).
-
-    All methods are synchronous and quick, except `verify_password`, which costs
-    one argon2 hash: call it from a worker thread in async code.
-    """
-
-    def add_domain(self, domain: str) -> None: ...
-    def remove_domain(self, domain: str) -> None: ...
-    def list_domains(self) -> list[str]: ...
-    def has_domain(self, domain: str) -> bool: ...
-    def check_new_user(self, address: str) -> str: ...
-    def add_user(self, address: str, password: str) -> None: ...
-    def set_password(self, address: str, password: str) -> None: ...
-    def remove_user(self, address: str) -> None: ...
-    def list_users(self, domain: str | None = None) -> list[str]: ...
-    def has_user(self, address: str) -> bool: ...
-    def verify_password(self, address: str, password: str | bytes) -> bool: ...
-    def add_alias(
-        self, source: str, targets: Iterable[str], *, replace_user: bool = False
-    ) -> None: ...
-    def remove_alias(self, source: str, targets: Iterable[str] | None = None) -> None: ...
-    def list_aliases(self) -> dict[str, list[str]]: ...
-    def resolve(self, address: str) -> list[str] | None: ...
-    def expand(self, address: str) -> Expansion | None: ...
-    def set_apop_secret(self, address: str, secret: str | None) -> None: ...
-    def apop_secret(self, address: str) -> str | None: ...
-
-
-@dataclass(frozen=True)
-class Expansion:
-    """Where mail for one address goes, sorted out by kind (order kept, no repeats)."""
-
-    mailboxes: tuple[str, ...]  # local users' mailbox addresses
-    remote: tuple[str, ...]  # addresses outside the local domains (to relay)
-    unknown: tuple[str, ...]  # alias targets in a local domain that nobody owns,
-    # or chains deeper than MAX_ALIAS_DEPTH: mail for them cannot be delivered
-    loops: tuple[str, ...] = ()  # aliases (not users) met again inside their own expansion
-
-    @property
-    def targets(self) -> list[str]:
-        return [*self.mailboxes, *self.remote]
-
-    @property
-    def broken(self) -> bool:
-        """An alias that exists but reaches no one: its targets are gone or loop."""
-        return not self.mailboxes and not self.remote
-
-
-def local_address(address: str) -> str:
-    """Canonical form with a lower-case local part: the key of users and aliases."""
-    local, domain = split(canonical(address))
-    return f"{local.lower()}@{domain}"
-
-
-def normalize_password(password: str) -> str:
-    """RFC 8265 4.2 OpaqueString: non-ASCII spaces become U+0020, then NFC.
-
-    So the same password typed on two systems that compose characters
-    differently still matches.
-    """
-    mapped = "".join(" " if unicodedata.category(ch) == "Zs" else ch for ch in password)
-    return unicodedata.normalize("NFC", mapped)
-
-
-def _check_password(password: str) -> str:
-    if not password:
-        raise DirectoryError("the password is empty")
-    if any(ch in "\0\r\n" for ch in password):
-        # SASL PLAIN (RFC 4616) separates fields with NUL; POP3 PASS ends at CRLF.
-        raise DirectoryError("the password must not contain NUL, CR or LF")
-    password = normalize_password(password)
-    if len(password.encode("utf-8")) > MAX_PASSWORD:
-        raise DirectoryError(f"the password is longer than {MAX_PASSWORD} octets")
-    return password
-
-
-def _user_address(address: str) -> str:
-    """Canonical key for a new user or alias source, or DirectoryError."""
+def _refused(convert: Callable[[str], str], value: str) -> str:
+    """`convert(value)`, its ValueError turned into the DirectoryError that says why."""
     try:
-        return mailbox_address(address)
-    except ValueError as e:
-        raise DirectoryError(str(e)) from None
-
-
-def _domain_name(domain: str) -> str:
-    """A name that may become a local domain (not an IP address), or DirectoryError."""
-    try:
-        return mail_domain(domain)
-    except ValueError as e:
-        raise DirectoryError(str(e)) from None
-
-
-def _stored_domain_name(domain: str) -> str:
-    """Lenient: a domain stored before a rule was tightened must still be named."""
-    try:
-        return canonical_domain(domain)
+        return convert(value)
     except ValueError as e:
         raise DirectoryError(str(e)) from None
 
@@ -174,8 +68,9 @@ def _stored_domain_name(domain: str) -> str:
 class SQLiteUserDirectory:
     """UserDirectory on one SQLite file.
 
-    `static_domains` are local domains that come from the config file: they
-    count as local (users may be added to them) without being in the database.
+    `static_domains` are local domains that come from the config file (named
+    `config_source` in messages): they count as local (users may be added to
+    them) without being in the database.
     `postmaster` is the administrator's mailbox: mail for postmaster@ any local
     domain that has no user or alias of that name goes there (RFC 5321 4.5.1);
     None leaves postmaster@ to users and aliases alone.
@@ -188,13 +83,14 @@ class SQLiteUserDirectory:
         static_domains: Iterable[str] = (),
         hasher: PasswordHasher | None = None,
         postmaster: str | None = None,
+        config_source: str = "the config file",
     ) -> None:
         self.path = Path(path)
-        self.static_domains = frozenset(_domain_name(d) for d in static_domains)
+        self.config_source = config_source
+        self.static_domains = frozenset(_refused(mail_domain, d) for d in static_domains)
         self.postmaster = local_address(postmaster) if postmaster is not None else None
-        self.hasher = hasher or PasswordHasher()  # argon2id, RFC 9106 parameters
+        self.hashes = Hashes(hasher)
         self._local = threading.local()
-        self._dummy_hash: str | None = None
         self._init_lock = threading.Lock()
         self._initialized = False
 
@@ -264,10 +160,11 @@ class SQLiteUserDirectory:
     # -- domains -------------------------------------------------------------
 
     def add_domain(self, domain: str) -> None:
-        name = _domain_name(domain)
+        name = _refused(mail_domain, domain)
         if name in self.static_domains:
             raise DirectoryError(
-                f"domain {name} is a local domain already: the config file's `domains` lists it"
+                f"domain {name} is a local domain already: `domains` in {self.config_source} "
+                "lists it"
             )
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone():
@@ -275,11 +172,11 @@ class SQLiteUserDirectory:
             conn.execute("INSERT INTO domains (name, created) VALUES (?, ?)", (name, time.time()))
 
     def remove_domain(self, domain: str) -> None:
-        name = _stored_domain_name(domain)
+        name = _refused(canonical_domain, domain)  # also one stored before a rule
         if name in self.static_domains:
             # Removing a stored copy would change nothing: the config keeps it local.
             raise DirectoryError(
-                f"domain {name} is listed in the config file's `domains`; remove it there"
+                f"domain {name} is listed in `domains` in {self.config_source}; remove it there"
             )
         with self._write() as conn:
             if not conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone():
@@ -287,7 +184,7 @@ class SQLiteUserDirectory:
             if self.postmaster is not None and split(self.postmaster)[1] == name:
                 raise DirectoryError(
                     f"domain {name} holds the administrator's mailbox (postmaster = "
-                    f"{self.postmaster} in the config file); name another one there first"
+                    f"{self.postmaster} in {self.config_source}); name another one there first"
                 )
             users = [r[0] for r in conn.execute(
                 "SELECT address FROM users WHERE domain = ? ORDER BY address", (name,)
@@ -337,7 +234,7 @@ class SQLiteUserDirectory:
 
         Cheap (no password hashing): the CLI asks before prompting for a password.
         """
-        key = _user_address(address)
+        key = _refused(mailbox_address, address)
         local, domain = split(key)
         if SUBADDRESS_DELIMITER in local:
             base = local.partition(SUBADDRESS_DELIMITER)[0]
@@ -352,9 +249,9 @@ class SQLiteUserDirectory:
     def add_user(self, address: str, password: str) -> None:
         key = self.check_new_user(address)
         domain = split(key)[1]
-        hashed = self.hasher.hash(_check_password(password))
+        hashed = self.hashes.hash(password)
         with self._write() as conn:
-            if conn.execute("SELECT 1 FROM users WHERE address = ?", (key,)).fetchone():
+            if self.is_user(key):
                 raise DirectoryError(
                     f"user {key} already exists (change the password with: "
                     f"postroom user passwd {key})"
@@ -365,15 +262,15 @@ class SQLiteUserDirectory:
             )
 
     def set_password(self, address: str, password: str) -> None:
-        key = self._existing_key(address)
-        hashed = self.hasher.hash(_check_password(password))
+        key = _refused(local_address, address)
+        hashed = self.hashes.hash(password)
         with self._write() as conn:
             cur = conn.execute("UPDATE users SET password = ? WHERE address = ?", (hashed, key))
             if cur.rowcount == 0:
                 raise DirectoryError(f"no such user: {key}")
 
     def remove_user(self, address: str) -> None:
-        key = self._existing_key(address)
+        key = _refused(local_address, address)
         with self._write() as conn:
             cur = conn.execute("DELETE FROM users WHERE address = ?", (key,))
             if cur.rowcount == 0:
@@ -391,34 +288,24 @@ class SQLiteUserDirectory:
         therefore a second secret, never the login password (whose hash stays
         the only copy of that one).
         """
-        key = self._existing_key(address)
+        key = _refused(local_address, address)
         with self._write() as conn:
-            if not conn.execute("SELECT 1 FROM users WHERE address = ?", (key,)).fetchone():
+            if not self.is_user(key):
                 raise DirectoryError(f"no such user: {key}")
             if secret is None:
                 conn.execute("DELETE FROM apop_secrets WHERE address = ?", (key,))
                 return
             conn.execute(
                 "INSERT OR REPLACE INTO apop_secrets (address, secret) VALUES (?, ?)",
-                (key, normalize_password(_check_password(secret))),
+                (key, check_password(secret)),
             )
 
     def apop_secret(self, address: str) -> str | None:
         """The user's APOP secret when the user opted in, else None."""
-        try:
-            key = local_address(address)
-        except ValueError:
-            return None
         row = self._connect().execute(
-            "SELECT secret FROM apop_secrets WHERE address = ?", (key,)
+            "SELECT secret FROM apop_secrets WHERE address = ?", (user_key(address),)
         ).fetchone()
         return str(row[0]) if row else None
-
-    def _existing_key(self, address: str) -> str:
-        try:
-            return local_address(address)
-        except ValueError as e:
-            raise DirectoryError(str(e)) from None
 
     def list_users(self, domain: str | None = None) -> list[str]:
         conn = self._connect()
@@ -427,61 +314,30 @@ class SQLiteUserDirectory:
         else:
             rows = conn.execute(
                 "SELECT address FROM users WHERE domain = ? ORDER BY address",
-                (_stored_domain_name(domain),),
+                (_refused(canonical_domain, domain),),
             )
         return [r[0] for r in rows]
 
     def has_user(self, address: str) -> bool:
-        try:
-            key = local_address(address)
-        except ValueError:
-            return False
-        row = self._connect().execute("SELECT 1 FROM users WHERE address = ?", (key,))
-        return row.fetchone() is not None
+        key = user_key(address)
+        return key is not None and self.is_user(key)
 
-    def verify_password(self, address: str, password: str | bytes) -> bool:
-        """True when `password` is the user's. Costs one argon2 hash, also for unknown users.
-
-        Unknown users are checked against a dummy hash so that the answer takes
-        about as long as for a real user (no user enumeration by timing). When
-        the stored hash used older parameters, it is replaced by a new one.
-        """
-        if isinstance(password, bytes):
-            try:
-                password = password.decode("utf-8")
-            except UnicodeDecodeError:
-                password = "\0"  # cannot match: stored passwords never contain NUL
-        password = normalize_password(password)
-        try:
-            key: str | None = local_address(address)
-        except ValueError:
-            key = None
-        row = None
-        if key is not None:
-            row = self._connect().execute(
-                "SELECT password FROM users WHERE address = ?", (key,)
-            ).fetchone()
-        if row is None:
-            with contextlib.suppress(VerificationError, InvalidHashError):
-                self.hasher.verify(self._dummy(), password)
-            return False
-        stored: str = row[0]
-        try:
-            self.hasher.verify(stored, password)
-        except (VerifyMismatchError, VerificationError, InvalidHashError):
-            return False
-        if self.hasher.check_needs_rehash(stored):
+    def verify_password(self, address: str, password: str) -> bool:
+        """True when `password` is the user's: one argon2 hash, also for unknown users
+        (Hashes.verify). A hash made with older parameters is replaced."""
+        key = user_key(address)
+        row = self._connect().execute(
+            "SELECT password FROM users WHERE address = ?", (key,)
+        ).fetchone()
+        stored: str | None = row[0] if row else None
+        good, renewed = self.hashes.verify(stored, password)
+        if renewed is not None:
             with self._write() as conn:
                 conn.execute(
                     "UPDATE users SET password = ? WHERE address = ? AND password = ?",
-                    (self.hasher.hash(password), key, stored),
+                    (renewed, key, stored),
                 )
-        return True
-
-    def _dummy(self) -> str:
-        if self._dummy_hash is None:
-            self._dummy_hash = self.hasher.hash(secrets.token_urlsafe(16))
-        return self._dummy_hash
+        return good
 
     # -- aliases -------------------------------------------------------------
 
@@ -498,7 +354,7 @@ class SQLiteUserDirectory:
         so that takes `replace_user` (naming the user among its own targets
         keeps a copy in its mailbox).
         """
-        key = _user_address(source)
+        key = _refused(mailbox_address, source)
         self._require_domain(split(key)[1])
         wanted: list[str] = []
         for target in targets:
@@ -518,7 +374,7 @@ class SQLiteUserDirectory:
                     "every message to the alias would be refused"
                 )
         with self._write() as conn:
-            if not replace_user and self._is_user(conn, key):
+            if not replace_user and self.is_user(key):
                 raise DirectoryError(
                     f"{key} is a user: an alias of the same name would take all of its mail "
                     f"(to do that, use --force; to keep a copy in its mailbox, name {key} "
@@ -540,36 +396,7 @@ class SQLiteUserDirectory:
             # Checked inside the transaction, on the aliases as they would be:
             # a refusal rolls the insertions back.
             for t in wanted:
-                self._check_target(conn, key, t)
-
-    def _check_target(self, conn: sqlite3.Connection, source: str, target: str) -> None:
-        """DirectoryError unless mail from alias `source` to `target` reaches a mailbox."""
-        found = self._expand(conn, target, chain=(source,))
-        if found is None:
-            raise DirectoryError(
-                f"alias target {target}: no such user or alias (add it first: "
-                f"postroom user add {target})"
-            )
-        if found.loops:
-            raise DirectoryError(
-                f"alias {source} -> {target} would make a loop ({target} leads back to "
-                f"{found.loops[0]}), so its mail would reach no mailbox"
-            )
-        if found.unknown:
-            raise DirectoryError(
-                f"alias target {target} leads to {found.unknown[0]}, which is no user or "
-                f"alias here (or the chain of aliases is deeper than {MAX_ALIAS_DEPTH})"
-            )
-        if found.remote:
-            raise DirectoryError(
-                f"alias target {target} forwards to {found.remote[0]}, outside the local "
-                "domains, which this host does not do"
-            )
-
-    @staticmethod
-    def _is_user(conn: sqlite3.Connection, key: str) -> bool:
-        row = conn.execute("SELECT 1 FROM users WHERE address = ?", (key,)).fetchone()
-        return row is not None
+                check_alias_target(self, key, t, self.postmaster)
 
     def _target_key(self, target: str) -> str:
         # Local targets are matched case-insensitively; remote ones keep their
@@ -582,7 +409,7 @@ class SQLiteUserDirectory:
 
     def remove_alias(self, source: str, targets: Iterable[str] | None = None) -> None:
         """Remove the alias, or only some of its targets."""
-        key = self._existing_key(source)
+        key = _refused(local_address, source)
         with self._write() as conn:
             if targets is None:
                 cur = conn.execute("DELETE FROM aliases WHERE source = ?", (key,))
@@ -608,112 +435,22 @@ class SQLiteUserDirectory:
             result.setdefault(source, []).append(target)
         return result
 
-    def _alias_targets(self, conn: sqlite3.Connection, key: str) -> list[str] | None:
-        rows = conn.execute(
-            "SELECT target FROM aliases WHERE source = ? ORDER BY position", (key,)
+    # -- resolution (the expansion.Entries of `expand`, in this thread's connection) --
+
+    def is_user(self, address: str) -> bool:
+        row = self._connect().execute("SELECT 1 FROM users WHERE address = ?", (address,))
+        return row.fetchone() is not None
+
+    def alias_targets(self, address: str) -> list[str] | None:
+        rows = self._connect().execute(
+            "SELECT target FROM aliases WHERE source = ? ORDER BY position", (address,)
         ).fetchall()
         return [r[0] for r in rows] if rows else None
 
-    # -- resolution ----------------------------------------------------------
-
-    def resolve(self, address: str) -> list[str] | None:
-        """The addresses mail for `address` reaches: local mailboxes, then remote ones.
-
-        A user gives [itself]; an alias its targets, expanded recursively; an
-        unknown ``user+tag`` falls back to ``user`` (RFC 5233 subaddress).
-        None when the address is not local, unknown, or reaches nothing
-        deliverable (so the server can refuse it with 550).
-        """
-        expansion = self.expand(address)
-        if expansion is None or not expansion.targets:
-            return None
-        return expansion.targets
-
     def expand(self, address: str) -> Expansion | None:
-        """Like `resolve`, but also tells which alias targets lead nowhere."""
-        try:
-            key = local_address(address)
-        except ValueError:
+        """Where mail for `address` goes (postroom.store.expansion); None when it is no
+        user or alias here, or not local."""
+        key = user_key(address)
+        if key is None or not self.has_domain(split(key)[1]):
             return None
-        if not self.has_domain(split(key)[1]):
-            return None
-        return self._expand(self._connect(), key)
-
-    def _expand(
-        self, conn: sqlite3.Connection, key: str, chain: tuple[str, ...] = ()
-    ) -> Expansion | None:
-        """Expand the local address `key`, reached through the aliases in `chain`."""
-        mailboxes: list[str] = []
-        remote: list[str] = []
-        unknown: list[str] = []
-        loops: list[str] = []
-
-        def add(bucket: list[str], item: str) -> None:
-            if item not in bucket:
-                bucket.append(item)
-
-        def walk(addr: str, depth: int, chain: tuple[str, ...]) -> bool:
-            """Expand one address; False when it is local and unknown."""
-            local, domain = split(addr)
-            if not self.has_domain(domain):
-                add(remote, addr)
-                return True
-            addr = f"{local.lower()}@{domain}"
-            is_user = self._is_user(conn, addr)
-            if addr in chain:
-                # A loop. "a -> a, b" is the usual way to keep a copy while
-                # forwarding, so an address met again is its own mailbox if it
-                # is a user, and a loop that reaches no one otherwise.
-                add(mailboxes if is_user else loops, addr)
-                return True
-            targets = self._alias_targets(conn, addr)
-            if targets is not None:  # an alias shadows a user of the same name
-                if depth >= MAX_ALIAS_DEPTH:
-                    add(unknown, addr)
-                    return True
-                for target in targets:
-                    if not walk(target, depth + 1, (*chain, addr)):
-                        add(unknown, target)
-                return True
-            if is_user:
-                add(mailboxes, addr)
-                return True
-            base, plus, _detail = local.partition(SUBADDRESS_DELIMITER)
-            if plus and base:
-                return walk(f"{base}@{domain}", depth, chain)
-            if local.lower() == POSTMASTER and self.postmaster is not None:
-                return administrator(addr, depth, chain)
-            return False
-
-        def administrator(addr: str, depth: int, chain: tuple[str, ...]) -> bool:
-            """postmaster@ a local domain that has no user or alias of that name
-            (RFC 5321 4.5.1): the administrator's mailbox, followed like any
-            address. When that is no user or alias either (or is this very
-            postmaster), its own folder: postmaster never lacks a mailbox."""
-            admin = self.postmaster
-            assert admin is not None
-            if admin in chain:  # the administrator's own alias leads back here
-                return walk(admin, depth + 1, (*chain, addr))
-            if admin != addr and self.has_domain(split(admin)[1]) and walk(
-                admin, depth + 1, (*chain, addr)
-            ):
-                return True
-            add(mailboxes, admin)
-            return True
-
-        if not walk(key, len(chain), chain):
-            return None
-        return Expansion(tuple(mailboxes), tuple(remote), tuple(unknown), tuple(loops))
-
-
-def open_user_directory(config: Config) -> SQLiteUserDirectory:
-    """The user directory a config names (DATA/users.sqlite3), with its static domains
-    and the administrator who receives postmaster@'s mail."""
-    return SQLiteUserDirectory(
-        config.users_db, static_domains=config.domains, postmaster=config.postmaster
-    )
-
-
-def local_domains(config: Config, directory: UserDirectory) -> set[str]:
-    """Every domain this host accepts mail for: the config's plus the directory's."""
-    return {canonical_domain(d) for d in config.domains} | set(directory.list_domains())
+        return expand(self, key, self.postmaster)

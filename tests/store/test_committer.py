@@ -1,4 +1,4 @@
-"""Group commit: every message lands whole in each maildir's new/, alone or in a batch."""
+"""Group commit (MaildirMailboxes.commit): every message lands whole in each maildir's new/."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from postroom.server.committer import GroupCommitter
 from postroom.store.commit import Delivery
+from postroom.store.mailboxes import MaildirMailboxes
 from postroom.store.maildir import parse_maildir_name
 
 
@@ -18,9 +18,9 @@ def test_one_message_to_several_maildirs_is_linked_once_each(tmp_path: Path) -> 
     boxes = [tmp_path / "a", tmp_path / "b", tmp_path / "a"]
 
     async def scenario() -> list[Path]:
-        committer = GroupCommitter("mx.example")
+        committer = MaildirMailboxes(tmp_path / "mail", "mx.example")
         try:
-            return await committer.deliver(Delivery(boxes, [b"Subject: x\r\n", b"\r\nbody\r\n"]))
+            return await committer.commit(Delivery(boxes, [b"Subject: x\r\n", b"\r\nbody\r\n"]))
         finally:
             committer.close()
 
@@ -37,10 +37,10 @@ def test_one_message_to_several_maildirs_is_linked_once_each(tmp_path: Path) -> 
 
 def test_a_batch_of_concurrent_messages_all_land(tmp_path: Path) -> None:
     async def scenario() -> list[list[Path]]:
-        committer = GroupCommitter("mx.example")
+        committer = MaildirMailboxes(tmp_path / "mail", "mx.example")
         try:
             return await asyncio.gather(*(
-                committer.deliver(
+                committer.commit(
                     Delivery([tmp_path / "box"], [b"Subject: %d\r\n\r\n" % n, b"x" * n]))
                 for n in range(200)
             ))
@@ -62,11 +62,11 @@ def test_a_failing_message_does_not_spoil_its_batch(tmp_path: Path) -> None:
     blocked.write_text("a file where a maildir should be")
 
     async def scenario() -> tuple[BaseException | list[Path], ...]:
-        committer = GroupCommitter("mx.example")
+        committer = MaildirMailboxes(tmp_path / "mail", "mx.example")
         try:
             return tuple(await asyncio.gather(
-                committer.deliver(Delivery([tmp_path / "ok"], [b"good\r\n"])),
-                committer.deliver(Delivery([tmp_path / "ok2", blocked], [b"bad\r\n"])),
+                committer.commit(Delivery([tmp_path / "ok"], [b"good\r\n"])),
+                committer.commit(Delivery([tmp_path / "ok2", blocked], [b"bad\r\n"])),
                 return_exceptions=True,
             ))
         finally:
@@ -87,9 +87,9 @@ def test_many_pieces_are_written_completely(tmp_path: Path, pieces: int) -> None
     chunks = [bytes([65 + i % 26]) * 97 for i in range(pieces)]
 
     async def scenario() -> list[Path]:
-        committer = GroupCommitter("mx.example")
+        committer = MaildirMailboxes(tmp_path / "mail", "mx.example")
         try:
-            return await committer.deliver(Delivery([tmp_path / "box"], chunks))
+            return await committer.commit(Delivery([tmp_path / "box"], chunks))
         finally:
             committer.close()
 
