@@ -53,21 +53,27 @@ def test_add_writes_one_queue_file_envelope_line_first(tmp_path: Path) -> None:
     assert list((tmp_path / "queue" / "envelopes").iterdir()) == []
 
 
-def test_a_queue_of_an_older_postroom_is_read_as_it_is(tmp_path: Path) -> None:
-    """Before the envelope line, messages/<id> held only the message and
-    envelopes/<id>.json its envelope: such a queue is delivered after an upgrade."""
+def test_a_file_without_an_envelope_line_is_corrupt_and_left_alone(tmp_path: Path) -> None:
+    """A queue file always starts with its envelope line: one that does not was
+    not written by the queue. It is reported, never delivered nor deleted."""
     store = QueueStore(tmp_path)
-    env = envelope("OLD000000001", size=9)
-    (tmp_path / "messages" / "OLD000000001").write_bytes(b"old\r\nmsg\r\n")
-    (tmp_path / "envelopes" / "OLD000000001.json").write_bytes(env.to_json())
+    (tmp_path / "messages" / "ODD000000001").write_bytes(b"Subject: x\r\n\r\nhi\r\n")
+    with pytest.raises(CorruptEnvelope, match="no envelope line"):
+        store.load("ODD000000001")
+    assert store.list() == []
     assert store.recover() == 0
-    assert store.ids() == ["OLD000000001"]
-    assert store.load("OLD000000001") == env
-    assert content(store, "OLD000000001") == b"old\r\nmsg\r\n"
-    store.update("OLD000000001", lambda e: setattr(e, "held", True))
-    assert store.load("OLD000000001").held
-    store.remove("OLD000000001")
-    assert store.ids() == [] and list((tmp_path / "envelopes").iterdir()) == []
+    assert store.ids() == ["ODD000000001"]
+
+
+def test_a_long_envelope_line_is_read_whole(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path)
+    many = [Recipient(f"user{i:04d}@isp.example", notify=("SUCCESS", "FAILURE"),
+                      orcpt=f"rfc822;user{i:04d}@isp.example") for i in range(2000)]
+    env = envelope(recipients=many)
+    store.add(env, [b"x\r\n"])
+    assert store.message_path(env.queue_id).stat().st_size > 100_000
+    assert store.load(env.queue_id) == env
+    assert content(store, env.queue_id) == b"x\r\n"
 
 
 def test_add_is_durable_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,14 +232,12 @@ def test_recover_removes_orphans_and_temp_files(tmp_path: Path) -> None:
     store = QueueStore(tmp_path)
     store.add(envelope("KEEP00000001"), [b"keep\r\n"])
     store.update("KEEP00000001", lambda e: None)
-    # An older postroom's crash between the message rename and the envelope write:
-    (tmp_path / "messages" / "ORPHAN000001").write_bytes(b"orphan\r\n")
     # A crash while a message or an envelope was being written:
     (tmp_path / "messages" / ".abc123.tmp").write_bytes(b"half")
     (tmp_path / "envelopes" / ".KEEP00000001.json.xyz.tmp").write_bytes(b"{")
     # An envelope whose queue file is gone (a removal cut short):
     (tmp_path / "envelopes" / "LOST00000001.json").write_bytes(envelope("LOST00000001").to_json())
-    assert store.recover() == 4
+    assert store.recover() == 3
     assert [p.name for p in (tmp_path / "messages").iterdir()] == ["KEEP00000001"]
     assert [p.name for p in (tmp_path / "envelopes").iterdir()] == ["KEEP00000001.json"]
     assert store.recover() == 0
@@ -291,33 +295,6 @@ def test_recover_after_kill_9_during_add(tmp_path: Path, how: str) -> None:
     assert list((tmp_path / "messages").iterdir()) == []
 
 
-def test_recover_spares_a_message_whose_envelope_is_not_placed_yet(tmp_path: Path) -> None:
-    """An older postroom's add_many renamed a message into place before its envelope,
-    without the queue lock, holding an flock on the file until the envelope was
-    there: one still running beside this one must not lose its message."""
-    import fcntl
-
-    store = QueueStore(tmp_path)
-    adding = tmp_path / "messages" / "ADDING000001"
-    adding.write_bytes(b"being added\r\n")
-    orphan = tmp_path / "messages" / "ORPHAN000001"
-    orphan.write_bytes(b"left by a crash\r\n")
-    with open(adding, "rb") as held:
-        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
-        assert store.recover() == 1
-        assert adding.exists() and not orphan.exists()
-    assert store.recover() == 1  # the add died: now it is an orphan
-    assert not adding.exists()
-
-
-def test_recover_looks_again_for_the_envelope_of_an_unlocked_message(tmp_path: Path) -> None:
-    """The folder listing may predate an add that finished just after it."""
-    store = QueueStore(tmp_path)
-    store.add(envelope("DONE00000001"), [b"x\r\n"])
-    assert store._orphan(store.message_path("DONE00000001")) is False
-    assert store.message_path("DONE00000001").exists()
-
-
 def test_add_many_does_not_wait_for_the_queue_lock(tmp_path: Path) -> None:
     """Another process holding the lock (a `postroom queue` command, the
     scheduler removing messages) does not hold up queueing."""
@@ -350,7 +327,7 @@ def test_list_skips_corrupt_files_and_logs_once(
         ("BAD000000004", envelope("SOMEONEELSE1").to_json()),  # the wrong ID inside
         ("BAD000000005", b"\xff\xfe"),
     ]:
-        (tmp_path / "messages" / name).write_bytes(b"x\r\n")
+        store.add(envelope(name), [b"x\r\n"])
         (tmp_path / "envelopes" / f"{name}.json").write_bytes(data)
     for name, line in [
         ("BAD000000006", ENVELOPE_TAG + b"{not json\n"),
