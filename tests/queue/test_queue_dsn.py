@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from postroom.delivery.outcome import DeliveryResult
 from postroom.queue.dsn import (
     build_dsn,
     dsn_envelope,
@@ -18,7 +17,8 @@ from postroom.queue.dsn import (
     wants_dsn,
 )
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.queuefile import ENVELOPE_TAG, content_size, open_content
+from postroom.queue.queuefile import ENVELOPE_TAG
+from postroom.queue.result import DeliveryResult
 from postroom.queue.store import QueueStore
 
 NOW = 1_700_086_400.0
@@ -35,8 +35,7 @@ ORIGINAL = (
 
 def queued_message(store: QueueStore, queue_id: str) -> bytes:
     """The message in a queue file, past its envelope line."""
-    f, _ = open_content(store.message_path(queue_id))
-    with f:
+    with store.open_content(queue_id) as content, content.reader() as f:
         return f.read()
 
 
@@ -304,11 +303,23 @@ def test_queue_dsn_queues_a_null_sender_message_to_the_sender(tmp_path: Path) ->
     assert store.load(notice.queue_id) == notice
     msg = email.message_from_bytes(queued_message(store, notice.queue_id))
     assert msg["Subject"] == "Undelivered Mail Returned to Sender"
-    assert notice.size == content_size(store.message_path(notice.queue_id))
+    with store.open_content(notice.queue_id) as content:
+        assert notice.size == content.size
     # The original comes back whole, read from its queue file past the envelope line.
     returned = msg.get_payload()[2].get_payload()[0].as_bytes()
     assert returned.replace(b"\r\n", b"\n") == ORIGINAL.replace(b"\r\n", b"\n")
     assert ENVELOPE_TAG not in queued_message(store, notice.queue_id)
+
+
+def test_queue_dsn_without_the_original_leaves_it_out(tmp_path: Path) -> None:
+    """The original left the queue meanwhile (`postroom queue delete`): the notice
+    goes without its third part (RFC 3464 2)."""
+    store = QueueStore(tmp_path)
+    env = make_envelope()
+    notice = queue_dsn(store, env, [bounced()], "failed", "mx.corp.example", NOW)
+    assert notice is not None
+    msg = email.message_from_bytes(queued_message(store, notice.queue_id))
+    assert len(msg.get_payload()) == 2
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from postroom.config import Config, QueueConfig, default_config
-from postroom.delivery.outcome import DeliveryResult, Outcome
+from postroom.queue.content import Content
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.queuefile import open_content
+from postroom.queue.result import DeliveryResult, Outcome
 from postroom.queue.scheduler import JITTER, READ_IN_LOOP, Scheduler
 from postroom.queue.store import QueueStore
 
@@ -60,13 +60,13 @@ class FakeDeliver:
         self.seen_bytes: list[bytes] = []
 
     async def __call__(
-        self, envelope: Envelope, recipients: list[Recipient], path: Path
+        self, envelope: Envelope, recipients: list[Recipient], content: Content
     ) -> list[DeliveryResult]:
         domain = recipients[0].address.rpartition("@")[2]
         self.calls.append((envelope.queue_id, envelope.sender, [r.address for r in recipients]))
-        file, _ = open_content(path)
-        with file:
+        with content.reader() as file:
             self.seen_bytes.append(file.read())
+        assert len(self.seen_bytes[-1]) == content.size
         self.active[domain] = self.active.get(domain, 0) + 1
         self.peak[domain] = max(self.peak.get(domain, 0), self.active[domain])
         self.peak_total = max(self.peak_total, sum(self.active.values()))
@@ -369,7 +369,7 @@ async def test_a_crash_redelivers_only_what_was_in_flight(tmp_path: Path) -> Non
     h.add("MSG000000001", "a@one.example", "b@two.example")
     blocked = asyncio.Event()
 
-    async def deliver(env: Envelope, rs: list[Recipient], path: Path) -> list[DeliveryResult]:
+    async def deliver(env: Envelope, rs: list[Recipient], content: Content) -> list[DeliveryResult]:
         if rs[0].address == "b@two.example":
             blocked.set()
             await asyncio.Event().wait()  # hangs until the "crash"
@@ -595,7 +595,7 @@ async def test_delete_during_delivery_does_not_resurrect(tmp_path: Path) -> None
 
 @async_test
 async def test_courier_exception_defers(tmp_path: Path) -> None:
-    async def broken(env: Envelope, rs: list[Recipient], path: Path) -> list[DeliveryResult]:
+    async def broken(env: Envelope, rs: list[Recipient], content: Content) -> list[DeliveryResult]:
         raise RuntimeError("boom")
 
     h = Harness(tmp_path)
@@ -610,7 +610,7 @@ async def test_courier_exception_defers(tmp_path: Path) -> None:
 
 @async_test
 async def test_missing_result_defers(tmp_path: Path) -> None:
-    async def partial(env: Envelope, rs: list[Recipient], path: Path) -> list[DeliveryResult]:
+    async def partial(env: Envelope, rs: list[Recipient], content: Content) -> list[DeliveryResult]:
         return [DeliveryResult(rs[0].address.upper(), "delivered", "2.0.0", "250 ok")]
 
     h = Harness(tmp_path)
@@ -652,7 +652,9 @@ async def test_delay_warning_once_and_only_when_wanted(tmp_path: Path) -> None:
 
 @async_test
 async def test_success_notices(tmp_path: Path) -> None:
-    async def deliver(env: Envelope, rs: list[Recipient], path: Path) -> list[DeliveryResult]:
+    async def deliver(
+        env: Envelope, rs: list[Recipient], content: Content
+    ) -> list[DeliveryResult]:
         results = []
         for r in rs:
             if r.address.startswith("relayed"):  # next hop without DSN support
@@ -664,8 +666,7 @@ async def test_success_notices(tmp_path: Path) -> None:
             else:  # local delivery, to an alias of several mailboxes for "team"
                 results.append(DeliveryResult(r.address, "delivered", "2.0.0", "delivered",
                                               expanded=r.address.startswith("team")))
-        file, _ = open_content(path)
-        with file:
+        with content.reader() as file:
             seen.append((env.sender, file.read()))
         return results
 
@@ -732,4 +733,41 @@ async def test_corrupt_envelope_does_not_stop_the_rest(tmp_path: Path) -> None:
     await h.start()
     assert h.deliver.recipients_of() == ["a@isp.example"]
     assert h.store.ids() == ["BAD000000001"]  # left for a person to look at
+    await h.stop()
+
+
+@async_test
+async def test_a_message_that_cannot_be_read_is_deferred_untried(tmp_path: Path) -> None:
+    """The queue opens the message for the courier: a queue file that lost its
+    envelope line is never handed over, and the message waits (4.3.0)."""
+    h = Harness(tmp_path)
+    h.add("MSG000000001", "a@isp.example")
+    h.store.update("MSG000000001", lambda e: None)  # the envelope file keeps it listed
+    h.store.message_path("MSG000000001").write_bytes(MESSAGE)  # no envelope line
+    await h.start()
+    assert h.deliver.calls == []
+    r = h.store.load("MSG000000001").recipients[0]
+    assert (r.state, r.dsn_status) == ("deferred", "4.3.0")
+    assert r.last_error is not None and "cannot read the queued message" in r.last_error
+    await h.stop()
+
+
+@async_test
+async def test_a_message_gone_before_its_delivery_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = Harness(tmp_path)
+    h.add("MSG000000001", "a@isp.example")
+    real_open = h.store.open_content
+
+    def open_content(queue_id: str) -> Content:
+        h.store.remove(queue_id)  # `postroom queue delete` just before the open
+        return real_open(queue_id)
+
+    monkeypatch.setattr(h.store, "open_content", open_content)
+    with caplog.at_level(logging.INFO, logger="postroom.queue"):
+        await h.start()
+    assert h.deliver.calls == []
+    assert h.scheduler.envelopes() == [] and h.store.ids() == []
+    assert "MSG000000001: removed from the queue during delivery" in caplog.text
     await h.stop()

@@ -14,7 +14,7 @@ import pytest
 from durable_order import assert_durable, install_recorder
 from postroom.queue import store as store_module
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.queuefile import ENVELOPE_TAG, open_content
+from postroom.queue.queuefile import ENVELOPE_TAG
 from postroom.queue.store import CorruptEnvelope, NotQueued, QueueError, QueueStore
 
 
@@ -29,11 +29,10 @@ def envelope(queue_id: str = "AAAA00000001", **kw: object) -> Envelope:
 
 
 def content(store: QueueStore, queue_id: str) -> bytes:
-    """The message of a queue file, past its envelope line."""
-    f, size = open_content(store.message_path(queue_id))
-    with f:
+    """The message of a queue file, past its envelope line, as couriers read it."""
+    with store.open_content(queue_id) as opened, opened.reader() as f:
         data = f.read()
-    assert len(data) == size
+    assert len(data) == opened.size
     return data
 
 
@@ -53,6 +52,30 @@ def test_add_writes_one_queue_file_envelope_line_first(tmp_path: Path) -> None:
     assert list((tmp_path / "queue" / "envelopes").iterdir()) == []
 
 
+def test_content_readers_are_independent_and_outlive_the_content(tmp_path: Path) -> None:
+    """Couriers read one opened message side by side (the local and the remote
+    courier, a transaction per hop), each from its own start; a reader a
+    courier's thread still holds reads on after the attempt closed the content."""
+    store = QueueStore(tmp_path)
+    data = b"Subject: hi\r\n\r\n" + b"".join(b"line %05d\r\n" % i for i in range(20_000))
+    store.add(envelope(), [data])
+    with store.open_content("AAAA00000001") as opened:
+        first, second = opened.reader(), opened.reader()
+    assert opened.size == len(data)
+    with first, second:
+        assert first.read(10) == data[:10]
+        assert second.read() == data
+        assert first.read() == data[10:]
+        assert first.read() == b""
+        first.seek(0)
+        assert first.read(4) == b"Subj" and first.tell() == 4
+        assert second.seek(-4, 2) == len(data) - 4 and second.read() == data[-4:]
+    with pytest.raises(ValueError):
+        opened.reader()
+    with pytest.raises(ValueError):
+        first.read()
+
+
 def test_a_file_without_an_envelope_line_is_corrupt_and_left_alone(tmp_path: Path) -> None:
     """A queue file always starts with its envelope line: one that does not was
     not written by the queue. It is reported, never delivered nor deleted."""
@@ -60,6 +83,8 @@ def test_a_file_without_an_envelope_line_is_corrupt_and_left_alone(tmp_path: Pat
     (tmp_path / "messages" / "ODD000000001").write_bytes(b"Subject: x\r\n\r\nhi\r\n")
     with pytest.raises(CorruptEnvelope, match="no envelope line"):
         store.load("ODD000000001")
+    with pytest.raises(CorruptEnvelope, match="no envelope line"):
+        store.open_content("ODD000000001")
     assert store.list() == []
     assert store.recover() == 0
     assert store.ids() == ["ODD000000001"]

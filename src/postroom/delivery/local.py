@@ -20,16 +20,17 @@ import asyncio
 import errno
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-from postroom.delivery.outcome import DeliveryResult
+from postroom.queue.content import Content
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.queuefile import open_content
+from postroom.queue.result import DeliveryResult
 from postroom.store.commit import MessageWriter
 from postroom.store.maildir import MailStore
 from postroom.store.returnpath import ReturnPathRemover, return_path
 from postroom.store.users import Expansion
 
-COPY_CHUNK = 1024 * 1024  # octets read from the queue file at a time
+COPY_CHUNK = 1024 * 1024  # octets of the message read at a time
 
 
 def _write_failure(error: OSError) -> tuple[str, str]:
@@ -49,9 +50,9 @@ class LocalCourier:
         self._expand = expand
 
     async def deliver(
-        self, envelope: Envelope, recipients: list[Recipient], message_path: Path
+        self, envelope: Envelope, recipients: list[Recipient], content: Content
     ) -> list[DeliveryResult]:
-        """Deliver `message_path` to local `recipients`; one result each, in order."""
+        """Deliver the message to local `recipients`; one result each, in order."""
         results: dict[int, DeliveryResult] = {}
         targets: dict[int, list[Path]] = {}
         for i, recipient in enumerate(recipients):
@@ -65,7 +66,8 @@ class LocalCourier:
             # one copy: commit() links each distinct maildir once.
             maildirs = list(dict.fromkeys(p for paths in targets.values() for p in paths))
             try:
-                await asyncio.to_thread(self._copy, message_path, maildirs, envelope.sender)
+                source = content.reader()  # here, not in the thread: see Content
+                await asyncio.to_thread(self._copy, source, maildirs, envelope.sender)
             except OSError as e:
                 status, text = _write_failure(e)
                 for i in targets:
@@ -103,10 +105,9 @@ class LocalCourier:
         except ValueError as e:
             return DeliveryResult(address, "permanent", "5.1.3", f"<{address}>: {e}")
 
-    def _copy(self, message_path: Path, maildirs: list[Path], sender: str) -> None:
-        """BLOCKING: spool a copy of the queued file behind our Return-Path, then link
-        it into every maildir."""
-        source, _ = open_content(message_path)
+    def _copy(self, source: BinaryIO, maildirs: list[Path], sender: str) -> None:
+        """BLOCKING: spool a copy of the message behind our Return-Path, then link it
+        into every maildir; closes `source`."""
         earlier = ReturnPathRemover()
         with source, MessageWriter(self._store) as writer:
             writer.write(return_path(sender))

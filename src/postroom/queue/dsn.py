@@ -26,11 +26,10 @@ from email.policy import compat32
 from pathlib import Path
 from typing import Literal
 
-from postroom.delivery.outcome import DeliveryResult
 from postroom.ids import new_queue_id
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.queuefile import open_content
-from postroom.queue.store import QueueStore
+from postroom.queue.result import DeliveryResult
+from postroom.queue.store import QueueError, QueueStore
 
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 
@@ -107,7 +106,7 @@ def build_dsn(
     recipients_with_results: Sequence[tuple[Recipient, DeliveryResult]],
     action: Action,
     reporting_mta: str,
-    original_message: Path | bytes,
+    original_message: Path | bytes | None,
     now: float,
     *,
     retry_until: float | None = None,
@@ -119,9 +118,10 @@ def build_dsn(
     `retry_until` (delayed notices) is when the queue gives up. The original
     is returned whole when RET=FULL or RET is absent and it is at most
     `max_full` octets, else only its header section; a missing original
-    file leaves the third part out (RFC 3464 2: it is optional). The original
-    may also be given as its octets. `to`: the postmaster, when the report
-    cannot go to the sender (mail from <>).
+    (None, or no such file) leaves the third part out (RFC 3464 2: it is
+    optional). The original is a message file (not a queue file) or its
+    octets. `to`: the postmaster, when the report cannot go to the sender
+    (mail from <>).
     """
     headers, full = _read_original(original_message, max_full)
     want_full = (envelope.ret or "FULL").upper() != "HDRS"
@@ -236,10 +236,10 @@ def queue_dsn(
         wanted = list(recipients_with_results)
     if not wanted:
         return None
+    if original is None:
+        original = _queued_original(store, envelope.queue_id)
     data = build_dsn(
-        envelope, wanted, action, reporting_mta,
-        original if original is not None else store.message_path(envelope.queue_id), now,
-        retry_until=retry_until, to=to,
+        envelope, wanted, action, reporting_mta, original, now, retry_until=retry_until, to=to
     )
     notice = dsn_envelope(envelope, now, to=to)
     store.add(notice, [data])
@@ -249,16 +249,28 @@ def queue_dsn(
 # -- the parts -------------------------------------------------------------------
 
 
+def _queued_original(store: QueueStore, queue_id: str) -> bytes | None:
+    """As much of a queued message as a DSN may return (see _read_original); None
+    when it is no longer in the queue."""
+    try:
+        content = store.open_content(queue_id)
+    except QueueError:
+        return None
+    with content, content.reader() as f:
+        return f.read(max(RETURN_FULL_LIMIT, HEADER_LIMIT) + 1)
+
+
 def _read_original(
-    original: Path | bytes, max_full: int
+    original: Path | bytes | None, max_full: int
 ) -> tuple[bytes | None, bytes | None]:
     """(header section, whole message or None when too large); (None, None) if missing."""
+    if original is None:
+        return None, None
     if isinstance(original, bytes):
         head = original[: max(max_full, HEADER_LIMIT) + 1]
     else:
         try:
-            f, _ = open_content(original)
-            with f:
+            with open(original, "rb") as f:
                 head = f.read(max(max_full, HEADER_LIMIT) + 1)
         except FileNotFoundError:
             return None, None

@@ -6,8 +6,9 @@
 
 One line of JSON (postroom.queue.envelope; JSON strings escape every control
 character, so it holds no LF). The queue (postroom.queue.store) writes,
-changes these files; everything that reads a queued message (the couriers,
-bounces, `postroom trace`) opens it here, past that line.
+changes and opens these files; couriers get the message from it as a
+postroom.queue.content.Content, never the file. `postroom trace`, which reads
+queue files and Maildir files alike, opens them with `open_content`.
 """
 
 from __future__ import annotations
@@ -68,10 +69,3 @@ def open_content(path: str | os.PathLike[str]) -> tuple[BinaryIO, int]:
         f.close()
         raise
     return f, size
-
-
-def content_size(path: str | os.PathLike[str]) -> int:
-    """The size of the message stored at `path` (see open_content)."""
-    f, size = open_content(path)
-    f.close()
-    return size

@@ -3,7 +3,8 @@
 The scheduler owns time (couriers never sleep or retry). It keeps every
 envelope of the queue folder in memory, starts the ones that are due, and
 for each attempt groups the recipients still pending by domain and calls the
-injected `deliver` once per domain, within two limits: `max_per_destination`
+injected `deliver` once per domain, with the message open for reading
+(postroom.queue.content), within two limits: `max_per_destination`
 concurrent deliveries per domain and `max_total` overall.
 
 What a result does to a recipient (a table, by outcome):
@@ -49,20 +50,20 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import cast
 
 from postroom.batch import BatchThread
 from postroom.config import Config
-from postroom.delivery.outcome import DeliveryResult
 from postroom.gathering import gather_few
+from postroom.queue.content import Content
 from postroom.queue.dsn import DOUBLE_BOUNCE, Action, queue_dsn, wants_dsn
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.result import DeliveryResult
 from postroom.queue.store import CorruptEnvelope, NotQueued, QueueError, QueueStore
 
 log = logging.getLogger("postroom.queue")
 
-Deliver = Callable[[Envelope, list[Recipient], Path], Awaitable[list[DeliveryResult]]]
+Deliver = Callable[[Envelope, list[Recipient], Content], Awaitable[list[DeliveryResult]]]
 
 RESCAN_INTERVAL = 30.0  # seconds: `postroom queue` and sendmail change the folder meanwhile
 JITTER = 0.1  # retry intervals vary by +-10 %
@@ -73,6 +74,7 @@ REMOVE_LINGER = 0.01
 # reading thread (see Scheduler._read).
 READ_IN_LOOP = 8
 EXPIRED_STATUS = "5.4.7"  # RFC 3463 X.4.7: delivery time expired
+UNREADABLE_STATUS = "4.3.0"  # RFC 3463 X.3.0: the queued message cannot be read now
 DEFAULT_RETRY = 300.0  # used only if a config lists no retry interval at all
 OWED = "dsn_owed"  # envelope.extra key: {address: action} of notices not yet queued
 TO_POSTMASTER = "postmaster"  # the action owed for mail from <> that bounced (see OWED)
@@ -399,15 +401,10 @@ class Scheduler:
                 begun = self._clock()
                 for recipient in recipients:
                     recipient.attempts += 1
-                path = self.store.message_path(envelope.queue_id)
-                try:
-                    results = await self._deliver(envelope, list(recipients), path)
-                except Exception as e:  # a courier bug must not lose the message
-                    log.exception("%s: delivery to %s failed", envelope.queue_id, domain)
-                    results = [
-                        DeliveryResult(r.address, "temporary", "4.3.0", f"internal error: {e}")
-                        for r in recipients
-                    ]
+                results = await self._try(envelope, domain, recipients)
+                if results is None:
+                    attempt.gone = True
+                    return
                 ended = self._clock()
                 # The slot is given up only once the results are on disk: nothing moves
                 # on (not even another delivery) before what happened is durable.
@@ -423,6 +420,31 @@ class Scheduler:
             slot.users -= 1
             if slot.users == 0:
                 del self._slots[domain]
+
+    async def _try(
+        self, envelope: Envelope, domain: str, recipients: list[Recipient]
+    ) -> list[DeliveryResult] | None:
+        """One `deliver` call with the message open; None when the message is gone.
+
+        What goes wrong around the courier (the message cannot be read, the
+        courier raises) is a temporary result for every recipient: the
+        message stays queued.
+        """
+        try:
+            content = self.store.open_content(envelope.queue_id)
+        except NotQueued:
+            return None
+        except (CorruptEnvelope, OSError) as e:
+            text = f"cannot read the queued message: {getattr(e, 'strerror', None) or e}"
+            return [DeliveryResult(r.address, "temporary", UNREADABLE_STATUS, text)
+                    for r in recipients]
+        try:
+            with content:
+                return await self._deliver(envelope, list(recipients), content)
+        except Exception as e:  # a courier bug must not lose the message
+            log.exception("%s: delivery to %s failed", envelope.queue_id, domain)
+            return [DeliveryResult(r.address, "temporary", "4.3.0", f"internal error: {e}")
+                    for r in recipients]
 
     def _apply(
         self,

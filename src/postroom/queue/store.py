@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from postroom.queue import adding
+from postroom.queue.content import Content
 from postroom.queue.envelope import Envelope
 from postroom.queue.queuefile import ENVELOPE_TAG, read_envelope_line
 from postroom.queue.spares import SPARE, Spares
@@ -198,6 +199,18 @@ class QueueStore:
         envelope = self._parse(path, line[len(ENVELOPE_TAG):], queue_id)
         envelope.size = size
         return envelope
+
+    def open_content(self, queue_id: str) -> Content:
+        """The message of `queue_id`, open for couriers to read (the caller closes it);
+        NotQueued if absent, CorruptEnvelope if its queue file has no envelope line."""
+        path = self.message_path(queue_id)
+        fd = _open(path, queue_id)
+        try:
+            start = len(self._envelope_line(fd, path))
+            return Content(fd, start, os.fstat(fd).st_size - start)
+        except BaseException:
+            os.close(fd)
+            raise
 
     @staticmethod
     def _envelope_line(fd: int, path: Path) -> bytes:

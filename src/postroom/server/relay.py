@@ -25,12 +25,13 @@ from postroom.addresses import domain_of
 from postroom.batch import BatchThread
 from postroom.config import Config, postmaster_address
 from postroom.delivery.local import LocalCourier
-from postroom.delivery.outcome import DeliveryResult
 from postroom.delivery.remote import RemoteCourier
 from postroom.delivery.routing import Router
 from postroom.gathering import gather_few
+from postroom.queue.content import Content
 from postroom.queue.dsn import Action, queue_dsn
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.result import DeliveryResult
 from postroom.queue.scheduler import Scheduler
 from postroom.queue.store import QueueError, QueueStore
 from postroom.store.maildir import MailStore
@@ -160,7 +161,7 @@ class Relay:
     # -- what the scheduler calls ---------------------------------------------------
 
     async def deliver(
-        self, envelope: Envelope, recipients: list[Recipient], message_path: Path
+        self, envelope: Envelope, recipients: list[Recipient], content: Content
     ) -> list[DeliveryResult]:
         """One attempt for these recipients: local ones to Maildir, others by SMTP."""
         local: list[int] = []
@@ -174,8 +175,7 @@ class Relay:
         results: dict[int, DeliveryResult] = {}
 
         async def run(courier: LocalCourier | RemoteCourier, indexes: list[int]) -> None:
-            done = await courier.deliver(envelope, [recipients[i] for i in indexes],
-                                         message_path)
+            done = await courier.deliver(envelope, [recipients[i] for i in indexes], content)
             results.update(zip(indexes, done, strict=True))
 
         await gather_few([run(courier, indexes)
