@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,13 @@ from durable_order import assert_durable, install_recorder
 from postroom.queue import store as store_module
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.queuefile import ENVELOPE_TAG
-from postroom.queue.store import CorruptEnvelope, NotQueued, QueueError, QueueStore
+from postroom.queue.store import (
+    FRESH_TEMP_AGE,
+    CorruptEnvelope,
+    NotQueued,
+    QueueError,
+    QueueStore,
+)
 
 
 def envelope(queue_id: str = "AAAA00000001", **kw: object) -> Envelope:
@@ -253,13 +260,21 @@ def test_remove_many_syncs_the_queue_folder_once(
     assert list((tmp_path / "envelopes").iterdir()) == []
 
 
+def age(path: Path, seconds: float = FRESH_TEMP_AGE + 1) -> None:
+    """Make `path` look last written `seconds` ago."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
 def test_recover_removes_orphans_and_temp_files(tmp_path: Path) -> None:
     store = QueueStore(tmp_path)
     store.add(envelope("KEEP00000001"), [b"keep\r\n"])
     store.update("KEEP00000001", lambda e: None)
     # A crash while a message or an envelope was being written:
-    (tmp_path / "messages" / ".abc123.tmp").write_bytes(b"half")
-    (tmp_path / "envelopes" / ".KEEP00000001.json.xyz.tmp").write_bytes(b"{")
+    for temp in (tmp_path / "messages" / ".abc123.tmp",
+                 tmp_path / "envelopes" / ".KEEP00000001.json.xyz.tmp"):
+        temp.write_bytes(b"{half")
+        age(temp)
     # An envelope whose queue file is gone (a removal cut short):
     (tmp_path / "envelopes" / "LOST00000001.json").write_bytes(envelope("LOST00000001").to_json())
     assert store.recover() == 3
@@ -267,6 +282,20 @@ def test_recover_removes_orphans_and_temp_files(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "envelopes").iterdir()] == ["KEEP00000001.json"]
     assert store.recover() == 0
     assert [e.queue_id for e in store.list()] == ["KEEP00000001"]
+
+
+def test_recover_spares_a_temporary_file_made_a_moment_ago(tmp_path: Path) -> None:
+    """A file just made by mkstemp is not flocked yet (nor is atomic_write's, ever):
+    a recover running in another process at that moment leaves it alone."""
+    store = QueueStore(tmp_path)
+    fresh = [tmp_path / "messages" / ".just1.tmp", tmp_path / "envelopes" / ".A.json.x.tmp"]
+    for temp in fresh:
+        temp.write_bytes(b"being written")
+    assert store.recover() == 0
+    assert all(temp.exists() for temp in fresh)
+    for temp in fresh:
+        age(temp)
+    assert store.recover() == 2
 
 
 def test_recover_spares_a_message_being_written(tmp_path: Path) -> None:
@@ -285,6 +314,8 @@ def test_recover_spares_a_message_being_written(tmp_path: Path) -> None:
     )
     worker.start()
     assert started.wait(10)
+    for temp in (tmp_path / "messages").iterdir():
+        age(temp)  # only its flock keeps it now
     assert store.recover() == 0
     release.set()
     worker.join(10)
@@ -316,6 +347,7 @@ def test_recover_after_kill_9_during_add(tmp_path: Path, how: str) -> None:
     assert len(leftovers) == 1 and leftovers[0].name.endswith(".tmp")
     store = QueueStore(tmp_path)
     assert store.list() == []
+    age(leftovers[0])
     assert store.recover() == 1
     assert list((tmp_path / "messages").iterdir()) == []
 

@@ -44,6 +44,11 @@ from pathlib import Path
 
 from postroom.store import durable
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 SPARE = "spare"
 # Enough for the messages a busy queue has in flight at once.
 SPARE_LIMIT = 512
@@ -98,18 +103,28 @@ class Spares:
                 return None
             target = folder / f".{name}{suffix}"
             try:
+                fd = os.open(self.folder / name, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+            except FileNotFoundError:
+                continue  # another process took it first
+            except OSError:
+                _unlink(self.folder / name)
+                continue
+            try:
+                # Locked before it gets a temporary name: `recover` leaves a locked
+                # temporary file alone. A spare someone holds (being blanked, or
+                # taken by another process) is theirs: make a file instead.
+                if not _try_lock(fd):
+                    os.close(fd)
+                    return None
                 os.rename(self.folder / name, target)
             except FileNotFoundError:
+                os.close(fd)
                 if not folder.is_dir():
                     return None  # nowhere to put it; the caller makes the folder
                 continue  # another process took it first
             except OSError:
+                os.close(fd)
                 return None
-            try:
-                fd = os.open(target, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
-            except OSError:
-                _unlink(target)
-                continue
             try:
                 st = os.fstat(fd)
                 if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
@@ -197,12 +212,15 @@ class Spares:
 
 
 def _blank(path: Path) -> None:
-    """Overwrite the content of `path` with zeros, in place (see the module docstring)."""
+    """Overwrite the content of `path` with zeros, in place (see the module docstring),
+    unless it is locked: taken meanwhile by a writer, who overwrites it anyway."""
     try:
         fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return
     try:
+        if not _try_lock(fd):
+            return
         size = os.fstat(fd).st_size
         if size > BLANK_LIMIT:
             os.ftruncate(fd, 0)
@@ -214,6 +232,17 @@ def _blank(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the file's flock without waiting; False when someone else holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _unlink(path: Path) -> None:

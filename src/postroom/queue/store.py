@@ -77,6 +77,9 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Without flock a temporary file cannot say it is still being written; one this
 # old is taken to be left over from a crash.
 STALE_TEMP_AGE = 24 * 3600.0
+# A temporary file made a moment ago may not be flocked yet (mkstemp, then flock;
+# atomic_write's files never are): one younger than this is never removed.
+FRESH_TEMP_AGE = 60.0
 
 
 class QueueError(ValueError):
@@ -393,12 +396,14 @@ class QueueStore:
 
     @staticmethod
     def _temp_is_stale(path: Path) -> bool:
-        """True unless another process is still writing this temporary message file."""
-        if fcntl is None:
-            try:
-                return time.time() - path.stat().st_mtime > STALE_TEMP_AGE
-            except FileNotFoundError:
-                return False
+        """True when nobody is writing this temporary file any more: it is not flocked,
+        and has not changed for FRESH_TEMP_AGE seconds (STALE_TEMP_AGE without flock)."""
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if fcntl is None or age < FRESH_TEMP_AGE:
+            return age > STALE_TEMP_AGE
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -410,7 +415,6 @@ class QueueStore:
         finally:
             os.close(fd)
         return True
-
 
 def _open(path: Path, queue_id: str) -> int:
     try:
