@@ -32,7 +32,8 @@ from postroom.queue.content import Content
 from postroom.queue.dsn import Action, queue_dsn
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.result import DeliveryResult
-from postroom.queue.scheduler import Scheduler
+from postroom.queue.rules import Rules
+from postroom.queue.scheduler import Scheduler, SchedulerOptions
 from postroom.queue.store import QueueError, QueueStore
 from postroom.store.maildir import MailStore
 from postroom.store.users import Expansion
@@ -48,6 +49,20 @@ def client_tls_context() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def scheduler_options(config: Config) -> SchedulerOptions:
+    """The queue's settings, from the config's [queue], hostname and postmaster."""
+    rules = Rules(
+        retry_after=tuple(config.queue.retry_after),
+        give_up_after=config.queue.give_up_after,
+        delay_warning_after=config.queue.delay_warning_after or None,  # 0: never
+        postmaster=postmaster_address(config),
+    )
+    return SchedulerOptions(
+        hostname=config.hostname, rules=rules,
+        max_per_destination=config.queue.max_per_destination,
+    )
 
 
 class Relay:
@@ -90,13 +105,7 @@ class Relay:
             max_idle_sessions_per_domain=config.queue.max_per_destination,
         )
         self.local = LocalCourier(store, expand)
-        self.scheduler = Scheduler(
-            self.queue, self.deliver, config,
-            bounce_sender_hostname=config.hostname,
-            max_per_destination=config.queue.max_per_destination,
-            delay_warning_after=config.queue.delay_warning_after or None,
-            postmaster=postmaster_address(config),
-        )
+        self.scheduler = Scheduler(self.queue, self.deliver, scheduler_options(config))
         self._task: asyncio.Task[None] | None = None
         # Group commit for the queue (QueueStore.add_many), as server/committer.py
         # does for Maildirs: four syncs per message become a few per batch.
