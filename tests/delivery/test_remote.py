@@ -22,7 +22,7 @@ from message_content import content_of
 from postroom.config import Endpoint, Route
 from postroom.delivery import remote
 from postroom.delivery.remote import RemoteCourier
-from postroom.delivery.routing import Failure, Hops, Local, Router, RouteResult
+from postroom.delivery.routing import Failure, Hops, Local, Router, RouteResult, RouterOptions
 from postroom.delivery.smtp_out import Hop, OutRecipient, SMTPError, TransactionResult
 from postroom.protocol.replies import Reply
 from postroom.queue.content import Content
@@ -601,9 +601,9 @@ def aiosmtpd_server(require_peer: Callable[..., str]) -> Iterator[tuple[Recorder
 
 def static_router(port: int, domain: str = "isp.example") -> Router:
     # The static route means DNS is never asked; the nameserver is a placeholder.
-    return Router(
-        {domain: Route("127.0.0.1", port)}, [Endpoint("127.0.0.1", 9)], 25, lambda d: False
-    )
+    options = RouterOptions(routes={domain: Route("127.0.0.1", port)},
+                            nameservers=[Endpoint("127.0.0.1", 9)])
+    return Router(options, lambda d: False)
 
 
 def real_courier(router: Router, **options: Any) -> RemoteCourier:

@@ -26,7 +26,7 @@ from postroom.batch import BatchThread
 from postroom.config import Config, postmaster_address
 from postroom.delivery.local import LocalCourier
 from postroom.delivery.remote import RemoteCourier
-from postroom.delivery.routing import Router
+from postroom.delivery.routing import Router, RouterOptions
 from postroom.gathering import gather_few
 from postroom.queue.content import Content
 from postroom.queue.dsn import Action, queue_dsn
@@ -49,6 +49,21 @@ def client_tls_context() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def router_options(config: Config) -> RouterOptions:
+    """Where relayed mail goes, from the config: [routes], [dns], [relay] mx_port, and
+    this host's own name and listeners (which count as itself, RFC 5321 5.1)."""
+    own = []
+    for endpoint in config.listen.enabled().values():
+        try:
+            own.append((str(ipaddress.ip_address(endpoint.host)), endpoint.port))
+        except ValueError:
+            continue  # a host name: the router compares addresses only
+    return RouterOptions(
+        routes=config.routes, nameservers=config.dns.nameservers,
+        mx_port=config.relay.mx_port, own_hostname=config.hostname, own_endpoints=own,
+    )
 
 
 def scheduler_options(config: Config) -> SchedulerOptions:
@@ -83,20 +98,7 @@ class Relay:
         self._notify_primary = notify_primary
         self._hostname = config.hostname
         self.queue = QueueStore(config.queue_dir)
-        own = []
-        for endpoint in config.listen.enabled().values():
-            try:
-                own.append((str(ipaddress.ip_address(endpoint.host)), endpoint.port))
-            except ValueError:
-                continue  # a host name: the router compares addresses only
-        self.router = Router(
-            config.routes,
-            config.dns.nameservers,
-            config.relay.mx_port,
-            is_local_domain,
-            own_hostname=config.hostname,
-            own_endpoints=own,
-        )
+        self.router = Router(router_options(config), is_local_domain)
         # Keep as many idle sessions per destination as may deliver to it at once:
         # a new session costs a TCP and a TLS handshake and two EHLOs.
         self.remote = RemoteCourier(
