@@ -1,1 +1,1 @@
-"""delivery layer of postroom."""
+"""The couriers: one delivery attempt each, into local Maildirs or over SMTP to the next hop."""

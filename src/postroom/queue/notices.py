@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
-from postroom.queue.dsn import Action, queue_dsn
+from postroom.queue.dsn import Action, Report, queue_dsn
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.rules import (
     OWED,
@@ -75,11 +75,9 @@ class Notices:
         retry_until = (
             envelope.created + self._rules.give_up_after if action == "delayed" else None
         )
+        report = Report(envelope, items, action, self._hostname, now, retry_until, to)
         try:
-            notice = await asyncio.to_thread(
-                queue_dsn, self._store, envelope, items, action, self._hostname, now,
-                retry_until=retry_until, to=to,
-            )
+            notice = await asyncio.to_thread(queue_dsn, self._store, report)
         except OSError as e:
             log.error("%s: cannot queue the %s notice: %s", envelope.queue_id, action, e)
             return False

@@ -1,33 +1,35 @@
 """Spare files: the queue reuses the files of finished messages instead of creating new ones.
 
-Every queued message costs two new files (message and envelope) and, once
-delivered, two deletions. On ext4 without a journal the inode allocator skips
-every inode freed in the last seconds to minutes, looking each one up as it
-goes (`recently_deleted()` in fs/ext4/ialloc.c), so on a busy queue each
-creation walks past the inodes the queue itself just freed: perf showed that
-walk as a sixth of a 2-CPU machine relaying 200 messages a second. A file
-renamed out of the way and renamed back in later allocates and frees no
-inode, whatever the filesystem. PostgreSQL recycles its WAL segments the
-same way and for the same kind of reason.
+Every queued message would cost a new file and, once delivered, a deletion.
+On ext4 without a journal the inode allocator skips every inode freed in the
+last seconds to minutes, looking each one up as it goes (`recently_deleted()`
+in fs/ext4/ialloc.c), so on a busy queue each creation would walk past the
+inodes the queue itself just freed. A file renamed out of the way and renamed
+back in later allocates and frees no inode, whatever the filesystem.
+PostgreSQL recycles its WAL segments the same way and for the same kind of
+reason.
 
 So `QueueStore` retires a finished file by renaming it into `spare/` and
-blanking it, and takes a spare (rename into place, then open) before it
-creates a new file. Blanking overwrites the content with zeros where it lies
-rather than truncating: freeing the blocks and allocating them again for the
-next message costs twice what the overwrite does (a discard as well, on a
-filesystem mounted with it), and on a busy queue the zeros never even reach
-the disk, since the next message overwrites the page first. Files over
-`BLANK_LIMIT` are truncated instead. The writer of a taken spare overwrites it
-from the start and cuts what is left beyond its own end (`Taken.trim`), so no
-old byte is ever part of a new file. Nothing in `spare/` is ever read, and an
-old message stays on disk no longer than an unlinked one would.
+blanking it, and takes a spare (open and flock it, then rename it into place)
+before it creates a new file. Blanking overwrites the content with zeros
+where it lies rather than truncating: freeing the blocks and allocating them
+again for the next message costs twice what the overwrite does (a discard as
+well, on a filesystem mounted with it), and on a busy queue the zeros never
+even reach the disk, since the next message overwrites the page first. Files
+over `BLANK_LIMIT` are truncated instead. The writer of a taken spare
+overwrites it from the start and cuts what is left beyond its own end
+(`Taken.trim`), so no old byte is ever part of a new file. Nothing in
+`spare/` is ever read, and an old message stays on disk no longer than an
+unlinked one would.
 
 Safety. A rename moves one name; it cannot leave a file under two. Only a
 filesystem repaired after a crash without a journal might give back an inode
 with both its spare name and a queue name; a taken spare with more than one
 link is therefore never written to (its spare name is dropped, the other name
-is left as it is). The pool is bounded (`SPARE_LIMIT`): past it, retiring
-unlinks.
+is left as it is). A spare is flocked while it is blanked and from before it
+is taken until its writer is done, so no taker gets a file being blanked, no
+blanking overwrites a taken file, and `recover` never finds a taken one
+unlocked. The pool is bounded (`SPARE_LIMIT`): past it, retiring unlinks.
 """
 
 from __future__ import annotations

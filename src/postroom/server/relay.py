@@ -29,7 +29,7 @@ from postroom.delivery.remote import RemoteCourier
 from postroom.delivery.routing import Router, RouterOptions
 from postroom.gathering import gather_few
 from postroom.queue.content import Content
-from postroom.queue.dsn import Action, queue_dsn
+from postroom.queue.dsn import Action, Report, queue_dsn
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.result import DeliveryResult
 from postroom.queue.rules import Rules
@@ -157,10 +157,8 @@ class Relay:
         about = dataclasses.replace(envelope, recipients=[r for r, _ in recipients])
         for action, items in by_action.items():
             try:
-                notice = await asyncio.to_thread(
-                    queue_dsn, self.queue, about, items, action, self._hostname, now,
-                    original=original,
-                )
+                report = Report(about, items, action, self._hostname, now)
+                notice = await asyncio.to_thread(queue_dsn, self.queue, report, original)
             except (OSError, QueueError) as e:
                 log.error("%s: cannot queue the %s notice: %s", envelope.queue_id, action, e)
                 continue
