@@ -24,7 +24,6 @@ from postroom.delivery.routing import (
     Router,
     RouteResult,
     RouterOptions,
-    StaticRoute,
 )
 from postroom.delivery.smtp_out import Hop
 from postroom.server.relay import router_options
@@ -271,7 +270,7 @@ def test_static_route_wins_over_mx(fake_dns: FakeDNS) -> None:
 
 def test_static_route_to_a_smarthost_by_name(fake_dns: FakeDNS) -> None:
     fake_dns.add("smtp.relay.example", "A", "127.0.0.4")
-    smarthost = StaticRoute("smtp.relay.example", 587, tls="required", auth=("u", "p"))
+    smarthost = Route("smtp.relay.example", 587, tls="required", auth=("u", "p"))
     router = make_router(fake_dns.port, routes={"isp.example": smarthost})
     assert route(router, "isp.example") == Hops(
         [Hop(host="127.0.0.4", port=587, name="smtp.relay.example", tls="required",

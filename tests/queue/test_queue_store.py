@@ -192,25 +192,23 @@ def test_envelope_json_round_trip_keeps_every_field(tmp_path: Path) -> None:
     assert Envelope.from_json(env.to_json()) == env
 
 
-def test_save_and_update(tmp_path: Path) -> None:
+def test_update(tmp_path: Path) -> None:
     store = QueueStore(tmp_path)
     env = envelope()
     store.add(env, [b"x\r\n"])
-    env.recipients[0].state = "delivered"
-    store.save(env)
+    store.update(env.queue_id, lambda e: setattr(e.recipients[0], "state", "delivered"))
     assert store.load(env.queue_id).recipients[0].state == "delivered"
     changed = store.update(env.queue_id, lambda e: setattr(e, "held", True))
     assert changed.held and store.load(env.queue_id).held
     assert store.load(env.queue_id).recipients[0].state == "delivered"
 
 
-def test_save_never_resurrects_a_removed_message(tmp_path: Path) -> None:
+def test_update_never_resurrects_a_removed_message(tmp_path: Path) -> None:
     store = QueueStore(tmp_path)
     env = envelope()
     store.add(env, [b"x\r\n"])
+    store.update(env.queue_id, lambda e: None)  # an envelope file, which remove deletes
     store.remove(env.queue_id)
-    with pytest.raises(NotQueued):
-        store.save(env)
     with pytest.raises(NotQueued):
         store.update(env.queue_id, lambda e: None)
     assert list((tmp_path / "envelopes").iterdir()) == []

@@ -70,22 +70,17 @@ RouteResult = Local | Hops | Failure
 
 
 class RouteTarget(Protocol):
-    """A static next hop: a host and a port (a StaticRoute also says how to log in)."""
+    """A static next hop (the config's Route): a smarthost may insist on TLS and take
+    a login (RFC 4954)."""
 
     @property
     def host(self) -> str: ...
     @property
     def port(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class StaticRoute:
-    """A static route to a smarthost that may insist on TLS and take a login (RFC 4954)."""
-
-    host: str
-    port: int = 25
-    tls: str = "opportunistic"  # "opportunistic" | "required" | "none"
-    auth: tuple[str, str] | None = None  # (user, password)
+    @property
+    def tls(self) -> str: ...  # "opportunistic" | "required" | "none"
+    @property
+    def auth(self) -> tuple[str, str] | None: ...  # (user, password)
 
 
 @dataclass(frozen=True)
@@ -228,8 +223,7 @@ class Router:
     # -- static routes
 
     async def _static(self, domain: str, target: RouteTarget) -> RouteResult:
-        tls = getattr(target, "tls", "opportunistic")
-        auth = getattr(target, "auth", None)
+        tls, auth = target.tls, target.auth
         host = target.host.lower().rstrip(".")
         if _is_ip(host):
             return Hops([Hop(host=host, port=target.port, name=host, tls=tls, auth=auth)])

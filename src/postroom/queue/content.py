@@ -48,10 +48,7 @@ class _Reader(io.RawIOBase):
 
     def __init__(self, fd: int, start: int, size: int) -> None:
         super().__init__()
-        self._fd = fd
-        self._start = start
-        self._size = size
-        self._pos = 0  # within the message
+        self._fd, self._start, self._size, self._pos = fd, start, size, 0
 
     def readable(self) -> bool:
         return True
@@ -69,36 +66,16 @@ class _Reader(io.RawIOBase):
         self._pos = base + offset
         return self._pos
 
-    def read(self, size: int | None = -1) -> bytes:
-        """`size` octets, fewer only where the message ends (all that are left when
-        `size` is negative or None)."""
-        self._check_closed()
-        left = self._size - self._pos
-        if size is not None and 0 <= size < left:
-            left = size
-        parts = []
-        while left > 0:
-            data = os.pread(self._fd, left, self._start + self._pos)
-            if not data:  # the file is shorter than it was: the message ends here
-                break
-            self._pos += len(data)
-            left -= len(data)
-            parts.append(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+        """One pread(2) into `buffer`, never past the message's end (0 there)."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        window = memoryview(buffer)[: max(0, self._size - self._pos)]
+        got = os.preadv(self._fd, [window], self._start + self._pos) if len(window) else 0
+        self._pos += got
+        return got
 
     def close(self) -> None:
         if not self.closed:
             os.close(self._fd)
         super().close()
-
-    def _check_closed(self) -> None:
-        if self.closed:
-            raise ValueError("I/O operation on closed file")

@@ -170,10 +170,6 @@ class Scheduler:
         """Wait until everything due has been tried and nothing is in flight (for tests)."""
         await self._idle.wait()
 
-    @property
-    def in_flight(self) -> frozenset[str]:
-        return frozenset(self._in_flight)
-
     def envelopes(self) -> list[Envelope]:
         """The scheduler's current view of the queue (copies are not made: do not change)."""
         return list(self._envelopes.values())

@@ -28,13 +28,11 @@ Several processes change the queue: the server (the scheduler), `postroom
 queue` (hold, flush, delete) and `postroom sendmail` (add). Every write is an
 atomic rename, so a reader sees the old or the new file, never a mix. Each
 change but `add_many` also runs under an exclusive flock(2) on `lock`, so a
-read-modify-write (`update`) never interleaves with another one and a `save`
-never brings back an envelope that `remove` just deleted. Between two
-changes the last writer wins: a whole-envelope `save` made from an old copy
-undoes what another process wrote in the meantime. The scheduler therefore
-changes envelopes with `update`, keeping the fields the command line owns
-(`held`). Where flock(2) is missing (Windows) only the in-process lock
-remains, and last-writer-wins is all that holds.
+read-modify-write (`update`) never interleaves with another one nor brings
+back an envelope that `remove` just deleted. The scheduler merges its part
+into what is on disk, keeping the fields the command line owns (`held`).
+Where flock(2) is missing (Windows) only the in-process lock remains, and
+the last writer wins.
 
 Every method blocks (fsync); the asyncio server runs them in worker threads.
 """
@@ -272,22 +270,12 @@ class QueueStore:
 
     # -- changing --------------------------------------------------------------
 
-    def save(self, envelope: Envelope) -> None:
-        """Rewrite the envelope atomically (last writer wins).
-
-        Raises NotQueued when the message is gone (deleted meanwhile): an
-        envelope is never written without its message.
-        """
-        with self.locked():
-            if not self.message_path(envelope.queue_id).exists():
-                raise NotQueued(envelope.queue_id)
-            self._write_envelope(envelope)
-
     def update(self, queue_id: str, change: Callable[[Envelope], object]) -> Envelope:
         """Read, change (in place) and rewrite one envelope under the lock; returns it.
 
         The way to change part of an envelope another process may also change.
-        NotQueued when the message is not (or no longer) in the queue.
+        NotQueued when the message is not (or no longer) in the queue: an
+        envelope is never written without its message.
         """
         with self.locked():
             envelope = self.load(queue_id)
