@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import itertools
 import random
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -316,15 +317,10 @@ class Router:
     def _order(self, mxs: list[tuple[int, dns.name.Name]]) -> list[tuple[int, dns.name.Name]]:
         """Preference order, with equal preferences shuffled (RFC 5321 5.1, to spread load)."""
         ordered: list[tuple[int, dns.name.Name]] = []
-        i = 0
-        while i < len(mxs):
-            j = i
-            while j < len(mxs) and mxs[j][0] == mxs[i][0]:
-                j += 1
-            group = mxs[i:j]
+        for _preference, same in itertools.groupby(mxs, key=lambda mx: mx[0]):
+            group = list(same)
             self._rng.shuffle(group)
             ordered.extend(group)
-            i = j
         return ordered
 
     def _is_own(self, name: str, addresses: list[str]) -> bool:

@@ -66,14 +66,22 @@ class _Reader(io.RawIOBase):
         self._pos = base + offset
         return self._pos
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        """One pread(2) into `buffer`, never past the message's end (0 there)."""
+    def read(self, size: int | None = -1) -> bytes:
+        """`size` octets (all that are left when negative), fewer only at the end:
+        one pread(2), which allocates no more than it returns."""
         if self.closed:
             raise ValueError("I/O operation on closed file")
-        window = memoryview(buffer)[: max(0, self._size - self._pos)]
-        got = os.preadv(self._fd, [window], self._start + self._pos) if len(window) else 0
-        self._pos += got
-        return got
+        left = max(0, self._size - self._pos)
+        if size is not None and 0 <= size < left:
+            left = size
+        data = os.pread(self._fd, left, self._start + self._pos) if left else b""
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
     def close(self) -> None:
         if not self.closed:
