@@ -241,7 +241,7 @@ def write_serving_config(data: Path, cert: str, key: str, workers: int) -> None:
         ("tls/cert.pem", "tls/junk.pem", "tls.key: {data}/tls/junk.pem: not a PEM private key"),
         ("tls/cert.pem", "other/key.pem",
          "tls.key: {data}/other/key.pem: does not match the certificate in "
-         "{data}/tls/cert.pem (tls.cert)"),
+         "{data}/tls/cert.pem"),
     ],
     ids=["not-a-certificate", "not-a-key", "key-of-another-certificate"],
 )

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from durable_order import Recorder, assert_durable, install_recorder
+from message_content import content_of
 from postroom.client.fetch import fetch
 from postroom.config import load_config
 from postroom.delivery.local import LocalCourier
@@ -215,8 +216,9 @@ def local_courier(tmp_path: Path, recorder: Recorder) -> Outcome:
         return Expansion((BOSS, ALICE) if address == TEAM else (address,), (), ())
 
     envelope = Envelope("LOCAL0000001", "", [Recipient(TEAM)], created=0.0)
-    results = asyncio.run(LocalCourier(store, expand).deliver(
-        envelope, envelope.recipients, queued))
+    with content_of(queued) as content:
+        results = asyncio.run(LocalCourier(store, expand).deliver(
+            envelope, envelope.recipients, content))
     store.close()
     assert [r.outcome for r in results] == ["delivered"]
     finals = [p for box in (BOSS, ALICE)

@@ -22,6 +22,7 @@ IMPORT_CALLS = ("importlib.import_module", "import_module", "__import__")
 
 SANS_IO = "the protocol cores do no I/O and read no clock or config: the server layer does"
 BELOW_SERVER = "data flows down: the layers under the asyncio shell never call back up into it"
+VALUES = "it gets values (an options dataclass, paths), never the whole config"
 
 # (package, forbidden, why): no module of `package` imports `forbidden` or below it.
 RULES: list[tuple[str, str, str]] = [
@@ -36,6 +37,11 @@ RULES: list[tuple[str, str, str]] = [
     *[(package, "postroom.server", BELOW_SERVER)
       for package in ("postroom.protocol", "postroom.policy", "postroom.queue",
                       "postroom.delivery", "postroom.store")],
+    *[(package, "postroom.config", VALUES)
+      for package in ("postroom.queue", "postroom.delivery", "postroom.tlscert")],
+    ("postroom.queue", "postroom.delivery",
+     "the queue calls the couriers it is given; they get an open content stream and its "
+     "size, and the result type is the queue's (postroom.queue.result)"),
 ]
 
 

@@ -11,8 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from postroom.config import ConfigError
-from postroom.tlscert import ensure_certificate, server_context
+from postroom.tlscert import TLSFileError, ensure_certificate, server_context
 
 
 @pytest.fixture
@@ -45,8 +44,9 @@ def test_names_and_lifetime(pair: tuple[Path, Path]) -> None:
 def test_half_a_pair_is_not_overwritten(pair: tuple[Path, Path]) -> None:
     cert, key = pair
     key.unlink()
-    with pytest.raises(ConfigError, match="key.pem is missing"):
+    with pytest.raises(TLSFileError, match="key.pem is missing") as caught:
         ensure_certificate(cert, key, "mx.corp.example")
+    assert caught.value.setting == "key"
     assert cert.exists()
 
 
@@ -90,23 +90,27 @@ def test_old_protocols_are_refused(pair: tuple[Path, Path]) -> None:
 
 def test_unloadable_files(pair: tuple[Path, Path], tmp_path: Path) -> None:
     cert, key = pair
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(TLSFileError, match="no such file") as caught:
         server_context(tmp_path / "none.pem", key)
+    assert caught.value.setting == "cert"
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate")
-    with pytest.raises(ConfigError, match=f"^conf: tls.cert: {junk}: not a PEM certificate"):
-        server_context(junk, key, "conf")
-    with pytest.raises(ConfigError, match=f"^conf: tls.key: {junk}: not a PEM private key$"):
-        server_context(cert, junk, "conf")
+    with pytest.raises(TLSFileError, match=f"^{junk}: not a PEM certificate") as caught:
+        server_context(junk, key)
+    assert caught.value.setting == "cert"
+    with pytest.raises(TLSFileError, match=f"^{junk}: not a PEM private key$") as caught:
+        server_context(cert, junk)
+    assert caught.value.setting == "key"
     broken = tmp_path / "broken.pem"
     broken.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-    with pytest.raises(ConfigError, match="tls.cert: .*broken.pem: not a valid PEM certificate"):
+    with pytest.raises(TLSFileError, match="broken.pem: not a valid PEM certificate"):
         server_context(broken, key)
     other_cert, other_key = tmp_path / "o" / "c.pem", tmp_path / "o" / "k.pem"
     ensure_certificate(other_cert, other_key, "localhost")
-    with pytest.raises(ConfigError, match=f"tls.key: {other_key}: does not match the "
-                                          f"certificate in {cert}"):
+    with pytest.raises(TLSFileError, match=f"{other_key}: does not match the "
+                                           f"certificate in {cert}") as caught:
         server_context(cert, other_key)
+    assert caught.value.setting == "key"
 
 
 def test_an_encrypted_key_is_named(pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -116,7 +120,7 @@ def test_an_encrypted_key_is_named(pair: tuple[Path, Path], tmp_path: Path) -> N
     locked.write_bytes(private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(b"secret")))
-    with pytest.raises(ConfigError, match=f"tls.key: {locked}: the private key is encrypted"):
+    with pytest.raises(TLSFileError, match=f"{locked}: the private key is encrypted"):
         server_context(cert, locked)
 
 

@@ -1,4 +1,9 @@
-"""TLS material: the self-signed certificate made on first start, and server SSL contexts."""
+"""TLS material: the self-signed certificate made on first start, and server SSL contexts.
+
+It gets file paths and a host name, never the config: a file that cannot be
+used raises TLSFileError, naming which of the pair (`setting`, "cert" or
+"key"), the file and the fault; the caller words it as a config error.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import datetime
 import ipaddress
 import ssl
 from pathlib import Path
+from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -13,10 +19,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from postroom.config import ConfigError
 from postroom.store.atomic import atomic_write
 
 VALID_DAYS = 3650  # a development default: ten years, so a test setup never expires
+
+Setting = Literal["cert", "key"]
+
+
+class TLSFileError(ValueError):
+    """A certificate or key file that cannot be used; str() names the file and the fault."""
+
+    def __init__(self, setting: Setting, text: str) -> None:
+        super().__init__(text)
+        self.setting = setting  # which of the pair is at fault
 
 
 def make_self_signed(hostname: str) -> tuple[bytes, bytes]:
@@ -79,13 +94,12 @@ def make_self_signed(hostname: str) -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def ensure_certificate(cert: Path, key: Path, hostname: str, source: str | None = None) -> bool:
+def ensure_certificate(cert: Path, key: Path, hostname: str) -> bool:
     """Make a self-signed pair at `cert` and `key` unless both exist; True when made.
 
     The key is written first, mode 0600, each file atomically, so a crash never
     leaves a certificate without its key. When only one of the two exists,
-    nothing is overwritten: ConfigError (starting with `source`, the config
-    file, when given) says which one is missing.
+    nothing is overwritten: TLSFileError says which one is missing.
     """
     cert, key = Path(cert), Path(key)
     have_cert, have_key = cert.exists(), key.exists()
@@ -93,10 +107,10 @@ def ensure_certificate(cert: Path, key: Path, hostname: str, source: str | None 
         return False
     if have_cert or have_key:
         present, absent = (cert, key) if have_cert else (key, cert)
-        name = "tls.key" if absent == key else "tls.cert"
-        raise ConfigError(
-            f"{_at(source)}{name}: {absent} is missing but {present} exists; restore it, "
-            f"or remove {present} to have a new self-signed pair made"
+        raise TLSFileError(
+            "key" if absent == key else "cert",
+            f"{absent} is missing but {present} exists; restore it, "
+            f"or remove {present} to have a new self-signed pair made",
         )
     cert_pem, key_pem = make_self_signed(hostname)
     for path in (key, cert):
@@ -106,59 +120,50 @@ def ensure_certificate(cert: Path, key: Path, hostname: str, source: str | None 
     return True
 
 
-def _at(source: str | None) -> str:
-    """The prefix naming the config file, as every ConfigError starts."""
-    return f"{source}: " if source else ""
-
-
-def _read(path: Path, name: str, source: str | None) -> bytes:
+def _read(path: Path, setting: Setting) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{_at(source)}{name}: {path}: no such file") from None
+        raise TLSFileError(setting, f"{path}: no such file") from None
     except OSError as e:
-        raise ConfigError(f"{_at(source)}{name}: {path}: cannot read: {e.strerror or e}") from None
+        raise TLSFileError(setting, f"{path}: cannot read: {e.strerror or e}") from None
 
 
-def check_pair(cert: Path, key: Path, source: str | None = None) -> None:
-    """ConfigError unless `cert` holds a PEM certificate chain and `key` its private key.
+def check_pair(cert: Path, key: Path) -> None:
+    """TLSFileError unless `cert` holds a PEM certificate chain and `key` its private key.
 
-    The one line names the config key (tls.cert or tls.key), the file and the
-    fault, where OpenSSL would only say "PEM lib" or "key values mismatch";
-    `source` (the config file), when given, starts it, as in every other
-    config error.
+    The error names the file and the fault, where OpenSSL would only say "PEM
+    lib" or "key values mismatch".
     """
-    cert_pem = _read(cert, "tls.cert", source)
+    cert_pem = _read(cert, "cert")
     if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
-        raise ConfigError(f"{_at(source)}tls.cert: {cert}: not a PEM certificate (no "
-                          "-----BEGIN CERTIFICATE----- line)")
+        raise TLSFileError("cert", f"{cert}: not a PEM certificate (no "
+                                   "-----BEGIN CERTIFICATE----- line)")
     try:
         leaf = x509.load_pem_x509_certificates(cert_pem)[0]  # the server's own comes first
         leaf_public = leaf.public_key()
     except ValueError as e:
-        raise ConfigError(f"{_at(source)}tls.cert: {cert}: not a valid PEM certificate "
-                          f"({e})") from None
-    key_pem = _read(key, "tls.key", source)
+        raise TLSFileError("cert", f"{cert}: not a valid PEM certificate ({e})") from None
+    key_pem = _read(key, "key")
     try:
         private = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:  # cryptography's way of saying "encrypted, and no password given"
-        raise ConfigError(f"{_at(source)}tls.key: {key}: the private key is encrypted; give "
-                          "postroom an unencrypted copy (mode 0600)") from None
+        raise TLSFileError("key", f"{key}: the private key is encrypted; give postroom an "
+                                  "unencrypted copy (mode 0600)") from None
     except (ValueError, UnsupportedAlgorithm):
-        raise ConfigError(f"{_at(source)}tls.key: {key}: not a PEM private key") from None
+        raise TLSFileError("key", f"{key}: not a PEM private key") from None
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if private.public_key().public_bytes(*spki) != leaf_public.public_bytes(*spki):
-        raise ConfigError(f"{_at(source)}tls.key: {key}: does not match the certificate in "
-                          f"{cert} (tls.cert)")
+        raise TLSFileError("key", f"{key}: does not match the certificate in {cert}")
 
 
-def server_context(cert: Path, key: Path, source: str | None = None) -> ssl.SSLContext:
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     """A server-side SSLContext with TLS 1.2 or newer (RFC 8996, RFC 9325 3.1.1).
 
-    ConfigError, naming the config key, the file and the fault, when the
-    certificate or key cannot be used (see `check_pair`).
+    TLSFileError, naming the file and the fault, when the certificate or key
+    cannot be used (see `check_pair`).
     """
-    check_pair(cert, key, source)
+    check_pair(cert, key)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION  # CRIME (RFC 9325 3.3)
@@ -166,6 +171,5 @@ def server_context(cert: Path, key: Path, source: str | None = None) -> ssl.SSLC
         context.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as e:  # what check_pair could not foresee
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
-        raise ConfigError(f"{_at(source)}tls.cert: cannot use {cert} with {key} (tls.key): "
-                          f"{reason}") from None
+        raise TLSFileError("cert", f"cannot use {cert} with its key {key}: {reason}") from None
     return context

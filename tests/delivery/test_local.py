@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from argon2 import PasswordHasher
 
+from message_content import content_of
 from postroom.delivery.local import LocalCourier
-from postroom.delivery.outcome import DeliveryResult
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.result import DeliveryResult
 from postroom.store import durable
 from postroom.store.cache import CachedDirectory
 from postroom.store.mailboxes import MaildirMailboxes
@@ -76,7 +77,8 @@ def deliver(
         queue_id="4XyZ", sender=sender, recipients=[Recipient(a) for a in addresses],
         created=0.0,
     )
-    return asyncio.run(courier.deliver(envelope, envelope.recipients, message))
+    with content_of(message) as content:
+        return asyncio.run(courier.deliver(envelope, envelope.recipients, content))
 
 
 def stored(store: MaildirMailboxes, address: str) -> list[bytes]:
@@ -183,14 +185,6 @@ def test_store_failure_is_temporary_and_leaves_nothing(
         ("permanent", "5.1.1"),
     ]
     assert [p for p in store.mail_dir.rglob("*") if not p.is_dir()] == []  # no copy, no spool
-
-
-def test_missing_queue_file_is_temporary(
-    store: MaildirMailboxes, directory: SQLiteUserDirectory, tmp_path: Path
-) -> None:
-    courier = courier_for(store, directory)
-    [result] = deliver(courier, ["boss@corp.example"], tmp_path / "vanished.eml")
-    assert (result.outcome, result.dsn_status) == ("temporary", "4.3.0")
 
 
 def test_large_message_is_copied_whole(

@@ -23,9 +23,10 @@ from postroom.delivery.routing import (
     Local,
     Router,
     RouteResult,
-    StaticRoute,
+    RouterOptions,
 )
 from postroom.delivery.smtp_out import Hop
+from postroom.server.relay import router_options
 
 if TYPE_CHECKING:  # the fixture's class; conftest modules are not imported by name
     from conftest import FakeDNS
@@ -41,14 +42,11 @@ def make_router(
     seed: int = 1,
     **options: Any,
 ) -> Router:
-    return Router(
-        routes or {},
-        (Endpoint("127.0.0.1", port),),
-        MX_PORT,
-        lambda domain: domain in local,
-        rng=random.Random(seed),
+    settings = RouterOptions(
+        routes=routes or {}, nameservers=(Endpoint("127.0.0.1", port),), mx_port=MX_PORT,
         **options,
     )
+    return Router(settings, lambda domain: domain in local, rng=random.Random(seed))
 
 
 def route(router: Router, domain: str) -> RouteResult:
@@ -272,7 +270,7 @@ def test_static_route_wins_over_mx(fake_dns: FakeDNS) -> None:
 
 def test_static_route_to_a_smarthost_by_name(fake_dns: FakeDNS) -> None:
     fake_dns.add("smtp.relay.example", "A", "127.0.0.4")
-    smarthost = StaticRoute("smtp.relay.example", 587, tls="required", auth=("u", "p"))
+    smarthost = Route("smtp.relay.example", 587, tls="required", auth=("u", "p"))
     router = make_router(fake_dns.port, routes={"isp.example": smarthost})
     assert route(router, "isp.example") == Hops(
         [Hop(host="127.0.0.4", port=587, name="smtp.relay.example", tls="required",
@@ -394,7 +392,8 @@ def test_implicit_mx_pointing_at_ourselves_is_a_loop(fake_dns: FakeDNS) -> None:
     assert isinstance(result, Failure) and result.dsn_status == "5.4.6"
 
 
-def test_router_from_config(fake_dns: FakeDNS, tmp_path: Path) -> None:
+def test_the_relays_router_from_its_config(fake_dns: FakeDNS, tmp_path: Path) -> None:
+    """The server builds its router from the config (server.relay.router_options)."""
     (tmp_path / "postroom.toml").write_text(
         'hostname = "mx.corp.example"\ndomains = ["corp.example"]\n'
         '[listen]\nsmtp = "127.0.0.1:2525"\n'
@@ -402,7 +401,7 @@ def test_router_from_config(fake_dns: FakeDNS, tmp_path: Path) -> None:
         '[routes]\n"isp.example" = "127.0.0.1:3525"\n'
         "[relay]\nmx_port = 2525\n"
     )
-    router = Router.from_config(load_config(tmp_path), lambda d: d == "corp.example")
+    router = Router(router_options(load_config(tmp_path)), lambda d: d == "corp.example")
     fake_dns.add("other.example", "MX", "10 mx.other.example.")
     fake_dns.add("mx.other.example", "A", "127.0.0.2")
     fake_dns.add("self.example", "MX", "10 mx.self.example.")

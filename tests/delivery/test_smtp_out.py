@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import email
+import io
 import re
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -71,10 +72,9 @@ def run(coro_fn: Callable[[], Any], loop: str = "asyncio") -> Any:
         return runner.run(coro_fn())
 
 
-def write_message(folder: Path, data: bytes = MESSAGE, name: str = "msg.eml") -> Path:
-    path = folder / name
-    path.write_bytes(data)
-    return path
+def stream(data: bytes = MESSAGE) -> IO[bytes]:
+    """A message as `send` takes it: a stream at its first octet."""
+    return io.BytesIO(data)
 
 
 def insecure_context() -> ssl.SSLContext:
@@ -158,7 +158,7 @@ def test_starttls_required_pipelined_per_recipient_results(tmp_path: Path, loop:
                     OutRecipient("alice@corp.example"),
                     OutRecipient("boss@corp.example"),  # a duplicate goes once
                 ],
-                message=write_message(tmp_path),
+                message=stream(),
                 size=len(MESSAGE),
                 envid="Q1",
                 ret="HDRS",
@@ -191,7 +191,7 @@ def test_one_session_sends_several_messages(tmp_path: Path) -> None:
                     result = await session.send(
                         sender="smith@isp.example",
                         recipients=[OutRecipient("boss@corp.example")],
-                        message=write_message(tmp_path, data, f"m{i}"),
+                        message=stream(data),
                         size=len(data),
                     )
                     assert result.data_reply is not None and result.data_reply.code == 250
@@ -203,7 +203,7 @@ def test_one_session_sends_several_messages(tmp_path: Path) -> None:
                                 OutRecipient("x@corp.example"),
                                 OutRecipient("y@elsewhere.example"),
                             ],
-                            message=write_message(tmp_path, data, "refused"),
+                            message=stream(data),
                             size=len(data),
                         )
                         assert refused.data_reply is None
@@ -219,18 +219,20 @@ def test_one_session_sends_several_messages(tmp_path: Path) -> None:
 def test_five_megabyte_message_streams_exactly(tmp_path: Path) -> None:
     line = b".a line that starts with a dot, to be stuffed on every line " * 2 + b"\n"
     data = b"Subject: big\n\n" + line * (5 * 1024 * 1024 // len(line))
-    message = write_message(tmp_path, data)
+    path = tmp_path / "big.eml"
+    path.write_bytes(data)
 
     async def scenario() -> None:
         async with postroom(tmp_path) as server:
             host, port = server.address("smtp")
             async with await connect(Hop(host, port, "mx.corp.example")) as session:
-                result = await session.send(
-                    sender="smith@isp.example",
-                    recipients=[OutRecipient("boss@corp.example")],
-                    message=message,
-                    size=len(data) + data.count(b"\n"),
-                )
+                with path.open("rb") as message:
+                    result = await session.send(
+                        sender="smith@isp.example",
+                        recipients=[OutRecipient("boss@corp.example")],
+                        message=message,
+                        size=len(data) + data.count(b"\n"),
+                    )
                 assert result.data_reply is not None and result.data_reply.code == 250
 
     run(scenario)
@@ -249,7 +251,7 @@ def test_message_over_the_hops_size_is_refused_before_mail(tmp_path: Path) -> No
                     await session.send(
                         sender="smith@isp.example",
                         recipients=[OutRecipient("boss@corp.example")],
-                        message=write_message(tmp_path, big, "big"),
+                        message=stream(big),
                         size=len(big),
                     )
                 error = caught.value
@@ -259,7 +261,7 @@ def test_message_over_the_hops_size_is_refused_before_mail(tmp_path: Path) -> No
                 result = await session.send(
                     sender="smith@isp.example",
                     recipients=[OutRecipient("boss@corp.example")],
-                    message=write_message(tmp_path),
+                    message=stream(),
                     size=len(MESSAGE),
                 )
                 assert result.data_reply is not None and result.data_reply.code == 250
@@ -361,7 +363,7 @@ async def send_simple(
     return await session.send(
         sender=kw.pop("sender", "smith@isp.example"),
         recipients=[a if isinstance(a, OutRecipient) else OutRecipient(a) for a in addresses],
-        message=write_message(tmp_path, data),
+        message=stream(data),
         size=len(data),
         **kw,
     )

@@ -7,6 +7,7 @@ and can refuse commands softly (-r), hard (-f) or with 421 and a hang-up (-Q).
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
 import socket
@@ -113,10 +114,9 @@ async def connect(hop: Hop) -> ClientSession:
 async def send(
     session: ClientSession, tmp: Path, *rcpts: OutRecipient, **kw: object
 ) -> TransactionResult:
-    message = tmp / "msg"
-    message.write_bytes(MESSAGE)
     return await session.send(
-        sender="a@x.example", recipients=list(rcpts), message=message, size=len(MESSAGE), **kw
+        sender="a@x.example", recipients=list(rcpts), message=io.BytesIO(MESSAGE),
+        size=len(MESSAGE), **kw
     )
 
 
@@ -216,17 +216,18 @@ def test_five_megabytes(sink_factory: Callable[..., Sink], tmp_path: Path) -> No
     sink = sink_factory()
     line = b".stuffed line of a large message, long enough to matter\n"
     data = b"Subject: big\n\n" + line * (5 * 1024 * 1024 // len(line))
-    message = tmp_path / "big"
-    message.write_bytes(data)
+    path = tmp_path / "big"
+    path.write_bytes(data)
 
     async def scenario() -> None:
         async with await connect(sink.hop) as session:
-            result = await session.send(
-                sender="a@x.example",
-                recipients=[OutRecipient("b@y.example")],
-                message=message,
-                size=len(data),
-            )
+            with path.open("rb") as message:
+                result = await session.send(
+                    sender="a@x.example",
+                    recipients=[OutRecipient("b@y.example")],
+                    message=message,
+                    size=len(data),
+                )
             assert result.data_reply is not None and result.data_reply.code == 250
 
     asyncio.run(scenario())

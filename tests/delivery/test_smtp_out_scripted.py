@@ -9,6 +9,7 @@ server that stops answering or reading, and refusals at each step.
 from __future__ import annotations
 
 import asyncio
+import io
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -138,12 +139,10 @@ async def connect(hop: Hop, timeouts: Timeouts = FAST) -> ClientSession:
 async def send(
     session: ClientSession, tmp_path: Path, *rcpts: str, data: bytes = b"Subject: x\r\n\r\nhi\r\n"
 ) -> TransactionResult:
-    message = tmp_path / "msg"
-    message.write_bytes(data)
     return await session.send(
         sender="a@x.example",
         recipients=[OutRecipient(r) for r in rcpts],
-        message=message,
+        message=io.BytesIO(data),
         size=len(data),
     )
 

@@ -58,13 +58,15 @@ def mailbox_postfix(
 
 
 async def relay_once(hop: Hop, message: Path, size: int) -> TransactionResult:
+    """Send the message file `message` once, with the relay's SMTP client session."""
     # This Postfix offers no STARTTLS: the context is never used.
     session = await ClientSession.connect(hop, helo="mail.isp.example",
                                           tls_context=ssl.create_default_context(),
                                           command_timeout=30)
     async with session:
-        return await session.send(sender=SMITH, recipients=[OutRecipient(PF_RCPT)],
-                                  message=message, size=size)
+        with message.open("rb") as stream:
+            return await session.send(sender=SMITH, recipients=[OutRecipient(PF_RCPT)],
+                                      message=stream, size=size)
 
 
 @pytest.mark.parametrize("chunking", [True, False], ids=["bdat", "data"])

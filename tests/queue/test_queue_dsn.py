@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from postroom.delivery.outcome import DeliveryResult
 from postroom.queue.dsn import (
+    Report,
     build_dsn,
     dsn_envelope,
     mta_name,
@@ -18,7 +18,8 @@ from postroom.queue.dsn import (
     wants_dsn,
 )
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.queuefile import ENVELOPE_TAG, content_size, open_content
+from postroom.queue.queuefile import ENVELOPE_TAG
+from postroom.queue.result import DeliveryResult
 from postroom.queue.store import QueueStore
 
 NOW = 1_700_086_400.0
@@ -35,8 +36,7 @@ ORIGINAL = (
 
 def queued_message(store: QueueStore, queue_id: str) -> bytes:
     """The message in a queue file, past its envelope line."""
-    f, _ = open_content(store.message_path(queue_id))
-    with f:
+    with store.open_content(queue_id) as content, content.reader() as f:
         return f.read()
 
 
@@ -87,7 +87,8 @@ def status_blocks(msg: Message) -> list[Message]:
 def test_failure_dsn_has_every_field(original: Path) -> None:
     env = make_envelope(envid="QQ314159", client="[192.0.2.9]")
     recipient, result = bounced(orcpt="rfc822;Bob@ISP.example")
-    msg = parse(build_dsn(env, [(recipient, result)], "failed", "mx.corp.example", original, NOW))
+    report = Report(env, [(recipient, result)], "failed", "mx.corp.example", NOW)
+    msg = parse(build_dsn(report, original))
 
     assert msg["From"].startswith("MAILER-DAEMON@mx.corp.example")
     assert msg["To"] == "<boss@corp.example>"
@@ -131,7 +132,7 @@ def test_failure_dsn_has_every_field(original: Path) -> None:
 
 
 def test_without_envid_or_orcpt_those_fields_are_absent(original: Path) -> None:
-    msg = parse(build_dsn(make_envelope(), [bounced()], "failed", "mx", original, NOW))
+    msg = parse(build_dsn(Report(make_envelope(), [bounced()], "failed", "mx", NOW), original))
     per_message, per_recipient = status_blocks(msg)
     assert per_message["Original-Envelope-Id"] is None
     assert per_recipient["Original-Recipient"] is None
@@ -139,7 +140,7 @@ def test_without_envid_or_orcpt_those_fields_are_absent(original: Path) -> None:
 
 def test_one_block_per_recipient(original: Path) -> None:
     items = [bounced("bob@isp.example"), bounced("eve@isp.example")]
-    msg = parse(build_dsn(make_envelope(), items, "failed", "mx", original, NOW))
+    msg = parse(build_dsn(Report(make_envelope(), items, "failed", "mx", NOW), original))
     blocks = status_blocks(msg)
     assert [b["Final-Recipient"] for b in blocks[1:]] == [
         "rfc822; bob@isp.example", "rfc822; eve@isp.example"
@@ -148,7 +149,7 @@ def test_one_block_per_recipient(original: Path) -> None:
 
 def test_ret_hdrs_returns_only_headers(original: Path) -> None:
     env = make_envelope(ret="HDRS")
-    msg = parse(build_dsn(env, [bounced()], "failed", "mx", original, NOW))
+    msg = parse(build_dsn(Report(env, [bounced()], "failed", "mx", NOW), original))
     returned = parts(msg)[2]
     assert returned.get_content_type() == "text/rfc822-headers"
     payload = returned.get_payload()
@@ -158,14 +159,16 @@ def test_ret_hdrs_returns_only_headers(original: Path) -> None:
 
 @pytest.mark.parametrize("ret", [None, "FULL"])
 def test_ret_full_or_absent_returns_the_message(original: Path, ret: str | None) -> None:
-    msg = parse(build_dsn(make_envelope(ret=ret), [bounced()], "failed", "mx", original, NOW))
+    report = Report(make_envelope(ret=ret), [bounced()], "failed", "mx", NOW)
+    msg = parse(build_dsn(report, original))
     assert parts(msg)[2].get_content_type() == "message/rfc822"
 
 
 def test_huge_original_returns_headers_only(tmp_path: Path) -> None:
     path = tmp_path / "big"
     path.write_bytes(ORIGINAL + b"x" * 998 + b"\r\n" * 200)
-    msg = parse(build_dsn(make_envelope(), [bounced()], "failed", "mx", path, NOW, max_full=1000))
+    report = Report(make_envelope(), [bounced()], "failed", "mx", NOW)
+    msg = parse(build_dsn(report, path, max_full=1000))
     text, _status, returned = parts(msg)
     assert returned.get_content_type() == "text/rfc822-headers"
     assert "Message-ID: <orig-1@corp.example>" in returned.get_payload()
@@ -173,7 +176,8 @@ def test_huge_original_returns_headers_only(tmp_path: Path) -> None:
 
 
 def test_missing_original_leaves_the_third_part_out(tmp_path: Path) -> None:
-    msg = parse(build_dsn(make_envelope(), [bounced()], "failed", "mx", tmp_path / "gone", NOW))
+    report = Report(make_envelope(), [bounced()], "failed", "mx", NOW)
+    msg = parse(build_dsn(report, tmp_path / "gone"))
     assert len(parts(msg)) == 2
 
 
@@ -183,8 +187,9 @@ def test_delayed_dsn(original: Path) -> None:
                             "connect to mx.isp.example[192.0.2.1]:25: Connection refused",
                             remote_mta="mx.isp.example[192.0.2.1]:25")
     until = CREATED + 5 * 86400
-    data = build_dsn(make_envelope(), [(recipient, result)], "delayed", "mx.corp.example",
-                     original, NOW, retry_until=until)
+    report = Report(make_envelope(), [(recipient, result)], "delayed", "mx.corp.example", NOW,
+                    retry_until=until)
+    data = build_dsn(report, original)
     msg = parse(data)
     assert msg["Subject"] == "Delayed Mail (still being retried)"
     text, _status, returned = parts(msg)
@@ -204,7 +209,8 @@ def test_relayed_dsn(original: Path) -> None:
     recipient = Recipient("bob@isp.example", notify=("SUCCESS",), state="delivered")
     result = DeliveryResult("bob@isp.example", "delivered", "2.0.0", "250 2.0.0 Ok: queued",
                             remote_mta="mx.isp.example[192.0.2.1]:25", relayed_without_dsn=True)
-    msg = parse(build_dsn(make_envelope(), [(recipient, result)], "relayed", "mx", original, NOW))
+    report = Report(make_envelope(), [(recipient, result)], "relayed", "mx", NOW)
+    msg = parse(build_dsn(report, original))
     assert msg["Subject"] == "Successful Mail Delivery Report"
     block = status_blocks(msg)[1]
     assert (block["Action"], block["Status"]) == ("relayed", "2.0.0")
@@ -214,7 +220,8 @@ def test_relayed_dsn(original: Path) -> None:
 def test_expired_temporary_status_becomes_permanent(original: Path) -> None:
     recipient = Recipient("bob@isp.example", state="bounced")
     result = DeliveryResult("bob@isp.example", "temporary", "4.4.7", "delivery time expired")
-    msg = parse(build_dsn(make_envelope(), [(recipient, result)], "failed", "mx", original, NOW))
+    report = Report(make_envelope(), [(recipient, result)], "failed", "mx", NOW)
+    msg = parse(build_dsn(report, original))
     assert status_blocks(msg)[1]["Status"] == "5.4.7"
 
 
@@ -222,7 +229,7 @@ def test_long_diagnostics_are_folded(original: Path) -> None:
     long_reply = "550 5.7.1 " + " ".join(["word"] * 60)
     recipient = Recipient("bob@isp.example", state="bounced")
     result = DeliveryResult("bob@isp.example", "permanent", "5.7.1", long_reply + "\nsecond")
-    data = build_dsn(make_envelope(), [(recipient, result)], "failed", "mx", original, NOW)
+    data = build_dsn(Report(make_envelope(), [(recipient, result)], "failed", "mx", NOW), original)
     status_part = data.split(b"message/delivery-status")[1].split(b"\r\n--")[0]
     assert all(len(line) <= 100 for line in status_part.split(b"\r\n"))
     block = status_blocks(parse(data))[1]
@@ -236,7 +243,7 @@ def test_utf8_addresses_use_the_global_types(tmp_path: Path) -> None:
     env = make_envelope(sender="jörg@bücher.example", smtputf8=True)
     recipient = Recipient("zoë@isp.example", state="bounced")
     result = DeliveryResult("zoë@isp.example", "permanent", "5.1.1", "550 5.1.1 unknown")
-    data = build_dsn(env, [(recipient, result)], "failed", "mx", path, NOW)
+    data = build_dsn(Report(env, [(recipient, result)], "failed", "mx", NOW), path)
     msg = email.message_from_bytes(data)
     assert msg.get_param("report-type") == "global-delivery-status"
     status, returned = parts(msg)[1:]
@@ -248,7 +255,8 @@ def test_utf8_addresses_use_the_global_types(tmp_path: Path) -> None:
 
 def test_smtputf8_flag_alone_keeps_the_plain_types(original: Path) -> None:
     # RFC 6531 3.4: an ASCII envelope and ASCII headers need no UTF-8 types.
-    data = build_dsn(make_envelope(smtputf8=True), [bounced()], "failed", "mx", original, NOW)
+    report = Report(make_envelope(smtputf8=True), [bounced()], "failed", "mx", NOW)
+    data = build_dsn(report, original)
     msg = email.message_from_bytes(data)
     assert msg.get_param("report-type") == "delivery-status"
     status, returned = parts(msg)[1:]
@@ -257,7 +265,7 @@ def test_smtputf8_flag_alone_keeps_the_plain_types(original: Path) -> None:
 
 
 def test_boundary_never_occurs_in_the_content(original: Path) -> None:
-    data = build_dsn(make_envelope(), [bounced()], "failed", "mx", original, NOW)
+    data = build_dsn(Report(make_envelope(), [bounced()], "failed", "mx", NOW), original)
     boundary = email.message_from_bytes(data).get_boundary()
     assert boundary is not None
     assert data.count(b"--" + boundary.encode()) == 4  # three parts and the close
@@ -296,7 +304,7 @@ def test_queue_dsn_queues_a_null_sender_message_to_the_sender(tmp_path: Path) ->
     store = QueueStore(tmp_path)
     env = make_envelope()
     store.add(env, [ORIGINAL])
-    notice = queue_dsn(store, env, [bounced()], "failed", "mx.corp.example", NOW)
+    notice = queue_dsn(store, Report(env, [bounced()], "failed", "mx.corp.example", NOW))
     assert notice is not None
     assert notice.sender == ""
     assert [r.address for r in notice.recipients] == ["boss@corp.example"]
@@ -304,11 +312,23 @@ def test_queue_dsn_queues_a_null_sender_message_to_the_sender(tmp_path: Path) ->
     assert store.load(notice.queue_id) == notice
     msg = email.message_from_bytes(queued_message(store, notice.queue_id))
     assert msg["Subject"] == "Undelivered Mail Returned to Sender"
-    assert notice.size == content_size(store.message_path(notice.queue_id))
+    with store.open_content(notice.queue_id) as content:
+        assert notice.size == content.size
     # The original comes back whole, read from its queue file past the envelope line.
     returned = msg.get_payload()[2].get_payload()[0].as_bytes()
     assert returned.replace(b"\r\n", b"\n") == ORIGINAL.replace(b"\r\n", b"\n")
     assert ENVELOPE_TAG not in queued_message(store, notice.queue_id)
+
+
+def test_queue_dsn_without_the_original_leaves_it_out(tmp_path: Path) -> None:
+    """The original left the queue meanwhile (`postroom queue delete`): the notice
+    goes without its third part (RFC 3464 2)."""
+    store = QueueStore(tmp_path)
+    env = make_envelope()
+    notice = queue_dsn(store, Report(env, [bounced()], "failed", "mx.corp.example", NOW))
+    assert notice is not None
+    msg = email.message_from_bytes(queued_message(store, notice.queue_id))
+    assert len(msg.get_payload()) == 2
 
 
 @pytest.mark.parametrize(
@@ -321,7 +341,7 @@ def test_queue_dsn_sends_nothing_when_not_wanted(
     store = QueueStore(tmp_path)
     env = make_envelope(sender=sender)
     store.add(env, [ORIGINAL])
-    assert queue_dsn(store, env, [bounced(notify=notify)], "failed", "mx", NOW) is None
+    assert queue_dsn(store, Report(env, [bounced(notify=notify)], "failed", "mx", NOW)) is None
     assert store.ids() == ["ORIG00000001"]
 
 

@@ -193,3 +193,47 @@ def test_retiring_a_missing_file_is_file_not_found(tmp_path: Path) -> None:
         pass
     else:
         raise AssertionError("retire of a missing file must raise FileNotFoundError")
+
+
+def test_a_spare_is_locked_before_it_gets_its_temporary_name(tmp_path: Path) -> None:
+    """`recover` in another process leaves a flocked temporary file alone: a taken
+    spare must never show under its temporary name without the flock."""
+    import fcntl
+
+    spares = Spares(tmp_path / "spare")
+    spares.folder.mkdir()
+    (spares.folder / "old").write_bytes(b"\0" * 10)
+    os.utime(spares.folder / "old", (1.0, 1.0))  # blanked long ago
+    taken = spares.take(tmp_path, ".tmp")
+    assert taken is not None
+    try:
+        with open(taken.path, "rb") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(taken.fd)
+
+
+def test_a_spare_someone_holds_is_neither_taken_nor_blanked(tmp_path: Path) -> None:
+    """A spare being blanked (or taken by another process) is locked: another taker
+    skips it, and a blanking never overwrites what a taker wrote."""
+    import fcntl
+
+    spares = Spares(tmp_path / "spare")
+    spares.folder.mkdir()
+    held = spares.folder / "held"
+    held.write_bytes(b"new message")
+    with open(held, "rb") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        assert spares.take(tmp_path, ".tmp") is None
+        assert held.exists()
+        queued = tmp_path / "queued"
+        queued.write_bytes(b"finished message")
+        spares.retire(queued)
+    [retired] = [p for p in spares.folder.iterdir() if p.name != "held"]
+    assert retired.read_bytes() == bytes(len(b"finished message"))
+    with open(retired, "rb") as taker:
+        fcntl.flock(taker.fileno(), fcntl.LOCK_EX)  # a writer that took it meanwhile
+        retired.write_bytes(b"its message")
+        from postroom.queue.spares import _blank
+        _blank(retired)
+        assert retired.read_bytes() == b"its message"

@@ -81,7 +81,7 @@ def add_serve(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace, ctx: Context) -> int:
-    from postroom.tlscert import ensure_certificate
+    from postroom.tlscert import TLSFileError, ensure_certificate
 
     config = ctx.config
     admin_domain = domain_of(config.postmaster)
@@ -93,9 +93,13 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
         )
     for folder in (config.data_dir, config.mail_dir, config.spool_dir, config.queue_dir):
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if config.tls.generate and ensure_certificate(
-        config.tls.cert, config.tls.key, config.hostname, config.source
-    ):
+    try:
+        made = config.tls.generate and ensure_certificate(
+            config.tls.cert, config.tls.key, config.hostname
+        )
+    except TLSFileError as e:
+        raise ConfigError(f"{config.source}: tls.{e.setting}: {e}") from None
+    if made:
         print(f"{PROG}: made a self-signed certificate: {config.tls.cert}", file=sys.stderr)
     try:
         from postroom.server.main import run

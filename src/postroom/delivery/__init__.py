@@ -1,1 +1,1 @@
-"""Couriers for queued mail: local (into Maildirs) and remote (SMTP to the next hop)."""
+"""The couriers: one delivery attempt each, into local Maildirs or over SMTP to the next hop."""

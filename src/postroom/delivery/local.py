@@ -19,15 +19,15 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from typing import BinaryIO
 
-from postroom.delivery.outcome import DeliveryResult
+from postroom.queue.content import Content
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.queuefile import open_content
+from postroom.queue.result import DeliveryResult
 from postroom.store.api import Expansion, Incoming, Mailboxes
 from postroom.store.returnpath import ReturnPathRemover, return_path
 
-COPY_CHUNK = 1024 * 1024  # octets read from the queue file at a time
+COPY_CHUNK = 1024 * 1024  # octets of the message read at a time
 
 
 def _write_failure(error: OSError) -> tuple[str, str]:
@@ -49,9 +49,9 @@ class LocalCourier:
         self._expand = expand
 
     async def deliver(
-        self, envelope: Envelope, recipients: list[Recipient], message_path: Path
+        self, envelope: Envelope, recipients: list[Recipient], content: Content
     ) -> list[DeliveryResult]:
-        """Deliver `message_path` to local `recipients`; one result each, in order."""
+        """Deliver the message to local `recipients`; one result each, in order."""
         results: dict[int, DeliveryResult] = {}
         targets: dict[int, tuple[str, ...]] = {}
         for i, recipient in enumerate(recipients):
@@ -65,7 +65,8 @@ class LocalCourier:
             mailboxes = list(dict.fromkeys(box for boxes in targets.values() for box in boxes))
             message = self._store.receive(return_path(envelope.sender))
             try:
-                await asyncio.to_thread(self._copy, message_path, message)
+                source = content.reader()  # here, not in the thread: see Content
+                await asyncio.to_thread(self._copy, source, message)
                 await message.deliver(mailboxes)
             except OSError as e:
                 status, text = _write_failure(e)
@@ -110,9 +111,8 @@ class LocalCourier:
         return expansion.mailboxes
 
     @staticmethod
-    def _copy(message_path: Path, message: Incoming) -> None:
-        """BLOCKING: copy the queued file into `message`, behind its Return-Path."""
-        source, _ = open_content(message_path)
+    def _copy(source: BinaryIO, message: Incoming) -> None:
+        """BLOCKING: copy `source` into `message`, behind its Return-Path; closes `source`."""
         earlier = ReturnPathRemover()
         with source:
             while chunk := source.read(COPY_CHUNK):

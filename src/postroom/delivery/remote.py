@@ -21,10 +21,8 @@ import logging
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from postroom.addresses import domain_of
-from postroom.delivery.outcome import DeliveryResult, Outcome
 from postroom.delivery.routing import Failure, Hops, Local, Router
 from postroom.delivery.smtp_out import (
     ClientSession,
@@ -36,8 +34,9 @@ from postroom.delivery.smtp_out import (
 )
 from postroom.gathering import gather_few
 from postroom.protocol.replies import Reply
+from postroom.queue.content import Content
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.queuefile import content_size
+from postroom.queue.result import DeliveryResult, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +53,15 @@ class _Idle:
     session: ClientSession
     messages: int  # transactions it has carried
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    """One message on its way to one domain: what every hop tried is given."""
+
+    envelope: Envelope
+    recipients: list[OutRecipient]
+    content: Content
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,7 @@ def _connection_failure(hop: Hop, error: Exception, connecting: bool) -> _HopFai
     """RFC 3463 X.4.1 "no answer from host" before a session, X.4.2 "bad connection" during.
 
     The client session reports its own failures as SMTPError; this covers what
-    escapes it (an OSError reading the queued file, a connection reset).
+    escapes it (an OSError reading the message, a connection reset).
     """
     where = ("connect to " if connecting else "lost connection with ") + _describe(hop)
     if isinstance(error, ConnectionRefusedError):
@@ -139,9 +147,9 @@ class RemoteCourier:
     # -- the courier interface
 
     async def deliver(
-        self, envelope: Envelope, recipients: list[Recipient], message_path: Path
+        self, envelope: Envelope, recipients: list[Recipient], content: Content
     ) -> list[DeliveryResult]:
-        """Try once to deliver `message_path` to `recipients`; one result each, in order.
+        """Try once to deliver the message to `recipients`; one result each, in order.
 
         Recipients are meant to share one domain; several domains are routed
         and delivered side by side, one transaction each.
@@ -156,17 +164,8 @@ class RemoteCourier:
                     recipient.address, "permanent", "5.1.3",
                     f"<{recipient.address}> is not a valid address",
                 )
-        try:
-            # The envelope knows the message's size (the queue measured it); the stat
-            # only finds out early whether the file is still there to be read.
-            message_path.stat()
-            size = envelope.size or content_size(message_path)
-        except OSError as e:
-            # The queue owns the file; if it cannot be read now, maybe later.
-            text = f"cannot read the queued message: {e.strerror or e}"
-            return [DeliveryResult(r.address, "temporary", "4.3.0", text) for r in recipients]
         done = await gather_few(
-            [self._deliver_domain(envelope, d, g, message_path, size) for d, g in groups.items()]
+            [self._deliver_domain(envelope, d, g, content) for d, g in groups.items()]
         )
         by_recipient = {id(r): result for group in done for r, result in group}
         for i, recipient in enumerate(recipients):
@@ -189,12 +188,7 @@ class RemoteCourier:
     # -- one domain
 
     async def _deliver_domain(
-        self,
-        envelope: Envelope,
-        domain: str,
-        recipients: list[Recipient],
-        message_path: Path,
-        size: int,
+        self, envelope: Envelope, domain: str, recipients: list[Recipient], content: Content
     ) -> list[tuple[Recipient, DeliveryResult]]:
         route = await self._router.route(domain)
         if isinstance(route, Failure):
@@ -209,15 +203,15 @@ class RemoteCourier:
             text = f"{domain} is a local domain, not delivered by SMTP"
             return [(r, DeliveryResult(r.address, "temporary", "4.3.5", text)) for r in recipients]
         assert isinstance(route, Hops)
-        out = [OutRecipient(r.address, r.notify, r.orcpt) for r in recipients]
+        message = _Outgoing(
+            envelope, [OutRecipient(r.address, r.notify, r.orcpt) for r in recipients], content
+        )
         failed: _HopFailed | None = None
         idle = self._take_idle(domain, route.hops)
         attempts: list[tuple[Hop, _Idle | None]] = [(idle.hop, idle)] if idle else []
         attempts += [(hop, None) for hop in route.hops]
         for hop, reused in attempts:
-            outcome_or_failure = await self._try_hop(
-                envelope, domain, hop, reused, out, message_path, size
-            )
+            outcome_or_failure = await self._try_hop(domain, hop, reused, message)
             if isinstance(outcome_or_failure, _HopFailed):
                 failed = outcome_or_failure
                 # A reused session that went stale is routine; the hop is tried afresh.
@@ -238,14 +232,7 @@ class RemoteCourier:
         ]
 
     async def _try_hop(
-        self,
-        envelope: Envelope,
-        domain: str,
-        hop: Hop,
-        reused: _Idle | None,
-        out: list[OutRecipient],
-        message_path: Path,
-        size: int,
+        self, domain: str, hop: Hop, reused: _Idle | None, message: _Outgoing
     ) -> tuple[ClientSession, TransactionResult | _Permanent] | _HopFailed:
         """One hop: connect (or reuse), run the transaction; a _HopFailed means try the next."""
         if reused is not None:
@@ -267,17 +254,19 @@ class RemoteCourier:
                 return _smtp_failure(e, _describe(hop))
             except (OSError, EOFError) as e:  # refused, unreachable, TLS, timeout, hang-up
                 return _connection_failure(hop, e, connecting=True)
+        envelope = message.envelope
         try:
-            transaction = await session.send(
-                sender=envelope.sender,
-                recipients=out,
-                message=message_path,
-                size=size,
-                body=envelope.body,
-                smtputf8=envelope.smtputf8,
-                ret=envelope.ret,
-                envid=envelope.envid,
-            )
+            with message.content.reader() as stream:  # each hop reads from the start
+                transaction = await session.send(
+                    sender=envelope.sender,
+                    recipients=message.recipients,
+                    message=stream,
+                    size=message.content.size,
+                    body=envelope.body,
+                    smtputf8=envelope.smtputf8,
+                    ret=envelope.ret,
+                    envid=envelope.envid,
+                )
         except SMTPError as e:
             if e.temporary:
                 self._discard(session)

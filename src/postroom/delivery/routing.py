@@ -4,9 +4,10 @@ RFC 5321 5.1 is the recipe: look up the domain's MX records, try them in
 order of preference (randomizing those of equal preference), each MX host's
 addresses in turn; with no MX records the domain's own A/AAAA records are an
 "implicit MX" of preference 0. RFC 7505 adds the null MX (a single "." MX of
-preference 0): the domain takes no mail at all. A static route from the
-configuration's [routes] replaces the MX lookup for its domain, and a domain
-literal ([192.0.2.1], RFC 5321 4.1.3) names its one host directly.
+preference 0): the domain takes no mail at all. A static route (the
+config's [routes]) replaces the MX lookup for its domain, and a domain
+literal ([192.0.2.1], RFC 5321 4.1.3) names its one host directly. The
+router gets its settings as values (RouterOptions), never the config.
 
 The router never connects anywhere; it returns the hops to try and leaves
 connecting to the remote courier. DNS answers are cached for their TTL, capped
@@ -18,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import itertools
 import random
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -33,9 +35,6 @@ import dns.resolver
 
 from postroom.addresses import canonical_domain
 from postroom.delivery.smtp_out import Hop
-
-if TYPE_CHECKING:
-    from postroom.config import Config
 
 MAX_HOPS = 10  # addresses tried per delivery attempt; the queue retries the rest later
 MAX_CACHE_TTL = 300.0  # seconds: DNS changes (a new MX) take effect within five minutes
@@ -72,22 +71,33 @@ RouteResult = Local | Hops | Failure
 
 
 class RouteTarget(Protocol):
-    """A static next hop: config.Route, or a StaticRoute that also says how to log in."""
+    """A static next hop (the config's Route): a smarthost may insist on TLS and take
+    a login (RFC 4954)."""
 
     @property
     def host(self) -> str: ...
     @property
     def port(self) -> int: ...
+    @property
+    def tls(self) -> str: ...  # "opportunistic" | "required" | "none"
+    @property
+    def auth(self) -> tuple[str, str] | None: ...  # (user, password)
 
 
 @dataclass(frozen=True)
-class StaticRoute:
-    """A static route to a smarthost that may insist on TLS and take a login (RFC 4954)."""
+class RouterOptions:
+    """Where mail goes: the static routes, the DNS servers, and who this host is."""
 
-    host: str
-    port: int = 25
-    tls: str = "opportunistic"  # "opportunistic" | "required" | "none"
-    auth: tuple[str, str] | None = None  # (user, password)
+    routes: Mapping[str, RouteTarget] = field(default_factory=dict)  # domain -> next hop
+    nameservers: Sequence[Any] = ()  # objects with .host and .port; none: the system's
+    mx_port: int = 25  # RFC 5321 4.5.4: the port of hosts found by MX lookup
+    # Itself, for loop detection (RFC 5321 5.1): its name, and its listeners'
+    # addresses (a host name or a wildcard address is not recognised).
+    own_hostname: str | None = None
+    own_endpoints: Collection[tuple[str, int]] = ()
+    max_hops: int = MAX_HOPS
+    dns_lifetime: float = DNS_LIFETIME
+    max_cache_ttl: float = MAX_CACHE_TTL
 
 
 # -- the DNS side -----------------------------------------------------------------
@@ -164,53 +174,34 @@ class Router:
 
     def __init__(
         self,
-        config_routes: Mapping[str, RouteTarget],
-        nameservers: Sequence[Any],
-        mx_port: int,
+        options: RouterOptions,
         local_domains: Callable[[str], bool],
         *,
-        own_hostname: str | None = None,
-        own_endpoints: Collection[tuple[str, int]] = (),
-        max_hops: int = MAX_HOPS,
-        dns_lifetime: float = DNS_LIFETIME,
-        max_cache_ttl: float = MAX_CACHE_TTL,
         rng: random.Random | None = None,
         resolver: dns.asyncresolver.Resolver | None = None,
     ) -> None:
-        self._routes = {canonical_domain(d): target for d, target in config_routes.items()}
-        self._mx_port = mx_port
+        self._routes = {canonical_domain(d): target for d, target in options.routes.items()}
+        self._mx_port = options.mx_port
         self._is_local = local_domains
         # RFC 5321 5.1: a relay that finds itself in a domain's MX list must
         # drop that record and every one with the same or a higher preference.
-        self._own_name = own_hostname.lower().rstrip(".") if own_hostname else None
-        # Addresses only: a listener given by host name, or on a wildcard address
-        # (0.0.0.0, ::), is not recognised here.
-        self._own_endpoints = {(str(ipaddress.ip_address(h)), p) for h, p in own_endpoints
-                               if _is_ip(h)}
-        self._max_hops = max_hops
+        own_name = options.own_hostname
+        self._own_name = own_name.lower().rstrip(".") if own_name else None
+        self._own_endpoints = {(str(ipaddress.ip_address(h)), p)
+                               for h, p in options.own_endpoints if _is_ip(h)}
+        self._max_hops = options.max_hops
         self._rng = rng if rng is not None else random.Random()
         self._resolver: dns.asyncresolver.Resolver | None = resolver
         self._resolver_error: str | None = None
         if resolver is None:
             try:
                 self._resolver = make_resolver(
-                    nameservers, lifetime=dns_lifetime, max_cache_ttl=max_cache_ttl
+                    options.nameservers, lifetime=options.dns_lifetime,
+                    max_cache_ttl=options.max_cache_ttl,
                 )
             except dns.exception.DNSException as e:
                 # No /etc/resolv.conf: start anyway; remote mail waits in the queue.
                 self._resolver_error = f"no DNS resolver configured ({e})"
-
-    @classmethod
-    def from_config(cls, config: Config, local_domains: Callable[[str], bool]) -> Router:
-        """A router for a loaded Config: its routes, DNS servers, MX port and own name.
-
-        Its own SMTP listener counts as itself for loop detection (RFC 5321 5.1).
-        """
-        own = [(config.listen.smtp.host, config.listen.smtp.port)] if config.listen.smtp else []
-        return cls(
-            config.routes, config.dns.nameservers, config.relay.mx_port, local_domains,
-            own_hostname=config.hostname, own_endpoints=own,
-        )
 
     async def route(self, domain: str) -> RouteResult:
         """Where mail for `domain` goes now: Local(), Hops([...]) or Failure(...)."""
@@ -233,8 +224,7 @@ class Router:
     # -- static routes
 
     async def _static(self, domain: str, target: RouteTarget) -> RouteResult:
-        tls = getattr(target, "tls", "opportunistic")
-        auth = getattr(target, "auth", None)
+        tls, auth = target.tls, target.auth
         host = target.host.lower().rstrip(".")
         if _is_ip(host):
             return Hops([Hop(host=host, port=target.port, name=host, tls=tls, auth=auth)])
@@ -327,15 +317,10 @@ class Router:
     def _order(self, mxs: list[tuple[int, dns.name.Name]]) -> list[tuple[int, dns.name.Name]]:
         """Preference order, with equal preferences shuffled (RFC 5321 5.1, to spread load)."""
         ordered: list[tuple[int, dns.name.Name]] = []
-        i = 0
-        while i < len(mxs):
-            j = i
-            while j < len(mxs) and mxs[j][0] == mxs[i][0]:
-                j += 1
-            group = mxs[i:j]
+        for _preference, same in itertools.groupby(mxs, key=lambda mx: mx[0]):
+            group = list(same)
             self._rng.shuffle(group)
             ordered.extend(group)
-            i = j
         return ordered
 
     def _is_own(self, name: str, addresses: list[str]) -> bool:

@@ -9,7 +9,7 @@ and AUTH (PLAIN, else LOGIN) when the hop has a login, never without TLS.
 
 `send` runs one mail transaction and returns every recipient's own reply: MAIL,
 RCPTs and DATA go in one write when the server offers PIPELINING (RFC 2920
-3.1), one by one otherwise; the message is read from its file in chunks and
+3.1), one by one otherwise; the message is read from its stream in chunks and
 dot-stuffed on the way (never whole in memory), its lines over 998 octets
 folded or broken as Postfix's smtp_line_length_limit does (RFC 5321
 4.5.3.1.6; see protocol.folding.LineFolder). A server that offers CHUNKING
@@ -37,7 +37,6 @@ import re
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO
 
 from postroom.net import Channel
@@ -58,7 +57,6 @@ from postroom.protocol.smtp_client import (
     State,
     path_problem,
 )
-from postroom.queue.queuefile import open_content
 
 log = logging.getLogger("postroom.delivery.smtp")
 
@@ -196,8 +194,8 @@ def _label(command: str) -> str:
 
 
 def _has_8bit(file: IO[bytes]) -> bool:
-    """Whether the message has octets above 127 (RFC 6152); the file is put back where
-    it was (at the message's start, past a queue file's envelope line)."""
+    """Whether the message has octets above 127 (RFC 6152); the stream is put back
+    where it was (at the message's start)."""
     start = file.tell()
     try:
         while chunk := file.read(CHUNK_SIZE):
@@ -208,11 +206,12 @@ def _has_8bit(file: IO[bytes]) -> bool:
         file.seek(start)
 
 
-def _headers_have_8bit(message: Path) -> bool:
+def _headers_have_8bit(file: IO[bytes]) -> bool:
     """Whether the message's header section has octets above 127 (RFC 6532 3.2: UTF-8
-    header fields); read in chunks up to its blank line, never whole."""
-    file, _ = open_content(message)
-    with file:
+    header fields); read in chunks up to its blank line, never whole. The stream is
+    put back where it was (at the message's start)."""
+    start = file.tell()
+    try:
         before = b"\n"  # the content starts at a line start
         while chunk := file.read(CHUNK_SIZE):
             window = before + chunk
@@ -223,6 +222,8 @@ def _headers_have_8bit(message: Path) -> bool:
                 return True
             before = window[-2:]
         return False
+    finally:
+        file.seek(start)
 
 
 class ClientSession:
@@ -472,7 +473,7 @@ class ClientSession:
         *,
         sender: str,
         recipients: list[OutRecipient],
-        message: Path,
+        message: IO[bytes],
         size: int,
         body: str | None = None,
         smtputf8: bool = False,
@@ -481,7 +482,8 @@ class ClientSession:
     ) -> TransactionResult:
         """Send one message; see the module docstring and TransactionResult.
 
-        `size` is the message's size in octets (declared with SIZE). `body`
+        `message` is an open stream at the message's first octet, read to its
+        end; `size` is the message's size in octets (declared with SIZE). `body`
         is "7BIT" or "8BITMIME" as the sender declared it, or None to look at
         the content. `smtputf8` says the client asked for SMTPUTF8 (non-ASCII
         addresses always do); a hop without it still gets the message when no
@@ -527,27 +529,25 @@ class ClientSession:
         dsn = ext.dsn
         if not sendable:
             return TransactionResult(results, None, dsn)
-        file, _ = open_content(message)
-        with file:
-            notes: list[str] = []
-            eight_bit = body.upper() == "8BITMIME" if body is not None else _has_8bit(file)
-            body_param = None
-            if ext.eightbitmime:
-                body_param = body.upper() if body is not None else "8BITMIME" if eight_bit else None
-            elif eight_bit:
-                # RFC 6152 3 asks for conversion or a bounce; like Postfix, send as is.
-                notes.append(f"8-bit message sent to {self._peer}, which does not offer 8BITMIME")
-            if self._core.state is not State.READY:
-                await self._rset()
-            self._core.mail(
-                sender,
-                size=size if "SIZE" in ext else None,
-                body=body_param,
-                smtputf8=utf8,
-                ret=ret if dsn else None,
-                envid=envid if dsn else None,
-            )
-            done = await self._transaction(file, sendable, results, dsn, notes)
+        notes: list[str] = []
+        eight_bit = body.upper() == "8BITMIME" if body is not None else _has_8bit(message)
+        body_param = None
+        if ext.eightbitmime:
+            body_param = body.upper() if body is not None else "8BITMIME" if eight_bit else None
+        elif eight_bit:
+            # RFC 6152 3 asks for conversion or a bounce; like Postfix, send as is.
+            notes.append(f"8-bit message sent to {self._peer}, which does not offer 8BITMIME")
+        if self._core.state is not State.READY:
+            await self._rset()
+        self._core.mail(
+            sender,
+            size=size if "SIZE" in ext else None,
+            body=body_param,
+            smtputf8=utf8,
+            ret=ret if dsn else None,
+            envid=envid if dsn else None,
+        )
+        done = await self._transaction(message, sendable, results, dsn, notes)
         ordered = {r.address: done.recipients[r.address] for r in unique}
         return TransactionResult(ordered, done.data_reply, dsn, tuple(notes))
 

@@ -1,1 +1,1 @@
-"""The durable mail queue: envelopes and messages on disk, the scheduler, bounces."""
+"""The durable mail queue: queue files on disk, the scheduler and its rules, bounces (DSNs)."""

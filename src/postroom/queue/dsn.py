@@ -19,6 +19,7 @@ import email.utils
 import re
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import MIMEPart
 from email.parser import HeaderParser
@@ -26,11 +27,10 @@ from email.policy import compat32
 from pathlib import Path
 from typing import Literal
 
-from postroom.delivery.outcome import DeliveryResult
 from postroom.ids import new_queue_id
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.queuefile import open_content
-from postroom.queue.store import QueueStore
+from postroom.queue.result import DeliveryResult
+from postroom.queue.store import QueueError, QueueStore
 
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
 
@@ -85,6 +85,28 @@ _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _SMTP_REPLY = re.compile(r"[2-5]\d\d(?:[ -]|$)")
 
 
+@dataclass(frozen=True)
+class Report:
+    """One delivery status notification to make: on which recipients of which message."""
+
+    envelope: Envelope  # the message reported on
+    items: Sequence[tuple[Recipient, DeliveryResult]]  # each recipient with its last result
+    action: Action
+    reporting_mta: str  # this host's name (Reporting-MTA, From)
+    now: float
+    retry_until: float | None = None  # delayed notices: when the queue gives up
+    to: str | None = None  # the postmaster, for mail from <>; None: the sender
+
+    def wanted(self) -> Report:
+        """The report on just those recipients that want it (see wants_dsn); a report
+        to the postmaster is about every recipient given."""
+        if self.to is not None:
+            return self
+        items = [(r, res) for r, res in self.items if wants_dsn(self.envelope, r, self.action)]
+        return Report(self.envelope, items, self.action, self.reporting_mta, self.now,
+                      self.retry_until)
+
+
 def wants_dsn(envelope: Envelope, recipient: Recipient, action: str) -> bool:
     """Whether the sender asked for (or by default gets) a notice of `action` for `recipient`.
 
@@ -103,58 +125,49 @@ def wants_dsn(envelope: Envelope, recipient: Recipient, action: str) -> bool:
 
 
 def build_dsn(
-    envelope: Envelope,
-    recipients_with_results: Sequence[tuple[Recipient, DeliveryResult]],
-    action: Action,
-    reporting_mta: str,
-    original_message: Path | bytes,
-    now: float,
-    *,
-    retry_until: float | None = None,
-    max_full: int = RETURN_FULL_LIMIT,
-    to: str | None = None,
+    report: Report, original: Path | bytes | None, *, max_full: int = RETURN_FULL_LIMIT
 ) -> bytes:
-    """The complete DSN message (CRLF lines) reporting `action` for the given recipients.
+    """The complete DSN message (CRLF lines): multipart/report (RFC 6522) with a text
+    for people, the message/delivery-status fields, and the original.
 
-    `retry_until` (delayed notices) is when the queue gives up. The original
-    is returned whole when RET=FULL or RET is absent and it is at most
-    `max_full` octets, else only its header section; a missing original
-    file leaves the third part out (RFC 3464 2: it is optional). The original
-    may also be given as its octets. `to`: the postmaster, when the report
-    cannot go to the sender (mail from <>).
+    The original is returned whole when RET=FULL or RET is absent and it is at
+    most `max_full` octets, else only its header section; a missing original
+    (None, or no such file) leaves the third part out (RFC 3464 2: it is
+    optional). The original is a message file (not a queue file) or its
+    octets.
     """
-    headers, full = _read_original(original_message, max_full)
+    envelope = report.envelope
+    headers, full = _read_original(original, max_full)
     want_full = (envelope.ret or "FULL").upper() != "HDRS"
-    returned: bytes | None
-    if headers is None:
-        returned, returned_kind = None, ""
-    elif want_full and full is not None:
-        returned, returned_kind = full, "message"
-    else:
-        returned, returned_kind = headers, "headers"
+    returned, whole = (full, True) if want_full and full is not None else (headers, False)
     # RFC 6533 3-6: UTF-8 addresses or header fields need the "global" media types;
     # the client's SMTPUTF8 flag alone does not (RFC 6531 3.4).
     addresses = [envelope.sender]
-    for recipient, _result in recipients_with_results:
+    for recipient, _result in report.items:
         addresses += [recipient.address, recipient.orcpt or ""]
     global_types = not all(a.isascii() for a in addresses) or not (headers or b"").isascii()
+    boundary = _boundary(report.reporting_mta, returned or b"")
+    text = _human_text(report, headers, truncated=want_full and not whole and full is None)
+    status_type = "message/global-delivery-status" if global_types else "message/delivery-status"
+    out = _top_fields(report, boundary, global_types)
+    delimiter = b"\r\n--" + boundary.encode("ascii")
+    out += [delimiter, b"\r\n", _text_part(text)]
+    out += [delimiter, b"\r\n", _field("Content-Type", status_type)]
+    out += [_field("Content-Description", "Delivery report"), b"\r\n", _status_fields(report)]
+    if returned is not None:
+        out += [delimiter, b"\r\n", *_returned_part(report.action, returned, whole, global_types)]
+    out += [delimiter, b"--\r\n"]
+    return b"".join(out)
 
-    boundary = _boundary(reporting_mta, returned or b"")
-    text = _human_text(
-        envelope, recipients_with_results, action, reporting_mta, headers,
-        retry_until=retry_until,
-        truncated=want_full and returned_kind == "headers" and full is None,
-        postmaster=to is not None,
-    )
-    status_part = _status_fields(
-        envelope, recipients_with_results, action, reporting_mta, now, retry_until
-    )
 
-    out = [
+def _top_fields(report: Report, boundary: str, global_types: bool) -> list[bytes]:
+    """The DSN's own header section and preamble."""
+    reporting_mta, to = report.reporting_mta, report.to
+    return [
         _field("From", f"MAILER-DAEMON@{reporting_mta} (Mail Delivery System)"),
-        _field("To", f"<{to if to is not None else envelope.sender}>"),
-        _field("Subject", POSTMASTER_SUBJECT if to is not None else SUBJECTS[action]),
-        _field("Date", email.utils.formatdate(now, localtime=True)),
+        _field("To", f"<{to if to is not None else report.envelope.sender}>"),
+        _field("Subject", POSTMASTER_SUBJECT if to is not None else SUBJECTS[report.action]),
+        _field("Date", email.utils.formatdate(report.now, localtime=True)),
         _field("Message-ID", email.utils.make_msgid(domain=reporting_mta)),
         _field("Auto-Submitted", "auto-replied"),  # RFC 3834 5: never answer this
         _field("MIME-Version", "1.0"),
@@ -166,28 +179,20 @@ def build_dsn(
         b"\r\n",
         b"This is a MIME-formatted message; a delivery status report.\r\n",
     ]
-    delimiter = b"\r\n--" + boundary.encode("ascii")
 
-    out += [delimiter, b"\r\n", _text_part(text)]
 
-    status_type = "message/global-delivery-status" if global_types else "message/delivery-status"
-    out += [delimiter, b"\r\n", _field("Content-Type", status_type)]
-    out += [_field("Content-Description", "Delivery report"), b"\r\n", status_part]
-
-    if returned is not None:
-        if returned_kind == "message":
-            kind = "message/global" if global_types else "message/rfc822"
-            description = "Undelivered message" if action == "failed" else "Message"
-        else:
-            kind = "message/global-headers" if global_types else "text/rfc822-headers"
-            description = "Headers of the message"
-        out += [delimiter, b"\r\n", _field("Content-Type", kind)]
-        out.append(_field("Content-Description", description))
-        if not returned.isascii():
-            out.append(_field("Content-Transfer-Encoding", "8bit"))
-        out += [b"\r\n", returned]
-    out += [delimiter, b"--\r\n"]
-    return b"".join(out)
+def _returned_part(action: str, returned: bytes, whole: bool, global_types: bool) -> list[bytes]:
+    """The third part: the original message, or its header section (RFC 3462 2, 6533)."""
+    if whole:
+        kind = "message/global" if global_types else "message/rfc822"
+        description = "Undelivered message" if action == "failed" else "Message"
+    else:
+        kind = "message/global-headers" if global_types else "text/rfc822-headers"
+        description = "Headers of the message"
+    part = [_field("Content-Type", kind), _field("Content-Description", description)]
+    if not returned.isascii():
+        part.append(_field("Content-Transfer-Encoding", "8bit"))
+    return [*part, b"\r\n", returned]
 
 
 def dsn_envelope(original: Envelope, now: float, *, to: str | None = None) -> Envelope:
@@ -209,56 +214,50 @@ def dsn_envelope(original: Envelope, now: float, *, to: str | None = None) -> En
 
 
 def queue_dsn(
-    store: QueueStore,
-    envelope: Envelope,
-    recipients_with_results: Sequence[tuple[Recipient, DeliveryResult]],
-    action: Action,
-    reporting_mta: str,
-    now: float,
-    *,
-    retry_until: float | None = None,
-    original: Path | bytes | None = None,
-    to: str | None = None,
+    store: QueueStore, report: Report, original: Path | bytes | None = None
 ) -> Envelope | None:
     """Build and durably queue the DSN for those recipients that want one (see wants_dsn).
 
     `original` is the message (its file or its octets) when it is not in the
-    queue: mail the SMTP session filed straight into Maildirs. With `to` (the
-    postmaster) the report about mail from <> goes there, for every recipient
-    given. Returns the DSN's envelope, or None when nobody is owed a notice.
-    Blocking (it writes the queue).
+    queue: mail the SMTP session filed straight into Maildirs. Returns the
+    DSN's envelope, or None when nobody is owed a notice. Blocking (it writes
+    the queue).
     """
-    if to is None:
-        wanted = [
-            (r, res) for r, res in recipients_with_results if wants_dsn(envelope, r, action)
-        ]
-    else:
-        wanted = list(recipients_with_results)
-    if not wanted:
+    report = report.wanted()
+    if not report.items:
         return None
-    data = build_dsn(
-        envelope, wanted, action, reporting_mta,
-        original if original is not None else store.message_path(envelope.queue_id), now,
-        retry_until=retry_until, to=to,
-    )
-    notice = dsn_envelope(envelope, now, to=to)
-    store.add(notice, [data])
+    if original is None:
+        original = _queued_original(store, report.envelope.queue_id)
+    notice = dsn_envelope(report.envelope, report.now, to=report.to)
+    store.add(notice, [build_dsn(report, original)])
     return notice
 
 
 # -- the parts -------------------------------------------------------------------
 
 
+def _queued_original(store: QueueStore, queue_id: str) -> bytes | None:
+    """As much of a queued message as a DSN may return (see _read_original); None
+    when it is no longer in the queue."""
+    try:
+        content = store.open_content(queue_id)
+    except QueueError:
+        return None
+    with content, content.reader() as f:
+        return f.read(max(RETURN_FULL_LIMIT, HEADER_LIMIT) + 1)
+
+
 def _read_original(
-    original: Path | bytes, max_full: int
+    original: Path | bytes | None, max_full: int
 ) -> tuple[bytes | None, bytes | None]:
     """(header section, whole message or None when too large); (None, None) if missing."""
+    if original is None:
+        return None, None
     if isinstance(original, bytes):
         head = original[: max(max_full, HEADER_LIMIT) + 1]
     else:
         try:
-            f, _ = open_content(original)
-            with f:
+            with open(original, "rb") as f:
                 head = f.read(max(max_full, HEADER_LIMIT) + 1)
         except FileNotFoundError:
             return None, None
@@ -352,17 +351,11 @@ def _diagnostic(text: str) -> str:
     return f"smtp; {line}" if _SMTP_REPLY.match(line) else f"X-Postroom; {line}"
 
 
-def _status_fields(
-    envelope: Envelope,
-    items: Sequence[tuple[Recipient, DeliveryResult]],
-    action: str,
-    reporting_mta: str,
-    now: float,
-    retry_until: float | None,
-) -> bytes:
+def _status_fields(report: Report) -> bytes:
     """The message/delivery-status body: per-message fields, then one block per recipient."""
+    envelope, action, now = report.envelope, report.action, report.now
     blocks = []
-    fields = [_field("Reporting-MTA", f"dns; {reporting_mta}")]
+    fields = [_field("Reporting-MTA", f"dns; {report.reporting_mta}")]
     fields.append(_field("X-Postroom-Queue-ID", envelope.queue_id))
     if envelope.envid:
         fields.append(_field("Original-Envelope-Id", envelope.envid))  # RFC 3464 2.2.1
@@ -370,7 +363,7 @@ def _status_fields(
         fields.append(_field("Received-From-MTA", f"dns; {envelope.client}"))
     fields.append(_field("Arrival-Date", email.utils.formatdate(envelope.created, True)))
     blocks.append(b"".join(fields))
-    for recipient, result in items:
+    for recipient, result in report.items:
         fields = []
         if recipient.orcpt:
             fields.append(_field("Original-Recipient", _original_recipient(recipient.orcpt)))
@@ -383,8 +376,9 @@ def _status_fields(
             fields.append(_field("Diagnostic-Code", _diagnostic(result.text)))
         attempted = recipient.done_at if recipient.done_at is not None else now
         fields.append(_field("Last-Attempt-Date", email.utils.formatdate(attempted, True)))
-        if action == "delayed" and retry_until is not None:
-            fields.append(_field("Will-Retry-Until", email.utils.formatdate(retry_until, True)))
+        if action == "delayed" and report.retry_until is not None:
+            until = email.utils.formatdate(report.retry_until, True)
+            fields.append(_field("Will-Retry-Until", until))
         blocks.append(b"".join(fields))
     return b"\r\n".join(blocks)
 
@@ -403,22 +397,15 @@ def _subject_of(headers: bytes | None) -> str | None:
         return _one_line(str(raw))
 
 
-def _human_text(
-    envelope: Envelope,
-    items: Sequence[tuple[Recipient, DeliveryResult]],
-    action: str,
-    reporting_mta: str,
-    headers: bytes | None,
-    *,
-    retry_until: float | None,
-    truncated: bool,
-    postmaster: bool = False,
-) -> str:
+def _human_text(report: Report, headers: bytes | None, *, truncated: bool) -> str:
+    """The text part for people: what happened, and to whom."""
+    envelope, retry_until, postmaster = report.envelope, report.retry_until, report.to is not None
     until = ""
     if retry_until is not None:
         until = " until " + email.utils.formatdate(retry_until, localtime=True)
-    lines = [f"Delivery report from the mail system at {reporting_mta}.", ""]
-    lines.append(_POSTMASTER_OPENING if postmaster else _OPENING[action].format(until=until))
+    lines = [f"Delivery report from the mail system at {report.reporting_mta}.", ""]
+    opening = _OPENING[report.action].format(until=until)
+    lines.append(_POSTMASTER_OPENING if postmaster else opening)
     lines.append("")
     subject = _subject_of(headers)
     sent = email.utils.formatdate(envelope.created, localtime=True)
@@ -426,7 +413,7 @@ def _human_text(
     lines.append(f"{whose} of {sent}" + (f', subject "{subject}"' if subject else ""))
     lines.append(f"(queue ID {envelope.queue_id}):")
     lines.append("")
-    for recipient, result in items:
+    for recipient, result in report.items:
         lines.append(f"<{recipient.address}>")
         reply = _one_line(result.text) if result.text else "(no further detail)"
         if result.remote_mta:

@@ -5,23 +5,28 @@
     ...the message as received, CRLF lines...
 
 One line of JSON (postroom.queue.envelope; JSON strings escape every control
-character, so it holds no LF). The queue (postroom.queue.store) writes and
-changes these files; everything that reads a queued message (the couriers,
-bounces, `postroom trace`) opens it here, past that line.
+character, so it holds no LF). The queue (postroom.queue.store) writes,
+changes and opens these files; couriers get the message from it as a
+postroom.queue.content.Content, never the file. `postroom trace`, which reads
+queue files and Maildir files alike, opens them with `open_content`.
 """
 
 from __future__ import annotations
 
-import io
 import os
 from typing import BinaryIO
 
 from postroom.queue.envelope import Envelope
 
-# The first line of a queue file starts with this tag: nothing else does (a
-# message starts with a header field, whose name ends with ":"), so a file of
-# an older queue, without an envelope line, is told apart.
+# The first line of a queue file starts with this tag: no message does (a
+# message starts with a header field, whose name ends with ":"), so a queue
+# file is told apart from a message stored elsewhere (a Maildir's).
 ENVELOPE_TAG = b"postroom-envelope "
+# What is read of a queue file first while looking for the end of its envelope
+# line (one page: the line of a message to a few recipients fits), then at a
+# time while the line goes on.
+FIRST_READ = 4096
+LINE_READ = 64 * 1024
 
 
 def envelope_line(envelope: Envelope) -> bytes:
@@ -30,10 +35,23 @@ def envelope_line(envelope: Envelope) -> bytes:
     return ENVELOPE_TAG + envelope.to_json() + b"\n"
 
 
-def has_envelope_line(f: io.BufferedReader) -> bool:
-    """Whether the file, just opened, begins with an envelope line (a queue file);
-    it is peeked at, not read, so it stays at its start."""
-    return f.peek(len(ENVELOPE_TAG))[: len(ENVELOPE_TAG)] == ENVELOPE_TAG
+def read_envelope_line(fd: int) -> bytes | None:
+    """The envelope line at the start of the open file `fd`, LF included, read with
+    pread(2) (the file's position is left alone); None when the file does not start
+    with ENVELOPE_TAG. A line cut short (no LF before the end) is returned as it is:
+    the caller tells it by its missing LF."""
+    line = os.pread(fd, FIRST_READ, 0)
+    if not line.startswith(ENVELOPE_TAG):
+        return None
+    end = line.find(b"\n")
+    while end < 0:
+        more = os.pread(fd, LINE_READ, len(line))
+        if not more:
+            return line
+        found = more.find(b"\n")
+        end = -1 if found < 0 else len(line) + found
+        line += more
+    return line[: end + 1]
 
 
 def open_content(path: str | os.PathLike[str]) -> tuple[BinaryIO, int]:
@@ -43,16 +61,11 @@ def open_content(path: str | os.PathLike[str]) -> tuple[BinaryIO, int]:
     """
     f = open(path, "rb")  # noqa: SIM115 - the caller's
     try:
-        start = len(f.readline()) if has_envelope_line(f) else 0
+        line = read_envelope_line(f.fileno())
+        start = len(line) if line is not None else 0
+        f.seek(start)
         size = os.fstat(f.fileno()).st_size - start
     except BaseException:
         f.close()
         raise
     return f, size
-
-
-def content_size(path: str | os.PathLike[str]) -> int:
-    """The size of the message stored at `path` (see open_content)."""
-    f, size = open_content(path)
-    f.close()
-    return size

@@ -1,22 +1,13 @@
-"""The queue's clock: decides when each queued message is tried, and what each result means.
+"""The queue's clock: decides when each queued message is tried, and records what each try did.
 
 The scheduler owns time (couriers never sleep or retry). It keeps every
 envelope of the queue folder in memory, starts the ones that are due, and
 for each attempt groups the recipients still pending by domain and calls the
-injected `deliver` once per domain, within two limits: `max_per_destination`
-concurrent deliveries per domain and `max_total` overall.
-
-What a result does to a recipient (a table, by outcome):
-
-    delivered  -> "delivered"  (a success notice if NOTIFY asked for one, RFC 3461)
-    permanent  -> "bounced"    (a failure notice to the sender)
-    temporary  -> "deferred"   (retried later) or, once the message is older than
-                  give_up_after, "bounced" with 5.4.7 and a failure notice
-
-A failure notice cannot go to the null sender <>: mail from <> that bounces
-(a bounce to a sender who does not exist) is reported to the `postmaster`
-instead (a double bounce); one of those that bounces too is logged and
-dropped, never reported again (RFC 5321 6.1: no loops).
+injected `deliver` once per domain, with the message open for reading
+(postroom.queue.content), within two limits: `max_per_destination`
+concurrent deliveries per domain and `max_total` overall. What a result does
+to a recipient, when the message is tried again and which notices it owes
+are the rules of postroom.queue.rules.
 
 Each result is written to disk (the queue's envelope file) before anything else happens
 (one write per `deliver` call, which returns all of a domain's results at
@@ -27,16 +18,8 @@ final the message is removed. After a crash (kill -9) a restart finds every
 envelope on disk again; only the recipients that were in the middle of a
 `deliver` call are tried again (at least once, never lost).
 
-Retries wait `config.queue.retry_after[n-1]` after the n-th failed attempt
-(the last interval repeats), times a random factor in [0.9, 1.1]: the +-10 %
-jitter spreads out messages that failed together, so they do not all hit a
-recovering host in the same second.
-
-Log lines carry the queue ID, in Postfix's shape:
-`QUEUEID: to=<x>, relay=host[ip]:port, delay=12, delays=a/b/c, dsn=4.4.1,
-status=deferred (text)`, where delay is the time since arrival and delays
-splits this attempt into: time queued before it / waiting for a delivery
-slot / the delivery itself. `QUEUEID: removed` ends a message's life.
+Every result is logged in Postfix's shape (postroom.queue.logline);
+`QUEUEID: removed` ends a message's life.
 """
 
 from __future__ import annotations
@@ -47,35 +30,47 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import cast
 
 from postroom.batch import BatchThread
-from postroom.config import Config
-from postroom.delivery.outcome import DeliveryResult
 from postroom.gathering import gather_few
-from postroom.queue.dsn import DOUBLE_BOUNCE, Action, queue_dsn, wants_dsn
+from postroom.queue.content import Content
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.store import CorruptEnvelope, NotQueued, QueueError, QueueStore
+from postroom.queue.logline import Timing, log_result
+from postroom.queue.notices import Notices
+from postroom.queue.reading import EnvelopeReader
+from postroom.queue.result import DeliveryResult
+from postroom.queue.rules import (
+    JITTER,
+    OWED,
+    Rules,
+    judge,
+    match_results,
+    next_attempt,
+    retry_delay,
+)
+from postroom.queue.store import CorruptEnvelope, NotQueued, QueueStore
 
 log = logging.getLogger("postroom.queue")
 
-Deliver = Callable[[Envelope, list[Recipient], Path], Awaitable[list[DeliveryResult]]]
+Deliver = Callable[[Envelope, list[Recipient], Content], Awaitable[list[DeliveryResult]]]
 
 RESCAN_INTERVAL = 30.0  # seconds: `postroom queue` and sendmail change the folder meanwhile
-JITTER = 0.1  # retry intervals vary by +-10 %
 # Seconds the removing thread gathers finished messages before it removes them;
 # a crash meanwhile delivers them again, as for any delivery in flight.
 REMOVE_LINGER = 0.01
-# At most this many envelopes are read in the event loop at once; more go to the
-# reading thread (see Scheduler._read).
-READ_IN_LOOP = 8
-EXPIRED_STATUS = "5.4.7"  # RFC 3463 X.4.7: delivery time expired
-DEFAULT_RETRY = 300.0  # used only if a config lists no retry interval at all
-OWED = "dsn_owed"  # envelope.extra key: {address: action} of notices not yet queued
-TO_POSTMASTER = "postmaster"  # the action owed for mail from <> that bounced (see OWED)
+UNREADABLE_STATUS = "4.3.0"  # RFC 3463 X.3.0: the queued message cannot be read now
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    """The scheduler's settings (from the config's [queue] and hostname)."""
+
+    hostname: str  # names this host in the notices it sends (Reporting-MTA, From)
+    rules: Rules = field(default_factory=Rules)
+    max_per_destination: int = 10  # concurrent deliveries to one domain
+    max_total: int = 100  # concurrent deliveries in all
 
 
 @dataclass
@@ -108,54 +103,37 @@ class Scheduler:
         self,
         store: QueueStore,
         deliver: Deliver,
-        config: Config,
+        options: SchedulerOptions,
         *,
-        bounce_sender_hostname: str,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
-        max_per_destination: int = 10,
-        max_total: int = 100,
-        delay_warning_after: float | None = None,
-        postmaster: str | None = None,
     ) -> None:
-        """`postmaster`: where failure reports about mail from <> go (None: dropped)."""
-        if max_per_destination < 1 or max_total < 1:
+        if options.max_per_destination < 1 or options.max_total < 1:
             raise ValueError("delivery limits must be at least 1")
         self.store = store
         self._deliver = deliver
-        self._retry_after = tuple(config.queue.retry_after) or (DEFAULT_RETRY,)
-        self._give_up_after = config.queue.give_up_after
-        self.hostname = bounce_sender_hostname
+        self._rules = options.rules
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
-        self._max_per_destination = max_per_destination
-        self._total = asyncio.Semaphore(max_total)
-        self._delay_warning_after = delay_warning_after
-        self._postmaster = postmaster
-        self._envelopes: dict[str, Envelope] = {}
-        self._in_flight: set[str] = set()
+        self._max_per_destination = options.max_per_destination
+        self._total = asyncio.Semaphore(options.max_total)
+        self._view = EnvelopeReader(store)
+        self._envelopes = self._view.envelopes  # the scheduler's copy of the queue
+        self._in_flight = self._view.in_flight  # IDs of the attempts running
+        self._notices = Notices(store, options.hostname, options.rules, self._adopt_notice)
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots: dict[str, _Slot] = {}
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._wake_ids: set[str] = set()
-        self._fresh: set[str] = set()  # envelopes just read by _load_ids
-        # Finished messages are removed in batches: one sync of the folder for many.
-        # Their files are kept for reuse: the scheduler alone reads a message
-        # to deliver it, and it removes one only when its deliveries are over.
-        # Nothing waits on a removal but the "removed" log line, so the thread
-        # gathers them for REMOVE_LINGER: four alternating relay-benchmark pairs
-        # gave 327-380 msg/s with it, 273-341 without (see BatchThread).
+        # Finished messages are removed in batches, one sync of the folder for
+        # many, their files kept for reuse: the scheduler alone reads a message
+        # to deliver it, and removes one only when its deliveries are over.
+        # Nothing waits on a removal but its log line, so the thread gathers
+        # them for REMOVE_LINGER (see BatchThread).
         self._remover: BatchThread[str, None] = BatchThread(
             "postroom-queue-remove", functools.partial(self.store.remove_many, reuse=True),
             linger=REMOVE_LINGER,
-        )
-        # Envelopes queued by the other server processes are read here, a batch of
-        # IDs per job, when there are more than READ_IN_LOOP (see _read): a pool
-        # thread per read (asyncio.to_thread) cost more in futures and hand-offs
-        # than the read of a small, just-written file.
-        self._reader: BatchThread[list[str], list[Envelope | Exception]] = BatchThread(
-            "postroom-queue-read", lambda jobs: [self._read_envelopes(ids) for ids in jobs]
         )
         self._flush_all = False
         self._rescan_requested = False
@@ -173,8 +151,7 @@ class Scheduler:
             self._flush_all = True
         elif envelope is not None and queue_id not in self._in_flight:
             envelope.next_attempt = 0.0
-            self._envelopes[queue_id] = envelope
-            self._fresh.add(queue_id)  # _attempt need not read it either
+            self._view.take(envelope)
         else:
             self._wake_ids.add(queue_id)
         self._poke()
@@ -193,22 +170,25 @@ class Scheduler:
         """Wait until everything due has been tried and nothing is in flight (for tests)."""
         await self._idle.wait()
 
-    @property
-    def in_flight(self) -> frozenset[str]:
-        return frozenset(self._in_flight)
-
     def envelopes(self) -> list[Envelope]:
         """The scheduler's current view of the queue (copies are not made: do not change)."""
         return list(self._envelopes.values())
 
     def retry_delay(self, failures: int) -> float:
         """Seconds to wait after the `failures`-th failed attempt, jitter included."""
-        index = min(max(failures, 1), len(self._retry_after)) - 1
-        return self._retry_after[index] * self._rng.uniform(1 - JITTER, 1 + JITTER)
+        return retry_delay(failures, self._rules, self._jitter())
+
+    def _jitter(self) -> float:
+        return self._rng.uniform(1 - JITTER, 1 + JITTER)
 
     def _poke(self) -> None:
         self._idle.clear()
         self._wakeup.set()
+
+    def _adopt_notice(self, notice: Envelope) -> None:
+        """A notice just queued: deliver it like any new message."""
+        self._envelopes[notice.queue_id] = notice
+        self._poke()
 
     # -- the main loop ---------------------------------------------------------
 
@@ -218,7 +198,7 @@ class Scheduler:
         removed = await asyncio.to_thread(self.store.recover)
         if removed:
             log.warning("queue: recovery removed %d leftover file(s)", removed)
-        await self._load_all()
+        await self._view.load_all()
         next_rescan = loop.time() + RESCAN_INTERVAL
         log.info("queue: started with %d message(s)", len(self._envelopes))
         try:
@@ -232,7 +212,7 @@ class Scheduler:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
         finally:
             self._remover.close()
-            self._reader.close()
+            self._view.close()
         self._idle.set()
 
     async def _loop(self, loop: asyncio.AbstractEventLoop, next_rescan: float) -> None:
@@ -240,11 +220,11 @@ class Scheduler:
             self._wakeup.clear()
             if self._rescan_requested or loop.time() >= next_rescan:
                 self._rescan_requested = False
-                await self._load_all()
+                await self._view.load_all()
                 next_rescan = loop.time() + RESCAN_INTERVAL
             if self._wake_ids:
                 ids, self._wake_ids = self._wake_ids, set()
-                await self._load_ids(ids)
+                await self._view.load_ids(ids)
             if self._flush_all:
                 self._flush_all = False
                 for envelope in self._envelopes.values():
@@ -282,90 +262,10 @@ class Scheduler:
                 envelope.next_attempt = self._clock() + self.retry_delay(1)
         self._wakeup.set()
 
-    async def _load_all(self) -> None:
-        """Adopt the folder's envelopes; those in flight keep their in-memory state."""
-        try:
-            on_disk = await asyncio.to_thread(self.store.list)
-        except OSError as e:
-            log.error("queue: cannot read the queue folder: %s", e)
-            return
-        seen = set()
-        for envelope in on_disk:
-            seen.add(envelope.queue_id)
-            if envelope.queue_id not in self._in_flight:
-                self._envelopes[envelope.queue_id] = envelope
-        for queue_id in list(self._envelopes):
-            if queue_id not in seen and queue_id not in self._in_flight:
-                del self._envelopes[queue_id]
-
-    async def _load_ids(self, ids: set[str]) -> None:
-        """Read the envelopes of messages just queued (or flushed), all in one trip to
-        the reading thread, and make them due now."""
-        wanted = [queue_id for queue_id in ids if queue_id not in self._in_flight]
-        if not wanted:
-            return
-        read = await self._read(wanted)
-        for queue_id, result in zip(wanted, read, strict=True):
-            envelope = self._adopt(queue_id, result)
-            if envelope is not None:
-                envelope.next_attempt = 0.0
-                self._fresh.add(queue_id)  # _attempt need not read it again
-
-    async def _reload(self, queue_id: str) -> Envelope | None:
-        """Read one envelope again (the command line may have changed it). In the
-        reading thread: a message waiting for its retry may have left the page
-        cache long ago."""
-        read = await self._reader.submit([queue_id])
-        return self._adopt(queue_id, read[0])
-
-    async def _read(self, queue_ids: list[str]) -> list[Envelope | Exception]:
-        """Each envelope of messages just queued (or flushed), or why it could not be read.
-
-        A few are read right here, blocking the loop for a moment: each is the
-        first line of a small file, usually just written by another server
-        process (in the page cache), and reading it costs less than waking the
-        reading thread and handing it the interpreter lock, then being woken
-        by it (four alternating relay-benchmark pairs: 332-380 msg/s against
-        313-352). Postfix's queue manager reads its queue files in its event
-        loop too. A burst (many sessions at once, a flush of many) goes to the
-        reading thread, so the loop never stalls on many files at once.
-        """
-        if len(queue_ids) <= READ_IN_LOOP:
-            return self._read_envelopes(queue_ids)
-        return await self._reader.submit(queue_ids)
-
-    def _read_envelopes(self, queue_ids: list[str]) -> list[Envelope | Exception]:
-        """BLOCKING: each envelope, or why it could not be read."""
-        read: list[Envelope | Exception] = []
-        for queue_id in queue_ids:
-            try:
-                read.append(self.store.load(queue_id))
-            except (QueueError, OSError) as e:  # NotQueued is a QueueError
-                read.append(e)
-        return read
-
-    def _adopt(self, queue_id: str, read: Envelope | Exception) -> Envelope | None:
-        """Take a freshly read envelope as the scheduler's copy; None if it is gone."""
-        if isinstance(read, NotQueued):
-            if self._envelopes.pop(queue_id, None) is not None:
-                log.info("%s: removed from the queue by someone else", queue_id)
-            return None
-        if isinstance(read, Exception):
-            # Forget it until a rescan finds it readable again (never spin on it).
-            log.error("%s: cannot read its envelope: %s", queue_id, read)
-            self._envelopes.pop(queue_id, None)
-            return None
-        self._envelopes[queue_id] = read
-        return read
-
     # -- one attempt of one envelope -----------------------------------------------
 
     async def _attempt(self, queue_id: str) -> None:
-        if queue_id in self._fresh:  # read from disk a moment ago by _load_ids
-            self._fresh.discard(queue_id)
-            envelope = self._envelopes.get(queue_id)
-        else:
-            envelope = await self._reload(queue_id)
+        envelope = await self._view.for_attempt(queue_id)
         if envelope is None or envelope.held:
             return
         attempt = _Attempt(started=self._clock())
@@ -399,20 +299,15 @@ class Scheduler:
                 begun = self._clock()
                 for recipient in recipients:
                     recipient.attempts += 1
-                path = self.store.message_path(envelope.queue_id)
-                try:
-                    results = await self._deliver(envelope, list(recipients), path)
-                except Exception as e:  # a courier bug must not lose the message
-                    log.exception("%s: delivery to %s failed", envelope.queue_id, domain)
-                    results = [
-                        DeliveryResult(r.address, "temporary", "4.3.0", f"internal error: {e}")
-                        for r in recipients
-                    ]
-                ended = self._clock()
+                results = await self._try(envelope, domain, recipients)
+                if results is None:
+                    attempt.gone = True
+                    return
+                timing = Timing(attempt.started, begun, self._clock())
                 # The slot is given up only once the results are on disk: nothing moves
                 # on (not even another delivery) before what happened is durable.
                 async with attempt.lock:
-                    self._apply(envelope, recipients, results, attempt, begun, ended)
+                    self._record(envelope, recipients, results, timing)
                     if not (envelope.done and not envelope.extra.get(OWED)):
                         await self._persist(envelope, attempt)
                     # else: every recipient is delivered or bounced with nothing owed,
@@ -424,100 +319,55 @@ class Scheduler:
             if slot.users == 0:
                 del self._slots[domain]
 
-    def _apply(
-        self,
-        envelope: Envelope,
-        recipients: list[Recipient],
-        results: Sequence[DeliveryResult],
-        attempt: _Attempt,
-        begun: float,
-        ended: float,
+    async def _try(
+        self, envelope: Envelope, domain: str, recipients: list[Recipient]
+    ) -> list[DeliveryResult] | None:
+        """One `deliver` call with the message open; None when the message is gone.
+
+        What goes wrong around the courier (the message cannot be read, the
+        courier raises) is a temporary result for every recipient: the
+        message stays queued.
+        """
+        try:
+            content = self.store.open_content(envelope.queue_id)
+        except NotQueued:
+            return None
+        except (CorruptEnvelope, OSError) as e:
+            text = f"cannot read the queued message: {getattr(e, 'strerror', None) or e}"
+            return [DeliveryResult(r.address, "temporary", UNREADABLE_STATUS, text)
+                    for r in recipients]
+        try:
+            with content:
+                return await self._deliver(envelope, list(recipients), content)
+        except Exception as e:  # a courier bug must not lose the message
+            log.exception("%s: delivery to %s failed", envelope.queue_id, domain)
+            return [DeliveryResult(r.address, "temporary", "4.3.0", f"internal error: {e}")
+                    for r in recipients]
+
+    def _record(
+        self, envelope: Envelope, recipients: list[Recipient],
+        results: list[DeliveryResult], timing: Timing,
     ) -> None:
-        """Record the results of one deliver call (see the table in the module docstring)."""
-        unmatched = list(results)
-        for recipient in recipients:
-            result = _take_result(unmatched, recipient.address) or DeliveryResult(
-                recipient.address, "temporary", "4.3.0", "the courier gave no result"
-            )
-            recipient.remote_mta = result.remote_mta
-            recipient.dsn_status = result.dsn_status
-            recipient.last_error = result.text
-            owed: Action | None = None
-            if result.outcome == "delivered":
-                recipient.state, recipient.done_at, word = "delivered", ended, "sent"
-                action: Action = (
-                    "relayed" if result.relayed_without_dsn
-                    else "expanded" if result.expanded else "delivered"
-                )
-                # A DSN-capable next hop took over the notice (RFC 3461 5.2.2); only
-                # local deliveries and hops without DSN are reported by us.
-                if result.relayed_without_dsn or result.remote_mta is None:
-                    owed = action
-            elif result.outcome == "permanent":
-                recipient.state, recipient.done_at, word = "bounced", ended, "bounced"
-                owed = "failed"
-            elif ended - envelope.created > self._give_up_after:
-                recipient.state, recipient.done_at, word = "bounced", ended, "bounced"
-                recipient.dsn_status = EXPIRED_STATUS
-                recipient.last_error = f"delivery time expired; last error: {result.text}"
-                owed = "failed"
-            else:
-                recipient.state, word = "deferred", "deferred"
-            if owed is not None and wants_dsn(envelope, recipient, owed):
-                envelope.extra.setdefault(OWED, {})[recipient.address] = owed
-            elif owed == "failed" and envelope.sender == "" and self._to_postmaster(envelope,
-                                                                                   recipient):
-                envelope.extra.setdefault(OWED, {})[recipient.address] = TO_POSTMASTER
-            self._log_result(envelope, recipient, word, attempt, begun, ended)
+        """Apply the rules to the results of one deliver call, and log each."""
+        matched, unmatched = match_results(recipients, results)
+        for recipient, result in zip(recipients, matched, strict=True):
+            verdict = judge(envelope, recipient, result, timing.ended, self._rules)
+            verdict.record(envelope, recipient, timing.ended)
+            if verdict.dropped is not None:
+                log.warning("%s: undeliverable %s to <%s> discarded", envelope.queue_id,
+                            verdict.dropped, recipient.address)
+            log_result(envelope, recipient, verdict.word, timing)
         for extra in unmatched:
             log.warning("%s: result for unknown recipient <%s> ignored",
                         envelope.queue_id, extra.recipient)
-
-    def _to_postmaster(self, envelope: Envelope, recipient: Recipient) -> bool:
-        """Whether mail from <> that bounced is reported to the postmaster: not when
-        it is such a report already (or there is no postmaster); that is logged."""
-        if envelope.extra.get(DOUBLE_BOUNCE) or self._postmaster is None:
-            what = "postmaster notice" if envelope.extra.get(DOUBLE_BOUNCE) else "mail from <>"
-            log.warning("%s: undeliverable %s to <%s> discarded", envelope.queue_id, what,
-                        recipient.address)
-            return False
-        return True
-
-    def _log_result(
-        self,
-        envelope: Envelope,
-        recipient: Recipient,
-        word: str,
-        attempt: _Attempt,
-        begun: float,
-        ended: float,
-    ) -> None:
-        orig = ""
-        if recipient.orcpt:
-            original = recipient.orcpt.partition(";")[2] or recipient.orcpt
-            if original.strip() != recipient.address:
-                orig = f", orig_to=<{original.strip()}>"
-        delays = "/".join(
-            _seconds(x)
-            for x in (attempt.started - envelope.created, begun - attempt.started, ended - begun)
-        )
-        log.info(
-            "%s: to=<%s>%s, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)",
-            envelope.queue_id, recipient.address, orig,
-            # No remote MTA: delivered here, or never reached one (Postfix: relay=none).
-            recipient.remote_mta or ("local" if recipient.state == "delivered" else "none"),
-            _seconds(ended - envelope.created), delays, recipient.dsn_status, word,
-            " ".join((recipient.last_error or "").split()),
-        )
 
     async def _conclude(self, envelope: Envelope) -> None:
         """After an attempt: schedule the next one, send notices owed, remove when done."""
         now = self._clock()
         if not envelope.done:
-            failures = max(r.attempts for r in envelope.pending())
-            envelope.next_attempt = now + self.retry_delay(failures)
-            await self._maybe_warn(envelope, now)
-        sent = await self._send_owed(envelope, now)
+            envelope.next_attempt = next_attempt(envelope, now, self._rules, self._jitter())
+            await self._notices.warn_if_due(envelope, now)
+        sent = await self._notices.send_owed(envelope, now)
         if envelope.done:
             if sent:
                 try:
@@ -534,63 +384,6 @@ class Scheduler:
             # A notice could not be queued (disk trouble): keep the message, try again later.
             envelope.next_attempt = now + self.retry_delay(1)
         await self._persist(envelope, None)
-
-    async def _maybe_warn(self, envelope: Envelope, now: float) -> None:
-        """RFC 3464 delayed notice, once per message, after delay_warning_after."""
-        after = self._delay_warning_after
-        if after is None or envelope.warned or now - envelope.created < after:
-            return
-        waiting = [r for r in envelope.pending() if r.state == "deferred"]
-        if not waiting:
-            return
-        if await self._notify(envelope, waiting, "delayed", now):
-            envelope.warned = True
-
-    async def _send_owed(self, envelope: Envelope, now: float) -> bool:
-        """Queue the notices recorded as owed; False if one could not be queued."""
-        owed: dict[str, str] = envelope.extra.get(OWED) or {}
-        ok = True
-        for kind in ("failed", TO_POSTMASTER, "relayed", "expanded", "delivered"):
-            addresses = {a for a, act in owed.items() if act == kind}
-            recipients = [r for r in envelope.recipients if r.address in addresses]
-            if not recipients:
-                continue
-            to = self._postmaster if kind == TO_POSTMASTER else None
-            action = cast(Action, "failed" if kind == TO_POSTMASTER else kind)
-            if await self._notify(envelope, recipients, action, now, to=to):
-                for address in addresses:
-                    owed.pop(address, None)
-            else:
-                ok = False
-        if not owed:
-            envelope.extra.pop(OWED, None)
-        return ok
-
-    async def _notify(
-        self, envelope: Envelope, recipients: list[Recipient], action: Action, now: float,
-        *, to: str | None = None,
-    ) -> bool:
-        """Queue one DSN about `recipients` (to the sender, or `to`); True when it is
-        queued (or nobody wants it)."""
-        items = [(r, _result_of(r)) for r in recipients]
-        retry_until = envelope.created + self._give_up_after if action == "delayed" else None
-        try:
-            notice = await asyncio.to_thread(
-                queue_dsn, self.store, envelope, items, action, self.hostname, now,
-                retry_until=retry_until, to=to,
-            )
-        except OSError as e:
-            log.error("%s: cannot queue the %s notice: %s", envelope.queue_id, action, e)
-            return False
-        if notice is not None:
-            kind = {"failed": "non-delivery", "delayed": "delay"}.get(action, "success")
-            whom = "postmaster" if to is not None else "sender"
-            log.info("%s: %s %s notification: %s", envelope.queue_id, whom, kind,
-                     notice.queue_id)
-            self._envelopes[notice.queue_id] = notice
-            self._idle.clear()
-            self._wakeup.set()
-        return True
 
     async def _persist(self, envelope: Envelope, attempt: _Attempt | None) -> None:
         """Write the scheduler's part of the envelope; the command line's `held` is kept."""
@@ -619,33 +412,3 @@ class Scheduler:
 
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
-
-
-def _take_result(results: list[DeliveryResult], address: str) -> DeliveryResult | None:
-    """Remove and return the result for `address` (exact spelling first, then any case)."""
-    for exact in (True, False):
-        for i, result in enumerate(results):
-            if result.recipient == address or (
-                not exact and result.recipient.lower() == address.lower()
-            ):
-                return results.pop(i)
-    return None
-
-
-def _result_of(recipient: Recipient) -> DeliveryResult:
-    """The last result of a recipient, rebuilt from its stored state (for notices)."""
-    outcome = {"delivered": "delivered", "bounced": "permanent"}.get(recipient.state, "temporary")
-    return DeliveryResult(
-        recipient=recipient.address,
-        outcome=outcome,  # type: ignore[arg-type]
-        dsn_status=recipient.dsn_status or "",
-        text=recipient.last_error or "",
-        remote_mta=recipient.remote_mta,
-    )
-
-
-def _seconds(value: float) -> str:
-    value = max(0.0, value)
-    if value >= 100:
-        return f"{value:.0f}"
-    return f"{value:.2f}".rstrip("0").rstrip(".") or "0"

@@ -1,33 +1,35 @@
 """Spare files: the queue reuses the files of finished messages instead of creating new ones.
 
-Every queued message costs two new files (message and envelope) and, once
-delivered, two deletions. On ext4 without a journal the inode allocator skips
-every inode freed in the last seconds to minutes, looking each one up as it
-goes (`recently_deleted()` in fs/ext4/ialloc.c), so on a busy queue each
-creation walks past the inodes the queue itself just freed: perf showed that
-walk as a sixth of a 2-CPU machine relaying 200 messages a second. A file
-renamed out of the way and renamed back in later allocates and frees no
-inode, whatever the filesystem. PostgreSQL recycles its WAL segments the
-same way and for the same kind of reason.
+Every queued message would cost a new file and, once delivered, a deletion.
+On ext4 without a journal the inode allocator skips every inode freed in the
+last seconds to minutes, looking each one up as it goes (`recently_deleted()`
+in fs/ext4/ialloc.c), so on a busy queue each creation would walk past the
+inodes the queue itself just freed. A file renamed out of the way and renamed
+back in later allocates and frees no inode, whatever the filesystem.
+PostgreSQL recycles its WAL segments the same way and for the same kind of
+reason.
 
 So `QueueStore` retires a finished file by renaming it into `spare/` and
-blanking it, and takes a spare (rename into place, then open) before it
-creates a new file. Blanking overwrites the content with zeros where it lies
-rather than truncating: freeing the blocks and allocating them again for the
-next message costs twice what the overwrite does (a discard as well, on a
-filesystem mounted with it), and on a busy queue the zeros never even reach
-the disk, since the next message overwrites the page first. Files over
-`BLANK_LIMIT` are truncated instead. The writer of a taken spare overwrites it
-from the start and cuts what is left beyond its own end (`Taken.trim`), so no
-old byte is ever part of a new file. Nothing in `spare/` is ever read, and an
-old message stays on disk no longer than an unlinked one would.
+blanking it, and takes a spare (open and flock it, then rename it into place)
+before it creates a new file. Blanking overwrites the content with zeros
+where it lies rather than truncating: freeing the blocks and allocating them
+again for the next message costs twice what the overwrite does (a discard as
+well, on a filesystem mounted with it), and on a busy queue the zeros never
+even reach the disk, since the next message overwrites the page first. Files
+over `BLANK_LIMIT` are truncated instead. The writer of a taken spare
+overwrites it from the start and cuts what is left beyond its own end
+(`Taken.trim`), so no old byte is ever part of a new file. Nothing in
+`spare/` is ever read, and an old message stays on disk no longer than an
+unlinked one would.
 
 Safety. A rename moves one name; it cannot leave a file under two. Only a
 filesystem repaired after a crash without a journal might give back an inode
 with both its spare name and a queue name; a taken spare with more than one
 link is therefore never written to (its spare name is dropped, the other name
-is left as it is). The pool is bounded (`SPARE_LIMIT`): past it, retiring
-unlinks.
+is left as it is). A spare is flocked while it is blanked and from before it
+is taken until its writer is done, so no taker gets a file being blanked, no
+blanking overwrites a taken file, and `recover` never finds a taken one
+unlocked. The pool is bounded (`SPARE_LIMIT`): past it, retiring unlinks.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postroom.store import durable
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 SPARE = "spare"
 # Enough for the messages a busy queue has in flight at once.
@@ -98,18 +105,28 @@ class Spares:
                 return None
             target = folder / f".{name}{suffix}"
             try:
+                fd = os.open(self.folder / name, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+            except FileNotFoundError:
+                continue  # another process took it first
+            except OSError:
+                _unlink(self.folder / name)
+                continue
+            try:
+                # Locked before it gets a temporary name: `recover` leaves a locked
+                # temporary file alone. A spare someone holds (being blanked, or
+                # taken by another process) is theirs: make a file instead.
+                if not _try_lock(fd):
+                    os.close(fd)
+                    return None
                 os.rename(self.folder / name, target)
             except FileNotFoundError:
+                os.close(fd)
                 if not folder.is_dir():
                     return None  # nowhere to put it; the caller makes the folder
                 continue  # another process took it first
             except OSError:
+                os.close(fd)
                 return None
-            try:
-                fd = os.open(target, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
-            except OSError:
-                _unlink(target)
-                continue
             try:
                 st = os.fstat(fd)
                 if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
@@ -197,12 +214,15 @@ class Spares:
 
 
 def _blank(path: Path) -> None:
-    """Overwrite the content of `path` with zeros, in place (see the module docstring)."""
+    """Overwrite the content of `path` with zeros, in place (see the module docstring),
+    unless it is locked: taken meanwhile by a writer, who overwrites it anyway."""
     try:
         fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return
     try:
+        if not _try_lock(fd):
+            return
         size = os.fstat(fd).st_size
         if size > BLANK_LIMIT:
             os.ftruncate(fd, 0)
@@ -214,6 +234,17 @@ def _blank(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the file's flock without waiting; False when someone else holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _unlink(path: Path) -> None:

@@ -4,40 +4,35 @@ Layout under the queue folder:
 
     messages/<id>         the queue file: one line "postroom-envelope " + the Envelope
                           (postroom.queue.envelope) as JSON + LF, then the message bytes
-                          (CRLF lines, as received)
+                          (CRLF lines, as received; postroom.queue.queuefile)
     envelopes/<id>.json   the Envelope as it is now, once it has changed since it was
                           queued (a delivery deferred, a hold): it overrides the first line
     lock                  taken (flock) around every change, see below
     spare/                blanked files of finished messages, reused (postroom.queue.spares)
 
-Postfix's queue files likewise hold the envelope records and the content in
-one file: queuing a message then costs one file, one data sync and one
-directory sync, where a separate envelope file cost as much again (it halved
-the queue thread's system calls per message). Envelope changes do not rewrite
-the message: they go to envelopes/, which later readers prefer.
+As in Postfix's queue files, the envelope and the content share one file, so
+queuing a message costs one file, one data sync and one directory sync.
+Envelope changes do not rewrite the message: they go to envelopes/, which
+readers prefer.
 
 Invariants. The queue file is the commit record: a message counts as queued
-exactly when messages/<id> exists. `add` writes it as a temporary file,
-syncs it, gives it its name and syncs the folder, so a queue file is whole
-whenever it has its name. `remove` deletes the queue file first (and syncs
-the folder), then the envelope that overrides it: a crash in between leaves
-an envelope without its message, which `recover` deletes. While a message
-is being added its temporary file is flocked, and `recover` leaves a flocked
-file alone. A queue written before the envelope went into the queue file
-(messages/<id> holds only the message, envelopes/<id>.json its envelope) is
-read as it is: its envelope file overrides a first line it does not have.
+exactly when messages/<id> exists, and a queue file is whole whenever it has
+its name (postroom.queue.adding writes it as a temporary file, syncs it,
+gives it its name, then syncs the folder). `remove` deletes the queue file
+first (and syncs the folder), then the envelope that overrides it: a crash in
+between leaves an envelope without its message, which `recover` deletes.
+While a message is being added its temporary file is flocked, and `recover`
+leaves a flocked file alone.
 
 Several processes change the queue: the server (the scheduler), `postroom
 queue` (hold, flush, delete) and `postroom sendmail` (add). Every write is an
 atomic rename, so a reader sees the old or the new file, never a mix. Each
-change but `add_many` (see above) also runs under an exclusive flock(2) on `lock`, so a
-read-modify-write (`update`) never interleaves with another one and a `save`
-never brings back an envelope that `remove` just deleted. Between two
-changes the last writer wins: a whole-envelope `save` made from an old copy
-undoes what another process wrote in the meantime. The scheduler therefore
-changes envelopes with `update`, keeping the fields the command line owns
-(`held`). Where flock(2) is missing (Windows) only the in-process lock
-remains, and last-writer-wins is all that holds.
+change but `add_many` also runs under an exclusive flock(2) on `lock`, so a
+read-modify-write (`update`) never interleaves with another one nor brings
+back an envelope that `remove` just deleted. The scheduler merges its part
+into what is on disk, keeping the fields the command line owns (`held`).
+Where flock(2) is missing (Windows) only the in-process lock remains, and
+the last writer wins.
 
 Every method blocks (fsync); the asyncio server runs them in worker threads.
 """
@@ -49,15 +44,16 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from postroom.queue import adding
+from postroom.queue.content import Content
 from postroom.queue.envelope import Envelope
-from postroom.queue.queuefile import ENVELOPE_TAG, envelope_line, has_envelope_line
-from postroom.queue.spares import SPARE, Spares, Taken
+from postroom.queue.queuefile import ENVELOPE_TAG, read_envelope_line
+from postroom.queue.spares import SPARE, Spares
 from postroom.store import durable
 from postroom.store.atomic import atomic_write
 
@@ -72,16 +68,16 @@ MESSAGES = "messages"
 ENVELOPES = "envelopes"
 LOCK_NAME = "lock"
 ENVELOPE_SUFFIX = ".json"
-TEMP_SUFFIX = ".tmp"
+TEMP_SUFFIX = adding.TEMP_SUFFIX  # temporary files: queue files being added, envelopes
 # Queue IDs become file names: letters, digits, "-" and "_" only, so no ID can
 # name a path outside the queue ("../x") or a hidden temporary file (".x.tmp").
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# What `add` copies from its spool at a time, and what `add_many` gathers into
-# one write(2).
-COPY_CHUNK = 64 * 1024
 # Without flock a temporary file cannot say it is still being written; one this
 # old is taken to be left over from a crash.
 STALE_TEMP_AGE = 24 * 3600.0
+# A temporary file made a moment ago may not be flocked yet (mkstemp, then flock;
+# atomic_write's files never are): one younger than this is never removed.
+FRESH_TEMP_AGE = 60.0
 
 
 class QueueError(ValueError):
@@ -97,7 +93,7 @@ class NotQueued(QueueError):
 
 
 class CorruptEnvelope(QueueError):
-    """An envelope file that cannot be read back."""
+    """An envelope (its file, or a queue file's first line) that cannot be read back."""
 
 
 def check_queue_id(queue_id: str) -> str:
@@ -118,7 +114,7 @@ class QueueStore:
         self._depth = 0  # nesting of locked() in the thread that holds _thread_lock
         self._reported: set[tuple[str, int, int]] = set()  # corrupt files already logged
         self.spares = Spares(self.dir / SPARE)
-        self._folders_made = False  # see _make_folders
+        self._folders_made = False  # see make_folders
         if create:
             for folder in (self.messages, self.envelopes, self.spares.folder):
                 folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -131,31 +127,14 @@ class QueueStore:
     def envelope_path(self, queue_id: str) -> Path:
         return self.envelopes / (check_queue_id(queue_id) + ENVELOPE_SUFFIX)
 
-    def _make_folders(self, *, again: bool = False) -> None:
+    def make_folders(self, *, again: bool = False) -> None:
         """Make the message and envelope folders once per store, or `again` (a folder
-        was found missing): checking on every add cost two failing mkdir(2) calls
-        per batch, and every system call in a queue thread is a hand-off of the
-        interpreter lock."""
+        was found missing): not on every add, where each system call of a queue
+        thread hands the interpreter lock over."""
         if again or not self._folders_made:
             for folder in (self.messages, self.envelopes):
                 folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._folders_made = True
-
-    def _temp_file(self) -> Taken:
-        """A temporary queue file in the messages folder, open for writing: a spare
-        when there is one.
-
-        Write it from the start, then call `trim` with the octets written.
-        """
-        taken = self.spares.take(self.messages, TEMP_SUFFIX)
-        if taken is not None:
-            return taken
-        try:
-            fd, path = tempfile.mkstemp(dir=self.messages, prefix=".", suffix=TEMP_SUFFIX)
-        except FileNotFoundError:  # the folder was removed under us: make it again
-            self._make_folders(again=True)
-            fd, path = tempfile.mkstemp(dir=self.messages, prefix=".", suffix=TEMP_SUFFIX)
-        return Taken(fd, path, 0)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -183,156 +162,18 @@ class QueueStore:
             finally:
                 os.close(fd)  # releases the flock
 
-    # -- adding ----------------------------------------------------------------
+    # -- adding (postroom.queue.adding) ----------------------------------------
 
     def add(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
-        """Queue a message durably; when this returns, a crash cannot lose it.
-
-        The queue file is written as a temporary file outside the lock (the
-        message may be large or arrive slowly); it gets its name under the
-        lock. Sets `envelope.size` to the number of message octets written.
-        The envelope line is made after the last chunk was read, so a caller
-        may still complete the envelope while its chunks are read (sendmail
-        learns the body type from the last one): the message is spooled to an
-        unnamed file first and copied after the line. This is not the
-        server's path (that is `add_many`). Raises FileExistsError if the
-        queue ID is taken (IDs are unique, so that is a bug elsewhere, never a
-        silent overwrite).
-        """
-        queue_id = check_queue_id(envelope.queue_id)
-        self._make_folders(again=True)  # not the hot path: a removed folder is made here
-        final = self.message_path(queue_id)
-        with tempfile.TemporaryFile(dir=self.messages, prefix=".", suffix=TEMP_SUFFIX) as spool:
-            size = 0
-            for chunk in chunks:
-                spool.write(chunk)
-                size += len(chunk)
-            spool.seek(0)
-            envelope.size = size
-            line = envelope_line(envelope)
-            temp = self._temp_file()
-            temp_path = Path(temp.path)
-            placed = False
-            try:
-                try:
-                    if fcntl is not None:
-                        # Tells `recover` in another process that this file is being written.
-                        fcntl.flock(temp.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    durable.OS.write(temp.fd, temp_path, [line])
-                    while chunk := spool.read(COPY_CHUNK):
-                        durable.OS.write(temp.fd, temp_path, [chunk])
-                    temp.trim(len(line) + size)
-                    durable.OS.datasync(temp.fd, temp_path)
-                    with self.locked():
-                        if final.exists() or self.envelope_path(queue_id).exists():
-                            raise FileExistsError(f"queue ID {queue_id} is already in use")
-                        durable.OS.rename(temp_path, final)
-                        placed = True
-                        durable.sync_dir(self.messages)
-                finally:
-                    os.close(temp.fd)  # drops the flock, once the file has its name
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(final if placed else temp_path)  # the caller hears "not queued"
-                raise
+        """Queue one message durably; when this returns, a crash cannot lose it."""
+        adding.add(self, envelope, chunks)
 
     def add_many(
-        self, items: list[tuple[Envelope, Iterable[bytes]]]
-    ) -> list[BaseException | None]:
-        """`add` for several messages with one round of syncs (group commit).
-
-        Every queue file is written first, then all are synced (on a journaling
-        filesystem the first sync commits the others' metadata too), then they
-        get their names, and the folder is synced once for all of them.
-        Returns, per item, None when it is queued or the exception that
-        stopped it (the others are not affected).
-        """
-        self._make_folders()
-        errors: list[BaseException | None] = [None] * len(items)
-        temps: list[str | None] = [None] * len(items)
-        files: list[tuple[int, Path]] = []  # written, to sync: (fd, path)
-        for i, (envelope, chunks) in enumerate(items):
-            try:
-                check_queue_id(envelope.queue_id)
-                taken = self._temp_file()
-                fd = taken.fd
-                try:
-                    if fcntl is not None:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    line = envelope_line(envelope)
-                    size = _write_gathered(fd, Path(taken.path), line, chunks)
-                    taken.trim(len(line) + size)
-                    envelope.size = size
-                except BaseException:
-                    os.close(fd)
-                    _unlink(Path(taken.path))
-                    raise
-                temps[i] = taken.path
-                files.append((fd, Path(taken.path)))
-            except Exception as e:  # noqa: BLE001 - reported per item
-                errors[i] = e
-        try:
-            try:
-                for fd, path in files:
-                    durable.OS.datasync(fd, path)
-            except OSError as e:
-                for i, t in enumerate(temps):
-                    if t is not None and errors[i] is None:
-                        errors[i] = e
-            # No queue lock: the files stay open, and flocked, until they have
-            # their names, which is all `recover` needs to leave them be. Server
-            # processes queue from several threads and processes at once, and each
-            # holder of the lock would make the others wait through its syncs.
-            placed = 0
-            for i, t in enumerate(temps):
-                if t is None or errors[i] is not None:
-                    continue
-                try:
-                    self._place_new(t, items[i][0].queue_id)
-                except OSError as e:
-                    errors[i] = e
-                    continue
-                placed += 1
-            if placed:
-                try:
-                    durable.sync_dir(self.messages)
-                except OSError as e:
-                    for i, t in enumerate(temps):
-                        if t is not None and errors[i] is None:
-                            errors[i] = e
-                            _unlink(self.message_path(items[i][0].queue_id))
-        finally:
-            for fd, _path in files:
-                os.close(fd)
-        for i, t in enumerate(temps):
-            if t is not None and errors[i] is not None:
-                _unlink(Path(t))
-        return errors
-
-    def _place_new(self, temp: str, queue_id: str) -> None:
-        """Give the temporary queue file `temp` its queue name, never over another.
-
-        link(2) fails when the name exists, atomically: without the queue lock,
-        two adds of one ID (two processes whose IDs collided) cannot both win,
-        as a check followed by a rename could. Where hard links are missing,
-        the check and the rename happen under the queue lock instead.
-        """
-        final = self.message_path(queue_id)
-        if self.envelope_path(queue_id).exists():
-            raise FileExistsError(f"queue ID {queue_id} is already in use")
-        try:
-            durable.OS.link(Path(temp), final)
-        except FileExistsError:
-            raise FileExistsError(f"queue ID {queue_id} is already in use") from None
-        except OSError as e:
-            if e.errno not in durable.LINK_FALLBACK_ERRNOS:
-                raise
-            with self.locked():
-                if final.exists():
-                    raise FileExistsError(f"queue ID {queue_id} is already in use") from None
-                durable.OS.rename(Path(temp), final)
-            return
-        _unlink(Path(temp))
+        self, items: builtins.list[tuple[Envelope, Iterable[bytes]]]
+    ) -> builtins.list[BaseException | None]:
+        """`add` for several messages with one round of syncs (group commit); per
+        item None when it is queued or the exception that stopped it."""
+        return adding.add_many(self, items)
 
     # -- reading ---------------------------------------------------------------
 
@@ -350,22 +191,36 @@ class QueueStore:
         else:
             return self._parse(path, data, queue_id)
         path = self.message_path(queue_id)
+        fd = _open(path, queue_id)
         try:
-            f = open(path, "rb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            raise NotQueued(queue_id) from None
-        with f:
-            if not has_envelope_line(f):
-                # A message of an older queue whose envelope is gone: `add` was
-                # cut short there (`recover` removes it).
-                raise NotQueued(queue_id)
-            line = f.readline()
-            size = os.fstat(f.fileno()).st_size - len(line)
-        if not line.endswith(b"\n"):
-            raise CorruptEnvelope(f"{path}: the envelope line has no end")
+            line = self._envelope_line(fd, path)
+            size = os.fstat(fd).st_size - len(line)
+        finally:
+            os.close(fd)
         envelope = self._parse(path, line[len(ENVELOPE_TAG):], queue_id)
         envelope.size = size
         return envelope
+
+    def open_content(self, queue_id: str) -> Content:
+        """The message of `queue_id`, open for couriers to read (the caller closes it);
+        NotQueued if absent, CorruptEnvelope if its queue file has no envelope line."""
+        path = self.message_path(queue_id)
+        fd = _open(path, queue_id)
+        try:
+            start = len(self._envelope_line(fd, path))
+            return Content(fd, start, os.fstat(fd).st_size - start)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def _envelope_line(fd: int, path: Path) -> bytes:
+        line = read_envelope_line(fd)
+        if line is None:
+            raise CorruptEnvelope(f"{path}: not a queue file (no envelope line)")
+        if not line.endswith(b"\n"):
+            raise CorruptEnvelope(f"{path}: the envelope line has no end")
+        return line
 
     def _parse(self, path: Path, data: bytes, queue_id: str) -> Envelope:
         try:
@@ -415,22 +270,12 @@ class QueueStore:
 
     # -- changing --------------------------------------------------------------
 
-    def save(self, envelope: Envelope) -> None:
-        """Rewrite the envelope atomically (last writer wins).
-
-        Raises NotQueued when the message is gone (deleted meanwhile): an
-        envelope is never written without its message.
-        """
-        with self.locked():
-            if not self.message_path(envelope.queue_id).exists():
-                raise NotQueued(envelope.queue_id)
-            self._write_envelope(envelope)
-
     def update(self, queue_id: str, change: Callable[[Envelope], object]) -> Envelope:
         """Read, change (in place) and rewrite one envelope under the lock; returns it.
 
         The way to change part of an envelope another process may also change.
-        NotQueued when the message is not (or no longer) in the queue.
+        NotQueued when the message is not (or no longer) in the queue: an
+        envelope is never written without its message.
         """
         with self.locked():
             envelope = self.load(queue_id)
@@ -445,7 +290,7 @@ class QueueStore:
         try:
             atomic_write(path, envelope.to_json())
         except FileNotFoundError:  # the folder was removed under us: make it again
-            self._make_folders(again=True)
+            self.make_folders(again=True)
             atomic_write(path, envelope.to_json())
 
     def remove(self, queue_id: str) -> None:
@@ -507,9 +352,8 @@ class QueueStore:
     def recover(self) -> int:
         """Clean up after a crash; returns the number of files removed.
 
-        Removes temporary files nobody is writing any more, envelope files
-        whose queue file is gone (a `remove` cut short), and, in a queue
-        written by an older postroom, message files without their envelope.
+        Removes temporary files nobody is writing any more, and envelope files
+        whose queue file is gone (a `remove` cut short).
         """
         removed = 0
         with self.locked():
@@ -520,11 +364,7 @@ class QueueStore:
                 return 0
             for name in sorted(message_names):
                 path = self.messages / name
-                if name.endswith(TEMP_SUFFIX):
-                    if self._temp_is_stale(path) and _unlink(path):
-                        removed += 1
-                elif name + ENVELOPE_SUFFIX not in envelope_names and self._orphan(path):
-                    log.warning("%s: removed a message without envelope (crash)", name)
+                if name.endswith(TEMP_SUFFIX) and self._temp_is_stale(path) and _unlink(path):
                     removed += 1
             for name in sorted(envelope_names):
                 path = self.envelopes / name
@@ -542,42 +382,16 @@ class QueueStore:
                 durable.sync_dir(self.envelopes)
         return removed
 
-    def _orphan(self, path: Path) -> bool:
-        """Remove a message of an older queue that has no envelope; True if removed.
-
-        A queue file, with its envelope line, is whole and queued. In an older
-        queue a message was renamed into place before its envelope was written,
-        holding an flock on the file until then: a message flocked by someone
-        else is being added. Once the flock is ours, the envelope is looked for
-        again, as the listing may be older than an add that finished meanwhile.
-        """
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            head = os.read(fd, len(ENVELOPE_TAG))
-            if head == ENVELOPE_TAG:
-                return False
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    return False  # being added
-            if (self.envelopes / (path.name + ENVELOPE_SUFFIX)).exists():
-                return False
-            return _unlink(path)
-        finally:
-            os.close(fd)
-
     @staticmethod
     def _temp_is_stale(path: Path) -> bool:
-        """True unless another process is still writing this temporary message file."""
-        if fcntl is None:
-            try:
-                return time.time() - path.stat().st_mtime > STALE_TEMP_AGE
-            except FileNotFoundError:
-                return False
+        """True when nobody is writing this temporary file any more: it is not flocked,
+        and has not changed for FRESH_TEMP_AGE seconds (STALE_TEMP_AGE without flock)."""
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if fcntl is None or age < FRESH_TEMP_AGE:
+            return age > STALE_TEMP_AGE
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -590,22 +404,11 @@ class QueueStore:
             os.close(fd)
         return True
 
-
-def _write_gathered(fd: int, path: Path, line: bytes, chunks: Iterable[bytes]) -> int:
-    """Write the envelope line and the message's chunks, gathered into writes of
-    about COPY_CHUNK octets; returns the message's octets."""
-    size = 0
-    pending, pending_size = [line], len(line)
-    for chunk in chunks:
-        pending.append(chunk)
-        pending_size += len(chunk)
-        size += len(chunk)
-        if pending_size >= COPY_CHUNK:
-            durable.OS.write(fd, path, pending)
-            pending, pending_size = [], 0
-    if pending:
-        durable.OS.write(fd, path, pending)
-    return size
+def _open(path: Path, queue_id: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotQueued(queue_id) from None
 
 
 def _unlink(path: Path) -> bool:

@@ -51,7 +51,7 @@ from postroom.server.workers import (
 )
 from postroom.store.api import Mailboxes, Store
 from postroom.store.factory import open_store
-from postroom.tlscert import ensure_certificate, server_context
+from postroom.tlscert import TLSFileError, ensure_certificate, server_context
 
 log = logging.getLogger("postroom.master")
 
@@ -287,9 +287,18 @@ class Running:
         log.info("stopped")
 
 
+def tls_config_error(config: Config, error: TLSFileError) -> ConfigError:
+    """A certificate or key file that cannot be used, as the config error naming it."""
+    return ConfigError(f"{config.source}: tls.{error.setting}: {error}")
+
+
 def prepare_certificate(config: Config) -> None:
     cert, key = config.tls.cert, config.tls.key
-    if config.tls.generate and ensure_certificate(cert, key, config.hostname, config.source):
+    try:
+        made = config.tls.generate and ensure_certificate(cert, key, config.hostname)
+    except TLSFileError as e:
+        raise tls_config_error(config, e) from None
+    if made:
         log.info("made a self-signed certificate for %s in %s", config.hostname, cert)
 
 
@@ -299,7 +308,10 @@ def load_tls(config: Config) -> ssl.SSLContext:
     ConfigError, one line naming tls.cert or tls.key, the file and the fault.
     """
     prepare_certificate(config)
-    return server_context(config.tls.cert, config.tls.key, config.source)
+    try:
+        return server_context(config.tls.cert, config.tls.key)
+    except TLSFileError as e:
+        raise tls_config_error(config, e) from None
 
 
 def bind_listeners(config: Config) -> list[tuple[str, socket.socket]]:

@@ -25,13 +25,15 @@ from postroom.addresses import domain_of
 from postroom.batch import BatchThread
 from postroom.config import Config, postmaster_address
 from postroom.delivery.local import LocalCourier
-from postroom.delivery.outcome import DeliveryResult
 from postroom.delivery.remote import RemoteCourier
-from postroom.delivery.routing import Router
+from postroom.delivery.routing import Router, RouterOptions
 from postroom.gathering import gather_few
-from postroom.queue.dsn import Action, queue_dsn
+from postroom.queue.content import Content
+from postroom.queue.dsn import Action, Report, queue_dsn
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.scheduler import Scheduler
+from postroom.queue.result import DeliveryResult
+from postroom.queue.rules import Rules
+from postroom.queue.scheduler import Scheduler, SchedulerOptions
 from postroom.queue.store import QueueError, QueueStore
 from postroom.store.api import Expansion, Mailboxes
 
@@ -46,6 +48,35 @@ def client_tls_context() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def router_options(config: Config) -> RouterOptions:
+    """Where relayed mail goes, from the config: [routes], [dns], [relay] mx_port, and
+    this host's own name and listeners (which count as itself, RFC 5321 5.1)."""
+    own = []
+    for endpoint in config.listen.enabled().values():
+        try:
+            own.append((str(ipaddress.ip_address(endpoint.host)), endpoint.port))
+        except ValueError:
+            continue  # a host name: the router compares addresses only
+    return RouterOptions(
+        routes=config.routes, nameservers=config.dns.nameservers,
+        mx_port=config.relay.mx_port, own_hostname=config.hostname, own_endpoints=own,
+    )
+
+
+def scheduler_options(config: Config) -> SchedulerOptions:
+    """The queue's settings, from the config's [queue], hostname and postmaster."""
+    rules = Rules(
+        retry_after=tuple(config.queue.retry_after),
+        give_up_after=config.queue.give_up_after,
+        delay_warning_after=config.queue.delay_warning_after or None,  # 0: never
+        postmaster=postmaster_address(config),
+    )
+    return SchedulerOptions(
+        hostname=config.hostname, rules=rules,
+        max_per_destination=config.queue.max_per_destination,
+    )
 
 
 class Relay:
@@ -66,20 +97,7 @@ class Relay:
         self._notify_primary = notify_primary
         self._hostname = config.hostname
         self.queue = QueueStore(config.queue_dir)
-        own = []
-        for endpoint in config.listen.enabled().values():
-            try:
-                own.append((str(ipaddress.ip_address(endpoint.host)), endpoint.port))
-            except ValueError:
-                continue  # a host name: the router compares addresses only
-        self.router = Router(
-            config.routes,
-            config.dns.nameservers,
-            config.relay.mx_port,
-            is_local_domain,
-            own_hostname=config.hostname,
-            own_endpoints=own,
-        )
+        self.router = Router(router_options(config), is_local_domain)
         # Keep as many idle sessions per destination as may deliver to it at once:
         # a new session costs a TCP and a TLS handshake and two EHLOs.
         self.remote = RemoteCourier(
@@ -88,13 +106,7 @@ class Relay:
             max_idle_sessions_per_domain=config.queue.max_per_destination,
         )
         self.local = LocalCourier(store, expand)
-        self.scheduler = Scheduler(
-            self.queue, self.deliver, config,
-            bounce_sender_hostname=config.hostname,
-            max_per_destination=config.queue.max_per_destination,
-            delay_warning_after=config.queue.delay_warning_after or None,
-            postmaster=postmaster_address(config),
-        )
+        self.scheduler = Scheduler(self.queue, self.deliver, scheduler_options(config))
         self._task: asyncio.Task[None] | None = None
         # Group commit for the queue (QueueStore.add_many), as store/mailboxes.py
         # does for Maildirs: four syncs per message become a few per batch.
@@ -144,10 +156,8 @@ class Relay:
         about = dataclasses.replace(envelope, recipients=[r for r, _ in recipients])
         for action, items in by_action.items():
             try:
-                notice = await asyncio.to_thread(
-                    queue_dsn, self.queue, about, items, action, self._hostname, now,
-                    original=original,
-                )
+                report = Report(about, items, action, self._hostname, now)
+                notice = await asyncio.to_thread(queue_dsn, self.queue, report, original)
             except (OSError, QueueError) as e:
                 log.error("%s: cannot queue the %s notice: %s", envelope.queue_id, action, e)
                 continue
@@ -159,7 +169,7 @@ class Relay:
     # -- what the scheduler calls ---------------------------------------------------
 
     async def deliver(
-        self, envelope: Envelope, recipients: list[Recipient], message_path: Path
+        self, envelope: Envelope, recipients: list[Recipient], content: Content
     ) -> list[DeliveryResult]:
         """One attempt for these recipients: local ones to Maildir, others by SMTP."""
         local: list[int] = []
@@ -173,8 +183,7 @@ class Relay:
         results: dict[int, DeliveryResult] = {}
 
         async def run(courier: LocalCourier | RemoteCourier, indexes: list[int]) -> None:
-            done = await courier.deliver(envelope, [recipients[i] for i in indexes],
-                                         message_path)
+            done = await courier.deliver(envelope, [recipients[i] for i in indexes], content)
             results.update(zip(indexes, done, strict=True))
 
         await gather_few([run(courier, indexes)
