@@ -10,15 +10,13 @@ the part of a client session that moves the core's bytes over the channel.
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import os
-import socket
 import ssl
 from collections.abc import Callable
 from typing import Generic, Protocol, TextIO, TypeVar
 
-from postroom.net import Channel
+from postroom.net.channel import Channel, ConnectFailed, TLSFailed, host_port, open_channel
 
 __all__ = [
     "EX_OK",
@@ -32,12 +30,13 @@ __all__ = [
     "Trace",
     "certificate_hint",
     "connect",
+    "connect_error",
     "host_port",
     "parse_server",
     "read_password",
     "start_tls",
     "tls_context",
-    "tls_description",
+    "tls_error",
     "tls_expected",
     "waiting_for",
 ]
@@ -74,10 +73,6 @@ class ClientError(Exception):
         return EX_TEMPFAIL if self.temporary else EX_UNAVAILABLE
 
 
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def parse_server(text: str, default_port: int | None = None) -> tuple[str, int | None]:
     """ "host:port", "[v6]:port", or a bare host (port None unless a default is given)."""
     host, port = text, ""
@@ -112,15 +107,6 @@ def tls_context(*, verify_cert: bool = True, cafile: str | None = None) -> ssl.S
     return context
 
 
-def tls_description(channel: Channel) -> str | None:
-    """ "TLSv1.3 TLS_AES_256_GCM_SHA384" for a TLS connection, None without TLS."""
-    ssl_object = channel.get_extra_info("ssl_object")
-    if ssl_object is None:
-        return None
-    cipher = ssl_object.cipher()
-    return f"{ssl_object.version()} {cipher[0]}" if cipher else str(ssl_object.version())
-
-
 def waiting_for(pending: tuple[str, ...]) -> str:
     """What a client waits for, in words: "waiting for the greeting", "... the answer to RETR"."""
     if not pending:
@@ -130,11 +116,38 @@ def waiting_for(pending: tuple[str, ...]) -> str:
     return f"waiting for the answer to {pending[0]}"
 
 
-def _reason(exc: OSError) -> str:
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({exc.strerror})"
-    # asyncio words errors as "Connect call failed (...)": say what errno says.
-    return os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+def connect_error(failure: ConnectFailed, where: str,
+                  error: type[ClientError] = ClientError) -> ClientError:
+    """No connection to `where`, in words (kind "connect"); a timeout is temporary."""
+    if failure.timeout is not None:
+        text = f"cannot connect to {where}: no answer within {failure.timeout:g}s"
+        return error(text, kind="connect", temporary=True)
+    return error(f"cannot connect to {where}: {failure.reason}", kind="connect")
+
+
+def tls_error(failure: TLSFailed, where: str,
+              error: type[ClientError] = ClientError) -> ClientError:
+    """A failed TLS handshake with `where`, in words.
+
+    A certificate that is not trusted is kind "certificate", any other
+    handshake failure kind "tls".
+    """
+    exc = failure.error
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = exc.verify_message or exc.reason or str(exc)
+        text = f"TLS failure with {where}: its certificate is not trusted ({why})"
+        return error(text, kind="certificate")
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason == "WRONG_VERSION_NUMBER":
+            # The server spoke in plain text: its greeting where TLS was expected.
+            return error(f"TLS failure with {where}: the server answered in plain text, not "
+                         "TLS (is this a STARTTLS/STLS port?)", kind="tls")
+        return error(f"TLS failure with {where}: {exc.reason or exc}", kind="tls")
+    if isinstance(exc, TimeoutError):
+        text = f"TLS failure with {where}: the handshake took longer than {failure.timeout:g}s"
+        return error(text, kind="tls", temporary=True)
+    text = f"TLS failure with {where}: the connection broke during the handshake ({exc})"
+    return error(text, kind="tls", temporary=True)
 
 
 async def connect(
@@ -147,15 +160,10 @@ async def connect(
 ) -> Channel:
     """A TCP connection to host:port, or `error` saying why not (kind "connect")."""
     where = host_port(host, port)
-    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(timeout):
-            _transport, channel = await loop.create_connection(Channel, host, port)
-    except TimeoutError:
-        text = f"cannot connect to {where}: no answer within {timeout:g}s"
-        raise error(text, kind="connect", temporary=True) from None
-    except OSError as exc:
-        raise error(f"cannot connect to {where}: {_reason(exc)}", kind="connect") from None
+        channel = await open_channel(host, port, timeout)
+    except ConnectFailed as failure:
+        raise connect_error(failure, where, error) from None
     if trace is not None:
         peer = channel.get_extra_info("peername")
         trace(f"connected to {where}" + (f" ({peer[0]})" if peer and peer[0] != host else ""))
@@ -172,37 +180,13 @@ async def start_tls(
     error: type[ClientError] = ClientError,
     trace: Trace | None = None,
 ) -> None:
-    """The TLS handshake on `channel`; on failure the connection is dropped and `error` raised.
-
-    A certificate that is not trusted is kind "certificate", any other
-    handshake failure kind "tls".
-    """
-    where = host_port(host, port)
+    """The TLS handshake on `channel`; on failure the connection is dropped and `error` raised."""
     try:
         await channel.start_tls(context, host.strip("[]"), timeout)
-    except ssl.SSLCertVerificationError as exc:
-        channel.abort()
-        why = exc.verify_message or exc.reason or str(exc)
-        text = f"TLS failure with {where}: its certificate is not trusted ({why})"
-        raise error(text, kind="certificate") from None
-    except ssl.SSLError as exc:
-        channel.abort()
-        text = f"TLS failure with {where}: {exc.reason or exc}"
-        if exc.reason == "WRONG_VERSION_NUMBER":
-            # The server spoke in plain text: its greeting where TLS was expected.
-            text = (f"TLS failure with {where}: the server answered in plain text, not TLS "
-                    "(is this a STARTTLS/STLS port?)")
-        raise error(text, kind="tls") from None
-    except TimeoutError:
-        channel.abort()
-        text = f"TLS failure with {where}: the handshake took longer than {timeout:g}s"
-        raise error(text, kind="tls", temporary=True) from None
-    except OSError as exc:
-        channel.abort()
-        text = f"TLS failure with {where}: the connection broke during the handshake ({exc})"
-        raise error(text, kind="tls", temporary=True) from None
+    except TLSFailed as failure:
+        raise tls_error(failure, host_port(host, port), error) from None
     if trace is not None:
-        trace(f"TLS: {tls_description(channel)}")
+        trace(f"TLS: {channel.tls_description()}")
 
 
 def read_password(

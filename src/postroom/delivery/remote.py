@@ -26,14 +26,8 @@ from pathlib import Path
 from postroom.addresses import domain_of
 from postroom.delivery.outcome import DeliveryResult, Outcome
 from postroom.delivery.routing import Failure, Hops, Local, Router
-from postroom.delivery.smtp_out import (
-    ClientSession,
-    Hop,
-    OutRecipient,
-    SMTPError,
-    TransactionResult,
-    status_of,
-)
+from postroom.delivery.smtp_errors import SMTPError, status_of
+from postroom.delivery.smtp_out import ClientSession, Hop, OutRecipient, TransactionResult
 from postroom.gathering import gather_few
 from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
