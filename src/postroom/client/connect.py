@@ -73,6 +73,9 @@ class ClientError(Exception):
         return EX_TEMPFAIL if self.temporary else EX_UNAVAILABLE
 
 
+ErrorT = TypeVar("ErrorT", bound=ClientError)
+
+
 def parse_server(text: str, default_port: int | None = None) -> tuple[str, int | None]:
     """ "host:port", "[v6]:port", or a bare host (port None unless a default is given)."""
     host, port = text, ""
@@ -116,8 +119,7 @@ def waiting_for(pending: tuple[str, ...]) -> str:
     return f"waiting for the answer to {pending[0]}"
 
 
-def connect_error(failure: ConnectFailed, where: str,
-                  error: type[ClientError] = ClientError) -> ClientError:
+def connect_error(failure: ConnectFailed, where: str, error: type[ErrorT]) -> ErrorT:
     """No connection to `where`, in words (kind "connect"); a timeout is temporary."""
     if failure.timeout is not None:
         text = f"cannot connect to {where}: no answer within {failure.timeout:g}s"
@@ -125,8 +127,7 @@ def connect_error(failure: ConnectFailed, where: str,
     return error(f"cannot connect to {where}: {failure.reason}", kind="connect")
 
 
-def tls_error(failure: TLSFailed, where: str,
-              error: type[ClientError] = ClientError) -> ClientError:
+def tls_error(failure: TLSFailed, where: str, error: type[ErrorT]) -> ErrorT:
     """A failed TLS handshake with `where`, in words.
 
     A certificate that is not trusted is kind "certificate", any other
@@ -233,7 +234,7 @@ def certificate_hint(exc: ClientError) -> str:
     return ""
 
 
-def tls_expected(exc: ClientError) -> ClientError:
+def tls_expected(exc: ErrorT) -> ErrorT:
     """`exc`, a connection lost before the greeting, saying the port may want TLS at once.
 
     A server waiting for a TLS handshake says nothing and gives up.

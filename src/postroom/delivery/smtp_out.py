@@ -233,7 +233,7 @@ class ClientSession:
 
     @property
     def tls_active(self) -> bool:
-        return self._core.tls_active
+        return self._conn.tls_active
 
     @property
     def tls_version(self) -> str | None:

@@ -156,10 +156,10 @@ async def submission(story: Story) -> None:
     sent = Exchange()
     host, port = provider.address("submission")
     begun = time.time()
-    result = await send.submit(
-        story.message, host=host, port=port, security="starttls", user=SMITH,
+    result = await send.submit(story.message, send.SubmitOptions(
+        host=host, port=port, security="starttls", user=SMITH,
         password=story.world.passwords[SMITH], cafile=str(provider.config.tls.cert),
-        trace=sent, helo=CLIENT_HELO)
+        trace=sent, helo=CLIENT_HELO))
     printer.header(f"1. Smith's mail client submits the message to {PROVIDER}",
                    time.time() - begun)
     printer.note("SMTP submission (RFC 6409): STARTTLS first, then AUTH, then the message")

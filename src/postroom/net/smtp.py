@@ -232,6 +232,7 @@ class SMTPConnection:
         self._trace = setup.trace
         self._helo = setup.helo or _address_literal(channel)
         self._closed = False
+        self._tls = False  # the handshake is done: after STARTTLS, or at once (implicit)
         peer = channel.get_extra_info("peername")
         self.address: tuple[str, int] | None = (str(peer[0]), int(peer[1])) if peer else None
 
@@ -277,7 +278,7 @@ class SMTPConnection:
 
     @property
     def tls_active(self) -> bool:
-        return self.core.tls_active
+        return self._tls
 
     @property
     def tls_version(self) -> str | None:
@@ -288,6 +289,11 @@ class SMTPConnection:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def trace(self, line: str) -> None:
+        """Put a line of the caller's into the trace, if there is one."""
+        if self._trace is not None:
+            self._trace(line)
 
     async def flush(self, timeout: float) -> None:
         """Write what the core holds; the peer must read it within `timeout` seconds."""
@@ -377,7 +383,7 @@ class SMTPConnection:
         if greeting.reply.code != 220:
             raise await self._give_up(GreetingRefused(greeting))
         await self._hello()
-        if starttls and not self.core.tls_active:
+        if starttls and not self._tls:
             await self._starttls(host)
         if setup.login is not None:
             await self._authenticate(*setup.login)
@@ -423,11 +429,12 @@ class SMTPConnection:
         assert setup.tls_context is not None  # Setup checks it
         await self.channel.start_tls(setup.tls_context, setup.tls_name or host,
                                      setup.command_timeout)
+        self._tls = True
         if self._trace is not None:
             self._trace(f"TLS: {self.channel.tls_description()}")
 
     async def _authenticate(self, user: str, password: str) -> None:
-        if not self.core.tls_active:
+        if not self._tls:
             raise await self._give_up(AuthNeedsTLS("no TLS"))
         offered = self.core.extensions.auth_mechanisms
         mechanism = next((m for m in (PLAIN, LOGIN) if m in offered), None)
