@@ -1,11 +1,12 @@
 """Connections for the user's mail tools: servers, TLS, logins, and failures said in words.
 
 What `client.send` (SMTP submission) and `client.fetch` (POP3) share: reading
-"host:port" arguments, a client TLS context, connecting and the TLS handshake
-(implicit, RFC 8314, or after STARTTLS/STLS, RFC 3207 and RFC 2595) with every
-failure a `ClientError` a person can read ("cannot connect to ...", "TLS
-failure with ..."), the password (never from the command line), and `Session`,
-the part of a client session that moves the core's bytes over the channel.
+"host:port" arguments, a client TLS context, the password (never from the
+command line), and the words for a connection or a TLS handshake that failed
+(`net.channel`'s ConnectFailed and TLSFailed): a `ClientError` a person can
+read ("cannot connect to ...", "TLS failure with ...") with its exit status.
+`connect` and `start_tls` are those steps for fetch's POP3 session; send's
+SMTP connection (`net.smtp`) makes them itself.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import getpass
 import os
 import ssl
 from collections.abc import Callable
-from typing import Generic, Protocol, TextIO, TypeVar
+from typing import TextIO, TypeVar
 
 from postroom.net.channel import Channel, ConnectFailed, TLSFailed, host_port, open_channel
 
@@ -24,9 +25,7 @@ __all__ = [
     "EX_UNAVAILABLE",
     "EX_USAGE",
     "PASSWORD_ENV",
-    "Channel",
     "ClientError",
-    "Session",
     "Trace",
     "certificate_hint",
     "connect",
@@ -241,49 +240,3 @@ def tls_expected(exc: ErrorT) -> ErrorT:
     """
     return type(exc)(f"{exc.text}; if this port expects TLS from the start, "
                      "use --security tls", kind=exc.kind, temporary=exc.temporary)
-
-
-class _Core(Protocol):
-    def data_to_send(self) -> bytes: ...
-
-
-CoreT = TypeVar("CoreT", bound=_Core)
-
-
-class Session(Generic[CoreT]):
-    """A client session's I/O: its protocol core, the channel, the timeout, and the trace.
-
-    Subclasses add the protocol's commands and set `error`, the ClientError
-    subclass a failure of the session raises.
-    """
-
-    error: type[ClientError] = ClientError
-
-    def __init__(self, channel: Channel, core: CoreT, where: str, timeout: float,
-                 trace: Trace | None) -> None:
-        self.channel = channel
-        self.core = core
-        self.where = where
-        self.timeout = timeout
-        self._trace = trace
-
-    def trace(self, line: str) -> None:
-        if self._trace is not None:
-            self._trace(line)
-
-    def lost(self, text: str, kind: str = "lost") -> ClientError:
-        """The error for a session that cannot go on; the connection is dropped."""
-        self.channel.abort()
-        return self.error(text, kind=kind, temporary=True)
-
-    async def flush(self) -> None:
-        data = self.core.data_to_send()
-        if not data:
-            return
-        try:
-            self.channel.write(data)
-            await self.channel.drain(self.timeout)
-        except TimeoutError:
-            raise self.lost(f"{self.where} stopped reading for {self.timeout:g}s") from None
-        except OSError as exc:
-            raise self.lost(f"lost the connection with {self.where}: {exc}") from None

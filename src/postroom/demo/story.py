@@ -257,10 +257,10 @@ async def pop3(story: Story) -> Path | None:
     got = Exchange()
     pop_host, pop_port = corp.address("pop3")
     begun = time.time()
-    fetched = await fetch.fetch(
+    fetched = await fetch.fetch(fetch.FetchOptions(
         host=pop_host, port=pop_port, security="stls", user=BOSS,
         password=story.world.passwords[BOSS], dest=root / "boss-laptop",
-        cafile=str(corp.config.tls.cert), trace=got)
+        cafile=str(corp.config.tls.cert), trace=got))
     ended = time.time()
     auth, transaction, update = pop3_states([line for _, line in got])
     quit_at = next((t for t, line in got if line.upper().startswith("C: QUIT")), ended)
