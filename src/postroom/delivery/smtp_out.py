@@ -6,7 +6,7 @@ EHLO gets a 5xx, RFC 5321 3.2), STARTTLS whenever offered unless the hop says
 "none" (RFC 3207; a hop with tls="required" fails without it; where TLS is
 opportunistic, a failed handshake is followed by a plaintext connection), EHLO
 again over TLS, and AUTH (PLAIN, else LOGIN) when the hop has a login, never
-without TLS. This module words that connection's failures for the relay.
+without TLS; `smtp_errors.relay_error` words its failures for the relay.
 
 `send` runs one mail transaction and returns every recipient's own reply: MAIL,
 RCPTs and DATA go in one write when the server offers PIPELINING (RFC 2920
