@@ -33,7 +33,7 @@ from durable_order import Recorder, assert_durable, install_recorder
 from postroom.client.fetch import FetchOptions, fetch
 from postroom.config import load_config
 from postroom.delivery.local import LocalCourier
-from postroom.net import Channel
+from postroom.net.channel import Channel
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.store import QueueStore
 from postroom.server.main import Running, start

@@ -31,7 +31,7 @@ from postroom.client.fetch import FetchError, FetchOptions, FetchResult, fetch, 
 from postroom.client.pop3_session import human_size
 from postroom.client.uidl_state import STATE_NAME
 from postroom.config import load_config
-from postroom.net import Channel
+from postroom.net.channel import Channel
 from postroom.server.main import Running, start
 from postroom.store.users import open_user_directory
 

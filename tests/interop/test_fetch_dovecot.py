@@ -23,7 +23,7 @@ from mailcheck import CRLF, make_message, new_token
 from mailharness import HarnessError, PrivateDovecot, maildir_files
 
 from postroom.client.fetch import FetchError, FetchOptions, FetchResult, fetch
-from postroom.net import Channel
+from postroom.net.channel import Channel
 from postroom.tlscert import make_self_signed
 
 pytestmark = pytest.mark.interop

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from postroom.net import ConnectionFailure, TLSFailed
+from postroom.net.channel import ConnectionFailure, TLSFailed
 from postroom.net.smtp import AuthNeedsTLS, Setup, SMTPConnection, StartTLSRefused
 from postroom.tlscert import make_self_signed
 

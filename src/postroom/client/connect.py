@@ -5,8 +5,6 @@ What `client.send` (SMTP submission) and `client.fetch` (POP3) share: reading
 command line), and the words for a connection or a TLS handshake that failed
 (`net.channel`'s ConnectFailed and TLSFailed): a `ClientError` a person can
 read ("cannot connect to ...", "TLS failure with ...") with its exit status.
-`connect` and `start_tls` are those steps for fetch's POP3 session; send's
-SMTP connection (`net.smtp`) makes them itself.
 """
 
 from __future__ import annotations
@@ -17,28 +15,7 @@ import ssl
 from collections.abc import Callable
 from typing import TextIO, TypeVar
 
-from postroom.net.channel import Channel, ConnectFailed, TLSFailed, host_port, open_channel
-
-__all__ = [
-    "EX_OK",
-    "EX_TEMPFAIL",
-    "EX_UNAVAILABLE",
-    "EX_USAGE",
-    "PASSWORD_ENV",
-    "ClientError",
-    "Trace",
-    "certificate_hint",
-    "connect",
-    "connect_error",
-    "host_port",
-    "parse_server",
-    "read_password",
-    "start_tls",
-    "tls_context",
-    "tls_error",
-    "tls_expected",
-    "waiting_for",
-]
+from postroom.net.channel import ConnectFailed, ConnectTimedOut, TLSFailed
 
 # sysexits.h, as sendmail and msmtp use them.
 EX_OK = 0
@@ -120,7 +97,7 @@ def waiting_for(pending: tuple[str, ...]) -> str:
 
 def connect_error(failure: ConnectFailed, where: str, error: type[ErrorT]) -> ErrorT:
     """No connection to `where`, in words (kind "connect"); a timeout is temporary."""
-    if failure.timeout is not None:
+    if isinstance(failure, ConnectTimedOut):
         text = f"cannot connect to {where}: no answer within {failure.timeout:g}s"
         return error(text, kind="connect", temporary=True)
     return error(f"cannot connect to {where}: {failure.reason}", kind="connect")
@@ -148,45 +125,6 @@ def tls_error(failure: TLSFailed, where: str, error: type[ErrorT]) -> ErrorT:
         return error(text, kind="tls", temporary=True)
     text = f"TLS failure with {where}: the connection broke during the handshake ({exc})"
     return error(text, kind="tls", temporary=True)
-
-
-async def connect(
-    host: str,
-    port: int,
-    *,
-    timeout: float,
-    error: type[ClientError] = ClientError,
-    trace: Trace | None = None,
-) -> Channel:
-    """A TCP connection to host:port, or `error` saying why not (kind "connect")."""
-    where = host_port(host, port)
-    try:
-        channel = await open_channel(host, port, timeout)
-    except ConnectFailed as failure:
-        raise connect_error(failure, where, error) from None
-    if trace is not None:
-        peer = channel.get_extra_info("peername")
-        trace(f"connected to {where}" + (f" ({peer[0]})" if peer and peer[0] != host else ""))
-    return channel
-
-
-async def start_tls(
-    channel: Channel,
-    context: ssl.SSLContext,
-    host: str,
-    port: int,
-    *,
-    timeout: float,
-    error: type[ClientError] = ClientError,
-    trace: Trace | None = None,
-) -> None:
-    """The TLS handshake on `channel`; on failure the connection is dropped and `error` raised."""
-    try:
-        await channel.start_tls(context, host.strip("[]"), timeout)
-    except TLSFailed as failure:
-        raise tls_error(failure, host_port(host, port), error) from None
-    if trace is not None:
-        trace(f"TLS: {channel.tls_description()}")
 
 
 def read_password(

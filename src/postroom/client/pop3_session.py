@@ -22,15 +22,14 @@ from typing import TextIO
 from postroom.client.connect import (
     ClientError,
     Trace,
-    connect,
-    host_port,
-    start_tls,
+    connect_error,
+    tls_error,
     tls_expected,
     waiting_for,
 )
 from postroom.client.sinks import Sink
 from postroom.client.uidl_state import SeenUIDLs
-from postroom.net.channel import Channel
+from postroom.net.channel import Channel, ConnectFailed, TLSFailed, host_port, open_channel
 from postroom.protocol.pop3_client import (
     CAPA,
     GREETING,
@@ -168,6 +167,13 @@ class _Session:
         """The error for a session that cannot go on; the connection is dropped."""
         self.channel.abort()
         return ClientError(text, kind=kind, temporary=True)
+
+    async def start_tls(self, context: ssl.SSLContext, host: str) -> None:
+        try:
+            await self.channel.start_tls(context, host.strip("[]"), self.timeout)
+        except TLSFailed as failure:
+            raise tls_error(failure, self.where, ClientError) from None
+        self.trace(f"TLS: {self.channel.tls_description()}")
 
     async def flush(self) -> None:
         data = self.core.data_to_send()
@@ -425,10 +431,13 @@ class _Download:
 async def run(options: FetchOptions, context: ssl.SSLContext, store: Sink, state: SeenUIDLs,
               result: FetchResult) -> None:
     """One session as `options` say, into `store`; `result` counts what was done."""
-    channel = await connect(options.host, options.port, timeout=options.timeout,
-                            trace=options.trace)
-    session = _Session(channel, host_port(options.host, options.port), options.timeout,
-                       options.trace)
+    where = host_port(options.host, options.port)
+    try:
+        channel = await open_channel(options.host, options.port, options.timeout)
+    except ConnectFailed as failure:
+        raise connect_error(failure, where, ClientError) from None
+    session = _Session(channel, where, options.timeout, options.trace)
+    session.trace(channel.connected_line(options.host, options.port))
     try:
         await _open(session, options, context)
         await _login(session, options.user, options.password, options.auth)
@@ -445,9 +454,8 @@ async def run(options: FetchOptions, context: ssl.SSLContext, store: Sink, state
 
 async def _open(session: _Session, options: FetchOptions, context: ssl.SSLContext) -> None:
     """TLS, the greeting and CAPA: the session ready for the login."""
-    host, port, timeout, trace = options.host, options.port, options.timeout, options.trace
     if options.security == "tls":
-        await start_tls(session.channel, context, host, port, timeout=timeout, trace=trace)
+        await session.start_tls(context, options.host)
     try:
         greeting = await session.event()
     except ClientError as exc:
@@ -476,7 +484,7 @@ async def _open(session: _Session, options: FetchOptions, context: ssl.SSLContex
     if leftover:
         session.core.receive_data(leftover)
         await session.event()  # raises: data behind the +OK (RFC 2595 4)
-    await start_tls(session.channel, context, host, port, timeout=timeout, trace=trace)
+    await session.start_tls(context, options.host)
     session.core.tls_started()
     session.core.capa()  # RFC 2595 4: what was learnt before TLS is void
     await session.response("CAPA")

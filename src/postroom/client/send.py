@@ -45,26 +45,9 @@ from postroom.client.connect import (
     tls_expected,
     waiting_for,
 )
+from postroom.net import smtp
 from postroom.net.channel import ConnectFailed, ConnectionFailure, TLSFailed, host_port
-from postroom.net.smtp import (
-    AuthNeedsTLS,
-    AuthRefused,
-    BadChallenge,
-    ConnectionLost,
-    GreetingRefused,
-    NoAuthMechanism,
-    ProtocolError,
-    Refused,
-    ServerClosing,
-    SessionLost,
-    Setup,
-    SMTPConnection,
-    StartTLSRefused,
-    TimedOut,
-    TLSNotOffered,
-    UnusableLogin,
-    one_line,
-)
+from postroom.net.smtp import Setup, SMTPConnection, one_line
 from postroom.protocol.replies import Reply
 from postroom.protocol.smtp_client import GREETING, path_problem
 
@@ -277,14 +260,11 @@ async def submit(message: EmailMessage, options: SubmitOptions) -> SubmitResult:
     utf8 = not all(a.isascii() for a in (sender, *rcpts))
     data = wire_bytes(message, utf8=utf8)
     timeout = options.timeout
-    setup = Setup(
-        tls="implicit" if options.security == "tls" else "required",
-        tls_context=tls_context(verify_cert=options.verify_cert, cafile=options.cafile),
-        helo=options.helo,
-        login=(options.user, options.password) if options.user else None,
-        connect_timeout=timeout, greeting_timeout=timeout, command_timeout=timeout,
-        trace=options.trace,
-    )
+    context = tls_context(verify_cert=options.verify_cert, cafile=options.cafile)
+    login = (options.user, options.password) if options.user else None
+    setup = Setup(tls="implicit" if options.security == "tls" else "required",
+                  tls_context=context, helo=options.helo, login=login, connect_timeout=timeout,
+                  greeting_timeout=timeout, command_timeout=timeout, trace=options.trace)
     where = host_port(options.host, options.port)
     connection = None
     try:
@@ -298,63 +278,49 @@ async def submit(message: EmailMessage, options: SubmitOptions) -> SubmitResult:
         raise
 
 
+# send's words for each failure of the connection: (kind, text), with the failure's
+# facts as fields; connecting and TLS are worded as fetch words them (client.connect).
+_WORDS: dict[type[ConnectionFailure], tuple[str, str]] = {
+    smtp.ReplyTimedOut: ("lost", "no reply from {where} within {timeout:g}s ({what})"),
+    smtp.SendTimedOut: ("lost", "{where} stopped reading for {timeout:g}s"),
+    smtp.PeerClosed: ("lost", "{where} closed the connection ({what})"),
+    smtp.SendFailed: ("lost", "lost the connection with {where}: {detail}"),
+    smtp.ProtocolError: ("protocol", "{where} broke the protocol: {detail}"),
+    smtp.ServerClosing: ("refused", "{where} is closing: {said}"),
+    smtp.GreetingRefused: ("refused", "{where} refused the session: {said}"),
+    smtp.HelloRefused: ("refused", "{where} refused {command}: {said}"),
+    smtp.StartTLSRefused: ("tls", "{where} refused STARTTLS: {said}"),
+    smtp.TLSNotOffered: ("tls", "{where} does not offer STARTTLS; not sending the password "
+                                "without TLS (try --security tls?)"),
+    smtp.AuthNeedsTLS: ("tls", "not sending the password to {where} without TLS"),
+    smtp.AuthRefused: ("auth", "{where} refused the login of {user}: {said}"),
+    smtp.NoAuthMechanism: ("auth", "{where} offers no password login (AUTH PLAIN or LOGIN), "
+                                   "only {offered}"),
+    smtp.UnusableLogin: ("usage", "unusable login: {detail}"),
+    smtp.BadChallenge: ("protocol", "{where} sent an unusable SASL challenge"),
+}
+
+
 def _send_error(failure: ConnectionFailure, where: str, options: SubmitOptions) -> SendError:
-    """A failure of the connection in words a person can read, with its kind."""
+    """A failure of the connection in words a person can read, with its kind (see _WORDS).
+
+    A broken session is temporary, a refusal when its reply is, the rest is not.
+    """
     if isinstance(failure, ConnectFailed):
         return connect_error(failure, where, SendError)
     if isinstance(failure, TLSFailed):
         return tls_error(failure, where, SendError)
-    if isinstance(failure, Refused):
-        return _refusal_error(failure, where, options.user)
-    if isinstance(failure, SessionLost):
-        error = _lost_error(failure, where)
-        if failure.command == GREETING and options.security == "starttls" and error.kind == "lost":
-            error = tls_expected(error)
-        return error
-    if isinstance(failure, TLSNotOffered):
-        return SendError(f"{where} does not offer STARTTLS; not sending the password without "
-                         "TLS (try --security tls?)", kind="tls")
-    if isinstance(failure, NoAuthMechanism):
-        have = " ".join(failure.offered) or "no AUTH at all"
-        return SendError(f"{where} offers no password login (AUTH PLAIN or LOGIN), only {have}",
-                         kind="auth")
-    if isinstance(failure, UnusableLogin):
-        return SendError(f"unusable login: {failure.detail}", kind="usage")
-    if isinstance(failure, BadChallenge):
-        return SendError(f"{where} sent an unusable SASL challenge", kind="protocol")
-    assert isinstance(failure, AuthNeedsTLS), f"no words for {failure!r}"
-    return SendError(f"not sending the password to {where} without TLS", kind="tls")
-
-
-def _refusal_error(failure: Refused, where: str, user: str) -> SendError:
-    reply = failure.reply
-    said = one_line(reply)
-    if isinstance(failure, ServerClosing):
-        return SendError(f"{where} is closing: {said}", kind="refused", temporary=True)
-    if isinstance(failure, AuthRefused):
-        text, kind = f"{where} refused the login of {user}: {said}", "auth"
-    elif isinstance(failure, StartTLSRefused):
-        text, kind = f"{where} refused STARTTLS: {said}", "tls"
-    elif isinstance(failure, GreetingRefused):
-        text, kind = f"{where} refused the session: {said}", "refused"
-    else:
-        text, kind = f"{where} refused {failure.command}: {said}", "refused"
-    return SendError(text, kind=kind, temporary=reply.is_transient)
-
-
-def _lost_error(failure: SessionLost, where: str) -> SendError:
-    what = waiting_for((failure.command,) if failure.command else ())
-    if isinstance(failure, ProtocolError):
-        text, kind = f"{where} broke the protocol: {failure.detail}", "protocol"
-    elif isinstance(failure, TimedOut) and failure.sending:
-        text, kind = f"{where} stopped reading for {failure.timeout:g}s", "lost"
-    elif isinstance(failure, TimedOut):
-        text, kind = f"no reply from {where} within {failure.timeout:g}s ({what})", "lost"
-    elif isinstance(failure, ConnectionLost) and failure.error is not None:
-        text, kind = f"lost the connection with {where}: {failure.error}", "lost"
-    else:
-        text, kind = f"{where} closed the connection ({what})", "lost"
-    return SendError(text, kind=kind, temporary=True)
+    kind, words = _WORDS[type(failure)]
+    reply: Reply | None = getattr(failure, "reply", None)
+    command = getattr(failure, "command", None)
+    text = words.format_map({**vars(failure), "where": where, "user": options.user,
+                             "what": waiting_for((command,) if command else ()),
+                             "said": one_line(reply) if reply is not None else ""})
+    temporary = isinstance(failure, smtp.SessionLost) or bool(reply and reply.is_transient)
+    error = SendError(text, kind=kind, temporary=temporary)
+    if kind == "lost" and command == GREETING and options.security == "starttls":
+        return tls_expected(error)  # a server waiting for a TLS handshake says nothing
+    return error
 
 
 def _text_of(reply: Reply) -> str:

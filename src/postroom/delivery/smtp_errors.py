@@ -2,29 +2,15 @@
 
 `relay_error` turns a `net.ConnectionFailure` into an SMTPError: a text in
 Postfix's style ("host mx[192.0.2.1]:25 said: ... (in reply to MAIL FROM
-command)") that goes into logs and DSNs, and an RFC 3463 status: X.4.1 no
-answer from the host, X.4.2 a bad connection, X.5.0 a protocol error, X.7.x
-TLS and AUTH trouble, or the status the server's own reply gives.
+command)") that goes into logs and DSNs, and an RFC 3463 status.
 """
 
 from __future__ import annotations
 
 import re
 
-from postroom.net.channel import ConnectFailed, ConnectionFailure, TLSFailed
-from postroom.net.smtp import (
-    AuthNeedsTLS,
-    AuthRefused,
-    BadChallenge,
-    ConnectionLost,
-    NoAuthMechanism,
-    ProtocolError,
-    Refused,
-    StartTLSRefused,
-    TimedOut,
-    TLSNotOffered,
-    UnusableLogin,
-)
+from postroom.net import smtp
+from postroom.net.channel import ConnectFailed, ConnectionFailure, ConnectTimedOut, TLSFailed
 from postroom.protocol.replies import Reply
 from postroom.protocol.smtp_client import END_DATA, GREETING, MAIL, RCPT
 
@@ -89,54 +75,44 @@ def command_label(command: str | None) -> str:
     return names.get(command, f"{command} command")
 
 
+# The relay's words for each failure of the connection, Postfix-style (as logs and DSNs
+# carry them; fields from the failure's facts), and its RFC 3463 status: X.4.1 no answer
+# from the host, X.4.2 a bad connection, X.5.0 a protocol error, X.7.x TLS and AUTH
+# trouble; None: the status the server's own reply gives.
+_WORDS: dict[type[ConnectionFailure], tuple[str | None, str]] = {
+    ConnectFailed: ("4.4.1", "connect to {peer}: {reason}"),
+    ConnectTimedOut: ("4.4.1", "connect to {peer}: timed out after {timeout:g}s"),
+    TLSFailed: ("4.7.5", "cannot start TLS with {peer}: {error}"),
+    smtp.TLSNotOffered: ("4.7.4", "TLS is required, but was not offered by host {peer}"),
+    smtp.ReplyTimedOut: ("4.4.2", "timed out after {timeout:g}s waiting for {peer} ({what})"),
+    smtp.SendTimedOut: ("4.4.2", "timed out after {timeout:g}s sending to {peer}"),
+    smtp.PeerClosed: ("4.4.2", "lost connection with {peer} (waiting for {what})"),
+    smtp.SendFailed: ("4.4.2", "lost connection with {peer} while sending: {detail}"),
+    smtp.ProtocolError: ("4.5.0", "protocol error with {peer} (after {what}): {detail}"),
+    smtp.AuthNeedsTLS: ("4.7.10", "not sending the login for {peer} without TLS"),
+    smtp.NoAuthMechanism: (
+        "4.7.0", "host {peer} offers no SASL mechanism postroom has (PLAIN, LOGIN): {offered}"),
+    smtp.UnusableLogin: ("4.7.0", "unusable login for {peer}: {detail}"),
+    smtp.BadChallenge: ("4.7.0", "host {peer} sent an unusable SASL challenge: {reply}"),
+    smtp.AuthRefused: (None, "SASL authentication failed with {peer}: {reply}"),
+    smtp.StartTLSRefused: ("4.7.4", "host {peer} said: {reply} (in reply to {what})"),
+    smtp.Refused: (None, "host {peer} said: {reply} (in reply to {what})"),
+}
+
+
 def relay_error(failure: ConnectionFailure, peer: str) -> SMTPError:
-    """A failure of the connection in the relay's words: Postfix-style text, RFC 3463 status.
+    """A failure of the connection in the relay's words (see _WORDS).
 
     A refusal keeps the server's reply, whose class says whether it is
     temporary, except a refused login: like Postfix's smtp_sasl_auth_soft_bounce,
     mail waits for a person to fix it rather than bounce. All else is temporary.
     """
-    if isinstance(failure, AuthRefused):
-        reply = failure.reply
-        text = f"SASL authentication failed with {peer}: {reply}"
-        return SMTPError(text, temporary=True, reply=reply, status=reply.enhanced or "4.7.0")
-    if isinstance(failure, Refused):
-        reply = failure.reply
-        text = f"host {peer} said: {reply} (in reply to {command_label(failure.command)})"
-        status = "4.7.4" if isinstance(failure, StartTLSRefused) else None
-        return SMTPError(text, temporary=reply.code < 500, reply=reply, status=status)
-    status, text = _failure_words(failure, peer)
-    return SMTPError(text, temporary=True, status=status)
-
-
-def _failure_words(failure: ConnectionFailure, peer: str) -> tuple[str, str]:
-    """(RFC 3463 status, text) for a failure that is not a refusal."""
+    status, words = next(_WORDS[kind] for kind in type(failure).__mro__ if kind in _WORDS)
     what = command_label(getattr(failure, "command", None))
-    if isinstance(failure, ConnectFailed):
-        why = failure.reason if failure.timeout is None else f"timed out after {failure.timeout:g}s"
-        return "4.4.1", f"connect to {peer}: {why}"
-    if isinstance(failure, TimedOut):
-        if failure.sending:
-            return "4.4.2", f"timed out after {failure.timeout:g}s sending to {peer}"
-        return "4.4.2", f"timed out after {failure.timeout:g}s waiting for {peer} ({what})"
-    if isinstance(failure, ConnectionLost):
-        if failure.error is not None:
-            return "4.4.2", f"lost connection with {peer} while sending: {failure.error}"
-        return "4.4.2", f"lost connection with {peer} (waiting for {what})"
-    if isinstance(failure, ProtocolError):
-        return "4.5.0", f"protocol error with {peer} (after {what}): {failure}"
-    if isinstance(failure, TLSFailed):
-        why = str(failure.error) or type(failure.error).__name__
-        return "4.7.5", f"cannot start TLS with {peer}: {why}"
-    if isinstance(failure, TLSNotOffered):
-        return "4.7.4", f"TLS is required, but was not offered by host {peer}"
-    if isinstance(failure, AuthNeedsTLS):
-        return "4.7.10", f"not sending the login for {peer} without TLS"
-    if isinstance(failure, NoAuthMechanism):
-        offered = " ".join(failure.offered) or "no AUTH"
-        text = f"host {peer} offers no SASL mechanism postroom has (PLAIN, LOGIN): {offered}"
-        return "4.7.0", text
-    if isinstance(failure, UnusableLogin):
-        return "4.7.0", f"unusable login for {peer}: {failure.detail}"
-    assert isinstance(failure, BadChallenge), f"no words for {failure!r}"
-    return "4.7.0", f"host {peer} sent an unusable SASL challenge: {failure.reply}"
+    text = words.format_map({**vars(failure), "peer": peer, "what": what})
+    if not isinstance(failure, smtp.Refused):
+        return SMTPError(text, temporary=True, status=status)
+    reply = failure.reply
+    if isinstance(failure, smtp.AuthRefused):
+        return SMTPError(text, temporary=True, reply=reply, status=reply.enhanced or "4.7.0")
+    return SMTPError(text, temporary=reply.code < 500, reply=reply, status=status)

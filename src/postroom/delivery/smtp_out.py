@@ -201,17 +201,10 @@ class ClientSession:
         that requires TLS fails with 4.7.4 (not offered) or 4.7.5 (handshake).
         """
         timeouts = timeouts or Timeouts()
-        setup = Setup(
-            tls=hop.tls,
-            tls_context=tls_context,
-            tls_name=hop.name.strip("[]"),
-            helo=helo,
-            login=hop.auth,
-            connect_timeout=connect_timeout,
-            greeting_timeout=timeouts.greeting,
-            command_timeout=command_timeout,
-            on_plaintext=functools.partial(_plaintext_note, hop),
-        )
+        setup = Setup(tls=hop.tls, tls_context=tls_context, tls_name=hop.name.strip("[]"),
+                      helo=helo, login=hop.auth, connect_timeout=connect_timeout,
+                      greeting_timeout=timeouts.greeting, command_timeout=command_timeout,
+                      on_plaintext=functools.partial(_plaintext_note, hop))
         try:
             connection = await SMTPConnection.open(hop.host, hop.port, setup)
         except ConnectionFailure as failure:

@@ -5,7 +5,3 @@ A package of its own because two layers open client connections: the relay
 other, nor `server/`. It sits above the sans-IO cores (`protocol/`), whose
 bytes it moves, and imports nothing else of postroom.
 """
-
-from postroom.net.channel import Channel, ConnectFailed, ConnectionFailure, TLSFailed, open_channel
-
-__all__ = ["Channel", "ConnectFailed", "ConnectionFailure", "TLSFailed", "open_channel"]

@@ -17,20 +17,25 @@ from typing import Any, cast
 
 
 class ConnectionFailure(Exception):
-    """A client connection failed; each subclass says how and carries what its callers word.
-
-    `address` is the (ip, port) of the peer when a connection was made.
-    """
+    """A client connection failed. Each subclass says how; its attributes are the facts
+    callers word (as `str.format` fields), and `address` the peer's (ip, port) if any."""
 
     address: tuple[str, int] | None = None
 
 
 class ConnectFailed(ConnectionFailure):
-    """No connection: `reason` in words, or `timeout` (seconds) when none came in time."""
+    """No connection: `reason` in words (errno's, or the resolver's)."""
 
-    def __init__(self, reason: str, timeout: float | None = None) -> None:
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ConnectTimedOut(ConnectFailed):
+    """No connection within `timeout` seconds."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__("timed out")
         self.timeout = timeout
 
 
@@ -63,7 +68,7 @@ async def open_channel(host: str, port: int, timeout: float) -> Channel:
         async with asyncio.timeout(timeout):
             _transport, channel = await loop.create_connection(Channel, host, port)
     except TimeoutError:
-        raise ConnectFailed("timed out", timeout) from None
+        raise ConnectTimedOut(timeout) from None
     except OSError as exc:
         raise ConnectFailed(_reason(exc)) from None
     return channel
@@ -177,6 +182,12 @@ class Channel(asyncio.Protocol):
             raise TLSFailed(ConnectionResetError("connection closed during the handshake"),
                             timeout)
         self.transport = new
+
+    def connected_line(self, host: str, port: int) -> str:
+        """What a trace says once connected: "connected to host:port (ip)"."""
+        peer = self.get_extra_info("peername")
+        ip = f" ({peer[0]})" if peer and peer[0] != host else ""
+        return f"connected to {host_port(host, port)}{ip}"
 
     def tls_description(self) -> str | None:
         """ "TLSv1.3 TLS_AES_256_GCM_SHA384" for a TLS connection, None without TLS."""

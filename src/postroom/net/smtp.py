@@ -2,7 +2,7 @@
 
 The asyncio side of `protocol.smtp_client` that the relay (`delivery.smtp_out`)
 and `postroom send` (`client.send`) share; each runs its own mail transaction
-over it with `flush`, `reply`, `exchange` and `command`. `SMTPConnection.open`
+over it with `flush`, `reply` and `command`. `SMTPConnection.open`
 connects, starts TLS at once where it is implicit (RFC 8314), reads the
 greeting, says EHLO (HELO when EHLO gets a 5xx, RFC 5321 3.2), STARTTLS when
 offered (RFC 3207) unless TLS is "none" or already on, EHLO again over TLS
@@ -29,9 +29,8 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
-from postroom.net.channel import Channel, ConnectionFailure, TLSFailed, host_port, open_channel
+from postroom.net.channel import Channel, ConnectionFailure, TLSFailed, open_channel
 from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import LOGIN, PLAIN, ClientExchange, SASLError
 from postroom.protocol.smtp_client import (
@@ -65,50 +64,42 @@ Trace = Callable[[str], None]
 
 
 class SessionLost(ConnectionFailure):
-    """The session broke off while `command` (None: nothing) awaited its reply; it was dropped."""
+    """The session broke off while `command` awaited its reply (None: none did); dropped."""
 
-    def __init__(self, command: str | None, detail: str) -> None:
-        super().__init__(detail)
+    def __init__(self, command: str | None, detail: str = "", timeout: float = 0.0) -> None:
+        super().__init__(detail or type(self).__name__)
         self.command = command
         self.detail = detail
-
-
-class TimedOut(SessionLost):
-    """No reply within `timeout` seconds or, when `sending`, the peer read nothing for that long."""
-
-    def __init__(self, command: str | None, timeout: float, *, sending: bool = False) -> None:
-        super().__init__(command, f"timed out after {timeout:g}s")
         self.timeout = timeout
-        self.sending = sending
 
 
-class ConnectionLost(SessionLost):
-    """The peer closed the connection (`error` None), or it broke while sending (`error`)."""
+class ReplyTimedOut(SessionLost):
+    """No reply within `timeout` seconds."""
 
-    def __init__(self, command: str | None, error: OSError | None = None) -> None:
-        super().__init__(command, str(error) if error is not None else "connection closed")
-        self.error = error
+
+class SendTimedOut(SessionLost):
+    """The peer read nothing of what was sent for `timeout` seconds."""
+
+
+class PeerClosed(SessionLost):
+    """The peer closed the connection."""
+
+
+class SendFailed(SessionLost):
+    """The connection broke while sending: `detail` says how."""
 
 
 class ProtocolError(SessionLost):
-    """The peer broke the protocol: a malformed reply, bytes behind the 220 to STARTTLS..."""
+    """The peer broke the protocol (`detail`): a malformed reply, bytes behind a 220..."""
 
 
 class Refused(ConnectionFailure):
-    """The peer answered a step of the set-up with a refusal, `response`."""
+    """The peer refused a step of the set-up: `reply` to `command` (None for a 421 unasked)."""
 
     def __init__(self, response: Response) -> None:
         super().__init__(str(response.reply))
-        self.response = response
-
-    @property
-    def reply(self) -> Reply:
-        return self.response.reply
-
-    @property
-    def command(self) -> str | None:
-        """The command refused; None for a 421 that came unasked."""
-        return self.response.command or None
+        self.reply = response.reply
+        self.command = response.command or None
 
 
 class GreetingRefused(Refused):
@@ -120,7 +111,7 @@ class HelloRefused(Refused):
 
 
 class StartTLSRefused(Refused):
-    """STARTTLS refused (RFC 3207 4) where TLS is required; the session was QUIT."""
+    """STARTTLS refused (RFC 3207 4); where TLS is required, the session was QUIT."""
 
 
 class AuthRefused(Refused):
@@ -128,46 +119,39 @@ class AuthRefused(Refused):
 
 
 class ServerClosing(Refused):
-    """A 421 at any time (RFC 5321 3.8): the server closes the session; so did the client."""
+    """A 421 at any time (RFC 5321 3.8): the server closes the session, and so did we."""
 
 
 class TLSNotOffered(ConnectionFailure):
     """TLS is required and the peer does not offer STARTTLS; the session was QUIT."""
 
 
-class AuthImpossible(ConnectionFailure):
-    """No login could be completed, for a reason of the subclass; the session was QUIT."""
+class AuthNeedsTLS(ConnectionFailure):
+    """A login is never sent in plaintext, and the session has no TLS; it was QUIT."""
 
 
-class AuthNeedsTLS(AuthImpossible):
-    """A login is never sent in plaintext, and the session has no TLS."""
-
-
-class NoAuthMechanism(AuthImpossible):
-    """The peer offers neither PLAIN nor LOGIN; `offered` is what it does offer."""
+class NoAuthMechanism(ConnectionFailure):
+    """The peer offers neither PLAIN nor LOGIN, but `offered` ("no AUTH": nothing); QUIT."""
 
     def __init__(self, offered: tuple[str, ...]) -> None:
-        super().__init__(" ".join(offered) or "no AUTH")
-        self.offered = offered
+        self.offered = " ".join(offered) or "no AUTH"
+        super().__init__(self.offered)
 
 
-class UnusableLogin(AuthImpossible):
-    """The login cannot be written in the mechanism (e.g. a NUL in it): `detail` says why."""
+class UnusableLogin(ConnectionFailure):
+    """The login cannot be written in the mechanism: `detail` says why; the session was QUIT."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
 
 
-class BadChallenge(AuthImpossible):
-    """The peer sent a SASL challenge that cannot be answered; the exchange was cancelled."""
+class BadChallenge(ConnectionFailure):
+    """The SASL challenge `reply` cannot be answered; the exchange was cancelled, then QUIT."""
 
     def __init__(self, reply: Reply) -> None:
         super().__init__(str(reply))
         self.reply = reply
-
-
-FailureT = TypeVar("FailureT", bound=ConnectionFailure)
 
 
 # --- The connection -----------------------------------------------------------------
@@ -256,10 +240,7 @@ class SMTPConnection:
         channel = await open_channel(host, port, setup.connect_timeout)
         connection = cls(channel, setup)
         try:
-            if connection._trace is not None:
-                ip = connection.address[0] if connection.address else host
-                connection._trace(f"connected to {host_port(host, port)}"
-                                  + (f" ({ip})" if ip != host else ""))
+            connection.trace(channel.connected_line(host, port))
             await connection._start(host, starttls)
         except ConnectionFailure as failure:
             failure.address = connection.address
@@ -304,9 +285,9 @@ class SMTPConnection:
             self.channel.write(data)
             await self.channel.drain(timeout)
         except TimeoutError:
-            raise self._lost(TimedOut(self._awaited(), timeout, sending=True)) from None
+            raise self._lost(SendTimedOut(self._awaited(), timeout=timeout)) from None
         except OSError as exc:
-            raise self._lost(ConnectionLost(self._awaited(), exc)) from None
+            raise self._lost(SendFailed(self._awaited(), str(exc))) from None
 
     async def reply(self, timeout: float) -> Response:
         """The next reply, waiting up to `timeout` seconds for its bytes.
@@ -325,11 +306,11 @@ class SMTPConnection:
                 try:
                     data = await self.channel.read(timeout)
                 except TimeoutError:
-                    raise self._lost(TimedOut(command, timeout)) from None
+                    raise self._lost(ReplyTimedOut(command, timeout=timeout)) from None
                 core.receive_data(data)
                 continue
             if isinstance(event, ConnectionClosed):
-                raise self._lost(ConnectionLost(command))
+                raise self._lost(PeerClosed(command))
             assert isinstance(event, Response)
             if self._trace is not None:
                 self._trace(f"S: {_shown(event)}")
@@ -338,13 +319,8 @@ class SMTPConnection:
                 raise ServerClosing(event)
             return event
 
-    async def exchange(self, timeout: float) -> Response:
-        """Write what the core holds, then read the reply to the oldest command."""
-        await self.flush(timeout)
-        return await self.reply(timeout)
-
     async def command(self, shown: str, timeout: float) -> Response:
-        """`exchange`, with `shown` (the command as the trace may show it) in the trace."""
+        """Write what the core holds (`shown` in the trace), then read the next reply."""
         if self._trace is not None:
             self._trace(f"C: {shown}")
         await self.flush(timeout)
@@ -403,7 +379,7 @@ class SMTPConnection:
         required = self._setup.tls == "required"
         if not self.core.extensions.starttls:
             if required:
-                raise await self._give_up(TLSNotOffered("STARTTLS not offered"))
+                raise await self._give_up(TLSNotOffered())
             return
         self.core.starttls()
         response = await self.command("STARTTLS", self._setup.command_timeout)
@@ -435,7 +411,7 @@ class SMTPConnection:
 
     async def _authenticate(self, user: str, password: str) -> None:
         if not self._tls:
-            raise await self._give_up(AuthNeedsTLS("no TLS"))
+            raise await self._give_up(AuthNeedsTLS())
         offered = self.core.extensions.auth_mechanisms
         mechanism = next((m for m in (PLAIN, LOGIN) if m in offered), None)
         if mechanism is None:
@@ -464,12 +440,12 @@ class SMTPConnection:
         pending = self.core.pending
         return pending[0] if pending else None
 
-    async def _give_up(self, failure: FailureT) -> FailureT:
+    async def _give_up(self, failure: ConnectionFailure) -> ConnectionFailure:
         """End a session that cannot serve, politely (QUIT), and the failure to raise."""
         await self.quit()
         return failure
 
-    def _lost(self, failure: FailureT) -> FailureT:
+    def _lost(self, failure: ConnectionFailure) -> ConnectionFailure:
         """The connection cannot go on: drop it, and the failure to raise."""
         self.close(abort=True)
         return failure
