@@ -330,6 +330,25 @@ def test_nothing_listening() -> None:
     assert caught.value.text == f"cannot connect to 127.0.0.1:{port}: Connection refused"
 
 
+def test_starttls_on_an_implicit_tls_port_says_what_may_be_wrong(tmp_path: Path) -> None:
+    message = build_message(sender=SMITH, to=["jones@isp.example"], subject="s", body="b\n")
+
+    async def scenario() -> None:
+        async with postroom(tmp_path) as server:
+            host, port = server.address("submissions")  # waits for a TLS handshake
+            with pytest.raises(SendError) as caught:
+                await submit(message, SubmitOptions(host=host, port=port, security="starttls",
+                                                    user=SMITH, password=SMITH_PASSWORD,
+                                                    cafile=cafile(tmp_path), timeout=0.5))
+            error = caught.value
+            assert error.kind == "lost" and error.temporary and error.exit_code == 75
+            assert error.text == (f"no reply from {host}:{port} within 0.5s (waiting for the "
+                                  "greeting); if this port expects TLS from the start, use "
+                                  "--security tls")
+
+    run(scenario)
+
+
 # --- the command line against postroom --------------------------------------------------------
 
 

@@ -316,7 +316,8 @@ def _send_error(failure: ConnectionFailure, where: str, options: SubmitOptions) 
     text = words.format_map({**vars(failure), "where": where, "user": options.user,
                              "what": waiting_for((command,) if command else ()),
                              "said": one_line(reply) if reply is not None else ""})
-    temporary = isinstance(failure, smtp.SessionLost) or bool(reply and reply.is_transient)
+    temporary = isinstance(failure, smtp.SessionLost) or (
+        reply is not None and reply.is_transient)
     error = SendError(text, kind=kind, temporary=temporary)
     if kind == "lost" and command == GREETING and options.security == "starttls":
         return tls_expected(error)  # a server waiting for a TLS handshake says nothing
