@@ -31,10 +31,10 @@ import pytest
 
 from durable_order import Recorder, assert_durable, install_recorder
 from message_content import content_of
-from postroom.client.fetch import fetch
+from postroom.client.fetch import FetchOptions, fetch
 from postroom.config import load_config
 from postroom.delivery.local import LocalCourier
-from postroom.net import Channel
+from postroom.net.channel import Channel
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.store import QueueStore
 from postroom.server.main import Running, start
@@ -269,9 +269,9 @@ def _fetch(tmp_path: Path, recorder: Recorder, *, mbox: bool) -> Outcome:
         async with server(tmp_path, "smtp", "pop3s") as running:
             await smtp_send(running, [BOSS], message("fetched"))
             host, port = running.address("pop3s")
-            result = await fetch(host=host, port=port, security="tls", user=BOSS,
-                                 password=PASSWORD, dest=dest, mbox=mbox, state_file=state,
-                                 cafile=str(tmp_path / "server" / "tls" / "cert.pem"))
+            result = await fetch(FetchOptions(
+                host=host, port=port, security="tls", user=BOSS, password=PASSWORD, dest=dest,
+                mbox=mbox, state_file=state, cafile=str(tmp_path / "server" / "tls" / "cert.pem")))
             assert result.downloaded == 1 and result.deleted == 1
             paths.extend(result.paths)
 

@@ -23,6 +23,10 @@ IMPORT_CALLS = ("importlib.import_module", "import_module", "__import__")
 SANS_IO = "the protocol cores do no I/O and read no clock or config: the server layer does"
 BELOW_SERVER = "data flows down: the layers under the asyncio shell never call back up into it"
 VALUES = "it gets values (an options dataclass, paths), never the whole config"
+CLIENTS_APART = ("the relay and the user's tools share their SMTP client connection through "
+                 "postroom.net, not through each other")
+NET_BELOW_CLIENTS = ("postroom.net holds the client connections both the relay and the user's "
+                     "tools use: it sits under them and reads no config")
 
 # (package, forbidden, why): no module of `package` imports `forbidden` or below it.
 RULES: list[tuple[str, str, str]] = [
@@ -42,6 +46,11 @@ RULES: list[tuple[str, str, str]] = [
     ("postroom.queue", "postroom.delivery",
      "the queue calls the couriers it is given; they get an open content stream and its "
      "size, and the result type is the queue's (postroom.queue.result)"),
+    ("postroom.client", "postroom.delivery", CLIENTS_APART),
+    ("postroom.delivery", "postroom.client", CLIENTS_APART),
+    *[("postroom.net", name, NET_BELOW_CLIENTS)
+      for name in ("postroom.client", "postroom.delivery", "postroom.demo", "postroom.server",
+                   "postroom.queue", "postroom.store", "postroom.policy", "postroom.config")],
 ]
 
 

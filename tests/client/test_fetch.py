@@ -27,17 +27,11 @@ import pytest
 from durable_order import install_recorder
 from postroom import cli
 from postroom.client import fetch as fetch_module
-from postroom.client.fetch import (
-    STATE_NAME,
-    FetchError,
-    FetchResult,
-    _LineEnds,
-    fetch,
-    human_size,
-    summary,
-)
+from postroom.client.fetch import FetchError, FetchOptions, FetchResult, fetch, summary
+from postroom.client.pop3_session import human_size
+from postroom.client.uidl_state import STATE_NAME
 from postroom.config import load_config
-from postroom.net import Channel
+from postroom.net.channel import Channel
 from postroom.server.main import Running, start
 from postroom.store.factory import open_store
 
@@ -141,8 +135,8 @@ def test_fetch_and_delete(tmp_path: Path, security: str) -> None:
         async with postroom(tmp_path) as server:
             await deliver(server, [message(n) for n in range(3)])
             stored = on_server(tmp_path)
-            result = await fetch(dest=dest, trace=lines.append, **settings(server, tmp_path,
-                                                                           security))
+            result = await fetch(FetchOptions(dest=dest, trace=lines.append,
+                                              **settings(server, tmp_path, security)))
             return stored, result
 
     stored, result = run(scenario)
@@ -175,8 +169,8 @@ def test_user_pass_and_crlf(tmp_path: Path) -> None:
             # SMTP refuses lines past 1000 octets; POP3 must carry what a Maildir holds.
             put_into_maildrop(tmp_path, message(2, b"X-Big: " + b"y" * 5000 + b"\r\n"))
             stored = on_server(tmp_path)
-            await fetch(dest=dest, auth="user", crlf=True, trace=lines.append,
-                        **settings(server, tmp_path))
+            await fetch(FetchOptions(dest=dest, auth="user", crlf=True, trace=lines.append,
+                                     **settings(server, tmp_path)))
             return stored
 
     stored = run(scenario)
@@ -192,10 +186,12 @@ def test_apop(tmp_path: Path) -> None:
         async with postroom(tmp_path, "apop = true\n") as server:
             await deliver(server, [message(1)])
             options = {**settings(server, tmp_path), "password": "apop-secret"}
-            result = await fetch(dest=dest, auth="apop", trace=lines.append, **options)
+            result = await fetch(FetchOptions(dest=dest, auth="apop", trace=lines.append,
+                                              **options))
             assert result.downloaded == 1
             with pytest.raises(FetchError) as caught:
-                await fetch(dest=dest, auth="apop", **{**options, "password": PASSWORD})
+                await fetch(FetchOptions(dest=dest, auth="apop",
+                                         **{**options, "password": PASSWORD}))
             assert caught.value.kind == "auth"
 
     run(scenario)
@@ -205,7 +201,8 @@ def test_apop(tmp_path: Path) -> None:
 def test_empty_maildrop(tmp_path: Path) -> None:
     async def scenario() -> FetchResult:
         async with postroom(tmp_path) as server:
-            return await fetch(dest=tmp_path / "Maildir", **settings(server, tmp_path))
+            return await fetch(FetchOptions(dest=tmp_path / "Maildir",
+                                            **settings(server, tmp_path)))
 
     result = run(scenario)
     assert (result.downloaded, result.deleted, result.paths) == (0, 0, [])
@@ -221,10 +218,11 @@ def test_keep_then_only_new_mail(tmp_path: Path) -> None:
     async def scenario() -> tuple[FetchResult, FetchResult, FetchResult]:
         async with postroom(tmp_path) as server:
             await deliver(server, [message(1), message(2)])
-            first = await fetch(dest=dest, keep=True, **settings(server, tmp_path))
+            first = await fetch(FetchOptions(dest=dest, keep=True, **settings(server, tmp_path)))
             await deliver(server, [message(3)])
-            second = await fetch(dest=dest, keep=True, **settings(server, tmp_path, "tls"))
-            third = await fetch(dest=dest, keep=True, **settings(server, tmp_path))
+            second = await fetch(FetchOptions(dest=dest, keep=True,
+                                              **settings(server, tmp_path, "tls")))
+            third = await fetch(FetchOptions(dest=dest, keep=True, **settings(server, tmp_path)))
             return first, second, third
 
     first, second, third = run(scenario)
@@ -249,10 +247,11 @@ def test_keep_forgets_what_the_server_no_longer_has(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with postroom(tmp_path) as server:
             await deliver(server, [message(1), message(2)])
-            await fetch(dest=dest, keep=True, **settings(server, tmp_path))
-            await fetch(dest=tmp_path / "other", **settings(server, tmp_path))  # deletes both
+            await fetch(FetchOptions(dest=dest, keep=True, **settings(server, tmp_path)))
+            # This one deletes both.
+            await fetch(FetchOptions(dest=tmp_path / "other", **settings(server, tmp_path)))
             await deliver(server, [message(3)])
-            result = await fetch(dest=dest, keep=True, **settings(server, tmp_path))
+            result = await fetch(FetchOptions(dest=dest, keep=True, **settings(server, tmp_path)))
             assert (result.downloaded, result.skipped) == (1, 0)
 
     run(scenario)
@@ -290,11 +289,11 @@ def test_interrupted_fetch_resumes_without_loss_or_duplicates(
             stored = on_server(tmp_path)
             cuts = cut_at(monkeypatch, b"RETR 2")
             with pytest.raises(FetchError) as caught:
-                await fetch(dest=dest, keep=keep, **settings(server, tmp_path))
+                await fetch(FetchOptions(dest=dest, keep=keep, **settings(server, tmp_path)))
             assert cuts == [1]
             await no_sessions(server)  # the server notices the dropped session
             assert on_server(tmp_path) == stored  # DELE 1 without QUIT deleted nothing
-            again = await fetch(dest=dest, keep=keep, **settings(server, tmp_path))
+            again = await fetch(FetchOptions(dest=dest, keep=keep, **settings(server, tmp_path)))
             return stored, caught.value, again
 
     stored, error, again = run(scenario)
@@ -316,9 +315,9 @@ def test_dropped_before_quit_is_answered(tmp_path: Path, monkeypatch: pytest.Mon
             stored = on_server(tmp_path)
             cut_at(monkeypatch, b"QUIT")
             with pytest.raises(FetchError) as caught:
-                await fetch(dest=dest, **settings(server, tmp_path))
+                await fetch(FetchOptions(dest=dest, **settings(server, tmp_path)))
             await no_sessions(server)
-            again = await fetch(dest=dest, **settings(server, tmp_path))
+            again = await fetch(FetchOptions(dest=dest, **settings(server, tmp_path)))
             return stored, caught.value, again
 
     stored, error, again = run(scenario)
@@ -346,9 +345,9 @@ def test_quit_refused_keeps_the_messages_and_says_why(
             recorder.fail("sync_dir", lambda call: OSError(errno.EIO, "Input/output error")
                           if call.path and server_mail in call.path.parents else None)
             with pytest.raises(FetchError) as caught:
-                await fetch(dest=dest, **settings(server, tmp_path, security))
+                await fetch(FetchOptions(dest=dest, **settings(server, tmp_path, security)))
             recorder.fail("sync_dir", lambda call: None)
-            again = await fetch(dest=dest, **settings(server, tmp_path, security))
+            again = await fetch(FetchOptions(dest=dest, **settings(server, tmp_path, security)))
             return caught.value, again
 
     error, again = run(scenario)
@@ -373,7 +372,7 @@ def test_mbox(tmp_path: Path) -> None:
                                    message(2)])
             await deliver(server, [message(3)], sender="")
             stored = on_server(tmp_path)
-            result = await fetch(dest=box, mbox=True, **settings(server, tmp_path))
+            result = await fetch(FetchOptions(dest=box, mbox=True, **settings(server, tmp_path)))
             assert result.paths == [box, box, box]
             return stored
 
@@ -396,23 +395,6 @@ def test_mbox(tmp_path: Path) -> None:
         assert lf(next(m for m in stored if message_["Subject"].encode() in m)) in raw + b"\n"
 
 
-def test_line_ends_across_chunks() -> None:
-    text = b"From a\r\n>From b\r\nx From c\r\n\r\nFrom d\r\nlast"
-    for step in (1, 2, 3, 5, 7, len(text)):
-        lines = _LineEnds(crlf=False, quote_from=True)
-        out = b"".join(lines.feed(text[i : i + step]) for i in range(0, len(text), step))
-        out += lines.end()
-        assert out == b">From a\n>>From b\nx From c\n\n>From d\nlast\n", step
-    lines = _LineEnds(crlf=True, quote_from=False)
-    long = b"y" * 3000 + b"\r"
-    assert lines.feed(long) + lines.feed(b"\nFrom z\r\n") + lines.end() == (
-        b"y" * 3000 + b"\r\nFrom z\r\n"
-    )
-    lines = _LineEnds(crlf=False, quote_from=True)
-    out = lines.feed(b"From " + b"q" * 2000) + lines.feed(b"\r\nFrom") + lines.feed(b" x\r\n")
-    assert out + lines.end() == b">From " + b"q" * 2000 + b"\n>From x\n"
-
-
 # --- failures ------------------------------------------------------------------------------------
 
 
@@ -424,7 +406,7 @@ def test_wrong_password_in_use_and_untrusted_certificate(tmp_path: Path) -> None
             await deliver(server, [message(1)])
             options = settings(server, tmp_path)
             with pytest.raises(FetchError) as caught:
-                await fetch(dest=dest, **{**options, "password": "wrong"})
+                await fetch(FetchOptions(dest=dest, **{**options, "password": "wrong"}))
             assert caught.value.kind == "auth" and caught.value.exit_code == 69
             assert "authentication failed for boss@corp.example" in caught.value.text
             assert "-ERR [AUTH]" in caught.value.text
@@ -438,16 +420,16 @@ def test_wrong_password_in_use_and_untrusted_certificate(tmp_path: Path) -> None
 
             holder = await asyncio.to_thread(hold)
             with pytest.raises(FetchError) as caught:
-                await fetch(dest=dest, **options)
+                await fetch(FetchOptions(dest=dest, **options))
             assert caught.value.temporary and caught.value.exit_code == 75
             assert "[IN-USE]" in caught.value.text
             await asyncio.to_thread(holder.quit)
             for security in ("stls", "tls"):
                 unchecked = {**settings(server, tmp_path, security), "cafile": None}
                 with pytest.raises(FetchError) as caught:
-                    await fetch(dest=dest, **unchecked)
+                    await fetch(FetchOptions(dest=dest, **unchecked))
                 assert caught.value.kind == "certificate"
-            result = await fetch(dest=dest, verify_cert=False, **unchecked)
+            result = await fetch(FetchOptions(dest=dest, verify_cert=False, **unchecked))
             assert result.downloaded == 1
 
     run(scenario)
@@ -458,8 +440,8 @@ def test_nothing_listening(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(FetchError) as caught:
-        run(lambda: fetch(host="127.0.0.1", port=port, security="tls", user=BOSS,
-                          password="x", dest=tmp_path / "Maildir"))
+        run(lambda: fetch(FetchOptions(host="127.0.0.1", port=port, security="tls", user=BOSS,
+                                       password="x", dest=tmp_path / "Maildir")))
     assert caught.value.kind == "connect" and caught.value.exit_code == 69
     assert caught.value.text == f"cannot connect to 127.0.0.1:{port}: Connection refused"
 
@@ -467,8 +449,8 @@ def test_nothing_listening(tmp_path: Path) -> None:
 def test_maildir_that_cannot_be_made(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(FetchError) as caught:
-        run(lambda: fetch(host="127.0.0.1", port=1, security="tls", user=BOSS, password="x",
-                          dest=tmp_path / "file" / "Maildir"))
+        run(lambda: fetch(FetchOptions(host="127.0.0.1", port=1, security="tls", user=BOSS,
+                                       password="x", dest=tmp_path / "file" / "Maildir")))
     assert caught.value.kind == "usage" and caught.value.exit_code == 2
 
 
@@ -544,12 +526,13 @@ def test_wrong_security_for_the_port_says_so(tmp_path: Path) -> None:
         async with postroom(tmp_path) as server:
             options = settings(server, tmp_path)
             with pytest.raises(FetchError) as caught:  # implicit TLS on the STLS port
-                await fetch(dest=tmp_path / "M", **{**options, "security": "tls"})
+                await fetch(FetchOptions(dest=tmp_path / "M", **{**options, "security": "tls"}))
             assert caught.value.kind == "tls"
             assert "is this a STARTTLS/STLS port?" in caught.value.text
             options = settings(server, tmp_path, "tls")
             with pytest.raises(FetchError) as caught:  # STLS on the implicit TLS port
-                await fetch(dest=tmp_path / "M", timeout=0.5, **{**options, "security": "stls"})
+                await fetch(FetchOptions(dest=tmp_path / "M", timeout=0.5,
+                                         **{**options, "security": "stls"}))
             text = caught.value.text
             assert "if this port expects TLS from the start, use --security tls" in text
 

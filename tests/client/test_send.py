@@ -32,6 +32,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from postroom import cli
 from postroom.client.send import (
     SendError,
+    SubmitOptions,
     SubmitResult,
     build_message,
     envelope_of,
@@ -209,9 +210,9 @@ def test_submit_to_postroom(tmp_path: Path, listener: str, security: str) -> Non
         async with postroom(tmp_path) as server:
             host, port = server.address(listener)
             return await submit(
-                message, host=host, port=port, security=security, user=SMITH,
-                password=SMITH_PASSWORD, cafile=cafile(tmp_path), trace=lines.append,
-            )
+                message, SubmitOptions(host=host, port=port, security=security, user=SMITH,
+                                       password=SMITH_PASSWORD, cafile=cafile(tmp_path),
+                                       trace=lines.append))
 
     result = run(scenario)
     assert result.accepted == ["jones@isp.example", "boss@isp.example", "hidden@isp.example"]
@@ -250,18 +251,18 @@ def test_refused_recipient_and_wrong_password(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with postroom(tmp_path) as server:
             host, port = server.address("submission")
-            common = dict(host=host, port=port, security="starttls", user=SMITH,
-                          cafile=cafile(tmp_path))
-            result = await submit(good, password=SMITH_PASSWORD, **common)  # type: ignore[arg-type]
+            common: dict[str, Any] = dict(host=host, port=port, security="starttls",
+                                          user=SMITH, cafile=cafile(tmp_path))
+            result = await submit(good, SubmitOptions(password=SMITH_PASSWORD, **common))
             assert result.accepted == ["jones@isp.example"]
             assert list(result.refused) == ["nobody@isp.example"]
             assert result.refused["nobody@isp.example"].startswith("550 5.1.1")
             with pytest.raises(SendError) as caught:
-                await submit(none, password=SMITH_PASSWORD, **common)  # type: ignore[arg-type]
+                await submit(none, SubmitOptions(password=SMITH_PASSWORD, **common))
             assert caught.value.kind == "refused" and caught.value.exit_code == 69
             assert list(caught.value.refused) == ["nobody@isp.example"]
             with pytest.raises(SendError) as caught:
-                await submit(good, password="wrong", **common)  # type: ignore[arg-type]
+                await submit(good, SubmitOptions(password="wrong", **common))
             error = caught.value
             assert error.kind == "auth" and error.exit_code == 69
             assert error.text.startswith(f"127.0.0.1:{port} refused the login of {SMITH}: 535")
@@ -279,17 +280,19 @@ def test_certificate_is_checked_by_default(tmp_path: Path) -> None:
             for listener, security in (("submission", "starttls"), ("submissions", "tls")):
                 host, port = server.address(listener)
                 with pytest.raises(SendError) as caught:
-                    await submit(message, host=host, port=port, security=security, user=SMITH,
-                                 password=SMITH_PASSWORD)
+                    await submit(message, SubmitOptions(host=host, port=port, security=security,
+                                                        user=SMITH, password=SMITH_PASSWORD))
                 assert caught.value.kind == "certificate"
                 assert "TLS failure with 127.0.0.1" in caught.value.text
                 assert "self-signed certificate" in caught.value.text
-            result = await submit(message, host=host, port=port, security="tls", user=SMITH,
-                                  password=SMITH_PASSWORD, verify_cert=False)
+            result = await submit(message, SubmitOptions(host=host, port=port, security="tls",
+                                                         user=SMITH, password=SMITH_PASSWORD,
+                                                         verify_cert=False))
             assert result.accepted == ["jones@isp.example"]
             # Trusted through --cafile, and checked by name: it names localhost too.
-            result = await submit(message, host="localhost", port=port, security="tls",
-                                  user=SMITH, password=SMITH_PASSWORD, cafile=cafile(tmp_path))
+            result = await submit(message, SubmitOptions(
+                host="localhost", port=port, security="tls", user=SMITH,
+                password=SMITH_PASSWORD, cafile=cafile(tmp_path)))
             assert result.accepted == ["jones@isp.example"]
 
     run(scenario)
@@ -303,8 +306,9 @@ def test_plain_smtp_port_without_starttls_is_refused(tmp_path: Path) -> None:
             host, port = server.address("smtp")
             with pytest.raises(SendError) as caught:
                 # The MX listener offers STARTTLS but never AUTH.
-                await submit(message, host=host, port=port, security="starttls", user=SMITH,
-                             password=SMITH_PASSWORD, cafile=cafile(tmp_path))
+                await submit(message, SubmitOptions(host=host, port=port, security="starttls",
+                                                    user=SMITH, password=SMITH_PASSWORD,
+                                                    cafile=cafile(tmp_path)))
             assert caught.value.kind == "auth" and "no password login" in caught.value.text
 
     run(scenario)
@@ -320,10 +324,29 @@ def test_nothing_listening() -> None:
     message = build_message(sender=SMITH, to=["jones@isp.example"], subject="s", body="b\n")
     port = free_port()
     with pytest.raises(SendError) as caught:
-        run(lambda: submit(message, host="127.0.0.1", port=port, security="starttls",
-                           user=SMITH, password="x"))
+        run(lambda: submit(message, SubmitOptions(host="127.0.0.1", port=port,
+                                                  security="starttls", user=SMITH, password="x")))
     assert caught.value.kind == "connect" and caught.value.exit_code == 69
     assert caught.value.text == f"cannot connect to 127.0.0.1:{port}: Connection refused"
+
+
+def test_starttls_on_an_implicit_tls_port_says_what_may_be_wrong(tmp_path: Path) -> None:
+    message = build_message(sender=SMITH, to=["jones@isp.example"], subject="s", body="b\n")
+
+    async def scenario() -> None:
+        async with postroom(tmp_path) as server:
+            host, port = server.address("submissions")  # waits for a TLS handshake
+            with pytest.raises(SendError) as caught:
+                await submit(message, SubmitOptions(host=host, port=port, security="starttls",
+                                                    user=SMITH, password=SMITH_PASSWORD,
+                                                    cafile=cafile(tmp_path), timeout=0.5))
+            error = caught.value
+            assert error.kind == "lost" and error.temporary and error.exit_code == 75
+            assert error.text == (f"no reply from {host}:{port} within 0.5s (waiting for the "
+                                  "greeting); if this port expects TLS from the start, use "
+                                  "--security tls")
+
+    run(scenario)
 
 
 # --- the command line against postroom --------------------------------------------------------
@@ -488,9 +511,9 @@ def test_submit_to_aiosmtpd(tmp_path: Path, implicit: bool, exclude: tuple[str, 
     async def scenario() -> SubmitResult:
         async with aiosmtpd(handler, context, implicit=implicit,
                             auth_exclude_mechanism=exclude) as port:
-            return await submit(message, host="localhost", port=port,
-                                security="tls" if implicit else "starttls", user="smith",
-                                password="pw", cafile=ca, trace=lines.append)
+            return await submit(message, SubmitOptions(
+                host="localhost", port=port, security="tls" if implicit else "starttls",
+                user="smith", password="pw", cafile=ca, trace=lines.append))
 
     result = run(scenario)
     assert result.reply == "2.0.0 Ok: queued as AIO1"
@@ -515,14 +538,14 @@ def test_aiosmtpd_refusals(tmp_path: Path) -> None:
         async with aiosmtpd(handler, context, implicit=False) as port:
             common: dict[str, Any] = dict(host="127.0.0.1", port=port, security="starttls",
                                           user="smith", password="pw", cafile=ca)
-            result = await submit(msg("a@y.example", "gone@y.example"), **common)
+            result = await submit(msg("a@y.example", "gone@y.example"), SubmitOptions(**common))
             assert result.accepted == ["a@y.example"]
             assert result.refused == {"gone@y.example": "550 5.1.1 no such user"}
             with pytest.raises(SendError) as caught:
-                await submit(msg("later@y.example"), **common)
+                await submit(msg("later@y.example"), SubmitOptions(**common))
             assert caught.value.temporary and caught.value.exit_code == 75
             with pytest.raises(SendError) as caught:
-                await submit(msg("a@y.example"), **{**common, "password": "bad"})
+                await submit(msg("a@y.example"), SubmitOptions(**{**common, "password": "bad"}))
             assert caught.value.kind == "auth" and not caught.value.temporary
             assert "535" in caught.value.text
 
@@ -540,15 +563,93 @@ def test_non_ascii_address_needs_smtputf8(tmp_path: Path) -> None:
             common: dict[str, Any] = dict(host="127.0.0.1", port=port, security="tls",
                                           user="smith", password="pw", cafile=ca)
             with pytest.raises(SendError, match="SMTPUTF8"):
-                await submit(message, **common)
+                await submit(message, SubmitOptions(**common))
         async with aiosmtpd(handler, context, implicit=True, enable_SMTPUTF8=True) as port:
-            result = await submit(message, **{**common, "port": port})
+            result = await submit(message, SubmitOptions(**{**common, "port": port}))
             assert result.accepted == ["jörg@y.example"]
 
     run(scenario)
     (envelope,) = handler.envelopes
     assert envelope.rcpt_tos == ["jörg@y.example"]
     assert "jörg@y.example".encode() in envelope.original_content  # RFC 6532: UTF-8 headers
+
+
+# --- scripted servers: the steps where send used to differ from the relay ----------------
+
+
+@asynccontextmanager
+async def scripted_tls(tmp_path: Path, replies: dict[bytes, bytes],
+                       heard: list[bytes]) -> AsyncIterator[tuple[int, str]]:
+    """An implicit-TLS server answering each command line by its first word (`replies`),
+    keeping every line it read in `heard`; its port and CA file."""
+    context, ca = self_signed(tmp_path)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 old.test ESMTP\r\n")
+        while line := await reader.readline():
+            heard.append(line.rstrip(b"\r\n"))
+            word = line.split(None, 1)[0].upper() if line.strip() else b""
+            if word == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                heard.append(await reader.readuntil(b"\r\n.\r\n"))
+                word = b"."
+            writer.write(replies.get(word, b"502 5.5.1 not here") + b"\r\n")
+            await writer.drain()
+            if word == b"QUIT":
+                break
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    try:
+        yield int(server.sockets[0].getsockname()[1]), ca
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_a_server_that_refuses_ehlo_gets_helo(tmp_path: Path) -> None:
+    """RFC 5321 3.2: after a 5xx to EHLO the client says HELO, as the relay does; over
+    implicit TLS and without a login the message goes (send used to stop at EHLO)."""
+    heard: list[bytes] = []
+    replies = {b"EHLO": b"500 5.5.1 what?", b"HELO": b"250 old.test", b"MAIL": b"250 ok",
+               b"RCPT": b"250 ok", b".": b"250 2.0.0 queued as OLD1", b"QUIT": b"221 bye"}
+    message = build_message(sender=SMITH, to=["jones@old.test"], subject="s", body="b\n")
+
+    async def scenario() -> SubmitResult:
+        async with scripted_tls(tmp_path, replies, heard) as (port, ca):
+            return await submit(message, SubmitOptions(host="localhost", port=port,
+                                                       security="tls", user="", password="",
+                                                       cafile=ca, helo="client.test"))
+
+    result = run(scenario)
+    assert result.accepted == ["jones@old.test"] and result.reply == "2.0.0 queued as OLD1"
+    assert heard[:3] == [b"EHLO client.test", b"HELO client.test",
+                         f"MAIL FROM:<{SMITH}>".encode()]
+    assert heard[-1] == b"QUIT"
+
+
+@pytest.mark.parametrize(("auth_reply", "kind"), [
+    (b"535 5.7.8 no", "auth"),  # refused
+    (b"334 !!not-base64!!", "protocol"),  # a challenge that cannot be answered: cancelled
+])
+def test_a_failed_login_still_says_quit(tmp_path: Path, auth_reply: bytes, kind: str) -> None:
+    """RFC 5321 4.1.1.10: the client ends the session with QUIT, after a refused login too
+    (send used to drop the connection, as after a lost one)."""
+    heard: list[bytes] = []
+    replies = {b"EHLO": b"250-old.test\r\n250 AUTH LOGIN", b"AUTH": auth_reply,
+               b"*": b"501 5.7.0 cancelled", b"QUIT": b"221 bye"}
+    message = build_message(sender=SMITH, to=["jones@old.test"], subject="s", body="b\n")
+
+    async def scenario() -> None:
+        async with scripted_tls(tmp_path, replies, heard) as (port, ca):
+            with pytest.raises(SendError) as caught:
+                await submit(message, SubmitOptions(host="localhost", port=port, security="tls",
+                                                    user="smith", password="pw", cafile=ca))
+            assert caught.value.kind == kind
+
+    run(scenario)
+    assert heard[1].startswith(b"AUTH LOGIN") and heard[-1] == b"QUIT"
+    assert not any(line.startswith(b"MAIL") for line in heard)
 
 
 # --- Postfix ---------------------------------------------------------------------------------
@@ -599,10 +700,9 @@ def test_submit_to_postfix_with_starttls(peer_missing: Callable[[str], None]) ->
                                     bcc=["boss@pf.example"], subject=SUBJECT, body=BODY,
                                     attachments=[attachment])
             lines: list[str] = []
-            result = run(lambda: submit(message, host="127.0.0.1", port=postfix.port,
-                                        security="starttls", user="", password="",
-                                        cafile=str(root / "tls" / "cert.pem"),
-                                        trace=lines.append))
+            result = run(lambda: submit(message, SubmitOptions(
+                host="127.0.0.1", port=postfix.port, security="starttls", user="", password="",
+                cafile=str(root / "tls" / "cert.pem"), trace=lines.append)))
             assert result.accepted == ["boss@pf.example"]
             assert result.reply.startswith("2.0.0 Ok: queued as ")
             assert "C: STARTTLS" in lines and not any("AUTH" in x for x in lines if "C:" in x)

@@ -23,7 +23,8 @@ from postroom.config import Endpoint, Route
 from postroom.delivery import remote
 from postroom.delivery.remote import RemoteCourier
 from postroom.delivery.routing import Failure, Hops, Local, Router, RouteResult, RouterOptions
-from postroom.delivery.smtp_out import Hop, OutRecipient, SMTPError, TransactionResult
+from postroom.delivery.smtp_errors import SMTPError
+from postroom.delivery.smtp_out import Hop, OutRecipient, TransactionResult
 from postroom.protocol.replies import Reply
 from postroom.queue.content import Content
 from postroom.queue.envelope import Envelope, Recipient

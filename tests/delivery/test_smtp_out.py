@@ -22,11 +22,11 @@ import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from postroom.config import load_config
+from postroom.delivery.smtp_errors import SMTPError
 from postroom.delivery.smtp_out import (
     ClientSession,
     Hop,
     OutRecipient,
-    SMTPError,
     Timeouts,
 )
 from postroom.protocol.replies import Reply

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from postroom.delivery.smtp_errors import SMTPError
 from postroom.delivery.smtp_out import (
     ClientSession,
     Hop,
     OutRecipient,
-    SMTPError,
     TransactionResult,
 )
 

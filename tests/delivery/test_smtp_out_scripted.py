@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from postroom.delivery.smtp_errors import SMTPError
 from postroom.delivery.smtp_out import (
     ClientSession,
     Hop,
     OutRecipient,
-    SMTPError,
     Timeouts,
     TransactionResult,
 )
@@ -654,6 +654,17 @@ def test_connection_refused_is_temporary() -> None:
             await connect(Hop("127.0.0.1", port, "gone.test"))
         assert caught.value.temporary and caught.value.status == "4.4.1"
         assert caught.value.text == f"connect to gone.test[127.0.0.1]:{port}: Connection refused"
+
+    run(scenario)
+
+
+def test_a_host_name_that_does_not_resolve_says_so() -> None:
+    async def scenario() -> None:
+        with pytest.raises(SMTPError) as caught:
+            await connect(Hop("no-such-host.invalid", 25, "mx.gone.test"))  # RFC 6761 6.4
+        assert caught.value.temporary and caught.value.status == "4.4.1"
+        assert caught.value.text.startswith(
+            "connect to mx.gone.test[no-such-host.invalid]:25: cannot resolve the host name (")
 
     run(scenario)
 

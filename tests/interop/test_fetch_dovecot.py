@@ -22,8 +22,8 @@ import pytest
 from mailcheck import CRLF, make_message, new_token
 from mailharness import HarnessError, PrivateDovecot, maildir_files
 
-from postroom.client.fetch import FetchError, FetchResult, fetch
-from postroom.net import Channel
+from postroom.client.fetch import FetchError, FetchOptions, FetchResult, fetch
+from postroom.net.channel import Channel
 from postroom.tlscert import make_self_signed
 
 pytestmark = pytest.mark.interop
@@ -118,8 +118,8 @@ def test_keep_then_only_new_mail(server: Server, tmp_path: Path, auth: str) -> N
     dest = tmp_path / "Maildir"
     first_batch = [server.put(m) for m in messages(3)]
     lines: list[str] = []
-    first: FetchResult = run(fetch(dest=dest, keep=True, auth=auth, trace=lines.append,
-                                   **server.options()))
+    first: FetchResult = run(fetch(FetchOptions(dest=dest, keep=True, auth=auth,
+                                                trace=lines.append, **server.options())))
     assert (first.downloaded, first.deleted) == (3, 0)
     assert local(dest) == sorted(first_batch), server.dovecot.log()
     if auth == "auto":  # Dovecot offers SASL PLAIN once TLS is on
@@ -128,7 +128,8 @@ def test_keep_then_only_new_mail(server: Server, tmp_path: Path, auth: str) -> N
         assert "C: PASS (hidden)" in lines
     assert PASSWORD not in "\n".join(lines)
     late = server.put(messages(1)[0])
-    second: FetchResult = run(fetch(dest=dest, keep=True, auth=auth, **server.options()))
+    second: FetchResult = run(fetch(FetchOptions(dest=dest, keep=True, auth=auth,
+                                                 **server.options())))
     assert (second.downloaded, second.skipped) == (1, 3)
     assert second.paths[0].read_bytes() == late
     assert local(dest) == sorted([*first_batch, late])
@@ -138,11 +139,11 @@ def test_keep_then_only_new_mail(server: Server, tmp_path: Path, auth: str) -> N
 def test_delete_mode_empties_the_server(server: Server, tmp_path: Path) -> None:
     dest = tmp_path / "Maildir"
     originals = [server.put(m) for m in messages(4)]
-    result: FetchResult = run(fetch(dest=dest, **server.options()))
+    result: FetchResult = run(fetch(FetchOptions(dest=dest, **server.options())))
     assert (result.downloaded, result.deleted) == (4, 4)
     assert local(dest) == sorted(originals)
     assert server.stored() == []
-    again: FetchResult = run(fetch(dest=dest, **server.options()))
+    again: FetchResult = run(fetch(FetchOptions(dest=dest, **server.options())))
     assert (again.downloaded, again.deleted) == (0, 0)
 
 
@@ -162,11 +163,11 @@ def test_interrupted_run_resumes(server: Server, tmp_path: Path,
 
     monkeypatch.setattr(Channel, "write", write)
     with pytest.raises(FetchError) as caught:
-        run(fetch(dest=dest, **server.options()))
+        run(fetch(FetchOptions(dest=dest, **server.options())))
     assert caught.value.temporary and caught.value.result is not None
     assert caught.value.result.downloaded == 1
     assert len(server.stored()) == 3
-    result: FetchResult = run(fetch(dest=dest, **server.options()))
+    result: FetchResult = run(fetch(FetchOptions(dest=dest, **server.options())))
     assert (result.downloaded, result.skipped, result.deleted) == (2, 1, 3)
     assert local(dest) == sorted(originals)
     assert server.stored() == []
@@ -174,6 +175,7 @@ def test_interrupted_run_resumes(server: Server, tmp_path: Path,
 
 def test_wrong_password_is_an_auth_failure(server: Server, tmp_path: Path) -> None:
     with pytest.raises(FetchError) as caught:
-        run(fetch(dest=tmp_path / "Maildir", **{**server.options(), "password": "wrong"}))
+        run(fetch(FetchOptions(dest=tmp_path / "Maildir",
+                               **{**server.options(), "password": "wrong"})))
     assert caught.value.kind == "auth" and caught.value.exit_code == 69
     assert "authentication failed for boss@corp.example" in caught.value.text

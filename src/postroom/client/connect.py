@@ -1,46 +1,21 @@
 """Connections for the user's mail tools: servers, TLS, logins, and failures said in words.
 
 What `client.send` (SMTP submission) and `client.fetch` (POP3) share: reading
-"host:port" arguments, a client TLS context, connecting and the TLS handshake
-(implicit, RFC 8314, or after STARTTLS/STLS, RFC 3207 and RFC 2595) with every
-failure a `ClientError` a person can read ("cannot connect to ...", "TLS
-failure with ..."), the password (never from the command line), and `Session`,
-the part of a client session that moves the core's bytes over the channel.
+"host:port" arguments, a client TLS context, the password (never from the
+command line), and the words for a connection or a TLS handshake that failed
+(`net.channel`'s ConnectFailed and TLSFailed): a `ClientError` a person can
+read ("cannot connect to ...", "TLS failure with ...") with its exit status.
 """
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import os
-import socket
 import ssl
 from collections.abc import Callable
-from typing import Generic, Protocol, TextIO, TypeVar
+from typing import TextIO, TypeVar
 
-from postroom.net import Channel
-
-__all__ = [
-    "EX_OK",
-    "EX_TEMPFAIL",
-    "EX_UNAVAILABLE",
-    "EX_USAGE",
-    "PASSWORD_ENV",
-    "Channel",
-    "ClientError",
-    "Session",
-    "Trace",
-    "certificate_hint",
-    "connect",
-    "host_port",
-    "parse_server",
-    "read_password",
-    "start_tls",
-    "tls_context",
-    "tls_description",
-    "tls_expected",
-    "waiting_for",
-]
+from postroom.net.channel import ConnectFailed, ConnectTimedOut, TLSFailed
 
 # sysexits.h, as sendmail and msmtp use them.
 EX_OK = 0
@@ -74,8 +49,7 @@ class ClientError(Exception):
         return EX_TEMPFAIL if self.temporary else EX_UNAVAILABLE
 
 
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+ErrorT = TypeVar("ErrorT", bound=ClientError)
 
 
 def parse_server(text: str, default_port: int | None = None) -> tuple[str, int | None]:
@@ -112,15 +86,6 @@ def tls_context(*, verify_cert: bool = True, cafile: str | None = None) -> ssl.S
     return context
 
 
-def tls_description(channel: Channel) -> str | None:
-    """ "TLSv1.3 TLS_AES_256_GCM_SHA384" for a TLS connection, None without TLS."""
-    ssl_object = channel.get_extra_info("ssl_object")
-    if ssl_object is None:
-        return None
-    cipher = ssl_object.cipher()
-    return f"{ssl_object.version()} {cipher[0]}" if cipher else str(ssl_object.version())
-
-
 def waiting_for(pending: tuple[str, ...]) -> str:
     """What a client waits for, in words: "waiting for the greeting", "... the answer to RETR"."""
     if not pending:
@@ -130,79 +95,36 @@ def waiting_for(pending: tuple[str, ...]) -> str:
     return f"waiting for the answer to {pending[0]}"
 
 
-def _reason(exc: OSError) -> str:
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({exc.strerror})"
-    # asyncio words errors as "Connect call failed (...)": say what errno says.
-    return os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+def connect_error(failure: ConnectFailed, where: str, error: type[ErrorT]) -> ErrorT:
+    """No connection to `where`, in words (kind "connect"); a timeout is temporary."""
+    if isinstance(failure, ConnectTimedOut):
+        text = f"cannot connect to {where}: no answer within {failure.timeout:g}s"
+        return error(text, kind="connect", temporary=True)
+    return error(f"cannot connect to {where}: {failure.reason}", kind="connect")
 
 
-async def connect(
-    host: str,
-    port: int,
-    *,
-    timeout: float,
-    error: type[ClientError] = ClientError,
-    trace: Trace | None = None,
-) -> Channel:
-    """A TCP connection to host:port, or `error` saying why not (kind "connect")."""
-    where = host_port(host, port)
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(timeout):
-            _transport, channel = await loop.create_connection(Channel, host, port)
-    except TimeoutError:
-        text = f"cannot connect to {where}: no answer within {timeout:g}s"
-        raise error(text, kind="connect", temporary=True) from None
-    except OSError as exc:
-        raise error(f"cannot connect to {where}: {_reason(exc)}", kind="connect") from None
-    if trace is not None:
-        peer = channel.get_extra_info("peername")
-        trace(f"connected to {where}" + (f" ({peer[0]})" if peer and peer[0] != host else ""))
-    return channel
-
-
-async def start_tls(
-    channel: Channel,
-    context: ssl.SSLContext,
-    host: str,
-    port: int,
-    *,
-    timeout: float,
-    error: type[ClientError] = ClientError,
-    trace: Trace | None = None,
-) -> None:
-    """The TLS handshake on `channel`; on failure the connection is dropped and `error` raised.
+def tls_error(failure: TLSFailed, where: str, error: type[ErrorT]) -> ErrorT:
+    """A failed TLS handshake with `where`, in words.
 
     A certificate that is not trusted is kind "certificate", any other
     handshake failure kind "tls".
     """
-    where = host_port(host, port)
-    try:
-        await channel.start_tls(context, host.strip("[]"), timeout)
-    except ssl.SSLCertVerificationError as exc:
-        channel.abort()
+    exc = failure.error
+    if isinstance(exc, ssl.SSLCertVerificationError):
         why = exc.verify_message or exc.reason or str(exc)
         text = f"TLS failure with {where}: its certificate is not trusted ({why})"
-        raise error(text, kind="certificate") from None
-    except ssl.SSLError as exc:
-        channel.abort()
-        text = f"TLS failure with {where}: {exc.reason or exc}"
+        return error(text, kind="certificate")
+    if isinstance(exc, ssl.SSLError):
         if exc.reason == "WRONG_VERSION_NUMBER":
             # The server spoke in plain text: its greeting where TLS was expected.
-            text = (f"TLS failure with {where}: the server answered in plain text, not TLS "
-                    "(is this a STARTTLS/STLS port?)")
-        raise error(text, kind="tls") from None
-    except TimeoutError:
-        channel.abort()
-        text = f"TLS failure with {where}: the handshake took longer than {timeout:g}s"
-        raise error(text, kind="tls", temporary=True) from None
-    except OSError as exc:
-        channel.abort()
-        text = f"TLS failure with {where}: the connection broke during the handshake ({exc})"
-        raise error(text, kind="tls", temporary=True) from None
-    if trace is not None:
-        trace(f"TLS: {tls_description(channel)}")
+            return error(f"TLS failure with {where}: the server answered in plain text, not "
+                         "TLS (is this a STARTTLS/STLS port?)", kind="tls")
+        return error(f"TLS failure with {where}: {exc.reason or exc}", kind="tls")
+    if isinstance(exc, TimeoutError):
+        text = f"TLS failure with {where}: the handshake took longer than {failure.timeout:g}s"
+        return error(text, kind="tls", temporary=True)
+    text = f"TLS failure with {where}: the connection broke during the handshake ({exc})"
+    return error(text, kind="tls", temporary=True)
 
 
 def read_password(
@@ -249,56 +171,10 @@ def certificate_hint(exc: ClientError) -> str:
     return ""
 
 
-def tls_expected(exc: ClientError) -> ClientError:
+def tls_expected(exc: ErrorT) -> ErrorT:
     """`exc`, a connection lost before the greeting, saying the port may want TLS at once.
 
     A server waiting for a TLS handshake says nothing and gives up.
     """
     return type(exc)(f"{exc.text}; if this port expects TLS from the start, "
                      "use --security tls", kind=exc.kind, temporary=exc.temporary)
-
-
-class _Core(Protocol):
-    def data_to_send(self) -> bytes: ...
-
-
-CoreT = TypeVar("CoreT", bound=_Core)
-
-
-class Session(Generic[CoreT]):
-    """A client session's I/O: its protocol core, the channel, the timeout, and the trace.
-
-    Subclasses add the protocol's commands and set `error`, the ClientError
-    subclass a failure of the session raises.
-    """
-
-    error: type[ClientError] = ClientError
-
-    def __init__(self, channel: Channel, core: CoreT, where: str, timeout: float,
-                 trace: Trace | None) -> None:
-        self.channel = channel
-        self.core = core
-        self.where = where
-        self.timeout = timeout
-        self._trace = trace
-
-    def trace(self, line: str) -> None:
-        if self._trace is not None:
-            self._trace(line)
-
-    def lost(self, text: str, kind: str = "lost") -> ClientError:
-        """The error for a session that cannot go on; the connection is dropped."""
-        self.channel.abort()
-        return self.error(text, kind=kind, temporary=True)
-
-    async def flush(self) -> None:
-        data = self.core.data_to_send()
-        if not data:
-            return
-        try:
-            self.channel.write(data)
-            await self.channel.drain(self.timeout)
-        except TimeoutError:
-            raise self.lost(f"{self.where} stopped reading for {self.timeout:g}s") from None
-        except OSError as exc:
-            raise self.lost(f"lost the connection with {self.where}: {exc}") from None

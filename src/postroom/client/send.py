@@ -1,19 +1,17 @@
 """`postroom send`: build a message with the email package and submit it over TLS with SMTP AUTH.
 
 `build_message` makes an RFC 5322 message (Date, Message-ID, MIME-Version,
-encoded non-ASCII headers, base64 attachments). `submit` drives the SMTP
-client core (`protocol.smtp_client`) on a connection of its own, the way a
-mail user agent talks to its provider's submission port (RFC 6409): implicit
-TLS (port 465, RFC 8314) or STARTTLS (port 587, RFC 3207), EHLO, AUTH PLAIN or
-LOGIN (RFC 4954), then one transaction whose envelope comes from the headers
-(To, Cc and Bcc; Bcc itself is never sent). `delivery.smtp_out.ClientSession`
-is built for relaying (opportunistic TLS, no implicit TLS, no trace), so this
-module drives the core itself, on the same connection channel (`net.Channel`).
+encoded non-ASCII headers, base64 attachments). `submit` sends it the way a
+mail user agent talks to its provider's submission port (RFC 6409), on the
+SMTP client connection the relay uses too (`net.smtp`): implicit TLS (port
+465, RFC 8314) or STARTTLS (port 587, RFC 3207), EHLO, AUTH PLAIN or LOGIN
+(RFC 4954), then one transaction in lockstep, every step in the trace, whose
+envelope comes from the headers (To, Cc and Bcc; Bcc itself is never sent).
 
 Every failure is a `SendError` a person can read ("cannot connect to ...",
-"TLS failure with ...", "authentication failed ..."), with the exit status
-the command line returns. Connecting, TLS and the password come from
-`client.connect`, shared with `client.fetch`.
+"TLS failure with ...", "... refused the login of ..."), with the exit status
+the command line returns. The words for connecting and TLS, and the password,
+come from `client.connect`, shared with `client.fetch`.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import email.policy
 import email.utils
 import mimetypes
 import secrets
-import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from email.headerregistry import Address
@@ -37,37 +34,29 @@ from typing import TextIO
 from postroom.client.connect import (
     EX_OK,
     EX_USAGE,
-    Channel,
     ClientError,
-    Session,
     Trace,
     certificate_hint,
-    connect,
-    host_port,
+    connect_error,
     parse_server,
     read_password,
-    start_tls,
     tls_context,
+    tls_error,
     tls_expected,
     waiting_for,
 )
+from postroom.net import smtp
+from postroom.net.channel import ConnectFailed, ConnectionFailure, TLSFailed, host_port
+from postroom.net.smtp import Setup, SMTPConnection, one_line
 from postroom.protocol.replies import Reply
-from postroom.protocol.sasl import LOGIN, PLAIN, ClientExchange, SASLError
-from postroom.protocol.smtp_client import (
-    NEED_DATA,
-    ConnectionClosed,
-    Extensions,
-    RemoteProtocolError,
-    Response,
-    SMTPClient,
-    path_problem,
-)
+from postroom.protocol.smtp_client import GREETING, path_problem
 
 EX_PARTIAL = 1  # some recipients were refused, the others accepted (sysexits: see connect)
 
 SECURITIES = ("starttls", "tls")
 DEFAULT_TIMEOUT = 120.0  # seconds for the connection and each reply
-CHUNK_SIZE = 64 * 1024
+DATA_END_TIMEOUT = 600.0  # RFC 5321 4.5.3.2.6: the reply to the final dot, 10 minutes
+CHUNK_SIZE = 64 * 1024  # message octets per write
 # Ports where implicit TLS is the custom (RFC 8314 3.3 for submission; the
 # 2xxx one is postroom's loopback default).
 IMPLICIT_TLS_PORTS = frozenset({465, 2465})
@@ -222,120 +211,27 @@ def wire_bytes(message: EmailMessage, *, utf8: bool = False) -> bytes:
 # --- The SMTP session -------------------------------------------------------------------
 
 
-def _one_line(reply: Reply) -> str:
-    return " ".join(str(reply).split("\n"))
+@dataclass(frozen=True)
+class SubmitOptions:
+    """Where and how `submit` sends: the server, its TLS, the login, and the envelope."""
 
+    host: str
+    port: int
+    security: str  # "starttls" (RFC 3207; the server must offer it) or "tls" (RFC 8314)
+    user: str  # the login; "" sends without AUTH
+    password: str = field(repr=False)
+    verify_cert: bool = True
+    cafile: str | None = None  # CA certificates trusted besides the system's
+    trace: Trace | None = None  # told every line of the conversation, credentials hidden
+    envelope_from: str | None = None  # default: the Sender, else the From address
+    recipients: Sequence[str] | None = None  # default: To, Cc and Bcc
+    helo: str | None = None  # default: the address literal of our end
+    timeout: float = DEFAULT_TIMEOUT
 
-def _text_of(reply: Reply) -> str:
-    """A reply's text with its enhanced code, without the reply code: "2.0.0 Ok: queued"."""
-    text = " ".join(reply.text.split("\n"))
-    return f"{reply.enhanced} {text}" if reply.enhanced else text
-
-
-def _ehlo_summary(reply: Reply) -> str:
-    lines = reply.text.split("\n")
-    keywords = ", ".join(line.strip() for line in lines[1:] if line.strip())
-    return f"{reply.code} {lines[0]}" + (f" ({keywords})" if keywords else "")
-
-
-class _Session(Session[SMTPClient]):
-    """One submission session: the SMTP core's commands and replies, said in the trace."""
-
-    error = SendError
-
-    def __init__(self, channel: Channel, where: str, timeout: float, trace: Trace | None):
-        super().__init__(channel, SMTPClient(), where, timeout, trace)
-
-    async def reply(self, timeout: float | None = None) -> Response:
-        """The next reply; a 421, EOF, timeout or protocol error raises SendError."""
-        core = self.core
-        what = waiting_for(core.pending)
-        while True:
-            try:
-                event = core.next_event()
-            except RemoteProtocolError as exc:
-                raise self.lost(f"{self.where} broke the protocol: {exc}", "protocol") from None
-            if event is NEED_DATA:
-                try:
-                    data = await self.channel.read(timeout or self.timeout)
-                except TimeoutError:
-                    text = f"no reply from {self.where} within {timeout or self.timeout:g}s"
-                    raise self.lost(f"{text} ({what})") from None
-                core.receive_data(data)
-                continue
-            if isinstance(event, ConnectionClosed):
-                raise self.lost(f"{self.where} closed the connection ({what})")
-            assert isinstance(event, Response)
-            reply = event.reply
-            self.trace("S: " + (_ehlo_summary(reply) if event.command == "EHLO"
-                                else _one_line(reply)))
-            if reply.code == 421:  # RFC 5321 3.8: the server is closing
-                self.channel.abort()
-                raise SendError(f"{self.where} is closing: {_one_line(reply)}",
-                                kind="refused", temporary=True)
-            return event
-
-    async def command(self, shown: str, timeout: float | None = None) -> Response:
-        self.trace(f"C: {shown}")
-        await self.flush()
-        return await self.reply(timeout)
-
-    def refusal(self, what: str, response: Response, kind: str = "refused") -> SendError:
-        reply = response.reply
-        return SendError(f"{self.where} {what}: {_one_line(reply)}", kind=kind,
-                         temporary=reply.is_transient)
-
-    async def quit(self) -> None:
-        """QUIT when the session is fit for it (the 221 is a courtesy), then close."""
-        try:
-            self.core.quit()
-            await self.command("QUIT", timeout=min(self.timeout, 10.0))
-        except Exception:  # the session is over either way
-            pass
-        finally:
-            self.channel.close()
-
-    async def hello(self, name: str) -> Extensions:
-        self.core.ehlo(name)
-        response = await self.command(f"EHLO {name}")
-        if response.reply.code // 100 != 2:
-            # RFC 6409 requires ESMTP: without EHLO there is no AUTH to log in with.
-            raise self.refusal("refused EHLO", response)
-        return self.core.extensions
-
-    async def authenticate(self, user: str, password: str) -> None:
-        offered = self.core.extensions.auth_mechanisms
-        mechanism = next((m for m in (PLAIN, LOGIN) if m in offered), None)
-        if mechanism is None:
-            have = " ".join(offered) or "no AUTH at all"
-            raise SendError(f"{self.where} offers no password login (AUTH PLAIN or LOGIN), "
-                            f"only {have}", kind="auth")
-        try:
-            exchange = ClientExchange(mechanism, user, password)
-        except ValueError as exc:
-            raise SendError(f"unusable login: {exc}", kind="usage") from None
-        self.core.auth(mechanism, exchange.initial_response())
-        response = await self.command(f"AUTH {mechanism} (credentials hidden)")
-        while response.reply.code == 334:
-            try:
-                self.core.auth_response(exchange.respond(response.reply.text))
-            except SASLError:
-                self.core.auth_response("*")  # RFC 4954 4: cancel
-                await self.command("*")
-                raise SendError(f"{self.where} sent an unusable SASL challenge",
-                                kind="protocol") from None
-            response = await self.command("(credentials hidden)")
-        if response.reply.code // 100 != 2:
-            raise self.refusal(f"refused the login of {user}", response, kind="auth")
-
-
-def _hello_name(channel: Channel) -> str:
-    """The address literal of our end (RFC 5321 4.1.3): always valid, names no host."""
-    local = channel.get_extra_info("sockname")
-    if not local:
-        return "localhost"
-    ip = str(local[0])
-    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+    def __post_init__(self) -> None:
+        if self.security not in SECURITIES:
+            raise SendError(f"security must be one of {', '.join(SECURITIES)}, "
+                            f"not {self.security!r}", kind="usage")
 
 
 def _check_paths(sender: str, recipients: list[str]) -> None:
@@ -348,162 +244,178 @@ def _check_paths(sender: str, recipients: list[str]) -> None:
             raise SendError(f"cannot send to <{r}>: {problem}", kind="usage")
 
 
-async def submit(
-    message: EmailMessage,
-    *,
-    host: str,
-    port: int,
-    security: str,
-    user: str,
-    password: str,
-    verify_cert: bool = True,
-    cafile: str | None = None,
-    trace: Trace | None = None,
-    envelope_from: str | None = None,
-    recipients: Sequence[str] | None = None,
-    helo: str | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
-) -> SubmitResult:
-    """Submit `message` to host:port; see the module docstring.
+async def submit(message: EmailMessage, options: SubmitOptions) -> SubmitResult:
+    """Submit `message` as `options` say; see the module docstring.
 
-    `security` is "starttls" (RFC 3207; the server must offer it) or "tls"
-    (implicit, RFC 8314). The login is never sent without TLS; an empty
-    `user` skips AUTH. The envelope comes from the headers unless
-    `envelope_from`/`recipients` say otherwise. Returns when at least one
-    recipient was accepted and the message taken; raises SendError otherwise.
+    The envelope comes from the headers unless the options say otherwise.
+    Returns when at least one recipient was accepted and the message taken;
+    raises SendError otherwise.
     """
-    if security not in SECURITIES:
-        raise SendError(f"security must be one of {', '.join(SECURITIES)}, not {security!r}",
-                        kind="usage")
     sender, rcpts = envelope_of(message)
-    if envelope_from is not None:
-        sender = envelope_from
-    if recipients is not None:
-        rcpts = list(dict.fromkeys(recipients))
+    if options.envelope_from is not None:
+        sender = options.envelope_from
+    if options.recipients is not None:
+        rcpts = list(dict.fromkeys(options.recipients))
     _check_paths(sender, rcpts)
     utf8 = not all(a.isascii() for a in (sender, *rcpts))
     data = wire_bytes(message, utf8=utf8)
-    context = tls_context(verify_cert=verify_cert, cafile=cafile)
-    where = host_port(host, port)
-    channel = await connect(host, port, timeout=timeout, error=SendError, trace=trace)
-    session = _Session(channel, where, timeout, trace)
+    timeout = options.timeout
+    context = tls_context(verify_cert=options.verify_cert, cafile=options.cafile)
+    login = (options.user, options.password) if options.user else None
+    setup = Setup(tls="implicit" if options.security == "tls" else "required",
+                  tls_context=context, helo=options.helo, login=login, connect_timeout=timeout,
+                  greeting_timeout=timeout, command_timeout=timeout, trace=options.trace)
+    where = host_port(options.host, options.port)
+    connection = None
     try:
-        if security == "tls":
-            await start_tls(channel, context, host, port, timeout=timeout, error=SendError,
-                            trace=trace)
-        return await _transaction(session, context, host, port, security, user, password,
-                                  helo or _hello_name(channel), sender, rcpts, data, utf8)
+        connection = await SMTPConnection.open(options.host, options.port, setup)
+        return await _Submission(connection, where, timeout).run(sender, rcpts, data, utf8)
+    except ConnectionFailure as failure:
+        raise _send_error(failure, where, options) from None
     except BaseException:
-        channel.abort()
+        if connection is not None:
+            connection.close(abort=True)
         raise
 
 
-async def _transaction(
-    session: _Session,
-    context: ssl.SSLContext,
-    host: str,
-    port: int,
-    security: str,
-    user: str,
-    password: str,
-    helo: str,
-    sender: str,
-    rcpts: list[str],
-    data: bytes,
-    utf8: bool,
-) -> SubmitResult:
-    core = session.core
-    try:
-        greeting = await session.reply()
-    except SendError as exc:
-        if security != "starttls" or exc.kind != "lost":
-            raise
-        raise tls_expected(exc) from None
-    if greeting.reply.code != 220:
-        error = session.refusal("refused the session", greeting)
-        await session.quit()  # RFC 5321 3.1: a 554 greeting still waits for QUIT
-        raise error
-    ext = await session.hello(helo)
-    if security == "starttls":
-        if not ext.starttls:
-            await session.quit()
-            raise SendError(f"{session.where} does not offer STARTTLS; not sending the "
-                            "password without TLS (try --security tls?)", kind="tls")
-        core.starttls()
-        response = await session.command("STARTTLS")
-        if response.reply.code != 220:
-            error = session.refusal("refused STARTTLS", response, kind="tls")
-            await session.quit()
-            raise error
-        leftover = session.channel.take()
-        if leftover:
-            core.receive_data(leftover)
-            await session.reply()  # raises: data behind the 220 (RFC 3207 4.2)
-        await start_tls(session.channel, context, host, port, timeout=session.timeout,
-                        error=SendError, trace=session.trace)
-        core.tls_started()
-        ext = await session.hello(helo)  # RFC 3207 4.2: forget what came before TLS
-    if user:
-        await session.authenticate(user, password)
-    notes: list[str] = []
-    if utf8 and not ext.smtputf8:
-        await session.quit()
-        raise SendError(f"{session.where} does not support SMTPUTF8, which the non-ASCII "
-                        "addresses need", kind="refused")
-    limit = ext.size_limit
-    if limit is not None and len(data) > limit:
-        await session.quit()
-        raise SendError(f"the message ({len(data)} octets) is larger than {session.where} "
-                        f"accepts ({limit} octets)", kind="refused")
-    body = None
-    if not data.isascii():
-        if ext.eightbitmime:
-            body = "8BITMIME"
-        else:
-            notes.append("8-bit message sent to a server without 8BITMIME")
-    core.mail(sender, size=len(data) if "SIZE" in ext else None, body=body, smtputf8=utf8)
-    params = (f" SIZE={len(data)}" if "SIZE" in ext else "") + (f" BODY={body}" if body else "")
-    mail = await session.command(f"MAIL FROM:<{sender}>{params}" + (" SMTPUTF8" if utf8 else ""))
-    if mail.reply.code // 100 != 2:
-        error = session.refusal(f"refused the sender <{sender}>", mail)
-        await session.quit()
-        raise error
-    accepted: list[str] = []
-    refused: dict[str, str] = {}
-    for rcpt in rcpts:
-        core.rcpt(rcpt)
-        response = await session.command(f"RCPT TO:<{rcpt}>")
-        if response.reply.code // 100 == 2:
-            accepted.append(rcpt)
-        else:
-            refused[rcpt] = _one_line(response.reply)
-    if not accepted:
-        await session.quit()
-        temporary = all(r.startswith("4") for r in refused.values())
-        raise SendError(f"{session.where} refused every recipient", kind="refused",
-                        temporary=temporary, refused=refused)
-    core.data()
-    response = await session.command("DATA")
-    if response.reply.code != 354:
-        error = session.refusal("refused DATA", response)
-        await session.quit()
-        raise error
-    session.trace(f"C: ({len(data)} octets of message)")
-    for start in range(0, len(data), CHUNK_SIZE):
-        core.send_data(data[start : start + CHUNK_SIZE])
-        await session.flush()
-    core.end_data()
-    # RFC 5321 4.5.3.2.6: the reply to the final dot may take ten minutes.
-    final = await session.command(".", timeout=max(session.timeout, 600.0))
-    if final.reply.code // 100 != 2:
-        error = session.refusal("refused the message", final)
-        await session.quit()
-        raise error
-    tls = session.channel.get_extra_info("ssl_object")
-    result = SubmitResult(accepted, refused, _text_of(final.reply),
-                          tls.version() if tls is not None else None, notes)
-    await session.quit()
-    return result
+# send's words for each failure of the connection: (kind, text), with the failure's
+# facts as fields; connecting and TLS are worded as fetch words them (client.connect).
+_WORDS: dict[type[ConnectionFailure], tuple[str, str]] = {
+    smtp.ReplyTimedOut: ("lost", "no reply from {where} within {timeout:g}s ({what})"),
+    smtp.SendTimedOut: ("lost", "{where} stopped reading for {timeout:g}s"),
+    smtp.PeerClosed: ("lost", "{where} closed the connection ({what})"),
+    smtp.SendFailed: ("lost", "lost the connection with {where}: {detail}"),
+    smtp.ProtocolError: ("protocol", "{where} broke the protocol: {detail}"),
+    smtp.ServerClosing: ("refused", "{where} is closing: {said}"),
+    smtp.GreetingRefused: ("refused", "{where} refused the session: {said}"),
+    smtp.HelloRefused: ("refused", "{where} refused {command}: {said}"),
+    smtp.StartTLSRefused: ("tls", "{where} refused STARTTLS: {said}"),
+    smtp.TLSNotOffered: ("tls", "{where} does not offer STARTTLS; not sending the password "
+                                "without TLS (try --security tls?)"),
+    smtp.AuthNeedsTLS: ("tls", "not sending the password to {where} without TLS"),
+    smtp.AuthRefused: ("auth", "{where} refused the login of {user}: {said}"),
+    smtp.NoAuthMechanism: ("auth", "{where} offers no password login (AUTH PLAIN or LOGIN), "
+                                   "only {offered}"),
+    smtp.UnusableLogin: ("usage", "unusable login: {detail}"),
+    smtp.BadChallenge: ("protocol", "{where} sent an unusable SASL challenge"),
+}
+
+
+def _send_error(failure: ConnectionFailure, where: str, options: SubmitOptions) -> SendError:
+    """A failure of the connection in words a person can read, with its kind (see _WORDS).
+
+    A broken session is temporary, a refusal when its reply is, the rest is not.
+    """
+    if isinstance(failure, ConnectFailed):
+        return connect_error(failure, where, SendError)
+    if isinstance(failure, TLSFailed):
+        return tls_error(failure, where, SendError)
+    kind, words = _WORDS[type(failure)]
+    reply: Reply | None = getattr(failure, "reply", None)
+    command = getattr(failure, "command", None)
+    text = words.format_map({**vars(failure), "where": where, "user": options.user,
+                             "what": waiting_for((command,) if command else ()),
+                             "said": one_line(reply) if reply is not None else ""})
+    temporary = isinstance(failure, smtp.SessionLost) or (
+        reply is not None and reply.is_transient)
+    error = SendError(text, kind=kind, temporary=temporary)
+    if kind == "lost" and command == GREETING and options.security == "starttls":
+        return tls_expected(error)  # a server waiting for a TLS handshake says nothing
+    return error
+
+
+def _text_of(reply: Reply) -> str:
+    """A reply's text with its enhanced code, without the reply code: "2.0.0 Ok: queued"."""
+    text = " ".join(reply.text.split("\n"))
+    return f"{reply.enhanced} {text}" if reply.enhanced else text
+
+
+class _Submission:
+    """One transaction on a ready connection, in lockstep, each step in the trace."""
+
+    def __init__(self, connection: SMTPConnection, where: str, timeout: float) -> None:
+        self.connection = connection
+        self.core = connection.core
+        self.where = where
+        self.timeout = timeout
+
+    async def run(self, sender: str, rcpts: list[str], data: bytes, utf8: bool
+                  ) -> SubmitResult:
+        notes: list[str] = []
+        await self._mail(sender, data, utf8, notes)
+        accepted, refused = await self._recipients(rcpts)
+        final = await self._data(data)
+        result = SubmitResult(accepted, refused, _text_of(final), self.connection.tls_version,
+                              notes)
+        await self.connection.quit()
+        return result
+
+    async def _mail(self, sender: str, data: bytes, utf8: bool, notes: list[str]) -> None:
+        """MAIL FROM, once the server can take the message: SMTPUTF8, SIZE, 8BITMIME."""
+        ext = self.connection.extensions
+        if utf8 and not ext.smtputf8:
+            await self.connection.quit()
+            raise SendError(f"{self.where} does not support SMTPUTF8, which the non-ASCII "
+                            "addresses need", kind="refused")
+        limit = ext.size_limit
+        if limit is not None and len(data) > limit:
+            await self.connection.quit()
+            raise SendError(f"the message ({len(data)} octets) is larger than {self.where} "
+                            f"accepts ({limit} octets)", kind="refused")
+        body = None
+        if not data.isascii():
+            if ext.eightbitmime:
+                body = "8BITMIME"
+            else:
+                notes.append("8-bit message sent to a server without 8BITMIME")
+        size = len(data) if "SIZE" in ext else None
+        self.core.mail(sender, size=size, body=body, smtputf8=utf8)
+        params = (f" SIZE={size}" if size is not None else "") + (f" BODY={body}" if body else "")
+        shown = f"MAIL FROM:<{sender}>{params}" + (" SMTPUTF8" if utf8 else "")
+        mail = await self.connection.command(shown, self.timeout)
+        if mail.reply.code // 100 != 2:
+            raise await self._refused(f"refused the sender <{sender}>", mail.reply)
+
+    async def _recipients(self, rcpts: list[str]) -> tuple[list[str], dict[str, str]]:
+        """RCPT TO for each: (accepted, refused address -> reply); SendError if none is taken."""
+        accepted: list[str] = []
+        refused: dict[str, str] = {}
+        for rcpt in rcpts:
+            self.core.rcpt(rcpt)
+            response = await self.connection.command(f"RCPT TO:<{rcpt}>", self.timeout)
+            if response.reply.code // 100 == 2:
+                accepted.append(rcpt)
+            else:
+                refused[rcpt] = one_line(response.reply)
+        if not accepted:
+            await self.connection.quit()
+            temporary = all(r.startswith("4") for r in refused.values())
+            raise SendError(f"{self.where} refused every recipient", kind="refused",
+                            temporary=temporary, refused=refused)
+        return accepted, refused
+
+    async def _data(self, data: bytes) -> Reply:
+        """DATA, the message, and the reply to the final dot, which must be 2xx."""
+        connection = self.connection
+        self.core.data()
+        response = await connection.command("DATA", self.timeout)
+        if response.reply.code != 354:
+            raise await self._refused("refused DATA", response.reply)
+        connection.trace(f"C: ({len(data)} octets of message)")
+        for start in range(0, len(data), CHUNK_SIZE):
+            self.core.send_data(data[start : start + CHUNK_SIZE])
+            await connection.flush(self.timeout)
+        self.core.end_data()
+        final = await connection.command(".", max(self.timeout, DATA_END_TIMEOUT))
+        if final.reply.code // 100 != 2:
+            raise await self._refused("refused the message", final.reply)
+        return final.reply
+
+    async def _refused(self, what: str, reply: Reply) -> SendError:
+        """QUIT after a refusal, and the error that says it."""
+        await self.connection.quit()
+        return SendError(f"{self.where} {what}: {one_line(reply)}", kind="refused",
+                         temporary=reply.is_transient)
 
 
 # --- The command line -----------------------------------------------------------------------
@@ -557,11 +469,10 @@ def command(
         user = args.user or author.addr_spec
         password = read_password(user=user, password_file=args.password_file,
                                  stderr=stderr, environ=environ)
-        result = asyncio.run(submit(
-            message, host=host, port=port, security=security, user=user,
-            password=password, verify_cert=not args.insecure, cafile=args.cafile,
-            trace=trace, timeout=args.timeout,
-        ))
+        options = SubmitOptions(
+            host=host, port=port, security=security, user=user, password=password,
+            verify_cert=not args.insecure, cafile=args.cafile, trace=trace, timeout=args.timeout)
+        result = asyncio.run(submit(message, options))
     except ClientError as exc:
         for address, reply in getattr(exc, "refused", {}).items():
             print(f"postroom send: refused <{address}>: {reply}", file=stderr)

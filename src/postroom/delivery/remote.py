@@ -24,14 +24,8 @@ from dataclasses import dataclass, field
 
 from postroom.addresses import domain_of
 from postroom.delivery.routing import Failure, Hops, Local, Router
-from postroom.delivery.smtp_out import (
-    ClientSession,
-    Hop,
-    OutRecipient,
-    SMTPError,
-    TransactionResult,
-    status_of,
-)
+from postroom.delivery.smtp_errors import SMTPError, status_of
+from postroom.delivery.smtp_out import ClientSession, Hop, OutRecipient, TransactionResult
 from postroom.gathering import gather_few
 from postroom.protocol.replies import Reply
 from postroom.queue.content import Content

@@ -1,11 +1,12 @@
-"""One SMTP session to one next hop, on asyncio: connect, EHLO, STARTTLS, AUTH, send, QUIT.
+"""One SMTP session to one next hop, on asyncio: the relay's mail transactions over net.smtp.
 
-The I/O side of `protocol.smtp_client`. `ClientSession.connect` opens the
-connection and gets it ready: the greeting, EHLO (HELO when EHLO gets a 5xx,
-RFC 5321 3.2), STARTTLS whenever offered unless the hop says "none" (RFC 3207;
-a hop with tls="required" fails without it; where TLS is opportunistic, a
-failed handshake is followed by a plaintext connection), EHLO again over TLS,
-and AUTH (PLAIN, else LOGIN) when the hop has a login, never without TLS.
+`ClientSession.connect` gets a session ready with `net.smtp.SMTPConnection`,
+which the relay shares with `postroom send`: the greeting, EHLO (HELO when
+EHLO gets a 5xx, RFC 5321 3.2), STARTTLS whenever offered unless the hop says
+"none" (RFC 3207; a hop with tls="required" fails without it; where TLS is
+opportunistic, a failed handshake is followed by a plaintext connection), EHLO
+again over TLS, and AUTH (PLAIN, else LOGIN) when the hop has a login, never
+without TLS; `smtp_errors.relay_error` words its failures for the relay.
 
 `send` runs one mail transaction and returns every recipient's own reply: MAIL,
 RCPTs and DATA go in one write when the server offers PIPELINING (RFC 2920
@@ -30,46 +31,37 @@ error, TLS or AUTH trouble. Couriers never retry: the queue decides.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
-import os
-import re
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
-from postroom.net import Channel
+from postroom.delivery.smtp_errors import SMTPError, relay_error
+from postroom.net.channel import ConnectionFailure
+from postroom.net.smtp import (
+    COMMAND_TIMEOUT,
+    CONNECT_TIMEOUT,
+    GREETING_TIMEOUT,
+    Refused,
+    Setup,
+    SMTPConnection,
+    StartTLSRefused,
+)
 from postroom.protocol.lines import MAX_CONTENT_LINE, DotStuffer
 from postroom.protocol.replies import Reply
-from postroom.protocol.sasl import LOGIN, PLAIN, ClientExchange, SASLError
-from postroom.protocol.smtp_client import (
-    END_DATA,
-    GREETING,
-    MAIL,
-    NEED_DATA,
-    RCPT,
-    ConnectionClosed,
-    Extensions,
-    RemoteProtocolError,
-    Response,
-    SMTPClient,
-    State,
-    path_problem,
-)
+from postroom.protocol.smtp_client import Extensions, Response, State, path_problem
 
 log = logging.getLogger("postroom.delivery.smtp")
 
-# RFC 5321 4.5.3.2: how long a client waits, at least, for each reply.
-GREETING_TIMEOUT = 300.0  # 4.5.3.2.1: the initial 220 message, 5 minutes
+# RFC 5321 4.5.3.2: how long a client waits, at least, for each reply (the
+# greeting's, and EHLO's, STARTTLS's and AUTH's, are net.smtp's).
 MAIL_TIMEOUT = 300.0  # 4.5.3.2.2: MAIL, 5 minutes
 RCPT_TIMEOUT = 300.0  # 4.5.3.2.3: RCPT, 5 minutes
 DATA_INIT_TIMEOUT = 120.0  # 4.5.3.2.4: the 354 to DATA, 2 minutes
 DATA_BLOCK_TIMEOUT = 180.0  # 4.5.3.2.5: each write of the content, 3 minutes
 DATA_END_TIMEOUT = 600.0  # 4.5.3.2.6: the reply to the final dot, 10 minutes
-CONNECT_TIMEOUT = 30.0  # the TCP connection (the RFC names none)
-COMMAND_TIMEOUT = 300.0  # EHLO, STARTTLS and its handshake, AUTH, RSET: as MAIL's
-QUIT_TIMEOUT = 10.0  # the 221 is a courtesy; nothing depends on it
 CHUNK_SIZE = 64 * 1024  # message octets read from the file per write
 
 TLS_MODES = ("opportunistic", "required", "none")
@@ -131,66 +123,20 @@ class TransactionResult:
     notes: tuple[str, ...] = ()
 
 
-class SMTPError(Exception):
-    """The session failed, or the message cannot go to this hop at all.
-
-    `temporary` says whether trying again later may work (the class of the
-    server's reply when there is one). `reply` is the server's reply that
-    caused it, if any; `status` the RFC 3463 code for a DSN; `text` says what
-    happened, Postfix-style ("host mx[192.0.2.1]:25 said: ... (in reply to
-    MAIL FROM command)").
-    """
-
-    def __init__(
-        self,
-        text: str,
-        *,
-        temporary: bool,
-        reply: Reply | None = None,
-        status: str | None = None,
-    ) -> None:
-        super().__init__(text)
-        self.text = text
-        self.temporary = temporary
-        self.reply = reply
-        if status is None and reply is not None:
-            status = status_of(reply)
-        self.status = status or ("4.0.0" if temporary else "5.0.0")
+def _peer_of(hop: Hop, address: tuple[str, int] | None) -> str:
+    """ "name[ip]:port" of the server, for logs and DSNs."""
+    ip, port = address or (hop.host, hop.port)
+    return f"{hop.name}[{ip}]:{port}"
 
 
-class TLSFailed(SMTPError):
-    """The TLS handshake after the server's 220 to STARTTLS failed (RFC 3207 4.1)."""
-
-
-_TEXT_STATUS_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")  # RFC 3463 2
-
-
-def status_of(reply: Reply) -> str:
-    """The RFC 3463 status a reply gives for a DSN.
-
-    Its enhanced code; else one written at the start of its text by a server
-    that did not offer ENHANCEDSTATUSCODES (many do), when its class fits the
-    reply code; else the reply class's x.0.0.
-    """
-    if reply.enhanced:
-        return reply.enhanced
-    m = _TEXT_STATUS_RE.match(reply.text)
-    klass = str(reply.code)[0]
-    if m is not None and m.group(1) == klass:
-        return m.group(0).rstrip(" ")
-    return f"{klass}.0.0" if klass in "245" else "4.0.0"  # 3xx has no status class
-
-
-def _label(command: str) -> str:
-    """A command as Postfix names it in "(in reply to ...)"."""
-    names = {
-        GREETING: "initial greeting",
-        MAIL: "MAIL FROM command",
-        RCPT: "RCPT TO command",
-        END_DATA: "end of DATA command",
-        "AUTH response": "AUTH command",
-    }
-    return names.get(command, f"{command} command")
+def _plaintext_note(hop: Hop, failure: ConnectionFailure) -> None:
+    """Log that opportunistic TLS was given up for this session (net.smtp.Setup.on_plaintext)."""
+    peer = _peer_of(hop, failure.address)
+    if isinstance(failure, StartTLSRefused):
+        log.info("%s refused STARTTLS: %s; going on without TLS", peer, failure.reply)
+    else:
+        text = relay_error(failure, peer).text
+        log.info("%s; trying again without TLS (opportunistic TLS)", text)
 
 
 def _has_8bit(file: IO[bytes]) -> bool:
@@ -229,28 +175,14 @@ def _headers_have_8bit(file: IO[bytes]) -> bool:
 class ClientSession:
     """One connection to one hop, ready to send. Make it with `ClientSession.connect`."""
 
-    def __init__(
-        self,
-        hop: Hop,
-        channel: Channel,
-        *,
-        helo: str,
-        tls_context: ssl.SSLContext,
-        command_timeout: float,
-        timeouts: Timeouts,
-    ) -> None:
+    def __init__(self, hop: Hop, connection: SMTPConnection, *, command_timeout: float,
+                 timeouts: Timeouts) -> None:
         self._hop = hop
-        self._channel = channel
-        self._core = SMTPClient()
-        self._helo = helo
-        self._tls_context = tls_context
+        self._conn = connection
+        self._core = connection.core
         self._command_timeout = command_timeout
         self._timeouts = timeouts
-        self._closed = False
-        self.tls_fallback = False  # in plaintext after a failed opportunistic handshake
-        peer = channel.get_extra_info("peername")
-        ip, port = (peer[0], peer[1]) if peer else (hop.host, hop.port)
-        self._peer = f"{hop.name}[{ip}]:{port}"
+        self._peer = _peer_of(hop, connection.address)
 
     @classmethod
     async def connect(
@@ -265,65 +197,21 @@ class ClientSession:
     ) -> ClientSession:
         """Connect to `hop` and get the session ready to send (see the module docstring).
 
-        A TLS handshake that fails where TLS is opportunistic is followed by a
-        new connection in plaintext, as Postfix does at security level "may"
-        and Exim with tls_tempfail_tryclear: encryption that was only ever
-        offered by chance must not keep the mail from going. A hop that
-        requires TLS fails with 4.7.5 instead.
+        The hop's TLS mode is the connection's: a failed handshake where TLS
+        is opportunistic is followed by a new connection in plaintext; a hop
+        that requires TLS fails with 4.7.4 (not offered) or 4.7.5 (handshake).
         """
         timeouts = timeouts or Timeouts()
+        setup = Setup(tls=hop.tls, tls_context=tls_context, tls_name=hop.name.strip("[]"),
+                      helo=helo, login=hop.auth, connect_timeout=connect_timeout,
+                      greeting_timeout=timeouts.greeting, command_timeout=command_timeout,
+                      on_plaintext=functools.partial(_plaintext_note, hop))
         try:
-            return await cls._open(hop, helo, tls_context, connect_timeout, command_timeout,
-                                   timeouts, starttls=hop.tls != "none")
-        except TLSFailed as failure:
-            if hop.tls != "opportunistic":
-                raise
-            log.info("%s; trying again without TLS (opportunistic TLS)", failure.text)
-        session = await cls._open(hop, helo, tls_context, connect_timeout, command_timeout,
-                                  timeouts, starttls=False)
-        session.tls_fallback = True
-        return session
-
-    @classmethod
-    async def _open(
-        cls,
-        hop: Hop,
-        helo: str,
-        tls_context: ssl.SSLContext,
-        connect_timeout: float,
-        command_timeout: float,
-        timeouts: Timeouts,
-        *,
-        starttls: bool,
-    ) -> ClientSession:
-        """One connection, made ready: with STARTTLS when offered (or required) if
-        `starttls`, else in plaintext."""
-        where = f"{hop.name}[{hop.host}]:{hop.port}"
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(connect_timeout):
-                _transport, channel = await loop.create_connection(Channel, hop.host, hop.port)
-        except TimeoutError:
-            text = f"connect to {where}: timed out after {connect_timeout:g}s"
-            raise SMTPError(text, temporary=True, status="4.4.1") from None
-        except OSError as exc:
-            # asyncio words errors as "Connect call failed (...)": say what errno says.
-            reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
-            text = f"connect to {where}: {reason}"
-            raise SMTPError(text, temporary=True, status="4.4.1") from None
-        session = cls(
-            hop,
-            channel,
-            helo=helo,
-            tls_context=tls_context,
-            command_timeout=command_timeout,
-            timeouts=timeouts,
-        )
-        try:
-            await session._start(starttls)
-        except BaseException:
-            session._close(abort=True)
-            raise
+            connection = await SMTPConnection.open(hop.host, hop.port, setup)
+        except ConnectionFailure as failure:
+            raise relay_error(failure, _peer_of(hop, failure.address)) from None
+        session = cls(hop, connection, command_timeout=command_timeout, timeouts=timeouts)
+        log.debug("%s: ready, TLS %s", session.peer, session.tls_version or "off")
         return session
 
     # --- What callers see -------------------------------------------------
@@ -339,17 +227,21 @@ class ClientSession:
 
     @property
     def tls_active(self) -> bool:
-        return self._core.tls_active
+        return self._conn.tls_active
 
     @property
     def tls_version(self) -> str | None:
         """The TLS protocol in use ("TLSv1.3"), None without TLS."""
-        ssl_object = self._channel.get_extra_info("ssl_object")
-        return ssl_object.version() if ssl_object is not None else None
+        return self._conn.tls_version
+
+    @property
+    def tls_fallback(self) -> bool:
+        """In plaintext after a failed opportunistic handshake."""
+        return self._conn.tls_fallback
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._conn.closed
 
     async def __aenter__(self) -> ClientSession:
         return self
@@ -359,112 +251,11 @@ class ClientSession:
 
     async def quit(self) -> None:
         """Say QUIT (when the session is fit for it) and close the connection."""
-        if self._closed:
-            return
-        try:
-            if self._core.state in (State.READY, State.GREETED, State.IN_MAIL, State.IN_RCPT,
-                                    State.REFUSED):
-                self._core.quit()
-                await self._exchange(min(self._command_timeout, QUIT_TIMEOUT))
-        except SMTPError:
-            pass
-        finally:
-            self._close()
+        await self._conn.quit()
 
     def close(self) -> None:
         """Drop the connection without QUIT."""
         self._close(abort=True)
-
-    # --- Session set-up ---------------------------------------------------
-
-    async def _start(self, starttls: bool) -> None:
-        greeting = await self._reply(self._timeouts.greeting)
-        if greeting.reply.code != 220:
-            # RFC 5321 3.1: a 554 greeting still waits for QUIT.
-            raise await self._refused(greeting)
-        await self._hello()
-        if starttls:
-            await self._starttls()
-        if self._hop.auth is not None:
-            await self._authenticate(*self._hop.auth)
-        log.debug("%s: ready, TLS %s", self._peer, self.tls_version or "off")
-
-    async def _hello(self) -> None:
-        self._core.ehlo(self._helo)
-        response = await self._exchange(self._command_timeout)
-        if response.reply.code >= 500:
-            # RFC 5321 3.2: a server that does not know EHLO gets HELO.
-            self._core.helo(self._helo)
-            response = await self._exchange(self._command_timeout)
-        if response.reply.code // 100 != 2:
-            raise await self._refused(response)
-
-    async def _starttls(self) -> None:
-        required = self._hop.tls == "required"
-        if not self._core.extensions.starttls:
-            if required:
-                text = f"TLS is required, but was not offered by host {self._peer}"
-                raise await self._give_up(text, status="4.7.4")
-            return
-        self._core.starttls()
-        response = await self._exchange(self._command_timeout)
-        if response.reply.code != 220:
-            if required:
-                raise await self._refused(response, status="4.7.4")
-            # Opportunistic TLS: go on in plaintext (RFC 3207 4.1 leaves it to the client).
-            log.info("%s refused STARTTLS: %s; going on without TLS", self._peer, response.reply)
-            return
-        leftover = self._channel.take()
-        if leftover:
-            self._core.receive_data(leftover)
-            await self._reply(self._command_timeout)  # raises: data behind the 220
-        try:
-            await self._channel.start_tls(
-                self._tls_context, self._hop.name.strip("[]"), self._command_timeout
-            )
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            text = f"cannot start TLS with {self._peer}: {exc or 'handshake timed out'}"
-            self._close(abort=True)
-            raise TLSFailed(text, temporary=True, status="4.7.5") from None
-        self._core.tls_started()
-        await self._hello()  # RFC 3207 4.2: all knowledge from before TLS is void
-
-    async def _authenticate(self, user: str, password: str) -> None:
-        if not self._core.tls_active:
-            text = f"not sending the login for {self._peer} without TLS"
-            raise await self._give_up(text, status="4.7.10")
-        offered = self._core.extensions.auth_mechanisms
-        mechanism = next((m for m in (PLAIN, LOGIN) if m in offered), None)
-        if mechanism is None:
-            text = (
-                f"host {self._peer} offers no SASL mechanism postroom has (PLAIN, LOGIN): "
-                f"{' '.join(offered) or 'no AUTH'}"
-            )
-            raise await self._give_up(text, status="4.7.0")
-        try:
-            exchange = ClientExchange(mechanism, user, password)
-        except ValueError as exc:
-            text = f"unusable login for {self._peer}: {exc}"
-            raise await self._give_up(text, status="4.7.0") from None
-        self._core.auth(mechanism, exchange.initial_response())
-        while True:
-            response = await self._exchange(self._command_timeout)
-            reply = response.reply
-            if reply.code == 334:
-                try:
-                    self._core.auth_response(exchange.respond(reply.text))
-                except SASLError:
-                    self._core.auth_response("*")  # RFC 4954 4: cancel
-                    await self._exchange(self._command_timeout)
-                    text = f"host {self._peer} sent an unusable SASL challenge: {reply}"
-                    raise await self._give_up(text, status="4.7.0") from None
-            elif reply.code // 100 == 2:
-                return
-            else:
-                # Like Postfix's smtp_sasl_auth_soft_bounce: a failed login is
-                # fixed by a person, and mail should wait for them, not bounce.
-                text = f"SASL authentication failed with {self._peer}: {reply}"
-                raise await self._give_up(text, reply=reply, status=reply.enhanced or "4.7.0")
 
     # --- Sending ----------------------------------------------------------
 
@@ -493,7 +284,7 @@ class ClientSession:
         connection before the final dot (so nothing is delivered) and
         propagates.
         """
-        if self._closed:
+        if self.closed:
             raise SMTPError(f"the session with {self._peer} is closed", temporary=True)
         if not recipients:
             raise ValueError("send() needs at least one recipient")
@@ -718,9 +509,10 @@ class ClientSession:
         self._core.rset()
         response = await self._exchange(self._command_timeout)
         if response.reply.code // 100 != 2:
-            raise await self._refused(response)
+            await self.quit()
+            raise relay_error(Refused(response), self._peer)
 
-    # --- Plumbing -----------------------------------------------------------
+    # --- Plumbing: net.smtp's failures in the relay's words ------------------
 
     async def _exchange(self, timeout: float) -> Response:
         """Write what the core has to send, then read the reply to the oldest command."""
@@ -728,72 +520,17 @@ class ClientSession:
         return await self._reply(timeout)
 
     async def _flush(self, timeout: float) -> None:
-        data = self._core.data_to_send()
-        if not data:
-            return
         try:
-            self._channel.write(data)
-            await self._channel.drain(timeout)
-        except TimeoutError:
-            raise self._lost(f"timed out after {timeout:g}s sending to {self._peer}") from None
-        except OSError as exc:
-            raise self._lost(f"lost connection with {self._peer} while sending: {exc}") from None
+            await self._conn.flush(timeout)
+        except ConnectionFailure as failure:
+            raise relay_error(failure, self._peer) from None
 
     async def _reply(self, timeout: float) -> Response:
         """The next reply; a 421, EOF, timeout or protocol error raises SMTPError."""
-        core = self._core
-        what = _label(core.pending[0]) if core.pending else "no command"
-        while True:
-            try:
-                event = core.next_event()
-            except RemoteProtocolError as exc:
-                text = f"protocol error with {self._peer} (after {what}): {exc}"
-                raise self._lost(text, "4.5.0") from None
-            if event is NEED_DATA:
-                try:
-                    data = await self._channel.read(timeout)
-                except TimeoutError:
-                    text = f"timed out after {timeout:g}s waiting for {self._peer} ({what})"
-                    raise self._lost(text) from None
-                core.receive_data(data)
-                continue
-            if isinstance(event, ConnectionClosed):
-                raise self._lost(f"lost connection with {self._peer} (waiting for {what})")
-            assert isinstance(event, Response)
-            if event.reply.code == 421:  # RFC 5321 3.8: the server is closing
-                self._close()
-                text = f"host {self._peer} said: {event.reply} (in reply to {what})"
-                raise SMTPError(text, temporary=True, reply=event.reply)
-            return event
-
-    async def _refused(self, response: Response, *, status: str | None = None) -> SMTPError:
-        """A refusal that ends the session: QUIT, close, and the error to raise."""
-        reply = response.reply
-        text = f"host {self._peer} said: {reply} (in reply to {_label(response.command)})"
-        return await self._give_up(text, reply=reply, status=status, temporary=reply.code < 500)
-
-    async def _give_up(
-        self,
-        text: str,
-        *,
-        reply: Reply | None = None,
-        status: str | None = None,
-        temporary: bool = True,
-    ) -> SMTPError:
-        """End a session that cannot serve (politely: QUIT), and the error to raise."""
-        await self.quit()
-        return SMTPError(text, temporary=temporary, reply=reply, status=status)
-
-    def _lost(self, text: str, status: str = "4.4.2") -> SMTPError:
-        """The connection cannot go on: drop it, and the error to raise."""
-        self._close(abort=True)
-        return SMTPError(text, temporary=True, status=status)
+        try:
+            return await self._conn.reply(timeout)
+        except ConnectionFailure as failure:
+            raise relay_error(failure, self._peer) from None
 
     def _close(self, *, abort: bool = False) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if abort:
-            self._channel.abort()
-        else:
-            self._channel.close()
+        self._conn.close(abort=abort)

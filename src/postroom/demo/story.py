@@ -158,10 +158,10 @@ async def submission(story: Story) -> None:
     sent = Exchange()
     host, port = provider.address("submission")
     begun = time.time()
-    result = await send.submit(
-        story.message, host=host, port=port, security="starttls", user=SMITH,
+    result = await send.submit(story.message, send.SubmitOptions(
+        host=host, port=port, security="starttls", user=SMITH,
         password=story.world.passwords[SMITH], cafile=str(provider.config.tls.cert),
-        trace=sent, helo=CLIENT_HELO)
+        trace=sent, helo=CLIENT_HELO))
     printer.header(f"1. Smith's mail client submits the message to {PROVIDER}",
                    time.time() - begun)
     printer.note("SMTP submission (RFC 6409): STARTTLS first, then AUTH, then the message")
@@ -259,10 +259,10 @@ async def pop3(story: Story) -> Path | None:
     got = Exchange()
     pop_host, pop_port = corp.address("pop3")
     begun = time.time()
-    fetched = await fetch.fetch(
+    fetched = await fetch.fetch(fetch.FetchOptions(
         host=pop_host, port=pop_port, security="stls", user=BOSS,
         password=story.world.passwords[BOSS], dest=root / "boss-laptop",
-        cafile=str(corp.config.tls.cert), trace=got)
+        cafile=str(corp.config.tls.cert), trace=got))
     ended = time.time()
     auth, transaction, update = pop3_states([line for _, line in got])
     quit_at = next((t for t, line in got if line.upper().startswith("C: QUIT")), ended)

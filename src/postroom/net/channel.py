@@ -1,15 +1,77 @@
-"""An asyncio byte channel for clients: reads with timeouts, writes with flow control, STARTTLS.
+"""An asyncio byte channel for clients: connect, reads with timeouts, writes with flow control, TLS.
 
-The connection under every client session postroom opens: the relay's
-(`delivery.smtp_out`) and the user's tools' (`client.send`, `client.fetch`).
-Make one with `loop.create_connection(Channel, host, port)`.
+The connection under every client session postroom opens: the relay's and
+`postroom send`'s (through `net.smtp`) and `postroom fetch`'s. `open_channel`
+connects; its failures and the TLS handshake's are `ConnectionFailure`s that
+carry facts (errno's words, the timeout, the ssl error), never a caller's
+sentence: each caller words them for its readers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 from typing import Any, cast
+
+
+class ConnectionFailure(Exception):
+    """A client connection failed. Each subclass says how; its attributes are the facts
+    callers word (as `str.format` fields), and `address` the peer's (ip, port) if any."""
+
+    address: tuple[str, int] | None = None
+
+
+class ConnectFailed(ConnectionFailure):
+    """No connection: `reason` in words (errno's, or the resolver's)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConnectTimedOut(ConnectFailed):
+    """No connection within `timeout` seconds."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__("timed out")
+        self.timeout = timeout
+
+
+class TLSFailed(ConnectionFailure):
+    """The TLS handshake failed: `error` is what ssl or the transport raised (a
+    TimeoutError when it took longer than `timeout`); the connection is dropped."""
+
+    def __init__(self, error: OSError, timeout: float) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.timeout = timeout
+
+
+def host_port(host: str, port: int) -> str:
+    """ "host:port", or "[v6]:port" for an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    # asyncio words errors as "Connect call failed (...)": say what errno says.
+    return os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+
+
+async def open_channel(host: str, port: int, timeout: float) -> Channel:
+    """A TCP connection to host:port within `timeout` seconds, or ConnectFailed."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            _transport, channel = await loop.create_connection(Channel, host, port)
+    except TimeoutError:
+        raise ConnectTimedOut(timeout) from None
+    except OSError as exc:
+        raise ConnectFailed(_reason(exc)) from None
+    return channel
 
 
 class Channel(asyncio.Protocol):
@@ -100,18 +162,40 @@ class Channel(asyncio.Protocol):
             timer.cancel()
 
     async def start_tls(self, context: ssl.SSLContext, name: str, timeout: float) -> None:
+        """The client side of a TLS handshake, checking `name`; TLSFailed (and the
+        connection dropped) when it fails or takes longer than `timeout`."""
         assert self.transport is not None
-        new = await asyncio.get_running_loop().start_tls(
-            self.transport,
-            self,
-            context,
-            server_side=False,
-            server_hostname=name,
-            ssl_handshake_timeout=timeout,
-        )
+        try:
+            new = await asyncio.get_running_loop().start_tls(
+                self.transport,
+                self,
+                context,
+                server_side=False,
+                server_hostname=name,
+                ssl_handshake_timeout=timeout,
+            )
+        except OSError as exc:  # ssl.SSLError and TimeoutError are OSErrors
+            self.abort()
+            raise TLSFailed(exc, timeout) from None
         if new is None:  # pragma: no cover - only when the transport closed meanwhile
-            raise ConnectionResetError("connection closed during the TLS handshake")
+            self.abort()
+            raise TLSFailed(ConnectionResetError("connection closed during the handshake"),
+                            timeout)
         self.transport = new
+
+    def connected_line(self, host: str, port: int) -> str:
+        """What a trace says once connected: "connected to host:port (ip)"."""
+        peer = self.get_extra_info("peername")
+        ip = f" ({peer[0]})" if peer and peer[0] != host else ""
+        return f"connected to {host_port(host, port)}{ip}"
+
+    def tls_description(self) -> str | None:
+        """ "TLSv1.3 TLS_AES_256_GCM_SHA384" for a TLS connection, None without TLS."""
+        ssl_object = self.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return None
+        cipher = ssl_object.cipher()
+        return f"{ssl_object.version()} {cipher[0]}" if cipher else str(ssl_object.version())
 
     def get_extra_info(self, name: str) -> Any:
         return self.transport.get_extra_info(name) if self.transport is not None else None
