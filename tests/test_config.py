@@ -13,14 +13,11 @@ from postroom.config import (
     Endpoint,
     Route,
     default_config,
-    default_hostname,
     load_config,
-    parse_duration,
-    parse_endpoint,
-    parse_size,
     postmaster_address,
     render_default_config,
 )
+from postroom.config.values import default_hostname, parse_duration, parse_endpoint, parse_size
 
 
 def write(data: Path, text: str) -> Path:
