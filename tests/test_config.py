@@ -227,7 +227,8 @@ def test_bad_sizes(text: object) -> None:
     ("text", "endpoint"),
     [("127.0.0.1:25", Endpoint("127.0.0.1", 25)), ("[::]:587", Endpoint("::", 587)),
      ("Localhost:2525", Endpoint("localhost", 2525)),
-     ("[0:0::1]:1", Endpoint("::1", 1))],
+     ("[0:0::1]:1", Endpoint("::1", 1)),
+     ("Bücher.example.:25", Endpoint("xn--bcher-kva.example", 25))],  # as domains are
 )
 def test_endpoints(text: str, endpoint: Endpoint) -> None:
     assert parse_endpoint(text) == endpoint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import json
@@ -10,7 +11,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TypeVar
 
 from postroom.addresses import canonical_domain, domain_of, mail_domain, mailbox_address
 
@@ -48,23 +49,23 @@ def type_name(value: object) -> str:
     return _TYPE_NAMES.get(type(value), "a date/time")
 
 
-def _expect(value: object, kind: type, what: str) -> None:
+T = TypeVar("T")
+
+
+def _expect(value: object, kind: type[T], what: str) -> T:
+    """`value` if it is a `kind` (true and false are no numbers here)."""
     if isinstance(value, bool) and kind is not bool:
         raise ValueError(f"expected {what}, got {show(value)}")
     if not isinstance(value, kind):
         raise ValueError(f"expected {what}, got {type_name(value)}: {show(value)}")
+    return value
 
 
 def _check_host(host: str) -> str:
     """An IP address or a host name, normalized; ValueError otherwise."""
-    try:
+    with contextlib.suppress(ValueError):
         return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    try:
-        return canonical_domain(host)
-    except ValueError:
-        raise ValueError("not an IP address or host name") from None
+    return canonical_domain(host)
 
 
 def parse_endpoint(
@@ -95,23 +96,20 @@ def parse_endpoint(
             host = str(ipaddress.IPv6Address(host))
         except ValueError:
             raise bad("brackets hold an IPv6 address") from None
+    elif text.count(":") > 1:
+        if default_port is not None:  # without a port, a bare IPv6 address is unambiguous
+            with contextlib.suppress(ValueError):
+                return Endpoint(str(ipaddress.IPv6Address(text)), default_port)
+        raise bad("write IPv6 addresses in brackets: [::1]:25")
     else:
-        if text.count(":") > 1:
-            if default_port is not None:
-                # Without a port, a bare IPv6 address is unambiguous.
-                try:
-                    return Endpoint(str(ipaddress.IPv6Address(text)), default_port)
-                except ValueError:
-                    pass
-            raise bad("write IPv6 addresses in brackets: [::1]:25")
-        host, sep, port_text_ = text.partition(":")
-        port_text = port_text_ if sep else None
+        host, sep, rest = text.partition(":")
+        port_text = rest if sep else None
         if not host:
             raise bad("the host is missing; use 0.0.0.0 or [::] for all addresses")
         try:
             host = _check_host(host)
-        except ValueError as e:
-            raise bad(f"{host!r}: {e}") from None
+        except ValueError:
+            raise bad(f"{host!r}: not an IP address or host name") from None
     if port_text is None:
         if default_port is None:
             raise bad("the port is missing")
@@ -123,29 +121,25 @@ def parse_endpoint(
 
 
 def parse_listener(value: object) -> Endpoint:
-    _expect(value, str, 'a string "HOST:PORT"')
-    return parse_endpoint(cast(str, value), any_port=True)
+    return parse_endpoint(_expect(value, str, 'a string "HOST:PORT"'), any_port=True)
 
 
 def parse_nameservers(value: object) -> tuple[Endpoint, ...]:
-    _expect(value, list, 'a list of "IP[:PORT]" strings')
     result = []
-    for item in cast(list[object], value):
-        _expect(item, str, 'a string "IP[:PORT]"')
+    for item in _expect(value, list, 'a list of "IP[:PORT]" strings'):
+        endpoint = parse_endpoint(_expect(item, str, 'a string "IP[:PORT]"'), default_port=53)
         try:
-            endpoint = parse_endpoint(cast(str, item), default_port=53)
             ipaddress.ip_address(endpoint.host)
-        except ValueError as e:
-            msg = str(e) if " is not " in str(e) else f"{show(item)} is not an IP address"
-            raise ValueError(msg) from None
+        except ValueError:
+            raise ValueError(f"{show(item)} is not an IP address") from None
         result.append(endpoint)
     return tuple(result)
 
 
 def parse_hostname(value: object) -> str:
-    _expect(value, str, "a string")
+    text = _expect(value, str, "a string")
     try:
-        name = canonical_domain(cast(str, value))
+        name = canonical_domain(text)
     except ValueError:
         raise ValueError(f"{show(value)} is not a host name") from None
     # RFC 5321 4.1.1.1: EHLO names the host by its domain name; an IP address
@@ -166,24 +160,23 @@ def default_hostname() -> str:
 
 def parse_domains(value: object) -> tuple[str, ...]:
     """Mail domains, canonical and without repeats; a name that cannot receive mail is refused."""
-    _expect(value, list, "a list of domain names")
     result: list[str] = []
-    for item in cast(list[object], value):
-        _expect(item, str, "a domain name string")
+    for item in _expect(value, list, "a list of domain names"):
+        text = _expect(item, str, "a domain name string")
         try:
-            canonical_domain(cast(str, item))
+            canonical_domain(text)
         except ValueError:
-            raise ValueError(f"{show(item)} is not a domain name") from None
-        name = mail_domain(cast(str, item))
+            raise ValueError(f"{show(text)} is not a domain name") from None
+        name = mail_domain(text)
         if name not in result:
             result.append(name)
     return tuple(result)
 
 
 def parse_mailbox(value: object) -> str:
-    _expect(value, str, 'an address such as "boss@corp.example"')
+    text = _expect(value, str, 'an address such as "boss@corp.example"')
     try:
-        address = mailbox_address(cast(str, value))
+        address = mailbox_address(text)
         mail_domain(domain_of(address))
     except ValueError as e:
         raise ValueError(f"{show(value)}: {e}") from None
@@ -191,10 +184,10 @@ def parse_mailbox(value: object) -> str:
 
 
 def parse_path(value: object) -> Path:
-    _expect(value, str, "a file path string")
-    if not value:
+    path = _expect(value, str, "a file path string")
+    if not path:
         raise ValueError("the path is empty")
-    return Path(cast(str, value)).expanduser()
+    return Path(path).expanduser()
 
 
 _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)?\s*", re.IGNORECASE)
@@ -225,10 +218,10 @@ def parse_duration(value: object, *, zero: bool = False) -> float:
 
 
 def parse_durations(value: object) -> tuple[float, ...]:
-    _expect(value, list, 'a list of durations such as ["1m", "5m"]')
-    if not value:
+    items = _expect(value, list, 'a list of durations such as ["1m", "5m"]')
+    if not items:
         raise ValueError("the list is empty; give at least one interval")
-    return tuple(parse_duration(item) for item in cast(list[object], value))
+    return tuple(parse_duration(item) for item in items)
 
 
 _SIZE = re.compile(r"\s*([0-9]+)\s*([KMG]?)(?:I?B)?\s*", re.IGNORECASE)
@@ -254,8 +247,7 @@ def parse_size(value: object) -> int:
 def parse_int(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
     """A parser of integers from `minimum` up to `maximum` (None: no upper bound)."""
     def parse(value: object) -> int:
-        _expect(value, int, "an integer")
-        number = cast(int, value)
+        number = _expect(value, int, "an integer")
         if number < minimum or (maximum is not None and number > maximum):
             bound = f"{minimum}-{maximum}" if maximum is not None else f"at least {minimum}"
             raise ValueError(f"{number} is out of range (must be {bound})")
@@ -265,17 +257,16 @@ def parse_int(minimum: int, maximum: int | None = None) -> Callable[[object], in
 
 
 def parse_bool(value: object) -> bool:
-    _expect(value, bool, "true or false")
-    return bool(value)
+    return _expect(value, bool, "true or false")
 
 
 def parse_choice(*options: str) -> Callable[[object], str]:
     """A parser that takes exactly one of `options`."""
     def parse(value: object) -> str:
-        _expect(value, str, "a string")
-        if value not in options:
+        text = _expect(value, str, "a string")
+        if text not in options:
             listed = " or ".join(show(o) for o in options)
-            raise ValueError(f"{show(value)} is not one of {listed}")
-        return value
+            raise ValueError(f"{show(text)} is not one of {listed}")
+        return text
 
     return parse
