@@ -289,6 +289,8 @@ ERRORS = [
     ("[queue]\ndelay_warning_after = -1\n", "queue.delay_warning_after", "zero (off) or more"),
     ('[pop3]\nauth_failure_delay = "soon"\n', "pop3.auth_failure_delay", "not a duration"),
     ("[queue]\ngive_up_after = 0\n", "queue.give_up_after", "more than zero"),
+    ("[smtp]\nmax_message_size = 0\n", "smtp.max_message_size", "more than zero"),
+    ("[smtp]\nmin_free_space = -1\n", "smtp.min_free_space", "must be zero or more"),
     ('[tls]\ncert = "missing.pem"\n', "tls.cert", "does not exist (named here)"),
     ('[tls]\ncert = ""\n', "tls.cert", "the path is empty"),
 ]
@@ -355,6 +357,13 @@ def test_zero_turns_the_delays_off(tmp_path: Path, zero: object) -> None:
     config = load_text(tmp_path, f"[queue]\ndelay_warning_after = {value}\n"
                                  f"[pop3]\nauth_failure_delay = {value}\n")
     assert (config.queue.delay_warning_after, config.pop3.auth_failure_delay) == (0, 0)
+
+
+@pytest.mark.parametrize("zero", [0, "0", "0K"])
+def test_zero_min_free_space_checks_the_declared_size_alone(tmp_path: Path, zero: object) -> None:
+    # The README and `postroom init` promise it (diskspace.FreeSpace then needs SIZE= alone).
+    value = f'"{zero}"' if isinstance(zero, str) else str(zero)
+    assert load_text(tmp_path, f"[smtp]\nmin_free_space = {value}\n").smtp.min_free_space == 0
 
 
 def test_postmaster_defaults_to_the_first_domain(tmp_path: Path) -> None:

@@ -210,7 +210,7 @@ class SMTPConfig:
         "authenticated user.",
     )
     min_free_space: int = setting(
-        "100M", parse_size,
+        "100M", partial(parse_size, zero=True),
         "Free space kept on the filesystems of the mailboxes and the queue: MAIL FROM "
         "gets 452 4.3.1 when less than this, plus the size the client declares with "
         "SIZE=, is free (as Postfix's queue_minfree). 0 checks the declared size alone.",

@@ -228,8 +228,11 @@ _SIZE = re.compile(r"\s*([0-9]+)\s*([KMG]?)(?:I?B)?\s*", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
 
-def parse_size(value: object) -> int:
-    """Octets from 1000, "10K", "50M", "1G" (binary multiples: K = 1024); ValueError if not."""
+def parse_size(value: object, *, zero: bool = False) -> int:
+    """Octets from 1000, "10K", "50M", "1G" (binary multiples: K = 1024); ValueError if not.
+
+    0 is refused unless `zero` (for settings where 0 turns something off).
+    """
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f'expected a size such as "50M", got {show(value)}')
     if isinstance(value, str):
@@ -239,8 +242,9 @@ def parse_size(value: object) -> int:
         size = int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
     else:
         size = value
-    if size <= 0:
-        raise ValueError(f"{show(value)}: the size must be more than zero")
+    if size < 0 or (size == 0 and not zero):
+        bound = "zero or more" if zero else "more than zero"
+        raise ValueError(f"{show(value)}: the size must be {bound}")
     return size
 
 
