@@ -25,12 +25,7 @@ from postroom.config.model import (
     TLSConfig,
     keys,
 )
-from postroom.config.values import (
-    default_hostname,
-    parse_endpoint,
-    show,
-    type_name,
-)
+from postroom.config.values import default_hostname, parse_endpoint, show, type_name
 
 SMARTHOST_KEYS = ("host", "password_file", "tls", "user")
 ROUTE_TLS = ("opportunistic", "required", "none")
