@@ -13,14 +13,11 @@ from postroom.config import (
     Endpoint,
     Route,
     default_config,
-    default_hostname,
     load_config,
-    parse_duration,
-    parse_endpoint,
-    parse_size,
     postmaster_address,
     render_default_config,
 )
+from postroom.config.values import default_hostname, parse_duration, parse_endpoint, parse_size
 
 
 def write(data: Path, text: str) -> Path:
@@ -230,7 +227,8 @@ def test_bad_sizes(text: object) -> None:
     ("text", "endpoint"),
     [("127.0.0.1:25", Endpoint("127.0.0.1", 25)), ("[::]:587", Endpoint("::", 587)),
      ("Localhost:2525", Endpoint("localhost", 2525)),
-     ("[0:0::1]:1", Endpoint("::1", 1))],
+     ("[0:0::1]:1", Endpoint("::1", 1)),
+     ("Bücher.example.:25", Endpoint("xn--bcher-kva.example", 25))],  # as domains are
 )
 def test_endpoints(text: str, endpoint: Endpoint) -> None:
     assert parse_endpoint(text) == endpoint
@@ -291,6 +289,8 @@ ERRORS = [
     ("[queue]\ndelay_warning_after = -1\n", "queue.delay_warning_after", "zero (off) or more"),
     ('[pop3]\nauth_failure_delay = "soon"\n', "pop3.auth_failure_delay", "not a duration"),
     ("[queue]\ngive_up_after = 0\n", "queue.give_up_after", "more than zero"),
+    ("[smtp]\nmax_message_size = 0\n", "smtp.max_message_size", "more than zero"),
+    ("[smtp]\nmin_free_space = -1\n", "smtp.min_free_space", "must be zero or more"),
     ('[tls]\ncert = "missing.pem"\n', "tls.cert", "does not exist (named here)"),
     ('[tls]\ncert = ""\n', "tls.cert", "the path is empty"),
 ]
@@ -357,6 +357,13 @@ def test_zero_turns_the_delays_off(tmp_path: Path, zero: object) -> None:
     config = load_text(tmp_path, f"[queue]\ndelay_warning_after = {value}\n"
                                  f"[pop3]\nauth_failure_delay = {value}\n")
     assert (config.queue.delay_warning_after, config.pop3.auth_failure_delay) == (0, 0)
+
+
+@pytest.mark.parametrize("zero", [0, "0", "0K"])
+def test_zero_min_free_space_checks_the_declared_size_alone(tmp_path: Path, zero: object) -> None:
+    # The README and `postroom init` promise it (diskspace.FreeSpace then needs SIZE= alone).
+    value = f'"{zero}"' if isinstance(zero, str) else str(zero)
+    assert load_text(tmp_path, f"[smtp]\nmin_free_space = {value}\n").smtp.min_free_space == 0
 
 
 def test_postmaster_defaults_to_the_first_domain(tmp_path: Path) -> None:

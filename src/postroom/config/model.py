@@ -1,0 +1,336 @@
+"""The Config tree; each field that is a config key declares its default, parser and comment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+from postroom.addresses import domain_of
+from postroom.config.values import (
+    Endpoint,
+    parse_bool,
+    parse_choice,
+    parse_domains,
+    parse_duration,
+    parse_durations,
+    parse_hostname,
+    parse_int,
+    parse_listener,
+    parse_mailbox,
+    parse_nameservers,
+    parse_path,
+    parse_size,
+)
+from postroom.store.api import StoreSettings
+
+CONFIG_NAME = "postroom.toml"
+DEFAULT_DATA_DIR = Path("var")
+DEFAULT_SOURCE = "<default config>"  # names the embedded default in errors
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() is one line naming the file, the key and the fault."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its default as raw TOML, its parser, and the comment `postroom init` writes.
+
+    Loading a file, building the embedded default (parse(default)) and rendering
+    the commented file all read these, so the three cannot drift apart.
+    """
+
+    default: Any
+    parse: Callable[[Any], Any]
+    doc: str
+
+
+def setting(default: Any, parse: Callable[[Any], Any], doc: str) -> Any:
+    """A dataclass field that is a config key; the loader always passes its value."""
+    return field(metadata={"key": Key(default, parse, doc)})
+
+
+def keys(cls: type) -> dict[str, Key]:
+    """The config keys of a section's dataclass (or of Config: the top level), in file order."""
+    return {f.name: f.metadata["key"] for f in fields(cls) if "key" in f.metadata}
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """Where each service listens; None turns that listener off."""
+
+    smtp: Endpoint | None = setting(
+        "127.0.0.1:2525", parse_listener,
+        "SMTP from other mail hosts (MX traffic, RFC 5321): no AUTH, mail only for "
+        "local recipients. The standard port is 25.",
+    )
+    submission: Endpoint | None = setting(
+        "127.0.0.1:2587", parse_listener,
+        "Message submission for your users' mail clients (RFC 6409): STARTTLS, then "
+        "AUTH is required. The standard port is 587.",
+    )
+    submissions: Endpoint | None = setting(
+        "127.0.0.1:2465", parse_listener,
+        "Submission over implicit TLS (RFC 8314). The standard port is 465.",
+    )
+    pop3: Endpoint | None = setting(
+        "127.0.0.1:2110", parse_listener,
+        "POP3 (RFC 1939) with STLS to upgrade to TLS. The standard port is 110.",
+    )
+    pop3s: Endpoint | None = setting(
+        "127.0.0.1:2995", parse_listener,
+        "POP3 over implicit TLS (RFC 8314). The standard port is 995.",
+    )
+
+    def enabled(self) -> dict[str, Endpoint]:
+        """The listeners that are on, by name (smtp, submission, ...)."""
+        endpoints = {name: getattr(self, name) for name in keys(ListenConfig)}
+        return {name: endpoint for name, endpoint in endpoints.items() if endpoint is not None}
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    # True for the default paths: a self-signed pair is made on first start if
+    # missing. Paths named explicitly must exist (no silent stand-in certificate).
+    generate: bool
+    cert: Path = setting(
+        "tls/cert.pem", parse_path,
+        "Certificate chain (PEM). At this default path a self-signed certificate is "
+        "made on first start when missing; a path you choose must exist.",
+    )
+    key: Path = setting("tls/key.pem", parse_path, "Private key (PEM) of the certificate.")
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    nameservers: tuple[Endpoint, ...] = setting(  # empty: the system resolver
+        [], parse_nameservers,
+        'DNS servers for MX, A and AAAA lookups, as "IP" or "IP:PORT". Empty: the '
+        "system's resolver (/etc/resolv.conf).",
+    )
+
+
+@dataclass(frozen=True)
+class Route:
+    """A static next hop for a domain, used instead of its MX records.
+
+    A smarthost may insist on TLS (`tls = "required"`: no STARTTLS or a failed
+    handshake, no delivery; "opportunistic" goes on in plaintext) and take a
+    login (RFC 4954), sent only over TLS.
+    """
+
+    host: str
+    port: int = 25
+    tls: str = "opportunistic"  # "opportunistic" | "required" | "none"
+    auth: tuple[str, str] | None = field(default=None, repr=False)  # (user, password)
+
+
+# [routes] has no fixed keys: each key is a domain.
+ROUTES_DOC = (
+    'Static next hops, checked before MX lookup: "DOMAIN" = "HOST" or "HOST:PORT" '
+    "(port 25 when left out). Mail for DOMAIN goes there instead of to its MX hosts."
+)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    mx_port: int = setting(  # RFC 5321 4.5.4: SMTP relays to port 25
+        25, parse_int(1, 65535),
+        "Port used to deliver to hosts found by MX lookup. Only tests change it.",
+    )
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    retry_after: tuple[float, ...] = setting(  # seconds; the last one repeats
+        ["1m", "5m", "15m", "1h"], parse_durations,
+        "Waits between delivery attempts of a message that failed temporarily; after "
+        "the last one, every attempt waits that long again.",
+    )
+    give_up_after: float = setting(
+        "5d", parse_duration,
+        "How long after its arrival a message that still cannot be delivered is "
+        "returned to its sender with a bounce (RFC 5321 4.5.4.1: 4-5 days).",
+    )
+    delay_warning_after: float = setting(
+        "4h", partial(parse_duration, zero=True),
+        "After this long undelivered, the sender gets one notice that the message is "
+        "delayed and still being retried (RFC 3464 action \"delayed\"). 0 turns it off.",
+    )
+    max_per_destination: int = setting(
+        10, parse_int(1), "Simultaneous deliveries to one destination domain.",
+    )
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    max_message_size: int = setting(
+        "50M", parse_size, "Largest message accepted, announced with EHLO SIZE (RFC 1870).",
+    )
+    max_recipients: int = setting(
+        100, parse_int(1),
+        "Recipients per message; RFC 5321 4.5.3.1.8 requires accepting at least 100.",
+    )
+    max_errors: int = setting(
+        10, parse_int(1), "Bad commands in one session before the connection is closed.",
+    )
+    max_received_headers: int = setting(
+        50, parse_int(1),
+        "Received: headers after which a message is taken to be looping and refused "
+        "(RFC 5321 6.3).",
+    )
+    bare_newline: Literal["reject", "normalize"] = setting(
+        "reject", parse_choice("reject", "normalize"),
+        'A line ending in LF without CR inside DATA: "reject" the message (guards '
+        'against SMTP smuggling) or "normalize" it to CRLF.',
+    )
+    max_connections: int = setting(500, parse_int(1), "Simultaneous SMTP sessions, all listeners.")
+    max_connections_per_client: int = setting(
+        50, parse_int(1), "Simultaneous SMTP sessions from one IP address.",
+    )
+    command_timeout: float = setting(
+        "5m", parse_duration,
+        "Idle time waiting for a command before the session is closed "
+        "(RFC 5321 4.5.3.2.7: at least 5 minutes).",
+    )
+    data_timeout: float = setting(
+        "10m", parse_duration,
+        "Idle time waiting for more message data (RFC 5321 4.5.3.2.6: at least 3 minutes).",
+    )
+    allow_plaintext_auth: bool = setting(  # RFC 4954 4 advises against it
+        False, parse_bool,
+        "Offer AUTH on connections that are not encrypted (passwords in the clear).",
+    )
+    check_from_header: bool = setting(
+        True, parse_bool,
+        "Submission: refuse messages whose From: is not an address of the "
+        "authenticated user.",
+    )
+    min_free_space: int = setting(
+        "100M", partial(parse_size, zero=True),
+        "Free space kept on the filesystems of the mailboxes and the queue: MAIL FROM "
+        "gets 452 4.3.1 when less than this, plus the size the client declares with "
+        "SIZE=, is free (as Postfix's queue_minfree). 0 checks the declared size alone.",
+    )
+
+
+@dataclass(frozen=True)
+class POP3Config:
+    allow_plaintext_auth: bool = setting(  # RFC 2595 2.3
+        False, parse_bool,
+        "Allow USER/PASS on connections that are not encrypted (passwords in the clear).",
+    )
+    idle_timeout: float = setting(
+        "10m", parse_duration,
+        "Idle time before an inactive session is closed (RFC 1939 3: at least 10 minutes).",
+    )
+    max_connections: int = setting(500, parse_int(1), "Simultaneous POP3 sessions, all listeners.")
+    max_connections_per_client: int = setting(
+        50, parse_int(1), "Simultaneous POP3 sessions from one IP address.",
+    )
+    apop: bool = setting(
+        False, parse_bool,
+        "Offer APOP (RFC 1939 7): the greeting then carries a timestamp. Only users "
+        "given an APOP secret (postroom user apop ADDRESS on) can use it.",
+    )
+    auth_failure_delay: float = setting(
+        "2s", partial(parse_duration, zero=True),
+        "Wait before answering a failed login (POP3 and submission AUTH); doubles with "
+        "each recent failure from the same address or for the same account, up to 15s. "
+        "0 turns it off.",
+    )
+
+
+# The tables of the file in the order `postroom init` writes them; None: [routes].
+SECTIONS: dict[str, type | None] = {
+    "listen": ListenConfig, "tls": TLSConfig, "dns": DNSConfig, "routes": None,
+    "relay": RelayConfig, "queue": QueueConfig, "smtp": SMTPConfig, "pop3": POP3Config,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration: the top-level keys, then one field per table."""
+
+    data_dir: Path
+    listen: ListenConfig
+    tls: TLSConfig
+    dns: DNSConfig
+    routes: Mapping[str, Route]
+    relay: RelayConfig
+    queue: QueueConfig
+    smtp: SMTPConfig
+    pop3: POP3Config
+    hostname: str = setting(
+        None,  # default_hostname(), filled in at load time
+        parse_hostname,
+        "The name this host gives in its SMTP greeting, EHLO and Received: headers.",
+    )
+    domains: tuple[str, ...] = setting(
+        ["localhost"], parse_domains,
+        "Mail domains this host receives mail for. `postroom domain add` adds more "
+        "without editing this file.",
+    )
+    # postmaster@ of every local domain goes here unless an alias says otherwise
+    # (RFC 5321 4.5.1); see postmaster_address().
+    postmaster: str = setting(
+        None,  # postmaster@ the first of `domains`, filled in at load time
+        parse_mailbox,
+        "The administrator's mailbox. Mail to postmaster@ of every local domain (RFC 5321 "
+        "4.5.1 requires that address, in any letter case) is filed here unless an alias for "
+        "postmaster@DOMAIN exists. An address in a local domain; until `postroom user add` "
+        "gives it a password, its mail waits in its mailbox folder (mail/DOMAIN/NAME in the "
+        "data folder).",
+    )
+    workers: int = setting(
+        0, parse_int(0),
+        "Server processes sharing the listeners (Python runs one core per process); 0 "
+        "means one per CPU. Connection limits and login delays count per process. The "
+        "first process also relays the queue, so it takes a submission connection only "
+        "when the others leave it waiting.",
+    )
+    # Where the settings came from (None: the embedded default); not part of
+    # the configuration's value, so a file with default content equals no file.
+    config_path: Path | None = field(default=None, compare=False)
+
+    @property
+    def source(self) -> str:
+        """The config file's path, or "<default config>": the prefix of ConfigError messages."""
+        return str(self.config_path) if self.config_path is not None else DEFAULT_SOURCE
+
+    @property
+    def users_db(self) -> Path:
+        return self.data_dir / "users.sqlite3"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+    @property
+    def store(self) -> StoreSettings:
+        """What postroom.store.factory.open_store builds the users and mailboxes from."""
+        return StoreSettings(self.users_db, self.mail_dir, self.hostname, self.domains,
+                             self.postmaster, self.source)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.data_dir / "queue"
+
+
+def postmaster_address(config: Config) -> str:
+    """The postmaster address of this installation: postmaster@ its first local domain.
+
+    Always deliverable (RFC 5321 4.5.1): the user directory files mail for
+    postmaster@ any local domain in the administrator's mailbox
+    (`config.postmaster`) unless an alias for it says otherwise. Send what is
+    meant for the administrator of this host here.
+    """
+    domain = config.domains[0] if config.domains else domain_of(config.postmaster)
+    return f"postmaster@{domain}"
