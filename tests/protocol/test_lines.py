@@ -196,6 +196,14 @@ def test_line_meter_finds_what_data_would(parts: list[bytes], cuts: list[int]) -
     assert meter.too_long == expected
 
 
+def test_line_meter_after_a_jump_counts_only_the_last_line() -> None:
+    """What is left after the scan holds complete short lines and then a last line
+    shorter than the limit: nothing is too long (a property-test find)."""
+    meter = LineMeter(100)
+    assert not meter.feed(b"\n" + b"a" * 8 + b"\r\n" + b"x" * 90)
+
+
+
 # --- DataReader against a line-by-line reference -------------------------------------
 
 

@@ -26,7 +26,6 @@ from typing import NamedTuple
 
 MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1 (not enforced: 4.5.3.1 asks for no limits)
 MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2 (enforced: no longer name can exist in the DNS)
-MAX_PATH = 256  # RFC 5321 4.5.3.1.3 (not enforced, see MAX_LOCAL_PART)
 MAX_ENVID = 100  # RFC 3461 4.4: an ENVID is at most 100 characters
 MAX_ORCPT = 500  # RFC 3461 4.2: an ORCPT value is at most 500 characters
 MAX_SIZE_DIGITS = 20  # RFC 1870 3: size-value ::= 1*20DIGIT
@@ -71,7 +70,6 @@ _PATH_RE = re.compile(
     rf"(?P<local>{_DOT_STRING}|{_QUOTED})@(?P<domain>{_DOMAIN}|{_LITERAL})>"
 )
 _POSTMASTER_RE = re.compile(r"<(postmaster)>", re.IGNORECASE)  # RFC 5321 4.1.1.3
-_DOT_STRING_RE = re.compile(_DOT_STRING)
 _KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")  # RFC 5321 4.1.2 esmtp-keyword
 # esmtp-value: any CHAR but "=", SP and controls (RFC 5321 4.1.2); RFC 6531 3.3
 # allows UTF-8 as well.
@@ -102,38 +100,15 @@ class Path:
         return f"{self.local_part}@{self.domain}" if self.domain else self.local_part
 
     @property
-    def is_null(self) -> bool:
-        return not self.local_part and not self.domain
-
-    @property
-    def is_quoted(self) -> bool:
-        return self.local_part.startswith('"')
-
-    @property
     def is_utf8(self) -> bool:
         """Non-ASCII characters anywhere: needs SMTPUTF8 (RFC 6531 3.3)."""
         return not (self.local_part.isascii() and self.domain.isascii())
-
-    @property
-    def is_domain_literal(self) -> bool:
-        return self.domain.startswith("[")
 
     def __str__(self) -> str:
         return f"<{self.address}>"
 
 
 NULL_PATH = Path()
-
-
-def unquote_local_part(local_part: str) -> str:
-    """The local part's content: quotes and quoted-pair backslashes removed.
-
-    RFC 5321 4.1.2 makes `"abc"` and `abc` the same local part; policy that
-    looks up mailboxes should compare this form.
-    """
-    if not local_part.startswith('"'):
-        return local_part
-    return re.sub(r"\\(.)", r"\1", local_part[1:-1])
 
 
 def parse_reverse_path(text: str) -> tuple[Path, str]:
@@ -415,8 +390,3 @@ def parse_auth_param(value: str | None) -> str:
     if rest or not path.domain:
         raise ParameterError("AUTH must be a mailbox or <>")
     return decoded
-
-
-def is_dot_string(text: str) -> bool:
-    """Whether a local part can be written without quotes (RFC 5321 4.1.2)."""
-    return _DOT_STRING_RE.fullmatch(text) is not None

@@ -323,8 +323,9 @@ def _has_long_line(segment: bytes, already: int, limit: int) -> bool:
         if nl < 0:
             return True
         pos = nl + 1
-    # What is left is one line of at most `limit` octets: whole if it has its LF.
-    return size - pos == limit and segment[-1:] != b"\n"
+    # What is left holds at most `limit` octets: too long only as one unfinished line
+    # of exactly `limit` octets (no LF in it at all).
+    return size - pos == limit and segment.find(b"\n", pos) < 0
 
 
 class LineMeter:

@@ -31,7 +31,6 @@ SUPPORTED_MECHANISMS: tuple[str, ...] = (PLAIN, LOGIN)
 # RFC 4954 6: the replies an application gives at the end of an exchange.
 AUTH_SUCCEEDED = Reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
-AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
 
 # RFC 4954 4: base64 without whitespace, padding only at the end.
 _BASE64_RE = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
