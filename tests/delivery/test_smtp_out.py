@@ -58,17 +58,11 @@ STORED = (
 )
 FAST = Timeouts(greeting=10, mail=10, rcpt=10, data_init=10, data_block=10, data_end=10)
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-try:
-    import uvloop
-
-    LOOPS["uvloop"] = uvloop.new_event_loop
-except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-    pass
-
-
-def run(coro_fn: Callable[[], Any], loop: str = "asyncio") -> Any:
-    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+def run(
+    coro_fn: Callable[[], Any],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+) -> Any:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(coro_fn())
 
 
@@ -138,8 +132,9 @@ def body_of(raw: bytes) -> bytes:
     return raw[pos:]
 
 
-@pytest.mark.parametrize("loop", sorted(LOOPS))
-def test_starttls_required_pipelined_per_recipient_results(tmp_path: Path, loop: str) -> None:
+def test_starttls_required_pipelined_per_recipient_results(
+    tmp_path: Path, loop_factory: Callable[[], asyncio.AbstractEventLoop]
+) -> None:
     async def scenario() -> None:
         async with postroom(tmp_path) as server:
             host, port = server.address("smtp")
@@ -174,7 +169,7 @@ def test_starttls_required_pipelined_per_recipient_results(tmp_path: Path, loop:
             assert nobody.code == 550 and nobody.enhanced == "5.1.1"
             assert result.dsn_offered and result.notes == ()
 
-    run(scenario, loop)
+    run(scenario, loop_factory)
     (boss,) = stored(tmp_path, "boss")
     (alice,) = stored(tmp_path, "alice")
     assert body_of(boss) == body_of(alice) == STORED
