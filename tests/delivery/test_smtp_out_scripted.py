@@ -411,7 +411,7 @@ def test_ehlo_refused_falls_back_to_helo_and_lockstep(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with scripted(script) as hop:
             session = await connect(hop)
-            assert not session.extensions.keywords
+            assert not session.connection.extensions.keywords
             result = await send(session, tmp_path, "b@y.example")
             await session.quit()
         assert result.data_reply == Reply(250, None, "done")
@@ -562,7 +562,7 @@ def test_starttls_refused_opportunistic_goes_on_required_fails(tmp_path: Path) -
     async def scenario() -> None:
         async with scripted(script) as hop:
             session = await connect(hop)
-            assert not session.tls_active
+            assert not session.connection.tls_active
             await session.quit()
         async with scripted(script) as hop:
             with pytest.raises(SMTPError) as caught:

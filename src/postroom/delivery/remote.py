@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from postroom.addresses import domain_of
 from postroom.delivery.routing import Failure, Hops, Local, Router
 from postroom.delivery.smtp_errors import SMTPError, status_of
-from postroom.delivery.smtp_out import ClientSession, Hop, OutRecipient, TransactionResult
+from postroom.delivery.smtp_out import (
+    ClientSession,
+    Hop,
+    OutRecipient,
+    TransactionResult,
+    peer_of,
+)
 from postroom.gathering import gather_few
 from postroom.protocol.replies import Reply
 from postroom.queue.content import Content
@@ -67,10 +73,6 @@ class _HopFailed:
     remote_mta: str | None = None
 
 
-def _describe(hop: Hop) -> str:
-    return f"{hop.name}[{hop.host}]:{hop.port}"
-
-
 def _status(reply: Reply, klass: int) -> str:
     """The reply's RFC 3463 code when its class agrees with the reply code (RFC 3463 2)."""
     status = status_of(reply)
@@ -89,7 +91,7 @@ def _connection_failure(hop: Hop, error: Exception, connecting: bool) -> _HopFai
     The client session reports its own failures as SMTPError; this covers what
     escapes it (an OSError reading the message, a connection reset).
     """
-    where = ("connect to " if connecting else "lost connection with ") + _describe(hop)
+    where = ("connect to " if connecting else "lost connection with ") + peer_of(hop)
     if isinstance(error, ConnectionRefusedError):
         why = "connection refused"
     elif isinstance(error, TimeoutError):
@@ -245,7 +247,7 @@ class RemoteCourier:
                 # No connection, a 4xx or 5xx greeting or EHLO, TLS required and not
                 # offered: the next MX may do better (RFC 5321 5.1; Postfix skips
                 # hosts that greet with 5xx).
-                return _smtp_failure(e, _describe(hop))
+                return _smtp_failure(e, peer_of(hop))
             except (OSError, EOFError) as e:  # refused, unreachable, TLS, timeout, hang-up
                 return _connection_failure(hop, e, connecting=True)
         envelope = message.envelope

@@ -51,7 +51,7 @@ from postroom.net.smtp import (
 )
 from postroom.protocol.lines import MAX_CONTENT_LINE, DotStuffer
 from postroom.protocol.replies import Reply
-from postroom.protocol.smtp_client import Extensions, Response, State, path_problem
+from postroom.protocol.smtp_client import Response, State, path_problem
 
 log = logging.getLogger("postroom.delivery.smtp")
 
@@ -123,7 +123,7 @@ class TransactionResult:
     notes: tuple[str, ...] = ()
 
 
-def _peer_of(hop: Hop, address: tuple[str, int] | None) -> str:
+def peer_of(hop: Hop, address: tuple[str, int] | None = None) -> str:
     """ "name[ip]:port" of the server, for logs and DSNs."""
     ip, port = address or (hop.host, hop.port)
     return f"{hop.name}[{ip}]:{port}"
@@ -131,7 +131,7 @@ def _peer_of(hop: Hop, address: tuple[str, int] | None) -> str:
 
 def _plaintext_note(hop: Hop, failure: ConnectionFailure) -> None:
     """Log that opportunistic TLS was given up for this session (net.smtp.Setup.on_plaintext)."""
-    peer = _peer_of(hop, failure.address)
+    peer = peer_of(hop, failure.address)
     if isinstance(failure, StartTLSRefused):
         log.info("%s refused STARTTLS: %s; going on without TLS", peer, failure.reply)
     else:
@@ -173,16 +173,17 @@ def _headers_have_8bit(file: IO[bytes]) -> bool:
 
 
 class ClientSession:
-    """One connection to one hop, ready to send. Make it with `ClientSession.connect`."""
+    """One connection to one hop, ready to send. Make it with `ClientSession.connect`;
+    `connection` is its net.smtp.SMTPConnection (extensions, TLS), `peer` its
+    "name[ip]:port" for logs and DSNs."""
 
     def __init__(self, hop: Hop, connection: SMTPConnection, *, command_timeout: float,
                  timeouts: Timeouts) -> None:
-        self._hop = hop
-        self._conn = connection
+        self.connection = connection
+        self.peer = peer_of(hop, connection.address)
         self._core = connection.core
         self._command_timeout = command_timeout
         self._timeouts = timeouts
-        self._peer = _peer_of(hop, connection.address)
 
     @classmethod
     async def connect(
@@ -209,39 +210,14 @@ class ClientSession:
         try:
             connection = await SMTPConnection.open(hop.host, hop.port, setup)
         except ConnectionFailure as failure:
-            raise relay_error(failure, _peer_of(hop, failure.address)) from None
+            raise relay_error(failure, peer_of(hop, failure.address)) from None
         session = cls(hop, connection, command_timeout=command_timeout, timeouts=timeouts)
-        log.debug("%s: ready, TLS %s", session.peer, session.tls_version or "off")
+        log.debug("%s: ready, TLS %s", session.peer, connection.tls_version or "off")
         return session
-
-    # --- What callers see -------------------------------------------------
-
-    @property
-    def peer(self) -> str:
-        """"name[ip]:port" of the server, for logs and DSNs."""
-        return self._peer
-
-    @property
-    def extensions(self) -> Extensions:
-        return self._core.extensions
-
-    @property
-    def tls_active(self) -> bool:
-        return self._conn.tls_active
-
-    @property
-    def tls_version(self) -> str | None:
-        """The TLS protocol in use ("TLSv1.3"), None without TLS."""
-        return self._conn.tls_version
-
-    @property
-    def tls_fallback(self) -> bool:
-        """In plaintext after a failed opportunistic handshake."""
-        return self._conn.tls_fallback
 
     @property
     def closed(self) -> bool:
-        return self._conn.closed
+        return self.connection.closed
 
     async def __aenter__(self) -> ClientSession:
         return self
@@ -251,11 +227,7 @@ class ClientSession:
 
     async def quit(self) -> None:
         """Say QUIT (when the session is fit for it) and close the connection."""
-        await self._conn.quit()
-
-    def close(self) -> None:
-        """Drop the connection without QUIT."""
-        self._close(abort=True)
+        await self.connection.quit()
 
     # --- Sending ----------------------------------------------------------
 
@@ -285,30 +257,12 @@ class ClientSession:
         propagates.
         """
         if self.closed:
-            raise SMTPError(f"the session with {self._peer} is closed", temporary=True)
+            raise SMTPError(f"the session with {self.peer} is closed", temporary=True)
         if not recipients:
             raise ValueError("send() needs at least one recipient")
-        ext = self._core.extensions
         wanted = {r.address: r for r in reversed(recipients)}  # the first of duplicates wins
         unique = [wanted[a] for a in dict.fromkeys(r.address for r in recipients)]
-        addresses = [sender, *(r.address for r in unique)]
-        ascii_envelope = all(a.isascii() for a in addresses)
-        utf8 = smtputf8 or not ascii_envelope  # asked for: a hop that offers it gets it
-        if utf8 and not ext.smtputf8:
-            # RFC 6531 3.4: what needs SMTPUTF8 is a UTF-8 address or header field, not
-            # the client's flag; like Postfix, a flagged message without either goes.
-            if not ascii_envelope or _headers_have_8bit(message):
-                text = f"host {self._peer} does not support SMTPUTF8, which the message needs"
-                raise SMTPError(text, temporary=False, status="5.6.7")  # RFC 6531 3.2
-            utf8 = False
-        limit = ext.size_limit
-        if limit is not None and size > limit:
-            text = f"message size {size} exceeds size limit {limit} of server {self._peer}"
-            raise SMTPError(text, temporary=False, status="5.3.4")  # RFC 1870 6.1
-        problem = path_problem(sender, reverse=True)
-        if problem is not None:
-            text = f"cannot send sender <{sender}>: {problem}"
-            raise SMTPError(text, temporary=False, status="5.1.7")
+        utf8 = self._check(sender, unique, message, size, smtputf8)
         results: dict[str, Reply] = {}
         sendable = []
         for r in unique:
@@ -317,30 +271,53 @@ class ClientSession:
                 sendable.append(r)
             else:
                 results[r.address] = Reply(553, "5.1.3", f"cannot send this address: {problem}")
-        dsn = ext.dsn
+        dsn = self._core.extensions.dsn
         if not sendable:
             return TransactionResult(results, None, dsn)
         notes: list[str] = []
-        eight_bit = body.upper() == "8BITMIME" if body is not None else _has_8bit(message)
-        body_param = None
-        if ext.eightbitmime:
-            body_param = body.upper() if body is not None else "8BITMIME" if eight_bit else None
-        elif eight_bit:
-            # RFC 6152 3 asks for conversion or a bounce; like Postfix, send as is.
-            notes.append(f"8-bit message sent to {self._peer}, which does not offer 8BITMIME")
+        body_param = self._body(body, message, notes)
         if self._core.state is not State.READY:
             await self._rset()
-        self._core.mail(
-            sender,
-            size=size if "SIZE" in ext else None,
-            body=body_param,
-            smtputf8=utf8,
-            ret=ret if dsn else None,
-            envid=envid if dsn else None,
-        )
+        self._core.mail(sender, size=size if "SIZE" in self._core.extensions else None,
+                        body=body_param, smtputf8=utf8, ret=ret if dsn else None,
+                        envid=envid if dsn else None)
         done = await self._transaction(message, sendable, results, dsn, notes)
         ordered = {r.address: done.recipients[r.address] for r in unique}
         return TransactionResult(ordered, done.data_reply, dsn, tuple(notes))
+
+    def _check(self, sender: str, recipients: list[OutRecipient], message: IO[bytes],
+               size: int, smtputf8: bool) -> bool:
+        """Refuse what the hop cannot take before anything is sent (SMTPError); return
+        whether MAIL asks for SMTPUTF8."""
+        ext = self._core.extensions
+        ascii_envelope = sender.isascii() and all(r.address.isascii() for r in recipients)
+        utf8 = smtputf8 or not ascii_envelope  # asked for: a hop that offers it gets it
+        if utf8 and not ext.smtputf8:
+            # RFC 6531 3.4: what needs SMTPUTF8 is a UTF-8 address or header field, not
+            # the client's flag; like Postfix, a flagged message without either goes.
+            if not ascii_envelope or _headers_have_8bit(message):
+                text = f"host {self.peer} does not support SMTPUTF8, which the message needs"
+                raise SMTPError(text, temporary=False, status="5.6.7")  # RFC 6531 3.2
+            utf8 = False
+        limit = ext.size_limit
+        if limit is not None and size > limit:
+            text = f"message size {size} exceeds size limit {limit} of server {self.peer}"
+            raise SMTPError(text, temporary=False, status="5.3.4")  # RFC 1870 6.1
+        problem = path_problem(sender, reverse=True)
+        if problem is not None:
+            text = f"cannot send sender <{sender}>: {problem}"
+            raise SMTPError(text, temporary=False, status="5.1.7")
+        return utf8
+
+    def _body(self, body: str | None, message: IO[bytes], notes: list[str]) -> str | None:
+        """MAIL's BODY parameter (RFC 6152): as declared, or 8BITMIME for 8-bit content."""
+        eight_bit = body.upper() == "8BITMIME" if body is not None else _has_8bit(message)
+        if self._core.extensions.eightbitmime:
+            return body.upper() if body is not None else "8BITMIME" if eight_bit else None
+        if eight_bit:
+            # RFC 6152 3 asks for conversion or a bounce; like Postfix, send as is.
+            notes.append(f"8-bit message sent to {self.peer}, which does not offer 8BITMIME")
+        return None
 
     async def _transaction(
         self,
@@ -471,7 +448,7 @@ class ClientSession:
                 chunk, ahead = ahead, lines.feed(more)
                 yield chunk, False
         except OSError:
-            self._close(abort=True)
+            self.connection.close(abort=True)
             raise
 
     def _rcpt(self, recipient: OutRecipient, dsn: bool, notes: list[str]) -> None:
@@ -498,7 +475,7 @@ class ClientSession:
             try:
                 chunk = file.read(CHUNK_SIZE)
             except OSError:
-                self._close(abort=True)  # no final dot: the server discards the message
+                self.connection.close(abort=True)  # no final dot: the server discards the message
                 raise
             if not chunk:
                 return
@@ -510,7 +487,7 @@ class ClientSession:
         response = await self._exchange(self._command_timeout)
         if response.reply.code // 100 != 2:
             await self.quit()
-            raise relay_error(Refused(response), self._peer)
+            raise relay_error(Refused(response), self.peer)
 
     # --- Plumbing: net.smtp's failures in the relay's words ------------------
 
@@ -521,16 +498,13 @@ class ClientSession:
 
     async def _flush(self, timeout: float) -> None:
         try:
-            await self._conn.flush(timeout)
+            await self.connection.flush(timeout)
         except ConnectionFailure as failure:
-            raise relay_error(failure, self._peer) from None
+            raise relay_error(failure, self.peer) from None
 
     async def _reply(self, timeout: float) -> Response:
         """The next reply; a 421, EOF, timeout or protocol error raises SMTPError."""
         try:
-            return await self._conn.reply(timeout)
+            return await self.connection.reply(timeout)
         except ConnectionFailure as failure:
-            raise relay_error(failure, self._peer) from None
-
-    def _close(self, *, abort: bool = False) -> None:
-        self._conn.close(abort=abort)
+            raise relay_error(failure, self.peer) from None
