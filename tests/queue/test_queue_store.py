@@ -109,7 +109,7 @@ def test_a_long_envelope_line_is_read_whole(tmp_path: Path) -> None:
 
 
 def test_add_is_durable_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The queue file synced, then renamed into place, then its folder synced: and
+    """The queue file synced, then linked into place, then its folder synced: and
     nothing else written (the envelope is in the file)."""
     store = QueueStore(tmp_path)
     recorder = install_recorder(monkeypatch)
@@ -118,7 +118,7 @@ def test_add_is_durable_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert_durable(recorder.log, recorder.note("queued"), published=[final])
     steps = [(c.name, c.dst.parent.name if c.dst else c.path.name if c.path else "")
              for c in recorder.log if c.name not in ("write", "note")]
-    assert steps == [("datasync", steps[0][1]), ("rename", "messages"), ("sync_dir", "messages")]
+    assert steps == [("datasync", steps[0][1]), ("link", "messages"), ("sync_dir", "messages")]
 
 
 def test_failed_add_leaves_nothing(tmp_path: Path) -> None:

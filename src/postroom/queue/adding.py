@@ -9,7 +9,6 @@ and the folder is synced: only then is the message queued
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from collections.abc import Iterable
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from postroom.queue.envelope import Envelope
 from postroom.queue.queuefile import envelope_line
-from postroom.queue.spares import Taken
+from postroom.queue.spares import Taken, unlink
 from postroom.store import durable
 
 if TYPE_CHECKING:
@@ -38,49 +37,21 @@ COPY_CHUNK = 64 * 1024
 def add(store: QueueStore, envelope: Envelope, chunks: Iterable[bytes]) -> None:
     """Queue a message durably; when this returns, a crash cannot lose it.
 
-    The queue file is written as a temporary file outside the queue lock (the
-    message may be large or arrive slowly); it gets its name under the lock.
-    Sets `envelope.size` to the number of message octets written. The
-    envelope line is made after the last chunk was read, so a caller may
+    The envelope line is made after the last chunk was read, so a caller may
     still complete the envelope while its chunks are read (sendmail learns
     the body type from the last one): the message is spooled to an unnamed
-    file first and copied after the line. The server queues with `add_many`.
-    Raises FileExistsError if the queue ID is taken (IDs are unique, so that
-    is a bug elsewhere, never a silent overwrite).
+    file first, then queued as `add_many` queues. The server queues with
+    `add_many`. Raises FileExistsError if the queue ID is taken (IDs are
+    unique, so that is a bug elsewhere, never a silent overwrite).
     """
-    final = store.message_path(envelope.queue_id)
     store.make_folders(again=True)  # not the hot path: a removed folder is made here
     with tempfile.TemporaryFile(dir=store.messages, prefix=".", suffix=TEMP_SUFFIX) as spool:
-        size = 0
         for chunk in chunks:
             spool.write(chunk)
-            size += len(chunk)
         spool.seek(0)
-        envelope.size = size
-        line = envelope_line(envelope)
-        temp = _temp_file(store)
-        temp_path = Path(temp.path)
-        placed = False
-        try:
-            try:
-                _flock(temp.fd)
-                durable.OS.write(temp.fd, temp_path, [line])
-                while chunk := spool.read(COPY_CHUNK):
-                    durable.OS.write(temp.fd, temp_path, [chunk])
-                temp.trim(len(line) + size)
-                durable.OS.datasync(temp.fd, temp_path)
-                with store.locked():
-                    if final.exists() or store.envelope_path(envelope.queue_id).exists():
-                        raise FileExistsError(f"queue ID {envelope.queue_id} is already in use")
-                    durable.OS.rename(temp_path, final)
-                    placed = True
-                    durable.sync_dir(store.messages)
-            finally:
-                os.close(temp.fd)  # drops the flock, once the file has its name
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(final if placed else temp_path)  # the caller hears "not queued"
-            raise
+        error = add_many(store, [(envelope, iter(lambda: spool.read(COPY_CHUNK), b""))])[0]
+    if error is not None:
+        raise error
 
 
 def add_many(
@@ -123,13 +94,13 @@ def add_many(
             except OSError as e:
                 _fail(errors, placed, e)
                 for i in placed:
-                    _unlink(store.message_path(items[i][0].queue_id))
+                    unlink(store.message_path(items[i][0].queue_id))
     finally:
         for fd, _temp in written.values():
             os.close(fd)
     for i, (_fd, temp) in written.items():
         if errors[i] is not None:
-            _unlink(temp)
+            unlink(temp)
     return errors
 
 
@@ -146,7 +117,7 @@ def _write_temp(store: QueueStore, envelope: Envelope, chunks: Iterable[bytes]) 
         taken.trim(len(line) + size)
     except BaseException:
         os.close(taken.fd)
-        _unlink(path)
+        unlink(path)
         raise
     envelope.size = size
     return taken.fd, path
@@ -218,7 +189,7 @@ def _place_new(store: QueueStore, temp: Path, queue_id: str) -> None:
                 raise FileExistsError(f"queue ID {queue_id} is already in use") from None
             durable.OS.rename(temp, final)
         return
-    _unlink(temp)
+    unlink(temp)
 
 
 def _write_gathered(fd: int, path: Path, line: bytes, chunks: Iterable[bytes]) -> int:
@@ -236,11 +207,3 @@ def _write_gathered(fd: int, path: Path, line: bytes, chunks: Iterable[bytes]) -
     if pending:
         durable.OS.write(fd, path, pending)
     return size
-
-
-def _unlink(path: Path) -> bool:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    return True

@@ -35,7 +35,6 @@ unlocked. The pool is bounded (`SPARE_LIMIT`): past it, retiring unlinks.
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import os
 import stat
@@ -109,13 +108,13 @@ class Spares:
             except FileNotFoundError:
                 continue  # another process took it first
             except OSError:
-                _unlink(self.folder / name)
+                unlink(self.folder / name)
                 continue
             try:
                 # Locked before it gets a temporary name: `recover` leaves a locked
                 # temporary file alone. A spare someone holds (being blanked, or
                 # taken by another process) is theirs: make a file instead.
-                if not _try_lock(fd):
+                if not try_lock(fd):
                     os.close(fd)
                     return None
                 os.rename(self.folder / name, target)
@@ -132,11 +131,11 @@ class Spares:
                 if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
                     # Still named elsewhere (see the module docstring): not ours to write.
                     os.close(fd)
-                    _unlink(target)
+                    unlink(target)
                     continue
             except BaseException:
                 os.close(fd)
-                _unlink(target)
+                unlink(target)
                 raise
             return Taken(fd, str(target), st.st_size)
 
@@ -221,7 +220,7 @@ def _blank(path: Path) -> None:
     except OSError:
         return
     try:
-        if not _try_lock(fd):
+        if not try_lock(fd):
             return
         size = os.fstat(fd).st_size
         if size > BLANK_LIMIT:
@@ -236,7 +235,7 @@ def _blank(path: Path) -> None:
         os.close(fd)
 
 
-def _try_lock(fd: int) -> bool:
+def try_lock(fd: int) -> bool:
     """Take the file's flock without waiting; False when someone else holds it."""
     if fcntl is None:
         return True
@@ -247,6 +246,10 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+def unlink(path: Path) -> bool:
+    """Remove `path`; False when it was not there."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True

@@ -26,8 +26,8 @@ leaves a flocked file alone.
 
 Several processes change the queue: the server (the scheduler), `postroom
 queue` (hold, flush, delete) and `postroom sendmail` (add). Every write is an
-atomic rename, so a reader sees the old or the new file, never a mix. Each
-change but `add_many` also runs under an exclusive flock(2) on `lock`, so a
+atomic rename or link, so a reader sees the old or the new file, never a mix.
+Each change but adding also runs under an exclusive flock(2) on `lock`, so a
 read-modify-write (`update`) never interleaves with another one nor brings
 back an envelope that `remove` just deleted. The scheduler merges its part
 into what is on disk, keeping the fields the command line owns (`held`).
@@ -53,7 +53,7 @@ from postroom.queue import adding
 from postroom.queue.content import Content
 from postroom.queue.envelope import Envelope
 from postroom.queue.queuefile import ENVELOPE_TAG, read_envelope_line
-from postroom.queue.spares import SPARE, Spares
+from postroom.queue.spares import SPARE, Spares, try_lock, unlink
 from postroom.store import durable
 from postroom.store.atomic import atomic_write
 
@@ -143,24 +143,16 @@ class QueueStore:
         Re-entrant within one thread; the flock is taken once, by the
         outermost call (a second open file would block on the first).
         """
-        with self._thread_lock:
-            if self._depth or fcntl is None or not self.dir.is_dir():
-                self._depth += 1
-                try:
-                    yield
-                finally:
-                    self._depth -= 1
-                return
-            fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
+        with self._thread_lock, contextlib.ExitStack() as flock:
+            if not self._depth and fcntl is not None and self.dir.is_dir():
+                fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+                flock.callback(os.close, fd)  # releases the flock
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                self._depth += 1
-                try:
-                    yield
-                finally:
-                    self._depth -= 1
+            self._depth += 1
+            try:
+                yield
             finally:
-                os.close(fd)  # releases the flock
+                self._depth -= 1
 
     # -- adding (postroom.queue.adding) ----------------------------------------
 
@@ -364,16 +356,16 @@ class QueueStore:
                 return 0
             for name in sorted(message_names):
                 path = self.messages / name
-                if name.endswith(TEMP_SUFFIX) and self._temp_is_stale(path) and _unlink(path):
+                if name.endswith(TEMP_SUFFIX) and self._temp_is_stale(path) and unlink(path):
                     removed += 1
             for name in sorted(envelope_names):
                 path = self.envelopes / name
                 if name.endswith(TEMP_SUFFIX):
                     if self._temp_is_stale(path):
-                        removed += _unlink(path)
+                        removed += unlink(path)
                 elif name.endswith(ENVELOPE_SUFFIX):
                     queue_id = name[: -len(ENVELOPE_SUFFIX)]
-                    if queue_id not in message_names and _unlink(path):
+                    if queue_id not in message_names and unlink(path):
                         log.warning("%s: removed an envelope whose message is gone (crash)",
                                     queue_id)
                         removed += 1
@@ -397,23 +389,13 @@ class QueueStore:
         except FileNotFoundError:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # `add` holds it: still being written
+            return try_lock(fd)  # else `add` holds it: still being written
         finally:
             os.close(fd)
-        return True
+
 
 def _open(path: Path, queue_id: str) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NotQueued(queue_id) from None
-
-
-def _unlink(path: Path) -> bool:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    return True
