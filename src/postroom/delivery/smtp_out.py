@@ -1,12 +1,9 @@
 """One SMTP session to one next hop, on asyncio: the relay's mail transactions over net.smtp.
 
 `ClientSession.connect` gets a session ready with `net.smtp.SMTPConnection`,
-which the relay shares with `postroom send`: the greeting, EHLO (HELO when
-EHLO gets a 5xx, RFC 5321 3.2), STARTTLS whenever offered unless the hop says
-"none" (RFC 3207; a hop with tls="required" fails without it; where TLS is
-opportunistic, a failed handshake is followed by a plaintext connection), EHLO
-again over TLS, and AUTH (PLAIN, else LOGIN) when the hop has a login, never
-without TLS; `smtp_errors.relay_error` words its failures for the relay.
+which the relay shares with `postroom send` (greeting, EHLO or HELO, STARTTLS
+as the hop's `tls` says, AUTH when the hop has a login: see there);
+`smtp_errors.relay_error` words its failures for the relay.
 
 `send` runs one mail transaction and returns every recipient's own reply: MAIL,
 RCPTs and DATA go in one write when the server offers PIPELINING (RFC 2920
@@ -139,34 +136,22 @@ def _plaintext_note(hop: Hop, failure: ConnectionFailure) -> None:
         log.info("%s; trying again without TLS (opportunistic TLS)", text)
 
 
-def _has_8bit(file: IO[bytes]) -> bool:
-    """Whether the message has octets above 127 (RFC 6152); the stream is put back
-    where it was (at the message's start)."""
-    start = file.tell()
-    try:
-        while chunk := file.read(CHUNK_SIZE):
-            if not chunk.isascii():
-                return True
-        return False
-    finally:
-        file.seek(start)
-
-
-def _headers_have_8bit(file: IO[bytes]) -> bool:
-    """Whether the message's header section has octets above 127 (RFC 6532 3.2: UTF-8
-    header fields); read in chunks up to its blank line, never whole. The stream is
-    put back where it was (at the message's start)."""
+def _has_8bit(file: IO[bytes], *, headers_only: bool = False) -> bool:
+    """Whether the message, or its header section up to the blank line (RFC 6532 3.2:
+    UTF-8 header fields), has octets above 127 (RFC 6152); read in chunks, never
+    whole, and the stream put back where it was (at the message's start)."""
     start = file.tell()
     try:
         before = b"\n"  # the content starts at a line start
         while chunk := file.read(CHUNK_SIZE):
-            window = before + chunk
-            ends = [i for i in (window.find(b"\n\r\n"), window.find(b"\n\n")) if i >= 0]
-            if ends:
-                return not window[: min(ends)].isascii()
+            if headers_only:
+                window = before + chunk
+                ends = [i for i in (window.find(b"\n\r\n"), window.find(b"\n\n")) if i >= 0]
+                if ends:
+                    return not window[: min(ends)].isascii()
+                before = window[-2:]
             if not chunk.isascii():
                 return True
-            before = window[-2:]
         return False
     finally:
         file.seek(start)
@@ -295,7 +280,7 @@ class ClientSession:
         if utf8 and not ext.smtputf8:
             # RFC 6531 3.4: what needs SMTPUTF8 is a UTF-8 address or header field, not
             # the client's flag; like Postfix, a flagged message without either goes.
-            if not ascii_envelope or _headers_have_8bit(message):
+            if not ascii_envelope or _has_8bit(message, headers_only=True):
                 text = f"host {self.peer} does not support SMTPUTF8, which the message needs"
                 raise SMTPError(text, temporary=False, status="5.6.7")  # RFC 6531 3.2
             utf8 = False
