@@ -60,7 +60,8 @@ RESCAN_INTERVAL = 30.0  # seconds: `postroom queue` and sendmail change the fold
 # Seconds the removing thread gathers finished messages before it removes them;
 # a crash meanwhile delivers them again, as for any delivery in flight.
 REMOVE_LINGER = 0.01
-UNREADABLE_STATUS = "4.3.0"  # RFC 3463 X.3.0: the queued message cannot be read now
+# RFC 3463 X.3.0: the queued message cannot be read now, or the courier failed.
+SYSTEM_FAULT = "4.3.0"
 
 
 @dataclass(frozen=True)
@@ -334,15 +335,14 @@ class Scheduler:
             return None
         except (CorruptEnvelope, OSError) as e:
             text = f"cannot read the queued message: {getattr(e, 'strerror', None) or e}"
-            return [DeliveryResult(r.address, "temporary", UNREADABLE_STATUS, text)
-                    for r in recipients]
-        try:
-            with content:
-                return await self._deliver(envelope, list(recipients), content)
-        except Exception as e:  # a courier bug must not lose the message
-            log.exception("%s: delivery to %s failed", envelope.queue_id, domain)
-            return [DeliveryResult(r.address, "temporary", "4.3.0", f"internal error: {e}")
-                    for r in recipients]
+        else:
+            try:
+                with content:
+                    return await self._deliver(envelope, list(recipients), content)
+            except Exception as e:  # a courier bug must not lose the message
+                log.exception("%s: delivery to %s failed", envelope.queue_id, domain)
+                text = f"internal error: {e}"
+        return [DeliveryResult(r.address, "temporary", SYSTEM_FAULT, text) for r in recipients]
 
     def _record(
         self, envelope: Envelope, recipients: list[Recipient],

@@ -1,24 +1,15 @@
 """Spare files: the queue reuses the files of finished messages instead of creating new ones.
 
-Every queued message would cost a new file and, once delivered, a deletion.
-On ext4 without a journal the inode allocator skips every inode freed in the
-last seconds to minutes, looking each one up as it goes (`recently_deleted()`
-in fs/ext4/ialloc.c), so on a busy queue each creation would walk past the
-inodes the queue itself just freed. A file renamed out of the way and renamed
-back in later allocates and frees no inode, whatever the filesystem.
-PostgreSQL recycles its WAL segments the same way and for the same kind of
-reason.
-
+A file renamed out of the way and back in later allocates and frees no inode,
+whatever the filesystem (ext4 without a journal walks past every inode freed
+in the last minutes on each creation: `recently_deleted()` in fs/ext4/ialloc.c).
 So `QueueStore` retires a finished file by renaming it into `spare/` and
 blanking it, and takes a spare (open and flock it, then rename it into place)
-before it creates a new file. Blanking overwrites the content with zeros
-where it lies rather than truncating: freeing the blocks and allocating them
-again for the next message costs twice what the overwrite does (a discard as
-well, on a filesystem mounted with it), and on a busy queue the zeros never
-even reach the disk, since the next message overwrites the page first. Files
-over `BLANK_LIMIT` are truncated instead. The writer of a taken spare
-overwrites it from the start and cuts what is left beyond its own end
-(`Taken.trim`), so no old byte is ever part of a new file. Nothing in
+before it creates a new file. Blanking overwrites the content with zeros in
+place rather than truncating, which would free the blocks only to allocate
+them again; files over `BLANK_LIMIT` are truncated instead. The writer of a
+taken spare overwrites it from the start and cuts what is left beyond its own
+end (`Taken.trim`), so no old byte is ever part of a new file. Nothing in
 `spare/` is ever read, and an old message stays on disk no longer than an
 unlinked one would.
 

@@ -46,7 +46,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from postroom.queue import adding
@@ -154,18 +154,10 @@ class QueueStore:
             finally:
                 self._depth -= 1
 
-    # -- adding (postroom.queue.adding) ----------------------------------------
+    # -- adding: postroom.queue.adding's functions, as methods --------------------
 
-    def add(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
-        """Queue one message durably; when this returns, a crash cannot lose it."""
-        adding.add(self, envelope, chunks)
-
-    def add_many(
-        self, items: builtins.list[tuple[Envelope, Iterable[bytes]]]
-    ) -> builtins.list[BaseException | None]:
-        """`add` for several messages with one round of syncs (group commit); per
-        item None when it is queued or the exception that stopped it."""
-        return adding.add_many(self, items)
+    add = adding.add  # one message; when it returns, a crash cannot lose it
+    add_many = adding.add_many  # several with one round of syncs (group commit)
 
     # -- reading ---------------------------------------------------------------
 
@@ -182,37 +174,35 @@ class QueueStore:
             pass
         else:
             return self._parse(path, data, queue_id)
-        path = self.message_path(queue_id)
-        fd = _open(path, queue_id)
-        try:
-            line = self._envelope_line(fd, path)
-            size = os.fstat(fd).st_size - len(line)
-        finally:
-            os.close(fd)
-        envelope = self._parse(path, line[len(ENVELOPE_TAG):], queue_id)
+        fd, line, size = self._open_queue_file(queue_id)
+        os.close(fd)
+        envelope = self._parse(self.message_path(queue_id), line[len(ENVELOPE_TAG):], queue_id)
         envelope.size = size
         return envelope
 
     def open_content(self, queue_id: str) -> Content:
         """The message of `queue_id`, open for couriers to read (the caller closes it);
         NotQueued if absent, CorruptEnvelope if its queue file has no envelope line."""
+        fd, line, size = self._open_queue_file(queue_id)
+        return Content(fd, len(line), size)
+
+    def _open_queue_file(self, queue_id: str) -> tuple[int, bytes, int]:
+        """The queue file open for reading, its envelope line and the message's size."""
         path = self.message_path(queue_id)
-        fd = _open(path, queue_id)
         try:
-            start = len(self._envelope_line(fd, path))
-            return Content(fd, start, os.fstat(fd).st_size - start)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotQueued(queue_id) from None
+        try:
+            line = read_envelope_line(fd)
+            if line is None:
+                raise CorruptEnvelope(f"{path}: not a queue file (no envelope line)")
+            if not line.endswith(b"\n"):
+                raise CorruptEnvelope(f"{path}: the envelope line has no end")
+            return fd, line, os.fstat(fd).st_size - len(line)
         except BaseException:
             os.close(fd)
             raise
-
-    @staticmethod
-    def _envelope_line(fd: int, path: Path) -> bytes:
-        line = read_envelope_line(fd)
-        if line is None:
-            raise CorruptEnvelope(f"{path}: not a queue file (no envelope line)")
-        if not line.endswith(b"\n"):
-            raise CorruptEnvelope(f"{path}: the envelope line has no end")
-        return line
 
     def _parse(self, path: Path, data: bytes, queue_id: str) -> Envelope:
         try:
@@ -392,10 +382,3 @@ class QueueStore:
             return try_lock(fd)  # else `add` holds it: still being written
         finally:
             os.close(fd)
-
-
-def _open(path: Path, queue_id: str) -> int:
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotQueued(queue_id) from None
