@@ -297,7 +297,7 @@ def test_recover_spares_a_temporary_file_made_a_moment_ago(tmp_path: Path) -> No
 
 
 def test_recover_spares_a_message_being_written(tmp_path: Path) -> None:
-    """A temp file another add() is still writing (flock held) survives recover()."""
+    """A temp file another add_many() is still writing (flock held) survives recover()."""
     store = QueueStore(tmp_path)
     started, release = threading.Event(), threading.Event()
 
@@ -308,12 +308,12 @@ def test_recover_spares_a_message_being_written(tmp_path: Path) -> None:
         yield b"part two\r\n"
 
     worker = threading.Thread(
-        target=store.add, args=(envelope("SLOW00000001"), slow_chunks())
+        target=store.add_many, args=([(envelope("SLOW00000001"), slow_chunks())],)
     )
     worker.start()
     assert started.wait(10)
-    for temp in (tmp_path / "messages").iterdir():
-        age(temp)  # only its flock keeps it now
+    [temp] = (tmp_path / "messages").iterdir()
+    age(temp)  # only its flock keeps it now
     assert store.recover() == 0
     release.set()
     worker.join(10)

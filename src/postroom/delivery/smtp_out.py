@@ -266,9 +266,12 @@ class ClientSession:
         self._core.mail(sender, size=size if "SIZE" in self._core.extensions else None,
                         body=body_param, smtputf8=utf8, ret=ret if dsn else None,
                         envid=envid if dsn else None)
-        done = await self._transaction(message, sendable, results, dsn, notes)
-        ordered = {r.address: done.recipients[r.address] for r in unique}
-        return TransactionResult(ordered, done.data_reply, dsn, tuple(notes))
+        if self._core.extensions.pipelining and self._core.extensions.chunking:
+            final = await self._chunked(message, sendable, results, dsn, notes)
+        else:
+            final = await self._transaction(message, sendable, results, dsn, notes)
+        ordered = {r.address: results[r.address] for r in unique}
+        return TransactionResult(ordered, final, dsn, tuple(notes))
 
     def _check(self, sender: str, recipients: list[OutRecipient], message: IO[bytes],
                size: int, smtputf8: bool) -> bool:
@@ -305,23 +308,19 @@ class ClientSession:
         return None
 
     async def _transaction(
-        self,
-        file: IO[bytes],
-        recipients: list[OutRecipient],
-        results: dict[str, Reply],
-        dsn: bool,
-        notes: list[str],
-    ) -> TransactionResult:
+        self, file: IO[bytes], recipients: list[OutRecipient], results: dict[str, Reply],
+        dsn: bool, notes: list[str],
+    ) -> Reply | None:
+        """The transaction with DATA, its MAIL already in the core: every recipient's
+        reply into `results`; the reply to the final dot, if it came to that."""
         core, timeouts = self._core, self._timeouts
         pipelining = core.extensions.pipelining
-        if pipelining and core.extensions.chunking:
-            return await self._chunked(file, recipients, results, dsn, notes)
         addresses = [r.address for r in recipients]
         if not pipelining:
             mail = await self._exchange(timeouts.mail)
             if mail.reply.code // 100 != 2:
                 results.update(dict.fromkeys(addresses, mail.reply))
-                return TransactionResult(results, None, dsn)
+                return None
         for r in recipients:
             self._rcpt(r, dsn, notes)
             if not pipelining:
@@ -342,28 +341,24 @@ class ClientSession:
                 await self._exchange(timeouts.data_end)
             if core.state is not State.READY:
                 await self._rset()
-            return TransactionResult(results, None, dsn)
+            return None
         if data is None:
             core.data()
             data = await self._exchange(timeouts.data_init)
         if data.reply.code != 354:
             results.update(dict.fromkeys(accepted, data.reply))
             await self._rset()
-            return TransactionResult(results, None, dsn)
+            return None
         await self._content(file)
         core.end_data()
         final = await self._exchange(timeouts.data_end)
         results.update(dict.fromkeys(accepted, final.reply))
-        return TransactionResult(results, final.reply, dsn)
+        return final.reply
 
     async def _chunked(
-        self,
-        file: IO[bytes],
-        recipients: list[OutRecipient],
-        results: dict[str, Reply],
-        dsn: bool,
-        notes: list[str],
-    ) -> TransactionResult:
+        self, file: IO[bytes], recipients: list[OutRecipient], results: dict[str, Reply],
+        dsn: bool, notes: list[str],
+    ) -> Reply | None:
         """The transaction with BDAT (RFC 3030) to a host that also pipelines (RFC 2920).
 
         MAIL, every RCPT and the first chunk go in one write, so a message of
@@ -390,7 +385,7 @@ class ClientSession:
             await self._reply(timeouts.data_end)  # the chunk's refusal
             if mail.reply.code // 100 == 2 or core.state is not State.READY:
                 await self._rset()  # whatever the server kept of the transaction goes
-            return TransactionResult(results, None, dsn)
+            return None
         while not last:
             chunk, last = next(chunks)
             core.bdat(chunk, last=last)
@@ -400,10 +395,10 @@ class ClientSession:
                 results.update(dict.fromkeys(accepted, previous.reply))
                 await self._reply(timeouts.data_end)  # to the chunk just written
                 await self._rset()  # RFC 3030 2: the transaction failed; clear it
-                return TransactionResult(results, None, dsn)
+                return None
         final = await self._reply(timeouts.data_end)
         results.update(dict.fromkeys(accepted, final.reply))
-        return TransactionResult(results, final.reply, dsn)
+        return final.reply
 
     async def _group_replies(self, addresses: list[str], results: dict[str, Reply]) -> Response:
         """The replies to a pipelined MAIL and its RCPTs (RFC 2920 3.1), in order, into

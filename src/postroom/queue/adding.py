@@ -17,16 +17,11 @@ from typing import TYPE_CHECKING
 
 from postroom.queue.envelope import Envelope
 from postroom.queue.queuefile import envelope_line
-from postroom.queue.spares import Taken, unlink
+from postroom.queue.spares import Taken, try_lock, unlink
 from postroom.store import durable
 
 if TYPE_CHECKING:
     from postroom.queue.store import QueueStore
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 TEMP_SUFFIX = ".tmp"
 # What `add` copies from its spool at a time, and what `add_many` gathers into
@@ -79,7 +74,11 @@ def add_many(
         except Exception as e:  # noqa: BLE001 - reported per item
             errors[i] = e
     try:
-        _fail(errors, written, _sync_all(written.values()))
+        try:
+            for fd, temp in written.values():
+                durable.OS.datasync(fd, temp)
+        except OSError as e:
+            _fail(errors, written, e)
         placed = []
         for i, (_fd, temp) in written.items():
             if errors[i] is None:
@@ -111,7 +110,6 @@ def _write_temp(store: QueueStore, envelope: Envelope, chunks: Iterable[bytes]) 
     taken = _temp_file(store)
     path = Path(taken.path)
     try:
-        _flock(taken.fd)
         line = envelope_line(envelope)
         size = _write_gathered(taken.fd, path, line, chunks)
         taken.trim(len(line) + size)
@@ -123,29 +121,16 @@ def _write_temp(store: QueueStore, envelope: Envelope, chunks: Iterable[bytes]) 
     return taken.fd, path
 
 
-def _sync_all(files: Iterable[tuple[int, Path]]) -> OSError | None:
-    """Data-sync every file; the error that stopped it, if any."""
-    try:
-        for fd, path in files:
-            durable.OS.datasync(fd, path)
-    except OSError as e:
-        return e
-    return None
-
-
-def _fail(
-    errors: list[BaseException | None], items: Iterable[int], error: BaseException | None
-) -> None:
-    """Give `error` (if any) to each of `items` that has no error yet."""
-    if error is not None:
-        for i in items:
-            if errors[i] is None:
-                errors[i] = error
+def _fail(errors: list[BaseException | None], items: Iterable[int], error: OSError) -> None:
+    """Give `error` to each of `items` that has no error yet."""
+    for i in items:
+        if errors[i] is None:
+            errors[i] = error
 
 
 def _temp_file(store: QueueStore) -> Taken:
-    """A temporary queue file in the messages folder, open for writing: a spare
-    when there is one.
+    """A temporary queue file in the messages folder, open for writing and flocked
+    (so `recover` in another process leaves it alone): a spare when there is one.
 
     Write it from the start, then call `trim` with the octets written.
     """
@@ -157,13 +142,8 @@ def _temp_file(store: QueueStore) -> Taken:
     except FileNotFoundError:  # the folder was removed under us: make it again
         store.make_folders(again=True)
         fd, path = tempfile.mkstemp(dir=store.messages, prefix=".", suffix=TEMP_SUFFIX)
+    try_lock(fd)  # a file just made: nobody else holds it
     return Taken(fd, path, 0)
-
-
-def _flock(fd: int) -> None:
-    """Mark a temporary file as being written, for `recover` in another process."""
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _place_new(store: QueueStore, temp: Path, queue_id: str) -> None:
