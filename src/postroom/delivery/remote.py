@@ -34,6 +34,7 @@ from postroom.delivery.smtp_out import (
     peer_of,
 )
 from postroom.gathering import gather_few
+from postroom.net.smtp import COMMAND_TIMEOUT, CONNECT_TIMEOUT
 from postroom.protocol.replies import Reply
 from postroom.queue.content import Content
 from postroom.queue.envelope import Envelope, Recipient
@@ -80,12 +81,6 @@ def _status(reply: Reply, klass: int) -> str:
     """The reply's RFC 3463 code when its class agrees with the reply code (RFC 3463 2)."""
     status = status_of(reply)
     return status if status.startswith(f"{klass}.") else f"{klass}.0.0"
-
-
-def _temporary_status(status: str) -> str:
-    # A permanent error from a hop that was skipped (5xx greeting) becomes a
-    # temporary result: other hops, or this one later, may still take the mail.
-    return "4" + status[1:] if status.startswith("5") else status
 
 
 def _connection_failure(hop: Hop, error: Exception, connecting: bool) -> _HopFailed:
@@ -145,8 +140,8 @@ class RemoteCourier:
         helo_name: str,
         tls_context: ssl.SSLContext,
         *,
-        connect_timeout: float = 30.0,
-        command_timeout: float = 300.0,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        command_timeout: float = COMMAND_TIMEOUT,
         max_idle_sessions_per_domain: int = 2,
         idle_timeout: float = IDLE_TIMEOUT,
         max_messages_per_session: int = MAX_MESSAGES_PER_SESSION,
@@ -240,7 +235,10 @@ class RemoteCourier:
             log.log(level, "%s: %s", envelope.queue_id, failed.text)
         if failed is None:  # pragma: no cover - the router never returns Hops([])
             failed = _HopFailed("4.4.4", f"no next hop for {domain}")
-        status = _temporary_status(failed.dsn_status)
+        # A permanent error from a hop that was skipped (5xx greeting) becomes a
+        # temporary result: other hops, or this one later, may still take the mail.
+        status = failed.dsn_status
+        status = "4" + status[1:] if status.startswith("5") else status
         return [
             (r, DeliveryResult(r.address, "temporary", status, failed.text, failed.remote_mta))
             for r in recipients

@@ -61,8 +61,6 @@ DATA_BLOCK_TIMEOUT = 180.0  # 4.5.3.2.5: each write of the content, 3 minutes
 DATA_END_TIMEOUT = 600.0  # 4.5.3.2.6: the reply to the final dot, 10 minutes
 CHUNK_SIZE = 64 * 1024  # message octets read from the file per write
 
-TLS_MODES = ("opportunistic", "required", "none")
-
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
@@ -78,19 +76,14 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class Hop:
-    """Where to send: a host to connect to, and what the session there must do."""
+    """Where to send: a host to connect to, and what the session there must do (the
+    config checked the values; net.smtp.Setup checks `tls` again)."""
 
     host: str  # host to connect to (name or IP)
     port: int
     name: str  # for logs and the DSN's Remote-MTA, e.g. the MX name; also the TLS name
     tls: str = "opportunistic"  # "opportunistic" | "required" | "none"
     auth: tuple[str, str] | None = field(default=None, repr=False)  # smarthost login
-
-    def __post_init__(self) -> None:
-        if self.tls not in TLS_MODES:
-            raise ValueError(f"Hop.tls must be one of {TLS_MODES}, not {self.tls!r}")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"Hop.port out of range: {self.port}")
 
 
 @dataclass(frozen=True)

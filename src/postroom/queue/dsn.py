@@ -341,35 +341,31 @@ def _diagnostic(text: str) -> str:
 
 
 def _status_fields(report: Report) -> bytes:
-    """The message/delivery-status body: per-message fields, then one block per recipient."""
-    envelope, action, now = report.envelope, report.action, report.now
-    blocks = []
-    fields = [_field("Reporting-MTA", f"dns; {report.reporting_mta}")]
-    fields.append(_field("X-Postroom-Queue-ID", envelope.queue_id))
-    if envelope.envid:
-        fields.append(_field("Original-Envelope-Id", envelope.envid))  # RFC 3464 2.2.1
-    if envelope.client:
-        fields.append(_field("Received-From-MTA", f"dns; {envelope.client}"))
-    fields.append(_field("Arrival-Date", email.utils.formatdate(envelope.created, True)))
-    blocks.append(b"".join(fields))
+    """The message/delivery-status body: per-message fields, then one block per recipient
+    (RFC 3464 2.2, 2.3); a field without a value is left out."""
+    envelope, action = report.envelope, report.action
+    until = report.retry_until if action == "delayed" else None
+    blocks = [[
+        ("Reporting-MTA", f"dns; {report.reporting_mta}"),
+        ("X-Postroom-Queue-ID", envelope.queue_id),
+        ("Original-Envelope-Id", envelope.envid),
+        ("Received-From-MTA", envelope.client and f"dns; {envelope.client}"),
+        ("Arrival-Date", email.utils.formatdate(envelope.created, True)),
+    ]]
     for recipient, result in report.items:
-        fields = []
-        if recipient.orcpt:
-            fields.append(_field("Original-Recipient", _original_recipient(recipient.orcpt)))
-        fields.append(_field("Final-Recipient", _address_field(recipient.address)))
-        fields.append(_field("Action", action))
-        fields.append(_field("Status", _status(result, action)))
-        if result.remote_mta:
-            fields.append(_field("Remote-MTA", f"dns; {mta_name(result.remote_mta)}"))
-        if result.text:
-            fields.append(_field("Diagnostic-Code", _diagnostic(result.text)))
-        attempted = recipient.done_at if recipient.done_at is not None else now
-        fields.append(_field("Last-Attempt-Date", email.utils.formatdate(attempted, True)))
-        if action == "delayed" and report.retry_until is not None:
-            until = email.utils.formatdate(report.retry_until, True)
-            fields.append(_field("Will-Retry-Until", until))
-        blocks.append(b"".join(fields))
-    return b"\r\n".join(blocks)
+        attempted = recipient.done_at if recipient.done_at is not None else report.now
+        blocks.append([
+            ("Original-Recipient", recipient.orcpt and _original_recipient(recipient.orcpt)),
+            ("Final-Recipient", _address_field(recipient.address)),
+            ("Action", action),
+            ("Status", _status(result, action)),
+            ("Remote-MTA", result.remote_mta and f"dns; {mta_name(result.remote_mta)}"),
+            ("Diagnostic-Code", result.text and _diagnostic(result.text)),
+            ("Last-Attempt-Date", email.utils.formatdate(attempted, True)),
+            ("Will-Retry-Until", None if until is None else email.utils.formatdate(until, True)),
+        ])
+    return b"\r\n".join(b"".join(_field(name, value) for name, value in block if value)
+                         for block in blocks)
 
 
 def _subject_of(headers: bytes | None) -> str | None:
