@@ -58,17 +58,11 @@ STORED = (
 )
 FAST = Timeouts(greeting=10, mail=10, rcpt=10, data_init=10, data_block=10, data_end=10)
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-try:
-    import uvloop
-
-    LOOPS["uvloop"] = uvloop.new_event_loop
-except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-    pass
-
-
-def run(coro_fn: Callable[[], Any], loop: str = "asyncio") -> Any:
-    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+def run(
+    coro_fn: Callable[[], Any],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+) -> Any:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(coro_fn())
 
 
@@ -138,8 +132,9 @@ def body_of(raw: bytes) -> bytes:
     return raw[pos:]
 
 
-@pytest.mark.parametrize("loop", sorted(LOOPS))
-def test_starttls_required_pipelined_per_recipient_results(tmp_path: Path, loop: str) -> None:
+def test_starttls_required_pipelined_per_recipient_results(
+    tmp_path: Path, loop_factory: Callable[[], asyncio.AbstractEventLoop]
+) -> None:
     async def scenario() -> None:
         async with postroom(tmp_path) as server:
             host, port = server.address("smtp")
@@ -147,9 +142,10 @@ def test_starttls_required_pipelined_per_recipient_results(tmp_path: Path, loop:
             context = ssl.create_default_context(cafile=str(server.config.tls.cert))
             hop = Hop(host, port, "mx.corp.example", tls="required")
             session = await connect(hop, context)
-            assert session.tls_active and session.tls_version in ("TLSv1.2", "TLSv1.3")
+            connection = session.connection
+            assert connection.tls_active and connection.tls_version in ("TLSv1.2", "TLSv1.3")
             assert session.peer == f"mx.corp.example[127.0.0.1]:{port}"
-            assert session.extensions.pipelining and session.extensions.dsn
+            assert connection.extensions.pipelining and connection.extensions.dsn
             result = await session.send(
                 sender="smith@isp.example",
                 recipients=[
@@ -174,7 +170,7 @@ def test_starttls_required_pipelined_per_recipient_results(tmp_path: Path, loop:
             assert nobody.code == 550 and nobody.enhanced == "5.1.1"
             assert result.dsn_offered and result.notes == ()
 
-    run(scenario, loop)
+    run(scenario, loop_factory)
     (boss,) = stored(tmp_path, "boss")
     (alice,) = stored(tmp_path, "alice")
     assert body_of(boss) == body_of(alice) == STORED
@@ -245,7 +241,7 @@ def test_message_over_the_hops_size_is_refused_before_mail(tmp_path: Path) -> No
         async with postroom(tmp_path, max_message_size="2K") as server:
             host, port = server.address("smtp")
             async with await connect(Hop(host, port, "mx.corp.example")) as session:
-                assert session.extensions.size_limit == 2048
+                assert session.connection.extensions.size_limit == 2048
                 big = b"x" * 3000
                 with pytest.raises(SMTPError) as caught:
                     await session.send(
@@ -374,7 +370,8 @@ def test_lockstep_without_pipelining_and_a_refused_recipient(tmp_path: Path) -> 
 
     async def scenario() -> None:
         async with aiosmtpd(handler) as hop, await connect(hop) as session:
-            assert not session.extensions.pipelining and not session.tls_active
+            assert not session.connection.extensions.pipelining
+            assert not session.connection.tls_active
             result = await send_simple(
                 session, tmp_path, "a@y.example", "nobody@y.example", "b@y.example"
             )
@@ -397,7 +394,7 @@ def test_opportunistic_tls_without_starttls_goes_plaintext(tmp_path: Path) -> No
     async def scenario() -> None:
         async with aiosmtpd(handler) as hop:
             session = await connect(hop)
-            assert not session.tls_active
+            assert not session.connection.tls_active
             await send_simple(session, tmp_path, "a@y.example")
             await session.quit()
 
@@ -425,8 +422,8 @@ def test_starttls_when_offered(tmp_path: Path, mode: str) -> None:
         context = server_tls_context(tmp_path)
         async with aiosmtpd(handler, tls_context=context) as hop:
             session = await connect(Hop(hop.host, hop.port, hop.name, tls=mode))
-            assert session.tls_active == (mode != "none")
-            assert session.extensions.starttls == (mode == "none")  # re-EHLO over TLS
+            assert session.connection.tls_active == (mode != "none")
+            assert session.connection.extensions.starttls == (mode == "none")  # re-EHLO over TLS
             await send_simple(session, tmp_path, "a@y.example")
             await session.quit()
 
@@ -449,7 +446,7 @@ def test_failed_tls_handshake_falls_back_to_plaintext_only_where_tls_is_opportun
             assert "cannot start TLS" in caught.value.text
             # Opportunistic: a new connection that does not try STARTTLS, as Postfix's "may".
             session = await connect(hop, verifying)
-            assert not session.tls_active and session.tls_fallback
+            assert not session.connection.tls_active and session.connection.tls_fallback
             await send_simple(session, tmp_path, "a@y.example")
             await session.quit()
 
@@ -483,7 +480,7 @@ def test_auth_over_tls(tmp_path: Path, exclude: tuple[str, ...]) -> None:
             hop = Hop(hop.host, hop.port, hop.name, auth=("relay", "s3cret"))
             assert "s3cret" not in repr(hop)
             session = await connect(hop)
-            assert session.tls_active
+            assert session.connection.tls_active
             result = await send_simple(session, tmp_path, "a@y.example")
             assert result.data_reply is not None and result.data_reply.code == 250
             await session.quit()
@@ -526,7 +523,7 @@ def test_smtputf8_needed_but_not_offered_is_permanent(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with aiosmtpd(Recorder()) as hop, await connect(hop) as session:
-            assert not session.extensions.smtputf8
+            assert not session.connection.extensions.smtputf8
             cases: list[tuple[dict[str, Any], str]] = [
                 ({"smtputf8": True, "data": utf8_subject}, "a@y.example"),
                 ({}, "jös@y.example"),
@@ -613,7 +610,7 @@ def test_eight_bit_message(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with aiosmtpd(offered) as hop, await connect(hop) as session:
-            assert session.extensions.eightbitmime
+            assert session.connection.extensions.eightbitmime
             result = await send_simple(session, tmp_path, "a@y.example", data=data)
             assert result.notes == ()
             await send_simple(session, tmp_path, "a@y.example")  # 7-bit: no BODY
@@ -643,7 +640,7 @@ def test_dsn_parameters_only_when_offered(tmp_path: Path) -> None:
             )
             assert not result.dsn_offered and result.data_reply is not None
         async with aiosmtpd(with_dsn, smtp_class=DSNSMTP) as hop, await connect(hop) as session:
-            assert session.extensions.dsn
+            assert session.connection.extensions.dsn
             result = await send_simple(
                 session, tmp_path, recipient, ret="FULL", envid="env 1"
             )

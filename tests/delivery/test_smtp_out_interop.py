@@ -125,7 +125,7 @@ def test_pipelined_dsn_transaction(sink_factory: Callable[..., Sink], tmp_path: 
 
     async def scenario() -> None:
         async with await connect(sink.hop) as session:
-            ext = session.extensions
+            ext = session.connection.extensions
             assert ext.pipelining and ext.dsn and not ext.starttls
             result = await send(
                 session,
@@ -173,7 +173,7 @@ def test_soft_refused_recipients_then_rset(
 
     async def scenario() -> None:
         async with await connect(sink.hop) as session:
-            assert not session.extensions.pipelining
+            assert not session.connection.extensions.pipelining
             for _ in range(2):  # the session stays usable after RSET
                 result = await send(
                     session, tmp_path, OutRecipient("b@y.example"), OutRecipient("c@y.example")

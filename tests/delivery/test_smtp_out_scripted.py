@@ -105,25 +105,18 @@ async def scripted(script: Script, *, rcvbuf: int = 0) -> AsyncIterator[Hop]:
             raise failures[0]  # the server's view explains the client's failure
 
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-try:
-    import uvloop
-
-    LOOPS["uvloop"] = uvloop.new_event_loop
-except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-    pass
-_loop = ["asyncio"]
+_LOOP_FACTORY: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
 
 
-@pytest.fixture(params=sorted(LOOPS), autouse=True)
-def loop_kind(request: pytest.FixtureRequest) -> str:
+@pytest.fixture(autouse=True)
+def _every_loop(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
     """Every test runs on asyncio's own loop and on uvloop (flow control and TLS differ)."""
-    _loop[0] = str(request.param)
-    return _loop[0]
+    global _LOOP_FACTORY
+    _LOOP_FACTORY = loop_factory
 
 
 def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
-    with asyncio.Runner(loop_factory=LOOPS[_loop[0]]) as runner:
+    with asyncio.Runner(loop_factory=_LOOP_FACTORY) as runner:
         runner.run(coro_fn())  # type: ignore[arg-type]
 
 
@@ -418,7 +411,7 @@ def test_ehlo_refused_falls_back_to_helo_and_lockstep(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with scripted(script) as hop:
             session = await connect(hop)
-            assert not session.extensions.keywords
+            assert not session.connection.extensions.keywords
             result = await send(session, tmp_path, "b@y.example")
             await session.quit()
         assert result.data_reply == Reply(250, None, "done")
@@ -569,7 +562,7 @@ def test_starttls_refused_opportunistic_goes_on_required_fails(tmp_path: Path) -
     async def scenario() -> None:
         async with scripted(script) as hop:
             session = await connect(hop)
-            assert not session.tls_active
+            assert not session.connection.tls_active
             await session.quit()
         async with scripted(script) as hop:
             with pytest.raises(SMTPError) as caught:

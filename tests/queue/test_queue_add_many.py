@@ -6,14 +6,12 @@ from pathlib import Path
 import pytest
 
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.queuefile import open_content
 from postroom.queue.store import QueueStore
 
 
 def queued_message(store: QueueStore, queue_id: str) -> bytes:
     """The message in a queue file, past its envelope line."""
-    f, _ = open_content(store.message_path(queue_id))
-    with f:
+    with store.open_content(queue_id) as content, content.reader() as f:
         return f.read()
 
 
@@ -72,7 +70,7 @@ def test_a_colliding_add_never_overwrites_even_between_check_and_rename(
     errors = store.add_many([(envelope("SAME"), [b"mine\r\n"])])
     monkeypatch.undo()
     assert isinstance(errors[0], FileExistsError)
-    assert queued_message(store, "SAME") == b"the other process's message\r\n"
+    assert store.message_path("SAME").read_bytes() == b"the other process's message\r\n"
     assert not [p for p in (tmp_path / "queue").rglob("*.tmp")]
 
 

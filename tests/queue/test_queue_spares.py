@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.queuefile import open_content
 from postroom.queue.spares import BLANK_LIMIT, Spares
 from postroom.queue.store import QueueStore
 
 
 def queued_message(store: QueueStore, queue_id: str) -> bytes:
     """The message in a queue file, past its envelope line."""
-    f, _ = open_content(store.message_path(queue_id))
-    with f:
+    with store.open_content(queue_id) as content, content.reader() as f:
         return f.read()
 
 
@@ -114,8 +112,7 @@ def test_remove_without_reuse_unlinks_and_an_open_reader_keeps_the_whole_message
     store = QueueStore(tmp_path)
     data = b"Subject: in flight\r\n\r\n" + b"x" * 200_000 + b"\r\n"
     store.add_many([(envelope("INFLIGHT"), [data])])
-    reading, _ = open_content(store.message_path("INFLIGHT"))
-    with reading:
+    with store.open_content("INFLIGHT") as content, content.reader() as reading:
         head = reading.read(1000)
         store.remove("INFLIGHT")
         store.add_many([(envelope("NEXT"), [b"another message\r\n"])])

@@ -109,7 +109,7 @@ def test_a_long_envelope_line_is_read_whole(tmp_path: Path) -> None:
 
 
 def test_add_is_durable_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The queue file synced, then renamed into place, then its folder synced: and
+    """The queue file synced, then linked into place, then its folder synced: and
     nothing else written (the envelope is in the file)."""
     store = QueueStore(tmp_path)
     recorder = install_recorder(monkeypatch)
@@ -118,7 +118,7 @@ def test_add_is_durable_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert_durable(recorder.log, recorder.note("queued"), published=[final])
     steps = [(c.name, c.dst.parent.name if c.dst else c.path.name if c.path else "")
              for c in recorder.log if c.name not in ("write", "note")]
-    assert steps == [("datasync", steps[0][1]), ("rename", "messages"), ("sync_dir", "messages")]
+    assert steps == [("datasync", steps[0][1]), ("link", "messages"), ("sync_dir", "messages")]
 
 
 def test_failed_add_leaves_nothing(tmp_path: Path) -> None:
@@ -297,7 +297,7 @@ def test_recover_spares_a_temporary_file_made_a_moment_ago(tmp_path: Path) -> No
 
 
 def test_recover_spares_a_message_being_written(tmp_path: Path) -> None:
-    """A temp file another add() is still writing (flock held) survives recover()."""
+    """A temp file another add_many() is still writing (flock held) survives recover()."""
     store = QueueStore(tmp_path)
     started, release = threading.Event(), threading.Event()
 
@@ -308,12 +308,12 @@ def test_recover_spares_a_message_being_written(tmp_path: Path) -> None:
         yield b"part two\r\n"
 
     worker = threading.Thread(
-        target=store.add, args=(envelope("SLOW00000001"), slow_chunks())
+        target=store.add_many, args=([(envelope("SLOW00000001"), slow_chunks())],)
     )
     worker.start()
     assert started.wait(10)
-    for temp in (tmp_path / "messages").iterdir():
-        age(temp)  # only its flock keeps it now
+    [temp] = (tmp_path / "messages").iterdir()
+    age(temp)  # only its flock keeps it now
     assert store.recover() == 0
     release.set()
     worker.join(10)

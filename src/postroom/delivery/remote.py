@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 from collections.abc import Sequence
@@ -25,8 +26,15 @@ from dataclasses import dataclass, field
 from postroom.addresses import domain_of
 from postroom.delivery.routing import Failure, Hops, Local, Router
 from postroom.delivery.smtp_errors import SMTPError, status_of
-from postroom.delivery.smtp_out import ClientSession, Hop, OutRecipient, TransactionResult
+from postroom.delivery.smtp_out import (
+    ClientSession,
+    Hop,
+    OutRecipient,
+    TransactionResult,
+    peer_of,
+)
 from postroom.gathering import gather_few
+from postroom.net.smtp import COMMAND_TIMEOUT, CONNECT_TIMEOUT
 from postroom.protocol.replies import Reply
 from postroom.queue.content import Content
 from postroom.queue.envelope import Envelope, Recipient
@@ -60,15 +68,13 @@ class _Outgoing:
 
 @dataclass(frozen=True)
 class _HopFailed:
-    """Why one hop could not take the message; the last one is what the recipients hear."""
+    """Why one hop could not take the message; the last one is what the recipients hear.
+    `permanent`: the hop refused the whole transaction for good, which ends the attempt."""
 
     dsn_status: str
     text: str
     remote_mta: str | None = None
-
-
-def _describe(hop: Hop) -> str:
-    return f"{hop.name}[{hop.host}]:{hop.port}"
+    permanent: bool = False
 
 
 def _status(reply: Reply, klass: int) -> str:
@@ -77,19 +83,13 @@ def _status(reply: Reply, klass: int) -> str:
     return status if status.startswith(f"{klass}.") else f"{klass}.0.0"
 
 
-def _temporary_status(status: str) -> str:
-    # A permanent error from a hop that was skipped (5xx greeting) becomes a
-    # temporary result: other hops, or this one later, may still take the mail.
-    return "4" + status[1:] if status.startswith("5") else status
-
-
 def _connection_failure(hop: Hop, error: Exception, connecting: bool) -> _HopFailed:
     """RFC 3463 X.4.1 "no answer from host" before a session, X.4.2 "bad connection" during.
 
     The client session reports its own failures as SMTPError; this covers what
     escapes it (an OSError reading the message, a connection reset).
     """
-    where = ("connect to " if connecting else "lost connection with ") + _describe(hop)
+    where = ("connect to " if connecting else "lost connection with ") + peer_of(hop)
     if isinstance(error, ConnectionRefusedError):
         why = "connection refused"
     elif isinstance(error, TimeoutError):
@@ -111,6 +111,26 @@ def _smtp_failure(error: SMTPError, peer: str | None) -> _HopFailed:
     return _HopFailed(status, error.text, peer if error.reply is not None else None)
 
 
+def _result(recipient: Recipient, transaction: TransactionResult, peer: str) -> DeliveryResult:
+    """One recipient's result of a transaction the hop `peer` decided."""
+    address = recipient.address
+    reply = transaction.recipients.get(address)
+    if reply is None:  # the client core answers for every recipient; stay safe anyway
+        return DeliveryResult(address, "temporary", "4.4.2", f"{peer}: no reply", peer)
+    if reply.code >= 500:
+        return DeliveryResult(address, "permanent", _status(reply, 5), str(reply), peer)
+    if reply.code >= 400:
+        return DeliveryResult(address, "temporary", _status(reply, 4), str(reply), peer)
+    # RFC 3461 5.2.2: NOTIFY=SUCCESS through a hop without DSN earns a "relayed" DSN.
+    wanted_success = recipient.notify is not None and any(
+        n.upper() == "SUCCESS" for n in recipient.notify
+    )
+    return DeliveryResult(
+        address, "delivered", "2.0.0", str(reply), peer,
+        relayed_without_dsn=wanted_success and not transaction.dsn_offered,
+    )
+
+
 class RemoteCourier:
     """Delivers queued messages to remote domains over SMTP (see the module docstring)."""
 
@@ -120,8 +140,8 @@ class RemoteCourier:
         helo_name: str,
         tls_context: ssl.SSLContext,
         *,
-        connect_timeout: float = 30.0,
-        command_timeout: float = 300.0,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        command_timeout: float = COMMAND_TIMEOUT,
         max_idle_sessions_per_domain: int = 2,
         idle_timeout: float = IDLE_TIMEOUT,
         max_messages_per_session: int = MAX_MESSAGES_PER_SESSION,
@@ -149,23 +169,20 @@ class RemoteCourier:
         and delivered side by side, one transaction each.
         """
         groups: dict[str, list[Recipient]] = {}
-        results: dict[int, DeliveryResult] = {}
-        for i, recipient in enumerate(recipients):
+        results: dict[int, DeliveryResult] = {}  # by id() of the recipient
+        for recipient in recipients:
             try:
                 groups.setdefault(domain_of(recipient.address), []).append(recipient)
             except ValueError:
-                results[i] = DeliveryResult(
+                results[id(recipient)] = DeliveryResult(
                     recipient.address, "permanent", "5.1.3",
                     f"<{recipient.address}> is not a valid address",
                 )
-        done = await gather_few(
+        for group in await gather_few(
             [self._deliver_domain(envelope, d, g, content) for d, g in groups.items()]
-        )
-        by_recipient = {id(r): result for group in done for r, result in group}
-        for i, recipient in enumerate(recipients):
-            if i not in results:
-                results[i] = by_recipient[id(recipient)]
-        return [results[i] for i in range(len(recipients))]
+        ):
+            results.update((id(r), result) for r, result in group)
+        return [results[id(r)] for r in recipients]
 
     async def close(self) -> None:
         """QUIT every idle session; sessions finishing later are closed, not kept."""
@@ -205,30 +222,33 @@ class RemoteCourier:
         attempts: list[tuple[Hop, _Idle | None]] = [(idle.hop, idle)] if idle else []
         attempts += [(hop, None) for hop in route.hops]
         for hop, reused in attempts:
-            outcome_or_failure = await self._try_hop(domain, hop, reused, message)
-            if isinstance(outcome_or_failure, _HopFailed):
-                failed = outcome_or_failure
-                # A reused session that went stale is routine; the hop is tried afresh.
-                level = logging.DEBUG if reused is not None else logging.INFO
-                log.log(level, "%s: %s", envelope.queue_id, failed.text)
-                continue
-            session, transaction = outcome_or_failure
-            return [
-                (r, self._result(r, transaction, session.peer)) for r in recipients
-            ]
+            tried = await self._try_hop(domain, hop, reused, message)
+            if isinstance(tried, tuple):
+                peer, transaction = tried
+                return [(r, _result(r, transaction, peer)) for r in recipients]
+            failed = tried
+            if failed.permanent:
+                return [(r, DeliveryResult(r.address, "permanent", failed.dsn_status, failed.text,
+                                           failed.remote_mta)) for r in recipients]
+            # A reused session that went stale is routine; the hop is tried afresh.
+            level = logging.DEBUG if reused is not None else logging.INFO
+            log.log(level, "%s: %s", envelope.queue_id, failed.text)
         if failed is None:  # pragma: no cover - the router never returns Hops([])
             failed = _HopFailed("4.4.4", f"no next hop for {domain}")
-        text = failed.text
-        status = _temporary_status(failed.dsn_status)
+        # A permanent error from a hop that was skipped (5xx greeting) becomes a
+        # temporary result: other hops, or this one later, may still take the mail.
+        status = failed.dsn_status
+        status = "4" + status[1:] if status.startswith("5") else status
         return [
-            (r, DeliveryResult(r.address, "temporary", status, text, failed.remote_mta))
+            (r, DeliveryResult(r.address, "temporary", status, failed.text, failed.remote_mta))
             for r in recipients
         ]
 
     async def _try_hop(
         self, domain: str, hop: Hop, reused: _Idle | None, message: _Outgoing
-    ) -> tuple[ClientSession, TransactionResult | _Permanent] | _HopFailed:
-        """One hop: connect (or reuse), run the transaction; a _HopFailed means try the next."""
+    ) -> tuple[str, TransactionResult] | _HopFailed:
+        """One hop: connect (or reuse), run the transaction; a _HopFailed that is not
+        permanent means try the next."""
         if reused is not None:
             session, messages = reused.session, reused.messages
         else:
@@ -245,7 +265,7 @@ class RemoteCourier:
                 # No connection, a 4xx or 5xx greeting or EHLO, TLS required and not
                 # offered: the next MX may do better (RFC 5321 5.1; Postfix skips
                 # hosts that greet with 5xx).
-                return _smtp_failure(e, _describe(hop))
+                return _smtp_failure(e, peer_of(hop))
             except (OSError, EOFError) as e:  # refused, unreachable, TLS, timeout, hang-up
                 return _connection_failure(hop, e, connecting=True)
         envelope = message.envelope
@@ -269,39 +289,15 @@ class RemoteCourier:
             # sender SMTP cannot carry): another MX of the domain would say the same.
             # Such a refusal leaves the session fit for the next message.
             self._release(domain, hop, session, messages)
-            return session, _Permanent(_smtp_failure(e, session.peer))
+            return dataclasses.replace(_smtp_failure(e, session.peer), remote_mta=session.peer,
+                                       permanent=True)
         except (OSError, EOFError) as e:
             # A reused session the server closed while idle fails here at once; the
             # fresh connection to the same hop comes later in the list.
             self._discard(session)
             return _connection_failure(hop, e, connecting=False)
         self._release(domain, hop, session, messages + 1)
-        return session, transaction
-
-    def _result(
-        self, recipient: Recipient, transaction: TransactionResult | _Permanent, peer: str
-    ) -> DeliveryResult:
-        address = recipient.address
-        if isinstance(transaction, _Permanent):
-            failed = transaction.failure
-            return DeliveryResult(
-                address, "permanent", failed.dsn_status, failed.text, failed.remote_mta or peer
-            )
-        reply = transaction.recipients.get(address)
-        if reply is None:  # the client core answers for every recipient; stay safe anyway
-            return DeliveryResult(address, "temporary", "4.4.2", f"{peer}: no reply", peer)
-        if reply.code >= 500:
-            return DeliveryResult(address, "permanent", _status(reply, 5), str(reply), peer)
-        if reply.code >= 400:
-            return DeliveryResult(address, "temporary", _status(reply, 4), str(reply), peer)
-        # RFC 3461 5.2.2: NOTIFY=SUCCESS through a hop without DSN earns a "relayed" DSN.
-        wanted_success = recipient.notify is not None and any(
-            n.upper() == "SUCCESS" for n in recipient.notify
-        )
-        return DeliveryResult(
-            address, "delivered", "2.0.0", str(reply), peer,
-            relayed_without_dsn=wanted_success and not transaction.dsn_offered,
-        )
+        return session.peer, transaction
 
     # -- idle sessions
 
@@ -357,10 +353,3 @@ class RemoteCourier:
         # A session being dropped owes nobody a result: its errors only matter to it.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(session.quit(), QUIT_TIMEOUT)
-
-
-@dataclass(frozen=True)
-class _Permanent:
-    """The hop refused the whole transaction for good: every recipient fails with it."""
-
-    failure: _HopFailed

@@ -95,7 +95,6 @@ class RouterOptions:
     # addresses (a host name or a wildcard address is not recognised).
     own_hostname: str | None = None
     own_endpoints: Collection[tuple[str, int]] = ()
-    max_hops: int = MAX_HOPS
     dns_lifetime: float = DNS_LIFETIME
     max_cache_ttl: float = MAX_CACHE_TTL
 
@@ -133,25 +132,22 @@ def _no_nameservers_text(error: dns.resolver.NoNameservers) -> str:
     return ", ".join(dict.fromkeys(reasons)) or "no nameserver answered"
 
 
-def make_resolver(
-    nameservers: Sequence[Any], *, lifetime: float = DNS_LIFETIME,
-    max_cache_ttl: float = MAX_CACHE_TTL,
-) -> dns.asyncresolver.Resolver:
-    """An async resolver for the configured servers (objects with .host and .port).
+def _make_resolver(options: RouterOptions) -> dns.asyncresolver.Resolver:
+    """An async resolver for options.nameservers (objects with .host and .port).
 
     No servers: the system's (/etc/resolv.conf); dnspython raises
     NoResolverConfiguration when there is none.
     """
-    if nameservers:
+    if options.nameservers:
         resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.nameservers = [
-            dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in nameservers
+            dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in options.nameservers
         ]
     else:
         resolver = dns.asyncresolver.Resolver(configure=True)
-    resolver.lifetime = lifetime
-    resolver.timeout = min(lifetime, 2.0)  # per try; lifetime bounds the retries
-    resolver.cache = _CappedCache(max_cache_ttl)
+    resolver.lifetime = options.dns_lifetime
+    resolver.timeout = min(options.dns_lifetime, 2.0)  # per try; lifetime bounds the retries
+    resolver.cache = _CappedCache(options.max_cache_ttl)
     return resolver
 
 
@@ -189,16 +185,12 @@ class Router:
         self._own_name = own_name.lower().rstrip(".") if own_name else None
         self._own_endpoints = {(str(ipaddress.ip_address(h)), p)
                                for h, p in options.own_endpoints if _is_ip(h)}
-        self._max_hops = options.max_hops
         self._rng = rng if rng is not None else random.Random()
         self._resolver: dns.asyncresolver.Resolver | None = resolver
         self._resolver_error: str | None = None
         if resolver is None:
             try:
-                self._resolver = make_resolver(
-                    options.nameservers, lifetime=options.dns_lifetime,
-                    max_cache_ttl=options.max_cache_ttl,
-                )
+                self._resolver = _make_resolver(options)
             except dns.exception.DNSException as e:
                 # No /etc/resolv.conf: start anyway; remote mail waits in the queue.
                 self._resolver_error = f"no DNS resolver configured ({e})"
@@ -239,7 +231,7 @@ class Router:
                     False, "4.4.3", f"static route for {domain}: cannot resolve {host}: {why}"
                 )
         hops = [Hop(host=a, port=target.port, name=host, tls=tls, auth=auth) for a in addresses]
-        return Hops(hops[: self._max_hops])
+        return Hops(hops[: MAX_HOPS])
 
     # -- MX lookup
 
@@ -297,7 +289,7 @@ class Router:
                 False, "4.4.3",
                 f"no MX host of {domain} has an address ({'; '.join(unusable)})",
             )
-        return Hops(hops[: self._max_hops])
+        return Hops(hops[: MAX_HOPS])
 
     async def _implicit_mx(self, domain: str) -> RouteResult:
         # RFC 5321 5.1: no MX records: the domain's own address, as if an MX of
@@ -312,7 +304,7 @@ class Router:
         if self._is_own(domain, addresses):
             return Failure(True, "5.4.6", f"mail for {domain} loops back to myself")
         hops = [Hop(host=a, port=self._mx_port, name=domain) for a in addresses]
-        return Hops(hops[: self._max_hops])
+        return Hops(hops[: MAX_HOPS])
 
     def _order(self, mxs: list[tuple[int, dns.name.Name]]) -> list[tuple[int, dns.name.Name]]:
         """Preference order, with equal preferences shuffled (RFC 5321 5.1, to spread load)."""

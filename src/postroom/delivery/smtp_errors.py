@@ -63,9 +63,8 @@ def status_of(reply: Reply) -> str:
 
 def command_label(command: str | None) -> str:
     """A command as Postfix names it in "(in reply to ...)"."""
-    if command is None:
-        return "no command"
     names = {
+        None: "no command",
         GREETING: "initial greeting",
         MAIL: "MAIL FROM command",
         RCPT: "RCPT TO command",

@@ -1,12 +1,9 @@
 """One SMTP session to one next hop, on asyncio: the relay's mail transactions over net.smtp.
 
 `ClientSession.connect` gets a session ready with `net.smtp.SMTPConnection`,
-which the relay shares with `postroom send`: the greeting, EHLO (HELO when
-EHLO gets a 5xx, RFC 5321 3.2), STARTTLS whenever offered unless the hop says
-"none" (RFC 3207; a hop with tls="required" fails without it; where TLS is
-opportunistic, a failed handshake is followed by a plaintext connection), EHLO
-again over TLS, and AUTH (PLAIN, else LOGIN) when the hop has a login, never
-without TLS; `smtp_errors.relay_error` words its failures for the relay.
+which the relay shares with `postroom send` (greeting, EHLO or HELO, STARTTLS
+as the hop's `tls` says, AUTH when the hop has a login: see there);
+`smtp_errors.relay_error` words its failures for the relay.
 
 `send` runs one mail transaction and returns every recipient's own reply: MAIL,
 RCPTs and DATA go in one write when the server offers PIPELINING (RFC 2920
@@ -51,7 +48,7 @@ from postroom.net.smtp import (
 )
 from postroom.protocol.lines import MAX_CONTENT_LINE, DotStuffer
 from postroom.protocol.replies import Reply
-from postroom.protocol.smtp_client import Extensions, Response, State, path_problem
+from postroom.protocol.smtp_client import Response, State, path_problem
 
 log = logging.getLogger("postroom.delivery.smtp")
 
@@ -63,8 +60,6 @@ DATA_INIT_TIMEOUT = 120.0  # 4.5.3.2.4: the 354 to DATA, 2 minutes
 DATA_BLOCK_TIMEOUT = 180.0  # 4.5.3.2.5: each write of the content, 3 minutes
 DATA_END_TIMEOUT = 600.0  # 4.5.3.2.6: the reply to the final dot, 10 minutes
 CHUNK_SIZE = 64 * 1024  # message octets read from the file per write
-
-TLS_MODES = ("opportunistic", "required", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,19 +76,14 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class Hop:
-    """Where to send: a host to connect to, and what the session there must do."""
+    """Where to send: a host to connect to, and what the session there must do (the
+    config checked the values; net.smtp.Setup checks `tls` again)."""
 
     host: str  # host to connect to (name or IP)
     port: int
     name: str  # for logs and the DSN's Remote-MTA, e.g. the MX name; also the TLS name
     tls: str = "opportunistic"  # "opportunistic" | "required" | "none"
     auth: tuple[str, str] | None = field(default=None, repr=False)  # smarthost login
-
-    def __post_init__(self) -> None:
-        if self.tls not in TLS_MODES:
-            raise ValueError(f"Hop.tls must be one of {TLS_MODES}, not {self.tls!r}")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"Hop.port out of range: {self.port}")
 
 
 @dataclass(frozen=True)
@@ -123,7 +113,7 @@ class TransactionResult:
     notes: tuple[str, ...] = ()
 
 
-def _peer_of(hop: Hop, address: tuple[str, int] | None) -> str:
+def peer_of(hop: Hop, address: tuple[str, int] | None = None) -> str:
     """ "name[ip]:port" of the server, for logs and DSNs."""
     ip, port = address or (hop.host, hop.port)
     return f"{hop.name}[{ip}]:{port}"
@@ -131,7 +121,7 @@ def _peer_of(hop: Hop, address: tuple[str, int] | None) -> str:
 
 def _plaintext_note(hop: Hop, failure: ConnectionFailure) -> None:
     """Log that opportunistic TLS was given up for this session (net.smtp.Setup.on_plaintext)."""
-    peer = _peer_of(hop, failure.address)
+    peer = peer_of(hop, failure.address)
     if isinstance(failure, StartTLSRefused):
         log.info("%s refused STARTTLS: %s; going on without TLS", peer, failure.reply)
     else:
@@ -139,50 +129,39 @@ def _plaintext_note(hop: Hop, failure: ConnectionFailure) -> None:
         log.info("%s; trying again without TLS (opportunistic TLS)", text)
 
 
-def _has_8bit(file: IO[bytes]) -> bool:
-    """Whether the message has octets above 127 (RFC 6152); the stream is put back
-    where it was (at the message's start)."""
-    start = file.tell()
-    try:
-        while chunk := file.read(CHUNK_SIZE):
-            if not chunk.isascii():
-                return True
-        return False
-    finally:
-        file.seek(start)
-
-
-def _headers_have_8bit(file: IO[bytes]) -> bool:
-    """Whether the message's header section has octets above 127 (RFC 6532 3.2: UTF-8
-    header fields); read in chunks up to its blank line, never whole. The stream is
-    put back where it was (at the message's start)."""
+def _has_8bit(file: IO[bytes], *, headers_only: bool = False) -> bool:
+    """Whether the message, or its header section up to the blank line (RFC 6532 3.2:
+    UTF-8 header fields), has octets above 127 (RFC 6152); read in chunks, never
+    whole, and the stream put back where it was (at the message's start)."""
     start = file.tell()
     try:
         before = b"\n"  # the content starts at a line start
         while chunk := file.read(CHUNK_SIZE):
-            window = before + chunk
-            ends = [i for i in (window.find(b"\n\r\n"), window.find(b"\n\n")) if i >= 0]
-            if ends:
-                return not window[: min(ends)].isascii()
+            if headers_only:
+                window = before + chunk
+                ends = [i for i in (window.find(b"\n\r\n"), window.find(b"\n\n")) if i >= 0]
+                if ends:
+                    return not window[: min(ends)].isascii()
+                before = window[-2:]
             if not chunk.isascii():
                 return True
-            before = window[-2:]
         return False
     finally:
         file.seek(start)
 
 
 class ClientSession:
-    """One connection to one hop, ready to send. Make it with `ClientSession.connect`."""
+    """One connection to one hop, ready to send. Make it with `ClientSession.connect`;
+    `connection` is its net.smtp.SMTPConnection (extensions, TLS), `peer` its
+    "name[ip]:port" for logs and DSNs."""
 
     def __init__(self, hop: Hop, connection: SMTPConnection, *, command_timeout: float,
                  timeouts: Timeouts) -> None:
-        self._hop = hop
-        self._conn = connection
+        self.connection = connection
+        self.peer = peer_of(hop, connection.address)
         self._core = connection.core
         self._command_timeout = command_timeout
         self._timeouts = timeouts
-        self._peer = _peer_of(hop, connection.address)
 
     @classmethod
     async def connect(
@@ -209,39 +188,14 @@ class ClientSession:
         try:
             connection = await SMTPConnection.open(hop.host, hop.port, setup)
         except ConnectionFailure as failure:
-            raise relay_error(failure, _peer_of(hop, failure.address)) from None
+            raise relay_error(failure, peer_of(hop, failure.address)) from None
         session = cls(hop, connection, command_timeout=command_timeout, timeouts=timeouts)
-        log.debug("%s: ready, TLS %s", session.peer, session.tls_version or "off")
+        log.debug("%s: ready, TLS %s", session.peer, connection.tls_version or "off")
         return session
-
-    # --- What callers see -------------------------------------------------
-
-    @property
-    def peer(self) -> str:
-        """"name[ip]:port" of the server, for logs and DSNs."""
-        return self._peer
-
-    @property
-    def extensions(self) -> Extensions:
-        return self._core.extensions
-
-    @property
-    def tls_active(self) -> bool:
-        return self._conn.tls_active
-
-    @property
-    def tls_version(self) -> str | None:
-        """The TLS protocol in use ("TLSv1.3"), None without TLS."""
-        return self._conn.tls_version
-
-    @property
-    def tls_fallback(self) -> bool:
-        """In plaintext after a failed opportunistic handshake."""
-        return self._conn.tls_fallback
 
     @property
     def closed(self) -> bool:
-        return self._conn.closed
+        return self.connection.closed
 
     async def __aenter__(self) -> ClientSession:
         return self
@@ -251,11 +205,7 @@ class ClientSession:
 
     async def quit(self) -> None:
         """Say QUIT (when the session is fit for it) and close the connection."""
-        await self._conn.quit()
-
-    def close(self) -> None:
-        """Drop the connection without QUIT."""
-        self._close(abort=True)
+        await self.connection.quit()
 
     # --- Sending ----------------------------------------------------------
 
@@ -285,30 +235,12 @@ class ClientSession:
         propagates.
         """
         if self.closed:
-            raise SMTPError(f"the session with {self._peer} is closed", temporary=True)
+            raise SMTPError(f"the session with {self.peer} is closed", temporary=True)
         if not recipients:
             raise ValueError("send() needs at least one recipient")
-        ext = self._core.extensions
         wanted = {r.address: r for r in reversed(recipients)}  # the first of duplicates wins
         unique = [wanted[a] for a in dict.fromkeys(r.address for r in recipients)]
-        addresses = [sender, *(r.address for r in unique)]
-        ascii_envelope = all(a.isascii() for a in addresses)
-        utf8 = smtputf8 or not ascii_envelope  # asked for: a hop that offers it gets it
-        if utf8 and not ext.smtputf8:
-            # RFC 6531 3.4: what needs SMTPUTF8 is a UTF-8 address or header field, not
-            # the client's flag; like Postfix, a flagged message without either goes.
-            if not ascii_envelope or _headers_have_8bit(message):
-                text = f"host {self._peer} does not support SMTPUTF8, which the message needs"
-                raise SMTPError(text, temporary=False, status="5.6.7")  # RFC 6531 3.2
-            utf8 = False
-        limit = ext.size_limit
-        if limit is not None and size > limit:
-            text = f"message size {size} exceeds size limit {limit} of server {self._peer}"
-            raise SMTPError(text, temporary=False, status="5.3.4")  # RFC 1870 6.1
-        problem = path_problem(sender, reverse=True)
-        if problem is not None:
-            text = f"cannot send sender <{sender}>: {problem}"
-            raise SMTPError(text, temporary=False, status="5.1.7")
+        utf8 = self._check(sender, unique, message, size, smtputf8)
         results: dict[str, Reply] = {}
         sendable = []
         for r in unique:
@@ -317,49 +249,71 @@ class ClientSession:
                 sendable.append(r)
             else:
                 results[r.address] = Reply(553, "5.1.3", f"cannot send this address: {problem}")
-        dsn = ext.dsn
+        dsn = self._core.extensions.dsn
         if not sendable:
             return TransactionResult(results, None, dsn)
         notes: list[str] = []
-        eight_bit = body.upper() == "8BITMIME" if body is not None else _has_8bit(message)
-        body_param = None
-        if ext.eightbitmime:
-            body_param = body.upper() if body is not None else "8BITMIME" if eight_bit else None
-        elif eight_bit:
-            # RFC 6152 3 asks for conversion or a bounce; like Postfix, send as is.
-            notes.append(f"8-bit message sent to {self._peer}, which does not offer 8BITMIME")
+        body_param = self._body(body, message, notes)
         if self._core.state is not State.READY:
             await self._rset()
-        self._core.mail(
-            sender,
-            size=size if "SIZE" in ext else None,
-            body=body_param,
-            smtputf8=utf8,
-            ret=ret if dsn else None,
-            envid=envid if dsn else None,
-        )
-        done = await self._transaction(message, sendable, results, dsn, notes)
-        ordered = {r.address: done.recipients[r.address] for r in unique}
-        return TransactionResult(ordered, done.data_reply, dsn, tuple(notes))
+        self._core.mail(sender, size=size if "SIZE" in self._core.extensions else None,
+                        body=body_param, smtputf8=utf8, ret=ret if dsn else None,
+                        envid=envid if dsn else None)
+        if self._core.extensions.pipelining and self._core.extensions.chunking:
+            final = await self._chunked(message, sendable, results, dsn, notes)
+        else:
+            final = await self._transaction(message, sendable, results, dsn, notes)
+        ordered = {r.address: results[r.address] for r in unique}
+        return TransactionResult(ordered, final, dsn, tuple(notes))
+
+    def _check(self, sender: str, recipients: list[OutRecipient], message: IO[bytes],
+               size: int, smtputf8: bool) -> bool:
+        """Refuse what the hop cannot take before anything is sent (SMTPError); return
+        whether MAIL asks for SMTPUTF8."""
+        ext = self._core.extensions
+        ascii_envelope = sender.isascii() and all(r.address.isascii() for r in recipients)
+        utf8 = smtputf8 or not ascii_envelope  # asked for: a hop that offers it gets it
+        if utf8 and not ext.smtputf8:
+            # RFC 6531 3.4: what needs SMTPUTF8 is a UTF-8 address or header field, not
+            # the client's flag; like Postfix, a flagged message without either goes.
+            if not ascii_envelope or _has_8bit(message, headers_only=True):
+                text = f"host {self.peer} does not support SMTPUTF8, which the message needs"
+                raise SMTPError(text, temporary=False, status="5.6.7")  # RFC 6531 3.2
+            utf8 = False
+        limit = ext.size_limit
+        if limit is not None and size > limit:
+            text = f"message size {size} exceeds size limit {limit} of server {self.peer}"
+            raise SMTPError(text, temporary=False, status="5.3.4")  # RFC 1870 6.1
+        problem = path_problem(sender, reverse=True)
+        if problem is not None:
+            text = f"cannot send sender <{sender}>: {problem}"
+            raise SMTPError(text, temporary=False, status="5.1.7")
+        return utf8
+
+    def _body(self, body: str | None, message: IO[bytes], notes: list[str]) -> str | None:
+        """MAIL's BODY parameter (RFC 6152): as declared, or 8BITMIME for 8-bit content."""
+        eight_bit = body.upper() == "8BITMIME" if body is not None else _has_8bit(message)
+        if self._core.extensions.eightbitmime:
+            return body.upper() if body is not None else "8BITMIME" if eight_bit else None
+        if eight_bit:
+            # RFC 6152 3 asks for conversion or a bounce; like Postfix, send as is.
+            notes.append(f"8-bit message sent to {self.peer}, which does not offer 8BITMIME")
+        return None
 
     async def _transaction(
-        self,
-        file: IO[bytes],
-        recipients: list[OutRecipient],
-        results: dict[str, Reply],
-        dsn: bool,
-        notes: list[str],
-    ) -> TransactionResult:
+        self, file: IO[bytes], recipients: list[OutRecipient], results: dict[str, Reply],
+        dsn: bool, notes: list[str],
+    ) -> Reply | None:
+        """The transaction with DATA, its MAIL already in the core: every recipient's
+        reply into `results`; the reply to the final dot, if it came to that."""
         core, timeouts = self._core, self._timeouts
         pipelining = core.extensions.pipelining
-        if pipelining and core.extensions.chunking:
-            return await self._chunked(file, recipients, results, dsn, notes)
         addresses = [r.address for r in recipients]
         if not pipelining:
             mail = await self._exchange(timeouts.mail)
             if mail.reply.code // 100 != 2:
                 results.update(dict.fromkeys(addresses, mail.reply))
-                return TransactionResult(results, None, dsn)
+                return None
         for r in recipients:
             self._rcpt(r, dsn, notes)
             if not pipelining:
@@ -380,28 +334,24 @@ class ClientSession:
                 await self._exchange(timeouts.data_end)
             if core.state is not State.READY:
                 await self._rset()
-            return TransactionResult(results, None, dsn)
+            return None
         if data is None:
             core.data()
             data = await self._exchange(timeouts.data_init)
         if data.reply.code != 354:
             results.update(dict.fromkeys(accepted, data.reply))
             await self._rset()
-            return TransactionResult(results, None, dsn)
+            return None
         await self._content(file)
         core.end_data()
         final = await self._exchange(timeouts.data_end)
         results.update(dict.fromkeys(accepted, final.reply))
-        return TransactionResult(results, final.reply, dsn)
+        return final.reply
 
     async def _chunked(
-        self,
-        file: IO[bytes],
-        recipients: list[OutRecipient],
-        results: dict[str, Reply],
-        dsn: bool,
-        notes: list[str],
-    ) -> TransactionResult:
+        self, file: IO[bytes], recipients: list[OutRecipient], results: dict[str, Reply],
+        dsn: bool, notes: list[str],
+    ) -> Reply | None:
         """The transaction with BDAT (RFC 3030) to a host that also pipelines (RFC 2920).
 
         MAIL, every RCPT and the first chunk go in one write, so a message of
@@ -428,7 +378,7 @@ class ClientSession:
             await self._reply(timeouts.data_end)  # the chunk's refusal
             if mail.reply.code // 100 == 2 or core.state is not State.READY:
                 await self._rset()  # whatever the server kept of the transaction goes
-            return TransactionResult(results, None, dsn)
+            return None
         while not last:
             chunk, last = next(chunks)
             core.bdat(chunk, last=last)
@@ -438,10 +388,10 @@ class ClientSession:
                 results.update(dict.fromkeys(accepted, previous.reply))
                 await self._reply(timeouts.data_end)  # to the chunk just written
                 await self._rset()  # RFC 3030 2: the transaction failed; clear it
-                return TransactionResult(results, None, dsn)
+                return None
         final = await self._reply(timeouts.data_end)
         results.update(dict.fromkeys(accepted, final.reply))
-        return TransactionResult(results, final.reply, dsn)
+        return final.reply
 
     async def _group_replies(self, addresses: list[str], results: dict[str, Reply]) -> Response:
         """The replies to a pipelined MAIL and its RCPTs (RFC 2920 3.1), in order, into
@@ -471,7 +421,7 @@ class ClientSession:
                 chunk, ahead = ahead, lines.feed(more)
                 yield chunk, False
         except OSError:
-            self._close(abort=True)
+            self.connection.close(abort=True)
             raise
 
     def _rcpt(self, recipient: OutRecipient, dsn: bool, notes: list[str]) -> None:
@@ -498,7 +448,7 @@ class ClientSession:
             try:
                 chunk = file.read(CHUNK_SIZE)
             except OSError:
-                self._close(abort=True)  # no final dot: the server discards the message
+                self.connection.close(abort=True)  # no final dot: the server discards the message
                 raise
             if not chunk:
                 return
@@ -510,7 +460,7 @@ class ClientSession:
         response = await self._exchange(self._command_timeout)
         if response.reply.code // 100 != 2:
             await self.quit()
-            raise relay_error(Refused(response), self._peer)
+            raise relay_error(Refused(response), self.peer)
 
     # --- Plumbing: net.smtp's failures in the relay's words ------------------
 
@@ -521,16 +471,13 @@ class ClientSession:
 
     async def _flush(self, timeout: float) -> None:
         try:
-            await self._conn.flush(timeout)
+            await self.connection.flush(timeout)
         except ConnectionFailure as failure:
-            raise relay_error(failure, self._peer) from None
+            raise relay_error(failure, self.peer) from None
 
     async def _reply(self, timeout: float) -> Response:
         """The next reply; a 421, EOF, timeout or protocol error raises SMTPError."""
         try:
-            return await self._conn.reply(timeout)
+            return await self.connection.reply(timeout)
         except ConnectionFailure as failure:
-            raise relay_error(failure, self._peer) from None
-
-    def _close(self, *, abort: bool = False) -> None:
-        self._conn.close(abort=abort)
+            raise relay_error(failure, self.peer) from None

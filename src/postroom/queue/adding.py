@@ -9,7 +9,6 @@ and the folder is synced: only then is the message queued
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from collections.abc import Iterable
@@ -18,16 +17,11 @@ from typing import TYPE_CHECKING
 
 from postroom.queue.envelope import Envelope
 from postroom.queue.queuefile import envelope_line
-from postroom.queue.spares import Taken
+from postroom.queue.spares import Taken, try_lock, unlink
 from postroom.store import durable
 
 if TYPE_CHECKING:
     from postroom.queue.store import QueueStore
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 TEMP_SUFFIX = ".tmp"
 # What `add` copies from its spool at a time, and what `add_many` gathers into
@@ -38,49 +32,21 @@ COPY_CHUNK = 64 * 1024
 def add(store: QueueStore, envelope: Envelope, chunks: Iterable[bytes]) -> None:
     """Queue a message durably; when this returns, a crash cannot lose it.
 
-    The queue file is written as a temporary file outside the queue lock (the
-    message may be large or arrive slowly); it gets its name under the lock.
-    Sets `envelope.size` to the number of message octets written. The
-    envelope line is made after the last chunk was read, so a caller may
+    The envelope line is made after the last chunk was read, so a caller may
     still complete the envelope while its chunks are read (sendmail learns
     the body type from the last one): the message is spooled to an unnamed
-    file first and copied after the line. The server queues with `add_many`.
-    Raises FileExistsError if the queue ID is taken (IDs are unique, so that
-    is a bug elsewhere, never a silent overwrite).
+    file first, then queued as `add_many` queues. The server queues with
+    `add_many`. Raises FileExistsError if the queue ID is taken (IDs are
+    unique, so that is a bug elsewhere, never a silent overwrite).
     """
-    final = store.message_path(envelope.queue_id)
     store.make_folders(again=True)  # not the hot path: a removed folder is made here
     with tempfile.TemporaryFile(dir=store.messages, prefix=".", suffix=TEMP_SUFFIX) as spool:
-        size = 0
         for chunk in chunks:
             spool.write(chunk)
-            size += len(chunk)
         spool.seek(0)
-        envelope.size = size
-        line = envelope_line(envelope)
-        temp = _temp_file(store)
-        temp_path = Path(temp.path)
-        placed = False
-        try:
-            try:
-                _flock(temp.fd)
-                durable.OS.write(temp.fd, temp_path, [line])
-                while chunk := spool.read(COPY_CHUNK):
-                    durable.OS.write(temp.fd, temp_path, [chunk])
-                temp.trim(len(line) + size)
-                durable.OS.datasync(temp.fd, temp_path)
-                with store.locked():
-                    if final.exists() or store.envelope_path(envelope.queue_id).exists():
-                        raise FileExistsError(f"queue ID {envelope.queue_id} is already in use")
-                    durable.OS.rename(temp_path, final)
-                    placed = True
-                    durable.sync_dir(store.messages)
-            finally:
-                os.close(temp.fd)  # drops the flock, once the file has its name
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(final if placed else temp_path)  # the caller hears "not queued"
-            raise
+        error = add_many(store, [(envelope, iter(lambda: spool.read(COPY_CHUNK), b""))])[0]
+    if error is not None:
+        raise error
 
 
 def add_many(
@@ -108,7 +74,11 @@ def add_many(
         except Exception as e:  # noqa: BLE001 - reported per item
             errors[i] = e
     try:
-        _fail(errors, written, _sync_all(written.values()))
+        try:
+            for fd, temp in written.values():
+                durable.OS.datasync(fd, temp)
+        except OSError as e:
+            _fail(errors, written, e)
         placed = []
         for i, (_fd, temp) in written.items():
             if errors[i] is None:
@@ -123,13 +93,13 @@ def add_many(
             except OSError as e:
                 _fail(errors, placed, e)
                 for i in placed:
-                    _unlink(store.message_path(items[i][0].queue_id))
+                    unlink(store.message_path(items[i][0].queue_id))
     finally:
         for fd, _temp in written.values():
             os.close(fd)
     for i, (_fd, temp) in written.items():
         if errors[i] is not None:
-            _unlink(temp)
+            unlink(temp)
     return errors
 
 
@@ -140,41 +110,27 @@ def _write_temp(store: QueueStore, envelope: Envelope, chunks: Iterable[bytes]) 
     taken = _temp_file(store)
     path = Path(taken.path)
     try:
-        _flock(taken.fd)
         line = envelope_line(envelope)
         size = _write_gathered(taken.fd, path, line, chunks)
         taken.trim(len(line) + size)
     except BaseException:
         os.close(taken.fd)
-        _unlink(path)
+        unlink(path)
         raise
     envelope.size = size
     return taken.fd, path
 
 
-def _sync_all(files: Iterable[tuple[int, Path]]) -> OSError | None:
-    """Data-sync every file; the error that stopped it, if any."""
-    try:
-        for fd, path in files:
-            durable.OS.datasync(fd, path)
-    except OSError as e:
-        return e
-    return None
-
-
-def _fail(
-    errors: list[BaseException | None], items: Iterable[int], error: BaseException | None
-) -> None:
-    """Give `error` (if any) to each of `items` that has no error yet."""
-    if error is not None:
-        for i in items:
-            if errors[i] is None:
-                errors[i] = error
+def _fail(errors: list[BaseException | None], items: Iterable[int], error: OSError) -> None:
+    """Give `error` to each of `items` that has no error yet."""
+    for i in items:
+        if errors[i] is None:
+            errors[i] = error
 
 
 def _temp_file(store: QueueStore) -> Taken:
-    """A temporary queue file in the messages folder, open for writing: a spare
-    when there is one.
+    """A temporary queue file in the messages folder, open for writing and flocked
+    (so `recover` in another process leaves it alone): a spare when there is one.
 
     Write it from the start, then call `trim` with the octets written.
     """
@@ -186,13 +142,8 @@ def _temp_file(store: QueueStore) -> Taken:
     except FileNotFoundError:  # the folder was removed under us: make it again
         store.make_folders(again=True)
         fd, path = tempfile.mkstemp(dir=store.messages, prefix=".", suffix=TEMP_SUFFIX)
+    try_lock(fd)  # a file just made: nobody else holds it
     return Taken(fd, path, 0)
-
-
-def _flock(fd: int) -> None:
-    """Mark a temporary file as being written, for `recover` in another process."""
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _place_new(store: QueueStore, temp: Path, queue_id: str) -> None:
@@ -218,7 +169,7 @@ def _place_new(store: QueueStore, temp: Path, queue_id: str) -> None:
                 raise FileExistsError(f"queue ID {queue_id} is already in use") from None
             durable.OS.rename(temp, final)
         return
-    _unlink(temp)
+    unlink(temp)
 
 
 def _write_gathered(fd: int, path: Path, line: bytes, chunks: Iterable[bytes]) -> int:
@@ -236,11 +187,3 @@ def _write_gathered(fd: int, path: Path, line: bytes, chunks: Iterable[bytes]) -
     if pending:
         durable.OS.write(fd, path, pending)
     return size
-
-
-def _unlink(path: Path) -> bool:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    return True

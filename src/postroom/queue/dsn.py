@@ -15,6 +15,7 @@ that if it fails too it is only logged (RFC 5321 6.1: no loops).
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import re
 import secrets
@@ -43,36 +44,25 @@ FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
 DOUBLE_BOUNCE = "double_bounce"  # Envelope.extra key of a report sent to the postmaster
 POSTMASTER_SUBJECT = "Postmaster Copy: Undeliverable Mail from <>"
 
-SUBJECTS: dict[str, str] = {
-    "failed": "Undelivered Mail Returned to Sender",
-    "delayed": "Delayed Mail (still being retried)",
-    "delivered": "Successful Mail Delivery Report",
-    "relayed": "Successful Mail Delivery Report",
-    "expanded": "Successful Mail Delivery Report",
-}
-
-# RFC 3461 4.1: the NOTIFY keyword that asks for each kind of notice.
-_NOTIFY_WORD: dict[str, str] = {
-    "failed": "FAILURE",
-    "delayed": "DELAY",
-    "delivered": "SUCCESS",
-    "relayed": "SUCCESS",
-    "expanded": "SUCCESS",
-}
-
-# What the text part says first, per action.
-_OPENING: dict[str, str] = {
-    "failed": "Your message could not be delivered to the recipients below, and the "
-    "mail system has stopped trying. The reason for each is given under its address.",
-    "delayed": "Your message has not yet reached the recipients below. The mail system "
-    "keeps trying{until}; there is no need to send it again. You will hear again only "
-    "if it finally fails.",
-    "delivered": "Your message was delivered to the recipients below.",
-    "relayed": "Your message was handed on to the next mail system for the recipients "
-    "below. That system does not send delivery reports, so this is the last report "
-    "you will get about them.",
-    "expanded": "Your message was delivered to the recipients below, which forward it "
-    "to further addresses.",
+# Per action: the NOTIFY keyword that asks for it (RFC 3461 4.1), the Subject, and
+# what the text part says first.
+_SUCCESS = "Successful Mail Delivery Report"
+_ACTIONS: dict[str, tuple[str, str, str]] = {
+    "failed": ("FAILURE", "Undelivered Mail Returned to Sender",
+               "Your message could not be delivered to the recipients below, and the mail "
+               "system has stopped trying. The reason for each is given under its address."),
+    "delayed": ("DELAY", "Delayed Mail (still being retried)",
+                "Your message has not yet reached the recipients below. The mail system keeps "
+                "trying{until}; there is no need to send it again. You will hear again only "
+                "if it finally fails."),
+    "delivered": ("SUCCESS", _SUCCESS, "Your message was delivered to the recipients below."),
+    "relayed": ("SUCCESS", _SUCCESS,
+                "Your message was handed on to the next mail system for the recipients below. "
+                "That system does not send delivery reports, so this is the last report you "
+                "will get about them."),
+    "expanded": ("SUCCESS", _SUCCESS,
+                 "Your message was delivered to the recipients below, which forward it to "
+                 "further addresses."),
 }
 # What a report to the postmaster says first (queue_dsn's `to`).
 _POSTMASTER_OPENING = (
@@ -103,8 +93,7 @@ class Report:
         if self.to is not None:
             return self
         items = [(r, res) for r, res in self.items if wants_dsn(self.envelope, r, self.action)]
-        return Report(self.envelope, items, self.action, self.reporting_mta, self.now,
-                      self.retry_until)
+        return dataclasses.replace(self, items=items)
 
 
 def wants_dsn(envelope: Envelope, recipient: Recipient, action: str) -> bool:
@@ -121,7 +110,7 @@ def wants_dsn(envelope: Envelope, recipient: Recipient, action: str) -> bool:
     words = {word.upper() for word in recipient.notify}
     if "NEVER" in words:
         return False
-    return _NOTIFY_WORD.get(action, "") in words
+    return action in _ACTIONS and _ACTIONS[action][0] in words
 
 
 def build_dsn(
@@ -166,7 +155,7 @@ def _top_fields(report: Report, boundary: str, global_types: bool) -> list[bytes
     return [
         _field("From", f"MAILER-DAEMON@{reporting_mta} (Mail Delivery System)"),
         _field("To", f"<{to if to is not None else report.envelope.sender}>"),
-        _field("Subject", POSTMASTER_SUBJECT if to is not None else SUBJECTS[report.action]),
+        _field("Subject", POSTMASTER_SUBJECT if to is not None else _ACTIONS[report.action][1]),
         _field("Date", email.utils.formatdate(report.now, localtime=True)),
         _field("Message-ID", email.utils.make_msgid(domain=reporting_mta)),
         _field("Auto-Submitted", "auto-replied"),  # RFC 3834 5: never answer this
@@ -352,35 +341,31 @@ def _diagnostic(text: str) -> str:
 
 
 def _status_fields(report: Report) -> bytes:
-    """The message/delivery-status body: per-message fields, then one block per recipient."""
-    envelope, action, now = report.envelope, report.action, report.now
-    blocks = []
-    fields = [_field("Reporting-MTA", f"dns; {report.reporting_mta}")]
-    fields.append(_field("X-Postroom-Queue-ID", envelope.queue_id))
-    if envelope.envid:
-        fields.append(_field("Original-Envelope-Id", envelope.envid))  # RFC 3464 2.2.1
-    if envelope.client:
-        fields.append(_field("Received-From-MTA", f"dns; {envelope.client}"))
-    fields.append(_field("Arrival-Date", email.utils.formatdate(envelope.created, True)))
-    blocks.append(b"".join(fields))
+    """The message/delivery-status body: per-message fields, then one block per recipient
+    (RFC 3464 2.2, 2.3); a field without a value is left out."""
+    envelope, action = report.envelope, report.action
+    until = report.retry_until if action == "delayed" else None
+    blocks = [[
+        ("Reporting-MTA", f"dns; {report.reporting_mta}"),
+        ("X-Postroom-Queue-ID", envelope.queue_id),
+        ("Original-Envelope-Id", envelope.envid),
+        ("Received-From-MTA", envelope.client and f"dns; {envelope.client}"),
+        ("Arrival-Date", email.utils.formatdate(envelope.created, True)),
+    ]]
     for recipient, result in report.items:
-        fields = []
-        if recipient.orcpt:
-            fields.append(_field("Original-Recipient", _original_recipient(recipient.orcpt)))
-        fields.append(_field("Final-Recipient", _address_field(recipient.address)))
-        fields.append(_field("Action", action))
-        fields.append(_field("Status", _status(result, action)))
-        if result.remote_mta:
-            fields.append(_field("Remote-MTA", f"dns; {mta_name(result.remote_mta)}"))
-        if result.text:
-            fields.append(_field("Diagnostic-Code", _diagnostic(result.text)))
-        attempted = recipient.done_at if recipient.done_at is not None else now
-        fields.append(_field("Last-Attempt-Date", email.utils.formatdate(attempted, True)))
-        if action == "delayed" and report.retry_until is not None:
-            until = email.utils.formatdate(report.retry_until, True)
-            fields.append(_field("Will-Retry-Until", until))
-        blocks.append(b"".join(fields))
-    return b"\r\n".join(blocks)
+        attempted = recipient.done_at if recipient.done_at is not None else report.now
+        blocks.append([
+            ("Original-Recipient", recipient.orcpt and _original_recipient(recipient.orcpt)),
+            ("Final-Recipient", _address_field(recipient.address)),
+            ("Action", action),
+            ("Status", _status(result, action)),
+            ("Remote-MTA", result.remote_mta and f"dns; {mta_name(result.remote_mta)}"),
+            ("Diagnostic-Code", result.text and _diagnostic(result.text)),
+            ("Last-Attempt-Date", email.utils.formatdate(attempted, True)),
+            ("Will-Retry-Until", None if until is None else email.utils.formatdate(until, True)),
+        ])
+    return b"\r\n".join(b"".join(_field(name, value) for name, value in block if value)
+                         for block in blocks)
 
 
 def _subject_of(headers: bytes | None) -> str | None:
@@ -404,7 +389,7 @@ def _human_text(report: Report, headers: bytes | None, *, truncated: bool) -> st
     if retry_until is not None:
         until = " until " + email.utils.formatdate(retry_until, localtime=True)
     lines = [f"Delivery report from the mail system at {report.reporting_mta}.", ""]
-    opening = _OPENING[report.action].format(until=until)
+    opening = _ACTIONS[report.action][2].format(until=until)
     lines.append(_POSTMASTER_OPENING if postmaster else opening)
     lines.append("")
     subject = _subject_of(headers)

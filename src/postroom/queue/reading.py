@@ -6,14 +6,11 @@ they are woken, and each again just before its attempt, unless it was read a
 moment ago. Envelopes whose attempt is in flight keep their in-memory state:
 the attempt writes it.
 
-A few envelopes (READ_IN_LOOP) are read right in the event loop, blocking it
-for a moment: each is the first line of a small file, usually just written
-by another server process and still in the page cache, which costs less
-than handing the read to a thread and the interpreter lock back and forth;
-Postfix's queue manager reads its queue files in its event loop too. A
-burst (many sessions at once, a flush of many) and the reads before a retry
-(the file may have left the page cache long ago) go to the reading thread,
-so the loop never stalls on many files at once.
+A few envelopes (READ_IN_LOOP) are read right in the event loop: each is the
+first line of a small file, usually just written by another server process
+and still in the page cache (Postfix's queue manager reads its queue files in
+its event loop too). A burst and the reads before a retry go to the reading
+thread, so the loop never stalls on many files at once.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ final the message is removed. After a crash (kill -9) a restart finds every
 envelope on disk again; only the recipients that were in the middle of a
 `deliver` call are tried again (at least once, never lost).
 
-Every result is logged in Postfix's shape (postroom.queue.logline);
-`QUEUEID: removed` ends a message's life.
+Every result is logged in Postfix's shape (`_log_result`), so grep finds a
+message's whole life; `QUEUEID: removed` ends it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from postroom.batch import BatchThread
 from postroom.gathering import gather_few
 from postroom.queue.content import Content
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.logline import Timing, log_result
 from postroom.queue.notices import Notices
 from postroom.queue.reading import EnvelopeReader
 from postroom.queue.result import DeliveryResult
@@ -60,7 +59,10 @@ RESCAN_INTERVAL = 30.0  # seconds: `postroom queue` and sendmail change the fold
 # Seconds the removing thread gathers finished messages before it removes them;
 # a crash meanwhile delivers them again, as for any delivery in flight.
 REMOVE_LINGER = 0.01
-UNREADABLE_STATUS = "4.3.0"  # RFC 3463 X.3.0: the queued message cannot be read now
+# RFC 3463 X.3.0: the queued message cannot be read now, or the courier failed.
+SYSTEM_FAULT = "4.3.0"
+# The envelope fields the scheduler writes; the others (`held`) are the command line's.
+_SCHEDULER_FIELDS = ("recipients", "next_attempt", "warned", "extra")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,15 @@ class SchedulerOptions:
     rules: Rules = field(default_factory=Rules)
     max_per_destination: int = 10  # concurrent deliveries to one domain
     max_total: int = 100  # concurrent deliveries in all
+
+
+@dataclass(frozen=True)
+class Timing:
+    """When one delivery began and ended, and when its attempt started (clock values)."""
+
+    started: float  # the attempt of the whole message
+    begun: float  # this delivery, once it had its slot
+    ended: float
 
 
 @dataclass
@@ -334,15 +345,14 @@ class Scheduler:
             return None
         except (CorruptEnvelope, OSError) as e:
             text = f"cannot read the queued message: {getattr(e, 'strerror', None) or e}"
-            return [DeliveryResult(r.address, "temporary", UNREADABLE_STATUS, text)
-                    for r in recipients]
-        try:
-            with content:
-                return await self._deliver(envelope, list(recipients), content)
-        except Exception as e:  # a courier bug must not lose the message
-            log.exception("%s: delivery to %s failed", envelope.queue_id, domain)
-            return [DeliveryResult(r.address, "temporary", "4.3.0", f"internal error: {e}")
-                    for r in recipients]
+        else:
+            try:
+                with content:
+                    return await self._deliver(envelope, list(recipients), content)
+            except Exception as e:  # a courier bug must not lose the message
+                log.exception("%s: delivery to %s failed", envelope.queue_id, domain)
+                text = f"internal error: {e}"
+        return [DeliveryResult(r.address, "temporary", SYSTEM_FAULT, text) for r in recipients]
 
     def _record(
         self, envelope: Envelope, recipients: list[Recipient],
@@ -356,7 +366,7 @@ class Scheduler:
             if verdict.dropped is not None:
                 log.warning("%s: undeliverable %s to <%s> discarded", envelope.queue_id,
                             verdict.dropped, recipient.address)
-            log_result(envelope, recipient, verdict.word, timing)
+            _log_result(envelope, recipient, verdict.word, timing)
         for extra in unmatched:
             log.warning("%s: result for unknown recipient <%s> ignored",
                         envelope.queue_id, extra.recipient)
@@ -390,10 +400,8 @@ class Scheduler:
         snapshot = Envelope.from_json(envelope.to_json())
 
         def merge(on_disk: Envelope) -> None:
-            on_disk.recipients = snapshot.recipients
-            on_disk.next_attempt = snapshot.next_attempt
-            on_disk.warned = snapshot.warned
-            on_disk.extra = snapshot.extra
+            for name in _SCHEDULER_FIELDS:
+                setattr(on_disk, name, getattr(snapshot, name))
 
         try:
             stored = await asyncio.to_thread(self.store.update, envelope.queue_id, merge)
@@ -412,3 +420,39 @@ class Scheduler:
 
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
+
+
+def _log_result(envelope: Envelope, recipient: Recipient, word: str, timing: Timing) -> None:
+    """Log what the attempt did to `recipient` (its state as just recorded), as Postfix does:
+
+        QUEUEID: to=<x>, orig_to=<y>, relay=host[ip]:port, delay=12, delays=a/b/c,
+        dsn=4.4.1, status=deferred (text)
+
+    delay is the time since arrival; delays splits this attempt into the time
+    queued before it / waiting for a delivery slot / the delivery itself. No
+    remote MTA: relay=local when delivered here, relay=none when no host answered.
+    """
+    orig = ""
+    if recipient.orcpt:
+        original = (recipient.orcpt.partition(";")[2] or recipient.orcpt).strip()
+        if original != recipient.address:
+            orig = f", orig_to=<{original}>"
+    delays = "/".join(
+        _seconds(x) for x in (timing.started - envelope.created, timing.begun - timing.started,
+                              timing.ended - timing.begun)
+    )
+    log.info(
+        "%s: to=<%s>%s, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)",
+        envelope.queue_id, recipient.address, orig,
+        recipient.remote_mta or ("local" if recipient.state == "delivered" else "none"),
+        _seconds(timing.ended - envelope.created), delays, recipient.dsn_status, word,
+        " ".join((recipient.last_error or "").split()),
+    )
+
+
+def _seconds(value: float) -> str:
+    """A duration as Postfix logs it: two decimals at most, whole seconds from 100 on."""
+    value = max(0.0, value)
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.2f}".rstrip("0").rstrip(".") or "0"

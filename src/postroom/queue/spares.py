@@ -1,24 +1,15 @@
 """Spare files: the queue reuses the files of finished messages instead of creating new ones.
 
-Every queued message would cost a new file and, once delivered, a deletion.
-On ext4 without a journal the inode allocator skips every inode freed in the
-last seconds to minutes, looking each one up as it goes (`recently_deleted()`
-in fs/ext4/ialloc.c), so on a busy queue each creation would walk past the
-inodes the queue itself just freed. A file renamed out of the way and renamed
-back in later allocates and frees no inode, whatever the filesystem.
-PostgreSQL recycles its WAL segments the same way and for the same kind of
-reason.
-
+A file renamed out of the way and back in later allocates and frees no inode,
+whatever the filesystem (ext4 without a journal walks past every inode freed
+in the last minutes on each creation: `recently_deleted()` in fs/ext4/ialloc.c).
 So `QueueStore` retires a finished file by renaming it into `spare/` and
 blanking it, and takes a spare (open and flock it, then rename it into place)
-before it creates a new file. Blanking overwrites the content with zeros
-where it lies rather than truncating: freeing the blocks and allocating them
-again for the next message costs twice what the overwrite does (a discard as
-well, on a filesystem mounted with it), and on a busy queue the zeros never
-even reach the disk, since the next message overwrites the page first. Files
-over `BLANK_LIMIT` are truncated instead. The writer of a taken spare
-overwrites it from the start and cuts what is left beyond its own end
-(`Taken.trim`), so no old byte is ever part of a new file. Nothing in
+before it creates a new file. Blanking overwrites the content with zeros in
+place rather than truncating, which would free the blocks only to allocate
+them again; files over `BLANK_LIMIT` are truncated instead. The writer of a
+taken spare overwrites it from the start and cuts what is left beyond its own
+end (`Taken.trim`), so no old byte is ever part of a new file. Nothing in
 `spare/` is ever read, and an old message stays on disk no longer than an
 unlinked one would.
 
@@ -35,7 +26,6 @@ unlocked. The pool is bounded (`SPARE_LIMIT`): past it, retiring unlinks.
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import os
 import stat
@@ -109,13 +99,13 @@ class Spares:
             except FileNotFoundError:
                 continue  # another process took it first
             except OSError:
-                _unlink(self.folder / name)
+                unlink(self.folder / name)
                 continue
             try:
                 # Locked before it gets a temporary name: `recover` leaves a locked
                 # temporary file alone. A spare someone holds (being blanked, or
                 # taken by another process) is theirs: make a file instead.
-                if not _try_lock(fd):
+                if not try_lock(fd):
                     os.close(fd)
                     return None
                 os.rename(self.folder / name, target)
@@ -132,11 +122,11 @@ class Spares:
                 if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
                     # Still named elsewhere (see the module docstring): not ours to write.
                     os.close(fd)
-                    _unlink(target)
+                    unlink(target)
                     continue
             except BaseException:
                 os.close(fd)
-                _unlink(target)
+                unlink(target)
                 raise
             return Taken(fd, str(target), st.st_size)
 
@@ -221,7 +211,7 @@ def _blank(path: Path) -> None:
     except OSError:
         return
     try:
-        if not _try_lock(fd):
+        if not try_lock(fd):
             return
         size = os.fstat(fd).st_size
         if size > BLANK_LIMIT:
@@ -236,7 +226,7 @@ def _blank(path: Path) -> None:
         os.close(fd)
 
 
-def _try_lock(fd: int) -> bool:
+def try_lock(fd: int) -> bool:
     """Take the file's flock without waiting; False when someone else holds it."""
     if fcntl is None:
         return True
@@ -247,6 +237,10 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+def unlink(path: Path) -> bool:
+    """Remove `path`; False when it was not there."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True

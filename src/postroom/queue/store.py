@@ -26,8 +26,8 @@ leaves a flocked file alone.
 
 Several processes change the queue: the server (the scheduler), `postroom
 queue` (hold, flush, delete) and `postroom sendmail` (add). Every write is an
-atomic rename, so a reader sees the old or the new file, never a mix. Each
-change but `add_many` also runs under an exclusive flock(2) on `lock`, so a
+atomic rename or link, so a reader sees the old or the new file, never a mix.
+Each change but adding also runs under an exclusive flock(2) on `lock`, so a
 read-modify-write (`update`) never interleaves with another one nor brings
 back an envelope that `remove` just deleted. The scheduler merges its part
 into what is on disk, keeping the fields the command line owns (`held`).
@@ -46,14 +46,14 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from postroom.queue import adding
 from postroom.queue.content import Content
 from postroom.queue.envelope import Envelope
 from postroom.queue.queuefile import ENVELOPE_TAG, read_envelope_line
-from postroom.queue.spares import SPARE, Spares
+from postroom.queue.spares import SPARE, Spares, try_lock, unlink
 from postroom.store import durable
 from postroom.store.atomic import atomic_write
 
@@ -143,37 +143,21 @@ class QueueStore:
         Re-entrant within one thread; the flock is taken once, by the
         outermost call (a second open file would block on the first).
         """
-        with self._thread_lock:
-            if self._depth or fcntl is None or not self.dir.is_dir():
-                self._depth += 1
-                try:
-                    yield
-                finally:
-                    self._depth -= 1
-                return
-            fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
+        with self._thread_lock, contextlib.ExitStack() as flock:
+            if not self._depth and fcntl is not None and self.dir.is_dir():
+                fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+                flock.callback(os.close, fd)  # releases the flock
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                self._depth += 1
-                try:
-                    yield
-                finally:
-                    self._depth -= 1
+            self._depth += 1
+            try:
+                yield
             finally:
-                os.close(fd)  # releases the flock
+                self._depth -= 1
 
-    # -- adding (postroom.queue.adding) ----------------------------------------
+    # -- adding: postroom.queue.adding's functions, as methods --------------------
 
-    def add(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
-        """Queue one message durably; when this returns, a crash cannot lose it."""
-        adding.add(self, envelope, chunks)
-
-    def add_many(
-        self, items: builtins.list[tuple[Envelope, Iterable[bytes]]]
-    ) -> builtins.list[BaseException | None]:
-        """`add` for several messages with one round of syncs (group commit); per
-        item None when it is queued or the exception that stopped it."""
-        return adding.add_many(self, items)
+    add = adding.add  # one message; when it returns, a crash cannot lose it
+    add_many = adding.add_many  # several with one round of syncs (group commit)
 
     # -- reading ---------------------------------------------------------------
 
@@ -190,37 +174,35 @@ class QueueStore:
             pass
         else:
             return self._parse(path, data, queue_id)
-        path = self.message_path(queue_id)
-        fd = _open(path, queue_id)
-        try:
-            line = self._envelope_line(fd, path)
-            size = os.fstat(fd).st_size - len(line)
-        finally:
-            os.close(fd)
-        envelope = self._parse(path, line[len(ENVELOPE_TAG):], queue_id)
+        fd, line, size = self._open_queue_file(queue_id)
+        os.close(fd)
+        envelope = self._parse(self.message_path(queue_id), line[len(ENVELOPE_TAG):], queue_id)
         envelope.size = size
         return envelope
 
     def open_content(self, queue_id: str) -> Content:
         """The message of `queue_id`, open for couriers to read (the caller closes it);
         NotQueued if absent, CorruptEnvelope if its queue file has no envelope line."""
+        fd, line, size = self._open_queue_file(queue_id)
+        return Content(fd, len(line), size)
+
+    def _open_queue_file(self, queue_id: str) -> tuple[int, bytes, int]:
+        """The queue file open for reading, its envelope line and the message's size."""
         path = self.message_path(queue_id)
-        fd = _open(path, queue_id)
         try:
-            start = len(self._envelope_line(fd, path))
-            return Content(fd, start, os.fstat(fd).st_size - start)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotQueued(queue_id) from None
+        try:
+            line = read_envelope_line(fd)
+            if line is None:
+                raise CorruptEnvelope(f"{path}: not a queue file (no envelope line)")
+            if not line.endswith(b"\n"):
+                raise CorruptEnvelope(f"{path}: the envelope line has no end")
+            return fd, line, os.fstat(fd).st_size - len(line)
         except BaseException:
             os.close(fd)
             raise
-
-    @staticmethod
-    def _envelope_line(fd: int, path: Path) -> bytes:
-        line = read_envelope_line(fd)
-        if line is None:
-            raise CorruptEnvelope(f"{path}: not a queue file (no envelope line)")
-        if not line.endswith(b"\n"):
-            raise CorruptEnvelope(f"{path}: the envelope line has no end")
-        return line
 
     def _parse(self, path: Path, data: bytes, queue_id: str) -> Envelope:
         try:
@@ -364,16 +346,16 @@ class QueueStore:
                 return 0
             for name in sorted(message_names):
                 path = self.messages / name
-                if name.endswith(TEMP_SUFFIX) and self._temp_is_stale(path) and _unlink(path):
+                if name.endswith(TEMP_SUFFIX) and self._temp_is_stale(path) and unlink(path):
                     removed += 1
             for name in sorted(envelope_names):
                 path = self.envelopes / name
                 if name.endswith(TEMP_SUFFIX):
                     if self._temp_is_stale(path):
-                        removed += _unlink(path)
+                        removed += unlink(path)
                 elif name.endswith(ENVELOPE_SUFFIX):
                     queue_id = name[: -len(ENVELOPE_SUFFIX)]
-                    if queue_id not in message_names and _unlink(path):
+                    if queue_id not in message_names and unlink(path):
                         log.warning("%s: removed an envelope whose message is gone (crash)",
                                     queue_id)
                         removed += 1
@@ -397,23 +379,6 @@ class QueueStore:
         except FileNotFoundError:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # `add` holds it: still being written
+            return try_lock(fd)  # else `add` holds it: still being written
         finally:
             os.close(fd)
-        return True
-
-def _open(path: Path, queue_id: str) -> int:
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotQueued(queue_id) from None
-
-
-def _unlink(path: Path) -> bool:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    return True
