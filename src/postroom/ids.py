@@ -54,15 +54,3 @@ def new_queue_id(now: float | None = None) -> str:
         seq = _seq
     return _encode((seconds << _SEQ_BITS) | seq, QUEUE_ID_LENGTH)
 
-
-def queue_id_time(queue_id: str) -> int:
-    """The Unix time (seconds) a queue ID was made at; ValueError if it is not one."""
-    if len(queue_id) != QUEUE_ID_LENGTH:
-        raise ValueError(f"not a queue ID: {queue_id!r}")
-    value = 0
-    for ch in queue_id.upper():
-        digit = _ALPHABET.find(ch)
-        if digit < 0:
-            raise ValueError(f"not a queue ID: {queue_id!r}")
-        value = (value << 5) | digit
-    return value >> _SEQ_BITS

@@ -38,7 +38,9 @@ def legacy_alias(db: SQLiteUserDirectory, source: str, *targets: str) -> None:
 def resolve(db: SQLiteUserDirectory, address: str) -> list[str] | None:
     """The addresses mail for `address` reaches; None when none (RCPT's 550)."""
     expansion = db.expand(address)
-    return expansion.targets if expansion is not None and expansion.targets else None
+    if expansion is None or expansion.broken:
+        return None
+    return [*expansion.mailboxes, *expansion.remote]
 
 
 def stored_hash(db: SQLiteUserDirectory, address: str) -> str:

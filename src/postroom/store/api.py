@@ -65,10 +65,6 @@ class Expansion:
     loops: tuple[str, ...] = ()  # aliases (not users) met again inside their own expansion
 
     @property
-    def targets(self) -> list[str]:
-        return [*self.mailboxes, *self.remote]
-
-    @property
     def broken(self) -> bool:
         """An alias that exists but reaches no one: its targets are gone or loop."""
         return not self.mailboxes and not self.remote
