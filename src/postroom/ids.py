@@ -38,14 +38,12 @@ def _encode(value: int, length: int) -> str:
 
 
 def new_queue_id(now: float | None = None) -> str:
-    """Return a new 12-character queue ID such as ``"1KX9T3E0M4QZ"``.
+    """A new 12-character queue ID such as ``"1KX9T3E0M4QZ"``, made at `now` (default: now).
 
-    The leading 34 bits are the Unix time in seconds, so IDs made later sort
-    later; the trailing 26 bits are a per-process counter that starts at a
-    random point. One process never repeats an ID (it would need 67 million IDs
-    in one second); two processes collide only if their random windows overlap
-    within the same second, which is rare — stores still create queue files
-    exclusively, so a collision is detected, never silent.
+    34 bits of Unix seconds, so later IDs sort later, then 26 bits of a per-process
+    counter that starts at a random point: a process repeats none (below 2**26 a
+    second), and two processes collide only in the same second with overlapping
+    windows, which the queue's exclusive file creation detects.
     """
     global _seq
     seconds = int(time.time() if now is None else now) & ((1 << 34) - 1)

@@ -23,10 +23,6 @@ MAX_AGE = 1.0  # seconds: the longest a change can go unseen
 RECHECK_AFTER = 0.05  # seconds between looks at the files: stat(2) is not free either
 
 
-async def _in_a_thread(verify: Callable[[str, str], bool], address: str, password: str) -> bool:
-    return await asyncio.to_thread(verify, address, password)
-
-
 class CachedDirectory:
     """api.Directory: `users`' answers, remembered while its files are unchanged.
 
@@ -38,7 +34,7 @@ class CachedDirectory:
     def __init__(self, users: SQLiteUserDirectory, password_gate: PasswordGate | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._users = users
-        self._gate = password_gate or _in_a_thread
+        self._gate: PasswordGate = password_gate or asyncio.to_thread
         self._clock = clock
         self._static = users.static_domains  # canonical already
         self._files = (str(users.path), str(users.path) + "-wal")

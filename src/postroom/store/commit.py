@@ -1,26 +1,13 @@
 """Filing messages into Maildirs: one durable commit path for every size, alone or in a batch.
 
-A message comes here held in memory (most mail: up to 512 KiB) or in a spool
-file (`MessageWriter`: larger mail). Either way `commit` files a batch of them
-with the steps of postroom.store.durable:
-
-1. write: a message in memory into its first maildir's tmp/; a spooled one
-   gets the rest of its buffer;
-2. sync each message's data (on ext4 the first sync commits the journal
-   transaction that holds the others' metadata too, so the rest are cheap);
-3. publish: link the file into every other maildir's new/, with a copy where
-   link(2) cannot work (another filesystem, too many links, no hard links),
-   then rename the tmp/ file into the first maildir's new/; a spooled message
-   is linked into every maildir and its spool file removed after step 4;
-4. sync each new/ folder once for the whole batch;
-
-and only then do callers acknowledge. A message whose step fails is taken
-back out of every maildir it reached (all or nothing, so that the retry the
-client makes cannot duplicate it); the other messages of the batch go on.
-
-Every copy of a message has the same name,
-``<secs>.M<usecs>P<pid>Q<count>R<random>.<host>,S=<size>,W=<size>`` (see
-postroom.store.maildir), unique to this host.
+`commit` files a batch of messages, each held in memory or in a spool file
+(`MessageWriter`), with postroom.store.durable's steps taken batch-wide: write
+(a message in memory into its first maildir's tmp/), sync each message's data,
+publish (link(2) into every other maildir's new/, a copy where a link cannot be
+made; the tmp/ file renamed into its own new/ last), sync each new/ folder once.
+Only then do callers acknowledge. A message whose step fails is taken back out of
+every maildir it reached, so the client's retry cannot duplicate it; the rest of
+the batch goes on. Every copy of a message has the same name (maildir.unique_name).
 """
 
 from __future__ import annotations

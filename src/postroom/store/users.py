@@ -356,14 +356,7 @@ class SQLiteUserDirectory:
         """
         key = _refused(mailbox_address, source)
         self._require_domain(split(key)[1])
-        wanted: list[str] = []
-        for target in targets:
-            try:
-                t = self._target_key(target)
-            except ValueError as e:
-                raise DirectoryError(f"alias target {target!r}: {e}") from None
-            if t not in wanted:
-                wanted.append(t)
+        wanted = list(dict.fromkeys(self._target_key(target) for target in targets))
         if not wanted:
             raise DirectoryError(f"alias {key} needs at least one target")
         for t in wanted:
@@ -401,7 +394,10 @@ class SQLiteUserDirectory:
     def _target_key(self, target: str) -> str:
         # Local targets are matched case-insensitively; remote ones keep their
         # local part as written (RFC 5321 2.4: only their host may fold case).
-        addr = canonical(target)
+        try:
+            addr = canonical(target)
+        except ValueError as e:
+            raise DirectoryError(f"alias target {target!r}: {e}") from None
         local, domain = split(addr)
         if self.has_domain(domain):
             return f"{local.lower()}@{domain}"
@@ -417,10 +413,7 @@ class SQLiteUserDirectory:
                     raise DirectoryError(f"no such alias: {key}")
                 return
             for target in targets:
-                try:
-                    t = self._target_key(target)
-                except ValueError as e:
-                    raise DirectoryError(f"alias target {target!r}: {e}") from None
+                t = self._target_key(target)
                 cur = conn.execute(
                     "DELETE FROM aliases WHERE source = ? AND target = ?", (key, t)
                 )
