@@ -21,10 +21,6 @@ class DirectoryError(Exception):
     """A user-directory operation was refused; str() is one line that says why."""
 
 
-class UnknownDomainError(DirectoryError):
-    pass
-
-
 class MaildropBusy(Exception):
     """Another session holds this maildrop (answered with -ERR [IN-USE], RFC 2449 8.1.2)."""
 

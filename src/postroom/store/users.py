@@ -19,13 +19,7 @@ from pathlib import Path
 from argon2 import PasswordHasher
 
 from postroom.addresses import canonical, canonical_domain, mail_domain, mailbox_address, split
-from postroom.store.api import (
-    DirectoryError,
-    Expansion,
-    UnknownDomainError,
-    local_address,
-    user_key,
-)
+from postroom.store.api import DirectoryError, Expansion, local_address, user_key
 from postroom.store.expansion import SUBADDRESS_DELIMITER, check_alias_target, expand
 from postroom.store.passwords import Hashes, check_password
 
@@ -180,7 +174,7 @@ class SQLiteUserDirectory:
             )
         with self._write() as conn:
             if not conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone():
-                raise UnknownDomainError(f"no such domain: {name}")
+                raise DirectoryError(f"no such domain: {name}")
             if self.postmaster is not None and split(self.postmaster)[1] == name:
                 raise DirectoryError(
                     f"domain {name} holds the administrator's mailbox (postmaster = "
@@ -222,7 +216,7 @@ class SQLiteUserDirectory:
 
     def _require_domain(self, domain: str) -> None:
         if not self.has_domain(domain):
-            raise UnknownDomainError(
+            raise DirectoryError(
                 f"{domain} is not a local domain; add the domain first: "
                 f"postroom domain add {domain}"
             )
