@@ -180,24 +180,21 @@ class SQLiteUserDirectory:
                     f"domain {name} holds the administrator's mailbox (postmaster = "
                     f"{self.postmaster} in {self.config_source}); name another one there first"
                 )
-            users = [r[0] for r in conn.execute(
-                "SELECT address FROM users WHERE domain = ? ORDER BY address", (name,)
-            )]
-            if users:
-                raise DirectoryError(
-                    f"domain {name} still has {len(users)} user(s) ({users[0]}...); "
-                    f"remove them first: postroom user del {users[0]}"
-                )
-            aliases = [r[0] for r in conn.execute(
-                "SELECT DISTINCT source FROM aliases WHERE source LIKE ? ESCAPE '\\' "
-                "ORDER BY source",
+            users = conn.execute(
+                "SELECT COUNT(*), MIN(address) FROM users WHERE domain = ?", (name,)
+            ).fetchone()
+            aliases = conn.execute(
+                "SELECT COUNT(DISTINCT source), MIN(source) FROM aliases "
+                "WHERE source LIKE ? ESCAPE '\\'",
                 ("%@" + name.replace("%", "\\%").replace("_", "\\_"),),
-            )]
-            if aliases:
-                raise DirectoryError(
-                    f"domain {name} still has {len(aliases)} alias(es) ({aliases[0]}...); "
-                    f"remove them first: postroom alias del {aliases[0]}"
-                )
+            ).fetchone()
+            for (count, first), what, kind in ((users, "user(s)", "user"),
+                                               (aliases, "alias(es)", "alias")):
+                if count:
+                    raise DirectoryError(
+                        f"domain {name} still has {count} {what} ({first}...); "
+                        f"remove them first: postroom {kind} del {first}"
+                    )
             conn.execute("DELETE FROM domains WHERE name = ?", (name,))
 
     def list_domains(self) -> list[str]:
