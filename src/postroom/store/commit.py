@@ -19,13 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from postroom.store import durable
-from postroom.store.maildir import (
-    DIR_MODE,
-    LineEnds,
-    ensure_maildir,
-    sent_size,
-    unique_name,
-)
+from postroom.store.maildir import DIR_MODE, LineEnds, ensure_maildir, unique_name
 
 # A spooled message's writes are gathered up to this size before a write(2):
 # the writer runs on the event loop, one system call per network read would
@@ -97,11 +91,10 @@ def _write(delivery: Delivery, hostname: str) -> None:
         delivery._name = unique_name(hostname, spool.size, spool.sent)
         return
     chunks = delivery.chunks
-    size = sum(len(c) for c in chunks)
-    sent = sent_size(chunks)
+    counted = LineEnds(chunks)
     first = delivery.maildirs[0]
     while True:
-        name = unique_name(hostname, size, sent)
+        name = unique_name(hostname, counted.size, counted.sent)
         tmp = first / "tmp" / name
         try:
             try:

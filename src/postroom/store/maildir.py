@@ -83,16 +83,18 @@ class LineEnds:
     """Counts what a file's bytes become as POP3 sends them (RFC 1939 11): CRLF line
     ends (a bare LF or a bare CR is a line end, as protocol.lines.DotStuffer sends
     it), and one added after a last line that lacks it. Fed chunk by chunk, in
-    order; a CRLF split between two chunks is one line end."""
+    order (`chunks` first); a CRLF split between two chunks is one line end."""
 
     __slots__ = ("size", "bare_lf", "bare_cr", "_ends_cr", "_last")
 
-    def __init__(self) -> None:
+    def __init__(self, chunks: Iterable[bytes] = ()) -> None:
         self.size = 0  # octets fed
         self.bare_lf = 0  # LFs without a CR before them
         self.bare_cr = 0  # CRs without an LF after them
         self._ends_cr = False
         self._last = -1  # the last octet fed, -1 before any
+        for chunk in chunks:
+            self.feed(chunk)
 
     def feed(self, chunk: bytes) -> None:
         if not chunk:
@@ -112,14 +114,6 @@ class LineEnds:
         """The octets as sent, before byte-stuffing."""
         extra = 0 if self._last in (-1, 0x0A, 0x0D) else 2
         return self.size + self.bare_lf + self.bare_cr + extra
-
-
-def sent_size(chunks: Iterable[bytes]) -> int:
-    """LineEnds(...).sent of these chunks."""
-    counter = LineEnds()
-    for chunk in chunks:
-        counter.feed(chunk)
-    return counter.sent
 
 
 _FIELD = re.compile(r",([A-Za-z])=([0-9]+)")  # S=, W= (and others) before the ":"

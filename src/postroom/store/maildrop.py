@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -53,10 +54,8 @@ def _cached_sent_size(path: Path, unique: str, stored: int) -> tuple[int, bool]:
 def file_sent_size(path: Path) -> tuple[int, bool]:
     """The octets RETR sends for the file before byte-stuffing (maildir.LineEnds),
     and whether the file has no bare CR or LF. BLOCKING: reads the whole file."""
-    counter = LineEnds()
     with open(path, "rb") as file:
-        while chunk := file.read(READ_CHUNK):
-            counter.feed(chunk)
+        counter = LineEnds(iter(functools.partial(file.read, READ_CHUNK), b""))
     return counter.sent, counter.bare_lf == 0 and counter.bare_cr == 0
 
 
