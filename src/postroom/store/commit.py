@@ -13,8 +13,9 @@ the batch goes on. Every copy of a message has the same name (maildir.unique_nam
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,12 +57,9 @@ class Delivery:
 def commit(batch: Sequence[Delivery], hostname: str) -> None:
     """File every delivery of `batch` durably (BLOCKING: fsync). Sets each one's
     `finals`, or its `error` after removing every copy of that message."""
-    for delivery in batch:
-        _step(delivery, _write, hostname)
-    for delivery in batch:
-        _step(delivery, _sync)
-    for delivery in batch:
-        _step(delivery, _publish)
+    for step in (functools.partial(_write, hostname=hostname), _sync, _publish):
+        for delivery in batch:
+            _step(delivery, step)
     failed = durable.sync_folders(final.parent for d in batch if d.error is None
                                   for final in d.finals.values())
     for delivery in batch:
@@ -74,11 +72,11 @@ def commit(batch: Sequence[Delivery], hostname: str) -> None:
         _tidy(delivery)
 
 
-def _step(delivery: Delivery, step: object, *args: object) -> None:
+def _step(delivery: Delivery, step: Callable[[Delivery], None]) -> None:
     if delivery.error is not None:
         return
     try:
-        step(delivery, *args)  # type: ignore[operator]
+        step(delivery)
     except OSError as exc:
         delivery.error = exc
         _undo(delivery)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from postroom.store import durable
 from postroom.store.api import LATER, DropEntry, Later, MaildropBusy
-from postroom.store.maildir import LineEnds, list_messages
+from postroom.store.maildir import LineEnds, ensure_maildir, list_messages
 
 LOCK_NAME = "postroom-pop3.lock"  # a dot-less name would be listed as mail by some readers
 MAX_UID = 70  # RFC 1939 7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E
@@ -93,8 +93,7 @@ class Maildrop:
 
         Raises MaildropBusy when another session has it, OSError on storage faults.
         """
-        for sub in ("new", "cur", "tmp"):
-            (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_maildir(root)
         fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
