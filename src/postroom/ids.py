@@ -30,11 +30,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def _encode(value: int, length: int) -> str:
-    chars = []
-    for _ in range(length):
-        chars.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    """`value` in `length` base32 digits, the most significant first."""
+    return "".join(_ALPHABET[(value >> 5 * i) & 31] for i in reversed(range(length)))
 
 
 def new_queue_id(now: float | None = None) -> str:
