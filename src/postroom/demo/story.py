@@ -94,7 +94,7 @@ class World:
         printer.line(f"users     {SMITH} and {BOSS}, random passwords", indent=2)
         printer.line()
         return Story(self, printer, provider, corp, dns, passwords,
-                     MaildirMailboxes(corp.config.mail_dir).maildir_for(BOSS))
+                     MaildirMailboxes(corp.config.mail_dir, CORP).maildir_for(BOSS))
 
     async def _host(self, folder: str, config_text: str, user: str, password: str) -> Running:
         """A host started from its config in root/folder, with `user` in its directory."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,9 +34,9 @@ MAILDIRS_KEPT = 10_000  # address -> maildir answers remembered
 class MaildirMailboxes:
     """api.Mailboxes on the Maildirs under one mail folder (DATA/mail)."""
 
-    def __init__(self, mail_dir: Path, hostname: str | None = None) -> None:
+    def __init__(self, mail_dir: Path, hostname: str) -> None:
         self.mail_dir = Path(mail_dir)
-        self.hostname = hostname or socket.gethostname() or "localhost"
+        self.hostname = hostname  # in the names of filed messages
         self.spool_dir = self.mail_dir / SPOOL
         self._commits: BatchThread[Delivery, list[Path]] = BatchThread(
             "postroom-commit", self._commit_batch)
