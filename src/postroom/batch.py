@@ -1,10 +1,8 @@
 """A worker thread that runs jobs in batches and answers each on its own event loop.
 
-Group commit (store/mailboxes.py for Maildirs, server/relay.py for adding to
-the queue, queue/scheduler.py for removing from it) needs the same machinery:
-callers hand in a job and await its result; one thread takes every job waiting
-when it wakes, runs the batch with one round of syncs, and wakes each event
-loop once for all of that batch's answers.
+The group commits (Maildir filing, adding to the queue, removing from it) share it:
+callers await their job's result; one thread takes every job waiting when it wakes,
+runs them with one round of syncs, and wakes each event loop once for the batch.
 """
 
 from __future__ import annotations
@@ -35,12 +33,9 @@ class BatchThread(Generic[J, R]):
     or a BaseException to raise in the submitter.
 
     `linger`: once a job has woken the thread, it waits this many seconds for
-    more before it runs the batch. Only for work whose submitters can wait
-    (removing messages already delivered): each wake-up is a futex call made
-    while the event loop holds the interpreter lock, and then a hand-off of
-    that lock to this thread, which at hundreds of jobs a second cost the
-    event loop more than the jobs themselves. Jobs that arrive meanwhile find
-    the thread asleep, not waiting, so their notify is a no-op.
+    more before it runs the batch, so that one wake-up (a futex call and a
+    hand-off of the interpreter lock) serves many jobs. Only for work whose
+    submitters can wait (removing messages already delivered).
     """
 
     def __init__(self, name: str, run_batch: Callable[[list[J]], Sequence[R | BaseException]],

@@ -30,22 +30,17 @@ if hasattr(os, "register_at_fork"):
 
 
 def _encode(value: int, length: int) -> str:
-    chars = []
-    for _ in range(length):
-        chars.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    """`value` in `length` base32 digits, the most significant first."""
+    return "".join(_ALPHABET[(value >> 5 * i) & 31] for i in reversed(range(length)))
 
 
 def new_queue_id(now: float | None = None) -> str:
-    """Return a new 12-character queue ID such as ``"1KX9T3E0M4QZ"``.
+    """A new 12-character queue ID such as ``"1KX9T3E0M4QZ"``, made at `now` (default: now).
 
-    The leading 34 bits are the Unix time in seconds, so IDs made later sort
-    later; the trailing 26 bits are a per-process counter that starts at a
-    random point. One process never repeats an ID (it would need 67 million IDs
-    in one second); two processes collide only if their random windows overlap
-    within the same second, which is rare — stores still create queue files
-    exclusively, so a collision is detected, never silent.
+    34 bits of Unix seconds, so later IDs sort later, then 26 bits of a per-process
+    counter that starts at a random point: a process repeats none (below 2**26 a
+    second), and two processes collide only in the same second with overlapping
+    windows, which the queue's exclusive file creation detects.
     """
     global _seq
     seconds = int(time.time() if now is None else now) & ((1 << 34) - 1)
@@ -54,15 +49,3 @@ def new_queue_id(now: float | None = None) -> str:
         seq = _seq
     return _encode((seconds << _SEQ_BITS) | seq, QUEUE_ID_LENGTH)
 
-
-def queue_id_time(queue_id: str) -> int:
-    """The Unix time (seconds) a queue ID was made at; ValueError if it is not one."""
-    if len(queue_id) != QUEUE_ID_LENGTH:
-        raise ValueError(f"not a queue ID: {queue_id!r}")
-    value = 0
-    for ch in queue_id.upper():
-        digit = _ALPHABET.find(ch)
-        if digit < 0:
-            raise ValueError(f"not a queue ID: {queue_id!r}")
-        value = (value << 5) | digit
-    return value >> _SEQ_BITS

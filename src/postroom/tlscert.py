@@ -47,12 +47,8 @@ def make_self_signed(hostname: str) -> tuple[bytes, bytes]:
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "postroom self-signed"),
         ]
     )
-    dns_names = [hostname] if hostname != "localhost" else []
-    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in [*dns_names, "localhost"]]
-    sans += [
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.IPAddress(ipaddress.ip_address("::1")),
-    ]
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dict.fromkeys([hostname, "localhost"])]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
     now = datetime.datetime.now(datetime.UTC)
     public = key.public_key()
     cert = (

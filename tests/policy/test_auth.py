@@ -36,3 +36,12 @@ def test_failures_are_forgotten_and_success_clears_the_account() -> None:
     assert throttle.failed("192.0.2.2", "boss@corp.example") == 1
     throttle.succeeded("192.0.2.2", "boss@corp.example")
     assert throttle.failed("192.0.2.3", "boss@corp.example") == 1
+
+
+def test_a_long_guessing_run_stays_at_the_cap() -> None:
+    """More failures than a float's exponent can double (2**1024) keep the cap; also
+    with the delay turned off."""
+    for first in (2.0, 0.0):
+        throttle = AuthThrottle(first_delay=first, max_delay=15, clock=Clock())
+        delays = [throttle.failed("192.0.2.1", "boss@corp.example") for _ in range(1100)]
+        assert delays[-1] == min(first * 8, 15)

@@ -20,7 +20,6 @@ from postroom.store.maildir import (
     ensure_maildir,
     escape_hostname,
     list_messages,
-    parse_maildir_name,
     unique_name,
 )
 
@@ -112,19 +111,22 @@ def test_unique_names_across_processes() -> None:
     assert len(set(names)) == len(names) == 800
 
 
-def test_parse_maildir_name() -> None:
-    parsed = parse_maildir_name(r"1700000000.M12345P99Q3Rab12.mx\072x,S=1234,W=1260:2,RS")
-    assert parsed.size == 1234
-    assert parsed.vsize == 1260
-    assert parsed.info == "2,RS"
-    assert parsed.flags == "RS"
-    assert parsed.base == r"1700000000.M12345P99Q3Rab12.mx\072x,S=1234,W=1260"
-    assert parsed.unique == r"1700000000.M12345P99Q3Rab12.mx\072x"
-    assert parsed.time == 1700000000
-    assert parsed.usecs == 12345
-    foreign = parse_maildir_name("1234.5678_1.host")
-    assert (foreign.size, foreign.info, foreign.flags, foreign.time) == (None, None, "", 1234)
-    assert foreign.unique == "1234.5678_1.host"
+def test_list_messages_reads_the_names(tmp_path: Path) -> None:
+    """Sizes, UIDL basis and order come from the name: postroom's, with flags, and another
+    MDA's (no S=/W=: stat(2))."""
+    box = tmp_path / "box"
+    ensure_maildir(box)
+    ours = box / "cur" / r"1700000000.M12345P99Q3Rab12.mx\072x,S=1234,W=1260:2,RS"
+    earlier = box / "cur" / "1700000000.M345P9.h,S=4:2,"
+    foreign = box / "new" / "1234.5678_1.host"
+    for path in (ours, earlier, foreign):
+        path.write_bytes(b"x: y")
+    listed = list_messages(box)
+    assert [e.path for e in listed] == [foreign, earlier, ours]
+    assert (listed[2].size, listed[2].exact, listed[2].crlf) == (1260, True, False)
+    assert listed[2].uid_base_name == r"1700000000.M12345P99Q3Rab12.mx\072x"
+    assert (listed[1].size, listed[1].exact) == (4, False)
+    assert (listed[0].size, listed[0].exact, listed[0].uid_base_name) == (4, False, foreign.name)
 
 
 # -- locations and path tricks -------------------------------------------------------
@@ -339,7 +341,6 @@ def test_list_messages(store: MaildirMailboxes) -> None:
     assert sizes[seen] == seen.stat().st_size
     assert sizes[foreign] == 8
     by_path = {e.path: e for e in entries}
-    assert by_path[seen].flags == "S"
     assert by_path[seen].uid_base_name == second.name.split(",")[0]
     assert list_messages(store.maildir_for("nobody@corp.example")) == []
     # postroom's own names say "no bare LF" (W= equals S=); a foreign name says nothing.

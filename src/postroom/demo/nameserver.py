@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 import dns.exception
@@ -25,7 +25,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-DEFAULT_TTL = 300  # seconds; the demo's hosts live for seconds, caching is harmless
+TTL = 300  # seconds; the demo's hosts live for seconds, caching is harmless
 
 
 @dataclass(frozen=True)
@@ -38,35 +38,29 @@ class Answered:
     records: tuple[str, ...]  # the answer section, one record per line, zone-file style
 
 
-@dataclass
 class Zone:
     """A zone's records: {(name, type): [rdata text]}, names absolute (final dot optional)."""
 
-    origin: str
-    records: Mapping[tuple[str, str], Sequence[str]]
-    ttl: int = DEFAULT_TTL
-    _names: set[dns.name.Name] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._origin = dns.name.from_text(self.origin)
+    def __init__(self, origin: str, records: Mapping[tuple[str, str], Sequence[str]]) -> None:
+        self._origin = dns.name.from_text(origin)
         # A name exists when it owns records or a name below it does (an "empty
         # non-terminal", RFC 8020): both get NODATA, never NXDOMAIN.
         self._names = {self._origin}
         self._rrsets: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
-        for (name, rdtype), values in self.records.items():
+        for (name, rdtype), values in records.items():
             owner = dns.name.from_text(name)
             if not owner.is_subdomain(self._origin):
-                raise ValueError(f"{name} is outside the zone {self.origin}")
+                raise ValueError(f"{name} is outside the zone {origin}")
             self._rrsets[(owner, dns.rdatatype.from_text(rdtype))] = dns.rrset.from_text_list(
-                owner, self.ttl, dns.rdataclass.IN, rdtype, list(values))
+                owner, TTL, dns.rdataclass.IN, rdtype, list(values))
             while owner != self._origin:
                 self._names.add(owner)
                 owner = owner.parent()
         # RFC 2308 3: negative answers carry the zone's SOA, whose last field is
         # the TTL for caching the "no".
         self._soa = dns.rrset.from_text(
-            self._origin, self.ttl, dns.rdataclass.IN, dns.rdatatype.SOA,
-            f"ns.{self._origin} hostmaster.{self._origin} 1 3600 600 86400 {self.ttl}",
+            self._origin, TTL, dns.rdataclass.IN, dns.rdatatype.SOA,
+            f"ns.{self._origin} hostmaster.{self._origin} 1 3600 600 86400 {TTL}",
         )
         self._rrsets.setdefault((self._origin, dns.rdatatype.SOA), self._soa)
 
@@ -94,6 +88,7 @@ class Zone:
         return response, Answered(qname.to_text(omit_final_dot=True).lower(),
                                   dns.rdatatype.to_text(qtype),
                                   dns.rcode.to_text(response.rcode()), records)
+
 
 class DemoDNS(asyncio.DatagramProtocol):
     """The running server: `address`, the `queries` it answered, `close()`."""
@@ -139,9 +134,9 @@ class DemoDNS(asyncio.DatagramProtocol):
             self._transport = None
 
 
-def mail_zone(domain: str, mx_host: str, address: str, origin: str = "example") -> Zone:
-    """A zone where `domain`'s mail goes to `mx_host` (MX 10) at `address` (A)."""
-    return Zone(origin, {
+def mail_zone(domain: str, mx_host: str, address: str) -> Zone:
+    """The zone `example`, where `domain`'s mail goes to `mx_host` (MX 10) at `address` (A)."""
+    return Zone("example", {
         (domain, "MX"): [f"10 {mx_host}."],
         (mx_host, "A"): [address],
     })

@@ -39,11 +39,9 @@ def _signals(handler: Callable[[int, object], None] | int) -> Iterator[None]:
     """SIGTERM (and during clean-up SIGINT) handled by `handler`; restored after."""
     names = (signal.SIGTERM,) if callable(handler) else (signal.SIGTERM, signal.SIGINT)
     saved = {}
-    try:
+    with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
         for name in names:
             saved[name] = signal.signal(name, handler)
-    except ValueError:  # not the main thread: signals stay as they are
-        pass
     try:
         yield
     finally:

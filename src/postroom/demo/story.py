@@ -73,19 +73,17 @@ class World:
 
     root: Path
     tap: LogTap
-    dns: DemoDNS | None = None
-    provider: Running | None = None
-    corp: Running | None = None
-    passwords: dict[str, str] = field(default_factory=dict)
+    started: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
     async def start(self, printer: Printer) -> Story:
         """Start the DNS server, then the receiving host, then the provider; say where."""
-        self.passwords = {SMITH: secrets.token_urlsafe(12), BOSS: secrets.token_urlsafe(12)}
-        dns = self.dns = await start_dns(mail_zone("corp.example", CORP, "127.0.0.1"))
-        corp = self.corp = await self._host("corp", CORP_CONFIG, BOSS)
+        passwords = {SMITH: secrets.token_urlsafe(12), BOSS: secrets.token_urlsafe(12)}
+        dns = await start_dns(mail_zone("corp.example", CORP, "127.0.0.1"))
+        self.started.callback(dns.close)
+        corp = await self._host("corp", CORP_CONFIG, BOSS, passwords[BOSS])
         corp_smtp = corp.address("smtp")
-        provider = self.provider = await self._host(
-            "isp", _provider_config(dns.address[1], corp_smtp[1]), SMITH)
+        provider = await self._host(
+            "isp", _provider_config(dns.address[1], corp_smtp[1]), SMITH, passwords[SMITH])
         printer.header(f"Setting up in {self.root}")
         printer.line(f"DNS       127.0.0.1:{dns.address[1]} (UDP): corp.example MX 10 {CORP}, "
                      f"{CORP} A 127.0.0.1", indent=2)
@@ -95,27 +93,23 @@ class World:
                      f"POP3 127.0.0.1:{corp.address('pop3')[1]} (STLS)", indent=2)
         printer.line(f"users     {SMITH} and {BOSS}, random passwords", indent=2)
         printer.line()
-        return Story(self, printer, provider, corp, dns,
-                     MaildirMailboxes(corp.config.mail_dir).maildir_for(BOSS))
+        return Story(self, printer, provider, corp, dns, passwords,
+                     MaildirMailboxes(corp.config.mail_dir, CORP).maildir_for(BOSS))
 
-    async def _host(self, folder: str, config_text: str, user: str) -> Running:
+    async def _host(self, folder: str, config_text: str, user: str, password: str) -> Running:
         """A host started from its config in root/folder, with `user` in its directory."""
         (self.root / folder).mkdir(mode=0o700)
         (self.root / folder / "postroom.toml").write_text(config_text, encoding="utf-8")
         config = load_config(self.root / folder)
-        await asyncio.to_thread(open_store(config.store).users.add_user, user,
-                                self.passwords[user])
-        return await start(config)
+        await asyncio.to_thread(open_store(config.store).users.add_user, user, password)
+        running = await start(config)
+        self.started.push_async_callback(running.stop, grace=2)
+        return running
 
     async def stop(self) -> None:
-        for running in (self.provider, self.corp):
-            if running is not None:
-                with contextlib.suppress(Exception):
-                    await running.stop(grace=2)
-        self.provider = self.corp = None
-        if self.dns is not None:
-            self.dns.close()
-            self.dns = None
+        """Stop what started, the last first, each one even when another fails to stop."""
+        with contextlib.suppress(Exception):
+            await self.started.aclose()
 
 
 @dataclass
@@ -127,6 +121,7 @@ class Story:
     provider: Running
     corp: Running
     dns: DemoDNS
+    passwords: dict[str, str]  # the users', drawn at random
     maildir: Path  # the boss's, on the receiving host
     problems: list[str] = field(default_factory=list)
     message: EmailMessage = field(default_factory=EmailMessage)  # as step 1 submitted it
@@ -160,7 +155,7 @@ async def submission(story: Story) -> None:
     begun = time.time()
     result = await send.submit(story.message, send.SubmitOptions(
         host=host, port=port, security="starttls", user=SMITH,
-        password=story.world.passwords[SMITH], cafile=str(provider.config.tls.cert),
+        password=story.passwords[SMITH], cafile=str(provider.config.tls.cert),
         trace=sent, helo=CLIENT_HELO))
     printer.header(f"1. Smith's mail client submits the message to {PROVIDER}",
                    time.time() - begun)
@@ -261,7 +256,7 @@ async def pop3(story: Story) -> Path | None:
     begun = time.time()
     fetched = await fetch.fetch(fetch.FetchOptions(
         host=pop_host, port=pop_port, security="stls", user=BOSS,
-        password=story.world.passwords[BOSS], dest=root / "boss-laptop",
+        password=story.passwords[BOSS], dest=root / "boss-laptop",
         cafile=str(corp.config.tls.cert), trace=got))
     ended = time.time()
     auth, transaction, update = pop3_states([line for _, line in got])

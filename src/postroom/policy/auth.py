@@ -16,6 +16,9 @@ FIRST_DELAY = 2.0  # seconds after the first failure (Dovecot's auth_failure_del
 MAX_DELAY = 15.0  # the cap: a real user who mistyped still gets an answer soon
 FORGET_AFTER = 15 * 60.0  # failures older than this no longer count
 MAX_TRACKED = 100_000  # keys remembered at most; the oldest are dropped first
+# Failures beyond this many double the delay no further: any cap is reached long
+# before, and the count of a long guessing run would overflow a float (2**1024).
+MAX_DOUBLINGS = 64
 
 
 class AuthThrottle:
@@ -53,9 +56,8 @@ class AuthThrottle:
             worst = max(worst, count)
         while len(self._failures) > MAX_TRACKED:
             del self._failures[next(iter(self._failures))]
-        if not self.first_delay:
-            return 0.0
-        return float(min(self.first_delay * 2 ** (worst - 1), self.max_delay))
+        doublings = min(worst - 1, MAX_DOUBLINGS)
+        return float(min(self.first_delay * 2**doublings, self.max_delay))
 
     def succeeded(self, client: str, account: str) -> None:
         """A good login clears the account's record (not the address's)."""

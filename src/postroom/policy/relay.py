@@ -83,22 +83,25 @@ class RecipientPolicy:
         local, domain = split_address(address)
         domain = normalise_domain(domain)
         shown = f"<{address}>"
-        if not domain or not self._directory.is_local_domain(domain):
-            return RecipientDecision(relay_denied(shown))
-        if any(ch in ROUTING_CHARACTERS for ch in unquoted(local)):
-            # The address names our domain but asks us to route it further.
-            return RecipientDecision(relay_denied(shown))
+        if not domain or not self._directory.is_local_domain(domain) or any(
+            ch in ROUTING_CHARACTERS for ch in unquoted(local)
+        ):
+            # Not our domain, or ours but asking us to route the mail further:
+            # a host that does not relay says so with 554 5.7.1 (RFC 5321 3.6.2).
+            return RecipientDecision(Reply(554, "5.7.1", f"{shown}: Relay access denied"))
         if not unquoted(local):
             return RecipientDecision(Reply(501, "5.1.3", f"{shown}: empty local part"))
         try:
             key = canonical(f"{local}@{domain}")
         except ValueError:  # a local part longer than any mailbox name here
-            return RecipientDecision(no_such_user(shown))
+            key = None
         # A local part that stays quoted (a space, say) names no mailbox here:
         # user and alias names are dot-atoms.
-        expansion = None if is_quoted(split(key)[0]) else await self._directory.expand(key)
-        if expansion is None:
-            return RecipientDecision(no_such_user(shown))
+        expansion = (await self._directory.expand(key)
+                     if key is not None and not is_quoted(split(key)[0]) else None)
+        if expansion is None:  # RFC 3463 X.1.1: the mailbox does not exist
+            return RecipientDecision(
+                Reply(550, "5.1.1", f"{shown}: Recipient address rejected: no such user here"))
         if expansion.broken:
             # The alias exists but its targets are gone or loop: the fault is
             # this host's set-up, which its administrator can mend, so the
@@ -116,12 +119,3 @@ class RecipientPolicy:
             )
         return RecipientDecision(Reply(250, "2.1.5", "Ok"), expansion.mailboxes)
 
-
-def no_such_user(shown: str) -> Reply:
-    """RFC 3463 X.1.1: the mailbox does not exist."""
-    return Reply(550, "5.1.1", f"{shown}: Recipient address rejected: no such user here")
-
-
-def relay_denied(shown: str) -> Reply:
-    """RFC 5321 3.6.2: a host that does not relay says so with 550/554 and 5.7.1."""
-    return Reply(554, "5.7.1", f"{shown}: Relay access denied")

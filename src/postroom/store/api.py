@@ -1,15 +1,9 @@
 """The store interface: what the server, POP3 and the CLI ask of users and mailboxes.
 
-- `Directory`: the user directory as the server asks it for every message, on
-  the event loop (answered from memory where the backend can; a change made
-  elsewhere seen within a second). `UserDirectory`: as the CLI changes it.
-- `Mailboxes`: `receive` gives an `Incoming` message that the session writes,
-  then files with `deliver` (durable before it returns, in a commit shared
-  with other sessions); `open_maildrop` locks a mailbox for one POP3 session.
-
-postroom.store.factory.open_store builds a `Store` from `StoreSettings`, values
-the config gives. Storage faults are OSError everywhere: callers answer them
-with a temporary failure (451 4.3.0, -ERR [SYS/TEMP]) and lose nothing.
+postroom.store.factory.open_store builds a `Store` (the `Directory` the server asks,
+the `UserDirectory` the CLI changes, the `Mailboxes`) from `StoreSettings`, values
+the config gives. Storage faults are OSError everywhere: callers answer them with
+a temporary failure (451 4.3.0, -ERR [SYS/TEMP]) and lose nothing.
 """
 
 from __future__ import annotations
@@ -25,10 +19,6 @@ from postroom.addresses import canonical, split
 
 class DirectoryError(Exception):
     """A user-directory operation was refused; str() is one line that says why."""
-
-
-class UnknownDomainError(DirectoryError):
-    pass
 
 
 class MaildropBusy(Exception):
@@ -65,10 +55,6 @@ class Expansion:
     loops: tuple[str, ...] = ()  # aliases (not users) met again inside their own expansion
 
     @property
-    def targets(self) -> list[str]:
-        return [*self.mailboxes, *self.remote]
-
-    @property
     def broken(self) -> bool:
         """An alias that exists but reaches no one: its targets are gone or loop."""
         return not self.mailboxes and not self.remote
@@ -78,7 +64,9 @@ class Expansion:
 
 
 class Directory(Protocol):
-    """The user directory as the server asks it."""
+    """The user directory as the server asks it for every message, on the event loop:
+    answered from memory where the backend can, a change made elsewhere seen within
+    a second."""
 
     def is_local_domain(self, domain: str) -> bool:
         """`domain` (canonical) is ours. Synchronous: every recipient asks, and the

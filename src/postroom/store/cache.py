@@ -1,14 +1,11 @@
 """The server's `Directory` over the SQLite directory: answers cached until the database changes.
 
-Every RCPT asks "is this domain ours?" and "where does this address go?". The
-SQLite directory answers in tens of microseconds, but at thousands of
-recipients a second that is a large share of the server's time, and `postroom
-user add` in another process must still take effect at once. So answers are
-kept while the database files are unchanged: SQLite in WAL mode appends every
-commit to the -wal file and checkpoints into the main file, so a commit always
-changes the size or modification time of one of them. Timestamps are only as
-fine as the kernel's clock tick, and a WAL reused after a checkpoint keeps its
-size, so answers also expire after MAX_AGE seconds whatever the files say.
+Every RCPT asks "is this domain ours?" and "where does this address go?", and a
+change the CLI makes in another process must be seen at once. An answer is kept
+while the database files are unchanged (in WAL mode every commit changes the size
+or modification time of the main file or the -wal file), and never longer than
+MAX_AGE: timestamps are as coarse as the kernel's clock tick, and a WAL reused
+after a checkpoint keeps its size.
 """
 
 from __future__ import annotations
@@ -26,10 +23,6 @@ MAX_AGE = 1.0  # seconds: the longest a change can go unseen
 RECHECK_AFTER = 0.05  # seconds between looks at the files: stat(2) is not free either
 
 
-async def _in_a_thread(verify: Callable[[str, str], bool], address: str, password: str) -> bool:
-    return await asyncio.to_thread(verify, address, password)
-
-
 class CachedDirectory:
     """api.Directory: `users`' answers, remembered while its files are unchanged.
 
@@ -41,7 +34,7 @@ class CachedDirectory:
     def __init__(self, users: SQLiteUserDirectory, password_gate: PasswordGate | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._users = users
-        self._gate = password_gate or _in_a_thread
+        self._gate: PasswordGate = password_gate or asyncio.to_thread
         self._clock = clock
         self._static = users.static_domains  # canonical already
         self._files = (str(users.path), str(users.path) + "-wal")

@@ -1,44 +1,26 @@
 """Filing messages into Maildirs: one durable commit path for every size, alone or in a batch.
 
-A message comes here held in memory (most mail: up to 512 KiB) or in a spool
-file (`MessageWriter`: larger mail). Either way `commit` files a batch of them
-with the steps of postroom.store.durable:
-
-1. write: a message in memory into its first maildir's tmp/; a spooled one
-   gets the rest of its buffer;
-2. sync each message's data (on ext4 the first sync commits the journal
-   transaction that holds the others' metadata too, so the rest are cheap);
-3. publish: link the file into every other maildir's new/, with a copy where
-   link(2) cannot work (another filesystem, too many links, no hard links),
-   then rename the tmp/ file into the first maildir's new/; a spooled message
-   is linked into every maildir and its spool file removed after step 4;
-4. sync each new/ folder once for the whole batch;
-
-and only then do callers acknowledge. A message whose step fails is taken
-back out of every maildir it reached (all or nothing, so that the retry the
-client makes cannot duplicate it); the other messages of the batch go on.
-
-Every copy of a message has the same name,
-``<secs>.M<usecs>P<pid>Q<count>R<random>.<host>,S=<size>,W=<size>`` (see
-postroom.store.maildir), unique to this host.
+`commit` files a batch of messages, each held in memory or in a spool file
+(`MessageWriter`), with postroom.store.durable's steps taken batch-wide: write
+(a message in memory into its first maildir's tmp/), sync each message's data,
+publish (link(2) into every other maildir's new/, a copy where a link cannot be
+made; the tmp/ file renamed into its own new/ last), sync each new/ folder once.
+Only then do callers acknowledge. A message whose step fails is taken back out of
+every maildir it reached, so the client's retry cannot duplicate it; the rest of
+the batch goes on. Every copy of a message has the same name (maildir.unique_name).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from postroom.store import durable
-from postroom.store.maildir import (
-    DIR_MODE,
-    LineEnds,
-    ensure_maildir,
-    sent_size,
-    unique_name,
-)
+from postroom.store.maildir import DIR_MODE, LineEnds, ensure_maildir, unique_name
 
 # A spooled message's writes are gathered up to this size before a write(2):
 # the writer runs on the event loop, one system call per network read would
@@ -75,12 +57,9 @@ class Delivery:
 def commit(batch: Sequence[Delivery], hostname: str) -> None:
     """File every delivery of `batch` durably (BLOCKING: fsync). Sets each one's
     `finals`, or its `error` after removing every copy of that message."""
-    for delivery in batch:
-        _step(delivery, _write, hostname)
-    for delivery in batch:
-        _step(delivery, _sync)
-    for delivery in batch:
-        _step(delivery, _publish)
+    for step in (functools.partial(_write, hostname=hostname), _sync, _publish):
+        for delivery in batch:
+            _step(delivery, step)
     failed = durable.sync_folders(final.parent for d in batch if d.error is None
                                   for final in d.finals.values())
     for delivery in batch:
@@ -93,11 +72,11 @@ def commit(batch: Sequence[Delivery], hostname: str) -> None:
         _tidy(delivery)
 
 
-def _step(delivery: Delivery, step: object, *args: object) -> None:
+def _step(delivery: Delivery, step: Callable[[Delivery], None]) -> None:
     if delivery.error is not None:
         return
     try:
-        step(delivery, *args)  # type: ignore[operator]
+        step(delivery)
     except OSError as exc:
         delivery.error = exc
         _undo(delivery)
@@ -110,11 +89,10 @@ def _write(delivery: Delivery, hostname: str) -> None:
         delivery._name = unique_name(hostname, spool.size, spool.sent)
         return
     chunks = delivery.chunks
-    size = sum(len(c) for c in chunks)
-    sent = sent_size(chunks)
+    counted = LineEnds(chunks)
     first = delivery.maildirs[0]
     while True:
-        name = unique_name(hostname, size, sent)
+        name = unique_name(hostname, counted.size, counted.sent)
         tmp = first / "tmp" / name
         try:
             try:

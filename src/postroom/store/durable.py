@@ -154,10 +154,21 @@ def sync_and_close(fd: int, path: Path) -> None:
         os.close(fd)
 
 
-def copy_file(src: Path, tmp: Path, dst: Path, mode: int = FILE_MODE) -> None:
-    """Steps 1-3 for a copy of the synced file `src`: written to `tmp` (beside `dst`,
-    on its filesystem), synced, renamed to `dst`. Leaves no `tmp` behind."""
-    out = OS.create(tmp, mode)
+def link_or_copy(src: Path, dst: Path, tmp: Path) -> None:
+    """Step 3 by link: give the synced file `src` the further name `dst`.
+
+    Where link(2) cannot work (LINK_FALLBACK_ERRNOS) the file is copied to
+    `tmp`, a free name in a folder on `dst`'s filesystem, synced and renamed
+    to `dst` (steps 1-3 again), leaving no `tmp` behind. Any other error (the
+    name is taken, the disk is full) is raised.
+    """
+    try:
+        OS.link(src, dst)
+        return
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or exc.errno not in LINK_FALLBACK_ERRNOS:
+            raise
+    out = OS.create(tmp)
     try:
         with open(src, "rb", buffering=0) as source:
             while chunk := source.read(COPY_CHUNK):
@@ -171,21 +182,6 @@ def copy_file(src: Path, tmp: Path, dst: Path, mode: int = FILE_MODE) -> None:
         with contextlib.suppress(OSError):
             OS.unlink(tmp)
         raise
-
-
-def link_or_copy(src: Path, dst: Path, tmp: Path) -> None:
-    """Step 3 by link: give the synced file `src` the further name `dst`.
-
-    Where link(2) cannot work (LINK_FALLBACK_ERRNOS) the file is copied to
-    `tmp`, a free name in a folder on `dst`'s filesystem, synced and renamed
-    to `dst`. Any other error (the name is taken, the disk is full) is raised.
-    """
-    try:
-        OS.link(src, dst)
-    except OSError as exc:
-        if isinstance(exc, FileExistsError) or exc.errno not in LINK_FALLBACK_ERRNOS:
-            raise
-        copy_file(src, tmp, dst)
 
 
 def sync_folders(folders: Iterable[Path]) -> dict[Path, OSError]:

@@ -1,15 +1,11 @@
 """The Maildir backend of api.Mailboxes: DATA/mail/<domain>/<localpart>/ for each mailbox.
 
-A message being received (`Spool`) is held in memory while small, so that it
-touches the disk only inside the commit, in a worker thread (creating a file
-on the event loop can block it while the journal commits other sessions'
-syncs); past SPILL_AT it goes to a spool file, never whole in memory.
-
-Every message must be on disk before its 250 (RFC 5321 6.1), and filing each
-alone costs two journal commits and a hand-off of the interpreter lock. So one
-thread takes every message waiting when it wakes and files them all with
-postroom.store.commit (`commit`): one data sync per message, one sync per new/
-folder per batch, one wake-up of each event loop for all the answers.
+A message being received (`Spool`) stays in memory up to SPILL_AT, so that it
+touches the disk only in the commit's worker thread (a file made on the event
+loop can block it behind other sessions' syncs); a larger one goes to a spool file.
+Every message is on disk before its 250 (RFC 5321 6.1): one thread takes every
+message waiting when it wakes and files them together (postroom.store.commit),
+then wakes each event loop once for all the answers.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -39,9 +34,9 @@ MAILDIRS_KEPT = 10_000  # address -> maildir answers remembered
 class MaildirMailboxes:
     """api.Mailboxes on the Maildirs under one mail folder (DATA/mail)."""
 
-    def __init__(self, mail_dir: Path, hostname: str | None = None) -> None:
+    def __init__(self, mail_dir: Path, hostname: str) -> None:
         self.mail_dir = Path(mail_dir)
-        self.hostname = hostname or socket.gethostname() or "localhost"
+        self.hostname = hostname  # in the names of filed messages
         self.spool_dir = self.mail_dir / SPOOL
         self._commits: BatchThread[Delivery, list[Path]] = BatchThread(
             "postroom-commit", self._commit_batch)

@@ -83,16 +83,18 @@ class LineEnds:
     """Counts what a file's bytes become as POP3 sends them (RFC 1939 11): CRLF line
     ends (a bare LF or a bare CR is a line end, as protocol.lines.DotStuffer sends
     it), and one added after a last line that lacks it. Fed chunk by chunk, in
-    order; a CRLF split between two chunks is one line end."""
+    order (`chunks` first); a CRLF split between two chunks is one line end."""
 
     __slots__ = ("size", "bare_lf", "bare_cr", "_ends_cr", "_last")
 
-    def __init__(self) -> None:
+    def __init__(self, chunks: Iterable[bytes] = ()) -> None:
         self.size = 0  # octets fed
         self.bare_lf = 0  # LFs without a CR before them
         self.bare_cr = 0  # CRs without an LF after them
         self._ends_cr = False
         self._last = -1  # the last octet fed, -1 before any
+        for chunk in chunks:
+            self.feed(chunk)
 
     def feed(self, chunk: bytes) -> None:
         if not chunk:
@@ -114,53 +116,8 @@ class LineEnds:
         return self.size + self.bare_lf + self.bare_cr + extra
 
 
-def sent_size(chunks: Iterable[bytes]) -> int:
-    """LineEnds(...).sent of these chunks."""
-    counter = LineEnds()
-    for chunk in chunks:
-        counter.feed(chunk)
-    return counter.sent
-
-
-@dataclass(frozen=True)
-class MaildirName:
-    """The parts of a Maildir file name."""
-
-    name: str  # the whole file name
-    base: str  # the name without the ":2,<flags>" info (stays when flags change)
-    unique: str  # the part before the first "," or ":" (stable; for UIDL)
-    size: int | None  # S=: octets of the stored file
-    vsize: int | None  # W=: octets with CRLF line ends
-    info: str | None  # what follows ":" (e.g. "2,S"), None in new/
-    flags: str  # the flags of a "2," info, e.g. "RS"
-    time: int | None  # the delivery time (seconds) at the start of the name
-    usecs: int | None  # the M<usecs> part, when the name has one
-
-
-_FIELD = re.compile(r",([A-Za-z])=([0-9]+)")
-_TIME = re.compile(r"([0-9]+)\.(?:M([0-9]+))?")
-
-
-def parse_maildir_name(name: str) -> MaildirName:
-    """Split a Maildir file name into its parts (works for other MDAs' names too)."""
-    base, sep, info = name.partition(":")
-    unique = re.split(r"[,:]", name, maxsplit=1)[0]
-    fields = {key.upper(): int(value) for key, value in _FIELD.findall(base)}
-    flags = ""
-    if sep and info.startswith("2,"):
-        flags = info[2:]
-    m = _TIME.match(name)
-    return MaildirName(
-        name=name,
-        base=base,
-        unique=unique,
-        size=fields.get("S"),
-        vsize=fields.get("W"),
-        info=info if sep else None,
-        flags=flags,
-        time=int(m.group(1)) if m else None,
-        usecs=int(m.group(2)) if m and m.group(2) else None,
-    )
+_FIELD = re.compile(r",([A-Za-z])=([0-9]+)")  # S=, W= (and others) before the ":"
+_TIME = re.compile(r"([0-9]+)\.(?:M([0-9]+))?")  # the delivery time, then M<usecs>
 
 
 @dataclass(frozen=True)
@@ -169,8 +126,7 @@ class MaildirEntry:
 
     path: Path
     size: int  # octets as sent, with CRLF line ends: W=, else S=, else stat(2)
-    uid_base_name: str  # the stable unique part of the name: a basis for UIDL
-    flags: str = ""  # Maildir flags ("S" seen, "T" trashed, ...) from cur/ names
+    uid_base_name: str  # the part before the first "," or ":": stable, a basis for UIDL
     # The name says the file has no bare CR or LF: W= (the size with CRLF line ends)
     # equals S= (the size stored), as in postroom's own names. Readers may then skip
     # converting line ends; without this they must convert.
@@ -181,7 +137,7 @@ class MaildirEntry:
 
 
 def list_messages(maildir: Path) -> list[MaildirEntry]:
-    """The messages in new/ and cur/, oldest delivery first.
+    """The messages in new/ and cur/, oldest delivery first (other MDAs' names too).
 
     Sizes are what a POP3 client receives (RFC 1939 11: CRLF line ends): the W=
     field, which Dovecot's deliveries carry for files stored with LF line ends,
@@ -199,10 +155,12 @@ def list_messages(maildir: Path) -> list[MaildirEntry]:
         for name in names:
             if name.startswith("."):
                 continue  # RFC-less but universal: dot files are not messages
-            parsed = parse_maildir_name(name)
+            fields = {k.upper(): int(v) for k, v in _FIELD.findall(name.partition(":")[0])}
+            vsize = fields.get("W")
+            size = fields.get("S") if vsize is None else vsize
+            started = _TIME.match(name)
+            when = int(started.group(1)) if started else None
             path = folder / name
-            size = parsed.vsize if parsed.vsize is not None else parsed.size
-            when = parsed.time
             if size is None or when is None:
                 try:
                     st = path.stat()
@@ -210,10 +168,11 @@ def list_messages(maildir: Path) -> list[MaildirEntry]:
                     continue
                 size = st.st_size if size is None else size
                 when = int(st.st_mtime) if when is None else when
-            crlf = parsed.vsize is not None and parsed.vsize == parsed.size
-            entry = MaildirEntry(path, size, parsed.unique, parsed.flags, crlf,
-                                 exact=parsed.vsize is not None)
-            found.append(((when, parsed.usecs or 0, name), entry))
+            entry = MaildirEntry(path, size, re.split(r"[,:]", name, maxsplit=1)[0],
+                                 crlf=vsize is not None and vsize == fields.get("S"),
+                                 exact=vsize is not None)
+            usecs = int(started.group(2) or 0) if started else 0
+            found.append(((when, usecs, name), entry))
     found.sort(key=lambda item: item[0])
     return [entry for _, entry in found]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -24,12 +25,13 @@ from pathlib import Path
 
 from postroom.store import durable
 from postroom.store.api import LATER, DropEntry, Later, MaildropBusy
-from postroom.store.maildir import LineEnds, list_messages
+from postroom.store.maildir import LineEnds, ensure_maildir, list_messages
 
 LOCK_NAME = "postroom-pop3.lock"  # a dot-less name would be listed as mail by some readers
 MAX_UID = 70  # RFC 1939 7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E
 # Messages above this size are read in a worker thread, not on the event loop.
 THREAD_READ_ABOVE = 1024 * 1024
+READ_CHUNK = 256 * 1024  # octets asked of read(2) at a time
 
 
 # Sizes as sent of files whose names do not carry them (no W=, as other MDAs
@@ -52,10 +54,8 @@ def _cached_sent_size(path: Path, unique: str, stored: int) -> tuple[int, bool]:
 def file_sent_size(path: Path) -> tuple[int, bool]:
     """The octets RETR sends for the file before byte-stuffing (maildir.LineEnds),
     and whether the file has no bare CR or LF. BLOCKING: reads the whole file."""
-    counter = LineEnds()
     with open(path, "rb") as file:
-        while chunk := file.read(256 * 1024):
-            counter.feed(chunk)
+        counter = LineEnds(iter(functools.partial(file.read, READ_CHUNK), b""))
     return counter.sent, counter.bare_lf == 0 and counter.bare_cr == 0
 
 
@@ -93,8 +93,7 @@ class Maildrop:
 
         Raises MaildropBusy when another session has it, OSError on storage faults.
         """
-        for sub in ("new", "cur", "tmp"):
-            (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_maildir(root)
         fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -148,9 +147,7 @@ class Maildrop:
             return await asyncio.to_thread(self.read_chunks, number, seen=seen)
         return chunks
 
-    def read_chunks(
-        self, number: int, chunk_size: int = 256 * 1024, *, seen: bool = True
-    ) -> list[bytes] | None:
+    def read_chunks(self, number: int, *, seen: bool = True) -> list[bytes] | None:
         """The message's bytes in pieces (BLOCKING for large files), or None if it is gone.
 
         `seen`: RETR files the message as read (cur/, flag S) at QUIT; TOP does not.
@@ -161,7 +158,7 @@ class Maildrop:
             self._ahead = None
             chunks: list[bytes] | None = ahead[1]
         else:
-            chunks = self._read(msg, chunk_size)
+            chunks = self._read(msg, READ_CHUNK)
         if chunks is not None:
             msg.retrieved = msg.retrieved or seen
         return chunks
@@ -215,19 +212,7 @@ class Maildrop:
         moved: set[Path] = set()
         for number, msg in enumerate(self.messages, start=1):
             if number in deleted:
-                removed = False
-                for _attempt in range(3):  # another reader may rename it meanwhile
-                    try:
-                        durable.OS.unlink(msg.path)
-                        removed = True
-                        break
-                    except FileNotFoundError:
-                        if not self._locate(msg):
-                            removed = True  # already gone: what QUIT asked for is true
-                            break
-                    except OSError:
-                        break
-                if not removed:
+                if not self._remove(msg):
                     failures += 1
                     continue
                 folder = msg.path.parent
@@ -239,6 +224,19 @@ class Maildrop:
                     moved.update((msg.path.parent, target.parent))
         failed = durable.sync_folders([*removed_from, *moved])
         return failures + sum(removed_from.get(folder, 0) for folder in failed)
+
+    def _remove(self, msg: DropMessage) -> bool:
+        """Unlink the message wherever another reader moved it; True once it is gone."""
+        for _attempt in range(3):  # another reader may rename it meanwhile
+            try:
+                durable.OS.unlink(msg.path)
+                return True
+            except FileNotFoundError:
+                if not self._locate(msg):
+                    return True  # already gone: what QUIT asked for is true
+            except OSError:
+                return False
+        return False
 
     def close(self) -> None:
         """Release the lock (also released by the kernel if the process dies)."""

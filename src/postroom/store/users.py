@@ -19,13 +19,7 @@ from pathlib import Path
 from argon2 import PasswordHasher
 
 from postroom.addresses import canonical, canonical_domain, mail_domain, mailbox_address, split
-from postroom.store.api import (
-    DirectoryError,
-    Expansion,
-    UnknownDomainError,
-    local_address,
-    user_key,
-)
+from postroom.store.api import DirectoryError, Expansion, local_address, user_key
 from postroom.store.expansion import SUBADDRESS_DELIMITER, check_alias_target, expand
 from postroom.store.passwords import Hashes, check_password
 
@@ -180,30 +174,27 @@ class SQLiteUserDirectory:
             )
         with self._write() as conn:
             if not conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone():
-                raise UnknownDomainError(f"no such domain: {name}")
+                raise DirectoryError(f"no such domain: {name}")
             if self.postmaster is not None and split(self.postmaster)[1] == name:
                 raise DirectoryError(
                     f"domain {name} holds the administrator's mailbox (postmaster = "
                     f"{self.postmaster} in {self.config_source}); name another one there first"
                 )
-            users = [r[0] for r in conn.execute(
-                "SELECT address FROM users WHERE domain = ? ORDER BY address", (name,)
-            )]
-            if users:
-                raise DirectoryError(
-                    f"domain {name} still has {len(users)} user(s) ({users[0]}...); "
-                    f"remove them first: postroom user del {users[0]}"
-                )
-            aliases = [r[0] for r in conn.execute(
-                "SELECT DISTINCT source FROM aliases WHERE source LIKE ? ESCAPE '\\' "
-                "ORDER BY source",
+            users = conn.execute(
+                "SELECT COUNT(*), MIN(address) FROM users WHERE domain = ?", (name,)
+            ).fetchone()
+            aliases = conn.execute(
+                "SELECT COUNT(DISTINCT source), MIN(source) FROM aliases "
+                "WHERE source LIKE ? ESCAPE '\\'",
                 ("%@" + name.replace("%", "\\%").replace("_", "\\_"),),
-            )]
-            if aliases:
-                raise DirectoryError(
-                    f"domain {name} still has {len(aliases)} alias(es) ({aliases[0]}...); "
-                    f"remove them first: postroom alias del {aliases[0]}"
-                )
+            ).fetchone()
+            for (count, first), what, kind in ((users, "user(s)", "user"),
+                                               (aliases, "alias(es)", "alias")):
+                if count:
+                    raise DirectoryError(
+                        f"domain {name} still has {count} {what} ({first}...); "
+                        f"remove them first: postroom {kind} del {first}"
+                    )
             conn.execute("DELETE FROM domains WHERE name = ?", (name,))
 
     def list_domains(self) -> list[str]:
@@ -222,7 +213,7 @@ class SQLiteUserDirectory:
 
     def _require_domain(self, domain: str) -> None:
         if not self.has_domain(domain):
-            raise UnknownDomainError(
+            raise DirectoryError(
                 f"{domain} is not a local domain; add the domain first: "
                 f"postroom domain add {domain}"
             )
@@ -356,14 +347,7 @@ class SQLiteUserDirectory:
         """
         key = _refused(mailbox_address, source)
         self._require_domain(split(key)[1])
-        wanted: list[str] = []
-        for target in targets:
-            try:
-                t = self._target_key(target)
-            except ValueError as e:
-                raise DirectoryError(f"alias target {target!r}: {e}") from None
-            if t not in wanted:
-                wanted.append(t)
+        wanted = list(dict.fromkeys(self._target_key(target) for target in targets))
         if not wanted:
             raise DirectoryError(f"alias {key} needs at least one target")
         for t in wanted:
@@ -401,7 +385,10 @@ class SQLiteUserDirectory:
     def _target_key(self, target: str) -> str:
         # Local targets are matched case-insensitively; remote ones keep their
         # local part as written (RFC 5321 2.4: only their host may fold case).
-        addr = canonical(target)
+        try:
+            addr = canonical(target)
+        except ValueError as e:
+            raise DirectoryError(f"alias target {target!r}: {e}") from None
         local, domain = split(addr)
         if self.has_domain(domain):
             return f"{local.lower()}@{domain}"
@@ -417,10 +404,7 @@ class SQLiteUserDirectory:
                     raise DirectoryError(f"no such alias: {key}")
                 return
             for target in targets:
-                try:
-                    t = self._target_key(target)
-                except ValueError as e:
-                    raise DirectoryError(f"alias target {target!r}: {e}") from None
+                t = self._target_key(target)
                 cur = conn.execute(
                     "DELETE FROM aliases WHERE source = ? AND target = ?", (key, t)
                 )
