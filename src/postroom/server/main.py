@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import gc
+import inspect
 import logging
 import os
 import signal
@@ -20,6 +22,7 @@ import socket
 import ssl
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from postroom.config import Config, ConfigError
@@ -36,7 +39,6 @@ from postroom.server.services import (
     session_factory,
 )
 from postroom.server.session import Service
-from postroom.server.smtp import SMTPService
 from postroom.server.workers import (
     WakeChannel,
     fork_workers,
@@ -65,19 +67,14 @@ HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)  # SIGUSR1: rescan the queue f
 MAILBOX_SWEEP_SECONDS = 8 * 3600.0
 
 
-# Log output to a file or pipe is buffered and flushed this often: a write(2) per
-# line was a large share of the server's time at thousands of lines a second.
+# Log output to a file or pipe is buffered and flushed this often (not a write(2) a line).
 LOG_FLUSH_SECONDS = 0.2
 LOG_TIME = "%Y-%m-%dT%H:%M:%S"  # local time, as logging's %(asctime)s shows it
 
 
 class BufferedLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A StreamHandler whose emit() leaves the line in the stream's buffer.
-
-    logging.StreamHandler flushes after every record, which is a write(2) per
-    line (five per message received) however large the buffer. Here flush()
-    is called by `flush_logs_periodically` and at exit (logging.shutdown).
-    """
+    """A StreamHandler whose emit() leaves the line in the stream's buffer: flush() is
+    called every LOG_FLUSH_SECONDS and at exit (logging.shutdown), not after each record."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -89,12 +86,8 @@ class BufferedLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 class LineFormatter(logging.Formatter):
-    """"TIME NAME[PID]: MESSAGE", with the time text made once a second.
-
-    logging.Formatter runs strftime for every line; a busy server writes
-    thousands of lines a second, all with the same few time stamps. Records
-    with an exception or a stack are left to logging.Formatter.
-    """
+    """"TIME NAME[PID]: MESSAGE", the time text made once a second, not once a line;
+    records with an exception or a stack are left to logging.Formatter."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(name)s[%(process)d]: %(message)s", LOG_TIME)
@@ -112,15 +105,10 @@ class LineFormatter(logging.Formatter):
 
 
 def setup_logging() -> logging.Handler:
-    """One line per event on standard error, Postfix-like: time, program, text.
-
-    On a terminal every line shows at once; to a file or pipe lines are
-    buffered and `flush_logs_periodically` writes them out every
-    LOG_FLUSH_SECONDS (and at exit).
-    """
-    # No record needs the caller's file and line, thread or multiprocessing name
-    # (the format has none of them): skip collecting them on every call (the
-    # logging HOWTO's "Optimization" section).
+    """One line per event on standard error, Postfix-like: time, program, text; at once
+    on a terminal, buffered (see LOG_FLUSH_SECONDS) to a file or pipe."""
+    # The format shows no source line, thread or process name: skip collecting them
+    # (the logging HOWTO's "Optimization" section).
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
@@ -141,10 +129,13 @@ def setup_logging() -> logging.Handler:
     return handler
 
 
-async def flush_logs_periodically(handler: logging.Handler) -> None:
+async def every(seconds: float, job: Callable[[], Awaitable[object] | object]) -> None:
+    """Run `job` every `seconds` (awaiting what it returns, if anything) until cancelled."""
     while True:
-        await asyncio.sleep(LOG_FLUSH_SECONDS)
-        handler.flush()
+        await asyncio.sleep(seconds)
+        done = job()
+        if inspect.isawaitable(done):
+            await done
 
 
 def install_event_loop_policy() -> str:
@@ -196,12 +187,6 @@ class Running:
     password_checks: PasswordChecks
     descriptors: Descriptors
     sweeper: asyncio.Task[None] | None = None  # the primary's periodic tmp/ sweep
-
-    @property
-    def smtp(self) -> SMTPService:
-        service = self.services["smtp"]
-        assert isinstance(service, SMTPService)
-        return service
 
     def address(self, listener: str) -> tuple[str, int]:
         """The bound (host, port) of a listener: tests bind port 0 and ask here."""
@@ -296,8 +281,7 @@ async def start(config: Config, process: Process = Process()) -> Running:
         factory = session_factory(service, implicit)
         descriptors.listen(key_name, sock, None if implicit else out_of_descriptors(service))
         if key_name in process.accept_last:
-            servers[key_name] = DeferredServer(sock, factory,
-                                               accept_failed=descriptors.accept_failed)
+            servers[key_name] = DeferredServer(sock, factory, descriptors.accept_failed)
         else:
             servers[key_name] = await loop.create_server(factory, sock=sock)
         log.info("listening for %s on %s:%d%s%s", key_name, *sock.getsockname()[:2],
@@ -305,7 +289,8 @@ async def start(config: Config, process: Process = Process()) -> Running:
                  " (taking what the workers leave)" if key_name in process.accept_last else "")
     descriptors.install(loop)
     relay.start()
-    sweeper = loop.create_task(sweep_mailboxes_periodically(store.mailboxes)) if primary else None
+    sweep = functools.partial(sweep_mailboxes, store.mailboxes)
+    sweeper = loop.create_task(every(MAILBOX_SWEEP_SECONDS, sweep)) if primary else None
     return Running(config, servers, services, relay, store, checks, descriptors, sweeper)
 
 
@@ -321,19 +306,14 @@ async def sweep_mailboxes(mailboxes: Mailboxes) -> None:
                  removed)
 
 
-async def sweep_mailboxes_periodically(mailboxes: Mailboxes) -> None:
-    while True:
-        await asyncio.sleep(MAILBOX_SWEEP_SECONDS)
-        await sweep_mailboxes(mailboxes)
-
-
 async def serve(config: Config, process: Process) -> int:
     """Run until SIGTERM/SIGINT/SIGHUP. The primary (not a worker) also answers on the
     control socket of its lock, runs the relay scheduler and stops the worker children,
     then waits for them."""
     loop = asyncio.get_running_loop()
-    flusher = (loop.create_task(flush_logs_periodically(process.log_handler))
-               if process.log_handler is not None else None)
+    handler = process.log_handler
+    flusher = (loop.create_task(every(LOG_FLUSH_SECONDS, handler.flush))
+               if handler is not None else None)
     running = await start(config, process)
     primary = not process.worker
     if process.channel is not None and primary:

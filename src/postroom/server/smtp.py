@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from postroom.ids import new_queue_id
-from postroom.policy.relay import RecipientDecision, RecipientPolicy
+from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
 from postroom.protocol import sasl
 from postroom.protocol import smtp_server as core
@@ -39,17 +39,14 @@ LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try later")  # RFC
 
 
 class Outbound(Protocol):
-    """Where mail for other hosts goes: the durable queue (see postroom.queue)."""
+    """The durable queue (server.relay): mail for other hosts, and the delivery reports
+    about mail filed here (postroom.queue.dsn)."""
 
     async def add(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
         """Store durably; `chunks` may be iterated in another thread."""
 
     def queued(self, envelope: Envelope) -> None:
         """`add` returned for `envelope`: try it now."""
-
-
-class Notices(Protocol):
-    """Where delivery reports about mail filed here go (postroom.queue.dsn)."""
 
     async def delivered(
         self, envelope: Envelope, recipients: list[tuple[Recipient, int]], original: bytes | Path
@@ -65,12 +62,10 @@ class SMTPService(Service):
     core_config: core.SMTPServerConfig
     policy: RecipientPolicy
     mailboxes: Mailboxes
-    notices: Notices  # success reports for local recipients (RFC 3464)
+    outbound: Outbound
     free_space: FreeSpace  # MAIL FROM: 452 when the disk cannot take it
-    # Submission only (RFC 6409): authenticated users, their sender checks, and the
-    # queue that relays their mail to other hosts.
+    # Submission only (RFC 6409): authenticated users and their sender checks.
     submission: SubmissionPolicy | None = None
-    outbound: Outbound | None = None
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes after end of data...
     max_received: int = DEFAULT_MAX_RECEIVED
@@ -81,13 +76,8 @@ class Transaction:
     """The envelope and spool of the message being received (RFC 5321 3.3)."""
 
     queue_id: str
-    sender: str
+    mail: core.MailFrom  # the sender and the MAIL parameters (RFC 1870, 3461, 6152, 6531)
     started: float
-    size_declared: int | None = None
-    smtputf8: bool = False
-    body: str | None = None
-    ret: str | None = None
-    envid: str | None = None
     recipients: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     remote: list[Recipient] = field(default_factory=list)  # to relay (submission)
     # Local recipients that asked for a success report (RFC 3461 4.1, NOTIFY and
@@ -103,11 +93,7 @@ class Transaction:
 
     def mailboxes(self) -> list[str]:
         """Each local mailbox once, however many recipients (aliases) lead to it."""
-        seen: dict[str, None] = {}
-        for _rcpt, boxes in self.recipients:
-            for box in boxes:
-                seen.setdefault(box, None)
-        return list(seen)
+        return list(dict.fromkeys(box for _rcpt, boxes in self.recipients for box in boxes))
 
 
 class SMTPSession(Session):
@@ -251,20 +237,11 @@ class SMTPSession(Session):
         if full is not None:
             self.conn.send(full)
             return
-        txn = Transaction(
-            queue_id=new_queue_id(),
-            sender=event.address,
-            started=time.time(),
-            size_declared=event.size,
-            smtputf8=event.smtputf8,
-            body=event.body,
-            ret=event.ret,
-            envid=event.envid,
-        )
+        txn = Transaction(queue_id=new_queue_id(), mail=event, started=time.time())
         self.txn = txn
         log.info("%s: %s: client=[%s], helo=%s, from=<%s>%s", svc.name, txn.queue_id,
-                 self.client_ip, self.helo, txn.sender,
-                 f", size={txn.size_declared}" if txn.size_declared is not None else "")
+                 self.client_ip, self.helo, event.address,
+                 f", size={event.size}" if event.size is not None else "")
         self.conn.send(Reply(250, "2.1.0", "Sender ok"))
 
     def _storage_refusal(self, declared: int | None) -> Reply | None:
@@ -285,7 +262,10 @@ class SMTPSession(Session):
     async def _rcpt_to(self, event: core.RcptTo) -> None:
         txn = self.txn
         assert txn is not None, "the core emits RcptTo only inside a transaction"
-        decision = await self._recipient_decision(event.address)
+        svc = self.service
+        # An authenticated submission client may relay (RFC 6409); MX traffic may not.
+        policy = svc.submission if svc.submission is not None and self.user else svc.policy
+        decision = await policy.check_recipient(event.address)
         if decision.accepted and decision.remote is not None:
             txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
         elif decision.accepted:
@@ -296,22 +276,13 @@ class SMTPSession(Session):
         else:
             log.info("%s: %s: reject: RCPT from [%s]: %s; from=<%s> to=<%s>",
                      self.service.name, txn.queue_id, self.client_ip, decision.reply,
-                     txn.sender, event.address)
+                     txn.mail.address, event.address)
         self.conn.send(decision.reply)
-
-    async def _recipient_decision(self, address: str) -> RecipientDecision:
-        svc = self.service
-        if svc.submission is not None and self.user is not None:
-            decision = await svc.submission.check_recipient(address)
-            if decision.remote is not None and svc.outbound is None:
-                return RecipientDecision(Reply(451, "4.3.0", "Relay queue unavailable"))
-            return decision
-        return await svc.policy.check_recipient(address)
 
     def _data_start(self, event: core.DataStart) -> None:
         txn = self.txn
         assert txn is not None, "the core emits DataStart only inside a transaction"
-        txn.writer = self.service.mailboxes.receive(return_path(txn.sender))
+        txn.writer = self.service.mailboxes.receive(return_path(txn.mail.address))
         txn.hops = HopCounter()
         if self.service.submission is not None:
             txn.headers = HeaderCapture()
@@ -326,7 +297,7 @@ class SMTPSession(Session):
             tls_version=self.tls[0] if self.tls else None,
             tls_cipher=self.tls[1] if self.tls else None,
             authenticated=self.user is not None,
-            smtputf8=txn.smtputf8,
+            smtputf8=txn.mail.smtputf8,
             recipient=everyone[0] if len(everyone) == 1 else None,
         )
         txn.writer.write(received_header(info, txn.started))
@@ -398,16 +369,16 @@ class SMTPSession(Session):
             # Queue first: if filing locally then fails, the client retries and the
             # relayed recipients may get the message twice, which is the safe way
             # round (RFC 5321 6.1: duplicates over losses).
-            if envelope is not None and svc.outbound is not None:
+            if envelope is not None:
                 await svc.outbound.add(envelope, message.chunks())
             names = await message.deliver(txn.mailboxes())
         except (OSError, ValueError) as exc:
             return self._local_error(txn, message, "storing the message", exc)
         self._log_stored(txn, message.size, names)
-        if envelope is not None and svc.outbound is not None:
+        if envelope is not None:
             svc.outbound.queued(envelope)
         if txn.notify and names:
-            await svc.notices.delivered(self._envelope(txn, message.size), txn.notify,
+            await svc.outbound.delivered(self._envelope(txn, message.size), txn.notify,
                                         message.original())
         message.abort()
         return True
@@ -420,14 +391,15 @@ class SMTPSession(Session):
             return Reply(554, "5.4.6", f"Too many hops ({txn.hops.count} Received headers): "
                                        "mail loop?")
         if txn.from_header is not None and svc.submission is not None and self.user is not None:
-            return await svc.submission.check_from(self.user, txn.from_header, txn.smtputf8)
+            return await svc.submission.check_from(self.user, txn.from_header,
+                                                   txn.mail.smtputf8)
         return None
 
     def _log_stored(self, txn: Transaction, size: int, names: list[str]) -> None:
         """The Postfix-style summary: one line for the message, one per recipient."""
         svc = self.service
         delay = time.time() - txn.started
-        log.info("%s: %s: from=<%s>, size=%d, nrcpt=%d%s", svc.name, txn.queue_id, txn.sender,
+        log.info("%s: %s: from=<%s>, size=%d, nrcpt=%d%s", svc.name, txn.queue_id, txn.mail.address,
                  size, len(txn.recipients) + len(txn.remote),
                  f", sasl_username={self.user}" if self.user else "")
         by_box = dict(zip(txn.mailboxes(), names, strict=True))
@@ -451,14 +423,14 @@ class SMTPSession(Session):
     def _envelope(self, txn: Transaction, size: int) -> Envelope:
         return Envelope(
             queue_id=txn.queue_id,
-            sender=txn.sender,
+            sender=txn.mail.address,
             recipients=list(txn.remote),
             created=time.time(),
             size=size,
-            ret=txn.ret,
-            envid=txn.envid,
-            smtputf8=txn.smtputf8,
-            body=txn.body,
+            ret=txn.mail.ret,
+            envid=txn.mail.envid,
+            smtputf8=txn.mail.smtputf8,
+            body=txn.mail.body,
             auth_user=self.user,
             client=f"[{self.client_ip}]",
         )
