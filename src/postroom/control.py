@@ -198,42 +198,6 @@ def _listen(path: Path) -> socket.socket:
 # -- the server's side -------------------------------------------------------------
 
 
-class _ControlSession(asyncio.Protocol):
-    """One request, one answer, then the connection closes."""
-
-    def __init__(self, rescan: Callable[[], None], stopping: Callable[[], bool]) -> None:
-        self._rescan = rescan
-        self._stopping = stopping
-        self._buffer = b""
-        self._transport: asyncio.WriteTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        if b"\n" in self._buffer or len(self._buffer) > MAX_REQUEST:
-            self._answer(self._buffer.split(b"\n", 1)[0].strip())
-
-    def eof_received(self) -> bool:
-        self._answer(self._buffer.strip())
-        return False
-
-    def _answer(self, request: bytes) -> None:
-        if self._transport is None or self._transport.is_closing():
-            return
-        pid = os.getpid()
-        if request != RESCAN:
-            answer = "error unknown request"
-        elif self._stopping():
-            answer = f"stopping {pid}"
-        else:
-            self._rescan()
-            answer = f"ok {pid}"
-        self._transport.write(answer.encode("ascii") + b"\n")
-        self._transport.close()
-
-
 async def serve_control(
     lock: ServerLock, rescan: Callable[[], None], stopping: Callable[[], bool]
 ) -> asyncio.AbstractServer:
@@ -242,9 +206,25 @@ async def serve_control(
     `rescan` makes the server read its queue folder again; while `stopping()`
     says so, requests are answered "stopping" and change nothing.
     """
-    loop = asyncio.get_running_loop()
-    return await loop.create_unix_server(lambda: _ControlSession(rescan, stopping),
-                                         sock=lock.control)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request, one answer, then the connection closes."""
+        try:
+            request = (await reader.readline()).strip()  # at EOF: what came before it
+        except (ValueError, ConnectionError):  # a line longer than MAX_REQUEST, or gone
+            request = b""
+        pid = os.getpid()
+        if request != RESCAN:
+            reply = "error unknown request"
+        elif stopping():
+            reply = f"stopping {pid}"
+        else:
+            rescan()
+            reply = f"ok {pid}"
+        writer.write(reply.encode("ascii") + b"\n")
+        writer.close()
+
+    return await asyncio.start_unix_server(answer, sock=lock.control, limit=MAX_REQUEST)
 
 
 # -- everyone else's side ----------------------------------------------------------

@@ -23,6 +23,11 @@ class Greeter(asyncio.Protocol):
         transport.write(f"{self.name}\r\n".encode())  # type: ignore[attr-defined]
 
 
+def no_refusal(sock: socket.socket, exc: OSError) -> int:
+    """An accept_failed that answers no waiting connection (server.descriptors does)."""
+    return 0
+
+
 def listening(kind: type[socket.socket] = socket.socket) -> socket.socket:
     sock = kind()
     sock.bind(("127.0.0.1", 0))
@@ -42,7 +47,7 @@ def test_alone_it_takes_every_connection_after_its_delay() -> None:
     async def scenario() -> tuple[list[bytes], list[str], float]:
         sock = listening()
         log: list[str] = []
-        server = DeferredServer(sock, lambda: Greeter("primary", log), delay=0.05)
+        server = DeferredServer(sock, lambda: Greeter("primary", log), no_refusal, delay=0.05)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -62,7 +67,7 @@ def test_an_ordinary_listener_on_the_same_socket_wins_every_connection() -> None
     async def scenario() -> list[str]:
         sock = listening()
         log: list[str] = []
-        deferred = DeferredServer(sock, lambda: Greeter("primary", log), delay=0.2)
+        deferred = DeferredServer(sock, lambda: Greeter("primary", log), no_refusal, delay=0.2)
         worker = await asyncio.get_running_loop().create_server(
             lambda: Greeter("worker", log), sock=sock.dup())
         try:
@@ -84,7 +89,7 @@ def test_closed_it_accepts_nothing_more() -> None:
         port = sock.getsockname()[1]
         spare = sock.dup()  # another process's copy keeps the port
         log: list[str] = []
-        server = DeferredServer(sock, lambda: Greeter("primary", log), delay=0.01)
+        server = DeferredServer(sock, lambda: Greeter("primary", log), no_refusal, delay=0.01)
         assert await greeting(port) == b"primary\r\n"
         server.close()
         server.close()  # twice is harmless
@@ -116,7 +121,7 @@ def test_an_accept_error_pauses_and_then_accepts(monkeypatch: pytest.MonkeyPatch
     async def scenario() -> tuple[list[str], float]:
         sock = listening(FailingOnce)
         log: list[str] = []
-        server = DeferredServer(sock, lambda: Greeter("primary", log), delay=0.01)
+        server = DeferredServer(sock, lambda: Greeter("primary", log), no_refusal, delay=0.01)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:

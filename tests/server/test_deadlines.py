@@ -165,7 +165,7 @@ def test_a_client_that_never_reads_is_dropped(tmp_path: Path) -> None:
 
     async def scenario() -> bool:
         async with running_server(tmp_path, smtp='command_timeout = "1s"') as server:
-            sessions = server.smtp.sessions
+            sessions = server.services["smtp"].sessions
             done = threading.Event()
 
             def client() -> None:

@@ -42,7 +42,7 @@ async def main():
     sock = socket.create_server(("127.0.0.1", 0))
     descriptors = Descriptors()
     descriptors.listen("submission", sock, b"421 4.3.2 no descriptors\\r\\n")
-    DeferredServer(sock, Hello, delay=0.001, accept_failed=descriptors.accept_failed)
+    DeferredServer(sock, Hello, descriptors.accept_failed, delay=0.001)
     descriptors.install(asyncio.get_running_loop())
     print(sock.getsockname()[1], flush=True)
     await asyncio.get_running_loop().connect_read_pipe(asyncio.Protocol, sys.stdin)

@@ -295,6 +295,40 @@ def test_auth_plain_and_login_over_tls(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_auth_plain_goes_through_the_sasl_exchange_smtp_uses(tmp_path: Path) -> None:
+    """POP3 AUTH answers as SMTP AUTH does (protocol.sasl.ServerExchange): an authzid
+    naming the same user is fine, another user's fails as a wrong password does, and a
+    PLAIN message without a password (RFC 4616 2) is malformed."""
+    import base64
+
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            directory = open_store(load_config(tmp_path).store).users
+            directory.add_user("jones@corp.example", "jones-secret")
+
+            def plain(message: bytes) -> bytes:
+                client = poplib.POP3(*server.address("pop3"), timeout=10)
+                client.stls(context=unverified())
+                token = base64.b64encode(message).decode()
+                try:
+                    return bytes(client._shortcmd(f"AUTH PLAIN {token}"))
+                except poplib.error_proto as exc:
+                    return bytes(exc.args[0])
+                finally:
+                    client.close()
+
+            same = b"BOSS@corp.example\0boss@corp.example\0boss-secret"
+            assert (await asyncio.to_thread(plain, same)).startswith(b"+OK")
+            other = b"boss@corp.example\0jones@corp.example\0jones-secret"
+            assert (await asyncio.to_thread(plain, other)) == (
+                b"-ERR [AUTH] Authentication failed: wrong user name or password")
+            empty = b"\0boss@corp.example\0"
+            assert (await asyncio.to_thread(plain, empty)) == (
+                b"-ERR [AUTH] Malformed PLAIN response")
+
+    run(scenario)
+
+
 def test_capa_before_and_after_stls(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_server(tmp_path) as server:

@@ -183,9 +183,9 @@ def test_client_vanishing_mid_data_leaves_nothing(tmp_path: Path) -> None:
             writer.transport.abort()
             for _ in range(100):
                 await asyncio.sleep(0.02)
-                if not server.smtp.sessions:
+                if not server.services["smtp"].sessions:
                     break
-            assert not server.smtp.sessions
+            assert not server.services["smtp"].sessions
 
     run(scenario)
     assert new_messages(tmp_path) == []
@@ -254,7 +254,7 @@ def test_shutdown_lets_a_transaction_finish_then_closes(tmp_path: Path) -> None:
             await read_reply(reader)
         idle_reader, idle_writer = await raw_session(*server.address("smtp"))
         stopping = asyncio.create_task(server.stop(grace=10))
-        while not server.smtp.draining:  # the stop has begun, and waits for the transaction
+        while not server.services["smtp"].draining:  # the stop has begun, waits for the transaction
             await asyncio.sleep(0.01)
         assert not stopping.done()
         writer.write(b"Subject: in flight\r\n\r\nbody\r\n.\r\n")

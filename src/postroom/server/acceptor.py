@@ -43,13 +43,12 @@ class DeferredServer:
         self,
         sock: socket.socket,
         factory: Callable[[], asyncio.Protocol],
+        accept_failed: Callable[[socket.socket, OSError], int],
         *,
         delay: float = ACCEPT_DELAY,
-        accept_failed: Callable[[socket.socket, OSError], int] | None = None,
     ) -> None:
-        """`accept_failed(sock, error)` is told of each failed accept(2) instead of
-        the log, and says how many waiting connections it answered and closed
-        (server.descriptors, for running out of descriptors)."""
+        """`accept_failed(sock, error)` is told of each failed accept(2), logs it, and
+        says how many waiting connections it answered and closed (server.descriptors)."""
         self._loop = asyncio.get_running_loop()
         self._sock = sock
         self._factory = factory
@@ -94,9 +93,7 @@ class DeferredServer:
             except ConnectionAbortedError:
                 continue  # the client gave up while queued
             except OSError as exc:
-                if self._accept_failed is None:
-                    log.error("cannot accept a connection on %s: %s", self._where(), exc)
-                elif self._accept_failed(self._sock, exc):
+                if self._accept_failed(self._sock, exc):
                     break  # the waiting connections were answered: look again at once
                 self._timer = self._loop.call_later(ACCEPT_ERROR_PAUSE, self._resume)
                 return
@@ -115,11 +112,5 @@ class DeferredServer:
         try:
             await self._loop.connect_accepted_socket(self._factory, conn)
         except OSError as exc:
-            log.debug("connection on %s ended before its session: %s", self._where(), exc)
+            log.debug("connection ended before its session: %s", exc)
             conn.close()
-
-    def _where(self) -> str:
-        with contextlib.suppress(OSError):
-            host, port = self._sock.getsockname()[:2]
-            return f"{host}:{port}"
-        return "a closed socket"

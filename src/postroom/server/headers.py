@@ -21,12 +21,11 @@ MAX_HEADER_CAPTURE = 256 * 1024
 class HeaderCapture:
     """Feed message pieces; `done` turns True at the blank line ending the header section."""
 
-    __slots__ = ("_buffer", "done", "truncated")
+    __slots__ = ("_buffer", "done")
 
     def __init__(self) -> None:
         self._buffer = bytearray()
         self.done = False
-        self.truncated = False
 
     def feed(self, data: bytes) -> bool:
         """Take a piece; True when this piece completed the capture."""
@@ -44,7 +43,7 @@ class HeaderCapture:
             self.done = True
             return True
         if len(self._buffer) > MAX_HEADER_CAPTURE:
-            self.truncated = self.done = True
+            self.done = True
             return True
         return False
 

@@ -9,30 +9,19 @@ Transaction state); a dropped connection or a timeout deletes nothing.
 from __future__ import annotations
 
 import asyncio
-import binascii
 import hashlib
 import hmac
 import logging
 import os
 import secrets
-import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from postroom.policy.auth import AuthThrottle
 from postroom.protocol import pop3_server as core
-from postroom.server.deadline import RequestDeadline
-from postroom.server.limits import ConnectionLimiter
+from postroom.protocol import sasl
+from postroom.server.session import Service, Session
 from postroom.server.stream import Stream
-from postroom.store.api import (
-    LATER,
-    Directory,
-    Later,
-    Mailboxes,
-    Maildrop,
-    MaildropBusy,
-    user_key,
-)
+from postroom.store.api import LATER, Later, Mailboxes, Maildrop, MaildropBusy, user_key
 
 log = logging.getLogger("postroom.pop3d")
 
@@ -41,23 +30,15 @@ log = logging.getLogger("postroom.pop3d")
 SEND_AT_ONCE = 64 * 1024
 
 
-@dataclass
-class POP3Service:
-    """What every session of one POP3 listener shares."""
+@dataclass(kw_only=True)
+class POP3Service(Service):
+    """What every session of one POP3 listener ("pop3" or "pop3s") shares."""
 
-    name: str  # "pop3" or "pop3s"
-    hostname: str
-    directory: Directory  # logins
     mailboxes: Mailboxes
-    limiter: ConnectionLimiter
-    throttle: AuthThrottle
-    tls_context: ssl.SSLContext | None
     implicit_tls: bool
     allow_plaintext_auth: bool
     idle_timeout: float = 600.0  # RFC 1939 3: at least 10 minutes
     apop: bool = False  # greet with a timestamp; users with an APOP secret may use it
-    sessions: set[POP3Session] = field(default_factory=set)
-    draining: bool = False
 
     def core_config(self, timestamp: str | None) -> core.POP3ServerConfig:
         return core.POP3ServerConfig(
@@ -65,7 +46,7 @@ class POP3Service:
             stls=self.tls_context is not None and not self.implicit_tls,
             tls_active=self.implicit_tls,
             allow_plaintext_auth=self.allow_plaintext_auth,
-            sasl_mechanisms=("PLAIN", "LOGIN"),
+            sasl_mechanisms=sasl.SUPPORTED_MECHANISMS,
             apop_timestamp=timestamp,
         )
 
@@ -76,50 +57,32 @@ def apop_timestamp(hostname: str) -> str:
     return f"<{os.getpid()}.{time.time_ns()}.{secrets.token_hex(4)}@{hostname}>"
 
 
-class POP3Session:
+class POP3Session(Session):
     """Drives one connection from the greeting to the close."""
 
+    log = log
+    service: POP3Service
+    conn: core.POP3Server
+
     def __init__(self, service: POP3Service, stream: Stream) -> None:
-        self.service = service
-        self.stream = stream
-        peer = stream.get_extra_info("peername") or ("unknown", 0)
-        self.client_ip = str(peer[0])
-        self.client = f"[{self.client_ip}]:{peer[1] if len(peer) > 1 else 0}"
+        super().__init__(service, stream, service.idle_timeout)
         self.timestamp = apop_timestamp(service.hostname) if service.apop else None
         self.conn = core.POP3Server(service.core_config(self.timestamp))
-        self.user: str | None = None
         self.maildrop: Maildrop | None = None
         self.busy = False  # in the Update state: shutdown waits for it
-        self._sasl: tuple[str, str | None] | None = None  # LOGIN: (step, username)
         self._stashed: object | None = None  # an event _on_data left for the loop
         self._read_next = 0  # a message to read ahead once this answer is written
-        self.deadline = RequestDeadline()  # of the command line being read
 
-    async def run(self) -> None:
-        svc = self.service
-        if not svc.limiter.acquire(self.client_ip):
-            log.warning("%s: connection refused from %s: too many connections",
-                        svc.name, self.client)
-            self.conn.err("Too many connections, try again later", "IN-USE", close=True)
-            await self._flush()
-            self.stream.close()
-            return
-        svc.sessions.add(self)
-        log.info("%s: connect from %s", svc.name, self.client)
-        try:
-            self.conn.greeting(f"{svc.hostname} POP3 server ready")
-            await self._loop()
-        except (ConnectionError, ssl.SSLError) as exc:
-            log.info("%s: lost connection from %s: %s", svc.name, self.client, exc)
-        finally:
-            if self.maildrop is not None:
-                self.maildrop.close()
-                self.maildrop = None
-            svc.sessions.discard(self)
-            svc.limiter.release(self.client_ip)
-            self.stream.close()
-            log.info("%s: disconnect from %s%s", svc.name, self.client,
-                     f" user={self.user}" if self.user else "")
+    def _refuse(self) -> None:
+        self.conn.err("Too many connections, try again later", "IN-USE", close=True)
+
+    def _greet(self) -> None:
+        self.conn.greeting(f"{self.service.hostname} POP3 server ready")
+
+    def _ended(self) -> None:
+        if self.maildrop is not None:
+            self.maildrop.close()
+            self.maildrop = None
 
     async def _loop(self) -> None:
         conn = self.conn
@@ -202,95 +165,39 @@ class POP3Session:
             self.deadline.start(now, limit)
         return self.deadline.remaining(now)
 
-    async def _drain(self) -> bool:
-        try:
-            await self.stream.drain(self.service.idle_timeout)
-        except TimeoutError:
-            log.info("%s: timeout sending to %s: it reads nothing", self.service.name,
-                     self.client)
-            self.stream.abort()
-            return False
-        except (ConnectionError, ssl.SSLError):
-            return False
-        return True
-
-    async def _flush(self) -> bool:
-        out = self.conn.data_to_send()
-        if out:
-            self.stream.write(out)
-        return await self._drain()
-
     async def _handle(self, event: object) -> None:
         """An event `_pump` could not answer without waiting."""
         if isinstance(event, core.Retrieve | core.Top):
             await self._retrieve(event)
         elif isinstance(event, core.Pass):
-            await self._login(event.name, event.password)
-        elif isinstance(event, core.AuthStart):
-            self._sasl = None
-            await self._auth_start(event.mechanism, event.initial_response)
-        elif isinstance(event, core.AuthResponse):
-            await self._auth_step(event.data)
-        elif isinstance(event, core.AuthCancelled):
-            self._sasl = None
+            await self._open_maildrop(await self._login(event.name, event.password))
+        elif isinstance(event, core.AuthStart | core.AuthResponse):
+            await self._auth(event)
         elif isinstance(event, core.Apop):
             await self._apop(event.name, event.digest)
         elif isinstance(event, core.StartTLS):
-            await self._starttls()
+            await self._start_tls(self.conn.ok)
         elif isinstance(event, core.Update):
             await self._update([number for number, _uid in event.deleted])
 
     # -- Authentication state -------------------------------------------------
 
-    async def _auth_start(self, mechanism: str, initial: bytes | None) -> None:
-        mechanism = mechanism.upper()
-        if mechanism == "PLAIN":
-            if initial is None:
-                self._sasl = ("PLAIN", None)
-                self.conn.auth_challenge(b"")
-                return
-            await self._plain(initial)
-        elif mechanism == "LOGIN":
-            if initial is not None:
-                self._sasl = ("LOGIN-PASSWORD", self._text(initial))
-                self.conn.auth_challenge(b"Password:")
-            else:
-                self._sasl = ("LOGIN-USER", None)
-                self.conn.auth_challenge(b"Username:")
+    async def _auth(self, event: core.AuthStart | core.AuthResponse) -> None:
+        """RFC 5034: SASL PLAIN or LOGIN. The core hands over the decoded octets; the
+        exchange takes them as the client sent them, in base64."""
+        if isinstance(event, core.AuthStart):
+            initial = event.initial_response
+            step = self._sasl_step(event.mechanism,
+                                   None if initial is None else sasl.encode_base64(initial))
         else:
-            self.conn.err(f"Unsupported SASL mechanism {mechanism}")
-
-    async def _auth_step(self, data: bytes) -> None:
-        step = self._sasl
-        self._sasl = None
-        if step is None:
-            self.conn.err("Unexpected authentication response", "AUTH")
-        elif step[0] == "PLAIN":
-            await self._plain(data)
-        elif step[0] == "LOGIN-USER":
-            self._sasl = ("LOGIN-PASSWORD", self._text(data))
-            self.conn.auth_challenge(b"Password:")
+            step = self._sasl_step(None, sasl.encode_base64(event.data))
+        if isinstance(step, sasl.Credentials):
+            await self._open_maildrop(await self._login(step.authcid, step.password,
+                                                        step.authzid))
+        elif step.code == 334:
+            self.conn.auth_challenge(sasl.decode_base64(step.text))
         else:
-            await self._login(step[1] or "", self._text(data))
-
-    async def _plain(self, message: bytes) -> None:
-        # RFC 4616 2: [authzid] NUL authcid NUL passwd
-        parts = message.split(b"\x00")
-        if len(parts) != 3:
-            self.conn.err("Malformed PLAIN response", "AUTH")
-            return
-        authzid, authcid, password = (self._text(p) for p in parts)
-        if authzid and authzid.lower() != authcid.lower():
-            self.conn.err("Acting as another user is not allowed", "AUTH")
-            return
-        await self._login(authcid, password)
-
-    @staticmethod
-    def _text(data: bytes) -> str:
-        try:
-            return data.decode("utf-8")
-        except (UnicodeDecodeError, binascii.Error):
-            return data.decode("latin-1")
+            self.conn.err(step.text, "AUTH")
 
     async def _apop(self, name: str, digest: str) -> None:
         """RFC 1939 7: MD5(timestamp + secret) in hex, for users who opted in."""
@@ -299,26 +206,15 @@ class POP3Session:
         if secret is not None and self.timestamp is not None:
             expected = hashlib.md5((self.timestamp + secret).encode("utf-8")).hexdigest()
             good = hmac.compare_digest(expected, digest.lower())
-        await self._open_maildrop_or_fail(name, good)
+        await self._open_maildrop(await self._checked(name, user_key(name) if good else None))
 
-    async def _login(self, name: str, password: str) -> None:
-        address = user_key(name)
-        good = address is not None and await self.service.directory.verify_password(
-            address, password)
-        await self._open_maildrop_or_fail(name, good)
-
-    async def _open_maildrop_or_fail(self, name: str, good: bool) -> None:
-        """After a credential check: slow failures down, or lock and snapshot the maildrop."""
+    async def _open_maildrop(self, address: str | None) -> None:
+        """After a credential check that `address` passed (None: it failed): lock and
+        snapshot the maildrop."""
         svc = self.service
-        address = user_key(name)
-        if not good or address is None:
-            delay = svc.throttle.failed(self.client_ip, name)
-            log.warning("%s: authentication failed for %r from %s (answer delayed %.1fs)",
-                        svc.name, name, self.client, delay)
-            await asyncio.sleep(delay)
+        if address is None:
             self.conn.err("Authentication failed: wrong user name or password", "AUTH")
             return
-        svc.throttle.succeeded(self.client_ip, address)
         try:
             drop = await svc.mailboxes.open_maildrop(address)
         except MaildropBusy:
@@ -338,24 +234,6 @@ class POP3Session:
         log.info("%s: login user=%s from %s%s: %d messages, %d octets", svc.name, address,
                  self.client, " (TLS)" if self.conn.tls_active else "", len(drop.messages), total)
         self.conn.login_succeeded(snapshot)
-
-    async def _starttls(self) -> None:
-        svc = self.service
-        if svc.tls_context is None:  # pragma: no cover - STLS is only offered with a context
-            self.conn.err("TLS is not available")
-            return
-        # As for SMTP: stop reading before "+OK", or a quick ClientHello could land in
-        # the plaintext buffer (see server/stream.py); buffered plaintext is dropped.
-        self.stream.pause_reading()
-        self.conn.ok()
-        if not await self._flush():
-            return
-        try:
-            await self.stream.start_tls(svc.tls_context, svc.idle_timeout)
-        except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
-            log.info("%s: TLS handshake failed with %s: %s", svc.name, self.client, exc)
-            raise ConnectionResetError("TLS handshake failed") from exc
-        self.conn.tls_started()
 
     # -- Transaction state --------------------------------------------------
 
@@ -438,10 +316,9 @@ class POP3Session:
         self.conn.update_done(ok=failures == 0)
 
     def under_stress(self, limit: float) -> None:
-        """Most connection slots are taken: a client not yet logged in gets at most
-        `limit` for the command being read (see _request_timeout)."""
-        if self.user is None and self.deadline.shorten(asyncio.get_running_loop().time(), limit):
-            self.stream.restart_deadline(limit)
+        """Only a client not yet logged in gets less time (see _request_timeout)."""
+        if self.user is None:
+            super().under_stress(limit)
 
     def close_for_shutdown(self) -> None:
         """Server stopping: close without Update, so nothing is deleted (RFC 1939 6).

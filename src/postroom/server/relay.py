@@ -134,7 +134,7 @@ class Relay:
         """A worker queued `queue_id` (see server/workers.py): read it and try it now."""
         self.scheduler.wake(queue_id)
 
-    # -- what SMTP sessions call for local recipients (server.smtp.Notices) ------------
+    # -- what SMTP sessions call for local recipients ---------------------------------
 
     async def delivered(
         self, envelope: Envelope, recipients: list[tuple[Recipient, int]], original: bytes | Path

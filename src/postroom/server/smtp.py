@@ -11,44 +11,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from postroom.ids import new_queue_id
-from postroom.policy.auth import AuthThrottle
-from postroom.policy.relay import RecipientDecision, RecipientPolicy
+from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
 from postroom.protocol import sasl
 from postroom.protocol import smtp_server as core
 from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.server.deadline import RequestDeadline
 from postroom.server.diskspace import FreeSpace
 from postroom.server.headers import HeaderCapture, missing_headers
-from postroom.server.limits import ConnectionLimiter
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
+from postroom.server.session import Service, Session
 from postroom.server.stream import Stream
-from postroom.store.api import Incoming, Mailboxes, local_address
+from postroom.store.api import Incoming, Mailboxes
 from postroom.store.returnpath import ReturnPathRemover, return_path
 
 log = logging.getLogger("postroom.smtpd")
 
+STARTTLS_READY = Reply(220, "2.0.0", "Ready to start TLS")  # RFC 3207 4
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try later")  # RFC 3463 X.3.0
+
+
 class Outbound(Protocol):
-    """Where mail for other hosts goes: the durable queue (see postroom.queue)."""
+    """The durable queue (server.relay): mail for other hosts, and the delivery reports
+    about mail filed here (postroom.queue.dsn)."""
 
     async def add(self, envelope: Envelope, chunks: Iterable[bytes]) -> None:
         """Store durably; `chunks` may be iterated in another thread."""
 
     def queued(self, envelope: Envelope) -> None:
         """`add` returned for `envelope`: try it now."""
-
-
-class Notices(Protocol):
-    """Where delivery reports about mail filed here go (postroom.queue.dsn)."""
 
     async def delivered(
         self, envelope: Envelope, recipients: list[tuple[Recipient, int]], original: bytes | Path
@@ -57,31 +55,20 @@ class Notices(Protocol):
         message: queue what their NOTIFY asked for (RFC 3461 4.1). Never raises."""
 
 
-@dataclass
-class SMTPService:
-    """What every session of one listener shares."""
+@dataclass(kw_only=True)
+class SMTPService(Service):
+    """What every session of one SMTP listener ("smtp", "submission", "submissions") shares."""
 
-    name: str  # listener name from the config: "smtp", "submission", "submissions"
-    hostname: str
     core_config: core.SMTPServerConfig
     policy: RecipientPolicy
     mailboxes: Mailboxes
-    limiter: ConnectionLimiter
-    tls_context: ssl.SSLContext | None
-    # Submission only (RFC 6409): authenticated users, their sender checks, and the
-    # queue that relays their mail to other hosts.
+    outbound: Outbound
+    free_space: FreeSpace  # MAIL FROM: 452 when the disk cannot take it
+    # Submission only (RFC 6409): authenticated users and their sender checks.
     submission: SubmissionPolicy | None = None
-    # The password check, bounded server-wide (server/passwords.py).
-    verify_password: Callable[[str, str], Awaitable[bool]] | None = None
-    throttle: AuthThrottle | None = None
-    outbound: Outbound | None = None
-    notices: Notices | None = None  # success reports for local recipients (RFC 3464)
-    free_space: FreeSpace | None = None  # MAIL FROM: 452 when the disk cannot take it
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes after end of data...
     max_received: int = DEFAULT_MAX_RECEIVED
-    sessions: set[SMTPSession] = field(default_factory=set)
-    draining: bool = False
 
 
 @dataclass
@@ -89,13 +76,8 @@ class Transaction:
     """The envelope and spool of the message being received (RFC 5321 3.3)."""
 
     queue_id: str
-    sender: str
+    mail: core.MailFrom  # the sender and the MAIL parameters (RFC 1870, 3461, 6152, 6531)
     started: float
-    size_declared: int | None = None
-    smtputf8: bool = False
-    body: str | None = None
-    ret: str | None = None
-    envid: str | None = None
     recipients: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     remote: list[Recipient] = field(default_factory=list)  # to relay (submission)
     # Local recipients that asked for a success report (RFC 3461 4.1, NOTIFY and
@@ -111,31 +93,24 @@ class Transaction:
 
     def mailboxes(self) -> list[str]:
         """Each local mailbox once, however many recipients (aliases) lead to it."""
-        seen: dict[str, None] = {}
-        for _rcpt, boxes in self.recipients:
-            for box in boxes:
-                seen.setdefault(box, None)
-        return list(seen)
+        return list(dict.fromkeys(box for _rcpt, boxes in self.recipients for box in boxes))
 
 
-class SMTPSession:
+class SMTPSession(Session):
     """Drives one connection from the banner to the close."""
 
+    log = log
+    service: SMTPService
+    conn: core.SMTPServer
+
     def __init__(self, service: SMTPService, stream: Stream) -> None:
-        self.service = service
-        self.stream = stream
-        peer = stream.get_extra_info("peername") or ("unknown", 0)
-        self.client_ip: str = str(peer[0])
-        self.client_port: int = int(peer[1]) if len(peer) > 1 else 0
+        super().__init__(service, stream, service.command_timeout)
         self.conn = core.SMTPServer(service.core_config)
         self.helo = ""
         self.esmtp = False
         self.tls: tuple[str, str] | None = self._tls_info()
         self.txn: Transaction | None = None
         self.in_data = False
-        self.user: str | None = None  # the authenticated identity (submission)
-        self.sasl: sasl.ServerExchange | None = None
-        self.deadline = RequestDeadline()  # of the command line or content being read
 
     @property
     def busy(self) -> bool:
@@ -151,32 +126,19 @@ class SMTPSession:
 
     # -- the loop ---------------------------------------------------------
 
-    async def run(self) -> None:
-        svc = self.service
-        client = f"[{self.client_ip}]:{self.client_port}"
-        if not svc.limiter.acquire(self.client_ip):
-            log.warning("%s: connection refused from %s: too many connections", svc.name, client)
-            self.conn.send(Reply(421, "4.7.0", f"{svc.hostname} Too many connections, try later",
-                                 close=True))
-            await self._flush()
-            self._close()
-            return
-        svc.sessions.add(self)
-        log.info("%s: connect from %s", svc.name, client)
-        try:
-            if svc.draining:
-                self.conn.shutdown(f"{svc.hostname} Service shutting down")
-            else:
-                self.conn.send(Reply(220, None, f"{svc.hostname} ESMTP postroom"))
-            await self._loop()
-        except (ConnectionError, ssl.SSLError) as exc:
-            log.info("%s: lost connection from %s: %s", svc.name, client, exc)
-        finally:
-            self._abort_transaction("connection closed")
-            svc.sessions.discard(self)
-            svc.limiter.release(self.client_ip)
-            self._close()
-            log.info("%s: disconnect from %s", svc.name, client)
+    def _refuse(self) -> None:
+        self.conn.send(Reply(421, "4.7.0", f"{self.service.hostname} Too many connections, "
+                             "try later", close=True))
+
+    def _greet(self) -> None:
+        hostname = self.service.hostname
+        if self.service.draining:
+            self.conn.shutdown(f"{hostname} Service shutting down")
+        else:
+            self.conn.send(Reply(220, None, f"{hostname} ESMTP postroom"))
+
+    def _ended(self) -> None:
+        self._abort_transaction("connection closed")
 
     async def _loop(self) -> None:
         conn = self.conn
@@ -225,25 +187,6 @@ class SMTPSession:
         deadline.received(len(data))
         self.conn.receive_data(data)
         return True
-
-    async def _flush(self) -> bool:
-        out = self.conn.data_to_send()
-        if not out:
-            return True
-        try:
-            self.stream.write(out)
-            await self.stream.drain(self.service.command_timeout)
-        except TimeoutError:
-            log.info("%s: timeout sending to [%s]: it reads nothing", self.service.name,
-                     self.client_ip)
-            self.stream.abort()
-            return False
-        except (ConnectionError, ssl.SSLError):
-            return False
-        return True
-
-    def _close(self) -> None:
-        self.stream.close()
 
     # -- events -------------------------------------------------------------
 
@@ -294,27 +237,16 @@ class SMTPSession:
         if full is not None:
             self.conn.send(full)
             return
-        txn = Transaction(
-            queue_id=new_queue_id(),
-            sender=event.address,
-            started=time.time(),
-            size_declared=event.size,
-            smtputf8=event.smtputf8,
-            body=event.body,
-            ret=event.ret,
-            envid=event.envid,
-        )
+        txn = Transaction(queue_id=new_queue_id(), mail=event, started=time.time())
         self.txn = txn
         log.info("%s: %s: client=[%s], helo=%s, from=<%s>%s", svc.name, txn.queue_id,
-                 self.client_ip, self.helo, txn.sender,
-                 f", size={txn.size_declared}" if txn.size_declared is not None else "")
+                 self.client_ip, self.helo, event.address,
+                 f", size={event.size}" if event.size is not None else "")
         self.conn.send(Reply(250, "2.1.0", "Sender ok"))
 
     def _storage_refusal(self, declared: int | None) -> Reply | None:
         """452 4.3.1 when the mail or queue filesystem cannot take the message now."""
         svc = self.service
-        if svc.free_space is None:
-            return None
         try:
             refusal = svc.free_space.check(declared)
         except OSError as exc:
@@ -330,7 +262,10 @@ class SMTPSession:
     async def _rcpt_to(self, event: core.RcptTo) -> None:
         txn = self.txn
         assert txn is not None, "the core emits RcptTo only inside a transaction"
-        decision = await self._recipient_decision(event.address)
+        svc = self.service
+        # An authenticated submission client may relay (RFC 6409); MX traffic may not.
+        policy = svc.submission if svc.submission is not None and self.user else svc.policy
+        decision = await policy.check_recipient(event.address)
         if decision.accepted and decision.remote is not None:
             txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
         elif decision.accepted:
@@ -341,22 +276,13 @@ class SMTPSession:
         else:
             log.info("%s: %s: reject: RCPT from [%s]: %s; from=<%s> to=<%s>",
                      self.service.name, txn.queue_id, self.client_ip, decision.reply,
-                     txn.sender, event.address)
+                     txn.mail.address, event.address)
         self.conn.send(decision.reply)
-
-    async def _recipient_decision(self, address: str) -> RecipientDecision:
-        svc = self.service
-        if svc.submission is not None and self.user is not None:
-            decision = await svc.submission.check_recipient(address)
-            if decision.remote is not None and svc.outbound is None:
-                return RecipientDecision(Reply(451, "4.3.0", "Relay queue unavailable"))
-            return decision
-        return await svc.policy.check_recipient(address)
 
     def _data_start(self, event: core.DataStart) -> None:
         txn = self.txn
         assert txn is not None, "the core emits DataStart only inside a transaction"
-        txn.writer = self.service.mailboxes.receive(return_path(txn.sender))
+        txn.writer = self.service.mailboxes.receive(return_path(txn.mail.address))
         txn.hops = HopCounter()
         if self.service.submission is not None:
             txn.headers = HeaderCapture()
@@ -371,7 +297,7 @@ class SMTPSession:
             tls_version=self.tls[0] if self.tls else None,
             tls_cipher=self.tls[1] if self.tls else None,
             authenticated=self.user is not None,
-            smtputf8=txn.smtputf8,
+            smtputf8=txn.mail.smtputf8,
             recipient=everyone[0] if len(everyone) == 1 else None,
         )
         txn.writer.write(received_header(info, txn.started))
@@ -407,48 +333,55 @@ class SMTPSession:
             log.warning("%s: %s: header section too large to complete", svc.name, txn.queue_id)
 
     async def _message_end(self) -> None:
-        svc = self.service
+        """The end of the content: refuse the message, or store it and answer 250."""
         txn = self.txn
         self.in_data = False
         assert txn is not None, "the core emits MessageEnd only inside a transaction"
         if txn.writer is None:
-            self.conn.send(Reply(451, "4.3.0", "Local error in processing, try later"))
+            self.conn.send(LOCAL_ERROR)
             self._finish_transaction()
             return
         refusal = await self._content_refusal(txn)
         if refusal is not None:
-            log.info("%s: %s: reject: %s", svc.name, txn.queue_id, refusal)
+            log.info("%s: %s: reject: %s", self.service.name, txn.queue_id, refusal)
             txn.writer.abort()
             self.conn.send(refusal)
             self._finish_transaction()
             return
         # From here the commit owns the message: a shutdown must not abort it.
         message, txn.writer = txn.writer, None
+        if await self._store(txn, message):
+            self._reply(Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"))
+        else:
+            self._reply(LOCAL_ERROR)
+        self._finish_transaction()
+
+    async def _store(self, txn: Transaction, message: Incoming) -> bool:
+        """Queue what is relayed, file what is local, queue the success reports asked
+        for; False when nothing of the message is kept (the client retries)."""
+        svc = self.service
         try:
             message.write(txn.return_paths.end())  # a last line still undecided
         except OSError as exc:
-            self._local_error(txn, message, "write to spool", exc)
-            return
+            return self._local_error(txn, message, "write to spool", exc)
         envelope = self._envelope(txn, message.size) if txn.remote else None
         try:
             # Queue first: if filing locally then fails, the client retries and the
             # relayed recipients may get the message twice, which is the safe way
             # round (RFC 5321 6.1: duplicates over losses).
-            if envelope is not None and svc.outbound is not None:
+            if envelope is not None:
                 await svc.outbound.add(envelope, message.chunks())
             names = await message.deliver(txn.mailboxes())
         except (OSError, ValueError) as exc:
-            self._local_error(txn, message, "storing the message", exc)
-            return
+            return self._local_error(txn, message, "storing the message", exc)
         self._log_stored(txn, message.size, names)
-        if envelope is not None and svc.outbound is not None:
+        if envelope is not None:
             svc.outbound.queued(envelope)
-        if txn.notify and names and svc.notices is not None:
-            await svc.notices.delivered(self._envelope(txn, message.size), txn.notify,
+        if txn.notify and names:
+            await svc.outbound.delivered(self._envelope(txn, message.size), txn.notify,
                                         message.original())
         message.abort()
-        self._reply(Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"))
-        self._finish_transaction()
+        return True
 
     async def _content_refusal(self, txn: Transaction) -> Reply | None:
         """Why the message just received is refused, or None: a mail loop, or a From
@@ -458,14 +391,15 @@ class SMTPSession:
             return Reply(554, "5.4.6", f"Too many hops ({txn.hops.count} Received headers): "
                                        "mail loop?")
         if txn.from_header is not None and svc.submission is not None and self.user is not None:
-            return await svc.submission.check_from(self.user, txn.from_header, txn.smtputf8)
+            return await svc.submission.check_from(self.user, txn.from_header,
+                                                   txn.mail.smtputf8)
         return None
 
     def _log_stored(self, txn: Transaction, size: int, names: list[str]) -> None:
         """The Postfix-style summary: one line for the message, one per recipient."""
         svc = self.service
         delay = time.time() - txn.started
-        log.info("%s: %s: from=<%s>, size=%d, nrcpt=%d%s", svc.name, txn.queue_id, txn.sender,
+        log.info("%s: %s: from=<%s>, size=%d, nrcpt=%d%s", svc.name, txn.queue_id, txn.mail.address,
                  size, len(txn.recipients) + len(txn.remote),
                  f", sasl_username={self.user}" if self.user else "")
         by_box = dict(zip(txn.mailboxes(), names, strict=True))
@@ -479,65 +413,47 @@ class SMTPSession:
             log.info("%s: %s: to=<%s>, status=queued (for relay)", svc.name, txn.queue_id,
                      r.address)
 
-    def _local_error(self, txn: Transaction, message: Incoming, what: str, exc: Exception) -> None:
-        """The message could not be stored: nothing of it is kept, the client retries."""
+    def _local_error(self, txn: Transaction, message: Incoming, what: str, exc: Exception,
+                     ) -> bool:
+        """The message could not be stored: nothing of it is kept."""
         log.error("%s: %s: %s failed: %s", self.service.name, txn.queue_id, what, exc)
         message.abort()
-        self._reply(Reply(451, "4.3.0", "Local error in processing, try later"))
-        self._finish_transaction()
+        return False
 
     def _envelope(self, txn: Transaction, size: int) -> Envelope:
         return Envelope(
             queue_id=txn.queue_id,
-            sender=txn.sender,
+            sender=txn.mail.address,
             recipients=list(txn.remote),
             created=time.time(),
             size=size,
-            ret=txn.ret,
-            envid=txn.envid,
-            smtputf8=txn.smtputf8,
-            body=txn.body,
+            ret=txn.mail.ret,
+            envid=txn.mail.envid,
+            smtputf8=txn.mail.smtputf8,
+            body=txn.mail.body,
             auth_user=self.user,
             client=f"[{self.client_ip}]",
         )
 
     async def _auth(self, event: core.AuthStart | core.AuthResponse) -> None:
         """RFC 4954: SASL PLAIN or LOGIN, then a password check against the directory."""
-        svc = self.service
-        try:
-            if isinstance(event, core.AuthStart):
-                self.sasl = sasl.ServerExchange(event.mechanism)
-                step = self.sasl.start(event.initial_response)
-            else:
-                assert self.sasl is not None, "the core emits AuthResponse only inside AUTH"
-                step = self.sasl.respond(event.data)
-        except sasl.SASLError as exc:
-            self.sasl = None
-            self.conn.send(exc.reply)
-            return
+        if isinstance(event, core.AuthStart):
+            step = self._sasl_step(event.mechanism, event.initial_response)
+        else:
+            step = self._sasl_step(None, event.data)
         if isinstance(step, Reply):
-            self.conn.send(step)  # the next 334 challenge
+            self.conn.send(step)  # the next 334 challenge, or a 501/504 refusal
             return
-        self.sasl = None
-        name = step.authcid
-        good = False
-        if svc.verify_password is not None and (not step.authzid or step.authzid == name):
-            good = await svc.verify_password(name, step.password)
+        user = await self._login(step.authcid, step.password, step.authzid)
         if self.conn.closing:
             return  # the server stopped (421 sent) while the password was checked
-        if not good:
-            delay = svc.throttle.failed(self.client_ip, name) if svc.throttle else 0.0
-            log.warning("%s: authentication failed for %r from [%s] (answer delayed %.1fs)",
-                        svc.name, name, self.client_ip, delay)
-            await asyncio.sleep(delay)
-            self._reply(sasl.AUTH_FAILED)
+        if user is None:
+            self.conn.send(sasl.AUTH_FAILED)
             return
-        user = local_address(name)
-        if svc.throttle is not None:
-            svc.throttle.succeeded(self.client_ip, user)
         self.user = user
-        log.info("%s: [%s] authenticated as %s (%s)", svc.name, self.client_ip, user,
-                 event.mechanism if isinstance(event, core.AuthStart) else "SASL")
+        mechanism = self._exchange.mechanism if self._exchange else "SASL"
+        log.info("%s: [%s] authenticated as %s (%s)", self.service.name, self.client_ip, user,
+                 mechanism)
         self.conn.auth_succeeded(user, sasl.AUTH_SUCCEEDED)
 
     def _reply(self, reply: Reply) -> None:
@@ -546,26 +462,12 @@ class SMTPSession:
             self.conn.send(reply)
 
     async def _starttls(self) -> None:
-        svc = self.service
-        if svc.tls_context is None or self.tls is not None:
-            self.conn.send(Reply(454, "4.7.0", "TLS not available"))
-            return
-        # Stop reading before the 220 goes out: the client's ClientHello must
-        # reach the TLS layer, not a plaintext buffer (see server/stream.py).
-        self.stream.pause_reading()
-        self.conn.send(Reply(220, "2.0.0", "Ready to start TLS"))
-        if not await self._flush():
-            return
-        try:
-            await self.stream.start_tls(svc.tls_context, svc.command_timeout)
-        except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as exc:
-            log.info("%s: TLS handshake failed with [%s]: %s", svc.name, self.client_ip, exc)
-            raise ConnectionResetError("TLS handshake failed") from exc
-        self.tls = self._tls_info()
-        self.helo = ""
-        self.conn.tls_started()
-        if self.tls:
-            log.info("%s: TLS established with [%s]: %s %s", svc.name, self.client_ip, *self.tls)
+        if await self._start_tls(lambda: self.conn.send(STARTTLS_READY)):
+            self.tls = self._tls_info()
+            self.helo = ""
+            if self.tls:
+                log.info("%s: TLS established with [%s]: %s %s", self.service.name,
+                         self.client_ip, *self.tls)
 
     # -- transaction bookkeeping --------------------------------------------
 
@@ -586,11 +488,6 @@ class SMTPSession:
             # The transaction we waited for is over: say goodbye after its reply.
             self.conn.shutdown(f"{self.service.hostname} Service shutting down")
 
-    def under_stress(self, limit: float) -> None:
-        """Most connection slots are taken: the request being read gets at most `limit`."""
-        if self.deadline.shorten(asyncio.get_running_loop().time(), limit):
-            self.stream.restart_deadline(limit)
-
     def close_for_shutdown(self) -> None:
         """SIGTERM, grace period over: tell the client 421 and close (RFC 5321 3.8)."""
         self._abort_transaction("server shutting down")
@@ -599,4 +496,4 @@ class SMTPSession:
         out = self.conn.data_to_send()
         if out and not self.stream.is_closing():
             self.stream.write(out)
-        self._close()
+        self.stream.close()

@@ -45,14 +45,12 @@ class Stream(asyncio.Protocol):
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._eof = False
-        self._lost: BaseException | None = None
         self._closed = False
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._reading_paused = False
         self._deadline = 0.0
-        self._timeout: float | None = None  # of the read now waiting
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._kicked = False
@@ -139,7 +137,6 @@ class Stream(asyncio.Protocol):
             self._timer = None
         self._eof = True
         self._closed = True
-        self._lost = exc
         self._wake_reader()
         handshake = self._handshake
         if handshake is not None and not handshake.done():
@@ -199,7 +196,6 @@ class Stream(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             waiter = loop.create_future()
             self._read_waiter = waiter
-            self._timeout = timeout
             if timeout is not None:
                 self._deadline = loop.time() + timeout
                 self._arm_timer(loop)
@@ -208,12 +204,6 @@ class Stream(asyncio.Protocol):
             finally:
                 self._read_waiter = None
         self._kicked = False
-        return self.read_nowait()
-
-    def read_nowait(self) -> bytes:
-        """Everything buffered now (b"" when nothing is), without waiting."""
-        if not self._chunks:
-            return b""
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
@@ -225,7 +215,6 @@ class Stream(asyncio.Protocol):
         loop = self._loop
         if loop is None or self._read_waiter is None:
             return
-        self._timeout = timeout
         self._deadline = loop.time() + timeout
         self._arm_timer(loop)
 
@@ -357,7 +346,6 @@ class Stream(asyncio.Protocol):
         if handshake is not None and not handshake.done():
             handshake.set_exception(exc)
         self._eof = True
-        self._lost = exc
         self._wake_reader()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()  # after the alert already written

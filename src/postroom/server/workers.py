@@ -24,7 +24,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from postroom.control import wake_parent
 
@@ -90,13 +90,13 @@ def fork_workers(
     return children
 
 
-def signal_children(children: list[int], sig: int) -> None:
+def signal_children(children: Iterable[int], sig: int) -> None:
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
 
 
-def reap_children(children: list[int]) -> None:
+def reap_children(children: Iterable[int]) -> None:
     """Wait for every child to exit (they drain on SIGTERM first)."""
     for pid in children:
         with contextlib.suppress(ChildProcessError):
