@@ -2,9 +2,9 @@
 
 What `client.send` (SMTP submission) and `client.fetch` (POP3) share: reading
 "host:port" arguments, a client TLS context, the password (never from the
-command line), and the words for a connection or a TLS handshake that failed
-(`net.channel`'s ConnectFailed and TLSFailed): a `ClientError` a person can
-read ("cannot connect to ...", "TLS failure with ...") with its exit status.
+command line), and the words for a connection, a TLS handshake or a session
+that failed (`net.channel`'s failures): a `ClientError` a person can read
+("cannot connect to ...", "TLS failure with ...") with its exit status.
 """
 
 from __future__ import annotations
@@ -12,10 +12,21 @@ from __future__ import annotations
 import getpass
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TextIO, TypeVar
 
-from postroom.net.channel import ConnectFailed, ConnectTimedOut, TLSFailed
+from postroom.net.channel import (
+    ConnectFailed,
+    ConnectionFailure,
+    ConnectTimedOut,
+    PeerClosed,
+    ProtocolError,
+    ReplyTimedOut,
+    SendFailed,
+    SendTimedOut,
+    SessionLost,
+    TLSFailed,
+)
 
 # sysexits.h, as sendmail and msmtp use them.
 EX_OK = 0
@@ -25,7 +36,6 @@ EX_TEMPFAIL = 75  # try again later: a 4xx reply, a timeout, a lost connection
 
 PASSWORD_ENV = "POSTROOM_PASSWORD"
 
-Trace = Callable[[str], None]
 
 
 class ClientError(Exception):
@@ -86,16 +96,45 @@ def tls_context(*, verify_cert: bool = True, cafile: str | None = None) -> ssl.S
     return context
 
 
-def waiting_for(pending: tuple[str, ...]) -> str:
-    """What a client waits for, in words: "waiting for the greeting", "... the answer to RETR"."""
-    if not pending:
-        return "waiting for nothing"
-    if pending[0] == "greeting":
-        return "waiting for the greeting"
-    return f"waiting for the answer to {pending[0]}"
+# The words for a session that broke off, as send and fetch say them: (kind, text)
+# with the failure's facts as str.format fields; each tool adds its protocol's refusals.
+LOST_WORDS: dict[type[ConnectionFailure], tuple[str, str]] = {
+    ReplyTimedOut: ("lost", "no {answer} from {where} within {timeout:g}s ({what})"),
+    SendTimedOut: ("lost", "{where} stopped reading for {timeout:g}s"),
+    PeerClosed: ("lost", "{where} closed the connection ({what})"),
+    SendFailed: ("lost", "lost the connection with {where}: {detail}"),
+    ProtocolError: ("protocol", "{where} broke the protocol: {detail}"),
+}
 
 
-def connect_error(failure: ConnectFailed, where: str, error: type[ErrorT]) -> ErrorT:
+def failure_error(failure: ConnectionFailure, where: str, error: type[ErrorT], *,
+                  starttls: bool, words: Mapping[type, tuple[str, str]] = LOST_WORDS,
+                  **fields: str) -> ErrorT:
+    """`failure` with `where` as `error`: connecting and TLS in this module's words, the rest
+    in `words`. A broken session is temporary, a refusal when its reply is, the rest not.
+
+    A session lost before the greeting on a STARTTLS port says the port may want TLS
+    at once: a server waiting for a TLS handshake says nothing and gives up.
+    """
+    if isinstance(failure, ConnectFailed):
+        return _connect_error(failure, where, error)
+    if isinstance(failure, TLSFailed):
+        return _tls_error(failure, where, error)
+    kind, text = words[type(failure)]
+    command = getattr(failure, "command", None)
+    what = "waiting for nothing" if command is None else (
+        "waiting for the greeting" if command == "greeting"
+        else f"waiting for the answer to {command}")
+    text = text.format_map({**vars(failure), "where": where, "what": what, "answer": "reply",
+                            **fields})
+    reply = getattr(failure, "reply", None)
+    temporary = isinstance(failure, SessionLost) or (reply is not None and reply.is_transient)
+    if kind == "lost" and command == "greeting" and starttls:
+        text += "; if this port expects TLS from the start, use --security tls"
+    return error(text, kind=kind, temporary=temporary)
+
+
+def _connect_error(failure: ConnectFailed, where: str, error: type[ErrorT]) -> ErrorT:
     """No connection to `where`, in words (kind "connect"); a timeout is temporary."""
     if isinstance(failure, ConnectTimedOut):
         text = f"cannot connect to {where}: no answer within {failure.timeout:g}s"
@@ -103,7 +142,7 @@ def connect_error(failure: ConnectFailed, where: str, error: type[ErrorT]) -> Er
     return error(f"cannot connect to {where}: {failure.reason}", kind="connect")
 
 
-def tls_error(failure: TLSFailed, where: str, error: type[ErrorT]) -> ErrorT:
+def _tls_error(failure: TLSFailed, where: str, error: type[ErrorT]) -> ErrorT:
     """A failed TLS handshake with `where`, in words.
 
     A certificate that is not trusted is kind "certificate", any other
@@ -163,18 +202,8 @@ def read_password(
     return prompt(f"Password for {user}: ")
 
 
-
 def certificate_hint(exc: ClientError) -> str:
     """What to add to a failure message: how to get past an untrusted certificate."""
     if exc.kind == "certificate":
         return " (trust it with --cafile FILE, or skip the check with --insecure)"
     return ""
-
-
-def tls_expected(exc: ErrorT) -> ErrorT:
-    """`exc`, a connection lost before the greeting, saying the port may want TLS at once.
-
-    A server waiting for a TLS handshake says nothing and gives up.
-    """
-    return type(exc)(f"{exc.text}; if this port expects TLS from the start, "
-                     "use --security tls", kind=exc.kind, temporary=exc.temporary)

@@ -14,34 +14,36 @@ from __future__ import annotations
 import ssl
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from postroom.client.connect import (
-    ClientError,
-    Trace,
-    connect_error,
-    tls_error,
-    tls_expected,
-    waiting_for,
-)
+from postroom.client.connect import ClientError, failure_error
 from postroom.client.sinks import Sink
 from postroom.client.uidl_state import SeenUIDLs
-from postroom.net.channel import Channel, ConnectFailed, TLSFailed, host_port, open_channel
+from postroom.net.channel import (
+    Channel,
+    ConnectionFailure,
+    CoreSession,
+    Trace,
+    host_port,
+    open_channel,
+)
 from postroom.protocol.pop3_client import (
+    APOP,
+    AUTH,
+    AUTH_RESPONSE,
     CAPA,
     GREETING,
     MAX_COMMAND_LINE,
-    NEED_DATA,
+    PASS,
+    QUIT,
     Challenge,
     ConnectionClosed,
     LocalProtocolError,
     MessageData,
     MessageEnd,
     POP3Client,
-    RemoteProtocolError,
     Response,
     sizes_of,
     stat_of,
@@ -146,104 +148,76 @@ class _Progress:
             self.stream.flush()
 
 
-Note = Callable[[Response], str]
+# What the trace adds to a positive answer: the state the session enters (RFC 1939 3).
+_STATE_NOTES = {GREETING: "Authorization state", PASS: "Transaction state",
+                APOP: "Transaction state", AUTH: "Transaction state",
+                AUTH_RESPONSE: "Transaction state", QUIT: "Update state: {deleted} deleted"}
 
 
-class _Session:
+class _Session(CoreSession[POP3Client]):
     """One POP3 session's I/O: the core's commands and answers over the channel, in the trace."""
 
-    def __init__(self, channel: Channel, where: str, timeout: float, trace: Trace | None):
-        self.channel = channel
-        self.core = POP3Client()
+    closed_event = ConnectionClosed
+
+    def __init__(self, channel: Channel, where: str, options: FetchOptions,
+                 result: FetchResult) -> None:
+        super().__init__(channel, POP3Client(), options.trace)
         self.where = where
-        self.timeout = timeout
-        self._trace = trace
-
-    def trace(self, line: str) -> None:
-        if self._trace is not None:
-            self._trace(line)
-
-    def lost(self, text: str, kind: str = "lost") -> ClientError:
-        """The error for a session that cannot go on; the connection is dropped."""
-        self.channel.abort()
-        return ClientError(text, kind=kind, temporary=True)
-
-    async def start_tls(self, context: ssl.SSLContext, host: str) -> None:
-        try:
-            await self.channel.start_tls(context, host.strip("[]"), self.timeout)
-        except TLSFailed as failure:
-            raise tls_error(failure, self.where, ClientError) from None
-        self.trace(f"TLS: {self.channel.tls_description()}")
-
-    async def flush(self) -> None:
-        data = self.core.data_to_send()
-        if not data:
-            return
-        try:
-            self.channel.write(data)
-            await self.channel.drain(self.timeout)
-        except TimeoutError:
-            raise self.lost(f"{self.where} stopped reading for {self.timeout:g}s") from None
-        except OSError as exc:
-            raise self.lost(f"lost the connection with {self.where}: {exc}") from None
+        self.timeout = options.timeout
+        self.result = result  # its count of deletions goes into QUIT's note
 
     async def event(self) -> Response | Challenge | MessageData | MessageEnd:
-        """The next event; EOF, timeout or a protocol error raises ClientError."""
-        core = self.core
-        while True:
-            what = waiting_for(core.pending)
-            try:
-                event = core.next_event()
-            except RemoteProtocolError as exc:
-                raise self.lost(f"{self.where} broke the protocol: {exc}", "protocol") from None
-            if event is NEED_DATA:
-                try:
-                    data = await self.channel.read(self.timeout)
-                except TimeoutError:
-                    text = f"no answer from {self.where} within {self.timeout:g}s"
-                    raise self.lost(f"{text} ({what})") from None
-                core.receive_data(data)
-                continue
-            if isinstance(event, ConnectionClosed):
-                raise self.lost(f"{self.where} closed the connection ({what})")
-            if isinstance(event, Response) and not event.command:
-                self.trace(f"S: {event}")
-                raise self.lost(f"{self.where} ended the session: {event}")
-            return event
+        """The next event; a -ERR on the server's own ends the session (ClientError)."""
+        event = await self.next_event(self.timeout)
+        assert isinstance(event, Response | Challenge | MessageData | MessageEnd)
+        if isinstance(event, Response) and not event.command:
+            self.trace(f"S: {event}")
+            self.close(abort=True)
+            raise ClientError(f"{self.where} ended the session: {event}", kind="lost",
+                              temporary=True)
+        return event
 
-    async def command(self, shown: str, note: Note | None = None) -> Response | Challenge:
+    def show(self, response: Response) -> None:
+        """Put an answer into the trace: its listing in short, the state it enters."""
+        shown = str(response)
+        count = len(response.lines)
+        if count and response.command != CAPA:
+            shown += f" ({count} line{'s' if count != 1 else ''})"
+        elif count:
+            shown += f" ({', '.join(response.lines)})"
+        note = _STATE_NOTES.get(response.command) if response.ok else None
+        if note is not None:
+            shown += f" [{note.format(deleted=self.result.deleted)}]"
+        self.trace(f"S: {shown}")
+
+    async def command(self, shown: str) -> Response | Challenge:
         """Send what the core holds and return the status line answering it."""
         self.trace(f"C: {shown}")
-        await self.flush()
+        await self.flush(self.timeout)
         event = await self.event()
         assert isinstance(event, Response | Challenge)
         if isinstance(event, Challenge):
             self.trace(f"S: + {event.text}".rstrip())
-            return event
-        shown_reply = str(event)
-        if event.lines and event.command != CAPA:
-            shown_reply += f" ({len(event.lines)} line{'s' if len(event.lines) != 1 else ''})"
-        elif event.lines:
-            shown_reply += f" ({', '.join(event.lines)})"
-        if note is not None:
-            shown_reply += note(event)
-        self.trace(f"S: {shown_reply}")
+        else:
+            self.show(event)
         return event
 
-    async def response(self, shown: str, note: Note | None = None) -> Response:
-        event = await self.command(shown, note)
+    async def response(self, shown: str) -> Response:
+        event = await self.command(shown)
         if not isinstance(event, Response):
-            raise self.lost(f"{self.where} sent a continuation outside AUTH", "protocol")
+            self.close(abort=True)
+            raise ClientError(f"{self.where} sent a continuation outside AUTH",
+                              kind="protocol", temporary=True)
         return event
 
-    async def quit(self, note: Note | None = None) -> Response | None:
+    async def quit(self) -> Response | None:
         """QUIT (when the session is fit for it), then close; the answer, or None."""
         try:
             self.core.quit()
-            answer = await self.response("QUIT", note)
-        except (ClientError, LocalProtocolError):
+            answer = await self.response("QUIT")
+        except (ClientError, ConnectionFailure, LocalProtocolError):
             answer = None
-        self.channel.close()
+        self.close()
         return answer
 
 
@@ -262,10 +236,6 @@ def _login_failure(session: _Session, user: str, response: Response) -> ClientEr
                        kind="auth")
 
 
-def _transaction_note(response: Response) -> str:
-    return " [Transaction state]" if response.ok else ""
-
-
 async def _login(session: _Session, user: str, password: str, auth: str) -> None:
     core = session.core
     mode = auth
@@ -276,13 +246,13 @@ async def _login(session: _Session, user: str, password: str, auth: str) -> None
             raise ClientError(f"{session.where} does not offer APOP (its greeting has no "
                               "timestamp)", kind="auth")
         core.apop(user, password)
-        response = await session.response(f"APOP {user} (digest)", _transaction_note)
+        response = await session.response(f"APOP {user} (digest)")
     elif mode == "user":
         core.user(user)
         response = await session.response(f"USER {user}")
         if response.ok:
             core.pass_(password)
-            response = await session.response("PASS (hidden)", _transaction_note)
+            response = await session.response("PASS (hidden)")
     else:
         response = await _sasl_plain(session, user, password)
     if not response.ok:
@@ -301,7 +271,7 @@ async def _sasl_plain(session: _Session, user: str, password: str) -> Response:
         exchange = ClientExchange(PLAIN, user, password)
     else:
         core.auth(PLAIN, initial)
-    event = await session.command("AUTH PLAIN (credentials hidden)", _transaction_note)
+    event = await session.command("AUTH PLAIN (credentials hidden)")
     while isinstance(event, Challenge):
         try:
             core.auth_response(exchange.respond(event.text))
@@ -310,7 +280,7 @@ async def _sasl_plain(session: _Session, user: str, password: str) -> Response:
             await session.command("*")
             raise ClientError(f"{session.where} sent an unusable SASL challenge",
                               kind="protocol") from None
-        event = await session.command("(credentials hidden)", _transaction_note)
+        event = await session.command("(credentials hidden)")
     return event
 
 
@@ -431,13 +401,11 @@ async def run(options: FetchOptions, context: ssl.SSLContext, store: Sink, state
               result: FetchResult) -> None:
     """One session as `options` say, into `store`; `result` counts what was done."""
     where = host_port(options.host, options.port)
+    session = None
     try:
         channel = await open_channel(options.host, options.port, options.timeout)
-    except ConnectFailed as failure:
-        raise connect_error(failure, where, ClientError) from None
-    session = _Session(channel, where, options.timeout, options.trace)
-    session.trace(channel.connected_line(options.host, options.port))
-    try:
+        session = _Session(channel, where, options, result)
+        session.trace(channel.connected_line(options.host, options.port))
         await _open(session, options, context)
         await _login(session, options.user, options.password, options.auth)
         download = _Download(session, store, state, options.keep, result)
@@ -446,23 +414,22 @@ async def run(options: FetchOptions, context: ssl.SSLContext, store: Sink, state
         await _quit(session, result)
         if download.marked:
             state.keep_only(set(state.uids) - download.marked)  # gone from the server
-    except BaseException:
-        channel.abort()
-        raise
+    except ConnectionFailure as failure:
+        raise failure_error(failure, where, ClientError, starttls=options.security == "stls",
+                            answer="answer") from None
+    finally:
+        if session is not None:
+            session.close(abort=True)  # a no-op after QUIT
 
 
 async def _open(session: _Session, options: FetchOptions, context: ssl.SSLContext) -> None:
     """TLS, the greeting and CAPA: the session ready for the login."""
+    name = options.host.strip("[]")
     if options.security == "tls":
-        await session.start_tls(context, options.host)
-    try:
-        greeting = await session.event()
-    except ClientError as exc:
-        if options.security != "stls" or exc.kind != "lost":
-            raise
-        raise tls_expected(exc) from None
+        await session.start_tls(context, name, options.timeout)
+    greeting = await session.event()
     assert isinstance(greeting, Response) and greeting.command == GREETING
-    session.trace(f"S: {greeting}" + (" [Authorization state]" if greeting.ok else ""))
+    session.show(greeting)
     if not greeting.ok:
         raise ClientError(f"{session.where} refused the session: {greeting}",
                           kind="refused", temporary=True)
@@ -483,7 +450,7 @@ async def _open(session: _Session, options: FetchOptions, context: ssl.SSLContex
     if leftover:
         session.core.receive_data(leftover)
         await session.event()  # raises: data behind the +OK (RFC 2595 4)
-    await session.start_tls(context, options.host)
+    await session.start_tls(context, name, options.timeout)
     session.core.tls_started()
     session.core.capa()  # RFC 2595 4: what was learnt before TLS is void
     await session.response("CAPA")
@@ -491,11 +458,7 @@ async def _open(session: _Session, options: FetchOptions, context: ssl.SSLContex
 
 async def _quit(session: _Session, result: FetchResult) -> None:
     """QUIT, which makes the server delete what was marked (RFC 1939 6): confirmed or not."""
-
-    def update_note(response: Response) -> str:
-        return f" [Update state: {result.deleted} deleted]" if response.ok else ""
-
-    bye = await session.quit(update_note)
+    bye = await session.quit()
     if bye is None and result.deleted:
         result.deleted = 0
         raise ClientError(f"lost the connection with {session.where} before QUIT was "

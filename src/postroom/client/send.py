@@ -34,22 +34,19 @@ from typing import TextIO
 from postroom.client.connect import (
     EX_OK,
     EX_USAGE,
+    LOST_WORDS,
     ClientError,
-    Trace,
     certificate_hint,
-    connect_error,
+    failure_error,
     parse_server,
     read_password,
     tls_context,
-    tls_error,
-    tls_expected,
-    waiting_for,
 )
 from postroom.net import smtp
-from postroom.net.channel import ConnectFailed, ConnectionFailure, TLSFailed, host_port
+from postroom.net.channel import ConnectionFailure, Trace, host_port
 from postroom.net.smtp import Setup, SMTPConnection, one_line
 from postroom.protocol.replies import Reply
-from postroom.protocol.smtp_client import GREETING, path_problem
+from postroom.protocol.smtp_client import path_problem
 
 EX_PARTIAL = 1  # some recipients were refused, the others accepted (sysexits: see connect)
 
@@ -278,14 +275,10 @@ async def submit(message: EmailMessage, options: SubmitOptions) -> SubmitResult:
         raise
 
 
-# send's words for each failure of the connection: (kind, text), with the failure's
-# facts as fields; connecting and TLS are worded as fetch words them (client.connect).
+# send's words for the refusals of the session set-up: (kind, text), the failure's
+# facts as fields (see client.connect.failure_error).
 _WORDS: dict[type[ConnectionFailure], tuple[str, str]] = {
-    smtp.ReplyTimedOut: ("lost", "no reply from {where} within {timeout:g}s ({what})"),
-    smtp.SendTimedOut: ("lost", "{where} stopped reading for {timeout:g}s"),
-    smtp.PeerClosed: ("lost", "{where} closed the connection ({what})"),
-    smtp.SendFailed: ("lost", "lost the connection with {where}: {detail}"),
-    smtp.ProtocolError: ("protocol", "{where} broke the protocol: {detail}"),
+    **LOST_WORDS,
     smtp.ServerClosing: ("refused", "{where} is closing: {said}"),
     smtp.GreetingRefused: ("refused", "{where} refused the session: {said}"),
     smtp.HelloRefused: ("refused", "{where} refused {command}: {said}"),
@@ -302,26 +295,11 @@ _WORDS: dict[type[ConnectionFailure], tuple[str, str]] = {
 
 
 def _send_error(failure: ConnectionFailure, where: str, options: SubmitOptions) -> SendError:
-    """A failure of the connection in words a person can read, with its kind (see _WORDS).
-
-    A broken session is temporary, a refusal when its reply is, the rest is not.
-    """
-    if isinstance(failure, ConnectFailed):
-        return connect_error(failure, where, SendError)
-    if isinstance(failure, TLSFailed):
-        return tls_error(failure, where, SendError)
-    kind, words = _WORDS[type(failure)]
+    """A failure of the connection in words a person can read, with its kind (see _WORDS)."""
     reply: Reply | None = getattr(failure, "reply", None)
-    command = getattr(failure, "command", None)
-    text = words.format_map({**vars(failure), "where": where, "user": options.user,
-                             "what": waiting_for((command,) if command else ()),
-                             "said": one_line(reply) if reply is not None else ""})
-    temporary = isinstance(failure, smtp.SessionLost) or (
-        reply is not None and reply.is_transient)
-    error = SendError(text, kind=kind, temporary=temporary)
-    if kind == "lost" and command == GREETING and options.security == "starttls":
-        return tls_expected(error)  # a server waiting for a TLS handshake says nothing
-    return error
+    return failure_error(failure, where, SendError, starttls=options.security == "starttls",
+                         words=_WORDS, user=options.user,
+                         said=one_line(reply) if reply is not None else "")
 
 
 def _text_of(reply: Reply) -> str:

@@ -30,15 +30,20 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from postroom.net.channel import Channel, ConnectionFailure, TLSFailed, open_channel
+from postroom.net.channel import (
+    Channel,
+    ConnectionFailure,
+    CoreSession,
+    TLSFailed,
+    Trace,
+    open_channel,
+)
 from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import LOGIN, PLAIN, ClientExchange, SASLError
 from postroom.protocol.smtp_client import (
     EHLO,
-    NEED_DATA,
     ConnectionClosed,
     Extensions,
-    RemoteProtocolError,
     Response,
     SMTPClient,
     State,
@@ -54,40 +59,8 @@ TLS_MODES = ("none", "opportunistic", "required", "implicit")
 _QUITTABLE = frozenset({State.READY, State.GREETED, State.IN_MAIL, State.IN_RCPT,
                         State.REFUSED})  # states that take QUIT
 
-Trace = Callable[[str], None]
-
 
 # --- Failures -----------------------------------------------------------------------
-
-
-class SessionLost(ConnectionFailure):
-    """The session broke off while `command` awaited its reply (None: none did); dropped."""
-
-    def __init__(self, command: str | None, detail: str = "", timeout: float = 0.0) -> None:
-        super().__init__(detail or type(self).__name__)
-        self.command = command
-        self.detail = detail
-        self.timeout = timeout
-
-
-class ReplyTimedOut(SessionLost):
-    """No reply within `timeout` seconds."""
-
-
-class SendTimedOut(SessionLost):
-    """The peer read nothing of what was sent for `timeout` seconds."""
-
-
-class PeerClosed(SessionLost):
-    """The peer closed the connection."""
-
-
-class SendFailed(SessionLost):
-    """The connection broke while sending: `detail` says how."""
-
-
-class ProtocolError(SessionLost):
-    """The peer broke the protocol (`detail`): a malformed reply, bytes behind a 220..."""
 
 
 class Refused(ConnectionFailure):
@@ -202,17 +175,16 @@ def _address_literal(channel: Channel) -> str:
     return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
 
 
-class SMTPConnection:
+class SMTPConnection(CoreSession[SMTPClient]):
     """One SMTP session's I/O: the client core, its channel, the trace. Made by `open`."""
 
+    closed_event = ConnectionClosed
+
     def __init__(self, channel: Channel, setup: Setup) -> None:
-        self.channel = channel
-        self.core = SMTPClient()
+        super().__init__(channel, SMTPClient(), setup.trace)
         self.tls_fallback = False  # in plaintext after a failed opportunistic handshake
         self._setup = setup
-        self._trace = setup.trace
         self._helo = setup.helo or _address_literal(channel)
-        self._closed = False
         self._tls = False  # the handshake is done: after STARTTLS, or at once (implicit)
         peer = channel.get_extra_info("peername")
         self.address: tuple[str, int] | None = (str(peer[0]), int(peer[1])) if peer else None
@@ -258,68 +230,23 @@ class SMTPConnection:
     def tls_active(self) -> bool:
         return self._tls
 
-    @property
-    def tls_version(self) -> str | None:
-        """The TLS protocol in use ("TLSv1.3"), None without TLS."""
-        ssl_object = self.channel.get_extra_info("ssl_object")
-        return ssl_object.version() if ssl_object is not None else None
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def trace(self, line: str) -> None:
-        """Put a line of the caller's into the trace, if there is one."""
-        if self._trace is not None:
-            self._trace(line)
-
-    async def flush(self, timeout: float) -> None:
-        """Write what the core holds; the peer must read it within `timeout` seconds."""
-        data = self.core.data_to_send()
-        if not data:
-            return
-        try:
-            self.channel.write(data)
-            await self.channel.drain(timeout)
-        except TimeoutError:
-            raise self._lost(SendTimedOut(self._awaited(), timeout=timeout)) from None
-        except OSError as exc:
-            raise self._lost(SendFailed(self._awaited(), str(exc))) from None
-
     async def reply(self, timeout: float) -> Response:
         """The next reply, waiting up to `timeout` seconds for its bytes.
 
         A 421 raises ServerClosing; EOF, a timeout or a protocol error raise a
         SessionLost. Either way the connection is closed.
         """
-        core = self.core
-        command = self._awaited()
-        while True:
-            try:
-                event = core.next_event()
-            except RemoteProtocolError as exc:
-                raise self._lost(ProtocolError(command, str(exc))) from None
-            if event is NEED_DATA:
-                try:
-                    data = await self.channel.read(timeout)
-                except TimeoutError:
-                    raise self._lost(ReplyTimedOut(command, timeout=timeout)) from None
-                core.receive_data(data)
-                continue
-            if isinstance(event, ConnectionClosed):
-                raise self._lost(PeerClosed(command))
-            assert isinstance(event, Response)
-            if self._trace is not None:
-                self._trace(f"S: {_shown(event)}")
-            if event.reply.code == 421:
-                self.close()
-                raise ServerClosing(event)
-            return event
+        event = await self.next_event(timeout)
+        assert isinstance(event, Response)
+        self.trace(f"S: {_shown(event)}")
+        if event.reply.code == 421:
+            self.close()
+            raise ServerClosing(event)
+        return event
 
     async def command(self, shown: str, timeout: float) -> Response:
         """Write what the core holds (`shown` in the trace), then read the next reply."""
-        if self._trace is not None:
-            self._trace(f"C: {shown}")
+        self.trace(f"C: {shown}")
         await self.flush(timeout)
         return await self.reply(timeout)
 
@@ -335,16 +262,6 @@ class SMTPConnection:
             pass
         finally:
             self.close()
-
-    def close(self, *, abort: bool = False) -> None:
-        """Close the connection (`abort`: drop it, unsent bytes and all) without QUIT."""
-        if self._closed:
-            return
-        self._closed = True
-        if abort:
-            self.channel.abort()
-        else:
-            self.channel.close()
 
     # --- Session set-up ---------------------------------------------------------
 
@@ -400,11 +317,8 @@ class SMTPConnection:
     async def _handshake(self, host: str) -> None:
         setup = self._setup
         assert setup.tls_context is not None  # Setup checks it
-        await self.channel.start_tls(setup.tls_context, setup.tls_name or host,
-                                     setup.command_timeout)
+        await self.start_tls(setup.tls_context, setup.tls_name or host, setup.command_timeout)
         self._tls = True
-        if self._trace is not None:
-            self._trace(f"TLS: {self.channel.tls_description()}")
 
     async def _authenticate(self, user: str, password: str) -> None:
         if not self._tls:
@@ -433,16 +347,7 @@ class SMTPConnection:
 
     # --- Plumbing ---------------------------------------------------------------
 
-    def _awaited(self) -> str | None:
-        pending = self.core.pending
-        return pending[0] if pending else None
-
     async def _give_up(self, failure: ConnectionFailure) -> ConnectionFailure:
         """End a session that cannot serve, politely (QUIT), and the failure to raise."""
         await self.quit()
-        return failure
-
-    def _lost(self, failure: ConnectionFailure) -> ConnectionFailure:
-        """The connection cannot go on: drop it, and the failure to raise."""
-        self.close(abort=True)
         return failure
