@@ -9,11 +9,13 @@ that failed (`net.channel`'s failures): a `ClientError` a person can read
 
 from __future__ import annotations
 
+import argparse
 import getpass
 import os
 import ssl
 from collections.abc import Callable, Mapping
-from typing import TextIO, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TextIO, TypeVar
 
 from postroom.net.channel import (
     ConnectFailed,
@@ -26,6 +28,8 @@ from postroom.net.channel import (
     SendTimedOut,
     SessionLost,
     TLSFailed,
+    Trace,
+    host_port,
 )
 
 # sysexits.h, as sendmail and msmtp use them.
@@ -35,6 +39,7 @@ EX_UNAVAILABLE = 69  # the server cannot be reached, refused us, or TLS/AUTH fai
 EX_TEMPFAIL = 75  # try again later: a 4xx reply, a timeout, a lost connection
 
 PASSWORD_ENV = "POSTROOM_PASSWORD"
+DEFAULT_TIMEOUT = 120.0  # seconds for the connection and each reply
 
 
 
@@ -62,8 +67,8 @@ class ClientError(Exception):
 ErrorT = TypeVar("ErrorT", bound=ClientError)
 
 
-def parse_server(text: str, default_port: int | None = None) -> tuple[str, int | None]:
-    """ "host:port", "[v6]:port", or a bare host (port None unless a default is given)."""
+def parse_server(text: str) -> tuple[str, int | None]:
+    """ "host:port", "[v6]:port", or a bare host (port None)."""
     host, port = text, ""
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
@@ -75,25 +80,10 @@ def parse_server(text: str, default_port: int | None = None) -> tuple[str, int |
     if not host:
         raise ValueError(f"malformed server {text!r}: no host")
     if not port:
-        return host, default_port
+        return host, None
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"malformed server {text!r}: bad port {port!r}")
     return host, int(port)
-
-
-def tls_context(*, verify_cert: bool = True, cafile: str | None = None) -> ssl.SSLContext:
-    """A client context: TLS 1.2 or newer, the system's CAs plus `cafile`, names checked."""
-    context = ssl.create_default_context()
-    context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 8996, RFC 9325 3.1.1
-    if cafile:
-        try:
-            context.load_verify_locations(cafile=cafile)
-        except (OSError, ssl.SSLError) as exc:
-            raise ClientError(f"cannot load the CA file {cafile}: {exc}", kind="usage") from None
-    if not verify_cert:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 # The words for a session that broke off, as send and fetch say them: (kind, text)
@@ -107,31 +97,88 @@ LOST_WORDS: dict[type[ConnectionFailure], tuple[str, str]] = {
 }
 
 
-def failure_error(failure: ConnectionFailure, where: str, error: type[ErrorT], *,
-                  starttls: bool, words: Mapping[type, tuple[str, str]] = LOST_WORDS,
-                  **fields: str) -> ErrorT:
-    """`failure` with `where` as `error`: connecting and TLS in this module's words, the rest
-    in `words`. A broken session is temporary, a refusal when its reply is, the rest not.
+@dataclass(frozen=True, kw_only=True)
+class ServerOptions:
+    """Where a tool connects and how: the server, its TLS, the login, the trace."""
 
-    A session lost before the greeting on a STARTTLS port says the port may want TLS
-    at once: a server waiting for a TLS handshake says nothing and gives up.
-    """
-    if isinstance(failure, ConnectFailed):
-        return _connect_error(failure, where, error)
-    if isinstance(failure, TLSFailed):
-        return _tls_error(failure, where, error)
-    kind, text = words[type(failure)]
-    command = getattr(failure, "command", None)
-    what = "waiting for nothing" if command is None else (
-        "waiting for the greeting" if command == "greeting"
-        else f"waiting for the answer to {command}")
-    text = text.format_map({**vars(failure), "where": where, "what": what, "answer": "reply",
-                            **fields})
-    reply = getattr(failure, "reply", None)
-    temporary = isinstance(failure, SessionLost) or (reply is not None and reply.is_transient)
-    if kind == "lost" and command == "greeting" and starttls:
-        text += "; if this port expects TLS from the start, use --security tls"
-    return error(text, kind=kind, temporary=temporary)
+    # The tool's securities, each with its default port: "tls" is implicit TLS
+    # (RFC 8314), the first the upgrade the server must offer; and the ports
+    # where implicit TLS is the custom (postroom's loopback defaults among them).
+    ports: ClassVar[dict[str, int]]
+    implicit_tls_ports: ClassVar[frozenset[int]]
+
+    host: str
+    port: int
+    security: str
+    user: str
+    password: str = field(repr=False)
+    verify_cert: bool = True
+    cafile: str | None = None  # CA certificates trusted besides the system's
+    trace: Trace | None = None  # told every line of the conversation, credentials hidden
+    timeout: float = DEFAULT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.security not in self.ports:
+            raise ClientError(f"security must be one of {', '.join(self.ports)}, "
+                              f"not {self.security!r}", kind="usage")
+
+    @classmethod
+    def default_security(cls, port: int | None) -> str:
+        return "tls" if port in cls.implicit_tls_ports else next(iter(cls.ports))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, stderr: TextIO) -> dict[str, Any]:
+        """The options --server, --security and the connection options give (cli.mail)."""
+        host, port = parse_server(args.server)
+        security = args.security or cls.default_security(port)
+        trace = (lambda line: print(line, file=stderr, flush=True)) if args.verbose else None
+        return dict(host=host, port=cls.ports[security] if port is None else port,
+                    security=security, verify_cert=not args.insecure, cafile=args.cafile,
+                    trace=trace, timeout=args.timeout)
+
+    @property
+    def where(self) -> str:
+        return host_port(self.host, self.port)
+
+    def tls_context(self) -> ssl.SSLContext:
+        """TLS 1.2 or newer, the system's CAs plus `cafile`, names checked unless not to."""
+        context = ssl.create_default_context()
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 8996, RFC 9325 3.1.1
+        if self.cafile:
+            try:
+                context.load_verify_locations(cafile=self.cafile)
+            except (OSError, ssl.SSLError) as exc:
+                raise ClientError(f"cannot load the CA file {self.cafile}: {exc}",
+                                  kind="usage") from None
+        if not self.verify_cert:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def error(self, failure: ConnectionFailure, error: type[ErrorT],
+              words: Mapping[type, tuple[str, str]] = LOST_WORDS, **fields: str) -> ErrorT:
+        """`failure` as `error`: connecting and TLS in this module's words, the rest in
+        `words`. A broken session is temporary, a refusal when its reply is, the rest not.
+
+        A session lost before the greeting on a STARTTLS port says the port may want
+        TLS at once: a server waiting for a TLS handshake says nothing and gives up.
+        """
+        if isinstance(failure, ConnectFailed):
+            return _connect_error(failure, self.where, error)
+        if isinstance(failure, TLSFailed):
+            return _tls_error(failure, self.where, error)
+        kind, text = words[type(failure)]
+        command = getattr(failure, "command", None)
+        what = "waiting for nothing" if command is None else (
+            "waiting for the greeting" if command == "greeting"
+            else f"waiting for the answer to {command}")
+        text = text.format_map({**vars(failure), "where": self.where, "what": what,
+                                "answer": "reply", **fields})
+        reply = getattr(failure, "reply", None)
+        temporary = isinstance(failure, SessionLost) or (reply is not None and reply.is_transient)
+        if kind == "lost" and command == "greeting" and self.security != "tls":
+            text += "; if this port expects TLS from the start, use --security tls"
+        return error(text, kind=kind, temporary=temporary)
 
 
 def _connect_error(failure: ConnectFailed, where: str, error: type[ErrorT]) -> ErrorT:
@@ -202,8 +249,16 @@ def read_password(
     return prompt(f"Password for {user}: ")
 
 
-def certificate_hint(exc: ClientError) -> str:
-    """What to add to a failure message: how to get past an untrusted certificate."""
-    if exc.kind == "certificate":
-        return " (trust it with --cafile FILE, or skip the check with --insecure)"
-    return ""
+def report(prog: str, exc: Exception, stderr: TextIO) -> int:
+    """A tool's failure as one line on `stderr`; the exit status (2 unless a ClientError's).
+
+    An untrusted certificate comes with how to get past it.
+    """
+    if isinstance(exc, ClientError):
+        hint = " (trust it with --cafile FILE, or skip the check with --insecure)"
+        print(f"{prog}: {exc.text}{hint if exc.kind == 'certificate' else ''}", file=stderr)
+        return exc.exit_code
+    where = getattr(exc, "filename", None)
+    text = getattr(exc, "strerror", None) or str(exc)
+    print(f"{prog}: {text}" + (f": {where}" if where else ""), file=stderr)
+    return EX_USAGE

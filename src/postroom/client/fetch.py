@@ -27,23 +27,12 @@ from pathlib import Path
 from typing import TextIO
 
 from postroom.client import pop3_session
-from postroom.client.connect import (
-    EX_OK,
-    EX_USAGE,
-    ClientError,
-    certificate_hint,
-    parse_server,
-    read_password,
-    tls_context,
-)
+from postroom.client.connect import EX_OK, ClientError, read_password, report
 from postroom.client.pop3_session import FetchOptions, FetchResult, human_size
 from postroom.client.sinks import MaildirSink, MboxSink, Sink
 from postroom.client.uidl_state import STATE_NAME, SeenUIDLs
 
-__all__ = ["FetchError", "FetchOptions", "FetchResult", "command", "default_security", "fetch",
-           "summary"]
-
-IMPLICIT_TLS_PORTS = frozenset({995, 2995})  # RFC 8314 7: pop3s; postroom's loopback default
+__all__ = ["FetchError", "FetchOptions", "FetchResult", "command", "fetch", "summary"]
 
 
 class FetchError(ClientError):
@@ -88,7 +77,7 @@ async def fetch(options: FetchOptions) -> FetchResult:
         state = SeenUIDLs(Path(state_file), f"pop3://{options.user}@{options.host}")
         state.load()
         store: Sink = (MboxSink if options.mbox else MaildirSink)(dest, crlf=options.crlf)
-        context = tls_context(verify_cert=options.verify_cert, cafile=options.cafile)
+        context = options.tls_context()
         store.open()
     except ClientError as exc:
         raise _failed(exc, result) from None
@@ -118,10 +107,6 @@ def _failed(exc: ClientError, result: FetchResult) -> FetchError:
 # --- The command line -----------------------------------------------------------------------
 
 
-def default_security(port: int | None) -> str:
-    return "tls" if port in IMPLICIT_TLS_PORTS else "stls"
-
-
 def command(
     args: argparse.Namespace,
     *,
@@ -131,35 +116,19 @@ def command(
 ) -> int:
     """`postroom fetch` with the arguments cli.add_fetch defines; returns the exit status."""
     try:
-        host, port = parse_server(args.server)
-    except ValueError as exc:
-        print(f"postroom fetch: {exc}", file=stderr)
-        return EX_USAGE
-    security = args.security or default_security(port)
-    if port is None:
-        port = 995 if security == "tls" else 110
-    trace = (lambda line: print(line, file=stderr, flush=True)) if args.verbose else None
-    try:
+        server = FetchOptions.from_args(args, stderr)
         password = read_password(user=args.user, password_file=args.password_file,
                                  stderr=stderr, environ=environ)
         options = FetchOptions(
-            host=host, port=port, security=security, user=args.user, password=password,
-            dest=Path(args.dest), keep=args.keep, verify_cert=not args.insecure,
-            cafile=args.cafile, auth=args.auth,
-            state_file=Path(args.state_file) if args.state_file else None,
-            progress=args.progress or stderr.isatty(), progress_stream=stderr, trace=trace,
-            mbox=args.mbox, crlf=args.crlf, timeout=args.timeout)
+            **server, user=args.user, password=password, dest=Path(args.dest), keep=args.keep,
+            auth=args.auth, state_file=Path(args.state_file) if args.state_file else None,
+            progress=args.progress or stderr.isatty(), progress_stream=stderr,
+            mbox=args.mbox, crlf=args.crlf)
         result = asyncio.run(fetch(options))
-    except ClientError as exc:
+    except (ClientError, OSError, ValueError) as exc:
         partial = getattr(exc, "result", None)
         if partial is not None and (partial.downloaded or partial.skipped):
             print(f"postroom fetch: {summary(partial, keep=args.keep)} before:", file=stderr)
-        print(f"postroom fetch: {exc.text}{certificate_hint(exc)}", file=stderr)
-        return exc.exit_code
-    except (OSError, ValueError) as exc:
-        where = getattr(exc, "filename", None)
-        text = getattr(exc, "strerror", None) or str(exc)
-        print(f"postroom fetch: {text}" + (f": {where}" if where else ""), file=stderr)
-        return EX_USAGE
+        return report("postroom fetch", exc, stderr)
     print(summary(result, keep=args.keep), file=stdout)
     return EX_OK

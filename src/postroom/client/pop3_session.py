@@ -18,17 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from postroom.client.connect import ClientError, failure_error
+from postroom.client.connect import ClientError, ServerOptions
 from postroom.client.sinks import Sink
 from postroom.client.uidl_state import SeenUIDLs
-from postroom.net.channel import (
-    Channel,
-    ConnectionFailure,
-    CoreSession,
-    Trace,
-    host_port,
-    open_channel,
-)
+from postroom.net.channel import Channel, ConnectionFailure, CoreSession, open_channel
 from postroom.protocol.pop3_client import (
     APOP,
     AUTH,
@@ -51,41 +44,33 @@ from postroom.protocol.pop3_client import (
 )
 from postroom.protocol.sasl import PLAIN, ClientExchange, SASLError
 
-SECURITIES = ("stls", "tls")
 AUTH_MODES = ("auto", "plain", "user", "apop")
-DEFAULT_TIMEOUT = 120.0  # seconds for the connection and each answer
 # A progress line is worth showing from this many messages or octets on.
 PROGRESS_MIN_MESSAGES = 20
 PROGRESS_MIN_OCTETS = 1 << 20
 PROGRESS_INTERVAL = 0.25  # seconds between updates of the line
 
 
-@dataclass(frozen=True)
-class FetchOptions:
+@dataclass(frozen=True, kw_only=True)
+class FetchOptions(ServerOptions):
     """What `fetch` downloads from where, and how it stores it."""
 
-    host: str
-    port: int
-    security: str  # "stls" (RFC 2595; the server must offer it) or "tls" (RFC 8314)
-    user: str
-    password: str = field(repr=False)
+    # STLS (RFC 2595; the server must offer it) on 110, implicit TLS on 995
+    # (RFC 8314 7); 2995 is postroom's loopback default.
+    ports = {"stls": 110, "tls": 995}
+    implicit_tls_ports = frozenset({995, 2995})
+
     dest: Path  # a Maildir (made when missing), or with `mbox` an mbox file
     keep: bool = False  # leave the messages on the server, fetch only new ones next time
-    verify_cert: bool = True
-    cafile: str | None = None  # CA certificates trusted besides the system's
     auth: str = "auto"  # SASL PLAIN when offered, else USER/PASS; or "plain", "user", "apop"
     state_file: Path | None = None  # the UIDLs already downloaded; default beside `dest`
     progress: bool = False  # a progress line when there are many or large messages
     progress_stream: TextIO | None = None  # where it goes; default stderr
-    trace: Trace | None = None  # told every line of the conversation, passwords hidden
     mbox: bool = False
     crlf: bool = False  # store CRLF line ends as sent (default: LF)
-    timeout: float = DEFAULT_TIMEOUT
 
     def __post_init__(self) -> None:
-        if self.security not in SECURITIES:
-            raise ClientError(f"security must be one of {', '.join(SECURITIES)}, "
-                              f"not {self.security!r}", kind="usage")
+        super().__post_init__()
         if self.auth not in AUTH_MODES:
             raise ClientError(f"auth must be one of {', '.join(AUTH_MODES)}, not {self.auth!r}",
                               kind="usage")
@@ -400,11 +385,10 @@ class _Download:
 async def run(options: FetchOptions, context: ssl.SSLContext, store: Sink, state: SeenUIDLs,
               result: FetchResult) -> None:
     """One session as `options` say, into `store`; `result` counts what was done."""
-    where = host_port(options.host, options.port)
     session = None
     try:
         channel = await open_channel(options.host, options.port, options.timeout)
-        session = _Session(channel, where, options, result)
+        session = _Session(channel, options.where, options, result)
         session.trace(channel.connected_line(options.host, options.port))
         await _open(session, options, context)
         await _login(session, options.user, options.password, options.auth)
@@ -415,8 +399,7 @@ async def run(options: FetchOptions, context: ssl.SSLContext, store: Sink, state
         if download.marked:
             state.keep_only(set(state.uids) - download.marked)  # gone from the server
     except ConnectionFailure as failure:
-        raise failure_error(failure, where, ClientError, starttls=options.security == "stls",
-                            answer="answer") from None
+        raise options.error(failure, ClientError, answer="answer") from None
     finally:
         if session is not None:
             session.close(abort=True)  # a no-op after QUIT

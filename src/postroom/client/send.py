@@ -33,30 +33,22 @@ from typing import TextIO
 
 from postroom.client.connect import (
     EX_OK,
-    EX_USAGE,
     LOST_WORDS,
     ClientError,
-    certificate_hint,
-    failure_error,
-    parse_server,
+    ServerOptions,
     read_password,
-    tls_context,
+    report,
 )
 from postroom.net import smtp
-from postroom.net.channel import ConnectionFailure, Trace, host_port
+from postroom.net.channel import ConnectionFailure
 from postroom.net.smtp import Setup, SMTPConnection, one_line
 from postroom.protocol.replies import Reply
 from postroom.protocol.smtp_client import path_problem
 
 EX_PARTIAL = 1  # some recipients were refused, the others accepted (sysexits: see connect)
 
-SECURITIES = ("starttls", "tls")
-DEFAULT_TIMEOUT = 120.0  # seconds for the connection and each reply
 DATA_END_TIMEOUT = 600.0  # RFC 5321 4.5.3.2.6: the reply to the final dot, 10 minutes
 CHUNK_SIZE = 64 * 1024  # message octets per write
-# Ports where implicit TLS is the custom (RFC 8314 3.3 for submission; the
-# 2xxx one is postroom's loopback default).
-IMPLICIT_TLS_PORTS = frozenset({465, 2465})
 
 
 class SendError(ClientError):
@@ -208,27 +200,19 @@ def wire_bytes(message: EmailMessage, *, utf8: bool = False) -> bytes:
 # --- The SMTP session -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SubmitOptions:
-    """Where and how `submit` sends: the server, its TLS, the login, and the envelope."""
+@dataclass(frozen=True, kw_only=True)
+class SubmitOptions(ServerOptions):
+    """Where and how `submit` sends: the server, its TLS, the login ("" user: no AUTH),
+    and the envelope."""
 
-    host: str
-    port: int
-    security: str  # "starttls" (RFC 3207; the server must offer it) or "tls" (RFC 8314)
-    user: str  # the login; "" sends without AUTH
-    password: str = field(repr=False)
-    verify_cert: bool = True
-    cafile: str | None = None  # CA certificates trusted besides the system's
-    trace: Trace | None = None  # told every line of the conversation, credentials hidden
+    # STARTTLS (RFC 3207; the server must offer it) on 587, implicit TLS on 465
+    # (RFC 8314 3.3); 2465 is postroom's loopback default.
+    ports = {"starttls": 587, "tls": 465}
+    implicit_tls_ports = frozenset({465, 2465})
+
     envelope_from: str | None = None  # default: the Sender, else the From address
     recipients: Sequence[str] | None = None  # default: To, Cc and Bcc
     helo: str | None = None  # default: the address literal of our end
-    timeout: float = DEFAULT_TIMEOUT
-
-    def __post_init__(self) -> None:
-        if self.security not in SECURITIES:
-            raise SendError(f"security must be one of {', '.join(SECURITIES)}, "
-                            f"not {self.security!r}", kind="usage")
 
 
 def _check_paths(sender: str, recipients: list[str]) -> None:
@@ -257,18 +241,20 @@ async def submit(message: EmailMessage, options: SubmitOptions) -> SubmitResult:
     utf8 = not all(a.isascii() for a in (sender, *rcpts))
     data = wire_bytes(message, utf8=utf8)
     timeout = options.timeout
-    context = tls_context(verify_cert=options.verify_cert, cafile=options.cafile)
     login = (options.user, options.password) if options.user else None
     setup = Setup(tls="implicit" if options.security == "tls" else "required",
-                  tls_context=context, helo=options.helo, login=login, connect_timeout=timeout,
-                  greeting_timeout=timeout, command_timeout=timeout, trace=options.trace)
-    where = host_port(options.host, options.port)
+                  tls_context=options.tls_context(), helo=options.helo, login=login,
+                  connect_timeout=timeout, greeting_timeout=timeout, command_timeout=timeout,
+                  trace=options.trace)
     connection = None
     try:
         connection = await SMTPConnection.open(options.host, options.port, setup)
-        return await _Submission(connection, where, timeout).run(sender, rcpts, data, utf8)
+        return await _Submission(connection, options.where, timeout).run(sender, rcpts, data,
+                                                                         utf8)
     except ConnectionFailure as failure:
-        raise _send_error(failure, where, options) from None
+        reply: Reply | None = getattr(failure, "reply", None)
+        said = one_line(reply) if reply is not None else ""
+        raise options.error(failure, SendError, _WORDS, user=options.user, said=said) from None
     except BaseException:
         if connection is not None:
             connection.close(abort=True)
@@ -276,7 +262,7 @@ async def submit(message: EmailMessage, options: SubmitOptions) -> SubmitResult:
 
 
 # send's words for the refusals of the session set-up: (kind, text), the failure's
-# facts as fields (see client.connect.failure_error).
+# facts as fields (see client.connect.ServerOptions.error).
 _WORDS: dict[type[ConnectionFailure], tuple[str, str]] = {
     **LOST_WORDS,
     smtp.ServerClosing: ("refused", "{where} is closing: {said}"),
@@ -292,14 +278,6 @@ _WORDS: dict[type[ConnectionFailure], tuple[str, str]] = {
     smtp.UnusableLogin: ("usage", "unusable login: {detail}"),
     smtp.BadChallenge: ("protocol", "{where} sent an unusable SASL challenge"),
 }
-
-
-def _send_error(failure: ConnectionFailure, where: str, options: SubmitOptions) -> SendError:
-    """A failure of the connection in words a person can read, with its kind (see _WORDS)."""
-    reply: Reply | None = getattr(failure, "reply", None)
-    return failure_error(failure, where, SendError, starttls=options.security == "starttls",
-                         words=_WORDS, user=options.user,
-                         said=one_line(reply) if reply is not None else "")
 
 
 def _text_of(reply: Reply) -> str:
@@ -399,10 +377,6 @@ class _Submission:
 # --- The command line -----------------------------------------------------------------------
 
 
-def default_security(port: int | None) -> str:
-    return "tls" if port in IMPLICIT_TLS_PORTS else "starttls"
-
-
 def _read_body(args: argparse.Namespace, stdin: TextIO, stderr: TextIO) -> str:
     if args.body is not None:
         return str(args.body)
@@ -423,15 +397,7 @@ def command(
 ) -> int:
     """`postroom send` with the arguments cli.add_send defines; returns the exit status."""
     try:
-        host, port = parse_server(args.server)
-    except ValueError as exc:
-        print(f"postroom send: {exc}", file=stderr)
-        return EX_USAGE
-    security = args.security or default_security(port)
-    if port is None:
-        port = 465 if security == "tls" else 587
-    trace = (lambda line: print(line, file=stderr, flush=True)) if args.verbose else None
-    try:
+        server = SubmitOptions.from_args(args, stderr)
         author = parse_address(args.sender, "sender")
         message = build_message(
             sender=author.addr_spec,
@@ -447,20 +413,12 @@ def command(
         user = args.user or author.addr_spec
         password = read_password(user=user, password_file=args.password_file,
                                  stderr=stderr, environ=environ)
-        options = SubmitOptions(
-            host=host, port=port, security=security, user=user, password=password,
-            verify_cert=not args.insecure, cafile=args.cafile, trace=trace, timeout=args.timeout)
+        options = SubmitOptions(**server, user=user, password=password)
         result = asyncio.run(submit(message, options))
-    except ClientError as exc:
+    except (ClientError, OSError, UnicodeDecodeError, ValueError) as exc:
         for address, reply in getattr(exc, "refused", {}).items():
             print(f"postroom send: refused <{address}>: {reply}", file=stderr)
-        print(f"postroom send: {exc.text}{certificate_hint(exc)}", file=stderr)
-        return exc.exit_code
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        where = getattr(exc, "filename", None)
-        text = getattr(exc, "strerror", None) or str(exc)
-        print(f"postroom send: {text}" + (f": {where}" if where else ""), file=stderr)
-        return EX_USAGE
+        return report("postroom send", exc, stderr)
     for address, reply in result.refused.items():
         print(f"postroom send: refused <{address}>: {reply}", file=stderr)
     for note in result.notes:
