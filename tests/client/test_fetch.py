@@ -29,7 +29,7 @@ from postroom import cli
 from postroom.client import fetch as fetch_module
 from postroom.client.fetch import FetchError, FetchOptions, FetchResult, fetch, summary
 from postroom.client.pop3_session import human_size
-from postroom.client.uidl_state import STATE_NAME
+from postroom.client.sinks import STATE_NAME
 from postroom.config import load_config
 from postroom.net.channel import Channel
 from postroom.server.main import Running, start

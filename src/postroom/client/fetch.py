@@ -2,9 +2,9 @@
 
 `fetch` runs one POP3 session (`client.pop3_session`: STLS or implicit TLS,
 CAPA, a SASL PLAIN, USER/PASS or APOP login, STAT, LIST and UIDL) into a sink
-(`client.sinks`: a Maildir or an mbox file), keeping the UIDLs it downloaded
-(`client.uidl_state`). Each new message is streamed into a local file (never
-whole in memory) and made durable before anything else happens to it:
+(`client.sinks`: a Maildir or an mbox file), keeping the UIDLs it downloaded.
+Each new message is streamed into a local file (never whole in memory) and
+made durable before anything else happens to it:
 
 1. RETR n, written to DEST/tmp (or appended to the mbox), its data synced,
    renamed into DEST/new and the folder synced (postroom.store.durable);
@@ -29,8 +29,7 @@ from typing import TextIO
 from postroom.client import pop3_session
 from postroom.client.connect import EX_OK, ClientError, read_password, report
 from postroom.client.pop3_session import FetchOptions, FetchResult, human_size
-from postroom.client.sinks import MaildirSink, MboxSink, Sink
-from postroom.client.uidl_state import STATE_NAME, SeenUIDLs
+from postroom.client.sinks import STATE_NAME, MaildirSink, MboxSink, SeenUIDLs, Sink
 
 __all__ = ["FetchError", "FetchOptions", "FetchResult", "command", "fetch", "summary"]
 

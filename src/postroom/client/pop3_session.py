@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from postroom.client.connect import ClientError, ServerOptions
-from postroom.client.sinks import Sink
-from postroom.client.uidl_state import SeenUIDLs
+from postroom.client.sinks import SeenUIDLs, Sink
 from postroom.net.channel import Channel, ConnectionFailure, CoreSession, open_channel
 from postroom.protocol.pop3_client import (
     APOP,

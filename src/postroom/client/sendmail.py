@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import getopt
+import itertools
 import os
 import re
 import sqlite3
@@ -208,38 +209,15 @@ def invoking_user() -> str:
 # -- the message -----------------------------------------------------------------
 
 
-class _Input:
+def _lines(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
     """Standard input as lines without their endings, ending early at "." unless -i."""
-
-    def __init__(self, stream: BinaryIO, ignore_dots: bool) -> None:
-        self._stream = stream
-        self._ignore_dots = ignore_dots
-        self._pushed: bytes | None = None
-        self.ended = False
-
-    def push_back(self, line: bytes) -> None:
-        self._pushed = line
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self
-
-    def __next__(self) -> bytes:
-        if self._pushed is not None:
-            line, self._pushed = self._pushed, None
-            return line
-        if self.ended:
-            raise StopIteration
-        raw = self._stream.readline()
-        if not raw:
-            self.ended = True
-            raise StopIteration
+    for raw in stream:
         line = raw[:-1] if raw.endswith(b"\n") else raw
         if line.endswith(b"\r"):
             line = line[:-1]
-        if line == b"." and not self._ignore_dots:
-            self.ended = True  # Sendmail's end of input without -i
-            raise StopIteration
-        return line
+        if line == b"." and not ignore_dots:
+            return  # Sendmail's end of input without -i
+        yield line
 
 
 @dataclass
@@ -253,8 +231,8 @@ class Header:
         return text.split(b":", 1)[1].strip().decode("utf-8", "replace")
 
 
-def read_headers(lines: _Input) -> list[Header]:
-    """The header section; the line after it (if not the blank separator) is pushed back."""
+def read_headers(lines: Iterator[bytes]) -> tuple[list[Header], list[bytes]]:
+    """The header section, and the body's first line when no blank line came before it."""
     headers: list[Header] = []
     size = 0
     for line in lines:
@@ -268,10 +246,9 @@ def read_headers(lines: _Input) -> list[Header]:
             continue
         match = _FIELD.match(line)
         if match is None:
-            lines.push_back(line)  # no header section: this is already the body
-            break
+            return headers, [line]  # no header section: this is already the body
         headers.append(Header(match.group(1).decode("ascii"), [line]))
-    return headers
+    return headers, []
 
 
 def header_recipients(headers: list[Header]) -> list[str]:
@@ -282,7 +259,7 @@ def header_recipients(headers: list[Header]) -> list[str]:
     return [address for _name, address in email.utils.getaddresses(values) if address]
 
 
-def _body(lines: _Input, seen: dict[str, bool]) -> Iterator[bytes]:
+def _body(lines: Iterable[bytes], seen: dict[str, bool]) -> Iterator[bytes]:
     """The body lines with CRLF endings, in chunks; notes whether any octet is 8-bit."""
     buffer: list[bytes] = []
     size = 0
@@ -332,8 +309,8 @@ def submit(
     user = user or invoking_user()
     own_address = default_sender(user, config)
     sender = _envelope_sender(opts.sender, own_address, config.hostname)
-    lines = _Input(stream, opts.ignore_dots)
-    headers = read_headers(lines)
+    lines = _lines(stream, opts.ignore_dots)
+    headers, first = read_headers(lines)
     recipients = _recipients(opts, headers, config.hostname)
     queue_id = new_queue_id(now)
     head = _head(headers, queue_id, now, config.hostname, opts.full_name, sender or own_address)
@@ -353,7 +330,7 @@ def submit(
 
     def chunks() -> Iterator[bytes]:
         yield head
-        yield from _body(lines, seen)
+        yield from _body(itertools.chain(first, lines), seen)
         if envelope.body is None:  # the store writes the envelope after the last chunk
             envelope.body = "8BITMIME" if seen["8bit"] else "7BIT"
 

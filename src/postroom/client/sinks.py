@@ -1,10 +1,15 @@
-"""Where `postroom fetch` stores messages: a Maildir or an mbox file, each message durable first.
+"""Where `postroom fetch` keeps what it downloads: the messages, durable first, and their UIDLs.
 
-A sink takes a message's content as the POP3 core hands it out (CRLF line
-ends, dot-stuffing undone) in pieces: `begin`, `write`..., then `commit`,
-which returns only once the message is on disk (data synced; in a Maildir
-renamed from tmp/ into new/ and the folder synced, postroom.store.durable),
-or `abort`, which leaves no trace of it. Lines end in LF unless `crlf`.
+A sink (a Maildir or an mbox file) takes a message's content as the POP3
+core hands it out (CRLF line ends, dot-stuffing undone) in pieces: `begin`,
+`write`..., then `commit`, which returns only once the message is on disk
+(data synced; in a Maildir renamed from tmp/ into new/ and the folder synced,
+postroom.store.durable), or `abort`, which leaves no trace of it. Lines end
+in LF unless `crlf`.
+
+`SeenUIDLs` records the UIDL (RFC 1939 7) of each message once it is
+durable: with --keep, a recorded message is not stored again; without it,
+it is deleted now (its earlier DELE was lost with its session).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 
 from postroom.client.connect import ClientError
 from postroom.store import durable
+from postroom.store.atomic import atomic_write
 from postroom.store.maildir import ensure_maildir, unique_name
 
 # An unfinished line held back between chunks (for "From " quoting and CRLF)
@@ -278,3 +284,66 @@ class MboxSink(_Sink):
 
 
 Sink = MaildirSink | MboxSink
+
+
+# --- What was downloaded -----------------------------------------------------------
+
+STATE_NAME = ".postroom-fetch-uidls"
+STATE_HEADER = "# postroom fetch: messages already downloaded, one per line: UIDL ACCOUNT\n"
+
+
+class SeenUIDLs:
+    """UIDLs of messages already downloaded, per account, in a file rewritten atomically.
+
+    One line per message: the UIDL (RFC 1939 7: no spaces in it), a space,
+    the account ("pop3://user@host"), so that one state file may serve
+    several accounts.
+    """
+
+    def __init__(self, path: Path, account: str) -> None:
+        self.path = path
+        self.account = account
+        self._others: list[str] = []  # lines of other accounts, kept as they are
+        self.uids: dict[str, None] = {}  # this account's, in order
+
+    def load(self) -> None:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ClientError(f"cannot read the state file {self.path}: {exc}",
+                              kind="usage") from None
+        for line in text.splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            uid, _, account = line.partition(" ")
+            if account == self.account:
+                self.uids[uid] = None
+            else:
+                self._others.append(line)
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self.uids
+
+    def add(self, uid: str) -> None:
+        self.uids[uid] = None
+        self.save()
+
+    def keep_only(self, uids: set[str]) -> None:
+        """Forget UIDLs not in `uids` (gone from the server); saves when something changed."""
+        gone = [u for u in self.uids if u not in uids]
+        for uid in gone:
+            del self.uids[uid]
+        if gone:
+            self.save()
+
+    def save(self) -> None:
+        lines = [*self._others, *(f"{uid} {self.account}" for uid in self.uids)]
+        data = (STATE_HEADER + "".join(f"{line}\n" for line in lines)).encode("utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, data, mode=0o600)
+        except OSError as exc:
+            raise ClientError(f"cannot write the state file {self.path}: {exc}",
+                              kind="usage") from None
