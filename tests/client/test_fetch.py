@@ -27,8 +27,14 @@ import pytest
 from durable_order import install_recorder
 from postroom import cli
 from postroom.client import fetch as fetch_module
-from postroom.client.fetch import FetchError, FetchOptions, FetchResult, fetch, summary
-from postroom.client.pop3_session import human_size
+from postroom.client.fetch import (
+    FetchError,
+    FetchOptions,
+    FetchResult,
+    fetch,
+    human_size,
+    summary,
+)
 from postroom.client.sinks import STATE_NAME
 from postroom.config import load_config
 from postroom.net.channel import Channel
