@@ -129,12 +129,10 @@ class _Progress:
         self._shown = False
 
     def update(self, done: int, got: int, *, force: bool = False) -> None:
-        if not self.on or self.stream is None:
-            return
+        """Show the line: when `force`d, else on a terminal every PROGRESS_INTERVAL."""
         now = time.monotonic()
-        if not self.tty and not force:
-            return
-        if not force and now - self._last < PROGRESS_INTERVAL:
+        due = force or (self.tty and now - self._last >= PROGRESS_INTERVAL)
+        if not self.on or self.stream is None or not due:
             return
         self._last = now
         line = (f"fetching: {done}/{self.messages} messages, "
@@ -209,6 +207,14 @@ class _Session(CoreSession[POP3Client]):
             raise ClientError(f"{self.where} sent a continuation outside AUTH",
                               kind="protocol", temporary=True)
         return event
+
+    async def needed(self, shown: str) -> Response:
+        """The answer to a command the fetch cannot do without: a -ERR raises."""
+        response = await self.response(shown)
+        if not response.ok:
+            raise ClientError(f"{self.where} refused {shown}: {response}", kind="refused",
+                              temporary=True)
+        return response
 
     async def quit(self) -> Response | None:
         """QUIT (when the session is fit for it), then close; the answer, or None."""
@@ -319,19 +325,12 @@ class _Download:
         """(size, UIDL) of each message by number; None when the maildrop is empty."""
         session, core = self.session, self.session.core
         core.stat()
-        stat = await session.response("STAT")
-        if not stat.ok:
-            raise ClientError(f"{session.where} refused STAT: {stat}", kind="refused",
-                              temporary=True)
-        count, _octets = stat_of(stat)
+        count, _octets = stat_of(await session.needed("STAT"))
         if count == 0:
             self.state.keep_only(set())
             return None
         core.list()
-        listing = await session.response("LIST")
-        if not listing.ok:
-            raise ClientError(f"{session.where} refused LIST: {listing}", kind="refused",
-                              temporary=True)
+        listing = await session.needed("LIST")
         core.uidl()
         uidl = await session.response("UIDL")
         if not uidl.ok and self.keep:

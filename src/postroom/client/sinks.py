@@ -93,18 +93,29 @@ class LineEnds:
 
 
 class _Sink:
-    """A file a message is written to: pieces gathered into WRITE_BUFFER-sized writes."""
+    """A file a message is written to: its lines converted (LineEnds), the pieces
+    gathered into WRITE_BUFFER-sized writes, the octets written counted."""
 
-    def __init__(self) -> None:
+    quote_from = False  # mboxrd's quoting of "From " lines
+
+    def __init__(self, *, crlf: bool) -> None:
+        self.crlf = crlf
         self._fd: int | None = None
         self._file_path: Path | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._lines = LineEnds(crlf=crlf, quote_from=self.quote_from)
+        self._size = 0  # of this message, as written
+
+    def _new_message(self) -> None:
+        self._lines = LineEnds(crlf=self.crlf, quote_from=self.quote_from)
+        self._size = 0
 
     def _emit(self, data: bytes) -> None:
         if data:
             self._pending.append(data)
             self._pending_size += len(data)
+            self._size += len(data)
             if self._pending_size >= WRITE_BUFFER:
                 self._flush()
 
@@ -122,12 +133,9 @@ class MaildirSink(_Sink):
     """Messages into a Maildir: tmp/ first, synced, then renamed into new/ (synced)."""
 
     def __init__(self, folder: Path, *, crlf: bool) -> None:
-        super().__init__()
+        super().__init__(crlf=crlf)
         self.folder = folder
-        self.crlf = crlf
         self.hostname = socket.gethostname() or "localhost"
-        self._lines = LineEnds(crlf=crlf, quote_from=False)
-        self._size = 0
 
     def open(self) -> None:
         try:
@@ -143,20 +151,15 @@ class MaildirSink(_Sink):
         tmp = self.folder / "tmp" / unique_name(self.hostname)
         self._fd = durable.OS.create(tmp)
         self._file_path = tmp
-        self._lines = LineEnds(crlf=self.crlf, quote_from=False)
-        self._size = 0
+        self._new_message()
 
     def write(self, data: bytes) -> None:
-        out = self._lines.feed(data)
-        self._emit(out)
-        self._size += len(out)
+        self._emit(self._lines.feed(data))
 
     def commit(self, wire_octets: int) -> Path:
         """Make the message durable in new/; returns its path."""
         assert self._fd is not None and self._file_path is not None
-        out = self._lines.end()
-        self._emit(out)
-        self._size += len(out)
+        self._emit(self._lines.end())
         self._flush()
         tmp, fd = self._file_path, self._fd
         self._fd = None
@@ -192,15 +195,15 @@ class MboxSink(_Sink):
     as stored.
     """
 
+    quote_from = True
+
     def __init__(self, path: Path, *, crlf: bool) -> None:
-        super().__init__()
+        super().__init__(crlf=crlf)
         self.path = path
-        self.crlf = crlf
         self._start = 0
         # The start of the message, held until its From_ line is written (None after).
         self._head: bytes | None = b""
         self._separator = b""  # what the file lacks before the next From_ line
-        self._lines = LineEnds(crlf=crlf, quote_from=True)
 
     def open(self) -> None:
         try:
@@ -243,7 +246,7 @@ class MboxSink(_Sink):
                 wanted = wanted[1:]
                 self._separator += b"\n"
         self._head = b""
-        self._lines = LineEnds(crlf=self.crlf, quote_from=True)
+        self._new_message()
 
     def write(self, data: bytes) -> None:
         assert self._fd is not None

@@ -63,7 +63,6 @@ class Hop:
     queue_id: str | None
     recipient: str | None
     when: datetime | None  # always with a time zone (UTC when the header says -0000)
-    raw: str  # the header, unfolded
 
     @property
     def client(self) -> str:
@@ -153,8 +152,7 @@ def _tls_version(text: str) -> str | None:
 
 def parse_received(value: str) -> Hop:
     """One Received header's value (folded or not) as a Hop; never raises."""
-    raw = _unfold(value)
-    clauses_text, date_text = _split_date(raw)
+    clauses_text, date_text = _split_date(_unfold(value))
     clauses, comments = _clauses(clauses_text)
 
     def first(name: str) -> str | None:
@@ -188,7 +186,6 @@ def parse_received(value: str) -> Hop:
         queue_id=first("id"),
         recipient=recipient,
         when=_parse_date(date_text),
-        raw=raw,
     )
 
 
