@@ -13,7 +13,7 @@ import argparse
 import getpass
 import os
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TextIO, TypeVar
 
@@ -213,19 +213,11 @@ def _tls_error(failure: TLSFailed, where: str, error: type[ErrorT]) -> ErrorT:
     return error(text, kind="tls", temporary=True)
 
 
-def read_password(
-    *,
-    user: str,
-    password_file: str | None,
-    stderr: TextIO,
-    environ: dict[str, str] | None = None,
-    prompt: Callable[[str], str] | None = None,
-) -> str:
+def read_password(user: str, password_file: str | None) -> str:
     """The password from --password-file, else $POSTROOM_PASSWORD, else asked on the terminal.
 
     Never from a command-line argument, where other users see it (ps).
     """
-    env = os.environ if environ is None else environ
     if password_file:
         with open(password_file, encoding="utf-8") as f:
             line = f.readline()
@@ -233,20 +225,15 @@ def read_password(
         if not password:
             raise ClientError(f"{password_file}: no password on its first line", kind="usage")
         return password
-    if env.get(PASSWORD_ENV):
-        return env[PASSWORD_ENV]
-    if prompt is None:
-        try:
-            with open("/dev/tty"):
-                pass
-        except OSError:
-            raise ClientError(
-                f"no password: give --password-file FILE or set {PASSWORD_ENV} "
-                "(there is no terminal to ask on)",
-                kind="usage",
-            ) from None
-        prompt = getpass.getpass
-    return prompt(f"Password for {user}: ")
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    try:
+        with open("/dev/tty"):
+            pass
+    except OSError:
+        raise ClientError(f"no password: give --password-file FILE or set {PASSWORD_ENV} "
+                          "(there is no terminal to ask on)", kind="usage") from None
+    return getpass.getpass(f"Password for {user}: ")
 
 
 def report(prog: str, exc: Exception, stderr: TextIO) -> int:

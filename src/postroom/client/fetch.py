@@ -533,18 +533,11 @@ async def fetch(options: FetchOptions) -> FetchResult:
 # --- The command line -----------------------------------------------------------------------
 
 
-def command(
-    args: argparse.Namespace,
-    *,
-    stdout: TextIO,
-    stderr: TextIO,
-    environ: dict[str, str] | None = None,
-) -> int:
+def command(args: argparse.Namespace, *, stdout: TextIO, stderr: TextIO) -> int:
     """`postroom fetch` with the arguments cli.add_fetch defines; returns the exit status."""
     try:
         server = FetchOptions.from_args(args, stderr)
-        password = read_password(user=args.user, password_file=args.password_file,
-                                 stderr=stderr, environ=environ)
+        password = read_password(args.user, args.password_file)
         options = FetchOptions(
             **server, user=args.user, password=password, dest=Path(args.dest), keep=args.keep,
             auth=args.auth, state_file=Path(args.state_file) if args.state_file else None,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import datetime
 import email.policy
 import email.utils
 import mimetypes
@@ -124,8 +123,6 @@ def build_message(
     body: str,
     attachments: Iterable[Path] = (),
     sender_name: str | None = None,
-    date: datetime.datetime | None = None,
-    message_id: str | None = None,
 ) -> EmailMessage:
     """A message ready for `submit` (which strips Bcc and takes the envelope from it).
 
@@ -144,10 +141,8 @@ def build_message(
         if values:
             msg[header] = [parse_address(v, "recipient") for v in values]
     msg["Subject"] = subject
-    msg["Date"] = date or email.utils.localtime()
-    msg["Message-ID"] = message_id or email.utils.make_msgid(
-        domain=_message_id_domain(author.addr_spec)
-    )
+    msg["Date"] = email.utils.localtime()
+    msg["Message-ID"] = email.utils.make_msgid(domain=_message_id_domain(author.addr_spec))
     msg.set_content(body, cte=_text_cte(body))
     for path in attachments:
         path = Path(path)
@@ -210,8 +205,6 @@ class SubmitOptions(ServerOptions):
     ports = {"starttls": 587, "tls": 465}
     implicit_tls_ports = frozenset({465, 2465})
 
-    envelope_from: str | None = None  # default: the Sender, else the From address
-    recipients: Sequence[str] | None = None  # default: To, Cc and Bcc
     helo: str | None = None  # default: the address literal of our end
 
 
@@ -228,15 +221,10 @@ def _check_paths(sender: str, recipients: list[str]) -> None:
 async def submit(message: EmailMessage, options: SubmitOptions) -> SubmitResult:
     """Submit `message` as `options` say; see the module docstring.
 
-    The envelope comes from the headers unless the options say otherwise.
     Returns when at least one recipient was accepted and the message taken;
     raises SendError otherwise.
     """
     sender, rcpts = envelope_of(message)
-    if options.envelope_from is not None:
-        sender = options.envelope_from
-    if options.recipients is not None:
-        rcpts = list(dict.fromkeys(options.recipients))
     _check_paths(sender, rcpts)
     utf8 = not all(a.isascii() for a in (sender, *rcpts))
     data = wire_bytes(message, utf8=utf8)
@@ -387,14 +375,7 @@ def _read_body(args: argparse.Namespace, stdin: TextIO, stderr: TextIO) -> str:
     return stdin.read()
 
 
-def command(
-    args: argparse.Namespace,
-    *,
-    stdin: TextIO,
-    stdout: TextIO,
-    stderr: TextIO,
-    environ: dict[str, str] | None = None,
-) -> int:
+def command(args: argparse.Namespace, *, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     """`postroom send` with the arguments cli.add_send defines; returns the exit status."""
     try:
         server = SubmitOptions.from_args(args, stderr)
@@ -411,8 +392,7 @@ def command(
         )
         envelope_of(message)  # no recipients: say so before asking for a password
         user = args.user or author.addr_spec
-        password = read_password(user=user, password_file=args.password_file,
-                                 stderr=stderr, environ=environ)
+        password = read_password(user, args.password_file)
         options = SubmitOptions(**server, user=user, password=password)
         result = asyncio.run(submit(message, options))
     except (ClientError, OSError, UnicodeDecodeError, ValueError) as exc:

@@ -297,15 +297,13 @@ def _address(raw: str, hostname: str, what: str) -> str:
         raise UsageError(f"invalid {what} address: {raw!r}") from None
 
 
-def submit(
-    stream: BinaryIO, opts: Options, config: Config, *, user: str | None = None,
-    now: float | None = None,
-) -> Envelope:
+def submit(stream: BinaryIO, opts: Options, config: Config, *, user: str | None = None
+           ) -> Envelope:
     """Read the message from `stream`, complete it and queue it; returns the queued envelope.
 
     Raises UsageError, DataError, or OSError when the queue cannot be written.
     """
-    now = time.time() if now is None else now
+    now = time.time()
     user = user or invoking_user()
     own_address = default_sender(user, config)
     sender = _envelope_sender(opts.sender, own_address, config.hostname)
@@ -404,11 +402,10 @@ def main(
     data_dir: Path | None = None,
     config_file: Path | None = None,
     stdin: BinaryIO | None = None,
-    stderr: TextIO | None = None,
     stdout: TextIO | None = None,
 ) -> int:
     """Run `sendmail ARGS`; returns the exit status (see the module docstring)."""
-    err = stderr or sys.stderr
+    err = sys.stderr
 
     def fail(code: int, message: str) -> int:
         print(f"{PROG}: error: {message}", file=err)
