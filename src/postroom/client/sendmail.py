@@ -67,7 +67,6 @@ EX_DATAERR = 65  # the message itself is unacceptable (too large)
 EX_TEMPFAIL = 75  # try again later: the queue cannot be written now
 
 PROG = "postroom sendmail"
-DATA_ENV = "POSTROOM_DATA"
 MAX_HEADER_SECTION = 1024 * 1024  # octets of headers kept in memory before giving up
 CHUNK = 64 * 1024  # body octets handed to the queue at a time
 
@@ -399,7 +398,7 @@ def usage() -> str:
 def main(
     argv: list[str],
     *,
-    data_dir: Path | None = None,
+    data_dir: Path,
     config_file: Path | None = None,
     stdin: BinaryIO | None = None,
     stdout: TextIO | None = None,
@@ -421,9 +420,8 @@ def main(
         return EX_OK
     if opts.mode == "i":
         return EX_OK  # no alias database to rebuild: aliases live in the user directory
-    folder = opts.data_dir or data_dir or Path(os.environ.get(DATA_ENV) or "var")
     try:
-        config = load_config(folder, opts.config_file or config_file)
+        config = load_config(opts.data_dir or data_dir, opts.config_file or config_file)
     except ConfigError as e:
         return fail(EX_TEMPFAIL, str(e))
     try:
@@ -442,7 +440,3 @@ def main(
         with contextlib.suppress(ControlError):  # queued: the server finds it later
             tell_server(config.data_dir)
     return EX_OK
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main(sys.argv[1:]))

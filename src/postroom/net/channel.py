@@ -286,6 +286,11 @@ class CoreSession(Generic[CoreT]):
         return self._closed
 
     @property
+    def tls_active(self) -> bool:
+        """The TLS handshake is done: after STARTTLS/STLS, or at once (implicit TLS)."""
+        return self.tls_version is not None
+
+    @property
     def tls_version(self) -> str | None:
         """The TLS protocol in use ("TLSv1.3"), None without TLS."""
         ssl_object = self.channel.get_extra_info("ssl_object")

@@ -185,7 +185,6 @@ class SMTPConnection(CoreSession[SMTPClient]):
         self.tls_fallback = False  # in plaintext after a failed opportunistic handshake
         self._setup = setup
         self._helo = setup.helo or _address_literal(channel)
-        self._tls = False  # the handshake is done: after STARTTLS, or at once (implicit)
         peer = channel.get_extra_info("peername")
         self.address: tuple[str, int] | None = (str(peer[0]), int(peer[1])) if peer else None
 
@@ -225,10 +224,6 @@ class SMTPConnection(CoreSession[SMTPClient]):
     @property
     def extensions(self) -> Extensions:
         return self.core.extensions
-
-    @property
-    def tls_active(self) -> bool:
-        return self._tls
 
     async def reply(self, timeout: float) -> Response:
         """The next reply, waiting up to `timeout` seconds for its bytes.
@@ -273,7 +268,7 @@ class SMTPConnection(CoreSession[SMTPClient]):
         if greeting.reply.code != 220:
             raise await self._give_up(GreetingRefused(greeting))
         await self._hello()
-        if starttls and not self._tls:
+        if starttls and not self.tls_active:
             await self._starttls(host)
         if setup.login is not None:
             await self._authenticate(*setup.login)
@@ -318,10 +313,9 @@ class SMTPConnection(CoreSession[SMTPClient]):
         setup = self._setup
         assert setup.tls_context is not None  # Setup checks it
         await self.start_tls(setup.tls_context, setup.tls_name or host, setup.command_timeout)
-        self._tls = True
 
     async def _authenticate(self, user: str, password: str) -> None:
-        if not self._tls:
+        if not self.tls_active:
             raise await self._give_up(AuthNeedsTLS())
         offered = self.core.extensions.auth_mechanisms
         mechanism = next((m for m in (PLAIN, LOGIN) if m in offered), None)
