@@ -40,7 +40,7 @@ from postroom.client.connect import (
 )
 from postroom.net import smtp
 from postroom.net.channel import ConnectionFailure
-from postroom.net.smtp import Setup, SMTPConnection, one_line
+from postroom.net.smtp import Setup, SMTPConnection
 from postroom.protocol.replies import Reply
 from postroom.protocol.smtp_client import path_problem
 
@@ -239,10 +239,12 @@ async def submit(message: EmailMessage, options: SubmitOptions) -> SubmitResult:
         connection = await SMTPConnection.open(options.host, options.port, setup)
         return await _Submission(connection, options.where, timeout).run(sender, rcpts, data,
                                                                          utf8)
+    except SendError:
+        assert connection is not None
+        await connection.quit()  # refused: the session ends politely
+        raise
     except ConnectionFailure as failure:
-        reply: Reply | None = getattr(failure, "reply", None)
-        said = one_line(reply) if reply is not None else ""
-        raise options.error(failure, SendError, _WORDS, user=options.user, said=said) from None
+        raise options.error(failure, SendError, _WORDS, user=options.user) from None
     except BaseException:
         if connection is not None:
             connection.close(abort=True)
@@ -253,14 +255,14 @@ async def submit(message: EmailMessage, options: SubmitOptions) -> SubmitResult:
 # facts as fields (see client.connect.ServerOptions.error).
 _WORDS: dict[type[ConnectionFailure], tuple[str, str]] = {
     **LOST_WORDS,
-    smtp.ServerClosing: ("refused", "{where} is closing: {said}"),
-    smtp.GreetingRefused: ("refused", "{where} refused the session: {said}"),
-    smtp.HelloRefused: ("refused", "{where} refused {command}: {said}"),
-    smtp.StartTLSRefused: ("tls", "{where} refused STARTTLS: {said}"),
+    smtp.ServerClosing: ("refused", "{where} is closing: {reply}"),
+    smtp.GreetingRefused: ("refused", "{where} refused the session: {reply}"),
+    smtp.HelloRefused: ("refused", "{where} refused {command}: {reply}"),
+    smtp.StartTLSRefused: ("tls", "{where} refused STARTTLS: {reply}"),
     smtp.TLSNotOffered: ("tls", "{where} does not offer STARTTLS; not sending the password "
                                 "without TLS (try --security tls?)"),
     smtp.AuthNeedsTLS: ("tls", "not sending the password to {where} without TLS"),
-    smtp.AuthRefused: ("auth", "{where} refused the login of {user}: {said}"),
+    smtp.AuthRefused: ("auth", "{where} refused the login of {user}: {reply}"),
     smtp.NoAuthMechanism: ("auth", "{where} offers no password login (AUTH PLAIN or LOGIN), "
                                    "only {offered}"),
     smtp.UnusableLogin: ("usage", "unusable login: {detail}"),
@@ -298,12 +300,10 @@ class _Submission:
         """MAIL FROM, once the server can take the message: SMTPUTF8, SIZE, 8BITMIME."""
         ext = self.connection.extensions
         if utf8 and not ext.smtputf8:
-            await self.connection.quit()
             raise SendError(f"{self.where} does not support SMTPUTF8, which the non-ASCII "
                             "addresses need", kind="refused")
         limit = ext.size_limit
         if limit is not None and len(data) > limit:
-            await self.connection.quit()
             raise SendError(f"the message ({len(data)} octets) is larger than {self.where} "
                             f"accepts ({limit} octets)", kind="refused")
         body = None
@@ -318,7 +318,7 @@ class _Submission:
         shown = f"MAIL FROM:<{sender}>{params}" + (" SMTPUTF8" if utf8 else "")
         mail = await self.connection.command(shown, self.timeout)
         if mail.reply.code // 100 != 2:
-            raise await self._refused(f"refused the sender <{sender}>", mail.reply)
+            raise self._refused(f"refused the sender <{sender}>", mail.reply)
 
     async def _recipients(self, rcpts: list[str]) -> tuple[list[str], dict[str, str]]:
         """RCPT TO for each: (accepted, refused address -> reply); SendError if none is taken."""
@@ -330,9 +330,8 @@ class _Submission:
             if response.reply.code // 100 == 2:
                 accepted.append(rcpt)
             else:
-                refused[rcpt] = one_line(response.reply)
+                refused[rcpt] = str(response.reply)
         if not accepted:
-            await self.connection.quit()
             temporary = all(r.startswith("4") for r in refused.values())
             raise SendError(f"{self.where} refused every recipient", kind="refused",
                             temporary=temporary, refused=refused)
@@ -344,7 +343,7 @@ class _Submission:
         self.core.data()
         response = await connection.command("DATA", self.timeout)
         if response.reply.code != 354:
-            raise await self._refused("refused DATA", response.reply)
+            raise self._refused("refused DATA", response.reply)
         connection.trace(f"C: ({len(data)} octets of message)")
         for start in range(0, len(data), CHUNK_SIZE):
             self.core.send_data(data[start : start + CHUNK_SIZE])
@@ -352,13 +351,12 @@ class _Submission:
         self.core.end_data()
         final = await connection.command(".", max(self.timeout, DATA_END_TIMEOUT))
         if final.reply.code // 100 != 2:
-            raise await self._refused("refused the message", final.reply)
+            raise self._refused("refused the message", final.reply)
         return final.reply
 
-    async def _refused(self, what: str, reply: Reply) -> SendError:
-        """QUIT after a refusal, and the error that says it."""
-        await self.connection.quit()
-        return SendError(f"{self.where} {what}: {one_line(reply)}", kind="refused",
+    def _refused(self, what: str, reply: Reply) -> SendError:
+        """The error that says the server refused `what` with `reply`."""
+        return SendError(f"{self.where} {what}: {reply}", kind="refused",
                          temporary=reply.is_transient)
 
 

@@ -151,16 +151,11 @@ class Setup:
             raise ValueError(f"tls={self.tls!r} needs a tls_context")
 
 
-def one_line(reply: Reply) -> str:
-    """A reply as one line of text: "250 2.0.0 Ok" (the lines of a long one joined)."""
-    return " ".join(str(reply).split("\n"))
-
-
 def _shown(response: Response) -> str:
     """A reply as the trace shows it; EHLO's keywords in brackets after its first line."""
     reply = response.reply
     if response.command != EHLO:
-        return one_line(reply)
+        return str(reply)  # one line: a long reply's lines are joined
     lines = reply.text.split("\n")
     keywords = ", ".join(line.strip() for line in lines[1:] if line.strip())
     return f"{reply.code} {lines[0]}" + (f" ({keywords})" if keywords else "")
