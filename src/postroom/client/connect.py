@@ -42,7 +42,6 @@ PASSWORD_ENV = "POSTROOM_PASSWORD"
 DEFAULT_TIMEOUT = 120.0  # seconds for the connection and each reply
 
 
-
 class ClientError(Exception):
     """A failure of a client tool, in one line a person can read.
 

@@ -202,10 +202,7 @@ class _Session(CoreSession[POP3Client]):
 
     async def response(self, shown: str) -> Response:
         event = await self.command(shown)
-        if not isinstance(event, Response):
-            self.close(abort=True)
-            raise ClientError(f"{self.where} sent a continuation outside AUTH",
-                              kind="protocol", temporary=True)
+        assert isinstance(event, Response)  # the core takes a continuation only for AUTH
         return event
 
     async def needed(self, shown: str) -> Response:

@@ -209,13 +209,10 @@ class SubmitOptions(ServerOptions):
 
 
 def _check_paths(sender: str, recipients: list[str]) -> None:
-    problem = path_problem(sender, reverse=True)
-    if problem is not None:
-        raise SendError(f"cannot send from <{sender}>: {problem}", kind="usage")
-    for r in recipients:
-        problem = path_problem(r)
+    for path, way, reverse in [(sender, "from", True), *((r, "to", False) for r in recipients)]:
+        problem = path_problem(path, reverse=reverse)
         if problem is not None:
-            raise SendError(f"cannot send to <{r}>: {problem}", kind="usage")
+            raise SendError(f"cannot send {way} <{path}>: {problem}", kind="usage")
 
 
 async def submit(message: EmailMessage, options: SubmitOptions) -> SubmitResult:

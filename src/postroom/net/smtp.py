@@ -205,11 +205,9 @@ class SMTPConnection(CoreSession[SMTPClient]):
         try:
             connection.trace(channel.connected_line(host, port))
             await connection._start(host, starttls)
-        except ConnectionFailure as failure:
-            failure.address = connection.address
-            connection.close(abort=True)
-            raise
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, ConnectionFailure):
+                exc.address = connection.address
             connection.close(abort=True)
             raise
         return connection
