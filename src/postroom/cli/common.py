@@ -1,8 +1,4 @@
-"""What every `postroom` subcommand shares: the handler's Context and the parser helpers.
-
-A handler takes the parsed arguments and a `Context` (data dir, config, user
-directory, all made on first use) and returns the exit status.
-"""
+"""What every `postroom` subcommand shares: the handler's Context and the parser helpers."""
 
 from __future__ import annotations
 

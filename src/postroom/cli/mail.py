@@ -42,15 +42,11 @@ def _sendmail(args: argparse.Namespace, ctx: Context) -> int:
 
 # -- send and fetch ----------------------------------------------------------
 
-_CLIENT_PASSWORD_HELP = (
-    "read the password from FILE's first line (otherwise from $POSTROOM_PASSWORD, "
-    "otherwise it is asked for on the terminal)"
-)
-
-
 def _client_options(p: argparse.ArgumentParser) -> None:
-    """Connection options `send` and `fetch` share."""
-    p.add_argument("--password-file", metavar="FILE", help=_CLIENT_PASSWORD_HELP)
+    """Connection options `send` and `fetch` share (client.connect.ServerOptions.from_args)."""
+    p.add_argument("--password-file", metavar="FILE",
+                   help="read the password from FILE's first line (otherwise from "
+                   "$POSTROOM_PASSWORD, otherwise it is asked for on the terminal)")
     p.add_argument("--insecure", action="store_true",
                    help="accept any server certificate (self-signed test servers only)")
     p.add_argument("--cafile", metavar="FILE",

@@ -40,8 +40,10 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import getopt
+import getpass
 import itertools
 import os
+import pwd
 import re
 import sqlite3
 import sys
@@ -196,12 +198,8 @@ def default_sender(user: str, config: Config) -> str:
 def invoking_user() -> str:
     """The login name of the real user (not $USER, which the caller controls)."""
     try:
-        import pwd
-
         return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
-        import getpass
-
+    except KeyError:  # a uid with no passwd entry (a container's)
         return getpass.getuser()
 
 
