@@ -1,10 +1,10 @@
 """Connections for the user's mail tools: servers, TLS, logins, and failures said in words.
 
-What `client.send` (SMTP submission) and `client.fetch` (POP3) share: reading
-"host:port" arguments, a client TLS context, the password (never from the
-command line), and the words for a connection, a TLS handshake or a session
-that failed (`net.channel`'s failures): a `ClientError` a person can read
-("cannot connect to ...", "TLS failure with ...") with its exit status.
+What `client.send` (SMTP submission) and `client.fetch` (POP3) share: their
+`ServerOptions` (the server from "host:port", its TLS, the login, the trace),
+the password (never from the command line), and the words for a connection,
+a TLS handshake or a session that failed (`net.channel`'s failures): a
+`ClientError` a person can read ("cannot connect to ...") with its exit status.
 """
 
 from __future__ import annotations

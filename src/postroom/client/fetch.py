@@ -241,16 +241,15 @@ def _login_failure(session: _Session, user: str, response: Response) -> ClientEr
 
 async def _login(session: _Session, user: str, password: str, auth: str) -> None:
     core = session.core
-    mode = auth
-    if mode == "auto":
-        mode = "plain" if PLAIN in core.capabilities.sasl else "user"
-    if mode == "apop":
+    if auth == "auto":
+        auth = "plain" if PLAIN in core.capabilities.sasl else "user"
+    if auth == "apop":
         if core.timestamp is None:
             raise ClientError(f"{session.where} does not offer APOP (its greeting has no "
                               "timestamp)", kind="auth")
         core.apop(user, password)
         response = await session.response(f"APOP {user} (digest)")
-    elif mode == "user":
+    elif auth == "user":
         core.user(user)
         response = await session.response(f"USER {user}")
         if response.ok:
@@ -309,14 +308,12 @@ class _Download:
         sizes, uids = listing
         new = [n for n in sorted(sizes) if uids.get(n) not in self.state]
         progress = _Progress(progress_stream, len(new), sum(sizes[n] for n in new))
-        deleting = 0
         try:
             for number in sorted(sizes):
                 if await self._one(number, uids.get(number), progress):
-                    deleting += 1
+                    self.result.deleted += 1  # once QUIT confirms it; zeroed on a failure
         finally:
             progress.finish()
-        self.result.deleted = deleting  # confirmed (or zeroed) by QUIT
 
     async def _listing(self) -> tuple[dict[int, int], dict[int, str]] | None:
         """(size, UIDL) of each message by number; None when the maildrop is empty."""
@@ -431,12 +428,10 @@ async def _quit(session: _Session, result: FetchResult) -> None:
     """QUIT, which makes the server delete what was marked (RFC 1939 6): confirmed or not."""
     bye = await session.quit()
     if bye is None and result.deleted:
-        result.deleted = 0
         raise ClientError(f"lost the connection with {session.where} before QUIT was "
                           "answered; nothing was deleted yet (the next fetch finishes)",
                           kind="lost", temporary=True)
     if bye is not None and not bye.ok:
-        result.deleted = 0
         raise ClientError(f"{session.where} could not delete the messages: {bye} "
                           "(they are kept; the next fetch will not store them again)",
                           kind="refused", temporary=True)
@@ -448,9 +443,7 @@ async def _quit(session: _Session, result: FetchResult) -> None:
 class FetchError(ClientError):
     """The fetch failed; `result` says what was done before (messages already safe)."""
 
-    def __init__(self, text: str, *, kind: str, temporary: bool = False) -> None:
-        super().__init__(text, kind=kind, temporary=temporary)
-        self.result: FetchResult | None = None
+    result: FetchResult | None = None
 
     @classmethod
     def of(cls, exc: ClientError | ConnectionFailure | OSError, options: FetchOptions,

@@ -8,10 +8,8 @@ SMTP client connection the relay uses too (`net.smtp`): implicit TLS (port
 (RFC 4954), then one transaction in lockstep, every step in the trace, whose
 envelope comes from the headers (To, Cc and Bcc; Bcc itself is never sent).
 
-Every failure is a `SendError` a person can read ("cannot connect to ...",
-"TLS failure with ...", "... refused the login of ..."), with the exit status
-the command line returns. The words for connecting and TLS, and the password,
-come from `client.connect`, shared with `client.fetch`.
+Every failure is a `SendError` a person can read, with the exit status the
+command line returns; what send and fetch share is in `client.connect`.
 """
 
 from __future__ import annotations
@@ -23,11 +21,12 @@ import email.policy
 import email.utils
 import mimetypes
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
+from types import MappingProxyType
 from typing import TextIO
 
 from postroom.client.connect import (
@@ -53,16 +52,7 @@ CHUNK_SIZE = 64 * 1024  # message octets per write
 class SendError(ClientError):
     """The message was not sent. `refused` maps each refused recipient to the reply."""
 
-    def __init__(
-        self,
-        text: str,
-        *,
-        kind: str,
-        temporary: bool = False,
-        refused: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(text, kind=kind, temporary=temporary)
-        self.refused = dict(refused or {})
+    refused: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass
@@ -267,12 +257,6 @@ _WORDS: dict[type[ConnectionFailure], tuple[str, str]] = {
 }
 
 
-def _text_of(reply: Reply) -> str:
-    """A reply's text with its enhanced code, without the reply code: "2.0.0 Ok: queued"."""
-    text = " ".join(reply.text.split("\n"))
-    return f"{reply.enhanced} {text}" if reply.enhanced else text
-
-
 class _Submission:
     """One transaction on a ready connection, in lockstep, each step in the trace."""
 
@@ -288,8 +272,9 @@ class _Submission:
         await self._mail(sender, data, utf8, notes)
         accepted, refused = await self._recipients(rcpts)
         final = await self._data(data)
-        result = SubmitResult(accepted, refused, _text_of(final), self.connection.tls_version,
-                              notes)
+        text = " ".join(final.text.split("\n"))  # without the code: "2.0.0 Ok: queued as ..."
+        said = f"{final.enhanced} {text}" if final.enhanced else text
+        result = SubmitResult(accepted, refused, said, self.connection.tls_version, notes)
         await self.connection.quit()
         return result
 
@@ -330,8 +315,10 @@ class _Submission:
                 refused[rcpt] = str(response.reply)
         if not accepted:
             temporary = all(r.startswith("4") for r in refused.values())
-            raise SendError(f"{self.where} refused every recipient", kind="refused",
-                            temporary=temporary, refused=refused)
+            error = SendError(f"{self.where} refused every recipient", kind="refused",
+                              temporary=temporary)
+            error.refused = refused
+            raise error
         return accepted, refused
 
     async def _data(self, data: bytes) -> Reply:

@@ -332,8 +332,6 @@ class SMTPConnection(CoreSession[SMTPClient]):
         if response.reply.code // 100 != 2:
             raise await self._give_up(AuthRefused(response))
 
-    # --- Plumbing ---------------------------------------------------------------
-
     async def _give_up(self, failure: ConnectionFailure) -> ConnectionFailure:
         """End a session that cannot serve, politely (QUIT), and the failure to raise."""
         await self.quit()
