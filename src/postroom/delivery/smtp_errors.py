@@ -1,4 +1,4 @@
-"""The relay's one failure type, SMTPError, and its words for net.smtp's failures.
+"""The relay's one failure type, SMTPError, and its words for net's failures.
 
 `relay_error` turns a `net.ConnectionFailure` into an SMTPError: a text in
 Postfix's style ("host mx[192.0.2.1]:25 said: ... (in reply to MAIL FROM
