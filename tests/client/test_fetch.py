@@ -27,9 +27,15 @@ import pytest
 from durable_order import install_recorder
 from postroom import cli
 from postroom.client import fetch as fetch_module
-from postroom.client.fetch import FetchError, FetchOptions, FetchResult, fetch, summary
-from postroom.client.pop3_session import human_size
-from postroom.client.uidl_state import STATE_NAME
+from postroom.client.fetch import (
+    FetchError,
+    FetchOptions,
+    FetchResult,
+    fetch,
+    human_size,
+    summary,
+)
+from postroom.client.sinks import STATE_NAME
 from postroom.config import load_config
 from postroom.net.channel import Channel
 from postroom.server.main import Running, start
@@ -517,8 +523,8 @@ def test_human_size_and_summary() -> None:
         "0 bytes", "1 byte", "1023 bytes", "1.0 KiB", "14 KiB", "5.0 MiB", "12 GiB"]
     result = FetchResult(3, 3, 0, 14 * 1024, [])
     assert summary(result, keep=False) == "3 messages (14 KiB) downloaded, 3 deleted on the server"
-    assert fetch_module.default_security(995) == "tls"
-    assert fetch_module.default_security(110) == "stls"
+    assert fetch_module.FetchOptions.default_security(995) == "tls"
+    assert fetch_module.FetchOptions.default_security(110) == "stls"
 
 
 def test_wrong_security_for_the_port_says_so(tmp_path: Path) -> None:

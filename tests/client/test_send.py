@@ -30,13 +30,13 @@ import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from postroom import cli
+from postroom.client.connect import parse_server
 from postroom.client.send import (
     SendError,
     SubmitOptions,
     SubmitResult,
     build_message,
     envelope_of,
-    parse_server,
     submit,
     wire_bytes,
 )

@@ -8,8 +8,8 @@ returns the exit status. Errors the user can fix are raised as `ConfigError`,
 `postroom: error: ...`, with exit status 2.
 
 The subcommands live in one module per group: `serve` (init, serve), `users`
-(domain, user, alias), `queue`, `mail` (sendmail, send, fetch) and `demo`
-(trace, demo); `common` holds the Context and the parser helpers they share.
+(domain, user, alias), `queue` and `mail` (sendmail, send, fetch, trace, demo);
+`common` holds the Context and the parser helpers they share.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from postroom.cli.common import (
     help_of,
     subparsers,
 )
-from postroom.cli.demo import add_demo, add_trace
-from postroom.cli.mail import add_fetch, add_send, add_sendmail
+from postroom.cli.mail import add_demo, add_fetch, add_send, add_sendmail, add_trace
 from postroom.cli.queue import add_queue
 from postroom.cli.serve import add_init, add_serve
 from postroom.cli.users import add_alias, add_domain, add_user
@@ -41,26 +40,7 @@ from postroom.store.api import DirectoryError
 if TYPE_CHECKING:
     from postroom.cli.common import Subparsers
 
-__all__ = [
-    "COMMANDS",
-    "DATA_ENV",
-    "EXIT_USAGE",
-    "PROG",
-    "Context",
-    "add_alias",
-    "add_demo",
-    "add_domain",
-    "add_fetch",
-    "add_init",
-    "add_queue",
-    "add_send",
-    "add_sendmail",
-    "add_serve",
-    "add_trace",
-    "add_user",
-    "build_parser",
-    "main",
-]
+__all__ = ["COMMANDS", "DATA_ENV", "EXIT_USAGE", "PROG", "Context", "build_parser", "main"]
 
 
 def _common_options(defaults: bool) -> argparse.ArgumentParser:
@@ -140,7 +120,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

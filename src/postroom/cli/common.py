@@ -1,8 +1,4 @@
-"""What every `postroom` subcommand shares: the handler's Context and the parser helpers.
-
-A handler takes the parsed arguments and a `Context` (data dir, config, user
-directory, all made on first use) and returns the exit status.
-"""
+"""What every `postroom` subcommand shares: the handler's Context and the parser helpers."""
 
 from __future__ import annotations
 
@@ -12,7 +8,7 @@ import sys
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from postroom.config import DEFAULT_DATA_DIR, Config, load_config
 from postroom.store.api import UserDirectory
@@ -52,6 +48,23 @@ class Context:
 
 def subparsers(parser: argparse.ArgumentParser, title: str) -> Subparsers:
     return parser.add_subparsers(title=title, metavar="COMMAND")
+
+
+def group(sub: Subparsers, common: argparse.ArgumentParser, name: str, help: str,
+          description: str) -> Callable[..., argparse.ArgumentParser]:
+    """A command made of actions (`postroom user add ...`), which prints its help when run
+    without one; returns `action(name, func, help, **parser_options)`, which adds an
+    action that runs `func` and returns its parser, for its arguments."""
+    p = sub.add_parser(name, parents=[common], help=help, description=description)
+    p.set_defaults(func=help_of(p))
+    actions = subparsers(p, "actions")
+
+    def action(name: str, func: Handler, help: str, **options: Any) -> argparse.ArgumentParser:
+        a = actions.add_parser(name, parents=[common], help=help, **options)
+        a.set_defaults(func=func)
+        return a
+
+    return action
 
 
 def help_of(parser: argparse.ArgumentParser) -> Handler:

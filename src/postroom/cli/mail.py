@@ -1,7 +1,7 @@
-"""`postroom sendmail`, `send` and `fetch`: the options of the user's mail tools.
+"""`postroom sendmail`, `send`, `fetch`, `trace` and `demo`: the user's tools and the story.
 
-Their work is in postroom.client.sendmail/send/fetch, imported only when run:
-they pull in asyncio, ssl and the protocol cores.
+Their work is in postroom.client.sendmail/send/fetch/trace and postroom.demo,
+imported only when run: they pull in asyncio, ssl and the protocol cores.
 """
 
 from __future__ import annotations
@@ -41,18 +41,12 @@ def _sendmail(args: argparse.Namespace, ctx: Context) -> int:
 
 
 # -- send and fetch ----------------------------------------------------------
-# Their options are here, their work in postroom.client.send/fetch (imported
-# only when run: they pull in asyncio, ssl and the protocol cores).
-
-_CLIENT_PASSWORD_HELP = (
-    "read the password from FILE's first line (otherwise from $POSTROOM_PASSWORD, "
-    "otherwise it is asked for on the terminal)"
-)
-
 
 def _client_options(p: argparse.ArgumentParser) -> None:
-    """Connection options `send` and `fetch` share."""
-    p.add_argument("--password-file", metavar="FILE", help=_CLIENT_PASSWORD_HELP)
+    """Connection options `send` and `fetch` share (client.connect.ServerOptions.from_args)."""
+    p.add_argument("--password-file", metavar="FILE",
+                   help="read the password from FILE's first line (otherwise from "
+                   "$POSTROOM_PASSWORD, otherwise it is asked for on the terminal)")
     p.add_argument("--insecure", action="store_true",
                    help="accept any server certificate (self-signed test servers only)")
     p.add_argument("--cafile", metavar="FILE",
@@ -146,3 +140,53 @@ def _fetch(args: argparse.Namespace, ctx: Context) -> int:
     from postroom.client import fetch
 
     return fetch.command(args, stdout=ctx.stdout, stderr=sys.stderr)
+
+
+# -- trace -------------------------------------------------------------------
+
+
+def add_trace(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "trace", parents=[common],
+        help="show a message's path hop by hop, from its Received headers",
+        description="Read the Received headers of a message (a file, or the message "
+        "whose Received headers carry the queue ID, looked up in DIR/queue and the "
+        "Maildirs under DIR/mail) and print each hop, oldest first: the sending and "
+        "receiving host, the protocol (ESMTPSA = TLS + AUTH, RFC 3848), TLS version and "
+        "cipher, queue ID, time, and the delay since the hop before.",
+    )
+    p.add_argument("target", metavar="FILE|QUEUE-ID")
+    p.set_defaults(func=_trace)
+
+
+def _trace(args: argparse.Namespace, ctx: Context) -> int:
+    from postroom.client.trace import trace
+
+    return trace(args.target, lambda: ctx.config, ctx.stdout)
+
+
+# -- demo --------------------------------------------------------------------
+
+
+def add_demo(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "demo", parents=[common],
+        help="the whole path of one message on loopback, step by step",
+        description="Start, in a temporary folder on free loopback ports, a provider "
+        "host (mail.isp.example), a receiving host (mx.corp.example) and a small DNS "
+        "server; then send one message from smith@isp.example to boss@corp.example and "
+        "show every step: submission with STARTTLS and AUTH, the queue, the MX lookup "
+        "and relay, delivery into the Maildir, and the POP3 download. Everything it "
+        "started is stopped at the end. Exit status 0 when the message arrived intact. "
+        "Ignores --data and --config.",
+    )
+    p.add_argument("--keep-data", action="store_true",
+                   help="keep the temporary folder (configs, queue, mailboxes, the "
+                   "servers' log in postroom.log) and print its path")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace, ctx: Context) -> int:
+    from postroom.demo.run import run_demo
+
+    return run_demo(keep_data=args.keep_data, out=ctx.stdout)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from postroom.cli.common import PROG, Context, help_of, subparsers
+from postroom.cli.common import PROG, Context, group
 
 if TYPE_CHECKING:
     from postroom.cli.common import Subparsers
@@ -17,30 +17,21 @@ if TYPE_CHECKING:
 
 
 def add_queue(sub: Subparsers, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "queue", parents=[common], help="inspect and manage the outgoing mail queue",
-        description="Messages waiting for delivery to other hosts: why each waits and when "
-        "it is tried next. Changes reach a running server at once (through its control "
-        "socket, DATA/postroom.ctl).",
-    )
-    p.set_defaults(func=help_of(p))
-    actions = subparsers(p, "actions")
-    a = actions.add_parser("list", parents=[common], help="one line per queued message")
-    a.set_defaults(func=_queue_list)
-    a = actions.add_parser("show", parents=[common], help="a message's envelope and recipients")
-    a.add_argument("queue_id", metavar="ID")
-    a.set_defaults(func=_queue_show)
-    a = actions.add_parser(
-        "flush", parents=[common], help="try a message (or every message) now"
-    )
-    a.add_argument("queue_id", metavar="ID", nargs="?")
-    a.set_defaults(func=_queue_flush)
+    action = group(sub, common, "queue", "inspect and manage the outgoing mail queue",
+                   "Messages waiting for delivery to other hosts: why each waits and when it "
+                   "is tried next. Changes reach a running server at once (through its "
+                   "control socket, DATA/postroom.ctl).")
+    action("list", _queue_list, "one line per queued message")
+    action("show", _queue_show, "a message's envelope and recipients").add_argument(
+        "queue_id", metavar="ID")
+    action("flush", _queue_flush, "try a message (or every message) now").add_argument(
+        "queue_id", metavar="ID", nargs="?")
     for name, help_text in (("delete", "remove a message without sending it or a bounce"),
                             ("hold", "keep a message from being tried until released"),
                             ("release", "let a held message be tried again")):
-        a = actions.add_parser(name, parents=[common], help=help_text)
+        a = action(name, _queue_change, help_text)
         a.add_argument("queue_id", metavar="ID")
-        a.set_defaults(func=_queue_change, action=name)
+        a.set_defaults(action=name)
 
 
 def _queue_store(ctx: Context) -> QueueStore:

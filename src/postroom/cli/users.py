@@ -8,7 +8,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from postroom.addresses import canonical_domain, split
-from postroom.cli.common import PROG, Context, help_of, subparsers
+from postroom.cli.common import PROG, Context, group
 from postroom.store.api import DirectoryError, local_address
 
 if TYPE_CHECKING:
@@ -51,23 +51,12 @@ def _read_password(
 
 
 def add_domain(sub: Subparsers, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "domain", parents=[common], help="manage local mail domains",
-        description="Local domains are the ones this host accepts mail for.",
-    )
-    p.set_defaults(func=help_of(p))
-    actions = subparsers(p, "actions")
-    a = actions.add_parser("add", parents=[common], help="add a local domain")
-    a.add_argument("name", metavar="NAME")
-    a.set_defaults(func=_domain_add)
-    a = actions.add_parser("list", parents=[common], help="list local domains")
-    a.set_defaults(func=_domain_list)
-    a = actions.add_parser(
-        "del", parents=[common],
-        help="remove a local domain (it must have no users or aliases left)",
-    )
-    a.add_argument("name", metavar="NAME")
-    a.set_defaults(func=_domain_del)
+    action = group(sub, common, "domain", "manage local mail domains",
+                   "Local domains are the ones this host accepts mail for.")
+    action("add", _domain_add, "add a local domain").add_argument("name", metavar="NAME")
+    action("list", _domain_list, "list local domains")
+    action("del", _domain_del, "remove a local domain (it must have no users or aliases left)"
+           ).add_argument("name", metavar="NAME")
 
 
 def _domain_add(args: argparse.Namespace, ctx: Context) -> int:
@@ -111,34 +100,22 @@ def _domain_del(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def add_user(sub: Subparsers, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "user", parents=[common], help="manage users (mailboxes with a password)",
-        description="Users own a mailbox and log in to submission and POP3 with their "
-        "address and password.",
-    )
-    p.set_defaults(func=help_of(p))
-    actions = subparsers(p, "actions")
+    action = group(sub, common, "user", "manage users (mailboxes with a password)",
+                   "Users own a mailbox and log in to submission and POP3 with their "
+                   "address and password.")
     stdin_help = "read the password from standard input (one line) instead of asking"
-    a = actions.add_parser("add", parents=[common], help="add a user (asks for the password)")
+    a = action("add", _user_add, "add a user (asks for the password)")
     a.add_argument("address", metavar="ADDRESS")
     a.add_argument("--password-stdin", action="store_true", help=stdin_help)
-    a.set_defaults(func=_user_add)
-    a = actions.add_parser("list", parents=[common], help="list users")
-    a.add_argument("domain", metavar="DOMAIN", nargs="?", help="only this domain's users")
-    a.set_defaults(func=_user_list)
-    a = actions.add_parser("passwd", parents=[common], help="change a user's password")
+    action("list", _user_list, "list users").add_argument(
+        "domain", metavar="DOMAIN", nargs="?", help="only this domain's users")
+    a = action("passwd", _user_passwd, "change a user's password")
     a.add_argument("address", metavar="ADDRESS")
     a.add_argument("--password-stdin", action="store_true", help=stdin_help)
-    a.set_defaults(func=_user_passwd)
-    a = actions.add_parser(
-        "del", parents=[common],
-        help="remove a user (the mailbox folder is kept)",
-    )
-    a.add_argument("address", metavar="ADDRESS")
-    a.set_defaults(func=_user_del)
-    a = actions.add_parser(
-        "apop", parents=[common],
-        help="turn POP3 APOP on (with its own secret) or off for a user",
+    action("del", _user_del, "remove a user (the mailbox folder is kept)").add_argument(
+        "address", metavar="ADDRESS")
+    a = action(
+        "apop", _user_apop, "turn POP3 APOP on (with its own secret) or off for a user",
         description="APOP (RFC 1939 7) logs in without sending a password, but the server "
         "must keep the APOP secret readable. So it is a second secret, separate from the "
         "login password, stored as given; only users who ask for APOP get one. The server "
@@ -148,7 +125,6 @@ def add_user(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     a.add_argument("state", choices=("on", "off"))
     a.add_argument("--password-stdin", action="store_true",
                    help="read the APOP secret from standard input instead of asking")
-    a.set_defaults(func=_user_apop)
 
 
 def _user_add(args: argparse.Namespace, ctx: Context) -> int:
@@ -215,16 +191,11 @@ def _user_del(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def add_alias(sub: Subparsers, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "alias", parents=[common], help="manage aliases (addresses that forward)",
-        description="An alias is a local address whose mail goes to other local addresses: "
-        "users, other aliases or postmaster. Forwarding to other hosts is not supported.",
-    )
-    p.set_defaults(func=help_of(p))
-    actions = subparsers(p, "actions")
-    a = actions.add_parser(
-        "add", parents=[common], help="make SOURCE forward to TARGETs (adds to existing ones)"
-    )
+    action = group(sub, common, "alias", "manage aliases (addresses that forward)",
+                   "An alias is a local address whose mail goes to other local addresses: "
+                   "users, other aliases or postmaster. Forwarding to other hosts is not "
+                   "supported.")
+    a = action("add", _alias_add, "make SOURCE forward to TARGETs (adds to existing ones)")
     a.add_argument("source", metavar="SOURCE")
     a.add_argument("targets", metavar="TARGET", nargs="+")
     a.add_argument(
@@ -232,16 +203,10 @@ def add_alias(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         help="allow SOURCE to be a user: the alias then takes all of the user's mail "
         "(name SOURCE among the TARGETs to keep a copy in its mailbox)",
     )
-    a.set_defaults(func=_alias_add)
-    a = actions.add_parser("list", parents=[common], help="list aliases and their targets")
-    a.set_defaults(func=_alias_list)
-    a = actions.add_parser(
-        "del", parents=[common],
-        help="remove an alias, or only the TARGETs given",
-    )
+    action("list", _alias_list, "list aliases and their targets")
+    a = action("del", _alias_del, "remove an alias, or only the TARGETs given")
     a.add_argument("source", metavar="SOURCE")
     a.add_argument("targets", metavar="TARGET", nargs="*")
-    a.set_defaults(func=_alias_del)
 
 
 def _alias_add(args: argparse.Namespace, ctx: Context) -> int:

@@ -8,10 +8,8 @@ SMTP client connection the relay uses too (`net.smtp`): implicit TLS (port
 (RFC 4954), then one transaction in lockstep, every step in the trace, whose
 envelope comes from the headers (To, Cc and Bcc; Bcc itself is never sent).
 
-Every failure is a `SendError` a person can read ("cannot connect to ...",
-"TLS failure with ...", "... refused the login of ..."), with the exit status
-the command line returns. The words for connecting and TLS, and the password,
-come from `client.connect`, shared with `client.fetch`.
+Every failure is a `SendError` a person can read, with the exit status the
+command line returns; what send and fetch share is in `client.connect`.
 """
 
 from __future__ import annotations
@@ -19,62 +17,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import datetime
 import email.policy
 import email.utils
 import mimetypes
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
+from types import MappingProxyType
 from typing import TextIO
 
 from postroom.client.connect import (
     EX_OK,
-    EX_USAGE,
+    LOST_WORDS,
     ClientError,
-    Trace,
-    certificate_hint,
-    connect_error,
-    parse_server,
+    ServerOptions,
     read_password,
-    tls_context,
-    tls_error,
-    tls_expected,
-    waiting_for,
+    report,
 )
 from postroom.net import smtp
-from postroom.net.channel import ConnectFailed, ConnectionFailure, TLSFailed, host_port
-from postroom.net.smtp import Setup, SMTPConnection, one_line
+from postroom.net.channel import ConnectionFailure
+from postroom.net.smtp import Setup, SMTPConnection
 from postroom.protocol.replies import Reply
-from postroom.protocol.smtp_client import GREETING, path_problem
+from postroom.protocol.smtp_client import path_problem
 
 EX_PARTIAL = 1  # some recipients were refused, the others accepted (sysexits: see connect)
 
-SECURITIES = ("starttls", "tls")
-DEFAULT_TIMEOUT = 120.0  # seconds for the connection and each reply
 DATA_END_TIMEOUT = 600.0  # RFC 5321 4.5.3.2.6: the reply to the final dot, 10 minutes
 CHUNK_SIZE = 64 * 1024  # message octets per write
-# Ports where implicit TLS is the custom (RFC 8314 3.3 for submission; the
-# 2xxx one is postroom's loopback default).
-IMPLICIT_TLS_PORTS = frozenset({465, 2465})
 
 
 class SendError(ClientError):
     """The message was not sent. `refused` maps each refused recipient to the reply."""
 
-    def __init__(
-        self,
-        text: str,
-        *,
-        kind: str,
-        temporary: bool = False,
-        refused: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(text, kind=kind, temporary=temporary)
-        self.refused = dict(refused or {})
+    refused: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass
@@ -135,8 +113,6 @@ def build_message(
     body: str,
     attachments: Iterable[Path] = (),
     sender_name: str | None = None,
-    date: datetime.datetime | None = None,
-    message_id: str | None = None,
 ) -> EmailMessage:
     """A message ready for `submit` (which strips Bcc and takes the envelope from it).
 
@@ -155,10 +131,8 @@ def build_message(
         if values:
             msg[header] = [parse_address(v, "recipient") for v in values]
     msg["Subject"] = subject
-    msg["Date"] = date or email.utils.localtime()
-    msg["Message-ID"] = message_id or email.utils.make_msgid(
-        domain=_message_id_domain(author.addr_spec)
-    )
+    msg["Date"] = email.utils.localtime()
+    msg["Message-ID"] = email.utils.make_msgid(domain=_message_id_domain(author.addr_spec))
     msg.set_content(body, cte=_text_cte(body))
     for path in attachments:
         path = Path(path)
@@ -211,123 +185,76 @@ def wire_bytes(message: EmailMessage, *, utf8: bool = False) -> bytes:
 # --- The SMTP session -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SubmitOptions:
-    """Where and how `submit` sends: the server, its TLS, the login, and the envelope."""
+@dataclass(frozen=True, kw_only=True)
+class SubmitOptions(ServerOptions):
+    """Where and how `submit` sends: the server, its TLS, the login ("" user: no AUTH),
+    and the envelope."""
 
-    host: str
-    port: int
-    security: str  # "starttls" (RFC 3207; the server must offer it) or "tls" (RFC 8314)
-    user: str  # the login; "" sends without AUTH
-    password: str = field(repr=False)
-    verify_cert: bool = True
-    cafile: str | None = None  # CA certificates trusted besides the system's
-    trace: Trace | None = None  # told every line of the conversation, credentials hidden
-    envelope_from: str | None = None  # default: the Sender, else the From address
-    recipients: Sequence[str] | None = None  # default: To, Cc and Bcc
+    # STARTTLS (RFC 3207; the server must offer it) on 587, implicit TLS on 465
+    # (RFC 8314 3.3); 2465 is postroom's loopback default.
+    ports = {"starttls": 587, "tls": 465}
+    implicit_tls_ports = frozenset({465, 2465})
+
     helo: str | None = None  # default: the address literal of our end
-    timeout: float = DEFAULT_TIMEOUT
-
-    def __post_init__(self) -> None:
-        if self.security not in SECURITIES:
-            raise SendError(f"security must be one of {', '.join(SECURITIES)}, "
-                            f"not {self.security!r}", kind="usage")
 
 
 def _check_paths(sender: str, recipients: list[str]) -> None:
-    problem = path_problem(sender, reverse=True)
-    if problem is not None:
-        raise SendError(f"cannot send from <{sender}>: {problem}", kind="usage")
-    for r in recipients:
-        problem = path_problem(r)
+    for path, way, reverse in [(sender, "from", True), *((r, "to", False) for r in recipients)]:
+        problem = path_problem(path, reverse=reverse)
         if problem is not None:
-            raise SendError(f"cannot send to <{r}>: {problem}", kind="usage")
+            raise SendError(f"cannot send {way} <{path}>: {problem}", kind="usage")
 
 
 async def submit(message: EmailMessage, options: SubmitOptions) -> SubmitResult:
     """Submit `message` as `options` say; see the module docstring.
 
-    The envelope comes from the headers unless the options say otherwise.
     Returns when at least one recipient was accepted and the message taken;
     raises SendError otherwise.
     """
     sender, rcpts = envelope_of(message)
-    if options.envelope_from is not None:
-        sender = options.envelope_from
-    if options.recipients is not None:
-        rcpts = list(dict.fromkeys(options.recipients))
     _check_paths(sender, rcpts)
     utf8 = not all(a.isascii() for a in (sender, *rcpts))
     data = wire_bytes(message, utf8=utf8)
     timeout = options.timeout
-    context = tls_context(verify_cert=options.verify_cert, cafile=options.cafile)
     login = (options.user, options.password) if options.user else None
     setup = Setup(tls="implicit" if options.security == "tls" else "required",
-                  tls_context=context, helo=options.helo, login=login, connect_timeout=timeout,
-                  greeting_timeout=timeout, command_timeout=timeout, trace=options.trace)
-    where = host_port(options.host, options.port)
+                  tls_context=options.tls_context(), helo=options.helo, login=login,
+                  connect_timeout=timeout, greeting_timeout=timeout, command_timeout=timeout,
+                  trace=options.trace)
     connection = None
     try:
         connection = await SMTPConnection.open(options.host, options.port, setup)
-        return await _Submission(connection, where, timeout).run(sender, rcpts, data, utf8)
+        return await _Submission(connection, options.where, timeout).run(sender, rcpts, data,
+                                                                         utf8)
+    except SendError:
+        assert connection is not None
+        await connection.quit()  # refused: the session ends politely
+        raise
     except ConnectionFailure as failure:
-        raise _send_error(failure, where, options) from None
+        raise options.error(failure, SendError, _WORDS, user=options.user) from None
     except BaseException:
         if connection is not None:
             connection.close(abort=True)
         raise
 
 
-# send's words for each failure of the connection: (kind, text), with the failure's
-# facts as fields; connecting and TLS are worded as fetch words them (client.connect).
+# send's words for the refusals of the session set-up: (kind, text), the failure's
+# facts as fields (see client.connect.ServerOptions.error).
 _WORDS: dict[type[ConnectionFailure], tuple[str, str]] = {
-    smtp.ReplyTimedOut: ("lost", "no reply from {where} within {timeout:g}s ({what})"),
-    smtp.SendTimedOut: ("lost", "{where} stopped reading for {timeout:g}s"),
-    smtp.PeerClosed: ("lost", "{where} closed the connection ({what})"),
-    smtp.SendFailed: ("lost", "lost the connection with {where}: {detail}"),
-    smtp.ProtocolError: ("protocol", "{where} broke the protocol: {detail}"),
-    smtp.ServerClosing: ("refused", "{where} is closing: {said}"),
-    smtp.GreetingRefused: ("refused", "{where} refused the session: {said}"),
-    smtp.HelloRefused: ("refused", "{where} refused {command}: {said}"),
-    smtp.StartTLSRefused: ("tls", "{where} refused STARTTLS: {said}"),
+    **LOST_WORDS,
+    smtp.ServerClosing: ("refused", "{where} is closing: {reply}"),
+    smtp.GreetingRefused: ("refused", "{where} refused the session: {reply}"),
+    smtp.HelloRefused: ("refused", "{where} refused {command}: {reply}"),
+    smtp.StartTLSRefused: ("tls", "{where} refused STARTTLS: {reply}"),
     smtp.TLSNotOffered: ("tls", "{where} does not offer STARTTLS; not sending the password "
                                 "without TLS (try --security tls?)"),
     smtp.AuthNeedsTLS: ("tls", "not sending the password to {where} without TLS"),
-    smtp.AuthRefused: ("auth", "{where} refused the login of {user}: {said}"),
+    smtp.AuthRefused: ("auth", "{where} refused the login of {user}: {reply}"),
     smtp.NoAuthMechanism: ("auth", "{where} offers no password login (AUTH PLAIN or LOGIN), "
                                    "only {offered}"),
     smtp.UnusableLogin: ("usage", "unusable login: {detail}"),
     smtp.BadChallenge: ("protocol", "{where} sent an unusable SASL challenge"),
 }
-
-
-def _send_error(failure: ConnectionFailure, where: str, options: SubmitOptions) -> SendError:
-    """A failure of the connection in words a person can read, with its kind (see _WORDS).
-
-    A broken session is temporary, a refusal when its reply is, the rest is not.
-    """
-    if isinstance(failure, ConnectFailed):
-        return connect_error(failure, where, SendError)
-    if isinstance(failure, TLSFailed):
-        return tls_error(failure, where, SendError)
-    kind, words = _WORDS[type(failure)]
-    reply: Reply | None = getattr(failure, "reply", None)
-    command = getattr(failure, "command", None)
-    text = words.format_map({**vars(failure), "where": where, "user": options.user,
-                             "what": waiting_for((command,) if command else ()),
-                             "said": one_line(reply) if reply is not None else ""})
-    temporary = isinstance(failure, smtp.SessionLost) or (
-        reply is not None and reply.is_transient)
-    error = SendError(text, kind=kind, temporary=temporary)
-    if kind == "lost" and command == GREETING and options.security == "starttls":
-        return tls_expected(error)  # a server waiting for a TLS handshake says nothing
-    return error
-
-
-def _text_of(reply: Reply) -> str:
-    """A reply's text with its enhanced code, without the reply code: "2.0.0 Ok: queued"."""
-    text = " ".join(reply.text.split("\n"))
-    return f"{reply.enhanced} {text}" if reply.enhanced else text
 
 
 class _Submission:
@@ -345,8 +272,9 @@ class _Submission:
         await self._mail(sender, data, utf8, notes)
         accepted, refused = await self._recipients(rcpts)
         final = await self._data(data)
-        result = SubmitResult(accepted, refused, _text_of(final), self.connection.tls_version,
-                              notes)
+        text = " ".join(final.text.split("\n"))  # without the code: "2.0.0 Ok: queued as ..."
+        said = f"{final.enhanced} {text}" if final.enhanced else text
+        result = SubmitResult(accepted, refused, said, self.connection.tls_version, notes)
         await self.connection.quit()
         return result
 
@@ -354,12 +282,10 @@ class _Submission:
         """MAIL FROM, once the server can take the message: SMTPUTF8, SIZE, 8BITMIME."""
         ext = self.connection.extensions
         if utf8 and not ext.smtputf8:
-            await self.connection.quit()
             raise SendError(f"{self.where} does not support SMTPUTF8, which the non-ASCII "
                             "addresses need", kind="refused")
         limit = ext.size_limit
         if limit is not None and len(data) > limit:
-            await self.connection.quit()
             raise SendError(f"the message ({len(data)} octets) is larger than {self.where} "
                             f"accepts ({limit} octets)", kind="refused")
         body = None
@@ -374,7 +300,7 @@ class _Submission:
         shown = f"MAIL FROM:<{sender}>{params}" + (" SMTPUTF8" if utf8 else "")
         mail = await self.connection.command(shown, self.timeout)
         if mail.reply.code // 100 != 2:
-            raise await self._refused(f"refused the sender <{sender}>", mail.reply)
+            raise self._refused(f"refused the sender <{sender}>", mail.reply)
 
     async def _recipients(self, rcpts: list[str]) -> tuple[list[str], dict[str, str]]:
         """RCPT TO for each: (accepted, refused address -> reply); SendError if none is taken."""
@@ -386,12 +312,13 @@ class _Submission:
             if response.reply.code // 100 == 2:
                 accepted.append(rcpt)
             else:
-                refused[rcpt] = one_line(response.reply)
+                refused[rcpt] = str(response.reply)
         if not accepted:
-            await self.connection.quit()
             temporary = all(r.startswith("4") for r in refused.values())
-            raise SendError(f"{self.where} refused every recipient", kind="refused",
-                            temporary=temporary, refused=refused)
+            error = SendError(f"{self.where} refused every recipient", kind="refused",
+                              temporary=temporary)
+            error.refused = refused
+            raise error
         return accepted, refused
 
     async def _data(self, data: bytes) -> Reply:
@@ -400,7 +327,7 @@ class _Submission:
         self.core.data()
         response = await connection.command("DATA", self.timeout)
         if response.reply.code != 354:
-            raise await self._refused("refused DATA", response.reply)
+            raise self._refused("refused DATA", response.reply)
         connection.trace(f"C: ({len(data)} octets of message)")
         for start in range(0, len(data), CHUNK_SIZE):
             self.core.send_data(data[start : start + CHUNK_SIZE])
@@ -408,21 +335,16 @@ class _Submission:
         self.core.end_data()
         final = await connection.command(".", max(self.timeout, DATA_END_TIMEOUT))
         if final.reply.code // 100 != 2:
-            raise await self._refused("refused the message", final.reply)
+            raise self._refused("refused the message", final.reply)
         return final.reply
 
-    async def _refused(self, what: str, reply: Reply) -> SendError:
-        """QUIT after a refusal, and the error that says it."""
-        await self.connection.quit()
-        return SendError(f"{self.where} {what}: {one_line(reply)}", kind="refused",
+    def _refused(self, what: str, reply: Reply) -> SendError:
+        """The error that says the server refused `what` with `reply`."""
+        return SendError(f"{self.where} {what}: {reply}", kind="refused",
                          temporary=reply.is_transient)
 
 
 # --- The command line -----------------------------------------------------------------------
-
-
-def default_security(port: int | None) -> str:
-    return "tls" if port in IMPLICIT_TLS_PORTS else "starttls"
 
 
 def _read_body(args: argparse.Namespace, stdin: TextIO, stderr: TextIO) -> str:
@@ -435,25 +357,10 @@ def _read_body(args: argparse.Namespace, stdin: TextIO, stderr: TextIO) -> str:
     return stdin.read()
 
 
-def command(
-    args: argparse.Namespace,
-    *,
-    stdin: TextIO,
-    stdout: TextIO,
-    stderr: TextIO,
-    environ: dict[str, str] | None = None,
-) -> int:
+def command(args: argparse.Namespace, *, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     """`postroom send` with the arguments cli.add_send defines; returns the exit status."""
     try:
-        host, port = parse_server(args.server)
-    except ValueError as exc:
-        print(f"postroom send: {exc}", file=stderr)
-        return EX_USAGE
-    security = args.security or default_security(port)
-    if port is None:
-        port = 465 if security == "tls" else 587
-    trace = (lambda line: print(line, file=stderr, flush=True)) if args.verbose else None
-    try:
+        server = SubmitOptions.from_args(args, stderr)
         author = parse_address(args.sender, "sender")
         message = build_message(
             sender=author.addr_spec,
@@ -467,22 +374,13 @@ def command(
         )
         envelope_of(message)  # no recipients: say so before asking for a password
         user = args.user or author.addr_spec
-        password = read_password(user=user, password_file=args.password_file,
-                                 stderr=stderr, environ=environ)
-        options = SubmitOptions(
-            host=host, port=port, security=security, user=user, password=password,
-            verify_cert=not args.insecure, cafile=args.cafile, trace=trace, timeout=args.timeout)
+        password = read_password(user, args.password_file)
+        options = SubmitOptions(**server, user=user, password=password)
         result = asyncio.run(submit(message, options))
-    except ClientError as exc:
+    except (ClientError, OSError, UnicodeDecodeError, ValueError) as exc:
         for address, reply in getattr(exc, "refused", {}).items():
             print(f"postroom send: refused <{address}>: {reply}", file=stderr)
-        print(f"postroom send: {exc.text}{certificate_hint(exc)}", file=stderr)
-        return exc.exit_code
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        where = getattr(exc, "filename", None)
-        text = getattr(exc, "strerror", None) or str(exc)
-        print(f"postroom send: {text}" + (f": {where}" if where else ""), file=stderr)
-        return EX_USAGE
+        return report("postroom send", exc, stderr)
     for address, reply in result.refused.items():
         print(f"postroom send: refused <{address}>: {reply}", file=stderr)
     for note in result.notes:

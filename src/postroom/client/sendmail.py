@@ -40,7 +40,10 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import getopt
+import getpass
+import itertools
 import os
+import pwd
 import re
 import sqlite3
 import sys
@@ -66,7 +69,6 @@ EX_DATAERR = 65  # the message itself is unacceptable (too large)
 EX_TEMPFAIL = 75  # try again later: the queue cannot be written now
 
 PROG = "postroom sendmail"
-DATA_ENV = "POSTROOM_DATA"
 MAX_HEADER_SECTION = 1024 * 1024  # octets of headers kept in memory before giving up
 CHUNK = 64 * 1024  # body octets handed to the queue at a time
 
@@ -196,50 +198,23 @@ def default_sender(user: str, config: Config) -> str:
 def invoking_user() -> str:
     """The login name of the real user (not $USER, which the caller controls)."""
     try:
-        import pwd
-
         return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
-        import getpass
-
+    except KeyError:  # a uid with no passwd entry (a container's)
         return getpass.getuser()
 
 
 # -- the message -----------------------------------------------------------------
 
 
-class _Input:
+def _lines(stream: BinaryIO, ignore_dots: bool) -> Iterator[bytes]:
     """Standard input as lines without their endings, ending early at "." unless -i."""
-
-    def __init__(self, stream: BinaryIO, ignore_dots: bool) -> None:
-        self._stream = stream
-        self._ignore_dots = ignore_dots
-        self._pushed: bytes | None = None
-        self.ended = False
-
-    def push_back(self, line: bytes) -> None:
-        self._pushed = line
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self
-
-    def __next__(self) -> bytes:
-        if self._pushed is not None:
-            line, self._pushed = self._pushed, None
-            return line
-        if self.ended:
-            raise StopIteration
-        raw = self._stream.readline()
-        if not raw:
-            self.ended = True
-            raise StopIteration
+    for raw in stream:
         line = raw[:-1] if raw.endswith(b"\n") else raw
         if line.endswith(b"\r"):
             line = line[:-1]
-        if line == b"." and not self._ignore_dots:
-            self.ended = True  # Sendmail's end of input without -i
-            raise StopIteration
-        return line
+        if line == b"." and not ignore_dots:
+            return  # Sendmail's end of input without -i
+        yield line
 
 
 @dataclass
@@ -253,8 +228,8 @@ class Header:
         return text.split(b":", 1)[1].strip().decode("utf-8", "replace")
 
 
-def read_headers(lines: _Input) -> list[Header]:
-    """The header section; the line after it (if not the blank separator) is pushed back."""
+def read_headers(lines: Iterator[bytes]) -> tuple[list[Header], list[bytes]]:
+    """The header section, and the body's first line when no blank line came before it."""
     headers: list[Header] = []
     size = 0
     for line in lines:
@@ -268,10 +243,9 @@ def read_headers(lines: _Input) -> list[Header]:
             continue
         match = _FIELD.match(line)
         if match is None:
-            lines.push_back(line)  # no header section: this is already the body
-            break
+            return headers, [line]  # no header section: this is already the body
         headers.append(Header(match.group(1).decode("ascii"), [line]))
-    return headers
+    return headers, []
 
 
 def header_recipients(headers: list[Header]) -> list[str]:
@@ -282,7 +256,7 @@ def header_recipients(headers: list[Header]) -> list[str]:
     return [address for _name, address in email.utils.getaddresses(values) if address]
 
 
-def _body(lines: _Input, seen: dict[str, bool]) -> Iterator[bytes]:
+def _body(lines: Iterable[bytes], seen: dict[str, bool]) -> Iterator[bytes]:
     """The body lines with CRLF endings, in chunks; notes whether any octet is 8-bit."""
     buffer: list[bytes] = []
     size = 0
@@ -320,20 +294,18 @@ def _address(raw: str, hostname: str, what: str) -> str:
         raise UsageError(f"invalid {what} address: {raw!r}") from None
 
 
-def submit(
-    stream: BinaryIO, opts: Options, config: Config, *, user: str | None = None,
-    now: float | None = None,
-) -> Envelope:
+def submit(stream: BinaryIO, opts: Options, config: Config, *, user: str | None = None
+           ) -> Envelope:
     """Read the message from `stream`, complete it and queue it; returns the queued envelope.
 
     Raises UsageError, DataError, or OSError when the queue cannot be written.
     """
-    now = time.time() if now is None else now
+    now = time.time()
     user = user or invoking_user()
     own_address = default_sender(user, config)
     sender = _envelope_sender(opts.sender, own_address, config.hostname)
-    lines = _Input(stream, opts.ignore_dots)
-    headers = read_headers(lines)
+    lines = _lines(stream, opts.ignore_dots)
+    headers, first = read_headers(lines)
     recipients = _recipients(opts, headers, config.hostname)
     queue_id = new_queue_id(now)
     head = _head(headers, queue_id, now, config.hostname, opts.full_name, sender or own_address)
@@ -353,7 +325,7 @@ def submit(
 
     def chunks() -> Iterator[bytes]:
         yield head
-        yield from _body(lines, seen)
+        yield from _body(itertools.chain(first, lines), seen)
         if envelope.body is None:  # the store writes the envelope after the last chunk
             envelope.body = "8BITMIME" if seen["8bit"] else "7BIT"
 
@@ -424,14 +396,13 @@ def usage() -> str:
 def main(
     argv: list[str],
     *,
-    data_dir: Path | None = None,
+    data_dir: Path,
     config_file: Path | None = None,
     stdin: BinaryIO | None = None,
-    stderr: TextIO | None = None,
     stdout: TextIO | None = None,
 ) -> int:
     """Run `sendmail ARGS`; returns the exit status (see the module docstring)."""
-    err = stderr or sys.stderr
+    err = sys.stderr
 
     def fail(code: int, message: str) -> int:
         print(f"{PROG}: error: {message}", file=err)
@@ -447,9 +418,8 @@ def main(
         return EX_OK
     if opts.mode == "i":
         return EX_OK  # no alias database to rebuild: aliases live in the user directory
-    folder = opts.data_dir or data_dir or Path(os.environ.get(DATA_ENV) or "var")
     try:
-        config = load_config(folder, opts.config_file or config_file)
+        config = load_config(opts.data_dir or data_dir, opts.config_file or config_file)
     except ConfigError as e:
         return fail(EX_TEMPFAIL, str(e))
     try:
@@ -468,7 +438,3 @@ def main(
         with contextlib.suppress(ControlError):  # queued: the server finds it later
             tell_server(config.data_dir)
     return EX_OK
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main(sys.argv[1:]))

@@ -1,10 +1,15 @@
-"""Where `postroom fetch` stores messages: a Maildir or an mbox file, each message durable first.
+"""Where `postroom fetch` keeps what it downloads: the messages, durable first, and their UIDLs.
 
-A sink takes a message's content as the POP3 core hands it out (CRLF line
-ends, dot-stuffing undone) in pieces: `begin`, `write`..., then `commit`,
-which returns only once the message is on disk (data synced; in a Maildir
-renamed from tmp/ into new/ and the folder synced, postroom.store.durable),
-or `abort`, which leaves no trace of it. Lines end in LF unless `crlf`.
+A sink (a Maildir or an mbox file) takes a message's content as the POP3
+core hands it out (CRLF line ends, dot-stuffing undone) in pieces: `begin`,
+`write`..., then `commit`, which returns only once the message is on disk
+(data synced; in a Maildir renamed from tmp/ into new/ and the folder synced,
+postroom.store.durable), or `abort`, which leaves no trace of it. Lines end
+in LF unless `crlf`.
+
+`SeenUIDLs` records the UIDL (RFC 1939 7) of each message once it is
+durable: with --keep, a recorded message is not stored again; without it,
+it is deleted now (its earlier DELE was lost with its session).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 
 from postroom.client.connect import ClientError
 from postroom.store import durable
+from postroom.store.atomic import atomic_write
 from postroom.store.maildir import ensure_maildir, unique_name
 
 # An unfinished line held back between chunks (for "From " quoting and CRLF)
@@ -87,18 +93,29 @@ class LineEnds:
 
 
 class _Sink:
-    """A file a message is written to: pieces gathered into WRITE_BUFFER-sized writes."""
+    """A file a message is written to: its lines converted (LineEnds), the pieces
+    gathered into WRITE_BUFFER-sized writes, the octets written counted."""
 
-    def __init__(self) -> None:
+    quote_from = False  # mboxrd's quoting of "From " lines
+
+    def __init__(self, *, crlf: bool) -> None:
+        self.crlf = crlf
         self._fd: int | None = None
         self._file_path: Path | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._lines = LineEnds(crlf=crlf, quote_from=self.quote_from)
+        self._size = 0  # of this message, as written
+
+    def _new_message(self) -> None:
+        self._lines = LineEnds(crlf=self.crlf, quote_from=self.quote_from)
+        self._size = 0
 
     def _emit(self, data: bytes) -> None:
         if data:
             self._pending.append(data)
             self._pending_size += len(data)
+            self._size += len(data)
             if self._pending_size >= WRITE_BUFFER:
                 self._flush()
 
@@ -116,12 +133,9 @@ class MaildirSink(_Sink):
     """Messages into a Maildir: tmp/ first, synced, then renamed into new/ (synced)."""
 
     def __init__(self, folder: Path, *, crlf: bool) -> None:
-        super().__init__()
+        super().__init__(crlf=crlf)
         self.folder = folder
-        self.crlf = crlf
         self.hostname = socket.gethostname() or "localhost"
-        self._lines = LineEnds(crlf=crlf, quote_from=False)
-        self._size = 0
 
     def open(self) -> None:
         try:
@@ -137,20 +151,15 @@ class MaildirSink(_Sink):
         tmp = self.folder / "tmp" / unique_name(self.hostname)
         self._fd = durable.OS.create(tmp)
         self._file_path = tmp
-        self._lines = LineEnds(crlf=self.crlf, quote_from=False)
-        self._size = 0
+        self._new_message()
 
     def write(self, data: bytes) -> None:
-        out = self._lines.feed(data)
-        self._emit(out)
-        self._size += len(out)
+        self._emit(self._lines.feed(data))
 
     def commit(self, wire_octets: int) -> Path:
         """Make the message durable in new/; returns its path."""
         assert self._fd is not None and self._file_path is not None
-        out = self._lines.end()
-        self._emit(out)
-        self._size += len(out)
+        self._emit(self._lines.end())
         self._flush()
         tmp, fd = self._file_path, self._fd
         self._fd = None
@@ -186,15 +195,15 @@ class MboxSink(_Sink):
     as stored.
     """
 
+    quote_from = True
+
     def __init__(self, path: Path, *, crlf: bool) -> None:
-        super().__init__()
+        super().__init__(crlf=crlf)
         self.path = path
-        self.crlf = crlf
         self._start = 0
         # The start of the message, held until its From_ line is written (None after).
         self._head: bytes | None = b""
         self._separator = b""  # what the file lacks before the next From_ line
-        self._lines = LineEnds(crlf=crlf, quote_from=True)
 
     def open(self) -> None:
         try:
@@ -237,7 +246,7 @@ class MboxSink(_Sink):
                 wanted = wanted[1:]
                 self._separator += b"\n"
         self._head = b""
-        self._lines = LineEnds(crlf=self.crlf, quote_from=True)
+        self._new_message()
 
     def write(self, data: bytes) -> None:
         assert self._fd is not None
@@ -278,3 +287,66 @@ class MboxSink(_Sink):
 
 
 Sink = MaildirSink | MboxSink
+
+
+# --- What was downloaded -----------------------------------------------------------
+
+STATE_NAME = ".postroom-fetch-uidls"
+STATE_HEADER = "# postroom fetch: messages already downloaded, one per line: UIDL ACCOUNT\n"
+
+
+class SeenUIDLs:
+    """UIDLs of messages already downloaded, per account, in a file rewritten atomically.
+
+    One line per message: the UIDL (RFC 1939 7: no spaces in it), a space,
+    the account ("pop3://user@host"), so that one state file may serve
+    several accounts.
+    """
+
+    def __init__(self, path: Path, account: str) -> None:
+        self.path = path
+        self.account = account
+        self._others: list[str] = []  # lines of other accounts, kept as they are
+        self.uids: dict[str, None] = {}  # this account's, in order
+
+    def load(self) -> None:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ClientError(f"cannot read the state file {self.path}: {exc}",
+                              kind="usage") from None
+        for line in text.splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            uid, _, account = line.partition(" ")
+            if account == self.account:
+                self.uids[uid] = None
+            else:
+                self._others.append(line)
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self.uids
+
+    def add(self, uid: str) -> None:
+        self.uids[uid] = None
+        self.save()
+
+    def keep_only(self, uids: set[str]) -> None:
+        """Forget UIDLs not in `uids` (gone from the server); saves when something changed."""
+        gone = [u for u in self.uids if u not in uids]
+        for uid in gone:
+            del self.uids[uid]
+        if gone:
+            self.save()
+
+    def save(self) -> None:
+        lines = [*self._others, *(f"{uid} {self.account}" for uid in self.uids)]
+        data = (STATE_HEADER + "".join(f"{line}\n" for line in lines)).encode("utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, data, mode=0o600)
+        except OSError as exc:
+            raise ClientError(f"cannot write the state file {self.path}: {exc}",
+                              kind="usage") from None

@@ -63,7 +63,6 @@ class Hop:
     queue_id: str | None
     recipient: str | None
     when: datetime | None  # always with a time zone (UTC when the header says -0000)
-    raw: str  # the header, unfolded
 
     @property
     def client(self) -> str:
@@ -153,8 +152,7 @@ def _tls_version(text: str) -> str | None:
 
 def parse_received(value: str) -> Hop:
     """One Received header's value (folded or not) as a Hop; never raises."""
-    raw = _unfold(value)
-    clauses_text, date_text = _split_date(raw)
+    clauses_text, date_text = _split_date(_unfold(value))
     clauses, comments = _clauses(clauses_text)
 
     def first(name: str) -> str | None:
@@ -188,7 +186,6 @@ def parse_received(value: str) -> Hop:
         queue_id=first("id"),
         recipient=recipient,
         when=_parse_date(date_text),
-        raw=raw,
     )
 
 
@@ -356,10 +353,6 @@ def read_headers(path: Path) -> Message:
     return email.message_from_bytes(data)
 
 
-def carries_id(message: Message, queue_id: str) -> bool:
-    return any(hop.queue_id == queue_id for hop in hops_of(message))
-
-
 def _stored_messages(config: Config) -> Iterator[Path]:
     from postroom.queue.store import QueueStore
 
@@ -377,16 +370,14 @@ def find_queue_id(config: Config, queue_id: str) -> list[Path]:
     found = []
     for path in _stored_messages(config):
         try:
-            if carries_id(read_headers(path), queue_id):
+            if any(hop.queue_id == queue_id for hop in hops_of(read_headers(path))):
                 found.append(path)
         except OSError:
             continue  # delivered or removed while we looked
     return found
 
 
-def trace(
-    target: str, load_config: Callable[[], Config], out: TextIO, err: TextIO | None = None
-) -> int:
+def trace(target: str, load_config: Callable[[], Config], out: TextIO) -> int:
     """`postroom trace FILE|QUEUE-ID`: print the path(s); 0, or 1 when nothing is found."""
     paths: Iterable[Path]
     path = Path(target)
@@ -403,7 +394,7 @@ def trace(
         paths = find_queue_id(config, target)
         if not paths:
             print(f"postroom trace: no message with queue ID {target} in {config.queue_dir} "
-                  f"or {config.mail_dir} (and no such file)", file=err or sys.stderr)
+                  f"or {config.mail_dir} (and no such file)", file=sys.stderr)
             return 1
     for i, found in enumerate(paths):
         if i:

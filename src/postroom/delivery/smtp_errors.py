@@ -1,4 +1,4 @@
-"""The relay's one failure type, SMTPError, and its words for net.smtp's failures.
+"""The relay's one failure type, SMTPError, and its words for net's failures.
 
 `relay_error` turns a `net.ConnectionFailure` into an SMTPError: a text in
 Postfix's style ("host mx[192.0.2.1]:25 said: ... (in reply to MAIL FROM
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from postroom.net import smtp
+from postroom.net import channel, smtp
 from postroom.net.channel import ConnectFailed, ConnectionFailure, ConnectTimedOut, TLSFailed
 from postroom.protocol.replies import Reply
 from postroom.protocol.smtp_client import END_DATA, GREETING, MAIL, RCPT
@@ -83,11 +83,11 @@ _WORDS: dict[type[ConnectionFailure], tuple[str | None, str]] = {
     ConnectTimedOut: ("4.4.1", "connect to {peer}: timed out after {timeout:g}s"),
     TLSFailed: ("4.7.5", "cannot start TLS with {peer}: {error}"),
     smtp.TLSNotOffered: ("4.7.4", "TLS is required, but was not offered by host {peer}"),
-    smtp.ReplyTimedOut: ("4.4.2", "timed out after {timeout:g}s waiting for {peer} ({what})"),
-    smtp.SendTimedOut: ("4.4.2", "timed out after {timeout:g}s sending to {peer}"),
-    smtp.PeerClosed: ("4.4.2", "lost connection with {peer} (waiting for {what})"),
-    smtp.SendFailed: ("4.4.2", "lost connection with {peer} while sending: {detail}"),
-    smtp.ProtocolError: ("4.5.0", "protocol error with {peer} (after {what}): {detail}"),
+    channel.ReplyTimedOut: ("4.4.2", "timed out after {timeout:g}s waiting for {peer} ({what})"),
+    channel.SendTimedOut: ("4.4.2", "timed out after {timeout:g}s sending to {peer}"),
+    channel.PeerClosed: ("4.4.2", "lost connection with {peer} (waiting for {what})"),
+    channel.SendFailed: ("4.4.2", "lost connection with {peer} while sending: {detail}"),
+    channel.ProtocolError: ("4.5.0", "protocol error with {peer} (after {what}): {detail}"),
     smtp.AuthNeedsTLS: ("4.7.10", "not sending the login for {peer} without TLS"),
     smtp.NoAuthMechanism: (
         "4.7.0", "host {peer} offers no SASL mechanism postroom has (PLAIN, LOGIN): {offered}"),

@@ -1,10 +1,11 @@
-"""An asyncio byte channel for clients: connect, reads with timeouts, writes with flow control, TLS.
+"""An asyncio byte channel for clients, and a client core's session on it.
 
 The connection under every client session postroom opens: the relay's and
 `postroom send`'s (through `net.smtp`) and `postroom fetch`'s. `open_channel`
-connects; its failures and the TLS handshake's are `ConnectionFailure`s that
-carry facts (errno's words, the timeout, the ssl error), never a caller's
-sentence: each caller words them for its readers.
+connects; `CoreSession` moves a sans-IO client core's bytes over the channel.
+Their failures are `ConnectionFailure`s that carry facts (errno's words, the
+timeout, the ssl error, the command awaited), never a caller's sentence: each
+caller words them for its readers.
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ import asyncio
 import os
 import socket
 import ssl
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar, cast
+
+from postroom.protocol._core import NEED_DATA, RemoteProtocolError
+
+Trace = Callable[[str], None]
 
 
 class ConnectionFailure(Exception):
@@ -47,6 +53,36 @@ class TLSFailed(ConnectionFailure):
         super().__init__(str(error))
         self.error = error
         self.timeout = timeout
+
+
+class SessionLost(ConnectionFailure):
+    """The session broke off while `command` awaited its reply (None: none did); dropped."""
+
+    def __init__(self, command: str | None, detail: str = "", timeout: float = 0.0) -> None:
+        super().__init__(detail or type(self).__name__)
+        self.command = command
+        self.detail = detail
+        self.timeout = timeout
+
+
+class ReplyTimedOut(SessionLost):
+    """No reply within `timeout` seconds."""
+
+
+class SendTimedOut(SessionLost):
+    """The peer read nothing of what was sent for `timeout` seconds."""
+
+
+class PeerClosed(SessionLost):
+    """The peer closed the connection."""
+
+
+class SendFailed(SessionLost):
+    """The connection broke while sending: `detail` says how."""
+
+
+class ProtocolError(SessionLost):
+    """The peer broke the protocol (`detail`): a malformed reply, bytes behind a 220..."""
 
 
 def host_port(host: str, port: int) -> str:
@@ -212,3 +248,110 @@ class Channel(asyncio.Protocol):
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
+
+
+class ClientCore(Protocol):
+    """What `CoreSession` needs of a sans-IO client core (protocol.smtp_client, pop3_client)."""
+
+    @property
+    def pending(self) -> tuple[str, ...]: ...
+
+    def data_to_send(self) -> bytes: ...
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def next_event(self) -> object: ...
+
+
+CoreT = TypeVar("CoreT", bound=ClientCore)
+
+
+class CoreSession(Generic[CoreT]):
+    """A client core's session on a channel: its bytes both ways, the trace, the end.
+
+    A session that cannot go on (a timeout, EOF, a lost connection, a protocol
+    error) raises a SessionLost naming the command awaited, and is dropped.
+    """
+
+    closed_event: type  # the core's event for the end of the session
+
+    def __init__(self, channel: Channel, core: CoreT, trace: Trace | None) -> None:
+        self.channel = channel
+        self.core = core
+        self._trace = trace
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def tls_active(self) -> bool:
+        """The TLS handshake is done: after STARTTLS/STLS, or at once (implicit TLS)."""
+        return self.tls_version is not None
+
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS protocol in use ("TLSv1.3"), None without TLS."""
+        ssl_object = self.channel.get_extra_info("ssl_object")
+        return ssl_object.version() if ssl_object is not None else None
+
+    def trace(self, line: str) -> None:
+        """Put a line into the trace, if there is one."""
+        if self._trace is not None:
+            self._trace(line)
+
+    async def start_tls(self, context: ssl.SSLContext, name: str, timeout: float) -> None:
+        """The TLS handshake, checking `name` (see Channel.start_tls), then in the trace."""
+        await self.channel.start_tls(context, name, timeout)
+        self.trace(f"TLS: {self.channel.tls_description()}")
+
+    async def flush(self, timeout: float) -> None:
+        """Write what the core holds; the peer must read it within `timeout` seconds."""
+        data = self.core.data_to_send()
+        if not data:
+            return
+        try:
+            self.channel.write(data)
+            await self.channel.drain(timeout)
+        except TimeoutError:
+            raise self._lost(SendTimedOut(self._awaited(), timeout=timeout)) from None
+        except OSError as exc:
+            raise self._lost(SendFailed(self._awaited(), str(exc))) from None
+
+    async def next_event(self, timeout: float) -> object:
+        """The core's next event, waiting up to `timeout` seconds for each read."""
+        command = self._awaited()
+        while True:
+            try:
+                event = self.core.next_event()
+            except RemoteProtocolError as exc:
+                raise self._lost(ProtocolError(command, str(exc))) from None
+            if event is not NEED_DATA:
+                if isinstance(event, self.closed_event):
+                    raise self._lost(PeerClosed(command))
+                return event
+            try:
+                data = await self.channel.read(timeout)
+            except TimeoutError:
+                raise self._lost(ReplyTimedOut(command, timeout=timeout)) from None
+            self.core.receive_data(data)
+
+    def close(self, *, abort: bool = False) -> None:
+        """Close the connection (`abort`: drop it, unsent bytes and all) without QUIT."""
+        if self._closed:
+            return
+        self._closed = True
+        if abort:
+            self.channel.abort()
+        else:
+            self.channel.close()
+
+    def _awaited(self) -> str | None:
+        pending = self.core.pending
+        return pending[0] if pending else None
+
+    def _lost(self, failure: ConnectionFailure) -> ConnectionFailure:
+        """The connection cannot go on: drop it, and the failure to raise."""
+        self.close(abort=True)
+        return failure

@@ -30,15 +30,20 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from postroom.net.channel import Channel, ConnectionFailure, TLSFailed, open_channel
+from postroom.net.channel import (
+    Channel,
+    ConnectionFailure,
+    CoreSession,
+    TLSFailed,
+    Trace,
+    open_channel,
+)
 from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import LOGIN, PLAIN, ClientExchange, SASLError
 from postroom.protocol.smtp_client import (
     EHLO,
-    NEED_DATA,
     ConnectionClosed,
     Extensions,
-    RemoteProtocolError,
     Response,
     SMTPClient,
     State,
@@ -54,40 +59,8 @@ TLS_MODES = ("none", "opportunistic", "required", "implicit")
 _QUITTABLE = frozenset({State.READY, State.GREETED, State.IN_MAIL, State.IN_RCPT,
                         State.REFUSED})  # states that take QUIT
 
-Trace = Callable[[str], None]
-
 
 # --- Failures -----------------------------------------------------------------------
-
-
-class SessionLost(ConnectionFailure):
-    """The session broke off while `command` awaited its reply (None: none did); dropped."""
-
-    def __init__(self, command: str | None, detail: str = "", timeout: float = 0.0) -> None:
-        super().__init__(detail or type(self).__name__)
-        self.command = command
-        self.detail = detail
-        self.timeout = timeout
-
-
-class ReplyTimedOut(SessionLost):
-    """No reply within `timeout` seconds."""
-
-
-class SendTimedOut(SessionLost):
-    """The peer read nothing of what was sent for `timeout` seconds."""
-
-
-class PeerClosed(SessionLost):
-    """The peer closed the connection."""
-
-
-class SendFailed(SessionLost):
-    """The connection broke while sending: `detail` says how."""
-
-
-class ProtocolError(SessionLost):
-    """The peer broke the protocol (`detail`): a malformed reply, bytes behind a 220..."""
 
 
 class Refused(ConnectionFailure):
@@ -178,16 +151,11 @@ class Setup:
             raise ValueError(f"tls={self.tls!r} needs a tls_context")
 
 
-def one_line(reply: Reply) -> str:
-    """A reply as one line of text: "250 2.0.0 Ok" (the lines of a long one joined)."""
-    return " ".join(str(reply).split("\n"))
-
-
 def _shown(response: Response) -> str:
     """A reply as the trace shows it; EHLO's keywords in brackets after its first line."""
     reply = response.reply
     if response.command != EHLO:
-        return one_line(reply)
+        return str(reply)  # one line: a long reply's lines are joined
     lines = reply.text.split("\n")
     keywords = ", ".join(line.strip() for line in lines[1:] if line.strip())
     return f"{reply.code} {lines[0]}" + (f" ({keywords})" if keywords else "")
@@ -202,18 +170,16 @@ def _address_literal(channel: Channel) -> str:
     return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
 
 
-class SMTPConnection:
+class SMTPConnection(CoreSession[SMTPClient]):
     """One SMTP session's I/O: the client core, its channel, the trace. Made by `open`."""
 
+    closed_event = ConnectionClosed
+
     def __init__(self, channel: Channel, setup: Setup) -> None:
-        self.channel = channel
-        self.core = SMTPClient()
+        super().__init__(channel, SMTPClient(), setup.trace)
         self.tls_fallback = False  # in plaintext after a failed opportunistic handshake
         self._setup = setup
-        self._trace = setup.trace
         self._helo = setup.helo or _address_literal(channel)
-        self._closed = False
-        self._tls = False  # the handshake is done: after STARTTLS, or at once (implicit)
         peer = channel.get_extra_info("peername")
         self.address: tuple[str, int] | None = (str(peer[0]), int(peer[1])) if peer else None
 
@@ -239,11 +205,9 @@ class SMTPConnection:
         try:
             connection.trace(channel.connected_line(host, port))
             await connection._start(host, starttls)
-        except ConnectionFailure as failure:
-            failure.address = connection.address
-            connection.close(abort=True)
-            raise
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, ConnectionFailure):
+                exc.address = connection.address
             connection.close(abort=True)
             raise
         return connection
@@ -254,72 +218,23 @@ class SMTPConnection:
     def extensions(self) -> Extensions:
         return self.core.extensions
 
-    @property
-    def tls_active(self) -> bool:
-        return self._tls
-
-    @property
-    def tls_version(self) -> str | None:
-        """The TLS protocol in use ("TLSv1.3"), None without TLS."""
-        ssl_object = self.channel.get_extra_info("ssl_object")
-        return ssl_object.version() if ssl_object is not None else None
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def trace(self, line: str) -> None:
-        """Put a line of the caller's into the trace, if there is one."""
-        if self._trace is not None:
-            self._trace(line)
-
-    async def flush(self, timeout: float) -> None:
-        """Write what the core holds; the peer must read it within `timeout` seconds."""
-        data = self.core.data_to_send()
-        if not data:
-            return
-        try:
-            self.channel.write(data)
-            await self.channel.drain(timeout)
-        except TimeoutError:
-            raise self._lost(SendTimedOut(self._awaited(), timeout=timeout)) from None
-        except OSError as exc:
-            raise self._lost(SendFailed(self._awaited(), str(exc))) from None
-
     async def reply(self, timeout: float) -> Response:
         """The next reply, waiting up to `timeout` seconds for its bytes.
 
         A 421 raises ServerClosing; EOF, a timeout or a protocol error raise a
         SessionLost. Either way the connection is closed.
         """
-        core = self.core
-        command = self._awaited()
-        while True:
-            try:
-                event = core.next_event()
-            except RemoteProtocolError as exc:
-                raise self._lost(ProtocolError(command, str(exc))) from None
-            if event is NEED_DATA:
-                try:
-                    data = await self.channel.read(timeout)
-                except TimeoutError:
-                    raise self._lost(ReplyTimedOut(command, timeout=timeout)) from None
-                core.receive_data(data)
-                continue
-            if isinstance(event, ConnectionClosed):
-                raise self._lost(PeerClosed(command))
-            assert isinstance(event, Response)
-            if self._trace is not None:
-                self._trace(f"S: {_shown(event)}")
-            if event.reply.code == 421:
-                self.close()
-                raise ServerClosing(event)
-            return event
+        event = await self.next_event(timeout)
+        assert isinstance(event, Response)
+        self.trace(f"S: {_shown(event)}")
+        if event.reply.code == 421:
+            self.close()
+            raise ServerClosing(event)
+        return event
 
     async def command(self, shown: str, timeout: float) -> Response:
         """Write what the core holds (`shown` in the trace), then read the next reply."""
-        if self._trace is not None:
-            self._trace(f"C: {shown}")
+        self.trace(f"C: {shown}")
         await self.flush(timeout)
         return await self.reply(timeout)
 
@@ -336,16 +251,6 @@ class SMTPConnection:
         finally:
             self.close()
 
-    def close(self, *, abort: bool = False) -> None:
-        """Close the connection (`abort`: drop it, unsent bytes and all) without QUIT."""
-        if self._closed:
-            return
-        self._closed = True
-        if abort:
-            self.channel.abort()
-        else:
-            self.channel.close()
-
     # --- Session set-up ---------------------------------------------------------
 
     async def _start(self, host: str, starttls: bool) -> None:
@@ -356,7 +261,7 @@ class SMTPConnection:
         if greeting.reply.code != 220:
             raise await self._give_up(GreetingRefused(greeting))
         await self._hello()
-        if starttls and not self._tls:
+        if starttls and not self.tls_active:
             await self._starttls(host)
         if setup.login is not None:
             await self._authenticate(*setup.login)
@@ -400,14 +305,10 @@ class SMTPConnection:
     async def _handshake(self, host: str) -> None:
         setup = self._setup
         assert setup.tls_context is not None  # Setup checks it
-        await self.channel.start_tls(setup.tls_context, setup.tls_name or host,
-                                     setup.command_timeout)
-        self._tls = True
-        if self._trace is not None:
-            self._trace(f"TLS: {self.channel.tls_description()}")
+        await self.start_tls(setup.tls_context, setup.tls_name or host, setup.command_timeout)
 
     async def _authenticate(self, user: str, password: str) -> None:
-        if not self._tls:
+        if not self.tls_active:
             raise await self._give_up(AuthNeedsTLS())
         offered = self.core.extensions.auth_mechanisms
         mechanism = next((m for m in (PLAIN, LOGIN) if m in offered), None)
@@ -431,18 +332,7 @@ class SMTPConnection:
         if response.reply.code // 100 != 2:
             raise await self._give_up(AuthRefused(response))
 
-    # --- Plumbing ---------------------------------------------------------------
-
-    def _awaited(self) -> str | None:
-        pending = self.core.pending
-        return pending[0] if pending else None
-
     async def _give_up(self, failure: ConnectionFailure) -> ConnectionFailure:
         """End a session that cannot serve, politely (QUIT), and the failure to raise."""
         await self.quit()
-        return failure
-
-    def _lost(self, failure: ConnectionFailure) -> ConnectionFailure:
-        """The connection cannot go on: drop it, and the failure to raise."""
-        self.close(abort=True)
         return failure
