@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from postroom.addresses import canonical_domain
+from postroom.canonical import canonical_domain
 from postroom.gathering import gather_few
 
 

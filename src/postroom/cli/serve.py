@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from postroom.addresses import domain_of
+from postroom.canonical import domain_of
 from postroom.cli.common import PROG, Context
 from postroom.config import CONFIG_NAME, ConfigError, render_default_config
 from postroom.store.atomic import atomic_write

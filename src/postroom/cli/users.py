@@ -7,7 +7,7 @@ import getpass
 import warnings
 from typing import TYPE_CHECKING
 
-from postroom.addresses import canonical_domain, split
+from postroom.canonical import canonical_domain, split
 from postroom.cli.common import PROG, Context, group
 from postroom.store.api import DirectoryError, local_address
 

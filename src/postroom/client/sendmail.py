@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from postroom.addresses import canonical
+from postroom.canonical import canonical
 from postroom.config import Config, ConfigError, load_config, postmaster_address
 from postroom.control import ControlError, tell_server, tell_server_in_words
 from postroom.ids import new_queue_id

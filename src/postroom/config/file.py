@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from postroom.addresses import canonical_domain
+from postroom.canonical import canonical_domain
 from postroom.config.model import (
     CONFIG_NAME,
     DEFAULT_DATA_DIR,

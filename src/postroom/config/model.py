@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from postroom.addresses import domain_of
+from postroom.canonical import domain_of
 from postroom.config.values import (
     Endpoint,
     parse_bool,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from postroom.addresses import canonical_domain, domain_of, mail_domain, mailbox_address
+from postroom.canonical import canonical_domain, domain_of, mail_domain, mailbox_address
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from postroom.addresses import domain_of
+from postroom.canonical import domain_of
 from postroom.delivery.routing import Failure, Hops, Local, Router
 from postroom.delivery.smtp_errors import SMTPError, status_of
 from postroom.delivery.smtp_out import (

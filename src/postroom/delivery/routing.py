@@ -33,7 +33,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from postroom.addresses import canonical_domain
+from postroom.canonical import canonical_domain
 from postroom.delivery.smtp_out import Hop
 
 MAX_HOPS = 10  # addresses tried per delivery attempt; the queue retries the rest later

@@ -16,7 +16,7 @@ than interpreted (RFC 5321 3.6.1 lets a host refuse source routes; RFC 5321
                                left is then judged on its own domain)
 Trailing dots and letter case in the domain are normalised before the check. A
 quoted local part is otherwise the local part it spells (RFC 5321 4.1.2:
-`"boss"@local` is `boss@local`): `addresses.canonical` makes it one spelling.
+`"boss"@local` is `boss@local`): `postroom.canonical` makes it one spelling.
 
 Every local domain has a postmaster (RFC 5321 4.5.1); the user directory's
 expansion files its mail with the administrator, so it is accepted here like
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from postroom.addresses import canonical, canonical_domain, is_quoted, split, unquoted
+from postroom.canonical import canonical, canonical_domain, is_quoted, split, unquoted
 from postroom.protocol.replies import Reply
 from postroom.store.api import Directory
 

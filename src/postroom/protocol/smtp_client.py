@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from postroom.protocol import address
+from postroom.protocol import smtp_paths
 from postroom.protocol._core import (
     CLOSE,
     FAILED,
@@ -51,9 +51,9 @@ from postroom.protocol._core import NEED_DATA as NEED_DATA
 from postroom.protocol._core import LocalProtocolError as LocalProtocolError
 from postroom.protocol._core import RemoteProtocolError as RemoteProtocolError
 from postroom.protocol._core import Signal as Signal
-from postroom.protocol.address import AddressError, ParameterError
 from postroom.protocol.lines import MAX_CONTENT_LINE, DotStuffer
 from postroom.protocol.replies import Reply, ReplyParser
+from postroom.protocol.smtp_paths import AddressError, ParameterError
 
 GREETING = "greeting"  # the server's opening reply, awaited from the start
 EHLO = "EHLO"
@@ -225,7 +225,7 @@ def encode_orcpt(value: str) -> str:
     if not sep:
         addr_type, addr = "rfc822", value
     if addr.isascii() and addr_type.lower() != "utf-8":
-        return f"{addr_type};{address.xtext_encode(addr)}"
+        return f"{addr_type};{smtp_paths.xtext_encode(addr)}"
     if addr_type.lower() not in ("rfc822", "utf-8"):
         raise ValueError(f"ORCPT address of type {addr_type!r} must be ASCII")
     escaped = "".join(
@@ -246,7 +246,7 @@ def path_problem(path: str, *, reverse: bool = False) -> str | None:
     """
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
         return "control character in the address"
-    parse = address.parse_reverse_path if reverse else address.parse_forward_path
+    parse = smtp_paths.parse_reverse_path if reverse else smtp_paths.parse_forward_path
     try:
         _path, rest = parse(f"<{path}>")
     except AddressError as exc:
@@ -396,10 +396,10 @@ class SMTPClient(ClientCore[State]):
         if ret is not None:
             given["RET"] = ret.upper()
         if envid is not None:
-            given["ENVID"] = address.xtext_encode(envid)
+            given["ENVID"] = smtp_paths.xtext_encode(envid)
         if auth is not None:
-            given["AUTH"] = address.xtext_encode(auth)
-        params = self._parameters(given, address.MAIL_PARAMETERS)
+            given["AUTH"] = smtp_paths.xtext_encode(auth)
+        params = self._parameters(given, smtp_paths.MAIL_PARAMETERS)
         line = " ".join([f"MAIL FROM:<{sender}>", *params])
         self._command(MAIL, line, sender)
         self._utf8 = smtputf8
@@ -426,7 +426,7 @@ class SMTPClient(ClientCore[State]):
         if orcpt is not None:
             check_text(orcpt, "ORCPT")
             given["ORCPT"] = encode_orcpt(orcpt)
-        params = self._parameters(given, address.RCPT_PARAMETERS)
+        params = self._parameters(given, smtp_paths.RCPT_PARAMETERS)
         self._command(RCPT, " ".join([f"RCPT TO:<{recipient}>", *params]), recipient)
 
     def _need(self, keyword: str, parameter: str) -> None:
@@ -435,13 +435,13 @@ class SMTPClient(ClientCore[State]):
 
     def _parameters(self, given: dict[str, str | None], known: frozenset[str]) -> list[str]:
         """MAIL or RCPT parameters as sent, each with its extension offered and checked
-        by the parser the server core uses (address.parse_esmtp_parameters)."""
+        by the parser the server core uses (smtp_paths.parse_esmtp_parameters)."""
         params = []
         for keyword, value in given.items():
             self._need(_EXTENSION_OF[keyword], keyword)
             params.append(keyword if value is None else f"{keyword}={value}")
         try:
-            address.parse_esmtp_parameters(" ".join(params), known)
+            smtp_paths.parse_esmtp_parameters(" ".join(params), known)
         except ParameterError as exc:
             raise ValueError(str(exc)) from None
         return params

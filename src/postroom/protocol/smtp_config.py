@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from postroom.protocol.address import MAIL_PARAMETERS, RCPT_PARAMETERS
 from postroom.protocol.header_limits import MAX_HEADER_FIELDS, MAX_HEADER_SECTION
 from postroom.protocol.lines import BARE_NEWLINE_MODES
+from postroom.protocol.smtp_paths import MAIL_PARAMETERS, RCPT_PARAMETERS
 
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4: command line including CRLF
 SIZE_ALLOWANCE = 26  # RFC 1870 3 (5): " SIZE=" and up to 20 digits on MAIL

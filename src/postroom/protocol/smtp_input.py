@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from postroom.protocol import address, lines
+from postroom.protocol import lines, smtp_paths
 from postroom.protocol.header_limits import HEADER_TOO_BIG, TOO_MANY_FIELDS, HeaderLimits
 from postroom.protocol.replies import Reply
 from postroom.protocol.smtp_config import (
@@ -86,12 +86,12 @@ def read_mail(
     if not _FROM_RE.match(arg):
         return Answer(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
     try:
-        path, rest = address.parse_reverse_path(arg[5:])
-    except address.AddressError as exc:
+        path, rest = smtp_paths.parse_reverse_path(arg[5:])
+    except smtp_paths.AddressError as exc:
         return Answer(Reply(501, "5.1.7", f"Bad sender address syntax: {exc}"))
     try:
-        params = address.parse_esmtp_parameters(rest, offered)
-    except address.ParameterError as exc:
+        params = smtp_paths.parse_esmtp_parameters(rest, offered)
+    except smtp_paths.ParameterError as exc:
         return _parameter_answer(exc, "MAIL FROM")
     if path.is_utf8 and not params.smtputf8:
         # RFC 6531 3.5: 550 and X.6.7 for a sender address that must be ASCII.
@@ -114,12 +114,12 @@ def read_rcpt(arg: str, offered: frozenset[str], smtputf8: bool, full: bool) -> 
     if not _TO_RE.match(arg):
         return Answer(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
     try:
-        path, rest = address.parse_forward_path(arg[3:])
-    except address.AddressError as exc:
+        path, rest = smtp_paths.parse_forward_path(arg[3:])
+    except smtp_paths.AddressError as exc:
         return Answer(Reply(501, "5.1.3", f"Bad recipient address syntax: {exc}"))
     try:
-        params = address.parse_esmtp_parameters(rest, offered)
-    except address.ParameterError as exc:
+        params = smtp_paths.parse_esmtp_parameters(rest, offered)
+    except smtp_paths.ParameterError as exc:
         return _parameter_answer(exc, "RCPT TO")
     if path.is_utf8 and not smtputf8:
         # RFC 6531 3.5: 553 and X.6.7 for a recipient address that must be ASCII.
@@ -129,9 +129,9 @@ def read_rcpt(arg: str, offered: frozenset[str], smtputf8: bool, full: bool) -> 
     return RcptTo(path.address, params.notify, params.orcpt, route=path.route)
 
 
-def _parameter_answer(exc: address.ParameterError, command: str) -> Answer:
+def _parameter_answer(exc: smtp_paths.ParameterError, command: str) -> Answer:
     """MAIL or RCPT parameters that cannot be taken (RFC 5321 4.1.1.11)."""
-    if isinstance(exc, address.UnsupportedParameter):
+    if isinstance(exc, smtp_paths.UnsupportedParameter):
         if exc.value is None:
             text = f"{command} parameter {exc.keyword} not supported"
             return Answer(Reply(555, "5.5.4", text))

@@ -21,8 +21,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
-from postroom.addresses import domain_of
 from postroom.batch import BatchThread
+from postroom.canonical import domain_of
 from postroom.config import Config, postmaster_address
 from postroom.delivery.local import LocalCourier
 from postroom.delivery.remote import RemoteCourier

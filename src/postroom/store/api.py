@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from postroom.addresses import canonical, split
+from postroom.canonical import canonical, split
 
 
 class DirectoryError(Exception):

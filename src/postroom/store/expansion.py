@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from postroom.addresses import split
+from postroom.canonical import split
 from postroom.store.api import DirectoryError, Expansion
 
 MAX_ALIAS_DEPTH = 10  # nesting limit for alias chains (sendmail's MaxAliasRecursion default)

@@ -17,8 +17,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from postroom.addresses import canonical_domain, split
 from postroom.batch import BatchThread
+from postroom.canonical import canonical_domain, split
 from postroom.store.commit import Delivery, MessageWriter, commit
 from postroom.store.maildrop import Maildrop
 
@@ -48,7 +48,7 @@ class MaildirMailboxes:
         """The maildir of a canonical local mailbox address (no folders are made).
 
         ValueError for an address that is not canonical (the domain must be
-        lower-case ASCII as `addresses.canonical` writes it) or whose local part
+        lower-case ASCII as `postroom.canonical` writes it) or whose local part
         could escape its folder: "/", "\\", NUL, "..", or a leading ".".
         """
         known = self._maildirs.get(address)

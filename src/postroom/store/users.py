@@ -18,7 +18,7 @@ from pathlib import Path
 
 from argon2 import PasswordHasher
 
-from postroom.addresses import canonical, canonical_domain, mail_domain, mailbox_address, split
+from postroom.canonical import canonical, canonical_domain, mail_domain, mailbox_address, split
 from postroom.store.api import DirectoryError, Expansion, local_address, user_key
 from postroom.store.expansion import SUBADDRESS_DELIMITER, check_alias_target, expand
 from postroom.store.passwords import Hashes, check_password

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postroom.protocol.address import (
+from postroom.protocol.smtp_paths import (
     MAIL_PARAMETERS,
     MAX_DOMAIN,
     NULL_PATH,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from postroom.addresses import (
+from postroom.canonical import (
     canonical,
     canonical_domain,
     display_domain,

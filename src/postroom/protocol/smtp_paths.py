@@ -1,4 +1,4 @@
-"""SMTP envelope syntax: paths (RFC 5321 4.1.2), ESMTP parameters and their values.
+"""The wire syntax of MAIL and RCPT arguments: paths (RFC 5321 4.1.2) and ESMTP parameters.
 
 Parses what follows "MAIL FROM:" and "RCPT TO:" into a `Path` and its
 `Parameters` (`parse_esmtp_parameters`), validating the values of the
@@ -12,7 +12,7 @@ differ harmlessly (spaces after the colon, case of keywords). A source route
 (`<@a,@b:user@dom>`) is accepted and dropped from the address, as RFC 5321
 4.1.1.3 and Appendix C ask, but kept on the `Path` for policy. A quoted local
 part keeps its quotes in `address`: policy sees it as written, refuses one that
-hides a route, and reduces the rest to one spelling (`addresses.canonical`).
+hides a route, and reduces the rest to one spelling (`postroom.canonical`).
 Non-ASCII text is accepted in local parts and domains (RFC 6531 3.3); whether
 it is allowed in the session is the caller's decision (`Path.is_utf8`).
 """

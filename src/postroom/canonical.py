@@ -1,4 +1,7 @@
-"""Mail addresses: split them, check them, and reduce them to one canonical spelling.
+"""Addresses as this host stores and compares them: one canonical spelling of each.
+
+Where protocol.smtp_paths reads an address off the wire as the client wrote it,
+this module splits, checks and reduces it to the one spelling every lookup uses.
 
 The canonical form keeps the local part as written (RFC 5321 2.4: only the
 destination host may interpret it), except that a needlessly quoted local part
