@@ -52,8 +52,13 @@ from postroom.tlscert import TLSFileError, ensure_certificate, server_context
 
 log = logging.getLogger("postroom.master")
 
-# The kernel's accept queue: smtp-source style bursts open many sessions at once,
-# and a short queue turns them into SYN retransmits (seconds of delay each).
+# Connections the kernel completes and holds for each listener until a process
+# accepts them (listen(2)'s backlog, capped by the sysctl net.core.somaxconn).
+# One postroom process serves many sessions on one event loop, and a burst
+# waits here for the loop's next turn: a full queue drops SYNs (a second's delay
+# each) and, once SYN cookies are in play, drops handshakes whose clients then
+# wait for a greeting that never comes. Postfix asks for its process limit (100
+# by default: master_listen.c), but each smtpd it runs takes one client at a time.
 LISTEN_BACKLOG = 1024
 
 # How long SIGTERM waits for transactions in progress before closing them.
@@ -283,7 +288,9 @@ async def start(config: Config, process: Process = Process()) -> Running:
         if key_name in process.accept_last:
             servers[key_name] = DeferredServer(sock, factory, descriptors.accept_failed)
         else:
-            servers[key_name] = await loop.create_server(factory, sock=sock)
+            # The loop calls listen(2) again, with its own default (100) unless told.
+            servers[key_name] = await loop.create_server(factory, sock=sock,
+                                                         backlog=LISTEN_BACKLOG)
         log.info("listening for %s on %s:%d%s%s", key_name, *sock.getsockname()[:2],
                  " (implicit TLS)" if implicit else "",
                  " (taking what the workers leave)" if key_name in process.accept_last else "")
