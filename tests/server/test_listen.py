@@ -128,6 +128,26 @@ def children_of(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def soft_open_files(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])  # Max open files SOFT HARD files
+    raise AssertionError(f"no open files line in /proc/{pid}/limits")
+
+
+def test_serve_raises_the_soft_open_files_limit_in_every_process(tmp_path: Path) -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    proc, _ports, log = serve(tmp_path)
+    try:
+        workers = children_of(proc.pid)
+        assert len(workers) == 1
+        assert {pid: soft_open_files(pid) for pid in (proc.pid, *workers)} == \
+            {proc.pid: hard, workers[0]: hard}
+        assert log.read_text().count(f"open files limit: {hard}\n") == 1
+    finally:
+        stop(proc)
+
+
 def test_serve_listens_with_its_backlogs(
     tmp_path: Path, require_peer: Callable[..., str],
 ) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from postroom.config import Config, ConfigError
 from postroom.control import AlreadyRunning, ServerLock, serve_control
 from postroom.server.acceptor import DeferredServer
-from postroom.server.descriptors import Descriptors
+from postroom.server.descriptors import Descriptors, raise_open_files_limit
 from postroom.server.passwords import PasswordChecks
 from postroom.server.relay import Relay
 from postroom.server.services import (
@@ -389,6 +389,8 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
     flavour = install_event_loop_policy()
     processes = worker_count(config.workers)
     log.info("starting postroom (event loop: %s, processes: %d)", flavour, processes)
+    # Raised once, before forking: every process inherits the limit.
+    log.info("open files limit: %d", raise_open_files_limit())
     # Until serve() handles them, these signals wait (pending): by default each would
     # end the process at once, with no drain and no log line. The workers inherit this.
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
