@@ -53,13 +53,15 @@ from postroom.tlscert import TLSFileError, ensure_certificate, server_context
 log = logging.getLogger("postroom.master")
 
 # Connections the kernel completes and holds for each listener until a process
-# accepts them (listen(2)'s backlog, capped by the sysctl net.core.somaxconn).
-# One postroom process serves many sessions on one event loop, and a burst
-# waits here for the loop's next turn: a full queue drops SYNs (a second's delay
-# each) and, once SYN cookies are in play, drops handshakes whose clients then
-# wait for a greeting that never comes. Postfix asks for its process limit (100
-# by default: master_listen.c), but each smtpd it runs takes one client at a time.
-LISTEN_BACKLOG = 1024
+# accepts them (listen(2)'s backlog). One postroom process serves many sessions
+# on one event loop, and a burst waits here for the loop's next turn: a full
+# queue drops SYNs (a second's delay each) and, once SYN cookies are in play,
+# drops handshakes whose clients then wait for a greeting that never comes. So
+# this asks for the most a backlog can be (a 16-bit count on older kernels) and
+# the kernel silently caps it at the sysctl net.core.somaxconn (4096 by default
+# since Linux 5.4), as Go's net package listens with somaxconn. Postfix asks for
+# its process limit (100 by default: master_listen.c), each smtpd taking one client.
+LISTEN_BACKLOG = 65535
 
 # How long SIGTERM waits for transactions in progress before closing them.
 DRAIN_GRACE_SECONDS = 30.0
