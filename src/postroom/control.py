@@ -224,7 +224,9 @@ async def serve_control(
         writer.write(reply.encode("ascii") + b"\n")
         writer.close()
 
-    return await asyncio.start_unix_server(answer, sock=lock.control, limit=MAX_REQUEST)
+    # The loop calls listen(2) again, with its own default (100) unless told.
+    return await asyncio.start_unix_server(answer, sock=lock.control, limit=MAX_REQUEST,
+                                           backlog=CONTROL_BACKLOG)
 
 
 # -- everyone else's side ----------------------------------------------------------

@@ -59,8 +59,8 @@ def free_port() -> int:
 
 
 def low_limit() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, hard))
+    # The hard limit too: `serve` raises its soft limit to the hard one at start.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, LIMIT))
 
 
 def first_line(port: int) -> tuple[socket.socket, bytes]:

@@ -1,4 +1,9 @@
-"""Out of file descriptors: the listeners log it, as Postfix does, and answer 421 where they can.
+"""File descriptors: take all the process may have; out of them, log it and answer 421.
+
+At start the soft RLIMIT_NOFILE is raised to the hard limit
+(`raise_open_files_limit`), as Postfix's event loop does (open_limit() in
+event_init()): a soft limit of 1,024, common in shells and service managers,
+would otherwise cap a process at about a thousand sessions.
 
 accept(2) fails with EMFILE (this process) or ENFILE (the system) when no
 descriptor is left, and the connection stays in the listen queue. What
@@ -47,6 +52,20 @@ REFUSE_BATCH = 64
 # What asyncio's BaseSelectorEventLoop passes its exception handler on EMFILE,
 # ENFILE, ENOBUFS and ENOMEM from accept(2).
 ASYNCIO_ACCEPT_FAILED = "socket.accept() out of system resource"
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (inherited by the
+    processes forked after); return the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return soft  # no number to ask for (not on Linux, where nr_open bounds it)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+        return soft
+    return hard
 
 
 def _open_reserve() -> int:

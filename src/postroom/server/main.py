@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from postroom.config import Config, ConfigError
 from postroom.control import AlreadyRunning, ServerLock, serve_control
 from postroom.server.acceptor import DeferredServer
-from postroom.server.descriptors import Descriptors
+from postroom.server.descriptors import Descriptors, raise_open_files_limit
 from postroom.server.passwords import PasswordChecks
 from postroom.server.relay import Relay
 from postroom.server.services import (
@@ -52,9 +52,16 @@ from postroom.tlscert import TLSFileError, ensure_certificate, server_context
 
 log = logging.getLogger("postroom.master")
 
-# The kernel's accept queue: smtp-source style bursts open many sessions at once,
-# and a short queue turns them into SYN retransmits (seconds of delay each).
-LISTEN_BACKLOG = 1024
+# Connections the kernel completes and holds for each listener until a process
+# accepts them (listen(2)'s backlog). One postroom process serves many sessions
+# on one event loop, and a burst waits here for the loop's next turn: a full
+# queue drops SYNs (a second's delay each) and, once SYN cookies are in play,
+# drops handshakes whose clients then wait for a greeting that never comes. So
+# this asks for the most a backlog can be (a 16-bit count on older kernels) and
+# the kernel silently caps it at the sysctl net.core.somaxconn (4096 by default
+# since Linux 5.4), as Go's net package listens with somaxconn. Postfix asks for
+# its process limit (100 by default: master_listen.c), each smtpd taking one client.
+LISTEN_BACKLOG = 65535
 
 # How long SIGTERM waits for transactions in progress before closing them.
 DRAIN_GRACE_SECONDS = 30.0
@@ -283,7 +290,9 @@ async def start(config: Config, process: Process = Process()) -> Running:
         if key_name in process.accept_last:
             servers[key_name] = DeferredServer(sock, factory, descriptors.accept_failed)
         else:
-            servers[key_name] = await loop.create_server(factory, sock=sock)
+            # The loop calls listen(2) again, with its own default (100) unless told.
+            servers[key_name] = await loop.create_server(factory, sock=sock,
+                                                         backlog=LISTEN_BACKLOG)
         log.info("listening for %s on %s:%d%s%s", key_name, *sock.getsockname()[:2],
                  " (implicit TLS)" if implicit else "",
                  " (taking what the workers leave)" if key_name in process.accept_last else "")
@@ -382,6 +391,8 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
     flavour = install_event_loop_policy()
     processes = worker_count(config.workers)
     log.info("starting postroom (event loop: %s, processes: %d)", flavour, processes)
+    # Raised once, before forking: every process inherits the limit.
+    log.info("open files limit: %d", raise_open_files_limit())
     # Until serve() handles them, these signals wait (pending): by default each would
     # end the process at once, with no drain and no log line. The workers inherit this.
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
