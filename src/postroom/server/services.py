@@ -16,6 +16,7 @@ from postroom.protocol.pop3_server import Pop3Reply
 from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import SUPPORTED_MECHANISMS
 from postroom.protocol.smtp_server import SMTPServerConfig
+from postroom.server import heap
 from postroom.server.diskspace import FreeSpace
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.pop3 import POP3Service, POP3Session
@@ -168,7 +169,11 @@ class _SessionStream(Stream):
             await SMTPSession(service, self).run()
         else:
             assert isinstance(service, POP3Service)
-            await POP3Session(service, self).run()
+            session = POP3Session(service, self)
+            await session.run()
+            if session.held >= heap.RELEASE_AFTER_MESSAGES:
+                del session  # the last reference to the snapshot
+                heap.release()
 
 
 def session_factory(service: Service, implicit_tls: ssl.SSLContext | None,
