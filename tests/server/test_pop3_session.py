@@ -582,3 +582,40 @@ def test_bdat_message_with_bare_lf_is_named_and_served_exactly(tmp_path: Path) -
     assert size == w_size == len(body)
     assert b"\r\n" in body and body.count(b"\n") == body.count(b"\r\n")
     assert body.endswith(content.replace(b"LF\nlast", b"LF\r\nlast"))
+
+
+def test_a_session_on_a_big_maildrop_gives_its_memory_back_after_quit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot of a maildrop of RELEASE_AFTER_MESSAGES or more is handed back to
+    the system (malloc_trim) once its session ends; a small one is not worth it."""
+    import threading
+
+    from postroom.server import heap
+
+    released: list[int] = []
+    done = threading.Event()
+
+    def release() -> bool:
+        released.append(1)
+        done.set()
+        return True
+
+    monkeypatch.setattr(heap, "RELEASE_AFTER_MESSAGES", 2)
+    monkeypatch.setattr(heap, "release", release)
+
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            def session(expected: int) -> None:
+                client = login(server)
+                assert client.stat()[0] == expected
+                client.quit()
+
+            await asyncio.to_thread(deliver, server, 1)
+            await asyncio.to_thread(session, 1)  # below the threshold: nothing
+            await asyncio.to_thread(deliver, server, 1)
+            await asyncio.to_thread(session, 2)
+            assert await asyncio.to_thread(done.wait, 10)
+
+    run(scenario)
+    assert released == [1]

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from postroom.server import heap
+from postroom.server.heap import release as give_memory_back
 
 # Password hashes running at once in the whole server, whatever the number of CPUs
 # or worker processes: with argon2-cffi's 64 MiB per hash, 128 MiB at most.
@@ -91,4 +91,4 @@ class PasswordChecks:
                 self._running -= 1
                 idle = self._running == 0
             if idle:
-                heap.release()
+                give_memory_back()
