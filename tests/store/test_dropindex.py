@@ -259,3 +259,32 @@ def test_the_index_is_replaced_whole_after_a_data_sync(
                           ("datasync", temp, None), ("rename", temp, INDEX_NAME)]
     assert calls[:-4] in ([], [("unlink", temp, None)])  # what a crash may have left
     assert not (box / temp).exists()
+
+
+@pytest.mark.parametrize("base", [
+    "1.M2P3.host", "x" * 70, "x" * 71, "with space", "tab\there", "del\x7f", "caf\u00e9",
+    "bad\udcff", "!~", "",
+])
+def test_a_uidl_is_the_base_name_exactly_when_rfc_1939_allows_it(base: str) -> None:
+    allowed = 1 <= len(base) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in base)
+    uid = uid_for(base)
+    if allowed:
+        assert uid == base
+    else:
+        assert len(uid) == 40 and int(uid, 16) >= 0  # a digest of the name
+
+
+def test_a_file_with_an_empty_base_name_still_gets_a_uidl(tmp_path: Path) -> None:
+    """A file named only by its flags (":2,S") left a login with an empty unique-id,
+    which RFC 1939 7 forbids and the POP3 core refused."""
+    from postroom.protocol.pop3_snapshot import Snapshot
+
+    for sub in ("new", "cur", "tmp"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "cur" / ":2,S").write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    drop = Maildrop.open(tmp_path)
+    try:
+        assert Snapshot(drop.sizes, drop.uids).uids == [uid_for(":2,S".partition(":")[0])]
+        assert len(drop.uids[0]) == 40
+    finally:
+        drop.close()

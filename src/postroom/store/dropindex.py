@@ -62,7 +62,11 @@ SENT_SIZES_KEPT = 100_000
 def uid_for(base_name: str) -> str:
     """The UIDL of a Maildir message: its base name when that fits RFC 1939 7, or a
     digest of it (long host names make long Maildir names)."""
-    if len(base_name) <= MAX_UID and all(0x21 <= ord(c) <= 0x7E for c in base_name):
+    # ASCII, printable (0x20-0x7E) and no space: every character in 0x21-0x7E. An
+    # empty base name (a file named ":2,S") gets a digest too: RFC 1939 7 asks for
+    # at least one character.
+    if (0 < len(base_name) <= MAX_UID and base_name.isascii() and base_name.isprintable()
+            and " " not in base_name):
         return base_name
     return hashlib.sha256(base_name.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
@@ -168,19 +172,13 @@ def _stamp(folder: Path, now_ns: int) -> str:
 def _update(root: Path, old: _Index, changed: set[str]) -> _Index:
     """`old` brought up to date: the folders in `changed` listed, the others kept."""
     listing = old.listing
-    folder_of = [name.partition("/")[0] for name in listing.names] if changed else []
-    # Messages of a changed folder, by unique name: a file another reader moved
-    # (new/ -> cur/) or whose flags it changed is still the same message.
-    moved: dict[str, int] = {
-        listing.names[i].partition("/")[2].partition(":")[0]: i
-        for i in range(len(listing.names)) if folder_of[i] in changed
-    }
-    keep = bytearray(len(listing.names))  # 1: index entry i is still there under its name
-    for i, sub in enumerate(folder_of):
-        if sub not in changed:
-            keep[i] = 1
+    listed = [name[:3] in changed for name in listing.names]  # in a folder listed again
+    # Entries of a listed folder, by name and by unique name: a file another reader
+    # moved (new/ -> cur/) or whose flags it changed is still the same message.
+    position = {name: i for i, name in enumerate(listing.names) if listed[i]}
+    moved = {name[4:].partition(":")[0]: i for name, i in position.items()}
+    keep = bytearray(not again for again in listed)  # 1: entry i is still there as named
     added: list[tuple[SortKey, str, int, str, int]] = []  # key, name, size, uid, flags
-    position = {name: i for i, name in enumerate(listing.names) if folder_of[i] in changed}
     for sub in SUBFOLDERS:
         if sub not in changed:
             continue
