@@ -14,7 +14,7 @@ import ctypes.util
 from collections.abc import Callable
 
 # A POP3 session whose snapshot held at least this many messages gives its memory
-# back when it ends (about 100 bytes a message; fewer are not worth a trim).
+# back when it ends; a trim walks the whole heap, not worth it for fewer.
 RELEASE_AFTER_MESSAGES = 10_000
 
 

@@ -16,7 +16,7 @@ The index is only ever replaced whole, by rename(2) after a data sync
 (postroom.store.durable), so a reader sees the old file or the new one.
 
 The snapshot comes out as parallel sequences (`Listing`), not an object per
-message: a session on a maildrop of 300,000 messages holds only these.
+message: a session on a maildrop of hundreds of thousands holds only these.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 RFC 1939 8 lets a server lock the maildrop for the session; we do, with
 flock(2) on a lock file inside the Maildir. The kernel drops an flock when the
-process dies, so a crashed server never leaves a user locked out.
+process dies, so a crashed server never leaves a user locked out. The snapshot
+taken under that lock comes from the maildrop's index (postroom.store.dropindex),
+which only the lock holder writes.
 
 Deletion is crash-safe because every step is one atomic directory operation:
 a message is unlinked (gone whole) or not (there whole); a message that was
