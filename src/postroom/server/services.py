@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import ssl
@@ -172,7 +173,10 @@ class _SessionStream(Stream):
             session = POP3Session(service, self)
             await session.run()
             if session.held >= heap.RELEASE_AFTER_MESSAGES:
-                del session  # the last reference to the snapshot
+                # The session's objects sit in reference cycles (its task, its
+                # stream's callbacks): collected now, not at some later collection.
+                del session
+                gc.collect()
                 heap.release()
 
 
