@@ -419,7 +419,7 @@ def test_retr_returns_every_octet_whatever_the_size(tmp_path: Path, size: int) -
     (box / "new" / "2.M2P2Q2.host,S=3,W=3").write_bytes(b"a much longer file than S= says\r\n")
     drop = Maildrop.open(box)
     try:
-        by_size = {m.size: n for n, m in enumerate(drop.messages, start=1)}
+        by_size = {size: n for n, size in enumerate(drop.sizes, start=1)}
         assert b"".join(drop.read_chunks(by_size[size]) or []) == body
         longer = b"".join(drop.read_chunks(by_size[3]) or [])
         assert longer == b"a much longer file than S= says\r\n"
@@ -533,9 +533,9 @@ def test_read_ahead_serves_the_next_retr_and_marks_nothing_read(tmp_path: Path) 
         drop.read_ahead(1, limit=1000)
         drop.read_ahead(2, limit=1000)  # over the limit: not read, the first stays
         drop.read_ahead(3, limit=1000)  # no such message: nothing happens
-        assert not drop.messages[0].retrieved  # reading ahead is not RETR
-        drop.messages[0].path.unlink()  # gone now, but read before: still served
-        assert drop.read_chunks(1) == [small] and drop.messages[0].retrieved
+        assert not drop.retrieved[0]  # reading ahead is not RETR
+        drop.path(1).unlink()  # gone now, but read before: still served
+        assert drop.read_chunks(1) == [small] and drop.retrieved[0]
         assert drop.read_chunks(1) is None  # the read-ahead copy is used once
         assert b"".join(drop.read_chunks(2) or []) == large
     finally:
@@ -582,3 +582,40 @@ def test_bdat_message_with_bare_lf_is_named_and_served_exactly(tmp_path: Path) -
     assert size == w_size == len(body)
     assert b"\r\n" in body and body.count(b"\n") == body.count(b"\r\n")
     assert body.endswith(content.replace(b"LF\nlast", b"LF\r\nlast"))
+
+
+def test_a_session_on_a_big_maildrop_gives_its_memory_back_after_quit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot of a maildrop of RELEASE_AFTER_MESSAGES or more is handed back to
+    the system (malloc_trim) once its session ends; a small one is not worth it."""
+    import threading
+
+    from postroom.server import heap
+
+    released: list[int] = []
+    done = threading.Event()
+
+    def release() -> bool:
+        released.append(1)
+        done.set()
+        return True
+
+    monkeypatch.setattr(heap, "RELEASE_AFTER_MESSAGES", 2)
+    monkeypatch.setattr(heap, "release", release)
+
+    async def scenario() -> None:
+        async with running_server(tmp_path) as server:
+            def session(expected: int) -> None:
+                client = login(server)
+                assert client.stat()[0] == expected
+                client.quit()
+
+            await asyncio.to_thread(deliver, server, 1)
+            await asyncio.to_thread(session, 1)  # below the threshold: nothing
+            await asyncio.to_thread(deliver, server, 1)
+            await asyncio.to_thread(session, 2)
+            assert await asyncio.to_thread(done.wait, 10)
+
+    run(scenario)
+    assert released == [1]

@@ -7,7 +7,7 @@ A `Drop` keeps the application's `Snapshot` (RFC 1939 5: messages numbered from
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from postroom.protocol._core import LocalProtocolError
@@ -36,14 +36,29 @@ class MessageInfo:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The maildrop as it was at login; message N is messages[N - 1] (RFC 1939 5)."""
+    """The maildrop as it was at login; message N is at index N - 1 (RFC 1939 5).
 
-    messages: tuple[MessageInfo, ...]
+    Two parallel sequences, not an object per message: a maildrop may hold
+    hundreds of thousands, and the application's own arrays are kept as given.
+    """
+
+    sizes: Sequence[int] = ()  # what LIST reports (see MessageInfo)
+    uids: Sequence[str] = ()  # what UIDL reports
+
+    def __post_init__(self) -> None:
+        if len(self.sizes) != len(self.uids):
+            raise LocalProtocolError(f"{len(self.sizes)} sizes for {len(self.uids)} unique-ids")
+        if min(self.sizes, default=0) < 0:
+            raise LocalProtocolError(f"negative message size: {min(self.sizes)}")
+        if not all(map(UID_RE.fullmatch, self.uids)):
+            bad = next(uid for uid in self.uids if not UID_RE.fullmatch(uid))
+            raise LocalProtocolError(f"unique-id must be 1-70 chars 0x21-0x7E: {bad!r}")
 
     @classmethod
     def of(cls, items: Iterable[tuple[int, str]]) -> Snapshot:
         """Build from (size, uid) pairs in message-number order."""
-        return cls(tuple(MessageInfo(size, uid) for size, uid in items))
+        infos = [MessageInfo(size, uid) for size, uid in items]
+        return cls(tuple(m.size for m in infos), tuple(m.uid for m in infos))
 
 
 def plural(count: int, word: str) -> str:
@@ -63,8 +78,8 @@ class Drop:
     __slots__ = ("_deleted", "_sizes", "_uids", "count", "octets")
 
     def __init__(self, snapshot: Snapshot) -> None:
-        self._sizes = [m.size for m in snapshot.messages]
-        self._uids = [m.uid for m in snapshot.messages]
+        self._sizes = snapshot.sizes  # never changed: the marks are kept apart
+        self._uids = snapshot.uids
         self._deleted: set[int] = set()
         self.count = len(self._sizes)
         self.octets = sum(self._sizes)

@@ -22,15 +22,14 @@ login processes:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import ctypes.util
 import multiprocessing
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from postroom.server.heap import release as give_memory_back
 
 # Password hashes running at once in the whole server, whatever the number of CPUs
 # or worker processes: with argon2-cffi's 64 MiB per hash, 128 MiB at most.
@@ -47,14 +46,6 @@ def _make_slots(limit: int) -> Any:
         return threading.BoundedSemaphore(limit)
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim: Callable[[int], int] = libc.malloc_trim
-        return trim
-    return None  # not glibc
-
-
 class PasswordChecks:
     """Runs `verify(address, password)` calls, MAX_PASSWORD_CHECKS at a time server-wide.
 
@@ -69,7 +60,6 @@ class PasswordChecks:
         self._pool_pid = 0
         self._lock = threading.Lock()
         self._running = 0  # checks of this process waiting or under way
-        self._trim = _malloc_trim()
 
     async def check(self, verify: Verify, address: str, password: str) -> bool:
         """`verify(address, password)`, in its turn (a store.api.PasswordGate)."""
@@ -100,5 +90,5 @@ class PasswordChecks:
             with self._lock:
                 self._running -= 1
                 idle = self._running == 0
-            if idle and self._trim is not None:
-                self._trim(0)
+            if idle:
+                give_memory_back()

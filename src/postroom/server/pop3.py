@@ -72,6 +72,7 @@ class POP3Session(Session):
         self.busy = False  # in the Update state: shutdown waits for it
         self._stashed: object | None = None  # an event _on_data left for the loop
         self._read_next = 0  # a message to read ahead once this answer is written
+        self.held = 0  # messages in the snapshot taken at login
 
     def _refuse(self) -> None:
         self.conn.err("Too many connections, try again later", "IN-USE", close=True)
@@ -229,10 +230,11 @@ class POP3Session(Session):
             return
         self.user = address
         self.maildrop = drop
-        snapshot = core.Snapshot.of((m.size, m.uid) for m in drop.messages)
-        total = sum(m.size for m in drop.messages)
+        snapshot = core.Snapshot(drop.sizes, drop.uids)
+        self.held = len(drop.sizes)
         log.info("%s: login user=%s from %s%s: %d messages, %d octets", svc.name, address,
-                 self.client, " (TLS)" if self.conn.tls_active else "", len(drop.messages), total)
+                 self.client, " (TLS)" if self.conn.tls_active else "", self.held,
+                 sum(drop.sizes))
         self.conn.login_succeeded(snapshot)
 
     # -- Transaction state --------------------------------------------------
@@ -242,8 +244,7 @@ class POP3Session(Session):
         (most mail): answered at once. False leaves larger ones to `_retrieve`."""
         drop = self.maildrop
         assert drop is not None, "the core emits Retrieve/Top only after login"
-        msg = drop.messages[event.msg_number - 1]
-        if msg.size > SEND_AT_ONCE:
+        if drop.sizes[event.msg_number - 1] > SEND_AT_ONCE:
             return False
         try:
             # TOP is a peek, not a read: only RETR files the message as seen at QUIT.
@@ -255,8 +256,9 @@ class POP3Session(Session):
             return False
         chunks = self._answer_read(event, result)
         if chunks is not None:
+            crlf = drop.crlf(event.msg_number)
             for chunk in chunks:
-                self.conn.send_message_chunk(chunk, crlf=msg.crlf)
+                self.conn.send_message_chunk(chunk, crlf=crlf)
             self.conn.end_message()
             if isinstance(event, core.Retrieve):
                 self._read_next = event.msg_number + 1
@@ -267,7 +269,7 @@ class POP3Session(Session):
         sent and drained a chunk at a time."""
         drop = self.maildrop
         assert drop is not None, "the core emits Retrieve/Top only after login"
-        msg = drop.messages[event.msg_number - 1]
+        crlf = drop.crlf(event.msg_number)
         try:
             result: list[bytes] | OSError | None = await drop.read(
                 event.msg_number, seen=type(event) is core.Retrieve)
@@ -277,7 +279,7 @@ class POP3Session(Session):
         if chunks is None:
             return
         for chunk in chunks:
-            self.conn.send_message_chunk(chunk, crlf=msg.crlf)
+            self.conn.send_message_chunk(chunk, crlf=crlf)
             if not self.conn.wants_more:
                 break
             if not await self._flush():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import ssl
@@ -16,6 +17,7 @@ from postroom.protocol.pop3_server import Pop3Reply
 from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import SUPPORTED_MECHANISMS
 from postroom.protocol.smtp_server import SMTPServerConfig
+from postroom.server import heap
 from postroom.server.diskspace import FreeSpace
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.pop3 import POP3Service, POP3Session
@@ -168,7 +170,14 @@ class _SessionStream(Stream):
             await SMTPSession(service, self).run()
         else:
             assert isinstance(service, POP3Service)
-            await POP3Session(service, self).run()
+            session = POP3Session(service, self)
+            await session.run()
+            if session.held >= heap.RELEASE_AFTER_MESSAGES:
+                # The session's objects sit in reference cycles (its task, its
+                # stream's callbacks): collected now, not at some later collection.
+                del session
+                gc.collect()
+                heap.release()
 
 
 def session_factory(service: Service, implicit_tls: ssl.SSLContext | None,

@@ -144,15 +144,6 @@ class Incoming(Protocol):
         """Drop what is held of the message (also after `deliver`); safe twice."""
 
 
-@dataclass
-class DropEntry:
-    """One message of a maildrop's snapshot."""
-
-    size: int  # octets as RETR sends them (CRLF line ends, before byte-stuffing)
-    uid: str  # its UIDL (RFC 1939 7): the same in every session
-    crlf: bool = False  # the stored octets have no bare CR or LF: sent as they are
-
-
 class Later(enum.Enum):
     """`Maildrop.read_now`'s answer for a message that only `read` can get."""
 
@@ -165,10 +156,20 @@ LATER = Later.LATER
 class Maildrop(Protocol):
     """One POP3 session's locked snapshot of a mailbox (RFC 1939 8): no other session
     opens it until `close`, and only `update` removes anything. Message N (from 1,
-    as at login) is messages[N - 1]."""
+    as at login) is at index N - 1 of `sizes` and `uids`, sequences rather than an
+    object per message (a maildrop may hold hundreds of thousands)."""
 
     @property
-    def messages(self) -> Sequence[DropEntry]: ...
+    def sizes(self) -> Sequence[int]:
+        """Each message's octets as RETR sends them (CRLF line ends, before
+        byte-stuffing): what LIST reports (RFC 1939 5)."""
+
+    @property
+    def uids(self) -> Sequence[str]:
+        """Each message's UIDL (RFC 1939 7): the same in every session."""
+
+    def crlf(self, number: int) -> bool:
+        """The stored octets have no bare CR or LF: sent as they are."""
 
     def read_now(self, number: int, *, seen: bool = True) -> list[bytes] | None | Later:
         """The octets, if they come without waiting on more than local storage, else

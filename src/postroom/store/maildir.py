@@ -136,6 +136,9 @@ class MaildirEntry:
     exact: bool = False
 
 
+SortKey = tuple[int, int, str]  # (delivery second, microsecond, file name): oldest first
+
+
 def list_messages(maildir: Path) -> list[MaildirEntry]:
     """The messages in new/ and cur/, oldest delivery first (other MDAs' names too).
 
@@ -145,7 +148,7 @@ def list_messages(maildir: Path) -> list[MaildirEntry]:
     store.maildrop for the exact size of those). A file that vanishes while
     listing (another reader moved or deleted it) is skipped.
     """
-    found: list[tuple[tuple[int, int, str], MaildirEntry]] = []
+    found: list[tuple[SortKey, MaildirEntry]] = []
     for sub in ("new", "cur"):
         folder = maildir / sub
         try:
@@ -153,28 +156,36 @@ def list_messages(maildir: Path) -> list[MaildirEntry]:
         except FileNotFoundError:
             continue
         for name in names:
-            if name.startswith("."):
-                continue  # RFC-less but universal: dot files are not messages
-            fields = {k.upper(): int(v) for k, v in _FIELD.findall(name.partition(":")[0])}
-            vsize = fields.get("W")
-            size = fields.get("S") if vsize is None else vsize
-            started = _TIME.match(name)
-            when = int(started.group(1)) if started else None
-            path = folder / name
-            if size is None or when is None:
-                try:
-                    st = path.stat()
-                except FileNotFoundError:
-                    continue
-                size = st.st_size if size is None else size
-                when = int(st.st_mtime) if when is None else when
-            entry = MaildirEntry(path, size, re.split(r"[,:]", name, maxsplit=1)[0],
-                                 crlf=vsize is not None and vsize == fields.get("S"),
-                                 exact=vsize is not None)
-            usecs = int(started.group(2) or 0) if started else 0
-            found.append(((when, usecs, name), entry))
+            scanned = scan_name(folder, name)
+            if scanned is not None:
+                found.append(scanned)
     found.sort(key=lambda item: item[0])
     return [entry for _, entry in found]
+
+
+def scan_name(folder: Path, name: str) -> tuple[SortKey, MaildirEntry] | None:
+    """One file of `folder` (new/ or cur/) as `list_messages` sees it, with its place
+    in delivery order; None for a dot file or a file that vanished meanwhile."""
+    if name.startswith("."):
+        return None  # RFC-less but universal: dot files are not messages
+    fields = {k.upper(): int(v) for k, v in _FIELD.findall(name.partition(":")[0])}
+    vsize = fields.get("W")
+    size = fields.get("S") if vsize is None else vsize
+    started = _TIME.match(name)
+    when = int(started.group(1)) if started else None
+    path = folder / name
+    if size is None or when is None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        size = st.st_size if size is None else size
+        when = int(st.st_mtime) if when is None else when
+    entry = MaildirEntry(path, size, re.split(r"[,:]", name, maxsplit=1)[0],
+                         crlf=vsize is not None and vsize == fields.get("S"),
+                         exact=vsize is not None)
+    usecs = int(started.group(2) or 0) if started else 0
+    return (when, usecs, name), entry
 
 
 def ensure_maildir(maildir: Path) -> bool:

@@ -2,7 +2,9 @@
 
 RFC 1939 8 lets a server lock the maildrop for the session; we do, with
 flock(2) on a lock file inside the Maildir. The kernel drops an flock when the
-process dies, so a crashed server never leaves a user locked out.
+process dies, so a crashed server never leaves a user locked out. The snapshot
+taken under that lock comes from the maildrop's index (postroom.store.dropindex),
+which only the lock holder writes.
 
 Deletion is crash-safe because every step is one atomic directory operation:
 a message is unlinked (gone whole) or not (there whole); a message that was
@@ -17,73 +19,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
-import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from postroom.store import durable
-from postroom.store.api import LATER, DropEntry, Later, MaildropBusy
-from postroom.store.maildir import LineEnds, ensure_maildir, list_messages
+from postroom.store import dropindex, durable
+from postroom.store.api import LATER, Later, MaildropBusy
+from postroom.store.dropindex import CRLF, READ_CHUNK, file_sent_size, uid_for
+from postroom.store.maildir import ensure_maildir
+
+__all__ = ["Maildrop", "file_sent_size", "uid_for", "LOCK_NAME"]
 
 LOCK_NAME = "postroom-pop3.lock"  # a dot-less name would be listed as mail by some readers
-MAX_UID = 70  # RFC 1939 7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E
 # Messages above this size are read in a worker thread, not on the event loop.
 THREAD_READ_ABOVE = 1024 * 1024
-READ_CHUNK = 256 * 1024  # octets asked of read(2) at a time
-
-
-# Sizes as sent of files whose names do not carry them (no W=, as other MDAs
-# name files), read once and kept: (unique name, size stored) -> (size as sent,
-# no bare LF). Maildir files never change once delivered.
-_sent_sizes: dict[tuple[str, int], tuple[int, bool]] = {}
-SENT_SIZES_KEPT = 100_000
-
-
-def _cached_sent_size(path: Path, unique: str, stored: int) -> tuple[int, bool]:
-    key = (unique, stored)
-    known = _sent_sizes.get(key)
-    if known is None:
-        if len(_sent_sizes) >= SENT_SIZES_KEPT:
-            _sent_sizes.clear()
-        known = _sent_sizes[key] = file_sent_size(path)
-    return known
-
-
-def file_sent_size(path: Path) -> tuple[int, bool]:
-    """The octets RETR sends for the file before byte-stuffing (maildir.LineEnds),
-    and whether the file has no bare CR or LF. BLOCKING: reads the whole file."""
-    with open(path, "rb") as file:
-        counter = LineEnds(iter(functools.partial(file.read, READ_CHUNK), b""))
-    return counter.sent, counter.bare_lf == 0 and counter.bare_cr == 0
-
-
-def uid_for(base_name: str) -> str:
-    """The UIDL of a Maildir message: its base name when that fits RFC 1939 7, or a
-    digest of it (long host names make long Maildir names)."""
-    if len(base_name) <= MAX_UID and all(0x21 <= ord(c) <= 0x7E for c in base_name):
-        return base_name
-    return hashlib.sha256(base_name.encode("utf-8", "surrogateescape")).hexdigest()[:40]
-
-
-@dataclass
-class DropMessage(DropEntry):
-    path: Path = field(kw_only=True)  # where the file was last seen
-    retrieved: bool = False  # RETR read it: filed in cur/ as seen at QUIT
-
-    @property
-    def unique(self) -> str:
-        """The Maildir unique name: the file name up to the ":" that starts the flags."""
-        return self.path.name.split(":", 1)[0]
 
 
 @dataclass
 class Maildrop:
-    """One locked session's view of a Maildir."""
+    """One locked session's view of a Maildir: the snapshot as parallel sequences
+    (postroom.store.dropindex.Listing), message N at index N - 1."""
 
     root: Path
-    messages: list[DropMessage] = field(default_factory=list)
+    listing: dropindex.Listing = field(default_factory=dropindex.Listing)
+    retrieved: bytearray = field(default_factory=bytearray)  # 1: RETR read it, cur/ at QUIT
     _lock_fd: int | None = None
     _ahead: tuple[int, list[bytes]] | None = None  # (number, bytes) read before asked
 
@@ -105,39 +65,48 @@ class Maildrop:
             raise
         drop = cls(root, _lock_fd=fd)
         try:
-            for entry in list_messages(root):
-                size, crlf = entry.size, entry.crlf
-                if not entry.exact:
-                    try:
-                        size, crlf = _cached_sent_size(entry.path, entry.uid_base_name, entry.size)
-                    except FileNotFoundError:
-                        continue  # gone while listing: not part of the snapshot
-                drop.messages.append(
-                    DropMessage(size, uid_for(entry.uid_base_name), crlf, path=entry.path))
+            drop.listing = dropindex.load(root)  # the index is written under the lock
         except OSError:
             drop.close()
             raise
+        drop.retrieved = bytearray(len(drop.listing.names))
         return drop
 
-    def _locate(self, msg: DropMessage) -> bool:
+    @property
+    def sizes(self) -> Sequence[int]:
+        return self.listing.sizes
+
+    @property
+    def uids(self) -> Sequence[str]:
+        return self.listing.uids
+
+    def crlf(self, number: int) -> bool:
+        return bool(self.listing.flags[number - 1] & CRLF)
+
+    def path(self, number: int) -> Path:
+        """Where message `number`'s file was last seen."""
+        return self.root / self.listing.names[number - 1]
+
+    def _locate(self, number: int) -> bool:
         """Find a message another Maildir reader renamed (new/ -> cur/, new flags) by
-        its unique name; False when it is really gone. Updates msg.path."""
-        if msg.path.exists():
+        its unique name; False when it is really gone. Updates where it was seen."""
+        if self.path(number).exists():
             return True
+        unique = self.listing.names[number - 1].partition("/")[2].partition(":")[0]
         for sub in ("cur", "new"):
             try:
                 names = os.listdir(self.root / sub)
             except FileNotFoundError:
                 continue
             for name in names:
-                if name == msg.unique or name.startswith(msg.unique + ":"):
-                    msg.path = self.root / sub / name
+                if name == unique or name.startswith(unique + ":"):
+                    self.listing.names[number - 1] = f"{sub}/{name}"
                     return True
         return False
 
     def read_now(self, number: int, *, seen: bool = True) -> list[bytes] | None | Later:
         """`read_chunks`, or LATER for a message too large to read on the event loop."""
-        if self.messages[number - 1].size > THREAD_READ_ABOVE:
+        if self.listing.sizes[number - 1] > THREAD_READ_ABOVE:
             return LATER
         return self.read_chunks(number, seen=seen)
 
@@ -152,42 +121,42 @@ class Maildrop:
 
         `seen`: RETR files the message as read (cur/, flag S) at QUIT; TOP does not.
         """
-        msg = self.messages[number - 1]
         ahead = self._ahead
         if ahead is not None and ahead[0] == number:
             self._ahead = None
             chunks: list[bytes] | None = ahead[1]
         else:
-            chunks = self._read(msg, READ_CHUNK)
+            chunks = self._read(number, READ_CHUNK)
         if chunks is not None:
-            msg.retrieved = msg.retrieved or seen
+            self.retrieved[number - 1] |= seen
         return chunks
 
     def read_ahead(self, number: int, limit: int) -> None:
         """Read message `number` now when it has at most `limit` octets, so that the
         RETR that usually follows (clients download in order) is answered without
         waiting for the disk. A fault is left for that RETR to meet. BLOCKING."""
-        if not 1 <= number <= len(self.messages) or self.messages[number - 1].size > limit:
+        if not 1 <= number <= len(self.retrieved) or self.listing.sizes[number - 1] > limit:
             return
         with contextlib.suppress(OSError):
-            chunks = self._read(self.messages[number - 1], limit + 1)
+            chunks = self._read(number, limit + 1)
             if chunks is not None:
                 self._ahead = (number, chunks)
 
-    def _read(self, msg: DropMessage, chunk_size: int) -> list[bytes] | None:
+    def _read(self, number: int, chunk_size: int) -> list[bytes] | None:
+        size = self.listing.sizes[number - 1]
         for _attempt in range(3):  # a rename may race with the open
             try:
                 # Plain os calls: a buffered file object costs more syscalls and
                 # more time than the read itself for a typical 4 KiB message.
-                fd = os.open(msg.path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self.path(number), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                if not self._locate(msg):
+                if not self._locate(number):
                     return None
                 continue
             try:
                 # The size from the name (S=) lets a small message come in one read:
                 # asking for one octet more shows the end without a second read.
-                asked = min(msg.size + 1, chunk_size) if msg.size else chunk_size
+                asked = min(size + 1, chunk_size) if size else chunk_size
                 first = os.read(fd, asked)
                 chunks = [first] if first else []
                 if len(first) == asked:  # not known to be the end yet: read on
@@ -210,36 +179,41 @@ class Maildrop:
         deleted = set(deleted_numbers)
         removed_from: dict[Path, int] = {}  # folder -> deletions made in it
         moved: set[Path] = set()
-        for number, msg in enumerate(self.messages, start=1):
+        for number in range(1, len(self.retrieved) + 1):
             if number in deleted:
-                if not self._remove(msg):
+                if not self._remove(number):
                     failures += 1
                     continue
-                folder = msg.path.parent
+                folder = self.path(number).parent
                 removed_from[folder] = removed_from.get(folder, 0) + 1
-            elif msg.retrieved and msg.path.parent.name == "new":
-                target = self.root / "cur" / f"{msg.path.name}:2,S"
+            elif self.retrieved[number - 1] and self.listing.names[number - 1].startswith("new/"):
+                path = self.path(number)
+                target = self.root / "cur" / f"{path.name}:2,S"
                 with contextlib.suppress(OSError):  # a failed move loses nothing
-                    durable.OS.rename(msg.path, target)
-                    moved.update((msg.path.parent, target.parent))
+                    durable.OS.rename(path, target)
+                    moved.update((path.parent, target.parent))
         failed = durable.sync_folders([*removed_from, *moved])
         return failures + sum(removed_from.get(folder, 0) for folder in failed)
 
-    def _remove(self, msg: DropMessage) -> bool:
+    def _remove(self, number: int) -> bool:
         """Unlink the message wherever another reader moved it; True once it is gone."""
         for _attempt in range(3):  # another reader may rename it meanwhile
             try:
-                durable.OS.unlink(msg.path)
+                durable.OS.unlink(self.path(number))
                 return True
             except FileNotFoundError:
-                if not self._locate(msg):
+                if not self._locate(number):
                     return True  # already gone: what QUIT asked for is true
             except OSError:
                 return False
         return False
 
     def close(self) -> None:
-        """Release the lock (also released by the kernel if the process dies)."""
+        """Release the lock (also released by the kernel if the process dies) and
+        the snapshot."""
+        self.listing = dropindex.Listing()
+        self.retrieved = bytearray()
+        self._ahead = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
