@@ -79,10 +79,10 @@ class LocalCourier:
                     results[i] = DeliveryResult(recipients[i].address, "temporary", "4.3.5",
                                                 f"<{recipients[i].address}>: {e}")
             else:
-                for i, paths in targets.items():
-                    text = "delivered to maildir" + ("" if len(paths) == 1 else f" ({len(paths)})")
+                for i, boxes in targets.items():
+                    text = "delivered to maildir" + ("" if len(boxes) == 1 else f" ({len(boxes)})")
                     results[i] = DeliveryResult(recipients[i].address, "delivered", "2.0.0", text,
-                                                expanded=len(paths) > 1)
+                                                expanded=len(boxes) > 1)
             finally:
                 message.abort()
         return [results[i] for i in range(len(recipients))]
