@@ -17,6 +17,7 @@ succeeds (`_projected`: RCPTs may follow an unanswered MAIL).
 
 from __future__ import annotations
 
+import abc
 import enum
 from collections import deque
 from collections.abc import Container, Mapping
@@ -104,7 +105,7 @@ class Step(NamedTuple, Generic[S]):
         return self.more if self.more is not None else self.ok
 
 
-class ClientCore(Generic[S]):
+class ClientCore(abc.ABC, Generic[S]):
     """The plumbing of a client core; a core sets the class attributes below."""
 
     _steps: Mapping[tuple[S, str], Step[S]]
@@ -143,11 +144,13 @@ class ClientCore(Generic[S]):
         return tuple(command for command, _ in self._pending)
 
     @property
-    def _pipelining(self) -> bool:  # the server lets commands follow before their answers
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _pipelining(self) -> bool:
+        """Whether the server lets commands follow before their answers."""
 
-    def _take(self, data: bytes) -> None:  # keep bytes from the server for reading
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _take(self, data: bytes) -> None:
+        """Keep bytes from the server for reading."""
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the server; b"" means it closed its side (EOF)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import ssl
@@ -39,7 +40,7 @@ class Core(Protocol):
     def tls_started(self) -> None: ...
 
 
-class Session:
+class Session(abc.ABC):
     """One connection of a Service from accept to close; a subclass drives its core."""
 
     log: ClassVar[logging.Logger]
@@ -58,19 +59,21 @@ class Session:
 
     # -- what a subclass supplies ------------------------------------------------
 
+    @abc.abstractmethod
     def _refuse(self) -> None:
         """Queue the answer to a client over the connection limits."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _greet(self) -> None:
-        raise NotImplementedError
+        """Queue the greeting (RFC 5321 4.3.1, RFC 1939 4)."""
 
+    @abc.abstractmethod
     async def _loop(self) -> None:
-        raise NotImplementedError
+        """Read and answer commands until the session ends."""
 
+    @abc.abstractmethod
     def _ended(self) -> None:
         """The connection is over: let go of what the session holds."""
-        raise NotImplementedError
 
     # -- the connection ----------------------------------------------------------
 
