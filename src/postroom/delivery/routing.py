@@ -21,24 +21,20 @@ import functools
 import ipaddress
 import itertools
 import random
-import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import dns.asyncresolver
 import dns.exception
 import dns.name
-import dns.nameserver
-import dns.rdatatype
-import dns.resolver
 
+from postroom import resolver as dns_resolver
 from postroom.canonical import canonical_domain
 from postroom.delivery.smtp_out import Hop
 
 MAX_HOPS = 10  # addresses tried per delivery attempt; the queue retries the rest later
-MAX_CACHE_TTL = 300.0  # seconds: DNS changes (a new MX) take effect within five minutes
-DNS_LIFETIME = 10.0  # seconds for one lookup, all retries included
+MAX_CACHE_TTL = dns_resolver.MAX_CACHE_TTL  # a new MX takes effect within five minutes
+DNS_LIFETIME = dns_resolver.DNS_LIFETIME
 # RFC 6761 6.3: "localhost" names the loopback host; it is never sent to DNS.
 LOCALHOST_ADDRESSES = ("127.0.0.1", "::1")
 
@@ -99,58 +95,6 @@ class RouterOptions:
     max_cache_ttl: float = MAX_CACHE_TTL
 
 
-# -- the DNS side -----------------------------------------------------------------
-
-
-class _CappedCache(dns.resolver.Cache):
-    """dnspython's TTL-honouring cache, with every entry's life capped at MAX_CACHE_TTL.
-
-    dnspython keeps positive answers for their TTL and negative ones (no such
-    name, no such record) for the SOA minimum (RFC 2308 5); the cap keeps a
-    zone's week-long TTL from pinning a stale MX in a long-running server.
-    """
-
-    def __init__(self, max_ttl: float) -> None:
-        super().__init__()
-        self.max_ttl = max_ttl
-
-    def put(self, key: Any, value: dns.resolver.Answer) -> None:
-        value.expiration = min(value.expiration, time.time() + self.max_ttl)
-        super().put(key, value)
-
-
-class _DNSTrouble(Exception):
-    """A lookup that may succeed later: timeout, SERVFAIL, REFUSED, no server reachable."""
-
-
-def _no_nameservers_text(error: dns.resolver.NoNameservers) -> str:
-    # Each entry is (server, tcp, port, error or rcode text, response).
-    reasons = []
-    for entry in error.kwargs.get("errors") or []:
-        problem = entry[3]
-        reasons.append(problem if isinstance(problem, str) else type(problem).__name__)
-    return ", ".join(dict.fromkeys(reasons)) or "no nameserver answered"
-
-
-def _make_resolver(options: RouterOptions) -> dns.asyncresolver.Resolver:
-    """An async resolver for options.nameservers (objects with .host and .port).
-
-    No servers: the system's (/etc/resolv.conf); dnspython raises
-    NoResolverConfiguration when there is none.
-    """
-    if options.nameservers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = [
-            dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in options.nameservers
-        ]
-    else:
-        resolver = dns.asyncresolver.Resolver(configure=True)
-    resolver.lifetime = options.dns_lifetime
-    resolver.timeout = min(options.dns_lifetime, 2.0)  # per try; lifetime bounds the retries
-    resolver.cache = _CappedCache(options.max_cache_ttl)
-    return resolver
-
-
 @functools.lru_cache(maxsize=1024)
 def _is_ip(text: str) -> bool:
     # Asked for every message sent through a static route: ipaddress learns the
@@ -174,7 +118,7 @@ class Router:
         local_domains: Callable[[str], bool],
         *,
         rng: random.Random | None = None,
-        resolver: dns.asyncresolver.Resolver | None = None,
+        resolver: dns_resolver.Resolver | None = None,
     ) -> None:
         self._routes = {canonical_domain(d): target for d, target in options.routes.items()}
         self._mx_port = options.mx_port
@@ -186,11 +130,15 @@ class Router:
         self._own_endpoints = {(str(ipaddress.ip_address(h)), p)
                                for h, p in options.own_endpoints if _is_ip(h)}
         self._rng = rng if rng is not None else random.Random()
-        self._resolver: dns.asyncresolver.Resolver | None = resolver
+        self._resolver: dns_resolver.Resolver | None = resolver
         self._resolver_error: str | None = None
         if resolver is None:
             try:
-                self._resolver = _make_resolver(options)
+                self._resolver = dns_resolver.make_resolver(
+                    options.nameservers,
+                    lifetime=options.dns_lifetime,
+                    max_ttl=options.max_cache_ttl,
+                )
             except dns.exception.DNSException as e:
                 # No /etc/resolv.conf: start anyway; remote mail waits in the queue.
                 self._resolver_error = f"no DNS resolver configured ({e})"
@@ -240,9 +188,9 @@ class Router:
             return Failure(False, "4.4.3", self._resolver_error)
         try:
             records = await self._query(domain, "MX")
-        except dns.resolver.NXDOMAIN:
+        except dns_resolver.NXDOMAIN:
             return Failure(True, "5.1.2", f"domain {domain} does not exist (DNS: NXDOMAIN)")
-        except _DNSTrouble as e:
+        except dns_resolver.DNSTrouble as e:
             return Failure(False, "4.4.3", f"DNS lookup of MX records for {domain} failed: {e}")
         if not records:
             return await self._implicit_mx(domain)
@@ -331,9 +279,9 @@ class Router:
         addresses: list[str] = []
         trouble: str | None = None
         for result in results:
-            if isinstance(result, dns.resolver.NXDOMAIN):
+            if isinstance(result, dns_resolver.NXDOMAIN):
                 continue
-            if isinstance(result, _DNSTrouble):
+            if isinstance(result, dns_resolver.DNSTrouble):
                 trouble = str(result)
             elif isinstance(result, BaseException):
                 raise result
@@ -342,23 +290,7 @@ class Router:
         return addresses, trouble
 
     async def _query(self, name: str, rdtype: str) -> list[Any]:
-        """The records of one type ([] when the name has none); NXDOMAIN or _DNSTrouble."""
+        """The records of one type ([] when the name has none); NXDOMAIN or DNSTrouble."""
         if self._resolver is None:
-            raise _DNSTrouble(self._resolver_error or "no DNS resolver")
-        qname = dns.name.from_text(name)  # absolute: never a search-list suffix
-        try:
-            answer = await self._resolver.resolve(
-                qname, dns.rdatatype.from_text(rdtype), search=False, raise_on_no_answer=False
-            )
-        except dns.resolver.NXDOMAIN:
-            raise
-        except dns.exception.Timeout:
-            raise _DNSTrouble(f"{rdtype} lookup of {name} timed out") from None
-        except dns.resolver.NoNameservers as e:
-            raise _DNSTrouble(f"{rdtype} lookup of {name}: {_no_nameservers_text(e)}") from None
-        except dns.exception.DNSException as e:
-            raise _DNSTrouble(f"{rdtype} lookup of {name}: {e}") from None
-        # A CNAME chain ends in records of the asked type, or in none.
-        if answer.rrset is None:
-            return []
-        return list(answer.rrset)
+            raise dns_resolver.DNSTrouble(self._resolver_error or "no DNS resolver")
+        return await dns_resolver.lookup(self._resolver, name, rdtype)
