@@ -513,7 +513,7 @@ def test_cli_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 def test_cli_usage(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("POSTROOM_PASSWORD", "x")
     assert cli.main(["fetch", "x", "--server", "h:99999", "--user", "u"]) == 2
-    assert "bad port" in capsys.readouterr().err
+    assert "port must be 1-65535" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert cli.main(["fetch", "x", "--server", "h:1", "--user", "u", "--auth", "cram"]) == 2
 

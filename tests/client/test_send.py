@@ -407,7 +407,7 @@ def test_cli_send(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--to", "a@b.example", "--server", "x:0"], "bad port"),
+        (["--to", "a@b.example", "--server", "x:0"], "port must be 1-65535"),
         (["--server", "127.0.0.1:1", "--body", "b"], "no recipients"),
         (["--to", "not an address", "--server", "127.0.0.1:1"], "not an e-mail"),
         (["--to", "a@b.example", "--server", "127.0.0.1:1", "--attach", "/nonexistent/x"],

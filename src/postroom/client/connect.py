@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TextIO, TypeVar
 
+from postroom.config.values import parse_endpoint
 from postroom.net.channel import (
     ConnectFailed,
     ConnectionFailure,
@@ -67,22 +68,13 @@ ErrorT = TypeVar("ErrorT", bound=ClientError)
 
 
 def parse_server(text: str) -> tuple[str, int | None]:
-    """ "host:port", "[v6]:port", or a bare host (port None)."""
-    host, port = text, ""
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"malformed server {text!r}: expected [ADDRESS]:PORT")
-        port = rest[1:]
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    if not host:
-        raise ValueError(f"malformed server {text!r}: no host")
-    if not port:
-        return host, None
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"malformed server {text!r}: bad port {port!r}")
-    return host, int(port)
+    """ "host:port", "[v6]:port", or a bare host (port None): the config's endpoint
+    syntax (config.values.parse_endpoint), where port 0 is never a server's port."""
+    endpoint = parse_endpoint(text, default_port=_NO_PORT)
+    return endpoint.host, endpoint.port or None
+
+
+_NO_PORT = 0  # what parse_endpoint gives a bare host here; an explicit ":0" is refused
 
 
 # The words for a session that broke off, as send and fetch say them: (kind, text)
