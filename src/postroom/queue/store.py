@@ -110,6 +110,7 @@ class QueueStore:
         self.dir = Path(queue_dir)
         self.messages = self.dir / MESSAGES
         self.envelopes = self.dir / ENVELOPES
+        self._messages_str, self._envelopes_str = str(self.messages), str(self.envelopes)
         self._thread_lock = threading.RLock()
         self._depth = 0  # nesting of locked() in the thread that holds _thread_lock
         self._reported: set[tuple[str, int, int]] = set()  # corrupt files already logged
@@ -167,16 +168,20 @@ class QueueStore:
         The envelope file when there is one (it is newer), else the queue
         file's first line; `size` is then the message's, measured on the file.
         """
-        path = self.envelope_path(queue_id)
+        # Paths as strings: a pathlib.Path interns each part of every name it parses,
+        # and a listing of the whole queue reads every envelope.
+        path = os.path.join(self._envelopes_str, check_queue_id(queue_id) + ENVELOPE_SUFFIX)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as file:
+                data = file.read()
         except FileNotFoundError:
             pass
         else:
             return self._parse(path, data, queue_id)
         fd, line, size = self._open_queue_file(queue_id)
         os.close(fd)
-        envelope = self._parse(self.message_path(queue_id), line[len(ENVELOPE_TAG):], queue_id)
+        envelope = self._parse(os.path.join(self._messages_str, queue_id),
+                               line[len(ENVELOPE_TAG):], queue_id)
         envelope.size = size
         return envelope
 
@@ -188,7 +193,7 @@ class QueueStore:
 
     def _open_queue_file(self, queue_id: str) -> tuple[int, bytes, int]:
         """The queue file open for reading, its envelope line and the message's size."""
-        path = self.message_path(queue_id)
+        path = os.path.join(self._messages_str, check_queue_id(queue_id))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -204,7 +209,7 @@ class QueueStore:
             os.close(fd)
             raise
 
-    def _parse(self, path: Path, data: bytes, queue_id: str) -> Envelope:
+    def _parse(self, path: str, data: bytes, queue_id: str) -> Envelope:
         try:
             envelope = Envelope.from_json(data)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
