@@ -39,6 +39,10 @@ WAITING, PARKED, READY, ACTIVE = range(4)
 # past their queue lifetime (Postfix bounces such mail when its queue manager
 # next reads it; here at most this late).
 EXPIRY_SWEEP = 600.0
+# Heap items one `take_due` looks at, at most: when a great many come due at once
+# (a restart, a flush, a destination found dead) and are parked or lined up
+# rather than started, the event loop still gets its turn every few milliseconds.
+TAKE_BUDGET = 2000
 
 
 class Entry:
@@ -162,7 +166,8 @@ class Schedule:
     def take_due(self, now: float, room: int) -> list[str]:
         """Up to `room` queue IDs to attempt now, each marked ACTIVE: first the ready lines
         of destinations with a free slot, then the probes due, then the heap's due
-        entries. Costs what is due (and the stale items it meets), not the queue's size."""
+        entries (TAKE_BUDGET of them at most: `next_time` says when more are due).
+        Costs what is due (and the stale items it meets), not the queue's size."""
         started: list[str] = []
         self._take_ready(now, room, started)
         while self._probes and self._probes[0][0] <= now and len(started) < room:
@@ -171,7 +176,9 @@ class Schedule:
             if dest is None or not dest.dead or dest.dead_until > now or dest.probing:
                 continue
             self._probe(name, dest, now, started)
-        while self._heap and self._heap[0][0] <= now and len(started) < room:
+        budget = TAKE_BUDGET
+        while self._heap and self._heap[0][0] <= now and len(started) < room and budget:
+            budget -= 1
             when, queue_id = heapq.heappop(self._heap)
             entry = self.entries.get(queue_id)
             if (entry is None or entry.where != WAITING or entry.held

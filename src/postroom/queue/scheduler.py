@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -75,6 +76,11 @@ Deliver = Callable[[Envelope, list[Recipient], Content], Awaitable[list[Delivery
 # message and telling us); Postfix's queue manager scans its incoming queue
 # every queue_run_delay (300 s) for the same reason.
 RECOVERY_INTERVAL = 300.0
+# Seconds: the scheduler's timer resolution (Postfix's queue manager counts whole
+# seconds too). Messages due within one tick are taken in one wake-up, so a
+# queue whose retries come due a few milliseconds apart does not wake the
+# process for each.
+TICK = 1.0
 # RFC 3463 X.4.1: no answer from the destination's hosts; what a delivery to a
 # dead destination is deferred with, untried (Postfix: "delivery temporarily
 # suspended").
@@ -329,8 +335,10 @@ class Scheduler:
             self._start_due(now)
             if not self._tasks and not self._loading and not self._wakeup.is_set():
                 self._idle.set()
-            timeout = max(0.0, min(self._schedule.next_time() - now,
-                                   next_recovery - loop.time()))
+            due = self._schedule.next_time()
+            if now < due < math.inf:  # wake on the next whole TICK: one for all due in it
+                due = math.ceil(due / TICK) * TICK
+            timeout = max(0.0, min(due - now, next_recovery - loop.time()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 
