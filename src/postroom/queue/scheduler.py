@@ -31,7 +31,7 @@ every recipient is final the message is removed. After a crash (kill -9) a
 restart finds every envelope on disk again; only the recipients that were in
 the middle of a `deliver` call are tried again (at least once, never lost).
 
-Every result is logged in Postfix's shape (`_log_result`), so grep finds a
+Every result is logged in Postfix's shape (postroom.queue.logline), so grep finds a
 message's whole life; `QUEUEID: removed` ends it.
 """
 
@@ -52,6 +52,8 @@ from postroom.batch import BatchThread
 from postroom.gathering import gather_few
 from postroom.queue.content import Content
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.loading import load_schedule, recover_schedule
+from postroom.queue.logline import Timing, log_result
 from postroom.queue.notices import Notices
 from postroom.queue.reading import EnvelopeReader, entry_of
 from postroom.queue.result import DeliveryResult
@@ -105,15 +107,6 @@ class SchedulerOptions:
     # Seconds a domain whose hosts did not answer stays dead before the next probe;
     # None: the first retry interval (Postfix waits minimal_backoff_time).
     probe_interval: float | None = None
-
-
-@dataclass(frozen=True)
-class Timing:
-    """When one delivery began and ended, and when its attempt started (clock values)."""
-
-    started: float  # the attempt of the whole message
-    begun: float  # this delivery, once it had its slot
-    ended: float
 
 
 @dataclass
@@ -397,53 +390,15 @@ class Scheduler:
                 self._reader.fresh.pop(queue_id, None)
 
     async def _load(self, words: str, *, reread: bool = False) -> None:
-        """Read the whole folder into the schedule in the background. At start an entry
-        already there (woken meanwhile) is kept; on a rescan (`reread`) each entry
-        not in flight is replaced and those whose files are gone are dropped."""
-        before = set(self._schedule.entries) if reread else set()
-        seen: set[str] = set()
-
-        def take(entries: list[tuple[str, Entry]]) -> None:
-            for queue_id, entry in entries:
-                seen.add(queue_id)
-                current = self._schedule.entries.get(queue_id)
-                if current is None or (reread and current.where != ACTIVE):
-                    self._schedule.put(queue_id, entry)
-            self._poke()
-
         try:
-            await self._reader.load(take)
-            for queue_id in before - seen:
-                self._schedule.remove(queue_id)
-            log.info("queue: %s %d message(s)", words, len(self._schedule))
+            await load_schedule(self._reader, self._schedule, self._poke, words, reread=reread)
         finally:
             self._loading -= 1
             self._poke()
 
     async def _recover(self) -> None:
-        """Read the messages whose names the schedule lacks; drop the entries whose
-        files are gone (both left by lost notifications)."""
         try:
-            before = set(self._schedule.entries)
-            try:
-                names = await asyncio.to_thread(lambda: set(self.store.scan_ids()))
-            except OSError as e:
-                log.error("queue: cannot read the queue folder: %s", e)
-                return
-            gone = before - names
-            for queue_id in gone:
-                self._schedule.remove(queue_id)
-            new = names - set(self._schedule.entries)
-            if new or gone:
-                log.info("queue: %d message(s) found unannounced, %d gone", len(new), len(gone))
-            if new:
-                def take(entries: list[tuple[str, Entry]]) -> None:
-                    for queue_id, entry in entries:
-                        if queue_id not in self._schedule.entries:
-                            self._schedule.put(queue_id, entry)
-                    self._poke()
-
-                await self._reader.load(take, iter(sorted(new)))
+            await recover_schedule(self._reader, self._schedule, self._poke)
         finally:
             self._loading -= 1
             self._poke()
@@ -573,7 +528,7 @@ class Scheduler:
             if verdict.dropped is not None:
                 log.warning("%s: undeliverable %s to <%s> discarded", envelope.queue_id,
                             verdict.dropped, recipient.address)
-            _log_result(envelope, recipient, verdict.word, timing)
+            log_result(envelope, recipient, verdict.word, timing)
         for extra in unmatched:
             log.warning("%s: result for unknown recipient <%s> ignored",
                         envelope.queue_id, extra.recipient)
@@ -635,39 +590,3 @@ class Scheduler:
 
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
-
-
-def _log_result(envelope: Envelope, recipient: Recipient, word: str, timing: Timing) -> None:
-    """Log what the attempt did to `recipient` (its state as just recorded), as Postfix does:
-
-        QUEUEID: to=<x>, orig_to=<y>, relay=host[ip]:port, delay=12, delays=a/b/c,
-        dsn=4.4.1, status=deferred (text)
-
-    delay is the time since arrival; delays splits this attempt into the time
-    queued before it / waiting for a delivery slot / the delivery itself. No
-    remote MTA: relay=local when delivered here, relay=none when no host answered.
-    """
-    orig = ""
-    if recipient.orcpt:
-        original = (recipient.orcpt.partition(";")[2] or recipient.orcpt).strip()
-        if original != recipient.address:
-            orig = f", orig_to=<{original}>"
-    delays = "/".join(
-        _seconds(x) for x in (timing.started - envelope.created, timing.begun - timing.started,
-                              timing.ended - timing.begun)
-    )
-    log.info(
-        "%s: to=<%s>%s, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)",
-        envelope.queue_id, recipient.address, orig,
-        recipient.remote_mta or ("local" if recipient.state == "delivered" else "none"),
-        _seconds(timing.ended - envelope.created), delays, recipient.dsn_status, word,
-        " ".join((recipient.last_error or "").split()),
-    )
-
-
-def _seconds(value: float) -> str:
-    """A duration as Postfix logs it: two decimals at most, whole seconds from 100 on."""
-    value = max(0.0, value)
-    if value >= 100:
-        return f"{value:.0f}"
-    return f"{value:.2f}".rstrip("0").rstrip(".") or "0"
