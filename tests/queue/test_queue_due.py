@@ -409,3 +409,42 @@ async def test_a_probe_wake_up_reads_one_envelope(tmp_path: Path) -> None:
     assert scheduler.envelope_reads == reads + 1
     scheduler.stop()
     await task
+
+
+@async_test
+async def test_flush_of_a_running_server_writes_nothing_per_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`postroom queue flush` asks the running server, as `postqueue -f` asks Postfix's
+    queue manager: every waiting message is tried now, and no envelope is rewritten."""
+    from postroom import cli
+
+    data = tmp_path / "var"
+    data.mkdir()
+    (data / "postroom.toml").write_text('hostname = "mx.corp.example"\n')
+    store = QueueStore(data / "queue")
+    ids = [f"W{n:011d}" for n in range(50)]
+    write_queue(store, [envelope(q, f"u@d{n % 3}.example", next_attempt=T0 + 3600)
+                        for n, q in enumerate(ids)])
+    rewritten: list[str] = []
+    real_update = QueueStore.update
+    monkeypatch.setattr(QueueStore, "update", lambda self, queue_id, change: (
+        rewritten.append(queue_id), real_update(self, queue_id, change))[1])
+    courier = Counting()
+    scheduler = Scheduler(store, courier, options(), clock=Clock())
+    task = asyncio.create_task(scheduler.run())
+    await scheduler.idle()
+    assert courier.calls == []
+    with ServerLock.acquire(data) as lock:
+        control = await serve_control(lock, scheduler.rescan, lambda: False, scheduler.wake)
+        code = await asyncio.to_thread(cli.main, ["--data", str(data), "queue", "flush"])
+        assert code == 0
+        assert capsys.readouterr().out.startswith("flushed every message (held ones stay held)")
+        while len(courier.calls) < len(ids):
+            await asyncio.sleep(0.01)
+        await scheduler.idle()
+        control.close()
+    assert sorted(courier.calls) == ids and store.ids() == []
+    assert rewritten == []
+    scheduler.stop()
+    await task

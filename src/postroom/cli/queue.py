@@ -218,8 +218,12 @@ def _queue_flush(args: argparse.Namespace, ctx: Context) -> int:
                              f"`{PROG} queue release {args.queue_id}`") from None
         what = args.queue_id
     else:
+        told = _flush_running_server(ctx)
+        if told is not None:
+            ctx.say(f"flushed every message (held ones stay held); {told}")
+            return 0
         count = held = 0
-        for env in store.list():  # skips (and logs) unreadable envelopes
+        for env in store.scan():  # skips (and logs) unreadable envelopes
             try:
                 store.update(env.queue_id, now_please)
                 count += 1
@@ -233,6 +237,22 @@ def _queue_flush(args: argparse.Namespace, ctx: Context) -> int:
                      "lets one be tried)")
     ctx.say(f"flushed {what}{_poke_server(ctx, args.queue_id or None)}")
     return 0
+
+
+def _flush_running_server(ctx: Context) -> str | None:
+    """Ask the running server to try every message now, as `postqueue -f` asks Postfix's
+    queue manager: it does so in memory, and nothing is written per message. None when
+    no server took the request: the flush is then written into each envelope, for the
+    next server to find."""
+    from postroom.control import FLUSH, ControlError, tell_server
+
+    try:
+        answer = tell_server(ctx.config.data_dir, request=FLUSH)
+    except ControlError:
+        return None
+    if answer is None or answer.stopping:
+        return None
+    return f"told the server (pid {answer.pid})"
 
 
 def _queue_change(args: argparse.Namespace, ctx: Context) -> int:
