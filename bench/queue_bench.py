@@ -272,19 +272,24 @@ def leg_postroom(args: argparse.Namespace, base: Path, hop: int) -> Result:
         result.scheduler_rss_mib = rss_bytes(server.pid) / 2**20
         print(f"  postroom: waiting {result.cpu_percent:.2f}% CPU, {result.rss_mib:.0f} MiB "
               f"(primary {result.scheduler_rss_mib:.0f} MiB)", flush=True)
-        result.list_first_line, result.list_seconds, result.list_lines = time_listing(
-            [sys.executable, "-m", "postroom", "--data", str(server.data), "queue", "list"],
-            server.env())
-        print(f"  postroom: queue list first line {result.list_first_line:.2f}s, "
-              f"all {result.list_seconds:.2f}s", flush=True)
-        server.stop(timeout=60)
-        began = time.monotonic()
-        server.start(timeout=120)
-        result.restart_greeting = time.monotonic() - began
-        wait_until(lambda: loaded(server, server.starts), args.timeout, "the schedule", 0.05)
-        result.restart_loaded = time.monotonic() - began
-        print(f"  postroom: restarted: greeting after {result.restart_greeting:.2f}s, "
-              f"schedule loaded after {result.restart_loaded:.2f}s", flush=True)
+        if "list" in args.steps:
+            result.list_first_line, result.list_seconds, result.list_lines = time_listing(
+                [sys.executable, "-m", "postroom", "--data", str(server.data), "queue",
+                 "list"], server.env())
+            print(f"  postroom: queue list first line {result.list_first_line:.2f}s, "
+                  f"all {result.list_seconds:.2f}s", flush=True)
+        if "restart" in args.steps:
+            server.stop(timeout=60)
+            began = time.monotonic()
+            server.start(timeout=120)
+            result.restart_greeting = time.monotonic() - began
+            wait_until(lambda: loaded(server, server.starts), args.timeout, "the schedule",
+                       0.05)
+            result.restart_loaded = time.monotonic() - began
+            print(f"  postroom: restarted: greeting after {result.restart_greeting:.2f}s, "
+                  f"schedule loaded after {result.restart_loaded:.2f}s", flush=True)
+        if "drain" not in args.steps:
+            return result
         sink = SmtpSink(hop)
         try:
             from postroom.control import FLUSH, tell_server
@@ -342,16 +347,20 @@ def leg_postfix(args: argparse.Namespace, base: Path, hop: int) -> Result:
               f"(qmgr {result.scheduler_rss_mib:.0f} MiB)", flush=True)
         postqueue = find_program("postqueue")
         assert postqueue is not None
-        result.list_first_line, result.list_seconds, result.list_lines = time_listing(
-            [postqueue, "-c", str(postfix.config_dir), "-p"])
-        print(f"  postfix: postqueue -p first line {result.list_first_line:.2f}s, "
-              f"all {result.list_seconds:.2f}s", flush=True)
-        postfix.stop()
-        began = time.monotonic()
-        postfix.start(timeout=120)
-        result.restart_greeting = time.monotonic() - began
-        print(f"  postfix: restarted: greeting after {result.restart_greeting:.2f}s",
-              flush=True)
+        if "list" in args.steps:
+            result.list_first_line, result.list_seconds, result.list_lines = time_listing(
+                [postqueue, "-c", str(postfix.config_dir), "-p"])
+            print(f"  postfix: postqueue -p first line {result.list_first_line:.2f}s, "
+                  f"all {result.list_seconds:.2f}s", flush=True)
+        if "restart" in args.steps:
+            postfix.stop()
+            began = time.monotonic()
+            postfix.start(timeout=120)
+            result.restart_greeting = time.monotonic() - began
+            print(f"  postfix: restarted: greeting after {result.restart_greeting:.2f}s",
+                  flush=True)
+        if "drain" not in args.steps:
+            return result
         sink = SmtpSink(hop)
         try:
             began = time.monotonic()
@@ -380,12 +389,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=5.0,
                         help="seconds after the fill before the measurement (5)")
     parser.add_argument("--legs", default="postroom,postfix", help="postroom,postfix")
+    parser.add_argument("--steps", default="list,restart,drain",
+                        help="what follows the wait: a subset of list,restart,drain (all)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per step")
     parser.add_argument("--workdir", type=Path, help="folder for data (default: /var/tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     legs = [leg.strip() for leg in args.legs.split(",") if leg.strip()]
+    args.steps = {step.strip() for step in args.steps.split(",") if step.strip()}
+    if args.steps - {"list", "restart", "drain"}:
+        parser.error("--steps takes list, restart and drain")
     runners = {"postroom": leg_postroom, "postfix": leg_postfix}
     if set(legs) - set(runners):
         parser.error(f"unknown legs: {', '.join(sorted(set(legs) - set(runners)))}")
