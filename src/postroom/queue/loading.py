@@ -30,7 +30,8 @@ async def load_schedule(reader: EnvelopeReader, schedule: Schedule, poke: Callab
 
     def take(entries: list[tuple[str, Entry]]) -> None:
         for queue_id, entry in entries:
-            seen.add(queue_id)
+            if reread:  # only a rescan drops what it did not see
+                seen.add(queue_id)
             current = schedule.entries.get(queue_id)
             if current is None or (reread and current.where != ACTIVE):
                 schedule.put(queue_id, entry)
