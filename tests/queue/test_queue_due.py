@@ -66,10 +66,12 @@ def write_queue(store: QueueStore, envelopes: list[Envelope]) -> None:
         (store.messages / env.queue_id).write_bytes(envelope_line(env) + MESSAGE)
 
 
-def envelope(queue_id: str, rcpt: str, **kw: Any) -> Envelope:
+def envelope(queue_id: str, rcpt: str, *, tried: bool = False, **kw: Any) -> Envelope:
+    """An envelope for one recipient; `tried`: deferred once already."""
     fields: dict[str, Any] = {"sender": "boss@corp.example", "created": T0}
     fields.update(kw)
-    return Envelope(queue_id=queue_id, recipients=[Recipient(rcpt)], **fields)
+    recipient = Recipient(rcpt, state="deferred", attempts=1) if tried else Recipient(rcpt)
+    return Envelope(queue_id=queue_id, recipients=[recipient], **fields)
 
 
 class Counting:
@@ -265,17 +267,21 @@ async def test_a_dead_destination_is_probed_once_per_interval_then_all_go(
     task = asyncio.create_task(scheduler.run())
     await scheduler.idle()
     # The first attempts (as many as the destination's concurrency) find it dead;
-    # the rest wait parked, untried.
+    # the rest are deferred without a connection ("delivery temporarily
+    # suspended"), and parked once they come due again.
     assert len(tried) == 2
-    assert scheduler.schedule.counts()["parked"] == messages - 2
     assert scheduler.schedule.is_dead("down.example")
-    untouched = store.envelopes / "M00000000039.json"
+    last = store.load("M00000000039").recipients[0]
+    assert last.state == "deferred" and last.last_error is not None
+    assert last.last_error.startswith("delivery temporarily suspended: ")
     for probe in range(1, 4):
         clock.now += interval + 1
         scheduler.poke()
         await scheduler.idle()
         assert len(tried) == 2 + probe  # one probe per interval
-    assert not untouched.exists() or store.load("M00000000039").recipients[0].attempts <= 1
+    # Every message but the three probes (waiting their own retry) is parked.
+    assert scheduler.schedule.counts()["parked"] == messages - 3
+    assert store.load("M00000000039").recipients[0].attempts == 1  # parked: not again
     sink = sinks(port)
     clock.now += interval + 1
     scheduler.poke()
@@ -299,7 +305,7 @@ async def test_parked_mail_past_its_lifetime_still_bounces(tmp_path: Path) -> No
     """A destination that never comes back cannot keep mail forever: a parked message
     past give_up_after is attempted (untried on the wire) and bounced."""
     store = QueueStore(tmp_path / "queue")
-    write_queue(store, [envelope(f"M{n:011d}", f"u{n}@down.example", sender="")
+    write_queue(store, [envelope(f"M{n:011d}", f"u{n}@down.example", sender="", tried=True)
                         for n in range(5)])
 
     async def refused(env: Envelope, rs: list[Recipient], c: Content) -> list[DeliveryResult]:
@@ -390,7 +396,8 @@ async def test_concurrent_deferrals_share_their_writes(
 @async_test
 async def test_a_probe_wake_up_reads_one_envelope(tmp_path: Path) -> None:
     store = QueueStore(tmp_path / "queue")
-    write_queue(store, [envelope(f"M{n:011d}", f"u{n}@down.example") for n in range(1000)])
+    write_queue(store, [envelope(f"M{n:011d}", f"u{n}@down.example", tried=True)
+                        for n in range(1000)])
 
     async def refused(env: Envelope, rs: list[Recipient], c: Content) -> list[DeliveryResult]:
         return [DeliveryResult(r.address, "temporary", "4.4.1", "Connection refused")

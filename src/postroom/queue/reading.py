@@ -49,7 +49,7 @@ def entry_of(envelope: Envelope) -> Entry:
     """The schedule's entry for an envelope."""
     pending = [r.address for r in envelope.recipients if not r.final]
     return Entry(envelope.next_attempt, envelope.created, destination_of(pending),
-                 envelope.held)
+                 envelope.held, tried=any(r.attempts for r in envelope.recipients))
 
 
 class EnvelopeReader:

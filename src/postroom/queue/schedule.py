@@ -15,7 +15,8 @@ one of them finishes. A domain whose hosts did not answer (`destination_result`
 with down=True) is dead until `probe_interval` has passed, as Postfix's queue
 manager marks a destination dead and throttles it: its due messages are
 parked, with no attempt and no write, and once per interval one parked
-message is tried as a probe. When a probe (or any delivery there) gets an
+message is tried as a probe. (A message never tried yet is deferred untried
+instead, once, so that the queue says why it waits.) When a probe (or any delivery there) gets an
 answer, the domain is alive again and all its parked messages move to its
 ready line, which they leave at the domain's concurrency. A parked message
 past its queue lifetime is still attempted, so that it bounces
@@ -48,13 +49,15 @@ TAKE_BUDGET = 2000
 class Entry:
     """What scheduling needs of one queued message (a few dozen octets)."""
 
-    __slots__ = ("created", "dest", "held", "next_attempt", "where")
+    __slots__ = ("created", "dest", "held", "next_attempt", "tried", "where")
 
-    def __init__(self, next_attempt: float, created: float, dest: str, held: bool) -> None:
+    def __init__(self, next_attempt: float, created: float, dest: str, held: bool,
+                 tried: bool = True) -> None:
         self.next_attempt = next_attempt
         self.created = created
         self.dest = dest  # the domain of its first pending recipient, interned
         self.held = held
+        self.tried = tried  # attempted at least once (a new message is not)
         self.where = WAITING
 
 
@@ -229,15 +232,21 @@ class Schedule:
                 and now - entry.created > self._give_up)
 
     def _dispatch(self, queue_id: str, entry: Entry, now: float, started: list[str]) -> None:
-        """A due entry: attempt it, probe with it, park it, or line it up."""
+        """A due entry: attempt it, probe with it, park it, or line it up.
+
+        A message never tried that meets a dead destination is attempted all the
+        same, and its delivery deferred untried (`suspended`), as Postfix defers
+        it with "delivery temporarily suspended": the queue then says why it
+        waits, and it waits its own retry interval before it is parked."""
         dest = self._destination(entry.dest)
         if dest.dead and now - entry.created <= self._give_up:
             if dest.probing is None and now >= dest.dead_until:
                 self._start(queue_id, entry, dest, started, probe=True)
-            else:
+                return
+            if entry.tried:
                 entry.where = PARKED
                 dest.parked.append(queue_id)
-            return
+                return
         if dest.active >= self._limit:
             entry.where = READY
             dest.ready.append(queue_id)
