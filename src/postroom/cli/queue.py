@@ -210,6 +210,7 @@ def _queue_flush(args: argparse.Namespace, ctx: Context) -> int:
             raise _Held(env.queue_id)  # before the write: the envelope stays as it is
         env.next_attempt = 0.0
 
+    told: str | None = None  # the running server took a flush of everything
     if args.queue_id:
         try:
             store.update(args.queue_id, now_please)
@@ -219,11 +220,12 @@ def _queue_flush(args: argparse.Namespace, ctx: Context) -> int:
         what = args.queue_id
     else:
         told = _flush_running_server(ctx)
-        if told is not None:
-            ctx.say(f"flushed every message (held ones stay held); {told}")
-            return 0
         count = held = 0
         for env in store.scan():  # skips (and logs) unreadable envelopes
+            if told is not None:  # the server flushes in memory: only count
+                held += env.held
+                count += not env.held
+                continue
             try:
                 store.update(env.queue_id, now_please)
                 count += 1
@@ -235,7 +237,8 @@ def _queue_flush(args: argparse.Namespace, ctx: Context) -> int:
         if held:
             what += (f" ({held} held, left alone: `{PROG} queue release ID` "
                      "lets one be tried)")
-    ctx.say(f"flushed {what}{_poke_server(ctx, args.queue_id or None)}")
+    words = f"; {told}" if told is not None else _poke_server(ctx, args.queue_id or None)
+    ctx.say(f"flushed {what}{words}")
     return 0
 
 
