@@ -329,7 +329,8 @@ def tell_server_in_words(data_dir: str | os.PathLike[str], request: bytes = RESC
     try:
         answer = tell_server(data_dir, request=request)
     except ControlError as exc:
-        return f"could not tell the server ({exc}); it reads the queue again within a minute"
+        return (f"could not tell the server ({exc}); it finds new messages within five "
+                "minutes, and a message's changes when it next tries it")
     if answer is None:
         return "the server is not running"
     if answer.stopping:
