@@ -266,10 +266,12 @@ async def test_a_dead_destination_is_probed_once_per_interval_then_all_go(
                                                   probe_interval=interval), clock=clock)
     task = asyncio.create_task(scheduler.run())
     await scheduler.idle()
-    # The first attempts (as many as the destination's concurrency) find it dead;
-    # the rest are deferred without a connection ("delivery temporarily
-    # suspended"), and parked once they come due again.
-    assert len(tried) == 2
+    # The first attempts (at most the destination's concurrency: the second may
+    # start after the first found it dead) find it dead; the rest are deferred
+    # without a connection ("delivery temporarily suspended"), and parked once
+    # they come due again.
+    first = len(tried)
+    assert 1 <= first <= 2
     assert scheduler.schedule.is_dead("down.example")
     last = store.load("M00000000039").recipients[0]
     assert last.state == "deferred" and last.last_error is not None
@@ -278,7 +280,7 @@ async def test_a_dead_destination_is_probed_once_per_interval_then_all_go(
         clock.now += interval + 1
         scheduler.poke()
         await scheduler.idle()
-        assert len(tried) == 2 + probe  # one probe per interval
+        assert len(tried) == first + probe  # one probe per interval
     # Every message but the three probes (waiting their own retry) is parked.
     assert scheduler.schedule.counts()["parked"] == messages - 3
     assert store.load("M00000000039").recipients[0].attempts == 1  # parked: not again
