@@ -24,6 +24,9 @@ The request is one line, the answer one line (both ASCII, CRLF or LF):
 
     rescan  ->  "ok PID"        the server reads the queue folder again
             ->  "stopping PID"  it is draining: it starts no delivery
+    wake ID ->  "ok PID"        the server reads that message's envelope again and
+                                tries it now (queued, flushed, held, released, deleted)
+    flush   ->  "ok PID"        every message is tried now (`postqueue -f`)
     other   ->  "error unknown request"
 
 Worker processes tell their primary with SIGUSR1 (`wake_parent`), sent only
@@ -46,12 +49,16 @@ CONTROL_SOCKET = "postroom.ctl"  # in the data folder: the running server's cont
 # How long a client waits for the server's answer: a server busy relaying answers
 # between two event-loop callbacks, one starting up once its loop runs.
 CONTROL_TIMEOUT = 10.0
-MAX_REQUEST = 64  # octets: the longest request line the server reads
+# Octets: the longest request line the server reads ("wake " and a queue ID of
+# at most 64 characters, postroom.queue.store).
+MAX_REQUEST = 80
 CONTROL_BACKLOG = 16  # clients waiting to be answered at once (listen(2))
 # unix(7): sun_path holds 108 octets with the terminating NUL; a longer path is
 # reached through the folder's descriptor in /proc/self/fd.
 SUN_PATH_MAX = 107
 RESCAN = b"rescan"
+FLUSH = b"flush"
+WAKE = b"wake "  # followed by a queue ID
 
 
 class AlreadyRunning(Exception):
@@ -199,13 +206,25 @@ def _listen(path: Path) -> socket.socket:
 
 
 async def serve_control(
-    lock: ServerLock, rescan: Callable[[], None], stopping: Callable[[], bool]
+    lock: ServerLock, rescan: Callable[[], None], stopping: Callable[[], bool],
+    wake: Callable[[str | None], None] | None = None,
 ) -> asyncio.AbstractServer:
     """Answer requests on the lock's control socket until the returned server is closed.
 
-    `rescan` makes the server read its queue folder again; while `stopping()`
-    says so, requests are answered "stopping" and change nothing.
+    `rescan` makes the server read its queue folder again; `wake(ID)` reads one
+    message again and tries it now, `wake(None)` tries every message now (without
+    `wake`, both rescan). While `stopping()` says so, requests are answered
+    "stopping" and change nothing.
     """
+
+    def act(request: bytes) -> None:
+        """Do what a known request asks."""
+        if request == RESCAN or wake is None:
+            rescan()
+        elif request == FLUSH:
+            wake(None)
+        else:  # the scheduler ignores an ID that names no queued message
+            wake(request[len(WAKE):].decode("ascii", "replace"))
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One request, one answer, then the connection closes."""
@@ -214,12 +233,14 @@ async def serve_control(
         except (ValueError, ConnectionError):  # a line longer than MAX_REQUEST, or gone
             request = b""
         pid = os.getpid()
-        if request != RESCAN:
+        known = request in (RESCAN, FLUSH) or (request.startswith(WAKE)
+                                                and len(request) > len(WAKE))
+        if not known:
             reply = "error unknown request"
         elif stopping():
             reply = f"stopping {pid}"
         else:
-            rescan()
+            act(request)
             reply = f"ok {pid}"
         writer.write(reply.encode("ascii") + b"\n")
         writer.close()
@@ -233,9 +254,11 @@ async def serve_control(
 
 
 def tell_server(
-    data_dir: str | os.PathLike[str], timeout: float = CONTROL_TIMEOUT
+    data_dir: str | os.PathLike[str], timeout: float = CONTROL_TIMEOUT,
+    request: bytes = RESCAN,
 ) -> Answer | None:
-    """Ask the server running on `data_dir` to read its queue folder again.
+    """Ask the server running on `data_dir` to read its queue folder again (or what
+    `request` asks: `wake_request(ID)`, FLUSH).
 
     None when no server listens (none runs; a starting one reads the folder
     when it starts). ControlError when one listens but no proper answer comes
@@ -255,7 +278,7 @@ def tell_server(
             raise ControlError(f"cannot reach the server at {path}: "
                                f"{exc.strerror or exc}") from exc
         try:
-            sock.sendall(RESCAN + b"\n")
+            sock.sendall(request + b"\n")
             answer = b""
             while b"\n" not in answer and len(answer) <= MAX_REQUEST:
                 chunk = sock.recv(MAX_REQUEST)
@@ -296,12 +319,18 @@ def wake_parent(primary: int) -> None:
             os.close(handle)
 
 
-def tell_server_in_words(data_dir: str | os.PathLike[str]) -> str:
+def wake_request(queue_id: str) -> bytes:
+    """The request that makes the server read message `queue_id` again and try it now."""
+    return WAKE + queue_id.encode("ascii")
+
+
+def tell_server_in_words(data_dir: str | os.PathLike[str], request: bytes = RESCAN) -> str:
     """`tell_server`, and what came of it as words for a command's output."""
     try:
-        answer = tell_server(data_dir)
+        answer = tell_server(data_dir, request=request)
     except ControlError as exc:
-        return f"could not tell the server ({exc}); it reads the queue again within a minute"
+        return (f"could not tell the server ({exc}); it finds new messages within five "
+                "minutes, and a message's changes when it next tries it")
     if answer is None:
         return "the server is not running"
     if answer.stopping:

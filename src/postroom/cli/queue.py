@@ -21,7 +21,16 @@ def add_queue(sub: Subparsers, common: argparse.ArgumentParser) -> None:
                    "Messages waiting for delivery to other hosts: why each waits and when it "
                    "is tried next. Changes reach a running server at once (through its "
                    "control socket, DATA/postroom.ctl).")
-    action("list", _queue_list, "one line per queued message")
+    listing = action("list", _queue_list, "one line per queued message",
+                     description="One line per queued message, read from disk as it is "
+                     "printed (in the folder's order, sorted by queue ID within each "
+                     f"batch of {_LIST_BATCH}): the first line comes at once and memory "
+                     "stays the same however long the queue.")
+    listing.add_argument("--summary", action="store_true",
+                         help="pending recipients by destination domain and by age in "
+                         "minutes, like Postfix's qshape")
+    listing.add_argument("--top", type=int, metavar="N",
+                         help="with --summary: only the N busiest domains")
     action("show", _queue_show, "a message's envelope and recipients").add_argument(
         "queue_id", metavar="ID")
     action("flush", _queue_flush, "try a message (or every message) now").add_argument(
@@ -65,35 +74,71 @@ def _next_try(envelope: Envelope, now: float) -> str:
     return f"in {_human_age(envelope.next_attempt - now)}"
 
 
-# `queue list` columns: heading, and whether values are right-aligned (numbers).
-_LIST_COLUMNS = (("QUEUE ID", False), ("AGE", True), ("SIZE", True), ("SENDER", False),
-                 ("RECIPIENTS", False), ("NEXT TRY", False), ("LAST ERROR", False))
+# `queue list` columns: heading, width, and whether values are right-aligned
+# (numbers). Widths are fixed, since lines are printed as they are read; a longer
+# value pushes the rest of its line right.
+_LIST_COLUMNS = (("QUEUE ID", 12, False), ("AGE", 7, True), ("SIZE", 6, True),
+                 ("SENDER", 32, False), ("RECIPIENTS", 13, False), ("NEXT TRY", 10, False),
+                 ("LAST ERROR", 0, False))
 _LIST_ERROR_WIDTH = 60  # characters of the last error shown; `queue show` has it whole
+# Queue files read (and sorted) before their lines are printed: a few milliseconds'
+# work, so the first line comes at once and memory does not grow with the queue.
+_LIST_BATCH = 1000
+
+
+def _row(values: tuple[str, ...]) -> str:
+    cells = [value.rjust(width) if right else value.ljust(width)
+             for value, (_heading, width, right) in zip(values, _LIST_COLUMNS, strict=True)]
+    return "  ".join(cells).rstrip()
+
+
+def _list_line(env: Envelope, now: float) -> str:
+    errors = [r.last_error for r in env.pending() if r.last_error]
+    error = " ".join(errors[0].split()) if errors else ""
+    if len(error) > _LIST_ERROR_WIDTH:
+        error = error[:_LIST_ERROR_WIDTH - 3] + "..."
+    return _row((env.queue_id, _human_age(now - env.created), _human_size(env.size),
+                 f"<{env.sender}>", f"{len(env.pending())}/{len(env.recipients)} pending",
+                 _next_try(env, now), f"({error})" if error else ""))
 
 
 def _queue_list(args: argparse.Namespace, ctx: Context) -> int:
+    import itertools
     import time
 
-    envelopes = _queue_store(ctx).list()
-    if not envelopes:
+    store = _queue_store(ctx)
+    now = time.time()
+    if args.summary:
+        return _queue_summary(ctx, store, now, args.top)
+    names = store.scan_ids()
+    count = 0
+    while batch := sorted(itertools.islice(names, _LIST_BATCH)):
+        lines = [_list_line(env, now) for env in map(store.try_load, batch) if env is not None]
+        if lines and not count:
+            ctx.say(_row(tuple(heading for heading, _width, _right in _LIST_COLUMNS)))
+        count += len(lines)
+        if lines:
+            ctx.say("\n".join(lines))
+    if not count:
+        ctx.say("the queue is empty")
+    return 0
+
+
+def _queue_summary(ctx: Context, store: QueueStore, now: float, top: int | None) -> int:
+    from postroom.queue.shape import shape_of
+
+    shape = shape_of(store.scan(), now)
+    if not shape.messages:
         ctx.say("the queue is empty")
         return 0
-    now = time.time()
-    rows = [tuple(heading for heading, _right in _LIST_COLUMNS)]
-    for env in envelopes:
-        errors = [r.last_error for r in env.pending() if r.last_error]
-        error = " ".join(errors[0].split()) if errors else ""
-        if len(error) > _LIST_ERROR_WIDTH:
-            error = error[:_LIST_ERROR_WIDTH - 3] + "..."
-        rows.append((env.queue_id, _human_age(now - env.created), _human_size(env.size),
-                     f"<{env.sender}>", f"{len(env.pending())}/{len(env.recipients)} pending",
-                     _next_try(env, now), f"({error})" if error else ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_LIST_COLUMNS))]
-    for row in rows:
-        cells = [value.rjust(width) if right else value.ljust(width)
-                 for value, width, (_heading, right) in zip(row, widths, _LIST_COLUMNS,
-                                                            strict=True)]
-        ctx.say("  ".join(cells).rstrip())
+    table = shape.table(top)
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        ctx.say(" ".join([line[0].rjust(widths[0])]
+                         + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:],
+                                                                     strict=True)]))
+    ctx.say(f"({shape.messages} message{'s' if shape.messages != 1 else ''}; pending "
+            "recipients by destination domain and age in minutes)")
     return 0
 
 
@@ -143,10 +188,12 @@ def _queue_show(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-def _poke_server(ctx: Context) -> str:
-    from postroom.control import tell_server_in_words
+def _poke_server(ctx: Context, queue_id: str | None) -> str:
+    """Tell the running server that message `queue_id` changed (None: flush them all)."""
+    from postroom.control import FLUSH, tell_server_in_words, wake_request
 
-    return "; " + tell_server_in_words(ctx.config.data_dir)
+    request = FLUSH if queue_id is None else wake_request(queue_id)
+    return "; " + tell_server_in_words(ctx.config.data_dir, request)
 
 
 class _Held(Exception):
@@ -163,6 +210,7 @@ def _queue_flush(args: argparse.Namespace, ctx: Context) -> int:
             raise _Held(env.queue_id)  # before the write: the envelope stays as it is
         env.next_attempt = 0.0
 
+    told: str | None = None  # the running server took a flush of everything
     if args.queue_id:
         try:
             store.update(args.queue_id, now_please)
@@ -171,8 +219,13 @@ def _queue_flush(args: argparse.Namespace, ctx: Context) -> int:
                              f"`{PROG} queue release {args.queue_id}`") from None
         what = args.queue_id
     else:
+        told = _flush_running_server(ctx)
         count = held = 0
-        for env in store.list():  # skips (and logs) unreadable envelopes
+        for env in store.scan():  # skips (and logs) unreadable envelopes
+            if told is not None:  # the server flushes in memory: only count
+                held += env.held
+                count += not env.held
+                continue
             try:
                 store.update(env.queue_id, now_please)
                 count += 1
@@ -184,15 +237,32 @@ def _queue_flush(args: argparse.Namespace, ctx: Context) -> int:
         if held:
             what += (f" ({held} held, left alone: `{PROG} queue release ID` "
                      "lets one be tried)")
-    ctx.say(f"flushed {what}{_poke_server(ctx)}")
+    words = f"; {told}" if told is not None else _poke_server(ctx, args.queue_id or None)
+    ctx.say(f"flushed {what}{words}")
     return 0
+
+
+def _flush_running_server(ctx: Context) -> str | None:
+    """Ask the running server to try every message now, as `postqueue -f` asks Postfix's
+    queue manager: it does so in memory, and nothing is written per message. None when
+    no server took the request: the flush is then written into each envelope, for the
+    next server to find."""
+    from postroom.control import FLUSH, ControlError, tell_server
+
+    try:
+        answer = tell_server(ctx.config.data_dir, request=FLUSH)
+    except ControlError:
+        return None
+    if answer is None or answer.stopping:
+        return None
+    return f"told the server (pid {answer.pid})"
 
 
 def _queue_change(args: argparse.Namespace, ctx: Context) -> int:
     store = _queue_store(ctx)
     if args.action == "delete":
         store.remove(args.queue_id)
-        ctx.say(f"deleted {args.queue_id}{_poke_server(ctx)}")
+        ctx.say(f"deleted {args.queue_id}{_poke_server(ctx, args.queue_id)}")
         return 0
     held = args.action == "hold"
 
@@ -200,5 +270,6 @@ def _queue_change(args: argparse.Namespace, ctx: Context) -> int:
         env.held = held
 
     store.update(args.queue_id, set_held)
-    ctx.say(f"{'held' if held else 'released'} {args.queue_id}{_poke_server(ctx)}")
+    ctx.say(f"{'held' if held else 'released'} {args.queue_id}"
+            f"{_poke_server(ctx, args.queue_id)}")
     return 0

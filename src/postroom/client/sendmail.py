@@ -55,7 +55,7 @@ from typing import BinaryIO, TextIO
 
 from postroom.canonical import canonical
 from postroom.config import Config, ConfigError, load_config, postmaster_address
-from postroom.control import ControlError, tell_server, tell_server_in_words
+from postroom.control import ControlError, tell_server, tell_server_in_words, wake_request
 from postroom.ids import new_queue_id
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.store import QueueStore
@@ -432,9 +432,9 @@ def main(
         where = f": {e.filename}" if e.filename else ""
         return fail(EX_TEMPFAIL, f"cannot queue the message: {e.strerror or e}{where}")
     if opts.verbose:
-        told = tell_server_in_words(config.data_dir)
+        told = tell_server_in_words(config.data_dir, wake_request(envelope.queue_id))
         print(f"{PROG}: queued as {envelope.queue_id}; {told}", file=err)
     else:
         with contextlib.suppress(ControlError):  # queued: the server finds it later
-            tell_server(config.data_dir)
+            tell_server(config.data_dir, request=wake_request(envelope.queue_id))
     return EX_OK

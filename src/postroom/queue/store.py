@@ -110,6 +110,7 @@ class QueueStore:
         self.dir = Path(queue_dir)
         self.messages = self.dir / MESSAGES
         self.envelopes = self.dir / ENVELOPES
+        self._messages_str, self._envelopes_str = str(self.messages), str(self.envelopes)
         self._thread_lock = threading.RLock()
         self._depth = 0  # nesting of locked() in the thread that holds _thread_lock
         self._reported: set[tuple[str, int, int]] = set()  # corrupt files already logged
@@ -167,16 +168,20 @@ class QueueStore:
         The envelope file when there is one (it is newer), else the queue
         file's first line; `size` is then the message's, measured on the file.
         """
-        path = self.envelope_path(queue_id)
+        # Paths as strings: a pathlib.Path interns each part of every name it parses,
+        # and a listing of the whole queue reads every envelope.
+        path = os.path.join(self._envelopes_str, check_queue_id(queue_id) + ENVELOPE_SUFFIX)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as file:
+                data = file.read()
         except FileNotFoundError:
             pass
         else:
             return self._parse(path, data, queue_id)
         fd, line, size = self._open_queue_file(queue_id)
         os.close(fd)
-        envelope = self._parse(self.message_path(queue_id), line[len(ENVELOPE_TAG):], queue_id)
+        envelope = self._parse(os.path.join(self._messages_str, queue_id),
+                               line[len(ENVELOPE_TAG):], queue_id)
         envelope.size = size
         return envelope
 
@@ -188,7 +193,7 @@ class QueueStore:
 
     def _open_queue_file(self, queue_id: str) -> tuple[int, bytes, int]:
         """The queue file open for reading, its envelope line and the message's size."""
-        path = self.message_path(queue_id)
+        path = os.path.join(self._messages_str, check_queue_id(queue_id))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -204,7 +209,7 @@ class QueueStore:
             os.close(fd)
             raise
 
-    def _parse(self, path: Path, data: bytes, queue_id: str) -> Envelope:
+    def _parse(self, path: str, data: bytes, queue_id: str) -> Envelope:
         try:
             envelope = Envelope.from_json(data)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -221,22 +226,44 @@ class QueueStore:
             return []
         return sorted(name for name in names if _ID.fullmatch(name))
 
+    def scan_ids(self) -> Iterator[str]:
+        """The queue IDs that have a queue file, in the folder's order, as they are read:
+        constant memory however many there are (`ids` sorts them all first)."""
+        try:
+            with os.scandir(self.messages) as entries:
+                for entry in entries:
+                    if _ID.fullmatch(entry.name):
+                        yield entry.name
+        except FileNotFoundError:
+            return
+
+    def scan(self) -> Iterator[Envelope]:
+        """Every readable envelope, in the folder's order, one at a time (a corrupt one is
+        skipped and logged, as by `list`): what a command that streams the queue reads."""
+        for queue_id in self.scan_ids():
+            envelope = self.try_load(queue_id)
+            if envelope is not None:
+                yield envelope
+
+    def try_load(self, queue_id: str) -> Envelope | None:
+        """`load`, or None when the message is gone or cannot be read (logged once)."""
+        try:
+            return self.load(queue_id)
+        except NotQueued:
+            return None  # removed while we listed
+        except CorruptEnvelope as e:
+            self._report(self.message_path(queue_id), str(e))
+        except OSError as e:
+            self._report(self.message_path(queue_id), f"{queue_id}: {e}")
+        return None
+
     def list(self) -> list[Envelope]:
         """Every readable envelope, oldest first.
 
         A corrupt file is skipped and logged (once per version of the file),
         never raised: one bad file must not stop the delivery of the rest.
         """
-        result = []
-        for queue_id in self.ids():
-            try:
-                result.append(self.load(queue_id))
-            except NotQueued:
-                continue  # removed while we listed
-            except CorruptEnvelope as e:
-                self._report(self.message_path(queue_id), str(e))
-            except OSError as e:
-                self._report(self.message_path(queue_id), f"{queue_id}: {e}")
+        result = [e for e in map(self.try_load, self.ids()) if e is not None]
         result.sort(key=lambda e: (e.created, e.queue_id))
         return result
 
@@ -267,13 +294,49 @@ class QueueStore:
             self._write_envelope(envelope)
             return envelope
 
-    def _write_envelope(self, envelope: Envelope) -> None:
+    def update_many(
+        self, changes: builtins.list[tuple[str, Callable[[Envelope], object]]]
+    ) -> builtins.list[Envelope | BaseException]:
+        """`update` for several messages under one lock, with one sync of the envelope
+        folder for all of them (a group commit); per change, the envelope written or
+        the exception that stopped it (NotQueued among them).
+
+        Each new envelope file is data-synced before it takes its name, so a name
+        never holds a torn file. The folder is synced once at the end: a crash
+        before that may bring back a message's previous envelope, which is always
+        one the queue wrote before, for a message still queued (the queue file,
+        the commit record, is not touched here). For a deferral that means an
+        earlier retry, and for a result already acted on a delivery or notice
+        made again: at least once, never lost (the module's invariants).
+        """
+        results: builtins.list[Envelope | BaseException] = []
+        written = False
+        with self.locked():
+            for queue_id, change in changes:
+                try:
+                    envelope = self.load(queue_id)
+                    if not self.message_path(queue_id).exists():
+                        raise NotQueued(queue_id)
+                    change(envelope)
+                    self._write_envelope(envelope, sync_dir=False)
+                    written = True
+                    results.append(envelope)
+                except (QueueError, OSError) as e:
+                    results.append(e)
+            if written:
+                try:
+                    durable.sync_dir(self.envelopes)
+                except OSError as e:
+                    results = [e if isinstance(r, Envelope) else r for r in results]
+        return results
+
+    def _write_envelope(self, envelope: Envelope, *, sync_dir: bool = True) -> None:
         path = self.envelope_path(envelope.queue_id)
         try:
-            atomic_write(path, envelope.to_json())
+            atomic_write(path, envelope.to_json(), sync_dir=sync_dir)
         except FileNotFoundError:  # the folder was removed under us: make it again
             self.make_folders(again=True)
-            atomic_write(path, envelope.to_json())
+            atomic_write(path, envelope.to_json(), sync_dir=sync_dir)
 
     def remove(self, queue_id: str) -> None:
         """Delete a message: its queue file first (the commit), then its envelope file.

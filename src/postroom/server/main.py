@@ -68,7 +68,7 @@ DRAIN_GRACE_SECONDS = 30.0
 
 # SIGHUP would mean "reload"; until there is one it stops the server as SIGTERM does.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)  # SIGUSR1: rescan the queue folder
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)  # SIGUSR1: look for unannounced queue files
 # How often the mailboxes are swept for what killed deliveries left (Maildir tmp/
 # folders), after the sweep at start (Dovecot's MAILDIR_TMP_SCAN_SECS is 8 hours too).
 MAILBOX_SWEEP_SECONDS = 8 * 3600.0
@@ -339,11 +339,12 @@ async def serve(config: Config, process: Process) -> int:
         loop.add_signal_handler(sig, stop_on, sig)
     control: asyncio.AbstractServer | None = None
     # A worker whose channel to the primary is full (server.workers) signals it.
-    loop.add_signal_handler(signal.SIGUSR1, running.relay.rescan if primary else lambda: None)
+    loop.add_signal_handler(signal.SIGUSR1, running.relay.recover if primary else lambda: None)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # held back by run()
     if primary:
         if process.lock is not None:  # `postroom queue` and `postroom sendmail` ask here
-            control = await serve_control(process.lock, running.relay.rescan, stop.is_set)
+            control = await serve_control(process.lock, running.relay.rescan, stop.is_set,
+                                          running.relay.wake)
         log.info("postroom ready: hostname=%s, data=%s, processes=%d", config.hostname,
                  config.data_dir, 1 + len(process.children))
     try:

@@ -130,8 +130,10 @@ class Relay:
         else:
             self.scheduler.wake(envelope.queue_id, envelope=envelope)
 
-    def wake(self, queue_id: str) -> None:
-        """A worker queued `queue_id` (see server/workers.py): read it and try it now."""
+    def wake(self, queue_id: str | None) -> None:
+        """A worker, `postroom sendmail` or `postroom queue` queued or changed `queue_id`
+        (server/workers.py, the control socket): read it and try it now; None: try
+        every message now (`postroom queue flush`)."""
         self.scheduler.wake(queue_id)
 
     # -- what SMTP sessions call for local recipients ---------------------------------
@@ -198,8 +200,13 @@ class Relay:
             self._task = asyncio.get_running_loop().create_task(self.scheduler.run())
 
     def rescan(self) -> None:
-        """The CLI or `postroom sendmail` changed the queue folder (SIGUSR1)."""
+        """Read the whole queue folder again (the control socket's "rescan")."""
         self.scheduler.rescan()
+
+    def recover(self) -> None:
+        """A worker's notifications may have been lost (SIGUSR1, server/workers.py): look
+        for the messages the scheduler has not heard of."""
+        self.scheduler.recover()
 
     async def stop(self) -> None:
         """Start nothing new; let deliveries in flight finish; close idle SMTP sessions."""

@@ -10,13 +10,16 @@ from pathlib import Path
 from postroom.store import durable
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+def atomic_write(
+    path: str | os.PathLike[str], data: bytes, mode: int = 0o600, *, sync_dir: bool = True
+) -> None:
     """Replace `path` with `data` durably (postroom.store.durable's steps).
 
     Writes a temporary file in the same folder (so the rename stays on one
     filesystem), syncs it, renames it over `path` and syncs the folder.
     `mode` is applied before the rename, so the file never exists with looser
-    permissions than asked for, whatever the umask.
+    permissions than asked for, whatever the umask. `sync_dir=False`: the caller
+    syncs the folder itself, once for a batch of files.
     """
     target = Path(path)
     directory = target.parent
@@ -40,4 +43,5 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    durable.sync_dir(directory)
+    if sync_dir:
+        durable.sync_dir(directory)
