@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import logging
+
 import pytest
 from dnszone import TIMEOUT, TestDNS, serve_dns
 from signing import rsa_key, sign
@@ -38,7 +40,10 @@ ZONE = {
     ("relay.sender.test", "A"): ["127.0.0.1"],
     ("slow.test", "TXT"): ["v=spf1 ip4:127.0.0.1 -all"],
     ("_dmarc.slow.test", "TXT"): [TIMEOUT],
+    ("bad64._domainkey.sender.test", "TXT"): ["v=DKIM1; k=rsa; p=@@not*base64@@"],
 }
+for _i in range(10_000):  # huge0.test includes huge1.test ... huge9999.test
+    ZONE[(f"huge{_i}.test", "TXT")] = [f"v=spf1 include:huge{_i + 1}.test -all"]
 
 
 def message(sender: str, subject: str = "hello", body: bytes = b"Hello.\r\n",
@@ -241,3 +246,27 @@ def test_enforce_off_only_records(tmp_path: Path, dns_server: TestDNS) -> None:
     assert code == 250
     [msg] = folder(tmp_path, "boss@corp.example")
     assert "dmarc=fail" in msg["Authentication-Results"]
+
+
+def test_bad_input_gives_defined_results_a_log_line_and_no_traceback(
+        tmp_path: Path, dns_server: TestDNS, caplog: pytest.LogCaptureFixture) -> None:
+    bad = (b"DKIM-Signature: this is ;; not = a tag list ===\r\n"
+           b"DKIM-Signature: v=1; a=rsa-sha256; d=sender.test; s=bad64; h=from;\r\n"
+           b" bh=AAAA; b=AAAA\r\n")
+    caplog.set_level(logging.INFO, logger="postroom")
+
+    async def go() -> tuple[int, bytes]:
+        async with mx(tmp_path, dns_server) as server:
+            return await asyncio.to_thread(send, server, "x@huge0.test",
+                                           bad + message("x@huge0.test", "odd"))
+    code, _text = run(go())  # type: ignore[misc]
+    assert code == 250
+    [msg] = folder(tmp_path, "boss@corp.example")
+    ar = " ".join(msg["Authentication-Results"].split())
+    assert "spf=permerror" in ar and "DNS-querying terms" in ar
+    assert ar.count("dkim=permerror") == 2
+    assert "malformed signature" in ar and "bad64._domainkey.sender.test unusable" in ar
+    assert "dmarc=none" in ar
+    lines = [r for r in caplog.records if "auth:" in r.getMessage()]
+    assert len(lines) == 1 and "dkim=permerror" in lines[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]

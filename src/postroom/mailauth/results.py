@@ -30,7 +30,9 @@ def value(text: str) -> str:
 
 
 def comment(text: str) -> str:
-    """`text` as a comment: characters a comment cannot hold become "?"."""
+    """`text` as a comment (RFC 5322 3.2.2): parentheses become brackets, and what a
+    comment cannot hold (backslash, control, non-ASCII) becomes "?"."""
+    text = text.replace("(", "[").replace(")", "]")
     return "(" + _UNSAFE_COMMENT.sub("?", text)[:200] + ")" if text else ""
 
 
