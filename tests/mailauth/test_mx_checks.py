@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import email
+import logging
 import smtplib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-
-import logging
 
 import pytest
 from dnszone import TIMEOUT, TestDNS, serve_dns
