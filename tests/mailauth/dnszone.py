@@ -93,8 +93,8 @@ class _TCP(socketserver.ThreadingTCPServer):
 
 
 @contextmanager
-def serve_dns(records: Records | None = None) -> Iterator[TestDNS]:
-    """A running server on 127.0.0.1:`.port` (UDP and TCP)."""
+def serve_dns(records: Records | None = None, port: int = 0) -> Iterator[TestDNS]:
+    """A running server on 127.0.0.1:`.port` (UDP and TCP; `port` 0: a free one)."""
     zone = TestDNS(records)
 
     class UDPHandler(socketserver.BaseRequestHandler):
@@ -121,7 +121,7 @@ def serve_dns(records: Records | None = None) -> Iterator[TestDNS]:
             if out is not None:
                 conn.sendall(struct.pack("!H", len(out)) + out)
 
-    udp = _UDP(("127.0.0.1", 0), UDPHandler)
+    udp = _UDP(("127.0.0.1", port), UDPHandler)
     zone.port = udp.server_address[1]
     tcp = _TCP(("127.0.0.1", zone.port), TCPHandler)
     threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05},
