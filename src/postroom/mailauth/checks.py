@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import ipaddress
 import logging
 import random
@@ -146,22 +147,29 @@ class MessageChecks:
         fields = self._content.fields
         if fields is None:
             return [], "header section unreadable"
-        values = [v for n, v in fields if n.lower() == b"from"]
+        values = tuple(v for n, v in fields if n.lower() == b"from")
         if not values:
             return [], "no From field"
-        domains: list[str] = []
-        text = [v.decode("utf-8", "replace").replace("\r\n", "") for v in values]
-        for _name, address in email.utils.getaddresses(text):
-            domain = address.rpartition("@")[2].strip().rstrip(">")
-            try:
-                domain = canonical_domain(domain)
-            except ValueError:
-                continue
-            if domain not in domains:
-                domains.append(domain)
+        domains = _from_domains(values)
         if not domains:
             return [], "no usable From domain"
-        return domains, ""
+        return list(domains), ""
+
+
+@functools.lru_cache(maxsize=1024)  # bulk mail repeats its From field
+def _from_domains(values: tuple[bytes, ...]) -> tuple[str, ...]:
+    """The distinct domains of the addresses in From field values."""
+    domains: list[str] = []
+    text = [v.decode("utf-8", "replace").replace("\r\n", "") for v in values]
+    for _name, address in email.utils.getaddresses(text):
+        domain = address.rpartition("@")[2].strip().rstrip(">")
+        try:
+            domain = canonical_domain(domain)
+        except ValueError:
+            continue
+        if domain not in domains:
+            domains.append(domain)
+    return tuple(domains)
 
 
 def _iprev_method(r: IPRevResult) -> str:

@@ -352,6 +352,8 @@ def parse_header_fields(header_section: bytes) -> list[tuple[bytes, bytes]] | No
         return None
 
 
+_SIGNED = re.compile(rb"^(?:dkim-signature|arc-)", re.IGNORECASE | re.MULTILINE)
+
 # The header section kept for verification and DMARC's From; a longer one is not
 # verified. As server.headers.MAX_HEADER_CAPTURE: far past any real header section.
 MAX_HEADER_SECTION = 256 * 1024
@@ -394,6 +396,9 @@ class MessageVerifier:
         self._buffer = bytearray()
         self.header_section = section
         self.fields = parse_header_fields(section) if section else None
+        if self.fields is None or not _SIGNED.search(section):
+            self._hashes = BodyHashes(())
+            return
         names: list[str] = []
         keys: list[BodyKey] = []
         for name, value in self.fields or []:
@@ -414,15 +419,16 @@ class MessageVerifier:
                 if lower in (DKIM_HEADER, AMS_HEADER) and (bk := body_key(tags)) is not None:
                     keys.append(bk)
         self._hashes = BodyHashes(keys)
-        self._keys = asyncio.get_running_loop().create_task(fetch_keys(self._resolver, names))
+        if names:
+            self._keys = asyncio.get_running_loop().create_task(
+                fetch_keys(self._resolver, names))
 
     async def finish(self) -> tuple[list[DKIMResult], ARCResult]:
         """Every signature's verdict (topmost first) and the ARC chain's."""
         if self.header_section is None:  # no empty line: a message of header fields only
             self._headers_done(bytes(self._buffer) + b"\r\n")
         self._hashes.end()
-        assert self._keys is not None
-        keys = await self._keys
+        keys = await self._keys if self._keys is not None else KeyTable({})
         section = self.header_section or b""
         results = []
         for index, tags in enumerate(self._signatures):

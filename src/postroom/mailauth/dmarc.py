@@ -74,6 +74,7 @@ def aligned(domain: str, from_domain: str, mode: str) -> bool:
     return a == b or organizational_domain(a) == organizational_domain(b)
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_record(text: str) -> Record | None:
     """RFC 7489 6.3: the record, or None when it is not one. A missing or unknown p=
     counts as "none" when rua= is there (6.6.3 step 6); unknown tags are ignored."""

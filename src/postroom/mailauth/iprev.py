@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from postroom import resolver as dns_resolver
+from postroom.mailauth.spf import ip_of
 
 MAX_PTR_NAMES = 10  # names tried per address, as SPF's ptr limit (RFC 7208 4.6.4)
 
@@ -46,7 +47,7 @@ async def check_iprev(resolver: dns_resolver.Resolver, ip: str) -> IPRevResult:
         except dns_resolver.DNSTrouble as e:
             trouble = str(e)
             continue
-        if any(ipaddress.ip_address(r.address) == address for r in records):
+        if any(ip_of(r.address) == address for r in records):
             return IPRevResult("pass", str(address), name, "forward-confirmed")
     if trouble:
         return IPRevResult("temperror", str(address), "", trouble)

@@ -16,6 +16,7 @@ SPF alone (DMARC decides), so no explanation is ever shown.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import time
@@ -103,6 +104,12 @@ class _Check:
             raise _PermError(f"more than {MAX_VOID_LOOKUPS} void lookups (RFC 7208 4.6.4)")
 
 
+@functools.lru_cache(maxsize=4096)
+def ip_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address record's address, parsed once."""
+    return ipaddress.ip_address(text)
+
+
 def valid_domain(domain: str) -> bool:
     """RFC 7208 4.3: a multi-label name whose labels are 1-63 octets (a final dot aside)."""
     name = domain[:-1] if domain.endswith(".") else domain
@@ -165,6 +172,7 @@ async def _spf_record(check: _Check, domain: str) -> str | None:
     return found[0] if found else None
 
 
+@functools.lru_cache(maxsize=1024)  # the same few records, message after message
 def parse_record(text: str) -> _Record:
     """RFC 7208 4.6, 12: the terms of a record; _PermError for any syntax error."""
     terms: list[_Term] = []
@@ -356,7 +364,7 @@ async def _address_matches(check: _Check, host: str, term: _Term, *,
         return False
     prefix = term.cidr4 if check.ip.version == 4 else term.cidr6
     network = ipaddress.ip_network(f"{check.ip}/{prefix}", strict=False)
-    return any(ipaddress.ip_address(r.address) in network for r in found)
+    return any(ip_of(r.address) in network for r in found)
 
 
 async def _validated_names(check: _Check) -> list[str]:
@@ -376,7 +384,7 @@ async def _validated_names(check: _Check) -> list[str]:
             addresses = await dns_resolver.lookup(check.resolver, name + ".", rdtype)
         except (dns_resolver.NXDOMAIN, dns_resolver.DNSTrouble):
             continue
-        if any(ipaddress.ip_address(r.address) == check.ip for r in addresses):
+        if any(ip_of(r.address) == check.ip for r in addresses):
             check.validated.append(name)
     return check.validated
 
