@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 from collections.abc import Iterator
 
@@ -217,3 +218,21 @@ def test_results_header_format() -> None:
                       b'\tspf=pass smtp.mailfrom="a b@example.org";\r\n'
                       b"\tdkim=fail (bad [nested] ? thing?)\r\n")
     assert results.authserv_id(b" (c) host.example (v) 1;\r\n spf=pass") == "host.example"
+
+
+def test_verdict_says_when_dmarc_failed_for_forwarding(dns_server: TestDNS) -> None:
+    from postroom.mailauth.checks import MailChecks
+
+    async def go(sender: str) -> tuple[bool, int | None]:
+        checks = MailChecks(make_resolver([Endpoint("127.0.0.1", dns_server.port)],
+                                          lifetime=2.0), "mx.corp.example")
+        one = checks.start("198.51.100.7", "mx.stranger.example", f"x@{sender}")
+        assert one is not None
+        one.feed(f"From: x@{sender}\r\nSubject: s\r\n\r\nbody\r\n".encode())
+        verdict = await one.finish(["corp.example"])
+        return verdict.dmarc_failed, verdict.action.refusal.code if verdict.action.refusal else None
+    assert asyncio.run(go("example.org")) == (True, 550)
+    assert asyncio.run(go("nothing.test")) == (False, None)
+    assert MailChecks(make_resolver([Endpoint("127.0.0.1", 9)]), "mx",
+                      ignore=(ipaddress.ip_network("127.0.0.0/8"),)).start(
+                          "127.0.0.1", "h", "a@b.example") is None
