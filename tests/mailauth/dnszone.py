@@ -1,7 +1,7 @@
 """A test DNS server on loopback (UDP and TCP, one port) serving a dict the test may change.
 
-`records[(name, TYPE)] = [value, ...]`, names without the final dot, looked up
-case-insensitively on every query, so a test changes answers while it runs. A
+`records[(name, TYPE)] = [value, ...]`, names in lower case without the final
+dot, looked up on every query, so a test changes answers while it runs. A
 name that owns no records and has none below it is NXDOMAIN; a known name
 without the type answers NOERROR with no records. The values SERVFAIL and
 TIMEOUT (alone in the list) answer SERVFAIL, or nothing at all. TXT values
@@ -61,7 +61,7 @@ class TestDNS:
         rtype = QTYPE[q.qtype]
         self.queries.append((name, rtype))
         reply = request.reply()
-        table = {(n.lower(), t): v for (n, t), v in list(self.records.items())}
+        table = self.records  # names are written in lower case
         values = table.get((name, rtype))
         if values == [TIMEOUT]:
             return None
@@ -77,7 +77,7 @@ class TestDNS:
             for value in values:
                 reply.add_answer(RR(name, getattr(QTYPE, rtype), rdata=_rdata(rtype, value),
                                     ttl=TTL))
-        elif not any(n == name or n.endswith("." + name) for n, _t in table):
+        elif not any(n == name or n.endswith("." + name) for n, _t in list(table)):
             reply.header.rcode = RCODE.NXDOMAIN
         return reply.pack()
 

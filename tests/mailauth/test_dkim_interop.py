@@ -78,7 +78,7 @@ def dns_server(opendkim_key: Path) -> Iterator[TestDNS]:
 def verify(server: TestDNS, message: bytes) -> list[DKIMResult]:
     async def go() -> list[DKIMResult]:
         verifier = MessageVerifier(make_resolver([Endpoint("127.0.0.1", server.port)],
-                                                 lifetime=2.0))
+                                                 lifetime=5.0))
         for i in range(0, len(message), 10):
             verifier.feed(message[i : i + 10])
         return (await verifier.finish())[0]

@@ -55,7 +55,7 @@ def dkim(result: str, domain: str) -> DKIMResult:
 def evaluate(server: TestDNS, from_domain: str, spf_result: SPFResult | None,
              sigs: list[DKIMResult], seed: int = 1) -> dmarc.DMARCResult:
     async def go() -> dmarc.DMARCResult:
-        resolver = make_resolver([Endpoint("127.0.0.1", server.port)], lifetime=2.0)
+        resolver = make_resolver([Endpoint("127.0.0.1", server.port)], lifetime=5.0)
         return await dmarc.evaluate(resolver, from_domain, spf_result, sigs,
                                     sample=random.Random(seed))
     return asyncio.run(go())
@@ -177,7 +177,7 @@ def test_trusted_arc_sealer_overrides() -> None:
 ])
 def test_iprev(dns_server: TestDNS, ip: str, expected: str, name: str) -> None:
     async def go() -> iprev.IPRevResult:
-        resolver = make_resolver([Endpoint("127.0.0.1", dns_server.port)], lifetime=2.0)
+        resolver = make_resolver([Endpoint("127.0.0.1", dns_server.port)], lifetime=5.0)
         return await iprev.check_iprev(resolver, ip)
     result = asyncio.run(go())
     assert (result.result, result.name) == (expected, name), result.reason
@@ -225,7 +225,7 @@ def test_verdict_says_when_dmarc_failed_for_forwarding(dns_server: TestDNS) -> N
 
     async def go(sender: str) -> tuple[bool, int | None]:
         checks = MailChecks(make_resolver([Endpoint("127.0.0.1", dns_server.port)],
-                                          lifetime=2.0), "mx.corp.example")
+                                          lifetime=5.0), "mx.corp.example")
         one = checks.start("198.51.100.7", "mx.stranger.example", f"x@{sender}")
         assert one is not None
         one.feed(f"From: x@{sender}\r\nSubject: s\r\n\r\nbody\r\n".encode())

@@ -159,7 +159,7 @@ def rspamd_dmarc(address: str, ip: str, mail_from: str, data: bytes) -> str:
 
 def our_dmarc(server: TestDNS, ip: str, mail_from: str, data: bytes) -> str:
     async def go() -> str:
-        checks = MailChecks(make_resolver([Endpoint("127.0.0.1", server.port)], lifetime=2.0),
+        checks = MailChecks(make_resolver([Endpoint("127.0.0.1", server.port)], lifetime=5.0),
                             "mx.corp.example")
         one = checks.start(ip, "mx.stranger.test", mail_from)
         assert one is not None

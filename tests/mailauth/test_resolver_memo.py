@@ -14,7 +14,7 @@ from postroom.config.values import Endpoint
 def test_repeated_lookups_ask_the_server_once_and_expire() -> None:
     with serve_dns({("a.test", "TXT"): ["one"], ("b.test", "A"): ["192.0.2.1"]}) as server:
         async def go() -> None:
-            r = dns_resolver.make_resolver([Endpoint("127.0.0.1", server.port)], lifetime=2.0)
+            r = dns_resolver.make_resolver([Endpoint("127.0.0.1", server.port)], lifetime=5.0)
             first = await dns_resolver.lookup(r, "a.test.", "TXT")
             first.clear()  # callers get their own list
             for _ in range(5):

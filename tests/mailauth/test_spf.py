@@ -96,7 +96,7 @@ def dns_server() -> Iterator[TestDNS]:
 
 
 def check(server: TestDNS, domain: str, ip: str = GOOD, sender: str = "",
-          helo: str = "mx1.example.net", lifetime: float = 2.0) -> spf.SPFResult:
+          helo: str = "mx1.example.net", lifetime: float = 5.0) -> spf.SPFResult:
     async def go() -> spf.SPFResult:
         resolver = make_resolver([Endpoint("127.0.0.1", server.port)], lifetime=lifetime)
         return await spf.check_host(resolver, ip, domain, sender or f"user@{domain}", helo)

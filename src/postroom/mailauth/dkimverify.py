@@ -72,43 +72,79 @@ class ARCResult:
     sealers: tuple[str, ...] = ()
 
 
+# A line longer than this is hashed as it comes, not held whole (RFC 5321 4.5.3.1.6
+# allows 1000 octets, but nothing stops a client sending a 50 MB one).
+MAX_PARTIAL_LINE = 64 * 1024
+_WSP = re.compile(rb"[ \t]+")  # linear: each run is matched once, never backtracked
+
+
 class _Canon:
     """One body canonicalization (RFC 6376 3.4.3 simple, 3.4.4 relaxed), streamed: whole
-    lines pass at once, trailing empty lines are held back until a line follows."""
+    lines pass at once, trailing empty lines are held back until a line follows, and
+    a very long line is passed on in pieces (`midline`)."""
 
-    __slots__ = ("relaxed", "partial", "blank", "emitted")
+    __slots__ = ("relaxed", "partial", "blank", "emitted", "midline")
 
     def __init__(self, relaxed: bool) -> None:
         self.relaxed = relaxed
-        self.partial = b""
+        self.partial = bytearray()  # grown in place: no copy per piece of a long line
         self.blank = 0  # empty lines held back (dropped if nothing follows)
         self.emitted = False
+        self.midline = False  # part of the current line, not empty, is passed on
 
     def feed(self, data: bytes) -> bytes:
-        if self.partial:
-            data, self.partial = self.partial + data, b""
         end = data.rfind(b"\n")
         if end < 0:
-            self.partial = data
-            return b""
-        block, self.partial = data[: end + 1], data[end + 1 :]
-        if self.relaxed:
-            block = re.sub(rb"[ \t]+(?=\r?\n)", b"", block)
-            block = re.sub(rb"[ \t]+", b" ", block)
+            self.partial += data
+            return self._drain() if len(self.partial) > MAX_PARTIAL_LINE else b""
+        block = bytes(self.partial) + data[: end + 1]
+        self.partial = bytearray(data[end + 1 :])
+        head = b""
+        if self.midline:  # the first line ends a line already begun: never empty
+            cut = block.find(b"\n") + 1
+            head, block = self._relax(block[:cut]), block[cut:]
+            self.midline = False
+        block = self._relax(block)
         i = len(block)
         while i >= 2 and block[i - 2 : i] == b"\r\n":
             i -= 2
         trailing = (len(block) - i) // 2
         if i == 0:
             self.blank += trailing
-            return b""
-        out = b"\r\n" * self.blank + block[:i] + b"\r\n"
+            return head
+        out = head + b"\r\n" * self.blank + block[:i] + b"\r\n"
         self.blank = trailing - 1
         self.emitted = True
         return out
 
+    def _relax(self, block: bytes) -> bytes:
+        """RFC 6376 3.4.4: WSP runs to one SP, none at a line's end (in linear time: a
+        look-ahead after a WSP run would backtrack through every long run)."""
+        if not self.relaxed:
+            return block
+        return _WSP.sub(b" ", block).replace(b" \r\n", b"\r\n")
+
+    def _drain(self) -> bytes:
+        """Pass on the start of a long line, keeping what its end may still change."""
+        data = bytes(self.partial)
+        cr = data.endswith(b"\r")  # may be the start of the line's CRLF
+        cut = len(data) - cr
+        if self.relaxed:  # a WSP run at the end may be the line's trailing WSP
+            cut = len(data[:cut].rstrip(b" \t"))
+        piece, keep = data[:cut], data[cut:]
+        if self.relaxed:
+            piece = _WSP.sub(b" ", piece)
+            keep = (b" " if keep.strip(b"\r") else b"") + (b"\r" if cr else b"")
+        self.partial = bytearray(keep)
+        if not piece:
+            return b""
+        out = b"\r\n" * self.blank + piece
+        self.blank = 0
+        self.emitted = self.midline = True
+        return out
+
     def end(self) -> bytes:
-        out = self.feed(b"\r\n") if self.partial else b""
+        out = self.feed(b"\r\n") if self.partial or self.midline else b""
         if not out and not self.emitted and not self.relaxed:
             return b"\r\n"  # RFC 6376 3.4.3: an empty body is one CRLF
         return out

@@ -366,6 +366,10 @@ class SMTPSession(Session):
         refusal = await self._content_refusal(txn)
         if refusal is None and txn.auth is not None:
             refusal = await self._mail_checks(txn)
+            if txn.writer is None:  # the server shut down while the checks ran
+                self._reply(LOCAL_ERROR)
+                self._finish_transaction()
+                return
         if refusal is not None:
             log.info("%s: %s: reject: %s", self.service.name, txn.queue_id, refusal)
             txn.writer.abort()
@@ -426,10 +430,12 @@ class SMTPSession(Session):
     async def _mail_checks(self, txn: Transaction) -> Reply | None:
         """The checks' verdict (postroom.mailauth): a refusal (DMARC reject, or 451 for
         DNS failures), or None after putting the Authentication-Results field on top."""
-        assert txn.auth is not None and txn.writer is not None
+        checks, txn.auth = txn.auth, None  # from here the end of DATA owns them
+        assert checks is not None
         domains = [rcpt.rpartition("@")[2].lower() for rcpt, _boxes in txn.recipients]
-        verdict = txn.auth_verdict = await txn.auth.finish(domains, txn.queue_id)
-        txn.auth = None
+        verdict = txn.auth_verdict = await checks.finish(domains, txn.queue_id)
+        if txn.writer is None:
+            return None
         log.info("%s: %s: auth: %s", self.service.name, txn.queue_id, verdict.summary)
         if verdict.action.refusal is not None:
             return verdict.action.refusal
