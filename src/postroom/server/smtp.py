@@ -98,11 +98,9 @@ class Transaction:
     auth: MessageChecks | None = None
     auth_verdict: Verdict | None = None
     forged_results: OurResultsRemover | None = None  # AR fields claiming our name go
-
-    @property
-    def dmarc_failed(self) -> bool:
-        """The message failed its From domain's DMARC check here: not to be forwarded."""
-        return self.auth_verdict is not None and self.auth_verdict.dmarc_failed
+    # The message failed its From domain's DMARC check here: not to be forwarded (set at
+    # the end of DATA, before the message is stored).
+    dmarc_failed: bool = False
 
     def mailboxes(self) -> list[str]:
         """Each local mailbox once, however many recipients (aliases) lead to it."""
@@ -434,6 +432,7 @@ class SMTPSession(Session):
         assert checks is not None
         domains = [rcpt.rpartition("@")[2].lower() for rcpt, _boxes in txn.recipients]
         verdict = txn.auth_verdict = await checks.finish(domains, txn.queue_id)
+        txn.dmarc_failed = verdict.dmarc_failed
         if txn.writer is None:
             return None
         log.info("%s: %s: auth: %s", self.service.name, txn.queue_id, verdict.summary)
