@@ -250,10 +250,6 @@ class SMTPSession(Session):
             return
         txn = Transaction(queue_id=new_queue_id(), mail=event, started=time.time())
         self.txn = txn
-        if svc.checks is not None:
-            txn.auth = svc.checks.start(self.client_ip, self.helo, event.address)
-            if txn.auth is not None:
-                txn.forged_results = OurResultsRemover(svc.checks.authserv_id)
         log.info("%s: %s: client=[%s], helo=%s, from=<%s>%s", svc.name, txn.queue_id,
                  self.client_ip, self.helo, event.address,
                  f", size={event.size}" if event.size is not None else "")
@@ -281,6 +277,12 @@ class SMTPSession(Session):
         # An authenticated submission client may relay (RFC 6409); MX traffic may not.
         policy = svc.submission if svc.submission is not None and self.user else svc.policy
         decision = await policy.check_recipient(event.address)
+        if decision.accepted and svc.checks is not None and txn.auth is None:
+            # From the first recipient accepted, not MAIL FROM: no DNS work for mail
+            # that every RCPT refuses (a dictionary attack asks nothing of DNS).
+            txn.auth = svc.checks.start(self.client_ip, self.helo, txn.mail.address)
+            if txn.auth is not None:
+                txn.forged_results = OurResultsRemover(svc.checks.authserv_id)
         if decision.accepted and decision.remote is not None:
             txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
         elif decision.accepted:
