@@ -121,9 +121,18 @@ def serve_dns(records: Records | None = None, port: int = 0) -> Iterator[TestDNS
             if out is not None:
                 conn.sendall(struct.pack("!H", len(out)) + out)
 
-    udp = _UDP(("127.0.0.1", port), UDPHandler)
-    zone.port = udp.server_address[1]
-    tcp = _TCP(("127.0.0.1", zone.port), TCPHandler)
+    for _attempt in range(50):  # a free UDP port may be taken on TCP: draw another
+        udp = _UDP(("127.0.0.1", port), UDPHandler)
+        zone.port = udp.server_address[1]
+        try:
+            tcp = _TCP(("127.0.0.1", zone.port), TCPHandler)
+            break
+        except OSError:
+            udp.server_close()
+            if port:
+                raise
+    else:  # pragma: no cover - 50 clashes in a row
+        raise OSError("no port free for both UDP and TCP")
     threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05},
                                 daemon=True) for s in (udp, tcp)]
     for t in threads:

@@ -83,8 +83,10 @@ class MessageChecks:
         self._content = MessageVerifier(shared.resolver)
 
     async def _envelope_checks(self) -> tuple[SPFResult | None, IPRevResult]:
-        resolver = self.shared.resolver
-        return await asyncio.gather(self._spf(), check_iprev(resolver, self.client_ip))
+        # One after the other: answers mostly come from the resolver's cache, and
+        # the client is still sending RCPT and DATA meanwhile.
+        spf = await self._spf()
+        return spf, await check_iprev(self.shared.resolver, self.client_ip)
 
     async def _spf(self) -> SPFResult | None:
         if self.sender:
@@ -121,8 +123,8 @@ class MessageChecks:
 
     async def _finish(self, recipient_domains: Sequence[str]) -> Verdict:
         shared = self.shared
-        (spf, iprev), (signatures, arc) = await asyncio.gather(
-            self._envelope, self._content.finish())
+        spf, iprev = await self._envelope
+        signatures, arc = await self._content.finish()
         from_domains, from_problem = self._from_domains()
         verdicts: list[dmarc.DMARCResult] = []
         for domain in from_domains:

@@ -60,6 +60,7 @@ def _suffixes() -> PublicSuffixList:
     return PublicSuffixList()  # the packaged copy; no network access
 
 
+@functools.lru_cache(maxsize=4096)
 def organizational_domain(domain: str) -> str:
     """RFC 7489 3.2: the registered domain (a public suffix stands for itself)."""
     domain = domain.rstrip(".").lower()
