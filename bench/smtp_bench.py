@@ -6,7 +6,10 @@ One run starts, in turn, on free loopback ports:
       (virtual(8), which fsyncs each file, as Postfix does by default);
   (c) aiosmtpd's Sink handler, which stores nothing (a Python upper bound);
   (d) bench/fsync_sink.py, a minimal one-process asyncio sink that fsyncs each
-      message into a Maildir before its 250 (the ceiling of the simple design).
+      message into a Maildir before its 250 (the ceiling of the simple design);
+  (e) postroom again with its mail checks on (SPF, DKIM, ARC, DMARC, iprev; the
+      sender's SPF, DMARC and PTR records answered by a DNS server on loopback),
+      where leg (a) runs with them off ([dmarc] check = false).
 Each gets the same smtp-source load (Postfix's own load generator). For (a) and
 (b) the clock stops when the last message is in the Maildir's new/, for (c)
 when smtp-source exits. Then a fresh postroom receives one large message while
@@ -48,6 +51,9 @@ from mailharness import (  # noqa: E402 (the path above makes the harness import
 )
 
 from newfiles import NewFiles  # noqa: E402 (beside this script)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "mailauth"))
+from dnszone import serve_dns  # noqa: E402 (the test DNS server, on loopback)
 
 DOMAIN = "bench.example"
 USER = "user"
@@ -150,14 +156,34 @@ def drive(
                       note=note[-1] if note else "")
 
 
-def bench_postroom(args: argparse.Namespace, base: Path) -> Throughput:
-    server = Postroom(fresh_name(base, "postroom"), hostname=f"mx.{DOMAIN}", domains=[DOMAIN],
-                      users={RCPT: "bench-password"}, aliases={}, max_message_size="64M")
+def bench_postroom(args: argparse.Namespace, base: Path, name: str = "postroom",
+                   extra_toml: str = "[dmarc]\ncheck = false\n") -> Throughput:
+    server = Postroom(fresh_name(base, name), hostname=f"mx.{DOMAIN}", domains=[DOMAIN],
+                      users={RCPT: "bench-password"}, aliases={}, max_message_size="64M",
+                      extra_toml=extra_toml)
     server.start()
     try:
-        return drive("postroom", args, server.smtp_port, server.maildir(RCPT), args.timeout)
+        return drive(name, args, server.smtp_port, server.maildir(RCPT), args.timeout)
     finally:
         server.stop()
+
+
+# The sender's records for leg (e): SPF passes 127.0.0.1, DMARC asks p=reject, and
+# 127.0.0.1 has a forward-confirmed name (iprev pass).
+SENDER_DOMAIN = SENDER.partition("@")[2]
+CHECKED_ZONE = {
+    (SENDER_DOMAIN, "TXT"): ["v=spf1 ip4:127.0.0.1 -all"],
+    (f"_dmarc.{SENDER_DOMAIN}", "TXT"): ["v=DMARC1; p=reject"],
+    ("1.0.0.127.in-addr.arpa", "PTR"): [f"mail.{SENDER_DOMAIN}."],
+    (f"mail.{SENDER_DOMAIN}", "A"): ["127.0.0.1"],
+}
+
+
+def bench_postroom_checked(args: argparse.Namespace, base: Path) -> Throughput:
+    with serve_dns(dict(CHECKED_ZONE)) as dns:
+        checks = (f'[dns]\nnameservers = ["{LOOPBACK}:{dns.port}"]\n\n'
+                  "[dmarc]\nignore_clients = []\n")
+        return bench_postroom(args, base, "postroom-checks", checks)
 
 
 def bench_postfix(args: argparse.Namespace, base: Path) -> Throughput:
@@ -300,6 +326,7 @@ def bench_memory(args: argparse.Namespace, base: Path) -> MemoryGrowth:
 
 THROUGHPUT_LEGS = {
     "postroom": bench_postroom,
+    "postroom-checks": bench_postroom_checked,
     "postfix": bench_postfix,
     "aiosmtpd": bench_sink,
     "fsync-sink": bench_fsync_sink,
@@ -466,21 +493,21 @@ def main(argv: list[str] | None = None) -> int:
     # Best round per leg: noise from other work on the machine only ever slows a leg.
     best = {leg: min(runs, key=lambda r: r.seconds) for leg, runs in rounds.items()}
     print()
-    print(f"{'server':<12}{'messages':>10}{'seconds':>10}{'msg/s':>10}   all rounds (s)")
+    print(f"{'server':<16}{'messages':>10}{'seconds':>10}{'msg/s':>10}   all rounds (s)")
     for leg, r in best.items():
         every = " ".join(f"{run.seconds:.2f}" for run in rounds[leg])
-        print(f"{r.name:<12}{r.messages:>10}{r.seconds:>10.2f}{r.rate:>10.1f}   {every}")
+        print(f"{r.name:<16}{r.messages:>10}{r.seconds:>10.2f}{r.rate:>10.1f}   {every}")
     rates = {leg: r.rate for leg, r in best.items()}
+    pairs = [("postroom", other) for other in ("postfix", "aiosmtpd", "fsync-sink")]
+    pairs += [("postroom-checks", other) for other in ("postfix", "postroom")]
     ratios = {
-        f"postroom/{other}": rates["postroom"] / rates[other]
-        for other in ("postfix", "aiosmtpd", "fsync-sink")
-        if "postroom" in rates and rates.get(other)
+        f"{mine}/{other}": rates[mine] / rates[other]
+        for mine, other in pairs if mine in rates and rates.get(other)
     }
     per_round = {
-        f"postroom/{other}": round_ratios([r.rate for r in rounds["postroom"]],
-                                          [r.rate for r in rounds[other]])
-        for other in ("postfix", "aiosmtpd", "fsync-sink")
-        if "postroom" in rounds and other in rounds
+        f"{mine}/{other}": round_ratios([r.rate for r in rounds[mine]],
+                                        [r.rate for r in rounds[other]])
+        for mine, other in pairs if mine in rounds and other in rounds
     }
     if ratios:
         print()

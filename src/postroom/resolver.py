@@ -28,6 +28,7 @@ from dns.resolver import NXDOMAIN
 __all__ = ["DNSTrouble", "NXDOMAIN", "Resolver", "lookup", "make_resolver"]
 
 MAX_CACHE_TTL = 300.0  # seconds: a DNS change takes effect within five minutes
+MAX_MEMO = 10_000  # answers kept by name text, before the memo starts afresh
 DNS_LIFETIME = 10.0  # seconds for one lookup, all retries included
 TRY_TIMEOUT = 2.0  # seconds per try; the lifetime bounds the retries
 
@@ -49,10 +50,29 @@ class _CappedCache(dns.resolver.Cache):
     def __init__(self, max_ttl: float) -> None:
         super().__init__()
         self.max_ttl = max_ttl
+        # `lookup`'s answers by (name text, type) until they expire: a hit skips
+        # parsing the name and dnspython's cache walk, which cost more than a mail
+        # check's own work when every message asks the same few questions.
+        self.memo: dict[tuple[str, str], tuple[float, list[Any]]] = {}
 
     def put(self, key: Any, value: dns.resolver.Answer) -> None:
         value.expiration = min(value.expiration, time.time() + self.max_ttl)
         super().put(key, value)
+
+    def remember(self, name: str, rdtype: str, expiration: float, records: list[Any]) -> None:
+        if len(self.memo) >= MAX_MEMO:
+            self.memo.clear()
+        self.memo[(name, rdtype)] = (expiration, records)
+
+    def recall(self, name: str, rdtype: str) -> list[Any] | None:
+        known = self.memo.get((name, rdtype))
+        if known is None or known[0] <= time.time():
+            return None
+        return list(known[1])
+
+    def flush(self, key: Any = None) -> None:
+        self.memo.clear()
+        super().flush(key)
 
 
 def make_resolver(
@@ -94,6 +114,11 @@ async def lookup(resolver: Resolver, name: str, rdtype: str) -> list[Any]:
     The name is absolute: never completed with a search-list suffix. A CNAME
     chain is followed and ends in records of the asked type, or in none.
     """
+    cache = resolver.cache
+    if isinstance(cache, _CappedCache):
+        known = cache.recall(name, rdtype)
+        if known is not None:
+            return known
     try:
         qname = dns.name.from_text(name)
     except dns.exception.DNSException as e:
@@ -110,6 +135,7 @@ async def lookup(resolver: Resolver, name: str, rdtype: str) -> list[Any]:
         raise DNSTrouble(f"{rdtype} lookup of {name}: {_no_nameservers_text(e)}") from None
     except dns.exception.DNSException as e:
         raise DNSTrouble(f"{rdtype} lookup of {name}: {e}") from None
-    if answer.rrset is None:
-        return []
-    return list(answer.rrset)
+    records = [] if answer.rrset is None else list(answer.rrset)
+    if isinstance(cache, _CappedCache):
+        cache.remember(name, rdtype, answer.expiration, records)
+    return list(records)

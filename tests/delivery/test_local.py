@@ -210,3 +210,20 @@ def test_a_directory_entry_that_can_name_no_mailbox_is_the_hosts_fault(
     [result] = deliver(courier_for(store, directory), ["a/b@corp.example"], queued)
     assert (result.outcome, result.dsn_status) == ("temporary", "4.3.5")
     assert [p for p in store.mail_dir.rglob("*") if not p.is_dir()] == []
+
+
+def test_a_folder_files_into_each_mailbox_folder(
+    store: MaildirMailboxes, directory: SQLiteUserDirectory, queued: Path
+) -> None:
+    # The milter's quarantine and the mail checks name a Maildir++ folder ("Junk").
+    courier = courier_for(store, directory)
+    envelope = Envelope(queue_id="4XyZ", sender="", created=0.0,
+                        recipients=[Recipient("team@corp.example")])
+    with content_of(queued) as content:
+        [result] = asyncio.run(courier.deliver(envelope, envelope.recipients, content, "Junk"))
+    assert result.outcome == "delivered" and "folder Junk" in result.text
+    for box in ("boss@corp.example", "alice@corp.example"):
+        assert stored(store, box) == []
+        junk = store.maildir_for(box) / ".Junk"
+        assert [p.read_bytes() for p in (junk / "new").iterdir()] == [FILED]
+        assert (junk / "maildirfolder").is_file()

@@ -16,11 +16,13 @@ from postroom.config.values import (
     parse_domains,
     parse_duration,
     parse_durations,
+    parse_folder,
     parse_hostname,
     parse_int,
     parse_listener,
     parse_mailbox,
     parse_nameservers,
+    parse_networks,
     parse_path,
     parse_size,
 )
@@ -244,10 +246,57 @@ class POP3Config:
     )
 
 
+@dataclass(frozen=True)
+class DMARCConfig:
+    """Checking what strangers send to the smtp listener (postroom.mailauth)."""
+
+    check: bool = setting(
+        True, parse_bool,
+        "Check SPF, DKIM, ARC, DMARC and iprev of mail arriving on the smtp listener, and "
+        "put the results on top of it in an Authentication-Results header. Uses [dns].",
+    )
+    enforce: bool = setting(
+        True, parse_bool,
+        "Act on the sender domain's DMARC policy when its mail fails it: p=reject is "
+        "refused (550 5.7.1), p=quarantine is filed in the recipient's Junk folder. false: "
+        "only record the results. A failing SPF -all alone refuses nothing (DMARC decides).",
+    )
+    junk_folder: str = setting(
+        "Junk", parse_folder,
+        "The folder quarantined mail is filed in (Maildir++ .Junk, Dovecot's IMAP Junk).",
+    )
+    inbox_quarantine_domains: tuple[str, ...] = setting(
+        [], parse_domains,
+        "Local domains whose users read by POP3 only (which shows no folders): their "
+        "quarantined mail goes to the inbox with an X-Spam-Flag: YES header instead.",
+    )
+    no_reject_domains: tuple[str, ...] = setting(
+        [], parse_domains,
+        "Local domains that never refuse mail for a failed p=reject: it is quarantined "
+        "instead (for recipients who would rather look than lose).",
+    )
+    dns_errors: Literal["defer", "accept"] = setting(
+        "defer", parse_choice("defer", "accept"),
+        'When a DNS failure leaves a DMARC verdict open: "defer" answers 451 4.7.0 (the '
+        'sender retries; nothing is lost), "accept" delivers it with a temperror result.',
+    )
+    ignore_clients: tuple[Any, ...] = setting(
+        ["127.0.0.0/8", "::1"], parse_networks,
+        "Clients whose mail is not checked (this host's own programs), as OpenDMARC's "
+        "IgnoreHosts.",
+    )
+    trusted_arc_sealers: tuple[str, ...] = setting(
+        [], parse_domains,
+        "Domains (mailing lists, forwarders you rely on) whose valid ARC seal (RFC 8617) "
+        "lets their forwarded mail in when it fails DMARC here.",
+    )
+
+
 # The tables of the file in the order `postroom init` writes them; None: [routes].
 SECTIONS: dict[str, type | None] = {
     "listen": ListenConfig, "tls": TLSConfig, "dns": DNSConfig, "routes": None,
     "relay": RelayConfig, "queue": QueueConfig, "smtp": SMTPConfig, "pop3": POP3Config,
+    "dmarc": DMARCConfig,
 }
 
 
@@ -264,6 +313,7 @@ class Config:
     queue: QueueConfig
     smtp: SMTPConfig
     pop3: POP3Config
+    dmarc: DMARCConfig
     hostname: str = setting(
         None,  # default_hostname(), filled in at load time
         parse_hostname,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from postroom.canonical import canonical_domain, domain_of, mail_domain, mailbox_address
+from postroom.store.api import check_folder
 
 
 @dataclass(frozen=True)
@@ -274,3 +275,20 @@ def parse_choice(*options: str) -> Callable[[object], str]:
         return text
 
     return parse
+
+
+def parse_networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """IP networks ("192.0.2.0/24", "::1"; an address alone is one host)."""
+    result = []
+    for item in _expect(value, list, "a list of IP networks"):
+        text = _expect(item, str, 'an IP network string such as "192.0.2.0/24"')
+        try:
+            result.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ValueError(f"{show(text)} is not an IP network") from None
+    return tuple(result)
+
+
+def parse_folder(value: object) -> str:
+    """A mailbox folder name ("Junk"; "." separates levels, as Dovecot shows them)."""
+    return check_folder(_expect(value, str, "a folder name"))

@@ -49,9 +49,11 @@ class LocalCourier:
         self._expand = expand
 
     async def deliver(
-        self, envelope: Envelope, recipients: list[Recipient], content: Content
+        self, envelope: Envelope, recipients: list[Recipient], content: Content,
+        folder: str | None = None,
     ) -> list[DeliveryResult]:
-        """Deliver the message to local `recipients`; one result each, in order."""
+        """Deliver the message to local `recipients`; one result each, in order.
+        `folder`: into that folder of each mailbox (Incoming.deliver), not the inbox."""
         results: dict[int, DeliveryResult] = {}
         targets: dict[int, tuple[str, ...]] = {}
         for i, recipient in enumerate(recipients):
@@ -67,7 +69,7 @@ class LocalCourier:
             try:
                 source = content.reader()  # here, not in the thread: see Content
                 await asyncio.to_thread(self._copy, source, message)
-                await message.deliver(mailboxes)
+                await message.deliver(mailboxes, folder)
             except OSError as e:
                 status, text = _write_failure(e)
                 for i in targets:
@@ -79,8 +81,9 @@ class LocalCourier:
                     results[i] = DeliveryResult(recipients[i].address, "temporary", "4.3.5",
                                                 f"<{recipients[i].address}>: {e}")
             else:
+                where = "maildir" if folder is None else f"maildir folder {folder}"
                 for i, boxes in targets.items():
-                    text = "delivered to maildir" + ("" if len(boxes) == 1 else f" ({len(boxes)})")
+                    text = f"delivered to {where}" + ("" if len(boxes) == 1 else f" ({len(boxes)})")
                     results[i] = DeliveryResult(recipients[i].address, "delivered", "2.0.0", text,
                                                 expanded=len(boxes) > 1)
             finally:

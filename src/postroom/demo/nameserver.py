@@ -64,6 +64,10 @@ class Zone:
         )
         self._rrsets.setdefault((self._origin, dns.rdatatype.SOA), self._soa)
 
+    @property
+    def origin(self) -> dns.name.Name:
+        return self._origin
+
     def respond(self, query: dns.message.Message) -> tuple[dns.message.Message, Answered | None]:
         """The response to a parsed query, and a note of it (None for non-queries)."""
         response = dns.message.make_response(query)
@@ -90,10 +94,26 @@ class Zone:
                                   dns.rcode.to_text(response.rcode()), records)
 
 
+class Zones:
+    """Several zones served together (a forward zone and its reverse one): each
+    question goes to the zone that holds its name; REFUSED when none does."""
+
+    def __init__(self, *zones: Zone) -> None:
+        self._zones = zones
+
+    def respond(self, query: dns.message.Message) -> tuple[dns.message.Message, Answered | None]:
+        if len(query.question) == 1:
+            qname = query.question[0].name
+            for zone in sorted(self._zones, key=lambda z: -len(z.origin)):
+                if qname.is_subdomain(zone.origin):
+                    return zone.respond(query)
+        return self._zones[0].respond(query)
+
+
 class DemoDNS(asyncio.DatagramProtocol):
     """The running server: `address`, the `queries` it answered, `close()`."""
 
-    def __init__(self, zone: Zone) -> None:
+    def __init__(self, zone: Zone | Zones) -> None:
         self.zone = zone
         self.queries: list[Answered] = []
         self._transport: asyncio.DatagramTransport | None = None
@@ -142,7 +162,7 @@ def mail_zone(domain: str, mx_host: str, address: str) -> Zone:
     })
 
 
-async def start_dns(zone: Zone, host: str = "127.0.0.1", port: int = 0) -> DemoDNS:
+async def start_dns(zone: Zone | Zones, host: str = "127.0.0.1", port: int = 0) -> DemoDNS:
     """Serve `zone` on host:port (0: a free port); see DemoDNS.address."""
     server = DemoDNS(zone)
     loop = asyncio.get_running_loop()

@@ -23,7 +23,7 @@ from pathlib import Path
 from postroom.client import fetch, send
 from postroom.client.trace import format_hops, hops_of, message_date
 from postroom.config import load_config
-from postroom.demo.nameserver import DemoDNS, mail_zone, start_dns
+from postroom.demo.nameserver import Answered, DemoDNS, Zone, Zones, start_dns
 from postroom.demo.output import Exchange, LogLine, LogTap, Printer, pop3_states, span
 from postroom.server.main import Running, start
 from postroom.store.factory import open_store
@@ -61,10 +61,30 @@ def _provider_config(dns_port: int, corp_smtp_port: int) -> str:
     )
 
 
-CORP_CONFIG = (
-    f'hostname = "{CORP}"\ndomains = ["corp.example"]\n'
-    '[listen]\nsmtp = "127.0.0.1:0"\npop3 = "127.0.0.1:0"\n'
-)
+def _corp_config(dns_port: int) -> str:
+    # The demo's hosts talk over loopback, which the checks leave alone by default
+    # ([dmarc] ignore_clients): here the provider is a stranger like any other.
+    return (
+        f'hostname = "{CORP}"\ndomains = ["corp.example"]\n'
+        '[listen]\nsmtp = "127.0.0.1:0"\npop3 = "127.0.0.1:0"\n'
+        f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n'
+        "[dmarc]\nignore_clients = []\n"
+    )
+
+
+def demo_zones() -> Zones:
+    """corp.example's MX; isp.example's SPF and DMARC records and its mail host's
+    name both ways (what the receiving host checks at step 4)."""
+    return Zones(
+        Zone("example", {
+            ("corp.example", "MX"): [f"10 {CORP}."],
+            (CORP, "A"): ["127.0.0.1"],
+            ("isp.example", "TXT"): ['"v=spf1 ip4:127.0.0.1 -all"'],
+            ("_dmarc.isp.example", "TXT"): ['"v=DMARC1; p=reject"'],
+            (PROVIDER, "A"): ["127.0.0.1"],
+        }),
+        Zone("127.in-addr.arpa", {("1.0.0.127.in-addr.arpa", "PTR"): [f"{PROVIDER}."]}),
+    )
 
 
 @dataclass
@@ -78,15 +98,16 @@ class World:
     async def start(self, printer: Printer) -> Story:
         """Start the DNS server, then the receiving host, then the provider; say where."""
         passwords = {SMITH: secrets.token_urlsafe(12), BOSS: secrets.token_urlsafe(12)}
-        dns = await start_dns(mail_zone("corp.example", CORP, "127.0.0.1"))
+        dns = await start_dns(demo_zones())
         self.started.callback(dns.close)
-        corp = await self._host("corp", CORP_CONFIG, BOSS, passwords[BOSS])
+        corp = await self._host("corp", _corp_config(dns.address[1]), BOSS, passwords[BOSS])
         corp_smtp = corp.address("smtp")
         provider = await self._host(
             "isp", _provider_config(dns.address[1], corp_smtp[1]), SMITH, passwords[SMITH])
         printer.header(f"Setting up in {self.root}")
         printer.line(f"DNS       127.0.0.1:{dns.address[1]} (UDP): corp.example MX 10 {CORP}, "
-                     f"{CORP} A 127.0.0.1", indent=2)
+                     f"{CORP} A 127.0.0.1; isp.example SPF and DMARC (p=reject), "
+                     f"{PROVIDER} A and PTR 127.0.0.1", indent=2)
         printer.line(f"provider  {PROVIDER} for isp.example: submission "
                      f"127.0.0.1:{provider.address('submission')[1]} (STARTTLS + AUTH)", indent=2)
         printer.line(f"receiver  {CORP} for corp.example: SMTP 127.0.0.1:{corp_smtp[1]}, "
@@ -193,6 +214,18 @@ def queue(story: Story) -> None:
     printer.line(f"queue file: {queue_file.relative_to(story.world.root)}", indent=5)
 
 
+def _routing(answered: Answered) -> bool:
+    """A question the provider asked to route the message (the rest are the checks')."""
+    return answered.qname == "corp.example" or answered.qname.endswith(".corp.example")
+
+
+def _print_queries(printer: Printer, queries: list[Answered]) -> None:
+    for answered in queries:
+        said = ", ".join(r.split(" IN ", 1)[-1] for r in answered.records) or (
+            "no records" if answered.rcode == "NOERROR" else answered.rcode)
+        printer.line(f"{answered.qname} {answered.qtype}?  ->  {said}", indent=5)
+
+
 def mx_relay(story: Story) -> None:
     """3: the provider looks up corp.example's MX and relays the message with SMTP."""
     tap, printer, dns = story.world.tap, story.printer, story.dns
@@ -201,10 +234,7 @@ def mx_relay(story: Story) -> None:
     printer.header(f"3. {PROVIDER} looks up corp.example's MX and relays it with SMTP",
                    span(story.queued[-1:], sent_line))
     printer.note(f"DNS queries it sent to 127.0.0.1:{dns.address[1]}:")
-    for answered in dns.queries:
-        said = ", ".join(r.split(" IN ", 1)[-1] for r in answered.records) or (
-            "no records" if answered.rcode == "NOERROR" else answered.rcode)
-        printer.line(f"{answered.qname} {answered.qtype}?  ->  {said}", indent=5)
+    _print_queries(printer, [q for q in dns.queries if _routing(q)])
     if not any(q.qtype == "MX" and q.records for q in dns.queries):
         story.problems.append("the provider never asked DNS for corp.example's MX")
     printer.note("then SMTP to the MX host (STARTTLS, as RFC 3207 allows; no AUTH "
@@ -225,7 +255,13 @@ def receiving_host(story: Story) -> None:
     filed = tap.find(rf"^smtp: {corp_id}: to=<{re.escape(BOSS)}>.*relay=local")
     printer.header(f"4. {CORP} accepts it for its own user and files it in the Maildir",
                    span(tap.find(rf"^smtp: {corp_id}: client="), filed))
+    printer.note("checked first: SPF, DKIM, DMARC and iprev, recorded on top of the message "
+                 "in an Authentication-Results header (RFC 8601); the DNS queries for them:")
+    _print_queries(printer, [q for q in story.dns.queries if not _routing(q)])
     printer.log(CORP, tap.find(rf"^smtp: {corp_id}: "))
+    checked = tap.find(rf"^smtp: {corp_id}: auth: ")
+    if not checked or "dmarc=pass" not in checked[0].text:
+        story.problems.append(f"{CORP} did not find the message passing DMARC")
     for entry in list_messages(story.maildir):
         printer.line(f"Maildir file: {entry.path.relative_to(story.world.root)}", indent=5)
 

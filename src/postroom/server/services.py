@@ -20,6 +20,7 @@ from postroom.protocol.smtp_server import SMTPServerConfig
 from postroom.server import heap
 from postroom.server.diskspace import FreeSpace
 from postroom.server.limits import ConnectionLimiter
+from postroom.server.mailchecks import mail_checks
 from postroom.server.pop3 import POP3Service, POP3Session
 from postroom.server.relay import Relay
 from postroom.server.session import Service, Session
@@ -107,6 +108,7 @@ def _smtp_service(
         command_timeout=smtp.command_timeout,
         data_timeout=smtp.data_timeout,
         max_received=smtp.max_received_headers,
+        checks=mail_checks(config) if name == "smtp" else None,
     )
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Protocol
 
 from postroom.ids import new_queue_id
+from postroom.mailauth.checks import MailChecks, MessageChecks, Verdict
+from postroom.mailauth.results import OurResultsRemover
 from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
 from postroom.protocol import sasl
@@ -69,6 +71,8 @@ class SMTPService(Service):
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes after end of data...
     max_received: int = DEFAULT_MAX_RECEIVED
+    # MX only: SPF, DKIM, ARC, DMARC and iprev of what strangers send (postroom.mailauth).
+    checks: MailChecks | None = None
 
 
 @dataclass
@@ -90,6 +94,13 @@ class Transaction:
     # the filed copies (the message's head), and the relayed copy carries none.
     return_paths: ReturnPathRemover = field(default_factory=ReturnPathRemover)
     from_header: list[str] | None = None  # submission: From's values, checked at the end
+    # MX with checks on: the checks under way, and what they decided at the end of DATA.
+    auth: MessageChecks | None = None
+    auth_verdict: Verdict | None = None
+    forged_results: OurResultsRemover | None = None  # AR fields claiming our name go
+    # The message failed its From domain's DMARC check here: not to be forwarded (set at
+    # the end of DATA, before the message is stored).
+    dmarc_failed: bool = False
 
     def mailboxes(self) -> list[str]:
         """Each local mailbox once, however many recipients (aliases) lead to it."""
@@ -266,6 +277,12 @@ class SMTPSession(Session):
         # An authenticated submission client may relay (RFC 6409); MX traffic may not.
         policy = svc.submission if svc.submission is not None and self.user else svc.policy
         decision = await policy.check_recipient(event.address)
+        if decision.accepted and svc.checks is not None and txn.auth is None:
+            # From the first recipient accepted, not MAIL FROM: no DNS work for mail
+            # that every RCPT refuses (a dictionary attack asks nothing of DNS).
+            txn.auth = svc.checks.start(self.client_ip, self.helo, txn.mail.address)
+            if txn.auth is not None:
+                txn.forged_results = OurResultsRemover(svc.checks.authserv_id)
         if decision.accepted and decision.remote is not None:
             txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
         elif decision.accepted:
@@ -311,8 +328,13 @@ class SMTPSession(Session):
             return  # spool could not be opened; the error is reported at the end
         if txn.hops is not None and not txn.hops.done:
             txn.hops.feed(data)
+        if txn.auth is not None:
+            txn.auth.feed(data)
+        stored = txn.return_paths.feed(data)
+        if txn.forged_results is not None:
+            stored = txn.forged_results.feed(stored)
         try:
-            txn.writer.write(txn.return_paths.feed(data))
+            txn.writer.write(stored)
         except OSError as exc:
             log.error("%s: %s: write to spool failed: %s", self.service.name, txn.queue_id, exc)
             txn.writer.abort()
@@ -342,6 +364,12 @@ class SMTPSession(Session):
             self._finish_transaction()
             return
         refusal = await self._content_refusal(txn)
+        if refusal is None and txn.auth is not None:
+            refusal = await self._mail_checks(txn)
+            if txn.writer is None:  # the server shut down while the checks ran
+                self._reply(LOCAL_ERROR)
+                self._finish_transaction()
+                return
         if refusal is not None:
             log.info("%s: %s: reject: %s", self.service.name, txn.queue_id, refusal)
             txn.writer.abort()
@@ -361,7 +389,10 @@ class SMTPSession(Session):
         for; False when nothing of the message is kept (the client retries)."""
         svc = self.service
         try:
-            message.write(txn.return_paths.end())  # a last line still undecided
+            tail = txn.return_paths.end()  # a last line still undecided
+            if txn.forged_results is not None:
+                tail = txn.forged_results.feed(tail) + txn.forged_results.end()
+            message.write(tail)
         except OSError as exc:
             return self._local_error(txn, message, "write to spool", exc)
         envelope = self._envelope(txn, message.size) if txn.remote else None
@@ -371,7 +402,8 @@ class SMTPSession(Session):
             # round (RFC 5321 6.1: duplicates over losses).
             if envelope is not None:
                 await svc.outbound.add(envelope, message.chunks())
-            names = await message.deliver(txn.mailboxes())
+            folder = txn.auth_verdict.action.folder if txn.auth_verdict else None
+            names = await message.deliver(txn.mailboxes(), folder)
         except (OSError, ValueError) as exc:
             return self._local_error(txn, message, "storing the message", exc)
         self._log_stored(txn, message.size, names)
@@ -393,6 +425,24 @@ class SMTPSession(Session):
         if txn.from_header is not None and svc.submission is not None and self.user is not None:
             return await svc.submission.check_from(self.user, txn.from_header,
                                                    txn.mail.smtputf8)
+        return None
+
+    async def _mail_checks(self, txn: Transaction) -> Reply | None:
+        """The checks' verdict (postroom.mailauth): a refusal (DMARC reject, or 451 for
+        DNS failures), or None after putting the Authentication-Results field on top."""
+        checks, txn.auth = txn.auth, None  # from here the end of DATA owns them
+        assert checks is not None
+        domains = [rcpt.rpartition("@")[2].lower() for rcpt, _boxes in txn.recipients]
+        verdict = txn.auth_verdict = await checks.finish(domains, txn.queue_id)
+        txn.dmarc_failed = verdict.dmarc_failed
+        if txn.writer is None:
+            return None
+        log.info("%s: %s: auth: %s", self.service.name, txn.queue_id, verdict.summary)
+        if verdict.action.refusal is not None:
+            return verdict.action.refusal
+        if not txn.writer.insert_head(verdict.header):  # pragma: no cover - store refused
+            log.warning("%s: %s: Authentication-Results could not be added", self.service.name,
+                        txn.queue_id)
         return None
 
     def _log_stored(self, txn: Transaction, size: int, names: list[str]) -> None:
@@ -475,6 +525,9 @@ class SMTPSession(Session):
         txn = self.txn
         if txn is None:
             return
+        if txn.auth is not None:
+            txn.auth.cancel()
+            txn.auth = None
         if txn.writer is not None:
             txn.writer.abort()
             txn.writer = None

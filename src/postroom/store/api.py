@@ -60,6 +60,19 @@ class Expansion:
         return not self.mailboxes and not self.remote
 
 
+def check_folder(name: str) -> str:
+    """`name` if it can name a mailbox folder, else ValueError.
+
+    A Maildir++ folder name: "." separates levels ("Archive.2024"), as Dovecot's
+    maildir layout and Courier write them; no level is empty, none is "." or "..",
+    and no "/" or control character could move it out of the mailbox.
+    """
+    bad_char = any(c in "/\\\x7f" or ord(c) < 0x20 for c in name)
+    if not name or bad_char or any(level in ("", "..") for level in name.split(".")):
+        raise ValueError(f"not usable as a mailbox folder name: {name!r}")
+    return name
+
+
 # -- the user directory -----------------------------------------------------------
 
 
@@ -131,11 +144,13 @@ class Incoming(Protocol):
         """The message without the head: the copy to relay. BLOCKING (it may read
         storage): iterate it in a worker thread."""
 
-    async def deliver(self, mailboxes: Sequence[str]) -> list[str]:
+    async def deliver(self, mailboxes: Sequence[str], folder: str | None = None) -> list[str]:
         """File the message, head first, into each mailbox (one copy per distinct
         one), durably, in a commit shared with other sessions; the copies' names.
+        `folder`: into that folder of each mailbox instead of its inbox (a Maildir++
+        folder name such as "Junk", made when missing; see `check_folder`).
         All or nothing: OSError after taking back every copy (a retry cannot
-        duplicate it); ValueError, before any, for a name no mailbox can have."""
+        duplicate it); ValueError, before any, for a name no mailbox or folder can have."""
 
     def original(self) -> bytes | Path:
         """After `deliver`: the message as filed (for a delivery report, RFC 3464)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from postroom.batch import BatchThread
 from postroom.canonical import canonical_domain, split
+from postroom.store.api import check_folder
 from postroom.store.commit import Delivery, MessageWriter, commit
 from postroom.store.maildrop import Maildrop
 
@@ -95,21 +96,26 @@ class MaildirMailboxes:
         """Remove the files deliveries killed midway left, spool files and files in
         every mailbox's tmp/, once `older_than` seconds old (a Maildir may be shared
         with another delivery agent, Dovecot's LDA, whose younger files may still be
-        in progress); how many. BLOCKING: one listing per domain, two per mailbox."""
+        in progress); how many. BLOCKING: one listing per domain, three per mailbox
+        and two per folder."""
         cutoff = time.time() - older_than
         removed = _remove_stale(self.spool_dir, cutoff)
         for domain in _folders(self.mail_dir):  # ".spool" and other dot folders are skipped
             for mailbox in _folders(domain):
                 removed += _remove_stale(mailbox / "tmp", cutoff)
+                for folder in _folders(mailbox, dotted=True):  # Maildir++ folders
+                    removed += _remove_stale(folder / "tmp", cutoff)
         return removed
 
 
-def _folders(parent: Path) -> list[Path]:
-    """The folders in `parent` whose names do not start with "." (none if it is gone)."""
+def _folders(parent: Path, *, dotted: bool = False) -> list[Path]:
+    """The folders in `parent` whose names do not start with "." (with `dotted`: only
+    those that do), none if it is gone."""
     try:
         with os.scandir(parent) as entries:
             return [Path(e.path) for e in entries
-                    if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+                    if e.name.startswith(".") == dotted and e.name not in (".", "..")
+                    and e.is_dir(follow_symlinks=False)]
     except (FileNotFoundError, NotADirectoryError):
         return []
 
@@ -133,7 +139,8 @@ class Spool:
     """api.Incoming for Maildirs: in memory while small, in a spool file past SPILL_AT.
     The filed copies start with `head`, which the relayed copy (`chunks`) lacks."""
 
-    __slots__ = ("_store", "_head", "_chunks", "_writer", "_filed", "size")
+    __slots__ = ("_store", "_head", "_chunks", "_writer", "_filed", "_first_end", "_late",
+                 "size")
 
     def __init__(self, store: MaildirMailboxes, head: bytes = b"") -> None:
         self._store = store
@@ -141,6 +148,10 @@ class Spool:
         self._chunks: list[bytes] = []
         self._writer: MessageWriter | None = None
         self._filed: list[Path] = []
+        # Spilled: where the first piece ends in the spool file, and the header lines
+        # inserted there since (written into the file just before it is filed).
+        self._first_end = 0
+        self._late = b""
         self.size = 0  # octets of the message, the head left out
 
     def write(self, data: bytes) -> None:
@@ -154,6 +165,7 @@ class Spool:
 
     def _spill(self) -> None:
         writer = self._writer = MessageWriter(self._store.spool_dir, self._store.hostname)
+        self._first_end = len(self._head) + (len(self._chunks[0]) if self._chunks else 0)
         writer.write(self._head)
         for chunk in self._chunks:
             writer.write(chunk)
@@ -161,23 +173,53 @@ class Spool:
 
     def insert_head(self, data: bytes) -> bool:
         """Put header lines right after the first piece written (our Received header).
-        Possible only while the message is still in memory."""
-        if self._writer is not None or not self._chunks:
-            return False
-        self._chunks.insert(1, data)
+        In memory: at once. Spilled: `chunks` yields them in place, and `deliver`
+        rewrites the spool file with them before filing it."""
+        if self._writer is None:
+            if not self._chunks:
+                return False
+            self._chunks.insert(1, data)
+        else:
+            self._late += data
         self.size += len(data)
         return True
 
     def chunks(self) -> Iterator[bytes]:
         if self._writer is None:
             yield from self._chunks
-        else:
+        elif not self._late:
             yield from self._writer.read_back(skip=len(self._head))
+        else:
+            yield from _spliced(self._writer.read_back(skip=len(self._head)),
+                                self._first_end - len(self._head), self._late)
 
-    async def deliver(self, mailboxes: Sequence[str]) -> list[str]:
+    def _rewrite(self) -> None:
+        """BLOCKING: a new spool file with the late header lines in place (a copy, a
+        piece at a time: a large message is never held whole)."""
+        old = self._writer
+        assert old is not None
+        new = MessageWriter(self._store.spool_dir, self._store.hostname)
+        try:
+            for piece in _spliced(old.read_back(), self._first_end, self._late):
+                new.write(piece)
+            new.flush()
+        except BaseException:
+            new.abort()
+            raise
+        old.abort()
+        self._writer, self._late = new, b""
+
+    async def deliver(self, mailboxes: Sequence[str], folder: str | None = None) -> list[str]:
         if not mailboxes:
             return []
         maildirs = [self._store.maildir_for(box) for box in mailboxes]
+        if folder is not None:
+            # Maildir++: folder "Junk" of a mailbox is its subfolder ".Junk" (as Dovecot's
+            # maildir layout and Courier name it); made with its maildirfolder marker.
+            name = "." + check_folder(folder)
+            maildirs = [maildir / name for maildir in maildirs]
+        if self._writer is not None and self._late:
+            await asyncio.to_thread(self._rewrite)
         writer = self._writer  # the spool file, or the pieces in memory, head first
         delivery = (writer.delivery(maildirs) if writer is not None
                     else Delivery(maildirs, chunks=[self._head, *self._chunks]))
@@ -195,3 +237,17 @@ class Spool:
         self._chunks.clear()
         if self._writer is not None:
             self._writer.abort()
+
+
+def _spliced(pieces: Iterator[bytes], at: int, extra: bytes) -> Iterator[bytes]:
+    """`pieces`, with `extra` put in after the first `at` octets."""
+    for piece in pieces:
+        if 0 <= at < len(piece):
+            yield piece[:at]
+            yield extra
+            yield piece[at:]
+        else:
+            yield piece
+        at -= len(piece)
+    if at == 0:
+        yield extra

@@ -25,6 +25,7 @@ from pathlib import Path
 from postroom.store import durable
 
 DIR_MODE = 0o700
+MAILDIRFOLDER = "maildirfolder"  # Maildir++: the empty file that marks a folder
 
 _counter_lock = threading.Lock()
 _counter = 0
@@ -196,6 +197,9 @@ def ensure_maildir(maildir: Path) -> bool:
     """
     if (maildir / "new").is_dir() and (maildir / "cur").is_dir() and (maildir / "tmp").is_dir():
         return False
+    subfolder = maildir.name.startswith(".")  # a Maildir++ folder of the mailbox above
+    if subfolder:
+        ensure_maildir(maildir.parent)
     created: list[Path] = []
     missing = []
     p = maildir
@@ -206,6 +210,13 @@ def ensure_maildir(maildir: Path) -> bool:
         with contextlib.suppress(FileExistsError):
             durable.OS.mkdir(d, DIR_MODE)
             created.append(d)
+    if subfolder:
+        # Maildir++: the marker that says this is a folder, not a mailbox of its own
+        # (Courier's and Dovecot's deliveries create it too).
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(maildir / MAILDIRFOLDER, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             0o600))
+            created.append(maildir / MAILDIRFOLDER)
     for d in dict.fromkeys(c.parent for c in created):
         durable.sync_dir(d)
     return bool(created)
