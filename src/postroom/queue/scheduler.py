@@ -73,6 +73,8 @@ class SchedulerOptions:
     rules: Rules = field(default_factory=Rules)
     max_per_destination: int = 10  # concurrent deliveries to one domain
     max_total: int = 100  # concurrent deliveries in all
+    # Adds DKIM signatures to a notice we send (postroom.mailauth.sign.Signer.sign).
+    sign_notice: Callable[[bytes], bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,8 @@ class Scheduler:
         self._view = EnvelopeReader(store)
         self._envelopes = self._view.envelopes  # the scheduler's copy of the queue
         self._in_flight = self._view.in_flight  # IDs of the attempts running
-        self._notices = Notices(store, options.hostname, options.rules, self._adopt_notice)
+        self._notices = Notices(store, options.hostname, options.rules, self._adopt_notice,
+                                sign=options.sign_notice)
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots: dict[str, _Slot] = {}
         self._wakeup = asyncio.Event()

@@ -28,6 +28,8 @@ from postroom.delivery.local import LocalCourier
 from postroom.delivery.remote import RemoteCourier
 from postroom.delivery.routing import Router, RouterOptions
 from postroom.gathering import gather_few
+from postroom.mailauth.keys import KeyRing
+from postroom.mailauth.sign import Signer
 from postroom.queue.content import Content
 from postroom.queue.dsn import Action, Report, queue_dsn
 from postroom.queue.envelope import Envelope, Recipient
@@ -65,7 +67,7 @@ def router_options(config: Config) -> RouterOptions:
     )
 
 
-def scheduler_options(config: Config) -> SchedulerOptions:
+def scheduler_options(config: Config, signer: Signer | None = None) -> SchedulerOptions:
     """The queue's settings, from the config's [queue], hostname and postmaster."""
     rules = Rules(
         retry_after=tuple(config.queue.retry_after),
@@ -76,6 +78,7 @@ def scheduler_options(config: Config) -> SchedulerOptions:
     return SchedulerOptions(
         hostname=config.hostname, rules=rules,
         max_per_destination=config.queue.max_per_destination,
+        sign_notice=signer.sign if signer is not None else None,
     )
 
 
@@ -96,6 +99,8 @@ class Relay:
         self._is_local_domain = is_local_domain
         self._notify_primary = notify_primary
         self._hostname = config.hostname
+        # DKIM: submission sessions sign with it, the queue signs its notices.
+        self.signer = Signer(KeyRing(config.data_dir)) if config.dkim.sign else None
         self.queue = QueueStore(config.queue_dir)
         self.router = Router(router_options(config), is_local_domain)
         # Keep as many idle sessions per destination as may deliver to it at once:
@@ -106,7 +111,8 @@ class Relay:
             max_idle_sessions_per_domain=config.queue.max_per_destination,
         )
         self.local = LocalCourier(store, expand)
-        self.scheduler = Scheduler(self.queue, self.deliver, scheduler_options(config))
+        self.scheduler = Scheduler(self.queue, self.deliver,
+                                   scheduler_options(config, self.signer))
         self._task: asyncio.Task[None] | None = None
         # Group commit for the queue (QueueStore.add_many), as store/mailboxes.py
         # does for Maildirs: four syncs per message become a few per batch.
@@ -157,7 +163,9 @@ class Relay:
         for action, items in by_action.items():
             try:
                 report = Report(about, items, action, self._hostname, now)
-                notice = await asyncio.to_thread(queue_dsn, self.queue, report, original)
+                notice = await asyncio.to_thread(
+                    queue_dsn, self.queue, report, original,
+                    sign=self.signer.sign if self.signer is not None else None)
             except (OSError, QueueError) as e:
                 log.error("%s: cannot queue the %s notice: %s", envelope.queue_id, action, e)
                 continue

@@ -49,8 +49,11 @@ def build_services(config: Config, names: list[str], tls_context: ssl.SSLContext
     services: dict[str, Service] = {}
     for name in names:
         if name in ("smtp", *SUBMISSION_LISTENERS):
-            services[name] = _smtp_service(name, config, tls_context, store, smtp_limiter,
-                                           throttle, relay)
+            smtp_service = _smtp_service(name, config, tls_context, store, smtp_limiter,
+                                         throttle, relay)
+            if name in SUBMISSION_LISTENERS:  # DKIM signing hook (postroom.mailauth.sign)
+                smtp_service.dkim = relay.signer
+            services[name] = smtp_service
         else:  # "pop3" (STLS) or "pop3s" (implicit TLS)
             services[name] = POP3Service(
                 name=name, hostname=config.hostname, directory=store.directory,

@@ -10,6 +10,7 @@ reply that acknowledges it (RFC 5321 6.1: once we say 250 we are responsible).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Iterable
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from postroom.ids import new_queue_id
+from postroom.mailauth.sign import Signer, StreamSigner
 from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
 from postroom.protocol import sasl
@@ -69,6 +71,8 @@ class SMTPService(Service):
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes after end of data...
     max_received: int = DEFAULT_MAX_RECEIVED
+    # Submission only: DKIM-signs what authenticated users send (postroom.mailauth.sign).
+    dkim: Signer | None = None
 
 
 @dataclass
@@ -90,6 +94,7 @@ class Transaction:
     # the filed copies (the message's head), and the relayed copy carries none.
     return_paths: ReturnPathRemover = field(default_factory=ReturnPathRemover)
     from_header: list[str] | None = None  # submission: From's values, checked at the end
+    signer: StreamSigner | None = None  # submission: the DKIM signature being computed
 
     def mailboxes(self) -> list[str]:
         """Each local mailbox once, however many recipients (aliases) lead to it."""
@@ -286,6 +291,8 @@ class SMTPSession(Session):
         txn.hops = HopCounter()
         if self.service.submission is not None:
             txn.headers = HeaderCapture()
+            if self.service.dkim is not None and self.user is not None:
+                txn.signer = self.service.dkim.start()
         everyone = [rcpt for rcpt, _boxes in txn.recipients] + [r.address for r in txn.remote]
         info = TraceInfo(
             helo=self.helo,
@@ -312,7 +319,10 @@ class SMTPSession(Session):
         if txn.hops is not None and not txn.hops.done:
             txn.hops.feed(data)
         try:
-            txn.writer.write(txn.return_paths.feed(data))
+            data = txn.return_paths.feed(data)
+            txn.writer.write(data)
+            if txn.signer is not None:
+                txn.signer.feed(data)
         except OSError as exc:
             log.error("%s: %s: write to spool failed: %s", self.service.name, txn.queue_id, exc)
             txn.writer.abort()
@@ -331,6 +341,8 @@ class SMTPSession(Session):
         extra = missing_headers(fields, svc.hostname, txn.started)
         if extra and not txn.writer.insert_head(extra):
             log.warning("%s: %s: header section too large to complete", svc.name, txn.queue_id)
+        elif extra and txn.signer is not None:
+            txn.signer.add_fields(extra)
 
     async def _message_end(self) -> None:
         """The end of the content: refuse the message, or store it and answer 250."""
@@ -361,7 +373,8 @@ class SMTPSession(Session):
         for; False when nothing of the message is kept (the client retries)."""
         svc = self.service
         try:
-            message.write(txn.return_paths.end())  # a last line still undecided
+            tail = txn.return_paths.end()  # a last line still undecided
+            message.write(tail)
         except OSError as exc:
             return self._local_error(txn, message, "write to spool", exc)
         envelope = self._envelope(txn, message.size) if txn.remote else None
@@ -370,7 +383,14 @@ class SMTPSession(Session):
             # relayed recipients may get the message twice, which is the safe way
             # round (RFC 5321 6.1: duplicates over losses).
             if envelope is not None:
-                await svc.outbound.add(envelope, message.chunks())
+                chunks: Iterable[bytes] = message.chunks()
+                if txn.signer is not None:  # the copy that leaves carries the signatures
+                    txn.signer.feed(tail)
+                    signatures = txn.signer.finish(f"{svc.name}: {txn.queue_id}: ")
+                    if signatures:
+                        chunks = itertools.chain((signatures,), chunks)
+                        envelope.size += len(signatures)
+                await svc.outbound.add(envelope, chunks)
             names = await message.deliver(txn.mailboxes())
         except (OSError, ValueError) as exc:
             return self._local_error(txn, message, "storing the message", exc)
