@@ -53,6 +53,7 @@ def build_services(config: Config, names: list[str], tls_context: ssl.SSLContext
                                          throttle, relay)
             if name in SUBMISSION_LISTENERS:  # DKIM signing hook (postroom.mailauth.sign)
                 smtp_service.dkim = relay.signer
+            smtp_service.forwarding = relay.forwarding
             services[name] = smtp_service
         else:  # "pop3" (STLS) or "pop3s" (implicit TLS)
             services[name] = POP3Service(
@@ -78,7 +79,8 @@ def _smtp_service(
     """The `smtp` listener (MX: local recipients only) or a submission one (AUTH, relay)."""
     smtp = config.smtp
     primary = postmaster_address(config).partition("@")[2]  # <Postmaster> (RFC 5321 4.1.1.3)
-    policy = RecipientPolicy(store.directory, primary_domain=primary)
+    policy = RecipientPolicy(store.directory, primary_domain=primary,
+                             srs=relay.forwarding.srs)  # forwarding hook (server.forwarding)
     submission = name in SUBMISSION_LISTENERS
     core_config = SMTPServerConfig(
         hostname=config.hostname,

@@ -27,6 +27,7 @@ from postroom.protocol import smtp_server as core
 from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.server.diskspace import FreeSpace
+from postroom.server.forwarding import Forwarding
 from postroom.server.headers import HeaderCapture, missing_headers
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
 from postroom.server.session import Service, Session
@@ -73,6 +74,8 @@ class SMTPService(Service):
     max_received: int = DEFAULT_MAX_RECEIVED
     # Submission only: DKIM-signs what authenticated users send (postroom.mailauth.sign).
     dkim: Signer | None = None
+    # Aliases to other hosts and bounces to SRS addresses (server.forwarding).
+    forwarding: Forwarding | None = None
 
 
 @dataclass
@@ -95,6 +98,11 @@ class Transaction:
     return_paths: ReturnPathRemover = field(default_factory=ReturnPathRemover)
     from_header: list[str] | None = None  # submission: From's values, checked at the end
     signer: StreamSigner | None = None  # submission: the DKIM signature being computed
+    # Addresses on other hosts, by the local domain whose alias forwards to them.
+    forward: dict[str, list[str]] = field(default_factory=dict)
+    # Hook for the DMARC check (postroom.mailauth): mail that failed DMARC here is not
+    # forwarded (its local copies are still filed or refused as the policy says).
+    dmarc_failed: bool = False
 
     def mailboxes(self) -> list[str]:
         """Each local mailbox once, however many recipients (aliases) lead to it."""
@@ -271,6 +279,10 @@ class SMTPSession(Session):
         # An authenticated submission client may relay (RFC 6409); MX traffic may not.
         policy = svc.submission if svc.submission is not None and self.user else svc.policy
         decision = await policy.check_recipient(event.address)
+        if decision.accepted and decision.forward:
+            domain = event.address.rpartition("@")[2].lower().rstrip(".")
+            targets = txn.forward.setdefault(domain, [])
+            targets += [t for t in decision.forward if t not in targets]
         if decision.accepted and decision.remote is not None:
             txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
         elif decision.accepted:
@@ -391,17 +403,42 @@ class SMTPSession(Session):
                         chunks = itertools.chain((signatures,), chunks)
                         envelope.size += len(signatures)
                 await svc.outbound.add(envelope, chunks)
+            forwarded = await self._forward(txn, message) if txn.forward else []
             names = await message.deliver(txn.mailboxes())
         except (OSError, ValueError) as exc:
             return self._local_error(txn, message, "storing the message", exc)
         self._log_stored(txn, message.size, names)
         if envelope is not None:
             svc.outbound.queued(envelope)
+        for copy in forwarded:
+            svc.outbound.queued(copy)
         if txn.notify and names:
             await svc.outbound.delivered(self._envelope(txn, message.size), txn.notify,
                                         message.original())
         message.abort()
         return True
+
+    async def _forward(self, txn: Transaction, message: Incoming) -> list[Envelope]:
+        """Queue the copies for the other hosts that aliases name, one per forwarding
+        domain; the envelopes queued. OSError when one cannot be queued: the whole
+        message is then refused with 451 (RFC 5321 3.9.1: the forwarder answers for
+        the delivery it accepted; duplicates over losses)."""
+        svc = self.service
+        if txn.dmarc_failed:
+            log.info("%s: %s: not forwarded: failed DMARC here", svc.name, txn.queue_id)
+            return []
+        assert svc.forwarding is not None, "the policy forwards only when forwarding is on"
+        original = self._envelope(txn, message.size)
+        where = f"{svc.name}: {txn.queue_id}: "
+        queued = []
+        for domain, targets in txn.forward.items():
+            envelope, chunks = await svc.forwarding.prepare(original, domain, targets, message,
+                                                            where)
+            await svc.outbound.add(envelope, chunks)
+            log.info("%s: %s: forwarded as %s: from=<%s>, to=%s", svc.name, txn.queue_id,
+                     envelope.queue_id, envelope.sender, ",".join(f"<{t}>" for t in targets))
+            queued.append(envelope)
+        return queued
 
     async def _content_refusal(self, txn: Transaction) -> Reply | None:
         """Why the message just received is refused, or None: a mail loop, or a From
