@@ -179,3 +179,21 @@ def test_dns_check_without_a_key_says_to_make_one(
     status, out, _err = run(capsys, data, "dns", "check", "corp.example")
     assert status == 1
     assert "MISSING  DKIM key: make one with `postroom dkim add corp.example`" in out
+
+
+def test_a_wildcard_listener_asks_only_that_the_host_has_an_address(
+        capsys: pytest.CaptureFixture[str], data: Path, dns: ZoneServer) -> None:
+    config = data / "postroom.toml"
+    config.write_text(config.read_text().replace(f'smtp = "{ADDRESS}:25"', 'smtp = "0.0.0.0:25"'))
+    run(capsys, data, "dkim", "add", "corp.example", "--selector", "s1")
+    status, out, _err = run(capsys, data, "dns", "records", "corp.example")
+    assert "; mx.corp.example.\tIN\tA\t<address> (or AAAA)" in out
+    assert 'corp.example.\tIN\tTXT\t"v=spf1 mx -all"' in out
+    publish_all(dns, data)
+    dns.set("mx.corp.example", "A", None)
+    status, out, _err = run(capsys, data, "dns", "check", "corp.example")
+    assert status == 1 and "MISSING  A mx.corp.example" in out
+    dns.set("mx.corp.example", "AAAA", ["2001:db8::25"])
+    status, out, _err = run(capsys, data, "dns", "check", "corp.example")
+    assert status == 0, out
+    assert "ok       A mx.corp.example: 2001:db8::25" in out

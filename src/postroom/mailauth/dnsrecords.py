@@ -8,6 +8,7 @@ wrong, and what to publish instead.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ MX_PREFERENCE = 10
 # the set-up, and aggregate reports show what passes before tightening.
 DMARC_START = "v=DMARC1; p=none; adkim=r; aspf=r; rua=mailto:{rua}"
 TLSRPT = "v=TLSRPTv1; rua=mailto:{rua}"  # RFC 8460 3
+
+ANY_ADDRESS = "<address>"  # placeholder: the host's address is not known here
 
 Status = Literal["ok", "missing", "wrong", "unknown", "optional"]
 
@@ -38,6 +41,8 @@ class Record:
     disabled: bool = False  # printed commented out: needs something postroom does not serve
 
     def zone_line(self) -> str:
+        if self.value == ANY_ADDRESS:
+            return f"; {self.name}.\tIN\tA\t{ANY_ADDRESS} (or AAAA)"
         data = _txt_strings(self.value) if self.rtype == "TXT" else self.value
         line = f"{self.name}.\tIN\t{self.rtype}\t{data}"
         return f"; {line}" if self.disabled else line
@@ -104,6 +109,10 @@ def needed(domain: str, hostname: str, addresses: Sequence[str], keys: Sequence[
     for address in addresses:
         records.append(Record(hostname, "AAAA" if ":" in address else "A", address,
                               "this host's address (the MX target)"))
+    if not addresses:  # a wildcard listener: any address will do, and SPF's "mx" covers it
+        records.append(Record(hostname, "A", ANY_ADDRESS,
+                              "this host's public address (the MX target); name it with "
+                              "--address to have it checked and put in SPF"))
     records.append(Record(domain, "TXT", spf_value(addresses),
                           "SPF (RFC 7208): the hosts that send the domain's mail"))
     for key in keys:
@@ -184,6 +193,10 @@ async def _check(resolver: Resolver, record: Record, addresses: Sequence[str]) -
             found = [str(r) for r in await lookup(resolver, name, rtype)]
         except NXDOMAIN:
             found = []
+        if record.value == ANY_ADDRESS:
+            with contextlib.suppress(NXDOMAIN):
+                found += [str(r) for r in await lookup(resolver, name, "AAAA")]
+            return Finding("ok" if found else "missing", record, ", ".join(found))
         if not found:
             return Finding("missing", record)
         ok = ipaddress.ip_address(record.value) in {ipaddress.ip_address(a) for a in found}
