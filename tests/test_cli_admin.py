@@ -172,7 +172,8 @@ def test_the_administrators_domain_cannot_be_removed(tmp_path: Path) -> None:
 
 
 def test_alias_to_another_host_is_added_to_forward(data: Path) -> None:
-    ok(postroom(data, "alias", "add", "ext@corp.example", "someone@gmail.com"))
+    out = ok(postroom(data, "alias", "add", "ext@corp.example", "someone@gmail.com"))
+    assert "note: mail for someone@gmail.com is forwarded to another host with an SRS" in out
     assert users_and_aliases(data)[1] == {"ext@corp.example": ["someone@gmail.com"]}
 
 
