@@ -46,6 +46,7 @@ class RecipientDecision:
     # Addresses on other hosts an alias (or an SRS bounce address) forwards to: relayed
     # with an SRS sender (postroom.mailauth.srs) and an ARC seal.
     forward: tuple[str, ...] = ()
+    forward_domain: str = ""  # the local domain (canonical) that forwards them
 
     @property
     def accepted(self) -> bool:
@@ -103,7 +104,7 @@ class RecipientPolicy:
         except ValueError:  # a local part longer than any mailbox name here
             key = None
         if self._srs is not None and is_srs(unquoted(local)):
-            return self._srs_recipient(address, shown)
+            return self._srs_recipient(address, shown, domain)
         # A local part that stays quoted (a space, say) names no mailbox here:
         # user and alias names are dot-atoms.
         expansion = (await self._directory.expand(key)
@@ -127,9 +128,9 @@ class RecipientPolicy:
                                     "this host is not configured to relay")
             )
         return RecipientDecision(Reply(250, "2.1.5", "Ok"), expansion.mailboxes,
-                                 forward=expansion.remote)
+                                 forward=expansion.remote, forward_domain=domain)
 
-    def _srs_recipient(self, address: str, shown: str) -> RecipientDecision:
+    def _srs_recipient(self, address: str, shown: str, domain: str) -> RecipientDecision:
         """An SRS address of ours (a bounce of mail we forwarded): on to the original
         sender, if we made it and it is not too old."""
         assert self._srs is not None
@@ -137,5 +138,6 @@ class RecipientPolicy:
             original = self._srs.reverse(address)
         except SRSError as e:
             return RecipientDecision(Reply(550, "5.1.1", f"{shown}: invalid SRS address: {e}"))
-        return RecipientDecision(Reply(250, "2.1.5", "Ok"), forward=(original,))
+        return RecipientDecision(Reply(250, "2.1.5", "Ok"), forward=(original,),
+                                 forward_domain=domain)
 

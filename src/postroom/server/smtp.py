@@ -280,8 +280,7 @@ class SMTPSession(Session):
         policy = svc.submission if svc.submission is not None and self.user else svc.policy
         decision = await policy.check_recipient(event.address)
         if decision.accepted and decision.forward:
-            domain = event.address.rpartition("@")[2].lower().rstrip(".")
-            targets = txn.forward.setdefault(domain, [])
+            targets = txn.forward.setdefault(decision.forward_domain, [])
             targets += [t for t in decision.forward if t not in targets]
         if decision.accepted and decision.remote is not None:
             txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
