@@ -147,3 +147,14 @@ def test_a_key_added_or_retired_is_seen_without_restart(store: KeyStore, tmp_pat
     store.retire("corp.example", "s1")
     now[0] += 2
     assert [k.key.selector for k in ring.keys_for("corp.example")] == ["s2"]
+
+
+def test_unreadable_keys_sign_nothing_and_raise_nothing(store: KeyStore, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    store.add("corp.example", "s1", "rsa")
+
+    def refuse(self: KeyStore, domain: str | None = None) -> list[object]:
+        raise PermissionError(13, "Permission denied", str(self.root))
+
+    monkeypatch.setattr(KeyStore, "all", refuse)
+    assert Signer(KeyRing(tmp_path)).sign(MESSAGE) == MESSAGE

@@ -273,12 +273,21 @@ class KeyRing:
             stamp = self.root.stat().st_mtime_ns
         except FileNotFoundError:
             stamp = 0
+        except OSError as e:
+            stamp = -1
+            if self._stamp != stamp:
+                log.warning("DKIM keys not readable, mail goes unsigned: %s", e)
         if stamp == self._stamp:
             return
         self._stamp = stamp
         by_domain: dict[str, list[SigningKey]] = {}
         errors = []
-        for key in KeyStore(self.data_dir).all():
+        try:
+            keys = KeyStore(self.data_dir).all() if stamp != -1 else []
+        except OSError as e:  # a folder this process may not read: sign nothing
+            log.warning("DKIM keys not readable, mail goes unsigned: %s", e)
+            keys = []
+        for key in keys:
             if key.retired:
                 continue
             try:
