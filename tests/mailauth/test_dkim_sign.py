@@ -158,3 +158,11 @@ def test_unreadable_keys_sign_nothing_and_raise_nothing(store: KeyStore, tmp_pat
 
     monkeypatch.setattr(KeyStore, "all", refuse)
     assert Signer(KeyRing(tmp_path)).sign(MESSAGE) == MESSAGE
+
+
+def test_an_international_from_domain_finds_its_key(store: KeyStore, tmp_path: Path) -> None:
+    key = store.add("bücher.example", "s1", "rsa")
+    assert key.domain == "xn--bcher-kva.example"
+    message = MESSAGE.replace(b"boss@corp.example", "boss@Bücher.example".encode())
+    signed = Signer(KeyRing(tmp_path)).sign(message)
+    assert b"d=xn--bcher-kva.example" in signed and dkimpy_verify(signed, key)

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, utils
 from dkim.canonicalization import CanonicalizationPolicy
 
+from postroom.canonical import canonical_domain
 from postroom.mailauth.keys import KeyRing, SigningKey
 
 log = logging.getLogger("postroom.dkim")
@@ -178,7 +179,10 @@ def from_domain(fields: list[list[bytes]]) -> str | None:
     addresses = [a for _name, a in getaddresses([text]) if a]
     if len(addresses) != 1 or "@" not in addresses[0]:
         return None
-    return addresses[0].rpartition("@")[2].strip().rstrip(".").lower() or None
+    try:  # keys are filed under the A-label form (RFC 6376 3.5: d= is A-labels)
+        return canonical_domain(addresses[0].rpartition("@")[2].strip())
+    except ValueError:
+        return None
 
 
 class StreamSigner:
