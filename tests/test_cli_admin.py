@@ -171,11 +171,10 @@ def test_the_administrators_domain_cannot_be_removed(tmp_path: Path) -> None:
 # -- aliases -------------------------------------------------------------------------------
 
 
-def test_alias_to_another_host_is_refused_when_added(data: Path) -> None:
-    line = refused(postroom(data, "alias", "add", "ext@corp.example", "someone@gmail.com"))
-    assert "someone@gmail.com is not in a local domain" in line
-    assert "does not forward mail to other hosts" in line
-    assert users_and_aliases(data)[1] == {}
+def test_alias_to_another_host_is_added_to_forward(data: Path) -> None:
+    out = ok(postroom(data, "alias", "add", "ext@corp.example", "someone@gmail.com"))
+    assert "note: mail for someone@gmail.com is forwarded to another host with an SRS" in out
+    assert users_and_aliases(data)[1] == {"ext@corp.example": ["someone@gmail.com"]}
 
 
 def test_alias_to_nobody_or_in_a_loop_is_refused_when_added(data: Path) -> None:

@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 import pytest
 
+from postroom.mailauth.srs import SRS
 from postroom.policy.relay import RecipientDecision, RecipientPolicy, normalise_domain
 from postroom.store.api import Expansion
 
@@ -153,3 +154,33 @@ def test_an_alias_that_leads_nowhere_says_so(policy: Policy) -> None:
     assert (d.reply.code, d.reply.enhanced) == (451, "4.3.5")
     assert "alias that leads to no mailbox" in d.reply.text
     assert "no such user" not in d.reply.text
+
+
+def forwarding_policy() -> Policy:
+    def expand(address: str) -> Expansion | None:
+        if address == "postmaster@corp.example":
+            return Expansion((), ("admin@other.example",), ())
+        return resolve(address)
+
+    return Policy(RecipientPolicy(Directory(lambda d: d == "corp.example", expand),
+                                  primary_domain="corp.example", srs=SRS(b"secret")))
+
+
+@pytest.mark.parametrize("address", ["forward@corp.example", "forward@Corp.Example."])
+def test_with_forwarding_on_an_alias_off_host_is_accepted_for_both(address: str) -> None:
+    d = forwarding_policy().check_recipient(address)
+    assert (d.reply.code, d.mailboxes) == (250, ("boss@corp.example",))
+    assert (d.forward, d.forward_domain) == (("friend@other.example",), "corp.example")
+
+
+def test_bare_postmaster_forwards_in_the_primary_domain() -> None:
+    d = forwarding_policy().check_recipient("Postmaster")
+    assert (d.forward, d.forward_domain) == (("admin@other.example",), "corp.example")
+
+
+def test_an_srs_address_leads_back_to_the_sender_or_is_refused() -> None:
+    srs = SRS(b"secret").forward("alice@sender.example", "corp.example")
+    d = forwarding_policy().check_recipient(srs)
+    assert (d.reply.code, d.mailboxes, d.forward) == (250, (), ("alice@sender.example",))
+    d = forwarding_policy().check_recipient(srs.replace("alice", "mallory"))
+    assert (d.reply.code, d.reply.enhanced, d.forward) == (550, "5.1.1", ())

@@ -720,3 +720,28 @@ async def test_a_message_gone_before_its_delivery_is_dropped(
     assert h.scheduler.envelopes() == [] and h.store.ids() == []
     assert "MSG000000001: removed from the queue during delivery" in caplog.text
     await h.stop()
+
+
+@async_test
+async def test_delay_notices_and_bounces_go_through_the_signer(tmp_path: Path) -> None:
+    def sign(message: bytes) -> bytes:  # as postroom.mailauth.sign.Signer.sign does
+        return b"DKIM-Signature: v=1; d=corp.example\r\n" + message
+
+    def decide(env: Envelope, r: Recipient) -> Decision:
+        if env.sender == "":
+            return ("delivered", "2.0.0", "ok")
+        return temporary(env, r) if r.address == "slow@isp.example" else (
+            "permanent", "5.1.1", "no such user")
+
+    h = Harness(tmp_path, FakeDeliver(decide), delay_warning_after=4 * 3600.0, sign_notice=sign)
+    h.add("MSG000000001", "slow@isp.example", "gone@isp.example")
+    await h.start()
+    await h.advance(5 * 3600)
+    subjects = []
+    for raw in h.deliver.seen_bytes:
+        if b"multipart/report" in raw:
+            assert raw.startswith(b"DKIM-Signature: v=1; d=corp.example\r\nFrom: MAILER-DAEMON")
+            subjects.append(email.message_from_bytes(raw)["Subject"])
+    assert sorted(subjects) == ["Delayed Mail (still being retried)",
+                                "Undelivered Mail Returned to Sender"]
+    await h.stop()

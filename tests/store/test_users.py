@@ -370,11 +370,14 @@ def test_usable_from_worker_threads(db: SQLiteUserDirectory) -> None:
 # -- what add_alias refuses ------------------------------------------------------------
 
 
-def test_alias_to_another_host_is_refused(db: SQLiteUserDirectory) -> None:
+def test_alias_to_another_host_forwards(db: SQLiteUserDirectory) -> None:
     db.add_user("boss@corp.example", "pw")
-    with pytest.raises(DirectoryError, match="partner@far.example is not in a local domain"):
-        db.add_alias("ext@corp.example", ["boss@corp.example", "partner@far.example"])
-    assert db.list_aliases() == {}
+    db.add_alias("ext@corp.example", ["boss@corp.example", "Partner@far.example"])
+    assert db.list_aliases() == {"ext@corp.example": ["boss@corp.example",
+                                                      "Partner@far.example"]}
+    found = db.expand("ext@corp.example")
+    assert found is not None
+    assert (found.mailboxes, found.remote) == (("boss@corp.example",), ("Partner@far.example",))
 
 
 def test_alias_to_nobody_is_refused_and_nothing_is_stored(db: SQLiteUserDirectory) -> None:

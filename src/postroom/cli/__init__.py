@@ -30,6 +30,7 @@ from postroom.cli.common import (
     help_of,
     subparsers,
 )
+from postroom.cli.dkim import add_dkim, add_dns
 from postroom.cli.mail import add_demo, add_fetch, add_send, add_sendmail, add_trace
 from postroom.cli.queue import add_queue
 from postroom.cli.serve import add_init, add_serve
@@ -76,6 +77,8 @@ COMMANDS: list[Callable[[Subparsers, argparse.ArgumentParser], None]] = [
     add_user,
     add_alias,
     add_queue,
+    add_dkim,
+    add_dns,
     add_sendmail,
     add_send,
     add_fetch,

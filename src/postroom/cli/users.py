@@ -218,6 +218,11 @@ def _alias_add(args: argparse.Namespace, ctx: Context) -> int:
     if directory.has_user(source) and source not in targets:
         ctx.say(f"note: {source} is a user; its mail now goes to the alias's targets, not "
                 "to its mailbox")
+    remote = [t for t in targets if not directory.has_domain(split(t)[1])]
+    if remote:
+        ctx.say(f"note: mail for {', '.join(remote)} is forwarded to another host with an "
+                f"SRS sender in {split(source)[1]} and an ARC seal made with its RSA DKIM key "
+                f"(`{PROG} dkim add {split(source)[1]}` if it has none)")
     return 0
 
 

@@ -57,6 +57,8 @@ from postroom.canonical import canonical
 from postroom.config import Config, ConfigError, load_config, postmaster_address
 from postroom.control import ControlError, tell_server, tell_server_in_words, wake_request
 from postroom.ids import new_queue_id
+from postroom.mailauth.keys import KeyRing
+from postroom.mailauth.sign import Signer, signed_stream
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.queue.store import QueueStore
 from postroom.store.api import DirectoryError
@@ -329,9 +331,11 @@ def submit(stream: BinaryIO, opts: Options, config: Config, *, user: str | None 
         if envelope.body is None:  # the store writes the envelope after the last chunk
             envelope.body = "8BITMIME" if seen["8bit"] else "7BIT"
 
-    QueueStore(config.queue_dir).add(
-        envelope, _limited(chunks(), config.smtp.max_message_size)
-    )
+    content: Iterable[bytes] = _limited(chunks(), config.smtp.max_message_size)
+    if config.dkim.sign:  # DKIM: the mail of a local user, signed like submission's
+        content = signed_stream(content, Signer(KeyRing(config.data_dir)).start(),
+                                f"sendmail: {queue_id}: ")
+    QueueStore(config.queue_dir).add(envelope, content)
     return envelope
 
 

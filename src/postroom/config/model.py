@@ -292,11 +292,25 @@ class DMARCConfig:
     )
 
 
+@dataclass(frozen=True)
+class DKIMConfig:
+    """DKIM signing (RFC 6376, RFC 8463); the keys are made by `postroom dkim add`."""
+
+    sign: bool = setting(
+        True, parse_bool,
+        "DKIM-sign the mail authenticated users submit (submission, submissions, "
+        "postroom sendmail) and the delivery reports this host sends, with every active "
+        "key of the From domain (postroom dkim add; keys live in DATA/dkim). A domain "
+        "without a key is sent unsigned. false: sign nothing.",
+    )
+
+
 # The tables of the file in the order `postroom init` writes them; None: [routes].
 SECTIONS: dict[str, type | None] = {
     "listen": ListenConfig, "tls": TLSConfig, "dns": DNSConfig, "routes": None,
     "relay": RelayConfig, "queue": QueueConfig, "smtp": SMTPConfig, "pop3": POP3Config,
     "dmarc": DMARCConfig,
+    "dkim": DKIMConfig,
 }
 
 
@@ -314,6 +328,7 @@ class Config:
     smtp: SMTPConfig
     pop3: POP3Config
     dmarc: DMARCConfig
+    dkim: DKIMConfig
     hostname: str = setting(
         None,  # default_hostname(), filled in at load time
         parse_hostname,

@@ -25,6 +25,7 @@ from postroom.client.trace import format_hops, hops_of, message_date
 from postroom.config import load_config
 from postroom.demo.nameserver import Answered, DemoDNS, Zone, Zones, start_dns
 from postroom.demo.output import Exchange, LogLine, LogTap, Printer, pop3_states, span
+from postroom.mailauth.keys import KeyStore
 from postroom.server.main import Running, start
 from postroom.store.factory import open_store
 from postroom.store.mailboxes import MaildirMailboxes
@@ -103,7 +104,8 @@ class World:
         corp = await self._host("corp", _corp_config(dns.address[1]), BOSS, passwords[BOSS])
         corp_smtp = corp.address("smtp")
         provider = await self._host(
-            "isp", _provider_config(dns.address[1], corp_smtp[1]), SMITH, passwords[SMITH])
+            "isp", _provider_config(dns.address[1], corp_smtp[1]), SMITH, passwords[SMITH],
+            dkim_domain="isp.example")
         printer.header(f"Setting up in {self.root}")
         printer.line(f"DNS       127.0.0.1:{dns.address[1]} (UDP): corp.example MX 10 {CORP}, "
                      f"{CORP} A 127.0.0.1; isp.example SPF and DMARC (p=reject), "
@@ -117,12 +119,16 @@ class World:
         return Story(self, printer, provider, corp, dns, passwords,
                      MaildirMailboxes(corp.config.mail_dir, CORP).maildir_for(BOSS))
 
-    async def _host(self, folder: str, config_text: str, user: str, password: str) -> Running:
-        """A host started from its config in root/folder, with `user` in its directory."""
+    async def _host(self, folder: str, config_text: str, user: str, password: str,
+                    dkim_domain: str | None = None) -> Running:
+        """A host started from its config in root/folder, with `user` in its directory
+        (and a DKIM key for `dkim_domain`, as `postroom dkim add` makes it)."""
         (self.root / folder).mkdir(mode=0o700)
         (self.root / folder / "postroom.toml").write_text(config_text, encoding="utf-8")
         config = load_config(self.root / folder)
         await asyncio.to_thread(open_store(config.store).users.add_user, user, password)
+        if dkim_domain is not None:
+            await asyncio.to_thread(KeyStore(config.data_dir).add, dkim_domain, "demo")
         running = await start(config)
         self.started.push_async_callback(running.stop, grace=2)
         return running
@@ -208,8 +214,12 @@ def queue(story: Story) -> None:
     story.queued = tap.find(rf"^submission: {queue_id}: (from=|to=)")
     printer.header(f"2. {PROVIDER} queues it durably", span(
         tap.find(rf"^submission: {queue_id}: client="), story.queued))
-    printer.note("written and fsynced to its queue before it answered 250 (RFC 5321 6.1)")
-    printer.log(PROVIDER, story.queued)
+    printer.note("DKIM-signed (RFC 6376) with isp.example's key, then written and fsynced "
+                 "to its queue before it answered 250 (RFC 5321 6.1)")
+    signed = tap.find(rf"^submission: {queue_id}: DKIM-signed")
+    if not signed:
+        story.problems.append("the provider did not DKIM-sign the message")
+    printer.log(PROVIDER, signed + story.queued)
     queue_file = story.provider.relay.queue.message_path(queue_id)
     printer.line(f"queue file: {queue_file.relative_to(story.world.root)}", indent=5)
 

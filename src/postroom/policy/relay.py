@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from postroom.canonical import canonical, canonical_domain, is_quoted, split, unquoted
+from postroom.mailauth.srs import SRS, SRSError, is_srs
 from postroom.protocol.replies import Reply
 from postroom.store.api import Directory
 
@@ -42,6 +43,10 @@ class RecipientDecision:
     reply: Reply
     mailboxes: tuple[str, ...] = ()
     remote: str | None = None  # an address to relay to (authenticated submission only)
+    # Addresses on other hosts an alias (or an SRS bounce address) forwards to: relayed
+    # with an SRS sender (postroom.mailauth.srs) and an ARC seal.
+    forward: tuple[str, ...] = ()
+    forward_domain: str = ""  # the local domain (canonical) that forwards them
 
     @property
     def accepted(self) -> bool:
@@ -69,9 +74,12 @@ class RecipientPolicy:
     """RCPT checks for mail arriving from the outside world (no AUTH), against the
     user directory's domains and addresses (aliases and subaddresses followed)."""
 
-    def __init__(self, directory: Directory, primary_domain: str = "localhost") -> None:
+    def __init__(self, directory: Directory, primary_domain: str = "localhost",
+                 srs: SRS | None = None) -> None:
+        """`srs`: forwarding is on (aliases to other hosts, bounces to SRS addresses)."""
         self._directory = directory
         self._primary_domain = primary_domain
+        self._srs = srs
 
     async def check_recipient(self, address: str) -> RecipientDecision:
         if not address:
@@ -95,6 +103,8 @@ class RecipientPolicy:
             key = canonical(f"{local}@{domain}")
         except ValueError:  # a local part longer than any mailbox name here
             key = None
+        if self._srs is not None and is_srs(unquoted(local)):
+            return self._srs_recipient(address, shown, domain)
         # A local part that stays quoted (a space, say) names no mailbox here:
         # user and alias names are dot-atoms.
         expansion = (await self._directory.expand(key)
@@ -110,12 +120,24 @@ class RecipientPolicy:
                 Reply(451, "4.3.5", f"{shown}: Recipient address unavailable: an alias "
                                     "that leads to no mailbox (a configuration error here)")
             )
-        if expansion.remote:
+        if expansion.remote and self._srs is None:
             # An alias that forwards off this host needs the relay queue; taking the
             # mail and filing only the local copies would silently lose the rest.
             return RecipientDecision(
                 Reply(550, "5.7.1", f"{shown}: alias forwards to remote addresses and "
                                     "this host is not configured to relay")
             )
-        return RecipientDecision(Reply(250, "2.1.5", "Ok"), expansion.mailboxes)
+        return RecipientDecision(Reply(250, "2.1.5", "Ok"), expansion.mailboxes,
+                                 forward=expansion.remote, forward_domain=domain)
+
+    def _srs_recipient(self, address: str, shown: str, domain: str) -> RecipientDecision:
+        """An SRS address of ours (a bounce of mail we forwarded): on to the original
+        sender, if we made it and it is not too old."""
+        assert self._srs is not None
+        try:
+            original = self._srs.reverse(address)
+        except SRSError as e:
+            return RecipientDecision(Reply(550, "5.1.1", f"{shown}: invalid SRS address: {e}"))
+        return RecipientDecision(Reply(250, "2.1.5", "Ok"), forward=(original,),
+                                 forward_domain=domain)
 

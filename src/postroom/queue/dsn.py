@@ -19,7 +19,7 @@ import dataclasses
 import email.utils
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import MIMEPart
@@ -203,14 +203,15 @@ def dsn_envelope(original: Envelope, now: float, *, to: str | None = None) -> En
 
 
 def queue_dsn(
-    store: QueueStore, report: Report, original: Path | bytes | None = None
+    store: QueueStore, report: Report, original: Path | bytes | None = None,
+    *, sign: Callable[[bytes], bytes] | None = None,
 ) -> Envelope | None:
     """Build and durably queue the DSN for those recipients that want one (see wants_dsn).
 
     `original` is the message (its file or its octets) when it is not in the
     queue: mail the SMTP session filed straight into Maildirs. Returns the
-    DSN's envelope, or None when nobody is owed a notice. Blocking (it writes
-    the queue).
+    DSN's envelope, or None when nobody is owed a notice. `sign` puts the DKIM
+    signatures of the From domain on it. Blocking (it writes the queue).
     """
     report = report.wanted()
     if not report.items:
@@ -218,7 +219,8 @@ def queue_dsn(
     if original is None:
         original = _queued_original(store, report.envelope.queue_id)
     notice = dsn_envelope(report.envelope, report.now, to=report.to)
-    store.add(notice, [build_dsn(report, original)])
+    content = build_dsn(report, original)
+    store.add(notice, [sign(content) if sign is not None else content])
     return notice
 
 

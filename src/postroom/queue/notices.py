@@ -33,9 +33,12 @@ class Notices:
     """Sends the notices of one queue; `adopt` takes each notice queued, to deliver it."""
 
     def __init__(
-        self, store: QueueStore, hostname: str, rules: Rules, adopt: Callable[[Envelope], None]
+        self, store: QueueStore, hostname: str, rules: Rules, adopt: Callable[[Envelope], None],
+        *, sign: Callable[[bytes], bytes] | None = None,
     ) -> None:
-        """`hostname` names this host in the notices (Reporting-MTA, From)."""
+        """`hostname` names this host in the notices (Reporting-MTA, From); `sign` adds
+        the DKIM signatures of its domain to each notice."""
+        self._sign = sign
         self._store = store
         self._hostname = hostname
         self._rules = rules
@@ -77,7 +80,7 @@ class Notices:
         )
         report = Report(envelope, items, action, self._hostname, now, retry_until, to)
         try:
-            notice = await asyncio.to_thread(queue_dsn, self._store, report)
+            notice = await asyncio.to_thread(queue_dsn, self._store, report, sign=self._sign)
         except OSError as e:
             log.error("%s: cannot queue the %s notice: %s", envelope.queue_id, action, e)
             return False

@@ -107,6 +107,8 @@ class SchedulerOptions:
     # Seconds a domain whose hosts did not answer stays dead before the next probe;
     # None: the first retry interval (Postfix waits minimal_backoff_time).
     probe_interval: float | None = None
+    # Adds DKIM signatures to a notice we send (postroom.mailauth.sign.Signer.sign).
+    sign_notice: Callable[[bytes], bytes] | None = None
 
 
 @dataclass
@@ -163,7 +165,8 @@ class Scheduler:
         self._schedule = Schedule(options.max_per_destination, probe,
                                   options.rules.give_up_after)
         self._reader = EnvelopeReader(store)
-        self._notices = Notices(store, options.hostname, options.rules, self._adopt_notice)
+        self._notices = Notices(store, options.hostname, options.rules, self._adopt_notice,
+                                sign=options.sign_notice)
         self._tasks: set[asyncio.Task[Entry | None]] = set()
         self._slots: dict[str, _Slot] = {}
         self._wakeup = asyncio.Event()

@@ -28,6 +28,9 @@ from postroom.delivery.local import LocalCourier
 from postroom.delivery.remote import RemoteCourier
 from postroom.delivery.routing import Router, RouterOptions
 from postroom.gathering import gather_few
+from postroom.mailauth.keys import KeyRing
+from postroom.mailauth.sign import Signer
+from postroom.mailauth.srs import SRS, SRSError, is_srs, load_secret
 from postroom.queue.content import Content
 from postroom.queue.dsn import Action, Report, queue_dsn
 from postroom.queue.envelope import Envelope, Recipient
@@ -35,6 +38,7 @@ from postroom.queue.result import DeliveryResult
 from postroom.queue.rules import Rules
 from postroom.queue.scheduler import Scheduler, SchedulerOptions
 from postroom.queue.store import QueueError, QueueStore
+from postroom.server.forwarding import Forwarding
 from postroom.store.api import Expansion, Mailboxes
 
 log = logging.getLogger("postroom.relay")
@@ -65,7 +69,7 @@ def router_options(config: Config) -> RouterOptions:
     )
 
 
-def scheduler_options(config: Config) -> SchedulerOptions:
+def scheduler_options(config: Config, signer: Signer | None = None) -> SchedulerOptions:
     """The queue's settings, from the config's [queue], hostname and postmaster."""
     rules = Rules(
         retry_after=tuple(config.queue.retry_after),
@@ -76,6 +80,7 @@ def scheduler_options(config: Config) -> SchedulerOptions:
     return SchedulerOptions(
         hostname=config.hostname, rules=rules,
         max_per_destination=config.queue.max_per_destination,
+        sign_notice=signer.sign if signer is not None else None,
     )
 
 
@@ -96,6 +101,12 @@ class Relay:
         self._is_local_domain = is_local_domain
         self._notify_primary = notify_primary
         self._hostname = config.hostname
+        # DKIM: submission sessions sign with it, the queue signs its notices.
+        self.signer = Signer(KeyRing(config.data_dir)) if config.dkim.sign else None
+        # Aliases to other hosts: SRS senders, ARC seals with the same keys.
+        self.forwarding = Forwarding(SRS(load_secret(config.data_dir)),
+                                     self.signer.keyring if self.signer else None,
+                                     config.hostname)
         self.queue = QueueStore(config.queue_dir)
         self.router = Router(router_options(config), is_local_domain)
         # Keep as many idle sessions per destination as may deliver to it at once:
@@ -106,7 +117,8 @@ class Relay:
             max_idle_sessions_per_domain=config.queue.max_per_destination,
         )
         self.local = LocalCourier(store, expand)
-        self.scheduler = Scheduler(self.queue, self.deliver, scheduler_options(config))
+        self.scheduler = Scheduler(self.queue, self.deliver,
+                                   scheduler_options(config, self.signer))
         self._task: asyncio.Task[None] | None = None
         # Group commit for the queue (QueueStore.add_many), as store/mailboxes.py
         # does for Maildirs: four syncs per message become a few per batch.
@@ -159,7 +171,9 @@ class Relay:
         for action, items in by_action.items():
             try:
                 report = Report(about, items, action, self._hostname, now)
-                notice = await asyncio.to_thread(queue_dsn, self.queue, report, original)
+                notice = await asyncio.to_thread(
+                    queue_dsn, self.queue, report, original,
+                    sign=self.signer.sign if self.signer is not None else None)
             except (OSError, QueueError) as e:
                 log.error("%s: cannot queue the %s notice: %s", envelope.queue_id, action, e)
                 continue
@@ -176,12 +190,23 @@ class Relay:
         """One attempt for these recipients: local ones to Maildir, others by SMTP."""
         local: list[int] = []
         remote: list[int] = []
+        recipients = list(recipients)
         for i, recipient in enumerate(recipients):
             try:
                 domain = domain_of(recipient.address)
             except ValueError:
                 domain = ""
-            (local if domain and self._is_local_domain(domain) else remote).append(i)
+            is_local = bool(domain) and self._is_local_domain(domain)
+            if is_local and is_srs(recipient.address.rpartition("@")[0]):
+                # A report of ours about mail we forwarded (server.forwarding): it goes
+                # on to the original sender, as a bounce from outside would.
+                try:
+                    recipients[i] = dataclasses.replace(
+                        recipient, address=self.forwarding.srs.reverse(recipient.address))
+                    is_local = False
+                except SRSError:
+                    pass  # the local courier says there is no such user
+            (local if is_local else remote).append(i)
         results: dict[int, DeliveryResult] = {}
 
         async def run(courier: LocalCourier | RemoteCourier, indexes: list[int]) -> None:

@@ -50,8 +50,12 @@ def build_services(config: Config, names: list[str], tls_context: ssl.SSLContext
     services: dict[str, Service] = {}
     for name in names:
         if name in ("smtp", *SUBMISSION_LISTENERS):
-            services[name] = _smtp_service(name, config, tls_context, store, smtp_limiter,
-                                           throttle, relay)
+            smtp_service = _smtp_service(name, config, tls_context, store, smtp_limiter,
+                                         throttle, relay)
+            if name in SUBMISSION_LISTENERS:  # DKIM signing hook (postroom.mailauth.sign)
+                smtp_service.dkim = relay.signer
+            smtp_service.forwarding = relay.forwarding
+            services[name] = smtp_service
         else:  # "pop3" (STLS) or "pop3s" (implicit TLS)
             services[name] = POP3Service(
                 name=name, hostname=config.hostname, directory=store.directory,
@@ -76,7 +80,8 @@ def _smtp_service(
     """The `smtp` listener (MX: local recipients only) or a submission one (AUTH, relay)."""
     smtp = config.smtp
     primary = postmaster_address(config).partition("@")[2]  # <Postmaster> (RFC 5321 4.1.1.3)
-    policy = RecipientPolicy(store.directory, primary_domain=primary)
+    policy = RecipientPolicy(store.directory, primary_domain=primary,
+                             srs=relay.forwarding.srs)  # forwarding hook (server.forwarding)
     submission = name in SUBMISSION_LISTENERS
     core_config = SMTPServerConfig(
         hostname=config.hostname,

@@ -10,6 +10,7 @@ reply that acknowledges it (RFC 5321 6.1: once we say 250 we are responsible).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Iterable
@@ -20,6 +21,7 @@ from typing import Protocol
 from postroom.ids import new_queue_id
 from postroom.mailauth.checks import MailChecks, MessageChecks, Verdict
 from postroom.mailauth.results import OurResultsRemover
+from postroom.mailauth.sign import Signer, StreamSigner
 from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
 from postroom.protocol import sasl
@@ -27,6 +29,7 @@ from postroom.protocol import smtp_server as core
 from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.server.diskspace import FreeSpace
+from postroom.server.forwarding import Forwarding
 from postroom.server.headers import HeaderCapture, missing_headers
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
 from postroom.server.session import Service, Session
@@ -73,6 +76,10 @@ class SMTPService(Service):
     max_received: int = DEFAULT_MAX_RECEIVED
     # MX only: SPF, DKIM, ARC, DMARC and iprev of what strangers send (postroom.mailauth).
     checks: MailChecks | None = None
+    # Submission only: DKIM-signs what authenticated users send (postroom.mailauth.sign).
+    dkim: Signer | None = None
+    # Aliases to other hosts and bounces to SRS addresses (server.forwarding).
+    forwarding: Forwarding | None = None
 
 
 @dataclass
@@ -98,8 +105,12 @@ class Transaction:
     auth: MessageChecks | None = None
     auth_verdict: Verdict | None = None
     forged_results: OurResultsRemover | None = None  # AR fields claiming our name go
+    signer: StreamSigner | None = None  # submission: the DKIM signature being computed
+    # Addresses on other hosts, by the local domain whose alias forwards to them.
+    forward: dict[str, list[str]] = field(default_factory=dict)
     # The message failed its From domain's DMARC check here: not to be forwarded (set at
-    # the end of DATA, before the message is stored).
+    # the end of DATA, before the message is stored; its local copies are still filed or
+    # refused as the policy says).
     dmarc_failed: bool = False
 
     def mailboxes(self) -> list[str]:
@@ -283,6 +294,9 @@ class SMTPSession(Session):
             txn.auth = svc.checks.start(self.client_ip, self.helo, txn.mail.address)
             if txn.auth is not None:
                 txn.forged_results = OurResultsRemover(svc.checks.authserv_id)
+        if decision.accepted and decision.forward:
+            targets = txn.forward.setdefault(decision.forward_domain, [])
+            targets += [t for t in decision.forward if t not in targets]
         if decision.accepted and decision.remote is not None:
             txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
         elif decision.accepted:
@@ -303,6 +317,8 @@ class SMTPSession(Session):
         txn.hops = HopCounter()
         if self.service.submission is not None:
             txn.headers = HeaderCapture()
+            if self.service.dkim is not None and self.user is not None:
+                txn.signer = self.service.dkim.start()
         everyone = [rcpt for rcpt, _boxes in txn.recipients] + [r.address for r in txn.remote]
         info = TraceInfo(
             helo=self.helo,
@@ -335,6 +351,8 @@ class SMTPSession(Session):
             stored = txn.forged_results.feed(stored)
         try:
             txn.writer.write(stored)
+            if txn.signer is not None:
+                txn.signer.feed(stored)
         except OSError as exc:
             log.error("%s: %s: write to spool failed: %s", self.service.name, txn.queue_id, exc)
             txn.writer.abort()
@@ -353,6 +371,8 @@ class SMTPSession(Session):
         extra = missing_headers(fields, svc.hostname, txn.started)
         if extra and not txn.writer.insert_head(extra):
             log.warning("%s: %s: header section too large to complete", svc.name, txn.queue_id)
+        elif extra and txn.signer is not None:
+            txn.signer.add_fields(extra)
 
     async def _message_end(self) -> None:
         """The end of the content: refuse the message, or store it and answer 250."""
@@ -401,7 +421,15 @@ class SMTPSession(Session):
             # relayed recipients may get the message twice, which is the safe way
             # round (RFC 5321 6.1: duplicates over losses).
             if envelope is not None:
-                await svc.outbound.add(envelope, message.chunks())
+                chunks: Iterable[bytes] = message.chunks()
+                if txn.signer is not None:  # the copy that leaves carries the signatures
+                    txn.signer.feed(tail)
+                    signatures = txn.signer.finish(f"{svc.name}: {txn.queue_id}: ")
+                    if signatures:
+                        chunks = itertools.chain((signatures,), chunks)
+                        envelope.size += len(signatures)
+                await svc.outbound.add(envelope, chunks)
+            forwarded = await self._forward(txn, message) if txn.forward else []
             folder = txn.auth_verdict.action.folder if txn.auth_verdict else None
             names = await message.deliver(txn.mailboxes(), folder)
         except (OSError, ValueError) as exc:
@@ -409,11 +437,35 @@ class SMTPSession(Session):
         self._log_stored(txn, message.size, names)
         if envelope is not None:
             svc.outbound.queued(envelope)
+        for copy in forwarded:
+            svc.outbound.queued(copy)
         if txn.notify and names:
             await svc.outbound.delivered(self._envelope(txn, message.size), txn.notify,
                                         message.original())
         message.abort()
         return True
+
+    async def _forward(self, txn: Transaction, message: Incoming) -> list[Envelope]:
+        """Queue the copies for the other hosts that aliases name, one per forwarding
+        domain; the envelopes queued. OSError when one cannot be queued: the whole
+        message is then refused with 451 (RFC 5321 3.9.1: the forwarder answers for
+        the delivery it accepted; duplicates over losses)."""
+        svc = self.service
+        if txn.dmarc_failed:
+            log.info("%s: %s: not forwarded: failed DMARC here", svc.name, txn.queue_id)
+            return []
+        assert svc.forwarding is not None, "the policy forwards only when forwarding is on"
+        original = self._envelope(txn, message.size)
+        where = f"{svc.name}: {txn.queue_id}: "
+        queued = []
+        for domain, targets in txn.forward.items():
+            envelope, chunks = await svc.forwarding.prepare(original, domain, targets, message,
+                                                            where)
+            await svc.outbound.add(envelope, chunks)
+            log.info("%s: %s: forwarded as %s: from=<%s>, to=%s", svc.name, txn.queue_id,
+                     envelope.queue_id, envelope.sender, ",".join(f"<{t}>" for t in targets))
+            queued.append(envelope)
+        return queued
 
     async def _content_refusal(self, txn: Transaction) -> Reply | None:
         """Why the message just received is refused, or None: a mail loop, or a From

@@ -103,7 +103,8 @@ class _Walk:
 
 
 def check_alias_target(entries: Entries, source: str, target: str, postmaster: str | None) -> None:
-    """DirectoryError unless mail from alias `source` to `target` reaches a mailbox."""
+    """DirectoryError unless mail from alias `source` to `target` reaches a mailbox (or
+    an address on another host, to which it is forwarded)."""
     found = expand(entries, target, postmaster, chain=(source,))
     if found is None:
         raise DirectoryError(
@@ -119,9 +120,4 @@ def check_alias_target(entries: Entries, source: str, target: str, postmaster: s
         raise DirectoryError(
             f"alias target {target} leads to {found.unknown[0]}, which is no user or "
             f"alias here (or the chain of aliases is deeper than {MAX_ALIAS_DEPTH})"
-        )
-    if found.remote:
-        raise DirectoryError(
-            f"alias target {target} forwards to {found.remote[0]}, outside the local "
-            "domains, which this host does not do"
         )

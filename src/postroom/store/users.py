@@ -338,10 +338,10 @@ class SQLiteUserDirectory:
         """Make `source` (in a local domain) forward to `targets`, adding to any it has.
 
         Refused, with DirectoryError saying why, when mail to the alias could
-        not be delivered: a target outside the local domains (forwarding off
-        this host is not supported, so RCPT would refuse every message), a
-        target that is no user, alias or postmaster here, or a loop back to
-        `source`. A `source` that is a user would lose its mail to the alias,
+        not be delivered: a target that is no user, alias or postmaster here,
+        or a loop back to `source`. A target outside the local domains is
+        forwarded (the server relays it with an SRS sender and an ARC seal). A
+        `source` that is a user would lose its mail to the alias,
         so that takes `replace_user` (naming the user among its own targets
         keeps a copy in its mailbox).
         """
@@ -350,13 +350,6 @@ class SQLiteUserDirectory:
         wanted = list(dict.fromkeys(self._target_key(target) for target in targets))
         if not wanted:
             raise DirectoryError(f"alias {key} needs at least one target")
-        for t in wanted:
-            if not self.has_domain(split(t)[1]):
-                raise DirectoryError(
-                    f"alias target {t} is not in a local domain: this host delivers aliases "
-                    "to local mailboxes only (it does not forward mail to other hosts), so "
-                    "every message to the alias would be refused"
-                )
         with self._write() as conn:
             if not replace_user and self.is_user(key):
                 raise DirectoryError(

@@ -1,0 +1,208 @@
+"""Forwarding through an alias to another host: the SRS sender, the ARC seal over our
+Authentication-Results (checked by dkimpy and Perl's Mail::DKIM), and a bounce that comes
+back to the SRS address and goes on to the original sender."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import smtplib
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import dkim
+import pytest
+from zoneserver import ZoneServer
+
+from postroom.config import load_config
+from postroom.mailauth.keys import DKIMKey, KeyStore
+from postroom.server.main import Running, start
+from postroom.store.factory import open_store
+
+# As the checks at our MX write it (the authserv-id is the host name).
+MESSAGE = (
+    b"Authentication-Results: mx.corp.example; spf=pass smtp.mailfrom=alice@sender.example;\r\n"
+    b" dkim=pass header.d=sender.example; dmarc=pass header.from=sender.example\r\n"
+    b"From: Alice <alice@sender.example>\r\nTo: boss@corp.example\r\nSubject: lunch\r\n"
+    b"Message-ID: <1@sender.example>\r\nDate: Thu, 3 Dec 2026 02:00:00 +0000\r\n\r\n"
+    b"At noon?\r\n"
+)
+
+ARC_VERIFY = r"""
+use strict; use warnings;
+use Mail::DKIM::ARC::Verifier; use Net::DNS::Resolver;
+my $res = Net::DNS::Resolver->new(config_file => '/dev/null', nameservers => ['127.0.0.1'],
+                                  port => $ARGV[0]);
+Mail::DKIM::DNS::resolver($res);
+my $arc = Mail::DKIM::ARC::Verifier->new();
+binmode STDIN;
+while (<STDIN>) { s/\r?\n\z/\015\012/; $arc->PRINT($_); }
+$arc->CLOSE;
+print $arc->result, "\n";
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def host(root: Path, text: str, users: list[str],
+               aliases: dict[str, list[str]] | None = None) -> AsyncIterator[Running]:
+    root.mkdir(exist_ok=True)
+    (root / "postroom.toml").write_text(text)
+    config = load_config(root)
+    directory = open_store(config.store).users
+    for address in users:
+        directory.add_user(address, "pw")
+    for source, targets in (aliases or {}).items():
+        directory.add_alias(source, targets)
+    running = await start(config)
+    try:
+        yield running
+    finally:
+        await running.stop(grace=2)
+
+
+def corp_config(port: int, far_port: int) -> str:
+    return (
+        'hostname = "mx.corp.example"\ndomains = ["corp.example"]\n'
+        f'[listen]\nsmtp = "127.0.0.1:{port}"\n'
+        f'[routes]\n"far.example" = "127.0.0.1:{far_port}"\n'
+        f'"sender.example" = "127.0.0.1:{far_port}"\n'
+        '[queue]\nretry_after = ["1s"]\ngive_up_after = "1h"\n'
+    )
+
+
+def far_config(port: int) -> str:
+    # One host plays the destination (far.example) and the sender's domain.
+    return ('hostname = "mx.far.example"\ndomains = ["far.example", "sender.example"]\n'
+            f'[listen]\nsmtp = "127.0.0.1:{port}"\n')
+
+
+def send(port: int, sender: str, rcpts: list[str], message: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.sendmail(sender, rcpts, message)
+
+
+def inbox(root: Path, domain: str, user: str) -> list[bytes]:
+    folder = root / "mail" / domain / user / "new"
+    return [p.read_bytes() for p in sorted(folder.iterdir())] if folder.is_dir() else []
+
+
+async def wait_for(predicate: object, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(name="key")
+def key_fixture(tmp_path: Path) -> DKIMKey:
+    return KeyStore(tmp_path / "corp").add("corp.example", "a1", "rsa")
+
+
+@pytest.fixture(name="dns")
+def dns_fixture(key: DKIMKey) -> Iterator[ZoneServer]:
+    server = ZoneServer({(key.record_name, "TXT"): [key.txt()]})
+    server.start()
+    yield server
+    server.stop()
+
+
+def forward(tmp_path: Path, aliases: dict[str, list[str]], rcpt: str,
+            then: Callable[[int], None] | None = None) -> None:
+    """Send MESSAGE to `rcpt` at corp's MX; wait until friend or alice has mail."""
+    corp_port, far_port = free_port(), free_port()
+
+    async def scenario() -> None:
+        async with (
+            host(tmp_path / "far", far_config(far_port),
+                 ["friend@far.example", "alice@sender.example"]),
+            host(tmp_path / "corp", corp_config(corp_port, far_port), ["boss@corp.example"],
+                 aliases),
+        ):
+            await asyncio.to_thread(send, corp_port, "alice@sender.example", [rcpt], MESSAGE)
+            await wait_for(lambda: inbox(tmp_path / "far", "far.example", "friend")
+                           or inbox(tmp_path / "far", "sender.example", "alice"))
+            if then is not None:
+                await asyncio.to_thread(then, corp_port)
+                await wait_for(lambda: inbox(tmp_path / "far", "sender.example", "alice"))
+
+    asyncio.run(scenario())
+
+
+def test_alias_to_another_host_forwards_with_srs_and_an_arc_seal(
+        tmp_path: Path, key: DKIMKey, dns: ZoneServer,
+        require_peer: Callable[[str], str]) -> None:
+    perl = require_peer("perl")
+    forward(tmp_path, {"boss-home@corp.example": ["boss@corp.example", "friend@far.example"]},
+            "boss-home@corp.example")
+    (local,) = inbox(tmp_path / "corp", "corp.example", "boss")
+    assert b"ARC-Seal" not in local  # the local copy is filed as received
+    (raw,) = inbox(tmp_path / "far", "far.example", "friend")
+    msg = email.message_from_bytes(raw)
+    return_path = msg["Return-Path"]
+    assert return_path.startswith("<SRS0=") and return_path.endswith(
+        "=sender.example=alice@corp.example>")
+    assert msg["ARC-Seal"].split()[:3] == ["i=1;", "cv=none;", "a=rsa-sha256;"]
+    assert "mx.corp.example; spf=pass" in " ".join(msg["ARC-Authentication-Results"].split())
+    txt = {f"{key.record_name}.".encode(): key.txt().encode()}
+    body = raw.split(b"\r\n", 1)[1]  # without the Return-Path the far host added
+    result, _details, reason = dkim.arc_verify(body, dnsfunc=lambda n, timeout=5: txt.get(n))
+    assert result == b"pass", reason
+    verdict = subprocess.run([perl, "-e", ARC_VERIFY, str(dns.port)], input=body,
+                             capture_output=True, timeout=60, check=True).stdout
+    assert verdict == b"pass\n"
+
+
+def test_a_bounce_to_the_srs_address_goes_back_to_the_original_sender(
+        tmp_path: Path, key: DKIMKey) -> None:
+    srs_address: list[str] = []
+
+    def bounce(corp_port: int) -> None:
+        (raw,) = inbox(tmp_path / "far", "far.example", "friend")
+        srs_address.append(email.message_from_bytes(raw)["Return-Path"].strip("<>"))
+        report = (b"From: MAILER-DAEMON@mx.far.example\r\nTo: " + srs_address[0].encode()
+                  + b"\r\nSubject: Undelivered Mail Returned to Sender\r\n\r\ngone\r\n")
+        send(corp_port, "", [srs_address[0]], report)
+
+    forward(tmp_path, {"boss-home@corp.example": ["friend@far.example"]},
+            "boss-home@corp.example", then=bounce)
+    (returned,) = inbox(tmp_path / "far", "sender.example", "alice")
+    assert returned.startswith(b"Return-Path: <>\r\n")
+    assert b"Subject: Undelivered Mail Returned to Sender" in returned
+
+
+def test_a_forged_srs_address_is_refused(tmp_path: Path) -> None:
+    corp_port = free_port()
+
+    async def scenario() -> None:
+        async with host(tmp_path / "corp", corp_config(corp_port, free_port()),
+                        ["boss@corp.example"]):
+            def attempt() -> tuple[int, bytes]:
+                with smtplib.SMTP("127.0.0.1", corp_port, timeout=30) as client:
+                    client.ehlo()
+                    client.mail("")
+                    return client.rcpt("SRS0=abcd=AB=victim.example=bob@corp.example")
+            code, text = await asyncio.to_thread(attempt)
+            assert (code, text[:5]) == (550, b"5.1.1")
+            assert b"invalid SRS address" in text
+
+    asyncio.run(scenario())
+
+
+def test_our_own_bounce_of_a_forwarded_copy_reaches_the_original_sender(
+        tmp_path: Path, key: DKIMKey) -> None:
+    forward(tmp_path, {"boss-home@corp.example": ["nobody@far.example"]},
+            "boss-home@corp.example")
+    (returned,) = inbox(tmp_path / "far", "sender.example", "alice")
+    msg = email.message_from_bytes(returned)
+    assert msg["Return-Path"] == "<>"
+    assert msg.get_content_type() == "multipart/report"
+    assert "nobody@far.example" in returned.decode()
