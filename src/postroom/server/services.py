@@ -107,6 +107,7 @@ def _smtp_service(
         command_timeout=smtp.command_timeout,
         data_timeout=smtp.data_timeout,
         max_received=smtp.max_received_headers,
+        milters=config.milters.for_listener(name),
     )
 
 

@@ -13,11 +13,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from postroom.ids import new_queue_id
+from postroom.milter.chain import MessageOutcome, MilterChain, SessionInfo
+from postroom.milter.connection import MilterSpec
 from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
 from postroom.protocol import sasl
@@ -69,6 +71,7 @@ class SMTPService(Service):
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes after end of data...
     max_received: int = DEFAULT_MAX_RECEIVED
+    milters: tuple[MilterSpec, ...] = ()  # [milters]: the filters of this listener, in order
 
 
 @dataclass
@@ -96,7 +99,113 @@ class Transaction:
         return list(dict.fromkeys(box for _rcpt, boxes in self.recipients for box in boxes))
 
 
-class SMTPSession(Session):
+# -- milters (postroom.milter): the session's side of each step ------------------------
+
+
+def _mail_parameters(event: core.MailFrom) -> list[str]:
+    """MAIL FROM's ESMTP parameters as a filter gets them (SMFIC_MAIL)."""
+    params = [f"SIZE={event.size}"] if event.size is not None else []
+    params += [f"BODY={event.body}"] if event.body else []
+    params += ["SMTPUTF8"] if event.smtputf8 else []
+    params += [f"RET={event.ret}"] if event.ret else []
+    params += [f"ENVID={event.envid}"] if event.envid else []
+    params += [f"AUTH={event.auth}"] if event.auth else []
+    return params
+
+
+def _rcpt_parameters(event: core.RcptTo) -> list[str]:
+    params = [f"NOTIFY={','.join(event.notify)}"] if event.notify else []
+    return params + ([f"ORCPT={event.orcpt}"] if event.orcpt else [])
+
+
+class _MilterSteps:
+    """The SMTP session's milter hooks (mixed into SMTPSession below)."""
+
+    service: SMTPService
+    stream: Stream
+    client_ip: str
+    tls: tuple[str, str] | None
+    milters: MilterChain | None
+    user: str | None
+
+    def _milter_chain(self) -> MilterChain:
+        svc = self.service
+        peer = self.stream.get_extra_info("peername") or ("", 0)
+        local = self.stream.get_extra_info("sockname") or ("", 0)
+        info = SessionInfo(service=svc.name, hostname=svc.hostname, client_ip=self.client_ip,
+                           client_port=int(peer[1]) if len(peer) > 1 else 0,
+                           daemon_addr=str(local[0]),
+                           daemon_port=int(local[1]) if len(local) > 1 else 0)
+        return MilterChain(svc.milters, info, svc.mailboxes.receive)
+
+    async def _milter_helo(self, name: str) -> Reply | None:
+        assert self.milters is not None
+        if self.tls is not None:
+            self.milters.tls = {"{tls_version}": self.tls[0], "{cipher}": self.tls[1]}
+        return await self.milters.helo(name)
+
+    async def _milter_end(self, txn: Transaction, message: Incoming,
+                          ) -> Reply | tuple[Incoming, str | None]:
+        """The filters' verdict on the whole message: a reply that ends it (nothing
+        kept), or the message to store (changed or not) and the folder to file it in."""
+        assert self.milters is not None
+        svc = self.service
+        try:
+            message.write(txn.return_paths.end())  # a last line still undecided
+        except OSError as exc:
+            log.error("%s: %s: write to spool failed: %s", svc.name, txn.queue_id, exc)
+            message.abort()
+            return LOCAL_ERROR
+        outcome = await self.milters.message(
+            message, lambda sender: return_path(txn.mail.address if sender is None else sender))
+        if outcome.refusal is not None or outcome.discard:
+            message.abort()
+            if outcome.discard:
+                log.info("%s: %s: discarded by milter: from=<%s>, nrcpt=%d", svc.name,
+                         txn.queue_id, txn.mail.address, len(txn.recipients) + len(txn.remote))
+                return Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}")
+            return outcome.refusal or LOCAL_ERROR
+        if outcome.message is not None:
+            message.abort()
+            message = outcome.message
+        await self._milter_envelope(txn, outcome)
+        if outcome.quarantine is not None:
+            log.info("%s: %s: quarantine: %s; filed in Junk", svc.name, txn.queue_id,
+                     outcome.quarantine)
+        if not txn.recipients and not txn.remote:
+            message.abort()
+            log.info("%s: %s: milters removed every recipient; message dropped", svc.name,
+                     txn.queue_id)
+            return Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}")
+        return message, ("Junk" if outcome.quarantine is not None else None)
+
+    async def _milter_envelope(self, txn: Transaction, outcome: MessageOutcome) -> None:
+        """Sender and recipient changes: a filter is trusted as Postfix trusts it (an
+        added recipient in another domain is relayed, even from the MX listener)."""
+        svc = self.service
+        if outcome.sender is not None:
+            log.info("%s: %s: milter changed sender <%s> to <%s>", svc.name, txn.queue_id,
+                     txn.mail.address, outcome.sender)
+            txn.mail = replace(txn.mail, address=outcome.sender)
+        for gone in outcome.deleted:
+            key = gone.lower()
+            txn.recipients = [r for r in txn.recipients if r[0].lower() != key]
+            txn.remote = [r for r in txn.remote if r.address.lower() != key]
+            txn.notify = [n for n in txn.notify if n[0].address.lower() != key]
+        for address, _params in outcome.added:
+            decision = await (svc.submission or svc.policy).check_recipient(address)
+            if decision.accepted and decision.remote is None:
+                txn.recipients.append((address, decision.mailboxes))
+            elif decision.accepted and decision.remote is not None:
+                txn.remote.append(Recipient(decision.remote))
+            elif not svc.directory.is_local_domain(address.rpartition("@")[2].lower()):
+                txn.remote.append(Recipient(address))
+            else:
+                log.warning("%s: %s: milter added unknown local recipient <%s>: %s",
+                            svc.name, txn.queue_id, address, decision.reply)
+
+
+class SMTPSession(Session, _MilterSteps):
     """Drives one connection from the banner to the close."""
 
     log = log
@@ -111,6 +220,7 @@ class SMTPSession(Session):
         self.tls: tuple[str, str] | None = self._tls_info()
         self.txn: Transaction | None = None
         self.in_data = False
+        self.milters = self._milter_chain() if service.milters else None
 
     @property
     def busy(self) -> bool:
@@ -139,6 +249,8 @@ class SMTPSession(Session):
 
     def _ended(self) -> None:
         self._abort_transaction("connection closed")
+        if self.milters is not None:
+            self.milters.close()
 
     async def _loop(self) -> None:
         conn = self.conn
@@ -198,6 +310,11 @@ class SMTPSession(Session):
             self.helo = event.domain
             self.esmtp = event.command == "EHLO"
             self._abort_transaction("new greeting")
+            if self.milters is not None:
+                refusal = await self._milter_helo(event.domain)
+                if refusal is not None:
+                    conn.send(refusal)
+                    return
             conn.send(Reply(250, None, f"{self.service.hostname} Hello {event.domain}"
                                        f" [{self.client_ip}]"))
         elif isinstance(event, core.MailFrom):
@@ -238,6 +355,12 @@ class SMTPSession(Session):
             self.conn.send(full)
             return
         txn = Transaction(queue_id=new_queue_id(), mail=event, started=time.time())
+        if self.milters is not None:
+            refusal = await self.milters.mail(event.address, _mail_parameters(event),
+                                              txn.queue_id)
+            if refusal is not None:
+                self.conn.send(refusal)
+                return
         self.txn = txn
         log.info("%s: %s: client=[%s], helo=%s, from=<%s>%s", svc.name, txn.queue_id,
                  self.client_ip, self.helo, event.address,
@@ -266,6 +389,12 @@ class SMTPSession(Session):
         # An authenticated submission client may relay (RFC 6409); MX traffic may not.
         policy = svc.submission if svc.submission is not None and self.user else svc.policy
         decision = await policy.check_recipient(event.address)
+        if decision.accepted and self.milters is not None:
+            refusal = await self.milters.rcpt(event.address, _rcpt_parameters(event),
+                                              decision.remote is None)
+            if refusal is not None:
+                self.conn.send(refusal)
+                return
         if decision.accepted and decision.remote is not None:
             txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
         elif decision.accepted:
@@ -350,13 +479,22 @@ class SMTPSession(Session):
             return
         # From here the commit owns the message: a shutdown must not abort it.
         message, txn.writer = txn.writer, None
-        if await self._store(txn, message):
+        folder: str | None = None
+        if self.milters is not None:
+            filtered = await self._milter_end(txn, message)
+            if isinstance(filtered, Reply):
+                self._reply(filtered)
+                self._finish_transaction()
+                return
+            message, folder = filtered
+        if await self._store(txn, message, folder):
             self._reply(Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"))
         else:
             self._reply(LOCAL_ERROR)
         self._finish_transaction()
 
-    async def _store(self, txn: Transaction, message: Incoming) -> bool:
+    async def _store(self, txn: Transaction, message: Incoming, folder: str | None = None,
+                     ) -> bool:
         """Queue what is relayed, file what is local, queue the success reports asked
         for; False when nothing of the message is kept (the client retries)."""
         svc = self.service
@@ -371,7 +509,7 @@ class SMTPSession(Session):
             # round (RFC 5321 6.1: duplicates over losses).
             if envelope is not None:
                 await svc.outbound.add(envelope, message.chunks())
-            names = await message.deliver(txn.mailboxes())
+            names = await message.deliver(txn.mailboxes(), folder=folder)
         except (OSError, ValueError) as exc:
             return self._local_error(txn, message, "storing the message", exc)
         self._log_stored(txn, message.size, names)
@@ -452,6 +590,8 @@ class SMTPSession(Session):
             return
         self.user = user
         mechanism = self._exchange.mechanism if self._exchange else "SASL"
+        if self.milters is not None:
+            self.milters.auth = {"{auth_type}": mechanism, "{auth_authen}": user}
         log.info("%s: [%s] authenticated as %s (%s)", self.service.name, self.client_ip, user,
                  mechanism)
         self.conn.auth_succeeded(user, sasl.AUTH_SUCCEEDED)
@@ -475,6 +615,8 @@ class SMTPSession(Session):
         txn = self.txn
         if txn is None:
             return
+        if self.milters is not None:
+            self.milters.abort()
         if txn.writer is not None:
             txn.writer.abort()
             txn.writer = None
@@ -497,3 +639,4 @@ class SMTPSession(Session):
         if out and not self.stream.is_closing():
             self.stream.write(out)
         self.stream.close()
+

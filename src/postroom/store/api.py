@@ -131,9 +131,10 @@ class Incoming(Protocol):
         """The message without the head: the copy to relay. BLOCKING (it may read
         storage): iterate it in a worker thread."""
 
-    async def deliver(self, mailboxes: Sequence[str]) -> list[str]:
+    async def deliver(self, mailboxes: Sequence[str], folder: str | None = None) -> list[str]:
         """File the message, head first, into each mailbox (one copy per distinct
         one), durably, in a commit shared with other sessions; the copies' names.
+        `folder`: into that folder of each mailbox ("Junk"), not its inbox.
         All or nothing: OSError after taking back every copy (a retry cannot
         duplicate it); ValueError, before any, for a name no mailbox can have."""
 

@@ -174,10 +174,14 @@ class Spool:
         else:
             yield from self._writer.read_back(skip=len(self._head))
 
-    async def deliver(self, mailboxes: Sequence[str]) -> list[str]:
+    async def deliver(self, mailboxes: Sequence[str], folder: str | None = None) -> list[str]:
         if not mailboxes:
             return []
         maildirs = [self._store.maildir_for(box) for box in mailboxes]
+        if folder is not None:  # Maildir++: a folder is the maildir ".NAME" inside the inbox
+            if not folder or folder.startswith(".") or any(c in folder for c in "/\\\0"):
+                raise ValueError(f"not usable as a folder name: {folder!r}")
+            maildirs = [maildir / f".{folder}" for maildir in maildirs]
         writer = self._writer  # the spool file, or the pieces in memory, head first
         delivery = (writer.delivery(maildirs) if writer is not None
                     else Delivery(maildirs, chunks=[self._head, *self._chunks]))
