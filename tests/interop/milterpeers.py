@@ -5,6 +5,7 @@ with a config of its own in a temp folder, and stops by its PID.
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import tempfile
@@ -183,12 +184,59 @@ class OpenDKIM(Daemon):
         return f"inet:{LOOPBACK}:{self.port}"
 
 
-class OpenDMARC(Daemon):
-    """OpenDMARC as a milter on the MX: adds its Authentication-Results."""
+class Port53DNS(Daemon):
+    """dnsmasq on port 53 of a loopback address of its own (127.X.Y.Z), for a program that
+    reads only /etc/resolv.conf (OpenDMARC): see `OpenDMARC`."""
 
-    def __init__(self, root: Path, authserv: str) -> None:
+    def __init__(self, root: Path, *options: str) -> None:
+        self.root = Path(root)
+        self.options = options
+        self.address = ""
+        self.log_path = self.root / "dns53.out"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            self.address = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}." \
+                f"{random.randint(1, 254)}"
+            self._spawn(["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                         "--conf-file=/dev/null", "--pid-file=", "--port=53",
+                         f"--listen-address={self.address}", "--bind-interfaces",
+                         "--log-facility=-", *self.options])
+            try:
+                self._wait(self._answers, "dnsmasq on port 53", timeout)
+                return
+            except HarnessError:
+                continue  # the address was taken: another one
+        raise HarnessError(f"dnsmasq did not start on port 53\n{_tail(self.log_path)}")
+
+    def _answers(self) -> bool:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.settimeout(0.3)
+            # A query for "." NS: any answer (even a refusal) proves it listens.
+            probe.sendto(bytes.fromhex("abcd01000001000000000000000002" "0001"),
+                         (self.address, 53))
+            probe.recv(512)
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
+
+
+class OpenDMARC(Daemon):
+    """OpenDMARC as a milter on the MX: adds its Authentication-Results.
+
+    It resolves only through /etc/resolv.conf (port 53, no setting for another
+    server), so it runs in a mount namespace of its own (unshare(1), as root)
+    where that file names `nameserver` (a Port53DNS) and nothing else changes.
+    """
+
+    def __init__(self, root: Path, authserv: str, nameserver: str) -> None:
         self.root = Path(root)
         self.authserv = authserv
+        self.nameserver = nameserver
         (self.port,) = free_ports(1)
         self.log_path = self.root / "opendmarc.out"
         self.conf = self.root / "opendmarc.conf"
@@ -203,7 +251,11 @@ class OpenDMARC(Daemon):
 
     def start(self, timeout: float = 30.0) -> None:
         self.configure()
-        self._spawn(["opendmarc", "-f", "-c", str(self.conf)])
+        resolv = self.root / "resolv.conf"
+        resolv.write_text(f"nameserver {self.nameserver}\n")
+        script = (f'mount --bind "{resolv}" /etc/resolv.conf && '
+                  f'exec opendmarc -f -c "{self.conf}"')
+        self._spawn(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
         self._wait(lambda: port_open(self.port), "opendmarc", timeout)
 
     @property
