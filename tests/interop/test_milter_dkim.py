@@ -14,7 +14,6 @@ import re
 import smtplib
 import subprocess
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from mailharness import Dnsmasq, HarnessError, Postroom, submission_client
