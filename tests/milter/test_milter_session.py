@@ -133,6 +133,26 @@ def test_refusals_at_mail_and_rcpt_answer_those_commands(tmp_path: Path) -> None
     run(scenario())
 
 
+def test_session_verdicts_at_connect(tmp_path: Path) -> None:
+    """Reject at connect refuses every MAIL of the session (HELO still answered);
+    accept at connect leaves the filter out for the whole session."""
+    async def scenario() -> None:
+        async with served(tmp_path, Script(answers={b"C": [pkt(b"r")]})) as (server, milter):
+            code, text, _ = await asyncio.to_thread(send, server)
+            assert (code, text) == (550, "5.7.1 Command rejected")
+            await asyncio.wait_for(milter.closed.wait(), 10)  # the session's end
+            assert milter.commands() == [b"O", b"C", b"Q"]
+        async with served(tmp_path / "a", Script(answers={b"C": [pkt(b"a")]})) as (server, m):
+            code, text, _ = await asyncio.to_thread(send, server)
+            assert code == 250, text
+            await asyncio.wait_for(m.closed.wait(), 10)
+            assert m.commands() == [b"O", b"C", b"Q"]
+
+    (tmp_path / "a").mkdir()
+    run(scenario())
+    assert len(inbox(tmp_path / "a", "boss@corp.example")) == 1
+
+
 def test_discard_answers_250_and_files_nothing(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with served(tmp_path, Script(answers={b"E": [pkt(b"d")]})) as (server, _milter):
@@ -248,16 +268,19 @@ def test_a_failing_filter_gets_the_default_action_and_loses_nothing(
                           f'default_action = "{action}"\n') as (server, milter):
             if script is None:
                 await milter.stop()  # nothing listens on its port any more
-            code, text, rcpts = await asyncio.to_thread(send, server)
+            # Two recipients: a filter that failed at the first one must not let the
+            # second one through unfiltered.
+            code, text, rcpts = await asyncio.to_thread(
+                send, server, ("boss@corp.example", "alice@corp.example"))
             if action == "tempfail":
-                refused = code if code else rcpts["boss@corp.example"][0]
+                refused = code if code else rcpts["alice@corp.example"][0]
                 assert refused == 451, (code, text, rcpts)
             else:
                 assert code == 250, text
 
     run(scenario())
-    stored = inbox(tmp_path, "boss@corp.example")
-    assert len(stored) == (0 if action == "tempfail" else 1)
+    for rcpt in ("boss@corp.example", "alice@corp.example"):
+        assert len(inbox(tmp_path, rcpt)) == (0 if action == "tempfail" else 1)
     lines = [r.getMessage() for r in caplog.records if "milter" in r.getMessage()
              and "default action" in r.getMessage()]
     assert len(lines) == 1 and f"default action {action}" in lines[0], lines

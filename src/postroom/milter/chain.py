@@ -119,7 +119,8 @@ class MilterChain:
             try:
                 f.conn = await MilterConnection.open(f.spec)
             except MilterFailure as exc:
-                self._failed(f, "connect", exc)
+                if self._failed(f, "connect", exc) is not None:
+                    break
                 continue
             conn = f.conn
 
@@ -169,6 +170,8 @@ class MilterChain:
 
     async def rcpt(self, recipient: str, parameters: list[str], local: bool) -> Reply | None:
         """A recipient the session accepted; a refusal takes it back."""
+        if self.refusal is not None:  # a filter failed earlier in this transaction
+            return self.refusal
         macros = {"i": self.queue_id, "{rcpt_addr}": recipient,
                   "{rcpt_mailer}": "local" if local else "smtp"}
         for f in self._active():
@@ -184,7 +187,10 @@ class MilterChain:
                       ) -> MessageOutcome:
         """The message is whole in `message`: each filter sees it, then decides.
         `head(new_sender)` is the head (Return-Path) of a rewritten copy."""
-        outcome = MessageOutcome()
+        outcome = MessageOutcome(refusal=self.refusal)
+        if outcome.refusal is not None:  # a filter failed earlier in this transaction
+            self._abort_all()
+            return outcome
         if self.discard:  # said at MAIL or RCPT: the content goes nowhere
             self._abort_all()
             outcome.discard = True
