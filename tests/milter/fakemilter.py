@@ -40,8 +40,9 @@ class Script:
 
 
 class FakeMilter:
-    def __init__(self, script: Script) -> None:
+    def __init__(self, script: Script, unix_path: str | None = None) -> None:
         self.script = script
+        self.unix_path = unix_path  # listen there instead of on a loopback port
         self.received: list[tuple[bytes, bytes]] = []
         self.sessions = 0
         self.server: asyncio.Server | None = None
@@ -50,12 +51,17 @@ class FakeMilter:
         self.closed = asyncio.Event()  # set when a session ends (either side)
 
     async def start(self) -> FakeMilter:
+        if self.unix_path is not None:
+            self.server = await asyncio.start_unix_server(self._serve, self.unix_path)
+            return self
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
     @property
     def socket(self) -> str:
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
         return f"inet:127.0.0.1:{self.port}"
 
     async def stop(self) -> None:

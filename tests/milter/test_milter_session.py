@@ -30,8 +30,8 @@ MESSAGE = (b"From: alice@isp.example\r\nTo: boss@corp.example\r\nSubject: hello\
 
 @asynccontextmanager
 async def served(tmp_path: Path, script: Script, milter_settings: str = "",
-                 ) -> AsyncIterator[tuple[Running, FakeMilter]]:
-    milter = await FakeMilter(script).start()
+                 unix_path: str | None = None) -> AsyncIterator[tuple[Running, FakeMilter]]:
+    milter = await FakeMilter(script, unix_path).start()
     (tmp_path / "postroom.toml").write_text(
         'hostname = "mx.corp.example"\ndomains = ["corp.example"]\n'
         '[listen]\nsmtp = "127.0.0.1:0"\n'
@@ -131,6 +131,19 @@ def test_refusals_at_mail_and_rcpt_answer_those_commands(tmp_path: Path) -> None
 
     (tmp_path / "m").mkdir()
     run(scenario())
+
+
+def test_a_filter_on_a_unix_socket(tmp_path: Path) -> None:
+    edits = {b"E": [pkt(b"h", cstr("X-Unix", "yes")), pkt(b"c")]}
+
+    async def scenario() -> None:
+        path = str(tmp_path / "milter.sock")
+        async with served(tmp_path, Script(answers=edits), unix_path=path) as (server, _m):
+            code, text, _ = await asyncio.to_thread(send, server)
+            assert code == 250, text
+
+    run(scenario())
+    assert b"\r\nX-Unix: yes\r\n" in inbox(tmp_path, "boss@corp.example")[0]
 
 
 def test_session_verdicts_at_connect(tmp_path: Path) -> None:
