@@ -166,9 +166,10 @@ def test_session_verdicts_at_connect(tmp_path: Path) -> None:
     assert len(inbox(tmp_path / "a", "boss@corp.example")) == 1
 
 
-def test_discard_answers_250_and_files_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("step", [b"C", b"M", b"E"])
+def test_discard_answers_250_and_files_nothing(tmp_path: Path, step: bytes) -> None:
     async def scenario() -> None:
-        async with served(tmp_path, Script(answers={b"E": [pkt(b"d")]})) as (server, _milter):
+        async with served(tmp_path, Script(answers={step: [pkt(b"d")]})) as (server, _milter):
             code, text, _ = await asyncio.to_thread(send, server)
             assert code == 250, text
         assert inbox(tmp_path, "boss@corp.example") == []

@@ -98,6 +98,7 @@ class MilterChain:
         self.tls: dict[str, str] = {}
         self.auth: dict[str, str] = {}
         self.discard = False  # a filter said discard: keep nothing of this message
+        self.discard_all = False  # ... said at connect or HELO: of any message
         self._section = Section([], b"", 0)  # of the message the last filter saw
 
     # -- the steps ----------------------------------------------------------------
@@ -155,7 +156,7 @@ class MilterChain:
         if self.refusal is not None:
             return self.refusal
         self.queue_id = queue_id
-        self.discard = False
+        self.discard = self.discard_all
         for f in self.filters:
             f.done = False
         macros = {"i": queue_id, **self.auth, "{mail_addr}": sender}
@@ -364,12 +365,14 @@ class MilterChain:
                 f.done = True
             return None
         if action == "discard":
-            if session:
-                self.refusal = None
             log.info("%s: %s: milter %s: discard at %s from [%s]", self.info.service,
                      self.queue_id or "NOQUEUE", f.spec, what, self.info.client_ip)
             self.discard = True
-            f.done = True
+            if session:  # every message of the session (Postfix: "discard all mail")
+                self.discard_all = True
+                f.off = True
+            else:
+                f.done = True
             return None
         reply = verdict.reply
         assert reply is not None
