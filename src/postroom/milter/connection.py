@@ -98,7 +98,9 @@ class MilterConnection:
         except ValueError as exc:  # a value the protocol cannot carry (a NUL)
             raise MilterFailure(f"cannot send: {exc}") from None
         if not awaits:
-            self.flush()
+            # Unanswered steps (SMFIP_NR_*) still wait for the filter to read them, so
+            # a slow filter cannot make the transport buffer a whole message.
+            await self._drain(timeout)
             return core.CONTINUE
         while True:
             event = await self._answer(timeout)
@@ -111,12 +113,7 @@ class MilterConnection:
     async def _answer(self, timeout: float) -> Event:
         """The filter's next event, waiting at most `timeout` since the last sign of
         life (SMFIR_PROGRESS restarts the clock, as in Postfix)."""
-        self.flush()
-        try:
-            await asyncio.wait_for(self._writer.drain(), timeout)
-        except (OSError, TimeoutError) as exc:
-            self.close()
-            raise MilterFailure(f"cannot write: {exc or 'timed out'}") from None
+        await self._drain(timeout)
         while True:
             try:
                 event = self.core.next_event()
@@ -137,6 +134,16 @@ class MilterConnection:
                 self.close()
                 raise MilterFailure(f"lost connection: {exc}") from None
             self.core.receive_data(data)
+
+    async def _drain(self, timeout: float) -> None:
+        """Write what the core queued; wait while the transport holds more than its
+        high-water mark (the filter reads too slowly), at most `timeout`."""
+        self.flush()
+        try:
+            await asyncio.wait_for(self._writer.drain(), timeout)
+        except (OSError, TimeoutError) as exc:
+            self.close()
+            raise MilterFailure(f"cannot write: {exc or 'timed out'}") from None
 
     def flush(self) -> None:
         """Write what the core queued (steps that await no answer)."""
