@@ -252,3 +252,27 @@ def test_header_forms_both_ways() -> None:
     assert header_field("DKIM-Signature", "v=1;\n\tb=x") == b"DKIM-Signature: v=1;\r\n\tb=x\r\n"
     with pytest.raises(ValueError):
         w.cstrings("a\0b")
+
+
+def at_end_of_message() -> MilterClient:
+    client = negotiated(w.SMFIP_NR_CONN | w.SMFIP_NR_MAIL | w.SMFIP_NR_RCPT | w.SMFIP_NR_DATA
+                        | w.SMFIP_NR_EOH)
+    client.connect("[192.0.2.1]", "192.0.2.1", 25)
+    client.mail("a@x")
+    client.rcpt("b@y")
+    client.data()
+    client.end_of_headers()
+    client.end_of_message()
+    return client
+
+
+@pytest.mark.parametrize("field", [
+    b"Bad Name\0v\0", b"X-A\0one\nX-Injected: two\0", b"X-A\0one\r\n\r\nbody\0", b":\0v\0",
+])
+def test_a_header_field_that_would_break_the_header_section_is_refused(field: bytes) -> None:
+    client = at_end_of_message()
+    assert events(client, pkt(b"h", b"X-Fine\0one\n\ttwo\0")) == [AddHeader("X-Fine",
+                                                                            "one\n\ttwo")]
+    client.receive_data(pkt(b"h", field))
+    with pytest.raises(RemoteProtocolError):
+        client.next_event()

@@ -41,6 +41,7 @@ from postroom.protocol.replies import Reply
 REJECTED = Reply(550, "5.7.1", "Command rejected")
 TEMPFAILED = Reply(451, "4.7.1", "Service unavailable - try again later")
 # A filter's reply text: "CODE[ X.Y.Z] text", multi-line with CRLF and "CODE-" (RFC 5321 4.2).
+_FIELD_NAME_RE = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 3.6.8 ftext
 _REPLYCODE_RE = re.compile(r"([45][0-9][0-9])([ -])(?:([45]\.[0-9]{1,3}\.[0-9]{1,3}) )?(.*)", re.S)
 
 
@@ -424,10 +425,10 @@ class MilterClient:
         if not self.negotiated.actions & _MODIFICATION_ACTIONS[code]:
             raise RemoteProtocolError(f"milter modification {code!r} not negotiated")
         if code == w.SMFIR_ADDHEADER:
-            return AddHeader(*w.split_strings(data, 2))
+            return AddHeader(*_field(*w.split_strings(data, 2)))
         if code in (w.SMFIR_INSHEADER, w.SMFIR_CHGHEADER):
             index = w.read_word(data)
-            name, value = w.split_strings(data[4:], 2)
+            name, value = _field(*w.split_strings(data[4:], 2))
             return (InsertHeader if code == w.SMFIR_INSHEADER else ChangeHeader)(index, name, value)
         if code == w.SMFIR_REPLBODY:
             return ReplaceBody(data)
@@ -465,6 +466,18 @@ class MilterClient:
         if code == w.SMFIR_SHUTDOWN:
             raise RemoteProtocolError("the filter shuts down (SMFIR_SHUTDOWN)")
         raise RemoteProtocolError(f"unknown milter reply {code!r} to {step}")
+
+
+def _field(name: str, value: str) -> tuple[str, str]:
+    """A header field a filter gives: a name of RFC 5322 3.6.8 ftext, and a value whose
+    every line but the first starts with white space (else it would end the field,
+    or the header section, early: RFC 5322 2.2.3)."""
+    if not _FIELD_NAME_RE.fullmatch(name):
+        raise RemoteProtocolError(f"milter header name {name[:60]!r} is not a field name")
+    lines = value.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if any(not line or line[0] not in " \t" for line in lines[1:]):
+        raise RemoteProtocolError(f"milter header {name} value breaks the header section")
+    return name, value
 
 
 def _address(text: str) -> str:
