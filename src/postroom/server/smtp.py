@@ -13,12 +13,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from postroom.ids import new_queue_id
-from postroom.milter.chain import MessageOutcome, MilterChain, SessionInfo
 from postroom.milter.connection import MilterSpec
 from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
@@ -28,6 +27,7 @@ from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
 from postroom.server.diskspace import FreeSpace
 from postroom.server.headers import HeaderCapture, missing_headers
+from postroom.server.milter_steps import MilterSteps, mail_parameters, rcpt_parameters
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
 from postroom.server.session import Service, Session
 from postroom.server.stream import Stream
@@ -99,113 +99,7 @@ class Transaction:
         return list(dict.fromkeys(box for _rcpt, boxes in self.recipients for box in boxes))
 
 
-# -- milters (postroom.milter): the session's side of each step ------------------------
-
-
-def _mail_parameters(event: core.MailFrom) -> list[str]:
-    """MAIL FROM's ESMTP parameters as a filter gets them (SMFIC_MAIL)."""
-    params = [f"SIZE={event.size}"] if event.size is not None else []
-    params += [f"BODY={event.body}"] if event.body else []
-    params += ["SMTPUTF8"] if event.smtputf8 else []
-    params += [f"RET={event.ret}"] if event.ret else []
-    params += [f"ENVID={event.envid}"] if event.envid else []
-    params += [f"AUTH={event.auth}"] if event.auth else []
-    return params
-
-
-def _rcpt_parameters(event: core.RcptTo) -> list[str]:
-    params = [f"NOTIFY={','.join(event.notify)}"] if event.notify else []
-    return params + ([f"ORCPT={event.orcpt}"] if event.orcpt else [])
-
-
-class _MilterSteps:
-    """The SMTP session's milter hooks (mixed into SMTPSession below)."""
-
-    service: SMTPService
-    stream: Stream
-    client_ip: str
-    tls: tuple[str, str] | None
-    milters: MilterChain | None
-    user: str | None
-
-    def _milter_chain(self) -> MilterChain:
-        svc = self.service
-        peer = self.stream.get_extra_info("peername") or ("", 0)
-        local = self.stream.get_extra_info("sockname") or ("", 0)
-        info = SessionInfo(service=svc.name, hostname=svc.hostname, client_ip=self.client_ip,
-                           client_port=int(peer[1]) if len(peer) > 1 else 0,
-                           daemon_addr=str(local[0]),
-                           daemon_port=int(local[1]) if len(local) > 1 else 0)
-        return MilterChain(svc.milters, info, svc.mailboxes.receive)
-
-    async def _milter_helo(self, name: str) -> Reply | None:
-        assert self.milters is not None
-        if self.tls is not None:
-            self.milters.tls = {"{tls_version}": self.tls[0], "{cipher}": self.tls[1]}
-        return await self.milters.helo(name)
-
-    async def _milter_end(self, txn: Transaction, message: Incoming,
-                          ) -> Reply | tuple[Incoming, str | None]:
-        """The filters' verdict on the whole message: a reply that ends it (nothing
-        kept), or the message to store (changed or not) and the folder to file it in."""
-        assert self.milters is not None
-        svc = self.service
-        try:
-            message.write(txn.return_paths.end())  # a last line still undecided
-        except OSError as exc:
-            log.error("%s: %s: write to spool failed: %s", svc.name, txn.queue_id, exc)
-            message.abort()
-            return LOCAL_ERROR
-        outcome = await self.milters.message(
-            message, lambda sender: return_path(txn.mail.address if sender is None else sender))
-        if outcome.refusal is not None or outcome.discard:
-            message.abort()
-            if outcome.discard:
-                log.info("%s: %s: discarded by milter: from=<%s>, nrcpt=%d", svc.name,
-                         txn.queue_id, txn.mail.address, len(txn.recipients) + len(txn.remote))
-                return Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}")
-            return outcome.refusal or LOCAL_ERROR
-        if outcome.message is not None:
-            message.abort()
-            message = outcome.message
-        await self._milter_envelope(txn, outcome)
-        if outcome.quarantine is not None:
-            log.info("%s: %s: quarantine: %s; filed in Junk", svc.name, txn.queue_id,
-                     outcome.quarantine)
-        if not txn.recipients and not txn.remote:
-            message.abort()
-            log.info("%s: %s: milters removed every recipient; message dropped", svc.name,
-                     txn.queue_id)
-            return Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}")
-        return message, ("Junk" if outcome.quarantine is not None else None)
-
-    async def _milter_envelope(self, txn: Transaction, outcome: MessageOutcome) -> None:
-        """Sender and recipient changes: a filter is trusted as Postfix trusts it (an
-        added recipient in another domain is relayed, even from the MX listener)."""
-        svc = self.service
-        if outcome.sender is not None:
-            log.info("%s: %s: milter changed sender <%s> to <%s>", svc.name, txn.queue_id,
-                     txn.mail.address, outcome.sender)
-            txn.mail = replace(txn.mail, address=outcome.sender)
-        for gone in outcome.deleted:
-            key = gone.lower()
-            txn.recipients = [r for r in txn.recipients if r[0].lower() != key]
-            txn.remote = [r for r in txn.remote if r.address.lower() != key]
-            txn.notify = [n for n in txn.notify if n[0].address.lower() != key]
-        for address, _params in outcome.added:
-            decision = await (svc.submission or svc.policy).check_recipient(address)
-            if decision.accepted and decision.remote is None:
-                txn.recipients.append((address, decision.mailboxes))
-            elif decision.accepted and decision.remote is not None:
-                txn.remote.append(Recipient(decision.remote))
-            elif not svc.directory.is_local_domain(address.rpartition("@")[2].lower()):
-                txn.remote.append(Recipient(address))
-            else:
-                log.warning("%s: %s: milter added unknown local recipient <%s>: %s",
-                            svc.name, txn.queue_id, address, decision.reply)
-
-
-class SMTPSession(Session, _MilterSteps):
+class SMTPSession(Session, MilterSteps):
     """Drives one connection from the banner to the close."""
 
     log = log
@@ -356,7 +250,7 @@ class SMTPSession(Session, _MilterSteps):
             return
         txn = Transaction(queue_id=new_queue_id(), mail=event, started=time.time())
         if self.milters is not None:
-            refusal = await self.milters.mail(event.address, _mail_parameters(event),
+            refusal = await self.milters.mail(event.address, mail_parameters(event),
                                               txn.queue_id)
             if refusal is not None:
                 self.conn.send(refusal)
@@ -390,7 +284,7 @@ class SMTPSession(Session, _MilterSteps):
         policy = svc.submission if svc.submission is not None and self.user else svc.policy
         decision = await policy.check_recipient(event.address)
         if decision.accepted and self.milters is not None:
-            refusal = await self.milters.rcpt(event.address, _rcpt_parameters(event),
+            refusal = await self.milters.rcpt(event.address, rcpt_parameters(event),
                                               decision.remote is None)
             if refusal is not None:
                 self.conn.send(refusal)
