@@ -40,7 +40,8 @@ RULES: list[tuple[str, str, str]] = [
      "a second backend is chosen from the same values"),
     *[(package, "postroom.server", BELOW_SERVER)
       for package in ("postroom.protocol", "postroom.policy", "postroom.queue",
-                      "postroom.delivery", "postroom.store")],
+                      "postroom.delivery", "postroom.store", "postroom.milter")],
+    ("postroom.milter", "postroom.config", VALUES),
     *[(package, "postroom.config", VALUES)
       for package in ("postroom.queue", "postroom.delivery", "postroom.tlscert")],
     ("postroom.queue", "postroom.delivery",

@@ -251,6 +251,9 @@ def render_default_config(
         if name == "listen":
             lines += _comment("Remove or comment out a line to turn that listener off.")
         for key, spec in keys(cls).items():
-            lines += [*_comment(spec.doc), f"{key} = {show(spec.default)}"]
+            # A key whose default is "unset" (None) is written commented out.
+            unset = "# " if spec.default is None else ""
+            lines += [*_comment(spec.doc),
+                      f"{unset}{key} = {show([] if unset else spec.default)}"]
         lines.append("")
     return "\n".join(lines)

@@ -21,11 +21,13 @@ from postroom.config.values import (
     parse_int,
     parse_listener,
     parse_mailbox,
+    parse_milters,
     parse_nameservers,
     parse_networks,
     parse_path,
     parse_size,
 )
+from postroom.milter.connection import MilterSpec
 from postroom.store.api import StoreSettings
 
 CONFIG_NAME = "postroom.toml"
@@ -305,12 +307,58 @@ class DKIMConfig:
     )
 
 
+@dataclass(frozen=True)
+class MiltersConfig:
+    """[milters]: Sendmail/Postfix milter filters per SMTP listener (postroom.milter)."""
+
+    smtp: tuple[Any, ...] = setting(
+        [], parse_milters,
+        'The filters (milters) of the smtp listener (MX), in order, as Postfix\'s '
+        'smtpd_milters: "inet:HOST:PORT", "inet6:HOST:PORT" or "unix:PATH", or a table '
+        '{ socket = "inet:...", default_action = "accept", connect_timeout = "5s", '
+        "command_timeout = ..., content_timeout = ... } overriding the defaults below for "
+        "one filter.")
+    submission: tuple[Any, ...] = setting(
+        [], parse_milters, "The filters of the submission listener, as for smtp.")
+    submissions: tuple[Any, ...] | None = setting(
+        None, parse_milters,
+        "The filters of the submissions listener (implicit TLS); left out: the same as "
+        "submission.")
+    default_action: str = setting(
+        "tempfail", parse_choice("tempfail", "accept"),
+        'What a filter that is down, times out or answers garbage means (Postfix\'s '
+        'milter_default_action): "tempfail" answers 451 4.7.1, so nothing is lost and '
+        'nothing passes unfiltered; "accept" goes on without the filter.')
+    connect_timeout: float = setting(
+        "30s", parse_duration,
+        "Time to connect to a filter and negotiate (Postfix's milter_connect_timeout).")
+    command_timeout: float = setting(
+        "30s", parse_duration,
+        "Time a filter may take to answer the connect, HELO, MAIL and RCPT steps "
+        "(Postfix's milter_command_timeout).")
+    content_timeout: float = setting(
+        "300s", parse_duration,
+        "Time a filter may take to answer each piece of the message and its end "
+        "(Postfix's milter_content_timeout).")
+
+    def for_listener(self, name: str) -> tuple[MilterSpec, ...]:
+        """The filters of listener `name`, each with its own limits filled in."""
+        items = self.submission if name == "submissions" and self.submissions is None \
+            else getattr(self, name, ())
+        defaults = {"default_action": self.default_action,
+                    "connect_timeout": self.connect_timeout,
+                    "command_timeout": self.command_timeout,
+                    "content_timeout": self.content_timeout}
+        return tuple(MilterSpec(**{**defaults, **item}) for item in items or ())
+
+
 # The tables of the file in the order `postroom init` writes them; None: [routes].
 SECTIONS: dict[str, type | None] = {
     "listen": ListenConfig, "tls": TLSConfig, "dns": DNSConfig, "routes": None,
     "relay": RelayConfig, "queue": QueueConfig, "smtp": SMTPConfig, "pop3": POP3Config,
     "dmarc": DMARCConfig,
     "dkim": DKIMConfig,
+    "milters": MiltersConfig,
 }
 
 
@@ -329,6 +377,7 @@ class Config:
     pop3: POP3Config
     dmarc: DMARCConfig
     dkim: DKIMConfig
+    milters: MiltersConfig
     hostname: str = setting(
         None,  # default_hostname(), filled in at load time
         parse_hostname,

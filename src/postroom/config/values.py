@@ -292,3 +292,31 @@ def parse_networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv
 def parse_folder(value: object) -> str:
     """A mailbox folder name ("Junk"; "." separates levels, as Dovecot shows them)."""
     return check_folder(_expect(value, str, "a folder name"))
+MILTER_KEYS = ("socket", "default_action", "connect_timeout", "command_timeout",
+               "content_timeout")
+
+
+def parse_milters(value: object) -> tuple[dict[str, object], ...] | None:
+    """[milters] lists: each filter a socket string or a table of its own settings;
+    what it gives, parsed (the section's defaults fill the rest)."""
+    if value is None:
+        return None
+    from postroom.milter.connection import parse_socket
+
+    out = []
+    for item in _expect(value, list, 'a list of "inet:HOST:PORT" or "unix:PATH" strings'):
+        table = {"socket": item} if isinstance(item, str) else _expect(item, dict, "a table")
+        unknown = [k for k in table if k not in MILTER_KEYS]
+        if unknown:
+            raise ValueError(f"unknown milter key {show(unknown[0])} (known: "
+                             f"{', '.join(MILTER_KEYS)})")
+        socket_text = _expect(table.get("socket"), str, 'a string socket = "inet:HOST:PORT"')
+        parse_socket(socket_text)
+        parsed: dict[str, object] = {"socket": socket_text}
+        for key, raw in table.items():
+            if key == "default_action":
+                parsed[key] = parse_choice("tempfail", "accept")(raw)
+            elif key.endswith("_timeout"):
+                parsed[key] = parse_duration(raw)
+        out.append(parsed)
+    return tuple(out)

@@ -114,6 +114,7 @@ def _smtp_service(
         data_timeout=smtp.data_timeout,
         max_received=smtp.max_received_headers,
         checks=mail_checks(config) if name == "smtp" else None,
+        milters=config.milters.for_listener(name),
     )
 
 

@@ -22,6 +22,7 @@ from postroom.ids import new_queue_id
 from postroom.mailauth.checks import MailChecks, MessageChecks, Verdict
 from postroom.mailauth.results import OurResultsRemover
 from postroom.mailauth.sign import Signer, StreamSigner
+from postroom.milter.connection import MilterSpec
 from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
 from postroom.protocol import sasl
@@ -31,6 +32,7 @@ from postroom.queue.envelope import Envelope, Recipient
 from postroom.server.diskspace import FreeSpace
 from postroom.server.forwarding import Forwarding
 from postroom.server.headers import HeaderCapture, missing_headers
+from postroom.server.milter_steps import MilterSteps, mail_parameters, rcpt_parameters
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
 from postroom.server.session import Service, Session
 from postroom.server.stream import Stream
@@ -80,6 +82,7 @@ class SMTPService(Service):
     dkim: Signer | None = None
     # Aliases to other hosts and bounces to SRS addresses (server.forwarding).
     forwarding: Forwarding | None = None
+    milters: tuple[MilterSpec, ...] = ()  # [milters]: the filters of this listener, in order
 
 
 @dataclass
@@ -118,7 +121,7 @@ class Transaction:
         return list(dict.fromkeys(box for _rcpt, boxes in self.recipients for box in boxes))
 
 
-class SMTPSession(Session):
+class SMTPSession(Session, MilterSteps):
     """Drives one connection from the banner to the close."""
 
     log = log
@@ -133,6 +136,7 @@ class SMTPSession(Session):
         self.tls: tuple[str, str] | None = self._tls_info()
         self.txn: Transaction | None = None
         self.in_data = False
+        self.milters = self._milter_chain() if service.milters else None
 
     @property
     def busy(self) -> bool:
@@ -161,6 +165,8 @@ class SMTPSession(Session):
 
     def _ended(self) -> None:
         self._abort_transaction("connection closed")
+        if self.milters is not None:
+            self.milters.close()
 
     async def _loop(self) -> None:
         conn = self.conn
@@ -220,6 +226,11 @@ class SMTPSession(Session):
             self.helo = event.domain
             self.esmtp = event.command == "EHLO"
             self._abort_transaction("new greeting")
+            if self.milters is not None:
+                refusal = await self._milter_helo(event.domain)
+                if refusal is not None:
+                    conn.send(refusal)
+                    return
             conn.send(Reply(250, None, f"{self.service.hostname} Hello {event.domain}"
                                        f" [{self.client_ip}]"))
         elif isinstance(event, core.MailFrom):
@@ -260,6 +271,12 @@ class SMTPSession(Session):
             self.conn.send(full)
             return
         txn = Transaction(queue_id=new_queue_id(), mail=event, started=time.time())
+        if self.milters is not None:
+            refusal = await self.milters.mail(event.address, mail_parameters(event),
+                                              txn.queue_id)
+            if refusal is not None:
+                self.conn.send(refusal)
+                return
         self.txn = txn
         log.info("%s: %s: client=[%s], helo=%s, from=<%s>%s", svc.name, txn.queue_id,
                  self.client_ip, self.helo, event.address,
@@ -297,6 +314,12 @@ class SMTPSession(Session):
         if decision.accepted and decision.forward:
             targets = txn.forward.setdefault(decision.forward_domain, [])
             targets += [t for t in decision.forward if t not in targets]
+        if decision.accepted and self.milters is not None:
+            refusal = await self.milters.rcpt(event.address, rcpt_parameters(event),
+                                              decision.remote is None)
+            if refusal is not None:
+                self.conn.send(refusal)
+                return
         if decision.accepted and decision.remote is not None:
             txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
         elif decision.accepted:
@@ -398,23 +421,44 @@ class SMTPSession(Session):
             return
         # From here the commit owns the message: a shutdown must not abort it.
         message, txn.writer = txn.writer, None
-        if await self._store(txn, message):
+        try:
+            self._write_tail(txn, message)
+        except OSError as exc:
+            self._local_error(txn, message, "write to spool", exc)
+            self._reply(LOCAL_ERROR)
+            self._finish_transaction()
+            return
+        folder = txn.auth_verdict.action.folder if txn.auth_verdict else None
+        if self.milters is not None:
+            filtered = await self._milter_end(txn, message)
+            if isinstance(filtered, Reply):
+                self._reply(filtered)
+                self._finish_transaction()
+                return
+            message, milter_folder = filtered
+            folder = folder or milter_folder
+        if await self._store(txn, message, folder):
             self._reply(Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"))
         else:
             self._reply(LOCAL_ERROR)
         self._finish_transaction()
 
-    async def _store(self, txn: Transaction, message: Incoming) -> bool:
+    @staticmethod
+    def _write_tail(txn: Transaction, message: Incoming) -> None:
+        """The content's last line, held back until the end: through the same
+        filters as the rest (Return-Path, our Authentication-Results, the signer)."""
+        tail = txn.return_paths.end()
+        if txn.forged_results is not None:
+            tail = txn.forged_results.feed(tail) + txn.forged_results.end()
+        message.write(tail)
+        if txn.signer is not None:
+            txn.signer.feed(tail)
+
+    async def _store(self, txn: Transaction, message: Incoming, folder: str | None = None,
+                     ) -> bool:
         """Queue what is relayed, file what is local, queue the success reports asked
         for; False when nothing of the message is kept (the client retries)."""
         svc = self.service
-        try:
-            tail = txn.return_paths.end()  # a last line still undecided
-            if txn.forged_results is not None:
-                tail = txn.forged_results.feed(tail) + txn.forged_results.end()
-            message.write(tail)
-        except OSError as exc:
-            return self._local_error(txn, message, "write to spool", exc)
         envelope = self._envelope(txn, message.size) if txn.remote else None
         try:
             # Queue first: if filing locally then fails, the client retries and the
@@ -423,14 +467,12 @@ class SMTPSession(Session):
             if envelope is not None:
                 chunks: Iterable[bytes] = message.chunks()
                 if txn.signer is not None:  # the copy that leaves carries the signatures
-                    txn.signer.feed(tail)
                     signatures = txn.signer.finish(f"{svc.name}: {txn.queue_id}: ")
                     if signatures:
                         chunks = itertools.chain((signatures,), chunks)
                         envelope.size += len(signatures)
                 await svc.outbound.add(envelope, chunks)
             forwarded = await self._forward(txn, message) if txn.forward else []
-            folder = txn.auth_verdict.action.folder if txn.auth_verdict else None
             names = await message.deliver(txn.mailboxes(), folder)
         except (OSError, ValueError) as exc:
             return self._local_error(txn, message, "storing the message", exc)
@@ -554,6 +596,8 @@ class SMTPSession(Session):
             return
         self.user = user
         mechanism = self._exchange.mechanism if self._exchange else "SASL"
+        if self.milters is not None:
+            self.milters.auth = {"{auth_type}": mechanism, "{auth_authen}": user}
         log.info("%s: [%s] authenticated as %s (%s)", self.service.name, self.client_ip, user,
                  mechanism)
         self.conn.auth_succeeded(user, sasl.AUTH_SUCCEEDED)
@@ -580,6 +624,8 @@ class SMTPSession(Session):
         if txn.auth is not None:
             txn.auth.cancel()
             txn.auth = None
+        if self.milters is not None:
+            self.milters.abort()
         if txn.writer is not None:
             txn.writer.abort()
             txn.writer = None
@@ -602,3 +648,4 @@ class SMTPSession(Session):
         if out and not self.stream.is_closing():
             self.stream.write(out)
         self.stream.close()
+
