@@ -244,10 +244,20 @@ class POP3Config:
     )
 
 
+# The defences' sections (their module uses setting() above).
+from postroom.config.defense import (  # noqa: E402
+    DNSBLConfig,
+    GreylistConfig,
+    LimitsConfig,
+    ScreenConfig,
+)
+
 # The tables of the file in the order `postroom init` writes them; None: [routes].
 SECTIONS: dict[str, type | None] = {
     "listen": ListenConfig, "tls": TLSConfig, "dns": DNSConfig, "routes": None,
     "relay": RelayConfig, "queue": QueueConfig, "smtp": SMTPConfig, "pop3": POP3Config,
+    "limits": LimitsConfig, "screen": ScreenConfig, "dnsbl": DNSBLConfig,
+    "greylist": GreylistConfig,
 }
 
 
@@ -264,6 +274,10 @@ class Config:
     queue: QueueConfig
     smtp: SMTPConfig
     pop3: POP3Config
+    limits: LimitsConfig
+    screen: ScreenConfig
+    dnsbl: DNSBLConfig
+    greylist: GreylistConfig
     hostname: str = setting(
         None,  # default_hostname(), filled in at load time
         parse_hostname,
@@ -288,7 +302,7 @@ class Config:
     workers: int = setting(
         0, parse_int(0),
         "Server processes sharing the listeners (Python runs one core per process); 0 "
-        "means one per CPU. Connection limits and login delays count per process. The "
+        "means one per CPU. [limits] and login delays count across all of them. The "
         "first process also relays the queue, so it takes a submission connection only "
         "when the others leave it waiting.",
     )

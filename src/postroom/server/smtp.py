@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from postroom.defense.gate import LOGINS_REFUSED, Screening
 from postroom.ids import new_queue_id
 from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
@@ -36,6 +37,10 @@ log = logging.getLogger("postroom.smtpd")
 
 STARTTLS_READY = Reply(220, "2.0.0", "Ready to start TLS")  # RFC 3207 4
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try later")  # RFC 3463 X.3.0
+# Commands a client must send alone and wait for the answer to, unless it negotiated
+# PIPELINING (RFC 2920 3.1); defense.gate tells off one that sends more behind them.
+SENT_ALONE = (core.Hello, core.MailFrom, core.RcptTo, core.DataStart, core.Reset,
+              core.StartTLS, core.AuthStart)
 
 
 class Outbound(Protocol):
@@ -69,6 +74,7 @@ class SMTPService(Service):
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes after end of data...
     max_received: int = DEFAULT_MAX_RECEIVED
+    mx: bool = False  # the MX listener: postscreen's checks, DNS lists, greylisting
 
 
 @dataclass
@@ -111,6 +117,7 @@ class SMTPSession(Session):
         self.tls: tuple[str, str] | None = self._tls_info()
         self.txn: Transaction | None = None
         self.in_data = False
+        self.screening: Screening | None = None  # defense.gate's checks, from _admitted
 
     @property
     def busy(self) -> bool:
@@ -137,8 +144,19 @@ class SMTPSession(Session):
         else:
             self.conn.send(Reply(220, None, f"{hostname} ESMTP postroom"))
 
+    async def _admitted(self) -> bool:
+        svc = self.service
+        local = self.stream.get_extra_info("sockname") or ("", 0)
+        self.screening = svc.defense.screening(svc.name, svc.mx, self.client_ip, str(local[0]))
+        refusal = await self.screening.connect(self.stream.read)
+        if refusal is not None:
+            self.conn.send(refusal)
+        return refusal is None
+
     def _ended(self) -> None:
         self._abort_transaction("connection closed")
+        if self.screening is not None:
+            self.screening.ended()
 
     async def _loop(self) -> None:
         conn = self.conn
@@ -194,7 +212,18 @@ class SMTPSession(Session):
         conn = self.conn
         if isinstance(event, core.MessageData):
             self._write(event.data)
-        elif isinstance(event, core.Hello):
+            return
+        if self.screening is not None and isinstance(event, SENT_ALONE):
+            chunk = isinstance(event, core.DataStart) and event.chunking  # RFC 3030 2
+            ahead = self.screening.ahead(0 if chunk else conn.bytes_buffered, self.esmtp)
+            if ahead is not None:
+                conn.send(ahead)
+                return
+        if isinstance(event, core.Hello):
+            refusal = await self.screening.hello(event.domain) if self.screening else None
+            if refusal is not None:
+                conn.send(refusal)
+                return
             self.helo = event.domain
             self.esmtp = event.command == "EHLO"
             self._abort_transaction("new greeting")
@@ -226,6 +255,10 @@ class SMTPSession(Session):
                                  close=True))
             return
         self._abort_transaction("new transaction")
+        limited = await self.screening.mail(self.user) if self.screening else None
+        if limited is not None:
+            self.conn.send(limited)
+            return
         if svc.submission is not None and self.user is not None:
             refusal = await svc.submission.check_sender(self.user, event.address)
             if refusal is not None:
@@ -263,9 +296,18 @@ class SMTPSession(Session):
         txn = self.txn
         assert txn is not None, "the core emits RcptTo only inside a transaction"
         svc = self.service
+        limited = await self.screening.recipient(self.user) if self.screening else None
+        if limited is not None:
+            self.conn.send(limited)
+            return
         # An authenticated submission client may relay (RFC 6409); MX traffic may not.
         policy = svc.submission if svc.submission is not None and self.user else svc.policy
         decision = await policy.check_recipient(event.address)
+        if decision.accepted and self.screening is not None:
+            grey = await self.screening.greylisted(self.user, txn.mail.address, event.address)
+            if grey is not None:
+                self.conn.send(grey)
+                return
         if decision.accepted and decision.remote is not None:
             txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
         elif decision.accepted:
@@ -448,7 +490,7 @@ class SMTPSession(Session):
         if self.conn.closing:
             return  # the server stopped (421 sent) while the password was checked
         if user is None:
-            self.conn.send(sasl.AUTH_FAILED)
+            self.conn.send(LOGINS_REFUSED if self.locked_out else sasl.AUTH_FAILED)
             return
         self.user = user
         mechanism = self._exchange.mechanism if self._exchange else "SASL"
