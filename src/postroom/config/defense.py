@@ -100,13 +100,13 @@ class ScreenConfig:
     greet_wait: float = setting(
         "0s", partial(parse_duration, zero=True),
         "MX listener: wait this long before the 220 greeting; a client that talks first "
-        "(pregreet, RFC 5321 3.1) gets 521 5.5.1 and is dropped (Postfix: postscreen_"
+        "(pregreet, RFC 5321 3.1) gets 554 5.5.1 and is dropped (Postfix: postscreen_"
         "greet_wait, 6s). 0 greets at once.",
     )
     pipelining: Action = setting(
         "reject", parse_action,
         "MX listener: a client that sends commands ahead without having negotiated "
-        "PIPELINING with EHLO (RFC 2920 3.1) gets 521 5.5.1 and is dropped (reject), is "
+        "PIPELINING with EHLO (RFC 2920 3.1) gets 554 5.5.1 and is dropped (reject), is "
         "logged (warn), or nothing (off).",
     )
     helo_syntax: Action = setting(

@@ -49,11 +49,12 @@ GREYLIST_FILE = "greylist.sqlite3"  # in the data folder
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # The replies of the limits (RFC 3463 X.7.0 and X.7.1; 421 closes, RFC 5321 3.8).
+# RFC 2034 (the core): the greeting, and a refusal in its place, carry no enhanced code.
 TOO_MANY_CONNECTIONS = "Too many connections from your address; try again later"
 LOGINS_REFUSED = Reply(421, "4.7.0", "Too many failed logins from your address; try again "
                        "later", close=True)
-PREGREET = Reply(521, "5.5.1", "Protocol error: you talked before my greeting", close=True)
-PIPELINING = Reply(521, "5.5.1", "Protocol error: commands sent ahead without PIPELINING "
+PREGREET = "Protocol error: you talked before my greeting"
+PIPELINING = Reply(554, "5.5.1", "Protocol error: commands sent ahead without PIPELINING "
                    "(RFC 2920)", close=True)
 
 
@@ -79,6 +80,7 @@ class Defense:
                               settings.dnsbl.timeout)
         self.resolver = resolver
         self.greylist = greylist
+        self.hostname = hostname
         self.ours = frozenset(n.lower().rstrip(".") for n in (hostname, *domains))
 
     def exempt(self, address: str) -> bool:
@@ -97,8 +99,8 @@ class Defense:
         if self.exempt(address) or not self.settings.limits.auth_failure_limit:
             return False
         if await self.counters.auth_locked(client_key(address)):
-            log.warning("%s: defense: auth_lockout from [%s]: %s", listener, address,
-                        LOGINS_REFUSED)
+            log.warning("%s: defense: auth_lockout from [%s]: too many failed logins; "
+                        "refused unchecked", listener, address)
             return True
         return False
 
@@ -154,8 +156,9 @@ class Screening:
             over = await defense.counters.connect(self.key)
             if over:
                 name, _, count = over.partition(" ")
-                return self._refuse(name, Reply(421, "4.7.0", TOO_MANY_CONNECTIONS,
-                                                close=True), f"count={count}")
+                reply = Reply(421, "4.7.0", f"{defense.hostname} {TOO_MANY_CONNECTIONS}",
+                              close=True)
+                return self._refuse(name, reply, f"count={count}")
             self.counted = True
         # Postfix's postscreen_access_list (permit_mynetworks) and smtpd restrictions
         # that start with permit_mynetworks: no screening for the exceptions.
@@ -176,7 +179,10 @@ class Screening:
             if not data:
                 return Reply(421, "4.4.2", "Connection closed before the greeting", close=True)
             shown = bytes(data[:40]).decode("ascii", "backslashreplace")
-            return self._refuse("pregreet", PREGREET, f"sent {len(data)} octets: {shown!r}")
+            # RFC 5321 3.1: 554 in place of the 220 (postscreen drops with 521, which
+            # RFC 7504 keeps for a host that takes no mail at all).
+            reply = Reply(554, "5.5.1", f"{defense.hostname} {PREGREET}", close=True)
+            return self._refuse("pregreet", reply, f"sent {len(data)} octets: {shown!r}")
         return None
 
     def ended(self) -> None:
