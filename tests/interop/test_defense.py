@@ -212,6 +212,44 @@ def test_login_brute_force_is_slowed_then_refused_while_the_user_logs_in(
     pop_user.ask(b"QUIT")
 
 
+def _session(port: int, source: str, commands: list[bytes]) -> list[bytes]:
+    client = Client(port, source)
+    replies = [client.reply()] + [client.ask(command) for command in commands]
+    client.ask(b"QUIT")
+    client.close()
+    return replies
+
+
+def test_message_and_recipient_rates_per_address_and_per_user(
+    postroom_factory: Callable[..., Postroom],
+) -> None:
+    server = _server(
+        postroom_factory,
+        "allow_plaintext_auth = true\n\n[limits]\nexceptions = []\nconnection_rate = 0\n"
+        "message_rate = 2\nrecipient_rate = 3\nuser_message_rate = 1\n",
+        listeners=("smtp", "submission"))
+    mail, rcpt = b"MAIL FROM:<a@client.example>", b"RCPT TO:<boss@corp.example>"
+    first = _session(server.smtp_port, ATTACKER, [b"EHLO c.example", mail, rcpt, rcpt])
+    second = _session(server.smtp_port, ATTACKER, [b"EHLO c.example", mail, rcpt, rcpt])
+    third = _session(server.smtp_port, ATTACKER, [b"EHLO c.example", mail])
+    assert [r[:3] for r in first[2:]] == [b"250", b"250", b"250"]
+    assert [r[:3] for r in second[2:4]] == [b"250", b"250"]
+    assert second[4].startswith(b"450 4.7.1 Too many recipients"), second  # the 4th
+    assert third[2].startswith(b"450 4.7.1 Too many messages"), third  # the 3rd MAIL
+    # Submission: one message a minute for the user, whichever address it comes from.
+    import base64
+
+    auth = b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+    port = server.ports["submission"]
+    own = f"MAIL FROM:<{USER}>".encode()
+    once = _session(port, "127.0.0.3", [b"EHLO u.example", auth, own])
+    twice = _session(port, "127.0.0.4", [b"EHLO u.example", auth, own])
+    assert once[3].startswith(b"250") and twice[2].startswith(b"235")
+    assert twice[3].startswith(b"450 4.7.1 Too many messages from boss@corp.example"), twice
+    logged(server, r"submission: defense: user_message_rate from \[127\.0\.0\.4\]: 450 4\.7\.1")
+    logged(server, r"smtp: defense: recipient_rate from \[127\.0\.0\.2\]: 450 4\.7\.1 .*count=4")
+
+
 # -- postscreen's protocol tests -------------------------------------------------------
 
 

@@ -7,7 +7,8 @@ host of its pool (RFC 6647 4.1). A new triplet gets 450; a retry after
 the triplet passes until `lifetime` after its last message. A network that
 passed `auto_allow_after` triplets skips greylisting (postgrey's
 auto-whitelist). The triplets live in SQLite in the data folder, so a restart
-forgets nothing and every server process sees the same ones.
+forgets nothing and every server process sees the same ones; what is past its
+time is swept every EXPIRE_EVERY checks.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from postroom.protocol.replies import Reply
 BUSY_TIMEOUT = 5.0  # seconds SQLite waits for another process's write
 IPV4_PREFIX = 24  # RFC 6647 4.1.1: senders retry from other hosts of their network
 IPV6_PREFIX = 64
+EXPIRE_EVERY = 1000  # checks (in one process) between sweeps of what is past its time
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS triplet (
@@ -63,6 +65,7 @@ class Greylist:
         self.auto_allow_after = auto_allow_after
         self._clock = clock
         self._local = threading.local()  # one connection per thread (sqlite3's rule)
+        self._checks = 0
         self._db()  # made now: a fault shows at start
 
     def _db(self) -> sqlite3.Connection:
@@ -79,6 +82,9 @@ class Greylist:
         return await asyncio.to_thread(self.check_now, client_ip, sender, recipient)
 
     def check_now(self, client_ip: str, sender: str, recipient: str) -> float:
+        self._checks += 1
+        if self._checks % EXPIRE_EVERY == 0:
+            self.expire()
         network = client_network(client_ip)
         now = self._clock()
         db = self._db()
