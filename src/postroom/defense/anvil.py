@@ -303,6 +303,11 @@ class AnvilServer:
         raise ValueError(f"no operation {op!r}")
 
 
+def _expire(future: asyncio.Future[list[str]]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
 class RemoteCounters:
     """In a worker: the primary's Anvil, over the socket (see the module docstring)."""
 
@@ -376,15 +381,22 @@ class RemoteCounters:
             return None
         request_id = next(self._ids) & 0xFFFFFFFF or 1
         future: asyncio.Future[list[str]] = self._loop.create_future()
-        self._waiting[request_id] = future
         try:
             self._sock.send(_encode(request_id, *fields))
-            return await asyncio.wait_for(future, ANSWER_TIMEOUT)
-        except (OSError, TimeoutError) as exc:
-            log.warning("anvil: no answer from the primary process to %s (%s): let through",
-                        fields[0], exc or "timeout")
+        except OSError as exc:
+            self._trouble(f"cannot send to the primary process: {exc}")
+            return None
+        self._waiting[request_id] = future
+        # One timer, not asyncio.wait_for's task: this is on every connection's path.
+        timer = self._loop.call_later(ANSWER_TIMEOUT, _expire, future)
+        try:
+            return await future
+        except TimeoutError:
+            log.warning("anvil: no answer from the primary process to %s within %.1fs: "
+                        "let through", fields[0], ANSWER_TIMEOUT)
             return None
         finally:
+            timer.cancel()
             self._waiting.pop(request_id, None)
 
     async def connect(self, key: str) -> str:

@@ -7,7 +7,8 @@ counts its weight once when any of its A records passes its filter (RFC 5782
 2.3: answers are in 127.0.0.0/8; a filter such as 127.0.0.[2..11] keeps the
 codes that mean "listed"). A negative weight makes an allowlist. A list that
 fails or has not answered within the timeout counts as not listing the
-client: a DNS fault must never turn mail away.
+client: a DNS fault must never turn mail away. A verdict is kept VERDICT_TTL
+for the client's next connections (a list that timed out is asked again).
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ import asyncio
 import ipaddress
 import logging
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from postroom.resolver import NXDOMAIN, DNSTrouble, Resolver, lookup
 
 log = logging.getLogger("postroom.dnsbl")
+
+# A client's verdict is kept this long, as postscreen keeps its DNSBL result for at
+# least postscreen_dnsbl_min_ttl (60 s); the resolver's cache below honours each
+# record's own TTL (and NXDOMAIN's, RFC 2308 5) when it asks again.
+VERDICT_TTL = 60.0
+MAX_VERDICTS = 100_000  # clients remembered at most; the oldest go first
 
 _SITE = re.compile(r"(?P<zone>[A-Za-z0-9._-]+)(?:=(?P<filter>[0-9.\[\];]+))?"
                    r"(?:\*(?P<weight>-?[0-9]+))?")
@@ -112,18 +121,22 @@ class Verdict:
 
 
 NOT_LISTED = Verdict(0, (), False, False)
+TIMED_OUT = object()  # a list that gave no answer: not listed, and not remembered
 
 
 class DNSLists:
     """Asks every site at once and adds up the weights (postscreen's DNSBL test)."""
 
     def __init__(self, sites: tuple[str, ...], threshold: int, allowlist_threshold: int,
-                 resolver: Resolver | None, timeout: float) -> None:
+                 resolver: Resolver | None, timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.sites = [parse_site(s) for s in sites]
         self.threshold = threshold
         self.allowlist_threshold = allowlist_threshold
         self.resolver = resolver
         self.timeout = timeout
+        self._clock = clock
+        self._verdicts: dict[str, tuple[float, Verdict]] = {}  # address -> (expiry, verdict)
 
     @property
     def active(self) -> bool:
@@ -132,15 +145,26 @@ class DNSLists:
     async def check(self, address: str) -> Verdict:
         if not self.active:
             return NOT_LISTED
+        now = self._clock()
+        known = self._verdicts.get(address)
+        if known is not None and known[0] > now:
+            return known[1]
         results = await asyncio.gather(*(self._ask(site, address) for site in self.sites))
         listed = tuple((site, answer) for site, answer in zip(self.sites, results, strict=True)
-                       if answer is not None)
+                       if isinstance(answer, str))
         score = sum(site.weight for site, _ in listed)
-        return Verdict(score, listed, score >= self.threshold,
-                       score <= self.allowlist_threshold)
+        verdict = Verdict(score, listed, score >= self.threshold,
+                          score <= self.allowlist_threshold)
+        if TIMED_OUT not in results:
+            self._verdicts.pop(address, None)
+            self._verdicts[address] = (now + VERDICT_TTL, verdict)
+            while len(self._verdicts) > MAX_VERDICTS:
+                del self._verdicts[next(iter(self._verdicts))]
+        return verdict
 
-    async def _ask(self, site: Site, address: str) -> str | None:
-        """The first answer of `site` for `address` that passes its filter, or None."""
+    async def _ask(self, site: Site, address: str) -> str | None | object:
+        """The first answer of `site` for `address` that passes its filter, None, or
+        TIMED_OUT."""
         assert self.resolver is not None
         name = query_name(address, site.zone)
         try:
@@ -150,7 +174,7 @@ class DNSLists:
         except (DNSTrouble, TimeoutError) as exc:
             log.info("dnsbl: %s did not answer for [%s]: %s (not listed)", site.zone, address,
                      exc or "timeout")
-            return None
+            return TIMED_OUT
         for record in records:
             if site.counts(str(record)):
                 return str(record)
