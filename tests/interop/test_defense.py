@@ -80,6 +80,17 @@ def logged(server: Postroom, pattern: str, timeout: float = 10.0) -> str:
         time.sleep(0.05)
 
 
+def fail2ban_patterns() -> list[str]:
+    """The failregex lines of the README's fail2ban filter, <HOST> as a named group."""
+    from mailharness import REPO
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"failregex = (.*?)\n```", text, re.S)
+    assert block is not None, "the README shows a fail2ban filter"
+    return [line.strip().replace("<HOST>", r"(?P<host>[0-9A-Fa-f.:]+)")
+            for line in block.group(1).splitlines() if line.strip()]
+
+
 def _server(factory: Callable[..., Postroom], toml: str, **options: Any) -> Postroom:
     return factory(workers=2, extra_toml=toml, **options)
 
@@ -200,6 +211,10 @@ def test_login_brute_force_is_slowed_then_refused_while_the_user_logs_in(
     assert len(delays) == limit
     assert delays == sorted(delays) and delays[-1] >= 8 * delays[0]  # slowed: doubling
     assert len(re.findall(r"defense: auth_lockout from \[127\.0\.0\.2\]", log)) == 500 - limit
+    # The README's fail2ban filter finds the attacker in every one of those lines.
+    banned = [m.group("host") for pattern in fail2ban_patterns()
+              for m in re.finditer(pattern, log, re.MULTILINE)]
+    assert banned.count(ATTACKER) == 500 and set(banned) == {ATTACKER}
     # The real user, from another address, is let in by both protocols at once.
     user = Client(submission, LOOPBACK)
     user.reply()
@@ -408,3 +423,34 @@ def test_greylisting_survives_a_restart(
         time.sleep(0.1)
     retry = _transaction(server.smtp_port, "127.0.0.3")
     assert retry[3].startswith(b"250 "), retry  # a forgotten triplet would be a new 450
+
+
+# -- the same hostile clients against Postfix (smtpd and anvil), for the README's table ------
+
+
+def test_postfix_anvil_answers_the_same_hostile_clients(
+    private_postfix: Callable[..., Any],
+) -> None:
+    """Postfix 3.7's smtpd with anvil limits, no postscreen: the reference the README
+    compares postroom with. Over the connection count: 421 4.7.0 in place of the
+    greeting; over the message rate: 450 4.7.1; commands pipelined after HELO:
+    logged, and answered all the same (postscreen, not smtpd, drops such clients)."""
+    postfix = private_postfix(
+        mailbox_domain="corp.example", mailbox_users=["boss"],
+        extra_main_cf={"smtpd_client_event_limit_exceptions": "",
+                       "smtpd_client_connection_count_limit": "3",
+                       "smtpd_client_message_rate_limit": "2"})
+    held = [Client(postfix.port, ATTACKER) for _ in range(3)]
+    assert all(c.reply().startswith(b"220 ") for c in held)
+    over = Client(postfix.port, ATTACKER)
+    assert over.reply().startswith(b"421 4.7.0 "), "Postfix names the limit's code"
+    for c in held:
+        c.ask(b"QUIT")
+    mail = b"MAIL FROM:<a@client.example>"
+    replies = [_session(postfix.port, "127.0.0.3", [b"EHLO c.example", mail])[2]
+               for _ in range(3)]
+    assert [r[:9] for r in replies] == [b"250 2.1.0", b"250 2.1.0", b"450 4.7.1"], replies
+    rusher = Client(postfix.port, "127.0.0.4")
+    rusher.reply()
+    rusher.send(b"HELO rusher.example\r\nMAIL FROM:<a@client.example>\r\n")
+    assert rusher.reply().startswith(b"250 ") and rusher.reply().startswith(b"250 ")
