@@ -92,3 +92,20 @@ def test_a_late_retry_starts_over_and_the_store_outlives_the_object(tmp_path: Pa
     assert again.expire() == 1
     assert again.check_now(*args) == 60
     assert client_network("192.0.2.77") == "192.0.2.0/24"
+
+
+def test_the_config_names_a_bad_site_or_network(tmp_path: Path) -> None:
+    from postroom.config import ConfigError, load_config
+
+    for table, fault in (('[dnsbl]\nsites = ["bl.example=127.0.0"]', "dnsbl.sites"),
+                         ('[limits]\nexceptions = ["not-a-net"]', "limits.exceptions"),
+                         ('[screen]\nhelo_ours = "maybe"', "screen.helo_ours")):
+        (tmp_path / "postroom.toml").write_text(table + "\n")
+        with pytest.raises(ConfigError, match=fault):
+            load_config(tmp_path)
+    (tmp_path / "postroom.toml").write_text(
+        '[dnsbl]\nsites = ["zen.example=127.0.0.[2..11]*3", "wl.example*-2"]\n'
+        '[greylist]\nenabled = true\ndelay = "1m"\n')
+    config = load_config(tmp_path)
+    assert config.dnsbl.sites[0] == "zen.example=127.0.0.[2..11]*3"
+    assert config.greylist.enabled and config.greylist.delay == 60

@@ -18,7 +18,6 @@ honest mail, which a ban must not match). `warn` settings log
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 from collections.abc import Sequence
@@ -209,8 +208,7 @@ class Screening:
         if not self.mx:
             return None
         if self._lists is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                self.verdict = await self._lists
+            self.verdict = await self._lists
             self._lists = None
             self._judge_lists()
         if self.blocked is not None:
