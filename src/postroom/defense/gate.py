@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import dns.exception
@@ -146,7 +146,7 @@ class Screening:
         _log_refusal(self.listener, check, self.client_ip, reply, detail)
         return reply
 
-    async def connect(self, read: object) -> Reply | None:
+    async def connect(self, read: Callable[[float], Awaitable[bytes]]) -> Reply | None:
         """A new connection: the limits, then (MX) the DNS questions begin and the
         greeting waits `greet_wait` for a client that talks first. `read(timeout)`
         reads the client (Stream.read)."""
@@ -172,12 +172,12 @@ class Screening:
             self._reverse = loop.create_task(reverse_name(defense.resolver, self.client_ip))
         if screen.greet_wait > 0:
             try:
-                data = await read(screen.greet_wait)  # type: ignore[operator]
+                data = await read(screen.greet_wait)
             except TimeoutError:
                 return None
             if not data:
                 return Reply(421, "4.4.2", "Connection closed before the greeting", close=True)
-            shown = bytes(data[:40]).decode("ascii", "backslashreplace")
+            shown = data[:40].decode("ascii", "backslashreplace")
             # RFC 5321 3.1: 554 in place of the 220 (postscreen drops with 521, which
             # RFC 7504 keeps for a host that takes no mail at all).
             reply = Reply(554, "5.5.1", f"{defense.hostname} {PREGREET}", close=True)
