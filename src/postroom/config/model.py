@@ -351,6 +351,13 @@ class MiltersConfig:
                     "content_timeout": self.content_timeout}
         return tuple(MilterSpec(**{**defaults, **item}) for item in items or ())
 
+# The defences' sections (their module uses setting() above).
+from postroom.config.defense import (  # noqa: E402
+    DNSBLConfig,
+    GreylistConfig,
+    LimitsConfig,
+    ScreenConfig,
+)
 
 # The tables of the file in the order `postroom init` writes them; None: [routes].
 SECTIONS: dict[str, type | None] = {
@@ -359,6 +366,8 @@ SECTIONS: dict[str, type | None] = {
     "dmarc": DMARCConfig,
     "dkim": DKIMConfig,
     "milters": MiltersConfig,
+    "limits": LimitsConfig, "screen": ScreenConfig, "dnsbl": DNSBLConfig,
+    "greylist": GreylistConfig,
 }
 
 
@@ -378,6 +387,10 @@ class Config:
     dmarc: DMARCConfig
     dkim: DKIMConfig
     milters: MiltersConfig
+    limits: LimitsConfig
+    screen: ScreenConfig
+    dnsbl: DNSBLConfig
+    greylist: GreylistConfig
     hostname: str = setting(
         None,  # default_hostname(), filled in at load time
         parse_hostname,
@@ -402,7 +415,7 @@ class Config:
     workers: int = setting(
         0, parse_int(0),
         "Server processes sharing the listeners (Python runs one core per process); 0 "
-        "means one per CPU. Connection limits and login delays count per process. The "
+        "means one per CPU. [limits] and login delays count across all of them. The "
         "first process also relays the queue, so it takes a submission connection only "
         "when the others leave it waiting.",
     )

@@ -59,6 +59,10 @@ class AuthThrottle:
         doublings = min(worst - 1, MAX_DOUBLINGS)
         return float(min(self.first_delay * 2**doublings, self.max_delay))
 
+    def failures(self, client: str) -> int:
+        """Recent failures from the address `client` (forgotten FORGET_AFTER after the last)."""
+        return self._count(f"ip:{client}", self._clock())
+
     def succeeded(self, client: str, account: str) -> None:
         """A good login clears the account's record (not the address's)."""
         self._failures.pop(f"user:{account.lower()}", None)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 from postroom.config import Config, ConfigError
 from postroom.control import AlreadyRunning, ServerLock, serve_control
+from postroom.defense import anvil
+from postroom.defense.gate import build_defense, limits_of
 from postroom.server.acceptor import DeferredServer
 from postroom.server.descriptors import Descriptors, raise_open_files_limit
 from postroom.server.passwords import PasswordChecks
@@ -194,6 +196,7 @@ class Running:
     password_checks: PasswordChecks
     descriptors: Descriptors
     sweeper: asyncio.Task[None] | None = None  # the primary's periodic tmp/ sweep
+    counts: anvil.Link | None = None  # the counts shared by all processes (defense.anvil)
 
     def address(self, listener: str) -> tuple[str, int]:
         """The bound (host, port) of a listener: tests bind port 0 and ask here."""
@@ -213,6 +216,8 @@ class Running:
         self.store.close()
         self.descriptors.close()
         self.password_checks.close()
+        if self.counts is not None:
+            self.counts.close()
         log.info("stopped")
 
 
@@ -255,6 +260,10 @@ class Process:
     lock: ServerLock | None = None  # the primary's: it answers on its control socket
     password_checks: PasswordChecks | None = None  # made before the fork: one bound for all
     log_handler: logging.Handler | None = None  # flushed every LOG_FLUSH_SECONDS
+    # The counts all processes share (defense.anvil): the primary's listening socket,
+    # made before the fork, and its address, which the workers connect to.
+    anvil_listener: socket.socket | None = None
+    anvil_address: str | bytes | None = None
 
     @property
     def accept_last(self) -> tuple[str, ...]:
@@ -277,8 +286,10 @@ async def start(config: Config, process: Process = Process()) -> Running:
         await sweep_mailboxes(store.mailboxes)
     relay = Relay(config, store.mailboxes, store.directory.is_local_domain,
                   store.directory.expand, notify_primary=notify)
+    counts = anvil.link(limits_of(config.limits, config.pop3.auth_failure_delay),
+                        process.anvil_listener, process.anvil_address)
     services = build_services(config, [name for name, _sock in sockets], tls_context, store,
-                              relay)
+                              relay, build_defense(config, counts.counters))
     loop = asyncio.get_running_loop()
     descriptors = Descriptors()
     servers: dict[str, asyncio.base_events.Server | DeferredServer] = {}
@@ -300,7 +311,8 @@ async def start(config: Config, process: Process = Process()) -> Running:
     relay.start()
     sweep = functools.partial(sweep_mailboxes, store.mailboxes)
     sweeper = loop.create_task(every(MAILBOX_SWEEP_SECONDS, sweep)) if primary else None
-    return Running(config, servers, services, relay, store, checks, descriptors, sweeper)
+    return Running(config, servers, services, relay, store, checks, descriptors, sweeper,
+                   counts)
 
 
 async def sweep_mailboxes(mailboxes: Mailboxes) -> None:
@@ -401,14 +413,19 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
     sockets = bind_listeners(config)
     channel = WakeChannel() if processes > 1 else None
     checks = PasswordChecks()  # one bound for every process (server/passwords.py)
+    counts = anvil.listen() if processes > 1 else None  # one Anvil for every process
+    counts_at = counts.getsockname() if counts is not None else None
     handler.flush()  # or the children would write the parent's buffered lines again
 
     def child() -> int:
         lock.in_worker()
+        if counts is not None:
+            counts.close()  # the primary's to answer on
         # The parent forwards SIGTERM/SIGINT; a terminal's Ctrl-C reaches the whole
         # process group, and draining twice is harmless.
         return asyncio.run(serve(config, Process(sockets, worker=True, channel=channel,
-                                                 password_checks=checks, log_handler=handler)))
+                                                 password_checks=checks, log_handler=handler,
+                                                 anvil_address=counts_at)))
 
     # What exists by now (modules, configuration, certificates) lives as long as
     # the process: frozen, the cyclic collector's full passes stop walking it
@@ -420,7 +437,8 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
     try:
         return asyncio.run(serve(config, Process(sockets, channel=channel,
                                                  children=tuple(children), lock=lock,
-                                                 password_checks=checks, log_handler=handler)))
+                                                 password_checks=checks, log_handler=handler,
+                                                 anvil_listener=counts)))
     except KeyboardInterrupt:
         return 130
     finally:

@@ -202,6 +202,9 @@ class POP3Session(Session):
 
     async def _apop(self, name: str, digest: str) -> None:
         """RFC 1939 7: MD5(timestamp + secret) in hex, for users who opted in."""
+        if await self._login_refused():
+            await self._open_maildrop(None)
+            return
         secret = await self.service.directory.apop_secret(name) if self.timestamp else None
         good = False
         if secret is not None and self.timestamp is not None:
@@ -213,6 +216,10 @@ class POP3Session(Session):
         """After a credential check that `address` passed (None: it failed): lock and
         snapshot the maildrop."""
         svc = self.service
+        if address is None and self.locked_out:
+            self.conn.err("Too many failed logins from your address; try again later",
+                          "SYS/TEMP", close=True)
+            return
         if address is None:
             self.conn.err("Authentication failed: wrong user name or password", "AUTH")
             return

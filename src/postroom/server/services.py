@@ -10,7 +10,7 @@ import ssl
 from collections.abc import Callable
 
 from postroom.config import Config, postmaster_address
-from postroom.policy.auth import AuthThrottle
+from postroom.defense.gate import Defense
 from postroom.policy.relay import RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
 from postroom.protocol.pop3_server import Pop3Reply
@@ -37,10 +37,9 @@ TLS_HANDSHAKE_SECONDS = 60.0
 
 
 def build_services(config: Config, names: list[str], tls_context: ssl.SSLContext | None,
-                   store: Store, relay: Relay) -> dict[str, Service]:
+                   store: Store, relay: Relay, defense: Defense) -> dict[str, Service]:
     """The service behind each listener: SMTP ones share one connection budget, POP3
-    ones another, and all of them the failed-login record."""
-    throttle = AuthThrottle(first_delay=config.pop3.auth_failure_delay)
+    ones another, and all of them the defences (limits and failed logins)."""
     smtp_limiter = ConnectionLimiter(
         config.smtp.max_connections, config.smtp.max_connections_per_client
     )
@@ -51,7 +50,7 @@ def build_services(config: Config, names: list[str], tls_context: ssl.SSLContext
     for name in names:
         if name in ("smtp", *SUBMISSION_LISTENERS):
             smtp_service = _smtp_service(name, config, tls_context, store, smtp_limiter,
-                                         throttle, relay)
+                                         defense, relay)
             if name in SUBMISSION_LISTENERS:  # DKIM signing hook (postroom.mailauth.sign)
                 smtp_service.dkim = relay.signer
             smtp_service.forwarding = relay.forwarding
@@ -59,7 +58,7 @@ def build_services(config: Config, names: list[str], tls_context: ssl.SSLContext
         else:  # "pop3" (STLS) or "pop3s" (implicit TLS)
             services[name] = POP3Service(
                 name=name, hostname=config.hostname, directory=store.directory,
-                mailboxes=store.mailboxes, limiter=pop3_limiter, throttle=throttle,
+                mailboxes=store.mailboxes, limiter=pop3_limiter, defense=defense,
                 tls_context=tls_context, implicit_tls=name in IMPLICIT_TLS,
                 allow_plaintext_auth=config.pop3.allow_plaintext_auth,
                 idle_timeout=config.pop3.idle_timeout, apop=config.pop3.apop)
@@ -74,7 +73,7 @@ def _smtp_service(
     tls_context: ssl.SSLContext | None,
     store: Store,
     limiter: ConnectionLimiter,
-    throttle: AuthThrottle,
+    defense: Defense,
     relay: Relay,
 ) -> SMTPService:
     """The `smtp` listener (MX: local recipients only) or a submission one (AUTH, relay)."""
@@ -101,7 +100,7 @@ def _smtp_service(
         hostname=config.hostname,
         directory=store.directory,
         limiter=limiter,
-        throttle=throttle,
+        defense=defense,
         tls_context=tls_context,
         core_config=core_config,
         policy=policy,
@@ -115,6 +114,7 @@ def _smtp_service(
         max_received=smtp.max_received_headers,
         checks=mail_checks(config) if name == "smtp" else None,
         milters=config.milters.for_listener(name),
+        mx=name == "smtp",
     )
 
 

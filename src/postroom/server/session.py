@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from postroom.policy.auth import AuthThrottle
+from postroom.defense.gate import Defense
 from postroom.protocol import sasl
 from postroom.protocol.replies import Reply
 from postroom.server.deadline import RequestDeadline
@@ -27,7 +27,7 @@ class Service:
     hostname: str
     directory: Directory  # logins
     limiter: ConnectionLimiter
-    throttle: AuthThrottle  # failed logins, shared by every listener
+    defense: Defense  # limits and failed logins, shared by every listener and process
     tls_context: ssl.SSLContext | None
     sessions: set[Any] = field(default_factory=set)
     draining: bool = False
@@ -56,12 +56,18 @@ class Session(abc.ABC):
         self.user: str | None = None  # who logged in
         self.deadline = RequestDeadline()  # of the request being read
         self._exchange: sasl.ServerExchange | None = None
+        self.locked_out = False  # too many failed logins from this address (defense.gate)
 
     # -- what a subclass supplies ------------------------------------------------
 
     @abc.abstractmethod
     def _refuse(self) -> None:
         """Queue the answer to a client over the connection limits."""
+
+    async def _admitted(self) -> bool:
+        """Whether the session may go on to its greeting (SMTP: defense.gate's checks at
+        connect); when not, the answer is queued."""
+        return True
 
     @abc.abstractmethod
     def _greet(self) -> None:
@@ -89,8 +95,11 @@ class Session(abc.ABC):
         svc.sessions.add(self)
         self.log.info("%s: connect from %s", svc.name, self.client)
         try:
-            self._greet()
-            await self._loop()
+            if await self._admitted():
+                self._greet()
+                await self._loop()
+            else:
+                await self._flush()
         except (ConnectionError, ssl.SSLError) as exc:
             self.log.info("%s: lost connection from %s: %s", svc.name, self.client, exc)
         finally:
@@ -169,20 +178,29 @@ class Session(abc.ABC):
         """The key of user `name` if `password` is theirs, else None (see `_checked`).
         Acting as another user (`acting_as`, a SASL authzid, RFC 4616 2) is refused
         as a wrong password is."""
+        if await self._login_refused():
+            return None
         key = user_key(name)
         same = not acting_as or user_key(acting_as) == key
         good = key is not None and same and await self.service.directory.verify_password(
             key, password)
         return await self._checked(name, key if good else None)
 
+    async def _login_refused(self) -> bool:
+        """Too many failed logins from this address (all processes): no check at all;
+        `locked_out` tells the caller to answer so and close."""
+        self.locked_out = await self.service.defense.login_refused(self.service.name,
+                                                                   self.client_ip)
+        return self.locked_out
+
     async def _checked(self, name: str, key: str | None) -> str | None:
         """After a credential check for `name`: `key` when it passed, else None once the
-        throttle's delay for the failure has passed (policy.auth)."""
+        delay for the failure has passed (policy.auth, counted by defense.anvil)."""
         svc = self.service
         if key is not None:
-            svc.throttle.succeeded(self.client_ip, key)
+            svc.defense.login_succeeded(self.client_ip, key)
             return key
-        delay = svc.throttle.failed(self.client_ip, name)
+        delay = await svc.defense.login_failed(self.client_ip, name)
         self.log.warning("%s: authentication failed for %r from %s (answer delayed %.1fs)",
                          svc.name, name, self.client, delay)
         if not self.stream.is_closing():  # else no one is left to answer

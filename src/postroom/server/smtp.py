@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from postroom.defense.gate import LOGINS_REFUSED, Screening
 from postroom.ids import new_queue_id
 from postroom.mailauth.checks import MailChecks, MessageChecks, Verdict
 from postroom.mailauth.results import OurResultsRemover
@@ -43,6 +44,10 @@ log = logging.getLogger("postroom.smtpd")
 
 STARTTLS_READY = Reply(220, "2.0.0", "Ready to start TLS")  # RFC 3207 4
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try later")  # RFC 3463 X.3.0
+# Commands a client must send alone and wait for the answer to, unless it negotiated
+# PIPELINING (RFC 2920 3.1); defense.gate tells off one that sends more behind them.
+SENT_ALONE = (core.Hello, core.MailFrom, core.RcptTo, core.DataStart, core.Reset,
+              core.StartTLS, core.AuthStart)
 
 
 class Outbound(Protocol):
@@ -83,6 +88,7 @@ class SMTPService(Service):
     # Aliases to other hosts and bounces to SRS addresses (server.forwarding).
     forwarding: Forwarding | None = None
     milters: tuple[MilterSpec, ...] = ()  # [milters]: the filters of this listener, in order
+    mx: bool = False  # the MX listener: postscreen's checks, DNS lists, greylisting
 
 
 @dataclass
@@ -137,6 +143,7 @@ class SMTPSession(Session, MilterSteps):
         self.txn: Transaction | None = None
         self.in_data = False
         self.milters = self._milter_chain() if service.milters else None
+        self.screening: Screening | None = None  # defense.gate's checks, from _admitted
 
     @property
     def busy(self) -> bool:
@@ -163,10 +170,21 @@ class SMTPSession(Session, MilterSteps):
         else:
             self.conn.send(Reply(220, None, f"{hostname} ESMTP postroom"))
 
+    async def _admitted(self) -> bool:
+        svc = self.service
+        local = self.stream.get_extra_info("sockname") or ("", 0)
+        self.screening = svc.defense.screening(svc.name, svc.mx, self.client_ip, str(local[0]))
+        refusal = await self.screening.connect(self.stream.read)
+        if refusal is not None:
+            self.conn.send(refusal)
+        return refusal is None
+
     def _ended(self) -> None:
         self._abort_transaction("connection closed")
         if self.milters is not None:
             self.milters.close()
+        if self.screening is not None:
+            self.screening.ended()
 
     async def _loop(self) -> None:
         conn = self.conn
@@ -222,7 +240,18 @@ class SMTPSession(Session, MilterSteps):
         conn = self.conn
         if isinstance(event, core.MessageData):
             self._write(event.data)
-        elif isinstance(event, core.Hello):
+            return
+        if self.screening is not None and isinstance(event, SENT_ALONE):
+            chunk = isinstance(event, core.DataStart) and event.chunking  # RFC 3030 2
+            ahead = self.screening.ahead(0 if chunk else conn.bytes_buffered, self.esmtp)
+            if ahead is not None:
+                conn.send(ahead)
+                return
+        if isinstance(event, core.Hello):
+            refusal = await self.screening.hello(event.domain) if self.screening else None
+            if refusal is not None:
+                conn.send(refusal)
+                return
             self.helo = event.domain
             self.esmtp = event.command == "EHLO"
             self._abort_transaction("new greeting")
@@ -259,6 +288,10 @@ class SMTPSession(Session, MilterSteps):
                                  close=True))
             return
         self._abort_transaction("new transaction")
+        limited = await self.screening.mail(self.user) if self.screening else None
+        if limited is not None:
+            self.conn.send(limited)
+            return
         if svc.submission is not None and self.user is not None:
             refusal = await svc.submission.check_sender(self.user, event.address)
             if refusal is not None:
@@ -302,9 +335,24 @@ class SMTPSession(Session, MilterSteps):
         txn = self.txn
         assert txn is not None, "the core emits RcptTo only inside a transaction"
         svc = self.service
+        limited = await self.screening.recipient(self.user) if self.screening else None
+        if limited is not None:
+            self.conn.send(limited)
+            return
         # An authenticated submission client may relay (RFC 6409); MX traffic may not.
         policy = svc.submission if svc.submission is not None and self.user else svc.policy
         decision = await policy.check_recipient(event.address)
+        if decision.accepted and self.screening is not None:
+            grey = await self.screening.greylisted(self.user, txn.mail.address, event.address)
+            if grey is not None:
+                self.conn.send(grey)
+                return
+        if decision.accepted and self.milters is not None:
+            refusal = await self.milters.rcpt(event.address, rcpt_parameters(event),
+                                              decision.remote is None)
+            if refusal is not None:
+                self.conn.send(refusal)
+                return
         if decision.accepted and svc.checks is not None and txn.auth is None:
             # From the first recipient accepted, not MAIL FROM: no DNS work for mail
             # that every RCPT refuses (a dictionary attack asks nothing of DNS).
@@ -314,12 +362,6 @@ class SMTPSession(Session, MilterSteps):
         if decision.accepted and decision.forward:
             targets = txn.forward.setdefault(decision.forward_domain, [])
             targets += [t for t in decision.forward if t not in targets]
-        if decision.accepted and self.milters is not None:
-            refusal = await self.milters.rcpt(event.address, rcpt_parameters(event),
-                                              decision.remote is None)
-            if refusal is not None:
-                self.conn.send(refusal)
-                return
         if decision.accepted and decision.remote is not None:
             txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
         elif decision.accepted:
@@ -592,7 +634,7 @@ class SMTPSession(Session, MilterSteps):
         if self.conn.closing:
             return  # the server stopped (421 sent) while the password was checked
         if user is None:
-            self.conn.send(sasl.AUTH_FAILED)
+            self.conn.send(LOGINS_REFUSED if self.locked_out else sasl.AUTH_FAILED)
             return
         self.user = user
         mechanism = self._exchange.mechanism if self._exchange else "SASL"
