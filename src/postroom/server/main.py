@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import socket
-import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +38,7 @@ from postroom.server.services import (
     session_factory,
 )
 from postroom.server.session import Service
+from postroom.server.tls import CertificateHolder
 from postroom.server.workers import (
     WakeChannel,
     fork_workers,
@@ -48,7 +48,7 @@ from postroom.server.workers import (
 )
 from postroom.store.api import Mailboxes, Store
 from postroom.store.factory import open_store
-from postroom.tlscert import TLSFileError, ensure_certificate, server_context
+from postroom.tlscert import TLSFileError, ensure_certificate
 
 log = logging.getLogger("postroom.master")
 
@@ -194,12 +194,19 @@ class Running:
     password_checks: PasswordChecks
     descriptors: Descriptors
     sweeper: asyncio.Task[None] | None = None  # the primary's periodic tmp/ sweep
+    certificates: CertificateHolder | None = None  # the listeners' TLS (server.tls)
 
     def address(self, listener: str) -> tuple[str, int]:
         """The bound (host, port) of a listener: tests bind port 0 and ask here."""
         sock = self.servers[listener].sockets[0]
         host, port = sock.getsockname()[:2]
         return str(host), int(port)
+
+    def reload_certificate(self) -> bool:
+        """Read tls.cert and tls.key again: new handshakes on every listener of this
+        process get the new pair, sessions already encrypted keep theirs. False (and
+        the pair in use kept) when the files cannot be used."""
+        return self.certificates is not None and self.certificates.reload_certificate()
 
     async def stop(self, grace: float = DRAIN_GRACE_SECONDS) -> None:
         """Stop accepting, let transactions finish (up to `grace`), close the rest."""
@@ -216,14 +223,14 @@ class Running:
         log.info("stopped")
 
 
-def load_tls(config: Config) -> ssl.SSLContext:
-    """The listeners' TLS context, the self-signed pair made first if it is due; else a
+def load_tls(config: Config) -> CertificateHolder:
+    """The listeners' certificate, the self-signed pair made first if it is due; else a
     one-line ConfigError naming tls.cert or tls.key, the file and the fault."""
     cert, key = config.tls.cert, config.tls.key
     try:
         if config.tls.generate and ensure_certificate(cert, key, config.hostname):
             log.info("made a self-signed certificate for %s in %s", config.hostname, cert)
-        return server_context(cert, key)
+        return CertificateHolder(cert, key)
     except TLSFileError as e:
         raise ConfigError(f"{config.source}: tls.{e.setting}: {e}") from None
 
@@ -265,7 +272,8 @@ class Process:
 
 async def start(config: Config, process: Process = Process()) -> Running:
     """Start accepting connections on the process's sockets (bound here when not given)."""
-    tls_context = load_tls(config)
+    certificates = load_tls(config)
+    tls_context = certificates.context
     sockets = process.sockets if process.sockets is not None else bind_listeners(config)
     checks = process.password_checks or PasswordChecks()
     store = open_store(config.store, password_gate=checks.check)
@@ -300,7 +308,8 @@ async def start(config: Config, process: Process = Process()) -> Running:
     relay.start()
     sweep = functools.partial(sweep_mailboxes, store.mailboxes)
     sweeper = loop.create_task(every(MAILBOX_SWEEP_SECONDS, sweep)) if primary else None
-    return Running(config, servers, services, relay, store, checks, descriptors, sweeper)
+    return Running(config, servers, services, relay, store, checks, descriptors, sweeper,
+                   certificates)
 
 
 async def sweep_mailboxes(mailboxes: Mailboxes) -> None:
