@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from postroom.config import Config, ConfigError
 from postroom.control import AlreadyRunning, ServerLock, serve_control
 from postroom.server.acceptor import DeferredServer
+from postroom.server.acme import CertificateKeeper
 from postroom.server.descriptors import Descriptors, raise_open_files_limit
 from postroom.server.passwords import PasswordChecks
 from postroom.server.relay import Relay
@@ -155,13 +156,14 @@ def install_event_loop_policy() -> str:
     return "uvloop"
 
 
-def bind(host: str, port: int, key: str, config: Config) -> socket.socket:
+def bind(host: str, port: int, key: str, config: Config, section: str = "listen."
+         ) -> socket.socket:
     """A listening socket, or a ConfigError that names the key (port in use, bad address)."""
     where = config.source
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ConfigError(f"{where}: listen.{key}: cannot resolve {host!r}: {exc}") from exc
+        raise ConfigError(f"{where}: {section}{key}: cannot resolve {host!r}: {exc}") from exc
     family, kind, proto, _name, address = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -175,7 +177,7 @@ def bind(host: str, port: int, key: str, config: Config) -> socket.socket:
             reason = "permission denied (ports below 1024 need root)"
         else:
             reason = exc.strerror or str(exc)
-        raise ConfigError(f"{where}: listen.{key}: cannot listen on {host}:{port}: {reason}") \
+        raise ConfigError(f"{where}: {section}{key}: cannot listen on {host}:{port}: {reason}") \
             from exc
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
@@ -195,6 +197,7 @@ class Running:
     descriptors: Descriptors
     sweeper: asyncio.Task[None] | None = None  # the primary's periodic tmp/ sweep
     certificates: CertificateHolder | None = None  # the listeners' TLS (server.tls)
+    acme: CertificateKeeper | None = None  # the primary's, with [tls] acme
 
     def address(self, listener: str) -> tuple[str, int]:
         """The bound (host, port) of a listener: tests bind port 0 and ask here."""
@@ -213,6 +216,8 @@ class Running:
         log.info("stopping: no new connections; waiting for transactions in progress")
         for server in self.servers.values():
             server.close()
+        if self.acme is not None:
+            await self.acme.stop()
         await asyncio.gather(*(drain(service, grace) for service in self.services.values()))
         if self.sweeper is not None:
             self.sweeper.cancel()
@@ -233,6 +238,14 @@ def load_tls(config: Config) -> CertificateHolder:
         return CertificateHolder(cert, key)
     except TLSFileError as e:
         raise ConfigError(f"{config.source}: tls.{e.setting}: {e}") from None
+
+
+def bind_challenge(config: Config) -> socket.socket:
+    """The ACME HTTP-01 challenge listener's socket ([tls] acme must be set)."""
+    assert config.tls.acme is not None
+    endpoint = config.tls.acme.challenge_listen
+    return bind(endpoint.host, endpoint.port, "tls.acme.challenge_listen", config,
+                section="")
 
 
 def bind_listeners(config: Config) -> list[tuple[str, socket.socket]]:
@@ -261,6 +274,7 @@ class Process:
     children: tuple[int, ...] = ()  # the primary's workers, stopped with it
     lock: ServerLock | None = None  # the primary's: it answers on its control socket
     password_checks: PasswordChecks | None = None  # made before the fork: one bound for all
+    acme_socket: socket.socket | None = None  # the primary's ACME challenge listener
     log_handler: logging.Handler | None = None  # flushed every LOG_FLUSH_SECONDS
 
     @property
@@ -308,8 +322,12 @@ async def start(config: Config, process: Process = Process()) -> Running:
     relay.start()
     sweep = functools.partial(sweep_mailboxes, store.mailboxes)
     sweeper = loop.create_task(every(MAILBOX_SWEEP_SECONDS, sweep)) if primary else None
-    return Running(config, servers, services, relay, store, checks, descriptors, sweeper,
-                   certificates)
+    running = Running(config, servers, services, relay, store, checks, descriptors, sweeper,
+                      certificates)
+    if primary and config.tls.acme is not None:  # ACME: the primary alone (server.acme)
+        running.acme = CertificateKeeper(config, certificates.reload_certificate)
+        await running.acme.start(process.acme_socket or bind_challenge(config))
+    return running
 
 
 async def sweep_mailboxes(mailboxes: Mailboxes) -> None:
@@ -407,12 +425,15 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     # Bound once, before forking: every process accepts on the same sockets.
     sockets = bind_listeners(config)
+    acme_socket = bind_challenge(config) if config.tls.acme is not None else None
     channel = WakeChannel() if processes > 1 else None
     checks = PasswordChecks()  # one bound for every process (server/passwords.py)
     handler.flush()  # or the children would write the parent's buffered lines again
 
     def child() -> int:
         lock.in_worker()
+        if acme_socket is not None:  # the primary's alone
+            acme_socket.close()
         # The parent forwards SIGTERM/SIGINT; a terminal's Ctrl-C reaches the whole
         # process group, and draining twice is harmless.
         return asyncio.run(serve(config, Process(sockets, worker=True, channel=channel,
@@ -428,7 +449,8 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
     try:
         return asyncio.run(serve(config, Process(sockets, channel=channel,
                                                  children=tuple(children), lock=lock,
-                                                 password_checks=checks, log_handler=handler)))
+                                                 password_checks=checks, log_handler=handler,
+                                                 acme_socket=acme_socket)))
     except KeyboardInterrupt:
         return 130
     finally:
