@@ -26,9 +26,11 @@ from dataclasses import dataclass
 
 from postroom.config import Config, ConfigError
 from postroom.control import AlreadyRunning, ServerLock, serve_control
+from postroom.server import metrics
 from postroom.server.acceptor import DeferredServer
 from postroom.server.acme import CertificateKeeper
 from postroom.server.descriptors import Descriptors, raise_open_files_limit
+from postroom.server.endpoint import serve_endpoint
 from postroom.server.passwords import PasswordChecks
 from postroom.server.relay import Relay
 from postroom.server.services import (
@@ -198,6 +200,7 @@ class Running:
     sweeper: asyncio.Task[None] | None = None  # the primary's periodic tmp/ sweep
     certificates: CertificateHolder | None = None  # the listeners' TLS (server.tls)
     acme: CertificateKeeper | None = None  # the primary's, with [tls] acme
+    endpoint: asyncio.base_events.Server | None = None  # the primary's, with [metrics] listen
 
     def address(self, listener: str) -> tuple[str, int]:
         """The bound (host, port) of a listener: tests bind port 0 and ask here."""
@@ -218,6 +221,8 @@ class Running:
             server.close()
         if self.acme is not None:
             await self.acme.stop()
+        if self.endpoint is not None:
+            self.endpoint.close()
         await asyncio.gather(*(drain(service, grace) for service in self.services.values()))
         if self.sweeper is not None:
             self.sweeper.cancel()
@@ -248,6 +253,13 @@ def bind_challenge(config: Config) -> socket.socket:
                 section="")
 
 
+def bind_metrics(config: Config) -> socket.socket:
+    """The metrics endpoint's socket ([metrics] listen must be set)."""
+    endpoint = config.metrics.listen
+    assert endpoint is not None
+    return bind(endpoint.host, endpoint.port, "metrics.listen", config, section="")
+
+
 def bind_listeners(config: Config) -> list[tuple[str, socket.socket]]:
     """Every configured listener's socket, bound and listening (ConfigError otherwise)."""
     sockets: list[tuple[str, socket.socket]] = []
@@ -275,6 +287,7 @@ class Process:
     lock: ServerLock | None = None  # the primary's: it answers on its control socket
     password_checks: PasswordChecks | None = None  # made before the fork: one bound for all
     acme_socket: socket.socket | None = None  # the primary's ACME challenge listener
+    metrics_socket: socket.socket | None = None  # the primary's metrics endpoint
     log_handler: logging.Handler | None = None  # flushed every LOG_FLUSH_SECONDS
 
     @property
@@ -327,6 +340,12 @@ async def start(config: Config, process: Process = Process()) -> Running:
     if primary and config.tls.acme is not None:  # ACME: the primary alone (server.acme)
         running.acme = CertificateKeeper(config, certificates.reload_certificate)
         await running.acme.start(process.acme_socket or bind_challenge(config))
+    if primary and config.metrics.listen is not None:  # the endpoint: the primary alone
+        metrics.enable(config.data_dir)  # done before the fork by run(); tests start here
+        sock = process.metrics_socket or bind_metrics(config)
+        running.endpoint = await serve_endpoint(sock, running)
+        log.info("serving metrics on http://%s:%d/metrics and /health",
+                 *sock.getsockname()[:2])
     return running
 
 
@@ -426,14 +445,20 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
     # Bound once, before forking: every process accepts on the same sockets.
     sockets = bind_listeners(config)
     acme_socket = bind_challenge(config) if config.tls.acme is not None else None
+    metrics_socket = None
+    if config.metrics.listen is not None:
+        metrics_socket = bind_metrics(config)
+        # Before the fork: every process counts into files of its own in this folder.
+        metrics.enable(config.data_dir)
     channel = WakeChannel() if processes > 1 else None
     checks = PasswordChecks()  # one bound for every process (server/passwords.py)
     handler.flush()  # or the children would write the parent's buffered lines again
 
     def child() -> int:
         lock.in_worker()
-        if acme_socket is not None:  # the primary's alone
-            acme_socket.close()
+        for primary_only in (acme_socket, metrics_socket):
+            if primary_only is not None:
+                primary_only.close()
         # The parent forwards SIGTERM/SIGINT; a terminal's Ctrl-C reaches the whole
         # process group, and draining twice is harmless.
         return asyncio.run(serve(config, Process(sockets, worker=True, channel=channel,
@@ -450,7 +475,8 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
         return asyncio.run(serve(config, Process(sockets, channel=channel,
                                                  children=tuple(children), lock=lock,
                                                  password_checks=checks, log_handler=handler,
-                                                 acme_socket=acme_socket)))
+                                                 acme_socket=acme_socket,
+                                                 metrics_socket=metrics_socket)))
     except KeyboardInterrupt:
         return 130
     finally:

@@ -24,6 +24,7 @@ from postroom.protocol import sasl
 from postroom.protocol import smtp_server as core
 from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.server import metrics
 from postroom.server.diskspace import FreeSpace
 from postroom.server.headers import HeaderCapture, missing_headers
 from postroom.server.received import DEFAULT_MAX_RECEIVED, HopCounter, TraceInfo, received_header
@@ -350,8 +351,11 @@ class SMTPSession(Session):
             return
         # From here the commit owns the message: a shutdown must not abort it.
         message, txn.writer = txn.writer, None
+        ended = time.monotonic()
         if await self._store(txn, message):
             self._reply(Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"))
+            metrics.recorder.received(self.service.name, time.monotonic() - ended,
+                                      len(txn.mailboxes()))
         else:
             self._reply(LOCAL_ERROR)
         self._finish_transaction()
