@@ -150,14 +150,22 @@ def drive(
                       note=note[-1] if note else "")
 
 
-def bench_postroom(args: argparse.Namespace, base: Path) -> Throughput:
-    server = Postroom(fresh_name(base, "postroom"), hostname=f"mx.{DOMAIN}", domains=[DOMAIN],
-                      users={RCPT: "bench-password"}, aliases={}, max_message_size="64M")
+def bench_postroom(args: argparse.Namespace, base: Path, metrics: bool = False) -> Throughput:
+    name = "postroom-metrics" if metrics else "postroom"
+    extra = f'[metrics]\nlisten = "{LOOPBACK}:{free_ports(1)[0]}"\n' if metrics else ""
+    server = Postroom(fresh_name(base, name), hostname=f"mx.{DOMAIN}", domains=[DOMAIN],
+                      users={RCPT: "bench-password"}, aliases={}, max_message_size="64M",
+                      extra_toml=extra)
     server.start()
     try:
-        return drive("postroom", args, server.smtp_port, server.maildir(RCPT), args.timeout)
+        return drive(name, args, server.smtp_port, server.maildir(RCPT), args.timeout)
     finally:
         server.stop()
+
+
+def bench_postroom_metrics(args: argparse.Namespace, base: Path) -> Throughput:
+    """postroom with its metrics endpoint on: what counting costs the intake."""
+    return bench_postroom(args, base, metrics=True)
 
 
 def bench_postfix(args: argparse.Namespace, base: Path) -> Throughput:
@@ -300,6 +308,7 @@ def bench_memory(args: argparse.Namespace, base: Path) -> MemoryGrowth:
 
 THROUGHPUT_LEGS = {
     "postroom": bench_postroom,
+    "postroom-metrics": bench_postroom_metrics,
     "postfix": bench_postfix,
     "aiosmtpd": bench_sink,
     "fsync-sink": bench_fsync_sink,
@@ -466,10 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     # Best round per leg: noise from other work on the machine only ever slows a leg.
     best = {leg: min(runs, key=lambda r: r.seconds) for leg, runs in rounds.items()}
     print()
-    print(f"{'server':<12}{'messages':>10}{'seconds':>10}{'msg/s':>10}   all rounds (s)")
+    print(f"{'server':<18}{'messages':>10}{'seconds':>10}{'msg/s':>10}   all rounds (s)")
     for leg, r in best.items():
         every = " ".join(f"{run.seconds:.2f}" for run in rounds[leg])
-        print(f"{r.name:<12}{r.messages:>10}{r.seconds:>10.2f}{r.rate:>10.1f}   {every}")
+        print(f"{r.name:<18}{r.messages:>10}{r.seconds:>10.2f}{r.rate:>10.1f}   {every}")
     rates = {leg: r.rate for leg, r in best.items()}
     ratios = {
         f"postroom/{other}": rates["postroom"] / rates[other]
@@ -482,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
         for other in ("postfix", "aiosmtpd", "fsync-sink")
         if "postroom" in rounds and other in rounds
     }
+    for other in ("postfix", "postroom"):  # the cost of counting, in the same run
+        if "postroom-metrics" in rates and rates.get(other):
+            label = f"postroom-metrics/{other}"
+            ratios[label] = rates["postroom-metrics"] / rates[other]
+            per_round[label] = round_ratios([r.rate for r in rounds["postroom-metrics"]],
+                                            [r.rate for r in rounds[other]])
     if ratios:
         print()
     for label, value in ratios.items():
