@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import re
 import smtplib
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from mailharness import LOOPBACK, Dnsmasq, free_ports
+from mailharness import LOOPBACK, Dnsmasq, Postroom, free_ports
 from pebbleharness import ListenerCA, Pebble
 
 from postroom.config import load_config
@@ -181,3 +183,35 @@ def test_renewal_near_expiry_survives_the_ca_being_down_and_keeps_open_sessions(
             await running.stop(grace=2)
 
     asyncio.run(scenario())
+
+
+def test_every_server_process_takes_the_new_certificate(tmp_path: Path, pebble: Pebble,
+                                                         ca: ListenerCA) -> None:
+    """`postroom serve` with two processes: the primary obtains the certificate, the
+    worker sees the new files at a handshake; new clients get it from either."""
+    port = pebble.challenge_port  # type: ignore[attr-defined]
+    server = Postroom(
+        tmp_path / "postroom", hostname=NAME, domains=["example.test"], listeners=(
+            "smtp", "submissions"), workers=2,
+        extra_toml=(f'[tls.acme]\ndirectory = "{pebble.directory}"\nnames = ["{NAME}"]\n'
+                    f'challenge_listen = "127.0.0.1:{port}"\nca_bundle = "{ca.bundle}"\n'
+                    'retry_after = ["200ms"]\n'))
+    pebble.start()
+    server.start()
+    try:
+        trust = pebble_trust(pebble)
+        submissions = server.ports["submissions"]
+        deadline = time.monotonic() + WAIT
+        in_a_row = 0
+        while in_a_row < 20:  # twenty new clients in a row verify it, whichever process
+            assert time.monotonic() < deadline, server.output()
+            try:
+                _verified_ehlo(trust, submissions)
+                in_a_row += 1
+            except ssl.SSLCertVerificationError:
+                in_a_row = 0
+                time.sleep(0.1)
+    finally:
+        server.stop()
+    loaded = re.findall(r"\[(\d+)\]: certificate loaded from", server.output())
+    assert len(set(loaded)) == 2  # the primary, told; the worker, from the files
