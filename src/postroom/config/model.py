@@ -160,7 +160,8 @@ class TLSConfig:
     cert: Path = setting(
         "tls/cert.pem", parse_path,
         "Certificate chain (PEM). At this default path a self-signed certificate is "
-        "made on first start when missing; a path you choose must exist.",
+        "made on first start when missing; a path you choose must exist (unless acme "
+        "below writes it). Replaced files are taken without a restart.",
     )
     key: Path = setting("tls/key.pem", parse_path, "Private key (PEM) of the certificate.")
     acme: AcmeConfig | None = None  # the table's keys are AcmeConfig's
