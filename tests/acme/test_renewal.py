@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from postroom.acme.renewal import renewal_due
+from postroom.acme.renewal import chain_due, renewal_due
 from postroom.tlscert import make_self_signed
 
 NOW = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
@@ -60,3 +60,10 @@ def test_missing_self_signed_or_other_names_are_due_at_once(tmp_path: Path) -> N
     cert = issued(tmp_path / "c.pem", ["mx.example"], NOW, NOW + 90 * DAY)
     due, why = renewal_due(cert, ["mx.example", "smtp.example"], MONTH, NOW)
     assert due == NOW and "smtp.example" in why
+
+
+def test_a_chain_in_memory_is_judged_alike(tmp_path: Path) -> None:
+    cert = issued(tmp_path / "c.pem", ["mx.example"], NOW, NOW + 90 * DAY)
+    assert chain_due(cert.read_bytes(), ["mx.example"], MONTH, NOW) == renewal_due(
+        cert, ["mx.example"], MONTH, NOW)
+    assert chain_due(b"junk", ["mx.example"], MONTH, NOW)[0] == NOW

@@ -24,8 +24,18 @@ def renewal_due(cert: Path, names: Sequence[str], renew_before: float,
     whichever is sooner.
     """
     try:
-        leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
-    except (OSError, ValueError) as exc:
+        pem = cert.read_bytes()
+    except OSError as exc:
+        return now, f"no usable certificate ({exc})"
+    return chain_due(pem, names, renew_before, now)
+
+
+def chain_due(pem: bytes, names: Sequence[str], renew_before: float,
+              now: datetime.datetime) -> tuple[datetime.datetime, str]:
+    """`renewal_due` for a chain in memory (PEM, the server's certificate first)."""
+    try:
+        leaf = x509.load_pem_x509_certificates(pem)[0]
+    except ValueError as exc:
         return now, f"no usable certificate ({exc})"
     if leaf.issuer == leaf.subject:
         return now, "the certificate in use is self-signed"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from postroom.acme.issuer import AcmeTrouble, Request, obtain
-from postroom.acme.renewal import renewal_due
+from postroom.acme.renewal import chain_due, renewal_due
 from postroom.config import Config
 from postroom.server.httpd import Answer, serve_http
 from postroom.server.tls import describe
@@ -102,6 +102,7 @@ class CertificateKeeper:
         self.attempts += 1
         try:
             chain, key = await asyncio.to_thread(obtain, self.request, self.answers)
+            self._check(chain)
         except AcmeTrouble as exc:
             self.failures += 1
             pause = self.retry_after[min(self.failures, len(self.retry_after)) - 1]
@@ -118,6 +119,13 @@ class CertificateKeeper:
         self.installed()
         await self._notify()
         return True
+
+    def _check(self, chain: bytes) -> None:
+        """AcmeTrouble unless `chain` would end the renewal: issued for every name and
+        not due again at once (else each pass would order another)."""
+        due, why = chain_due(chain, self.request.names, self.renew_before, self.now())
+        if due <= self.now():
+            raise AcmeTrouble(f"the CA's certificate will not do: {why}")
 
     def _store(self, chain: bytes, key: bytes) -> None:
         """Key first, then its certificate: a reader that sees the new certificate finds
