@@ -62,6 +62,13 @@ def test_metrics_is_off_by_default_and_takes_an_address(tmp_path: Path) -> None:
 
 def test_the_rendered_default_shows_acme_commented_and_loads(tmp_path: Path) -> None:
     text = render_default_config()
-    assert "# acme = { directory =" in text and "[metrics]" in text
+    assert "\n# [tls.acme]\n" in text and "[metrics]" in text
     (tmp_path / "postroom.toml").write_text(text)
     assert load_config(tmp_path).tls.acme is None
+    # Uncommented as it says, the example turns ACME on.
+    lines = text.splitlines()
+    start = lines.index("# [tls.acme]")
+    lines[start:start + 4] = [line[2:] for line in lines[start:start + 4]]
+    (tmp_path / "postroom.toml").write_text("\n".join(lines))
+    acme = load_config(tmp_path).tls.acme
+    assert acme is not None and acme.names == ("mx.corp.example",)

@@ -277,8 +277,9 @@ def render_default_config(
         if name == "tls":  # ACME is off unless written: an example, then what each key means
             lines += [*_comment("Certificates from an ACME CA (RFC 8555) with the HTTP-01 "
                                 "challenge, stored at cert and key above and renewed before "
-                                "they expire; uncomment and edit:"), f"# {ACME_EXAMPLE}"]
+                                "they expire; uncomment and edit (keys below):"),
+                      f"# {ACME_EXAMPLE}"]
             for key, spec in keys(AcmeConfig).items():
-                lines += _comment(f"acme.{key}: {spec.doc}")
+                lines += _comment(f"{key}: {spec.doc}")
         lines.append("")
     return "\n".join(lines)

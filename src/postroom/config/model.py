@@ -137,9 +137,12 @@ class AcmeConfig:
     )
 
 
-# The example [tls] shows for `acme` (it has no default: off unless written).
-ACME_EXAMPLE = ('acme = { directory = "https://acme-v02.api.letsencrypt.org/directory",\n'
-                '#         contact = "postmaster@corp.example", names = ["mx.corp.example"] }')
+# The example [tls] shows for `acme` (it has no default: off unless written), as its
+# own table; `acme = { directory = "...", names = [...] }` on one line is the same.
+ACME_EXAMPLE = ("[tls.acme]\n"
+                '# directory = "https://acme-v02.api.letsencrypt.org/directory"\n'
+                '# contact = "postmaster@corp.example"\n'
+                '# names = ["mx.corp.example"]')
 
 
 @dataclass(frozen=True)
