@@ -272,7 +272,7 @@ def test_s_nail_reads_inbox_and_junk_and_deletes(
              "-S", "imap-auth=login", "-f", f"imap://{user}@{LOOPBACK}:{dovecot.port}/{folder}"],
             input=commands, capture_output=True, text=True, timeout=60, check=False,
             env={**os.environ, "HOME": str(outside_tmp)})
-        assert result.returncode == 0, result.stderr
+        assert result.returncode == 0, result.stderr + _tail(dovecot.log)
         return result.stdout
 
     listing = run("INBOX", "headers\n")

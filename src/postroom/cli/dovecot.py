@@ -182,7 +182,9 @@ def _checkpassword(args: argparse.Namespace, ctx: Context) -> int:
         print(f"{PROG} checkpassword: cannot read descriptor {CHECKPASSWORD_FD}: {e.strerror}",
               file=sys.stderr)
         return EXIT_TROUBLE
-    if request is None:
+    if request is None:  # Dovecot logs what we say here
+        print(f"{PROG} checkpassword: no `login NUL password NUL` on descriptor "
+              f"{CHECKPASSWORD_FD}", file=sys.stderr)
         return EXIT_REFUSED
     login, password = request
     key = user_key(login)
