@@ -13,7 +13,6 @@ import poplib
 import re
 import smtplib
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -187,16 +186,3 @@ def test_metrics_are_off_by_default(tmp_path: Path) -> None:
         assert "serving metrics" not in server.output()
     finally:
         server.stop()
-
-
-def test_health_says_what_is_down(server: tuple[Postroom, int]) -> None:
-    postroom, metrics_port = server
-    queue = postroom.data / "queue"
-    queue.rename(queue.with_name("queue.away"))  # (as root, a mode would not stop a write)
-    try:
-        with pytest.raises(urllib.error.HTTPError) as failed:
-            urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/health", timeout=30)
-    finally:
-        queue.with_name("queue.away").rename(queue)
-    assert failed.value.code == 503
-    assert b"queue: down: cannot write to" in failed.value.read()

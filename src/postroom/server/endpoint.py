@@ -10,6 +10,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from postroom.server.httpd import Answer, serve_http
@@ -76,6 +77,13 @@ def _exposition(running: Running) -> bytes:
     return generate_latest(registry)
 
 
+def _writable(folder: Path) -> bool:
+    """Files can be made in `folder`, or it can be made (deliveries make it when due)."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
+
+
 def _listening(sock: socket.socket) -> bool:
     try:
         return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
@@ -86,15 +94,15 @@ def _listening(sock: socket.socket) -> bool:
 async def health(running: Running) -> tuple[bool, list[str]]:
     """Whether the listeners, the queue and the store work, with one line each."""
     lines: list[str] = []
-    down = [name for name, server in running.servers.items()
-            if not all(_listening(s) for s in server.sockets)]
+    down = [name for name, server in running.servers.items()  # closed: no sockets left
+            if not server.sockets or not all(_listening(s) for s in server.sockets)]
     lines.append(f"listeners: {'down: ' + ', '.join(down) if down else 'ok'} "
                  f"({', '.join(running.servers)})")
     queue_dir = running.config.queue_dir
     task = running.relay._task
     if task is not None and task.done():
         queue = "down: the scheduler stopped"
-    elif not os.access(queue_dir, os.W_OK):
+    elif not _writable(queue_dir):
         queue = f"down: cannot write to {queue_dir}"
     else:
         queue = f"ok ({len(running.relay.scheduler.envelopes())} messages)"
@@ -102,7 +110,7 @@ async def health(running: Running) -> tuple[bool, list[str]]:
     try:
         await asyncio.to_thread(running.store.users.list_domains)
         mail_dir = running.config.mail_dir
-        store = "ok" if os.access(mail_dir, os.W_OK) else f"down: cannot write to {mail_dir}"
+        store = "ok" if _writable(mail_dir) else f"down: cannot write to {mail_dir}"
     except Exception as exc:  # noqa: BLE001 - whatever the store raises means "not working"
         store = f"down: the user directory does not answer: {exc}"
     lines.append(f"store: {store}")
