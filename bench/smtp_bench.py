@@ -186,6 +186,12 @@ def bench_postroom_checked(args: argparse.Namespace, base: Path) -> Throughput:
         return bench_postroom(args, base, "postroom-checks", checks)
 
 
+def bench_postroom_metrics(args: argparse.Namespace, base: Path) -> Throughput:
+    """postroom with its metrics endpoint on: what counting costs the intake."""
+    extra = f'[dmarc]\ncheck = false\n\n[metrics]\nlisten = "{LOOPBACK}:{free_ports(1)[0]}"\n'
+    return bench_postroom(args, base, "postroom-metrics", extra)
+
+
 def bench_postfix(args: argparse.Namespace, base: Path) -> Throughput:
     reason = PrivatePostfix.unavailable_reason()
     if reason is not None:
@@ -327,6 +333,7 @@ def bench_memory(args: argparse.Namespace, base: Path) -> MemoryGrowth:
 THROUGHPUT_LEGS = {
     "postroom": bench_postroom,
     "postroom-checks": bench_postroom_checked,
+    "postroom-metrics": bench_postroom_metrics,
     "postfix": bench_postfix,
     "aiosmtpd": bench_sink,
     "fsync-sink": bench_fsync_sink,
@@ -493,10 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     # Best round per leg: noise from other work on the machine only ever slows a leg.
     best = {leg: min(runs, key=lambda r: r.seconds) for leg, runs in rounds.items()}
     print()
-    print(f"{'server':<16}{'messages':>10}{'seconds':>10}{'msg/s':>10}   all rounds (s)")
+    print(f"{'server':<18}{'messages':>10}{'seconds':>10}{'msg/s':>10}   all rounds (s)")
     for leg, r in best.items():
         every = " ".join(f"{run.seconds:.2f}" for run in rounds[leg])
-        print(f"{r.name:<16}{r.messages:>10}{r.seconds:>10.2f}{r.rate:>10.1f}   {every}")
+        print(f"{r.name:<18}{r.messages:>10}{r.seconds:>10.2f}{r.rate:>10.1f}   {every}")
     rates = {leg: r.rate for leg, r in best.items()}
     pairs = [("postroom", other) for other in ("postfix", "aiosmtpd", "fsync-sink")]
     pairs += [("postroom-checks", other) for other in ("postfix", "postroom")]
@@ -509,6 +516,12 @@ def main(argv: list[str] | None = None) -> int:
                                         [r.rate for r in rounds[other]])
         for mine, other in pairs if mine in rounds and other in rounds
     }
+    for other in ("postfix", "postroom"):  # the cost of counting, in the same run
+        if "postroom-metrics" in rates and rates.get(other):
+            label = f"postroom-metrics/{other}"
+            ratios[label] = rates["postroom-metrics"] / rates[other]
+            per_round[label] = round_ratios([r.rate for r in rounds["postroom-metrics"]],
+                                            [r.rate for r in rounds[other]])
     if ratios:
         print()
     for label, value in ratios.items():

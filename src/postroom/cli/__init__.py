@@ -31,6 +31,7 @@ from postroom.cli.common import (
     subparsers,
 )
 from postroom.cli.dkim import add_dkim, add_dns
+from postroom.cli.dovecot import add_checkpassword, add_dovecot_config
 from postroom.cli.mail import add_demo, add_fetch, add_send, add_sendmail, add_trace
 from postroom.cli.queue import add_queue
 from postroom.cli.serve import add_init, add_serve
@@ -84,6 +85,8 @@ COMMANDS: list[Callable[[Subparsers, argparse.ArgumentParser], None]] = [
     add_fetch,
     add_trace,
     add_demo,
+    add_dovecot_config,
+    add_checkpassword,
 ]
 
 

@@ -12,11 +12,13 @@ from typing import Any
 
 from postroom.canonical import canonical_domain
 from postroom.config.model import (
+    ACME_EXAMPLE,
     CONFIG_NAME,
     DEFAULT_DATA_DIR,
     DEFAULT_SOURCE,
     ROUTES_DOC,
     SECTIONS,
+    AcmeConfig,
     Config,
     ConfigError,
     Key,
@@ -77,7 +79,8 @@ class _Loader:
         top = self.top(doc)
         sections = {name: cls(**self.section(doc, name, cls)) for name, cls in SECTIONS.items()
                     if cls is not None and cls not in (ListenConfig, TLSConfig)}
-        return Config(data_dir=self.data_dir, listen=self.listen(doc), tls=self.tls(doc),
+        return Config(data_dir=self.data_dir, listen=self.listen(doc),
+                      tls=self.tls(doc, top["hostname"]),
                       routes=self.routes(doc.get("routes", {})), **sections, **top)
 
     def top(self, doc: dict[str, Any]) -> dict[str, Any]:
@@ -106,19 +109,38 @@ class _Loader:
                 endpoints[key] = endpoint
         return ListenConfig(**endpoints)
 
-    def tls(self, doc: dict[str, Any]) -> TLSConfig:
-        """Paths relative to the data folder; only the default ones may be missing."""
+    def tls(self, doc: dict[str, Any], hostname: str) -> TLSConfig:
+        """Paths relative to the data folder; only the default ones may be missing, or
+        any with ACME, which writes them."""
+        raw = doc.get("tls", {})
+        acme = None
+        if isinstance(raw, dict) and "acme" in raw:
+            acme = self.acme(raw["acme"], hostname)
+            doc = {**doc, "tls": {k: v for k, v in raw.items() if k != "acme"}}
         paths = {key: self.data_dir / path
                  for key, path in self.section(doc, "tls", TLSConfig).items()}
-        generate = all(path == self.data_dir / keys(TLSConfig)[key].default
-                       for key, path in paths.items())
+        generate = acme is not None or all(
+            path == self.data_dir / keys(TLSConfig)[key].default for key, path in paths.items())
         if not generate:
             for key, path in paths.items():
                 if not path.is_file():
                     where = ("named here" if key in doc.get("tls", {})
                              else "the default, as the other one is not")
                     raise self.error(f"tls.{key}", f"{path} does not exist ({where})")
-        return TLSConfig(generate=generate, **paths)
+        return TLSConfig(generate=generate, acme=acme, **paths)
+
+    def acme(self, raw: object, hostname: str) -> AcmeConfig:
+        """[tls] acme = { directory = ..., ... }: a table of AcmeConfig's keys."""
+        specs = keys(AcmeConfig)
+        table = self.table("tls.acme", raw, list(specs))
+        if "directory" not in table:
+            raise self.error("tls.acme.directory", "missing: the CA's ACME directory URL")
+        values = {key: self.value(f"tls.acme.{key}", spec, table.get(key, spec.default))
+                  for key, spec in specs.items() if key in table or spec.default is not None}
+        values.setdefault("names", (hostname,))
+        if values.get("ca_bundle") is not None:
+            values["ca_bundle"] = self.data_dir / values["ca_bundle"]
+        return AcmeConfig(**values)
 
     def routes(self, raw: object) -> dict[str, Route]:
         """[routes]: "DOMAIN" = "HOST[:PORT]", or a smarthost table."""
@@ -255,5 +277,12 @@ def render_default_config(
             unset = "# " if spec.default is None else ""
             lines += [*_comment(spec.doc),
                       f"{unset}{key} = {show([] if unset else spec.default)}"]
+        if name == "tls":  # ACME is off unless written: an example, then what each key means
+            lines += [*_comment("Certificates from an ACME CA (RFC 8555) with the HTTP-01 "
+                                "challenge, stored at cert and key above and renewed before "
+                                "they expire; uncomment and edit (keys below):"),
+                      f"# {ACME_EXAMPLE}"]
+            for key, spec in keys(AcmeConfig).items():
+                lines += _comment(f"{key}: {spec.doc}")
         lines.append("")
     return "\n".join(lines)

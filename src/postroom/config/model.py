@@ -11,8 +11,10 @@ from typing import Any, Literal
 from postroom.canonical import domain_of
 from postroom.config.values import (
     Endpoint,
+    parse_acme_directory,
     parse_bool,
     parse_choice,
+    parse_contacts,
     parse_domains,
     parse_duration,
     parse_durations,
@@ -22,8 +24,11 @@ from postroom.config.values import (
     parse_listener,
     parse_mailbox,
     parse_milters,
+    parse_names,
     parse_nameservers,
     parse_networks,
+    parse_optional_listener,
+    parse_optional_path,
     parse_path,
     parse_size,
 )
@@ -96,16 +101,77 @@ class ListenConfig:
 
 
 @dataclass(frozen=True)
+class AcmeConfig:
+    """[tls] acme = { ... }: the certificate comes from an ACME CA (RFC 8555)."""
+
+    directory: str = setting(
+        None, parse_acme_directory,
+        'The CA\'s ACME directory URL (required), e.g. Let\'s Encrypt\'s '
+        '"https://acme-v02.api.letsencrypt.org/directory".',
+    )
+    contact: tuple[str, ...] = setting(
+        [], parse_contacts,
+        "Addresses the CA may write to about the account (expiry notices), a string or a "
+        "list; empty: none (RFC 8555 7.3).",
+    )
+    names: tuple[str, ...] = setting(
+        None, parse_names,  # [hostname] when left out, filled in at load time
+        "Host names the certificate is for; default: [hostname]. Each must resolve to "
+        "this host, where the CA connects to check it.",
+    )
+    challenge_listen: Endpoint = setting(
+        "0.0.0.0:80", parse_listener,
+        "Where postroom answers the CA's HTTP-01 challenges (RFC 8555 8.3): the CA "
+        "connects to port 80 of each name, so in production this is port 80.",
+    )
+    ca_bundle: Path | None = setting(
+        "", parse_optional_path,
+        "CA certificates (PEM) that the ACME server's HTTPS certificate is checked "
+        "against, for a private CA; empty: the system's trusted CAs.",
+    )
+    renew_before: float = setting(
+        "30d", parse_duration,
+        "Renew this long before the certificate expires, or at two thirds of its "
+        "lifetime if that comes first (short-lived certificates).",
+    )
+    retry_after: tuple[float, ...] = setting(
+        ["5m", "30m", "2h", "6h"], parse_durations,
+        "Waits between attempts while the CA cannot be reached or refuses; after the last "
+        "one, every attempt waits that long again. The certificate in use stays meanwhile.",
+    )
+
+
+# The example [tls] shows for `acme` (it has no default: off unless written), as its
+# own table; `acme = { directory = "...", names = [...] }` on one line is the same.
+ACME_EXAMPLE = ("[tls.acme]\n"
+                '# directory = "https://acme-v02.api.letsencrypt.org/directory"\n'
+                '# contact = "postmaster@corp.example"\n'
+                '# names = ["mx.corp.example"]')
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: Endpoint | None = setting(
+        "", parse_optional_listener,
+        'Where to serve Prometheus metrics (/metrics) and a health check (/health), e.g. '
+        '"127.0.0.1:9325"; keep it on loopback or behind a firewall. Empty: off.',
+    )
+
+
+@dataclass(frozen=True)
 class TLSConfig:
     # True for the default paths: a self-signed pair is made on first start if
     # missing. Paths named explicitly must exist (no silent stand-in certificate).
+    # With ACME the pair is the CA's, and a self-signed one stands in until the first.
     generate: bool
     cert: Path = setting(
         "tls/cert.pem", parse_path,
         "Certificate chain (PEM). At this default path a self-signed certificate is "
-        "made on first start when missing; a path you choose must exist.",
+        "made on first start when missing; a path you choose must exist (unless acme "
+        "below writes it). Replaced files are taken without a restart.",
     )
     key: Path = setting("tls/key.pem", parse_path, "Private key (PEM) of the certificate.")
+    acme: AcmeConfig | None = None  # the table's keys are AcmeConfig's
 
 
 @dataclass(frozen=True)
@@ -368,6 +434,7 @@ SECTIONS: dict[str, type | None] = {
     "milters": MiltersConfig,
     "limits": LimitsConfig, "screen": ScreenConfig, "dnsbl": DNSBLConfig,
     "greylist": GreylistConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -391,6 +458,7 @@ class Config:
     screen: ScreenConfig
     dnsbl: DNSBLConfig
     greylist: GreylistConfig
+    metrics: MetricsConfig
     hostname: str = setting(
         None,  # default_hostname(), filled in at load time
         parse_hostname,

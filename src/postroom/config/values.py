@@ -125,6 +125,53 @@ def parse_listener(value: object) -> Endpoint:
     return parse_endpoint(_expect(value, str, 'a string "HOST:PORT"'), any_port=True)
 
 
+def parse_optional_listener(value: object) -> Endpoint | None:
+    """A listener that is off when empty ("")."""
+    text = _expect(value, str, 'a string "HOST:PORT" (or "" for off)')
+    return parse_endpoint(text, any_port=True) if text else None
+
+
+def parse_optional_path(value: object) -> Path | None:
+    text = _expect(value, str, 'a file path string (or "" for none)')
+    return Path(text).expanduser() if text else None
+
+
+def parse_acme_directory(value: object) -> str:
+    """An ACME directory URL: HTTPS only (RFC 8555 6.1)."""
+    url = _expect(value, str, "the CA's directory URL")
+    if not url.startswith("https://") or len(url) <= len("https://"):
+        raise ValueError(f"{show(url)} is not an https:// URL (RFC 8555 6.1: ACME runs over "
+                         "HTTPS)")
+    return url
+
+
+def parse_contacts(value: object) -> tuple[str, ...]:
+    """Contact addresses for an ACME account, as mailto: URLs (RFC 8555 7.3)."""
+    items = [value] if isinstance(value, str) else _expect(value, list, "a list of addresses")
+    result = []
+    for item in items:
+        text = _expect(item, str, "an e-mail address string")
+        address = text.removeprefix("mailto:")
+        try:
+            mailbox_address(address)
+        except ValueError as e:
+            raise ValueError(f"{show(text)}: {e}") from None
+        result.append(f"mailto:{address}")
+    return tuple(result)
+
+
+def parse_names(value: object) -> tuple[str, ...]:
+    """Host names for a certificate: canonical, without repeats, at least one."""
+    result: list[str] = []
+    for item in _expect(value, list, "a list of host names"):
+        name = parse_hostname(item)
+        if name not in result:
+            result.append(name)
+    if not result:
+        raise ValueError("the list is empty; name at least one host")
+    return tuple(result)
+
+
 def parse_nameservers(value: object) -> tuple[Endpoint, ...]:
     result = []
     for item in _expect(value, list, 'a list of "IP[:PORT]" strings'):

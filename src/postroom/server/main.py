@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import socket
-import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -29,8 +28,11 @@ from postroom.config import Config, ConfigError
 from postroom.control import AlreadyRunning, ServerLock, serve_control
 from postroom.defense import anvil
 from postroom.defense.gate import build_defense, limits_of
+from postroom.server import metrics
 from postroom.server.acceptor import DeferredServer
+from postroom.server.acme import CertificateKeeper
 from postroom.server.descriptors import Descriptors, raise_open_files_limit
+from postroom.server.endpoint import serve_endpoint
 from postroom.server.passwords import PasswordChecks
 from postroom.server.relay import Relay
 from postroom.server.services import (
@@ -41,6 +43,7 @@ from postroom.server.services import (
     session_factory,
 )
 from postroom.server.session import Service
+from postroom.server.tls import CertificateHolder
 from postroom.server.workers import (
     WakeChannel,
     fork_workers,
@@ -50,7 +53,7 @@ from postroom.server.workers import (
 )
 from postroom.store.api import Mailboxes, Store
 from postroom.store.factory import open_store
-from postroom.tlscert import TLSFileError, ensure_certificate, server_context
+from postroom.tlscert import TLSFileError, ensure_certificate
 
 log = logging.getLogger("postroom.master")
 
@@ -157,13 +160,14 @@ def install_event_loop_policy() -> str:
     return "uvloop"
 
 
-def bind(host: str, port: int, key: str, config: Config) -> socket.socket:
+def bind(host: str, port: int, key: str, config: Config, section: str = "listen."
+         ) -> socket.socket:
     """A listening socket, or a ConfigError that names the key (port in use, bad address)."""
     where = config.source
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ConfigError(f"{where}: listen.{key}: cannot resolve {host!r}: {exc}") from exc
+        raise ConfigError(f"{where}: {section}{key}: cannot resolve {host!r}: {exc}") from exc
     family, kind, proto, _name, address = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -177,7 +181,7 @@ def bind(host: str, port: int, key: str, config: Config) -> socket.socket:
             reason = "permission denied (ports below 1024 need root)"
         else:
             reason = exc.strerror or str(exc)
-        raise ConfigError(f"{where}: listen.{key}: cannot listen on {host}:{port}: {reason}") \
+        raise ConfigError(f"{where}: {section}{key}: cannot listen on {host}:{port}: {reason}") \
             from exc
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
@@ -197,6 +201,9 @@ class Running:
     descriptors: Descriptors
     sweeper: asyncio.Task[None] | None = None  # the primary's periodic tmp/ sweep
     counts: anvil.Link | None = None  # the counts shared by all processes (defense.anvil)
+    certificates: CertificateHolder | None = None  # the listeners' TLS (server.tls)
+    acme: CertificateKeeper | None = None  # the primary's, with [tls] acme
+    endpoint: asyncio.base_events.Server | None = None  # the primary's, with [metrics] listen
 
     def address(self, listener: str) -> tuple[str, int]:
         """The bound (host, port) of a listener: tests bind port 0 and ask here."""
@@ -204,11 +211,21 @@ class Running:
         host, port = sock.getsockname()[:2]
         return str(host), int(port)
 
+    def reload_certificate(self) -> bool:
+        """Read tls.cert and tls.key again: new handshakes on every listener of this
+        process get the new pair, sessions already encrypted keep theirs. False (and
+        the pair in use kept) when the files cannot be used."""
+        return self.certificates is not None and self.certificates.reload_certificate()
+
     async def stop(self, grace: float = DRAIN_GRACE_SECONDS) -> None:
         """Stop accepting, let transactions finish (up to `grace`), close the rest."""
         log.info("stopping: no new connections; waiting for transactions in progress")
         for server in self.servers.values():
             server.close()
+        if self.acme is not None:
+            await self.acme.stop()
+        if self.endpoint is not None:
+            self.endpoint.close()
         await asyncio.gather(*(drain(service, grace) for service in self.services.values()))
         if self.sweeper is not None:
             self.sweeper.cancel()
@@ -221,16 +238,31 @@ class Running:
         log.info("stopped")
 
 
-def load_tls(config: Config) -> ssl.SSLContext:
-    """The listeners' TLS context, the self-signed pair made first if it is due; else a
+def load_tls(config: Config) -> CertificateHolder:
+    """The listeners' certificate, the self-signed pair made first if it is due; else a
     one-line ConfigError naming tls.cert or tls.key, the file and the fault."""
     cert, key = config.tls.cert, config.tls.key
     try:
         if config.tls.generate and ensure_certificate(cert, key, config.hostname):
             log.info("made a self-signed certificate for %s in %s", config.hostname, cert)
-        return server_context(cert, key)
+        return CertificateHolder(cert, key)
     except TLSFileError as e:
         raise ConfigError(f"{config.source}: tls.{e.setting}: {e}") from None
+
+
+def bind_challenge(config: Config) -> socket.socket:
+    """The ACME HTTP-01 challenge listener's socket ([tls] acme must be set)."""
+    assert config.tls.acme is not None
+    endpoint = config.tls.acme.challenge_listen
+    return bind(endpoint.host, endpoint.port, "tls.acme.challenge_listen", config,
+                section="")
+
+
+def bind_metrics(config: Config) -> socket.socket:
+    """The metrics endpoint's socket ([metrics] listen must be set)."""
+    endpoint = config.metrics.listen
+    assert endpoint is not None
+    return bind(endpoint.host, endpoint.port, "metrics.listen", config, section="")
 
 
 def bind_listeners(config: Config) -> list[tuple[str, socket.socket]]:
@@ -259,6 +291,8 @@ class Process:
     children: tuple[int, ...] = ()  # the primary's workers, stopped with it
     lock: ServerLock | None = None  # the primary's: it answers on its control socket
     password_checks: PasswordChecks | None = None  # made before the fork: one bound for all
+    acme_socket: socket.socket | None = None  # the primary's ACME challenge listener
+    metrics_socket: socket.socket | None = None  # the primary's metrics endpoint
     log_handler: logging.Handler | None = None  # flushed every LOG_FLUSH_SECONDS
     # The counts all processes share (defense.anvil): the primary's listening socket,
     # made before the fork, and its address, which the workers connect to.
@@ -274,7 +308,8 @@ class Process:
 
 async def start(config: Config, process: Process = Process()) -> Running:
     """Start accepting connections on the process's sockets (bound here when not given)."""
-    tls_context = load_tls(config)
+    certificates = load_tls(config)
+    tls_context = certificates.context
     sockets = process.sockets if process.sockets is not None else bind_listeners(config)
     checks = process.password_checks or PasswordChecks()
     store = open_store(config.store, password_gate=checks.check)
@@ -311,8 +346,18 @@ async def start(config: Config, process: Process = Process()) -> Running:
     relay.start()
     sweep = functools.partial(sweep_mailboxes, store.mailboxes)
     sweeper = loop.create_task(every(MAILBOX_SWEEP_SECONDS, sweep)) if primary else None
-    return Running(config, servers, services, relay, store, checks, descriptors, sweeper,
-                   counts)
+    running = Running(config, servers, services, relay, store, checks, descriptors, sweeper,
+                      counts=counts, certificates=certificates)
+    if primary and config.tls.acme is not None:  # ACME: the primary alone (server.acme)
+        running.acme = CertificateKeeper(config, certificates.reload_certificate)
+        await running.acme.start(process.acme_socket or bind_challenge(config))
+    if primary and config.metrics.listen is not None:  # the endpoint: the primary alone
+        metrics.enable(config.data_dir)  # done before the fork by run(); tests start here
+        sock = process.metrics_socket or bind_metrics(config)
+        running.endpoint = await serve_endpoint(sock, running)
+        log.info("serving metrics on http://%s:%d/metrics and /health",
+                 *sock.getsockname()[:2])
+    return running
 
 
 async def sweep_mailboxes(mailboxes: Mailboxes) -> None:
@@ -411,6 +456,12 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     # Bound once, before forking: every process accepts on the same sockets.
     sockets = bind_listeners(config)
+    acme_socket = bind_challenge(config) if config.tls.acme is not None else None
+    metrics_socket = None
+    if config.metrics.listen is not None:
+        metrics_socket = bind_metrics(config)
+        # Before the fork: every process counts into files of its own in this folder.
+        metrics.enable(config.data_dir)
     channel = WakeChannel() if processes > 1 else None
     checks = PasswordChecks()  # one bound for every process (server/passwords.py)
     counts = anvil.listen() if processes > 1 else None  # one Anvil for every process
@@ -421,6 +472,9 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
         lock.in_worker()
         if counts is not None:
             counts.close()  # the primary's to answer on
+        for primary_only in (acme_socket, metrics_socket):
+            if primary_only is not None:
+                primary_only.close()
         # The parent forwards SIGTERM/SIGINT; a terminal's Ctrl-C reaches the whole
         # process group, and draining twice is harmless.
         return asyncio.run(serve(config, Process(sockets, worker=True, channel=channel,
@@ -438,7 +492,9 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
         return asyncio.run(serve(config, Process(sockets, channel=channel,
                                                  children=tuple(children), lock=lock,
                                                  password_checks=checks, log_handler=handler,
-                                                 anvil_listener=counts)))
+                                                 anvil_listener=counts,
+                                                 acme_socket=acme_socket,
+                                                 metrics_socket=metrics_socket)))
     except KeyboardInterrupt:
         return 130
     finally:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from postroom.protocol import pop3_server as core
 from postroom.protocol import sasl
+from postroom.server import metrics
 from postroom.server.session import Service, Session
 from postroom.server.stream import Stream
 from postroom.store.api import LATER, Later, Mailboxes, Maildrop, MaildropBusy, user_key
@@ -243,6 +244,7 @@ class POP3Session(Session):
                  self.client, " (TLS)" if self.conn.tls_active else "", self.held,
                  sum(drop.sizes))
         self.conn.login_succeeded(snapshot)
+        metrics.recorder.pop3_login(svc.name)
 
     # -- Transaction state --------------------------------------------------
 
@@ -305,6 +307,8 @@ class POP3Session(Session):
         if result is None:
             self.conn.err(f"message {event.msg_number} was removed by another program",
                           "SYS/PERM")
+        elif isinstance(event, core.Retrieve):
+            metrics.recorder.pop3_retrieved(self.service.name)
         return result
 
     # -- Update state -----------------------------------------------------------

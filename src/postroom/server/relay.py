@@ -38,7 +38,9 @@ from postroom.queue.result import DeliveryResult
 from postroom.queue.rules import Rules
 from postroom.queue.scheduler import Scheduler, SchedulerOptions
 from postroom.queue.store import QueueError, QueueStore
+from postroom.server import metrics
 from postroom.server.forwarding import Forwarding
+from postroom.server.metrics import outcome_counts
 from postroom.store.api import Expansion, Mailboxes
 
 log = logging.getLogger("postroom.relay")
@@ -209,14 +211,22 @@ class Relay:
             (local if is_local else remote).append(i)
         results: dict[int, DeliveryResult] = {}
 
+        remote_seconds: list[float] = []
+
         async def run(courier: LocalCourier | RemoteCourier, indexes: list[int]) -> None:
+            began = time.monotonic()
             done = await courier.deliver(envelope, [recipients[i] for i in indexes], content)
             results.update(zip(indexes, done, strict=True))
+            if courier is self.remote:
+                remote_seconds.append(time.monotonic() - began)
 
         await gather_few([run(courier, indexes)
                           for courier, indexes in ((self.local, local), (self.remote, remote))
                           if indexes])
-        return [results[i] for i in range(len(recipients))]
+        ordered = [results[i] for i in range(len(recipients))]
+        metrics.recorder.relay_attempt(
+            outcome_counts(ordered, set(remote)), remote_seconds[0] if remote_seconds else None)
+        return ordered
 
     # -- life cycle ---------------------------------------------------------------------
 

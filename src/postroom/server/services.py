@@ -17,13 +17,13 @@ from postroom.protocol.pop3_server import Pop3Reply
 from postroom.protocol.replies import Reply
 from postroom.protocol.sasl import SUPPORTED_MECHANISMS
 from postroom.protocol.smtp_server import SMTPServerConfig
-from postroom.server import heap
+from postroom.server import heap, metrics
 from postroom.server.diskspace import FreeSpace
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.mailchecks import mail_checks
 from postroom.server.pop3 import POP3Service, POP3Session
 from postroom.server.relay import Relay
-from postroom.server.session import Service, Session
+from postroom.server.session import Service, Session, count_tls
 from postroom.server.smtp import SMTPService, SMTPSession
 from postroom.server.stream import Stream
 from postroom.store.api import Store
@@ -158,6 +158,7 @@ class _SessionStream(Stream):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        metrics.recorder.connection(self._service.name)
         if self._implicit_tls is not None:
             self.begin_tls(self._implicit_tls)
         task = asyncio.get_running_loop().create_task(self._run())
@@ -165,6 +166,13 @@ class _SessionStream(Stream):
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self) -> None:
+        metrics.recorder.session(self._service.name, +1)
+        try:
+            await self._session()
+        finally:
+            metrics.recorder.session(self._service.name, -1)
+
+    async def _session(self) -> None:
         if self._implicit_tls is not None:
             try:
                 await self.handshake(TLS_HANDSHAKE_SECONDS)
@@ -173,6 +181,7 @@ class _SessionStream(Stream):
                           self.get_extra_info("peername"), exc)
                 self.abort()
                 return
+            count_tls(self._service.name, self)
         service = self._service
         if isinstance(service, SMTPService):
             await SMTPSession(service, self).run()

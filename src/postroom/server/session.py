@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Protocol
 from postroom.defense.gate import Defense
 from postroom.protocol import sasl
 from postroom.protocol.replies import Reply
+from postroom.server import metrics
 from postroom.server.deadline import RequestDeadline
 from postroom.server.limits import ConnectionLimiter
 from postroom.server.stream import Stream
@@ -31,6 +32,14 @@ class Service:
     tls_context: ssl.SSLContext | None
     sessions: set[Any] = field(default_factory=set)
     draining: bool = False
+
+
+def count_tls(listener: str, stream: Stream) -> None:
+    """Count a completed handshake by its version and cipher (server.metrics)."""
+    obj = stream.get_extra_info("ssl_object")
+    if obj is not None:
+        cipher = obj.cipher()
+        metrics.recorder.tls(listener, str(obj.version()), cipher[0] if cipher else "unknown")
 
 
 class Core(Protocol):
@@ -150,6 +159,7 @@ class Session(abc.ABC):
                           self.client, exc)
             raise ConnectionResetError("TLS handshake failed") from exc
         self.conn.tls_started()
+        count_tls(self.service.name, self.stream)
         return True
 
     def under_stress(self, limit: float) -> None:
@@ -197,6 +207,7 @@ class Session(abc.ABC):
         """After a credential check for `name`: `key` when it passed, else None once the
         delay for the failure has passed (policy.auth, counted by defense.anvil)."""
         svc = self.service
+        metrics.recorder.auth(svc.name, key is not None)
         if key is not None:
             svc.defense.login_succeeded(self.client_ip, key)
             return key

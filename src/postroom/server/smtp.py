@@ -30,6 +30,7 @@ from postroom.protocol import sasl
 from postroom.protocol import smtp_server as core
 from postroom.protocol.replies import Reply
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.server import metrics
 from postroom.server.diskspace import FreeSpace
 from postroom.server.forwarding import Forwarding
 from postroom.server.headers import HeaderCapture, missing_headers
@@ -443,6 +444,7 @@ class SMTPSession(Session, MilterSteps):
         """The end of the content: refuse the message, or store it and answer 250."""
         txn = self.txn
         self.in_data = False
+        ended = time.monotonic()  # end of DATA: the latency to the 250 counts from here
         assert txn is not None, "the core emits MessageEnd only inside a transaction"
         if txn.writer is None:
             self.conn.send(LOCAL_ERROR)
@@ -481,6 +483,8 @@ class SMTPSession(Session, MilterSteps):
             folder = folder or milter_folder
         if await self._store(txn, message, folder):
             self._reply(Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}"))
+            metrics.recorder.received(self.service.name, time.monotonic() - ended,
+                                      len(txn.mailboxes()))
         else:
             self._reply(LOCAL_ERROR)
         self._finish_transaction()

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable, Iterable
 
 from postroom.control import wake_parent
+from postroom.server import metrics
 
 log = logging.getLogger("postroom.master")
 
@@ -101,6 +102,7 @@ def reap_children(children: Iterable[int]) -> None:
     for pid in children:
         with contextlib.suppress(ChildProcessError):
             _pid, status = os.waitpid(pid, 0)
+            metrics.worker_gone(pid)
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGTERM:
                 log.warning("worker %d ended by signal %d", pid, os.WTERMSIG(status))
 
