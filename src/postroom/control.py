@@ -24,6 +24,9 @@ The request is one line, the answer one line (both ASCII, CRLF or LF):
 
     rescan  ->  "ok PID"        the server reads the queue folder again
             ->  "stopping PID"  it is draining: it starts no delivery
+    reload  ->  "ok PID"        the new config is in force (server.reload)
+            ->  "refused PID ERROR"  the one-line error; the old config stays
+            ->  "stopping PID"
     other   ->  "error unknown request"
 
 Worker processes tell their primary with SIGUSR1 (`wake_parent`), sent only
@@ -37,7 +40,7 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +55,8 @@ CONTROL_BACKLOG = 16  # clients waiting to be answered at once (listen(2))
 # reached through the folder's descriptor in /proc/self/fd.
 SUN_PATH_MAX = 107
 RESCAN = b"rescan"
+RELOAD = b"reload"
+MAX_ANSWER = 4096  # octets: the longest answer a client reads (a reload's refusal)
 
 
 class AlreadyRunning(Exception):
@@ -74,6 +79,7 @@ class Answer:
 
     pid: int
     stopping: bool = False
+    refused: str = ""  # a reload's one-line error
 
 
 class ServerLock:
@@ -126,6 +132,10 @@ class ServerLock:
             os.close(fd)
             raise
         return cls(data_dir, fd, control)
+
+    def fileno(self) -> int:
+        """The locked descriptor (a worker keeps it open: server.supervisor)."""
+        return self._fd
 
     def in_worker(self) -> None:
         """In a forked worker: close its copy of the control socket (the primary answers).
@@ -199,11 +209,13 @@ def _listen(path: Path) -> socket.socket:
 
 
 async def serve_control(
-    lock: ServerLock, rescan: Callable[[], None], stopping: Callable[[], bool]
+    lock: ServerLock, rescan: Callable[[], None], stopping: Callable[[], bool],
+    reload: Callable[[], Awaitable[str | None]] | None = None,
 ) -> asyncio.AbstractServer:
     """Answer requests on the lock's control socket until the returned server is closed.
 
-    `rescan` makes the server read its queue folder again; while `stopping()`
+    `rescan` makes the server read its queue folder again; `reload` reads the
+    config again (None, or the error that refused it); while `stopping()`
     says so, requests are answered "stopping" and change nothing.
     """
 
@@ -214,14 +226,19 @@ async def serve_control(
         except (ValueError, ConnectionError):  # a line longer than MAX_REQUEST, or gone
             request = b""
         pid = os.getpid()
-        if request != RESCAN:
+        if request not in (RESCAN, RELOAD) or (request == RELOAD and reload is None):
             reply = "error unknown request"
         elif stopping():
             reply = f"stopping {pid}"
+        elif request == RELOAD:
+            assert reload is not None
+            refused = await reload()
+            one_line = " ".join((refused or "").split())[:MAX_ANSWER - 32]
+            reply = f"refused {pid} {one_line}" if refused else f"ok {pid}"
         else:
             rescan()
             reply = f"ok {pid}"
-        writer.write(reply.encode("ascii") + b"\n")
+        writer.write(reply.encode("utf-8", "replace") + b"\n")
         writer.close()
 
     # The loop calls listen(2) again, with its own default (100) unless told.
@@ -233,9 +250,11 @@ async def serve_control(
 
 
 def tell_server(
-    data_dir: str | os.PathLike[str], timeout: float = CONTROL_TIMEOUT
+    data_dir: str | os.PathLike[str], timeout: float = CONTROL_TIMEOUT,
+    request: bytes = RESCAN,
 ) -> Answer | None:
-    """Ask the server running on `data_dir` to read its queue folder again.
+    """Ask the server running on `data_dir` to read its queue folder again (or to
+    `request` another thing: RELOAD).
 
     None when no server listens (none runs; a starting one reads the folder
     when it starts). ControlError when one listens but no proper answer comes
@@ -255,10 +274,10 @@ def tell_server(
             raise ControlError(f"cannot reach the server at {path}: "
                                f"{exc.strerror or exc}") from exc
         try:
-            sock.sendall(RESCAN + b"\n")
+            sock.sendall(request + b"\n")
             answer = b""
-            while b"\n" not in answer and len(answer) <= MAX_REQUEST:
-                chunk = sock.recv(MAX_REQUEST)
+            while b"\n" not in answer and len(answer) <= MAX_ANSWER:
+                chunk = sock.recv(MAX_ANSWER)
                 if not chunk:
                     break
                 answer += chunk
@@ -266,9 +285,11 @@ def tell_server(
             raise ControlError(f"the server did not answer within {timeout:g}s") from exc
         except OSError as exc:
             raise ControlError(f"lost the server's answer: {exc.strerror or exc}") from exc
-    word, _, pid = answer.decode("ascii", "replace").strip().partition(" ")
-    if word in ("ok", "stopping") and pid.isdigit():
-        return Answer(int(pid), stopping=word == "stopping")
+    word, _, rest = answer.decode("utf-8", "replace").strip().partition(" ")
+    pid, _, text = rest.partition(" ")
+    if word in ("ok", "stopping", "refused") and pid.isdigit():
+        return Answer(int(pid), stopping=word == "stopping", refused=text if word == "refused"
+                      else "")
     raise ControlError(f"the server answered {answer[:MAX_REQUEST]!r}")
 
 

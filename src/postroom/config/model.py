@@ -11,6 +11,7 @@ from typing import Any, Literal
 from postroom.canonical import domain_of
 from postroom.config.values import (
     Endpoint,
+    parse_account,
     parse_bool,
     parse_choice,
     parse_domains,
@@ -244,10 +245,30 @@ class POP3Config:
     )
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """Who the server runs as once its listeners are bound (server.privileges)."""
+
+    user: str = setting(
+        "postroom", parse_account,
+        "Started as root, `postroom serve` binds its listeners (ports below 1024 need "
+        "root or CAP_NET_BIND_SERVICE), then runs as this user; the data folder, queue "
+        "and mailboxes must belong to it (`postroom init --system` prepares that). "
+        '"root" keeps running as root, which is not recommended. Started as another '
+        "user, it stays that user. `postroom serve --user` overrides this key.",
+    )
+    group: str = setting(
+        "postroom", parse_account,
+        "The group the server runs as after the switch to `user`; files it creates "
+        "belong to it.",
+    )
+
+
 # The tables of the file in the order `postroom init` writes them; None: [routes].
 SECTIONS: dict[str, type | None] = {
     "listen": ListenConfig, "tls": TLSConfig, "dns": DNSConfig, "routes": None,
     "relay": RelayConfig, "queue": QueueConfig, "smtp": SMTPConfig, "pop3": POP3Config,
+    "run": RunConfig,
 }
 
 
@@ -264,6 +285,7 @@ class Config:
     queue: QueueConfig
     smtp: SMTPConfig
     pop3: POP3Config
+    run: RunConfig
     hostname: str = setting(
         None,  # default_hostname(), filled in at load time
         parse_hostname,

@@ -274,3 +274,14 @@ def parse_choice(*options: str) -> Callable[[object], str]:
         return text
 
     return parse
+
+
+def parse_account(value: object) -> str:
+    """A user or group name as useradd(8) accepts it (NAME_REGEX), or a number."""
+    if not isinstance(value, str) or not RUN_ACCOUNT.fullmatch(value):
+        raise ValueError(f"{show(value)} is not a user or group name")
+    return value
+
+
+# shadow-utils' default NAME_REGEX (useradd(8)), plus plain numeric IDs.
+RUN_ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]*[$]?|[0-9]+", re.ASCII)
