@@ -85,12 +85,13 @@ def init_system(args: argparse.Namespace, ctx: Context) -> int:
     did.append(f"{'made' if made else 'kept'} {data} and its folders; {changed} file(s) and "
                f"folder(s) given to {user}:{grp.getgrgid(gid).gr_name}")
     from postroom.server import privileges
+    from postroom.store.factory import open_store
 
     account = privileges.Account(user, uid, grp.getgrgid(gid).gr_name, gid)
     with privileges.acting_as(account):  # the user directory's files belong to the account
-        from postroom.store.factory import open_store
-
-        open_store(config.store).users.close()
+        users = open_store(config.store).users
+        users.has_domain(config.hostname)  # opening the database makes it
+        users.close()
     for line in did:
         ctx.say(line)
     ctx.say("logs: on standard error, which systemd hands to the journal "
