@@ -185,7 +185,7 @@ def bind(host: str, port: int, key: str, config: Config) -> socket.socket:
         if exc.errno == errno.EADDRINUSE:
             reason = "address already in use (is another server running?)"
         elif exc.errno == errno.EACCES:
-            reason = "permission denied (ports below 1024 need root)"
+            reason = "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
         else:
             reason = exc.strerror or str(exc)
         raise ConfigError(f"{where}: listen.{key}: cannot listen on {host}:{port}: {reason}") \
@@ -534,6 +534,7 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock,
         def child() -> int:
             lock.in_worker()
             privileges.drop_bind_capability()
+            os.environ.pop(notify.NOTIFY_ENV, None)  # the primary alone talks to systemd
             # The parent forwards SIGTERM/SIGINT; a terminal's Ctrl-C reaches the whole
             # process group, and draining twice is harmless.
             return asyncio.run(serve(config, Process(sockets, worker=True, channel=channel,
