@@ -271,10 +271,21 @@ def test_started_as_root_it_binds_standard_ports_then_runs_as_the_account(
         plain = namespace(base, network=False)
         told = run(plain, "--data", str(data), "queue", "flush")
         assert b"told the server (pid %d)" % primary in told.stdout, told
+        # A reload that moves POP3S to another standard port: the primary still may
+        # bind it (CAP_NET_BIND_SERVICE, kept for this), though it is no longer root.
+        config = base / "etc" / "postroom.toml"
+        config.write_text(config.read_text().replace('pop3s = "127.0.0.1:995"',
+                                                     'pop3s = "127.0.0.1:996"'))
         reloaded = run(plain, "--data", str(data), "reload")
         assert reloaded.returncode == 0, reloaded.stderr
         server.wait_for(r"reload: started worker")
+        server.wait_for(r"reload: listening for pop3s on 127.0.0.1:996")
         assert all(uid_of(pid)[1] == uid for pid in children_of(primary))
+        reader = NsPOP3S(in_netns(primary), 996)
+        reader.user("boss@corp.example")
+        reader.pass_("secret-pw")
+        assert reader.stat()[0] == 3
+        reader.quit()
     finally:
         assert server.stop() == 0
     assert not (data / "postroom.pid").exists()
@@ -312,3 +323,29 @@ def test_a_non_root_user_with_cap_net_bind_service_serves_standard_ports(
         assert set(sent) <= message_ids(data / "mail" / "corp.example" / "boss")
     finally:
         assert server.stop() == 0
+
+
+def test_a_missing_account_or_root_under_another_name_is_refused_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from postroom.config import ConfigError, load_config
+    from postroom.server import privileges
+
+    monkeypatch.delenv("POSTROOM_RUN_USER", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    path = tmp_path / "postroom.toml"
+    path.write_text('[run]\nuser = "no-such-account"\n')
+    with pytest.raises(ConfigError) as missing:
+        privileges.resolve(load_config(tmp_path))
+    assert str(missing.value) == (
+        f"{path}: run.user: there is no user 'no-such-account' on this system; create it "
+        '(`postroom init --system` does), or set it to "root" to keep running as root')
+    with pytest.raises(ConfigError, match=r"--user: 'toor' is root \(uid 0\)"):
+        monkeypatch.setattr(privileges.pwd, "getpwnam",
+                            lambda name: pwd.struct_passwd((name, "x", 0, 0, "", "/", "/bin/sh")))
+        privileges.resolve(load_config(tmp_path), "toor")
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert privileges.resolve(load_config(tmp_path), "root") is None  # told to stay root
+    path.write_text('[run]\nuser = "Bad Name"\n')
+    with pytest.raises(ConfigError, match=r'run.user: "Bad Name" is not a user or group name'):
+        load_config(tmp_path)

@@ -133,7 +133,7 @@ class Reloader:
         from postroom.server.main import LISTEN_BACKLOG, bind, load_tls
 
         old = self.running
-        tls = load_tls(config)
+        tls = load_tls(config)  # hook: a certificate holder (server.tls) may be swapped here
         kept = {endpoint: (name, sock) for (name, sock), endpoint in zip(
             self.sockets, (old.config.listen.enabled()[n] for n, _ in self.sockets),
             strict=True)}
