@@ -30,6 +30,10 @@ NOLOGIN_SHELLS = ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false")
 # How long systemd waits for the drain after SIGTERM: the server's grace for
 # transactions in progress (server.main.DRAIN_GRACE_SECONDS), and then some.
 STOP_TIMEOUT_SECONDS = 60
+# How long `postroom reload` waits for the answer: the server checks and builds the new
+# config and starts its workers, and waits up to RETIRE_ACK_SECONDS for the old ones
+# (server.supervisor) to stop accepting.
+RELOAD_TIMEOUT_SECONDS = 60.0
 
 
 # -- init --system -----------------------------------------------------------------
@@ -270,7 +274,7 @@ def add_reload(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 def _reload(args: argparse.Namespace, ctx: Context) -> int:
     try:
-        answer = tell_server(ctx.data_dir, request=RELOAD_REQUEST)
+        answer = tell_server(ctx.data_dir, RELOAD_TIMEOUT_SECONDS, request=RELOAD_REQUEST)
     except ControlError as exc:
         raise ConfigError(f"reload: {exc}") from None
     if answer is None:
