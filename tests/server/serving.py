@@ -267,8 +267,12 @@ def peer_certificate(port: int, connect: Callable[[str, int], socket.socket] | N
 
 @contextmanager
 def running(server: Server) -> Iterator[Server]:
+    """Stops the server at the end; on a failure, its log goes to the test's output."""
     try:
         yield server
+    except BaseException:
+        print(server.log()[-20000:], file=sys.stderr)
+        raise
     finally:
         server.stop()
 
