@@ -4,7 +4,7 @@ The workers are forked once at start (server.workers). After that the
 primary runs an event loop, and a worker it forks later (to replace one that
 died, or on reload) starts as a copy of that running process: its loop, its
 client connections, its threads' state. `fork_from_loop` makes such a copy
-safe to run: the copy takes every descriptor it was not given back from the
+safe to run: the copy takes every socket it was not given back from the
 primary's objects (each becomes /dev/null, so the primary's connections are
 not held open by the copy, and the numbers are not reused under objects that
 still name them), never runs or collects the primary's objects, and starts a
@@ -27,6 +27,7 @@ import gc
 import logging
 import os
 import signal
+import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -59,16 +60,21 @@ class Worker:
 
 
 def _release_inherited(keep: set[int]) -> None:
-    """In a copy of a running process: every descriptor above 2 not in `keep` now names
-    /dev/null. The primary's sockets lose this holder (a client connection closes when
-    the primary closes it); the number stays taken, so an object of the primary that
-    still names it, if it ever closes it, closes /dev/null and nothing of ours."""
+    """In a copy of a running process: every socket above 2 not in `keep` now names
+    /dev/null. The primary's connections lose this holder (a client's connection closes
+    when the primary closes it); the number stays taken, so an object of the primary that
+    still names it, if it ever closes it, closes /dev/null and nothing of ours. Files stay
+    open as they are: SQLite keeps what it knows of an open database file per process,
+    with its descriptors, and a connection the copy opens to the same file goes through
+    that record, as in the workers forked at start."""
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
-            if fd > 2 and fd != null and fd not in keep:
-                with contextlib.suppress(OSError):
+            if fd <= 2 or fd == null or fd in keep:
+                continue
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
                     os.dup2(null, fd, inheritable=False)
     finally:
         os.close(null)
