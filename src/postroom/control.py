@@ -27,6 +27,9 @@ The request is one line, the answer one line (both ASCII, CRLF or LF):
     wake ID ->  "ok PID"        the server reads that message's envelope again and
                                 tries it now (queued, flushed, held, released, deleted)
     flush   ->  "ok PID"        every message is tried now (`postqueue -f`)
+    reload  ->  "ok PID"        the new config is in force (server.reload)
+            ->  "refused PID ERROR"  the one-line error; the old config stays
+            ->  "stopping PID"
     other   ->  "error unknown request"
 
 Worker processes tell their primary with SIGUSR1 (`wake_parent`), sent only
@@ -40,7 +43,7 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +62,8 @@ SUN_PATH_MAX = 107
 RESCAN = b"rescan"
 FLUSH = b"flush"
 WAKE = b"wake "  # followed by a queue ID
+RELOAD = b"reload"
+MAX_ANSWER = 4096  # octets: the longest answer a client reads (a reload's refusal)
 
 
 class AlreadyRunning(Exception):
@@ -81,6 +86,7 @@ class Answer:
 
     pid: int
     stopping: bool = False
+    refused: str = ""  # a reload's one-line error
 
 
 class ServerLock:
@@ -133,6 +139,10 @@ class ServerLock:
             os.close(fd)
             raise
         return cls(data_dir, fd, control)
+
+    def fileno(self) -> int:
+        """The locked descriptor (a worker keeps it open: server.supervisor)."""
+        return self._fd
 
     def in_worker(self) -> None:
         """In a forked worker: close its copy of the control socket (the primary answers).
@@ -208,12 +218,14 @@ def _listen(path: Path) -> socket.socket:
 async def serve_control(
     lock: ServerLock, rescan: Callable[[], None], stopping: Callable[[], bool],
     wake: Callable[[str | None], None] | None = None,
+    reload: Callable[[], Awaitable[str | None]] | None = None,
 ) -> asyncio.AbstractServer:
     """Answer requests on the lock's control socket until the returned server is closed.
 
     `rescan` makes the server read its queue folder again; `wake(ID)` reads one
     message again and tries it now, `wake(None)` tries every message now (without
-    `wake`, both rescan). While `stopping()` says so, requests are answered
+    `wake`, both rescan); `reload` reads the config again (None, or the error
+    that refused it). While `stopping()` says so, requests are answered
     "stopping" and change nothing.
     """
 
@@ -233,16 +245,21 @@ async def serve_control(
         except (ValueError, ConnectionError):  # a line longer than MAX_REQUEST, or gone
             request = b""
         pid = os.getpid()
-        known = request in (RESCAN, FLUSH) or (request.startswith(WAKE)
-                                                and len(request) > len(WAKE))
+        known = (request in (RESCAN, FLUSH) or (request == RELOAD and reload is not None)
+                 or (request.startswith(WAKE) and len(request) > len(WAKE)))
         if not known:
             reply = "error unknown request"
         elif stopping():
             reply = f"stopping {pid}"
+        elif request == RELOAD:
+            assert reload is not None
+            refused = await reload()
+            one_line = " ".join((refused or "").split())[:MAX_ANSWER - 32]
+            reply = f"refused {pid} {one_line}" if refused else f"ok {pid}"
         else:
             act(request)
             reply = f"ok {pid}"
-        writer.write(reply.encode("ascii") + b"\n")
+        writer.write(reply.encode("utf-8", "replace") + b"\n")
         writer.close()
 
     # The loop calls listen(2) again, with its own default (100) unless told.
@@ -258,7 +275,7 @@ def tell_server(
     request: bytes = RESCAN,
 ) -> Answer | None:
     """Ask the server running on `data_dir` to read its queue folder again (or what
-    `request` asks: `wake_request(ID)`, FLUSH).
+    `request` asks: `wake_request(ID)`, FLUSH, RELOAD).
 
     None when no server listens (none runs; a starting one reads the folder
     when it starts). ControlError when one listens but no proper answer comes
@@ -280,8 +297,8 @@ def tell_server(
         try:
             sock.sendall(request + b"\n")
             answer = b""
-            while b"\n" not in answer and len(answer) <= MAX_REQUEST:
-                chunk = sock.recv(MAX_REQUEST)
+            while b"\n" not in answer and len(answer) <= MAX_ANSWER:
+                chunk = sock.recv(MAX_ANSWER)
                 if not chunk:
                     break
                 answer += chunk
@@ -289,9 +306,11 @@ def tell_server(
             raise ControlError(f"the server did not answer within {timeout:g}s") from exc
         except OSError as exc:
             raise ControlError(f"lost the server's answer: {exc.strerror or exc}") from exc
-    word, _, pid = answer.decode("ascii", "replace").strip().partition(" ")
-    if word in ("ok", "stopping") and pid.isdigit():
-        return Answer(int(pid), stopping=word == "stopping")
+    word, _, rest = answer.decode("utf-8", "replace").strip().partition(" ")
+    pid, _, text = rest.partition(" ")
+    if word in ("ok", "stopping", "refused") and pid.isdigit():
+        return Answer(int(pid), stopping=word == "stopping", refused=text if word == "refused"
+                      else "")
     raise ControlError(f"the server answered {answer[:MAX_REQUEST]!r}")
 
 

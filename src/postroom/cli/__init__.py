@@ -35,8 +35,10 @@ from postroom.cli.dovecot import add_checkpassword, add_dovecot_config
 from postroom.cli.mail import add_demo, add_fetch, add_send, add_sendmail, add_trace
 from postroom.cli.queue import add_queue
 from postroom.cli.serve import add_init, add_serve
+from postroom.cli.system import add_reload, add_systemd_unit
 from postroom.cli.users import add_alias, add_domain, add_user
 from postroom.config import CONFIG_NAME, ConfigError
+from postroom.server.privileges import become_data_owner
 from postroom.store.api import DirectoryError
 
 if TYPE_CHECKING:
@@ -74,6 +76,8 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
 COMMANDS: list[Callable[[Subparsers, argparse.ArgumentParser], None]] = [
     add_init,
     add_serve,
+    add_reload,
+    add_systemd_unit,
     add_domain,
     add_user,
     add_alias,
@@ -115,7 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
     handler: Handler = args.func
     try:
-        return handler(args, Context(args))
+        context = Context(args)
+        if not getattr(args, "stay_root", False):  # hook: run as the data folder's owner
+            become_data_owner(context.data_dir)
+        return handler(args, context)
     except (ConfigError, DirectoryError, ValueError, sqlite3.Error) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from postroom.canonical import domain_of
 from postroom.config.values import (
     Endpoint,
+    parse_account,
     parse_acme_directory,
     parse_bool,
     parse_choice,
@@ -417,6 +418,7 @@ class MiltersConfig:
                     "content_timeout": self.content_timeout}
         return tuple(MilterSpec(**{**defaults, **item}) for item in items or ())
 
+
 # The defences' sections (their module uses setting() above).
 from postroom.config.defense import (  # noqa: E402
     DNSBLConfig,
@@ -424,6 +426,26 @@ from postroom.config.defense import (  # noqa: E402
     LimitsConfig,
     ScreenConfig,
 )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Who the server runs as once its listeners are bound (server.privileges)."""
+
+    user: str = setting(
+        "postroom", parse_account,
+        "Started as root, `postroom serve` binds its listeners (ports below 1024 need "
+        "root or CAP_NET_BIND_SERVICE), then runs as this user; the data folder, queue "
+        "and mailboxes must belong to it (`postroom init --system` prepares that). "
+        '"root" keeps running as root, which is not recommended. Started as another '
+        "user, it stays that user. `postroom serve --user` overrides this key.",
+    )
+    group: str = setting(
+        "postroom", parse_account,
+        "The group the server runs as after the switch to `user`; files it creates "
+        "belong to it.",
+    )
+
 
 # The tables of the file in the order `postroom init` writes them; None: [routes].
 SECTIONS: dict[str, type | None] = {
@@ -435,6 +457,7 @@ SECTIONS: dict[str, type | None] = {
     "limits": LimitsConfig, "screen": ScreenConfig, "dnsbl": DNSBLConfig,
     "greylist": GreylistConfig,
     "metrics": MetricsConfig,
+    "run": RunConfig,
 }
 
 
@@ -459,6 +482,7 @@ class Config:
     dnsbl: DNSBLConfig
     greylist: GreylistConfig
     metrics: MetricsConfig
+    run: RunConfig
     hostname: str = setting(
         None,  # default_hostname(), filled in at load time
         parse_hostname,

@@ -339,6 +339,8 @@ def parse_networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv
 def parse_folder(value: object) -> str:
     """A mailbox folder name ("Junk"; "." separates levels, as Dovecot shows them)."""
     return check_folder(_expect(value, str, "a folder name"))
+
+
 MILTER_KEYS = ("socket", "default_action", "connect_timeout", "command_timeout",
                "content_timeout")
 
@@ -367,3 +369,14 @@ def parse_milters(value: object) -> tuple[dict[str, object], ...] | None:
                 parsed[key] = parse_duration(raw)
         out.append(parsed)
     return tuple(out)
+
+
+def parse_account(value: object) -> str:
+    """A user or group name as useradd(8) accepts it (NAME_REGEX), or a number."""
+    if not isinstance(value, str) or not RUN_ACCOUNT.fullmatch(value):
+        raise ValueError(f"{show(value)} is not a user or group name")
+    return value
+
+
+# shadow-utils' default NAME_REGEX (useradd(8)), plus plain numeric IDs.
+RUN_ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]*[$]?|[0-9]+", re.ASCII)

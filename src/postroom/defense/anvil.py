@@ -434,6 +434,12 @@ class Link:
     server: AnvilServer | None = None
     remote: RemoteCounters | None = None
 
+    def retune(self, limits: Limits) -> None:
+        """New limits from a reload: the counts kept here obey them from now on (a
+        worker's remote counts obey the primary's)."""
+        if isinstance(self.counters, LocalCounters):
+            self.counters.anvil.limits = limits
+
     def close(self) -> None:
         if self.server is not None:
             self.server.close()

@@ -119,11 +119,12 @@ async def health(running: Running) -> tuple[bool, list[str]]:
 
 async def serve_endpoint(sock: socket.socket, running: Running) -> asyncio.base_events.Server:
     async def answer(path: str) -> Answer:
+        current = running.newest()  # the config in force, after any reload
         if path == "/metrics":
-            body = await asyncio.to_thread(_exposition, running)
+            body = await asyncio.to_thread(_exposition, current)
             return Answer(200, body, CONTENT_TYPE)
         if path == "/health":
-            ok, lines = await health(running)
+            ok, lines = await health(current)
             return Answer(200 if ok else 503, ("\n".join(lines) + "\n").encode())
         return Answer(404, b"try /metrics or /health\n")
 

@@ -5,7 +5,8 @@ certificate, another server on the same data folder) become one-line
 `ConfigError`s naming the config key; the CLI prints them without a
 traceback. SIGTERM and SIGINT stop accepting new connections, let
 transactions in progress finish (up to a grace period), tell idle clients 421
-and exit 0. SIGHUP does the same, with a line saying so (there is no reload).
+and exit 0. SIGHUP reloads the configuration (server.reload); workers that die
+are started again (server.supervisor).
 """
 
 from __future__ import annotations
@@ -22,19 +23,27 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from postroom.config import Config, ConfigError
-from postroom.control import AlreadyRunning, ServerLock, serve_control
+from postroom.control import (
+    CONTROL_SOCKET,
+    PID_FILE,
+    AlreadyRunning,
+    ServerLock,
+    serve_control,
+)
 from postroom.defense import anvil
 from postroom.defense.gate import build_defense, limits_of
-from postroom.server import metrics
+from postroom.server import metrics, notify, privileges
 from postroom.server.acceptor import DeferredServer
 from postroom.server.acme import CertificateKeeper
 from postroom.server.descriptors import Descriptors, raise_open_files_limit
 from postroom.server.endpoint import serve_endpoint
+from postroom.server.journal import JournalFormatter, under_journal
 from postroom.server.passwords import PasswordChecks
 from postroom.server.relay import Relay
+from postroom.server.reload import Reloader, Switch, finish_sessions
 from postroom.server.services import (
     IMPLICIT_TLS,
     SUBMISSION_LISTENERS,
@@ -43,6 +52,7 @@ from postroom.server.services import (
     session_factory,
 )
 from postroom.server.session import Service
+from postroom.server.supervisor import RETIRE_SIGNAL, RETIRED, Supervisor, fork_from_loop
 from postroom.server.tls import CertificateHolder
 from postroom.server.workers import (
     WakeChannel,
@@ -71,9 +81,10 @@ LISTEN_BACKLOG = 65535
 # How long SIGTERM waits for transactions in progress before closing them.
 DRAIN_GRACE_SECONDS = 30.0
 
-# SIGHUP would mean "reload"; until there is one it stops the server as SIGTERM does.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)  # SIGUSR1: look for unannounced queue files
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP: reload (server.reload); SIGUSR1: rescan the queue folder; RETIRE_SIGNAL: a
+# worker of a previous config finishes its sessions and exits (server.supervisor).
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1, RETIRE_SIGNAL)
 # How often the mailboxes are swept for what killed deliveries left (Maildir tmp/
 # folders), after the sweep at start (Dovecot's MAILDIR_TMP_SCAN_SECS is 8 hours too).
 MAILBOX_SWEEP_SECONDS = 8 * 3600.0
@@ -133,7 +144,8 @@ def setup_logging() -> logging.Handler:
             errors="backslashreplace", closefd=False,
         )
         handler = BufferedLogHandler(stream)
-    handler.setFormatter(LineFormatter())
+    # Under systemd the journal stamps the lines (hook: server.journal).
+    handler.setFormatter(JournalFormatter() if under_journal() else LineFormatter())
     root = logging.getLogger("postroom")
     root.handlers[:] = [handler]
     root.setLevel(os.environ.get("POSTROOM_LOG_LEVEL", "INFO").upper())
@@ -178,7 +190,7 @@ def bind(host: str, port: int, key: str, config: Config, section: str = "listen.
         if exc.errno == errno.EADDRINUSE:
             reason = "address already in use (is another server running?)"
         elif exc.errno == errno.EACCES:
-            reason = "permission denied (ports below 1024 need root)"
+            reason = "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
         else:
             reason = exc.strerror or str(exc)
         raise ConfigError(f"{where}: {section}{key}: cannot listen on {host}:{port}: {reason}") \
@@ -204,6 +216,36 @@ class Running:
     certificates: CertificateHolder | None = None  # the listeners' TLS (server.tls)
     acme: CertificateKeeper | None = None  # the primary's, with [tls] acme
     endpoint: asyncio.base_events.Server | None = None  # the primary's, with [metrics] listen
+    # What each listener's server calls per connection; a reload re-points them.
+    switches: dict[str, Switch] = field(default_factory=dict)
+    sockets: list[tuple[str, socket.socket]] = field(default_factory=list)  # by listener
+    replaced_by: Running | None = None  # set by a reload (server.reload)
+
+    def successor(self, config: Config, servers: dict[str, asyncio.base_events.Server |
+                  DeferredServer], switches: dict[str, Switch], services: dict[str, Service],
+                  relay: Relay, store: Store, sockets: list[tuple[str, socket.socket]],
+                  certificates: CertificateHolder) -> Running:
+        """The Running of a reloaded config (server.reload): same descriptors, password
+        checks, shared counts, ACME keeper and metrics endpoint; the mailbox sweep moves
+        to the new store."""
+        sweeper = None
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            sweep = functools.partial(sweep_mailboxes, store.mailboxes)
+            sweeper = asyncio.get_running_loop().create_task(every(MAILBOX_SWEEP_SECONDS, sweep))
+        self.replaced_by = Running(
+            config, servers, services, relay, store, self.password_checks, self.descriptors,
+            sweeper, counts=self.counts, certificates=certificates, acme=self.acme,
+            endpoint=self.endpoint, switches=switches, sockets=sockets)
+        return self.replaced_by
+
+    def newest(self) -> Running:
+        """The Running in force: this one, or the one that a reload put in its place
+        (for what outlives a reload holding the first: the metrics endpoint)."""
+        running = self
+        while running.replaced_by is not None:
+            running = running.replaced_by
+        return running
 
     def address(self, listener: str) -> tuple[str, int]:
         """The bound (host, port) of a listener: tests bind port 0 and ask here."""
@@ -298,6 +340,8 @@ class Process:
     # made before the fork, and its address, which the workers connect to.
     anvil_listener: socket.socket | None = None
     anvil_address: str | bytes | None = None
+    # The primary's: fork a worker for (config, sockets) from its running loop; its pid.
+    spawn: Callable[[Config, list[tuple[str, socket.socket]]], int] | None = None
 
     @property
     def accept_last(self) -> tuple[str, ...]:
@@ -328,10 +372,11 @@ async def start(config: Config, process: Process = Process()) -> Running:
     loop = asyncio.get_running_loop()
     descriptors = Descriptors()
     servers: dict[str, asyncio.base_events.Server | DeferredServer] = {}
+    switches: dict[str, Switch] = {}
     for key_name, sock in sockets:
         service = services[key_name]
         implicit = tls_context if key_name in IMPLICIT_TLS else None
-        factory = session_factory(service, implicit)
+        factory = switches[key_name] = Switch(session_factory(service, implicit))  # reload
         descriptors.listen(key_name, sock, None if implicit else out_of_descriptors(service))
         if key_name in process.accept_last:
             servers[key_name] = DeferredServer(sock, factory, descriptors.accept_failed)
@@ -347,7 +392,8 @@ async def start(config: Config, process: Process = Process()) -> Running:
     sweep = functools.partial(sweep_mailboxes, store.mailboxes)
     sweeper = loop.create_task(every(MAILBOX_SWEEP_SECONDS, sweep)) if primary else None
     running = Running(config, servers, services, relay, store, checks, descriptors, sweeper,
-                      counts=counts, certificates=certificates)
+                      counts=counts, certificates=certificates, switches=switches,
+                      sockets=list(sockets))
     if primary and config.tls.acme is not None:  # ACME: the primary alone (server.acme)
         running.acme = CertificateKeeper(config, certificates.reload_certificate)
         await running.acme.start(process.acme_socket or bind_challenge(config))
@@ -373,42 +419,86 @@ async def sweep_mailboxes(mailboxes: Mailboxes) -> None:
 
 
 async def serve(config: Config, process: Process) -> int:
-    """Run until SIGTERM/SIGINT/SIGHUP. The primary (not a worker) also answers on the
-    control socket of its lock, runs the relay scheduler and stops the worker children,
-    then waits for them."""
+    """Run until SIGTERM/SIGINT. The primary (not a worker) also answers on the control
+    socket of its lock, runs the relay scheduler, restarts workers that die
+    (server.supervisor), reloads on SIGHUP (server.reload), and at the end stops the
+    workers and waits for them. A worker retires on RETIRE_SIGNAL: it stops accepting
+    and exits once its sessions have ended."""
     loop = asyncio.get_running_loop()
     handler = process.log_handler
     flusher = (loop.create_task(every(LOG_FLUSH_SECONDS, handler.flush))
                if handler is not None else None)
     running = await start(config, process)
     primary = not process.worker
+    supervisor = (Supervisor(process.children, functools.partial(process.spawn, config,
+                                                                 running.sockets))
+                  if primary and process.spawn is not None else None)
+    reloader = Reloader(running, running.sockets, process.accept_last,
+                        _replace_workers(supervisor, process) if supervisor else None)
     if process.channel is not None and primary:
-        process.channel.listen(loop.add_reader, running.relay.wake)
+        def from_worker(message: str) -> None:
+            word, _, pid = message.partition(" ")
+            if word == RETIRED and supervisor is not None and pid.isdigit():
+                supervisor.stopped_accepting(int(pid))
+            else:  # a queue ID
+                reloader.running.relay.wake(message)
+
+        process.channel.listen(loop.add_reader, from_worker)
     stop = asyncio.Event()
+    retire = asyncio.Event()  # a worker of a previous config (server.supervisor)
 
     def stop_on(sig: signal.Signals) -> None:
-        if sig == signal.SIGHUP and not stop.is_set():
-            log.warning("SIGHUP: reloading the configuration is not supported; "
-                        "stopping as for SIGTERM")
         stop.set()
+
+    reloads: set[asyncio.Task[str | None]] = set()
+
+    def reload_on_hup() -> None:
+        if not stop.is_set():
+            log.info("SIGHUP: reloading the configuration")
+            task = loop.create_task(reloader.reload())
+            reloads.add(task)  # a strong reference until it is done
+            task.add_done_callback(reloads.discard)
 
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop_on, sig)
+    if primary:
+        loop.add_signal_handler(signal.SIGHUP, reload_on_hup)
+    else:  # the primary reloads and replaces its workers; a worker has nothing to do
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        def retire_on() -> None:
+            retire.set()
+            stop.set()
+
+        loop.add_signal_handler(RETIRE_SIGNAL, retire_on)
     control: asyncio.AbstractServer | None = None
     # A worker whose channel to the primary is full (server.workers) signals it.
-    loop.add_signal_handler(signal.SIGUSR1, running.relay.recover if primary else lambda: None)
+    loop.add_signal_handler(signal.SIGUSR1,
+                            (lambda: reloader.running.relay.recover()) if primary else lambda: None)
+    if supervisor is not None:
+        supervisor.install()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # held back by run()
     if primary:
         if process.lock is not None:  # `postroom queue` and `postroom sendmail` ask here
-            control = await serve_control(process.lock, running.relay.rescan, stop.is_set,
-                                          running.relay.wake)
+            control = await serve_control(
+                process.lock, lambda: reloader.running.relay.rescan(), stop.is_set,
+                lambda queue_id: reloader.running.relay.wake(queue_id), reload=reloader.reload)
         log.info("postroom ready: hostname=%s, data=%s, processes=%d", config.hostname,
                  config.data_dir, 1 + len(process.children))
+        notify.ready(f"serving: {', '.join(running.servers)}")
     try:
         await stop.wait()
-        signal_children(process.children, signal.SIGTERM)
-        await running.stop()
-        if process.children:
+        if retire.is_set():
+            await _retire_worker(reloader.running, process.channel)
+            return 0
+        if primary:
+            notify.stopping()
+        stopping = [reloader.stop(), reloader.running.stop()]
+        if supervisor is not None:
+            stopping.append(supervisor.stop(signal.SIGTERM))
+        else:
+            signal_children(process.children, signal.SIGTERM)
+        await asyncio.gather(*stopping)
+        if process.children and supervisor is None:
             await asyncio.to_thread(reap_children, process.children)
     finally:
         if control is not None:
@@ -416,6 +506,38 @@ async def serve(config: Config, process: Process) -> int:
         if flusher is not None:
             flusher.cancel()
     return 0
+
+
+def _replace_workers(supervisor: Supervisor, process: Process,
+                     ) -> Callable[[Config, list[tuple[str, socket.socket]]], Awaitable[None]]:
+    """What a reload does to the workers: new ones with the new config, the old retire."""
+    spawn = process.spawn
+    assert spawn is not None
+
+    async def replace(config: Config, sockets: list[tuple[str, socket.socket]]) -> None:
+        supervisor.set_spawn(functools.partial(spawn, config, sockets))
+        await supervisor.replace(worker_count(config.workers) - 1)
+
+    return replace
+
+
+async def _retire_worker(running: Running, channel: WakeChannel | None) -> None:
+    """A worker of a previous config: stop accepting (and tell the primary), let every
+    session end as it would (a SIGTERM meanwhile drains them as a stop does), then exit."""
+    for server in running.servers.values():
+        server.close()
+    if channel is not None:
+        channel.send(f"{RETIRED} {os.getpid()}")
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, interrupted.set)
+    if not await finish_sessions(running.services.values(), interrupted):
+        await asyncio.gather(*(drain(service) for service in running.services.values()))
+    await running.relay.stop()
+    running.store.close()
+    running.descriptors.close()
+    running.password_checks.close()
 
 
 async def drain(service: Service, grace: float = DRAIN_GRACE_SECONDS) -> None:
@@ -431,8 +553,10 @@ async def drain(service: Service, grace: float = DRAIN_GRACE_SECONDS) -> None:
         await asyncio.sleep(0.05)
 
 
-def run(config: Config) -> int:
-    """Entry point of `postroom serve`: one per data folder (control.ServerLock)."""
+def run(config: Config, user: str | None = None) -> int:
+    """Entry point of `postroom serve`: one per data folder (control.ServerLock).
+    Started as root, it runs as `user` (or [run] user) once bound (server.privileges)."""
+    account = privileges.resolve(config, user)
     # Checked first, in this process, before any worker is forked: a certificate
     # that cannot be used stops the start with the one line of a ConfigError.
     load_tls(config)
@@ -442,10 +566,24 @@ def run(config: Config) -> int:
     except AlreadyRunning as exc:
         raise ConfigError(str(exc)) from None
     with lock:  # until the last delivery of the drain has ended
-        return _run_locked(config, handler, lock)
+        return _run_locked(config, handler, lock, account)
 
 
-def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> int:
+def _switch_user(config: Config, account: privileges.Account | None) -> None:
+    """After binding: become the unprivileged account, or say why root stays root."""
+    if account is None:
+        if os.geteuid() == 0:
+            log.warning("running as root: run.user is root (not recommended)")
+        return
+    privileges.give([config.data_dir / PID_FILE, config.data_dir / CONTROL_SOCKET], account)
+    privileges.drop(account)
+    privileges.check(config, account)
+    log.info("listeners bound; now running as %s (uid %d, gid %d)", account.owner,
+             account.uid, account.gid)
+
+
+def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock,
+                account: privileges.Account | None = None) -> int:
     flavour = install_event_loop_policy()
     processes = worker_count(config.workers)
     log.info("starting postroom (event loop: %s, processes: %d)", flavour, processes)
@@ -457,10 +595,11 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
     # Bound once, before forking: every process accepts on the same sockets.
     sockets = bind_listeners(config)
     acme_socket = bind_challenge(config) if config.tls.acme is not None else None
-    metrics_socket = None
-    if config.metrics.listen is not None:
-        metrics_socket = bind_metrics(config)
-        # Before the fork: every process counts into files of its own in this folder.
+    metrics_socket = bind_metrics(config) if config.metrics.listen is not None else None
+    _switch_user(config, account)  # hook: server.privileges
+    if metrics_socket is not None:
+        # Before the fork, as the server's user: every process counts into files of
+        # its own in this folder.
         metrics.enable(config.data_dir)
     channel = WakeChannel() if processes > 1 else None
     checks = PasswordChecks()  # one bound for every process (server/passwords.py)
@@ -468,18 +607,30 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
     counts_at = counts.getsockname() if counts is not None else None
     handler.flush()  # or the children would write the parent's buffered lines again
 
-    def child() -> int:
-        lock.in_worker()
-        if counts is not None:
-            counts.close()  # the primary's to answer on
-        for primary_only in (acme_socket, metrics_socket):
-            if primary_only is not None:
-                primary_only.close()
-        # The parent forwards SIGTERM/SIGINT; a terminal's Ctrl-C reaches the whole
-        # process group, and draining twice is harmless.
-        return asyncio.run(serve(config, Process(sockets, worker=True, channel=channel,
-                                                 password_checks=checks, log_handler=handler,
-                                                 anvil_address=counts_at)))
+    def worker_main(config: Config, sockets: list[tuple[str, socket.socket]],
+                    ) -> Callable[[], int]:
+        def child() -> int:
+            lock.in_worker()
+            for primary_only in (counts, acme_socket, metrics_socket):
+                if primary_only is not None:
+                    primary_only.close()  # the primary's to answer on
+            privileges.drop_bind_capability()
+            os.environ.pop(notify.NOTIFY_ENV, None)  # the primary alone talks to systemd
+            # The parent forwards SIGTERM/SIGINT; a terminal's Ctrl-C reaches the whole
+            # process group, and draining twice is harmless.
+            return asyncio.run(serve(config, Process(sockets, worker=True, channel=channel,
+                                                     password_checks=checks,
+                                                     log_handler=handler,
+                                                     anvil_address=counts_at)))
+        return child
+
+    def spawn(config: Config, sockets: list[tuple[str, socket.socket]]) -> int:
+        """A worker forked later, from the running primary (server.supervisor)."""
+        keep = [sock.fileno() for _name, sock in sockets] + [lock.fileno()]
+        if channel is not None:
+            keep.append(channel.worker_end.fileno())
+        return fork_from_loop(keep, worker_main(config, sockets), HANDLED_SIGNALS,
+                              handler.flush)
 
     # What exists by now (modules, configuration, certificates) lives as long as
     # the process: frozen, the cyclic collector's full passes stop walking it
@@ -487,14 +638,15 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock) -> i
     # pages instead of copying each one the collector touches.
     gc.collect()
     gc.freeze()
-    children = fork_workers(processes - 1, sockets, child)
+    children = fork_workers(processes - 1, sockets, worker_main(config, sockets))
     try:
         return asyncio.run(serve(config, Process(sockets, channel=channel,
                                                  children=tuple(children), lock=lock,
                                                  password_checks=checks, log_handler=handler,
                                                  anvil_listener=counts,
                                                  acme_socket=acme_socket,
-                                                 metrics_socket=metrics_socket)))
+                                                 metrics_socket=metrics_socket,
+                                                 spawn=spawn if processes > 1 else None)))
     except KeyboardInterrupt:
         return 130
     finally:

@@ -60,6 +60,15 @@ class PasswordChecks:
         self._pool_pid = 0
         self._lock = threading.Lock()
         self._running = 0  # checks of this process waiting or under way
+        # A worker forked later from the running primary (server.supervisor) copies
+        # the lock as it is, perhaps held by one of the primary's threads: it starts
+        # with its own.
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._pool = None
 
     async def check(self, verify: Verify, address: str, password: str) -> bool:
         """`verify(address, password)`, in its turn (a store.api.PasswordGate)."""

@@ -242,6 +242,18 @@ class Relay:
         """A worker's notifications may have been lost (SIGUSR1, server/workers.py): look
         for the messages the scheduler has not heard of."""
         self.scheduler.recover()
+    async def hand_over(self, successor: Relay) -> None:
+        """A reload made `successor` (server.reload): this relay's scheduler stops once its
+        deliveries in flight have finished, and what sessions still holding this relay
+        queue wakes the successor's. `stop` closes the rest when those sessions end."""
+        self._notify_primary = successor.wake
+        self.scheduler.stop()
+        if self._task is not None:
+            try:
+                await self._task
+            except Exception:  # noqa: BLE001 - logged; the successor takes over anyway
+                log.exception("queue: scheduler failed while handing over")
+            self._task = None
 
     async def stop(self) -> None:
         """Start nothing new; let deliveries in flight finish; close idle SMTP sessions."""
