@@ -33,6 +33,7 @@ from postroom.cli.common import (
 from postroom.cli.mail import add_demo, add_fetch, add_send, add_sendmail, add_trace
 from postroom.cli.queue import add_queue
 from postroom.cli.serve import add_init, add_serve
+from postroom.cli.store import add_store
 from postroom.cli.users import add_alias, add_domain, add_user
 from postroom.config import CONFIG_NAME, ConfigError
 from postroom.store.api import DirectoryError
@@ -81,6 +82,7 @@ COMMANDS: list[Callable[[Subparsers, argparse.ArgumentParser], None]] = [
     add_fetch,
     add_trace,
     add_demo,
+    add_store,
 ]
 
 

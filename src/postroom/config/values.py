@@ -274,3 +274,13 @@ def parse_choice(*options: str) -> Callable[[object], str]:
         return text
 
     return parse
+
+
+def parse_store_url(value: object) -> str:
+    """"" (the embedded store) or a postgresql:// URL (libpq's URI form); ValueError if not."""
+    if not isinstance(value, str):
+        raise ValueError(f'expected "" or "postgresql://...", got {show(value)}')
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError(f'{show(value)}: the store URL must start with "postgresql://" '
+                         '(or be empty for the store in the data folder)')
+    return value
