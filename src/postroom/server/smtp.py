@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from postroom.ids import new_queue_id
-from postroom.policy.relay import RecipientPolicy
+from postroom.policy.relay import RecipientDecision, RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
 from postroom.protocol import sasl
 from postroom.protocol import smtp_server as core
@@ -36,6 +36,9 @@ log = logging.getLogger("postroom.smtpd")
 
 STARTTLS_READY = Reply(220, "2.0.0", "Ready to start TLS")  # RFC 3207 4
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try later")  # RFC 3463 X.3.0
+# The user directory could not be read (a database down): ask the client to come back.
+LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary lookup failure, try later")  # as Postfix
+AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")  # RFC 4954 6
 
 
 class Outbound(Protocol):
@@ -265,7 +268,11 @@ class SMTPSession(Session):
         svc = self.service
         # An authenticated submission client may relay (RFC 6409); MX traffic may not.
         policy = svc.submission if svc.submission is not None and self.user else svc.policy
-        decision = await policy.check_recipient(event.address)
+        try:
+            decision = await policy.check_recipient(event.address)
+        except OSError as exc:  # the user directory cannot be read (a database down)
+            log.error("%s: %s: recipient lookup failed: %s", svc.name, txn.queue_id, exc)
+            decision = RecipientDecision(LOOKUP_FAILED)
         if decision.accepted and decision.remote is not None:
             txn.remote.append(Recipient(decision.remote, notify=event.notify, orcpt=event.orcpt))
         elif decision.accepted:
@@ -444,7 +451,13 @@ class SMTPSession(Session):
         if isinstance(step, Reply):
             self.conn.send(step)  # the next 334 challenge, or a 501/504 refusal
             return
-        user = await self._login(step.authcid, step.password, step.authzid)
+        try:
+            user = await self._login(step.authcid, step.password, step.authzid)
+        except OSError as exc:  # the user directory cannot be read (a database down)
+            log.error("%s: [%s] password check failed: %s", self.service.name, self.client_ip,
+                      exc)
+            self._reply(AUTH_UNAVAILABLE)
+            return
         if self.conn.closing:
             return  # the server stopped (421 sent) while the password was checked
         if user is None:
