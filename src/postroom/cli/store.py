@@ -1,4 +1,4 @@
-"""`postroom store`: where the store's schema stands, and migrating it."""
+"""`postroom store`: where the store's schema stands, migrating it, and copying a whole store."""
 
 from __future__ import annotations
 
@@ -14,13 +14,21 @@ EXIT_NOT_CURRENT = 1  # `store check`: the schema is not this postroom's
 
 
 def add_store(sub: Subparsers, common: argparse.ArgumentParser) -> None:
-    action = group(sub, common, "store", "check or migrate the store",
+    action = group(sub, common, "store", "check, migrate or copy the store",
                    "The store holds users, domains, aliases and mailboxes: in the data "
                    "folder (SQLite and Maildirs) or in PostgreSQL ([store] url).")
     action("check", _check, "say whether the PostgreSQL schema is current (exit 1 if not)"
            ).add_argument("--url", help="the database to check (default: [store] url)")
     action("migrate", _migrate, "bring the PostgreSQL schema up to date"
            ).add_argument("--url", help="the database to migrate (default: [store] url)")
+    copy = action("copy", _copy, "copy users, aliases and mailboxes from one store to another",
+                  description="Copy a whole store: domains, users (with their password "
+                  "hashes), aliases, APOP secrets and every mailbox byte for byte with its "
+                  "UIDLs, so POP3 clients that leave mail on the server do not download it "
+                  "again. Stop the servers first. A store is a data folder (its SQLite "
+                  "file and Maildirs) or a postgresql:// URL.")
+    copy.add_argument("--from", dest="source", required=True, metavar="DATA|URL")
+    copy.add_argument("--to", dest="target", required=True, metavar="DATA|URL")
 
 
 def _url(args: argparse.Namespace, ctx: Context) -> str:
@@ -53,3 +61,10 @@ def _migrate(args: argparse.Namespace, ctx: Context) -> int:
         ctx.say(f"{describe(url)}: {state(conn).describe()}")
     return 0
 
+
+def _copy(args: argparse.Namespace, ctx: Context) -> int:
+    from postroom.store.copy import copy_store
+
+    for line in copy_store(args.source, args.target):
+        ctx.say(line)
+    return 0
