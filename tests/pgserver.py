@@ -40,9 +40,12 @@ def free_port() -> int:
 class PrivatePostgres:
     """One PostgreSQL cluster of the test run's own, trusting loopback connections."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, parent: Path | None = None, fsync: bool = False) -> None:
+        """`parent`: where its folder goes (the system's temp folder by default);
+        `fsync`: sync as a real server does (benchmarks), not as a test's throwaway."""
         self.bindir = bindir
-        self.root = Path(tempfile.mkdtemp(prefix="postroom-pg-"))
+        self.fsync = fsync
+        self.root = Path(tempfile.mkdtemp(prefix="postroom-pg-", dir=parent))
         self.root.chmod(0o755)
         self.data = self.root / "pg"
         self.sockets = self.root / "sock"
@@ -64,18 +67,21 @@ class PrivatePostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def _run(self, *args: str) -> None:
-        subprocess.run([*self._as, *args], check=True, capture_output=True,
-                       timeout=START_TIMEOUT + 30)
+        result = subprocess.run([*self._as, *args], capture_output=True, text=True,
+                                timeout=START_TIMEOUT + 30, check=False)
+        if result.returncode != 0:
+            raise subprocess.CalledProcessError(result.returncode, args, result.stdout,
+                                                f"{result.stderr}\n{_tail(self.log)}")
 
     def init(self) -> None:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
                   "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
 
     def start(self) -> None:
-        # fsync off: a test cluster that a crash loses costs nothing, and the tests
-        # of durability kill postroom, not the machine.
+        # fsync off for tests: a test cluster that a crash loses costs nothing, and
+        # the tests of durability kill postroom, not the machine.
         options = (f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c max_connections=300")
+                   f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=300")
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
                   "-w", "-t", str(START_TIMEOUT), "-o", options, "start")
 
@@ -92,9 +98,17 @@ class PrivatePostgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _tail(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")[-2000:]
+    except OSError:
+        return ""
+
+
 @contextlib.contextmanager
-def private_postgres(bindir: Path) -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres(bindir)
+def private_postgres(bindir: Path, parent: Path | None = None, fsync: bool = False
+                     ) -> Iterator[PrivatePostgres]:
+    server = PrivatePostgres(bindir, parent, fsync)
     try:
         server.init()
         server.start()
