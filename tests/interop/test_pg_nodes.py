@@ -4,12 +4,14 @@ Mail one node receives is fetched by POP3 from another; the maildrop lock holds
 across nodes, and a node killed with SIGKILL loses it within the lease, having
 deleted nothing. PostgreSQL restarted under load: clients are told to retry,
 nothing that got a 250 is lost, and service comes back by itself. PostgreSQL
-down at start: one line.
+down at start: one line. A node killed with mail in its queue and the next hop
+down: another node delivers that mail once the hop is back, each message once.
 """
 
 from __future__ import annotations
 
 import poplib
+import re
 import smtplib
 import socket
 import subprocess
@@ -19,9 +21,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
-from mailharness import LOOPBACK, Postroom
+from mailcheck import make_message, new_token
+from mailharness import (
+    LOOPBACK,
+    Postroom,
+    maildir_files,
+    send_and_get_queue_id,
+    submission_client,
+)
 
+from postroom.queue.pgqueue import LEASE_SECONDS as QUEUE_LEASE
 from postroom.store.pgmailboxes import LEASE_SECONDS
 
 BOSS, PASSWORD = "boss@corp.example", "boss-secret"
@@ -32,8 +43,9 @@ def node_factory(postroom_factory: Callable[..., Postroom], url: str) -> Callabl
     """`node(first=False)`: a node on `url`; the first one adds the domain and users."""
     toml = f'[store]\nurl = "{url}"\n\n[pop3]\nallow_plaintext_auth = true\n'
 
-    def node(first: bool = False, workers: int = 1) -> Postroom:
-        server = postroom_factory(start=False, listeners=("smtp", "pop3"), extra_toml=toml,
+    def node(first: bool = False, workers: int = 1, extra: str = "",
+             listeners: tuple[str, ...] = ("smtp", "pop3")) -> Postroom:
+        server = postroom_factory(start=False, listeners=listeners, extra_toml=toml + extra,
                                   workers=workers, users={BOSS: PASSWORD} if first else {},
                                   aliases={}, domains=["corp.example"] if first else [])
         server.start()
@@ -214,3 +226,39 @@ def test_postgresql_restarted_under_load(node: Callable[..., Postroom], postgres
     finally:
         client.quit()
     assert set(accepted) <= set(stored)  # nothing that got a 250 is lost
+
+
+def test_a_killed_node_s_queue_is_delivered_by_another_once(
+    node: Callable[..., Postroom], postroom_factory: Callable[..., Postroom], pg_url: str,
+) -> None:
+    remote = "x@remote.example"
+    hop = postroom_factory(start=False, hostname="mx.remote.example",
+                           domains=["remote.example"], users={remote: "x"}, aliases={})
+    relay = (f'\n[routes]\n"remote.example" = "{LOOPBACK}:{hop.smtp_port}"\n'
+             '\n[queue]\nretry_after = ["1s"]\n')
+    listeners = ("smtp", "submission")
+    a = node(first=True, extra=relay, listeners=listeners)
+    b = node(extra=relay, listeners=listeners)
+    tokens = []
+    with submission_client(a.ports["submission"], BOSS, PASSWORD) as client:
+        for _ in range(5):
+            token = new_token()
+            send_and_get_queue_id(client, BOSS, [remote],
+                                  make_message(token, sender=BOSS, recipient=remote))
+            tokens.append(token)
+    with psycopg.connect(pg_url) as conn:
+        owners = conn.execute("SELECT DISTINCT owner FROM queue").fetchall()
+    assert len(owners) == 1  # all of them A's, the next hop down
+    a.kill()
+    hop.start()  # the next hop is back; A is not
+
+    def arrived() -> list[bytes]:
+        return [path.read_bytes() for path in maildir_files(hop.maildir(remote))]
+
+    until(lambda: len(arrived()) >= len(tokens), limit=QUEUE_LEASE + WAIT)
+    with psycopg.connect(pg_url) as conn:
+        until(lambda: conn.execute("SELECT count(*) FROM queue").fetchone() == (0,))
+    found = arrived()
+    assert sorted(t for t in tokens for m in found if t.encode() in m) == sorted(tokens)
+    assert len(found) == len(tokens)  # none twice: none was in flight at the kill
+    assert re.search(r"queue: took \d+ message\(s\) no live node held", b.output())

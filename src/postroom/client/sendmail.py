@@ -58,7 +58,7 @@ from postroom.config import Config, ConfigError, load_config, postmaster_address
 from postroom.control import ControlError, tell_server, tell_server_in_words
 from postroom.ids import new_queue_id
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.store import QueueStore
+from postroom.queueopen import open_queue
 from postroom.store.api import DirectoryError
 from postroom.store.factory import open_store
 
@@ -329,9 +329,7 @@ def submit(stream: BinaryIO, opts: Options, config: Config, *, user: str | None 
         if envelope.body is None:  # the store writes the envelope after the last chunk
             envelope.body = "8BITMIME" if seen["8bit"] else "7BIT"
 
-    QueueStore(config.queue_dir).add(
-        envelope, _limited(chunks(), config.smtp.max_message_size)
-    )
+    open_queue(config).add(envelope, _limited(chunks(), config.smtp.max_message_size))
     return envelope
 
 

@@ -31,10 +31,12 @@ from postroom.gathering import gather_few
 from postroom.queue.content import Content
 from postroom.queue.dsn import Action, Report, queue_dsn
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.pgqueue import PGQueueStore
 from postroom.queue.result import DeliveryResult
 from postroom.queue.rules import Rules
 from postroom.queue.scheduler import Scheduler, SchedulerOptions
-from postroom.queue.store import QueueError, QueueStore
+from postroom.queue.store import QueueError
+from postroom.queueopen import open_queue, primary_pid
 from postroom.store.api import Expansion, Mailboxes
 
 log = logging.getLogger("postroom.relay")
@@ -96,7 +98,7 @@ class Relay:
         self._is_local_domain = is_local_domain
         self._notify_primary = notify_primary
         self._hostname = config.hostname
-        self.queue = QueueStore(config.queue_dir)
+        self.queue = open_queue(config, primary_pid=primary_pid(notify_primary is not None))
         self.router = Router(router_options(config), is_local_domain)
         # Keep as many idle sessions per destination as may deliver to it at once:
         # a new session costs a TCP and a TLS handshake and two EHLOs.
@@ -195,7 +197,13 @@ class Relay:
 
     def start(self) -> None:
         if self._notify_primary is None:
-            self._task = asyncio.get_running_loop().create_task(self.scheduler.run())
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self.scheduler.run())
+            if isinstance(self.queue, PGQueueStore):  # a dead node's mail, free to take
+                def take_free() -> None:
+                    loop.call_soon_threadsafe(self.scheduler.rescan)
+
+                self.queue.on_free = take_free
 
     def rescan(self) -> None:
         """The CLI or `postroom sendmail` changed the queue folder (SIGUSR1)."""
@@ -211,3 +219,5 @@ class Relay:
                 log.exception("queue: scheduler failed while stopping")
         await self.remote.close()
         self._batcher.close()
+        if isinstance(self.queue, PGQueueStore):
+            self.queue.close()

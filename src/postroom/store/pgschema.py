@@ -73,6 +73,27 @@ CREATE TABLE maildrop_leases (
     expires  timestamptz NOT NULL
 );
 """),
+    (2, """
+-- The relay queue (postroom.queue.pgqueue): one row per message, its envelope as
+-- JSON with every recipient's state, owned by the node delivering it while its
+-- lease lasts.
+CREATE TABLE queue (
+    id       text PRIMARY KEY,       -- the queue ID
+    envelope text NOT NULL,          -- postroom.queue.envelope as JSON
+    size     bigint NOT NULL,        -- octets of the message
+    owner    text,                   -- the node delivering it; NULL: any node may take it
+    lease    timestamptz,            -- the owner holds it until then, unless renewed
+    queued   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX queue_owner ON queue (owner);
+CREATE TABLE queue_chunks (
+    id       text NOT NULL REFERENCES queue ON DELETE CASCADE,
+    seq      integer NOT NULL,
+    data     bytea NOT NULL,
+    PRIMARY KEY (id, seq)
+);
+ALTER TABLE queue_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+"""),
 )
 
 LATEST = MIGRATIONS[-1][0]
