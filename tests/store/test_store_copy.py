@@ -9,6 +9,9 @@ import psycopg
 import pytest
 
 from postroom.cli import main
+from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.pgqueue import PGQueueStore
+from postroom.queue.store import QueueStore
 from postroom.store.api import Store, StoreSettings
 from postroom.store.factory import open_store
 from postroom.store.users import SQLiteUserDirectory
@@ -19,6 +22,20 @@ MESSAGES = [
     b"Subject: two\n\nbare LF body\nno final line end",
     b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1500,  # 1.5 MB: several chunks
 ]
+
+
+QUEUED = Envelope("QID1", BOX, [Recipient("far@remote.example", state="deferred",
+                                          attempts=2, last_error="451 try later")], 1.0e9)
+QUEUED_MESSAGE = b"Subject: queued\r\n\r\n" + b"y" * 600_000 + b"\r\n"
+
+
+def queued(store: QueueStore) -> list[tuple[bytes, bytes]]:
+    """(envelope JSON, octets) of each queued message."""
+    found = []
+    for envelope in store.list():
+        with store.open_content(envelope.queue_id) as content, content.reader() as reader:
+            found.append((envelope.to_json(), reader.read()))
+    return found
 
 
 def settings(data: Path, url: str | None = None) -> StoreSettings:
@@ -49,6 +66,7 @@ def fill(data: Path) -> list[tuple[str, int, bytes]]:
     users.add_user("it@corp.example", "other")
     users.add_alias("team@corp.example", [BOX, "it@corp.example"])
     users.set_apop_secret(BOX, "apop-secret")
+    QueueStore(data / "queue").add(QUEUED, [QUEUED_MESSAGE])
 
     async def go() -> list[tuple[str, int, bytes]]:
         store = open_store(settings(data))
@@ -83,12 +101,15 @@ def test_copy_to_postgresql_and_back(pg_url: str, tmp_path: Path,
                  "--to", pg_url]) == 0
     out = capsys.readouterr().out
     assert "users: 2 copied" in out and "mailboxes: 1 copied, 3 messages" in out
+    assert "queue: 1 messages copied" in out
     in_pg = state_of(settings(tmp_path / "node", pg_url))
     assert in_pg == before  # UIDLs, sizes and octets
     with psycopg.connect(pg_url) as conn:
         seen = conn.execute("SELECT seen FROM messages ORDER BY id").fetchall()
         hashes = conn.execute("SELECT password FROM users ORDER BY address").fetchall()
     assert seen == [(True,), (False,), (False,)]
+    expected_queue = [(QUEUED.to_json(), QUEUED_MESSAGE)]
+    assert queued(PGQueueStore(pg_url, None, tmp_path / "spool")) == expected_queue
     lite = SQLiteUserDirectory(source / "users.sqlite3")
     original = [r[0] for r in lite._connect().execute(
         "SELECT password FROM users ORDER BY address")]
@@ -100,6 +121,7 @@ def test_copy_to_postgresql_and_back(pg_url: str, tmp_path: Path,
     assert copied.verify_password(BOX, "secret")
     assert copied.list_aliases() == {"team@corp.example": [BOX, "it@corp.example"]}
     assert copied.apop_secret(BOX) == "apop-secret"
+    assert queued(QueueStore(back / "queue")) == expected_queue
 
 
 def test_copy_refuses_a_target_that_holds_something(pg_url: str, tmp_path: Path,

@@ -21,10 +21,10 @@ def add_store(sub: Subparsers, common: argparse.ArgumentParser) -> None:
            ).add_argument("--url", help="the database to check (default: [store] url)")
     action("migrate", _migrate, "bring the PostgreSQL schema up to date"
            ).add_argument("--url", help="the database to migrate (default: [store] url)")
-    copy = action("copy", _copy, "copy users, aliases and mailboxes from one store to another",
+    copy = action("copy", _copy, "copy users, aliases, mailboxes and the queue to another store",
                   description="Copy a whole store: domains, users (with their password "
-                  "hashes), aliases, APOP secrets and every mailbox byte for byte with its "
-                  "UIDLs, so POP3 clients that leave mail on the server do not download it "
+                  "hashes), aliases, APOP secrets, the relay queue and every mailbox byte for "
+                  "byte with its UIDLs, so POP3 clients that leave mail on the server do not download it "
                   "again. Stop the servers first. A store is a data folder (its SQLite "
                   "file and Maildirs) or a postgresql:// URL.")
     copy.add_argument("--from", dest="source", required=True, metavar="DATA|URL")
@@ -63,7 +63,7 @@ def _migrate(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def _copy(args: argparse.Namespace, ctx: Context) -> int:
-    from postroom.store.copy import copy_store
+    from postroom.storecopy import copy_store
 
     for line in copy_store(args.source, args.target):
         ctx.say(line)

@@ -6,7 +6,8 @@ a POP3 client that leaves mail on the server downloads nothing again, and
 whether each was read. The target must be empty: a copy never merges into
 (and so never duplicates) mail already there. Each mailbox is copied in one
 transaction (PostgreSQL) or file by file with atomic renames (Maildir).
-The relay queue stays in the data folder (PostgreSQL does not hold it).
+The relay queue goes too, each message with its envelope and every recipient's
+state; copied into PostgreSQL, its messages are free for any node to take.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import psycopg
 
+from postroom.queue.pgqueue import PGQueueStore
+from postroom.queue.store import QueueStore
 from postroom.store import durable
 from postroom.store.dropindex import CRLF, READ_CHUNK
 from postroom.store.mailboxes import MaildirMailboxes
@@ -33,6 +36,8 @@ from postroom.store.users import SQLiteUserDirectory
 
 USERS_DB = "users.sqlite3"  # in a data folder, as Config.users_db
 MAIL_DIR = "mail"  # in a data folder, as Config.mail_dir
+QUEUE_DIR = "queue"  # in a data folder, as Config.queue_dir
+SPOOL_DIR = "store-spool"  # in a data folder, as Config.store's spool_dir
 
 # The directory's tables and columns, the same in both backends.
 TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -96,7 +101,10 @@ def _to_postgres(data: Path, url: str) -> Iterator[str]:
             boxes += 1
             messages += count
         yield f"mailboxes: {boxes} copied, {messages} messages, UIDLs kept"
-    yield f"done: {data} -> {describe(url)} (the relay queue stays in the data folder)"
+    queued = _copy_queue(QueueStore(data / QUEUE_DIR, create=False),
+                         PGQueueStore(url, None, data / SPOOL_DIR))
+    yield f"queue: {queued} messages copied"
+    yield f"done: {data} -> {describe(url)}"
 
 
 def _insert(table: str, columns: tuple[str, ...], mark: str) -> bytes:
@@ -106,10 +114,11 @@ def _insert(table: str, columns: tuple[str, ...], mark: str) -> bytes:
 
 def _require_empty(pg: psycopg.Connection, url: str) -> None:
     row = pg.execute(b"SELECT (SELECT count(*) FROM users) + (SELECT count(*) FROM domains)"
-                     b" + (SELECT count(*) FROM messages)").fetchone()
+                     b" + (SELECT count(*) FROM messages) + (SELECT count(*) FROM queue)"
+                     ).fetchone()
     if row and row[0]:
-        raise CopyRefused(f"{describe(url)} already holds users, domains or mail: copy "
-                          "into an empty database")
+        raise CopyRefused(f"{describe(url)} already holds users, domains, mail or queued "
+                          "mail: copy into an empty database")
 
 
 def _maildirs(mail: Path) -> Iterator[tuple[str, Path]]:
@@ -164,9 +173,10 @@ def _insert_message(pg: psycopg.Connection, mailbox: str, message: Message) -> N
 
 def _to_folder(url: str, data: Path) -> Iterator[str]:
     users_db = data / USERS_DB
-    if users_db.exists() or any(_folders(data / MAIL_DIR)):
-        raise CopyRefused(f"{data} already holds a user database or mailboxes: copy into "
-                          "an empty data folder")
+    if users_db.exists() or any(_folders(data / MAIL_DIR)) or QueueStore(
+            data / QUEUE_DIR, create=False).ids():
+        raise CopyRefused(f"{data} already holds a user database, mailboxes or queued "
+                          "mail: copy into an empty data folder")
     prepare(url)
     data.mkdir(parents=True, exist_ok=True)
     SQLiteUserDirectory(users_db)._connect()  # the file (0600) and its schema
@@ -186,7 +196,24 @@ def _to_folder(url: str, data: Path) -> Iterator[str]:
             maildir = folders.maildir_for(mailbox)  # ValueError for what no folder can be
             messages += _write_maildir(pg, mailbox, maildir)
         yield f"mailboxes: {len(mailboxes)} copied, {messages} messages, UIDLs kept"
+    queued = _copy_queue(PGQueueStore(url, None, data / SPOOL_DIR),
+                         QueueStore(data / QUEUE_DIR))
+    yield f"queue: {queued} messages copied"
     yield f"done: {describe(url)} -> {data}"
+
+
+def _copy_queue(source: QueueStore, target: QueueStore) -> int:
+    """Every queued message, envelope and octets, from one queue store to the other."""
+    envelopes = source.list()
+    for envelope in envelopes:
+        with source.open_content(envelope.queue_id) as content, content.reader() as reader:
+            target.add(envelope, _pieces(reader))
+    return len(envelopes)
+
+
+def _pieces(reader: BinaryIO) -> Iterator[bytes]:
+    while data := reader.read(CHUNK):
+        yield data
 
 
 def _write_maildir(pg: psycopg.Connection, mailbox: str, maildir: Path) -> int:
