@@ -24,9 +24,9 @@ def add_store(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     copy = action("copy", _copy, "copy users, aliases, mailboxes and the queue to another store",
                   description="Copy a whole store: domains, users (with their password "
                   "hashes), aliases, APOP secrets, the relay queue and every mailbox byte for "
-                  "byte with its UIDLs, so POP3 clients that leave mail on the server do not download it "
-                  "again. Stop the servers first. A store is a data folder (its SQLite "
-                  "file and Maildirs) or a postgresql:// URL.")
+                  "byte with its UIDLs, so POP3 clients that leave mail on the server do "
+                  "not download it again. Stop the servers first. A store is a data "
+                  "folder (its SQLite file, Maildirs and queue) or a postgresql:// URL.")
     copy.add_argument("--from", dest="source", required=True, metavar="DATA|URL")
     copy.add_argument("--to", dest="target", required=True, metavar="DATA|URL")
 
