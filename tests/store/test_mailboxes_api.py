@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from postroom.store.api import MaildropBusy, Store, StoreSettings
@@ -219,3 +220,32 @@ def test_concurrent_deliveries_share_commits(pg_url: str, tmp_path: Path) -> Non
             drop.close()
     run(go)
     assert sum(batches) == 20 and len(batches) < 20
+
+
+def test_reading_in_order_fetches_the_next_messages_along(pg_url: str, tmp_path: Path) -> None:
+    from postroom.store.api import LATER
+
+    settings = StoreSettings(tmp_path / "u", tmp_path / "m", "mx.corp.example", url=pg_url,
+                             spool_dir=tmp_path / "spool")
+
+    async def go() -> None:
+        async with opened(settings) as store:
+            for n in range(5):
+                await file(store, [f"Subject: {n}\r\n\r\nbody {n}\r\n".encode()], BOX)
+            drop = await store.mailboxes.open_maildrop(BOX)
+            try:
+                assert drop.read_now(1) is LATER  # nothing fetched yet
+                assert b"Subject: 0" in await retr(drop, 1)
+                for n in range(2, 6):  # came with the first, without waiting
+                    chunks = drop.read_now(n, seen=n != 3)
+                    assert isinstance(chunks, list)
+                    assert f"Subject: {n - 1}".encode() in b"".join(chunks)
+                assert drop.read_now(2) is LATER  # handed out once; read() fetches again
+                assert b"Subject: 1" in await retr(drop, 2)
+                await drop.update([])
+            finally:
+                drop.close()
+        with psycopg.connect(pg_url) as conn:
+            seen = conn.execute("SELECT seen FROM messages ORDER BY id").fetchall()
+        assert seen == [(True,), (True,), (False,), (True,), (True,)]  # 3 only by TOP
+    run(go)

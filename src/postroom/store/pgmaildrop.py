@@ -16,6 +16,7 @@ retrieved ones seen, and removes contents no message refers to any more.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from array import array
 from collections.abc import Sequence
@@ -24,6 +25,11 @@ from typing import TYPE_CHECKING
 from postroom.store.api import LATER, Later, MaildropBusy
 from postroom.store.pgconnect import StoreUnavailable, faults
 from postroom.store.pgmailboxes import LEASE_SECONDS
+
+# A client that downloads in order gets the messages after the one it asked for
+# in the same query: up to this many, and this many octets, held per session.
+AHEAD_MESSAGES = 64
+AHEAD_OCTETS = 1024 * 1024
 
 if TYPE_CHECKING:
     from postroom.store.pgmailboxes import PGMailboxes
@@ -42,7 +48,9 @@ class PGMaildrop:
         self._uids: list[str] = []
         self._crlf = bytearray()
         self.retrieved = bytearray()  # 1: RETR read it, marked seen at QUIT
-        self._ahead: tuple[int, asyncio.Task[list[bytes] | None]] | None = None
+        self._cache: dict[int, list[bytes] | None] = {}  # fetched ahead, by number
+        self._window: set[int] = set()  # the numbers of the window held or on its way
+        self._pending: asyncio.Task[None] | None = None  # the window on its way
         self._open = True
 
     @classmethod
@@ -90,49 +98,88 @@ class PGMaildrop:
         return bool(self._crlf[number - 1])
 
     def read_now(self, number: int, *, seen: bool = True) -> list[bytes] | None | Later:
-        """What `read_ahead` fetched for `number`, if it is here; else LATER."""
-        ahead = self._ahead
-        if ahead is None or ahead[0] != number or not ahead[1].done() or ahead[1].exception():
+        """The message if an earlier read fetched it along (clients download in
+        order); else LATER."""
+        if number not in self._cache:
             return LATER
-        self._ahead = None
-        chunks = ahead[1].result()
+        chunks = self._cache.pop(number)
         if chunks is not None:
             self.retrieved[number - 1] |= seen
         return chunks
 
     async def read(self, number: int, *, seen: bool = True) -> list[bytes] | None:
-        ahead = self._ahead
-        if ahead is not None and ahead[0] == number:
-            self._ahead = None
-            try:
-                chunks = await ahead[1]
-            except OSError:
-                chunks = await self._fetch(number)
+        """The message (None when removed meanwhile); the ones after it that fit in
+        AHEAD_OCTETS come in the same query and wait for `read_now`."""
+        pending = self._pending
+        if number not in self._cache and pending is not None and number in self._window:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await asyncio.shield(pending)
+        if number in self._cache:
+            chunks = self._cache.pop(number)
         else:
-            chunks = await self._fetch(number)
+            window = self._window_from(number, AHEAD_OCTETS)
+            fetched = await self._fetch(window)
+            chunks = fetched.pop(number)
+            self._keep(window, fetched)
         if chunks is not None:
             self.retrieved[number - 1] |= seen
         return chunks
 
-    async def _fetch(self, number: int) -> list[bytes] | None:
-        """The message's chunks, in order; None when it was removed meanwhile."""
+    def _window_from(self, number: int, limit: int) -> list[int]:
+        """`number` and the messages after it, while they fit in AHEAD_MESSAGES and
+        AHEAD_OCTETS and none is larger than `limit`."""
+        window, total = [number], self._sizes[number - 1]
+        for n in range(number + 1, min(len(self.ids), number + AHEAD_MESSAGES - 1) + 1):
+            size = self._sizes[n - 1]
+            if size > limit or total + size > AHEAD_OCTETS:
+                break
+            window.append(n)
+            total += size
+        return window
+
+    def _keep(self, window: list[int], fetched: dict[int, list[bytes] | None]) -> None:
+        """Hold one window ahead of the client, no more."""
+        self._cache = fetched
+        self._window = set(window)
+
+    async def _fetch(self, numbers: list[int]) -> dict[int, list[bytes] | None]:
+        """The messages' chunks in one query, each in order; None for one removed."""
+        by_content: dict[int, list[int]] = {}
+        for n in numbers:
+            by_content.setdefault(self.contents[n - 1], []).append(n)
+        found: dict[int, list[bytes]] = {}
         with faults(self._store.url):
             pool = await self._store.pool()
             async with pool.connection() as conn:
                 cur = await conn.execute(
-                    b"SELECT data FROM chunks WHERE content = %s ORDER BY seq",
-                    (self.contents[number - 1],))
-                chunks = [bytes(row[0]) async for row in cur]
-        return chunks or None
+                    b"SELECT content, data FROM chunks WHERE content = ANY(%s) "
+                    b"ORDER BY content, seq", (list(by_content),))
+                async for content, data in cur:
+                    found.setdefault(content, []).append(bytes(data))
+        result: dict[int, list[bytes] | None] = {}
+        for content, wanted in by_content.items():
+            for n in wanted:
+                result[n] = found.get(content)
+        return result
 
     def read_ahead(self, number: int, limit: int) -> None:
-        """Start fetching message `number` when it has at most `limit` octets, so the
-        RETR that usually follows finds it here."""
-        if not 1 <= number <= len(self.ids) or self._sizes[number - 1] > limit:
+        """Fetch the next window from `number` in the background when the one held
+        does not have it (none of its messages larger than `limit`)."""
+        if (not 1 <= number <= len(self.ids) or number in self._cache
+                or number in self._window or self._sizes[number - 1] > limit):
             return
-        task = asyncio.get_running_loop().create_task(self._fetch(number))
+        window = self._window_from(number, limit)
+        self._window = set(window)
+        self._cache = {}
+
+        async def fetch() -> None:
+            fetched = await self._fetch(window)
+            if self._window == set(window):
+                self._cache = fetched
+
+        task = asyncio.get_running_loop().create_task(fetch())
         task.add_done_callback(_quiet)
-        self._ahead = (number, task)
+        self._pending = task
 
     async def update(self, deleted: list[int]) -> int:
         """RFC 1939 6 in one transaction; StoreUnavailable (nothing changed) when the
@@ -176,9 +223,9 @@ class PGMaildrop:
         store = self._store
         if store.leases.get(self.mailbox) == self.holder:
             del store.leases[self.mailbox]
-        if self._ahead is not None:
-            self._ahead[1].cancel()
-            self._ahead = None
+        if self._pending is not None:
+            self._pending.cancel()
+        self._cache, self._window, self._pending = {}, set(), None
         store.spawn(self._release())
 
     async def _release(self) -> None:
@@ -193,7 +240,7 @@ class PGMaildrop:
             pass  # the lease runs out by itself
 
 
-def _quiet(task: asyncio.Task[list[bytes] | None]) -> None:
+def _quiet(task: asyncio.Task[None]) -> None:
     """Read-ahead faults are met again by the read that follows."""
     if not task.cancelled():
         task.exception()
