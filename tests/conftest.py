@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import itertools
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +98,35 @@ def loop_factory_fixture(
         peer_missing("Python module 'uvloop' is not installed (postroom serve runs on it)")
         raise AssertionError("unreachable") from None  # pytest.skip/fail raise
     return uvloop.new_event_loop
+
+
+# -- PostgreSQL (the store's second backend) -------------------------------------------
+
+
+@pytest.fixture(name="postgres", scope="session")
+def postgres_fixture() -> Iterator[Any]:
+    """A private PostgreSQL server shared by the whole run (tests/pgserver.py); skipped,
+    or failed in CI, when PostgreSQL is not installed."""
+    from pgserver import pg_bin, private_postgres
+
+    bindir = pg_bin()
+    if bindir is None:
+        peer_missing("PostgreSQL (initdb, pg_ctl) is not installed")
+        raise AssertionError("unreachable")
+    require_peer("psycopg", module=True)
+    with private_postgres(bindir) as server:
+        yield server
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture(name="pg_url")
+def pg_url_fixture(postgres: Any) -> str:
+    """The URL of a new, empty database of the private server, this test's alone."""
+    import psycopg
+
+    name = f"t{os.getpid()}_{next(_databases)}"
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return str(postgres.url_for(name))

@@ -123,3 +123,20 @@ def test_a_signal_mid_story_stops_everything(
     assert "stopped the servers it started" in out.getvalue()
     assert_nothing_left(out.getvalue())
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_demo_on_postgresql(postgres: Any) -> None:
+    import psycopg
+
+    out = io.StringIO()
+    assert run.run_demo(out=out, store=postgres.url) == 0, out.getvalue()
+    text = out.getvalue()
+    assert "keeps users and mail in PostgreSQL" in text
+    assert "files it in PostgreSQL" in text and "PostgreSQL row of messages: UIDL" in text
+    assert "maildrop on mx.corp.example: empty" in text
+    assert text.rstrip().splitlines()[-2].startswith("OK: ")
+    with psycopg.connect(postgres.url) as conn:
+        left = conn.execute("SELECT datname FROM pg_database "
+                            "WHERE datname LIKE 'postroom_demo_%'").fetchall()
+    assert left == []  # its database is dropped
+    assert_nothing_left(text)

@@ -1,4 +1,8 @@
-"""The SQLite user directory: domains, argon2id passwords, aliases, subaddresses, resolution."""
+"""The user directory: domains, argon2id passwords, aliases, subaddresses, resolution.
+
+Tests taking the `db` fixture run on both backends, the embedded SQLite file and
+PostgreSQL (tests/pgserver.py); the others are about the SQLite file itself.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +13,54 @@ import unicodedata
 from contextlib import closing
 from pathlib import Path
 
+import psycopg
 import pytest
 from argon2 import PasswordHasher
 
 from postroom.store.api import DirectoryError, Expansion, UserDirectory
 from postroom.store.expansion import MAX_ALIAS_DEPTH
+from postroom.store.pgstore import prepare
+from postroom.store.pgusers import PGUserDirectory
 from postroom.store.users import SQLiteUserDirectory
 
 # Tests use tiny argon2 parameters; one test checks the real defaults.
 CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> SQLiteUserDirectory:
-    directory = SQLiteUserDirectory(tmp_path / "users.sqlite3", hasher=CHEAP)
+def reopen(db: SQLiteUserDirectory, hasher: PasswordHasher = CHEAP) -> SQLiteUserDirectory:
+    """A second directory on the same store, as another process (a server) opens it."""
+    if isinstance(db, PGUserDirectory):
+        return PGUserDirectory(db.url, hasher=hasher)
+    return SQLiteUserDirectory(db.path, hasher=hasher)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> SQLiteUserDirectory:
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        prepare(url)
+        directory: SQLiteUserDirectory = PGUserDirectory(url, hasher=CHEAP)
+    else:
+        directory = SQLiteUserDirectory(tmp_path / "users.sqlite3", hasher=CHEAP)
     directory.add_domain("corp.example")
     return directory
 
 
+def sql(db: SQLiteUserDirectory, statement: str, *params: object) -> list[tuple[object, ...]]:
+    """Run one statement on the store's database behind its back (SQLite's placeholders)."""
+    if isinstance(db, PGUserDirectory):
+        with psycopg.connect(db.url, autocommit=True) as pg:
+            cur = pg.execute(statement.replace("?", "%s").encode(), params)
+            return list(cur.fetchall()) if cur.description else []
+    with closing(sqlite3.connect(db.path)) as conn, conn:
+        return list(conn.execute(statement, params).fetchall())
+
+
 def legacy_alias(db: SQLiteUserDirectory, source: str, *targets: str) -> None:
     """Store an alias without add_alias's checks: one made before them, or by another tool."""
-    with closing(sqlite3.connect(db.path)) as conn, conn:
-        for position, target in enumerate(targets):
-            conn.execute("INSERT INTO aliases (source, position, target) VALUES (?, ?, ?)",
-                         (source, position, target))
+    for position, target in enumerate(targets):
+        sql(db, "INSERT INTO aliases (source, position, target) VALUES (?, ?, ?)",
+            source, position, target)
 
 
 def resolve(db: SQLiteUserDirectory, address: str) -> list[str] | None:
@@ -44,9 +72,7 @@ def resolve(db: SQLiteUserDirectory, address: str) -> list[str] | None:
 
 
 def stored_hash(db: SQLiteUserDirectory, address: str) -> str:
-    with closing(sqlite3.connect(db.path)) as conn:
-        row = conn.execute("SELECT password FROM users WHERE address = ?", (address,)).fetchone()
-    return str(row[0])
+    return str(sql(db, "SELECT password FROM users WHERE address = ?", address)[0][0])
 
 
 def test_is_a_user_directory(db: SQLiteUserDirectory) -> None:
@@ -125,7 +151,9 @@ def test_argon2id_hash_is_stored(tmp_path: Path) -> None:
     assert not db.verify_password("boss@corp.example", "wrong")
 
 
-def test_database_file_is_private(db: SQLiteUserDirectory) -> None:
+def test_database_file_is_private(tmp_path: Path) -> None:
+    db = SQLiteUserDirectory(tmp_path / "users.sqlite3", hasher=CHEAP)
+    db.add_domain("corp.example")
     assert stat.S_IMODE(db.path.stat().st_mode) == 0o600
 
 
@@ -160,9 +188,7 @@ def test_unknown_users_cost_a_hash_too(tmp_path: Path) -> None:
 def test_rehash_when_parameters_change(db: SQLiteUserDirectory) -> None:
     db.add_user("boss@corp.example", "pw")
     old = stored_hash(db, "boss@corp.example")
-    stronger = SQLiteUserDirectory(
-        db.path, hasher=PasswordHasher(time_cost=2, memory_cost=16, parallelism=1)
-    )
+    stronger = reopen(db, PasswordHasher(time_cost=2, memory_cost=16, parallelism=1))
     assert stronger.verify_password("boss@corp.example", "pw")
     new = stored_hash(db, "boss@corp.example")
     assert new != old and "m=16,t=2" in new
@@ -343,13 +369,14 @@ def test_subaddress(db: SQLiteUserDirectory) -> None:
 
 
 def test_a_second_process_sees_changes(db: SQLiteUserDirectory) -> None:
-    server = SQLiteUserDirectory(db.path, hasher=CHEAP)  # as a long-running server would
+    server = reopen(db)  # as a long-running server would
     assert resolve(server, "new@corp.example") is None
     db.add_user("new@corp.example", "pw")  # as the CLI would, in its own connection
     assert resolve(server, "new@corp.example") == ["new@corp.example"]
-    with closing(sqlite3.connect(db.path)) as conn:
-        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
-    assert mode == "wal"
+    if not isinstance(db, PGUserDirectory):
+        with closing(sqlite3.connect(db.path)) as conn:
+            (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        assert mode == "wal"
 
 
 def test_usable_from_worker_threads(db: SQLiteUserDirectory) -> None:
@@ -433,8 +460,7 @@ def test_an_ip_address_is_no_local_domain(db: SQLiteUserDirectory, name: str) ->
 def test_a_stored_domain_from_before_the_rule_can_still_be_removed(
     db: SQLiteUserDirectory,
 ) -> None:
-    with closing(sqlite3.connect(db.path)) as conn, conn:
-        conn.execute("INSERT INTO domains (name, created) VALUES ('1.2.3.4', 0)")
+    sql(db, "INSERT INTO domains (name, created) VALUES ('1.2.3.4', 0)")
     assert db.list_users("1.2.3.4") == []
     db.remove_domain("1.2.3.4")
     assert db.list_domains() == ["corp.example"]

@@ -35,6 +35,7 @@ from postroom.cli.dovecot import add_checkpassword, add_dovecot_config
 from postroom.cli.mail import add_demo, add_fetch, add_send, add_sendmail, add_trace
 from postroom.cli.queue import add_queue
 from postroom.cli.serve import add_init, add_serve
+from postroom.cli.store import add_store
 from postroom.cli.system import add_reload, add_systemd_unit
 from postroom.cli.users import add_alias, add_domain, add_user
 from postroom.config import CONFIG_NAME, ConfigError
@@ -91,6 +92,7 @@ COMMANDS: list[Callable[[Subparsers, argparse.ArgumentParser], None]] = [
     add_demo,
     add_dovecot_config,
     add_checkpassword,
+    add_store,
 ]
 
 

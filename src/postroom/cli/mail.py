@@ -183,10 +183,14 @@ def add_demo(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-data", action="store_true",
                    help="keep the temporary folder (configs, queue, mailboxes, the "
                    "servers' log in postroom.log) and print its path")
+    p.add_argument("--store", metavar="URL",
+                   help="a PostgreSQL server (postgresql://...) where the receiving host "
+                   "keeps its users and mail, in a database the demo makes for the run "
+                   "(it needs CREATEDB) and drops at the end")
     p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace, ctx: Context) -> int:
     from postroom.demo.run import run_demo
 
-    return run_demo(keep_data=args.keep_data, out=ctx.stdout)
+    return run_demo(keep_data=args.keep_data, out=ctx.stdout, store=args.store)

@@ -46,6 +46,10 @@ def add_queue(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 def _queue_store(ctx: Context) -> QueueStore:
     from postroom.queue.store import QueueStore
 
+    if ctx.config.store_config.url:  # the queue every node shares
+        from postroom.queueopen import open_queue
+
+        return open_queue(ctx.config)
     return QueueStore(ctx.config.queue_dir, create=False)
 
 

@@ -60,7 +60,7 @@ from postroom.ids import new_queue_id
 from postroom.mailauth.keys import KeyRing
 from postroom.mailauth.sign import Signer, signed_stream
 from postroom.queue.envelope import Envelope, Recipient
-from postroom.queue.store import QueueStore
+from postroom.queueopen import open_queue
 from postroom.store.api import DirectoryError
 from postroom.store.factory import open_store
 
@@ -335,7 +335,7 @@ def submit(stream: BinaryIO, opts: Options, config: Config, *, user: str | None 
     if config.dkim.sign:  # DKIM: the mail of a local user, signed like submission's
         content = signed_stream(content, Signer(KeyRing(config.data_dir)).start(),
                                 f"sendmail: {queue_id}: ")
-    QueueStore(config.queue_dir).add(envelope, content)
+    open_queue(config).add(envelope, content)
     return envelope
 
 

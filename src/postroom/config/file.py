@@ -17,6 +17,7 @@ from postroom.config.model import (
     DEFAULT_DATA_DIR,
     DEFAULT_SOURCE,
     ROUTES_DOC,
+    SECTION_FIELDS,
     SECTIONS,
     AcmeConfig,
     Config,
@@ -77,7 +78,8 @@ class _Loader:
                 kind = "unknown section" if isinstance(raw, dict) else "unknown key"
                 raise self.error(key, kind + _suggest(key, known_top))
         top = self.top(doc)
-        sections = {name: cls(**self.section(doc, name, cls)) for name, cls in SECTIONS.items()
+        sections = {SECTION_FIELDS.get(name, name): cls(**self.section(doc, name, cls))
+                    for name, cls in SECTIONS.items()
                     if cls is not None and cls not in (ListenConfig, TLSConfig)}
         return Config(data_dir=self.data_dir, listen=self.listen(doc),
                       tls=self.tls(doc, top["hostname"]),

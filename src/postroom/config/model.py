@@ -32,6 +32,7 @@ from postroom.config.values import (
     parse_optional_path,
     parse_path,
     parse_size,
+    parse_store_url,
 )
 from postroom.milter.connection import MilterSpec
 from postroom.store.api import StoreSettings
@@ -447,6 +448,17 @@ class RunConfig:
     )
 
 
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = setting(
+        "", parse_store_url,
+        'Where users, domains, aliases and mailboxes live. Empty: in the data folder '
+        '(SQLite and Maildirs). "postgresql://USER@HOST:PORT/DATABASE" keeps them in '
+        "PostgreSQL, shared by every postroom node that names the same database (a "
+        "password is better kept in ~/.pgpass or PGPASSWORD than here).",
+    )
+
+
 # The tables of the file in the order `postroom init` writes them; None: [routes].
 SECTIONS: dict[str, type | None] = {
     "listen": ListenConfig, "tls": TLSConfig, "dns": DNSConfig, "routes": None,
@@ -458,7 +470,10 @@ SECTIONS: dict[str, type | None] = {
     "greylist": GreylistConfig,
     "metrics": MetricsConfig,
     "run": RunConfig,
+    "store": StoreConfig,
 }
+# A table whose Config field has another name (Config.store is the StoreSettings).
+SECTION_FIELDS = {"store": "store_config"}
 
 
 @dataclass(frozen=True)
@@ -514,6 +529,7 @@ class Config:
     # Where the settings came from (None: the embedded default); not part of
     # the configuration's value, so a file with default content equals no file.
     config_path: Path | None = field(default=None, compare=False)
+    store_config: StoreConfig = field(default_factory=StoreConfig)  # [store]
 
     @property
     def source(self) -> str:
@@ -532,7 +548,8 @@ class Config:
     def store(self) -> StoreSettings:
         """What postroom.store.factory.open_store builds the users and mailboxes from."""
         return StoreSettings(self.users_db, self.mail_dir, self.hostname, self.domains,
-                             self.postmaster, self.source)
+                             self.postmaster, self.source, url=self.store_config.url or None,
+                             spool_dir=self.data_dir / "store-spool")
 
     @property
     def spool_dir(self) -> Path:

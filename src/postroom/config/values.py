@@ -380,3 +380,11 @@ def parse_account(value: object) -> str:
 
 # shadow-utils' default NAME_REGEX (useradd(8)), plus plain numeric IDs.
 RUN_ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]*[$]?|[0-9]+", re.ASCII)
+def parse_store_url(value: object) -> str:
+    """"" (the embedded store) or a postgresql:// URL (libpq's URI form); ValueError if not."""
+    if not isinstance(value, str):
+        raise ValueError(f'expected "" or "postgresql://...", got {show(value)}')
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError(f'{show(value)}: the store URL must start with "postgresql://" '
+                         '(or be empty for the store in the data folder)')
+    return value

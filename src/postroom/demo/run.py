@@ -18,8 +18,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
+from postroom.demo.mailbox import demo_database
 from postroom.demo.output import LogTap, Printer, duration
 from postroom.demo.story import BOSS, CORP, SMITH, DemoFailed, World, tell
+from postroom.store.pgconnect import describe
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -78,8 +80,20 @@ async def _main(world: World, printer: Printer) -> list[str]:
 
 
 def run_demo(*, keep_data: bool = False, out: TextIO | None = None,
-             color: bool | None = None) -> int:
-    """`postroom demo`: 0 when the message arrived intact and the maildrop is empty."""
+             color: bool | None = None, store: str | None = None) -> int:
+    """`postroom demo`: 0 when the message arrived intact and the maildrop is empty.
+    `store`: a PostgreSQL server's URL, where the receiving host keeps its users and
+    mail (in a database made for the run, dropped at the end unless `keep_data`)."""
+    if store is None:
+        return _run(keep_data, out, color, None)
+    with demo_database(store, keep=keep_data) as url:
+        status = _run(keep_data, out, color, url)
+        if keep_data:
+            print(f"kept the demo's database: {describe(url)}", file=out or sys.stdout)
+        return status
+
+
+def _run(keep_data: bool, out: TextIO | None, color: bool | None, store: str | None) -> int:
     printer = Printer(out if out is not None else sys.stdout, color)
     printer.line(f"postroom demo: one message from {SMITH} to {BOSS}, every hop on loopback")
     printer.line()
@@ -90,7 +104,7 @@ def run_demo(*, keep_data: bool = False, out: TextIO | None = None,
             root = Path(tempfile.mkdtemp(prefix="postroom-demo-"))
         except _Terminated:
             return EXIT_TERMINATED
-        world = World(root, LogTap())
+        world = World(root, LogTap(), store_url=store)
         try:
             with world.tap.attached():
                 problems = asyncio.run(_main(world, printer))

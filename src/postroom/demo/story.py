@@ -23,13 +23,14 @@ from pathlib import Path
 from postroom.client import fetch, send
 from postroom.client.trace import format_hops, hops_of, message_date
 from postroom.config import load_config
+from postroom.demo.mailbox import MaildirView, PostgresView
 from postroom.demo.nameserver import Answered, DemoDNS, Zone, Zones, start_dns
 from postroom.demo.output import Exchange, LogLine, LogTap, Printer, pop3_states, span
 from postroom.mailauth.keys import KeyStore
 from postroom.server.main import Running, start
 from postroom.store.factory import open_store
 from postroom.store.mailboxes import MaildirMailboxes
-from postroom.store.maildir import list_messages
+from postroom.store.pgconnect import describe
 
 SMITH = "smith@isp.example"
 BOSS = "boss@corp.example"
@@ -95,13 +96,16 @@ class World:
     root: Path
     tap: LogTap
     started: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    store_url: str | None = None  # the receiving host's PostgreSQL store (None: Maildir)
 
     async def start(self, printer: Printer) -> Story:
         """Start the DNS server, then the receiving host, then the provider; say where."""
         passwords = {SMITH: secrets.token_urlsafe(12), BOSS: secrets.token_urlsafe(12)}
         dns = await start_dns(demo_zones())
         self.started.callback(dns.close)
-        corp = await self._host("corp", _corp_config(dns.address[1]), BOSS, passwords[BOSS])
+        corp_config = _corp_config(dns.address[1]) + (f'[store]\nurl = "{self.store_url}"\n'
+                                                       if self.store_url else "")
+        corp = await self._host("corp", corp_config, BOSS, passwords[BOSS])
         corp_smtp = corp.address("smtp")
         provider = await self._host(
             "isp", _provider_config(dns.address[1], corp_smtp[1]), SMITH, passwords[SMITH],
@@ -115,9 +119,17 @@ class World:
         printer.line(f"receiver  {CORP} for corp.example: SMTP 127.0.0.1:{corp_smtp[1]}, "
                      f"POP3 127.0.0.1:{corp.address('pop3')[1]} (STLS)", indent=2)
         printer.line(f"users     {SMITH} and {BOSS}, random passwords", indent=2)
+        mailbox: MaildirView | PostgresView
+        if self.store_url:
+            database = describe(self.store_url).rpartition("/")[2]
+            printer.line(f"store     {CORP} keeps users and mail in PostgreSQL, database "
+                         f"{database}", indent=2)
+            mailbox = PostgresView(self.store_url, BOSS)
+        else:
+            mailbox = MaildirView(MaildirMailboxes(corp.config.mail_dir, CORP).maildir_for(BOSS),
+                                  self.root)
         printer.line()
-        return Story(self, printer, provider, corp, dns, passwords,
-                     MaildirMailboxes(corp.config.mail_dir, CORP).maildir_for(BOSS))
+        return Story(self, printer, provider, corp, dns, passwords, mailbox)
 
     async def _host(self, folder: str, config_text: str, user: str, password: str,
                     dkim_domain: str | None = None) -> Running:
@@ -149,7 +161,7 @@ class Story:
     corp: Running
     dns: DemoDNS
     passwords: dict[str, str]  # the users', drawn at random
-    maildir: Path  # the boss's, on the receiving host
+    mailbox: MaildirView | PostgresView  # the boss's, on the receiving host
     problems: list[str] = field(default_factory=list)
     message: EmailMessage = field(default_factory=EmailMessage)  # as step 1 submitted it
     queue_id: str = ""  # the provider's, from step 1's 250 reply
@@ -205,7 +217,8 @@ async def _relayed_and_filed(story: Story) -> None:
         lambda: bool(tap.find(rf"^{queue_id}: removed$"))
         or bool(tap.find(rf"^{queue_id}: to=<{re.escape(BOSS)}>.*status=(bounced|expired)")),
         "the provider to relay the message")
-    await _wait_for(lambda: bool(list_messages(story.maildir)), "the message in the Maildir")
+    await _wait_for(lambda: bool(story.mailbox.listing()),
+                    f"the message in {story.mailbox.where}")
 
 
 def queue(story: Story) -> None:
@@ -263,7 +276,8 @@ def receiving_host(story: Story) -> None:
     """4: the receiving host accepts the message for its own user and files it."""
     tap, printer, corp_id = story.world.tap, story.printer, story.corp_id
     filed = tap.find(rf"^smtp: {corp_id}: to=<{re.escape(BOSS)}>.*relay=local")
-    printer.header(f"4. {CORP} accepts it for its own user and files it in the Maildir",
+    printer.header(f"4. {CORP} accepts it for its own user and files it in "
+                   f"{story.mailbox.where}",
                    span(tap.find(rf"^smtp: {corp_id}: client="), filed))
     printer.note("checked first: SPF, DKIM, DMARC and iprev, recorded on top of the message "
                  "in an Authentication-Results header (RFC 8601); the DNS queries for them:")
@@ -272,8 +286,8 @@ def receiving_host(story: Story) -> None:
     checked = tap.find(rf"^smtp: {corp_id}: auth: ")
     if not checked or "dmarc=pass" not in checked[0].text:
         story.problems.append(f"{CORP} did not find the message passing DMARC")
-    for entry in list_messages(story.maildir):
-        printer.line(f"Maildir file: {entry.path.relative_to(story.world.root)}", indent=5)
+    for line in story.mailbox.listing():
+        printer.line(line, indent=5)
 
 
 async def open_relay_check(story: Story) -> None:
@@ -314,7 +328,7 @@ async def pop3(story: Story) -> Path | None:
     printer.lines(transaction)
     printer.header("5b. QUIT commits the deletion (Update state)", ended - quit_at)
     printer.lines(update)
-    left = list_messages(story.maildir)
+    left = story.mailbox.listing()
     printer.note(f"{BOSS}'s maildrop on {CORP}: "
                  + ("empty" if not left else f"{len(left)} message(s) left"))
     if left:

@@ -61,7 +61,7 @@ from postroom.server.workers import (
     signal_children,
     worker_count,
 )
-from postroom.store.api import Mailboxes, Store
+from postroom.store.api import Mailboxes, PasswordGate, Store
 from postroom.store.factory import open_store
 from postroom.tlscert import TLSFileError, ensure_certificate
 
@@ -272,6 +272,7 @@ class Running:
         if self.sweeper is not None:
             self.sweeper.cancel()
         await self.relay.stop()
+        await self.store.stop()
         self.store.close()
         self.descriptors.close()
         self.password_checks.close()
@@ -356,7 +357,8 @@ async def start(config: Config, process: Process = Process()) -> Running:
     tls_context = certificates.context
     sockets = process.sockets if process.sockets is not None else bind_listeners(config)
     checks = process.password_checks or PasswordChecks()
-    store = open_store(config.store, password_gate=checks.check)
+    store = open_store_or_say(config, password_gate=checks.check)
+    store.start()  # the backend's background work (PostgreSQL: change notices, leases)
     primary = not process.worker
     notify = process.channel.send if process.worker and process.channel else None
     if primary:
@@ -404,6 +406,15 @@ async def start(config: Config, process: Process = Process()) -> Running:
         log.info("serving metrics on http://%s:%d/metrics and /health",
                  *sock.getsockname()[:2])
     return running
+
+
+def open_store_or_say(config: Config, password_gate: PasswordGate | None = None) -> Store:
+    """The configured store; ConfigError, one line, when it cannot be reached (a
+    PostgreSQL server that is down or refuses us)."""
+    try:
+        return open_store(config.store, password_gate=password_gate)
+    except OSError as exc:
+        raise ConfigError(f"{config.source}: store.url: {exc}") from None
 
 
 async def sweep_mailboxes(mailboxes: Mailboxes) -> None:
@@ -560,6 +571,8 @@ def run(config: Config, user: str | None = None) -> int:
     # Checked first, in this process, before any worker is forked: a certificate
     # that cannot be used stops the start with the one line of a ConfigError.
     load_tls(config)
+    if config.store.url:  # reached before forking: a server that is down is one line
+        open_store_or_say(config).close()
     handler = setup_logging()
     try:
         lock = ServerLock.acquire(config.data_dir)

@@ -171,18 +171,28 @@ class POP3Session(Session):
         """An event `_pump` could not answer without waiting."""
         if isinstance(event, core.Retrieve | core.Top):
             await self._retrieve(event)
-        elif isinstance(event, core.Pass):
-            await self._open_maildrop(await self._login(event.name, event.password))
-        elif isinstance(event, core.AuthStart | core.AuthResponse):
-            await self._auth(event)
-        elif isinstance(event, core.Apop):
-            await self._apop(event.name, event.digest)
+        elif isinstance(event, core.Pass | core.AuthStart | core.AuthResponse | core.Apop):
+            try:
+                await self._credentials(event)
+            except OSError as exc:  # the user directory cannot be read (a database down)
+                log.error("%s: password check failed: %s", self.service.name, exc)
+                self.conn.err("Cannot check your password just now; try again later",
+                              "SYS/TEMP")
         elif isinstance(event, core.StartTLS):
             await self._start_tls(self.conn.ok)
         elif isinstance(event, core.Update):
             await self._update([number for number, _uid in event.deleted])
 
     # -- Authentication state -------------------------------------------------
+
+    async def _credentials(self, event: core.Pass | core.AuthStart | core.AuthResponse
+                           | core.Apop) -> None:
+        if isinstance(event, core.Pass):
+            await self._open_maildrop(await self._login(event.name, event.password))
+        elif isinstance(event, core.Apop):
+            await self._apop(event.name, event.digest)
+        else:
+            await self._auth(event)
 
     async def _auth(self, event: core.AuthStart | core.AuthResponse) -> None:
         """RFC 5034: SASL PLAIN or LOGIN. The core hands over the decoded octets; the

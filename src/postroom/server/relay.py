@@ -34,10 +34,12 @@ from postroom.mailauth.srs import SRS, SRSError, is_srs, load_secret
 from postroom.queue.content import Content
 from postroom.queue.dsn import Action, Report, queue_dsn
 from postroom.queue.envelope import Envelope, Recipient
+from postroom.queue.pgqueue import PGQueueStore
 from postroom.queue.result import DeliveryResult
 from postroom.queue.rules import Rules
 from postroom.queue.scheduler import Scheduler, SchedulerOptions
-from postroom.queue.store import QueueError, QueueStore
+from postroom.queue.store import QueueError
+from postroom.queueopen import open_queue, primary_pid
 from postroom.server import metrics
 from postroom.server.forwarding import Forwarding
 from postroom.server.metrics import outcome_counts
@@ -109,7 +111,7 @@ class Relay:
         self.forwarding = Forwarding(SRS(load_secret(config.data_dir)),
                                      self.signer.keyring if self.signer else None,
                                      config.hostname)
-        self.queue = QueueStore(config.queue_dir)
+        self.queue = open_queue(config, primary_pid=primary_pid(notify_primary is not None))
         self.router = Router(router_options(config), is_local_domain)
         # Keep as many idle sessions per destination as may deliver to it at once:
         # a new session costs a TCP and a TLS handshake and two EHLOs.
@@ -232,7 +234,13 @@ class Relay:
 
     def start(self) -> None:
         if self._notify_primary is None:
-            self._task = asyncio.get_running_loop().create_task(self.scheduler.run())
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self.scheduler.run())
+            if isinstance(self.queue, PGQueueStore):  # a dead node's mail, free to take
+                def take_free() -> None:
+                    loop.call_soon_threadsafe(self.scheduler.rescan)
+
+                self.queue.on_free = take_free
 
     def rescan(self) -> None:
         """Read the whole queue folder again (the control socket's "rescan")."""
@@ -242,6 +250,7 @@ class Relay:
         """A worker's notifications may have been lost (SIGUSR1, server/workers.py): look
         for the messages the scheduler has not heard of."""
         self.scheduler.recover()
+
     async def hand_over(self, successor: Relay) -> None:
         """A reload made `successor` (server.reload): this relay's scheduler stops once its
         deliveries in flight have finished, and what sessions still holding this relay
@@ -265,3 +274,5 @@ class Relay:
                 log.exception("queue: scheduler failed while stopping")
         await self.remote.close()
         self._batcher.close()
+        if isinstance(self.queue, PGQueueStore):
+            self.queue.close()

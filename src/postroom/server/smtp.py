@@ -24,7 +24,7 @@ from postroom.mailauth.checks import MailChecks, MessageChecks, Verdict
 from postroom.mailauth.results import OurResultsRemover
 from postroom.mailauth.sign import Signer, StreamSigner
 from postroom.milter.connection import MilterSpec
-from postroom.policy.relay import RecipientPolicy
+from postroom.policy.relay import RecipientDecision, RecipientPolicy
 from postroom.policy.submission import SubmissionPolicy
 from postroom.protocol import sasl
 from postroom.protocol import smtp_server as core
@@ -49,6 +49,9 @@ LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try later")  # RFC
 # PIPELINING (RFC 2920 3.1); defense.gate tells off one that sends more behind them.
 SENT_ALONE = (core.Hello, core.MailFrom, core.RcptTo, core.DataStart, core.Reset,
               core.StartTLS, core.AuthStart)
+# The user directory could not be read (a database down): ask the client to come back.
+LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary lookup failure, try later")  # as Postfix
+AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")  # RFC 4954 6
 
 
 class Outbound(Protocol):
@@ -342,7 +345,11 @@ class SMTPSession(Session, MilterSteps):
             return
         # An authenticated submission client may relay (RFC 6409); MX traffic may not.
         policy = svc.submission if svc.submission is not None and self.user else svc.policy
-        decision = await policy.check_recipient(event.address)
+        try:
+            decision = await policy.check_recipient(event.address)
+        except OSError as exc:  # the user directory cannot be read (a database down)
+            log.error("%s: %s: recipient lookup failed: %s", svc.name, txn.queue_id, exc)
+            decision = RecipientDecision(LOOKUP_FAILED)
         if decision.accepted and self.screening is not None:
             grey = await self.screening.greylisted(self.user, txn.mail.address, event.address)
             if grey is not None:
@@ -634,7 +641,13 @@ class SMTPSession(Session, MilterSteps):
         if isinstance(step, Reply):
             self.conn.send(step)  # the next 334 challenge, or a 501/504 refusal
             return
-        user = await self._login(step.authcid, step.password, step.authzid)
+        try:
+            user = await self._login(step.authcid, step.password, step.authzid)
+        except OSError as exc:  # the user directory cannot be read (a database down)
+            log.error("%s: [%s] password check failed: %s", self.service.name, self.client_ip,
+                      exc)
+            self._reply(AUTH_UNAVAILABLE)
+            return
         if self.conn.closing:
             return  # the server stopped (421 sent) while the password was checked
         if user is None:

@@ -234,6 +234,18 @@ class StoreSettings:
     domains: tuple[str, ...] = ()  # local domains from the config file, besides the directory's
     postmaster: str | None = None  # the administrator's mailbox (RFC 5321 4.5.1)
     config_source: str = "the config file"  # where those two come from, for messages
+    url: str | None = None  # postgresql://...: the PostgreSQL store instead of the two above
+    spool_dir: Path | None = None  # the PostgreSQL store's messages being received, when large
+
+
+class Background(Protocol):
+    """What a backend runs while the server runs (PostgreSQL: change notices, lease renewal)."""
+
+    def start(self) -> None:
+        """Begin, on the running event loop."""
+
+    async def stop(self) -> None:
+        """End, and let go of connections."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +255,16 @@ class Store:
     users: UserDirectory
     directory: Directory
     mailboxes: Mailboxes
+    background: tuple[Background, ...] = ()
+
+    def start(self) -> None:
+        """Start the backend's background work (server only, on the event loop)."""
+        for part in self.background:
+            part.start()
+
+    async def stop(self) -> None:
+        for part in self.background:
+            await part.stop()
 
     def close(self) -> None:
         self.mailboxes.close()

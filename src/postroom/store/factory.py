@@ -1,4 +1,4 @@
-"""Opens the store the settings name: the embedded one, Maildir + SQLite in the data folder."""
+"""Opens the store the settings name: Maildir + SQLite in the data folder, or PostgreSQL by URL."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ from postroom.store.users import SQLiteUserDirectory
 
 
 def open_store(settings: StoreSettings, *, password_gate: PasswordGate | None = None) -> Store:
-    """The store of `settings`. Nothing is read or made until it is used.
+    """The store of `settings`. The embedded one reads or makes nothing until it is
+    used; PostgreSQL is reached (and its schema migrated) at once: OSError, one line
+    naming the server, when it cannot be.
 
     `password_gate` bounds the server's password checks (server.passwords).
     """
+    if settings.url:
+        from postroom.store.pgstore import open_pg_store
+
+        return open_pg_store(settings, password_gate=password_gate)
     users = SQLiteUserDirectory(settings.users_db, settings.domains,
                                 postmaster=settings.postmaster,
                                 config_source=settings.config_source)
