@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from postroom.server import metrics
 from postroom.server.workers import _die_with_parent
 
 log = logging.getLogger("postroom.master")
@@ -198,6 +199,7 @@ class Supervisor:
             self._all_gone.set()
 
     def _ended(self, pid: int, status: int) -> None:
+        metrics.worker_gone(pid)  # its sessions gauge no longer counts
         if pid in self.retiring:
             self.retiring.discard(pid)
             self.stopped_accepting(pid)
