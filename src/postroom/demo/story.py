@@ -26,7 +26,7 @@ from postroom.config import load_config
 from postroom.demo.mailbox import MaildirView, PostgresView
 from postroom.demo.nameserver import Answered, DemoDNS, Zone, Zones, start_dns
 from postroom.demo.output import Exchange, LogLine, LogTap, Printer, pop3_states, span
-from postroom.mailauth.keys import KeyStore
+from postroom.mailauth.keys import DKIMKey, KeyStore
 from postroom.server.main import Running, start
 from postroom.store.factory import open_store
 from postroom.store.mailboxes import MaildirMailboxes
@@ -74,14 +74,18 @@ def _corp_config(dns_port: int) -> str:
     )
 
 
-def demo_zones() -> Zones:
-    """corp.example's MX; isp.example's SPF and DMARC records and its mail host's
+def demo_zones(dkim: DKIMKey) -> Zones:
+    """corp.example's MX; isp.example's SPF, DKIM and DMARC records and its mail host's
     name both ways (what the receiving host checks at step 4)."""
+    # A TXT record's strings hold 255 octets each (RFC 1035 3.3.14); DKIM joins them.
+    text = dkim.txt()
+    strings = " ".join(f'"{text[i:i + 255]}"' for i in range(0, len(text), 255))
     return Zones(
         Zone("example", {
             ("corp.example", "MX"): [f"10 {CORP}."],
             (CORP, "A"): ["127.0.0.1"],
             ("isp.example", "TXT"): ['"v=spf1 ip4:127.0.0.1 -all"'],
+            (dkim.record_name, "TXT"): [strings],
             ("_dmarc.isp.example", "TXT"): ['"v=DMARC1; p=reject"'],
             (PROVIDER, "A"): ["127.0.0.1"],
         }),
@@ -101,18 +105,20 @@ class World:
     async def start(self, printer: Printer) -> Story:
         """Start the DNS server, then the receiving host, then the provider; say where."""
         passwords = {SMITH: secrets.token_urlsafe(12), BOSS: secrets.token_urlsafe(12)}
-        dns = await start_dns(demo_zones())
+        # The provider's DKIM key, as `postroom dkim add` makes it, before DNS serves it.
+        (self.root / "isp").mkdir(mode=0o700)
+        key = await asyncio.to_thread(KeyStore(self.root / "isp").add, "isp.example", "demo")
+        dns = await start_dns(demo_zones(key))
         self.started.callback(dns.close)
         corp_config = _corp_config(dns.address[1]) + (f'[store]\nurl = "{self.store_url}"\n'
                                                        if self.store_url else "")
         corp = await self._host("corp", corp_config, BOSS, passwords[BOSS])
         corp_smtp = corp.address("smtp")
         provider = await self._host(
-            "isp", _provider_config(dns.address[1], corp_smtp[1]), SMITH, passwords[SMITH],
-            dkim_domain="isp.example")
+            "isp", _provider_config(dns.address[1], corp_smtp[1]), SMITH, passwords[SMITH])
         printer.header(f"Setting up in {self.root}")
         printer.line(f"DNS       127.0.0.1:{dns.address[1]} (UDP): corp.example MX 10 {CORP}, "
-                     f"{CORP} A 127.0.0.1; isp.example SPF and DMARC (p=reject), "
+                     f"{CORP} A 127.0.0.1; isp.example SPF, DKIM and DMARC (p=reject), "
                      f"{PROVIDER} A and PTR 127.0.0.1", indent=2)
         printer.line(f"provider  {PROVIDER} for isp.example: submission "
                      f"127.0.0.1:{provider.address('submission')[1]} (STARTTLS + AUTH)", indent=2)
@@ -131,16 +137,12 @@ class World:
         printer.line()
         return Story(self, printer, provider, corp, dns, passwords, mailbox)
 
-    async def _host(self, folder: str, config_text: str, user: str, password: str,
-                    dkim_domain: str | None = None) -> Running:
-        """A host started from its config in root/folder, with `user` in its directory
-        (and a DKIM key for `dkim_domain`, as `postroom dkim add` makes it)."""
-        (self.root / folder).mkdir(mode=0o700)
+    async def _host(self, folder: str, config_text: str, user: str, password: str) -> Running:
+        """A host started from its config in root/folder, with `user` in its directory."""
+        (self.root / folder).mkdir(mode=0o700, exist_ok=True)
         (self.root / folder / "postroom.toml").write_text(config_text, encoding="utf-8")
         config = load_config(self.root / folder)
         await asyncio.to_thread(open_store(config.store).users.add_user, user, password)
-        if dkim_domain is not None:
-            await asyncio.to_thread(KeyStore(config.data_dir).add, dkim_domain, "demo")
         running = await start(config)
         self.started.push_async_callback(running.stop, grace=2)
         return running
@@ -286,6 +288,8 @@ def receiving_host(story: Story) -> None:
     checked = tap.find(rf"^smtp: {corp_id}: auth: ")
     if not checked or "dmarc=pass" not in checked[0].text:
         story.problems.append(f"{CORP} did not find the message passing DMARC")
+    if not checked or "dkim=pass" not in checked[0].text:
+        story.problems.append(f"{CORP} did not find the provider's DKIM signature valid")
     for line in story.mailbox.listing():
         printer.line(line, indent=5)
 
