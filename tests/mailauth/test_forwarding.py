@@ -22,7 +22,8 @@ from postroom.mailauth.keys import DKIMKey, KeyStore
 from postroom.server.main import Running, start
 from postroom.store.factory import open_store
 
-# As the checks at our MX write it (the authserv-id is the host name).
+# Claims our authserv-id, as the checks at our MX would write it: kept from a client
+# the checks ignore (loopback, by default), replaced by the real results otherwise.
 MESSAGE = (
     b"Authentication-Results: mx.corp.example; spf=pass smtp.mailfrom=alice@sender.example;\r\n"
     b" dkim=pass header.d=sender.example; dmarc=pass header.from=sender.example\r\n"
@@ -69,13 +70,17 @@ async def host(root: Path, text: str, users: list[str],
         await running.stop(grace=2)
 
 
-def corp_config(port: int, far_port: int) -> str:
+def corp_config(port: int, far_port: int, dns_port: int | None = None) -> str:
+    """corp's MX; with `dns_port`, its mail checks on for loopback clients too, asking
+    that DNS server."""
+    checks = (f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n'
+              '[dmarc]\nignore_clients = []\n') if dns_port is not None else ""
     return (
         'hostname = "mx.corp.example"\ndomains = ["corp.example"]\n'
         f'[listen]\nsmtp = "127.0.0.1:{port}"\n'
         f'[routes]\n"far.example" = "127.0.0.1:{far_port}"\n'
         f'"sender.example" = "127.0.0.1:{far_port}"\n'
-        '[queue]\nretry_after = ["1s"]\ngive_up_after = "1h"\n'
+        '[queue]\nretry_after = ["1s"]\ngive_up_after = "1h"\n' + checks
     )
 
 
@@ -116,7 +121,7 @@ def dns_fixture(key: DKIMKey) -> Iterator[ZoneServer]:
 
 
 def forward(tmp_path: Path, aliases: dict[str, list[str]], rcpt: str,
-            then: Callable[[int], None] | None = None) -> None:
+            then: Callable[[int], None] | None = None, dns_port: int | None = None) -> None:
     """Send MESSAGE to `rcpt` at corp's MX; wait until friend or alice has mail."""
     corp_port, far_port = free_port(), free_port()
 
@@ -124,8 +129,8 @@ def forward(tmp_path: Path, aliases: dict[str, list[str]], rcpt: str,
         async with (
             host(tmp_path / "far", far_config(far_port),
                  ["friend@far.example", "alice@sender.example"]),
-            host(tmp_path / "corp", corp_config(corp_port, far_port), ["boss@corp.example"],
-                 aliases),
+            host(tmp_path / "corp", corp_config(corp_port, far_port, dns_port),
+                 ["boss@corp.example"], aliases),
         ):
             await asyncio.to_thread(send, corp_port, "alice@sender.example", [rcpt], MESSAGE)
             await wait_for(lambda: inbox(tmp_path / "far", "far.example", "friend")
@@ -159,6 +164,27 @@ def test_alias_to_another_host_forwards_with_srs_and_an_arc_seal(
     verdict = subprocess.run([perl, "-e", ARC_VERIFY, str(dns.port)], input=body,
                              capture_output=True, timeout=60, check=True).stdout
     assert verdict == b"pass\n"
+
+
+def test_the_seal_carries_the_results_our_checks_wrote_not_a_forged_claim(
+        tmp_path: Path, key: DKIMKey, dns: ZoneServer) -> None:
+    """With the checks on, the Authentication-Results that claimed our name is removed,
+    ours is written, and the ARC seal of the forwarded copy carries ours (RFC 8617 4.1)."""
+    dns.records[("sender.example", "TXT")] = ["v=spf1 ip4:127.0.0.1 -all"]
+    forward(tmp_path, {"boss-home@corp.example": ["boss@corp.example", "friend@far.example"]},
+            "boss-home@corp.example", dns_port=dns.port)
+    (local,) = inbox(tmp_path / "corp", "corp.example", "boss")
+    (results,) = email.message_from_bytes(local).get_all("Authentication-Results")
+    assert "dkim=pass header.d=sender.example" not in results  # the forged claim is gone
+    (raw,) = inbox(tmp_path / "far", "far.example", "friend")
+    msg = email.message_from_bytes(raw)
+    sealed = " ".join(msg["ARC-Authentication-Results"].split())
+    assert sealed.startswith("i=1; mx.corp.example;") and "spf=pass" in sealed
+    assert "dkim=pass header.d=sender.example" not in sealed
+    txt = {f"{key.record_name}.".encode(): key.txt().encode()}
+    body = raw.split(b"\r\n", 1)[1]
+    result, _details, reason = dkim.arc_verify(body, dnsfunc=lambda n, timeout=5: txt.get(n))
+    assert result == b"pass", reason
 
 
 def test_a_bounce_to_the_srs_address_goes_back_to_the_original_sender(

@@ -81,8 +81,11 @@ def test_a_filter_that_continues_sees_the_session_and_the_message(tmp_path: Path
         async with served(tmp_path, Script()) as (server, milter):
             code, text, _ = await asyncio.to_thread(send, server)
             assert code == 250, text
-            assert milter.commands() == [b"O", b"C", b"H", b"M", b"R", b"T", b"L", b"L", b"L",
-                                         b"L", b"L", b"L", b"N", b"B", b"E"]
+            # The client's QUIT ends the session: its Q may reach the filter before we look.
+            commands = milter.commands()
+            assert commands[:15] == [b"O", b"C", b"H", b"M", b"R", b"T", b"L", b"L", b"L",
+                                     b"L", b"L", b"L", b"N", b"B", b"E"]
+            assert commands[15:] in ([], [b"Q"])
             macros = milter.macros()
             assert macros["{client_addr}"] == "127.0.0.1"
             assert macros["j"] == "mx.corp.example"

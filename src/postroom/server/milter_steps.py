@@ -96,14 +96,14 @@ class MilterSteps:
                 await asyncio.to_thread(_feed_all, txn.signer, message)
         await self._milter_envelope(txn, outcome)
         if outcome.quarantine is not None:
-            log.info("%s: %s: quarantine: %s; filed in Junk", svc.name, txn.queue_id,
-                     outcome.quarantine)
+            log.info("%s: %s: quarantine: %s; filed in %s", svc.name, txn.queue_id,
+                     outcome.quarantine, svc.junk_folder)
         if not txn.recipients and not txn.remote:
             message.abort()
             log.info("%s: %s: milters removed every recipient; message dropped", svc.name,
                      txn.queue_id)
             return Reply(250, "2.0.0", f"Ok: queued as {txn.queue_id}")
-        return message, ("Junk" if outcome.quarantine is not None else None)
+        return message, (svc.junk_folder if outcome.quarantine is not None else None)
 
     async def _milter_envelope(self, txn: Transaction, outcome: MessageOutcome) -> None:
         """Sender and recipient changes: a filter is trusted as Postfix trusts it (an

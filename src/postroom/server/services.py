@@ -112,6 +112,7 @@ def _smtp_service(
         command_timeout=smtp.command_timeout,
         data_timeout=smtp.data_timeout,
         max_received=smtp.max_received_headers,
+        junk_folder=config.dmarc.junk_folder,
         checks=mail_checks(config) if name == "smtp" else None,
         milters=config.milters.for_listener(name),
         mx=name == "smtp",

@@ -92,6 +92,7 @@ class SMTPService(Service):
     # Aliases to other hosts and bounces to SRS addresses (server.forwarding).
     forwarding: Forwarding | None = None
     milters: tuple[MilterSpec, ...] = ()  # [milters]: the filters of this listener, in order
+    junk_folder: str = "Junk"  # where DMARC and milter quarantine file mail ([dmarc])
     mx: bool = False  # the MX listener: postscreen's checks, DNS lists, greylisting
 
 
