@@ -157,7 +157,11 @@ def setup(outside_tmp: Path, peer_missing: Callable[[str], None],
         junk = mailbox.Maildir(server.maildir(USER), create=False).add_folder("Junk")
         junk.add(make_message(tokens["junk"], sender=SENDER, recipient=USER,
                               subject="junk"))
-        give_to(server.data, MAIL_USER)
+        # Dovecot reads and renames the mail as MAIL_USER; the rest of the data folder
+        # stays root's, as the checkpassword program Dovecot runs here (as root) would
+        # otherwise become the folder's owner (cli: become_data_owner) and lose this
+        # Python, which may sit where only root can read.
+        give_to(server.data / "mail", MAIL_USER)
         _let_others_traverse(server.data)
         # Dovecot runs the check as root here: this Python may sit where others cannot reach.
         wrapper = outside_tmp / "checkpassword"
@@ -165,7 +169,7 @@ def setup(outside_tmp: Path, peer_missing: Callable[[str], None],
                            '-m postroom checkpassword "$@"\n')
         wrapper.chmod(0o755)
         settings = server.cli("dovecot-config", "--checkpassword", str(wrapper),
-                              "--auth-user", "root").stdout
+                              "--auth-user", "root", "--mail-user", MAIL_USER).stdout
         dovecot = DovecotIMAP(outside_tmp / "dovecot", settings)
         dovecot.start()
         yield server, dovecot, tokens
@@ -223,7 +227,7 @@ def test_a_user_added_later_logs_in_at_once(
         setup: tuple[Postroom, DovecotIMAP, dict[str, str]]) -> None:
     server, dovecot, _tokens = setup
     server.add_user("alice@corp.example", "alice-secret")
-    give_to(server.data, MAIL_USER)  # the CLI ran as root here
+    give_to(server.data / "mail", MAIL_USER)  # the CLI ran as root here
     client = imaplib.IMAP4(LOOPBACK, dovecot.port, timeout=30)
     assert client.login("alice@corp.example", "alice-secret")[0] == "OK"
     client.select("INBOX")
