@@ -85,9 +85,10 @@ def fail2ban_patterns() -> list[str]:
     from mailharness import REPO
 
     text = (REPO / "README.md").read_text()
-    block = re.search(r"failregex = (.*?)\n```", text, re.S)
+    block = re.search(r"failregex = (.*?)\n(?=\S)", text, re.S)
     assert block is not None, "the README shows a fail2ban filter"
-    return [line.strip().replace("<HOST>", r"(?P<host>[0-9A-Fa-f.:]+)")
+    # fail2ban matches after the time stamp it removed ("^ postroom..."): search instead.
+    return [line.strip().removeprefix("^").replace("<HOST>", r"(?P<host>[0-9A-Fa-f.:]+)")
             for line in block.group(1).splitlines() if line.strip()]
 
 
