@@ -2,21 +2,26 @@
 
 Clients come from other loopback addresses (127.0.0.2 and on: all of 127/8 is
 the loopback's) so that each is a client of its own, while 127.0.0.1 plays
-the honest user or the harness. DNS lists are served by a small DNS server on
-loopback run by the test (dnslib), which can also leave a zone unanswered.
+the honest user or the harness. DNS lists are served on loopback by the suite's
+DNS server (tests/mailauth/dnszone.py), which can also leave a zone unanswered.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 import socket
-import threading
+import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from mailharness import LOOPBACK, Postroom
+
+if TYPE_CHECKING:
+    from dnszone import TestDNS
 
 pytestmark = pytest.mark.interop
 
@@ -299,63 +304,32 @@ def test_pregreet_and_unnegotiated_pipelining_are_told_off_and_dropped(
 # -- DNS lists, client names and greylisting against DNS on loopback ------------------------
 
 
-class ZoneServer:
-    """A DNS server on 127.0.0.1 (UDP) answering A and PTR records from a dict; names
-    under a `silent` zone get no answer at all (a list that times out)."""
-
-    def __init__(self, records: dict[tuple[str, str], str], silent: tuple[str, ...]) -> None:
-        self.records = records
-        self.silent = silent
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((LOOPBACK, 0))
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        from dnslib import QTYPE, RCODE, RR, DNSRecord
-
-        while True:
-            try:
-                data, peer = self.sock.recvfrom(4096)
-            except OSError:
-                return
-            query = DNSRecord.parse(data)
-            name = str(query.q.qname).rstrip(".").lower()
-            if any(name.endswith(zone) for zone in self.silent):
-                continue
-            kind = QTYPE[query.q.qtype]
-            reply = query.reply()
-            value = self.records.get((name, kind))
-            if value is not None:
-                reply.add_answer(*RR.fromZone(f"{name}. 60 IN {kind} {value}"))
-            elif not any(n == name for n, _k in self.records):
-                reply.header.rcode = RCODE.NXDOMAIN
-            self.sock.sendto(reply.pack(), peer)
-
-    def close(self) -> None:
-        self.sock.close()
+def _dnszone() -> Any:
+    """tests/mailauth/dnszone.py, the suite's DNS server (that folder is not a package)."""
+    folder = str(Path(__file__).resolve().parents[1] / "mailauth")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module("dnszone")
 
 
 @pytest.fixture
-def zones(require_peer: Callable[..., str]) -> Iterator[ZoneServer]:
+def zones(require_peer: Callable[..., str]) -> Iterator[TestDNS]:
     require_peer("dnslib", module=True)
     records = {
-        ("2.0.0.127.bl.test", "A"): "127.0.0.2",  # listed
-        ("3.0.0.127.bl.test", "A"): "127.0.0.100",  # an answer the filter leaves out
-        ("4.0.0.127.wl.test", "A"): "127.0.0.2",  # allowlisted
+        ("2.0.0.127.bl.test", "A"): ["127.0.0.2"],  # listed
+        ("3.0.0.127.bl.test", "A"): ["127.0.0.100"],  # an answer the filter leaves out
+        ("4.0.0.127.wl.test", "A"): ["127.0.0.2"],  # allowlisted
     }
     for n in (2, 3, 4):
-        records[(f"{n}.0.0.127.in-addr.arpa", "PTR")] = f"host{n}.client.test."
-        records[(f"host{n}.client.test", "A")] = f"127.0.0.{n}"
-    records[("6.0.0.127.in-addr.arpa", "PTR")] = "liar.client.test."
-    records[("liar.client.test", "A")] = "192.0.2.1"
-    server = ZoneServer(records, silent=("dead.test",))
-    yield server
-    server.close()
+        records[(f"{n}.0.0.127.in-addr.arpa", "PTR")] = [f"host{n}.client.test."]
+        records[(f"host{n}.client.test", "A")] = [f"127.0.0.{n}"]
+    records[("6.0.0.127.in-addr.arpa", "PTR")] = ["liar.client.test."]
+    records[("liar.client.test", "A")] = ["192.0.2.1"]
+    with _dnszone().serve_dns(records, silent=("dead.test",)) as server:
+        yield server
 
 
-def _dns_toml(zones: ZoneServer, greylist: str) -> str:
+def _dns_toml(zones: TestDNS, greylist: str) -> str:
     return (f'[dns]\nnameservers = ["127.0.0.1:{zones.port}"]\n\n'
             '[limits]\nexceptions = ["127.0.0.1"]\n\n'
             '[screen]\nreverse_dns = "reject"\n\n'
@@ -375,7 +349,7 @@ def _transaction(port: int, source: str, helo: bytes = b"EHLO client.test") -> l
 
 
 def test_dns_lists_client_names_and_greylisting(
-    postroom_factory: Callable[..., Postroom], zones: ZoneServer,
+    postroom_factory: Callable[..., Postroom], zones: TestDNS,
 ) -> None:
     server = _server(postroom_factory, _dns_toml(
         zones, '[greylist]\nenabled = true\ndelay = "1h"\n'))
@@ -410,7 +384,7 @@ def test_dns_lists_client_names_and_greylisting(
 
 
 def test_greylisting_survives_a_restart(
-    postroom_factory: Callable[..., Postroom], zones: ZoneServer,
+    postroom_factory: Callable[..., Postroom], zones: TestDNS,
 ) -> None:
     delay = 2.0
     server = _server(postroom_factory, _dns_toml(

@@ -1,5 +1,5 @@
 """Checks of DKIM signatures for the tests: dkimpy with keys from a dict, and the peers
-(Perl Mail::DKIM, OpenDKIM) against a ZoneServer on loopback."""
+(Perl Mail::DKIM, OpenDKIM) against the DNS server of dnszone.py on loopback."""
 
 from __future__ import annotations
 

@@ -1,11 +1,16 @@
 """A test DNS server on loopback (UDP and TCP, one port) serving a dict the test may change.
 
 `records[(name, TYPE)] = [value, ...]`, names in lower case without the final
-dot, looked up on every query, so a test changes answers while it runs. A
-name that owns no records and has none below it is NXDOMAIN; a known name
-without the type answers NOERROR with no records. The values SERVFAIL and
-TIMEOUT (alone in the list) answer SERVFAIL, or nothing at all. TXT values
+dot (`set` writes them so), looked up on every query, so a test changes answers
+while it runs. Types: A, AAAA, MX ("10 host"), TXT, PTR, CNAME (followed for
+other types). A name that owns no records and has none below it is NXDOMAIN;
+a known name without the type answers NOERROR with no records. The values
+SERVFAIL and TIMEOUT (alone in the list) answer SERVFAIL, or nothing at all;
+so does every name at or below one in `silent`, for any type. TXT values
 longer than 255 octets are split into strings of 255, as zone files do.
+
+Tests outside tests/mailauth put this folder on sys.path to import it, as
+bench/smtp_bench.py does.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import socket
 import socketserver
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, TXT, A, DNSRecord
@@ -24,6 +29,10 @@ TIMEOUT = "TIMEOUT"
 TTL = 60
 
 Records = dict[tuple[str, str], list[str]]
+
+
+def _name(name: str) -> str:
+    return name.rstrip(".").lower()
 
 
 def _rdata(rtype: str, value: str) -> object:
@@ -49,19 +58,30 @@ class TestDNS:
 
     __test__ = False
 
-    def __init__(self, records: Records | None = None) -> None:
+    def __init__(self, records: Records | None = None, silent: Iterable[str] = ()) -> None:
         self.records: Records = records if records is not None else {}
+        self.silent: set[str] = {_name(s) for s in silent}
         self.queries: list[tuple[str, str]] = []
         self.port = 0
+
+    def set(self, name: str, rtype: str, values: list[str] | None) -> None:
+        """Publish `values` for (name, rtype); None removes them."""
+        key = (_name(name), rtype)
+        if values is None:
+            self.records.pop(key, None)
+        else:
+            self.records[key] = values
 
     def answer(self, data: bytes) -> bytes | None:
         request = DNSRecord.parse(data)
         q = request.q
-        name = str(q.qname).rstrip(".").lower()
+        name = _name(str(q.qname))
         rtype = QTYPE[q.qtype]
         self.queries.append((name, rtype))
+        if any(name == zone or name.endswith("." + zone) for zone in list(self.silent)):
+            return None
         reply = request.reply()
-        table = self.records  # names are written in lower case
+        table = self.records
         values = table.get((name, rtype))
         if values == [TIMEOUT]:
             return None
@@ -71,7 +91,7 @@ class TestDNS:
         if values is None and (name, "CNAME") in table:
             target = table[(name, "CNAME")][0]
             reply.add_answer(RR(name, QTYPE.CNAME, rdata=_rdata("CNAME", target), ttl=TTL))
-            values = table.get((target.rstrip(".").lower(), rtype))
+            values = table.get((_name(target), rtype))
             name = target
         if values:
             for value in values:
@@ -93,9 +113,10 @@ class _TCP(socketserver.ThreadingTCPServer):
 
 
 @contextmanager
-def serve_dns(records: Records | None = None, port: int = 0) -> Iterator[TestDNS]:
+def serve_dns(records: Records | None = None, port: int = 0,
+              silent: Iterable[str] = ()) -> Iterator[TestDNS]:
     """A running server on 127.0.0.1:`.port` (UDP and TCP; `port` 0: a free one)."""
-    zone = TestDNS(records)
+    zone = TestDNS(records, silent)
 
     class UDPHandler(socketserver.BaseRequestHandler):
         def handle(self) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from zoneserver import ZoneServer
+from dnszone import TestDNS, serve_dns
 
 from postroom.cli import main
 from postroom.mailauth.keys import KeyStore
@@ -23,15 +23,13 @@ def run(capsys: pytest.CaptureFixture[str], data: Path, *args: str) -> tuple[int
 
 
 @pytest.fixture(name="dns")
-def dns_fixture() -> Iterator[ZoneServer]:
-    server = ZoneServer()
-    server.start()
-    yield server
-    server.stop()
+def dns_fixture() -> Iterator[TestDNS]:
+    with serve_dns() as server:
+        yield server
 
 
 @pytest.fixture(name="data")
-def data_fixture(tmp_path: Path, dns: ZoneServer) -> Path:
+def data_fixture(tmp_path: Path, dns: TestDNS) -> Path:
     data = tmp_path / "data"
     data.mkdir()
     (data / "postroom.toml").write_text(
@@ -113,7 +111,7 @@ def test_dns_records_prints_every_record_as_a_zone_snippet(
     assert '; _mta-sts.corp.example.\tIN\tTXT\t"v=STSv1; id=1"' in out
 
 
-def publish_all(dns: ZoneServer, data: Path) -> None:
+def publish_all(dns: TestDNS, data: Path) -> None:
     (key,) = KeyStore(data).all()
     dns.set("corp.example", "MX", ["10 mx.corp.example"])
     dns.set("mx.corp.example", "A", [ADDRESS])
@@ -123,7 +121,7 @@ def publish_all(dns: ZoneServer, data: Path) -> None:
 
 
 def test_dns_check_is_ready_when_every_record_is_right(
-        capsys: pytest.CaptureFixture[str], data: Path, dns: ZoneServer) -> None:
+        capsys: pytest.CaptureFixture[str], data: Path, dns: TestDNS) -> None:
     run(capsys, data, "dkim", "add", "corp.example", "--selector", "s1")
     publish_all(dns, data)
     status, out, _err = run(capsys, data, "dns", "check", "corp.example")
@@ -153,7 +151,7 @@ def test_dns_check_is_ready_when_every_record_is_right(
 ], ids=["mx missing", "mx elsewhere", "address", "spf missing", "spf +all", "spf other host",
         "two spf", "dkim missing", "dkim other key", "dmarc missing", "dmarc bad policy"])
 def test_dns_check_says_what_is_missing_or_wrong(
-        capsys: pytest.CaptureFixture[str], data: Path, dns: ZoneServer, name: str, rtype: str,
+        capsys: pytest.CaptureFixture[str], data: Path, dns: TestDNS, name: str, rtype: str,
         value: list[str] | None, verdict: str) -> None:
     run(capsys, data, "dkim", "add", "corp.example", "--selector", "s1")
     publish_all(dns, data)
@@ -165,7 +163,7 @@ def test_dns_check_says_what_is_missing_or_wrong(
 
 
 def test_dns_check_without_an_answer_is_not_ready(
-        capsys: pytest.CaptureFixture[str], data: Path, dns: ZoneServer) -> None:
+        capsys: pytest.CaptureFixture[str], data: Path, dns: TestDNS) -> None:
     run(capsys, data, "dkim", "add", "corp.example", "--selector", "s1")
     publish_all(dns, data)
     dns.silent.add("_dmarc.corp.example")
@@ -175,14 +173,14 @@ def test_dns_check_without_an_answer_is_not_ready(
 
 
 def test_dns_check_without_a_key_says_to_make_one(
-        capsys: pytest.CaptureFixture[str], data: Path, dns: ZoneServer) -> None:
+        capsys: pytest.CaptureFixture[str], data: Path, dns: TestDNS) -> None:
     status, out, _err = run(capsys, data, "dns", "check", "corp.example")
     assert status == 1
     assert "MISSING  DKIM key: make one with `postroom dkim add corp.example`" in out
 
 
 def test_a_wildcard_listener_asks_only_that_the_host_has_an_address(
-        capsys: pytest.CaptureFixture[str], data: Path, dns: ZoneServer) -> None:
+        capsys: pytest.CaptureFixture[str], data: Path, dns: TestDNS) -> None:
     config = data / "postroom.toml"
     config.write_text(config.read_text().replace(f'smtp = "{ADDRESS}:25"', 'smtp = "0.0.0.0:25"'))
     run(capsys, data, "dkim", "add", "corp.example", "--selector", "s1")

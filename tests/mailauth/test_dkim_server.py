@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from dkimcheck import dkimpy_verify, mail_dkim, opendkim_verify, records
-from zoneserver import ZoneServer
+from dnszone import TestDNS, serve_dns
 
 from postroom.client import sendmail
 from postroom.config import load_config
@@ -97,11 +97,9 @@ def keys_fixture(tmp_path: Path) -> tuple[DKIMKey, DKIMKey]:
 
 
 @pytest.fixture(name="dns")
-def dns_fixture(keys: tuple[DKIMKey, DKIMKey]) -> Iterator[ZoneServer]:
-    server = ZoneServer(records(*keys))
-    server.start()
-    yield server
-    server.stop()
+def dns_fixture(keys: tuple[DKIMKey, DKIMKey]) -> Iterator[TestDNS]:
+    with serve_dns(records(*keys)) as server:
+        yield server
 
 
 def relay(tmp_path: Path, message: bytes, rcpts: list[str] | None = None) -> list[bytes]:
@@ -136,7 +134,7 @@ def without_signature(message: bytes, algorithm: str) -> bytes:
 
 
 def test_submitted_mail_is_dual_signed_and_verified_by_independent_peers(
-        tmp_path: Path, keys: tuple[DKIMKey, DKIMKey], dns: ZoneServer,
+        tmp_path: Path, keys: tuple[DKIMKey, DKIMKey], dns: TestDNS,
         require_peer: Callable[[str], str]) -> None:
     perl = require_peer("perl")
     opendkim = require_peer("opendkim")

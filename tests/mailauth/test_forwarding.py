@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dkim
 import pytest
-from zoneserver import ZoneServer
+from dnszone import TestDNS, serve_dns
 
 from postroom.config import load_config
 from postroom.mailauth.keys import DKIMKey, KeyStore
@@ -113,11 +113,9 @@ def key_fixture(tmp_path: Path) -> DKIMKey:
 
 
 @pytest.fixture(name="dns")
-def dns_fixture(key: DKIMKey) -> Iterator[ZoneServer]:
-    server = ZoneServer({(key.record_name, "TXT"): [key.txt()]})
-    server.start()
-    yield server
-    server.stop()
+def dns_fixture(key: DKIMKey) -> Iterator[TestDNS]:
+    with serve_dns({(key.record_name, "TXT"): [key.txt()]}) as server:
+        yield server
 
 
 def forward(tmp_path: Path, aliases: dict[str, list[str]], rcpt: str,
@@ -143,7 +141,7 @@ def forward(tmp_path: Path, aliases: dict[str, list[str]], rcpt: str,
 
 
 def test_alias_to_another_host_forwards_with_srs_and_an_arc_seal(
-        tmp_path: Path, key: DKIMKey, dns: ZoneServer,
+        tmp_path: Path, key: DKIMKey, dns: TestDNS,
         require_peer: Callable[[str], str]) -> None:
     perl = require_peer("perl")
     forward(tmp_path, {"boss-home@corp.example": ["boss@corp.example", "friend@far.example"]},
@@ -167,7 +165,7 @@ def test_alias_to_another_host_forwards_with_srs_and_an_arc_seal(
 
 
 def test_the_seal_carries_the_results_our_checks_wrote_not_a_forged_claim(
-        tmp_path: Path, key: DKIMKey, dns: ZoneServer) -> None:
+        tmp_path: Path, key: DKIMKey, dns: TestDNS) -> None:
     """With the checks on, the Authentication-Results that claimed our name is removed,
     ours is written, and the ARC seal of the forwarded copy carries ours (RFC 8617 4.1)."""
     dns.records[("sender.example", "TXT")] = ["v=spf1 ip4:127.0.0.1 -all"]
