@@ -28,6 +28,11 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[2]
 
+# The servers the harness starts (tests and bench/) serve folders it made as the user
+# running it, so they stay that user rather than switch to [run] user's default,
+# postroom (server/privileges.py). tests/server/test_privileges.py takes this out.
+os.environ.setdefault("POSTROOM_RUN_USER", pwd.getpwuid(os.geteuid()).pw_name)
+
 # Debian installs postfix, postconf and smtp-source in sbin folders, which an
 # unprivileged PATH often lacks.
 _SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
