@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "interop"))
 
-from mailharness import Postroom, find_program, free_ports  # noqa: E402
+from mailharness import NO_USER_RATES, Postroom, find_program, free_ports  # noqa: E402
 
 DOMAIN = "isp.example"
 USER = f"smith@{DOMAIN}"
@@ -58,7 +58,7 @@ def run_leg(name: str, algorithms: tuple[str, ...], args: argparse.Namespace, ba
         base / name, hostname="mail.isp.example", domains=(DOMAIN,),
         users={USER: PASSWORD}, listeners=("smtp", "submission"),
         extra_toml=(f"allow_plaintext_auth = true\n\n[routes]\n"
-                    f'"far.example" = "127.0.0.1:{sink_port}"\n'),
+                    f'"far.example" = "127.0.0.1:{sink_port}"\n' + NO_USER_RATES),
     )
     server.setup()
     for algorithm in algorithms:

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mailharness import (  # noqa: E402 (the path above makes the harness importable)
     LOOPBACK,
+    NO_USER_RATES,
     HarnessError,
     Postroom,
     PrivatePostfix,
@@ -244,7 +245,7 @@ def leg_postroom(args: argparse.Namespace, base: Path) -> LegResult:
         fresh_name(base, "postroom-submit"), hostname="mail.isp.example", domains=["isp.example"],
         users={SENDER: SENDER_PASSWORD}, aliases={}, listeners=("submission",),
         max_message_size="64M",
-        extra_toml=f'[routes]\n"{DOMAIN}" = "{LOOPBACK}:{receiver.smtp_port}"\n',
+        extra_toml=f'[routes]\n"{DOMAIN}" = "{LOOPBACK}:{receiver.smtp_port}"\n' + NO_USER_RATES,
     )
     try:
         sender.start()

@@ -33,6 +33,10 @@ REPO = Path(__file__).resolve().parents[2]
 # postroom (server/privileges.py). tests/server/test_privileges.py takes this out.
 os.environ.setdefault("POSTROOM_RUN_USER", pwd.getpwuid(os.geteuid()).pw_name)
 
+# A benchmark's load is one user sending as fast as it can, and Postfix limits no
+# user's rate by default: the legs compare without [limits]' per-user rates.
+NO_USER_RATES = "\n[limits]\nuser_message_rate = 0\nuser_recipient_rate = 0\n"
+
 # Debian installs postfix, postconf and smtp-source in sbin folders, which an
 # unprivileged PATH often lacks.
 _SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
