@@ -4,8 +4,10 @@ the files; and the UIDLs and sizes are those of a full listing, message for mess
 
 from __future__ import annotations
 
+import gc
 import os
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,7 +193,7 @@ def test_a_missing_or_corrupt_index_is_rebuilt_from_the_files(box: Path, damage:
         lines[6] = "../../etc/passwd"
         index.write_text("\n".join(lines))
     assert snapshot(box) == expected
-    assert dropindex.read_index(index).listing.uids == [uid for _size, uid in expected]
+    assert dropindex.read_index(index).uids == [uid for _size, uid in expected]
 
 
 def test_an_index_of_other_files_never_wins_over_the_files(box: Path, tmp_path: Path) -> None:
@@ -288,3 +290,60 @@ def test_a_file_with_an_empty_base_name_still_gets_a_uidl(tmp_path: Path) -> Non
         assert len(drop.uids[0]) == 40
     finally:
         drop.close()
+
+
+def test_a_session_holds_a_few_blocks_not_one_per_message(tmp_path: Path) -> None:
+    """The snapshot's names and UIDLs are each one string and an array of offsets:
+    freed small strings would leave the interpreter's arenas, and so the process's
+    memory, partly used after the session (BENCHMARKS.md, POP3 login on a big
+    maildrop). Counted for a first login (no index) and a second (the index)."""
+    count = 20_000
+    for sub in ("new", "cur", "tmp"):
+        (tmp_path / sub).mkdir()
+    data = crlf_message(1)
+    for n in range(count):
+        sub = ("new", "cur")[n % 2]
+        name = f"{1000 + n}.M{n}P1Q{n}.mx.corp.example,S={len(data)},W={len(data)}"
+        if n % 100 == 0:
+            name = f"{1000 + n}.M{n}P1Q{n}.{LONG_HOST},S={len(data)},W={len(data)}"
+        os.close(os.open(tmp_path / sub / (name + (":2,S" if sub == "cur" else "")),
+                         os.O_WRONLY | os.O_CREAT, 0o600))
+    settle(tmp_path)
+    expected = reference(tmp_path)
+    for login in ("first", "second"):
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            drop = Maildrop.open(tmp_path)
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        try:
+            held = sum(diff.count_diff for diff in after.compare_to(before, "filename")
+                       if "postroom" in diff.traceback[0].filename)
+            assert held < 100, f"{login} login: {held} blocks held for {count} messages"
+            assert isinstance(drop.listing.names, dropindex.Packed)
+            assert isinstance(drop.listing.uids, dropindex.Packed)
+            assert list(zip(drop.sizes, drop.uids, strict=True)) == expected
+            assert drop.path(count).name.startswith(f"{1000 + count - 1}.")
+        finally:
+            drop.close()
+    assert (tmp_path / INDEX_NAME).is_file()
+
+
+def test_packed_strings_read_as_a_list_of_them() -> None:
+    items = ["new/1.a", "", "cur/caf\u00e9:2,S", "bad\udcff", "x" * 300]
+    packed = dropindex.Packed(items)
+    assert len(packed) == 5 and list(packed) == items and packed == items
+    assert [packed[i] for i in range(-5, 5)] == items + items
+    assert packed[1:4] == items[1:4] and packed[::-2] == items[::-2]
+    assert packed == dropindex.Packed(iter(items)) and packed != items[:4]
+    assert dropindex.Packed(["ab", "c"]) != dropindex.Packed(["a", "bc"])  # same blob
+    assert "" in packed and packed.index("bad\udcff") == 3
+    for bad in (5, -6):
+        with pytest.raises(IndexError):
+            packed[bad]
+    empty = dropindex.Packed()
+    assert len(empty) == 0 and list(empty) == [] and empty == []

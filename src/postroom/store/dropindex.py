@@ -16,7 +16,11 @@ The index is only ever replaced whole, by rename(2) after a data sync
 (postroom.store.durable), so a reader sees the old file or the new one.
 
 The snapshot comes out as parallel sequences (`Listing`), not an object per
-message: a session on a maildrop of hundreds of thousands holds only these.
+message, and its names and UIDLs each as one string with the offsets where each
+ends (`Packed`): a session on a maildrop of hundreds of thousands holds a few
+large blocks, which go back to the system when it ends, not hundreds of
+thousands of small strings, whose freed slots would keep the interpreter's
+small-object arenas (and so the process's memory) partly used for good.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import os
 import re
 import time
 from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 from postroom.store import durable
 from postroom.store.maildir import LineEnds, SortKey, scan_name
@@ -89,41 +96,99 @@ def _cached_sent_size(path: Path, unique: str, stored: int) -> tuple[int, bool]:
     return known
 
 
+class Packed(Sequence[str]):
+    """Strings, read only, held as one string and an array of where each ends.
+
+    Item i is a slice made when asked for; what is held is two blocks however
+    many strings there are (see the module docstring for why that matters).
+    """
+
+    __slots__ = ("_blob", "_ends")
+
+    def __init__(self, items: Iterable[str] = ()) -> None:
+        strings = items if isinstance(items, list) else list(items)
+        self._blob = "".join(strings)
+        self._ends = array("I" if len(self._blob) < 1 << 32 else "Q",
+                           itertools.accumulate(map(len, strings)))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self._ends)))]
+        ends = self._ends
+        end = ends[index]  # IndexError, and negative numbers, as for a list
+        if index < 0:
+            index += len(ends)
+        return self._blob[ends[index - 1] if index else 0:end]
+
+    def __iter__(self) -> Iterator[str]:
+        blob, start = self._blob, 0
+        for end in self._ends:
+            yield blob[start:end]
+            start = end
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Packed):
+            return self._blob == other._blob and self._ends.tolist() == other._ends.tolist()
+        if isinstance(other, (list, tuple)):
+            return len(other) == len(self) and all(map(str.__eq__, self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # equal to a list, as mutable as one is not
+
+    def __repr__(self) -> str:
+        return f"Packed({list(self)!r})"
+
+
 @dataclass(slots=True)
 class Listing:
     """A maildrop's messages in delivery order (maildir.list_messages's), message N
     at index N - 1 of each sequence."""
 
-    names: list[str] = field(default_factory=list)  # "new/NAME" or "cur/NAME"
+    names: Packed = field(default_factory=Packed)  # "new/NAME" or "cur/NAME"
     sizes: array[int] = field(default_factory=lambda: array("q"))  # octets as RETR sends
-    uids: list[str] = field(default_factory=list)  # UIDL (RFC 1939 7), as `uid_for` makes
+    uids: Packed = field(default_factory=Packed)  # UIDL (RFC 1939 7), as `uid_for` makes
     flags: bytearray = field(default_factory=bytearray)  # CRLF
 
 
 @dataclass(slots=True)
 class _Index:
-    """The index file's content: parallel columns in delivery order."""
+    """The index file's content: parallel columns in delivery order. Lists of
+    strings while it is read and brought up to date; `listing` packs them."""
 
     stamps: dict[str, str]  # folder -> "mtime_ns.inode" when recorded, "-" if unknown
     whens: array[int] = field(default_factory=lambda: array("q"))  # delivery second
     usecs: array[int] = field(default_factory=lambda: array("q"))  # its microsecond
-    listing: Listing = field(default_factory=Listing)
+    names: list[str] = field(default_factory=list)  # as Listing's
+    sizes: array[int] = field(default_factory=lambda: array("q"))
+    uids: list[str] = field(default_factory=list)
+    flags: bytearray = field(default_factory=bytearray)
+
+    def listing(self) -> Listing:
+        return Listing(Packed(self.names), self.sizes, Packed(self.uids), self.flags)
 
     def select(self, rows: list[int]) -> _Index:
         """The entries numbered `rows` (from 0), in that order."""
-        old = self.listing
-        listing = Listing([old.names[i] for i in rows], array("q", [old.sizes[i] for i in rows]),
-                          [old.uids[i] for i in rows], bytearray([old.flags[i] for i in rows]))
         return _Index({}, array("q", [self.whens[i] for i in rows]),
-                      array("q", [self.usecs[i] for i in rows]), listing)
+                      array("q", [self.usecs[i] for i in rows]), [self.names[i] for i in rows],
+                      array("q", [self.sizes[i] for i in rows]), [self.uids[i] for i in rows],
+                      bytearray([self.flags[i] for i in rows]))
 
     def append(self, key: SortKey, name: str, size: int, uid: str, flags: int) -> None:
         self.whens.append(key[0])
         self.usecs.append(key[1])
-        self.listing.names.append(name)
-        self.listing.sizes.append(size)
-        self.listing.uids.append(uid)
-        self.listing.flags.append(flags)
+        self.names.append(name)
+        self.sizes.append(size)
+        self.uids.append(uid)
+        self.flags.append(flags)
 
 
 class CorruptIndex(ValueError):
@@ -146,7 +211,7 @@ def load(root: Path) -> Listing:
     if old is not None and all(
         stamps[sub] != "-" and old.stamps.get(sub) == stamps[sub] for sub in SUBFOLDERS
     ):
-        return old.listing
+        return old.listing()
     new = _update(root, old or _Index({}), {
         sub for sub in SUBFOLDERS
         if old is None or stamps[sub] == "-" or old.stamps.get(sub) != stamps[sub]
@@ -154,7 +219,7 @@ def load(root: Path) -> Listing:
     new.stamps = stamps
     with contextlib.suppress(OSError):
         write_index(root, new)
-    return new.listing
+    return new.listing()
 
 
 def _stamp(folder: Path, now_ns: int) -> str:
@@ -171,11 +236,10 @@ def _stamp(folder: Path, now_ns: int) -> str:
 
 def _update(root: Path, old: _Index, changed: set[str]) -> _Index:
     """`old` brought up to date: the folders in `changed` listed, the others kept."""
-    listing = old.listing
-    listed = [name[:3] in changed for name in listing.names]  # in a folder listed again
+    listed = [name[:3] in changed for name in old.names]  # in a folder listed again
     # Entries of a listed folder, by name and by unique name: a file another reader
     # moved (new/ -> cur/) or whose flags it changed is still the same message.
-    position = {name: i for i, name in enumerate(listing.names) if listed[i]}
+    position = {name: i for i, name in enumerate(old.names) if listed[i]}
     moved = {name[4:].partition(":")[0]: i for name, i in position.items()}
     keep = bytearray(not again for again in listed)  # 1: entry i is still there as named
     added: list[tuple[SortKey, str, int, str, int]] = []  # key, name, size, uid, flags
@@ -197,7 +261,7 @@ def _update(root: Path, old: _Index, changed: set[str]) -> _Index:
             was = moved.get(name.partition(":")[0])
             if was is not None:
                 added.append(((old.whens[was], old.usecs[was], name), f"{sub}/{name}",
-                               listing.sizes[was], listing.uids[was], listing.flags[was]))
+                               old.sizes[was], old.uids[was], old.flags[was]))
                 continue
             scanned = scan_name(folder, name)
             if scanned is None:
@@ -211,11 +275,11 @@ def _update(root: Path, old: _Index, changed: set[str]) -> _Index:
                     continue  # gone while listing: not part of the snapshot
             added.append((key, f"{sub}/{name}", size, uid_for(entry.uid_base_name),
                           CRLF if crlf else 0))
-    kept = [i for i in range(len(listing.names)) if keep[i]]
+    kept = [i for i in range(len(old.names)) if keep[i]]
     added.sort(key=lambda item: item[0])
     if added and kept and added[0][0] < _key(old, kept[-1]):  # not all later: merge
-        rows = [(_key(old, i), listing.names[i], listing.sizes[i], listing.uids[i],
-                 listing.flags[i]) for i in kept]
+        rows = [(_key(old, i), old.names[i], old.sizes[i], old.uids[i], old.flags[i])
+                for i in kept]
         rows.extend(added)
         rows.sort(key=lambda item: item[0])
         new = _Index({})
@@ -230,7 +294,7 @@ def _update(root: Path, old: _Index, changed: set[str]) -> _Index:
 
 def _key(index: _Index, i: int) -> SortKey:
     """Entry i's place in delivery order (maildir.list_messages's key)."""
-    return index.whens[i], index.usecs[i], index.listing.names[i].partition("/")[2]
+    return index.whens[i], index.usecs[i], index.names[i].partition("/")[2]
 
 
 def read_index(path: Path) -> _Index:
@@ -256,24 +320,23 @@ def read_index(path: Path) -> _Index:
         count = int(words[2])
         stamps = dict(word.split("=", 1) for word in words[3:])
         index = _Index(stamps, array("q", map(int, whens.split())),
-                       array("q", map(int, usecs.split())), Listing(
-                           [], array("q", map(int, sizes.split())), uids.split(),
-                           bytearray(flags.encode("ascii").translate(_DIGITS))))
+                       array("q", map(int, usecs.split())), [],
+                       array("q", map(int, sizes.split())), uids.split(),
+                       bytearray(flags.encode("ascii").translate(_DIGITS)))
     except (ValueError, IndexError, UnicodeEncodeError) as exc:
         raise CorruptIndex(f"bad header or column: {exc}") from None
-    listing = index.listing
     short = rest.split("\n")[:-1]
-    if not count == len(index.whens) == len(index.usecs) == len(listing.sizes) == len(
-            listing.flags) == len(listing.uids) == len(short):
+    if not count == len(index.whens) == len(index.usecs) == len(index.sizes) == len(
+            index.flags) == len(index.uids) == len(short):
         raise CorruptIndex(f"columns of different lengths for {count} messages")
-    if max(listing.flags, default=0) > CRLF or min(listing.sizes, default=0) < 0:
+    if max(index.flags, default=0) > CRLF or min(index.sizes, default=0) < 0:
         raise CorruptIndex("bad flags or sizes")
     if _UIDS.fullmatch(uids) is None:
         raise CorruptIndex("a UIDL that is not one of RFC 1939 7")
     if _NAMES.fullmatch(rest) is None:
         raise CorruptIndex("a name outside new/ and cur/")
-    listing.names = [n[:4] + u + n[5:] if n[4:5] == "=" else n
-                     for n, u in zip(short, listing.uids, strict=True)]
+    index.names = [n[:4] + u + n[5:] if n[4:5] == "=" else n
+                   for n, u in zip(short, index.uids, strict=True)]
     return index
 
 
@@ -283,11 +346,10 @@ _DIGITS = bytes.maketrans(b"0123456789", bytes(range(10)))
 def write_index(root: Path, index: _Index) -> None:
     """Replace the index in `root` (write, data sync, rename: durable's steps 1-3;
     an index lost to a crash only costs a full listing). BLOCKING."""
-    listing = index.listing
     stamps = dict(index.stamps)
     rows: list[int] = []
     names: list[str] = []
-    for i, (name, uid) in enumerate(zip(listing.names, listing.uids, strict=True)):
+    for i, (name, uid) in enumerate(zip(index.names, index.uids, strict=True)):
         if name.startswith(uid, 4):
             name = name[:4] + "=" + name[4 + len(uid):]
         elif name[4:5] == "=" or "\n" in name:
@@ -295,16 +357,16 @@ def write_index(root: Path, index: _Index) -> None:
             continue
         rows.append(i)
         names.append(name)
-    if len(rows) != len(listing.names):
+    if len(rows) != len(index.names):
         index = index.select(rows)
     words = " ".join(f"{sub}={stamps.get(sub, '-')}" for sub in SUBFOLDERS)
     lines = [
         f"{FORMAT} {len(rows)} {words}",
         " ".join(map(str, index.whens)),
         " ".join(map(str, index.usecs)),
-        " ".join(map(str, index.listing.sizes)),
-        "".join(map(str, index.listing.flags)),
-        " ".join(index.listing.uids),
+        " ".join(map(str, index.sizes)),
+        "".join(map(str, index.flags)),
+        " ".join(index.uids),
         *names,
         "",
     ]

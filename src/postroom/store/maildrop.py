@@ -39,13 +39,15 @@ THREAD_READ_ABOVE = 1024 * 1024
 @dataclass
 class Maildrop:
     """One locked session's view of a Maildir: the snapshot as parallel sequences
-    (postroom.store.dropindex.Listing), message N at index N - 1."""
+    (postroom.store.dropindex.Listing, its names and UIDLs packed, read only),
+    message N at index N - 1."""
 
     root: Path
     listing: dropindex.Listing = field(default_factory=dropindex.Listing)
     retrieved: bytearray = field(default_factory=bytearray)  # 1: RETR read it, cur/ at QUIT
     _lock_fd: int | None = None
     _ahead: tuple[int, list[bytes]] | None = None  # (number, bytes) read before asked
+    _moved: dict[int, str] = field(default_factory=dict)  # number -> name found since
 
     @classmethod
     def open(cls, root: Path) -> Maildrop:
@@ -83,16 +85,20 @@ class Maildrop:
     def crlf(self, number: int) -> bool:
         return bool(self.listing.flags[number - 1] & CRLF)
 
+    def name(self, number: int) -> str:
+        """Message `number`'s "new/NAME" or "cur/NAME" where its file was last seen."""
+        return self._moved.get(number) or self.listing.names[number - 1]
+
     def path(self, number: int) -> Path:
         """Where message `number`'s file was last seen."""
-        return self.root / self.listing.names[number - 1]
+        return self.root / self.name(number)
 
     def _locate(self, number: int) -> bool:
         """Find a message another Maildir reader renamed (new/ -> cur/, new flags) by
         its unique name; False when it is really gone. Updates where it was seen."""
         if self.path(number).exists():
             return True
-        unique = self.listing.names[number - 1].partition("/")[2].partition(":")[0]
+        unique = self.name(number).partition("/")[2].partition(":")[0]
         for sub in ("cur", "new"):
             try:
                 names = os.listdir(self.root / sub)
@@ -100,7 +106,7 @@ class Maildrop:
                 continue
             for name in names:
                 if name == unique or name.startswith(unique + ":"):
-                    self.listing.names[number - 1] = f"{sub}/{name}"
+                    self._moved[number] = f"{sub}/{name}"
                     return True
         return False
 
@@ -186,7 +192,7 @@ class Maildrop:
                     continue
                 folder = self.path(number).parent
                 removed_from[folder] = removed_from.get(folder, 0) + 1
-            elif self.retrieved[number - 1] and self.listing.names[number - 1].startswith("new/"):
+            elif self.retrieved[number - 1] and self.name(number).startswith("new/"):
                 path = self.path(number)
                 target = self.root / "cur" / f"{path.name}:2,S"
                 with contextlib.suppress(OSError):  # a failed move loses nothing
@@ -214,6 +220,7 @@ class Maildrop:
         self.listing = dropindex.Listing()
         self.retrieved = bytearray()
         self._ahead = None
+        self._moved = {}
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
