@@ -10,9 +10,10 @@ size of each large block freed, up to 32 MiB, and its trim threshold to twice
 that: after one session freed a 10 MiB index, the next session's big blocks
 (the snapshot's packed names and UIDLs, the index text, LIST's answer) come
 from the heap of the thread that made them, whose free top malloc_trim never
-touches; tens of MiB stayed resident after QUIT. Importing this module fixes
-both thresholds (`MALLOC_THRESHOLD`), which turns that adjustment off: a large
-block is its own mapping, unmapped when freed.
+touches; tens of MiB stayed resident after QUIT. `fix_thresholds()`, called
+once by the server before it forks, fixes both thresholds (`MALLOC_THRESHOLD`),
+which turns that adjustment off: a large block is its own mapping, unmapped
+when freed.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ _M_TRIM_THRESHOLD = -1  # malloc.h
 _M_MMAP_THRESHOLD = -3
 
 
-def _fix_thresholds() -> bool:
+def fix_thresholds() -> bool:
+    """Fix glibc's mmap and trim thresholds for this process and the ones it forks
+    (the module's docstring); False where that cannot be done."""
+    if _TRIM is None:
+        return False
     with contextlib.suppress(OSError, AttributeError, TypeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt: Callable[[int, int], int] = libc.mallopt
@@ -53,8 +58,6 @@ def _fix_thresholds() -> bool:
                     and mallopt(_M_TRIM_THRESHOLD, MALLOC_THRESHOLD))
     return False  # not glibc
 
-
-THRESHOLDS_FIXED = _fix_thresholds() if _TRIM is not None else False
 
 
 def release() -> bool:

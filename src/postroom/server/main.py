@@ -35,7 +35,7 @@ from postroom.control import (
 )
 from postroom.defense import anvil
 from postroom.defense.gate import build_defense, limits_of
-from postroom.server import metrics, notify, privileges
+from postroom.server import heap, metrics, notify, privileges
 from postroom.server.acceptor import DeferredServer
 from postroom.server.acme import CertificateKeeper
 from postroom.server.descriptors import Descriptors, raise_open_files_limit
@@ -602,6 +602,7 @@ def _run_locked(config: Config, handler: logging.Handler, lock: ServerLock,
     log.info("starting postroom (event loop: %s, processes: %d)", flavour, processes)
     # Raised once, before forking: every process inherits the limit.
     log.info("open files limit: %d", raise_open_files_limit())
+    heap.fix_thresholds()  # and the malloc thresholds (server.heap)
     # Until serve() handles them, these signals wait (pending): by default each would
     # end the process at once, with no drain and no log line. The workers inherit this.
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
