@@ -166,3 +166,19 @@ def test_an_international_from_domain_finds_its_key(store: KeyStore, tmp_path: P
     message = MESSAGE.replace(b"boss@corp.example", "boss@Bücher.example".encode())
     signed = Signer(KeyRing(tmp_path)).sign(message)
     assert b"d=xn--bcher-kva.example" in signed and dkimpy_verify(signed, key)
+
+
+def test_a_from_domain_without_a_key_is_not_hashed_nor_signed_later(store: KeyStore,
+                                                                    tmp_path: Path) -> None:
+    """The body of mail no key signs is not hashed; a key that appears while the body
+    streams does not get a signature over a body it never saw."""
+    now = [0.0]
+    ring = KeyRing(tmp_path, clock=lambda: now[0])
+    signer = Signer(ring).start()
+    head, body = MESSAGE.split(b"\r\n\r\n", 1)
+    signer.feed(head + b"\r\n\r\n")
+    store.add("corp.example", "s1", "rsa")
+    now[0] += 3600.0  # the ring looks at the key folder again: the key is there now
+    assert ring.keys_for("corp.example")
+    signer.feed(body)
+    assert signer.finish() == b""

@@ -188,7 +188,8 @@ def from_domain(fields: list[list[bytes]]) -> str | None:
 class StreamSigner:
     """One message, fed as it is written; `finish()` gives its DKIM-Signature fields."""
 
-    __slots__ = ("_keys", "_head", "_body", "_in_body", "_extra", "_too_large", "_clock")
+    __slots__ = ("_keys", "_head", "_body", "_in_body", "_extra", "_too_large", "_clock",
+                 "_unsigned")
 
     def __init__(self, keys: Callable[[str], list[SigningKey]],
                  clock: Callable[[], float] = time.time) -> None:
@@ -199,10 +200,14 @@ class StreamSigner:
         self._extra = b""
         self._too_large = False
         self._clock = clock
+        # The From domain has no key: the body is not hashed (most mail a host sends
+        # may be for domains without keys; hashing costs as much as the rest of intake).
+        self._unsigned = False
 
     def feed(self, data: bytes) -> None:
         if self._in_body:
-            self._body.update(data)
+            if not self._unsigned:
+                self._body.update(data)
             return
         start = max(0, len(self._head) - 3)
         self._head += data
@@ -213,7 +218,7 @@ class StreamSigner:
             if end < 0:
                 if len(self._head) > MAX_HEADER_SECTION:
                     self._too_large = True
-                    self._in_body = True  # stop keeping it; the message goes unsigned
+                    self._in_body = self._unsigned = True  # the message goes unsigned
                     self._head.clear()
                 return
             end += 2
@@ -222,8 +227,18 @@ class StreamSigner:
         rest = bytes(self._head[end + 2 :])
         del self._head[end:]
         self._in_body = True
-        if rest:
+        self._unsigned = not self._has_key()
+        if rest and not self._unsigned:
             self._body.update(rest)
+
+    def _has_key(self) -> bool:
+        """Whether the header section's From domain has a key to sign with (a header
+        section that cannot be signed is left for `finish` to log)."""
+        fields = parse_fields(bytes(self._head))
+        if fields is None:
+            return True
+        domain = from_domain(fields)
+        return domain is None or bool(self._keys(domain))
 
     def add_fields(self, lines: bytes) -> None:
         """Header fields we added to the message (Date, Message-ID, RFC 6409 8)."""
@@ -235,6 +250,8 @@ class StreamSigner:
         if self._too_large:
             log.warning("%snot signed: header section over %d octets", where,
                         MAX_HEADER_SECTION)
+            return b""
+        if self._unsigned:  # no key for the From domain when the body began
             return b""
         fields = parse_fields(bytes(self._extra) + bytes(self._head))
         if fields is None:
