@@ -100,6 +100,7 @@ class Schedule:
         self._heap: list[tuple[float, str]] = []
         self._probes: list[tuple[float, str]] = []  # (dead_until, domain)
         self._unblocked: set[str] = set()  # domains with a free slot and a ready line
+        self._released: set[str] = set()  # ACTIVE entries whose slot went back early
         self._limit = max_per_destination
         self._interval = probe_interval
         self._give_up = give_up_after
@@ -264,6 +265,21 @@ class Schedule:
 
     # -- outcomes -------------------------------------------------------------------
 
+    def release_slot(self, queue_id: str) -> None:
+        """The deliveries of `queue_id`'s attempt are over (their results durable) and
+        only its bookkeeping remains (notices, removal): its destination's slot goes to
+        the next message now, not when `finished` comes."""
+        entry = self.entries.get(queue_id)
+        if entry is None or entry.where != ACTIVE or queue_id in self._released:
+            return
+        dest = self.destinations.get(entry.dest)
+        if dest is None:
+            return
+        self._released.add(queue_id)
+        dest.active -= 1
+        if dest.ready:
+            self._unblocked.add(entry.dest)
+
     def finished(self, queue_id: str, entry: Entry | None) -> None:
         """The attempt of `queue_id` is over: `entry` is its new schedule (None: it left
         the queue). Frees its destination's slot."""
@@ -273,8 +289,11 @@ class Schedule:
         self.active -= 1
         name = old.dest
         dest = self.destinations.get(name)
+        released = queue_id in self._released
+        self._released.discard(queue_id)
         if dest is not None:
-            dest.active -= 1
+            if not released:
+                dest.active -= 1
             if dest.probing == queue_id:
                 dest.probing = None
             if dest.ready:

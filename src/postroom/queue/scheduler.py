@@ -430,6 +430,10 @@ class Scheduler:
                 return None
             if not attempt.ran:
                 return old  # stopping: nothing was tried, nothing changes
+            # The results are on disk (or, for a message all done, about to be removed):
+            # the destination's next message need not wait for the removal or notices.
+            self._schedule.release_slot(queue_id)
+            self._wakeup.set()
         return await self._conclude(envelope, attempt)
 
     async def _deliver_group(
