@@ -57,6 +57,23 @@ def test_a_destination_at_its_limit_lines_up_the_rest() -> None:
     assert s.take_due(T0, room=10) == ["m2"]
 
 
+def test_a_slot_released_early_goes_to_the_next_message_once() -> None:
+    """release_slot: the deliveries are over, the removal is not; the destination's next
+    message starts, and the attempt's end frees nothing twice."""
+    s = schedule(limit=1)
+    for n in range(3):
+        s.put(f"m{n}", entry(T0))
+    assert s.take_due(T0, room=10) == ["m0"]
+    s.release_slot("m0")
+    s.release_slot("m0")  # once only
+    assert s.take_due(T0, room=10) == ["m1"]
+    assert s.entries["m0"].where == ACTIVE and s.active == 2  # still counted in all
+    s.finished("m0", None)
+    assert s.take_due(T0, room=10) == []  # m1 holds the one slot
+    s.finished("m1", None)
+    assert s.take_due(T0, room=10) == ["m2"]
+
+
 def test_the_total_room_is_respected() -> None:
     s = schedule(limit=10)
     for n in range(5):
