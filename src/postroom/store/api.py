@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from postroom.canonical import canonical, split
+from postroom.canonical import canonical, canonical_domain, split
 
 
 class DirectoryError(Exception):
@@ -58,6 +58,20 @@ class Expansion:
     def broken(self) -> bool:
         """An alias that exists but reaches no one: its targets are gone or loop."""
         return not self.mailboxes and not self.remote
+
+
+def mailbox_parts(address: str) -> tuple[str, str]:
+    """(local part, domain) of an address that can name a mailbox in either backend:
+    its domain already in canonical form (ASCII, lower case, not a literal); else
+    ValueError. Each backend adds what its own names forbid in the local part."""
+    local, domain = split(address)
+    try:
+        canon = canonical_domain(domain)
+    except ValueError:
+        raise ValueError(f"not a mailbox address: {address!r}") from None
+    if canon != domain or domain.startswith("["):
+        raise ValueError(f"domain is not in canonical form: {address!r}")
+    return local, domain
 
 
 def check_folder(name: str) -> str:

@@ -18,8 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from postroom.batch import BatchThread
-from postroom.canonical import canonical_domain, split
-from postroom.store.api import check_folder
+from postroom.store.api import check_folder, mailbox_parts
 from postroom.store.commit import Delivery, MessageWriter, commit
 from postroom.store.maildrop import Maildrop
 
@@ -55,15 +54,9 @@ class MaildirMailboxes:
         known = self._maildirs.get(address)
         if known is not None:
             return known
-        local, domain = split(address)
+        local, domain = mailbox_parts(address)
         if not local or local.startswith(".") or any(c in local for c in "/\\\0"):
             raise ValueError(f"not usable as a mailbox folder name: {address!r}")
-        try:
-            canon = canonical_domain(domain)
-        except ValueError:
-            raise ValueError(f"not a mailbox address: {address!r}") from None
-        if canon != domain or domain.startswith("["):
-            raise ValueError(f"domain is not in canonical form: {address!r}")
         if len(self._maildirs) >= MAILDIRS_KEPT:
             self._maildirs.clear()
         path = self._maildirs[address] = self.mail_dir / domain / local

@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import psycopg_pool
 
-from postroom.canonical import canonical_domain, split
-from postroom.store.api import check_folder
+from postroom.store.api import check_folder, mailbox_parts
 from postroom.store.mailboxes import STALE_AFTER, _remove_stale
 from postroom.store.maildir import LineEnds
 from postroom.store.pgconnect import POOL_TIMEOUT, StoreUnavailable, conninfo, describe, faults
@@ -53,15 +52,9 @@ RENEW_EVERY = LEASE_SECONDS / 3
 
 def check_mailbox(address: str) -> str:
     """`address` when it can name a mailbox (canonical, ASCII domain), else ValueError."""
-    local, domain = split(address)
+    local, _domain = mailbox_parts(address)
     if not local or "\0" in local:
         raise ValueError(f"not usable as a mailbox name: {address!r}")
-    try:
-        canon = canonical_domain(domain)
-    except ValueError:
-        raise ValueError(f"not a mailbox address: {address!r}") from None
-    if canon != domain or domain.startswith("["):
-        raise ValueError(f"domain is not in canonical form: {address!r}")
     return address
 
 
