@@ -140,7 +140,7 @@ def setup(outside_tmp: Path, peer_missing: Callable[[str], None],
     if not any(Path(d, "imap").is_file() for d in ("/usr/lib/dovecot", "/usr/libexec/dovecot")):
         peer_missing("dovecot's imap service (dovecot-imapd) is not installed")
     if os.geteuid() != 0:
-        pytest.skip("a private Dovecot instance needs root")
+        peer_missing("a private Dovecot instance needs root")
     server = Postroom(outside_tmp / "postroom", users={USER: PASSWORD}, aliases={},
                       listeners=("smtp", "pop3"),
                       extra_toml="[pop3]\nallow_plaintext_auth = true\n")
