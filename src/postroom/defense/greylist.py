@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from postroom.protocol.replies import Reply
+from postroom.store import sqlitefile
 
 BUSY_TIMEOUT = 5.0  # seconds SQLite waits for another process's write
 IPV4_PREFIX = 24  # RFC 6647 4.1.1: senders retry from other hosts of their network
@@ -71,8 +72,7 @@ class Greylist:
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
+            db = sqlitefile.connect(self.path, BUSY_TIMEOUT)
             db.executescript(_SCHEMA)
             self._local.db = db
         return db

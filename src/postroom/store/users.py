@@ -19,11 +19,12 @@ from pathlib import Path
 from argon2 import PasswordHasher
 
 from postroom.canonical import canonical, canonical_domain, mail_domain, mailbox_address, split
+from postroom.store import sqlitefile
 from postroom.store.api import DirectoryError, Expansion, local_address, user_key
 from postroom.store.expansion import SUBADDRESS_DELIMITER, check_alias_target, expand
 from postroom.store.passwords import Hashes, check_password
 
-BUSY_TIMEOUT_MS = 10_000  # wait this long for another process's write transaction
+BUSY_TIMEOUT = 10.0  # seconds to wait for another process's write transaction
 
 SCHEMA_VERSION = 2
 _SCHEMA = """
@@ -100,8 +101,7 @@ class SQLiteUserDirectory:
             # SQLite gives the -wal and -shm files the same mode.
             with contextlib.suppress(FileExistsError):
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn = sqlitefile.connect(self.path, BUSY_TIMEOUT)
         with self._init_lock:
             if not self._initialized:
                 self._create_schema(conn)
@@ -111,8 +111,6 @@ class SQLiteUserDirectory:
 
     @staticmethod
     def _create_schema(conn: sqlite3.Connection) -> None:
-        # WAL lets readers (the server) proceed while a writer (the CLI) commits.
-        conn.execute("PRAGMA journal_mode = WAL")
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise DirectoryError(
