@@ -25,7 +25,7 @@ import dns.rdatatype
 import dns.resolver
 from dns.resolver import NXDOMAIN
 
-__all__ = ["DNSTrouble", "NXDOMAIN", "Resolver", "lookup", "make_resolver"]
+__all__ = ["DNSTrouble", "NXDOMAIN", "Resolver", "lookup", "lookup_until", "make_resolver"]
 
 MAX_CACHE_TTL = 300.0  # seconds: a DNS change takes effect within five minutes
 MAX_MEMO = 10_000  # answers kept by name text, before the memo starts afresh
@@ -64,11 +64,11 @@ class _CappedCache(dns.resolver.Cache):
             self.memo.clear()
         self.memo[(name, rdtype)] = (expiration, records)
 
-    def recall(self, name: str, rdtype: str) -> list[Any] | None:
+    def recall(self, name: str, rdtype: str) -> tuple[list[Any], float] | None:
         known = self.memo.get((name, rdtype))
         if known is None or known[0] <= time.time():
             return None
-        return list(known[1])
+        return list(known[1]), known[0]
 
     def flush(self, key: Any = None) -> None:
         self.memo.clear()
@@ -114,6 +114,13 @@ async def lookup(resolver: Resolver, name: str, rdtype: str) -> list[Any]:
     The name is absolute: never completed with a search-list suffix. A CNAME
     chain is followed and ends in records of the asked type, or in none.
     """
+    records, _expiration = await lookup_until(resolver, name, rdtype)
+    return records
+
+
+async def lookup_until(resolver: Resolver, name: str, rdtype: str) -> tuple[list[Any], float]:
+    """`lookup`, and the time (time.time()) until which the answer holds: what is
+    derived from it may be kept as long."""
     cache = resolver.cache
     if isinstance(cache, _CappedCache):
         known = cache.recall(name, rdtype)
@@ -138,4 +145,4 @@ async def lookup(resolver: Resolver, name: str, rdtype: str) -> list[Any]:
     records = [] if answer.rrset is None else list(answer.rrset)
     if isinstance(cache, _CappedCache):
         cache.remember(name, rdtype, answer.expiration, records)
-    return list(records)
+    return list(records), answer.expiration

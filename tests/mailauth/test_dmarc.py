@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -181,6 +182,32 @@ def test_iprev(dns_server: TestDNS, ip: str, expected: str, name: str) -> None:
         return await iprev.check_iprev(resolver, ip)
     result = asyncio.run(go())
     assert (result.result, result.name) == (expected, name), result.reason
+
+
+def test_iprev_memo_keeps_a_result_as_long_as_its_dns_answers(dns_server: TestDNS) -> None:
+    """A client that comes back costs no lookup; once the answers' time is past (TTL
+    60 s here), the result is worked out again; a result from NXDOMAIN is not kept."""
+    async def go() -> None:
+        resolver = make_resolver([Endpoint("127.0.0.1", dns_server.port)], lifetime=5.0)
+        memo = iprev.IPRevMemo(resolver)
+        address = ipaddress.ip_address("192.0.2.1")
+        first = await memo.check(address)
+        asked = len(dns_server.queries)
+        resolver.cache.flush()  # only the memo can answer now
+        assert await memo.check(address) == first and first.result == "pass"
+        assert len(dns_server.queries) == asked
+        (until, _kept), = memo._known.values()
+        assert time.time() + 55 < until <= time.time() + 60
+        memo._known[address] = (time.time() - 1, first)
+        dns_server.records[("mail.example.org", "A")] = ["192.0.2.77"]
+        try:
+            assert (await memo.check(address)).result == "fail"
+        finally:
+            dns_server.records[("mail.example.org", "A")] = ["192.0.2.1"]
+        assert len(dns_server.queries) > asked
+        await memo.check(ipaddress.ip_address("192.0.2.4"))  # no PTR: NXDOMAIN
+        assert ipaddress.ip_address("192.0.2.4") not in memo._known
+    asyncio.run(go())
 
 
 # -- Authentication-Results -------------------------------------------------------------

@@ -25,13 +25,14 @@ from postroom import resolver as dns_resolver
 from postroom.canonical import canonical_domain
 from postroom.mailauth import dmarc, results
 from postroom.mailauth.dkimverify import ARCResult, DKIMResult, MessageVerifier
-from postroom.mailauth.iprev import IPRevResult, check_iprev
+from postroom.mailauth.iprev import IPRevMemo, IPRevResult
 from postroom.mailauth.policy import DELIVER, Action, CheckPolicy, decide
-from postroom.mailauth.spf import SPFResult, check_host
+from postroom.mailauth.spf import SPFResult, check_host, ip_of
 
 log = logging.getLogger("postroom.mailauth")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -58,24 +59,29 @@ class MailChecks:
     policy: CheckPolicy = field(default_factory=CheckPolicy)
     ignore: tuple[Network, ...] = ()  # clients not checked (as OpenDMARC's IgnoreHosts)
     sample: random.Random = field(default_factory=random.Random)  # DMARC pct
+    iprev: IPRevMemo = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.iprev = IPRevMemo(self.resolver)
 
     def start(self, client_ip: str, helo: str, sender: str) -> MessageChecks | None:
         """The checks of a new transaction; None for a client that is not checked."""
         try:
-            address = ipaddress.ip_address(client_ip)
+            address = ip_of(client_ip)
         except ValueError:
             return None  # not an IP connection (a test's pipe): nothing to check
         if any(address in net for net in self.ignore):
             return None
-        return MessageChecks(self, str(address), helo, sender)
+        return MessageChecks(self, address, helo, sender)
 
 
 class MessageChecks:
     """One transaction's checks (see the module docstring)."""
 
-    def __init__(self, shared: MailChecks, client_ip: str, helo: str, sender: str) -> None:
+    def __init__(self, shared: MailChecks, client: IPAddress, helo: str, sender: str) -> None:
         self.shared = shared
-        self.client_ip = client_ip
+        self.client = client
+        self.client_ip = str(client)
         self.helo = helo
         self.sender = sender
         loop = asyncio.get_running_loop()
@@ -86,7 +92,7 @@ class MessageChecks:
         # One after the other: answers mostly come from the resolver's cache, and
         # the client is still sending RCPT and DATA meanwhile.
         spf = await self._spf()
-        return spf, await check_iprev(self.shared.resolver, self.client_ip)
+        return spf, await self.shared.iprev.check(self.client)
 
     async def _spf(self) -> SPFResult | None:
         if self.sender:

@@ -123,7 +123,7 @@ async def check_host(resolver: dns_resolver.Resolver, ip: str, domain: str, send
     """RFC 7208 4: the SPF result for `domain` (the MAIL FROM domain, or the HELO name)
     and client `ip`; `sender` is the MAIL FROM address (postmaster@HELO for <>).
     Never raises for anything DNS or the record holds."""
-    address = ipaddress.ip_address(ip)
+    address = ip_of(ip)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped  # RFC 7208 5: an IPv4 client on an IPv6 socket
     local, _at, sender_domain = sender.rpartition("@")
@@ -306,6 +306,7 @@ async def _evaluate(check: _Check, domain: str) -> tuple[str, str]:
     return "neutral", f"{domain}: no mechanism matched"
 
 
+@functools.lru_cache(maxsize=1024)  # terms come from parse_record's cache
 def _show(term: _Term) -> str:
     if term.network is not None:
         return f"{term.name}:{term.network}"
