@@ -5,10 +5,13 @@ One run fills one Maildir with COUNT messages (default 100,000; --messages
 CRLF line ends, S= and W= in the name), once; Dovecot gets its own Maildir
 made of hard links to the same files (its own folders, its own index). Then,
 one server after the other (postroom first, both running throughout):
-  - the resident memory (VmRSS) of all the server's processes, before any login;
-  - two sessions, each timed from connect to the +OK of STAT after USER/PASS:
+  - the resident memory (VmRSS) of all the server's processes, before any login,
+    and (postroom) after one session of another user whose maildrop holds one
+    message: the "warm" base, with everything a first session loads or caches
+    for good (modules, the password hasher), which no later QUIT can give back;
+  - three sessions, each timed from connect to the +OK of STAT after USER/PASS:
     the first finds no index (postroom writes postroom-uidlist, Dovecot its
-    dovecot.index* and dovecot-uidlist), the second reads the index;
+    dovecot.index* and dovecot-uidlist), the later ones read the index;
   - each session ends with QUIT (nothing deleted or read), and the resident
     memory of the server's processes is taken once a further connection has
     been greeted (the served session is over by then).
@@ -49,6 +52,8 @@ from pop3_bench import DOMAIN, HOST, PASSWORD, USER, environment, message_bytes 
 from smtp_bench import fresh_name, new_work_folder  # noqa: E402
 
 LOGIN_TIMEOUT = 600.0  # seconds a client waits for one login on a big maildrop
+SESSIONS = 3  # on the big maildrop: the first builds the index, the others read it
+WARM_USER = f"warm@{DOMAIN}"  # one message in its maildrop: the warm-up session's
 
 
 @dataclass
@@ -56,7 +61,8 @@ class Leg:
     server: str
     messages: int
     base_rss_kib: int  # before any login
-    login_seconds: list[float]  # connect to the +OK of STAT, first login then second
+    warm_rss_kib: int | None  # after the warm-up session (postroom only)
+    login_seconds: list[float]  # connect to the +OK of STAT, in order
     rss_after_quit_kib: list[int]  # after each session's QUIT
 
 
@@ -111,12 +117,12 @@ def tree_rss_kib(root_pid: int) -> int:
     return total
 
 
-def login(port: int) -> tuple[float, int]:
+def login(port: int, user: str = USER) -> tuple[float, int]:
     """One session: (seconds from connect to the +OK of STAT, messages), then QUIT."""
     start = time.perf_counter()
     client = poplib.POP3(LOOPBACK, port, timeout=LOGIN_TIMEOUT)
     try:
-        client.user(USER)
+        client.user(user)
         client.pass_(PASSWORD)
         count, _octets = client.stat()
         seconds = time.perf_counter() - start
@@ -133,9 +139,14 @@ def settled_rss(port: int, root_pid: int) -> int:
     return tree_rss_kib(root_pid)
 
 
-def measure(name: str, port: int, root_pid: int, messages: int) -> Leg:
-    leg = Leg(name, messages, settled_rss(port, root_pid), [], [])
-    for _ in range(2):
+def measure(name: str, port: int, root_pid: int, messages: int, warm_up: bool) -> Leg:
+    base = settled_rss(port, root_pid)
+    warm = None
+    if warm_up:
+        login(port, WARM_USER)
+        warm = settled_rss(port, root_pid)
+    leg = Leg(name, messages, base, warm, [], [])
+    for _ in range(SESSIONS):
         seconds, count = login(port)
         if count != messages:
             raise HarnessError(f"{name} lists {count} of {messages} messages")
@@ -150,13 +161,15 @@ def run_bench(args: argparse.Namespace, base: Path) -> list[Leg]:
         raise SystemExit(f"cannot run the Dovecot leg: {reason}")
     home = fresh_name(base, "postroom")
     home.mkdir()
-    server = Postroom(home, hostname=HOST, domains=[DOMAIN], users={USER: PASSWORD},
-                      aliases={}, listeners=("smtp", "pop3"), workers=1,
+    server = Postroom(home, hostname=HOST, domains=[DOMAIN],
+                      users={USER: PASSWORD, WARM_USER: PASSWORD}, aliases={},
+                      listeners=("smtp", "pop3"), workers=1,
                       extra_toml="[pop3]\nallow_plaintext_auth = true\n")
     server.setup()
     maildir = server.maildir(USER)
     started = time.perf_counter()
     fill_maildir(maildir, args.messages, args.size)
+    fill_maildir(server.maildir(WARM_USER), 1, args.size)
     dovecot_maildir = fresh_name(base, "dovecot-mail") / "Maildir"
     link_maildir(maildir, dovecot_maildir)
     print(f"maildrops of {args.messages} messages made in {time.perf_counter() - started:.1f} s")
@@ -169,8 +182,9 @@ def run_bench(args: argparse.Namespace, base: Path) -> list[Leg]:
         dovecot.start()
         dovecot_pid = dovecot.master_pid()
         assert server.process is not None and dovecot_pid is not None
-        return [measure("postroom", server.ports["pop3"], server.process.pid, args.messages),
-                measure("dovecot", dovecot.port, dovecot_pid, args.messages)]
+        return [measure("postroom", server.ports["pop3"], server.process.pid, args.messages,
+                        warm_up=True),
+                measure("dovecot", dovecot.port, dovecot_pid, args.messages, warm_up=False)]
     finally:
         if dovecot is not None:
             dovecot.stop()
@@ -203,20 +217,20 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(base, ignore_errors=True)
 
     mine, theirs = legs
-    rows = [
-        ("first login, s", mine.login_seconds[0], theirs.login_seconds[0]),
-        ("second login, s", mine.login_seconds[1], theirs.login_seconds[1]),
-        ("RSS before login, MiB", mine.base_rss_kib / 1024, theirs.base_rss_kib / 1024),
-        ("RSS after 1st QUIT, MiB", mine.rss_after_quit_kib[0] / 1024,
-         theirs.rss_after_quit_kib[0] / 1024),
-        ("RSS after 2nd QUIT, MiB", mine.rss_after_quit_kib[1] / 1024,
-         theirs.rss_after_quit_kib[1] / 1024),
-    ]
+    rows: list[tuple[str, float, float | None]] = [
+        (f"login {n + 1}, s", mine.login_seconds[n], theirs.login_seconds[n])
+        for n in range(SESSIONS)]
+    rows += [("RSS before login, MiB", mine.base_rss_kib / 1024, theirs.base_rss_kib / 1024)]
+    if mine.warm_rss_kib is not None:
+        rows.append(("RSS warm (1-msg login), MiB", mine.warm_rss_kib / 1024, None))
+    rows += [(f"RSS after QUIT {n + 1}, MiB", mine.rss_after_quit_kib[n] / 1024,
+              theirs.rss_after_quit_kib[n] / 1024) for n in range(SESSIONS)]
     print()
-    print(f"{'':<26}{'postroom':>10}{'dovecot':>10}{'ratio':>8}")
+    print(f"{'':<28}{'postroom':>10}{'dovecot':>10}{'ratio':>8}")
     for label, ours, peer in rows:
         ratio = f"{ours / peer:.2f}" if peer else "-"
-        print(f"{label:<26}{ours:>10.2f}{peer:>10.2f}{ratio:>8}")
+        shown = f"{peer:>10.2f}" if peer is not None else f"{'-':>10}"
+        print(f"{label:<28}{ours:>10.2f}{shown}{ratio:>8}")
     if args.json:
         args.json.write_text(json.dumps(
             {
