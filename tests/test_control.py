@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from inprocess import free_port
 from postroom.control import (
     CONTROL_SOCKET,
     PID_FILE,
@@ -34,11 +35,6 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fo
 
 WAIT = 30.0  # seconds any one condition is waited for before the test fails
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(condition: Callable[[], bool], what: str) -> None:

@@ -9,22 +9,20 @@ import email
 import io
 import re
 import smtplib
-import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from dkimcheck import dkimpy_verify, mail_dkim, opendkim_verify, records
 from dnszone import TestDNS, serve_dns
 
+from inprocess import free_port, host
 from postroom.client import sendmail
 from postroom.config import load_config
 from postroom.mailauth.keys import DKIMKey, KeyStore
 from postroom.queue.store import QueueStore
-from postroom.server.main import Running, start
-from postroom.store.factory import open_store
+from postroom.server.main import Running
 
 REPORT = (
     b"From: Smith <smith@isp.example>\r\nTo: Boss <boss@corp.example>\r\n"
@@ -33,25 +31,6 @@ REPORT = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@asynccontextmanager
-async def host(root: Path, text: str, users: dict[str, str]) -> AsyncIterator[Running]:
-    root.mkdir(exist_ok=True)
-    (root / "postroom.toml").write_text(text)
-    config = load_config(root)
-    directory = open_store(config.store).users
-    for address, password in users.items():
-        directory.add_user(address, password)
-    running = await start(config)
-    try:
-        yield running
-    finally:
-        await running.stop(grace=2)
 
 
 def provider_config(corp_port: int) -> str:

@@ -7,20 +7,16 @@ from __future__ import annotations
 import asyncio
 import email
 import smtplib
-import socket
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dkim
 import pytest
 from dnszone import TestDNS, serve_dns
 
-from postroom.config import load_config
+from inprocess import free_port, host
 from postroom.mailauth.keys import DKIMKey, KeyStore
-from postroom.server.main import Running, start
-from postroom.store.factory import open_store
 
 # Claims our authserv-id, as the checks at our MX would write it: kept from a client
 # the checks ignore (loopback, by default), replaced by the real results otherwise.
@@ -46,28 +42,6 @@ print $arc->result, "\n";
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@asynccontextmanager
-async def host(root: Path, text: str, users: list[str],
-               aliases: dict[str, list[str]] | None = None) -> AsyncIterator[Running]:
-    root.mkdir(exist_ok=True)
-    (root / "postroom.toml").write_text(text)
-    config = load_config(root)
-    directory = open_store(config.store).users
-    for address in users:
-        directory.add_user(address, "pw")
-    for source, targets in (aliases or {}).items():
-        directory.add_alias(source, targets)
-    running = await start(config)
-    try:
-        yield running
-    finally:
-        await running.stop(grace=2)
 
 
 def corp_config(port: int, far_port: int, dns_port: int | None = None) -> str:
@@ -126,9 +100,9 @@ def forward(tmp_path: Path, aliases: dict[str, list[str]], rcpt: str,
     async def scenario() -> None:
         async with (
             host(tmp_path / "far", far_config(far_port),
-                 ["friend@far.example", "alice@sender.example"]),
+                 {"friend@far.example": "pw", "alice@sender.example": "pw"}),
             host(tmp_path / "corp", corp_config(corp_port, far_port, dns_port),
-                 ["boss@corp.example"], aliases),
+                 {"boss@corp.example": "pw"}, aliases),
         ):
             await asyncio.to_thread(send, corp_port, "alice@sender.example", [rcpt], MESSAGE)
             await wait_for(lambda: inbox(tmp_path / "far", "far.example", "friend")
@@ -208,7 +182,7 @@ def test_a_forged_srs_address_is_refused(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with host(tmp_path / "corp", corp_config(corp_port, free_port()),
-                        ["boss@corp.example"]):
+                        {"boss@corp.example": "pw"}):
             def attempt() -> tuple[int, bytes]:
                 with smtplib.SMTP("127.0.0.1", corp_port, timeout=30) as client:
                     client.ehlo()

@@ -28,11 +28,6 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 WAIT = 30.0  # seconds: the longest a test waits for a line of the log
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def postroom(*args: str, data: Path, stdin: bytes | None = None, check: bool = True,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:

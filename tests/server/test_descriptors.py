@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from inprocess import free_port
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, rlimits")
 
 WAIT = 30.0
@@ -51,11 +53,6 @@ async def main():
 asyncio.run(main())
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def low_limit() -> None:

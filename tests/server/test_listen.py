@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from inprocess import free_port
 from postroom.config import load_config
 from postroom.control import CONTROL_BACKLOG, CONTROL_SOCKET
 from postroom.server.main import LISTEN_BACKLOG, start
@@ -32,11 +32,6 @@ LOW_SOFT_LIMIT = 256
 def somaxconn() -> int:
     return int(Path("/proc/sys/net/core/somaxconn").read_text())
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tcp_backlog(ss: str, port: int) -> int:

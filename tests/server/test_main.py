@@ -13,15 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from inprocess import free_port
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork + prctl")
 
 WAIT = 30.0
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_banner(port: int, proc: subprocess.Popen[bytes]) -> None:

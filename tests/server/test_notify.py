@@ -14,7 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from serving import Server, free_port, postroom, running
+from serving import Server, postroom, running
+
+from inprocess import free_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Unix sockets")
 

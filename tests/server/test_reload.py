@@ -16,7 +16,6 @@ from serving import (
     Load,
     Server,
     client_context,
-    free_port,
     message,
     message_ids,
     peer_certificate,
@@ -24,6 +23,7 @@ from serving import (
     running,
 )
 
+from inprocess import free_port
 from postroom.tlscert import make_self_signed
 
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork, pidfd"),

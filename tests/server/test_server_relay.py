@@ -10,15 +10,11 @@ from __future__ import annotations
 import asyncio
 import email
 import smtplib
-import socket
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-from postroom.config import load_config
-from postroom.server.main import Running, start
-from postroom.store.factory import open_store
+from inprocess import free_port, host
+from postroom.server.main import Running
 
 REPORT = (
     b"From: Smith <smith@isp.example>\r\nTo: Boss <boss@corp.example>\r\n"
@@ -26,25 +22,6 @@ REPORT = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@asynccontextmanager
-async def host(root: Path, text: str, users: dict[str, str]) -> AsyncIterator[Running]:
-    root.mkdir()
-    (root / "postroom.toml").write_text(text)
-    config = load_config(root)
-    directory = open_store(config.store).users
-    for address, password in users.items():
-        directory.add_user(address, password)
-    running = await start(config)
-    try:
-        yield running
-    finally:
-        await running.stop(grace=2)
 
 
 def provider_config(corp_port: int) -> str:

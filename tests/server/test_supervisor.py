@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from serving import Load, Server, children_of, free_port, message_ids, postroom, running
+from serving import Load, Server, children_of, message_ids, postroom, running
 
+from inprocess import free_port
 from postroom.server import supervisor as supervision
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork, pidfd")

@@ -14,15 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from inprocess import free_port
 from postroom.server.workers import worker_count
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork + prctl")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_server(data: Path, port: int) -> subprocess.Popen[bytes]:
