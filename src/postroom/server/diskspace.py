@@ -31,12 +31,13 @@ class FreeSpace:
         statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
     ) -> None:
         self.paths = tuple(paths)
+        self._names = tuple(str(path) for path in self.paths)
         self.reserve = reserve
         self._statvfs = statvfs
 
     def free(self) -> int:
         """Octets an unprivileged writer may still use on the fullest of the filesystems."""
-        return min(self._available(path) for path in self.paths)
+        return min(self._available(name) for name in self._names)
 
     def check(self, declared: int | None) -> Reply | None:
         """None when a message of `declared` octets (None: not declared) fits, else 452."""
@@ -45,13 +46,17 @@ class FreeSpace:
             return None
         return INSUFFICIENT_STORAGE if self.free() < needed else None
 
-    def _available(self, path: Path) -> int:
+    def _available(self, name: str) -> int:
         # A folder not made yet (no mail filed, nothing queued) lives on its parent's
-        # filesystem.
-        for folder in (path, *path.parents):
+        # filesystem. Called at every MAIL: plain strings, not pathlib.
+        folder = name
+        while True:
             try:
-                st = self._statvfs(str(folder))
+                st = self._statvfs(folder)
             except FileNotFoundError:
+                parent = os.path.dirname(folder)
+                if parent == folder:
+                    raise FileNotFoundError(f"no folder of {name} exists") from None
+                folder = parent
                 continue
             return st.f_bavail * st.f_frsize
-        raise FileNotFoundError(f"no folder of {path} exists")
