@@ -8,8 +8,6 @@ import asyncio
 import email
 import io
 import re
-import smtplib
-import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,12 +15,11 @@ import pytest
 from dkimcheck import dkimpy_verify, mail_dkim, opendkim_verify, records
 from dnszone import TestDNS, serve_dns
 
-from inprocess import free_port, host
+from inprocess import corp_config, free_port, host, inbox, provider_config, submit, wait_for
 from postroom.client import sendmail
 from postroom.config import load_config
 from postroom.mailauth.keys import DKIMKey, KeyStore
 from postroom.queue.store import QueueStore
-from postroom.server.main import Running
 
 REPORT = (
     b"From: Smith <smith@isp.example>\r\nTo: Boss <boss@corp.example>\r\n"
@@ -33,40 +30,9 @@ REPORT = (
 
 
 
-def provider_config(corp_port: int) -> str:
-    return (
-        'hostname = "mail.isp.example"\ndomains = ["isp.example"]\n'
-        '[listen]\nsmtp = "127.0.0.1:0"\nsubmission = "127.0.0.1:0"\n'
-        f'[routes]\n"corp.example" = "127.0.0.1:{corp_port}"\n'
-        '[queue]\nretry_after = ["1s"]\ngive_up_after = "1h"\n'
-    )
 
 
-def corp_config(port: int) -> str:
-    return ('hostname = "mx.corp.example"\ndomains = ["corp.example"]\n'
-            f'[listen]\nsmtp = "127.0.0.1:{port}"\n')
 
-
-def submit(server: Running, rcpts: list[str], message: bytes) -> None:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with smtplib.SMTP(*server.address("submission"), timeout=30) as client:
-        client.starttls(context=context)
-        client.login("smith@isp.example", "smith-secret")
-        client.sendmail("smith@isp.example", rcpts, message)
-
-
-def inbox(root: Path, domain: str, user: str) -> list[bytes]:
-    folder = root / "mail" / domain / user / "new"
-    return [p.read_bytes() for p in sorted(folder.iterdir())] if folder.is_dir() else []
-
-
-async def wait_for(predicate: object, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture(name="keys")

@@ -15,7 +15,7 @@ import dkim
 import pytest
 from dnszone import TestDNS, serve_dns
 
-from inprocess import free_port, host
+from inprocess import free_port, host, inbox, wait_for
 from postroom.mailauth.keys import DKIMKey, KeyStore
 
 # Claims our authserv-id, as the checks at our MX would write it: kept from a client
@@ -69,16 +69,6 @@ def send(port: int, sender: str, rcpts: list[str], message: bytes) -> None:
         client.sendmail(sender, rcpts, message)
 
 
-def inbox(root: Path, domain: str, user: str) -> list[bytes]:
-    folder = root / "mail" / domain / user / "new"
-    return [p.read_bytes() for p in sorted(folder.iterdir())] if folder.is_dir() else []
-
-
-async def wait_for(predicate: object, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture(name="key")

@@ -11,17 +11,16 @@ import asyncio
 import email
 import logging
 import smtplib
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 from dnszone import TIMEOUT, TestDNS, serve_dns
 from signing import rsa_key, sign
 
-from postroom.config import load_config
-from postroom.server.main import Running, start
-from postroom.store.factory import open_store
+from inprocess import host
+from postroom.server.main import Running
 from postroom.store.mailboxes import SPILL_AT
 
 SENDER = rsa_key("sender.test", "s1")
@@ -58,9 +57,9 @@ def dns_server() -> Iterator[TestDNS]:
         yield server
 
 
-@asynccontextmanager
-async def mx(tmp_path: Path, dns: TestDNS, dmarc: str = "") -> AsyncIterator[Running]:
-    (tmp_path / "postroom.toml").write_text(
+def mx(tmp_path: Path, dns: TestDNS, dmarc: str = "") -> AbstractAsyncContextManager[Running]:
+    """corp.example's MX with its checks on, asking `dns`; `dmarc` is added to [dmarc]."""
+    return host(tmp_path, (
         'hostname = "mx.corp.example"\n'
         'domains = ["corp.example", "pop.example"]\n'
         "[listen]\n"
@@ -70,16 +69,7 @@ async def mx(tmp_path: Path, dns: TestDNS, dmarc: str = "") -> AsyncIterator[Run
         "[dmarc]\n"
         "ignore_clients = []\n"
         'inbox_quarantine_domains = ["pop.example"]\n' + dmarc
-    )
-    config = load_config(tmp_path)
-    users = open_store(config.store).users
-    users.add_user("boss@corp.example", "boss-secret")
-    users.add_user("pat@pop.example", "pat-secret")
-    running = await start(config)
-    try:
-        yield running
-    finally:
-        await running.stop(grace=2)
+    ), {"boss@corp.example": "boss-secret", "pat@pop.example": "pat-secret"})
 
 
 def send(server: Running, mail_from: str, data: bytes, rcpt: str = "boss@corp.example",
@@ -111,12 +101,19 @@ def run(coro: object) -> object:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
-def test_forged_ceo_with_p_reject_is_refused(tmp_path: Path, dns_server: TestDNS) -> None:
+def deliver(tmp_path: Path, dns: TestDNS, mail_from: str, data: bytes, dmarc: str = "",
+            ) -> tuple[int, bytes]:
+    """One message sent to a new MX (`mx`, with `dmarc` added to its [dmarc] table);
+    the reply to the end of DATA."""
     async def go() -> tuple[int, bytes]:
-        async with mx(tmp_path, dns_server) as server:
-            return await asyncio.to_thread(send, server, "ceo@corp.example",
-                                           message("CEO <ceo@corp.example>", "wire money"))
-    code, text = run(go())  # type: ignore[misc]
+        async with mx(tmp_path, dns, dmarc) as server:
+            return await asyncio.to_thread(send, server, mail_from, data)
+    return asyncio.run(go())
+
+
+def test_forged_ceo_with_p_reject_is_refused(tmp_path: Path, dns_server: TestDNS) -> None:
+    code, text = deliver(tmp_path, dns_server, "ceo@corp.example",
+                         message("CEO <ceo@corp.example>", "wire money"))
     assert code == 550
     assert text.startswith(b"5.7.1 ") and b"DMARC" in text and b"corp.example" in text
     assert folder(tmp_path, "boss@corp.example") == []
@@ -153,10 +150,7 @@ def test_genuine_signed_mail_reaches_the_inbox_with_passes(tmp_path: Path,
                  b"Authentication-Results: other.example;\r\n spf=pass\r\n")
     signed = sign(message("Alice <alice@sender.test>", "report", extra=forged_ar), SENDER)
 
-    async def go() -> tuple[int, bytes]:
-        async with mx(tmp_path, dns_server) as server:
-            return await asyncio.to_thread(send, server, "alice@sender.test", signed)
-    code, _text = run(go())  # type: ignore[misc]
+    code, _text = deliver(tmp_path, dns_server, "alice@sender.test", signed)
     assert code == 250
     [msg] = folder(tmp_path, "boss@corp.example")
     ours = [v for v in msg.get_all("Authentication-Results") if v.startswith("mx.corp.example")]
@@ -176,10 +170,7 @@ def test_spf_minus_all_alone_is_not_refused_when_dkim_aligns(tmp_path: Path,
                                                               dns_server: TestDNS) -> None:
     signed = sign(message("news@sender.test", "newsletter"), SENDER)
 
-    async def go() -> tuple[int, bytes]:
-        async with mx(tmp_path, dns_server) as server:
-            return await asyncio.to_thread(send, server, "bounce@bounces.esp.test", signed)
-    code, _text = run(go())  # type: ignore[misc]
+    code, _text = deliver(tmp_path, dns_server, "bounce@bounces.esp.test", signed)
     assert code == 250
     [msg] = folder(tmp_path, "boss@corp.example")
     ar = msg["Authentication-Results"]
@@ -191,10 +182,7 @@ def test_large_signed_message_is_verified_and_headed(tmp_path: Path, dns_server:
                     for i in range(SPILL_AT // 50 * 3))
     signed = sign(message("alice@sender.test", "big", body=body), SENDER)
 
-    async def go() -> tuple[int, bytes]:
-        async with mx(tmp_path, dns_server) as server:
-            return await asyncio.to_thread(send, server, "alice@sender.test", signed)
-    code, _text = run(go())  # type: ignore[misc]
+    code, _text = deliver(tmp_path, dns_server, "alice@sender.test", signed)
     assert code == 250
     [msg] = folder(tmp_path, "boss@corp.example")
     assert list(msg.keys())[:3] == ["Return-Path", "Received", "Authentication-Results"]
@@ -226,22 +214,16 @@ def test_dead_dns_defers_and_the_session_goes_on(tmp_path: Path, dns_server: Tes
 
 def test_dead_dns_accepted_with_temperror_when_configured(tmp_path: Path,
                                                           dns_server: TestDNS) -> None:
-    async def go() -> tuple[int, bytes]:
-        async with mx(tmp_path, dns_server, 'dns_errors = "accept"\n') as server:
-            return await asyncio.to_thread(send, server, "a@slow.test",
-                                           message("a@slow.test", "slow"))
-    code, _text = run(go())  # type: ignore[misc]
+    code, _text = deliver(tmp_path, dns_server, "a@slow.test", message("a@slow.test", "slow"),
+                          'dns_errors = "accept"\n')
     assert code == 250
     [msg] = folder(tmp_path, "boss@corp.example")
     assert "dmarc=temperror" in msg["Authentication-Results"]
 
 
 def test_enforce_off_only_records(tmp_path: Path, dns_server: TestDNS) -> None:
-    async def go() -> tuple[int, bytes]:
-        async with mx(tmp_path, dns_server, "enforce = false\n") as server:
-            return await asyncio.to_thread(send, server, "ceo@corp.example",
-                                           message("ceo@corp.example", "recorded"))
-    code, _text = run(go())  # type: ignore[misc]
+    code, _text = deliver(tmp_path, dns_server, "ceo@corp.example",
+                          message("ceo@corp.example", "recorded"), "enforce = false\n")
     assert code == 250
     [msg] = folder(tmp_path, "boss@corp.example")
     assert "dmarc=fail" in msg["Authentication-Results"]
@@ -254,11 +236,8 @@ def test_bad_input_gives_defined_results_a_log_line_and_no_traceback(
            b" bh=AAAA; b=AAAA\r\n")
     caplog.set_level(logging.INFO, logger="postroom")
 
-    async def go() -> tuple[int, bytes]:
-        async with mx(tmp_path, dns_server) as server:
-            return await asyncio.to_thread(send, server, "x@huge0.test",
-                                           bad + message("x@huge0.test", "odd"))
-    code, _text = run(go())  # type: ignore[misc]
+    code, _text = deliver(tmp_path, dns_server, "x@huge0.test",
+                          bad + message("x@huge0.test", "odd"))
     assert code == 250
     [msg] = folder(tmp_path, "boss@corp.example")
     ar = " ".join(msg["Authentication-Results"].split())

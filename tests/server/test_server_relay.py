@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import email
-import smtplib
-import ssl
 from pathlib import Path
 
-from inprocess import free_port, host
-from postroom.server.main import Running
+from inprocess import corp_config, free_port, host, inbox, provider_config, submit, wait_for
 
 REPORT = (
     b"From: Smith <smith@isp.example>\r\nTo: Boss <boss@corp.example>\r\n"
@@ -24,42 +21,9 @@ REPORT = (
 
 
 
-def provider_config(corp_port: int) -> str:
-    return (
-        'hostname = "mail.isp.example"\ndomains = ["isp.example"]\n'
-        '[listen]\nsmtp = "127.0.0.1:0"\nsubmission = "127.0.0.1:0"\n'
-        f'[routes]\n"corp.example" = "127.0.0.1:{corp_port}"\n'
-        '[queue]\nretry_after = ["1s"]\ngive_up_after = "1h"\n'
-    )
 
 
-def corp_config(port: int) -> str:
-    return (
-        'hostname = "mx.corp.example"\ndomains = ["corp.example"]\n'
-        f'[listen]\nsmtp = "127.0.0.1:{port}"\n'
-    )
 
-
-def submit(server: Running, rcpts: list[str], message: bytes = REPORT) -> None:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with smtplib.SMTP(*server.address("submission"), timeout=10) as client:
-        client.starttls(context=context)
-        client.login("smith@isp.example", "smith-secret")
-        client.sendmail("smith@isp.example", rcpts, message)
-
-
-def inbox(root: Path, domain: str, user: str) -> list[bytes]:
-    folder = root / "mail" / domain / user / "new"
-    return [p.read_bytes() for p in sorted(folder.iterdir())] if folder.is_dir() else []
-
-
-async def wait_for(predicate: object, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 def test_submitted_mail_is_relayed_and_filed_with_both_received_headers(tmp_path: Path) -> None:
@@ -71,7 +35,7 @@ def test_submitted_mail_is_relayed_and_filed_with_both_received_headers(tmp_path
             host(tmp_path / "isp", provider_config(corp_port),
                  {"smith@isp.example": "smith-secret"}) as isp,
         ):
-            await asyncio.to_thread(submit, isp, ["boss@corp.example"])
+            await asyncio.to_thread(submit, isp, ["boss@corp.example"], REPORT)
             await wait_for(lambda: inbox(tmp_path / "corp", "corp.example", "boss"))
             await wait_for(lambda: not list((tmp_path / "isp" / "queue").rglob("*.json")))
 
@@ -113,7 +77,7 @@ def test_next_hop_down_then_back_delivers_after_retry(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with host(tmp_path / "isp", provider_config(corp_port),
                         {"smith@isp.example": "smith-secret"}) as isp:
-            await asyncio.to_thread(submit, isp, ["boss@corp.example"])
+            await asyncio.to_thread(submit, isp, ["boss@corp.example"], REPORT)
             await wait_for(lambda: any(
                 r.state == "deferred"
                 for e in isp.relay.queue.list() for r in e.recipients
@@ -136,7 +100,8 @@ def test_refused_recipient_bounces_to_the_senders_mailbox(tmp_path: Path) -> Non
             host(tmp_path / "isp", provider_config(corp_port),
                  {"smith@isp.example": "smith-secret"}) as isp,
         ):
-            await asyncio.to_thread(submit, isp, ["nobody@corp.example", "boss@corp.example"])
+            await asyncio.to_thread(submit, isp, ["nobody@corp.example", "boss@corp.example"],
+                                    REPORT)
             await wait_for(lambda: inbox(tmp_path / "isp", "isp.example", "smith"))
             await wait_for(lambda: inbox(tmp_path / "corp", "corp.example", "boss"))
 
